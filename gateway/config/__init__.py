@@ -1,0 +1,52 @@
+"""Configuration: a strict TOML file turned into frozen attrs objects.
+
+Everything public is re-exported here; the implementation lives in private one-concept modules.
+"""
+
+from gateway.config._convert import (
+    ConfigError,
+    config_to_dict,
+    load_config,
+    make_converter,
+    structure_config,
+)
+from gateway.config._model import (
+    DEFAULT_HTTP_LISTEN,
+    DEFAULT_STREAM_LISTEN,
+    ApiSection,
+    Config,
+    FeedConfig,
+    FeedKind,
+    FixtureConfig,
+    GatewaySection,
+    ListenAddress,
+    SlowPolicy,
+    SubscribersSection,
+    UpstreamSection,
+)
+from gateway.config._secret import REDACTED, Secret, SecretError, any_matches, read_token_file
+
+__all__ = [
+    "DEFAULT_HTTP_LISTEN",
+    "DEFAULT_STREAM_LISTEN",
+    "REDACTED",
+    "ApiSection",
+    "Config",
+    "ConfigError",
+    "FeedConfig",
+    "FeedKind",
+    "FixtureConfig",
+    "GatewaySection",
+    "ListenAddress",
+    "Secret",
+    "SecretError",
+    "SlowPolicy",
+    "SubscribersSection",
+    "UpstreamSection",
+    "any_matches",
+    "config_to_dict",
+    "load_config",
+    "make_converter",
+    "read_token_file",
+    "structure_config",
+]

@@ -1,0 +1,122 @@
+"""The one converter that turns parsed TOML into :class:`~gateway.config.Config`.
+
+cattrs coerces by default ("8081" -> 8081, 8081.9 -> 8081, true -> 1). A config file is written
+by a person, so every such coercion would hide a mistake: the hooks here accept a value only
+when it already has the right type (an int is accepted where a float is expected, a bool never
+is), and unknown keys are errors. Failures are collected by cattrs into an exception tree that
+:func:`load_config` renders as one line per error, each with its field path (``$.upstream.
+connect_rate``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import cattrs
+from cattrs.gen import make_dict_structure_fn, override
+
+from gateway.config._model import Config, FeedConfig, ListenAddress
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` holds one message per problem, with its path."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+        self.errors = errors
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if type(value) not in (int, float):
+        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _path(value: Any, _: type) -> Path:
+    return Path(_strict_str(value, str))
+
+
+def _listen(value: Any, _: type) -> ListenAddress:
+    return ListenAddress.parse(_strict_str(value, str))
+
+
+def make_converter() -> cattrs.Converter:
+    """Build the strict converter. Called once per load; cheap enough, and keeps no state."""
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(Path, _path)
+    conv.register_structure_hook(ListenAddress, _listen)
+    conv.register_unstructure_hook(ListenAddress, str)
+    conv.register_unstructure_hook(Path, str)
+    conv.register_structure_hook(
+        FeedConfig,
+        make_dict_structure_fn(
+            FeedConfig, conv, _cattrs_forbid_extra_keys=True, name=override(omit=True)
+        ),
+    )
+    return conv
+
+
+def _message(exc: BaseException, type_: type | None) -> str:
+    """One error's text; cattrs appends `` @ $.the.path``."""
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "unknown key(s): " + ", ".join(sorted(exc.extra_fields))
+    if get_origin(type_) is Literal:
+        allowed = ", ".join(repr(a) for a in get_args(type_))
+        return f"expected one of {allowed}"
+    return str(exc)
+
+
+def structure_config(data: Mapping[str, Any]) -> Config:
+    """Structure already-parsed TOML. Raises :class:`ConfigError` listing every problem."""
+    try:
+        return make_converter().structure(data, Config)
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError(cattrs.transform_error(exc, format_exception=_message)) from None
+    except (ValueError, TypeError) as exc:  # a cross-field check in Config itself
+        raise ConfigError([f"{exc} @ $"]) from None
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and check a TOML config file. Raises :class:`ConfigError`."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {str(path)!r}: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return structure_config(data)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A plain-data view for status output. Holds paths and names, never token values."""
+    out: dict[str, Any] = make_converter().unstructure(config)
+    return out

@@ -1,0 +1,253 @@
+"""The configuration model: frozen attrs classes, one per TOML table.
+
+Defaults are named ``Final`` constants so code, docs and tests quote the same numbers. Range
+checks live in attrs validators; the converter (:mod:`gateway.config._convert`) adds strict
+typing and unknown-key rejection, and turns every failure into a message with its field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Final, Literal
+
+import attrs
+from attrs import validators as v
+
+from gateway.config._secret import (
+    Secret,
+    read_token_env,
+    read_token_file,
+    read_token_list,
+)
+
+DEFAULT_STREAM_LISTEN: Final = "127.0.0.1:8765"
+DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8780"
+DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+
+DEFAULT_CONNECT_RATE: Final = 5.0
+DEFAULT_BACKOFF_INITIAL: Final = 0.5
+DEFAULT_BACKOFF_MAX: Final = 30.0
+DEFAULT_BACKOFF_RESET_AFTER: Final = 60.0
+DEFAULT_STALL_TIMEOUT: Final = 25.0
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+DEFAULT_UNAUTHORIZED_RETRY: Final = 60.0
+DEFAULT_NOT_FOUND_RETRY: Final = 30.0
+
+DEFAULT_HISTORY: Final = 1500  # 60 s at 25 Hz
+DEFAULT_LINGER: Final = 60.0
+
+DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS: Final = 10_000
+DEFAULT_MAX_SUBSCRIPTIONS: Final = 1000
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+DEFAULT_SUBSCRIBER_HANDSHAKE_TIMEOUT: Final = 10.0
+DEFAULT_PING_INTERVAL: Final = 20.0
+DEFAULT_PING_TIMEOUT: Final = 20.0
+DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+
+FeedKind = Literal["tracking", "fastpath"]
+SlowPolicy = Literal["disconnect", "drop-oldest"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d{1,5})$")
+_URL = re.compile(r"^wss?://[^/\s]+(?P<path>/\S*)?$")
+
+
+@attrs.frozen
+class ListenAddress:
+    """``host:port`` (``[v6]:port`` for IPv6). Port 0 asks the OS for a free port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        m = _HOST_PORT.match(text)
+        if m is None:
+            raise ValueError(f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
+        port = int(m["port"])
+        if port > 65535:
+            raise ValueError(f"port {port} is out of range 0..65535")
+        host = m["v6"] or m["host"]
+        if m["v6"]:
+            ipaddress.IPv6Address(host)
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _positive(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+@attrs.frozen
+class GatewaySection:
+    stream_listen: ListenAddress = ListenAddress.parse(DEFAULT_STREAM_LISTEN)
+    http_listen: ListenAddress = ListenAddress.parse(DEFAULT_HTTP_LISTEN)
+    drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
+    log_level: LogLevel = "info"
+
+
+@attrs.frozen
+class UpstreamSection:
+    token_file: Path | None = None
+    token_env: str | None = None
+    connect_rate: float = attrs.field(default=DEFAULT_CONNECT_RATE, validator=_positive)
+    backoff_initial: float = attrs.field(default=DEFAULT_BACKOFF_INITIAL, validator=_positive)
+    backoff_max: float = attrs.field(default=DEFAULT_BACKOFF_MAX, validator=_positive)
+    backoff_reset_after: float = attrs.field(
+        default=DEFAULT_BACKOFF_RESET_AFTER, validator=_positive
+    )
+    stall_timeout: float = attrs.field(default=DEFAULT_STALL_TIMEOUT, validator=_positive)
+    handshake_timeout: float = attrs.field(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
+    unauthorized_retry: float = attrs.field(
+        default=DEFAULT_UNAUTHORIZED_RETRY, validator=_positive
+    )
+    not_found_retry: float = attrs.field(default=DEFAULT_NOT_FOUND_RETRY, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("set exactly one of token_file and token_env")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be >= backoff_initial")
+
+    def read_token(self) -> Secret:
+        """Read the upstream token now (called on every connect attempt: tokens rotate).
+
+        Raises :class:`~gateway.config.SecretError` naming the source, never the value.
+        """
+        if self.token_file is not None:
+            return read_token_file(self.token_file)
+        assert self.token_env is not None
+        return read_token_env(self.token_env)
+
+
+@attrs.frozen
+class FeedConfig:
+    """One upstream feed. ``name`` is the key of its ``[feeds.NAME]`` table."""
+
+    kind: FeedKind
+    url: str = attrs.field()
+    path: str | None = None
+    history: int = attrs.field(default=DEFAULT_HISTORY, validator=v.ge(0))
+    on_demand: bool = False
+    linger: float = attrs.field(default=DEFAULT_LINGER, validator=_non_negative)
+    # Not read from TOML (the table key is the name); Config fills it in.
+    name: str = ""
+
+    @url.validator
+    def _check_url(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if _URL.match(value) is None:
+            raise ValueError(f"url must be ws://HOST/PATH or wss://HOST/PATH, got {value!r}")
+        if self.kind == "fastpath" and "{fixture}" not in value:
+            raise ValueError("a fastpath feed url must contain {fixture}")
+        if self.kind == "tracking" and "{fixture}" in value:
+            raise ValueError("a tracking feed url must not contain {fixture}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError("path must start with '/'")
+
+    @property
+    def dropin_path(self) -> str:
+        """The path of the vendor drop-in endpoint: ``path`` or the upstream URL's path."""
+        if self.path is not None:
+            return self.path
+        m = _URL.match(self.url)
+        assert m is not None
+        return m["path"] or "/"
+
+    def fixture_url(self, fixture: str) -> str:
+        return self.url.replace("{fixture}", fixture)
+
+
+@attrs.frozen
+class FixtureConfig:
+    feed: str
+    id: str = attrs.field(validator=v.min_len(1))
+    backfill: int = attrs.field(default=0, validator=v.ge(-1))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.feed, self.id)
+
+
+@attrs.frozen
+class SubscribersSection:
+    queue_bytes: int = attrs.field(default=DEFAULT_QUEUE_BYTES, validator=v.ge(1024))
+    slow_policy: SlowPolicy = "disconnect"
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=v.ge(1))
+    max_subscriptions: int = attrs.field(default=DEFAULT_MAX_SUBSCRIPTIONS, validator=v.ge(1))
+    max_message_bytes: int = attrs.field(default=DEFAULT_MAX_MESSAGE_BYTES, validator=v.ge(256))
+    handshake_timeout: float = attrs.field(
+        default=DEFAULT_SUBSCRIBER_HANDSHAKE_TIMEOUT, validator=_positive
+    )
+    ping_interval: float = attrs.field(default=DEFAULT_PING_INTERVAL, validator=_positive)
+    ping_timeout: float = attrs.field(default=DEFAULT_PING_TIMEOUT, validator=_positive)
+    heartbeat_interval: float = attrs.field(
+        default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive
+    )
+    tokens_file: Path | None = None
+
+    def read_tokens(self) -> tuple[Secret, ...] | None:
+        """Subscriber tokens for the drop-in endpoint, or None when any token is accepted."""
+        return None if self.tokens_file is None else read_token_list(self.tokens_file)
+
+
+@attrs.frozen
+class ApiSection:
+    admin_tokens_file: Path | None = None
+    read_tokens_file: Path | None = None
+
+    def read_admin_tokens(self) -> tuple[Secret, ...] | None:
+        return None if self.admin_tokens_file is None else read_token_list(self.admin_tokens_file)
+
+    def read_read_tokens(self) -> tuple[Secret, ...] | None:
+        return None if self.read_tokens_file is None else read_token_list(self.read_tokens_file)
+
+
+def _named_feeds(feeds: dict[str, FeedConfig]) -> dict[str, FeedConfig]:
+    return {name: attrs.evolve(feed, name=name) for name, feed in feeds.items()}
+
+
+@attrs.frozen
+class Config:
+    upstream: UpstreamSection
+    gateway: GatewaySection = GatewaySection()
+    feeds: dict[str, FeedConfig] = attrs.field(factory=dict, converter=_named_feeds)
+    fixtures: tuple[FixtureConfig, ...] = ()
+    subscribers: SubscribersSection = SubscribersSection()
+    api: ApiSection = ApiSection()
+
+    def __attrs_post_init__(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for i, fx in enumerate(self.fixtures):
+            if fx.feed not in self.feeds:
+                known = ", ".join(sorted(self.feeds)) or "none"
+                raise ValueError(
+                    f"fixtures[{i}].feed: unknown feed {fx.feed!r} (configured feeds: {known})"
+                )
+            if fx.key in seen:
+                raise ValueError(f"fixtures[{i}]: fixture {fx.id!r} of feed {fx.feed!r} is listed twice")
+            seen.add(fx.key)
+        paths: dict[str, str] = {}
+        for name, feed in self.feeds.items():
+            p = feed.dropin_path
+            if p == "/v1/stream":
+                raise ValueError(f"feeds.{name}: drop-in path /v1/stream is reserved; set path")
+            # fastpath paths carry {fixture}; compare the template text.
+            if p in paths:
+                raise ValueError(
+                    f"feeds.{name}: drop-in path {p!r} collides with feed {paths[p]!r}; "
+                    "set path on one of them"
+                )
+            paths[p] = name

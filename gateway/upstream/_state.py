@@ -1,0 +1,73 @@
+"""What the rest of the gateway sees of one followed fixture: its state, counters and sink.
+
+This module is the contract between the upstream supervisor and everything downstream of it
+(hub, data plane, control plane). It holds no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Protocol
+
+import attrs
+
+
+class FixtureState(enum.StrEnum):
+    CONNECTING = "connecting"
+    LIVE = "live"
+    BACKOFF = "backoff"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    STOPPED = "stopped"
+
+
+class FrameSink(Protocol):
+    """Where one fixture's accepted frames go (in production: its hub topic).
+
+    Both methods are synchronous and must not block: the upstream task calls them from its
+    receive loop, and anything slow here would stall the upstream connection's pings.
+    """
+
+    def publish(self, raw: str) -> None:
+        """One accepted data frame: the original upstream text, in order, exactly once."""
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        """The upstream state changed (called on every change; the sink deduplicates)."""
+
+
+@attrs.define
+class UpstreamCounters:
+    connects: int = 0
+    reconnects: int = 0
+    frames: int = 0
+    heartbeats: int = 0
+    duplicates_dropped: int = 0
+    gaps: int = 0
+    out_of_order: int = 0
+    malformed: int = 0
+
+
+@attrs.define
+class FixtureStatus:
+    """Live view of one fixture's upstream. Mutated only by its own upstream task.
+
+    ``last_error`` is written by code that strips secrets; it is safe to show anywhere.
+    ``state_since`` and ``last_message_at`` are wall-clock UNIX times (for people and the API).
+    """
+
+    feed: str
+    fixture: str
+    state: FixtureState = FixtureState.CONNECTING
+    state_since: float = attrs.field(factory=time.time)
+    detail: str = ""
+    counters: UpstreamCounters = attrs.field(factory=UpstreamCounters)
+    last_error: str | None = None
+    last_message_at: float | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data for the API (``upstream`` object of ``GET /v1/fixtures/{feed}/{id}``)."""
+        out: dict[str, Any] = attrs.asdict(self.counters)
+        out["last_error"] = self.last_error
+        out["last_message_at"] = self.last_message_at
+        return out
