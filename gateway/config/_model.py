@@ -109,9 +109,7 @@ class UpstreamSection:
     )
     stall_timeout: float = attrs.field(default=DEFAULT_STALL_TIMEOUT, validator=_positive)
     handshake_timeout: float = attrs.field(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
-    unauthorized_retry: float = attrs.field(
-        default=DEFAULT_UNAUTHORIZED_RETRY, validator=_positive
-    )
+    unauthorized_retry: float = attrs.field(default=DEFAULT_UNAUTHORIZED_RETRY, validator=_positive)
     not_found_retry: float = attrs.field(default=DEFAULT_NOT_FOUND_RETRY, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
@@ -193,9 +191,7 @@ class SubscribersSection:
     )
     ping_interval: float = attrs.field(default=DEFAULT_PING_INTERVAL, validator=_positive)
     ping_timeout: float = attrs.field(default=DEFAULT_PING_TIMEOUT, validator=_positive)
-    heartbeat_interval: float = attrs.field(
-        default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive
-    )
+    heartbeat_interval: float = attrs.field(default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive)
     tokens_file: Path | None = None
 
     def read_tokens(self) -> tuple[Secret, ...] | None:
@@ -237,7 +233,9 @@ class Config:
                     f"fixtures[{i}].feed: unknown feed {fx.feed!r} (configured feeds: {known})"
                 )
             if fx.key in seen:
-                raise ValueError(f"fixtures[{i}]: fixture {fx.id!r} of feed {fx.feed!r} is listed twice")
+                raise ValueError(
+                    f"fixtures[{i}]: fixture {fx.id!r} of feed {fx.feed!r} is listed twice"
+                )
             seen.add(fx.key)
         paths: dict[str, str] = {}
         for name, feed in self.feeds.items():

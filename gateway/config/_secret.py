@@ -45,11 +45,20 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+def expand_path(path: Path) -> Path:
+    """Expand ``$VAR``/``${VAR}`` in a configured path, e.g. systemd's ``$CREDENTIALS_DIRECTORY``.
+
+    An unset variable is left as written, so the error names the path the operator configured.
+    """
+    return Path(os.path.expandvars(str(path)))
+
+
 def read_token_file(path: Path) -> Secret:
-    """Read a one-token file (surrounding whitespace stripped).
+    """Read a one-token file (surrounding whitespace stripped; ``$VARS`` in the path expanded).
 
     Raises :class:`SecretError` naming the file when it is missing, unreadable or empty.
     """
+    path = expand_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -72,6 +81,7 @@ def read_token_env(name: str) -> Secret:
 
 def read_token_list(path: Path) -> tuple[Secret, ...]:
     """Read a file of tokens, one per line; blank lines and ``#`` comments are skipped."""
+    path = expand_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -1,0 +1,179 @@
+"""Configuration loading: strict types, unknown keys, field paths, secrets that never leak.
+
+Rules: pure functions and files in tmp_path only; every error asserted by its field path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import (
+    ConfigError,
+    ListenAddress,
+    Secret,
+    SecretError,
+    load_config,
+    structure_config,
+)
+from tests.conftest import TEST_TOKEN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minimal(**over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "upstream": {"token_env": "DDE_TOKEN"},
+        "feeds": {
+            "tracking": {
+                "kind": "tracking",
+                "url": "ws://127.0.0.1:1/ws/soccer/tracking/low_latency",
+            }
+        },
+        "fixtures": [{"feed": "tracking", "id": "f1"}],
+    }
+    data.update(over)
+    return data
+
+
+def errors_of(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        structure_config(data)
+    return info.value.errors
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = structure_config(minimal())
+    assert cfg.gateway.stream_listen == ListenAddress("127.0.0.1", 8765)
+    assert cfg.gateway.http_listen == ListenAddress("127.0.0.1", 8780)
+    assert cfg.upstream.connect_rate == 5.0
+    assert cfg.feeds["tracking"].name == "tracking"
+    assert cfg.feeds["tracking"].history == 1500
+    assert cfg.fixtures[0].backfill == 0
+    assert cfg.subscribers.slow_policy == "disconnect"
+    assert cfg.subscribers.queue_bytes == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"upstream": {"token_env": "X", "connect_rate": "5"}}, "$.upstream.connect_rate"),
+        ({"upstream": {"token_env": "X", "connect_rate": True}}, "$.upstream.connect_rate"),
+        ({"upstream": {"token_env": "X", "bogus": 1}}, "unknown key(s): bogus @ $.upstream"),
+        ({"gateway": {"stream_listen": 8765}}, "$.gateway.stream_listen"),
+        ({"gateway": {"stream_listen": "localhost"}}, "$.gateway.stream_listen"),
+        ({"gateway": {"http_listen": "127.0.0.1:99999"}}, "$.gateway.http_listen"),
+        ({"subscribers": {"queue_bytes": 4.5}}, "$.subscribers.queue_bytes"),
+        ({"subscribers": {"slow_policy": "ignore"}}, "$.subscribers.slow_policy"),
+        (
+            {"fixtures": [{"feed": "tracking", "id": "x", "backfill": "10"}]},
+            "$.fixtures[0].backfill",
+        ),
+        ({"fixtures": [{"feed": "tracking", "id": "x", "backfill": -2}]}, "$.fixtures[0]"),
+        ({"fixtures": [{"feed": "tracking"}]}, "required field missing @ $.fixtures[0].id"),
+        ({"nonsense": {}}, "unknown key(s): nonsense @ $"),
+    ],
+)
+def test_type_and_key_errors_name_their_path(patch: dict[str, Any], expected: str) -> None:
+    errors = errors_of(minimal(**patch))
+    assert any(expected in e for e in errors), errors
+
+
+def test_every_error_is_reported_at_once() -> None:
+    errors = errors_of(
+        minimal(
+            upstream={"token_env": "X", "connect_rate": "fast"},
+            gateway={"drain_timeout": "soon"},
+            subscribers={"max_connections": 1.0},
+        )
+    )
+    assert len(errors) == 3, errors
+
+
+def test_feed_rules() -> None:
+    bad_kind = {"t": {"kind": "trackin", "url": "ws://h/p"}}
+    assert any("$.feeds['t'].kind" in e for e in errors_of(minimal(feeds=bad_kind, fixtures=[])))
+    no_placeholder = {"a": {"kind": "fastpath", "url": "ws://h/soccer/fixtures/x/actions"}}
+    errs = errors_of(minimal(feeds=no_placeholder, fixtures=[]))
+    assert any("{fixture}" in e and "$.feeds['a']" in e for e in errs), errs
+    http = {"t": {"kind": "tracking", "url": "http://h/p"}}
+    assert any("ws://" in e for e in errors_of(minimal(feeds=http, fixtures=[])))
+    named = {"t": {"kind": "tracking", "url": "ws://h/p", "name": "x"}}
+    assert any("unknown key(s): name" in e for e in errors_of(minimal(feeds=named, fixtures=[])))
+
+
+def test_cross_field_rules() -> None:
+    assert any("exactly one of" in e for e in errors_of(minimal(upstream={})))
+    both = {"token_env": "A", "token_file": "/x"}
+    assert any("exactly one of" in e for e in errors_of(minimal(upstream=both)))
+    unknown_feed = [{"feed": "nope", "id": "x"}]
+    assert any("unknown feed 'nope'" in e for e in errors_of(minimal(fixtures=unknown_feed)))
+    twice = [{"feed": "tracking", "id": "x"}, {"feed": "tracking", "id": "x"}]
+    assert any("listed twice" in e for e in errors_of(minimal(fixtures=twice)))
+    same_path = {
+        "a": {"kind": "tracking", "url": "ws://h1/ws/x"},
+        "b": {"kind": "tracking", "url": "ws://h2/ws/x"},
+    }
+    assert any("collides" in e for e in errors_of(minimal(feeds=same_path, fixtures=[])))
+    same_path["b"]["path"] = "/ws/b"
+    assert structure_config(minimal(feeds=same_path, fixtures=[])).feeds["b"].dropin_path == "/ws/b"
+
+
+def test_listen_address_forms() -> None:
+    assert ListenAddress.parse("[::1]:0") == ListenAddress("::1", 0)
+    assert str(ListenAddress("::1", 80)) == "[::1]:80"
+    assert str(ListenAddress.parse("0.0.0.0:8765")) == "0.0.0.0:8765"
+    with pytest.raises(ValueError):
+        ListenAddress.parse("[::zz]:80")
+
+
+def test_shipped_configs_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    for path in sorted((REPO / "config").glob("*.toml")):
+        cfg = load_config(path)
+        assert cfg.feeds, path
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[upstream\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_token_is_read_fresh_and_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN + "\n")
+    monkeypatch.setenv("TOKDIR", str(tmp_path))
+    cfg = structure_config(minimal(upstream={"token_file": "${TOKDIR}/token"}))
+    secret = cfg.upstream.read_token()
+    assert secret.reveal() == TEST_TOKEN
+    for text in (repr(secret), str(secret), f"{secret}", repr(cfg), str(cfg)):
+        assert TEST_TOKEN not in text
+    token_file.write_text("rotated")
+    assert cfg.upstream.read_token().reveal() == "rotated"
+    token_file.write_text("  \n")
+    with pytest.raises(SecretError, match="empty"):
+        cfg.upstream.read_token()
+    token_file.unlink()
+    with pytest.raises(SecretError, match="cannot read token file") as info:
+        cfg.upstream.read_token()
+    assert TEST_TOKEN not in str(info.value)
+
+
+def test_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = structure_config(minimal())
+    monkeypatch.delenv("DDE_TOKEN", raising=False)
+    with pytest.raises(SecretError, match="DDE_TOKEN"):
+        cfg.upstream.read_token()
+    monkeypatch.setenv("DDE_TOKEN", TEST_TOKEN)
+    assert cfg.upstream.read_token().matches(TEST_TOKEN)
+    assert not Secret("a").matches("b")
+    assert os.environ["DDE_TOKEN"] == TEST_TOKEN
