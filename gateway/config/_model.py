@@ -89,10 +89,14 @@ def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
 
+_STREAM_LISTEN: Final = ListenAddress.parse(DEFAULT_STREAM_LISTEN)
+_HTTP_LISTEN: Final = ListenAddress.parse(DEFAULT_HTTP_LISTEN)
+
+
 @attrs.frozen
 class GatewaySection:
-    stream_listen: ListenAddress = ListenAddress.parse(DEFAULT_STREAM_LISTEN)
-    http_listen: ListenAddress = ListenAddress.parse(DEFAULT_HTTP_LISTEN)
+    stream_listen: ListenAddress = _STREAM_LISTEN
+    http_listen: ListenAddress = _HTTP_LISTEN
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
     log_level: LogLevel = "info"
 
