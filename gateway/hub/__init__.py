@@ -1,0 +1,49 @@
+"""The hub: one topic per followed (feed, fixture) with seq, epoch, history and fan-out.
+
+The upstream supervisor publishes into a :class:`Topic` (its ``FrameSink``); the data plane
+attaches :class:`TopicSubscriber` objects to topics; the control plane reads topics' counters
+and the hub's ``fanout_latency`` histogram. Nothing here does I/O or awaits.
+"""
+
+from gateway.hub._frame import Frame, envelope_prefix
+from gateway.hub._hub import (
+    FixtureDirectory,
+    Hub,
+    HubError,
+    UnknownFeedError,
+    UnknownFixtureError,
+)
+from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
+from gateway.hub._topic import RATE_WINDOW, Topic, TopicSubscriber
+from gateway.hub._wire import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    encode_frame,
+    frame_header,
+)
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "RATE_WINDOW",
+    "SAMPLE_EVERY",
+    "FixtureDirectory",
+    "Frame",
+    "Hub",
+    "HubError",
+    "LatencyHistogram",
+    "Topic",
+    "TopicSubscriber",
+    "UnknownFeedError",
+    "UnknownFixtureError",
+    "encode_frame",
+    "envelope_prefix",
+    "frame_header",
+]

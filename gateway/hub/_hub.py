@@ -1,0 +1,112 @@
+"""The hub: every topic, keyed by (feed, fixture), and the on-demand rules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from gateway.config import FeedConfig
+from gateway.hub._latency import LatencyHistogram
+from gateway.hub._topic import Topic, TopicSubscriber
+
+
+class FixtureDirectory(Protocol):
+    """Which fixtures are followed, and the door to follow more (the supervisor, in production)."""
+
+    def is_followed(self, feed: str, fixture: str) -> bool: ...
+
+    def demand(self, feed: str, fixture: str) -> bool:
+        """An on-demand feed's fixture got a subscriber: follow it now. False if refused."""
+        ...
+
+    def release(self, feed: str, fixture: str) -> None:
+        """The last subscriber left: stop after ``feed.linger`` unless followed by config."""
+        ...
+
+
+class HubError(Exception):
+    """A subscription request the hub cannot satisfy; the message is safe to show a client."""
+
+
+class UnknownFeedError(HubError):
+    pass
+
+
+class UnknownFixtureError(HubError):
+    pass
+
+
+class Hub:
+    """All topics. One :class:`LatencyHistogram` (``fanout_latency``) is shared by all of them."""
+
+    def __init__(
+        self, feeds: Mapping[str, FeedConfig], directory: FixtureDirectory | None = None
+    ) -> None:
+        self.feeds: Mapping[str, FeedConfig] = feeds
+        self.directory = directory
+        self.fanout_latency = LatencyHistogram()
+        self._topics: dict[tuple[str, str], Topic] = {}
+
+    def _feed(self, feed: str) -> FeedConfig:
+        try:
+            return self.feeds[feed]
+        except KeyError:
+            raise UnknownFeedError(f"unknown feed {feed!r}") from None
+
+    def topic(self, feed: str, fixture: str) -> Topic:
+        """The topic of (feed, fixture), created (with a new epoch) if there is none.
+
+        Raises :class:`UnknownFeedError` for a feed that is not configured.
+        """
+        key = (feed, fixture)
+        t = self._topics.get(key)
+        if t is None:
+            t = self._topics[key] = Topic(self._feed(feed), fixture, latency=self.fanout_latency)
+        return t
+
+    def get(self, feed: str, fixture: str) -> Topic | None:
+        return self._topics.get((feed, fixture))
+
+    def topics(self) -> list[Topic]:
+        return list(self._topics.values())
+
+    def close_topic(self, feed: str, fixture: str) -> None:
+        """The fixture stopped: its subscribers get status ``stopped`` and the topic is dropped.
+
+        A later :meth:`topic` call creates a fresh topic with a new epoch.
+        """
+        t = self._topics.pop((feed, fixture), None)
+        if t is not None:
+            t.close()
+
+    # -- used by the data plane ------------------------------------------------------------
+
+    def open(self, feed: str, fixture: str) -> Topic:
+        """The topic a new subscriber of (feed, fixture) attaches to.
+
+        An existing topic is used as is; a fixture the directory follows gets its topic made;
+        on an on-demand feed the directory is asked to follow the fixture. Raises
+        :class:`UnknownFeedError`, or :class:`UnknownFixtureError` when none of that applies
+        or the directory refused.
+        """
+        cfg = self._feed(feed)
+        t = self._topics.get((feed, fixture))
+        d = self.directory
+        if cfg.on_demand and d is not None and (t is None or t.subscriber_count == 0):
+            # Also for an existing topic without subscribers: it may be lingering towards a stop.
+            if not d.demand(feed, fixture):
+                raise UnknownFixtureError(f"fixture {fixture!r} of feed {feed!r} was refused")
+            return self.topic(feed, fixture)
+        if t is not None:
+            return t
+        if d is not None and d.is_followed(feed, fixture):
+            return self.topic(feed, fixture)
+        raise UnknownFixtureError(f"unknown fixture {fixture!r} of feed {feed!r}")
+
+    def leave(self, topic: Topic, sub: TopicSubscriber) -> None:
+        """Detach *sub*; when it was the topic's last subscriber, tell the directory."""
+        if not topic.detach(sub) or topic.subscriber_count or self.directory is None:
+            return
+        # A closed (replaced) topic's fixture is not this subscriber's business any more.
+        if self._topics.get((topic.feed.name, topic.fixture)) is topic:
+            self.directory.release(topic.feed.name, topic.fixture)

@@ -1,0 +1,66 @@
+"""A fixed-bucket latency histogram, cheap enough for the fan-out path.
+
+Delivery latency is sampled: only one delivery in :data:`SAMPLE_EVERY` is timed, so the hot path
+pays a counter increment for the others. The counts are therefore a sample, not a total; the
+distribution they describe is the same.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from typing import Final
+
+#: Upper bounds in seconds; the last bucket (``inf``) catches everything slower.
+LATENCY_BUCKETS: Final = (
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    math.inf,
+)
+#: One delivery in this many is timed.
+SAMPLE_EVERY: Final = 8
+
+
+class LatencyHistogram:
+    """Counts of observed durations per bucket (per bucket, not cumulative), with sum and count.
+
+    ``buckets`` are upper bounds in seconds (the last is ``inf``); ``counts[i]`` is the number of
+    observations ``<= buckets[i]`` and ``> buckets[i-1]``.
+    """
+
+    __slots__ = ("_tick", "buckets", "count", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        if not buckets or buckets[-1] != math.inf or list(buckets) != sorted(buckets):
+            raise ValueError("buckets must be sorted upper bounds ending with inf")
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+        self._tick = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def sample(self, published: float) -> None:
+        """Maybe record ``now - published`` (``time.perf_counter`` times): one call in N does."""
+        self._tick += 1
+        if self._tick >= SAMPLE_EVERY:
+            self._tick = 0
+            self.observe(time.perf_counter() - published)

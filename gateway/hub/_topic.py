@@ -1,0 +1,193 @@
+"""One topic per followed (feed, fixture): sequence numbers, epoch, history and fan-out."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import time
+from typing import Final, Protocol
+
+from gateway.config import FeedConfig
+from gateway.hub._frame import Frame, envelope_prefix
+from gateway.hub._latency import LatencyHistogram
+from gateway.upstream._state import FixtureState
+
+#: frames_per_second() averages over this many whole seconds.
+RATE_WINDOW: Final = 5
+
+
+class TopicSubscriber(Protocol):
+    """What a topic fans out to (one per subscriber and topic; the data plane implements it).
+
+    Every method is called synchronously from :meth:`Topic.publish` / :meth:`Topic.set_status` /
+    :meth:`Topic.close`: it must not block and must not raise. It may detach itself (or others)
+    from the topic while being called; the topic iterates over a snapshot.
+    """
+
+    def on_frame(self, frame: Frame) -> None: ...
+
+    def on_status(self, topic: Topic) -> None: ...
+
+    def on_closed(self, topic: Topic) -> None: ...
+
+
+class Topic:
+    """A followed fixture as subscribers see it. Implements ``gateway.upstream.FrameSink``.
+
+    ``seq`` is the number of the last frame published (0: none yet); it never restarts while
+    the object lives, and ``epoch`` (random, new per object) tells a resuming client whether
+    its ``seq`` still means anything here. ``history`` keeps the last ``feed.history`` frames.
+    """
+
+    def __init__(
+        self, feed: FeedConfig, fixture: str, *, latency: LatencyHistogram | None = None
+    ) -> None:
+        self.feed = feed
+        self.fixture = fixture
+        self.epoch = secrets.token_hex(8)
+        self.seq = 0
+        self.state = FixtureState.CONNECTING
+        self.detail = ""
+        self.frames_in = 0
+        #: Frames dropped for this topic's subscribers (drop-oldest policy).
+        self.drops = 0
+        #: Subscribers of this topic disconnected for being too slow.
+        self.slow_disconnects = 0
+        self.closed = False
+        self.latency = latency if latency is not None else LatencyHistogram()
+        self._history: collections.deque[Frame] = collections.deque(maxlen=feed.history)
+        self._latest: Frame | None = None
+        self._prefix = envelope_prefix(feed.name, fixture)
+        self._subscribers: dict[TopicSubscriber, None] = {}
+        # A tuple snapshot: iterating it is fast and survives subscribers leaving mid-fan-out.
+        self._fanout: tuple[TopicSubscriber, ...] = ()
+        self._rate_second = 0
+        self._rate_counts = [0] * (RATE_WINDOW + 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Topic {self.feed.name}/{self.fixture} seq={self.seq} state={self.state} "
+            f"subscribers={len(self._subscribers)}>"
+        )
+
+    # -- FrameSink -------------------------------------------------------------------------
+
+    def publish(self, raw: str) -> None:
+        """Number *raw*, keep it in the history and hand it to every subscriber, synchronously.
+
+        Each subscriber does a small constant amount of work (queue the shared bytes, maybe
+        write them to its socket without blocking); none of them can delay the others.
+        """
+        self.seq += 1
+        frame = Frame(self.seq, raw, time.perf_counter(), self._prefix)
+        self._history.append(frame)
+        self._latest = frame
+        self.frames_in += 1
+        self._count_rate()
+        for sub in self._fanout:
+            sub.on_frame(frame)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        """Record the upstream state; subscribers hear about real changes only."""
+        if state == self.state and detail == self.detail:
+            return
+        self.state = state
+        self.detail = detail
+        for sub in self._fanout:
+            sub.on_status(self)
+
+    # -- views -----------------------------------------------------------------------------
+
+    @property
+    def latest(self) -> str | None:
+        """The last published upstream text (kept even when ``feed.history`` is 0)."""
+        return None if self._latest is None else self._latest.raw
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def history_len(self) -> int:
+        return len(self._history)
+
+    def frames_per_second(self) -> float:
+        """Published frames per second over the last :data:`RATE_WINDOW` whole seconds."""
+        self._rotate(int(time.monotonic()))
+        return sum(self._rate_counts[:-1]) / RATE_WINDOW
+
+    def _count_rate(self) -> None:
+        now = int(time.monotonic())
+        if now != self._rate_second:
+            self._rotate(now)
+        self._rate_counts[-1] += 1
+
+    def _rotate(self, now: int) -> None:
+        # counts[-1] is the current second, counts[:-1] the RATE_WINDOW seconds before it.
+        shift = now - self._rate_second
+        if shift <= 0:
+            return
+        counts = self._rate_counts
+        if shift > RATE_WINDOW:
+            counts[:] = [0] * len(counts)
+        else:
+            counts[:] = counts[shift:] + [0] * shift
+        self._rate_second = now
+
+    # -- history ---------------------------------------------------------------------------
+
+    def backfill(self, n: int | None) -> list[Frame]:
+        """Frames for a new subscriber: None or -1 = all held, 0 = none, n > 0 = the last n."""
+        if n is None or n < 0:
+            return list(self._history)
+        if n == 0:
+            return []
+        held = len(self._history)
+        return list(itertools.islice(self._history, max(0, held - n), held))
+
+    def resume(self, after: int, epoch: str) -> list[Frame] | None:
+        """Every frame after seq *after*, or None when that cannot be done without a gap.
+
+        Possible when *epoch* is this topic's and frame ``after + 1`` is still held (or
+        ``after`` is the last seq: nothing was missed).
+        """
+        if epoch != self.epoch or after < 0 or after > self.seq:
+            return None
+        if after == self.seq:
+            return []
+        if not self._history:
+            return None
+        first = self._history[0].seq
+        if after + 1 < first:
+            return None
+        return list(itertools.islice(self._history, after + 1 - first, None))
+
+    # -- subscribers -----------------------------------------------------------------------
+
+    def attach(self, sub: TopicSubscriber) -> None:
+        """Start fanning out to *sub* (from the next publish on)."""
+        if self.closed:
+            raise RuntimeError(f"topic {self.feed.name}/{self.fixture} is closed")
+        self._subscribers[sub] = None
+        self._fanout = tuple(self._subscribers)
+
+    def detach(self, sub: TopicSubscriber) -> bool:
+        """Stop fanning out to *sub*; True if it was attached."""
+        if sub not in self._subscribers:
+            return False
+        del self._subscribers[sub]
+        self._fanout = tuple(self._subscribers)
+        return True
+
+    def close(self) -> None:
+        """The fixture is no longer followed: subscribers get status ``stopped``, then leave."""
+        if self.closed:
+            return
+        self.set_status(FixtureState.STOPPED, self.detail or "fixture stopped")
+        self.closed = True
+        subs = self._fanout
+        self._subscribers.clear()
+        self._fanout = ()
+        for sub in subs:
+            sub.on_closed(self)
