@@ -1,0 +1,269 @@
+"""Logging set-up: one line per event, JSON for machines or ``key=value`` text for people.
+
+``configure_logging`` installs a single handler on the root logger. Each record becomes exactly
+one line (newlines inside messages and tracebacks are escaped), because journald and most log
+shippers split on newlines and a traceback spread over twenty entries cannot be searched.
+
+JSON line::
+
+    {"ts":"2026-11-22T01:02:03.456Z","level":"INFO","logger":"gateway.upstream",
+     "msg":"connected","feed":"soccer","fixture":"123"}
+
+Text line::
+
+    2026-11-22T01:02:03.456Z INFO gateway.upstream connected feed=soccer fixture=123
+
+Structured fields travel in ``extra`` under one key, built by :func:`fields`::
+
+    log.info("connected", extra=fields(feed="soccer", fixture="123"))
+
+Secrets: as defence in depth (the token is a :class:`~gateway.config.Secret` and should never
+reach a log call), every rendered line is searched for the current secret values, taken from the
+``secrets`` callable on every record so a rotated token is covered, and each occurrence is
+replaced by ``<redacted>``. Recently seen values stay redacted after rotation. A failing
+``secrets`` callable never breaks logging: the values already known keep being redacted.
+
+Errors: a record that cannot be rendered (bad ``%`` arguments, an unserialisable field) still
+produces a line saying so, never an exception in the caller; the stdlib's "--- Logging error ---"
+dump, which prints the record's arguments, is replaced by a short redacted note.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, Literal, TextIO
+
+import orjson
+
+from gateway.config import REDACTED, Secret
+
+LogFormat = Literal["json", "text"]
+SecretsSource = Callable[[], Iterable[str | Secret]]
+
+#: The attribute of a LogRecord that carries structured fields (``extra={FIELDS_ATTR: {...}}``).
+FIELDS_ATTR: Final = "fields"
+#: How many distinct secret values stay redacted (current one plus recently rotated ones).
+DEFAULT_REMEMBERED_SECRETS: Final = 8
+#: Shorter values are not redacted: replacing a 1-3 character string would shred every line,
+#: and no real token is that short.
+MIN_SECRET_LENGTH: Final = 4
+
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_RESERVED: Final = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
+
+
+def fields(**values: object) -> dict[str, object]:
+    """Structured fields for one log call: ``log.info("msg", extra=fields(feed="x"))``."""
+    return {FIELDS_ATTR: values}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    # ISO 8601, UTC, milliseconds: sortable as text and unambiguous across hosts.
+    secs = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{secs}.{int(record.msecs):03d}Z"
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except Exception as exc:
+        # Bad %-arguments: keep the template, drop the arguments (they may hold anything).
+        return f"{record.msg!s} <unformattable log arguments: {type(exc).__name__}>"
+
+
+def _record_fields(record: logging.LogRecord) -> Mapping[str, object]:
+    value = getattr(record, FIELDS_ATTR, None)
+    return value if isinstance(value, Mapping) else {}
+
+
+class _Base(logging.Formatter):
+    def _exc_text(self, record: logging.LogRecord) -> str | None:
+        if record.exc_info and record.exc_info[0] is not None:
+            return self.formatException(record.exc_info)
+        if record.exc_text:
+            return record.exc_text
+        return None
+
+
+class JsonFormatter(_Base):
+    """One JSON object per line: ts, level, logger, msg, the fields, and exc/stack if present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": _message(record),
+        }
+        for key, value in _record_fields(record).items():
+            name = str(key)
+            # A field may not overwrite the envelope: "msg" becomes "msg_".
+            out[f"{name}_" if name in _RESERVED else name] = value
+        exc = self._exc_text(record)
+        if exc is not None:
+            out["exc"] = exc
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except (TypeError, orjson.JSONEncodeError):
+            # e.g. an int beyond 64 bits, which orjson refuses without consulting ``default``.
+            safe = {k: v if isinstance(v, str) else str(v) for k, v in out.items()}
+            return orjson.dumps(safe).decode()
+
+
+def _text_value(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c in text for c in ' "=\\\n\r\t'):
+        return text
+    # Quote (JSON string rules) anything that would make the line ambiguous or split it.
+    return orjson.dumps(text).decode()
+
+
+def _escape_newlines(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+class TextFormatter(_Base):
+    """``TS LEVEL LOGGER msg key=value ...`` on one line; exc/stack as quoted fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [
+            _timestamp(record),
+            record.levelname,
+            record.name,
+            _escape_newlines(_message(record)),
+        ]
+        parts.extend(f"{k}={_text_value(v)}" for k, v in _record_fields(record).items())
+        exc = self._exc_text(record)
+        if exc is not None:
+            parts.append(f"exc={_text_value(exc)}")
+        if record.stack_info:
+            parts.append(f"stack={_text_value(self.formatStack(record.stack_info))}")
+        return " ".join(parts)
+
+
+class SecretRedactor:
+    """Replaces every known secret value in a string with ``<redacted>``.
+
+    ``source`` is called on every :meth:`refresh`; values it returned recently (up to
+    *remember*) stay known after they disappear from it, so a token rotated a moment ago is
+    still covered. Both the raw value and its JSON-escaped form are replaced.
+    """
+
+    def __init__(
+        self, source: SecretsSource | None, *, remember: int = DEFAULT_REMEMBERED_SECRETS
+    ) -> None:
+        self._source = source
+        self._remember = remember
+        self._known: list[str] = []  # most recent first
+        self._patterns: list[str] = []
+
+    def refresh(self) -> None:
+        if self._source is None:
+            return
+        try:
+            current = [s.reveal() if isinstance(s, Secret) else str(s) for s in self._source()]
+        except Exception:
+            # A token file mid-rotation or missing: keep redacting what we already know.
+            return
+        known = list(self._known)
+        for value in current:
+            if len(value) < MIN_SECRET_LENGTH:
+                continue
+            if value in known:
+                known.remove(value)
+            known.insert(0, value)
+        known = known[: self._remember]
+        if known != self._known:
+            self._known = known
+            patterns: set[str] = set()
+            for value in known:
+                patterns.add(value)
+                patterns.add(orjson.dumps(value).decode()[1:-1])
+            # Longest first, so a secret containing another is replaced whole.
+            self._patterns = sorted(patterns, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for pattern in self._patterns:
+            if pattern in text:
+                text = text.replace(pattern, REDACTED)
+        return text
+
+
+class GatewayLogHandler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure_logging` installs: one redacted line per record."""
+
+    def __init__(self, stream: TextIO, redactor: SecretRedactor) -> None:
+        super().__init__(stream)
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        self.redactor.refresh()
+        try:
+            line = super().format(record)
+        except Exception as exc:
+            line = (
+                f"{_timestamp(record)} ERROR gateway.logging cannot render a record from "
+                f"{record.name}: {type(exc).__name__}"
+            )
+        return self.redactor(line)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # The stdlib version prints the record's message and arguments to stderr: a leak path.
+        if not logging.raiseExceptions:
+            return
+        exc = sys.exc_info()[1]
+        note = f"logging error in {record.name}: {type(exc).__name__}: {exc}\n"
+        try:
+            if sys.__stderr__ is not None:
+                sys.__stderr__.write(self.redactor(note))
+        except Exception:
+            pass  # nowhere left to report to
+
+
+def configure_logging(
+    *,
+    fmt: LogFormat,
+    level: str,
+    stream: TextIO | None = None,
+    secrets: SecretsSource | None = None,
+) -> None:
+    """Send all logging to *stream* (default: ``sys.stderr`` at call time), one line per event.
+
+    *level* is a name (``debug``, ``info``, ``warning``, ``error``, ``critical``; any case).
+    Calling again replaces the handler installed before (no duplicates); handlers installed by
+    others are left alone. Raises ValueError for an unknown *fmt* or *level*.
+    """
+    try:
+        numeric = _LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(_LEVELS)}"
+        ) from None
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter()
+    elif fmt == "text":
+        formatter = TextFormatter()
+    else:
+        raise ValueError(f"unknown log format {fmt!r}; expected 'json' or 'text'")
+    handler = GatewayLogHandler(sys.stderr if stream is None else stream, SecretRedactor(secrets))
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, GatewayLogHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # Warnings (deprecations from libraries) go through the same handler, in the same format.
+    logging.captureWarnings(True)

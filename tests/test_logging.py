@@ -1,0 +1,221 @@
+"""Logging set-up: JSON and text line formats, level filtering, idempotence, secret redaction.
+
+Rules: no sockets and no time; every test writes into a StringIO and restores the root logger's
+handlers, level and warnings capture afterwards (the ``root_restored`` fixture), so nothing leaks
+into other tests. The token under test is ``TEST_TOKEN``; a test fails if it shows up anywhere in
+the output.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from gateway.config import Secret, SecretError
+from gateway.service._logging import (
+    GatewayLogHandler,
+    SecretRedactor,
+    configure_logging,
+    fields,
+)
+from tests.conftest import TEST_TOKEN
+
+TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+log = logging.getLogger("gateway.upstream")
+
+
+@pytest.fixture(autouse=True)
+def root_restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def lines(out: io.StringIO) -> list[str]:
+    text = out.getvalue()
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+def json_lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in lines(out)]
+
+
+def test_json_line_fields() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    log.info("connected to %s", "upstream", extra=fields(feed="soccer", fixture="123", n=4))
+    (rec,) = json_lines(out)
+    assert set(rec) == {"ts", "level", "logger", "msg", "feed", "fixture", "n"}
+    assert re.fullmatch(TS, str(rec["ts"]))
+    assert rec["level"] == "INFO"
+    assert rec["logger"] == "gateway.upstream"
+    assert rec["msg"] == "connected to upstream"
+    assert (rec["feed"], rec["fixture"], rec["n"]) == ("soccer", "123", 4)
+
+
+def test_json_exception_is_one_string_on_one_line() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        log.exception("failed", extra=fields(msg="shadow", attempt=2))
+    (rec,) = json_lines(out)
+    assert rec["msg"] == "failed"
+    assert rec["msg_"] == "shadow"  # a field cannot overwrite the envelope
+    exc = rec["exc"]
+    assert isinstance(exc, str)
+    assert exc.startswith("Traceback") and "ValueError: boom\nsecond line" in exc
+
+
+def test_json_survives_unserialisable_fields() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    log.info("odd", extra=fields(obj=object(), big=2**80, secret=Secret(TEST_TOKEN)))
+    (rec,) = json_lines(out)
+    assert str(rec["obj"]).startswith("<object object")
+    assert rec["big"] == str(2**80)
+    assert rec["secret"] == "Secret(<redacted>)"
+
+
+def test_text_line_format() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="text", level="info", stream=out)
+    log.info("connected", extra=fields(feed="soccer", fixture="123"))
+    log.warning("two\nlines", extra=fields(detail='has "quotes" and spaces', empty=""))
+    first, second = lines(out)
+    assert re.fullmatch(TS + r" INFO gateway\.upstream connected feed=soccer fixture=123", first)
+    assert re.fullmatch(
+        TS
+        + r' WARNING gateway\.upstream two\\nlines detail="has \\"quotes\\" and spaces" empty=""',
+        second,
+    )
+
+
+def test_text_exception_stays_on_one_line() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="text", level="info", stream=out)
+    try:
+        raise RuntimeError("bad thing")
+    except RuntimeError:
+        log.exception("failed")
+    (line,) = lines(out)
+    assert re.fullmatch(TS + r' ERROR gateway\.upstream failed exc="Traceback.*"', line)
+    assert "RuntimeError: bad thing" in line
+
+
+def test_levels_filter() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="WARNING", stream=out)
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    assert [r["msg"] for r in json_lines(out)] == ["w", "e"]
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("json", "loud"), ("xml", "info")])
+def test_bad_format_or_level_is_a_clear_error(fmt: str, level: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown log (level|format)"):
+        configure_logging(fmt=fmt, level=level, stream=io.StringIO())  # type: ignore[arg-type]  # the point of the test
+
+
+def test_idempotent_and_leaves_other_handlers_alone() -> None:
+    root = logging.getLogger()
+    other = logging.NullHandler()
+    root.addHandler(other)
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(fmt="json", level="info", stream=first)
+    configure_logging(fmt="text", level="info", stream=second)
+    log.info("once")
+    assert sum(isinstance(h, GatewayLogHandler) for h in root.handlers) == 1
+    assert other in root.handlers
+    assert first.getvalue() == ""
+    assert len(lines(second)) == 1
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_token_is_redacted_everywhere(fmt: str) -> None:
+    out = io.StringIO()
+    configure_logging(fmt=fmt, level="debug", stream=out, secrets=lambda: [TEST_TOKEN])  # type: ignore[arg-type]  # parametrized
+    log.info(f"sending token {TEST_TOKEN}")
+    log.info("sending %s", TEST_TOKEN)
+    log.info("field", extra=fields(auth={"authToken": TEST_TOKEN}))
+    try:
+        raise ConnectionError(f"server rejected {TEST_TOKEN!r}")
+    except ConnectionError:
+        log.exception("upstream failed")
+    text = out.getvalue()
+    assert TEST_TOKEN not in text
+    assert text.count("<redacted>") >= 4
+    assert len(lines(out)) == 4
+
+
+def test_rotated_token_is_covered_and_old_one_remembered() -> None:
+    out = io.StringIO()
+    current = ["old-token-aaaa"]
+    configure_logging(fmt="text", level="info", stream=out, secrets=lambda: list(current))
+    log.info("a old-token-aaaa")
+    current[0] = "new-token-bbbb"
+    log.info("b new-token-bbbb old-token-aaaa")
+    text = out.getvalue()
+    assert "token-aaaa" not in text and "token-bbbb" not in text
+    assert text.count("<redacted>") == 3
+
+
+def test_failing_secrets_source_keeps_logging_and_known_values() -> None:
+    out = io.StringIO()
+    fail = [False]
+
+    def source() -> list[Secret]:
+        if fail[0]:
+            raise SecretError("cannot read token file '/x'")
+        return [Secret(TEST_TOKEN)]
+
+    configure_logging(fmt="json", level="info", stream=out, secrets=source)
+    log.info("first %s", TEST_TOKEN)
+    fail[0] = True
+    log.info("second %s", TEST_TOKEN)
+    assert TEST_TOKEN not in out.getvalue()
+    assert [r["msg"] for r in json_lines(out)] == ["first <redacted>", "second <redacted>"]
+
+
+def test_json_escaped_secret_is_redacted() -> None:
+    token = 'we"ird\\tok\u00e9n'
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out, secrets=lambda: [token])
+    log.info("x %s y", token)
+    (rec,) = json_lines(out)
+    assert rec["msg"] == "x <redacted> y"
+
+
+def test_short_values_are_not_treated_as_secrets() -> None:
+    redactor = SecretRedactor(lambda: ["", "ab", TEST_TOKEN])
+    redactor.refresh()
+    assert redactor(f"ab {TEST_TOKEN}") == "ab <redacted>"
+
+
+def test_bad_log_arguments_never_raise_nor_print_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    root = logging.getLogger()
+    # pytest's own capture handlers re-raise formatting errors; only ours is under test here.
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, GatewayLogHandler)]
+    log.info("count %d", "ARG-MARKER")
+    (rec,) = json_lines(out)
+    assert rec["msg"] == "count %d <unformattable log arguments: TypeError>"
+    assert "ARG-MARKER" not in out.getvalue()
+    assert "ARG-MARKER" not in capsys.readouterr().err
