@@ -1,0 +1,60 @@
+"""The HTTP control plane: health, readiness, status, fixtures, subscribers and metrics.
+
+A Starlette app served by hypercorn's trio worker over the :class:`ControlTarget` facade; it
+knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
+"""
+
+from gateway.controlplane._app import (
+    DEFAULT_FOLLOW_BACKFILL,
+    FIXTURE_ID_PATTERN,
+    MAX_BODY_BYTES,
+    BadRequest,
+    build_app,
+    parse_follow_body,
+)
+from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
+from gateway.controlplane._memory import MemoryHistogram, MemoryTarget
+from gateway.controlplane._metrics import GatewayCollector, make_registry
+from gateway.controlplane._rates import (
+    DEFAULT_RATE_WINDOW,
+    DEFAULT_SAMPLE_INTERVAL,
+    Rates,
+    RateSampler,
+)
+from gateway.controlplane._server import GRACEFUL_TIMEOUT, hypercorn_config, run
+from gateway.controlplane._target import (
+    ControlTarget,
+    FeedTotals,
+    FixtureView,
+    LatencyHistogram,
+    SubscriberView,
+    Totals,
+)
+
+__all__ = [
+    "DEFAULT_FOLLOW_BACKFILL",
+    "DEFAULT_RATE_WINDOW",
+    "DEFAULT_SAMPLE_INTERVAL",
+    "FIXTURE_ID_PATTERN",
+    "GRACEFUL_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "ApiTokens",
+    "BadRequest",
+    "BearerAuthMiddleware",
+    "ControlTarget",
+    "FeedTotals",
+    "FixtureView",
+    "GatewayCollector",
+    "LatencyHistogram",
+    "MemoryHistogram",
+    "MemoryTarget",
+    "RateSampler",
+    "Rates",
+    "SubscriberView",
+    "Totals",
+    "build_app",
+    "hypercorn_config",
+    "make_registry",
+    "parse_follow_body",
+    "run",
+]

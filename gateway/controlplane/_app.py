@@ -1,0 +1,290 @@
+"""The ASGI application: routes, JSON bodies and errors, over a :class:`ControlTarget`.
+
+Every handler is ``async def`` on purpose: Starlette runs plain ``def`` endpoints in a worker
+thread, and the facade is not thread-safe (it reads the data path's live state). Handlers call
+the facade synchronously and never await while holding its data, so a response is a consistent
+snapshot.
+
+Errors are ``{"error": "<message>"}`` with the proper status, including the router's own 404 and
+405. A facade exception becomes a 500 with a generic message (the details go to the
+``gateway.http`` log, through hypercorn's error logger), never a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+import trio
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
+from gateway.controlplane._metrics import make_registry
+from gateway.controlplane._rates import RateSampler
+from gateway.controlplane._target import ControlTarget, FixtureView, SubscriberView
+from gateway.upstream._state import FixtureState
+
+DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
+MAX_BODY_BYTES: Final = 4096
+# Fixture ids end up in upstream URLs and log lines: accept the vendor's shapes (UUIDs, numbers)
+# and nothing that could change a URL path or a log's structure.
+FIXTURE_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+_FIXTURE_ID = re.compile(FIXTURE_ID_PATTERN)
+UPSTREAM_KEYS: Final = (
+    "connects",
+    "reconnects",
+    "frames",
+    "heartbeats",
+    "duplicates_dropped",
+    "gaps",
+    "out_of_order",
+    "malformed",
+    "last_error",
+    "last_message_at",
+)
+
+
+class JSONResponse(Response):
+    """A JSON response encoded by orjson (enums and str subclasses serialise as their value)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BadRequest(Exception):
+    """A request body or parameter is invalid; the message starts with its path (``$.x``)."""
+
+
+def _describe(value: object) -> str:
+    """A short type name for error messages; never the value itself (it could be anything)."""
+    return "null" if value is None else type(value).__name__
+
+
+def parse_follow_body(body: bytes) -> int:
+    """The ``backfill`` of a ``PUT /v1/fixtures/...`` body; empty means the default.
+
+    Strict: an object with at most the key ``backfill``, an integer >= -1 (booleans and floats
+    are not integers here). Raises :class:`BadRequest` with the field path.
+    """
+    if not body.strip():
+        return DEFAULT_FOLLOW_BACKFILL
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("$: body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"$: expected an object, got {_describe(data)}")
+    for key in sorted(data):
+        if key != "backfill":
+            raise BadRequest(f"$.{key}: unknown key (allowed: backfill)")
+    backfill = data.get("backfill", DEFAULT_FOLLOW_BACKFILL)
+    if type(backfill) is not int:
+        raise BadRequest(f"$.backfill: expected an integer, got {_describe(backfill)}")
+    if backfill < -1:
+        raise BadRequest("$.backfill: must be >= -1 (-1 = all, 0 = live only, n = last n)")
+    return backfill
+
+
+def fixture_json(view: FixtureView) -> dict[str, Any]:
+    """Exactly the documented keys, whatever else the facade's view carries."""
+    return {
+        "feed": view.feed,
+        "fixture": view.fixture,
+        "state": FixtureState(view.state).value,
+        "state_since": view.state_since,
+        "detail": view.detail,
+        "seq": view.seq,
+        "epoch": view.epoch,
+        "subscribers": view.subscribers,
+        "frames_per_second": view.frames_per_second,
+        "upstream": {key: view.upstream.get(key) for key in UPSTREAM_KEYS},
+    }
+
+
+def subscriber_json(view: SubscriberView) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "peer": view.peer,
+        "endpoint": view.endpoint,
+        "subscriptions": list(view.subscriptions),
+        "queued_bytes": view.queued_bytes,
+        "frames_sent": view.frames_sent,
+        "frames_dropped": view.frames_dropped,
+        "connected_at": view.connected_at,
+    }
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refusing (413) more than :data:`MAX_BODY_BYTES` without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Handlers:
+    def __init__(self, target: ControlTarget, sampler: RateSampler) -> None:
+        self.target = target
+        self.sampler = sampler
+        self.registry = make_registry(target)
+
+    async def healthz(self, request: Request) -> Response:
+        # Answering at all proves the event loop is turning; nothing else is checked on purpose
+        # (a liveness probe that fails on upstream trouble would restart a healthy process).
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.target.is_ready():
+            return JSONResponse({"status": "ready"})
+        status = "draining" if self.target.is_draining() else "starting"
+        return JSONResponse({"status": status}, status_code=503)
+
+    async def status(self, request: Request) -> Response:
+        t = self.target
+        totals = t.totals()
+        rates = self.sampler.rates(trio.current_time(), totals)
+        by_state = {state.value: 0 for state in FixtureState}
+        views = t.fixture_views()
+        for view in views:
+            by_state[FixtureState(view.state).value] += 1
+        return JSONResponse(
+            {
+                "version": t.version,
+                "started_at": t.started_at,
+                "uptime_s": max(0.0, time.time() - t.started_at),
+                "ready": t.is_ready(),
+                "draining": t.is_draining(),
+                "feeds": sorted(t.feeds()),
+                "fixtures": by_state,
+                "fixtures_total": len(views),
+                "subscribers": totals.subscribers,
+                "frames_in_per_second": rates.frames_in_per_second,
+                "frames_out_per_second": rates.frames_out_per_second,
+                "frames_in": totals.frames_in,
+                "frames_out": totals.frames_out,
+                "drops": totals.drops,
+                "slow_disconnects": totals.slow_disconnects,
+            }
+        )
+
+    async def fixtures(self, request: Request) -> Response:
+        views = sorted(self.target.fixture_views(), key=lambda v: (v.feed, v.fixture))
+        return JSONResponse([fixture_json(v) for v in views])
+
+    def _feed_or_404(self, request: Request) -> tuple[str, str]:
+        feed: str = request.path_params["feed"]
+        fixture: str = request.path_params["fixture"]
+        if feed not in self.target.feeds():
+            raise HTTPException(404, f"unknown feed {feed!r}")
+        return feed, fixture
+
+    async def fixture(self, request: Request) -> Response:
+        feed, fixture = self._feed_or_404(request)
+        if request.method == "PUT":
+            return await self._follow(request, feed, fixture)
+        if request.method == "DELETE":
+            if not self.target.unfollow(feed, fixture):
+                raise HTTPException(404, f"fixture {fixture!r} of feed {feed!r} is not followed")
+            return Response(status_code=204)
+        view = self.target.fixture_view(feed, fixture)
+        if view is None:
+            raise HTTPException(404, f"fixture {fixture!r} of feed {feed!r} is not followed")
+        return JSONResponse(fixture_json(view))
+
+    async def _follow(self, request: Request, feed: str, fixture: str) -> Response:
+        if _FIXTURE_ID.fullmatch(fixture) is None:
+            raise BadRequest(f"path.fixture: must match {FIXTURE_ID_PATTERN}")
+        backfill = parse_follow_body(await _read_body(request))
+        try:
+            created = self.target.follow(feed, fixture, backfill)
+        except KeyError:
+            # The feed vanished between the check and the call (a config reload).
+            raise HTTPException(404, f"unknown feed {feed!r}") from None
+        view = self.target.fixture_view(feed, fixture)
+        if view is None:
+            raise RuntimeError(f"facade followed {feed}/{fixture} but has no view of it")
+        return JSONResponse(fixture_json(view), status_code=201 if created else 200)
+
+    async def latest(self, request: Request) -> Response:
+        feed, fixture = self._feed_or_404(request)
+        raw = self.target.latest(feed, fixture)
+        if raw is None:
+            raise HTTPException(404, f"no frame yet for fixture {fixture!r} of feed {feed!r}")
+        # Verbatim: the upstream text is the product; re-serialising could change numbers.
+        return Response(raw.encode(), media_type="application/json")
+
+    async def subscribers(self, request: Request) -> Response:
+        views = sorted(self.target.subscriber_views(), key=lambda v: v.id)
+        return JSONResponse([subscriber_json(v) for v in views])
+
+    async def metrics(self, request: Request) -> Response:
+        # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it,
+        # else the classic text format.
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(self.registry), headers={"content-type": content_type})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, exc.detail, exc.headers)
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    return error(400, str(exc))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this response; hypercorn logs it with the traceback.
+    return error(500, "internal error")
+
+
+def build_app(
+    target: ControlTarget, *, tokens: ApiTokens | None = None, sampler: RateSampler | None = None
+) -> Starlette:
+    """The control-plane ASGI app over *target*. Holds no resources and starts no tasks.
+
+    *tokens* default to none (everything open). *sampler* feeds the rates of ``/v1/status``;
+    without one (or without its task running) the rates read 0.0.
+    """
+    h = _Handlers(target, sampler or RateSampler())
+    routes = [
+        Route("/healthz", h.healthz, methods=["GET"]),
+        Route("/readyz", h.readyz, methods=["GET"]),
+        Route("/metrics", h.metrics, methods=["GET"]),
+        Route("/v1/status", h.status, methods=["GET"]),
+        Route("/v1/fixtures", h.fixtures, methods=["GET"]),
+        Route("/v1/fixtures/{feed}/{fixture}", h.fixture, methods=["GET", "PUT", "DELETE"]),
+        Route("/v1/fixtures/{feed}/{fixture}/latest", h.latest, methods=["GET"]),
+        Route("/v1/subscribers", h.subscribers, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(BearerAuthMiddleware, tokens=tokens or ApiTokens())],
+        exception_handlers={
+            HTTPException: _http_error,
+            BadRequest: _bad_request,
+            Exception: _server_error,
+        },
+    )

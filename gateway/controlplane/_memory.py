@@ -1,0 +1,228 @@
+"""An honest in-memory :class:`~gateway.controlplane.ControlTarget`, for tests and demos.
+
+It follows the facade's contract (KeyError for an unknown feed, True only for a new follow,
+monotonic counters, per-feed totals that survive an unfollow) without any I/O, so the control
+plane can be exercised, and its API explored, without an upstream. The mutators (``publish``,
+``set_state``, ``add_subscriber`` ...) play the part of the data path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import attrs
+
+from gateway.config import Config, FeedConfig
+from gateway.controlplane._target import FeedTotals, FixtureView, SubscriberView, Totals
+from gateway.upstream._state import FixtureState, FixtureStatus
+
+DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class MemoryHistogram:
+    """Per-bucket counts (not cumulative), as :class:`LatencyHistogram` describes."""
+
+    def __init__(self, buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS) -> None:
+        self.buckets: tuple[float, ...] = tuple(buckets)
+        self.counts: list[int] = [0] * len(self.buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+
+
+@attrs.define
+class _Followed:
+    status: FixtureStatus
+    backfill: int
+    epoch: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    seq: int = 0
+    latest: str | None = None
+    subscribers: int = 0
+    frames_per_second: float = 0.0
+
+
+class MemoryTarget:
+    """A gateway with no network: fixtures, counters and subscribers held in dicts.
+
+    The configured fixtures (``config.fixtures``) are followed at construction, as the real
+    service does at start.
+    """
+
+    def __init__(
+        self, config: Config, *, version: str = "0.0.0-memory", started_at: float | None = None
+    ) -> None:
+        self.config = config
+        self.version = version
+        self.started_at = time.time() if started_at is None else started_at
+        self.fanout_latency = MemoryHistogram()
+        self.ready = True
+        self.draining = False
+        self._fixtures: dict[tuple[str, str], _Followed] = {}
+        self._subscribers: dict[str, SubscriberView] = {}
+        self._totals = Totals()
+        self._feed_totals = {name: FeedTotals() for name in config.feeds}
+        for fx in config.fixtures:
+            self.follow(fx.feed, fx.id, fx.backfill)
+
+    # --- the ControlTarget protocol ---------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining
+
+    def is_draining(self) -> bool:
+        return self.draining
+
+    def feeds(self) -> Mapping[str, FeedConfig]:
+        return self.config.feeds
+
+    def fixture_views(self) -> list[FixtureView]:
+        return [self._view(f) for f in self._fixtures.values()]
+
+    def fixture_view(self, feed: str, fixture: str) -> FixtureView | None:
+        followed = self._fixtures.get((feed, fixture))
+        return None if followed is None else self._view(followed)
+
+    def follow(self, feed: str, fixture: str, backfill: int) -> bool:
+        if feed not in self.config.feeds:
+            raise KeyError(feed)
+        if (feed, fixture) in self._fixtures:
+            return False
+        self._fixtures[(feed, fixture)] = _Followed(FixtureStatus(feed, fixture), backfill)
+        return True
+
+    def unfollow(self, feed: str, fixture: str) -> bool:
+        return self._fixtures.pop((feed, fixture), None) is not None
+
+    def latest(self, feed: str, fixture: str) -> str | None:
+        followed = self._fixtures.get((feed, fixture))
+        return None if followed is None else followed.latest
+
+    def subscriber_views(self) -> list[SubscriberView]:
+        return list(self._subscribers.values())
+
+    def totals(self) -> Totals:
+        return attrs.evolve(self._totals, subscribers=len(self._subscribers))
+
+    def feed_totals(self) -> Mapping[str, FeedTotals]:
+        return dict(self._feed_totals)
+
+    # --- playing the data path --------------------------------------------------------------
+
+    def backfill_of(self, feed: str, fixture: str) -> int:
+        """The backfill the fixture was followed with. KeyError when not followed."""
+        return self._fixtures[(feed, fixture)].backfill
+
+    def publish(self, feed: str, fixture: str, raw: str, *, deliveries: int = 0) -> None:
+        """One upstream frame accepted and fanned out to *deliveries* subscribers."""
+        followed = self._fixtures[(feed, fixture)]
+        followed.seq += 1
+        followed.latest = raw
+        followed.status.counters.frames += 1
+        followed.status.last_message_at = time.time()
+        self._totals = attrs.evolve(
+            self._totals,
+            frames_in=self._totals.frames_in + 1,
+            frames_out=self._totals.frames_out + deliveries,
+        )
+        self._bump_feed(feed, frames_in=1)
+
+    def count_upstream(
+        self,
+        feed: str,
+        fixture: str,
+        *,
+        reconnects: int = 0,
+        gaps: int = 0,
+        duplicates_dropped: int = 0,
+        malformed: int = 0,
+    ) -> None:
+        """Upstream events of a followed fixture, counted per fixture, per feed and in total."""
+        counters = self._fixtures[(feed, fixture)].status.counters
+        counters.reconnects += reconnects
+        counters.gaps += gaps
+        counters.duplicates_dropped += duplicates_dropped
+        counters.malformed += malformed
+        t = self._totals
+        self._totals = attrs.evolve(
+            t,
+            reconnects=t.reconnects + reconnects,
+            gaps=t.gaps + gaps,
+            duplicates_dropped=t.duplicates_dropped + duplicates_dropped,
+            malformed=t.malformed + malformed,
+        )
+        self._bump_feed(
+            feed,
+            reconnects=reconnects,
+            gaps=gaps,
+            duplicates_dropped=duplicates_dropped,
+            malformed=malformed,
+        )
+
+    def count_slow(self, *, drops: int = 0, slow_disconnects: int = 0) -> None:
+        t = self._totals
+        self._totals = attrs.evolve(
+            t, drops=t.drops + drops, slow_disconnects=t.slow_disconnects + slow_disconnects
+        )
+
+    def set_state(
+        self,
+        feed: str,
+        fixture: str,
+        state: FixtureState,
+        detail: str = "",
+        *,
+        last_error: str | None = None,
+    ) -> None:
+        status = self._fixtures[(feed, fixture)].status
+        if status.state != state:
+            status.state = state
+            status.state_since = time.time()
+        status.detail = detail
+        if last_error is not None:
+            status.last_error = last_error
+
+    def set_fixture_load(
+        self, feed: str, fixture: str, *, subscribers: int, frames_per_second: float
+    ) -> None:
+        followed = self._fixtures[(feed, fixture)]
+        followed.subscribers = subscribers
+        followed.frames_per_second = frames_per_second
+
+    def add_subscriber(self, view: SubscriberView) -> None:
+        self._subscribers[view.id] = view
+
+    def remove_subscriber(self, subscriber_id: str) -> None:
+        del self._subscribers[subscriber_id]
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _bump_feed(self, feed: str, **deltas: int) -> None:
+        current = self._feed_totals.get(feed, FeedTotals())
+        self._feed_totals[feed] = attrs.evolve(
+            current, **{k: getattr(current, k) + v for k, v in deltas.items()}
+        )
+
+    def _view(self, f: _Followed) -> FixtureView:
+        s = f.status
+        return FixtureView(
+            feed=s.feed,
+            fixture=s.fixture,
+            state=s.state,
+            state_since=s.state_since,
+            detail=s.detail,
+            seq=f.seq,
+            epoch=f.epoch,
+            subscribers=f.subscribers,
+            frames_per_second=f.frames_per_second,
+            upstream=s.snapshot(),
+        )

@@ -1,0 +1,114 @@
+"""Prometheus metrics, collected from the facade at scrape time.
+
+A custom collector reads :class:`~gateway.controlplane.ControlTarget` when Prometheus scrapes,
+so the data path keeps plain integer counters and pays nothing for metrics. Each app gets its
+own :class:`~prometheus_client.CollectorRegistry` (never the process-global one), so several apps
+can live in one process, as they do in the tests.
+
+Labels are ``feed`` and ``state`` only: fixture ids and subscribers are unbounded sets and would
+make the series count grow without limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from gateway.controlplane._target import ControlTarget, LatencyHistogram
+from gateway.upstream._state import FixtureState
+
+
+def _histogram_buckets(hist: LatencyHistogram) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs ending with ``+Inf`` = ``hist.count``."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip(hist.buckets, hist.counts, strict=False):
+        if math.isinf(bound):
+            break
+        running += n
+        # Prometheus' own float spelling (prometheus_client leaves this helper unannotated).
+        le: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+        out.append((le, float(running)))
+    # Never let +Inf be below a finite bucket, even if the facade's numbers raced.
+    out.append(("+Inf", float(max(hist.count, running))))
+    return out
+
+
+class GatewayCollector:
+    """Yields the ``dde_*`` metric families from a :class:`ControlTarget`."""
+
+    def __init__(self, target: ControlTarget) -> None:
+        self._target = target
+
+    def collect(self) -> Iterator[Metric]:
+        target = self._target
+        feeds = sorted(target.feeds())
+        per_feed = target.feed_totals()
+        totals = target.totals()
+
+        labelled = (
+            ("dde_frames_received", "Upstream data frames accepted.", "frames_in"),
+            ("dde_upstream_reconnects", "Upstream reconnections.", "reconnects"),
+            ("dde_upstream_gaps", "Upstream sequence gaps detected.", "gaps"),
+            ("dde_duplicates_dropped", "Duplicate upstream frames dropped.", "duplicates_dropped"),
+            ("dde_malformed", "Malformed upstream frames counted and skipped.", "malformed"),
+        )
+        for name, doc, attr in labelled:
+            family = CounterMetricFamily(name, doc, labels=["feed"])
+            for feed in feeds:
+                counts = per_feed.get(feed)
+                family.add_metric([feed], float(getattr(counts, attr)) if counts else 0.0)
+            yield family
+
+        yield CounterMetricFamily(
+            "dde_frames_sent", "Frames delivered to subscribers.", value=totals.frames_out
+        )
+        yield CounterMetricFamily(
+            "dde_subscriber_drops",
+            "Frames dropped for slow subscribers (drop-oldest policy).",
+            value=totals.drops,
+        )
+        yield CounterMetricFamily(
+            "dde_slow_disconnects",
+            "Subscribers disconnected for being too slow.",
+            value=totals.slow_disconnects,
+        )
+        yield GaugeMetricFamily(
+            "dde_subscribers", "Connected subscribers.", value=totals.subscribers
+        )
+
+        by_feed_state = {(feed, state): 0 for feed in feeds for state in FixtureState}
+        for view in target.fixture_views():
+            key = (view.feed, FixtureState(view.state))
+            by_feed_state[key] = by_feed_state.get(key, 0) + 1
+        fixtures = GaugeMetricFamily(
+            "dde_fixtures", "Followed fixtures by upstream state.", labels=["feed", "state"]
+        )
+        for (feed, state), n in sorted(by_feed_state.items()):
+            fixtures.add_metric([feed, state.value], n)
+        yield fixtures
+
+        hist = target.fanout_latency
+        yield HistogramMetricFamily(
+            "dde_fanout_latency_seconds",
+            "Time from an upstream frame's publish to its bytes handed to the kernel, "
+            "per delivery.",
+            buckets=_histogram_buckets(hist),
+            sum_value=float(hist.sum),
+        )
+
+
+def make_registry(target: ControlTarget) -> CollectorRegistry:
+    """A fresh registry holding only the gateway collector for *target*."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(target))
+    return registry

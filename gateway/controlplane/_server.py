@@ -1,0 +1,92 @@
+"""Serve the control plane: hypercorn's trio worker on ``config.gateway.http_listen``.
+
+hypercorn is fine for short HTTP requests (see docs/design-notes: its shielded writes only hurt
+long-lived streams, which live on the data plane instead). No signal handling here: the
+service's root nursery owns signals, and cancelling :func:`run` (or setting *shutdown*) stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from gateway.config import Config, ListenAddress
+from gateway.controlplane._app import build_app
+from gateway.controlplane._auth import ApiTokens
+from gateway.controlplane._rates import DEFAULT_SAMPLE_INTERVAL, RateSampler
+from gateway.controlplane._target import ControlTarget
+
+logger: Final = logging.getLogger("gateway.http")
+
+# In-flight requests are short; after a shutdown request this bounds the wait for them.
+GRACEFUL_TIMEOUT: Final = 5.0
+KEEP_ALIVE_TIMEOUT: Final = 5.0
+
+
+def hypercorn_config(listen: ListenAddress, *, access_log: bool = False) -> HypercornConfig:
+    """hypercorn settings: one bind, logs to ``gateway.http``, access log off by default."""
+    hc = HypercornConfig()
+    hc.bind = [str(listen)]
+    hc.errorlog = logger
+    hc.accesslog = logger if access_log else None
+    hc.graceful_timeout = GRACEFUL_TIMEOUT
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # No product banner: it helps only someone probing for known hypercorn bugs.
+    hc.include_server_header = False
+    return hc
+
+
+def _bound_address(binds: list[str]) -> ListenAddress:
+    """hypercorn reports ``http://HOST:PORT`` (``http://[v6]:PORT``); we return the address."""
+    scheme, sep, rest = binds[0].partition("://")
+    return ListenAddress.parse(rest if sep else scheme)
+
+
+async def run(
+    config: Config,
+    target: ControlTarget,
+    *,
+    shutdown: trio.Event | None = None,
+    access_log: bool = False,
+    sample_interval: float = DEFAULT_SAMPLE_INTERVAL,
+    task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the HTTP API until cancelled or until *shutdown* is set.
+
+    Reads the API token files first: a :class:`~gateway.config.SecretError` (missing, unreadable
+    or empty file) is raised before anything is bound. ``OSError`` from binding (address in use)
+    propagates before ``started()``. Calls ``task_status.started(address)`` with the address
+    actually bound (port 0 resolved) once the socket is listening. On *shutdown*, stops
+    accepting, waits up to :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on
+    cancellation it closes the listener and every connection at once.
+    """
+    tokens = ApiTokens.from_config(config.api)
+    sampler = RateSampler()
+    app = build_app(target, tokens=tokens, sampler=sampler)
+    hc = hypercorn_config(config.gateway.http_listen, access_log=access_log)
+    async with trio.open_nursery() as nursery:
+
+        async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve(
+                    # Starlette and hypercorn declare the same ASGI callable with different
+                    # TypedDicts; they agree at runtime.
+                    app,  # type: ignore[arg-type]
+                    hc,
+                    shutdown_trigger=shutdown.wait if shutdown is not None else None,
+                    task_status=task_status,
+                )
+            finally:
+                # The server is gone (shutdown, error or cancel): the sampler goes with it.
+                nursery.cancel_scope.cancel()
+
+        await nursery.start(partial(sampler.run, target.totals, interval=sample_interval))
+        binds: list[str] = await nursery.start(serve_then_stop)
+        address = _bound_address(binds)
+        logger.info("control plane listening on http://%s", address)
+        task_status.started(address)

@@ -1,0 +1,158 @@
+"""The facade the control plane reads and drives: :class:`ControlTarget` and its plain views.
+
+The control plane depends on nothing else in the gateway. The service object implements this
+protocol over the real upstream supervisor, hub and data plane; tests use
+:class:`~gateway.controlplane.MemoryTarget`.
+
+Every method is called from the trio thread that runs the HTTP server (the handlers are all
+``async def``, so Starlette never moves them to a worker thread) and must return promptly without
+blocking: they read in-memory state. The views are snapshots: frozen values, safe to keep after
+the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from gateway.config import FeedConfig
+from gateway.upstream._state import FixtureState
+
+
+@attrs.frozen
+class FixtureView:
+    """One followed fixture as ``GET /v1/fixtures/{feed}/{fixture}`` shows it.
+
+    ``upstream`` is :meth:`gateway.upstream._state.FixtureStatus.snapshot`: the keys
+    ``connects, reconnects, frames, heartbeats, duplicates_dropped, gaps, out_of_order,
+    malformed, last_error, last_message_at``. ``state_since`` is a UNIX time.
+    """
+
+    feed: str
+    fixture: str
+    state: FixtureState
+    state_since: float
+    detail: str
+    seq: int
+    epoch: str
+    subscribers: int
+    frames_per_second: float
+    upstream: Mapping[str, Any]
+
+
+@attrs.frozen
+class SubscriberView:
+    """One connected subscriber. ``subscriptions`` holds ``"feed/fixture"`` strings."""
+
+    id: str
+    peer: str
+    endpoint: str
+    subscriptions: tuple[str, ...]
+    queued_bytes: int
+    frames_sent: int
+    frames_dropped: int
+    connected_at: float
+
+
+@attrs.frozen
+class Totals:
+    """Process-wide counters since start. All are monotonic except ``subscribers`` (a gauge)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    drops: int = 0
+    slow_disconnects: int = 0
+    subscribers: int = 0
+    reconnects: int = 0
+    gaps: int = 0
+    duplicates_dropped: int = 0
+    malformed: int = 0
+
+
+@attrs.frozen
+class FeedTotals:
+    """Monotonic upstream counters of one feed, summed over every fixture it ever followed.
+
+    Kept per feed by the service (not summed from :meth:`ControlTarget.fixture_views`) so an
+    unfollowed fixture does not make a Prometheus counter go down.
+    """
+
+    frames_in: int = 0
+    reconnects: int = 0
+    gaps: int = 0
+    duplicates_dropped: int = 0
+    malformed: int = 0
+
+
+class LatencyHistogram(Protocol):
+    """Fan-out latency observations in seconds.
+
+    ``buckets`` are finite, increasing upper bounds; ``counts[i]`` is the number of observations
+    in ``(buckets[i-1], buckets[i]]`` (per bucket, not cumulative; a trailing extra entry for
+    values above the last bound is allowed and ignored). ``count`` is every observation, so the
+    ``+Inf`` bucket is ``count``.
+    """
+
+    @property
+    def buckets(self) -> Sequence[float]: ...
+    @property
+    def counts(self) -> Sequence[int]: ...
+    @property
+    def sum(self) -> float: ...
+    @property
+    def count(self) -> int: ...
+
+
+class ControlTarget(Protocol):
+    """What the control plane needs from the running gateway."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def started_at(self) -> float:
+        """UNIX time the process started."""
+        ...
+
+    @property
+    def fanout_latency(self) -> LatencyHistogram: ...
+
+    def is_ready(self) -> bool:
+        """Listeners bound and config loaded, and not draining."""
+        ...
+
+    def is_draining(self) -> bool: ...
+
+    def feeds(self) -> Mapping[str, FeedConfig]: ...
+
+    def fixture_views(self) -> list[FixtureView]: ...
+
+    def fixture_view(self, feed: str, fixture: str) -> FixtureView | None:
+        """The fixture's view, or None when it is not followed."""
+        ...
+
+    def follow(self, feed: str, fixture: str, backfill: int) -> bool:
+        """Start following. True when newly followed, False when it already was.
+
+        Raises KeyError for an unknown feed. After it returns, :meth:`fixture_view` of the
+        fixture is not None.
+        """
+        ...
+
+    def unfollow(self, feed: str, fixture: str) -> bool:
+        """Stop following. False when the fixture was not followed."""
+        ...
+
+    def latest(self, feed: str, fixture: str) -> str | None:
+        """The last raw upstream frame text of the fixture, or None."""
+        ...
+
+    def subscriber_views(self) -> list[SubscriberView]: ...
+
+    def totals(self) -> Totals: ...
+
+    def feed_totals(self) -> Mapping[str, FeedTotals]:
+        """Per-feed monotonic counters (an addition to the original brief, for the metrics)."""
+        ...
