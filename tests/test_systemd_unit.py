@@ -1,0 +1,178 @@
+"""The systemd unit and its example config: required directives, ``systemd-analyze verify``.
+
+Rules: no network and no running systemd needed. The unit is parsed by a small parser that
+keeps repeated keys (systemd allows them; configparser would merge them). ``systemd-analyze
+verify`` runs on a copy whose ExecStart binary exists (the real one is only present once
+installed); it exits 0 even for unknown keys or unparsable values, reporting them as warnings,
+so the test also requires that it prints nothing about the unit, and a deliberately broken copy
+shows that check can fail. Skipped, with the reason, where systemd-analyze is absent.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config
+from gateway.config._model import DEFAULT_DRAIN_TIMEOUT
+from tests.conftest import TEST_TOKEN
+
+SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+UNIT = SYSTEMD_DIR / "dde-gateway.service"
+EXAMPLE_CONFIG = SYSTEMD_DIR / "gateway.toml"
+INSTALLED_BINARY = "/opt/dde-gateway/.venv/bin/dde-gateway"
+ANALYZE = shutil.which("systemd-analyze") or (
+    "/usr/bin/systemd-analyze" if Path("/usr/bin/systemd-analyze").exists() else None
+)
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze is not installed on this machine"
+)
+
+Unit = dict[str, list[tuple[str, str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """Sections to (key, value) lists in file order; comments and blank lines skipped."""
+    unit: Unit = {}
+    section: list[tuple[str, str]] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            section = unit.setdefault(m[1], [])
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and section is not None, f"line {number} is not KEY=VALUE in a section"
+        section.append((key.strip(), value.strip()))
+    return unit
+
+
+def values(unit: Unit, section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def the_value(unit: Unit, section: str, key: str) -> str:
+    found = values(unit, section, key)
+    assert len(found) == 1, f"[{section}] {key}= set {len(found)} times, expected once"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def unit() -> Unit:
+    return parse_unit(UNIT.read_text(encoding="utf-8"))
+
+
+REQUIRED = [
+    ("Type", "notify"),
+    ("NotifyAccess", "main"),
+    ("WatchdogSec", "30"),
+    ("Restart", "on-failure"),
+    ("RestartSec", "5"),
+    ("TimeoutStopSec", "30"),
+    (
+        "ExecStart",
+        f"{INSTALLED_BINARY} run --config /etc/dde-gateway/gateway.toml --log-format json",
+    ),
+    ("ExecReload", "/bin/kill -HUP $MAINPID"),
+    ("LoadCredential", "dde-token:/etc/dde-gateway/token"),
+    ("DynamicUser", "yes"),
+    ("NoNewPrivileges", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "yes"),
+    ("PrivateTmp", "yes"),
+    ("PrivateDevices", "yes"),
+    ("ProtectKernelTunables", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectControlGroups", "yes"),
+    ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+    ("CapabilityBoundingSet", ""),
+    ("AmbientCapabilities", ""),
+    ("SystemCallArchitectures", "native"),
+    ("LockPersonality", "yes"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("RestrictRealtime", "yes"),
+    ("RestrictNamespaces", "yes"),
+    ("RestrictSUIDSGID", "yes"),
+    ("ProtectClock", "yes"),
+    ("ProtectHostname", "yes"),
+    ("UMask", "0077"),
+    ("LimitNOFILE", "65536"),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), REQUIRED, ids=[k for k, _ in REQUIRED])
+def test_required_service_directive(unit: Unit, key: str, expected: str) -> None:
+    assert the_value(unit, "Service", key) == expected
+
+
+def test_system_call_filter_allows_system_service_only(unit: Unit) -> None:
+    filters = values(unit, "Service", "SystemCallFilter")
+    assert filters[0] == "@system-service"
+    # Any further line may only take system calls away (a leading "~").
+    assert all(f.startswith("~") for f in filters[1:])
+
+
+def test_unit_is_installable(unit: Unit) -> None:
+    assert the_value(unit, "Install", "WantedBy") == "multi-user.target"
+    assert "network-online.target" in the_value(unit, "Unit", "After")
+
+
+def test_stop_timeout_leaves_room_for_the_drain(unit: Unit) -> None:
+    stop = float(the_value(unit, "Service", "TimeoutStopSec"))
+    assert stop > DEFAULT_DRAIN_TIMEOUT
+    assert stop > load_config(EXAMPLE_CONFIG).gateway.drain_timeout
+
+
+def test_example_config_reads_the_token_from_the_credential(
+    unit: Unit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credential = the_value(unit, "Service", "LoadCredential").partition(":")[0]
+    (tmp_path / credential).write_text(TEST_TOKEN + "\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    config = load_config(EXAMPLE_CONFIG)
+    assert str(config.upstream.token_file) == f"${{CREDENTIALS_DIRECTORY}}/{credential}"
+    assert config.upstream.read_token().reveal() == TEST_TOKEN
+
+
+def verify(unit_text: str, directory: Path) -> tuple[int, list[str]]:
+    """Run systemd-analyze verify on a copy whose ExecStart binary exists.
+
+    Returns the exit code and the output lines that mention the unit.
+    """
+    assert ANALYZE is not None
+    assert INSTALLED_BINARY in unit_text
+    path = directory / "dde-gateway.service"
+    path.write_text(unit_text.replace(INSTALLED_BINARY, sys.executable), encoding="utf-8")
+    proc = subprocess.run(
+        [ANALYZE, "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (proc.stdout + proc.stderr).splitlines()
+    return proc.returncode, [line for line in output if path.name in line]
+
+
+@needs_analyze
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    code, complaints = verify(UNIT.read_text(encoding="utf-8"), tmp_path)
+    assert complaints == []
+    assert code == 0
+
+
+@needs_analyze
+def test_verify_check_catches_a_broken_unit(tmp_path: Path) -> None:
+    broken = UNIT.read_text(encoding="utf-8").replace(
+        "ProtectSystem=strict", "ProtectSystem=stricter\nProtectEverything=yes"
+    )
+    # systemd 252 exits 0 here (it only warns): that is why the output is checked too.
+    _, complaints = verify(broken, tmp_path)
+    assert any("ProtectEverything" in line for line in complaints)
+    assert any("stricter" in line for line in complaints)
