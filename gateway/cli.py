@@ -1,0 +1,120 @@
+"""The ``dde-gateway`` command (also ``python -m gateway``).
+
+Subcommands: ``run`` (the service), ``simulate`` (the vendor simulator), ``check-config``
+(validate a file, every error with its field path, exit 2), ``demo`` (simulator + gateway on an
+embedded config) and ``bench`` (the fan-out benchmark). Heavy imports happen inside each
+subcommand so ``check-config`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from gateway import __version__
+
+EXIT_OK: Final = 0
+EXIT_RUNTIME_ERROR: Final = 1
+EXIT_CONFIG_ERROR: Final = 2
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="one line per event: human text or JSON (default: text)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="overrides [gateway] log_level",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway import simulator
+
+    parser = argparse.ArgumentParser(
+        prog="dde-gateway",
+        description="Fan-out gateway for IMG Arena DDE live WebSocket feeds.",
+    )
+    parser.add_argument("--version", action="version", version=f"dde-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway service")
+    run.add_argument("--config", type=Path, required=True, help="path to the TOML config")
+    _add_logging_options(run)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 2 on errors)")
+    check.add_argument("path", type=Path)
+
+    sim = sub.add_parser("simulate", help="run the DDE vendor simulator")
+    simulator.add_arguments(sim)
+    _add_logging_options(sim)
+
+    demo = sub.add_parser("demo", help="simulator + gateway on an embedded config; Ctrl-C stops")
+    demo.add_argument("--stream-port", type=int, default=8765)
+    demo.add_argument("--http-port", type=int, default=8780)
+    demo.add_argument("--simulator-port", type=int, default=8799)
+    _add_logging_options(demo)
+
+    from gateway.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="fan-out benchmark against a websockets peer")
+    add_bench_arguments(bench)
+    return parser
+
+
+def _check_config(path: Path) -> int:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(
+        f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "
+        f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.path)
+
+    import trio
+
+    from gateway.service import configure_logging
+
+    configure_logging(fmt=args.log_format, level=args.log_level or "info")
+    try:
+        if args.command == "run":
+            from gateway.service import run_from_config_path
+
+            return trio.run(run_from_config_path, args.config, args.log_format, args.log_level)
+        if args.command == "simulate":
+            from gateway import simulator
+
+            trio.run(simulator.run_from_args, args)
+            return EXIT_OK
+        if args.command == "demo":
+            from gateway.service import run_demo
+
+            return trio.run(run_demo, args.stream_port, args.http_port, args.simulator_port)
+        if args.command == "bench":
+            from gateway.bench import run_from_args as run_bench
+
+            return run_bench(args)
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse guarantees one

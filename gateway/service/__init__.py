@@ -1,0 +1,20 @@
+"""Running the gateway: the root nursery, signals, sd_notify, reload, drain, logging, demo."""
+
+from gateway.service._demo import demo_config, run_demo
+from gateway.service._gateway import Bound, Gateway
+from gateway.service._lifecycle import run_from_config_path, serve
+from gateway.service._logging import LogFormat, configure_logging, fields
+from gateway.service._notify import Notifier
+
+__all__ = [
+    "Bound",
+    "Gateway",
+    "LogFormat",
+    "Notifier",
+    "configure_logging",
+    "demo_config",
+    "fields",
+    "run_demo",
+    "run_from_config_path",
+    "serve",
+]

@@ -1,0 +1,292 @@
+"""The gateway as one object: config, hub, upstream supervisor, data plane and control plane.
+
+:class:`Gateway` composes the pieces and is the only place that knows all of them. It implements
+the control plane's :class:`~gateway.controlplane.ControlTarget` facade and the hub's
+:class:`~gateway.hub.FixtureDirectory` (on-demand follow and linger), so neither of those
+packages imports the other. Its :meth:`Gateway.run` is the body of the root nursery; signals,
+sd_notify and reload live in :mod:`gateway.service._lifecycle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from gateway import __version__
+from gateway.config import Config, FeedConfig, FixtureConfig, ListenAddress
+from gateway.controlplane import FixtureView, SubscriberView, Totals
+from gateway.controlplane import run as run_control_plane
+from gateway.dataplane import SubscriberRegistry
+from gateway.dataplane import run as run_data_plane
+from gateway.hub import Hub, LatencyHistogram, Topic
+from gateway.service._logging import fields
+from gateway.upstream import FixtureState, FrameSink, Supervisor
+
+log = logging.getLogger("gateway")
+
+Key = tuple[str, str]
+
+
+@attrs.frozen
+class Bound:
+    """The addresses the listeners actually bound (port 0 resolved)."""
+
+    stream: ListenAddress
+    http: ListenAddress
+
+
+class Gateway:
+    """Everything one running gateway holds. Create, then ``await nursery.start(gw.run)``.
+
+    Fixtures come from three places: the config file (reconciled on reload), the HTTP API
+    (kept until deleted; runtime changes are not written back) and on-demand subscriptions
+    (stopped ``linger`` seconds after their last subscriber leaves). Only on-demand ones linger.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = __version__
+        self.started_at = time.time()
+        self.hub = Hub(config.feeds, directory=self)
+        self.registry = SubscriberRegistry()
+        self.supervisor = Supervisor(config, self._sink_for)
+        self._configured: set[Key] = {fx.key for fx in config.fixtures}
+        self._on_demand: set[Key] = set()
+        self._linger: dict[Key, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._supervisor_scope = trio.CancelScope()
+        self._supervisor_done = trio.Event()
+        self._ready = False
+        self._draining = False
+        self.bound: Bound | None = None
+
+    # -- the root nursery's body ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start supervisor, data plane and control plane; ``started(Bound)`` once both
+        listeners are bound. Runs until cancelled; cancellation closes every upstream and
+        subscriber connection (use :meth:`drain` first for a graceful stop)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self._run_supervisor)
+            stream = await nursery.start(run_data_plane, self.config, self.hub, self.registry)
+            http = await nursery.start(run_control_plane, self.config, self)
+            self.bound = Bound(stream=stream, http=http)
+            self._ready = True
+            log.info(
+                "gateway ready: stream ws://%s/v1/stream, http http://%s/ (%d fixtures)",
+                stream,
+                http,
+                len(self.supervisor.handles()),
+                extra=fields(stream=str(stream), http=str(http)),
+            )
+            task_status.started(self.bound)
+
+    async def _run_supervisor(self, *, task_status: trio.TaskStatus[None]) -> None:
+        # Its own scope so drain() can stop the upstreams (they close cleanly on cancel)
+        # while the listeners keep running to send close frames.
+        try:
+            with self._supervisor_scope:
+                await self.supervisor.run(task_status=task_status)
+        finally:
+            self._supervisor_done.set()
+
+    async def drain(self) -> None:
+        """Graceful stop, bounded by ``drain_timeout``: /readyz turns 503, every subscriber gets
+        close 1001 "going away", every upstream is closed. Never raises; what does not finish in
+        time is cut when the caller cancels the root nursery."""
+        self._draining = True
+        with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.registry.drain)
+                self._supervisor_scope.cancel()
+                nursery.start_soon(self._supervisor_done.wait)
+        if scope.cancelled_caught:
+            log.warning("drain did not finish within %.1f s", self.config.gateway.drain_timeout)
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def apply(self, new: Config) -> dict[str, list[str]]:
+        """Reconcile the configured fixtures with *new*; return what changed.
+
+        Unchanged fixtures keep their connection and seq. Fixtures added through the API or on
+        demand are left alone. Listener addresses and [subscribers] limits need a restart;
+        a change there is reported, not applied.
+        """
+        old = self.config
+        new_keys = {fx.key for fx in new.fixtures}
+        added = [fx for fx in new.fixtures if fx.key not in self._configured]
+        removed = sorted(self._configured - new_keys)
+        needs_restart = [
+            section
+            for section in ("gateway", "subscribers", "api")
+            if getattr(old, section) != getattr(new, section)
+        ]
+        if old.feeds != new.feeds:
+            needs_restart.append("feeds")
+        self.config = attrs.evolve(old, upstream=new.upstream, fixtures=new.fixtures)
+        self.supervisor.update_config(self.config)
+        for key in removed:
+            self._stop(*key)
+        for fx in added:
+            if fx.feed in old.feeds:
+                self.supervisor.add(fx)
+        self._configured = new_keys & {(f, i) for f, i in new_keys if f in old.feeds}
+        return {
+            "added": [f"{fx.feed}/{fx.id}" for fx in added],
+            "removed": [f"{f}/{i}" for f, i in removed],
+            "needs_restart": needs_restart,
+        }
+
+    # -- upstream -> hub -----------------------------------------------------------------------
+
+    def _sink_for(self, feed: FeedConfig, fixture: FixtureConfig) -> FrameSink:
+        return self.hub.topic(feed.name, fixture.id)
+
+    def _stop(self, feed: str, fixture: str) -> bool:
+        self._on_demand.discard((feed, fixture))
+        self._cancel_linger((feed, fixture))
+        stopped = self.supervisor.remove(feed, fixture)
+        self.hub.close_topic(feed, fixture)
+        return stopped
+
+    # -- FixtureDirectory (hub, on demand) -------------------------------------------------------
+
+    def is_followed(self, feed: str, fixture: str) -> bool:
+        return self.supervisor.get(feed, fixture) is not None
+
+    def demand(self, feed: str, fixture: str) -> bool:
+        feed_config = self.config.feeds.get(feed)
+        if feed_config is None or not feed_config.on_demand or self._draining:
+            return False
+        self._cancel_linger((feed, fixture))
+        if self.supervisor.add(FixtureConfig(feed=feed, id=fixture, backfill=0)):
+            self._on_demand.add((feed, fixture))
+            log.info("following %s/%s on demand", feed, fixture)
+        return True
+
+    def release(self, feed: str, fixture: str) -> None:
+        key = (feed, fixture)
+        if key not in self._on_demand or key in self._linger or self._nursery is None:
+            return
+        linger = self.config.feeds[feed].linger
+        scope = trio.CancelScope()
+        self._linger[key] = scope
+        self._nursery.start_soon(self._linger_then_stop, key, linger, scope)
+
+    async def _linger_then_stop(self, key: Key, linger: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(linger)
+            self._linger.pop(key, None)
+            topic = self.hub.get(*key)
+            if key in self._on_demand and (topic is None or topic.subscriber_count == 0):
+                log.info("stopping on-demand %s/%s: no subscriber for %.0f s", *key, linger)
+                self._stop(*key)
+
+    def _cancel_linger(self, key: Key) -> None:
+        scope = self._linger.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+
+    # -- ControlTarget (HTTP API) --------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._ready and not self._draining
+
+    def is_draining(self) -> bool:
+        return self._draining
+
+    def feeds(self) -> Mapping[str, FeedConfig]:
+        return self.config.feeds
+
+    def fixture_views(self) -> list[FixtureView]:
+        views = (self.fixture_view(h.feed.name, h.config.id) for h in self.supervisor.handles())
+        return [v for v in views if v is not None]
+
+    def fixture_view(self, feed: str, fixture: str) -> FixtureView | None:
+        handle = self.supervisor.get(feed, fixture)
+        if handle is None:
+            return None
+        topic: Topic | None = self.hub.get(feed, fixture)
+        status = handle.status
+        return FixtureView(
+            feed=feed,
+            fixture=fixture,
+            state=str(status.state),
+            state_since=status.state_since,
+            detail=status.detail,
+            seq=topic.seq if topic else 0,
+            epoch=topic.epoch if topic else None,
+            subscribers=topic.subscriber_count if topic else 0,
+            frames_per_second=topic.frames_per_second() if topic else 0.0,
+            upstream=status.snapshot(),
+        )
+
+    def follow(self, feed: str, fixture: str, backfill: int) -> bool:
+        if feed not in self.config.feeds:
+            raise KeyError(feed)
+        key = (feed, fixture)
+        # Asked for explicitly: from now on it stays until deleted, even if it came on demand.
+        self._on_demand.discard(key)
+        self._cancel_linger(key)
+        return self.supervisor.add(FixtureConfig(feed=feed, id=fixture, backfill=backfill))
+
+    def unfollow(self, feed: str, fixture: str) -> bool:
+        if not self.is_followed(feed, fixture):
+            return False
+        self._configured.discard((feed, fixture))
+        return self._stop(feed, fixture)
+
+    def latest(self, feed: str, fixture: str) -> str | None:
+        if not self.is_followed(feed, fixture):
+            return None
+        topic = self.hub.get(feed, fixture)
+        return topic.latest if topic else None
+
+    def subscriber_views(self) -> list[SubscriberView]:
+        return self.registry.views()
+
+    @property
+    def fanout_latency(self) -> LatencyHistogram:
+        return self.hub.fanout_latency
+
+    def totals(self) -> Totals:
+        counters: dict[str, int] = {
+            "reconnects": 0,
+            "gaps": 0,
+            "duplicates_dropped": 0,
+            "malformed": 0,
+        }
+        for handle in self.supervisor.handles():
+            c = handle.status.counters
+            counters["reconnects"] += c.reconnects
+            counters["gaps"] += c.gaps
+            counters["duplicates_dropped"] += c.duplicates_dropped
+            counters["malformed"] += c.malformed
+        stats = self.registry.stats()
+        return Totals(
+            frames_in=self.hub.frames_in,
+            frames_out=stats.frames_sent,
+            drops=stats.frames_dropped,
+            slow_disconnects=stats.slow_disconnects,
+            subscribers=stats.connections,
+            **counters,
+        )
+
+    def summary(self) -> str:
+        """One line for sd_notify STATUS= and the log."""
+        handles = self.supervisor.handles()
+        live = sum(1 for h in handles if h.status.state is FixtureState.LIVE)
+        stats = self.registry.stats()
+        return (
+            f"fixtures live {live}/{len(handles)}, subscribers {stats.connections}, "
+            f"drops {stats.frames_dropped}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"bound": attrs.asdict(self.bound) if self.bound else None}

@@ -1,0 +1,138 @@
+"""The root nursery: signals, sd_notify, reload and drain around one :class:`Gateway`.
+
+Everything the process runs lives under the nursery opened in :func:`serve`:
+
+- SIGTERM / SIGINT: ``STOPPING=1``, :meth:`Gateway.drain` (bounded by ``drain_timeout``), then
+  cancel everything; the process exits 0.
+- SIGHUP: ``RELOADING=1``, re-read the config file; a config with errors is refused (errors
+  logged, the running config kept); otherwise added fixtures start, removed ones stop and
+  unchanged ones stay connected. ``READY=1`` afterwards either way.
+- sd_notify: ``READY=1`` only after both listeners are bound; ``STATUS=`` kept current;
+  ``WATCHDOG=1`` from a trio task, so only while the event loop is responsive.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.service._gateway import Bound, Gateway
+from gateway.service._logging import LogFormat, configure_logging
+from gateway.service._notify import Notifier
+
+log = logging.getLogger("gateway")
+
+STATUS_INTERVAL: Final = 5.0
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+async def serve(
+    config: Config,
+    *,
+    reload: Callable[[], Config] | None = None,
+    on_reload: Callable[[Config], None] | None = None,
+    notifier: Notifier | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a gateway until SIGTERM/SIGINT, then drain and return.
+
+    *reload* returns a freshly loaded config (raising :class:`ConfigError`) and is called on
+    SIGHUP; without it SIGHUP is logged and ignored. ``started(gateway)`` once ready.
+    """
+    notifier = notifier or Notifier.from_environ()
+    with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as root:
+            gateway = Gateway(config)
+            await root.start(gateway.run)
+            await notifier.ready()
+            await notifier.status(gateway.summary())
+            root.start_soon(notifier.run_watchdog)
+            root.start_soon(_report_status, gateway, notifier)
+            task_status.started(gateway)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await _reload(gateway, reload, on_reload, notifier)
+                    continue
+                log.info("%s: draining", signal.Signals(signum).name)
+                break
+            await notifier.stopping()
+            await gateway.drain()
+            root.cancel_scope.cancel()
+    await notifier.aclose()
+    log.info("stopped")
+
+
+async def _reload(
+    gateway: Gateway,
+    reload: Callable[[], Config] | None,
+    on_reload: Callable[[Config], None] | None,
+    notifier: Notifier,
+) -> None:
+    if reload is None:
+        log.warning("SIGHUP: no config file to reload")
+        return
+    await notifier.reloading()
+    try:
+        new = reload()
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running config: %s", "; ".join(exc.errors))
+    else:
+        changes = gateway.apply(new)
+        if on_reload is not None:
+            on_reload(new)
+        log.info(
+            "reloaded: added %s, removed %s%s",
+            changes["added"] or "nothing",
+            changes["removed"] or "nothing",
+            f"; changed but needs a restart: {changes['needs_restart']}"
+            if changes["needs_restart"]
+            else "",
+        )
+    await notifier.ready()
+    await notifier.status(gateway.summary())
+
+
+async def _report_status(gateway: Gateway, notifier: Notifier) -> None:
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        await notifier.status(gateway.summary())
+
+
+async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
+    """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config.
+
+    Logging is configured here, once the config is known: level from ``--log-level`` or the
+    config (again on every reload), and the current upstream token as a redaction secret.
+    """
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    current = [config]
+
+    def token_values() -> list[str]:
+        # Re-read per log line batch by the redactor, so a rotated token is redacted too.
+        try:
+            return [current[0].upstream.read_token().reveal()]
+        except Exception:
+            return []
+
+    def configure(cfg: Config) -> None:
+        current[0] = cfg
+        configure_logging(
+            fmt=log_format, level=log_level or cfg.gateway.log_level, secrets=token_values
+        )
+
+    configure(config)
+    await serve(config, reload=lambda: load_config(path), on_reload=configure)
+    return 0
+
+
+__all__ = ["Bound", "Gateway", "run_from_config_path", "serve"]

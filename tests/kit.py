@@ -1,0 +1,133 @@
+"""Helpers for end-to-end tests: a simulator and a whole gateway in this process.
+
+Everything binds 127.0.0.1 port 0. The gateway runs exactly as ``dde-gateway run`` builds it
+(``gateway.service.serve`` minus the signal handling, which the process tests cover).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+import trio_websocket
+
+from gateway.config import Config, structure_config
+from gateway.service import Gateway
+from gateway.simulator import Simulator
+from tests.conftest import TEST_TOKEN
+
+TRACKING_PATH = "/ws/soccer/tracking/low_latency"
+FASTPATH_TEMPLATE = "/soccer/fixtures/{fixture}/actions"
+
+
+def gateway_config(
+    sim_port: int,
+    token_file: Path,
+    fixtures: list[tuple[str, str]],
+    **sections: dict[str, Any],
+) -> Config:
+    """A test config: tracking + fastpath feeds on the simulator, fast backoff, ports 0."""
+    sim = f"ws://127.0.0.1:{sim_port}"
+    data: dict[str, Any] = {
+        "gateway": {"stream_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+        "upstream": {
+            "token_file": str(token_file),
+            "connect_rate": 200.0,
+            "backoff_initial": 0.02,
+            "backoff_max": 0.2,
+            "stall_timeout": 5.0,
+        },
+        "feeds": {
+            "tracking": {"kind": "tracking", "url": sim + TRACKING_PATH},
+            "actions": {"kind": "fastpath", "url": sim + FASTPATH_TEMPLATE},
+        },
+        "fixtures": [{"feed": f, "id": i} for f, i in fixtures],
+    }
+    _merge(data, sections)
+    return structure_config(data)
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+@asynccontextmanager
+async def running_gateway(config: Config) -> AsyncIterator[Gateway]:
+    async with trio.open_nursery() as nursery:
+        gw = Gateway(config)
+        await nursery.start(gw.run)
+        try:
+            yield gw
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def simulator_and_gateway(
+    tmp_path: Path,
+    fixtures: list[tuple[str, str]],
+    *,
+    rate_hz: float = 100.0,
+    **sections: dict[str, Any],
+) -> AsyncIterator[tuple[Simulator, Gateway]]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0, action_interval=0.2)
+    for feed, fixture in fixtures:
+        sim.add_fixture(fixture, kind="tracking" if feed == "tracking" else "fastpath")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        config = gateway_config(port, token_file, fixtures, **sections)
+        async with running_gateway(config) as gw:
+            yield sim, gw
+        nursery.cancel_scope.cancel()
+
+
+def stream_url(gw: Gateway, path: str = "/v1/stream") -> str:
+    assert gw.bound is not None
+    return f"ws://{gw.bound.stream}{path}"
+
+
+def http_url(gw: Gateway, path: str) -> str:
+    assert gw.bound is not None
+    return f"http://{gw.bound.http}{path}"
+
+
+async def recv_json(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    msg = await ws.get_message()
+    assert isinstance(msg, str), msg
+    out: dict[str, Any] = orjson.loads(msg)
+    return out
+
+
+async def next_of_type(ws: trio_websocket.WebSocketConnection, kind: str) -> dict[str, Any]:
+    """The next message of this ``type``, skipping heartbeats and status changes."""
+    while True:
+        msg = await recv_json(ws)
+        if msg["type"] == kind:
+            return msg
+        assert msg["type"] in ("heartbeat", "status"), msg
+
+
+async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """A plain HTTP GET in a worker thread (urllib), returning (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    def fetch() -> tuple[int, bytes]:
+        req = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    return await trio.to_thread.run_sync(fetch)

@@ -1,0 +1,212 @@
+"""The whole gateway in one process against the simulator: upstream -> hub -> subscribers.
+
+Covers what only the composition shows: frames verbatim end to end, seq contiguous across many
+upstream drops, the vendor drop-in endpoint driven by the same client code that talks to the
+simulator, on-demand follow and linger, the HTTP API over the real pieces, and the token never
+leaking. Real sockets on 127.0.0.1 port 0, real time, generous ``fail_after`` guards.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from gateway.upstream import FixtureState
+from tests.conftest import TEST_TOKEN
+from tests.kit import (
+    TRACKING_PATH,
+    http_get,
+    next_of_type,
+    recv_json,
+    simulator_and_gateway,
+    stream_url,
+)
+
+FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+FX2 = "08456e52-9cf7-48cc-913c-f45ec0a1b2c3"
+ACT = "2ed1cba1-7c3e-4b5e-9a51-0d1f1c2b3a4d"
+
+
+async def subscribe(ws: trio_websocket.WebSocketConnection, feed: str, fixture: str, **extra: Any) -> dict[str, Any]:
+    await ws.send_message(orjson.dumps({"op": "subscribe", "feed": feed, "fixture": fixture, **extra}).decode())
+    return await next_of_type(ws, "subscribed")
+
+
+async def test_frames_flow_verbatim_with_contiguous_seq(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                sub = await subscribe(ws, "tracking", FX)
+                assert sub["epoch"] and sub["recovered"] is False
+                last_seq, last_ix = None, None
+                for _ in range(50):
+                    msg = await next_of_type(ws, "frame")
+                    frame = msg["data"]
+                    assert frame["id"] == FX
+                    if last_seq is not None:
+                        assert msg["seq"] == last_seq + 1
+                        assert frame["ix"] == last_ix + 1
+                    last_seq, last_ix = msg["seq"], frame["ix"]
+            status, body = await http_get(f"http://{gw.bound.http}/v1/fixtures/tracking/{FX}")  # type: ignore[union-attr]
+            assert status == 200
+            view = orjson.loads(body)
+            assert view["state"] == "live" and view["seq"] >= 50
+            assert view["upstream"]["connects"] >= 1
+            status, latest = await http_get(f"http://{gw.bound.http}/v1/fixtures/tracking/{FX}/latest")  # type: ignore[union-attr]
+            assert status == 200 and orjson.loads(latest)["id"] == FX
+
+
+async def test_envelope_carries_upstream_text_byte_for_byte(tmp_path: Path) -> None:
+    """The `data` value is the upstream text itself, not a re-serialisation."""
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await subscribe(ws, "tracking", FX)
+                while True:
+                    text = await ws.get_message()
+                    assert isinstance(text, str)
+                    if '"type":"frame"' in text:
+                        break
+            prefix = f'{{"type":"frame","feed":"tracking","fixture":"{FX}","seq":'
+            assert text.startswith(prefix) and text.endswith("}")
+            data_text = text[text.index(',"data":') + len(',"data":') : -1]
+            ix = orjson.loads(data_text)["ix"]
+            topic = gw.hub.get("tracking", FX)
+            assert topic is not None
+            held = [f.raw for f in topic.history if orjson.loads(f.raw)["ix"] == ix]
+            assert held == [data_text]
+
+
+async def test_seq_contiguous_across_20_upstream_drops(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)], rate_hz=200.0) as (sim, gw):
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await subscribe(ws, "tracking", FX)
+                sim.faults(FX).drop_after_frames = 15
+                handle = gw.supervisor.get("tracking", FX)
+                assert handle is not None
+                seqs: list[int] = []
+                ixs: list[int] = []
+                while handle.status.counters.reconnects < 20 or len(ixs) < 400:
+                    msg = await next_of_type(ws, "frame")
+                    seqs.append(msg["seq"])
+                    ixs.append(msg["data"]["ix"])
+                sim.faults(FX).drop_after_frames = None
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert ixs == list(range(ixs[0], ixs[0] + len(ixs)))
+
+
+async def vendor_tracking_client(url: str, token: str, fixture: str, backfill: int, n: int) -> list[str]:
+    """A client written for the vendor's tracking protocol (seed 003): the same code is pointed
+    at the simulator and at the gateway's drop-in endpoint."""
+    frames: list[str] = []
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(orjson.dumps({"authToken": token}).decode())
+        accepted = orjson.loads(await ws.get_message())
+        assert accepted == {"message": "Authorisation accepted", "level": "INFO"}
+        await ws.send_message(orjson.dumps({"fixtureId": fixture, "backfill": backfill}).decode())
+        while len(frames) < n:
+            text = await ws.get_message()
+            assert isinstance(text, str)
+            msg = orjson.loads(text)
+            if "message" in msg:  # heartbeat
+                assert msg["message"].startswith("Heartbeat sent at "), msg
+                continue
+            frames.append(text)
+    return frames
+
+
+async def test_dropin_endpoint_with_the_client_code_that_talks_to_the_simulator(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+            sim_port = int(gw.config.feeds["tracking"].url.split(":")[2].split("/")[0])
+            direct = await vendor_tracking_client(
+                f"ws://127.0.0.1:{sim_port}{TRACKING_PATH}", TEST_TOKEN, FX, 5, 10
+            )
+            via = await vendor_tracking_client(stream_url(gw, TRACKING_PATH), "any", FX, 5, 10)
+            for batch in (direct, via):
+                ixs = [orjson.loads(t)["ix"] for t in batch]
+                assert ixs == list(range(ixs[0], ixs[0] + 10))
+            # The gateway forwards the vendor's bytes: frames with the same ix are identical.
+            by_ix = {orjson.loads(t)["ix"]: t for t in direct}
+            topic = gw.hub.get("tracking", FX)
+            assert topic is not None
+            held = {orjson.loads(f.raw)["ix"]: f.raw for f in topic.history}
+            common = set(by_ix) & set(held)
+            assert common and all(by_ix[i] == held[i] for i in common)
+
+
+async def test_on_demand_follow_and_linger_stop(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with simulator_and_gateway(
+            tmp_path,
+            [],
+            feeds={"actions": {"on_demand": True, "linger": 0.5}},
+        ) as (sim, gw):
+            sim.add_fixture(ACT, kind="fastpath")
+            assert not gw.is_followed("actions", ACT)
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await subscribe(ws, "actions", ACT, backfill=-1)
+                msg = await next_of_type(ws, "frame")
+                assert msg["data"]["fixtureAction"]["fixtureId"] == ACT
+                assert gw.is_followed("actions", ACT)
+                await ws.send_message(orjson.dumps({"op": "unsubscribe", "feed": "actions", "fixture": ACT}).decode())
+                while gw.is_followed("actions", ACT):
+                    await trio.sleep(0.05)
+            status, _ = await http_get(f"http://{gw.bound.http}/v1/fixtures/actions/{ACT}")  # type: ignore[union-attr]
+            assert status == 404
+
+
+async def test_put_and_delete_through_the_api(tmp_path: Path) -> None:
+    import urllib.request
+
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+            sim.add_fixture(FX2, kind="tracking")
+            base = f"http://{gw.bound.http}"  # type: ignore[union-attr]
+
+            def call(method: str, path: str, body: bytes | None = None) -> int:
+                req = urllib.request.Request(base + path, data=body, method=method)
+                req.add_header("Content-Type", "application/json")
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return int(resp.status)
+
+            assert await trio.to_thread.run_sync(call, "PUT", f"/v1/fixtures/tracking/{FX2}", b'{"backfill": 3}') == 201
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await subscribe(ws, "tracking", FX2)
+                await next_of_type(ws, "frame")
+                assert await trio.to_thread.run_sync(call, "DELETE", f"/v1/fixtures/tracking/{FX2}") == 204
+                while True:
+                    msg = await recv_json(ws)
+                    if msg["type"] == "status" and msg["state"] == "stopped":
+                        break
+            assert not gw.is_followed("tracking", FX2)
+            assert gw.is_followed("tracking", FX)
+
+
+async def test_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+            sim.faults(FX).drop_after_frames = 20
+            handle = gw.supervisor.get("tracking", FX)
+            assert handle is not None
+            while handle.status.counters.reconnects < 2:
+                await trio.sleep(0.05)
+            sim.set_tokens({"another"})  # now rejected: the rejection path logs too
+            while handle.status.state is not FixtureState.UNAUTHORIZED:
+                await trio.sleep(0.05)
+            bodies = []
+            for path in ("/v1/status", "/v1/fixtures", f"/v1/fixtures/tracking/{FX}", "/metrics", "/v1/subscribers"):
+                status, body = await http_get(f"http://{gw.bound.http}{path}")  # type: ignore[union-attr]
+                assert status == 200, path
+                bodies.append(body)
+    assert TEST_TOKEN not in caplog.text
+    assert all(TEST_TOKEN.encode() not in b for b in bodies)
+    assert TEST_TOKEN not in repr(gw.config) and TEST_TOKEN not in repr(handle.status)

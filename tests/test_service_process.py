@@ -1,0 +1,253 @@
+"""The gateway as a real process: readiness, reload, drain, and the demo command.
+
+Runs ``python -m gateway`` as a subprocess (exactly what systemd runs) against a simulator in
+this test process. sd_notify is checked on a real unix datagram socket (NOTIFY_SOCKET); ports
+are 0 and learned from the JSON "gateway ready" log line. Real time, generous guards: a process
+start on a loaded 2-core machine can take seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+import trio_websocket
+
+from gateway.simulator import Simulator
+from tests.conftest import TEST_TOKEN
+from tests.kit import TRACKING_PATH, http_get
+
+A, B, C = "fixture-a", "fixture-b", "fixture-c"
+
+
+def write_config(path: Path, sim_port: int, fixtures: list[str], *, drain: float = 5.0) -> None:
+    lines = [
+        "[gateway]",
+        'stream_listen = "127.0.0.1:0"',
+        'http_listen = "127.0.0.1:0"',
+        f"drain_timeout = {drain}",
+        "[upstream]",
+        f'token_file = "{path.parent / "token"}"',
+        "connect_rate = 100.0",
+        "backoff_initial = 0.05",
+        "backoff_max = 0.5",
+        "[feeds.tracking]",
+        'kind = "tracking"',
+        f'url = "ws://127.0.0.1:{sim_port}{TRACKING_PATH}"',
+    ]
+    for fx in fixtures:
+        lines += ["[[fixtures]]", 'feed = "tracking"', f'id = "{fx}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Proc:
+    """A gateway subprocess with its log lines and sd_notify datagrams collected."""
+
+    def __init__(self, process: trio.Process, notify: trio.socket.SocketType) -> None:
+        self.process = process
+        self.notify = notify
+        self.logs: list[dict[str, Any]] = []
+        self.raw_stderr: list[str] = []
+        self.notes: list[str] = []
+        self.changed = trio.Event()
+        self.stream = ""
+        self.http = ""
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        buf = b""
+        async for chunk in self.process.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self.raw_stderr.append(line.decode(errors="replace"))
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                self.logs.append(rec)
+                if rec.get("msg", "").startswith("gateway ready"):
+                    self.stream, self.http = rec["stream"], rec["http"]
+            self._poke()
+
+    async def read_notify(self) -> None:
+        while True:
+            data = await self.notify.recv(4096)
+            self.notes.extend(data.decode().split("\n"))
+            self._poke()
+
+    async def wait_for(self, predicate: Any) -> None:
+        while not predicate():
+            await self.changed.wait()
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Path, config: Path) -> AsyncIterator[Proc]:
+    sock_path = str(tmp_path / "notify.sock")
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify.bind(sock_path)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path}
+    cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-format", "json"]
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(cmd, env=env, stderr=subprocess.PIPE)
+        proc = Proc(process, notify)
+        nursery.start_soon(proc.read_logs)
+        nursery.start_soon(proc.read_notify)
+        try:
+            yield proc
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            notify.close()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def simulator(tmp_path: Path, *fixtures: str) -> AsyncIterator[tuple[Simulator, int]]:
+    (tmp_path / "token").write_text(TEST_TOKEN)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=50.0, heartbeat_interval=1.0)
+    for fx in fixtures:
+        sim.add_fixture(fx)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        yield sim, port
+        nursery.cancel_scope.cancel()
+
+
+async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with simulator(tmp_path, A) as (sim, port):
+            config = tmp_path / "gateway.toml"
+            write_config(config, port, [A], drain=5.0)
+            async with gateway_process(tmp_path, config) as proc:
+                await proc.wait_for(lambda: "READY=1" in proc.notes)
+                # READY=1 came after both listeners were bound: both answer right now.
+                assert proc.stream and proc.http
+                status, body = await http_get(f"http://{proc.http}/readyz")
+                assert status == 200, body
+                closes: list[tuple[int | None, str | None]] = []
+                async with trio.open_nursery() as nursery:
+                    sockets = []
+                    for _ in range(50):
+                        ws = await trio_websocket.connect_websocket_url(
+                            nursery, f"ws://{proc.stream}/v1/stream"
+                        )
+                        await ws.send_message(
+                            orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": A}).decode()
+                        )
+                        sockets.append(ws)
+
+                    async def drain_until_closed(ws: trio_websocket.WebSocketConnection) -> None:
+                        try:
+                            while True:
+                                await ws.get_message()
+                        except trio_websocket.ConnectionClosed as exc:
+                            closes.append((exc.reason.code, exc.reason.reason))
+
+                    for ws in sockets:
+                        nursery.start_soon(drain_until_closed, ws)
+                    await trio.sleep(0.5)
+                    started = trio.current_time()
+                    proc.process.send_signal(signal.SIGTERM)
+                    code = await proc.process.wait()
+                    elapsed = trio.current_time() - started
+                assert code == 0, proc.raw_stderr[-20:]
+                # Generous: drain_timeout (5 s) plus interpreter exit on a loaded machine.
+                assert elapsed < 5.0 + 10.0
+                assert len(closes) == 50
+                assert all(c == (1001, "going away") for c in closes), set(closes)
+                await proc.wait_for(lambda: "STOPPING=1" in proc.notes)
+
+
+async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with simulator(tmp_path, A, B, C) as (sim, port):
+            config = tmp_path / "gateway.toml"
+            write_config(config, port, [A, B])
+            async with gateway_process(tmp_path, config) as proc:
+                await proc.wait_for(lambda: "READY=1" in proc.notes)
+                async with trio_websocket.open_websocket_url(f"ws://{proc.stream}/v1/stream") as ws:
+                    await ws.send_message(
+                        orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": A}).decode()
+                    )
+                    seqs: list[int] = []
+
+                    async def collect(n: int) -> None:
+                        target = len(seqs) + n
+                        while len(seqs) < target:
+                            msg = orjson.loads(await ws.get_message())
+                            if msg["type"] == "frame":
+                                seqs.append(msg["seq"])
+
+                    await collect(10)
+                    write_config(config, port, [A, C])
+                    proc.process.send_signal(signal.SIGHUP)
+                    await proc.wait_for(lambda: any(r["msg"].startswith("reloaded") for r in proc.logs))
+                    await collect(10)
+                    status, body = await http_get(f"http://{proc.http}/v1/fixtures")
+                    assert status == 200
+                    views = {v["fixture"]: v for v in orjson.loads(body)}
+                    assert set(views) == {A, C}
+                    assert views[A]["upstream"]["connects"] == 1
+                    assert views[A]["upstream"]["reconnects"] == 0
+
+                    config.write_text("[upstream]\nconnect_rate = 'fast'\n")
+                    proc.process.send_signal(signal.SIGHUP)
+                    await proc.wait_for(lambda: any("reload refused" in r["msg"] for r in proc.logs))
+                    refused = next(r["msg"] for r in proc.logs if "reload refused" in r["msg"])
+                    assert "$.upstream.connect_rate" in refused
+                    await collect(10)
+                    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+                    status, body = await http_get(f"http://{proc.http}/v1/fixtures")
+                    assert {v["fixture"] for v in orjson.loads(body)} == {A, C}
+                    assert proc.process.returncode is None
+                assert proc.notes.count("RELOADING=1") == 2
+                proc.process.send_signal(signal.SIGTERM)
+                assert await proc.process.wait() == 0
+                assert TEST_TOKEN not in "\n".join(proc.raw_stderr)
+
+
+async def test_demo_command_serves_frames(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        cmd = [sys.executable, "-m", "gateway", "demo", "--stream-port", "0", "--http-port", "0",
+               "--simulator-port", "0"]
+        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert process.stdout is not None
+            out = b""
+            async for chunk in process.stdout:
+                out += chunk
+                if b"HTTP API:" in out and out.endswith(b"\n\n"):
+                    break
+            text = out.decode()
+            stream = text.split("subscriber WebSocket:")[1].split()[0]
+            async with trio_websocket.open_websocket_url(stream) as ws:
+                fixture = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+                await ws.send_message(
+                    orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": fixture}).decode()
+                )
+                while True:
+                    msg = orjson.loads(await ws.get_message())
+                    if msg["type"] == "frame":
+                        assert msg["data"]["id"] == fixture
+                        break
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
