@@ -1,0 +1,87 @@
+"""Benchmark scenarios: the knobs of one run and the six named presets.
+
+A :class:`Scenario` is plain data; :mod:`gateway.bench._run` turns it into processes. Each preset
+carries the target it is checked against (see docs/performance.md); raw knobs given on the
+command line override the preset's values.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import attrs
+
+Fanout = Literal["all", "spread"]
+
+DEFAULT_DURATION: Final = 10.0
+DEFAULT_WARMUP: Final = 2.0
+DEFAULT_FRAME_BYTES: Final = 3000
+#: The gateway's ``backoff_initial`` in the generated config; target 4 adds 200 ms to it.
+BENCH_BACKOFF_INITIAL: Final = 0.5
+
+SCENARIO_NAMES: Final = ("saturated", "paced", "stuck", "drop", "idle", "ingest")
+
+
+@attrs.frozen
+class Scenario:
+    """One benchmark run.
+
+    ``rate`` is frames per second per fixture (0 = as fast as the upstream socket takes them).
+    ``fanout`` "all": every subscriber subscribes to every fixture; "spread": subscriber i takes
+    fixture i mod F (one subscription each). ``stuck`` subscribers subscribe and then never read;
+    ``idle`` subscribers connect and never subscribe. ``baseline`` runs the same scenario once
+    more without stuck subscribers, for comparison. ``drop`` closes the upstream connections
+    in the middle of the measured window and times the first fresh frame.
+    """
+
+    name: str = "custom"
+    subscribers: int = attrs.field(default=10, validator=attrs.validators.ge(0))
+    fixtures: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    rate: float = attrs.field(default=25.0, validator=attrs.validators.ge(0))
+    frame_bytes: int = attrs.field(default=DEFAULT_FRAME_BYTES, validator=attrs.validators.ge(200))
+    duration: float = attrs.field(default=DEFAULT_DURATION, validator=attrs.validators.gt(0))
+    warmup: float = attrs.field(default=DEFAULT_WARMUP, validator=attrs.validators.ge(0))
+    fanout: Fanout = "all"
+    stuck: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    idle: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    drop: bool = False
+    baseline: bool = False
+
+    @property
+    def offered_deliveries(self) -> float:
+        """Deliveries per second the feeder's rate implies (0 when the rate is unlimited)."""
+        if self.fanout == "spread":
+            return self.rate * self.subscribers
+        return self.rate * self.fixtures * self.subscribers
+
+
+PRESETS: Final[dict[str, Scenario]] = {
+    # Target 1: cost per delivery when the gateway is busy. The rate is high but finite so a
+    # Python load generator on the same 2-core box keeps up (an unlimited feeder makes the
+    # gateway outrun it and disconnect subscribers as slow).
+    "saturated": Scenario(
+        name="saturated", subscribers=100, fixtures=1, rate=400.0, frame_bytes=3000
+    ),
+    # Target 2: 20 fixtures x 25 Hz x 50 subscribers on every fixture = 25,000 deliveries/s.
+    "paced": Scenario(name="paced", subscribers=50, fixtures=20, rate=25.0, frame_bytes=3000),
+    # Target 3: one subscriber in ten stops reading; compared with the same run without them.
+    "stuck": Scenario(
+        name="stuck",
+        subscribers=50,
+        fixtures=20,
+        rate=25.0,
+        frame_bytes=3000,
+        stuck=5,
+        baseline=True,
+    ),
+    # Target 4: the feeder drops every upstream connection mid-run.
+    "drop": Scenario(
+        name="drop", subscribers=10, fixtures=1, rate=25.0, frame_bytes=3000, drop=True
+    ),
+    # Target 5: memory per connected subscriber that subscribed to nothing.
+    "idle": Scenario(name="idle", subscribers=0, fixtures=1, rate=1.0, frame_bytes=3000, idle=5000),
+    # Target 6: 200 fixtures x 25 Hz in, one subscriber each.
+    "ingest": Scenario(
+        name="ingest", subscribers=200, fixtures=200, rate=25.0, frame_bytes=3000, fanout="spread"
+    ),
+}
