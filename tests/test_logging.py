@@ -174,6 +174,15 @@ def test_rotated_token_is_covered_and_old_one_remembered() -> None:
     assert text.count("<redacted>") == 3
 
 
+def test_reconfiguring_keeps_redacting_known_secrets() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="text", level="info", stream=out, secrets=lambda: ["old-token-aaaa"])
+    log.info("warm-up")  # the redactor learns the token when a record is rendered
+    configure_logging(fmt="text", level="info", stream=out, secrets=lambda: ["new-token-bbbb"])
+    log.info("old-token-aaaa new-token-bbbb")
+    assert out.getvalue().splitlines()[-1].endswith("<redacted> <redacted>")
+
+
 def test_failing_secrets_source_keeps_logging_and_known_values() -> None:
     out = io.StringIO()
     fail = [False]

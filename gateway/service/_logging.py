@@ -176,6 +176,13 @@ class SecretRedactor:
         except Exception:
             # A token file mid-rotation or missing: keep redacting what we already know.
             return
+        self._learn(current)
+
+    def adopt(self, other: SecretRedactor) -> None:
+        """Keep redacting what *other* knew (used when logging is reconfigured on reload)."""
+        self._learn(reversed(other._known))
+
+    def _learn(self, current: Iterable[str]) -> None:
         known = list(self._known)
         for value in current:
             if len(value) < MIN_SECRET_LENGTH:
@@ -241,8 +248,10 @@ def configure_logging(
     """Send all logging to *stream* (default: ``sys.stderr`` at call time), one line per event.
 
     *level* is a name (``debug``, ``info``, ``warning``, ``error``, ``critical``; any case).
-    Calling again replaces the handler installed before (no duplicates); handlers installed by
-    others are left alone. Raises ValueError for an unknown *fmt* or *level*.
+    Calling again replaces the handler installed before (no duplicates) and keeps redacting the
+    secrets it knew; handlers installed by others are left alone. *secrets* is called for every
+    record, so it should be cheap (reading a small token file is). Captures ``warnings`` into
+    logging. Raises ValueError for an unknown *fmt* or *level*.
     """
     try:
         numeric = _LEVELS[level.lower()]
@@ -257,10 +266,13 @@ def configure_logging(
         formatter = TextFormatter()
     else:
         raise ValueError(f"unknown log format {fmt!r}; expected 'json' or 'text'")
-    handler = GatewayLogHandler(sys.stderr if stream is None else stream, SecretRedactor(secrets))
+    redactor = SecretRedactor(secrets)
+    handler = GatewayLogHandler(sys.stderr if stream is None else stream, redactor)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, GatewayLogHandler)]:
+        # A token rotated before this reconfiguration stays redacted after it.
+        redactor.adopt(old.redactor)
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
