@@ -46,6 +46,8 @@ class UpstreamCounters:
     gaps: int = 0
     out_of_order: int = 0
     malformed: int = 0
+    # Unexpected exceptions in this fixture's upstream task (each one restarts it with backoff).
+    crashes: int = 0
 
 
 @attrs.define

@@ -1,0 +1,68 @@
+"""The upstream side: one supervised connection per (feed, fixture) to the vendor's feeds.
+
+Everything public is re-exported here; the implementation lives in private one-concept modules.
+"""
+
+from gateway.upstream._backoff import Backoff
+from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
+from gateway.upstream._connect import (
+    DISCONNECT_TIMEOUT,
+    MESSAGE_QUEUE_SIZE,
+    Connector,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamRejected,
+    UpstreamUnavailable,
+    WebSocketConnector,
+    open_websocket_connector,
+)
+from gateway.upstream._limiter import ConnectLimiter
+from gateway.upstream._resume import (
+    ALL_FRAMES,
+    BACKFILL_MARGIN,
+    BACKFILL_SAFETY,
+    BACKFILL_WIDEN,
+    FALLBACK_RATE,
+    MAX_WIDENINGS,
+    FastpathResume,
+    TrackingResume,
+    Verdict,
+)
+from gateway.upstream._runner import FASTPATH_ACCEPT, FixtureRunner
+from gateway.upstream._state import FixtureState, FixtureStatus, FrameSink, UpstreamCounters
+from gateway.upstream._supervisor import FixtureHandle, Supervisor
+
+__all__ = [
+    "ALL_FRAMES",
+    "BACKFILL_MARGIN",
+    "BACKFILL_SAFETY",
+    "BACKFILL_WIDEN",
+    "DISCONNECT_TIMEOUT",
+    "FALLBACK_RATE",
+    "FASTPATH_ACCEPT",
+    "MAX_WIDENINGS",
+    "MESSAGE_QUEUE_SIZE",
+    "Backoff",
+    "ConnectLimiter",
+    "Connector",
+    "FastpathResume",
+    "FixtureHandle",
+    "FixtureRunner",
+    "FixtureState",
+    "FixtureStatus",
+    "FrameSink",
+    "Kind",
+    "Message",
+    "Supervisor",
+    "TrackingResume",
+    "UpstreamClosed",
+    "UpstreamConnection",
+    "UpstreamCounters",
+    "UpstreamRejected",
+    "UpstreamUnavailable",
+    "Verdict",
+    "WebSocketConnector",
+    "classify_fastpath",
+    "classify_tracking",
+    "open_websocket_connector",
+]

@@ -1,0 +1,359 @@
+"""One fixture's upstream: connect, authenticate, subscribe, relay, and reconnect forever.
+
+A :class:`FixtureRunner` owns one (feed, fixture) pair. Each attempt waits for the global connect
+limiter, re-reads the token, opens one connection and runs the receive loop until the connection
+ends; the outcome decides the next state and how long to wait. The runner never lets a
+connection error escape: a closed, refused or stalled upstream is an outcome, not an exception.
+Anything else (a bug, a sink that raises) propagates to :meth:`FixtureRunner.run_forever`, which
+logs it with its traceback, counts it in ``crashes`` and restarts the loop after a backoff delay.
+
+The token's value leaves its :class:`~gateway.config.Secret` only in the auth message handed to
+``send_message``. Status details, ``last_error`` and log lines are written from fixed texts,
+vendor texts, close codes and exception type names - never from an exception that could carry
+the auth message.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Final, NoReturn
+
+import attrs
+import orjson
+import trio
+
+from gateway.config import FeedConfig, FixtureConfig, SecretError, UpstreamSection
+from gateway.upstream._backoff import Backoff
+from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
+from gateway.upstream._connect import (
+    Connector,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from gateway.upstream._limiter import ConnectLimiter
+from gateway.upstream._resume import FastpathResume, TrackingResume, Verdict
+from gateway.upstream._state import FixtureState, FixtureStatus, FrameSink
+
+logger = logging.getLogger("gateway.upstream")
+
+FASTPATH_ACCEPT: Final = "application/vnd.imggaming.dde.api+json;version=1"
+# WebSocket close code 1008 (policy violation) is how the vendor ends a refused authentication.
+CLOSE_POLICY_VIOLATION: Final = 1008
+_UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
+_NOT_FOUND_STATUS: Final = 404
+
+
+class _End(enum.Enum):
+    RETRY = "retry"  # backoff, then reconnect
+    UNAUTHORIZED = "unauthorized"  # wait unauthorized_retry
+    NOT_FOUND = "not_found"  # wait not_found_retry
+    RESUBSCRIBE = "resubscribe"  # tracking backfill too small: reconnect at once, wider
+
+
+@attrs.frozen
+class _Outcome:
+    end: _End
+    detail: str
+    live_for: float = 0.0
+
+
+class FixtureRunner:
+    """The upstream loop of one fixture. State lives here across reconnects and restarts."""
+
+    def __init__(
+        self,
+        feed: FeedConfig,
+        fixture: FixtureConfig,
+        sink: FrameSink,
+        *,
+        limiter: ConnectLimiter,
+        upstream: Callable[[], UpstreamSection],
+        rng: random.Random,
+    ) -> None:
+        self.feed = feed  # replaced on config reload; read at every attempt
+        self.fixture = fixture
+        self.sink = sink
+        self.status = FixtureStatus(feed=feed.name, fixture=fixture.id)
+        self._limiter = limiter
+        self._upstream = upstream
+        up = upstream()
+        self._backoff = Backoff(up.backoff_initial, up.backoff_max, up.backoff_reset_after, rng=rng)
+        self._tracking = TrackingResume(fixture.backfill)
+        self._fastpath = FastpathResume()
+        self._connected_before = False
+        self._stopped = False
+        self._wake = trio.Event()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def _set_state(self, state: FixtureState, detail: str) -> None:
+        if self._stopped:
+            return
+        st = self.status
+        if st.state == state and st.detail == detail:
+            return
+        if st.state != state:
+            level = logging.WARNING if state in _WARN_STATES else logging.INFO
+            logger.log(
+                level,
+                "upstream %s/%s: %s -> %s%s",
+                st.feed,
+                st.fixture,
+                st.state,
+                state,
+                f" ({detail})" if detail else "",
+            )
+            st.state_since = time.time()
+        st.state = state
+        st.detail = detail
+        self.sink.set_status(state, detail)
+
+    def stop(self, detail: str) -> None:
+        """Mark the fixture stopped and tell the sink; the caller cancels the task.
+
+        Afterwards nothing is published and no state is set, even by a task that has not yet
+        noticed its cancellation. A sink that raises here is logged, not propagated.
+        """
+        if self._stopped:
+            return
+        try:
+            self._set_state(FixtureState.STOPPED, detail)
+        except Exception:
+            logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
+        self._stopped = True
+
+    def poke(self) -> None:
+        """End a wait for ``unauthorized_retry`` early (the token may have been rotated)."""
+        if self.status.state == FixtureState.UNAUTHORIZED:
+            self._wake.set()
+
+    def _key(self) -> tuple[str, str]:
+        return (self.status.feed, self.status.fixture)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run_forever(self, connect: Connector) -> NoReturn:
+        """Follow the fixture until cancelled. Cancellation closes the connection (bounded)."""
+        if not self._stopped:
+            self.sink.set_status(self.status.state, self.status.detail)
+        while True:
+            try:
+                await self._run(connect)
+            except Exception as exc:
+                # A bug or a failing sink: this fixture restarts, the others never notice.
+                logger.exception("upstream %s/%s: task crashed, restarting", *self._key())
+                self.status.counters.crashes += 1
+                self.status.last_error = f"internal error ({type(exc).__name__})"
+                delay = self._next_backoff()
+                try:
+                    self._set_state(FixtureState.BACKOFF, "restarting after an internal error")
+                except Exception:
+                    logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
+                await trio.sleep(delay)
+
+    async def _run(self, connect: Connector) -> NoReturn:
+        while True:
+            outcome = await self._attempt(connect)
+            if self._stopped:
+                await trio.sleep_forever()  # cancellation is on its way
+            up = self._upstream()
+            if outcome.end is not _End.RESUBSCRIBE:
+                self.status.last_error = outcome.detail
+            if outcome.end is _End.UNAUTHORIZED:
+                self._set_state(FixtureState.UNAUTHORIZED, outcome.detail)
+                delay = up.unauthorized_retry
+            elif outcome.end is _End.NOT_FOUND:
+                self._set_state(FixtureState.NOT_FOUND, outcome.detail)
+                delay = up.not_found_retry
+            elif outcome.end is _End.RESUBSCRIBE:
+                self._set_state(FixtureState.CONNECTING, outcome.detail)
+                delay = 0.0
+            else:
+                self._backoff.connection_ended(outcome.live_for)
+                delay = self._next_backoff()
+                self._set_state(FixtureState.BACKOFF, outcome.detail)
+            self._wake = trio.Event()
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+
+    def _next_backoff(self) -> float:
+        up = self._upstream()
+        self._backoff.configure(up.backoff_initial, up.backoff_max, up.backoff_reset_after)
+        return self._backoff.next_delay()
+
+    def _url(self) -> tuple[str, list[tuple[bytes, bytes]]]:
+        feed = self.feed
+        if feed.kind == "tracking":
+            return feed.url, []
+        url = feed.fixture_url(urllib.parse.quote(self.fixture.id, safe=""))
+        parts = urllib.parse.urlsplit(url)
+        query = [
+            (k, v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            if k != "startPosition"
+        ]
+        query.append(("startPosition", str(self._fastpath.start_position())))
+        url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        return url, [(b"Accept", FASTPATH_ACCEPT.encode())]
+
+    async def _attempt(self, connect: Connector) -> _Outcome:
+        self._set_state(FixtureState.CONNECTING, "")
+        up = self._upstream()
+        try:
+            token = up.read_token()
+        except SecretError as exc:
+            # SecretError names the token's source, never its value.
+            return _Outcome(_End.RETRY, f"token unavailable: {exc}")
+        await self._limiter.acquire()
+        url, headers = self._url()
+        try:
+            async with connect(url, headers=headers, connect_timeout=up.handshake_timeout) as conn:
+                self.status.counters.connects += 1
+                if self._connected_before:
+                    self.status.counters.reconnects += 1
+                self._connected_before = True
+                auth = orjson.dumps({"authToken": token.reveal()}).decode()
+                return await self._session(conn, auth, up)
+        except UpstreamRejected as exc:
+            if exc.status in _UNAUTHORIZED_STATUSES:
+                return _Outcome(_End.UNAUTHORIZED, f"handshake refused: HTTP {exc.status}")
+            if exc.status == _NOT_FOUND_STATUS:
+                return _Outcome(_End.NOT_FOUND, "handshake refused: HTTP 404")
+            return _Outcome(_End.RETRY, f"handshake refused: HTTP {exc.status}")
+        except UpstreamUnavailable as exc:
+            return _Outcome(_End.RETRY, str(exc))
+
+    async def _session(self, conn: UpstreamConnection, auth: str, up: UpstreamSection) -> _Outcome:
+        """Authenticate, subscribe and relay until the connection ends; return why it ended."""
+        tracking = self.feed.kind == "tracking"
+        classify = classify_tracking if tracking else classify_fastpath
+        counters = self.status.counters
+        subscribed = not tracking  # fastpath: the URL is the subscription
+        live_since: float | None = None
+
+        def live_for() -> float:
+            return 0.0 if live_since is None else trio.current_time() - live_since
+
+        with trio.CancelScope() as watchdog:
+            # Until the vendor accepts the token, the handshake timeout applies; afterwards any
+            # message (data or heartbeat) proves the upstream alive for another stall_timeout.
+            watchdog.deadline = trio.current_time() + (
+                up.stall_timeout if subscribed else up.handshake_timeout
+            )
+            try:
+                await conn.send_message(auth)
+                while True:
+                    raw = await conn.get_message()
+                    now = trio.current_time()
+                    if subscribed:
+                        watchdog.deadline = now + up.stall_timeout
+                    self.status.last_message_at = time.time()
+                    if isinstance(raw, bytes):
+                        try:
+                            raw = raw.decode("utf-8")
+                        except UnicodeDecodeError:
+                            counters.malformed += 1
+                            continue
+                    msg = classify(raw)
+                    kind = msg.kind
+                    if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
+                        if not subscribed:
+                            counters.malformed += 1  # data before acceptance: not ours
+                            continue
+                        end = self._data(raw, msg, tracking, now)
+                        if end is not None:
+                            return end
+                        if live_since is None:
+                            live_since = now
+                            self._set_state(FixtureState.LIVE, "")
+                    elif kind is Kind.HEARTBEAT:
+                        counters.heartbeats += 1
+                        if subscribed and live_since is None:
+                            live_since = now
+                            self._set_state(FixtureState.LIVE, "")
+                    elif kind is Kind.ACCEPTED:
+                        if not subscribed:
+                            backfill = self._tracking.backfill(now)
+                            await conn.send_message(
+                                orjson.dumps(
+                                    {"fixtureId": self.fixture.id, "backfill": backfill}
+                                ).decode()
+                            )
+                            subscribed = True
+                            watchdog.deadline = now + up.stall_timeout
+                    elif kind is Kind.NOT_FOUND:
+                        return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
+                    elif kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not subscribed):
+                        return _Outcome(_End.UNAUTHORIZED, _vendor("authentication refused", msg))
+                    elif kind is Kind.ERROR:
+                        self.status.last_error = _vendor("upstream error", msg)
+                        logger.warning("upstream %s/%s: %s", *self._key(), self.status.last_error)
+                    elif kind is Kind.INFO:
+                        logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
+                    else:
+                        counters.malformed += 1
+            except UpstreamClosed as exc:
+                code = "no close code" if exc.code is None else f"code {exc.code}"
+                if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
+                    return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
+                return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
+        if not subscribed:
+            return _Outcome(_End.RETRY, f"no authorisation reply within {up.handshake_timeout} s")
+        return _Outcome(_End.RETRY, f"stalled: no message for {up.stall_timeout} s", live_for())
+
+    def _data(self, raw: str, msg: Message, tracking: bool, now: float) -> _Outcome | None:
+        """Deliver (or drop) one data message; an outcome means: end this connection."""
+        counters = self.status.counters
+        if msg.kind is Kind.UNSEQUENCED:
+            self._publish(raw)
+            return None
+        assert msg.seq is not None
+        if tracking:
+            verdict = self._tracking.check(msg.seq)
+            if verdict is Verdict.DUPLICATE:
+                counters.duplicates_dropped += 1
+                return None
+            if verdict is Verdict.TOO_SMALL:
+                return _Outcome(
+                    _End.RESUBSCRIBE,
+                    f"backfill did not reach ix {self._tracking.last_ix}; asking for more",
+                )
+            if verdict is Verdict.GAP:
+                counters.gaps += 1
+            self._publish(raw)
+            self._tracking.delivered(msg.seq, now)
+            return None
+        verdict = self._fastpath.check(msg.seq)
+        if verdict is Verdict.GAP:
+            counters.gaps += 1
+        elif verdict is Verdict.OUT_OF_ORDER:
+            counters.out_of_order += 1
+        self._publish(raw)
+        self._fastpath.delivered(msg.seq)
+        return None
+
+    def _publish(self, raw: str) -> None:
+        if self._stopped:
+            return
+        self.sink.publish(raw)
+        self.status.counters.frames += 1
+
+
+_WARN_STATES: Final = frozenset(
+    {FixtureState.BACKOFF, FixtureState.UNAUTHORIZED, FixtureState.NOT_FOUND}
+)
+
+
+def _vendor(prefix: str, msg: Message) -> str:
+    return f"{prefix}: {msg.text}" if msg.text else prefix

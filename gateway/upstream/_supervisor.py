@@ -1,0 +1,183 @@
+"""The supervisor: one task per followed (feed, fixture), all in one nursery.
+
+Each fixture's :class:`~gateway.upstream._runner.FixtureRunner` runs in its own task inside the
+supervisor's nursery, under its own cancel scope (so :meth:`Supervisor.remove` stops exactly that
+one). Runners never raise: connection failures are outcomes and unexpected exceptions are logged,
+counted and followed by a restart inside the runner, so one fixture cannot take down another or
+the supervisor. All runners share one :class:`~gateway.upstream._limiter.ConnectLimiter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import attrs
+import trio
+
+from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
+from gateway.upstream._connect import Connector, open_websocket_connector
+from gateway.upstream._limiter import ConnectLimiter
+from gateway.upstream._runner import FixtureRunner
+from gateway.upstream._state import FixtureStatus, FrameSink
+
+logger = logging.getLogger("gateway.upstream")
+
+
+@attrs.frozen
+class FixtureHandle:
+    """A followed fixture as others see it. ``status`` is live (updated in place)."""
+
+    config: FixtureConfig
+    feed: FeedConfig
+    status: FixtureStatus
+
+
+@attrs.define
+class _Entry:
+    runner: FixtureRunner
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+
+class Supervisor:
+    """Follows fixtures upstream and feeds each one's frames to its sink.
+
+    ``sink_for`` is called once per added fixture (from :meth:`add`, synchronously) and its
+    errors propagate to the caller of :meth:`add` (or of the constructor, for configured
+    fixtures). ``connect`` replaces the trio-websocket connector (tests); ``rng`` seeds the
+    backoff jitter of every fixture.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        sink_for: Callable[[FeedConfig, FixtureConfig], FrameSink],
+        *,
+        connect: Connector | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._sink_for = sink_for
+        self._connect = connect
+        self._rng = rng if rng is not None else random.Random()
+        self._limiter = ConnectLimiter(config.upstream.connect_rate)
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._pending: list[_Entry] = []
+        self._nursery: trio.Nursery | None = None
+        self._active_connect: Connector | None = None
+        for fixture in config.fixtures:
+            self.add(fixture)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def limiter(self) -> ConnectLimiter:
+        return self._limiter
+
+    def _upstream(self) -> UpstreamSection:
+        return self._config.upstream
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow every added fixture until cancelled.
+
+        Reports started once every fixture task is spawned (not connected). On cancellation
+        each upstream connection is closed with a close handshake bounded by the connector's
+        disconnect timeout, all in parallel, and every fixture's status becomes ``stopped``.
+        """
+        if self._nursery is not None:
+            raise RuntimeError("Supervisor.run is already running")
+        async with AsyncExitStack() as stack:
+            connect = self._connect
+            if connect is None:
+                connect = await stack.enter_async_context(open_websocket_connector())
+            self._active_connect = connect
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    pending, self._pending = self._pending, []
+                    for entry in pending:
+                        nursery.start_soon(self._follow, entry)
+                    task_status.started()
+            finally:
+                self._nursery = None
+                self._active_connect = None
+
+    async def _follow(self, entry: _Entry) -> None:
+        assert self._active_connect is not None
+        runner = entry.runner
+        try:
+            with entry.scope:
+                await runner.run_forever(self._active_connect)
+        finally:
+            runner.stop("supervisor stopped")
+
+    def add(self, fixture: FixtureConfig) -> bool:
+        """Start following ``fixture``; False if it is already followed.
+
+        Raises KeyError when its feed is not configured. Safe before :meth:`run` (the fixture
+        starts with it) and from any trio task.
+        """
+        key = fixture.key
+        if key in self._entries:
+            return False
+        try:
+            feed = self._config.feeds[fixture.feed]
+        except KeyError:
+            raise KeyError(f"unknown feed {fixture.feed!r}") from None
+        runner = FixtureRunner(
+            feed,
+            fixture,
+            self._sink_for(feed, fixture),
+            limiter=self._limiter,
+            upstream=self._upstream,
+            rng=random.Random(self._rng.getrandbits(64)),
+        )
+        entry = _Entry(runner)
+        self._entries[key] = entry
+        if self._nursery is not None:
+            self._nursery.start_soon(self._follow, entry)
+        else:
+            self._pending.append(entry)
+        logger.info("upstream %s/%s: following (%s)", feed.name, fixture.id, feed.kind)
+        return True
+
+    def remove(self, feed: str, fixture_id: str) -> bool:
+        """Stop following; False if not followed. Its status becomes stopped and the sink is
+        told now; its connection closes in the background (bounded)."""
+        entry = self._entries.pop((feed, fixture_id), None)
+        if entry is None:
+            return False
+        if entry in self._pending:
+            self._pending.remove(entry)
+        entry.runner.stop("removed")
+        entry.scope.cancel()
+        return True
+
+    def get(self, feed: str, fixture_id: str) -> FixtureHandle | None:
+        entry = self._entries.get((feed, fixture_id))
+        return None if entry is None else _handle(entry)
+
+    def handles(self) -> list[FixtureHandle]:
+        return [_handle(entry) for entry in self._entries.values()]
+
+    def update_config(self, config: Config) -> None:
+        """Use ``config`` from the next attempt on: upstream parameters, token source, feed
+        URLs, connect rate. Fixtures waiting after a refused token retry at once (the reload
+        may carry a new token). Fixtures are not added or removed here."""
+        self._config = config
+        self._limiter.set_rate(config.upstream.connect_rate)
+        for entry in self._entries.values():
+            runner = entry.runner
+            feed = config.feeds.get(runner.feed.name)
+            if feed is not None:
+                runner.feed = feed
+            runner.poke()
+
+
+def _handle(entry: _Entry) -> FixtureHandle:
+    r = entry.runner
+    return FixtureHandle(config=r.fixture, feed=r.feed, status=r.status)
