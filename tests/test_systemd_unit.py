@@ -103,6 +103,7 @@ REQUIRED = [
     ("ProtectHostname", "yes"),
     ("UMask", "0077"),
     ("LimitNOFILE", "65536"),
+    ("Environment", "PYTHONFAULTHANDLER=1"),
 ]
 
 
