@@ -1,0 +1,641 @@
+"""The HTTP control plane over real HTTP on 127.0.0.1 port 0, driven by ``MemoryTarget``.
+
+Covers every route and status code, strict body validation, bearer-token rules, the Prometheus
+output (parsed back with prometheus_client's parser), the rate sampler (explicit times, and
+MockClock without sockets), startup errors and shutdown. The HTTP client is h11 over a trio
+socket (no threads). Every response any test receives is scanned for the upstream token
+(``TEST_TOKEN``, which the config's token file holds): it must never appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h11
+import orjson
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import Config, ListenAddress, SecretError, structure_config
+from gateway.controlplane import (
+    FIXTURE_ID_PATTERN,
+    MAX_BODY_BYTES,
+    MemoryTarget,
+    RateSampler,
+    SubscriberView,
+    Totals,
+    run,
+)
+from gateway.upstream._state import FixtureState
+from tests.conftest import TEST_TOKEN
+
+TIMEOUT = 30  # generous: loaded 2-core CI machines
+ADMIN_TOKENS = ("admin-token-1", "admin-token-2")
+READ_TOKEN = "read-token-1"
+FIXTURE_KEYS = {
+    "feed",
+    "fixture",
+    "state",
+    "state_since",
+    "detail",
+    "seq",
+    "epoch",
+    "subscribers",
+    "frames_per_second",
+    "upstream",
+}
+UPSTREAM_KEYS = {
+    "connects",
+    "reconnects",
+    "frames",
+    "heartbeats",
+    "duplicates_dropped",
+    "gaps",
+    "out_of_order",
+    "malformed",
+    "last_error",
+    "last_message_at",
+}
+
+
+def make_config(tmp_path: Path, *, admin: bool = False, read: bool = False) -> Config:
+    token = tmp_path / "upstream-token"
+    token.write_text(TEST_TOKEN + "\n")
+    api: dict[str, str] = {}
+    if admin:
+        (tmp_path / "admin-tokens").write_text("# admins\n" + "\n".join(ADMIN_TOKENS) + "\n")
+        api["admin_tokens_file"] = str(tmp_path / "admin-tokens")
+    if read:
+        (tmp_path / "read-tokens").write_text(READ_TOKEN + "\n")
+        api["read_tokens_file"] = str(tmp_path / "read-tokens")
+    return structure_config(
+        {
+            "upstream": {"token_file": str(token)},
+            "gateway": {"http_listen": "127.0.0.1:0", "stream_listen": "127.0.0.1:0"},
+            "feeds": {
+                "soccer": {"kind": "tracking", "url": "wss://up.example/ws/soccer/tracking"},
+                "hoops": {
+                    "kind": "fastpath",
+                    "url": "wss://up.example/basketball/fixtures/{fixture}/actions",
+                },
+            },
+            "fixtures": [{"feed": "soccer", "id": "123", "backfill": 5}],
+            "api": api,
+        }
+    )
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@attrs.define
+class Client:
+    """A minimal HTTP/1.1 client: one connection per request, every reply kept for scanning."""
+
+    address: ListenAddress
+    replies: list[Reply] = attrs.field(factory=list)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        token: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> Reply:
+        conn = h11.Connection(h11.CLIENT)
+        all_headers = [
+            ("host", str(self.address)),
+            ("connection", "close"),
+            ("content-length", str(len(body))),
+            *headers,
+        ]
+        if token is not None:
+            all_headers.append(("authorization", f"Bearer {token}"))
+        out = conn.send(h11.Request(method=method, target=path, headers=all_headers)) or b""
+        if body:
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+        async with stream:
+            await stream.send_all(out)
+            status = 0
+            got: dict[str, str] = {}
+            chunks: list[bytes] = []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    got = {k.decode().lower(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise AssertionError(f"unexpected h11 event {event!r}")
+        reply = Reply(status, got, b"".join(chunks))
+        self.replies.append(reply)
+        return reply
+
+    async def get(self, path: str, **kw: Any) -> Reply:
+        return await self.request("GET", path, **kw)
+
+
+def assert_no_token_leak(replies: list[Reply]) -> None:
+    secret = TEST_TOKEN.encode()
+    for reply in replies:
+        assert secret not in reply.body
+        assert TEST_TOKEN not in repr(reply.headers)
+
+
+@asynccontextmanager
+async def serving(
+    config: Config, target: MemoryTarget | None = None
+) -> AsyncIterator[tuple[Client, MemoryTarget]]:
+    """Run the control plane on port 0; on exit cancel it and scan every reply for the token."""
+    target = target or MemoryTarget(config, version="9.9.9")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address: ListenAddress = await nursery.start(run, config, target)
+            client = Client(address)
+            yield client, target
+            nursery.cancel_scope.cancel()
+    assert client.replies, "the test made no request"
+    assert_no_token_leak(client.replies)
+
+
+def test_leak_scan_detects_the_token() -> None:
+    # The scan guards every test below; make sure it is not vacuous.
+    with pytest.raises(AssertionError):
+        assert_no_token_leak([Reply(200, {}, b'{"last_error": "' + TEST_TOKEN.encode() + b'"}')])
+    with pytest.raises(AssertionError):
+        assert_no_token_leak([Reply(401, {"www-authenticate": TEST_TOKEN}, b"")])
+
+
+def assert_error(reply: Reply, status: int, contains: str = "") -> None:
+    assert reply.status == status, reply
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert set(body) == {"error"}
+    assert contains in body["error"]
+
+
+# --- health, readiness, status ----------------------------------------------------------------
+
+
+async def test_healthz_and_readyz_states(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, admin=True, read=True)) as (client, target):
+        # Open even with both token lists configured: probes carry no token.
+        reply = await client.get("/healthz")
+        assert (reply.status, reply.json()) == (200, {"status": "ok"})
+        reply = await client.get("/readyz")
+        assert (reply.status, reply.json()) == (200, {"status": "ready"})
+
+        target.ready = False
+        reply = await client.get("/readyz")
+        assert (reply.status, reply.json()) == (503, {"status": "starting"})
+
+        target.ready = True
+        target.draining = True
+        reply = await client.get("/readyz")
+        assert (reply.status, reply.json()) == (503, {"status": "draining"})
+        # Draining does not make the process unhealthy.
+        assert (await client.get("/healthz")).status == 200
+
+
+async def test_status_counts_every_state(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        target.follow("soccer", "200", 0)
+        target.follow("hoops", "abc-1", 0)
+        target.set_state("soccer", "123", FixtureState.LIVE)
+        target.set_state("soccer", "200", FixtureState.LIVE)
+        target.set_state("hoops", "abc-1", FixtureState.BACKOFF, "retry in 2s")
+        target.publish("soccer", "123", '{"ix":1}', deliveries=4)
+        target.count_slow(drops=3, slow_disconnects=1)
+        target.add_subscriber(
+            SubscriberView("s1", "127.0.0.1:5000", "/v1/stream", ("soccer/123",), 0, 1, 0, 1.0)
+        )
+
+        reply = await client.get("/v1/status")
+        assert reply.status == 200
+        status = reply.json()
+        assert status["version"] == "9.9.9"
+        assert status["started_at"] == target.started_at
+        assert status["uptime_s"] >= 0
+        assert status["ready"] is True
+        assert status["draining"] is False
+        assert status["feeds"] == ["hoops", "soccer"]
+        assert status["fixtures"] == {
+            "connecting": 0,
+            "live": 2,
+            "backoff": 1,
+            "unauthorized": 0,
+            "not_found": 0,
+            "stopped": 0,
+        }
+        assert status["fixtures_total"] == 3
+        assert status["subscribers"] == 1
+        assert (status["frames_in"], status["frames_out"]) == (1, 4)
+        assert (status["drops"], status["slow_disconnects"]) == (3, 1)
+        # Real time passes unpredictably here; the exact rates are tested with explicit times.
+        assert status["frames_in_per_second"] >= 0
+        assert status["frames_out_per_second"] >= 0
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+async def test_fixture_list_and_one(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        target.follow("hoops", "f-9", 0)
+        target.publish("soccer", "123", '{"ix":7}')
+        target.count_upstream("soccer", "123", gaps=2, malformed=1)
+        target.set_state("soccer", "123", FixtureState.LIVE, "ok", last_error="closed 1006")
+        target.set_fixture_load("soccer", "123", subscribers=3, frames_per_second=25.0)
+
+        listing = (await client.get("/v1/fixtures")).json()
+        assert [(f["feed"], f["fixture"]) for f in listing] == [("hoops", "f-9"), ("soccer", "123")]
+        for item in listing:
+            assert set(item) == FIXTURE_KEYS
+            assert set(item["upstream"]) == UPSTREAM_KEYS
+
+        reply = await client.get("/v1/fixtures/soccer/123")
+        assert reply.status == 200
+        one = reply.json()
+        assert one == listing[1]
+        assert (one["state"], one["detail"], one["seq"]) == ("live", "ok", 1)
+        assert (one["subscribers"], one["frames_per_second"]) == (3, 25.0)
+        assert one["upstream"]["frames"] == 1
+        assert one["upstream"]["gaps"] == 2
+        assert one["upstream"]["malformed"] == 1
+        assert one["upstream"]["last_error"] == "closed 1006"
+        assert isinstance(one["epoch"], str)
+
+        assert_error(await client.get("/v1/fixtures/nofeed/123"), 404, "unknown feed")
+        assert_error(await client.get("/v1/fixtures/soccer/999"), 404, "not followed")
+
+
+async def test_follow_and_unfollow(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        reply = await client.request("PUT", "/v1/fixtures/soccer/77", body=b'{"backfill": 25}')
+        assert reply.status == 201
+        assert reply.json()["fixture"] == "77"
+        assert set(reply.json()) == FIXTURE_KEYS
+        assert target.backfill_of("soccer", "77") == 25
+
+        # Already followed: 200, and the original backfill stays.
+        reply = await client.request("PUT", "/v1/fixtures/soccer/77", body=b'{"backfill": 1}')
+        assert reply.status == 200
+        assert target.backfill_of("soccer", "77") == 25
+
+        # No body, and an empty object: the default backfill (live only).
+        assert (await client.request("PUT", "/v1/fixtures/soccer/78")).status == 201
+        assert target.backfill_of("soccer", "78") == 0
+        assert (await client.request("PUT", "/v1/fixtures/hoops/u-1", body=b"{}")).status == 201
+        assert target.backfill_of("hoops", "u-1") == 0
+        body = b'{"backfill": -1}'
+        assert (await client.request("PUT", "/v1/fixtures/hoops/u-2", body=body)).status == 201
+        assert target.backfill_of("hoops", "u-2") == -1
+
+        reply = await client.request("DELETE", "/v1/fixtures/soccer/77")
+        assert (reply.status, reply.body) == (204, b"")
+        assert target.fixture_view("soccer", "77") is None
+        assert_error(await client.request("DELETE", "/v1/fixtures/soccer/77"), 404, "not followed")
+        assert_error(await client.request("DELETE", "/v1/fixtures/nofeed/77"), 404, "unknown feed")
+        assert_error(await client.request("PUT", "/v1/fixtures/nofeed/77"), 404, "unknown feed")
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"backfill": "5"}', "$.backfill"),
+        (b'{"backfill": true}', "$.backfill"),
+        (b'{"backfill": 1.5}', "$.backfill"),
+        (b'{"backfill": null}', "$.backfill"),
+        (b'{"backfill": -2}', "$.backfill"),
+        (b'{"backfill": 1, "replay": true}', "$.replay"),
+        (b"[1]", "$:"),
+        (b'"x"', "$:"),
+        (b"{not json", "$:"),
+        # orjson reads an integer beyond 64 bits as a float: still refused, with the path.
+        (b'{"backfill": 99999999999999999999999}', "$.backfill"),
+    ],
+)
+async def test_follow_rejects_bad_body(tmp_path: Path, body: bytes, path: str) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        reply = await client.request("PUT", "/v1/fixtures/soccer/55", body=body)
+        assert_error(reply, 400, path)
+        assert target.fixture_view("soccer", "55") is None
+
+
+async def test_follow_rejects_bad_fixture_id_and_large_body(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        for bad in ("-starts-with-dash", "has%20space", "x" * 129, "semi;colon"):
+            reply = await client.request("PUT", f"/v1/fixtures/soccer/{bad}")
+            assert_error(reply, 400, "path.fixture")
+        assert FIXTURE_ID_PATTERN in reply.json()["error"]
+
+        big = b'{"backfill": 1' + b" " * MAX_BODY_BYTES + b"}"
+        assert_error(await client.request("PUT", "/v1/fixtures/soccer/56", body=big), 413)
+        assert target.fixture_view("soccer", "56") is None
+
+
+async def test_latest_is_verbatim(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        assert_error(await client.get("/v1/fixtures/soccer/123/latest"), 404, "no frame yet")
+        assert_error(await client.get("/v1/fixtures/nofeed/123/latest"), 404, "unknown feed")
+        # Spacing, key order and "1.10" must survive: the gateway forwards, never re-encodes.
+        raw = '{"ix": 3,  "mt": 1.10, "pn": [-19.08, 1e2]}'
+        target.publish("soccer", "123", '{"ix": 2}')
+        target.publish("soccer", "123", raw)
+        reply = await client.get("/v1/fixtures/soccer/123/latest")
+        assert reply.status == 200
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.body == raw.encode()
+
+
+async def test_subscribers(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        assert (await client.get("/v1/subscribers")).json() == []
+        target.add_subscriber(
+            SubscriberView("b", "10.0.0.2:4000", "/ws/soccer/tracking", ("soccer/1",), 7, 9, 2, 5.5)
+        )
+        target.add_subscriber(
+            SubscriberView(
+                "a", "10.0.0.1:4000", "/v1/stream", ("soccer/1", "hoops/x"), 0, 1, 0, 4.0
+            )
+        )
+        reply = await client.get("/v1/subscribers")
+        assert reply.status == 200
+        assert reply.json() == [
+            {
+                "id": "a",
+                "peer": "10.0.0.1:4000",
+                "endpoint": "/v1/stream",
+                "subscriptions": ["soccer/1", "hoops/x"],
+                "queued_bytes": 0,
+                "frames_sent": 1,
+                "frames_dropped": 0,
+                "connected_at": 4.0,
+            },
+            {
+                "id": "b",
+                "peer": "10.0.0.2:4000",
+                "endpoint": "/ws/soccer/tracking",
+                "subscriptions": ["soccer/1"],
+                "queued_bytes": 7,
+                "frames_sent": 9,
+                "frames_dropped": 2,
+                "connected_at": 5.5,
+            },
+        ]
+
+
+async def test_unknown_route_and_wrong_method_are_json(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, _):
+        assert_error(await client.get("/nope"), 404)
+        assert_error(await client.get("/v1/fixtures/soccer"), 404)
+        reply = await client.request("POST", "/v1/fixtures/soccer/1")
+        assert_error(reply, 405)
+        assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
+        assert_error(await client.request("DELETE", "/healthz"), 405)
+        assert_error(await client.request("PUT", "/v1/status"), 405)
+
+
+async def test_facade_error_is_a_json_500_and_the_server_survives(tmp_path: Path) -> None:
+    class Broken(MemoryTarget):
+        def subscriber_views(self) -> list[SubscriberView]:
+            raise RuntimeError("facade bug")
+
+    config = make_config(tmp_path)
+    async with serving(config, Broken(config)) as (client, _):
+        assert_error(await client.get("/v1/subscribers"), 500, "internal error")
+        assert (await client.get("/healthz")).status == 200
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_parse_back(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, target):
+        target.follow("hoops", "g1", 0)
+        for i in range(3):
+            target.publish("soccer", "123", f'{{"ix":{i}}}', deliveries=2)
+        target.publish("hoops", "g1", '{"fixtureSeqNum":1}', deliveries=1)
+        target.count_upstream("soccer", "123", reconnects=2, gaps=1, duplicates_dropped=4)
+        target.count_upstream("hoops", "g1", malformed=5)
+        target.count_slow(drops=6, slow_disconnects=2)
+        target.set_state("hoops", "g1", FixtureState.LIVE)
+        target.add_subscriber(SubscriberView("s", "p", "/v1/stream", (), 0, 0, 0, 0.0))
+        for seconds in (0.0003, 0.0007, 0.002, 7.0):
+            target.fanout_latency.observe(seconds)
+
+        reply = await client.get("/metrics")
+        assert reply.status == 200
+        assert reply.headers["content-type"].startswith("text/plain")
+        got = samples(reply.body.decode())
+
+        assert got[("dde_frames_received_total", (("feed", "soccer"),))] == 3
+        assert got[("dde_frames_received_total", (("feed", "hoops"),))] == 1
+        assert got[("dde_upstream_reconnects_total", (("feed", "soccer"),))] == 2
+        assert got[("dde_upstream_gaps_total", (("feed", "soccer"),))] == 1
+        assert got[("dde_duplicates_dropped_total", (("feed", "soccer"),))] == 4
+        assert got[("dde_malformed_total", (("feed", "hoops"),))] == 5
+        assert got[("dde_malformed_total", (("feed", "soccer"),))] == 0
+        assert got[("dde_frames_sent_total", ())] == 7
+        assert got[("dde_subscriber_drops_total", ())] == 6
+        assert got[("dde_slow_disconnects_total", ())] == 2
+        assert got[("dde_subscribers", ())] == 1
+        assert got[("dde_fixtures", (("feed", "hoops"), ("state", "live")))] == 1
+        assert got[("dde_fixtures", (("feed", "soccer"), ("state", "connecting")))] == 1
+        # Every (feed, state) pair is present, zeros included, so dashboards see no holes.
+        assert sum(1 for name, _ in got if name == "dde_fixtures") == 2 * len(FixtureState)
+        bucket = "dde_fanout_latency_seconds_bucket"
+        assert got[(bucket, (("le", "0.0005"),))] == 1
+        assert got[(bucket, (("le", "0.001"),))] == 2
+        assert got[(bucket, (("le", "0.0025"),))] == 3
+        assert got[(bucket, (("le", "0.25"),))] == 3
+        assert got[(bucket, (("le", "+Inf"),))] == 4
+        assert got[("dde_fanout_latency_seconds_count", ())] == 4
+        assert got[("dde_fanout_latency_seconds_sum", ())] == pytest.approx(7.003)
+        # Only feed, state and le labels: fixture ids and subscribers would be unbounded.
+        assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "le"}
+
+        # An unfollowed fixture's frames stay counted: counters never go down.
+        target.unfollow("soccer", "123")
+        got = samples((await client.get("/metrics")).body.decode())
+        assert got[("dde_frames_received_total", (("feed", "soccer"),))] == 3
+
+        # OpenMetrics when the scraper asks for it.
+        reply = await client.get(
+            "/metrics", headers=[("accept", "application/openmetrics-text; version=1.0.0")]
+        )
+        assert reply.headers["content-type"].startswith("application/openmetrics-text")
+        assert reply.body.endswith(b"# EOF\n")
+
+
+# --- security -----------------------------------------------------------------------------------
+
+
+async def test_admin_tokens_guard_writes(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, admin=True)) as (client, target):
+        for method in ("PUT", "DELETE"):
+            reply = await client.request(method, "/v1/fixtures/soccer/123")
+            assert_error(reply, 401, "missing bearer token")
+            assert reply.headers["www-authenticate"].startswith("Bearer")
+            reply = await client.request(method, "/v1/fixtures/soccer/123", token="wrong")
+            assert_error(reply, 401, "invalid bearer token")
+            assert "invalid_token" in reply.headers["www-authenticate"]
+        # Not Bearer: a Basic header is no token at all.
+        reply = await client.request(
+            "PUT", "/v1/fixtures/soccer/9", headers=[("authorization", f"Basic {ADMIN_TOKENS[0]}")]
+        )
+        assert_error(reply, 401)
+        assert target.fixture_view("soccer", "9") is None
+        # Reads stay open without read tokens.
+        assert (await client.get("/v1/fixtures")).status == 200
+
+        # Every admin token of the file works (a comment line is not a token).
+        reply = await client.request("PUT", "/v1/fixtures/soccer/9", token=ADMIN_TOKENS[1])
+        assert reply.status == 201
+        reply = await client.request("DELETE", "/v1/fixtures/soccer/9", token=ADMIN_TOKENS[0])
+        assert reply.status == 204
+        reply = await client.request("PUT", "/v1/fixtures/soccer/9", token="# admins")
+        assert reply.status == 401
+        # The presented token is never echoed back.
+        assert all(b"wrong" not in r.body for r in client.replies)
+
+
+async def test_read_tokens_guard_reads(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, admin=True, read=True)) as (client, _):
+        paths = (
+            "/v1/status",
+            "/v1/fixtures",
+            "/v1/fixtures/soccer/123",
+            "/v1/subscribers",
+            "/metrics",
+            "/no-such-route",  # refused before routing: unauthenticated callers learn nothing
+        )
+        for path in paths:
+            reply = await client.get(path)
+            assert_error(reply, 401)
+            assert reply.headers["www-authenticate"].startswith("Bearer")
+            assert (await client.get(path, token="nope")).status == 401
+        for path in paths[:-1]:
+            assert (await client.get(path, token=READ_TOKEN)).status == 200
+            assert (await client.get(path, token=ADMIN_TOKENS[0])).status == 200
+        assert (await client.get(paths[-1], token=READ_TOKEN)).status == 404
+
+        # A read token cannot write: 403 insufficient_scope.
+        reply = await client.request("PUT", "/v1/fixtures/soccer/5", token=READ_TOKEN)
+        assert_error(reply, 403)
+        assert "insufficient_scope" in reply.headers["www-authenticate"]
+        reply = await client.request("PUT", "/v1/fixtures/soccer/5", token=ADMIN_TOKENS[0])
+        assert reply.status == 201
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_missing_api_token_file_fails_at_startup(tmp_path: Path) -> None:
+    config = make_config(tmp_path, admin=True)
+    (tmp_path / "admin-tokens").unlink()
+    with trio.fail_after(TIMEOUT), pytest.raises(SecretError, match="admin-tokens"):
+        await run(config, MemoryTarget(config))
+
+
+async def test_shutdown_event_stops_the_server(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    shutdown = trio.Event()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(
+                lambda task_status: run(
+                    config, MemoryTarget(config), shutdown=shutdown, task_status=task_status
+                )
+            )
+            client = Client(address)
+            assert (await client.get("/healthz")).status == 200
+            shutdown.set()
+        # The nursery exited, so run() returned by itself; the port no longer answers.
+        with pytest.raises(OSError):
+            await client.get("/healthz")
+
+
+# --- rate sampler (no sockets) ------------------------------------------------------------------
+
+
+def test_rates_over_the_window() -> None:
+    sampler = RateSampler(window=10.0, min_span=1.0)
+    assert sampler.rates(0.0, Totals(frames_in=5)).frames_in_per_second == 0.0
+    sampler.sample(100.0, Totals(frames_in=0, frames_out=0))
+    # A burst right after the first sample is divided by min_span, not by 1 ms.
+    assert sampler.rates(100.001, Totals(frames_in=5)).frames_in_per_second == 5.0
+    for t in range(1, 31):
+        sampler.sample(100.0 + t, Totals(frames_in=25 * t, frames_out=250 * t))
+    rates = sampler.rates(130.0, Totals(frames_in=750, frames_out=7500))
+    assert rates.frames_in_per_second == pytest.approx(25.0)
+    assert rates.frames_out_per_second == pytest.approx(250.0)
+    # Old samples fell out: a stop in traffic shows within the window, not diluted by history.
+    for t in range(31, 42):
+        sampler.sample(100.0 + t, Totals(frames_in=750, frames_out=7500))
+    assert sampler.rates(141.0, Totals(frames_in=750, frames_out=7500)).frames_in_per_second == 0
+    # A counter that went backwards never yields a negative rate.
+    assert sampler.rates(142.0, Totals(frames_in=1)).frames_in_per_second == 0.0
+
+
+def test_sampler_rejects_bad_window() -> None:
+    with pytest.raises(ValueError, match="window"):
+        RateSampler(window=0)
+    with pytest.raises(ValueError, match="min_span"):
+        RateSampler(window=1.0, min_span=2.0)
+
+
+async def test_sampler_task_samples_and_survives_facade_errors(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # MockClock is fine here: no sockets, only trio.sleep.
+    calls = 0
+
+    def totals() -> Totals:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("facade bug")
+        return Totals(frames_in=10 * calls)
+
+    sampler = RateSampler(window=5.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sampler.run, totals)
+        start = trio.current_time()
+        await trio.sleep(10.5)
+        nursery.cancel_scope.cancel()
+    assert calls == 11  # at t = 0..10; the failure at t = 2 was logged and skipped
+    # Kept: the samples from t = 5 (60 frames) on; at t = 10.5 the counter reads 110.
+    rates = sampler.rates(trio.current_time(), Totals(frames_in=10 * calls))
+    assert trio.current_time() - start == pytest.approx(10.5)
+    assert rates.frames_in_per_second == pytest.approx((110 - 60) / 5.5)
