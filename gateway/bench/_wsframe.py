@@ -1,0 +1,149 @@
+"""Just enough RFC 6455 for the feeder and the load generator, written for speed.
+
+The benchmark's own processes must not be the bottleneck, so they skip a WebSocket library:
+the handshake is done by hand, server-to-client frames are built once and shared, and the
+reader parses frame headers only (payloads stay in the receive buffer as index ranges).
+Fragmented messages and extensions are never negotiated, so they are not handled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+from typing import Final
+
+OP_CONT: Final = 0x0
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_U16: Final = struct.Struct("!H")
+_U64: Final = struct.Struct("!Q")
+
+
+class ProtocolError(Exception):
+    """The peer sent something this minimal codec does not accept."""
+
+
+def accept_key(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+def client_handshake(host: str, port: int, path: str) -> tuple[bytes, bytes]:
+    """An upgrade request and the accept value the server must answer with."""
+    key = base64.b64encode(os.urandom(16))
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\n\r\n"
+    ).encode()
+    return request, accept_key(key)
+
+
+def check_server_handshake(response: bytes, expected_accept: bytes) -> None:
+    """Raise :class:`ProtocolError` unless *response* (headers only) accepts the upgrade."""
+    head, *lines = response.split(b"\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ProtocolError(f"upgrade refused: {head.decode(errors='replace')}")
+    for line in lines:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-accept" and value.strip() == expected_accept:
+            return
+    raise ProtocolError("upgrade response without the right Sec-WebSocket-Accept")
+
+
+def server_handshake(request: bytes) -> tuple[str, bytes]:
+    """Parse an upgrade request (headers only); return its path and the 101 response."""
+    head, *lines = request.split(b"\r\n")
+    parts = head.split()
+    if len(parts) != 3 or parts[0] != b"GET":
+        raise ProtocolError("not a GET request")
+    key = None
+    for line in lines:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-key":
+            key = value.strip()
+    if key is None:
+        raise ProtocolError("no Sec-WebSocket-Key")
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
+    )
+    return parts[1].decode(errors="replace"), response
+
+
+def encode_frame(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
+    """One final frame. Clients must mask (``mask=True``); servers must not."""
+    n = len(payload)
+    first = bytes((0x80 | opcode,))
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        header = first + bytes((mbit | n,))
+    elif n < 65536:
+        header = first + bytes((mbit | 126,)) + _U16.pack(n)
+    else:
+        header = first + bytes((mbit | 127,)) + _U64.pack(n)
+    if not mask:
+        return header + payload
+    key = os.urandom(4)
+    return header + key + _xor(payload, key)
+
+
+def _xor(data: bytes, key: bytes) -> bytes:
+    # Whole-buffer XOR through a big int: far faster than a per-byte loop in pure Python.
+    n = len(data)
+    if n == 0:
+        return b""
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def parse_frames(buf: bytearray | bytes, pos: int = 0) -> tuple[list[tuple[int, int, int]], int]:
+    """Complete frames in *buf* from *pos*: ``([(opcode, start, end), ...], next_pos)``.
+
+    ``start:end`` is the payload's range in *buf*. Masked payloads (client frames) are left
+    masked; call :func:`payload` to read one. Stops at the first incomplete frame.
+    """
+    frames: list[tuple[int, int, int]] = []
+    size = len(buf)
+    while size - pos >= 2:
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        n = b1 & 0x7F
+        head = 2
+        if n == 126:
+            if size - pos < 4:
+                break
+            n = (buf[pos + 2] << 8) | buf[pos + 3]
+            head = 4
+        elif n == 127:
+            if size - pos < 10:
+                break
+            n = _U64.unpack_from(buf, pos + 2)[0]
+            head = 10
+        if b1 & 0x80:
+            head += 4
+        end = pos + head + n
+        if end > size:
+            break
+        frames.append((b0 & 0x0F, pos + head, end))
+        pos = end
+    return frames, pos
+
+
+def payload(buf: bytearray | bytes, start: int, end: int) -> bytes:
+    """The payload ``buf[start:end]`` of a frame found by :func:`parse_frames`, unmasked."""
+    # The mask key, when there is one, is the 4 bytes before the payload; the caller knows
+    # whether frames are masked from who sent them (clients always mask).
+    return bytes(buf[start:end])
+
+
+def unmask(buf: bytearray | bytes, start: int, end: int) -> bytes:
+    """The payload of a masked (client) frame found by :func:`parse_frames`."""
+    return _xor(bytes(buf[start:end]), bytes(buf[start - 4 : start]))
