@@ -1,0 +1,342 @@
+"""The load generator: many subscribers in one process, reading raw sockets with epoll.
+
+Run as its own process: ``python -m gateway.bench._loadgen --kind gateway --port P ...``.
+Subscribers must never be the bottleneck, so there is no WebSocket library here: the upgrade is
+written by hand, frames are split by their headers only, and the one thing read from a payload
+is the feeder's ``"_bt":<monotonic ns>`` stamp (found with ``bytes.find`` near the payload's
+start, after the gateway's envelope when there is one). Latency = receive time - stamp; all
+frames completed by one ``recv`` share its receive time.
+
+Kinds of subscriber: healthy (subscribe, read everything), stuck (subscribe, never read; a small
+receive buffer so the server notices soon), idle (connect, never subscribe).
+Targets: ``gateway`` (``/v1/stream``, one subscribe message per fixture) and ``peer``
+(``/`` for every fixture, ``/<fixture>`` for one, ``/idle`` for none).
+
+stdout carries one JSON object per line: ``connected`` once every subscriber is connected (or
+``error`` and exit 1), then one answer per stdin command: ``ready`` (how many healthy subscribers
+have had a frame), ``mark`` (open the measured window), ``drop <t_ns>`` (time the first frame
+stamped after t_ns at every subscriber), ``report`` (the window's figures). EOF or ``quit`` ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import collections
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+from typing import Final
+
+from gateway.bench._feeder import fixture_id
+from gateway.bench._wsframe import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ProtocolError,
+    check_server_handshake,
+    client_handshake,
+    encode_frame,
+    parse_frames,
+)
+
+RECV_BYTES: Final = 65536
+CONNECT_BATCH: Final = 200
+CONNECT_TIMEOUT: Final = 30.0
+STUCK_RCVBUF: Final = 16 * 1024
+#: The stamp is within this many bytes of the payload's start (after the gateway's envelope).
+STAMP_WINDOW: Final = 512
+STAMP: Final = b'"_bt":'
+MAX_SAMPLES: Final = 20_000_000
+
+
+class _Sub:
+    __slots__ = ("buf", "close_code", "first_fresh", "frames", "sock")
+
+    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
+        self.sock = sock
+        self.buf = leftover
+        self.frames = 0
+        self.first_fresh = 0
+        self.close_code: int | None = None
+
+
+def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
+    """Nearest-rank percentile of an already sorted sequence (0 when empty)."""
+    n = len(sorted_values)
+    if n == 0:
+        return 0
+    k = min(n - 1, max(0, int(q / 100.0 * n + 0.5) - 1))
+    return int(sorted_values[k])
+
+
+def _connect(host: str, port: int, paths: list[str], rcvbuf: int | None) -> list[_Sub]:
+    """Open one upgraded connection per path, in batches (requests first, then answers) so
+    thousands of connections take seconds, not minutes. Raises OSError or ProtocolError."""
+    subs: list[_Sub] = []
+    for i in range(0, len(paths), CONNECT_BATCH):
+        pending: list[tuple[socket.socket, bytes]] = []
+        for path in paths[i : i + CONNECT_BATCH]:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect((host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            request, accept = client_handshake(host, port, path)
+            sock.sendall(request)
+            pending.append((sock, accept))
+        for sock, accept in pending:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ProtocolError("connection closed during the upgrade")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            check_server_handshake(head, accept)
+            sock.setblocking(False)
+            subs.append(_Sub(sock, rest))
+    return subs
+
+
+class LoadGen:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sel = selectors.DefaultSelector()
+        self.healthy: list[_Sub] = []
+        self.stuck: list[_Sub] = []
+        self.idle: list[_Sub] = []
+        self.recording = False
+        self.samples: array.array[int] = array.array("q")
+        self.deliveries = 0
+        self.bytes = 0
+        self.control = 0
+        self.t_mark = 0
+        self.drop_ns = 0
+        self.closed: collections.Counter[int] = collections.Counter()
+        self.cpu_mark = 0.0
+
+    def _paths(self, n: int, offset: int) -> tuple[list[str], list[list[str]]]:
+        """Paths and the fixtures each connection subscribes to (gateway kind only)."""
+        fixtures = [fixture_id(i) for i in range(self.args.fixtures)]
+        paths: list[str] = []
+        subs: list[list[str]] = []
+        for k in range(n):
+            mine = (
+                fixtures if self.args.fanout == "all" else [fixtures[(offset + k) % len(fixtures)]]
+            )
+            if self.args.kind == "gateway":
+                paths.append("/v1/stream")
+            else:
+                paths.append("/" if self.args.fanout == "all" else f"/{mine[0]}")
+            subs.append(mine)
+        return paths, subs
+
+    def connect(self) -> None:
+        a = self.args
+        host, port = a.host, a.port
+        paths, fixtures = self._paths(a.subscribers, 0)
+        self.healthy = _connect(host, port, paths, None)
+        stuck_paths, stuck_fixtures = self._paths(a.stuck, a.subscribers)
+        self.stuck = _connect(host, port, stuck_paths, STUCK_RCVBUF)
+        idle_path = "/v1/stream" if a.kind == "gateway" else "/idle"
+        self.idle = _connect(host, port, [idle_path] * a.idle, None)
+        if a.kind == "gateway":
+            for sub, mine in zip(self.healthy + self.stuck, fixtures + stuck_fixtures, strict=True):
+                for fid in mine:
+                    msg = json.dumps(
+                        {"op": "subscribe", "feed": a.feed, "fixture": fid, "backfill": 0}
+                    )
+                    sub.sock.setblocking(True)
+                    sub.sock.sendall(encode_frame(OP_TEXT, msg.encode(), mask=True))
+                    sub.sock.setblocking(False)
+        for sub in self.healthy + self.idle:
+            self.sel.register(sub.sock, selectors.EVENT_READ, sub)
+
+    def read(self, sub: _Sub) -> None:
+        try:
+            data = sub.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(sub, 1006)
+            return
+        now = time.monotonic_ns()
+        buf = sub.buf + data if sub.buf else data
+        frames, pos = parse_frames(buf)
+        recording = self.recording
+        drop_ns = self.drop_ns
+        samples = self.samples
+        got = 0
+        nbytes = 0
+        for op, start, end in frames:
+            if op == OP_TEXT:
+                i = buf.find(STAMP, start, start + STAMP_WINDOW)
+                if i < 0:
+                    self.control += 1
+                    continue
+                j = buf.find(b",", i + 6, i + 40)
+                bt = int(buf[i + 6 : j])
+                got += 1
+                nbytes += end - start
+                if recording:
+                    samples.append(now - bt)
+                if drop_ns and bt > drop_ns and not sub.first_fresh:
+                    sub.first_fresh = now
+            elif op == OP_PING:
+                try:
+                    sub.sock.send(encode_frame(OP_PONG, buf[start:end], mask=True))
+                except OSError:
+                    pass
+            elif op == OP_CLOSE:
+                code = int.from_bytes(buf[start : start + 2], "big") if end - start >= 2 else 1005
+                self.close(sub, code)
+                return
+        sub.frames += got
+        if recording:
+            self.deliveries += got
+            self.bytes += nbytes
+            if len(samples) > MAX_SAMPLES:
+                del samples[: MAX_SAMPLES // 2]
+        sub.buf = buf[pos:]
+
+    def close(self, sub: _Sub, code: int) -> None:
+        if sub.close_code is not None:
+            return
+        sub.close_code = code
+        self.closed[code] += 1
+        self.sel.unregister(sub.sock)
+        sub.sock.close()
+
+    def command(self, line: str) -> bool:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "ready":
+            receiving = sum(1 for s in self.healthy if s.frames)
+            emit({"event": "ready", "receiving": receiving, "of": len(self.healthy)})
+        elif cmd == "mark":
+            self.recording = True
+            self.samples = array.array("q")
+            self.deliveries = self.bytes = self.control = 0
+            self.t_mark = time.monotonic_ns()
+            self.cpu_mark = sum(os.times()[:2])
+            emit({"event": "marked", "t_ns": self.t_mark})
+        elif cmd == "drop":
+            self.drop_ns = int(arg)
+            for sub in self.healthy:
+                sub.first_fresh = 0
+            emit({"event": "drop", "t_ns": self.drop_ns})
+        elif cmd == "progress":
+            emit({"event": "progress", "deliveries": self.deliveries, "t_ns": time.monotonic_ns()})
+        elif cmd == "report":
+            emit(self.report())
+        elif cmd == "quit":
+            return False
+        return True
+
+    def report(self) -> dict[str, object]:
+        now = time.monotonic_ns()
+        window = (now - self.t_mark) / 1e9 if self.t_mark else 0.0
+        lat = sorted(self.samples)
+        ms = 1e-6
+        fresh = sorted(s.first_fresh - self.drop_ns for s in self.healthy if s.first_fresh)
+        return {
+            "event": "report",
+            "window_s": window,
+            "deliveries": self.deliveries,
+            "bytes": self.bytes,
+            "control": self.control,
+            "latency_ms": {
+                "count": len(lat),
+                "p50": percentile(lat, 50) * ms,
+                "p99": percentile(lat, 99) * ms,
+                "p999": percentile(lat, 99.9) * ms,
+                "max": (lat[-1] if lat else 0) * ms,
+            },
+            "healthy": len(self.healthy),
+            "healthy_open": sum(1 for s in self.healthy if s.close_code is None),
+            "idle_open": sum(1 for s in self.idle if s.close_code is None),
+            "stuck": len(self.stuck),
+            "closed": {str(k): v for k, v in self.closed.items()},
+            "fresh_ms": {
+                "count": len(fresh),
+                "min": fresh[0] * ms if fresh else None,
+                "p50": percentile(fresh, 50) * ms if fresh else None,
+                "max": fresh[-1] * ms if fresh else None,
+            }
+            if self.drop_ns
+            else None,
+            "cpu_s": sum(os.times()[:2]) - self.cpu_mark,
+        }
+
+    def run(self, control: int) -> None:
+        os.set_blocking(control, False)
+        self.sel.register(control, selectors.EVENT_READ, None)
+        pending = b""
+        while True:
+            for key, _ in self.sel.select(0.5):
+                sub = key.data
+                if sub is not None:
+                    self.read(sub)
+                    continue
+                try:
+                    chunk = os.read(control, 4096)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not self.command(line.decode()):
+                        return
+
+
+def emit(obj: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.bench._loadgen")
+    parser.add_argument("--kind", choices=("gateway", "peer"), default="gateway")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--subscribers", type=int, default=1)
+    parser.add_argument("--fixtures", type=int, default=1)
+    parser.add_argument("--fanout", choices=("all", "spread"), default="all")
+    parser.add_argument("--stuck", type=int, default=0)
+    parser.add_argument("--idle", type=int, default=0)
+    parser.add_argument("--feed", default="tracking")
+    args = parser.parse_args(argv)
+    gen = LoadGen(args)
+    t0 = time.monotonic()
+    try:
+        gen.connect()
+    except (OSError, ProtocolError) as exc:
+        emit({"event": "error", "message": f"connect failed: {exc}"})
+        return 1
+    emit(
+        {
+            "event": "connected",
+            "seconds": time.monotonic() - t0,
+            "subscribers": args.subscribers,
+            "stuck": args.stuck,
+            "idle": args.idle,
+        }
+    )
+    try:
+        gen.run(sys.stdin.fileno())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

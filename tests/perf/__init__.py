@@ -1,0 +1,1 @@
+"""Performance tooling that needs test-only dependencies (the ``websockets`` peer relay)."""
