@@ -146,9 +146,7 @@ class Notifier:
         error: str | None = None
         try:
             if self._sock is None:
-                self._sock = trio.socket.socket(
-                    _stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_DGRAM | _stdlib_socket.SOCK_CLOEXEC
-                )
+                self._sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_DGRAM)
             # A full receive queue on systemd's side blocks a unix datagram send; bound the wait.
             with trio.move_on_after(self._send_timeout):
                 await self._sock.sendto(data, self._address)
