@@ -1,0 +1,203 @@
+"""Endpoint 2: the vendor drop-in, so an existing DDE client can point at the gateway unchanged.
+
+It speaks the vendor protocol of the feed's kind (``/work/shared/dde-protocol.md``):
+
+- tracking: ``{"authToken":..}`` -> ``Authorisation accepted``; vendor heartbeats; then
+  ``{"fixtureId":..,"backfill":..}`` -> the upstream frames verbatim. Unknown fixture -> the
+  vendor's WARN, connection stays open; requests after an accepted one are ignored.
+- fastpath: the fixture is in the path, ``startPosition`` skips that many sequenced events of
+  the history; after the auth message the frames flow. When the topic's upstream leaves
+  ``live`` the client gets one ``ConnectionStateChanged``/``Disconnected`` packet, and
+  ``Connected`` again before the next frame.
+
+Tokens (``[subscribers] tokens_file``) are read on every authentication, so they can rotate.
+Slow drop-in subscribers are always disconnected (4008): vendor clients know no gap message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import trio
+
+from gateway.config import FeedConfig, SecretError, any_matches
+from gateway.dataplane import _messages as msg
+from gateway.dataplane._connection import Connection
+from gateway.hub import Frame, Hub, HubError, Topic
+from gateway.upstream._state import FixtureState
+
+log = logging.getLogger("gateway.dataplane")
+
+CLOSE_POLICY: int = 1008
+CLOSE_NORMAL: int = 1000
+CLOSE_GOING_AWAY: int = 1001
+_CSC = '"ConnectionStateChanged"'
+
+
+class DropinSubscription:
+    """The one topic of a drop-in connection."""
+
+    __slots__ = ("conn", "disconnected", "fastpath", "topic")
+
+    def __init__(self, conn: Connection, topic: Topic, fastpath: bool) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.fastpath = fastpath
+        self.disconnected = False
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.disconnected:
+            self.disconnected = False
+            # The upstream's own state packet says it already; do not repeat it.
+            if _CSC not in frame.raw:
+                self.conn.send_control(msg.vendor_connection_state("Connected"))
+        self.conn.send_data(frame.raw_ws, frame.seq, frame.published)
+
+    def on_status(self, topic: Topic) -> None:
+        if self.fastpath and topic.state is not FixtureState.LIVE and not self.disconnected:
+            self.disconnected = True
+            self.conn.send_control(msg.vendor_connection_state("Disconnected"))
+
+    def on_closed(self, topic: Topic) -> None:
+        self.conn.close(CLOSE_GOING_AWAY, "fixture no longer followed")
+
+
+class DropinHandler:
+    """The vendor protocol on one connection of feed *feed*.
+
+    *fixture* is given for fastpath (from the path) and None for tracking (it comes in the
+    fixture request).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        hub: Hub,
+        feed: FeedConfig,
+        *,
+        fixture: str | None = None,
+        start_position: int = 0,
+    ) -> None:
+        self.conn = conn
+        self.hub = hub
+        self.feed = feed
+        self.fixture = fixture
+        self.start_position = start_position
+        self.authenticated = False
+        self.sub: DropinSubscription | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._auth_deadline)
+
+    async def _auth_deadline(self) -> None:
+        await trio.sleep(self.conn.settings.handshake_timeout)
+        if not self.authenticated:
+            self.conn.close(CLOSE_POLICY, "no authentication message")
+
+    def topics(self) -> Iterable[Topic]:
+        return [] if self.sub is None else [self.sub.topic]
+
+    def subscription_names(self) -> list[str]:
+        return [] if self.sub is None else [f"{self.feed.name}/{self.sub.topic.fixture}"]
+
+    def on_binary(self) -> None:
+        pass  # The vendor ignores what it does not understand; so do we.
+
+    def on_text(self, text: str) -> None:
+        if not self.authenticated:
+            self._authenticate(text)
+        elif self.sub is None and self.fixture is None:
+            self._fixture_request(text)
+        # Anything else is ignored, as the vendor does.
+
+    def _authenticate(self, text: str) -> None:
+        req = _loads(text)
+        token = req.get("authToken") if isinstance(req, dict) else None
+        if not isinstance(token, str):
+            self.conn.send_control(msg.VENDOR_AUTH_BAD_FORMAT)
+            self.conn.close(CLOSE_POLICY, "authentication message had incorrect format")
+            return
+        try:
+            tokens = self.conn.settings.read_tokens()
+        except SecretError as exc:
+            # Fail closed: a broken token file must not open the gateway to everyone.
+            log.error("drop-in authentication impossible: %s", exc)
+            tokens = ()
+        if tokens is not None and not any_matches(tokens, token):
+            self.conn.send_control(msg.VENDOR_AUTH_REJECTED)
+            self.conn.close(CLOSE_POLICY, "authentication failed")
+            return
+        self.authenticated = True
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self.conn.run_heartbeats, self.conn.settings.heartbeat_interval, msg.vendor_heartbeat
+        )
+        if self.fixture is None:
+            self.conn.send_control(msg.VENDOR_AUTH_ACCEPTED)
+            return
+        try:
+            topic = self.hub.open(self.feed.name, self.fixture)
+        except HubError:
+            self.conn.send_control(msg.VENDOR_FIXTURE_NOT_FOUND)
+            self.conn.close(CLOSE_NORMAL, "fixture not found")
+            return
+        frames = topic.backfill(None)
+        if self.start_position:
+            frames = _skip_events(frames, self.start_position)
+        self._attach(topic, frames)
+
+    def _fixture_request(self, text: str) -> None:
+        req = _loads(text)
+        fixture = req.get("fixtureId") if isinstance(req, dict) else None
+        backfill = req.get("backfill", 0) if isinstance(req, dict) else None
+        if (
+            not isinstance(fixture, str)
+            or not fixture
+            or not (backfill is None or (type(backfill) is int and backfill >= -1))
+        ):
+            self.conn.send_control(msg.VENDOR_REQUEST_BAD_FORMAT)
+            return
+        try:
+            topic = self.hub.open(self.feed.name, fixture)
+        except HubError:
+            self.conn.send_control(msg.vendor_unknown_fixture(fixture))
+            return
+        self._attach(topic, topic.backfill(backfill))
+
+    def _attach(self, topic: Topic, frames: list[Frame]) -> None:
+        # Nothing awaits between backfill and attach: no gap, no duplicate.
+        sub = DropinSubscription(self.conn, topic, fastpath=self.feed.kind == "fastpath")
+        for frame in frames:
+            self.conn.send_data(frame.raw_ws, frame.seq, 0.0)
+        if sub.fastpath and topic.state not in (FixtureState.LIVE, FixtureState.CONNECTING):
+            sub.on_status(topic)
+        topic.attach(sub)
+        self.sub = sub
+
+    def finish(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            self.hub.leave(sub.topic, sub)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _skip_events(frames: list[Frame], n: int) -> list[Frame]:
+    """Drop everything up to and including the *n*-th sequenced event (``startPosition``)."""
+    seen = 0
+    for i, frame in enumerate(frames):
+        if frame.sequenced:
+            seen += 1
+            if seen == n:
+                return frames[i + 1 :]
+    return []

@@ -1,0 +1,92 @@
+"""Every control message the data plane writes, as JSON payload bytes (orjson).
+
+Control messages are rare and per subscriber, so they are built on demand; data frames are
+built once per frame by the hub (:class:`gateway.hub.Frame`).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Final
+
+import orjson
+
+#: How much of a bad request is echoed back in an ``error`` message.
+ERROR_REQUEST_MAX: Final = 256
+
+VENDOR_AUTH_ACCEPTED: Final = b'{"message":"Authorisation accepted","level":"INFO"}'
+VENDOR_AUTH_BAD_FORMAT: Final = (
+    b'{"message":"Authentication message had incorrect format","level":"ERROR"}'
+)
+VENDOR_AUTH_REJECTED: Final = b'{"errorMessage":"Supplied token could not be authenticated"}'
+VENDOR_REQUEST_BAD_FORMAT: Final = (
+    b'{"message":"Fixture request message had incorrect format","level":"ERROR"}'
+)
+VENDOR_FIXTURE_NOT_FOUND: Final = b'{"error":"fixture not found","status":404}'
+
+
+def utc_now_iso() -> str:
+    """``2023-05-01T00:03:11.822Z``: UTC, millisecond precision, ``Z`` suffix (vendor style)."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def subscribed(feed: str, fixture: str, seq: int, epoch: str, recovered: bool) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "subscribed",
+            "feed": feed,
+            "fixture": fixture,
+            "seq": seq,
+            "epoch": epoch,
+            "recovered": recovered,
+        }
+    )
+
+
+def status(feed: str, fixture: str, state: str, detail: str) -> bytes:
+    return orjson.dumps(
+        {"type": "status", "feed": feed, "fixture": fixture, "state": state, "detail": detail}
+    )
+
+
+def gap(feed: str, fixture: str, from_seq: int, to_seq: int) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "gap",
+            "feed": feed,
+            "fixture": fixture,
+            "from_seq": from_seq,
+            "to_seq": to_seq,
+            "reason": "slow_consumer",
+        }
+    )
+
+
+def error(message: str, request: str) -> bytes:
+    if len(request) > ERROR_REQUEST_MAX:
+        request = request[:ERROR_REQUEST_MAX] + "..."
+    return orjson.dumps({"type": "error", "message": message, "request": request})
+
+
+def heartbeat() -> bytes:
+    return orjson.dumps({"type": "heartbeat", "time": utc_now_iso()})
+
+
+def vendor_heartbeat() -> bytes:
+    return orjson.dumps({"message": f"Heartbeat sent at {utc_now_iso()}", "level": "INFO"})
+
+
+def vendor_unknown_fixture(fixture: str) -> bytes:
+    return orjson.dumps(
+        {
+            "message": f"Could not find fixture topic soccer.tracking.enrichment.{fixture}",
+            "level": "WARN",
+        }
+    )
+
+
+def vendor_connection_state(state: str) -> bytes:
+    return orjson.dumps(
+        {"timestamp": utc_now_iso(), "eventElementType": "ConnectionStateChanged", "state": state}
+    )

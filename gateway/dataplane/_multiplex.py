@@ -1,0 +1,205 @@
+"""Endpoint 1, ``/v1/stream``: many (feed, fixture) subscriptions on one connection.
+
+Requests are JSON text messages (``subscribe``/``unsubscribe``); every bad request gets an
+``error`` message and the connection stays open. Subscribing is one synchronous step -
+``subscribed``, ``status``, the backfill frames, then attaching to the topic - so there is no
+gap and no duplicate between backfill and live frames. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+import orjson
+import trio
+
+from gateway.dataplane import _messages as msg
+from gateway.dataplane._connection import Connection
+from gateway.hub import Frame, Hub, HubError, Topic
+
+_SUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture", "backfill", "after", "epoch"})
+_UNSUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture"})
+
+
+class BadRequest(Exception):
+    pass
+
+
+class MuxSubscription:
+    """One (feed, fixture) of a multiplexed connection; the topic fans out to it."""
+
+    __slots__ = ("conn", "gap_from", "gap_to", "topic")
+
+    def __init__(self, conn: Connection, topic: Topic) -> None:
+        self.conn = conn
+        self.topic = topic
+        # The pending gap (drop-oldest): seqs gap_from..gap_to were dropped; 0 = none.
+        self.gap_from = 0
+        self.gap_to = 0
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.gap_to and self.conn.idle:
+            self.conn.send_control(self._gap())
+        self.conn.send_data(frame.envelope_ws, frame.seq, frame.published, self)
+
+    def on_status(self, topic: Topic) -> None:
+        self.conn.send_control(
+            msg.status(topic.feed.name, topic.fixture, topic.state.value, topic.detail)
+        )
+
+    def on_closed(self, topic: Topic) -> None:
+        handler = self.conn.handler
+        if isinstance(handler, MultiplexHandler):
+            handler.forget(self)
+
+    def dropped(self, seq: int) -> None:
+        if not self.gap_to:
+            self.gap_from = seq
+        self.gap_to = seq
+        self.topic.drops += 1
+
+    def take_gap(self, seq: int) -> bytes | None:
+        if self.gap_to and seq > self.gap_to:
+            return self._gap()
+        return None
+
+    def _gap(self) -> bytes:
+        g = msg.gap(self.topic.feed.name, self.topic.fixture, self.gap_from, self.gap_to)
+        self.gap_from = self.gap_to = 0
+        return g
+
+
+def _field_int(req: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = req.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or value < minimum:
+        raise BadRequest(f"{name} must be null or an integer >= {minimum}")
+    return value
+
+
+def _field_str(req: dict[str, Any], name: str) -> str:
+    value = req.get(name)
+    if value is None:
+        raise BadRequest(f"missing field {name!r}")
+    if type(value) is not str or not value:
+        raise BadRequest(f"{name} must be a non-empty string")
+    return value
+
+
+class MultiplexHandler:
+    """The ``/v1/stream`` protocol on one connection."""
+
+    def __init__(self, conn: Connection, hub: Hub) -> None:
+        self.conn = conn
+        self.hub = hub
+        self.subs: dict[tuple[str, str], MuxSubscription] = {}
+
+    def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(
+            self.conn.run_heartbeats, self.conn.settings.heartbeat_interval, msg.heartbeat
+        )
+
+    def topics(self) -> Iterable[Topic]:
+        return [s.topic for s in self.subs.values()]
+
+    def subscription_names(self) -> list[str]:
+        return [f"{feed}/{fixture}" for feed, fixture in self.subs]
+
+    def on_binary(self) -> None:
+        self.conn.send_control(
+            msg.error("binary messages are not supported: send JSON text", "<binary>")
+        )
+
+    def on_text(self, text: str) -> None:
+        try:
+            self._request(text)
+        except BadRequest as exc:
+            self.conn.send_control(msg.error(str(exc), text))
+
+    def _request(self, text: str) -> None:
+        try:
+            req = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise BadRequest("invalid JSON") from None
+        if not isinstance(req, dict):
+            raise BadRequest("a request must be a JSON object")
+        op = req.get("op")
+        if op == "subscribe":
+            self._subscribe(req)
+        elif op == "unsubscribe":
+            self._unsubscribe(req)
+        elif op is None:
+            raise BadRequest("missing field 'op'")
+        else:
+            raise BadRequest(f"unknown op {str(op)[:40]!r}: expected subscribe or unsubscribe")
+
+    def _check_keys(self, req: dict[str, Any], allowed: frozenset[str]) -> None:
+        extra = sorted(k for k in req if k not in allowed)
+        if extra:
+            raise BadRequest(f"unknown field {extra[0][:40]!r}")
+
+    def _subscribe(self, req: dict[str, Any]) -> None:
+        self._check_keys(req, _SUBSCRIBE_KEYS)
+        feed = _field_str(req, "feed")
+        fixture = _field_str(req, "fixture")
+        backfill = _field_int(req, "backfill", -1)
+        after = _field_int(req, "after", 0)
+        epoch = req.get("epoch")
+        if after is not None:
+            if type(epoch) is not str:
+                raise BadRequest("epoch (a string) is required with after")
+            if backfill is not None:
+                raise BadRequest("use either after or backfill, not both")
+        elif epoch is not None:
+            raise BadRequest("epoch is only valid with after")
+        elif "backfill" not in req:
+            backfill = 0
+        key = (feed, fixture)
+        if key in self.subs:
+            raise BadRequest(f"already subscribed to {feed}/{fixture}")
+        if len(self.subs) >= self.conn.settings.max_subscriptions:
+            raise BadRequest(f"max_subscriptions ({self.conn.settings.max_subscriptions}) reached")
+        try:
+            topic = self.hub.open(feed, fixture)
+        except HubError as exc:
+            raise BadRequest(str(exc)) from None
+        if after is not None:
+            assert isinstance(epoch, str)
+            frames = topic.resume(after, epoch)
+            recovered = frames is not None
+        else:
+            frames = topic.backfill(backfill)
+            recovered = False
+        # From here to attach() nothing awaits: backfill and live meet without gap or overlap.
+        conn = self.conn
+        sub = MuxSubscription(conn, topic)
+        conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
+        conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
+        for frame in frames or ():
+            conn.send_data(frame.envelope_ws, frame.seq, 0.0, sub)
+        topic.attach(sub)
+        self.subs[key] = sub
+
+    def _unsubscribe(self, req: dict[str, Any]) -> None:
+        self._check_keys(req, _UNSUBSCRIBE_KEYS)
+        feed = _field_str(req, "feed")
+        fixture = _field_str(req, "fixture")
+        sub = self.subs.pop((feed, fixture), None)
+        if sub is None:
+            raise BadRequest(f"not subscribed to {feed}/{fixture}")
+        sub.gap_to = 0
+        self.hub.leave(sub.topic, sub)
+
+    def forget(self, sub: MuxSubscription) -> None:
+        """The topic closed under *sub* (it already sent status ``stopped``)."""
+        key = (sub.topic.feed.name, sub.topic.fixture)
+        if self.subs.get(key) is sub:
+            del self.subs[key]
+
+    def finish(self) -> None:
+        subs = list(self.subs.values())
+        self.subs.clear()
+        for sub in subs:
+            self.hub.leave(sub.topic, sub)

@@ -1,0 +1,102 @@
+"""Every connected subscriber, for the API, the connection limit and the drain on shutdown."""
+
+from __future__ import annotations
+
+import itertools
+
+import attrs
+import trio
+
+from gateway.dataplane._connection import CLOSE_GOING_AWAY, Connection
+
+
+@attrs.frozen
+class SubscriberView:
+    """One subscriber as the API shows it (``GET /v1/subscribers``)."""
+
+    id: str
+    peer: str
+    endpoint: str
+    subscriptions: list[str]
+    queued_bytes: int
+    frames_sent: int
+    frames_dropped: int
+    connected_at: float
+
+
+class SubscriberRegistry:
+    """Connected subscribers plus monotonic totals that survive their disconnection.
+
+    Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``,
+    ``rejected`` (handshakes refused with 503: connection limit or draining), ``connections``
+    (accepted since start).
+    """
+
+    def __init__(self) -> None:
+        self._conns: dict[str, Connection] = {}
+        self._ids = itertools.count(1)
+        self._retired_frames_sent = 0
+        self._retired_drops = 0
+        self.slow_disconnects = 0
+        self.rejected = 0
+        self.connections = 0
+        self.draining = False
+        self._empty = trio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def new_id(self) -> str:
+        return str(next(self._ids))
+
+    def add(self, conn: Connection) -> None:
+        self._conns[conn.id] = conn
+        self.connections += 1
+        if self._empty.is_set():
+            self._empty = trio.Event()
+
+    def remove(self, conn: Connection) -> None:
+        if self._conns.pop(conn.id, None) is None:
+            return
+        self._retired_frames_sent += conn.frames_sent
+        self._retired_drops += conn.frames_dropped
+        if not self._conns:
+            self._empty.set()
+
+    def connections_now(self) -> list[Connection]:
+        return list(self._conns.values())
+
+    @property
+    def frames_sent(self) -> int:
+        return self._retired_frames_sent + sum(c.frames_sent for c in self._conns.values())
+
+    @property
+    def drops(self) -> int:
+        return self._retired_drops + sum(c.frames_dropped for c in self._conns.values())
+
+    def views(self) -> list[SubscriberView]:
+        return [
+            SubscriberView(
+                id=c.id,
+                peer=c.peer,
+                endpoint=c.endpoint,
+                subscriptions=[] if c.handler is None else c.handler.subscription_names(),
+                queued_bytes=c.queued_bytes,
+                frames_sent=c.frames_sent,
+                frames_dropped=c.frames_dropped,
+                connected_at=c.connected_at,
+            )
+            for c in self._conns.values()
+        ]
+
+    async def drain(self, code: int = CLOSE_GOING_AWAY, reason: str = "going away") -> None:
+        """Refuse new subscribers, close every connected one with *code*, wait until all left.
+
+        Each connection is bounded by its close timeout (then aborted), so this returns within
+        about that time; wrap it in ``trio.move_on_after`` for a harder limit.
+        """
+        self.draining = True
+        for conn in list(self._conns.values()):
+            conn.close(code, reason)
+        await self._empty.wait()
