@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines, only the final table"
     )
+    # gateway.cli configures logging from these for every subcommand; the bench's own
+    # processes log nothing, so it offers no such options.
+    parser.set_defaults(log_format="text", log_level=None)
 
 
 def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:

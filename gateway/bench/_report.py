@@ -1,0 +1,186 @@
+"""Targets and the printed table.
+
+Each figure of a gateway run is shown next to the peer's and, where the issue sets one, its
+target and whether it was met. A missed target is a finding to report, not a harness failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES
+
+Result = dict[str, Any]
+
+#: Target values from the issue (docs/performance.md).
+SATURATED_RATIO: Final = 1.5
+PACED_P99_MS: Final = 5.0
+CPU_PERCENT_MAX: Final = 50.0
+STUCK_P99_SLACK: Final = 1.10
+DROP_SLACK_MS: Final = 200.0
+IDLE_BYTES_MAX: Final = 30_000
+
+
+def _lat(q: str) -> Callable[[Result], float | None]:
+    return lambda r: r["latency_ms"][q] if r["latency_ms"]["count"] else None
+
+
+# (key, label, how to read it from a run, format)
+ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
+    ("frames_in_per_s", "frames in /s", lambda r: r["frames_in_per_s"], "{:,.0f}"),
+    ("frames_out_per_s", "deliveries (frames out) /s", lambda r: r["frames_out_per_s"], "{:,.0f}"),
+    (
+        "deliveries_per_cpu_s",
+        "deliveries per CPU-second",
+        lambda r: r["deliveries_per_cpu_s"],
+        "{:,.0f}",
+    ),
+    ("cpu_percent", "CPU % of one core", lambda r: r["cpu_percent"], "{:.1f}"),
+    ("p50", "added latency p50 ms", _lat("p50"), "{:.2f}"),
+    ("p99", "added latency p99 ms", _lat("p99"), "{:.2f}"),
+    ("p999", "added latency p99.9 ms", _lat("p999"), "{:.2f}"),
+    ("peak_rss_mib", "peak RSS MiB", lambda r: r["peak_rss_kib"] / 1024, "{:.1f}"),
+    (
+        "rss_per_idle_kb",
+        "RSS per idle subscriber KB",
+        lambda r: None if r["rss_per_idle_kib"] is None else r["rss_per_idle_kib"] * 1.024,
+        "{:.1f}",
+    ),
+    ("drop_to_fresh_ms", "drop -> first fresh frame ms", lambda r: r["drop_to_fresh_ms"], "{:.0f}"),
+    (
+        "healthy_closed",
+        "healthy subscribers closed",
+        lambda r: r["healthy"] - r["healthy_open"],
+        "{:d}",
+    ),
+    ("loadgen_cpu_percent", "(load generator CPU %)", lambda r: r["loadgen_cpu_percent"], "{:.0f}"),
+]
+
+
+def _get(res: Result, kind: str, phase: str, key: str) -> Any:
+    run = res["runs"].get(kind, {}).get(phase)
+    if run is None:
+        return None
+    for k, _, read, _ in ROWS:
+        if k == key:
+            return read(run)
+    raise KeyError(key)
+
+
+def _check(
+    figure: str, target: str, value: Any, ok: bool | None, *, derived: bool = False
+) -> Result:
+    """``derived``: *value* is computed from the figure (a ratio, a growth), so the table
+    shows it beside the verdict."""
+    return {"figure": figure, "target": target, "value": value, "ok": ok, "derived": derived}
+
+
+def evaluate(res: Result) -> list[Result]:
+    """The issue's targets that apply to this scenario, each with its value and verdict
+    (``ok`` None when a figure is missing, e.g. the peer was not run)."""
+    name = res["scenario"]["name"]
+
+    def gw(key: str, phase: str = "main") -> Any:
+        return _get(res, "gateway", phase, key)
+
+    checks: list[Result] = []
+
+    def add(figure: str, target: str, value: Any, ok: Callable[[Any], bool], **kw: bool) -> None:
+        checks.append(_check(figure, target, value, None if value is None else ok(value), **kw))
+
+    if name == "saturated":
+        g, p = gw("deliveries_per_cpu_s"), _get(res, "peer", "main", "deliveries_per_cpu_s")
+        ratio = g / p if g and p else None
+        add(
+            "deliveries_per_cpu_s",
+            f">= {SATURATED_RATIO}x peer",
+            ratio,
+            lambda v: v >= SATURATED_RATIO,
+            derived=True,
+        )
+    if name == "paced":
+        add("p99", f"<= {PACED_P99_MS:g} ms", gw("p99"), lambda v: v <= PACED_P99_MS)
+    if name in ("paced", "ingest"):
+        add(
+            "cpu_percent",
+            f"< {CPU_PERCENT_MAX:g}%",
+            gw("cpu_percent"),
+            lambda v: v < CPU_PERCENT_MAX,
+        )
+    if name == "stuck":
+        base, stuck = gw("p99", "baseline"), gw("p99")
+        ratio = stuck / base if stuck is not None and base else None
+        add(
+            "p99",
+            f"<= {STUCK_P99_SLACK:.2f}x baseline",
+            ratio,
+            lambda v: v <= STUCK_P99_SLACK,
+            derived=True,
+        )
+        base_rss, rss = gw("peak_rss_mib", "baseline"), gw("peak_rss_mib")
+        budget = res["scenario"]["stuck"] * BENCH_QUEUE_BYTES / 2**20
+        growth = rss - base_rss if rss is not None and base_rss is not None else None
+        add(
+            "peak_rss_mib",
+            f"growth <= {budget:.0f} MiB (their queues)",
+            growth,
+            lambda v: v <= budget,
+            derived=True,
+        )
+    if name == "drop":
+        limit = BENCH_BACKOFF_INITIAL * 1000 + DROP_SLACK_MS
+        add("drop_to_fresh_ms", f"<= {limit:.0f} ms", gw("drop_to_fresh_ms"), lambda v: v <= limit)
+    if name == "idle":
+        add(
+            "rss_per_idle_kb",
+            f"<= {IDLE_BYTES_MAX / 1000:g} KB",
+            gw("rss_per_idle_kb"),
+            lambda v: v * 1000 <= IDLE_BYTES_MAX,
+        )
+    return checks
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """The human table: one block per scenario (and phase), rows with a figure only."""
+    head = f"{'scenario':<18} {'figure':<30} {'gateway':>11} {'peer':>11} {'gw/peer':>8}  target"
+    out = [head, "-" * len(head)]
+    for res in results:
+        name = res["scenario"]["name"]
+        checks = {c["figure"]: c for c in res.get("checks", [])}
+        phases = ["baseline", "main"] if "baseline" in res["runs"].get("gateway", {}) else ["main"]
+        for phase in phases:
+            sc = res["scenario"]
+            label = name if phase == "main" else f"{name} (baseline)"
+            if phase == "main" and sc["stuck"]:
+                label = f"{name} ({sc['stuck']} of {sc['subscribers'] + sc['stuck']})"
+            for key, text, _, fmt in ROWS:
+                g = _get(res, "gateway", phase, key)
+                p = _get(res, "peer", phase, key)
+                if g is None and p is None:
+                    continue
+                numbers = isinstance(g, float | int) and isinstance(p, float | int)
+                ratio = f"{g / p:.2f}" if numbers and p and not key.startswith("healthy") else ""
+                target = ""
+                check = checks.get(key) if phase == "main" else None
+                if check is not None:
+                    verdict = {True: "MET", False: "MISSED", None: "n/a"}[check["ok"]]
+                    shown = check["derived"] and check["value"] is not None
+                    extra = f" ({check['value']:.2f})" if shown else ""
+                    target = f"{check['target']}: {verdict}{extra}"
+                cells = f"{_fmt(g, fmt):>11} {_fmt(p, fmt):>11} {ratio:>8}"
+                out.append(f"{label:<18} {text:<30} {cells}  {target}")
+                label = ""
+        for error in res.get("errors", []):
+            out.append(f"{'':<18} ERROR {error}")
+        out.append("")
+    return "\n".join(out)
