@@ -914,3 +914,22 @@ async def test_run_from_args_serves_and_logs_urls(caplog: pytest.LogCaptureFixtu
     assert f"ws://127.0.0.1:{port}{TRACK}" in text
     assert f"ws://127.0.0.1:{port}/soccer/fixtures/p/actions" in text
     assert TEST_TOKEN not in text
+
+
+async def test_fixtures_added_while_serving_and_re_added_after_removal() -> None:
+    sim = make_sim(heartbeat_interval=5.0)
+    with trio.fail_after(TIMEOUT):
+        async with serving(sim) as port:
+            with pytest.raises(RuntimeError, match="already serving"):
+                await sim.serve()
+            for _ in range(2):
+                sim.add_fixture("fp", kind="fastpath")
+                sim.add_fixture("fx")
+                async with fastpath(port, "fp") as ws:
+                    first = await next_data(ws)
+                    assert first["fixtureAction"]["fixtureSeqNum"] == 1
+                async with tracking(port) as ws:
+                    await send(ws, {"fixtureId": "fx", "backfill": -1})
+                    assert (await next_data(ws))["ix"] == 0
+                sim.remove_fixture("fp")
+                sim.remove_fixture("fx")

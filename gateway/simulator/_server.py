@@ -116,6 +116,7 @@ class _Session:
         assert self.fixture is not None
         faults = self.fixture.faults
         if self._should_drop(faults):
+            await trio.lowlevel.checkpoint()  # raises Cancelled: finish() cancelled us
             return
         if faults.malformed_frames > 0:
             faults.malformed_frames -= 1
@@ -502,6 +503,8 @@ class Simulator:
         On cancellation every connection is closed (their tasks are cancelled; sockets close).
         Errors of one connection are logged and end only that connection.
         """
+        if self._nursery is not None:
+            raise RuntimeError("this Simulator is already serving")
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         try:
@@ -529,7 +532,9 @@ class Simulator:
                     await self._handle_connection(stream, nursery, conn_no)
                 finally:
                     nursery.cancel_scope.cancel()
-        except Exception:
+        except* ConnectionClosed:
+            pass  # the client left mid-handshake: nothing to do but close
+        except* Exception:
             logger.exception("simulator connection %d failed", conn_no)
         finally:
             await trio.aclose_forcefully(stream)
