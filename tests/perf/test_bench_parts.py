@@ -1,0 +1,231 @@
+"""The benchmark harness's own pieces, each checked alone.
+
+Covers: the hand-written WebSocket codec (lengths at every header size, masking, partial input,
+RFC 6455's handshake example), percentiles, scenario presets and knob overrides, the generated
+gateway config (loaded by the real config loader), target verdicts and the table, and the feeder
+process speaking the tracking protocol to a trio-websocket client (auth, unknown fixture,
+backfill, increasing ix, the ``_bt`` stamp first, ``drop``). Rules: real sockets on 127.0.0.1
+port 0 inside ``trio.fail_after``; no timing assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from gateway.bench import PRESETS, SCENARIO_NAMES, add_arguments
+from gateway.bench._cli import scenarios_from_args
+from gateway.bench._loadgen import percentile
+from gateway.bench._report import evaluate, format_table
+from gateway.bench._run import gateway_config_text
+from gateway.bench._wsframe import (
+    OP_PING,
+    OP_TEXT,
+    ProtocolError,
+    accept_key,
+    check_server_handshake,
+    client_handshake,
+    encode_frame,
+    parse_frames,
+    server_handshake,
+    unmask,
+)
+from gateway.config import load_config
+from tests.conftest import TEST_TOKEN
+
+# -- codec ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("mask", [False, True])
+def test_frames_round_trip_at_every_header_size(size: int, mask: bool) -> None:
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    data = encode_frame(OP_TEXT, body, mask=mask) + encode_frame(OP_PING, b"p", mask=mask)
+    frames, pos = parse_frames(data)
+    assert pos == len(data)
+    (op1, s1, e1), (op2, s2, e2) = frames
+    read = unmask if mask else (lambda buf, s, e: bytes(buf[s:e]))
+    assert (op1, read(data, s1, e1)) == (OP_TEXT, body)
+    assert (op2, read(data, s2, e2)) == (OP_PING, b"p")
+
+
+def test_partial_frames_wait_for_more_bytes() -> None:
+    data = encode_frame(OP_TEXT, b"x" * 300)
+    for cut in (1, 2, 3, 100, len(data) - 1):
+        assert parse_frames(data[:cut]) == ([], 0)
+    assert parse_frames(b"junk" + data, 4)[1] == 4 + len(data)
+
+
+def test_handshake_matches_rfc_6455_example_and_round_trips() -> None:
+    assert accept_key(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    request, expected = client_handshake("127.0.0.1", 1234, "/v1/stream")
+    path, response = server_handshake(request.split(b"\r\n\r\n")[0])
+    assert path == "/v1/stream"
+    check_server_handshake(response.split(b"\r\n\r\n")[0], expected)
+    with pytest.raises(ProtocolError):
+        check_server_handshake(response.split(b"\r\n\r\n")[0], b"wrong")
+    with pytest.raises(ProtocolError):
+        check_server_handshake(b"HTTP/1.1 403 Forbidden", expected)
+    with pytest.raises(ProtocolError):
+        server_handshake(b"GET / HTTP/1.1\r\nHost: x")
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 1001))
+    assert percentile(values, 50) == 500
+    assert percentile(values, 99) == 990
+    assert percentile(values, 99.9) == 999
+    assert percentile([7], 99.9) == 7
+    assert percentile([], 50) == 0
+
+
+# -- scenarios, config, report --------------------------------------------------------------
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_knobs_override_presets_and_all_runs_every_preset() -> None:
+    (paced,) = scenarios_from_args(_parse("--scenario", "paced", "--duration", "3"))
+    assert paced == attrs.evolve(PRESETS["paced"], duration=3.0)
+    everything = scenarios_from_args(_parse("--scenario", "all", "--rate", "5"))
+    assert [s.name for s in everything] == list(SCENARIO_NAMES)
+    assert {s.rate for s in everything} == {5.0}
+    (custom,) = scenarios_from_args(_parse("--subscribers", "7", "--fanout", "spread"))
+    assert (custom.name, custom.subscribers, custom.fanout) == ("custom", 7, "spread")
+    assert PRESETS["paced"].offered_deliveries == 25_000
+    assert PRESETS["ingest"].offered_deliveries == 5_000
+
+
+def test_generated_gateway_config_is_accepted_by_the_loader(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(gateway_config_text(PRESETS["ingest"], 4000, 4001, 4002))
+    config = load_config(path)
+    assert len(config.fixtures) == 200
+    assert config.upstream.token_env == "DDE_BENCH_TOKEN"
+    assert config.feeds["tracking"].url == "ws://127.0.0.1:4000/ws/soccer/tracking/low_latency"
+
+
+def _run(p99: float, cpu: float = 10.0, per_cpu: float = 1e5, rss: int = 50_000) -> Any:
+    return {
+        "frames_in_per_s": 500.0,
+        "frames_out_per_s": 25_000.0,
+        "deliveries_per_cpu_s": per_cpu,
+        "cpu_percent": cpu,
+        "latency_ms": {"count": 10, "p50": p99 / 2, "p99": p99, "p999": p99 * 2, "max": p99 * 3},
+        "peak_rss_kib": rss,
+        "rss_per_idle_kib": None,
+        "drop_to_fresh_ms": None,
+        "healthy": 5,
+        "healthy_open": 5,
+        "loadgen_cpu_percent": 20.0,
+    }
+
+
+def test_verdicts_follow_the_targets() -> None:
+    paced: Any = {
+        "scenario": {"name": "paced", "stuck": 0},
+        "runs": {"gateway": {"main": _run(4.0)}},
+    }
+    assert [c["ok"] for c in evaluate(paced)] == [True, True]
+    paced["runs"]["gateway"]["main"] = _run(6.0, cpu=60.0)
+    assert [c["ok"] for c in evaluate(paced)] == [False, False]
+
+    sat: Any = {
+        "scenario": {"name": "saturated", "stuck": 0},
+        "runs": {"gateway": {"main": _run(1, per_cpu=3e5)}, "peer": {"main": _run(1)}},
+    }
+    (check,) = evaluate(sat)
+    assert (check["value"], check["ok"]) == (3.0, True)
+    del sat["runs"]["peer"]
+    assert evaluate(sat)[0]["ok"] is None  # no peer, no verdict
+
+    stuck: Any = {
+        "scenario": {"name": "stuck", "stuck": 5, "subscribers": 45},
+        "runs": {"gateway": {"baseline": _run(2.0), "main": _run(2.4, rss=60_000)}},
+    }
+    ratio, growth = evaluate(stuck)
+    assert (ratio["ok"], growth["ok"]) == (False, True)
+    stuck["checks"] = evaluate(stuck)
+    table = format_table([stuck])
+    assert "stuck (baseline)" in table and "stuck (5 of 50)" in table
+    assert "MISSED (1.20)" in table
+
+
+# -- the feeder process -----------------------------------------------------------------------
+
+
+class _Lines:
+    """Newline-separated JSON objects from a trio receive stream (the feeder's stdout)."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def next(self) -> Any:
+        while b"\n" not in self.buf:
+            chunk = await self.stream.receive_some()
+            assert chunk, "feeder closed its stdout"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+async def test_feeder_speaks_the_tracking_protocol() -> None:
+    env = dict(os.environ, DDE_BENCH_TOKEN=TEST_TOKEN)
+    argv = [sys.executable, "-m", "gateway.bench._feeder", "--fixtures", "2", "--rate", "200"]
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    out = _Lines(proc.stdout)
+    try:
+        with trio.fail_after(30):
+            url = f"ws://127.0.0.1:{(await out.next())['port']}/ws/soccer/tracking/low_latency"
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message('{"authToken": "wrong"}')
+                assert "could not be authenticated" in str(await ws.get_message())
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps({"authToken": TEST_TOKEN}))
+                assert "Authorisation accepted" in str(await ws.get_message())
+                await ws.send_message('{"fixtureId": "nope", "backfill": 0}')
+                assert "Could not find fixture topic" in str(await ws.get_message())
+                await trio.sleep(0.2)  # let history build up
+                await ws.send_message('{"fixtureId": "bench-0001", "backfill": 5}')
+                frames = [await ws.get_message() for _ in range(10)]
+            assert all(str(f).startswith('{"_bt":') for f in frames)
+            docs = [orjson.loads(f) for f in frames]
+            ixs = [d["ix"] for d in docs]
+            assert ixs == list(range(ixs[0], ixs[0] + 10)) and ixs[0] > 0
+            assert {d["id"] for d in docs} == {"bench-0001"}
+
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps({"authToken": TEST_TOKEN}))
+                await ws.get_message()
+                await ws.send_message('{"fixtureId": "bench-0000", "backfill": 0}')
+                await ws.get_message()
+                await proc.stdin.send_all(b"drop\n")
+                dropped = await out.next()
+                assert dropped["event"] == "dropped" and dropped["closed"] == 1
+                with pytest.raises(trio_websocket.ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+            await proc.stdin.aclose()  # EOF stops the feeder
+            assert await proc.wait() == 0
+    finally:
+        proc.kill()
