@@ -416,6 +416,10 @@ async def test_unknown_route_and_wrong_method_are_json(tmp_path: Path) -> None:
         assert set(reply.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT", "DELETE"}
         assert_error(await client.request("DELETE", "/healthz"), 405)
         assert_error(await client.request("PUT", "/v1/status"), 405)
+        # HEAD works wherever GET does, with the headers and no body.
+        reply = await client.request("HEAD", "/v1/status")
+        assert (reply.status, reply.body) == (200, b"")
+        assert reply.headers["content-type"] == "application/json"
 
 
 async def test_facade_error_is_a_json_500_and_the_server_survives(tmp_path: Path) -> None:
@@ -584,6 +588,24 @@ async def test_shutdown_event_stops_the_server(tmp_path: Path) -> None:
         # The nursery exited, so run() returned by itself; the port no longer answers.
         with pytest.raises(OSError):
             await client.get("/healthz")
+
+
+async def test_ipv6_listen_address(tmp_path: Path) -> None:
+    try:
+        with trio.socket.socket(trio.socket.AF_INET6) as probe:
+            await probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    config = attrs.evolve(
+        make_config(tmp_path),
+        gateway=attrs.evolve(
+            make_config(tmp_path).gateway, http_listen=ListenAddress.parse("[::1]:0")
+        ),
+    )
+    async with serving(config) as (client, _):
+        assert client.address.host == "::1"
+        assert client.address.port != 0
+        assert (await client.get("/healthz")).status == 200
 
 
 # --- rate sampler (no sockets) ------------------------------------------------------------------
