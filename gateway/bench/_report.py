@@ -55,6 +55,8 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
         "{:d}",
     ),
     ("loadgen_cpu_percent", "(load generator CPU %)", lambda r: r["loadgen_cpu_percent"], "{:.0f}"),
+    ("feeder_cpu_percent", "(feeder CPU %)", lambda r: r["feeder_cpu_percent"], "{:.0f}"),
+    ("load_average", "(machine load average, 1 min)", lambda r: r["load_average"], "{:.1f}"),
 ]
 
 

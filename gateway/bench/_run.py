@@ -309,6 +309,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         _wait_receiving(loadgen, sc, say)
         time.sleep(sc.warmup)
 
+        load0 = os.getloadavg()[0]
         cpu0 = cpu_seconds(pid)
         fs0 = feeder.ask("stats", "stats")
         t0 = time.monotonic()
@@ -362,6 +363,8 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         "closed": report["closed"],
         "loadgen_cpu_percent": 100 * float(report["cpu_s"]) / window,
         "feeder_cpu_percent": 100 * (float(fs1["cpu_s"]) - float(fs0["cpu_s"])) / window,
+        # Other work on the machine skews every figure (CPU time is the least affected).
+        "load_average": max(load0, os.getloadavg()[0]),
     }
 
 

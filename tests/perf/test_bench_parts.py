@@ -134,6 +134,8 @@ def _run(p99: float, cpu: float = 10.0, per_cpu: float = 1e5, rss: int = 50_000)
         "healthy": 5,
         "healthy_open": 5,
         "loadgen_cpu_percent": 20.0,
+        "feeder_cpu_percent": 5.0,
+        "load_average": 1.0,
     }
 
 
