@@ -14,7 +14,10 @@ import datetime
 import itertools
 import logging
 import math
+import os
 import re
+import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -933,3 +936,23 @@ async def test_fixtures_added_while_serving_and_re_added_after_removal() -> None
                     assert (await next_data(ws))["ix"] == 0
                 sim.remove_fixture("fp")
                 sim.remove_fixture("fx")
+
+
+async def test_run_from_args_stops_cleanly_on_sigint() -> None:
+    args = _parse(["--listen", "127.0.0.1:0", "--fixtures", "a"])
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_from_args, args)
+            os.kill(os.getpid(), signal.SIGINT)
+    # Reaching here means run_from_args returned by itself, without KeyboardInterrupt.
+
+
+async def test_run_from_args_errors_are_one_line_exits() -> None:
+    with pytest.raises(SystemExit, match="no such fixture"):
+        await run_from_args(_parse(["--fixtures", "a", "--fault", "zz:stall=1"]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
+            await run_from_args(_parse(["--listen", f"127.0.0.1:{port}"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
+import signal
 import types
 from typing import Final, get_args, get_type_hints
 
@@ -19,6 +20,7 @@ import trio
 from gateway.config import ListenAddress
 from gateway.simulator._faults import FAULT_NAMES, Faults
 from gateway.simulator._server import (
+    ACCEPT_MEDIA_TYPE,
     DEFAULT_ACTION_INTERVAL,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_RATE_HZ,
@@ -208,33 +210,60 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
 async def run_from_args(
     args: argparse.Namespace, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the simulator described by ``args`` until cancelled; ``started(bound_port)``."""
-    sim = build_simulator(args)
+    """Run the simulator described by ``args``; ``started(bound_port)``.
+
+    Runs until cancelled or until SIGINT/SIGTERM, which end it cleanly (return, no traceback).
+    A bad option value or a port that cannot be bound raises SystemExit with a one-line message.
+    """
+    try:
+        sim = build_simulator(args)
+    except ValueError as exc:
+        raise SystemExit(f"dde-gateway simulate: error: {exc}") from None
     listen: ListenAddress = args.listen
 
-    async def announce(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        await sim.serve(listen.host, listen.port, task_status=task_status)
+    async def stop_on_signal(
+        cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                logger.info("simulator stopping (%s)", signal.Signals(signum).name)
+                cancel.cancel()
+                return
 
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(announce)
-        host = f"[{listen.host}]" if ":" in listen.host else listen.host
-        base = f"ws://{host}:{port}"
-        for fixture in sim.fixtures.values():
-            if fixture.kind == "tracking":
-                logger.info(
-                    "tracking fixture %s: connect to %s%s and send "
-                    '{"authToken": ...} then {"fixtureId": "%s", "backfill": 0}',
-                    fixture.id,
-                    base,
-                    TRACKING_PATH,
-                    fixture.id,
-                )
-            else:
-                logger.info(
-                    'fastpath fixture %s: connect to %s%s (Accept: %s) and send {"authToken": ...}',
-                    fixture.id,
-                    base,
-                    FASTPATH_PATH.format(fixture=fixture.id),
-                    "application/vnd.imggaming.dde.api+json;version=1",
-                )
-        task_status.started(port)
+    try:
+        async with trio.open_nursery() as nursery:
+            port: int = await nursery.start(sim.serve, listen.host, listen.port)
+            await nursery.start(stop_on_signal, nursery.cancel_scope)
+            _log_urls(sim, listen, port)
+            task_status.started(port)
+    except* OSError as group:
+        # serve() raises OSError only when it cannot bind; connection errors stay inside it.
+        error = group.exceptions[0]
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise SystemExit(
+            f"dde-gateway simulate: error: cannot listen on {listen}: {reason}"
+        ) from None
+
+
+def _log_urls(sim: Simulator, listen: ListenAddress, port: int) -> None:
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    base = f"ws://{host}:{port}"
+    for fixture in sim.fixtures.values():
+        if fixture.kind == "tracking":
+            logger.info(
+                "tracking fixture %s: %s%s, then send "
+                '{"authToken": ...} and {"fixtureId": "%s", "backfill": 0}',
+                fixture.id,
+                base,
+                TRACKING_PATH,
+                fixture.id,
+            )
+        else:
+            logger.info(
+                'fastpath fixture %s: %s%s (header Accept: %s), then send {"authToken": ...}',
+                fixture.id,
+                base,
+                FASTPATH_PATH.format(fixture=fixture.id),
+                ACCEPT_MEDIA_TYPE,
+            )
