@@ -102,6 +102,8 @@ class Supervisor:
                     for entry in pending:
                         nursery.start_soon(self._follow, entry)
                     task_status.started()
+                    # Keep the nursery open for fixtures added later, even with none running.
+                    await trio.sleep_forever()
             finally:
                 self._nursery = None
                 self._active_connect = None

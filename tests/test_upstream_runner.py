@@ -1,0 +1,701 @@
+"""The upstream supervisor over a fake in-memory connector, under MockClock.
+
+Covers: the global connect rate with 50 fixtures failing at once, the stall watchdog, backoff
+delays between attempts, tracking resume widening, state transitions (unauthorized, not_found,
+stopped), token handling (missing token file, re-read per attempt, never leaked), crash isolation
+between fixtures, and config reload. No sockets: every test runs on memory channels with
+``autojump_clock`` (MockClock, autojump_threshold=0), so timings are exact virtual seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from gateway.config import Config, FixtureConfig, structure_config
+from gateway.upstream import (
+    FASTPATH_ACCEPT,
+    FixtureState,
+    Supervisor,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from tests.conftest import TEST_TOKEN
+
+ACCEPTED = '{"message":"Authorisation accepted","level":"INFO"}'
+HEARTBEAT = '{"message":"Heartbeat sent at 2023-05-01T00:03:11.822Z","level":"INFO"}'
+
+
+def frame(ix: int) -> str:
+    return orjson.dumps({"id": "f1", "ix": ix, "mt": ix * 40}).decode()
+
+
+def make_config(tmp_path: Path, upstream: dict[str, Any] | None = None, **extra: Any) -> Config:
+    token_file = tmp_path / "token"
+    if not token_file.exists():
+        token_file.write_text(TEST_TOKEN + "\n")
+    up = {
+        "token_file": str(token_file),
+        "connect_rate": 1000.0,
+        "backoff_initial": 0.1,
+        "backoff_max": 1.0,
+        "stall_timeout": 5.0,
+        "handshake_timeout": 3.0,
+        "unauthorized_retry": 60.0,
+        "not_found_retry": 30.0,
+    }
+    up.update(upstream or {})
+    data: dict[str, Any] = {
+        "upstream": up,
+        "feeds": {
+            "trk": {"kind": "tracking", "url": "ws://upstream.test/ws/soccer/tracking"},
+            "fp": {
+                "kind": "fastpath",
+                "url": "ws://upstream.test/soccer/fixtures/{fixture}/actions",
+            },
+        },
+    }
+    data.update(extra)
+    return structure_config(data)
+
+
+@attrs.define
+class RecordingSink:
+    frames: list[str] = attrs.field(factory=list)
+    states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
+    fail_publish: int = 0  # raise on this many publishes
+
+    def publish(self, raw: str) -> None:
+        if self.fail_publish > 0:
+            self.fail_publish -= 1
+            raise RuntimeError("sink exploded")
+        self.frames.append(raw)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        self.states.append((state, detail))
+
+    @property
+    def ixs(self) -> list[int]:
+        return [orjson.loads(f)["ix"] for f in self.frames]
+
+
+_CLOSE = object()
+
+
+class FakeConn:
+    """Client side of an in-memory connection; the test's server script drives the other side."""
+
+    def __init__(self) -> None:
+        self._to_client_send, self._to_client = trio.open_memory_channel[Any](math.inf)
+        self._to_server_send, self.from_client = trio.open_memory_channel[str](1000)
+        self.closed_by_client = False
+        self._close_code: int | None = None
+
+    # client API (UpstreamConnection)
+    async def send_message(self, message: str) -> None:
+        if self._close_code is not None or self.closed_by_client:
+            raise UpstreamClosed(self._close_code or 1006)
+        await self._to_server_send.send(message)
+
+    async def get_message(self) -> str | bytes:
+        if self.closed_by_client:
+            raise UpstreamClosed(1000)
+        item = await self._to_client.receive()
+        if isinstance(item, tuple) and item[0] is _CLOSE:
+            self._close_code = item[1]
+            raise UpstreamClosed(item[1])
+        assert isinstance(item, str | bytes)
+        return item
+
+    async def aclose(self) -> None:
+        self.closed_by_client = True
+        await trio.lowlevel.checkpoint()
+
+    # server API
+    def push(self, message: str | bytes) -> None:
+        self._to_client_send.send_nowait(message)
+
+    def close(self, code: int) -> None:
+        self._to_client_send.send_nowait((_CLOSE, code))
+
+    async def recv(self) -> dict[str, Any]:
+        text = await self.from_client.receive()
+        obj: dict[str, Any] = orjson.loads(text)
+        return obj
+
+
+@attrs.define
+class Attempt:
+    at: float
+    url: str
+    headers: list[tuple[bytes, bytes]]
+    conn: FakeConn
+
+
+Script = Callable[[FakeConn, Attempt], Awaitable[None]]
+
+
+class FakeConnector:
+    """Records attempts; ``script`` plays the server for each one (in the test's nursery).
+
+    ``refuse(attempt)`` may return an exception to raise instead of connecting.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        script: Script,
+        refuse: Callable[[Attempt], BaseException | None] | None = None,
+    ) -> None:
+        self.nursery = nursery
+        self.script = script
+        self.refuse = refuse
+        self.attempts: list[Attempt] = []
+        self.closed: list[FakeConn] = []
+
+    @asynccontextmanager
+    async def __call__(
+        self, url: str, *, headers: Sequence[tuple[bytes, bytes]], connect_timeout: float
+    ) -> AsyncIterator[UpstreamConnection]:
+        conn = FakeConn()
+        attempt = Attempt(trio.current_time(), url, list(headers), conn)
+        self.attempts.append(attempt)
+        await trio.lowlevel.checkpoint()
+        if self.refuse is not None:
+            exc = self.refuse(attempt)
+            if exc is not None:
+                raise exc
+        self.nursery.start_soon(self.script, conn, attempt)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+            self.closed.append(conn)
+
+
+async def tracking_server(conn: FakeConn, attempt: Attempt, frames: int = 10) -> None:
+    auth = await conn.recv()
+    assert auth == {"authToken": TEST_TOKEN}
+    conn.push(ACCEPTED)
+    await conn.recv()
+    for i in range(frames):
+        conn.push(frame(i))
+    await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def running(
+    config: Config, script: Script, refuse: Callable[[Attempt], BaseException | None] | None = None
+) -> AsyncIterator[tuple[Supervisor, FakeConnector, dict[tuple[str, str], RecordingSink]]]:
+    sinks: dict[tuple[str, str], RecordingSink] = {}
+
+    def sink_for(feed: Any, fixture: FixtureConfig) -> RecordingSink:
+        return sinks.setdefault(fixture.key, RecordingSink())
+
+    async with trio.open_nursery() as nursery:
+        connector = FakeConnector(nursery, script, refuse)
+        sup = Supervisor(config, sink_for, connect=connector, rng=random.Random(7))
+        await nursery.start(sup.run)
+        # Virtual time: a hang fails fast with a traceback instead of burning pytest-timeout.
+        with trio.fail_after(3600):
+            yield sup, connector, sinks
+        nursery.cancel_scope.cancel()
+
+
+async def until(predicate: Callable[[], bool], step: float = 0.01) -> None:
+    """Poll (virtual time under MockClock); the caller's fail_after bounds it."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(step)
+
+
+async def wait_state(sup: Supervisor, feed: str, fx: str, state: FixtureState) -> None:
+    while True:
+        handle = sup.get(feed, fx)
+        assert handle is not None
+        if handle.status.state == state:
+            return
+        await trio.sleep(0.01)
+
+
+# -- rate limit --------------------------------------------------------------------------------
+
+
+async def test_fifty_failing_fixtures_respect_global_connect_rate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    rate = 5.0
+    fixtures = [{"feed": "trk", "id": f"fx{i}"} for i in range(50)]
+    config = make_config(
+        tmp_path,
+        {"connect_rate": rate, "backoff_initial": 0.01, "backoff_max": 0.05},
+        fixtures=fixtures,
+    )
+
+    async def never(conn: FakeConn, attempt: Attempt) -> None:
+        raise AssertionError("no attempt should connect")
+
+    async with running(config, never, refuse=lambda a: UpstreamUnavailable("refused")) as (
+        sup,
+        connector,
+        _,
+    ):
+        await trio.sleep(60.0)
+        # Waiting for a limiter slot counts as connecting.
+        states = {h.status.state for h in sup.handles()}
+        assert states <= {FixtureState.BACKOFF, FixtureState.CONNECTING}
+        assert all(h.status.last_error == "refused" for h in sup.handles())
+    times = sorted(a.at for a in connector.attempts)
+    # Backoff is tiny, so the limiter alone decides: about rate attempts per second.
+    assert len(times) >= 250
+    j = 0
+    for i, t in enumerate(times):
+        while times[j] < t - 1.0:
+            j += 1
+        assert i - j + 1 <= rate + 1, f"{i - j + 1} attempts in [{t - 1.0}, {t}]"
+
+
+async def test_rate_limit_fairness_first_round(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """All 50 fixtures get their first attempt before any fixture gets a third one."""
+    fixtures = [{"feed": "fp", "id": f"fx{i}"} for i in range(50)]
+    config = make_config(
+        tmp_path,
+        {"connect_rate": 5.0, "backoff_initial": 0.01, "backoff_max": 0.05},
+        fixtures=fixtures,
+    )
+
+    async def never(conn: FakeConn, attempt: Attempt) -> None:
+        raise AssertionError
+
+    async with running(config, never, refuse=lambda a: UpstreamUnavailable("x")) as (_, c, _s):
+        await trio.sleep(30.0)
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    for a in c.attempts:
+        counts[a.url] = counts.get(a.url, 0) + 1
+        if len(seen) < 50:
+            assert counts[a.url] <= 2
+        seen.add(a.url)
+    assert len(seen) == 50
+
+
+# -- backoff between attempts --------------------------------------------------------------------
+
+
+async def test_backoff_delays_grow_and_stay_capped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        {"backoff_initial": 0.5, "backoff_max": 4.0},
+        fixtures=[{"feed": "trk", "id": "f1"}],
+    )
+
+    async def never(conn: FakeConn, attempt: Attempt) -> None:
+        raise AssertionError
+
+    async with running(config, never, refuse=lambda a: UpstreamUnavailable("down")) as (_, c, _s):
+        await trio.sleep(120.0)
+    gaps = [b.at - a.at for a, b in zip(c.attempts, c.attempts[1:], strict=False)]
+    for n, gap in enumerate(gaps):
+        assert gap <= min(4.0, 0.5 * 2**n) + 1e-6
+    # Capped at 4 s with full jitter: about 60 attempts in 120 s, certainly more than 30.
+    assert len(c.attempts) > 30
+
+
+# -- stall watchdog ----------------------------------------------------------------------------
+
+
+async def test_stall_closes_and_reconnects(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, {"stall_timeout": 5.0}, fixtures=[{"feed": "trk", "id": "f1"}])
+    last_push: list[float] = []
+
+    async def stalls(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        sub = await conn.recv()
+        base = 0 if len(last_push) == 0 else 3
+        assert sub["backfill"] == (0 if base == 0 else sub["backfill"])
+        for i in range(base, base + 3):
+            conn.push(frame(i))
+        last_push.append(trio.current_time())
+        await trio.sleep_forever()  # then silence
+
+    async with running(config, stalls) as (sup, c, sinks):
+        await until(lambda: len(c.attempts) >= 2)
+        await wait_state(sup, "trk", "f1", FixtureState.LIVE)
+    first, second = c.attempts[0], c.attempts[1]
+    assert first.conn.closed_by_client
+    assert second.at - last_push[0] >= 5.0
+    assert second.at - last_push[0] <= 5.0 + 1.0 + 0.01  # stall + at most backoff_max
+    assert sinks["trk", "f1"].ixs == [0, 1, 2, 3, 4, 5]
+    handle = sup.get("trk", "f1")
+    assert handle is not None
+    assert handle.status.counters.connects == 2
+    assert handle.status.counters.reconnects == 1
+
+
+async def test_handshake_timeout_without_acceptance(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        {"handshake_timeout": 3.0, "stall_timeout": 100.0},
+        fixtures=[{"feed": "trk", "id": "f1"}],
+    )
+
+    async def mute(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        while True:  # heartbeats do not count as acceptance
+            conn.push(HEARTBEAT)
+            await trio.sleep(1.0)
+
+    async with running(config, mute) as (sup, c, _):
+        await until(lambda: len(c.attempts) >= 2)
+    assert 3.0 <= c.attempts[1].at - c.attempts[0].at <= 3.0 + 1.0 + 0.01
+    h = sup.get("trk", "f1")
+    assert h is not None
+    assert h.status.last_error == "no authorisation reply within 3.0 s"
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+async def test_tracking_resume_widens_until_backfill_reaches(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A burst while disconnected outruns the rate estimate: requests widen until they reach."""
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1", "backfill": 0}])
+    history: list[str] = []
+    requests: list[int] = []
+    total = 6000
+    first_conn: list[FakeConn] = []
+
+    async def server(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        backfill = (await conn.recv())["backfill"]
+        requests.append(backfill)
+        first_conn.append(conn)
+        sent = 0 if backfill == -1 else max(0, len(history) - backfill)
+        while not conn.closed_by_client:  # the vendor: backfill, then follow the feed
+            while sent < len(history):
+                conn.push(history[sent])
+                sent += 1
+            await trio.sleep(0.01)
+
+    async def producer() -> None:
+        await until(lambda: len(first_conn) > 0)
+        for _ in range(20):
+            history.append(frame(len(history)))
+            await trio.sleep(0.01)
+        first_conn[0].close(1011)
+        history.extend(frame(i) for i in range(len(history), 5020))  # burst while away
+        while len(history) < total:
+            history.append(frame(len(history)))
+            await trio.sleep(0.01)
+
+    async with running(config, server) as (sup, _, sinks):
+        await producer()
+        await until(lambda: len(sinks["trk", "f1"].frames) >= total)
+    assert sinks["trk", "f1"].ixs == list(range(total))
+    assert requests[0] == 0
+    assert requests[1] > 0
+    assert requests[2] == requests[1] * 4
+    h = sup.get("trk", "f1")
+    assert h is not None
+    assert h.status.counters.gaps == 0
+    assert h.status.counters.duplicates_dropped > 0
+
+
+async def test_fastpath_url_accept_header_and_start_position(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "fp", "id": "a b/c"}])
+    sent_total = 0
+
+    async def server(conn: FakeConn, attempt: Attempt) -> None:
+        nonlocal sent_total
+        assert await conn.recv() == {"authToken": TEST_TOKEN}
+        conn.push('{"eventElementType":"ConnectionStateChanged","state":"Connected"}')
+        for seq in range(1, 6):
+            conn.push(orjson.dumps({"fixtureAction": {"fixtureSeqNum": seq}}).decode())
+        sent_total += 5
+        conn.close(1001)
+
+    async with running(config, server) as (sup, c, sinks):
+        await until(lambda: len(c.attempts) >= 3)
+    urls = [a.url for a in c.attempts]
+    assert urls[0] == "ws://upstream.test/soccer/fixtures/a%20b%2Fc/actions?startPosition=0"
+    assert urls[1].endswith("?startPosition=5")
+    assert urls[2].endswith("?startPosition=10")
+    assert all(a.headers == [(b"Accept", FASTPATH_ACCEPT.encode())] for a in c.attempts)
+    h = sup.get("fp", "a b/c")
+    assert h is not None
+    assert h.status.counters.gaps == 0
+    # Unsequenced status packets are forwarded as frames too.
+    assert h.status.counters.frames == len(sinks["fp", "a b/c"].frames) >= 12
+
+
+# -- states ------------------------------------------------------------------------------------
+
+
+async def test_unauthorized_then_retry_after_configured_wait(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = make_config(
+        tmp_path, {"unauthorized_retry": 60.0}, fixtures=[{"feed": "trk", "id": "f1"}]
+    )
+
+    async def refuses(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
+        conn.close(1008)
+
+    async with running(config, refuses) as (sup, c, sinks):
+        await wait_state(sup, "trk", "f1", FixtureState.UNAUTHORIZED)
+        h = sup.get("trk", "f1")
+        assert h is not None
+        assert (FixtureState.UNAUTHORIZED, h.status.detail) in sinks["trk", "f1"].states
+        await trio.sleep(59.0)
+        assert len(c.attempts) == 1
+        await trio.sleep(2.0)
+        assert len(c.attempts) == 2
+    h = sup.get("trk", "f1")
+    assert h is not None
+    assert h.status.last_error is not None
+    assert "Supplied token could not be authenticated" in h.status.last_error
+    assert TEST_TOKEN not in caplog.text
+    assert TEST_TOKEN not in repr(h) and TEST_TOKEN not in repr(sup.handles())
+
+
+@pytest.mark.parametrize(
+    ("refusal", "state"),
+    [
+        (UpstreamRejected(401), FixtureState.UNAUTHORIZED),
+        (UpstreamRejected(403), FixtureState.UNAUTHORIZED),
+        (UpstreamRejected(404), FixtureState.NOT_FOUND),
+        (UpstreamRejected(406), FixtureState.BACKOFF),
+    ],
+)
+async def test_handshake_refusal_states(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    refusal: BaseException,
+    state: FixtureState,
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "fp", "id": "f1"}])
+
+    async def never(conn: FakeConn, attempt: Attempt) -> None:
+        raise AssertionError
+
+    async with running(config, never, refuse=lambda a: refusal) as (sup, _, _s):
+        await wait_state(sup, "fp", "f1", state)
+    h = sup.get("fp", "f1")
+    assert h is not None
+    assert h.status.last_error == f"handshake refused: HTTP {refusal.status}"  # type: ignore[attr-defined]
+
+
+async def test_not_found_message_and_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        tmp_path, {"not_found_retry": 30.0}, fixtures=[{"feed": "trk", "id": "nope"}]
+    )
+
+    async def unknown(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        await conn.recv()
+        conn.push('{"message":"Could not find fixture topic soccer.tracking.nope","level":"WARN"}')
+        await trio.sleep_forever()  # the vendor leaves it open; we must close
+
+    async with running(config, unknown) as (sup, c, _):
+        await wait_state(sup, "trk", "nope", FixtureState.NOT_FOUND)
+        await trio.sleep(31.0)
+    assert len(c.attempts) == 2
+    assert c.attempts[1].at - c.attempts[0].at == pytest.approx(30.0)
+    assert c.attempts[0].conn.closed_by_client
+
+
+async def test_close_1008_before_acceptance_is_unauthorized(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
+
+    async def closes(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.close(1008)
+
+    async with running(config, closes) as (sup, _, _s):
+        await wait_state(sup, "trk", "f1", FixtureState.UNAUTHORIZED)
+
+
+async def test_missing_token_file_is_backoff_without_connecting(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
+    (tmp_path / "token").unlink()
+
+    async with running(config, tracking_server) as (sup, c, sinks):
+        await wait_state(sup, "trk", "f1", FixtureState.BACKOFF)
+        h = sup.get("trk", "f1")
+        assert h is not None
+        assert h.status.last_error is not None
+        assert "token unavailable" in h.status.last_error
+        assert c.attempts == []
+        (tmp_path / "token").write_text(TEST_TOKEN)  # re-read on the next attempt
+        await wait_state(sup, "trk", "f1", FixtureState.LIVE)
+        await until(lambda: len(sinks["trk", "f1"].frames) >= 10)
+
+
+async def test_malformed_frames_counted_and_skipped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
+
+    async def noisy(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        await conn.recv()
+        junks: list[str | bytes] = ["{", "[]", '{"ix":"3"}', b"\xff\xfe", "plain", '{"a":1}']
+        for i, junk in enumerate(junks):
+            conn.push(frame(i))
+            conn.push(junk)
+        conn.push(HEARTBEAT)
+        await trio.sleep_forever()
+
+    async with running(config, noisy) as (sup, _, sinks):
+        await until(lambda: len(sinks["trk", "f1"].frames) >= 6)
+        await trio.sleep(1.0)
+    h = sup.get("trk", "f1")
+    assert h is not None
+    assert h.status.counters.malformed == 6
+    assert h.status.counters.heartbeats == 1
+    assert h.status.state == FixtureState.STOPPED  # the supervisor was stopped
+    assert sinks["trk", "f1"].ixs == list(range(6))
+
+
+# -- isolation, add/remove, reload -------------------------------------------------------------
+
+
+async def test_crashing_sink_restarts_only_its_fixture(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(
+        tmp_path, fixtures=[{"feed": "trk", "id": "bad"}, {"feed": "trk", "id": "good"}]
+    )
+    sinks: dict[tuple[str, str], RecordingSink] = {
+        ("trk", "bad"): RecordingSink(fail_publish=1),
+        ("trk", "good"): RecordingSink(),
+    }
+
+    async with trio.open_nursery() as nursery:
+        connector = FakeConnector(nursery, tracking_server)
+        sup = Supervisor(config, lambda f, fx: sinks[fx.key], connect=connector)
+        await nursery.start(sup.run)
+        await until(lambda: min(len(s.frames) for s in sinks.values()) >= 10)
+        nursery.cancel_scope.cancel()
+    bad, good = sup.get("trk", "bad"), sup.get("trk", "good")
+    assert bad is not None and good is not None
+    assert bad.status.counters.crashes == 1
+    assert bad.status.last_error == "internal error (RuntimeError)"
+    assert good.status.counters.crashes == 0
+    assert good.status.counters.connects == 1
+    assert sinks["trk", "good"].ixs == list(range(10))
+    # The crashed fixture resumed: ix 0 was never delivered, so it was requested again.
+    assert sinks["trk", "bad"].ixs == list(range(10))
+    assert "task crashed" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_add_remove_and_unknown_feed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path)
+    async with running(config, tracking_server) as (sup, c, sinks):
+        assert sup.add(FixtureConfig(feed="trk", id="f1"))
+        assert not sup.add(FixtureConfig(feed="trk", id="f1"))
+        with pytest.raises(KeyError, match="unknown feed"):
+            sup.add(FixtureConfig(feed="nope", id="f1"))
+        await wait_state(sup, "trk", "f1", FixtureState.LIVE)
+        assert sup.remove("trk", "f1")
+        assert not sup.remove("trk", "f1")
+        assert sup.get("trk", "f1") is None
+        await trio.sleep(1.0)
+        assert c.attempts[0].conn.closed_by_client
+    assert sinks["trk", "f1"].states[-1] == (FixtureState.STOPPED, "removed")
+    assert [s for s, _ in sinks["trk", "f1"].states] == [
+        FixtureState.CONNECTING,
+        FixtureState.LIVE,
+        FixtureState.STOPPED,
+    ]
+
+
+async def test_add_before_run_and_stop_on_cancel(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path)
+    sink = RecordingSink()
+    async with trio.open_nursery() as nursery:
+        connector = FakeConnector(nursery, tracking_server)
+        sup = Supervisor(config, lambda f, fx: sink, connect=connector)
+        assert sup.add(FixtureConfig(feed="trk", id="early"))
+        await nursery.start(sup.run)
+        await wait_state(sup, "trk", "early", FixtureState.LIVE)
+        nursery.cancel_scope.cancel()
+    assert connector.attempts[0].conn.closed_by_client
+    assert sink.states[-1] == (FixtureState.STOPPED, "supervisor stopped")
+
+
+async def test_update_config_rotates_token_and_wakes_unauthorized(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        tmp_path, {"unauthorized_retry": 600.0}, fixtures=[{"feed": "trk", "id": "f1"}]
+    )
+    new_token = tmp_path / "token2"
+    new_token.write_text("rotated-token")
+
+    async def server(conn: FakeConn, attempt: Attempt) -> None:
+        auth = await conn.recv()
+        if auth["authToken"] != "rotated-token":
+            conn.push('{"message":"Authentication message had incorrect format","level":"ERROR"}')
+            conn.close(1000)
+            return
+        conn.push(ACCEPTED)
+        await conn.recv()
+        conn.push(frame(0))
+        await trio.sleep_forever()
+
+    async with running(config, server) as (sup, c, _):
+        await wait_state(sup, "trk", "f1", FixtureState.UNAUTHORIZED)
+        t0 = trio.current_time()
+        new_config = make_config(
+            tmp_path,
+            {"token_file": str(new_token), "connect_rate": 2.0},
+            fixtures=[{"feed": "trk", "id": "f1"}],
+        )
+        sup.update_config(new_config)
+        assert sup.limiter.rate == 2.0
+        await wait_state(sup, "trk", "f1", FixtureState.LIVE)
+        assert trio.current_time() - t0 < 5.0
+    assert len(c.attempts) == 2

@@ -1,0 +1,264 @@
+"""Pure pieces of gateway.upstream: backoff, connect limiter, message classification, resume.
+
+No sockets. Time-dependent tests run under MockClock(autojump_threshold=0) via pytest-trio's
+``autojump_clock`` fixture, so virtual seconds cost nothing and timings are exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.upstream import (
+    ALL_FRAMES,
+    BACKFILL_MARGIN,
+    BACKFILL_SAFETY,
+    BACKFILL_WIDEN,
+    FALLBACK_RATE,
+    MAX_WIDENINGS,
+    Backoff,
+    ConnectLimiter,
+    FastpathResume,
+    Kind,
+    TrackingResume,
+    Verdict,
+    classify_fastpath,
+    classify_tracking,
+)
+
+
+class _MaxRandom(random.Random):
+    """uniform() returns its upper bound: the backoff ceiling becomes observable."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+# -- backoff -----------------------------------------------------------------------------------
+
+
+def test_backoff_ceiling_doubles_and_caps() -> None:
+    b = Backoff(0.5, 4.0, 60.0, rng=_MaxRandom())
+    assert [b.next_delay() for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_full_jitter_stays_in_bounds() -> None:
+    b = Backoff(0.5, 30.0, 60.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(200)]
+    for n, d in enumerate(delays):
+        assert 0.0 <= d <= min(30.0, 0.5 * 2**n)
+    # Full jitter really spreads: capped draws are not all near the cap.
+    capped = delays[10:]
+    assert min(capped) < 10.0 < max(capped)
+
+
+def test_backoff_huge_failure_count_stays_finite() -> None:
+    b = Backoff(0.5, 30.0, 60.0, rng=_MaxRandom())
+    b.failures = 10_000
+    assert b.next_delay() == 30.0
+
+
+def test_backoff_resets_only_after_long_live_connection() -> None:
+    b = Backoff(1.0, 64.0, 60.0, rng=_MaxRandom())
+    for _ in range(4):
+        b.next_delay()
+    b.connection_ended(59.9)
+    assert b.next_delay() == 16.0
+    b.connection_ended(60.0)
+    assert b.next_delay() == 1.0
+
+
+def test_backoff_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="initial <= maximum"):
+        Backoff(5.0, 1.0, 60.0)
+
+
+# -- limiter -----------------------------------------------------------------------------------
+
+
+async def test_limiter_spacing_and_fifo(autojump_clock: trio.testing.MockClock) -> None:
+    limiter = ConnectLimiter(5.0)
+    grants: list[tuple[int, float]] = []
+
+    async def one(i: int) -> None:
+        await limiter.acquire()
+        grants.append((i, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i)
+            await trio.testing.wait_all_tasks_blocked()  # queue in a known order
+    assert [i for i, _ in grants] == list(range(20))
+    times = [t for _, t in grants]
+    assert all(b - a >= 0.2 - 1e-9 for a, b in itertools.pairwise(times))
+    assert times[-1] - times[0] == pytest.approx(19 * 0.2)
+
+
+async def test_limiter_cancelled_waiter_takes_no_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    t0 = trio.current_time()
+    with trio.move_on_after(0.5):
+        await limiter.acquire()  # cancelled while waiting for its slot
+    await limiter.acquire()
+    # The next grant is one interval after the last real grant, not two.
+    assert trio.current_time() - t0 == pytest.approx(1.0)
+
+
+async def test_limiter_rate_change(autojump_clock: trio.testing.MockClock) -> None:
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    t0 = trio.current_time()
+    limiter.set_rate(10.0)
+    await limiter.acquire()
+    assert trio.current_time() - t0 == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="> 0"):
+        limiter.set_rate(0)
+
+
+# -- classification ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        ('{"id":"f","ix":7,"mt":5}', Kind.DATA),
+        ('{"message":"Authorisation accepted","level":"INFO"}', Kind.ACCEPTED),
+        ('{"message":"Heartbeat sent at 2023-05-01T00:03:11.822Z","level":"INFO"}', Kind.HEARTBEAT),
+        ('{"message":"Could not find fixture topic soccer.x","level":"WARN"}', Kind.NOT_FOUND),
+        (
+            '{"message":"Authentication message had incorrect format","level":"ERROR"}',
+            Kind.AUTH_ERROR,
+        ),
+        ('{"errorMessage":"Supplied token could not be authenticated"}', Kind.AUTH_ERROR),
+        ('{"error":"nope","status":401}', Kind.AUTH_ERROR),
+        ('{"error":"gone","status":404}', Kind.NOT_FOUND),
+        ('{"error":"busy","status":503}', Kind.ERROR),
+        ('{"message":"Something else","level":"INFO"}', Kind.INFO),
+        ("The supplied authentication is invalid", Kind.AUTH_ERROR),
+        ("not json at all", Kind.MALFORMED),
+        ("[1,2,3]", Kind.MALFORMED),
+        ('{"ix":true}', Kind.MALFORMED),
+        ('{"ix":"7"}', Kind.MALFORMED),
+        ("{", Kind.MALFORMED),
+        ("", Kind.MALFORMED),
+    ],
+)
+def test_classify_tracking(raw: str, kind: Kind) -> None:
+    assert classify_tracking(raw).kind is kind
+
+
+def test_classify_tracking_seq() -> None:
+    assert classify_tracking('{"ix":41}').seq == 41
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "seq"),
+    [
+        (
+            '{"fixtureAction":{"fixtureSeqNum":1048,"period":4},"fixtureSummary":{}}',
+            Kind.DATA,
+            1048,
+        ),
+        ('{"fixtureSeqNum":3}', Kind.DATA, 3),
+        (
+            '{"timestamp":"t","eventElementType":"ConnectionStateChanged","state":"Connected"}',
+            Kind.UNSEQUENCED,
+            None,
+        ),
+        ('{"message":"Heartbeat sent at x","level":"INFO"}', Kind.HEARTBEAT, None),
+        ('{"errorMessage":"Supplied token could not be authenticated"}', Kind.AUTH_ERROR, None),
+        ('{"fixtureAction":{"fixtureSeqNum":"12"}}', Kind.MALFORMED, None),
+        ('{"foo":1}', Kind.MALFORMED, None),
+        ("\x00\xff", Kind.MALFORMED, None),
+    ],
+)
+def test_classify_fastpath(raw: str, kind: Kind, seq: int | None) -> None:
+    msg = classify_fastpath(raw)
+    assert msg.kind is kind
+    assert msg.seq == seq
+
+
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
+def test_classify_never_raises(raw: str | bytes) -> None:
+    classify_tracking(raw)
+    classify_fastpath(raw)
+
+
+def test_classify_shortens_vendor_text() -> None:
+    msg = classify_tracking('{"errorMessage":"token ' + "x" * 5000 + '"}')
+    assert msg.kind is Kind.AUTH_ERROR
+    assert len(msg.text) < 300
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+def test_tracking_first_subscribe_uses_configured_backfill() -> None:
+    r = TrackingResume(initial_backfill=-1)
+    assert r.backfill(now=0.0) == -1
+    assert r.check(0) is Verdict.DELIVER
+
+
+def test_tracking_backfill_estimate_and_widening() -> None:
+    r = TrackingResume(initial_backfill=0)
+    for i in range(101):  # 100 frames per second for one second
+        assert r.check(i) is Verdict.DELIVER
+        r.delivered(i, now=i / 100)
+    assert r.rate() == pytest.approx(100.0)
+    n = r.backfill(now=1.0 + 2.0)  # two seconds since the last frame
+    assert n == round(2.0 * 100.0 * BACKFILL_SAFETY) + BACKFILL_MARGIN
+    # First frame past the gap: too small; the next request is wider.
+    assert r.check(500) is Verdict.TOO_SMALL
+    assert r.backfill(now=3.0) == n * BACKFILL_WIDEN
+    requests = []
+    for _ in range(MAX_WIDENINGS - 1):
+        assert r.check(500) is Verdict.TOO_SMALL
+        requests.append(r.backfill(now=3.0))
+    assert requests[-1] == ALL_FRAMES
+    assert requests[:-1] == [n * BACKFILL_WIDEN**k for k in range(2, MAX_WIDENINGS)]
+    # With everything requested, overlap is dropped and the next new frame resets widening.
+    assert r.check(0) is Verdict.DUPLICATE
+    assert r.check(100) is Verdict.DUPLICATE
+    assert r.check(101) is Verdict.DELIVER
+    assert r.widenings == 0
+
+
+def test_tracking_gap_mid_stream_is_delivered() -> None:
+    r = TrackingResume(initial_backfill=0)
+    r.check(5)
+    r.delivered(5, now=0.0)
+    assert r.check(6) is Verdict.DELIVER
+    r.delivered(6, now=0.1)
+    assert r.check(9) is Verdict.GAP  # not the first frame after a subscribe
+
+
+def test_tracking_rate_fallback() -> None:
+    r = TrackingResume(initial_backfill=0)
+    r.delivered(0, now=10.0)
+    assert r.rate() == FALLBACK_RATE
+    assert r.backfill(now=12.0) == round(2 * FALLBACK_RATE * BACKFILL_SAFETY) + BACKFILL_MARGIN
+
+
+def test_fastpath_positions_across_connections() -> None:
+    r = FastpathResume()
+    assert r.start_position() == 0
+    for seq in (1, 2, 3):
+        assert r.check(seq) is Verdict.DELIVER
+        r.delivered(seq)
+    assert r.start_position() == 3
+    assert r.check(1) is Verdict.DELIVER  # restarts at 1 per connection
+    r.delivered(1)
+    assert r.check(4) is Verdict.GAP  # 2 and 3 skipped by the vendor
+    r.delivered(4)
+    assert r.check(2) is Verdict.OUT_OF_ORDER
+    r.delivered(2)  # forwarded late; does not move the position back
+    assert r.start_position() == 3 + 4
