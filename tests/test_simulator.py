@@ -956,3 +956,42 @@ async def test_run_from_args_errors_are_one_line_exits() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
             await run_from_args(_parse(["--listen", f"127.0.0.1:{port}"]))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("drop_close_code", 1006),
+        ("drop_close_code", 999),
+        ("close_after_auth_code", 5000),
+        ("drop_probability", 1.5),
+        ("drop_probability", math.nan),
+        ("malformed_frames", -1),
+        ("drop_after_frames", 2.0),
+        ("handshake_delay", -0.1),
+    ],
+)
+def test_faults_reject_bad_values_when_set(name: str, value: object) -> None:
+    faults = Faults()
+    with pytest.raises(ValueError, match=name):
+        setattr(faults, name, value)
+
+
+async def test_one_info_line_per_connection_without_the_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.simulator")
+    sim = make_sim()
+    sim.add_fixture("fx")
+    sim.faults("fx").drop_after_frames = 3
+    sim.faults("fx").drop_close_code = 4000
+    with trio.fail_after(TIMEOUT):
+        async with serving(sim) as port:
+            async with tracking(port) as ws:
+                await send(ws, {"fixtureId": "fx", "backfill": -1})
+                assert await close_code(ws) == 4000
+            await wait_for(lambda: sim.active_connections == 0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn ")]
+    assert len(lines) == 1
+    assert "tracking fx: dropped" in lines[0] and "3 data frames (close 4000)" in lines[0]
+    assert TEST_TOKEN not in caplog.text

@@ -8,8 +8,48 @@ every data frame), so a change takes effect on the next such moment of every ope
 from __future__ import annotations
 
 import enum
+import math
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    _Attr = attrs.Attribute[Any]  # validators only read .name (not subscriptable at runtime)
+
+
+def _count(inst: object, attribute: _Attr, value: int) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def _optional_count(inst: object, attribute: _Attr, value: int | None) -> None:
+    if value is not None:
+        _count(inst, attribute, value)
+
+
+def _probability(inst: object, attribute: _Attr, value: float) -> None:
+    if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be a number in 0..1, got {value!r}")
+
+
+def _seconds(inst: object, attribute: _Attr, value: float) -> None:
+    if not isinstance(value, int | float) or not (0.0 <= value < math.inf):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _close_code(inst: object, attribute: _Attr, value: int | None) -> None:
+    # 1004-1006 and 1015 are reserved: they must never appear in a close frame (RFC 6455 7.4).
+    if value is None:
+        return
+    if (
+        type(value) is not int
+        or not (1000 <= value <= 1014 or 3000 <= value <= 4999)
+        or (value in (1004, 1005, 1006))
+    ):
+        raise ValueError(
+            f"{attribute.name} must be None or a sendable close code "
+            f"(1000-1003, 1007-1014, 3000-4999), got {value!r}"
+        )
 
 
 @attrs.define
@@ -28,19 +68,21 @@ class Faults:
     ``close_after_auth_code``: close with this code right after a successful auth (a vendor
     restart).
 
+    Fields are checked when set (ValueError), so a typo in a test fails at once.
+
     A tracking connection names its fixture only in its fixture request, after the handshake and
     the auth: for it ``reject_auth`` and ``close_after_auth_code`` of the fixture act when that
     request arrives, and ``handshake_delay`` is read from ``Simulator.connection_faults``.
     """
 
-    drop_after_frames: int | None = None
-    drop_probability: float = 0.0
-    drop_close_code: int | None = None
+    drop_after_frames: int | None = attrs.field(default=None, validator=_optional_count)
+    drop_probability: float = attrs.field(default=0.0, validator=_probability)
+    drop_close_code: int | None = attrs.field(default=None, validator=_close_code)
     stall: bool = False
     reject_auth: bool = False
-    malformed_frames: int = 0
-    handshake_delay: float = 0.0
-    close_after_auth_code: int | None = None
+    malformed_frames: int = attrs.field(default=0, validator=_count)
+    handshake_delay: float = attrs.field(default=0.0, validator=_seconds)
+    close_after_auth_code: int | None = attrs.field(default=None, validator=_close_code)
 
 
 FAULT_NAMES: tuple[str, ...] = tuple(a.name for a in attrs.fields(Faults))

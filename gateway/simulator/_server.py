@@ -232,7 +232,7 @@ class _Session:
                 self.finish(fixture.faults.close_after_auth_code, "simulated restart")
                 return
             self.attempt.outcome = Outcome.STREAMING
-            logger.info("tracking fixture %s requested (backfill %s)", fixture_id, backfill)
+            logger.debug("tracking fixture %s requested (backfill %s)", fixture_id, backfill)
             nursery.start_soon(self.stream_tracking, fixture, backfill, replay)
 
     async def stream_tracking(
@@ -574,7 +574,9 @@ class Simulator:
                 rejection = (400, "startPosition must be an integer >= 0", Outcome.BAD_REQUEST)
             if rejection is not None:
                 status, reason, attempt.outcome = rejection
-                logger.info("conn %d %s: rejected %d (%s)", conn_no, request.path, status, reason)
+                logger.info(
+                    "conn %d %s: rejected, HTTP %d (%s)", conn_no, request.path, status, reason
+                )
                 await request.reject(
                     status,
                     extra_headers=[(b"content-type", b"application/json")],
@@ -588,12 +590,8 @@ class Simulator:
             await trio.sleep(delay)
         ws = await request.accept()
         attempt.outcome = Outcome.ACCEPTED
-        logger.info(
-            "conn %d %s: %s connection accepted",
-            conn_no,
-            request.path,
-            "fastpath" if fixture is not None else "tracking",
-        )
+        kind = "fastpath" if fixture is not None else "tracking"
+        logger.debug("conn %d %s: %s connection accepted", conn_no, request.path, kind)
         session = _Session(self, ws, attempt, random.Random(f"{self.seed}/conn/{conn_no}"))
         self.active_connections += 1
         try:
@@ -608,14 +606,22 @@ class Simulator:
             self.active_connections -= 1
             for sessions in self._sessions.values():
                 sessions.discard(session)
+            # The one INFO line per connection (also when the server is being stopped).
+            how = "server stopping"
+            if session.ending is not None:
+                code = session.ending.code
+                how = "no close frame" if code is None else f"close {code}"
+            logger.info(
+                "conn %d %s %s: %s after %.1f s, %d data frames (%s)",
+                conn_no,
+                kind,
+                attempt.fixture_id or "-",
+                attempt.outcome.value,
+                trio.current_time() - attempt.at,
+                session.frames_sent,
+                how,
+            )
         ending = session.ending or _Ending(1000)
-        logger.info(
-            "conn %d %s: ended (%s, %s)",
-            conn_no,
-            request.path,
-            attempt.outcome.value,
-            "no close frame" if ending.code is None else f"close {ending.code}",
-        )
         if ending.code is None:
             await trio.aclose_forcefully(stream)
         else:
