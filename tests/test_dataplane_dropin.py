@@ -146,6 +146,7 @@ async def test_tracking_without_tokens_file_accepts_any_token_and_heartbeats() -
                     pass
                 assert m["level"] == "ERROR"
                 await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
+                await wait_for(lambda: s.topic("F1").subscriber_count == 1)
                 s.topic("F1").publish('{"x":1}')
                 while (text := await ws.get_message()) != '{"x":1}':
                     assert "Heartbeat" in str(text)
