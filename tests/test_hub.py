@@ -1,0 +1,266 @@
+"""The hub without sockets: topics, history, resume, status dedup, encodings, on-demand rules.
+
+Covers: seq numbering and the history ring, backfill and resume edge cases, status
+deduplication and fan-out, topic close, the pre-encoded frames (envelope byte for byte, raw,
+shared between subscribers, WebSocket headers checked against wsproto's own encoder at every
+length boundary), ``sequenced`` detection, the rate window, the latency histogram, and
+Hub.open/leave with a fake directory.
+
+Rules: pure synchronous unit tests (no I/O, no clock but ``time.monotonic`` patched where the
+rate window is tested).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import orjson
+import pytest
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from gateway.config import FeedConfig
+from gateway.hub import (
+    LATENCY_BUCKETS,
+    SAMPLE_EVERY,
+    Frame,
+    Hub,
+    LatencyHistogram,
+    Topic,
+    UnknownFeedError,
+    UnknownFixtureError,
+    encode_frame,
+    frame_header,
+)
+from gateway.hub import _topic as topic_module
+from gateway.upstream._state import FixtureState
+
+FEED = FeedConfig(kind="tracking", url="wss://x.test/ws/t", history=5, name="tracking")
+OD = FeedConfig(kind="tracking", url="wss://x.test/ws/o", on_demand=True, name="od")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.statuses: list[tuple[str, str]] = []
+        self.closed = 0
+
+    def on_frame(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def on_status(self, topic: Topic) -> None:
+        self.statuses.append((topic.state.value, topic.detail))
+
+    def on_closed(self, topic: Topic) -> None:
+        self.closed += 1
+
+
+def test_publish_numbers_keeps_history_and_fans_out() -> None:
+    t = Topic(FEED, "F1")
+    a, b = Recorder(), Recorder()
+    t.attach(a)
+    t.attach(b)
+    for i in range(8):
+        t.publish(f'{{"ix":{i}}}')
+    assert t.seq == t.frames_in == 8
+    assert [f.seq for f in a.frames] == list(range(1, 9))
+    assert a.frames[3] is b.frames[3]  # one object, shared
+    assert t.history_len == 5
+    assert t.latest == '{"ix":7}'
+    assert t.subscriber_count == 2
+    assert t.detach(a) and not t.detach(a)
+    t.publish("{}")
+    assert len(a.frames) == 8 and len(b.frames) == 9
+
+
+def test_backfill_and_resume() -> None:
+    t = Topic(FEED, "F1")
+    assert t.backfill(None) == [] and t.resume(0, t.epoch) == []
+    for i in range(8):
+        t.publish(str(i))
+    assert [f.seq for f in t.backfill(None)] == [4, 5, 6, 7, 8]
+    assert [f.seq for f in t.backfill(-1)] == [4, 5, 6, 7, 8]
+    assert t.backfill(0) == []
+    assert [f.seq for f in t.backfill(2)] == [7, 8]
+    assert [f.seq for f in t.backfill(99)] == [4, 5, 6, 7, 8]
+    resumed = t.resume(5, t.epoch)
+    assert resumed is not None and [f.seq for f in resumed] == [6, 7, 8]
+    resumed = t.resume(3, t.epoch)  # frame 4 is the oldest held: still complete
+    assert resumed is not None and [f.seq for f in resumed] == [4, 5, 6, 7, 8]
+    assert t.resume(8, t.epoch) == []
+    assert t.resume(2, t.epoch) is None  # frame 3 is gone
+    assert t.resume(5, "other-epoch") is None
+    assert t.resume(9, t.epoch) is None  # from the future
+    assert Topic(FEED, "F1").epoch != t.epoch
+
+
+def test_history_zero_keeps_latest_and_resumes_only_when_current() -> None:
+    t = Topic(FeedConfig(kind="tracking", url="wss://x.test/a", history=0, name="z"), "F")
+    t.publish("a")
+    t.publish("b")
+    assert t.latest == "b" and t.backfill(None) == []
+    assert t.resume(2, t.epoch) == [] and t.resume(1, t.epoch) is None
+
+
+def test_status_dedup_and_close() -> None:
+    t = Topic(FEED, "F1")
+    r = Recorder()
+    t.attach(r)
+    t.set_status(FixtureState.CONNECTING, "")  # the initial state: no change
+    t.set_status(FixtureState.LIVE, "")
+    t.set_status(FixtureState.LIVE, "")
+    t.set_status(FixtureState.BACKOFF, "retry in 2 s")
+    t.set_status(FixtureState.BACKOFF, "retry in 4 s")
+    assert r.statuses == [("live", ""), ("backoff", "retry in 2 s"), ("backoff", "retry in 4 s")]
+    t.close()
+    assert r.statuses[-1][0] == "stopped" and r.closed == 1
+    assert t.subscriber_count == 0
+    with pytest.raises(RuntimeError):
+        t.attach(r)
+
+
+def test_subscriber_leaving_during_fanout_does_not_disturb_others() -> None:
+    t = Topic(FEED, "F1")
+    later = Recorder()
+
+    class Leaver(Recorder):
+        def on_frame(self, frame: Frame) -> None:
+            super().on_frame(frame)
+            t.detach(self)
+            t.detach(later)
+
+    first = Leaver()
+    t.attach(first)
+    t.attach(later)
+    t.publish("x")  # the snapshot still reaches `later` this once
+    t.publish("y")
+    assert [f.raw for f in first.frames] == ["x"] and [f.raw for f in later.frames] == ["x"]
+
+
+def test_envelope_is_byte_exact_and_raw_is_verbatim() -> None:
+    t = Topic(FeedConfig(kind="tracking", url="wss://x.test/a", name='we"ird'), "fïx")
+    raw = '{"b" : 1.50,  "a":"\u00e9\U0001f600"}'
+    t.publish(raw)
+    r = Recorder()
+    t.attach(r)
+    t.publish(raw)
+    frame = r.frames[0]
+    payload = (
+        b'{"type":"frame","feed":"we\\"ird","fixture":"f\xc3\xafx","seq":2,"data":'
+        + raw.encode()
+        + b"}"
+    )
+    assert frame.envelope_ws == frame_header(len(payload)) + payload
+    assert frame.envelope_ws is frame.envelope_ws  # built once
+    assert orjson.loads(payload)["data"] == orjson.loads(raw)
+    assert frame.raw_ws == frame_header(len(raw.encode())) + raw.encode()
+
+
+@pytest.mark.parametrize(
+    ("length", "opcode"),
+    [
+        (n, op)
+        for n in (0, 1, 125, 126, 127, 65535, 65536, 70000)
+        for op in (Opcode.TEXT, Opcode.BINARY)
+    ]
+    + [(n, Opcode.PING) for n in (0, 125)],
+)
+def test_frame_header_matches_wsproto(length: int, opcode: Opcode) -> None:
+    payload = b"a" * length
+    expected = bytes(FrameProtocol(client=False, extensions=[])._serialize_frame(opcode, payload))
+    assert encode_frame(payload, int(opcode)) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "sequenced"),
+    [
+        ('{"fixtureAction":{"fixtureSeqNum":3}}', True),
+        ('{"fixtureSeqNum":3}', True),
+        ('{"eventElementType":"ConnectionStateChanged","state":"Connected"}', False),
+        ('{"fixtureAction":"fixtureSeqNum"}', False),
+        ("not json", False),
+        ("[1]", False),
+    ],
+)
+def test_sequenced(raw: str, sequenced: bool) -> None:
+    assert Frame(1, raw, 0.0, b"").sequenced is sequenced
+
+
+def test_frames_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    t = Topic(FEED, "F1")
+    for second in range(topic_module.RATE_WINDOW + 1):
+        now[0] = 1000.0 + second
+        for _ in range(10):
+            t.publish("x")
+    # The current (partial) second is not counted; the window's full seconds are.
+    assert t.frames_per_second() == 10.0
+    now[0] += 2 * topic_module.RATE_WINDOW
+    assert t.frames_per_second() == 0.0
+
+
+def test_latency_histogram() -> None:
+    h = LatencyHistogram()
+    assert h.buckets == LATENCY_BUCKETS and h.buckets[-1] == math.inf
+    h.observe(0.0)
+    h.observe(0.0003)
+    h.observe(99.0)
+    assert h.count == 3 and h.sum == pytest.approx(99.0003)
+    assert h.counts[0] == 1 and h.counts[LATENCY_BUCKETS.index(0.0005)] == 1
+    assert h.counts[-1] == 1
+    for _ in range(SAMPLE_EVERY * 4):
+        h.sample(0.0)
+    assert h.count == 3 + 4
+    with pytest.raises(ValueError):
+        LatencyHistogram((1.0, 0.5, math.inf))
+
+
+class FakeDirectory:
+    def __init__(self) -> None:
+        self.followed = {("tracking", "CFG")}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse = False
+
+    def is_followed(self, feed: str, fixture: str) -> bool:
+        return (feed, fixture) in self.followed
+
+    def demand(self, feed: str, fixture: str) -> bool:
+        self.calls.append(("demand", fixture))
+        return not self.refuse
+
+    def release(self, feed: str, fixture: str) -> None:
+        self.calls.append(("release", fixture))
+
+
+def test_hub_topics_and_open_rules() -> None:
+    d = FakeDirectory()
+    hub = Hub({"tracking": FEED, "od": OD}, d)
+    with pytest.raises(UnknownFeedError):
+        hub.topic("nope", "x")
+    with pytest.raises(UnknownFeedError):
+        hub.open("nope", "x")
+    with pytest.raises(UnknownFixtureError):
+        hub.open("tracking", "unknown")
+    t = hub.open("tracking", "CFG")  # followed by the directory: created
+    assert hub.get("tracking", "CFG") is t and hub.topic("tracking", "CFG") is t
+    assert t.latency is hub.fanout_latency
+    r = Recorder()
+    t.attach(r)
+    hub.leave(t, r)
+    assert d.calls == [("release", "CFG")]
+    # On demand: asked every time the topic has no subscriber (it may be lingering).
+    m = hub.open("od", "M")
+    assert d.calls[-1] == ("demand", "M")
+    m.attach(r)
+    assert hub.open("od", "M") is m and d.calls[-1] == ("demand", "M") and len(d.calls) == 2
+    hub.leave(m, r)
+    assert d.calls[-1] == ("release", "M")
+    d.refuse = True
+    with pytest.raises(UnknownFixtureError, match="refused"):
+        hub.open("od", "N")
+    assert {x.fixture for x in hub.topics()} == {"CFG", "M"}
+    hub.close_topic("tracking", "CFG")
+    assert hub.get("tracking", "CFG") is None and t.closed
+    hub.close_topic("tracking", "CFG")  # idempotent
+    assert hub.topic("tracking", "CFG").epoch != t.epoch
