@@ -74,6 +74,16 @@ def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
     return int(sorted_values[k])
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the server closed this (unread) connection: TCP state past ESTABLISHED.
+    Reading would tell too, but a stuck subscriber must not read."""
+    tcp_established = 1  # first byte of struct tcp_info (linux/tcp.h)
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != tcp_established
+    except OSError:
+        return True
+
+
 def _connect(host: str, port: int, paths: list[str], rcvbuf: int | None) -> list[_Sub]:
     """Open one upgraded connection per path, in batches (requests first, then answers) so
     thousands of connections take seconds, not minutes. Raises OSError or ProtocolError."""
@@ -268,6 +278,7 @@ class LoadGen:
             "healthy_open": sum(1 for s in self.healthy if s.close_code is None),
             "idle_open": sum(1 for s in self.idle if s.close_code is None),
             "stuck": len(self.stuck),
+            "stuck_closed": sum(1 for sub in self.stuck if _peer_closed(sub.sock)),
             "closed": {str(k): v for k, v in self.closed.items()},
             "fresh_ms": {
                 "count": len(fresh),

@@ -49,6 +49,18 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
     ),
     ("drop_to_fresh_ms", "drop -> first fresh frame ms", lambda r: r["drop_to_fresh_ms"], "{:.0f}"),
     (
+        "stuck_closed",
+        "stuck subscribers closed by it",
+        lambda r: r["stuck_closed"] if r.get("stuck") else None,
+        "{:d}",
+    ),
+    (
+        "idle_open",
+        "idle subscribers still open",
+        lambda r: r["idle_open"] if r["rss_per_idle_kib"] is not None else None,
+        "{:d}",
+    ),
+    (
         "healthy_closed",
         "healthy subscribers closed",
         lambda r: r["healthy"] - r["healthy_open"],

@@ -360,6 +360,8 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         "healthy": report["healthy"],
         "healthy_open": report["healthy_open"],
         "idle_open": report["idle_open"],
+        "stuck": report["stuck"],
+        "stuck_closed": report["stuck_closed"],
         "closed": report["closed"],
         "loadgen_cpu_percent": 100 * float(report["cpu_s"]) / window,
         "feeder_cpu_percent": 100 * (float(fs1["cpu_s"]) - float(fs0["cpu_s"])) / window,

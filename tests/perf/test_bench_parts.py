@@ -133,6 +133,7 @@ def _run(p99: float, cpu: float = 10.0, per_cpu: float = 1e5, rss: int = 50_000)
         "drop_to_fresh_ms": None,
         "healthy": 5,
         "healthy_open": 5,
+        "idle_open": 0,
         "loadgen_cpu_percent": 20.0,
         "feeder_cpu_percent": 5.0,
         "load_average": 1.0,
