@@ -173,11 +173,12 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
 def _wait_http_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     url = f"http://127.0.0.1:{port}/readyz"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"gateway exited with status {proc.returncode}: {_tail(log)}")
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with opener.open(url, timeout=1.0) as resp:
                 if resp.status == 200:
                     return
         except (OSError, urllib.error.URLError):
