@@ -1,7 +1,7 @@
 """Smoke test of ``dde-gateway bench``: a tiny run end to end, gateway and websockets peer.
 
 Covers: the feeder, the gateway started exactly as ``dde-gateway run`` with a generated config,
-the peer, the load generator, the drop and idle measurements, the table and the JSON file.
+the peer, the load generator, the drop, idle and stuck measurements, the table and the JSON file.
 Rules: real processes on 127.0.0.1 (ports picked by the harness); no threshold on any speed
 figure - only that every figure exists and is sane (non-zero, ordered percentiles, every
 subscriber saw fresh frames after the drop). Marked slow; about 15 s on a loaded 2-core box.
@@ -28,6 +28,7 @@ SMOKE = Scenario(
     warmup=0.3,
     drop=True,
     idle=20,
+    stuck=1,
 )
 
 
@@ -57,6 +58,7 @@ def test_bench_smoke_produces_a_complete_report(
         assert run["rss_per_idle_kib"] is not None, kind
         assert run["idle_open"] == SMOKE.idle, kind
         assert run["healthy_open"] == SMOKE.subscribers, kind
+        assert run["stuck"] == SMOKE.stuck, kind
         # Every subscriber got a frame stamped after the drop: the upstream came back.
         assert run["fresh_subscribers"] == SMOKE.subscribers, kind
         assert run["drop_to_fresh_ms"] > 0, kind
