@@ -632,4 +632,6 @@ async def test_registry_views() -> None:
                 assert view.frames_sent == 1 and view.frames_dropped == 0
                 assert view.peer.startswith("127.0.0.1:")
             await wait_for(lambda: len(s.registry) == 0)
-            assert s.registry.frames_sent == 1
+            stats = s.registry.stats()
+            assert (stats.connections, stats.accepted, stats.frames_sent) == (0, 1, 1)
+            assert (stats.frames_dropped, stats.slow_disconnects, stats.rejected) == (0, 0, 0)

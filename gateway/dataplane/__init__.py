@@ -13,7 +13,7 @@ from gateway.dataplane._connection import (
     DEFAULT_CLOSE_TIMEOUT,
     Connection,
 )
-from gateway.dataplane._registry import SubscriberRegistry, SubscriberView
+from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "STREAM_PATH",
     "Connection",
+    "RegistryStats",
     "SubscriberRegistry",
     "SubscriberView",
     "run",

@@ -24,12 +24,24 @@ class SubscriberView:
     connected_at: float
 
 
+@attrs.frozen
+class RegistryStats:
+    """A snapshot of the registry: ``connections`` now, the rest monotonic since start."""
+
+    connections: int
+    accepted: int
+    rejected: int
+    frames_sent: int
+    frames_dropped: int
+    slow_disconnects: int
+
+
 class SubscriberRegistry:
     """Connected subscribers plus monotonic totals that survive their disconnection.
 
     Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``,
-    ``rejected`` (handshakes refused with 503: connection limit or draining), ``connections``
-    (accepted since start).
+    ``rejected`` (handshakes refused with 503: connection limit or draining), ``accepted``
+    (connections accepted since start). :meth:`stats` returns them all at once.
     """
 
     def __init__(self) -> None:
@@ -39,7 +51,7 @@ class SubscriberRegistry:
         self._retired_drops = 0
         self.slow_disconnects = 0
         self.rejected = 0
-        self.connections = 0
+        self.accepted = 0
         self.draining = False
         self._empty = trio.Event()
         self._empty.set()
@@ -52,7 +64,7 @@ class SubscriberRegistry:
 
     def add(self, conn: Connection) -> None:
         self._conns[conn.id] = conn
-        self.connections += 1
+        self.accepted += 1
         if self._empty.is_set():
             self._empty = trio.Event()
 
@@ -74,6 +86,16 @@ class SubscriberRegistry:
     @property
     def drops(self) -> int:
         return self._retired_drops + sum(c.frames_dropped for c in self._conns.values())
+
+    def stats(self) -> RegistryStats:
+        return RegistryStats(
+            connections=len(self._conns),
+            accepted=self.accepted,
+            rejected=self.rejected,
+            frames_sent=self.frames_sent,
+            frames_dropped=self.drops,
+            slow_disconnects=self.slow_disconnects,
+        )
 
     def views(self) -> list[SubscriberView]:
         return [
