@@ -635,3 +635,20 @@ async def test_registry_views() -> None:
             stats = s.registry.stats()
             assert (stats.connections, stats.accepted, stats.frames_sent) == (0, 1, 1)
             assert (stats.frames_dropped, stats.slow_disconnects, stats.rejected) == (0, 0, 0)
+
+
+async def test_handshake_timeout_and_plain_http() -> None:
+    with trio.fail_after(20):
+        async with serving(make_config(handshake_timeout=0.3)) as s:
+            # Connects and says nothing: dropped after handshake_timeout.
+            idle = trio.socket.socket()
+            await idle.connect((s.addr.host, s.addr.port))
+            assert await idle.recv(100) == b""
+            idle.close()
+            # Plain HTTP, no upgrade: 400.
+            plain = trio.socket.socket()
+            await plain.connect((s.addr.host, s.addr.port))
+            await plain.send(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await plain.recv(100)).startswith(b"HTTP/1.1 400")
+            plain.close()
+            assert len(s.registry) == 0
