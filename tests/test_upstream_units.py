@@ -241,11 +241,22 @@ def test_tracking_gap_mid_stream_is_delivered() -> None:
     assert r.check(9) is Verdict.GAP  # not the first frame after a subscribe
 
 
+def test_tracking_rate_ignores_backfill_bursts() -> None:
+    r = TrackingResume(initial_backfill=0)
+    for i in range(500):  # 100 Hz for five seconds
+        r.delivered(i, now=i / 100)
+    for i in range(500, 1000):  # then a 500-frame backfill within 5 ms
+        r.delivered(i, now=5.0 + i / 100_000)
+    assert r.rate() < 200.0  # a frame-count window would say thousands
+
+
 def test_tracking_rate_fallback() -> None:
     r = TrackingResume(initial_backfill=0)
     r.delivered(0, now=10.0)
     assert r.rate() == FALLBACK_RATE
-    assert r.backfill(now=12.0) == round(2 * FALLBACK_RATE * BACKFILL_SAFETY) + BACKFILL_MARGIN
+    r.delivered(1, now=10.2)  # two samples, but too short a span to trust
+    assert r.rate() == FALLBACK_RATE
+    assert r.backfill(now=12.2) == round(2 * FALLBACK_RATE * BACKFILL_SAFETY) + BACKFILL_MARGIN
 
 
 def test_fastpath_positions_across_connections() -> None:

@@ -24,14 +24,19 @@ from typing import Final
 
 # Backfill estimate: ceil(elapsed * rate * SAFETY) + MARGIN messages.
 BACKFILL_SAFETY: Final = 1.5
-BACKFILL_MARGIN: Final = 50
+BACKFILL_MARGIN: Final = 20
 # Each too-small request multiplies the next one by this; after MAX_WIDENINGS ask for everything.
 BACKFILL_WIDEN: Final = 4
 MAX_WIDENINGS: Final = 3
 ALL_FRAMES: Final = -1
-# The rate estimate covers the last RATE_WINDOW delivered frames; before there are two, assume
-# FALLBACK_RATE (soccer tracking runs at 10-25 Hz).
-RATE_WINDOW: Final = 256
+# The rate estimate is the ix progress over the last RATE_WINDOW seconds, from (time, ix) samples
+# taken at most every RATE_SAMPLE_INTERVAL. A window in seconds, not frames, keeps a backfill
+# burst (hundreds of frames in milliseconds) from inflating the estimate. Until the samples span
+# MIN_RATE_SPAN seconds, assume FALLBACK_RATE (soccer tracking runs at 10-25 Hz); a too-small
+# request is caught and widened anyway.
+RATE_SAMPLE_INTERVAL: Final = 0.1
+RATE_WINDOW: Final = 10.0
+MIN_RATE_SPAN: Final = 0.5
 FALLBACK_RATE: Final = 25.0
 
 
@@ -51,17 +56,19 @@ class TrackingResume:
         self.last_ix: int | None = None
         self.last_at: float | None = None
         self.widenings = 0
-        self._times: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW)
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=round(RATE_WINDOW / RATE_SAMPLE_INTERVAL) + 1
+        )
         self._first_after_subscribe = True
 
     def rate(self) -> float:
-        """Delivered frames per second over the recent window (FALLBACK_RATE until known)."""
-        if len(self._times) < 2:
+        """Frames (ix steps) per second over the recent window; FALLBACK_RATE until known."""
+        if len(self._samples) < 2:
             return FALLBACK_RATE
-        span = self._times[-1] - self._times[0]
-        if span <= 0:
+        (t0, ix0), (t1, ix1) = self._samples[0], self._samples[-1]
+        if t1 - t0 < MIN_RATE_SPAN or ix1 <= ix0:
             return FALLBACK_RATE
-        return (len(self._times) - 1) / span
+        return (ix1 - ix0) / (t1 - t0)
 
     def backfill(self, now: float) -> int:
         """The ``backfill`` to request on a (re)subscribe at trio time ``now``."""
@@ -98,7 +105,8 @@ class TrackingResume:
     def delivered(self, ix: int, now: float) -> None:
         self.last_ix = ix
         self.last_at = now
-        self._times.append(now)
+        if not self._samples or now - self._samples[-1][0] >= RATE_SAMPLE_INTERVAL:
+            self._samples.append((now, ix))
 
 
 class FastpathResume:

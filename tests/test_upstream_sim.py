@@ -1,0 +1,327 @@
+"""The upstream supervisor against the simulator over real sockets on 127.0.0.1 (port 0).
+
+Covers: resume across 20 drops (every ix exactly once, in order), auth rejection then token
+rotation, unknown fixtures (tracking WARN and fastpath 404), malformed frames counted and
+skipped, a crashing sink isolated to its fixture, fastpath resume with startPosition, clean
+shutdown, and that the token never shows up in logs, statuses, errors or reprs.
+
+Rules: real clock (never MockClock with sockets); every test body runs under a generous
+``trio.fail_after``; no assertion on wall-clock speed. Backoff, retry waits and simulator
+heartbeats are shortened so that each test takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+
+from gateway.config import FeedConfig, FixtureConfig, structure_config
+from gateway.simulator import Action, Outcome, Simulator
+from gateway.upstream import FixtureState, Supervisor
+from tests.conftest import TEST_TOKEN
+
+GUARD = 60.0  # seconds; generous for a loaded 2-core machine
+
+
+@attrs.define
+class Sink:
+    frames: list[str] = attrs.field(factory=list)
+    states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
+    fail_publish: int = 0
+
+    def publish(self, raw: str) -> None:
+        if self.fail_publish > 0:
+            self.fail_publish -= 1
+            raise RuntimeError("sink exploded")
+        self.frames.append(raw)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        self.states.append((state, detail))
+
+
+@attrs.define
+class Rig:
+    sim: Simulator
+    sup: Supervisor
+    sinks: dict[tuple[str, str], Sink]
+    token_file: Path
+
+    def status(self, feed: str, fixture: str) -> Any:
+        handle = self.sup.get(feed, fixture)
+        assert handle is not None
+        return handle.status
+
+
+async def until(predicate: Callable[[], bool], step: float = 0.02) -> None:
+    """Poll; the test's fail_after bounds it."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(step)
+
+
+@asynccontextmanager
+async def rig(
+    tmp_path: Path,
+    sim: Simulator,
+    fixtures: list[dict[str, Any]],
+    upstream: dict[str, Any] | None = None,
+    sinks: dict[tuple[str, str], Sink] | None = None,
+) -> AsyncIterator[Rig]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN + "\n")
+    sinks = {} if sinks is None else sinks
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        up: dict[str, Any] = {
+            "token_file": str(token_file),
+            "connect_rate": 1000.0,
+            "backoff_initial": 0.005,
+            "backoff_max": 0.02,
+            "stall_timeout": 5.0,
+            "handshake_timeout": 10.0,
+            "unauthorized_retry": 0.2,
+            "not_found_retry": 0.2,
+        }
+        up.update(upstream or {})
+        config = structure_config(
+            {
+                "upstream": up,
+                "feeds": {
+                    "trk": {"kind": "tracking", "url": f"ws://127.0.0.1:{port}/ws/soccer/tracking"},
+                    "fp": {
+                        "kind": "fastpath",
+                        "url": f"ws://127.0.0.1:{port}/soccer/fixtures/{{fixture}}/actions",
+                    },
+                },
+                "fixtures": fixtures,
+            }
+        )
+
+        def sink_for(feed: FeedConfig, fixture: FixtureConfig) -> Sink:
+            return sinks.setdefault(fixture.key, Sink())
+
+        sup = Supervisor(config, sink_for)
+        sup_scope = trio.CancelScope()
+
+        async def run_sup(task_status: trio.TaskStatus[None]) -> None:
+            with sup_scope:
+                await sup.run(task_status=task_status)
+
+        await nursery.start(run_sup)
+        yield Rig(sim, sup, sinks, token_file)
+        sup_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def ixs(sink: Sink) -> list[int]:
+    return [orjson.loads(f)["ix"] for f in sink.frames]
+
+
+def assert_no_leak(text: str) -> None:
+    assert TEST_TOKEN not in text
+
+
+def dropped(sim: Simulator) -> int:
+    return sum(a.outcome is Outcome.DROPPED for a in sim.attempts)
+
+
+async def test_tracking_resume_across_20_drops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=200.0, heartbeat_interval=0.5)
+    sim.add_fixture("m1")
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, [{"feed": "trk", "id": "m1", "backfill": 100}]) as r:
+            sink = r.sinks["trk", "m1"]
+            for _ in range(20):
+                # Drop mid-stream once the gateway made progress on this connection (a fixed
+                # drop_after_frames could livelock a slow machine inside the backfill overlap).
+                seen, drops = len(sink.frames), dropped(sim)
+                await until(lambda: len(sink.frames) >= seen + 30)  # noqa: B023
+                sim.faults("m1").drop_after_frames = 0
+                await until(lambda: dropped(sim) > drops)  # noqa: B023
+                sim.faults("m1").drop_after_frames = None
+            seen = len(sink.frames)
+            await until(lambda: len(sink.frames) >= seen + 100)
+            status = r.status("trk", "m1")
+            got = ixs(sink)
+            assert got == list(range(got[0], got[0] + len(got)))
+            assert status.counters.gaps == 0
+            assert status.counters.reconnects >= 20
+            assert status.counters.duplicates_dropped > 0
+            assert status.state == FixtureState.LIVE
+    assert_no_leak(caplog.text)
+
+
+async def test_auth_rejected_then_token_rotation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim = Simulator(tokens={"someone-else"}, rate_hz=200.0, heartbeat_interval=0.5)
+    sim.add_fixture("m1")
+    sim.add_fixture("f1", kind="fastpath")
+    fixtures = [{"feed": "trk", "id": "m1"}, {"feed": "fp", "id": "f1"}]
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, fixtures) as r:
+            await until(
+                lambda: all(
+                    r.status(f, x).state == FixtureState.UNAUTHORIZED
+                    for f, x in (("trk", "m1"), ("fp", "f1"))
+                )
+            )
+            for key in (("trk", "m1"), ("fp", "f1")):
+                st = r.status(*key)
+                assert st.last_error is not None
+                assert "Supplied token could not be authenticated" in st.last_error
+                assert_no_leak(repr(st))
+                assert_no_leak(repr(r.sup.get(*key)))
+                assert_no_leak(repr(r.sinks[key].states))
+                assert_no_leak(str(st.snapshot()))
+            # Rotation: the vendor accepts a new token, the file gets it; no restart needed.
+            sim.set_tokens({"rotated-token"})
+            r.token_file.write_text("rotated-token\n")
+            await until(
+                lambda: all(
+                    r.status(f, x).state == FixtureState.LIVE
+                    for f, x in (("trk", "m1"), ("fp", "f1"))
+                )
+            )
+            await until(lambda: len(r.sinks["trk", "m1"].frames) > 10)
+    assert_no_leak(caplog.text)
+    assert "unauthorized" in caplog.text
+
+
+async def test_unknown_fixtures_are_not_found(tmp_path: Path) -> None:
+    sim = Simulator(tokens={TEST_TOKEN}, heartbeat_interval=0.5)
+    fixtures = [{"feed": "trk", "id": "nope"}, {"feed": "fp", "id": "nope"}]
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, fixtures) as r:
+            await until(lambda: len(sim.attempts) >= 4)  # retried after not_found_retry
+            trk, fp = r.status("trk", "nope"), r.status("fp", "nope")
+            await until(
+                lambda: (
+                    FixtureState.NOT_FOUND in (trk.state, fp.state)
+                    and trk.state == fp.state == FixtureState.NOT_FOUND
+                )
+            )
+            assert trk.last_error.startswith("fixture not found: Could not find fixture topic")
+            assert fp.last_error == "handshake refused: HTTP 404"
+            # The fixture appears upstream: both go live on their next retry.
+            sim.add_fixture("nope-later")  # unrelated fixture: still not found
+            r.sup.add(FixtureConfig(feed="fp", id="nope-later"))
+            await until(lambda: r.status("fp", "nope-later").state == FixtureState.NOT_FOUND)
+
+
+async def test_malformed_frames_counted_and_skipped(tmp_path: Path) -> None:
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=200.0, heartbeat_interval=0.5)
+    sim.add_fixture("m1")
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, [{"feed": "trk", "id": "m1"}]) as r:
+            await until(lambda: r.status("trk", "m1").state == FixtureState.LIVE)
+            sim.faults("m1").malformed_frames = 7
+            await until(lambda: sim.faults("m1").malformed_frames == 0)
+            n = len(r.sinks["trk", "m1"].frames)
+            await until(lambda: len(r.sinks["trk", "m1"].frames) > n + 20)
+            st = r.status("trk", "m1")
+            assert st.counters.malformed == 7
+            assert st.counters.connects == 1  # skipped, not reconnected
+            got = ixs(r.sinks["trk", "m1"])
+            assert got == list(range(got[0], got[0] + len(got)))
+
+
+async def test_crashing_sink_does_not_disturb_other_fixture(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=200.0, heartbeat_interval=0.5)
+    sim.add_fixture("bad")
+    sim.add_fixture("good")
+    sinks = {("trk", "bad"): Sink(fail_publish=3), ("trk", "good"): Sink()}
+    fixtures = [{"feed": "trk", "id": "bad"}, {"feed": "trk", "id": "good"}]
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, fixtures, sinks=sinks) as r:
+            await until(lambda: r.status("trk", "bad").counters.crashes == 3)
+            await until(lambda: len(sinks["trk", "bad"].frames) > 50)
+            good = r.status("trk", "good")
+            assert good.counters.crashes == 0
+            assert good.counters.connects == 1
+            assert good.state == FixtureState.LIVE
+            got = ixs(sinks["trk", "good"])
+            assert got == list(range(got[0], got[0] + len(got)))
+            bad = ixs(sinks["trk", "bad"])
+            assert bad == list(range(bad[0], bad[0] + len(bad)))
+    assert caplog.text.count("task crashed") == 3
+
+
+async def test_fastpath_resume_with_start_position(tmp_path: Path) -> None:
+    sim = Simulator(tokens={TEST_TOKEN}, heartbeat_interval=0.5, action_interval=0.004)
+    fixture = sim.add_fixture("f1", kind="fastpath")
+    sim.faults("f1").drop_after_frames = 40
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, [{"feed": "fp", "id": "f1"}]) as r:
+            await until(lambda: dropped(sim) >= 15)
+            sim.faults("f1").drop_after_frames = None
+            n = len(r.sinks["fp", "f1"].frames)
+            await until(lambda: len(r.sinks["fp", "f1"].frames) > n + 20)
+            st = r.status("fp", "f1")
+            paths = [a.path for a in sim.attempts]
+    delivered = [orjson.loads(f) for f in r.sinks["fp", "f1"].frames]
+    action_ids = [d["fixtureAction"]["actionId"] for d in delivered if "fixtureAction" in d]
+    expected = [
+        orjson.loads(e.text(1))["fixtureAction"]["actionId"]
+        for e in fixture.log
+        if isinstance(e, Action)
+    ]
+    assert action_ids == expected[: len(action_ids)]  # from the start, no gap, no duplicate
+    assert st.counters.gaps == 0
+    assert st.counters.out_of_order == 0
+    assert st.counters.reconnects >= 15
+    assert paths[0].endswith("?startPosition=0")
+    assert any(not p.endswith("?startPosition=0") for p in paths[1:])
+
+
+async def test_shutdown_closes_upstreams(tmp_path: Path) -> None:
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=100.0, heartbeat_interval=0.5)
+    for i in range(3):
+        sim.add_fixture(f"m{i}")
+    fixtures = [{"feed": "trk", "id": f"m{i}"} for i in range(3)]
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as outer:
+            token_file = tmp_path / "token"
+            token_file.write_text(TEST_TOKEN)
+            port = await outer.start(sim.serve, "127.0.0.1", 0)
+            config = structure_config(
+                {
+                    "upstream": {"token_file": str(token_file), "connect_rate": 100.0},
+                    "feeds": {"trk": {"kind": "tracking", "url": f"ws://127.0.0.1:{port}/t"}},
+                    "fixtures": fixtures,
+                }
+            )
+            sinks: dict[tuple[str, str], Sink] = {}
+            sup = Supervisor(config, lambda f, fx: sinks.setdefault(fx.key, Sink()))
+            async with trio.open_nursery() as inner:
+                await inner.start(sup.run)
+                await until(
+                    lambda: (
+                        sim.active_connections == 3
+                        and len(sinks) == 3
+                        and all(len(s.frames) > 5 for s in sinks.values())
+                    )
+                )
+                inner.cancel_scope.cancel()
+            # run() has returned: every upstream connection is closed (the server sees it soon).
+            await until(lambda: sim.active_connections == 0)
+            assert all(
+                s.states[-1] == (FixtureState.STOPPED, "supervisor stopped") for s in sinks.values()
+            )
+            assert all(h.status.state == FixtureState.STOPPED for h in sup.handles())
+            outer.cancel_scope.cancel()
