@@ -1,0 +1,135 @@
+"""The default trio-websocket connector (gateway.upstream.open_websocket_connector).
+
+Covers the error boundary (refused TCP, HTTP rejection, handshake timeout, close codes, all
+translated to the gateway's own exceptions), that a rejection does not break the shared reader
+nursery, and that cancelling a connection's owner still completes the close handshake quickly
+(the reader tasks live outside the cancelled scope).
+
+Rules: real sockets on 127.0.0.1 port 0, real clock, each test under ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import trio
+import trio_websocket
+from trio_websocket import WebSocketRequest
+
+from gateway.upstream import (
+    UpstreamClosed,
+    UpstreamRejected,
+    UpstreamUnavailable,
+    open_websocket_connector,
+)
+
+GUARD = 30.0
+
+
+async def _serve(handler: object, nursery: trio.Nursery) -> int:
+    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+    port: int = server.port
+    return port
+
+
+@pytest.mark.parametrize("cancel_connector_too", [False, True])
+async def test_close_handshake_completes_when_owner_is_cancelled(
+    cancel_connector_too: bool,
+) -> None:
+    codes: list[int | None] = []
+    closed = trio.Event()
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            codes.append(None if exc.reason is None else exc.reason.code)
+            closed.set()
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            port = await _serve(handler, nursery)
+            # A disconnect timeout longer than the guard: if the close handshake could not
+            # complete (reader task cancelled with its owner), this test would time out.
+            with trio.CancelScope() as outer:
+                async with open_websocket_connector(disconnect_timeout=GUARD * 2) as connect:
+                    with trio.CancelScope() as owner:
+                        async with connect(
+                            f"ws://127.0.0.1:{port}/x", headers=[], connect_timeout=5.0
+                        ) as conn:
+                            await conn.send_message("hello")
+                            # Removal cancels only the owner; shutdown cancels everything.
+                            (outer if cancel_connector_too else owner).cancel()
+                            await trio.sleep_forever()
+            await closed.wait()
+            nursery.cancel_scope.cancel()
+    assert codes == [1000]
+
+
+async def test_rejection_is_translated_and_connector_survives() -> None:
+    async def handler(request: WebSocketRequest) -> None:
+        if request.path.startswith("/missing"):
+            await request.reject(404, body=b'{"error":"fixture not found","status":404}')
+            return
+        ws = await request.accept()
+        await ws.send_message("hi")
+        await ws.aclose(4000, "bye")
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            port = await _serve(handler, nursery)
+            async with open_websocket_connector() as connect:
+                for _ in range(3):
+                    try:
+                        async with connect(
+                            f"ws://127.0.0.1:{port}/missing", headers=[], connect_timeout=5.0
+                        ):
+                            raise AssertionError("should not connect")
+                    except UpstreamRejected as exc:
+                        assert exc.status == 404
+                async with connect(
+                    f"ws://127.0.0.1:{port}/ok", headers=[], connect_timeout=5.0
+                ) as conn:
+                    assert await conn.get_message() == "hi"
+                    try:
+                        await conn.get_message()
+                        raise AssertionError("should be closed")
+                    except UpstreamClosed as exc:
+                        assert exc.code == 4000
+            nursery.cancel_scope.cancel()
+
+
+async def test_refused_port_is_unavailable() -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    with trio.fail_after(GUARD):
+        async with open_websocket_connector() as connect:
+            try:
+                async with connect(f"ws://127.0.0.1:{port}/", headers=[], connect_timeout=5.0):
+                    raise AssertionError("should not connect")
+            except UpstreamUnavailable as exc:
+                assert str(exc).startswith("connection failed")
+
+
+async def test_silent_server_times_out_handshake() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            async with open_websocket_connector() as connect:
+                try:
+                    async with connect(f"ws://127.0.0.1:{port}/", headers=[], connect_timeout=0.3):
+                        raise AssertionError("should not connect")
+                except UpstreamUnavailable as exc:
+                    assert str(exc) == "handshake timed out"
+            nursery.cancel_scope.cancel()
