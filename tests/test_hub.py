@@ -66,6 +66,7 @@ def test_publish_numbers_keeps_history_and_fans_out() -> None:
     assert [f.seq for f in a.frames] == list(range(1, 9))
     assert a.frames[3] is b.frames[3]  # one object, shared
     assert t.history_len == 5
+    assert [f.seq for f in t.history] == [4, 5, 6, 7, 8]
     assert t.latest == '{"ix":7}'
     assert t.subscriber_count == 2
     assert t.detach(a) and not t.detach(a)

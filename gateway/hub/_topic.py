@@ -109,6 +109,11 @@ class Topic:
         return len(self._subscribers)
 
     @property
+    def history(self) -> tuple[Frame, ...]:
+        """The frames held, oldest first (a copy: for inspection, not the hot path)."""
+        return tuple(self._history)
+
+    @property
     def history_len(self) -> int:
         return len(self._history)
 
