@@ -116,9 +116,14 @@ async def test_refused_port_is_unavailable() -> None:
                 assert str(exc).startswith("connection failed")
 
 
-async def test_silent_server_times_out_handshake() -> None:
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_unanswered_handshake_closes_its_socket(how: str) -> None:
+    eof = trio.Event()
+
     async def silent(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
+        while await stream.receive_some():  # read the upgrade request, never answer it
+            pass
+        eof.set()  # the client closed the socket: nothing leaked
 
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
@@ -127,9 +132,16 @@ async def test_silent_server_times_out_handshake() -> None:
             )
             port = listeners[0].socket.getsockname()[1]
             async with open_websocket_connector() as connect:
-                try:
-                    async with connect(f"ws://127.0.0.1:{port}/", headers=[], connect_timeout=0.3):
-                        raise AssertionError("should not connect")
-                except UpstreamUnavailable as exc:
-                    assert str(exc) == "handshake timed out"
+                url = f"ws://127.0.0.1:{port}/"
+                if how == "timeout":
+                    try:
+                        async with connect(url, headers=[], connect_timeout=0.3):
+                            raise AssertionError("should not connect")
+                    except UpstreamUnavailable as exc:
+                        assert str(exc) == "handshake timed out"
+                else:
+                    with trio.move_on_after(0.3):
+                        async with connect(url, headers=[], connect_timeout=GUARD * 2):
+                            raise AssertionError("should not connect")
+                await eof.wait()
             nursery.cancel_scope.cancel()

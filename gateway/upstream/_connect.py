@@ -106,15 +106,21 @@ class _ReaderHost:
 
     The reader task raises ``ConnectionRejected`` when the handshake is refused; in a shared
     nursery that would take every connection down. The guard keeps the error, and cancels the
-    connect call that is waiting for a handshake which will never complete.
+    connect call that is waiting for a handshake which will never complete. The host also
+    remembers the connection (the reader is its bound method), so a connect that fails or is
+    cancelled half-way can still close its socket.
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self.error: BaseException | None = None
         self.connect_scope = trio.CancelScope()
+        self._conn: trio_websocket.WebSocketConnection | None = None
 
     def start_soon(self, fn: Callable[[], Awaitable[object]], *args: object) -> None:
+        conn = getattr(fn, "__self__", None)
+        if isinstance(conn, trio_websocket.WebSocketConnection):
+            self._conn = conn
         self._nursery.start_soon(self._guard, fn)
 
     async def _guard(self, fn: Callable[[], Awaitable[object]]) -> None:
@@ -123,12 +129,15 @@ class _ReaderHost:
         except Exception as exc:
             self.error = exc
             self.connect_scope.cancel()
-            # fn is the connection's bound reader method; closing the connection closes its TCP
-            # stream, which nobody else holds yet.
-            conn = getattr(fn, "__self__", None)
-            if isinstance(conn, trio_websocket.WebSocketConnection):
-                with trio.move_on_after(DISCONNECT_TIMEOUT):
-                    await conn.aclose()
+            await self.abandon()
+
+    async def abandon(self) -> None:
+        """Close a connection that never reached the caller (idempotent, immediate).
+
+        There is no open WebSocket to close politely, so the socket is closed at once.
+        """
+        if self._conn is not None:
+            await trio.aclose_forcefully(self._conn)
 
 
 def _unavailable(exc: BaseException) -> UpstreamUnavailable:
@@ -161,7 +170,11 @@ class WebSocketConnector:
                     message_queue_size=MESSAGE_QUEUE_SIZE,
                 )
         except (OSError, trio.TooSlowError, trio_websocket.HandshakeError) as exc:
+            await host.abandon()
             raise _unavailable(exc) from None
+        except BaseException:  # cancelled while connecting (removal, shutdown)
+            await host.abandon()
+            raise
         if ws is None:  # the guard cancelled the connect: the reader task failed
             err = host.error
             if isinstance(err, trio_websocket.ConnectionRejected):
