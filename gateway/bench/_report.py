@@ -6,6 +6,7 @@ target and whether it was met. A missed target is a finding to report, not a har
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -197,4 +198,16 @@ def format_table(results: Sequence[Result]) -> str:
         for error in res.get("errors", []):
             out.append(f"{'':<18} ERROR {error}")
         out.append("")
+    cpus = os.cpu_count() or 1
+    loads = [
+        run["load_average"]
+        for res in results
+        for phases in res["runs"].values()
+        for run in phases.values()
+    ]
+    if loads and max(loads) > cpus:
+        out.append(
+            f"note: the machine's load average reached {max(loads):.1f} on {cpus} CPUs: other "
+            "work competed with the run; latencies are the least trustworthy figures."
+        )
     return "\n".join(out)
