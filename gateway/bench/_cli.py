@@ -98,6 +98,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.gateway and args.peer is False:
+        print("bench: nothing to measure with both --no-gateway and --no-peer", file=sys.stderr)
+        return EXIT_USAGE
     try:
         run_bench(
             scenarios,

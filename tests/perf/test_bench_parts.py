@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio_websocket
 
-from gateway.bench import PRESETS, SCENARIO_NAMES, add_arguments
+from gateway.bench import PRESETS, SCENARIO_NAMES, add_arguments, run_from_args
 from gateway.bench._cli import scenarios_from_args
 from gateway.bench._loadgen import percentile
 from gateway.bench._report import evaluate, format_table
@@ -110,6 +110,13 @@ def test_knobs_override_presets_and_all_runs_every_preset() -> None:
     assert (custom.name, custom.subscribers, custom.fanout) == ("custom", 7, "spread")
     assert PRESETS["paced"].offered_deliveries == 25_000
     assert PRESETS["ingest"].offered_deliveries == 5_000
+
+
+def test_bad_knobs_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_from_args(_parse("--subscribers", "-1")) == 2
+    assert "'subscribers' must be >= 0" in capsys.readouterr().err
+    assert run_from_args(_parse("--no-peer", "--no-gateway")) == 2
+    assert "nothing to measure" in capsys.readouterr().err
 
 
 def test_generated_gateway_config_is_accepted_by_the_loader(tmp_path: Path) -> None:
