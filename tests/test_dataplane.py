@@ -628,7 +628,7 @@ async def test_registry_views() -> None:
                 await recv_type(ws, "frame")
                 (view,) = s.registry.views()
                 assert view.endpoint == "/v1/stream"
-                assert view.subscriptions == ["tracking/F1"]
+                assert view.subscriptions == ("tracking/F1",)
                 assert view.frames_sent == 1 and view.frames_dropped == 0
                 assert view.peer.startswith("127.0.0.1:")
             await wait_for(lambda: len(s.registry) == 0)

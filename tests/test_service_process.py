@@ -112,8 +112,9 @@ async def gateway_process(tmp_path: Path, config: Path) -> AsyncIterator[Proc]:
             if process.returncode is None:
                 process.kill()
             await process.wait()
-            notify.close()
+            # Stop the readers before closing the socket they wait on.
             nursery.cancel_scope.cancel()
+    notify.close()
 
 
 @asynccontextmanager

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import attrs
 
 from gateway.config import FeedConfig
+from gateway.dataplane import SubscriberView
 from gateway.upstream._state import FixtureState
 
 
@@ -40,20 +41,6 @@ class FixtureView:
     subscribers: int
     frames_per_second: float
     upstream: Mapping[str, Any]
-
-
-@attrs.frozen
-class SubscriberView:
-    """One connected subscriber. ``subscriptions`` holds ``"feed/fixture"`` strings."""
-
-    id: str
-    peer: str
-    endpoint: str
-    subscriptions: tuple[str, ...]
-    queued_bytes: int
-    frames_sent: int
-    frames_dropped: int
-    connected_at: float
 
 
 @attrs.frozen

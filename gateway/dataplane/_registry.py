@@ -12,12 +12,15 @@ from gateway.dataplane._connection import CLOSE_GOING_AWAY, Connection
 
 @attrs.frozen
 class SubscriberView:
-    """One subscriber as the API shows it (``GET /v1/subscribers``)."""
+    """One subscriber as the API shows it (``GET /v1/subscribers``); a frozen snapshot.
+
+    ``subscriptions`` holds ``"feed/fixture"`` strings.
+    """
 
     id: str
     peer: str
     endpoint: str
-    subscriptions: list[str]
+    subscriptions: tuple[str, ...]
     queued_bytes: int
     frames_sent: int
     frames_dropped: int
@@ -103,7 +106,7 @@ class SubscriberRegistry:
                 id=c.id,
                 peer=c.peer,
                 endpoint=c.endpoint,
-                subscriptions=[] if c.handler is None else c.handler.subscription_names(),
+                subscriptions=() if c.handler is None else tuple(c.handler.subscription_names()),
                 queued_bytes=c.queued_bytes,
                 frames_sent=c.frames_sent,
                 frames_dropped=c.frames_dropped,

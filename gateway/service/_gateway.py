@@ -12,20 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
-
 import attrs
 import trio
 
 from gateway import __version__
 from gateway.config import Config, FeedConfig, FixtureConfig, ListenAddress
-from gateway.controlplane import FixtureView, SubscriberView, Totals
+from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
 from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic
 from gateway.service._logging import fields
-from gateway.upstream import FixtureState, FrameSink, Supervisor
+from gateway.upstream import FixtureState, FrameSink, Supervisor, UpstreamCounters
 
 log = logging.getLogger("gateway")
 
@@ -58,6 +56,7 @@ class Gateway:
         self._configured: set[Key] = {fx.key for fx in config.fixtures}
         self._on_demand: set[Key] = set()
         self._linger: dict[Key, trio.CancelScope] = {}
+        self._retired: dict[str, FeedTotals] = {}
         self._nursery: trio.Nursery | None = None
         self._supervisor_scope = trio.CancelScope()
         self._supervisor_done = trio.Event()
@@ -151,6 +150,10 @@ class Gateway:
     def _stop(self, feed: str, fixture: str) -> bool:
         self._on_demand.discard((feed, fixture))
         self._cancel_linger((feed, fixture))
+        handle = self.supervisor.get(feed, fixture)
+        if handle is not None:
+            # Keep its counts so per-feed metrics stay monotonic after it is gone.
+            self._retired[feed] = _add(self._retired.get(feed, FeedTotals()), handle.status.counters)
         stopped = self.supervisor.remove(feed, fixture)
         self.hub.close_topic(feed, fixture)
         return stopped
@@ -217,11 +220,11 @@ class Gateway:
         return FixtureView(
             feed=feed,
             fixture=fixture,
-            state=str(status.state),
+            state=status.state,
             state_since=status.state_since,
             detail=status.detail,
             seq=topic.seq if topic else 0,
-            epoch=topic.epoch if topic else None,
+            epoch=topic.epoch if topic else "",
             subscribers=topic.subscriber_count if topic else 0,
             frames_per_second=topic.frames_per_second() if topic else 0.0,
             upstream=status.snapshot(),
@@ -255,27 +258,26 @@ class Gateway:
     def fanout_latency(self) -> LatencyHistogram:
         return self.hub.fanout_latency
 
-    def totals(self) -> Totals:
-        counters: dict[str, int] = {
-            "reconnects": 0,
-            "gaps": 0,
-            "duplicates_dropped": 0,
-            "malformed": 0,
-        }
+    def feed_totals(self) -> dict[str, FeedTotals]:
+        out = {name: self._retired.get(name, FeedTotals()) for name in self.config.feeds}
         for handle in self.supervisor.handles():
-            c = handle.status.counters
-            counters["reconnects"] += c.reconnects
-            counters["gaps"] += c.gaps
-            counters["duplicates_dropped"] += c.duplicates_dropped
-            counters["malformed"] += c.malformed
+            name = handle.feed.name
+            out[name] = _add(out.get(name, FeedTotals()), handle.status.counters)
+        return out
+
+    def totals(self) -> Totals:
+        per_feed = self.feed_totals().values()
         stats = self.registry.stats()
         return Totals(
-            frames_in=self.hub.frames_in,
+            frames_in=sum(f.frames_in for f in per_feed),
             frames_out=stats.frames_sent,
             drops=stats.frames_dropped,
             slow_disconnects=stats.slow_disconnects,
             subscribers=stats.connections,
-            **counters,
+            reconnects=sum(f.reconnects for f in per_feed),
+            gaps=sum(f.gaps for f in per_feed),
+            duplicates_dropped=sum(f.duplicates_dropped for f in per_feed),
+            malformed=sum(f.malformed for f in per_feed),
         )
 
     def summary(self) -> str:
@@ -288,5 +290,13 @@ class Gateway:
             f"drops {stats.frames_dropped}"
         )
 
-    def describe(self) -> dict[str, Any]:
-        return {"bound": attrs.asdict(self.bound) if self.bound else None}
+
+
+def _add(totals: FeedTotals, c: UpstreamCounters) -> FeedTotals:
+    return FeedTotals(
+        frames_in=totals.frames_in + c.frames,
+        reconnects=totals.reconnects + c.reconnects,
+        gaps=totals.gaps + c.gaps,
+        duplicates_dropped=totals.duplicates_dropped + c.duplicates_dropped,
+        malformed=totals.malformed + c.malformed,
+    )
