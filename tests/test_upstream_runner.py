@@ -419,7 +419,9 @@ async def test_tracking_resume_widens_until_backfill_reaches(
     assert sinks["trk", "f1"].ixs == list(range(total))
     assert requests[0] == 0
     assert requests[1] > 0
-    assert requests[2] == requests[1] * 4
+    # The too-small reply tells where the vendor's head is: one widening reaches past the burst.
+    assert len(requests) == 3
+    assert requests[2] >= 5000
     h = sup.get("trk", "f1")
     assert h is not None
     assert h.status.counters.gaps == 0

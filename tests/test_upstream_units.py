@@ -7,6 +7,7 @@ No sockets. Time-dependent tests run under MockClock(autojump_threshold=0) via p
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -215,21 +216,44 @@ def test_tracking_backfill_estimate_and_widening() -> None:
         r.delivered(i, now=i / 100)
     assert r.rate() == pytest.approx(100.0)
     n = r.backfill(now=1.0 + 2.0)  # two seconds since the last frame
-    assert n == round(2.0 * 100.0 * BACKFILL_SAFETY) + BACKFILL_MARGIN
-    # First frame past the gap: too small; the next request is wider.
+    assert n == math.ceil(2.0 * 100.0 * BACKFILL_SAFETY) + BACKFILL_MARGIN
+    # The reply starts past the gap: too small. It also says where the head is (500 + n - 1),
+    # so the next request reaches exactly back to ix 101 (plus the margin).
     assert r.check(500) is Verdict.TOO_SMALL
-    assert r.backfill(now=3.0) == n * BACKFILL_WIDEN
-    requests = []
-    for _ in range(MAX_WIDENINGS - 1):
-        assert r.check(500) is Verdict.TOO_SMALL
+    n2 = r.backfill(now=3.0)
+    assert n2 == (500 + n - 1) - 100 + BACKFILL_MARGIN
+    assert n2 >= n * BACKFILL_WIDEN
+    # A vendor that counts differently keeps answering short: after MAX_WIDENINGS, everything.
+    requests = [n2]
+    for k in range(MAX_WIDENINGS - 1):
+        assert r.check(10_000 * (k + 1)) is Verdict.TOO_SMALL
         requests.append(r.backfill(now=3.0))
     assert requests[-1] == ALL_FRAMES
-    assert requests[:-1] == [n * BACKFILL_WIDEN**k for k in range(2, MAX_WIDENINGS)]
-    # With everything requested, overlap is dropped and the next new frame resets widening.
+    assert all(b >= a * BACKFILL_WIDEN for a, b in itertools.pairwise(requests[:-1]))
+    # With everything requested, the overlap is dropped and the widening count resets.
     assert r.check(0) is Verdict.DUPLICATE
+    assert r.widenings == 0
     assert r.check(100) is Verdict.DUPLICATE
     assert r.check(101) is Verdict.DELIVER
-    assert r.widenings == 0
+
+
+def test_tracking_overlap_stays_small_when_connections_die_in_it() -> None:
+    """Connections that die inside the backfill overlap must not make the next request grow
+    with the whole outage (that would never get past the overlap again)."""
+    r = TrackingResume(initial_backfill=0)
+    for i in range(201):  # 200 Hz for one second
+        r.check(i)
+        r.delivered(i, now=i / 200)
+    now = 1.0
+    for _ in range(50):  # each reconnect 50 ms later; each connection sees only duplicates
+        now += 0.05
+        n = r.backfill(now)
+        head = 200 + round((now - 1.0) * 200)  # the simulated vendor's newest ix
+        assert head - 200 <= n <= head - 200 + 30  # covers the gap, overlap stays small
+        first = head - n + 1
+        assert r.check(first) is Verdict.DUPLICATE or first == 201
+        if first == 201:
+            break
 
 
 def test_tracking_gap_mid_stream_is_delivered() -> None:
@@ -256,7 +280,9 @@ def test_tracking_rate_fallback() -> None:
     assert r.rate() == FALLBACK_RATE
     r.delivered(1, now=10.2)  # two samples, but too short a span to trust
     assert r.rate() == FALLBACK_RATE
-    assert r.backfill(now=12.2) == round(2 * FALLBACK_RATE * BACKFILL_SAFETY) + BACKFILL_MARGIN
+    assert (
+        r.backfill(now=12.2) == math.ceil(2.0 * FALLBACK_RATE * BACKFILL_SAFETY) + BACKFILL_MARGIN
+    )
 
 
 def test_fastpath_positions_across_connections() -> None:

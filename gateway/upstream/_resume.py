@@ -3,12 +3,19 @@
 Pure state machines (no I/O, times passed in) so the rules are tested without sockets.
 
 Tracking feeds number frames with ``ix`` (increasing per channel). On reconnect the gateway asks
-for ``backfill = n`` (the last n messages): n must reach back past the last delivered ``ix``, so it
-is estimated from the observed frame rate and the time since the last delivered frame, with a
-safety factor and a margin. Everything with ``ix <= last delivered`` is then dropped. If the first
-frame after resubscribing still has ``ix > last + 1``, the request was too small: the caller
-closes, the request is widened and retried; after a few widenings the whole feed (``-1``) is
-asked for.
+for ``backfill = n`` (the last n messages): n must reach back past the last delivered ``ix``. It is
+``(head - last) + ceil(dt * rate * SAFETY) + MARGIN`` where ``head`` is the newest vendor ``ix``
+known, observed ``dt`` seconds ago: the last delivered frame, or - more recent after a
+subscription that delivered nothing new - the head implied by that subscription's backfill (a
+reply to ``backfill = n`` starts at ``head - n + 1``). Only the time since that observation is
+scaled by the safety factor, so the overlap stays small however long the fixture has been
+failing; an estimate from the whole outage would grow with it, and once it exceeded what a short
+connection delivers, no connection would ever get past the overlap again.
+
+Everything with ``ix <= last delivered`` is then dropped. If the first frame after resubscribing
+still has ``ix > last + 1``, the request was too small: the caller closes and asks again, using
+the head that reply revealed and at least ``BACKFILL_WIDEN`` times the last request; after
+``MAX_WIDENINGS`` too-small replies in a row the whole feed (``-1``) is asked for.
 
 Fastpath feeds number frames with ``fixtureSeqNum`` from 1 on every connection, and reconnect with
 ``?startPosition=K`` (K events skipped). K is the number of stream events consumed so far, which
@@ -22,11 +29,12 @@ import enum
 import math
 from typing import Final
 
-# Backfill estimate: ceil(elapsed * rate * SAFETY) + MARGIN messages.
-BACKFILL_SAFETY: Final = 1.5
-BACKFILL_MARGIN: Final = 20
-# Each too-small request multiplies the next one by this; after MAX_WIDENINGS ask for everything.
-BACKFILL_WIDEN: Final = 4
+# Backfill estimate: (head - last) + ceil(dt * rate * SAFETY) + MARGIN messages (see above).
+BACKFILL_SAFETY: Final = 1.25
+BACKFILL_MARGIN: Final = 5
+# After a too-small request the next one is at least this many times larger; after MAX_WIDENINGS
+# too-small requests in a row, ask for everything.
+BACKFILL_WIDEN: Final = 2
 MAX_WIDENINGS: Final = 3
 ALL_FRAMES: Final = -1
 # The rate estimate is the ix progress over the last RATE_WINDOW seconds, from (time, ix) samples
@@ -60,6 +68,11 @@ class TrackingResume:
             maxlen=round(RATE_WINDOW / RATE_SAMPLE_INTERVAL) + 1
         )
         self._first_after_subscribe = True
+        self._request: int | None = None  # backfill n > 0 of the current subscription
+        self._request_at = 0.0
+        self._head: tuple[int, float] | None = None  # (ix, when) implied by a backfill reply
+        self._awaiting_head = False
+        self._widen = False
 
     def rate(self) -> float:
         """Frames (ix steps) per second over the recent window; FALLBACK_RATE until known."""
@@ -73,30 +86,60 @@ class TrackingResume:
     def backfill(self, now: float) -> int:
         """The ``backfill`` to request on a (re)subscribe at trio time ``now``."""
         self._first_after_subscribe = True
+        self._awaiting_head = True
+        previous, self._request = self._request, None
+        widen, self._widen = self._widen, False
         if self.last_ix is None or self.last_at is None:
             return self.initial_backfill
         if self.widenings >= MAX_WIDENINGS:
             return ALL_FRAMES
-        elapsed = max(0.0, now - self.last_at)
-        n = math.ceil(elapsed * self.rate() * BACKFILL_SAFETY) + BACKFILL_MARGIN
-        return int(n * BACKFILL_WIDEN**self.widenings)
+        rate = self.rate()
+        # Two observations of the head: the last delivered frame, and the head implied by the
+        # last backfill reply. Trust the more recent one (the safety factor then covers only a
+        # short time), unless the older one says the head is clearly further on: a frame
+        # delivered from a backfill burst is old, not the head.
+        head_ix, head_at = self.last_ix, self.last_at
+        if self._head is not None:
+            recent, older = (self._head, (head_ix, head_at))
+            if recent[1] < older[1]:
+                recent, older = older, recent
+            head_ix, head_at = recent
+            if older[0] + (now - older[1]) * rate > (
+                recent[0] + (now - recent[1]) * rate + BACKFILL_MARGIN
+            ):
+                head_ix, head_at = older
+        dt = max(0.0, now - head_at)
+        n = max(0, head_ix - self.last_ix) + math.ceil(dt * rate * BACKFILL_SAFETY)
+        n += BACKFILL_MARGIN
+        if widen and previous is not None:
+            # The reply said where the head is, so the estimate above should reach; the floor
+            # guarantees progress if the vendor counts its backfill differently than assumed.
+            n = max(n, previous * BACKFILL_WIDEN)
+        self._request, self._request_at = n, now
+        return n
 
     def check(self, ix: int) -> Verdict:
         """Judge a received frame; does not record it (call :meth:`delivered` after publishing)."""
         first = self._first_after_subscribe
         self._first_after_subscribe = False
+        if self._awaiting_head and self._request is not None and ix > 0:
+            # The reply to "the last n messages" starts at head - n + 1: the vendor's head at
+            # (about, and not later than) the time of the request, whatever this frame's
+            # verdict. A reply starting at ix 0 may have been cut short by the start of the
+            # feed, so it says nothing.
+            head = ix + self._request - 1
+            self._head = (head, self._request_at)
+            self._sample(self._request_at, head)
+        self._awaiting_head = False
         if self.last_ix is None:
             return Verdict.DELIVER
-        if ix <= self.last_ix:
-            # The overlap of the backfill; the next frame is still "first" for the gap check.
-            self._first_after_subscribe = first
-            return Verdict.DUPLICATE
-        if ix == self.last_ix + 1:
+        if ix <= self.last_ix + 1:
             if first:
-                self.widenings = 0
-            return Verdict.DELIVER
+                self.widenings = 0  # the request reached back far enough
+            return Verdict.DUPLICATE if ix <= self.last_ix else Verdict.DELIVER
         if first and self.widenings < MAX_WIDENINGS:
             self.widenings += 1
+            self._widen = True
             return Verdict.TOO_SMALL
         if first:
             self.widenings = 0
@@ -105,6 +148,9 @@ class TrackingResume:
     def delivered(self, ix: int, now: float) -> None:
         self.last_ix = ix
         self.last_at = now
+        self._sample(now, ix)
+
+    def _sample(self, now: float, ix: int) -> None:
         if not self._samples or now - self._samples[-1][0] >= RATE_SAMPLE_INTERVAL:
             self._samples.append((now, ix))
 
