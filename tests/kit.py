@@ -6,7 +6,9 @@ Everything binds 127.0.0.1 port 0. The gateway runs exactly as ``dde-gateway run
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,9 @@ async def simulator_and_gateway(
 ) -> AsyncIterator[tuple[Simulator, Gateway]]:
     token_file = tmp_path / "token"
     token_file.write_text(TEST_TOKEN)
-    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0, action_interval=0.2)
+    sim = Simulator(
+        tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0, action_interval=0.2
+    )
     for feed, fixture in fixtures:
         sim.add_fixture(fixture, kind="tracking" if feed == "tracking" else "fastpath")
     async with trio.open_nursery() as nursery:
@@ -117,10 +121,14 @@ async def next_of_type(ws: trio_websocket.WebSocketConnection, kind: str) -> dic
         assert msg["type"] in ("heartbeat", "status"), msg
 
 
+async def wait_until(predicate: Callable[[], bool], interval: float = 0.02) -> None:
+    """Poll state that has no event to wait on (counters of another component)."""
+    while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
+        await trio.sleep(interval)
+
+
 async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """A plain HTTP GET in a worker thread (urllib), returning (status, body)."""
-    import urllib.error
-    import urllib.request
 
     def fetch() -> tuple[int, bytes]:
         req = urllib.request.Request(url, headers=headers or {})

@@ -9,6 +9,7 @@ leaking. Real sockets on 127.0.0.1 port 0, real time, generous ``fail_after`` gu
 from __future__ import annotations
 
 import logging
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from tests.conftest import TEST_TOKEN
 from tests.kit import (
     TRACKING_PATH,
     http_get,
+    http_url,
     next_of_type,
     recv_json,
     simulator_and_gateway,
     stream_url,
+    wait_until,
 )
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
@@ -33,39 +36,42 @@ FX2 = "08456e52-9cf7-48cc-913c-f45ec0a1b2c3"
 ACT = "2ed1cba1-7c3e-4b5e-9a51-0d1f1c2b3a4d"
 
 
-async def subscribe(ws: trio_websocket.WebSocketConnection, feed: str, fixture: str, **extra: Any) -> dict[str, Any]:
-    await ws.send_message(orjson.dumps({"op": "subscribe", "feed": feed, "fixture": fixture, **extra}).decode())
+async def subscribe(
+    ws: trio_websocket.WebSocketConnection, feed: str, fixture: str, **extra: Any
+) -> dict[str, Any]:
+    await ws.send_message(
+        orjson.dumps({"op": "subscribe", "feed": feed, "fixture": fixture, **extra}).decode()
+    )
     return await next_of_type(ws, "subscribed")
 
 
 async def test_frames_flow_verbatim_with_contiguous_seq(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (_, gw):
             async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
                 sub = await subscribe(ws, "tracking", FX)
                 assert sub["epoch"] and sub["recovered"] is False
-                last_seq, last_ix = None, None
+                seqs, ixs = [], []
                 for _ in range(50):
                     msg = await next_of_type(ws, "frame")
-                    frame = msg["data"]
-                    assert frame["id"] == FX
-                    if last_seq is not None:
-                        assert msg["seq"] == last_seq + 1
-                        assert frame["ix"] == last_ix + 1
-                    last_seq, last_ix = msg["seq"], frame["ix"]
-            status, body = await http_get(f"http://{gw.bound.http}/v1/fixtures/tracking/{FX}")  # type: ignore[union-attr]
+                    assert msg["data"]["id"] == FX
+                    seqs.append(msg["seq"])
+                    ixs.append(msg["data"]["ix"])
+                assert seqs == list(range(seqs[0], seqs[0] + 50))
+                assert ixs == list(range(ixs[0], ixs[0] + 50))
+            status, body = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}"))
             assert status == 200
             view = orjson.loads(body)
             assert view["state"] == "live" and view["seq"] >= 50
             assert view["upstream"]["connects"] >= 1
-            status, latest = await http_get(f"http://{gw.bound.http}/v1/fixtures/tracking/{FX}/latest")  # type: ignore[union-attr]
+            status, latest = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}/latest"))
             assert status == 200 and orjson.loads(latest)["id"] == FX
 
 
 async def test_envelope_carries_upstream_text_byte_for_byte(tmp_path: Path) -> None:
     """The `data` value is the upstream text itself, not a re-serialisation."""
     with trio.fail_after(60):
-        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (_, gw):
             async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
                 await subscribe(ws, "tracking", FX)
                 while True:
@@ -102,7 +108,9 @@ async def test_seq_contiguous_across_20_upstream_drops(tmp_path: Path) -> None:
             assert ixs == list(range(ixs[0], ixs[0] + len(ixs)))
 
 
-async def vendor_tracking_client(url: str, token: str, fixture: str, backfill: int, n: int) -> list[str]:
+async def vendor_tracking_client(
+    url: str, token: str, fixture: str, backfill: int, n: int
+) -> list[str]:
     """A client written for the vendor's tracking protocol (seed 003): the same code is pointed
     at the simulator and at the gateway's drop-in endpoint."""
     frames: list[str] = []
@@ -122,9 +130,11 @@ async def vendor_tracking_client(url: str, token: str, fixture: str, backfill: i
     return frames
 
 
-async def test_dropin_endpoint_with_the_client_code_that_talks_to_the_simulator(tmp_path: Path) -> None:
+async def test_dropin_endpoint_with_the_client_code_that_talks_to_the_simulator(
+    tmp_path: Path,
+) -> None:
     with trio.fail_after(60):
-        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (_, gw):
             sim_port = int(gw.config.feeds["tracking"].url.split(":")[2].split("/")[0])
             direct = await vendor_tracking_client(
                 f"ws://127.0.0.1:{sim_port}{TRACKING_PATH}", TEST_TOKEN, FX, 5, 10
@@ -156,20 +166,20 @@ async def test_on_demand_follow_and_linger_stop(tmp_path: Path) -> None:
                 msg = await next_of_type(ws, "frame")
                 assert msg["data"]["fixtureAction"]["fixtureId"] == ACT
                 assert gw.is_followed("actions", ACT)
-                await ws.send_message(orjson.dumps({"op": "unsubscribe", "feed": "actions", "fixture": ACT}).decode())
-                while gw.is_followed("actions", ACT):
-                    await trio.sleep(0.05)
-            status, _ = await http_get(f"http://{gw.bound.http}/v1/fixtures/actions/{ACT}")  # type: ignore[union-attr]
+                await ws.send_message(
+                    orjson.dumps({"op": "unsubscribe", "feed": "actions", "fixture": ACT}).decode()
+                )
+                await wait_until(lambda: not gw.is_followed("actions", ACT))
+            status, _ = await http_get(http_url(gw, f"/v1/fixtures/actions/{ACT}"))
             assert status == 404
 
 
 async def test_put_and_delete_through_the_api(tmp_path: Path) -> None:
-    import urllib.request
 
     with trio.fail_after(60):
         async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (sim, gw):
             sim.add_fixture(FX2, kind="tracking")
-            base = f"http://{gw.bound.http}"  # type: ignore[union-attr]
+            base = http_url(gw, "")
 
             def call(method: str, path: str, body: bytes | None = None) -> int:
                 req = urllib.request.Request(base + path, data=body, method=method)
@@ -177,11 +187,19 @@ async def test_put_and_delete_through_the_api(tmp_path: Path) -> None:
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     return int(resp.status)
 
-            assert await trio.to_thread.run_sync(call, "PUT", f"/v1/fixtures/tracking/{FX2}", b'{"backfill": 3}') == 201
+            assert (
+                await trio.to_thread.run_sync(
+                    call, "PUT", f"/v1/fixtures/tracking/{FX2}", b'{"backfill": 3}'
+                )
+                == 201
+            )
             async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
                 await subscribe(ws, "tracking", FX2)
                 await next_of_type(ws, "frame")
-                assert await trio.to_thread.run_sync(call, "DELETE", f"/v1/fixtures/tracking/{FX2}") == 204
+                assert (
+                    await trio.to_thread.run_sync(call, "DELETE", f"/v1/fixtures/tracking/{FX2}")
+                    == 204
+                )
                 while True:
                     msg = await recv_json(ws)
                     if msg["type"] == "status" and msg["state"] == "stopped":
@@ -197,14 +215,18 @@ async def test_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixtur
             sim.faults(FX).drop_after_frames = 20
             handle = gw.supervisor.get("tracking", FX)
             assert handle is not None
-            while handle.status.counters.reconnects < 2:
-                await trio.sleep(0.05)
+            await wait_until(lambda: handle.status.counters.reconnects >= 2)
             sim.set_tokens({"another"})  # now rejected: the rejection path logs too
-            while handle.status.state is not FixtureState.UNAUTHORIZED:
-                await trio.sleep(0.05)
+            await wait_until(lambda: handle.status.state is FixtureState.UNAUTHORIZED)
             bodies = []
-            for path in ("/v1/status", "/v1/fixtures", f"/v1/fixtures/tracking/{FX}", "/metrics", "/v1/subscribers"):
-                status, body = await http_get(f"http://{gw.bound.http}{path}")  # type: ignore[union-attr]
+            for path in (
+                "/v1/status",
+                "/v1/fixtures",
+                f"/v1/fixtures/tracking/{FX}",
+                "/metrics",
+                "/v1/subscribers",
+            ):
+                status, body = await http_get(http_url(gw, path))
                 assert status == 200, path
                 bodies.append(body)
     assert TEST_TOKEN not in caplog.text

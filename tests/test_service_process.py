@@ -131,7 +131,7 @@ async def simulator(tmp_path: Path, *fixtures: str) -> AsyncIterator[tuple[Simul
 
 async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
     with trio.fail_after(90):
-        async with simulator(tmp_path, A) as (sim, port):
+        async with simulator(tmp_path, A) as (_, port):
             config = tmp_path / "gateway.toml"
             write_config(config, port, [A], drain=5.0)
             async with gateway_process(tmp_path, config) as proc:
@@ -148,7 +148,9 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                             nursery, f"ws://{proc.stream}/v1/stream"
                         )
                         await ws.send_message(
-                            orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": A}).decode()
+                            orjson.dumps(
+                                {"op": "subscribe", "feed": "tracking", "fixture": A}
+                            ).decode()
                         )
                         sockets.append(ws)
 
@@ -157,6 +159,7 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                             while True:
                                 await ws.get_message()
                         except trio_websocket.ConnectionClosed as exc:
+                            assert exc.reason is not None
                             closes.append((exc.reason.code, exc.reason.reason))
 
                     for ws in sockets:
@@ -174,9 +177,11 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                 await proc.wait_for(lambda: "STOPPING=1" in proc.notes)
 
 
-async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(tmp_path: Path) -> None:
+async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(
+    tmp_path: Path,
+) -> None:
     with trio.fail_after(90):
-        async with simulator(tmp_path, A, B, C) as (sim, port):
+        async with simulator(tmp_path, A, B, C) as (_, port):
             config = tmp_path / "gateway.toml"
             write_config(config, port, [A, B])
             async with gateway_process(tmp_path, config) as proc:
@@ -197,7 +202,9 @@ async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(t
                     await collect(10)
                     write_config(config, port, [A, C])
                     proc.process.send_signal(signal.SIGHUP)
-                    await proc.wait_for(lambda: any(r["msg"].startswith("reloaded") for r in proc.logs))
+                    await proc.wait_for(
+                        lambda: any(r["msg"].startswith("reloaded") for r in proc.logs)
+                    )
                     await collect(10)
                     status, body = await http_get(f"http://{proc.http}/v1/fixtures")
                     assert status == 200
@@ -208,7 +215,9 @@ async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(t
 
                     config.write_text("[upstream]\nconnect_rate = 'fast'\n")
                     proc.process.send_signal(signal.SIGHUP)
-                    await proc.wait_for(lambda: any("reload refused" in r["msg"] for r in proc.logs))
+                    await proc.wait_for(
+                        lambda: any("reload refused" in r["msg"] for r in proc.logs)
+                    )
                     refused = next(r["msg"] for r in proc.logs if "reload refused" in r["msg"])
                     assert "$.upstream.connect_rate" in refused
                     await collect(10)
@@ -224,9 +233,21 @@ async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(t
 
 async def test_demo_command_serves_frames(tmp_path: Path) -> None:
     with trio.fail_after(90):
-        cmd = [sys.executable, "-m", "gateway", "demo", "--stream-port", "0", "--http-port", "0",
-               "--simulator-port", "0"]
-        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "demo",
+            "--stream-port",
+            "0",
+            "--http-port",
+            "0",
+            "--simulator-port",
+            "0",
+        ]
+        process = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         try:
             assert process.stdout is not None
             out = b""
@@ -239,7 +260,9 @@ async def test_demo_command_serves_frames(tmp_path: Path) -> None:
             async with trio_websocket.open_websocket_url(stream) as ws:
                 fixture = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
                 await ws.send_message(
-                    orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": fixture}).decode()
+                    orjson.dumps(
+                        {"op": "subscribe", "feed": "tracking", "fixture": fixture}
+                    ).decode()
                 )
                 while True:
                     msg = orjson.loads(await ws.get_message())

@@ -27,9 +27,9 @@ from gateway.controlplane._target import (
     FeedTotals,
     FixtureView,
     LatencyHistogram,
-    SubscriberView,
     Totals,
 )
+from gateway.dataplane import SubscriberView
 
 __all__ = [
     "DEFAULT_FOLLOW_BACKFILL",

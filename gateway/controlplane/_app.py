@@ -30,7 +30,8 @@ from starlette.routing import Route
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
-from gateway.controlplane._target import ControlTarget, FixtureView, SubscriberView
+from gateway.controlplane._target import ControlTarget, FixtureView
+from gateway.dataplane import SubscriberView
 from gateway.upstream._state import FixtureState
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill

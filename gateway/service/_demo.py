@@ -21,7 +21,10 @@ from gateway.simulator import Simulator
 
 log = logging.getLogger("gateway.demo")
 
-DEMO_TRACKING: Final = ("5501b26a-1c44-4c3b-9ff5-9322084d41f9", "08456e52-9cf7-48cc-913c-f45ec0a1b2c3")
+DEMO_TRACKING: Final = (
+    "5501b26a-1c44-4c3b-9ff5-9322084d41f9",
+    "08456e52-9cf7-48cc-913c-f45ec0a1b2c3",
+)
 DEMO_ACTIONS: Final = ("2ed1cba1-7c3e-4b5e-9a51-0d1f1c2b3a4d",)
 DEMO_TOKEN_ENV: Final = "DDE_DEMO_TOKEN"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+
 import attrs
 import trio
 
@@ -153,7 +154,9 @@ class Gateway:
         handle = self.supervisor.get(feed, fixture)
         if handle is not None:
             # Keep its counts so per-feed metrics stay monotonic after it is gone.
-            self._retired[feed] = _add(self._retired.get(feed, FeedTotals()), handle.status.counters)
+            self._retired[feed] = _add(
+                self._retired.get(feed, FeedTotals()), handle.status.counters
+            )
         stopped = self.supervisor.remove(feed, fixture)
         self.hub.close_topic(feed, fixture)
         return stopped
@@ -289,7 +292,6 @@ class Gateway:
             f"fixtures live {live}/{len(handles)}, subscribers {stats.connections}, "
             f"drops {stats.frames_dropped}"
         )
-
 
 
 def _add(totals: FeedTotals, c: UpstreamCounters) -> FeedTotals:
