@@ -2,7 +2,8 @@
 
 Subcommands: ``run`` (the service), ``simulate`` (the vendor simulator), ``check-config``
 (validate a file, every error with its field path, exit 2), ``demo`` (simulator + gateway on an
-embedded config) and ``bench`` (the fan-out benchmark). Heavy imports happen inside each
+embedded config), ``watch`` (a subscriber that prints what arrives) and ``bench`` (the fan-out
+benchmark). Heavy imports happen inside each
 subcommand so ``check-config`` stays instant.
 """
 
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--simulator-port", type=int, default=8799)
     _add_logging_options(demo)
 
+    from gateway import client
+
+    watch = sub.add_parser("watch", help="subscribe to topics and print what arrives")
+    client.add_arguments(watch)
+
     from gateway.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="fan-out benchmark against a websockets peer")
@@ -91,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "watch":
+        from gateway import client
+
+        try:
+            return client.run_from_args(args)
+        except KeyboardInterrupt:
+            return 130
 
     import trio
 

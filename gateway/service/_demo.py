@@ -52,6 +52,12 @@ def demo_config(stream_port: int, http_port: int, simulator_port: int) -> Config
     return structure_config(data)
 
 
+def _self_command() -> str:
+    """How this program was started, so the banner's commands work as printed."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0 if argv0.endswith("dde-gateway") else f"{sys.executable} -m gateway"
+
+
 def banner(gateway: Gateway, simulator_port: int) -> str:
     assert gateway.bound is not None
     stream, http = gateway.bound.stream, gateway.bound.http
@@ -69,7 +75,8 @@ def banner(gateway: Gateway, simulator_port: int) -> str:
             "Try:",
             f"  curl -s http://{http}/v1/fixtures",
             f"  curl -s http://{http}/v1/fixtures/tracking/{fx}/latest | head -c 300; echo",
-            "  python -m websockets ws://" + f"{stream}/v1/stream   # then paste:",
+            f"  {_self_command()} watch --url ws://{stream}/v1/stream tracking/{fx}",
+            f"  # or any WebSocket client on ws://{stream}/v1/stream, sending:",
             f"  {sub}",
             "",
         ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -29,6 +30,7 @@ from gateway.service._notify import Notifier
 log = logging.getLogger("gateway")
 
 STATUS_INTERVAL: Final = 5.0
+TOKEN_RECHECK: Final = 1.0
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -116,13 +118,20 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
         log.error("%s", exc)
         return 2
     current = [config]
+    cache: list[tuple[float, list[str]]] = []
 
     def token_values() -> list[str]:
-        # Re-read per log line batch by the redactor, so a rotated token is redacted too.
+        # The redactor asks on every log line; re-reading the token file at most once per
+        # TOKEN_RECHECK seconds still covers a rotated token without a file read per line.
+        now = time.monotonic()
+        if cache and now - cache[0][0] < TOKEN_RECHECK:
+            return cache[0][1]
         try:
-            return [current[0].upstream.read_token().reveal()]
+            values = [current[0].upstream.read_token().reveal()]
         except Exception:
-            return []
+            values = []
+        cache[:] = [(now, values)]
+        return values
 
     def configure(cfg: Config) -> None:
         current[0] = cfg
