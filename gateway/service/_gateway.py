@@ -115,31 +115,35 @@ class Gateway:
         """Reconcile the configured fixtures with *new*; return what changed.
 
         Unchanged fixtures keep their connection and seq. Fixtures added through the API or on
-        demand are left alone. Listener addresses and [subscribers] limits need a restart;
-        a change there is reported, not applied.
+        demand are left alone. ``[upstream]`` applies from the next connect attempt. Listener
+        addresses, ``[feeds]``, ``[subscribers]`` and ``[api]`` need a restart: a change there
+        is reported (``needs_restart``), not applied, and a fixture of a feed that is new in
+        *new* is reported as ``skipped``.
         """
         old = self.config
-        new_keys = {fx.key for fx in new.fixtures}
-        added = [fx for fx in new.fixtures if fx.key not in self._configured]
-        removed = sorted(self._configured - new_keys)
+        wanted = {fx.key: fx for fx in new.fixtures}
+        added = [fx for key, fx in wanted.items() if key not in self._configured]
+        skipped = [fx for fx in added if fx.feed not in old.feeds]
+        added = [fx for fx in added if fx.feed in old.feeds]
+        removed = sorted(self._configured - wanted.keys())
         needs_restart = [
             section
-            for section in ("gateway", "subscribers", "api")
+            for section in ("gateway", "feeds", "subscribers", "api")
             if getattr(old, section) != getattr(new, section)
         ]
-        if old.feeds != new.feeds:
-            needs_restart.append("feeds")
-        self.config = attrs.evolve(old, upstream=new.upstream, fixtures=new.fixtures)
+        kept = tuple(fx for fx in new.fixtures if fx.feed in old.feeds)
+        self.config = attrs.evolve(old, upstream=new.upstream, fixtures=kept)
         self.supervisor.update_config(self.config)
         for key in removed:
+            self._configured.discard(key)
             self._stop(*key)
         for fx in added:
-            if fx.feed in old.feeds:
-                self.supervisor.add(fx)
-        self._configured = new_keys & {(f, i) for f, i in new_keys if f in old.feeds}
+            self._configured.add(fx.key)
+            self.supervisor.add(fx)
         return {
             "added": [f"{fx.feed}/{fx.id}" for fx in added],
             "removed": [f"{f}/{i}" for f, i in removed],
+            "skipped": [f"{fx.feed}/{fx.id}" for fx in skipped],
             "needs_restart": needs_restart,
         }
 

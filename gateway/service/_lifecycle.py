@@ -24,7 +24,7 @@ import trio
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.service._gateway import Bound, Gateway
-from gateway.service._logging import LogFormat, configure_logging
+from gateway.service._logging import LogFormat, configure_logging, fields
 from gateway.service._notify import Notifier
 
 log = logging.getLogger("gateway")
@@ -89,13 +89,18 @@ async def _reload(
         if on_reload is not None:
             on_reload(new)
         log.info(
-            "reloaded: added %s, removed %s%s",
+            "reloaded: added %s, removed %s",
             changes["added"] or "nothing",
             changes["removed"] or "nothing",
-            f"; changed but needs a restart: {changes['needs_restart']}"
-            if changes["needs_restart"]
-            else "",
+            extra=fields(**changes),
         )
+        if changes["needs_restart"] or changes["skipped"]:
+            log.warning(
+                "reload: changed sections %s and fixtures %s need a restart to take effect",
+                changes["needs_restart"],
+                changes["skipped"],
+            )
+    # READY=1 either way: the service runs on (with the old or the new config).
     await notifier.ready()
     await notifier.status(gateway.summary())
 
