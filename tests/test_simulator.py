@@ -35,6 +35,7 @@ from trio_websocket import (
 )
 from websockets.sync.client import connect
 
+from gateway.config import load_config
 from gateway.simulator import (
     ACCEPT_MEDIA_TYPE,
     Faults,
@@ -886,6 +887,21 @@ def test_cli_options_build_the_simulator(tmp_path: Path) -> None:
     assert sim.faults("a") == Faults(drop_after_frames=10)
     assert sim.faults("p").stall is True
     assert sim.connection_faults.handshake_delay == 0.5
+
+
+def test_cli_defaults_are_the_vendors_and_serve_the_demo_config() -> None:
+    """``dde-gateway simulate`` with no option serves every fixture of config/demo.toml, at the
+    vendor's pace (25 Hz tracking, heartbeats every 10 s, an action every few seconds)."""
+    sim = build_simulator(_parse([]))
+    assert sim.rate_hz == 25.0
+    assert sim.heartbeat_interval == 10.0
+    assert 1.0 <= sim.action_interval <= 10.0
+    demo = load_config(Path(__file__).resolve().parent.parent / "config" / "demo.toml")
+    assert demo.fixtures
+    for fixture in demo.fixtures:
+        served = sim.fixtures.get(fixture.id)
+        assert served is not None, fixture.id
+        assert served.kind == demo.feeds[fixture.feed].kind, fixture.id
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,9 @@ DEFAULT_TRACKING_FIXTURES: Final = (
     "08456e52-9cf7-48cc-913c-f45ec0a1b2c3",
     "3f1c7d2e-8a4b-4c6d-9e0f-1a2b3c4d5e6f",
 )
+# The fastpath fixture of config/demo.toml, so that `simulate` plus `run --config
+# config/demo.toml` follows every fixture of that config.
+DEFAULT_FASTPATH_FIXTURES: Final = ("2ed1cba1-7c3e-4b5e-9a51-0d1f1c2b3a4d",)
 TRACKING_PATH: Final = "/ws/soccer/tracking/low_latency"
 FASTPATH_PATH: Final = "/soccer/fixtures/{fixture}/actions"
 
@@ -115,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fastpath-fixtures",
         type=_id_list,
-        default=[],
+        default=None,
         metavar="ID[,ID...]",
-        help="fastpath fixtures (default: none)",
+        help="fastpath fixtures (default: one fixed id)",
     )
     tokens = parser.add_mutually_exclusive_group()
     tokens.add_argument("--token", action="append", default=None, help="an accepted token")
@@ -193,7 +196,10 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
     tracking += [fid for fid in recordings if fid not in tracking]
     for fid in tracking:
         sim.add_fixture(fid, kind="tracking", recording=recordings.get(fid))
-    for fid in args.fastpath_fixtures:
+    fastpath = (
+        DEFAULT_FASTPATH_FIXTURES if args.fastpath_fixtures is None else args.fastpath_fixtures
+    )
+    for fid in fastpath:
         sim.add_fixture(fid, kind="fastpath")
     for fid, name, value in args.fault:
         if fid == "*":
