@@ -1,4 +1,5 @@
-"""Configuration loading: strict types, unknown keys, field paths, secrets that never leak.
+"""Configuration loading and `dde-gateway check-config`: strict types, unknown keys, field paths,
+secrets that never leak.
 
 Rules: pure functions and files in tmp_path only; every error asserted by its field path.
 """
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gateway.cli import main
 from gateway.config import (
     ConfigError,
     ListenAddress,
@@ -177,3 +179,28 @@ def test_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.upstream.read_token().matches(TEST_TOKEN)
     assert not Secret("a").matches("b")
     assert os.environ["DDE_TOKEN"] == TEST_TOKEN
+
+
+def test_check_config_command_prints_every_error_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dde-gateway check-config``: every error with its field path on stderr, exit 2; a good
+    file is one line on stdout, exit 0."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[upstream]\ntoken_env = "DDE_TOKEN"\nconnect_rate = "5"\nbogus = 1\n'
+        '[feeds.t]\nkind = "tracking"\nurl = "ws://h/p"\n'
+        '[[fixtures]]\nfeed = "t"\nid = "x"\nbackfill = 1.5\n'
+    )
+    assert main(["check-config", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"{bad}: 3 error(s)")
+    for path in ("$.upstream.connect_rate", "unknown key(s): bogus @ $.upstream"):
+        assert path in err, err
+    assert "$.fixtures[0].backfill" in err, err
+    assert main(["check-config", str(REPO / "config" / "demo.toml")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{REPO / 'config' / 'demo.toml'}: ok") and err == ""
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
