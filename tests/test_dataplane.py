@@ -544,6 +544,36 @@ async def test_on_demand_demand_and_release() -> None:
             assert s.hub.get("ondemand", "M2") is None
 
 
+async def test_on_demand_refuses_ids_that_could_change_an_upstream_url() -> None:
+    with trio.fail_after(20):
+        config = make_config()
+        feeds = dict(config.feeds)
+        feeds["fpod"] = FeedConfig(
+            kind="fastpath",
+            url="wss://streams.example.test/basketball/fixtures/{fixture}/actions",
+            on_demand=True,
+        )
+        directory = FakeDirectory()
+        async with serving(attrs.evolve(config, feeds=feeds), directory) as s:
+            async with open_websocket_url(s.url) as ws:
+                for bad in ("../../x", "a\nFAKE LOG LINE", "x" * 200):
+                    await send_json(ws, {"op": "subscribe", "feed": "ondemand", "fixture": bad})
+                    err = await recv_type(ws, "error")
+                    assert "invalid fixture id" in err["message"]
+                assert directory.calls == []
+            # Drop-in fastpath: an encoded "/" in the path is refused at the handshake.
+            with pytest.raises(ConnectionRejected) as info:
+                url = f"ws://{s.addr}/basketball/fixtures/..%2F..%2Fx/actions"
+                async with open_websocket_url(url):
+                    pass
+            assert info.value.status_code == 404
+            assert directory.calls == []
+            # A valid id on the same feed is accepted (and followed after authentication).
+            async with open_websocket_url(f"ws://{s.addr}/basketball/fixtures/G-1/actions") as ws:
+                await send_json(ws, {"authToken": "t"})
+                await wait_for(lambda: directory.calls == [("demand", "fpod", "G-1")])
+
+
 async def test_max_connections_503() -> None:
     with trio.fail_after(20):
         async with serving(make_config(max_connections=2)) as s:

@@ -31,6 +31,7 @@ from gateway.hub import (
     UnknownFixtureError,
     encode_frame,
     frame_header,
+    valid_fixture_id,
 )
 from gateway.hub import _topic as topic_module
 from gateway.upstream._state import FixtureState
@@ -265,3 +266,30 @@ def test_hub_topics_and_open_rules() -> None:
     assert hub.get("tracking", "CFG") is None and t.closed
     hub.close_topic("tracking", "CFG")  # idempotent
     assert hub.topic("tracking", "CFG").epoch != t.epoch
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    ["../../x", "a/b", "a b", "a\nFAKE LOG LINE", "%2F", "-dash", "", "x" * 129, "\u00e9"],
+)
+def test_on_demand_refuses_ids_that_could_change_an_upstream_url(fixture: str) -> None:
+    d = FakeDirectory()
+    hub = Hub({"od": OD}, d)
+    assert not valid_fixture_id(fixture)
+    with pytest.raises(UnknownFixtureError, match="invalid fixture id"):
+        hub.open("od", fixture)
+    assert d.calls == []  # the directory was never asked to follow it
+    assert hub.get("od", fixture) is None
+
+
+def test_on_demand_accepts_vendor_ids_and_followed_odd_ones() -> None:
+    d = FakeDirectory()
+    hub = Hub({"od": OD}, d)
+    for fixture in ("5501b26a-1c44-4c3b-9ff5-9322084d41f9", "12345", "sr:match:1.2"):
+        assert valid_fixture_id(fixture)
+        hub.open("od", fixture)
+    assert len(d.calls) == 3
+    # A fixture already followed (by config) keeps working whatever its id looks like.
+    d.followed.add(("od", "odd id"))
+    hub.open("od", "odd id")
+    assert d.calls[-1] == ("demand", "odd id")

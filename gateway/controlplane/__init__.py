@@ -6,7 +6,6 @@ knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
 
 from gateway.controlplane._app import (
     DEFAULT_FOLLOW_BACKFILL,
-    FIXTURE_ID_PATTERN,
     MAX_BODY_BYTES,
     BadRequest,
     build_app,
@@ -30,6 +29,7 @@ from gateway.controlplane._target import (
     Totals,
 )
 from gateway.dataplane import SubscriberView
+from gateway.hub import FIXTURE_ID_PATTERN
 
 __all__ = [
     "DEFAULT_FOLLOW_BACKFILL",

@@ -12,7 +12,6 @@ Errors are ``{"error": "<message>"}`` with the proper status, including the rout
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -32,14 +31,11 @@ from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import ControlTarget, FixtureView
 from gateway.dataplane import SubscriberView
+from gateway.hub import FIXTURE_ID_PATTERN, valid_fixture_id
 from gateway.upstream._state import FixtureState
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
 MAX_BODY_BYTES: Final = 4096
-# Fixture ids end up in upstream URLs and log lines: accept the vendor's shapes (UUIDs, numbers)
-# and nothing that could change a URL path or a log's structure.
-FIXTURE_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
-_FIXTURE_ID = re.compile(FIXTURE_ID_PATTERN)
 UPSTREAM_KEYS: Final = (
     "connects",
     "reconnects",
@@ -215,7 +211,8 @@ class _Handlers:
         return JSONResponse(fixture_json(view))
 
     async def _follow(self, request: Request, feed: str, fixture: str) -> Response:
-        if _FIXTURE_ID.fullmatch(fixture) is None:
+        # The data plane's on-demand subscriptions apply the same rule (one definition).
+        if not valid_fixture_id(fixture):
             raise BadRequest(f"path.fixture: must match {FIXTURE_ID_PATTERN}")
         backfill = parse_follow_body(await _read_body(request))
         try:

@@ -25,7 +25,7 @@ from gateway.dataplane._connection import RECEIVE_CHUNK, Connection, Handler
 from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
-from gateway.hub import Hub
+from gateway.hub import Hub, valid_fixture_id
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -85,10 +85,13 @@ class _Router:
         raise _Reject(404, b"not found\n")
 
     def _known(self, feed: FeedConfig, fixture: str) -> bool:
-        if feed.on_demand or self.hub.get(feed.name, fixture) is not None:
+        if self.hub.get(feed.name, fixture) is not None:
             return True
         d = self.hub.directory
-        return d is not None and d.is_followed(feed.name, fixture)
+        if d is not None and d.is_followed(feed.name, fixture):
+            return True
+        # Followed on demand after authentication, if its id may go into an upstream URL.
+        return feed.on_demand and valid_fixture_id(fixture)
 
 
 def _start_position(query: str) -> int:

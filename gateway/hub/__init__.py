@@ -7,11 +7,13 @@ and the hub's ``fanout_latency`` histogram. Nothing here does I/O or awaits.
 
 from gateway.hub._frame import Frame, envelope_prefix
 from gateway.hub._hub import (
+    FIXTURE_ID_PATTERN,
     FixtureDirectory,
     Hub,
     HubError,
     UnknownFeedError,
     UnknownFixtureError,
+    valid_fixture_id,
 )
 from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
 from gateway.hub._topic import RATE_WINDOW, Topic, TopicSubscriber
@@ -26,6 +28,7 @@ from gateway.hub._wire import (
 )
 
 __all__ = [
+    "FIXTURE_ID_PATTERN",
     "LATENCY_BUCKETS",
     "OP_BINARY",
     "OP_CLOSE",
@@ -46,4 +49,5 @@ __all__ = [
     "encode_frame",
     "envelope_prefix",
     "frame_header",
+    "valid_fixture_id",
 ]

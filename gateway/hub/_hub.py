@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway.config import FeedConfig
 from gateway.hub._latency import LatencyHistogram
 from gateway.hub._topic import Topic, TopicSubscriber
+
+#: The fixture ids a subscriber (or the HTTP API) may make the gateway follow. Ids end up in
+#: upstream URLs and log lines: the vendor's shapes (UUIDs, numbers) pass; a ``/``, ``..``,
+#: ``%``, whitespace or a control character, which could change a URL path or a log's
+#: structure, does not.
+FIXTURE_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+_FIXTURE_ID: Final = re.compile(FIXTURE_ID_PATTERN)
+
+
+def valid_fixture_id(fixture: str) -> bool:
+    """True when *fixture* matches :data:`FIXTURE_ID_PATTERN` (whole string)."""
+    return _FIXTURE_ID.fullmatch(fixture) is not None
 
 
 class FixtureDirectory(Protocol):
@@ -86,14 +99,19 @@ class Hub:
 
         An existing topic is used as is; a fixture the directory follows gets its topic made;
         on an on-demand feed the directory is asked to follow the fixture. Raises
-        :class:`UnknownFeedError`, or :class:`UnknownFixtureError` when none of that applies
-        or the directory refused.
+        :class:`UnknownFeedError`, or :class:`UnknownFixtureError` when none of that applies,
+        the directory refused, or the id of a fixture to follow on demand is not a
+        :func:`valid_fixture_id` (it would become part of an upstream URL).
         """
         cfg = self._feed(feed)
         t = self._topics.get((feed, fixture))
         d = self.directory
         if cfg.on_demand and d is not None and (t is None or t.subscriber_count == 0):
             # Also for an existing topic without subscribers: it may be lingering towards a stop.
+            if not valid_fixture_id(fixture) and not d.is_followed(feed, fixture):
+                raise UnknownFixtureError(
+                    f"invalid fixture id {fixture[:40]!r}: must match {FIXTURE_ID_PATTERN}"
+                )
             if not d.demand(feed, fixture):
                 raise UnknownFixtureError(f"fixture {fixture!r} of feed {feed!r} was refused")
             return self.topic(feed, fixture)
