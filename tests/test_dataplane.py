@@ -4,8 +4,8 @@ Covers: frames delivered verbatim (byte for byte) with contiguous seq, the subsc
 (subscribed, status, backfill, live), backfill null/-1/0/n, resume with after/epoch (recovered
 true and false), unsubscribe, every bad request answered with an error on a connection that
 stays usable, oversize message (1009), binary message (error), unknown path (404), heartbeats,
-ping timeout, on-demand demand/release, max_connections (503), max_subscriptions, status
-fan-out and drain (1001).
+ping timeout, on-demand demand/release and its fixture-id rule, max_connections (503),
+max_subscriptions, status fan-out and drain (1001), permessage-deflate declined.
 
 Rules: real sockets on 127.0.0.1 port 0 and real time (no MockClock); each test runs under
 ``trio.fail_after``; frames are published into the hub by the test itself. Two independent
@@ -150,6 +150,8 @@ class RawClient:
         self.sock = sock
         self.buf = b""
         self.status = 0
+        #: The reason of the close frame :meth:`read_until_close` saw ("" if none).
+        self.close_reason = ""
 
     @classmethod
     async def connect(
@@ -242,6 +244,7 @@ class RawClient:
                 return texts, None
             op, payload = frame
             if op == 8:
+                self.close_reason = payload[2:].decode()
                 return texts, struct.unpack("!H", payload[:2])[0] if payload else 1005
             if op == 1:
                 texts.append(payload)
@@ -280,12 +283,18 @@ async def test_frames_verbatim_websockets_client() -> None:
             for i in range(5):
                 topic.publish(ODD_FRAME.replace('"ix" :0', f'"ix" :{i}'))
 
-            def client() -> list[str]:
+            def client() -> tuple[list[str], str | None]:
+                # websockets offers permessage-deflate by default; the gateway must decline
+                # (frames are pre-encoded once for everyone, uncompressed).
                 with websockets.sync.client.connect(s.url, open_timeout=10) as ws:
+                    assert ws.request is not None and ws.response is not None
+                    assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+                    extensions = ws.response.headers.get("Sec-WebSocket-Extensions")
                     ws.send('{"op":"subscribe","feed":"tracking","fixture":"F1","backfill":3}')
-                    return [str(ws.recv(timeout=10)) for _ in range(5)]
+                    return [str(ws.recv(timeout=10)) for _ in range(5)], extensions
 
-            got = await trio.to_thread.run_sync(client)
+            got, extensions = await trio.to_thread.run_sync(client)
+            assert extensions is None
             assert [orjson.loads(m)["type"] for m in got] == [
                 "subscribed",
                 "status",
@@ -403,6 +412,13 @@ BAD_REQUESTS = [
     ('{"op":"subscribe","feed":"tracking","fixture":"NOPE"}', "unknown fixture"),
     ('{"op":"subscribe","feed":"tracking","fixture":"F1"}', "already subscribed"),
     ('{"op":"unsubscribe","feed":"tracking"}', "missing field 'fixture'"),
+    ('{"op":"subscribe","feed":"tracking","fixture":7}', "fixture must be"),
+    ('{"op":"subscribe","feed":"tracking","fixture":"F1","after":"3","epoch":"e"}', "after"),
+    ('{"op":"subscribe","feed":"tracking","fixture":"F1","after":3,"epoch":5}', "epoch"),
+    ('{"op":"subscribe","feed":null,"fixture":"F1"}', "missing field 'feed'"),
+    ('{"op":7}', "unknown op"),
+    ('{"op":"unsubscribe","feed":["tracking"],"fixture":"F1"}', "feed must be"),
+    ('{"op":"unsubscribe","feed":"tracking","fixture":"F1","backfill":1}', "unknown field"),
 ]
 
 

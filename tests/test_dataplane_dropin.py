@@ -6,7 +6,7 @@ backfill, unknown fixture WARN with the connection staying open, later requests 
 frames verbatim one per message; fastpath with the fixture in the path, Accept header allowed,
 ``startPosition`` counting sequenced events only, Disconnected once / Connected before the next
 frame, bad startPosition -> 400; drop-in subscribers are disconnected (4008) when slow even
-under ``drop-oldest``.
+under ``drop-oldest``; the feed option ``path`` gives a colliding feed its own drop-in path.
 
 Rules: real sockets on 127.0.0.1 port 0, real time, ``trio.fail_after`` everywhere. Both
 trio-websocket and the ``websockets`` package (sync client in a thread) are used as clients.
@@ -17,12 +17,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
 import orjson
 import pytest
 import trio
 import websockets.sync.client
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from gateway.config import FeedConfig
 from gateway.upstream._state import FixtureState
 from tests.test_dataplane import (
     FASTPATH_TEMPLATE,
@@ -225,3 +227,26 @@ async def test_dropin_slow_subscriber_always_disconnected() -> None:
             assert code == 4008
             assert texts and texts[-1].startswith(b'{"ix":')
             stuck.close()
+
+
+async def test_feed_path_option_moves_the_dropin_endpoint() -> None:
+    """Two feeds on the same upstream path: ``path`` gives the second its own drop-in path."""
+    with trio.fail_after(30):
+        config = make_config()
+        feeds = dict(config.feeds)
+        feeds["replay"] = FeedConfig(
+            kind="tracking", url=f"wss://other.example.test{TRACKING_PATH}", path="/ws/replay"
+        )
+        async with serving(attrs.evolve(config, feeds=feeds)) as s:
+            main, replay = s.topic("F1"), s.topic("F1", feed="replay")
+            for path, topic in ((TRACKING_PATH, main), ("/ws/replay", replay)):
+                async with open_websocket_url(f"ws://{s.addr}{path}") as ws:
+                    await ws.send_message('{"authToken": "t"}')
+                    assert await recv_json(ws) == ACCEPTED
+                    await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
+                    await wait_for(lambda t=topic: t.subscriber_count == 1)
+                    main.publish('{"feed":"main"}')
+                    replay.publish('{"feed":"replay"}')
+                    expected = '{"feed":"main"}' if topic is main else '{"feed":"replay"}'
+                    assert await ws.get_message() == expected
+                await wait_for(lambda t=topic: t.subscriber_count == 0)

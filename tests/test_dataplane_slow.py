@@ -71,7 +71,7 @@ async def test_stuck_subscriber_disconnected_4008_others_get_every_frame() -> No
                 assert s.registry.slow_disconnects == 1
                 # The stuck client reads at last: complete frames, then the 4008 close frame.
                 texts, code = await stuck.read_until_close()
-                assert code == 4008
+                assert (code, stuck.close_reason) == (4008, "subscriber too slow")
                 seqs = [orjson.loads(t)["seq"] for t in texts]
                 assert seqs == list(range(1, len(seqs) + 1))
                 assert len(seqs) < published
