@@ -1,8 +1,8 @@
 """The upstream supervisor against the simulator over real sockets on 127.0.0.1 (port 0).
 
-Covers: resume across 20 drops (every ix exactly once, in order), auth rejection then token
-rotation, unknown fixtures (tracking WARN and fastpath 404), malformed frames counted and
-skipped, a crashing sink isolated to its fixture, fastpath resume with startPosition, clean
+Covers: resume across 20 drops (every ix exactly once, in order, the original text), the stall
+watchdog against the simulator's stall fault, auth rejection then token rotation, unknown
+fixtures (tracking WARN and fastpath 404), malformed frames counted and skipped, a crashing sink isolated to its fixture, fastpath resume with startPosition, clean
 shutdown, and that the token never shows up in logs, statuses, errors or reprs.
 
 Rules: real clock (never MockClock with sockets); every test body runs under a generous
@@ -13,6 +13,7 @@ heartbeats are shortened so that each test takes a few seconds.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -139,7 +140,7 @@ async def test_tracking_resume_across_20_drops(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     sim = Simulator(tokens={TEST_TOKEN}, rate_hz=200.0, heartbeat_interval=0.5)
-    sim.add_fixture("m1")
+    fixture = sim.add_fixture("m1")
     with trio.fail_after(GUARD):
         async with rig(tmp_path, sim, [{"feed": "trk", "id": "m1", "backfill": 100}]) as r:
             sink = r.sinks["trk", "m1"]
@@ -156,11 +157,40 @@ async def test_tracking_resume_across_20_drops(
             status = r.status("trk", "m1")
             got = ixs(sink)
             assert got == list(range(got[0], got[0] + len(got)))
+            # The original text, byte for byte (never a re-serialisation).
+            assert sink.frames == [fixture.frame_text(ix) for ix in got]
             assert status.counters.gaps == 0
             assert status.counters.reconnects >= 20
             assert status.counters.duplicates_dropped > 0
             assert status.state == FixtureState.LIVE
     assert_no_leak(caplog.text)
+
+
+async def test_stall_fault_makes_the_watchdog_reconnect(tmp_path: Path) -> None:
+    """The simulator's stall (nothing sent, heartbeats included) trips the stall watchdog:
+    the gateway closes the silent connection, reconnects and resumes without a gap."""
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=200.0, heartbeat_interval=0.1)
+    sim.add_fixture("m1")
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, [{"feed": "trk", "id": "m1"}], {"stall_timeout": 1.0}) as r:
+            sink, status = r.sinks["trk", "m1"], r.status("trk", "m1")
+            await until(lambda: status.state == FixtureState.LIVE and len(sink.frames) > 20)
+            assert status.counters.connects == 1
+            stalled_at = time.time()
+            sim.faults("m1").stall = True
+            await until(lambda: len(sim.attempts) >= 2)  # the watchdog gave up on the first
+            sim.faults("m1").stall = False
+            seen = len(sink.frames)
+            await until(lambda: len(sink.frames) >= seen + 50)
+            await until(lambda: sim.active_connections == 1)  # the stalled one was closed
+            assert status.last_error == "stalled: no message for 1.0 s"
+            assert status.counters.reconnects >= 1
+            assert status.state == FixtureState.LIVE
+            assert status.state_since >= stalled_at
+            assert status.last_message_at is not None and status.last_message_at >= stalled_at
+            got = ixs(sink)
+            assert got == list(range(got[0], got[0] + len(got)))
+            assert status.counters.gaps == 0
 
 
 async def test_auth_rejected_then_token_rotation(
