@@ -2,8 +2,10 @@
 
 Covers: resume across 20 drops (every ix exactly once, in order, the original text), the stall
 watchdog against the simulator's stall fault, auth rejection then token rotation, unknown
-fixtures (tracking WARN and fastpath 404), malformed frames counted and skipped, a crashing sink isolated to its fixture, fastpath resume with startPosition, clean
-shutdown, and that the token never shows up in logs, statuses, errors or reprs.
+fixtures (tracking WARN and fastpath 404), malformed frames counted and skipped, a crashing sink
+isolated to its fixture, fastpath resume with startPosition, fastpath seq gaps and out-of-order
+frames counted (against a bare trio-websocket server), clean shutdown, and that the token never
+shows up in logs, statuses, errors or reprs.
 
 Rules: real clock (never MockClock with sockets); every test body runs under a generous
 ``trio.fail_after``; no assertion on wall-clock speed. Backoff, retry waits and simulator
@@ -23,6 +25,7 @@ import attrs
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from gateway.config import FeedConfig, FixtureConfig, structure_config
 from gateway.simulator import Action, Outcome, Simulator
@@ -355,3 +358,61 @@ async def test_shutdown_closes_upstreams(tmp_path: Path) -> None:
             )
             assert all(h.status.state == FixtureState.STOPPED for h in sup.handles())
             outer.cancel_scope.cancel()
+
+
+async def test_fastpath_seq_gaps_and_out_of_order_are_counted_and_forwarded(
+    tmp_path: Path,
+) -> None:
+    """A vendor that skips and reorders fixtureSeqNum (after a scorer outage, say): every frame
+    is forwarded in arrival order, the gap and the late frame are counted, and the reconnect
+    resumes after the highest position reached. The simulator never misorders, so a bare
+    trio-websocket server plays the vendor here."""
+    seqs = [1, 2, 4, 3, 5]
+    texts = [orjson.dumps({"fixtureAction": {"fixtureSeqNum": s}}).decode() for s in seqs]
+    paths: list[str] = []
+    sink = Sink()
+    delivered = trio.Event()
+
+    async def vendor(request: trio_websocket.WebSocketRequest) -> None:
+        paths.append(request.path)
+        ws = await request.accept()
+        await ws.get_message()  # the auth message
+        if len(paths) > 1:
+            await trio.sleep_forever()
+        for text in texts:
+            await ws.send_message(text)
+        await delivered.wait()
+        await ws.aclose(1011)
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                trio_websocket.serve_websocket, vendor, "127.0.0.1", 0, None
+            )
+            config = structure_config(
+                {
+                    "upstream": {"token_file": str(token_file), "backoff_initial": 0.01},
+                    "feeds": {
+                        "fp": {
+                            "kind": "fastpath",
+                            "url": f"ws://127.0.0.1:{server.port}/x/fixtures/{{fixture}}/actions",
+                        }
+                    },
+                    "fixtures": [{"feed": "fp", "id": "f1"}],
+                }
+            )
+            sup = Supervisor(config, lambda feed, fixture: sink)
+            await nursery.start(sup.run)
+            await until(lambda: len(sink.frames) == len(texts))
+            delivered.set()
+            await until(lambda: len(paths) == 2)
+            handle = sup.get("fp", "f1")
+            assert handle is not None
+            counters = handle.status.counters
+            nursery.cancel_scope.cancel()
+    assert sink.frames == texts
+    assert (counters.gaps, counters.out_of_order, counters.frames) == (1, 1, 5)
+    assert paths[0].endswith("?startPosition=0")
+    assert paths[1].endswith("?startPosition=5")
