@@ -1,0 +1,174 @@
+"""The HTTP API of a whole running gateway (simulator upstream, real subscribers), not a fake.
+
+Covers: every documented (path, method, status) of docs/openapi.yaml requested from a real
+``Gateway`` with both token lists configured, each answer validated by schemathesis against the
+document (so the real facade's views match the schema, not just ``MemoryTarget``'s); the auth
+rules (401 without/with a wrong token, 403 for a read token on a write, open probes); a real
+subscriber listed by ``/v1/subscribers`` (and untouched by the DELETE of another fixture);
+``/metrics`` of the real gateway parsed back with prometheus_client's parser; ``/readyz`` 503
+after a drain. No response may contain the upstream token.
+
+Rules: real sockets on 127.0.0.1 port 0, real time, one ``trio.fail_after``. schemathesis sends
+with ``requests`` (blocking), so the requests run in a worker thread while the gateway runs on
+the test's trio loop; steps that touch the gateway run back on the trio thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+import trio
+import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
+from schemathesis.checks import not_a_server_error
+
+from gateway.controlplane import MAX_BODY_BYTES
+from gateway.service import Gateway
+from tests.conftest import TEST_TOKEN
+from tests.kit import next_of_type, simulator_and_gateway, stream_url, wait_until
+from tests.test_controlplane import ADMIN_TOKENS, READ_TOKEN
+from tests.test_controlplane_openapi import documented_statuses, schema
+
+FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+FX2 = "08456e52-9cf7-48cc-913c-f45ec0a1b2c3"
+NO_FRAMES = "99999999-0000-4000-8000-000000000000"  # unknown to the simulator: never a frame
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKENS[0]}"}
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}
+WRONG = {"Authorization": "Bearer not-a-token"}
+ONE = "/v1/fixtures/{feed}/{fixture}"
+LATEST = "/v1/fixtures/{feed}/{fixture}/latest"
+_Step = Callable[[Gateway], Awaitable[None]] | None
+
+
+def _fx(fixture: str, feed: str = "tracking") -> dict[str, str]:
+    return {"feed": feed, "fixture": fixture}
+
+
+async def _wait_for_a_frame(gw: Gateway) -> None:
+    await wait_until(lambda: gw.latest("tracking", FX) is not None)
+
+
+async def _drain(gw: Gateway) -> None:
+    await gw.drain()
+
+
+# (path, method, path params, headers, body, expected status, step run on the trio thread first)
+CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = [
+    ("/healthz", "GET", {}, {}, None, 200, None),
+    ("/readyz", "GET", {}, {}, None, 200, None),
+    ("/v1/status", "GET", {}, ADMIN, None, 200, None),
+    ("/v1/status", "GET", {}, {}, None, 401, None),
+    ("/v1/status", "GET", {}, WRONG, None, 401, None),
+    ("/v1/fixtures", "GET", {}, READ, None, 200, None),
+    ("/v1/fixtures", "GET", {}, {}, None, 401, None),
+    (ONE, "GET", _fx(FX), READ, None, 200, None),
+    (ONE, "GET", _fx(FX), {}, None, 401, None),
+    (ONE, "GET", _fx(FX, "nofeed"), ADMIN, None, 404, None),
+    (ONE, "GET", _fx(FX2), ADMIN, None, 404, None),  # not followed
+    (LATEST, "GET", _fx(FX), READ, None, 200, _wait_for_a_frame),
+    (LATEST, "GET", _fx(FX), {}, None, 401, None),
+    (ONE, "PUT", _fx(NO_FRAMES), ADMIN, None, 201, None),
+    (LATEST, "GET", _fx(NO_FRAMES), ADMIN, None, 404, None),  # followed, no frame yet
+    (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": 3}, 201, None),
+    (ONE, "PUT", _fx(FX), ADMIN, {"backfill": 3}, 200, None),
+    (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": -5}, 400, None),
+    (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": 1, "pad": "x" * MAX_BODY_BYTES}, 413, None),
+    (ONE, "PUT", _fx(FX2, "nofeed"), ADMIN, None, 404, None),
+    (ONE, "PUT", _fx(FX2), {}, None, 401, None),
+    (ONE, "PUT", _fx(FX2), READ, None, 403, None),
+    (ONE, "DELETE", _fx(FX2), {}, None, 401, None),
+    (ONE, "DELETE", _fx(FX2), READ, None, 403, None),
+    (ONE, "DELETE", _fx(FX2), ADMIN, None, 204, None),
+    (ONE, "DELETE", _fx(FX2), ADMIN, None, 404, None),
+    ("/v1/subscribers", "GET", {}, READ, None, 200, None),
+    ("/v1/subscribers", "GET", {}, {}, None, 401, None),
+    ("/metrics", "GET", {}, READ, None, 200, None),
+    ("/metrics", "GET", {}, {}, None, 401, None),
+    ("/readyz", "GET", {}, {}, None, 503, _drain),  # last: it stops the gateway's traffic
+]
+
+
+def _run_cases(base_url: str, gw: Gateway) -> tuple[set[tuple[str, str, int]], dict[str, Any]]:
+    """Every case, validated against the document; the bodies of interest by name."""
+    loaded = schema()
+    seen: set[tuple[str, str, int]] = set()
+    bodies: dict[str, Any] = {}
+    with requests.Session() as session:
+        for path, method, params, headers, body, status, step in CASES:
+            if step is not None:
+                trio.from_thread.run(step, gw)
+            kwargs: dict[str, Any] = {"path_parameters": params, "headers": dict(headers)}
+            if body is not None:
+                kwargs["body"] = body
+                kwargs["media_type"] = "application/json"
+            case = loaded[path][method].Case(**kwargs)
+            response = case.call(base_url=base_url, session=session)
+            excluded = [not_a_server_error] if status == 503 else []
+            case.validate_response(response, headers=headers, excluded_checks=excluded)
+            assert response.status_code == status, (path, method, params, response.text)
+            assert TEST_TOKEN not in response.text
+            assert TEST_TOKEN not in repr(response.headers)
+            seen.add((path, method, status))
+            if status == 200 and path in ("/v1/subscribers", "/metrics", LATEST):
+                bodies[path] = response.text
+    return seen, bodies
+
+
+async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> None:
+    (tmp_path / "admin").write_text("\n".join(ADMIN_TOKENS) + "\n")
+    (tmp_path / "read").write_text(READ_TOKEN + "\n")
+    api = {"admin_tokens_file": str(tmp_path / "admin"), "read_tokens_file": str(tmp_path / "read")}
+    stopped: list[dict[str, Any]] = []
+    with trio.fail_after(90):
+        async with simulator_and_gateway(tmp_path, [("tracking", FX)], api=api) as (sim, gw):
+            sim.add_fixture(FX2, kind="tracking")
+            assert gw.bound is not None
+            async with (
+                trio_websocket.open_websocket_url(stream_url(gw)) as ws,
+                trio.open_nursery() as nursery,
+            ):
+                await ws.send_message(
+                    orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": FX}).decode()
+                )
+                await next_of_type(ws, "subscribed")
+
+                async def read_until_stopped() -> None:
+                    # Keeps the subscriber reading; DELETE of FX2 must not touch FX's stream,
+                    # and the drain at the end closes it (1001).
+                    try:
+                        while True:
+                            msg = orjson.loads(await ws.get_message())
+                            if msg["type"] == "status" and msg["state"] == "stopped":
+                                stopped.append(msg)
+                    except trio_websocket.ConnectionClosed:
+                        pass
+
+                nursery.start_soon(read_until_stopped)
+                seen, bodies = await trio.to_thread.run_sync(
+                    _run_cases, f"http://{gw.bound.http}", gw, abandon_on_cancel=True
+                )
+    assert seen == documented_statuses()
+    assert stopped == []  # the subscriber followed FX, never the deleted FX2
+
+    (sub,) = orjson.loads(bodies["/v1/subscribers"])
+    assert (sub["endpoint"], sub["subscriptions"]) == ("/v1/stream", [f"tracking/{FX}"])
+    assert sub["peer"].startswith("127.0.0.1:")
+    assert orjson.loads(bodies[LATEST])["id"] == FX
+
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(bodies["/metrics"])
+        for s in family.samples
+    }
+    assert got[("dde_frames_received_total", (("feed", "tracking"),))] > 0
+    assert got[("dde_frames_received_total", (("feed", "actions"),))] == 0
+    assert got[("dde_fixtures", (("feed", "tracking"), ("state", "live")))] >= 1
+    assert got[("dde_subscribers", ())] == 1
+    assert got[("dde_frames_sent_total", ())] > 0
+    inf = got[("dde_fanout_latency_seconds_bucket", (("le", "+Inf"),))]
+    assert inf == got[("dde_fanout_latency_seconds_count", ())]
+    assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "le"}
