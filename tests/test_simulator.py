@@ -601,6 +601,30 @@ async def test_drop_probability_one_drops_before_any_frame() -> None:
                 await next_data(ws)
 
 
+async def test_random_drops_are_reproducible_from_the_seed() -> None:
+    """drop_probability < 1 drops at a random data frame, the same one for the same seed."""
+
+    async def frames_before_drop(seed: int) -> int:
+        sim = make_sim(seed=seed)
+        sim.add_fixture("fx")
+        sim.faults("fx").drop_probability = 0.05
+        async with serving(sim) as port, tracking(port) as ws:
+            await send(ws, {"fixtureId": "fx", "backfill": -1})
+            n = 0
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await next_data(ws)
+                    n += 1
+        assert outcome(sim) == Outcome.DROPPED
+        return n
+
+    with trio.fail_after(TIMEOUT):
+        counts = [await frames_before_drop(seed) for seed in (1, 1, 2, 3, 4)]
+    assert counts[0] == counts[1]
+    assert len(set(counts[1:])) > 1  # the seed decides where
+    assert max(counts) > 0
+
+
 async def test_stall_sends_nothing_then_resumes_without_gap() -> None:
     sim = make_sim(heartbeat_interval=0.05)
     sim.add_fixture("fx")
@@ -758,6 +782,24 @@ def test_fastpath_actions_are_deterministic() -> None:
     texts = [one.script.action(k).text(k + 1) for k in range(30)]
     assert texts == [two.script.action(k).text(k + 1) for k in range(30)]
     assert texts != [other.script.action(k).text(k + 1) for k in range(30)]
+
+
+def test_fastpath_score_summary_counts_the_goals() -> None:
+    script = make_sim(seed=1).add_fixture("fp", kind="fastpath").script
+    home = away = 0
+    goals = 0
+    for k in range(300):
+        doc = orjson.loads(script.action(k).text(k + 1))
+        if doc["fixtureAction"]["fixtureActionType"] == "Goal":
+            goals += 1
+            score = doc["fixtureSummary"]
+            assert (score["homeTeamScore"], score["awayTeamScore"]) in (
+                (home + 1, away),
+                (home, away + 1),
+            )
+        summary = doc["fixtureSummary"]
+        home, away = summary["homeTeamScore"], summary["awayTeamScore"]
+    assert goals > 0 and home + away == goals
 
 
 @pytest.mark.parametrize("ix", [0, 1, 999, 67_499, 67_500, 250_000])
