@@ -353,6 +353,36 @@ async def test_stall_closes_and_reconnects(
     assert handle.status.counters.reconnects == 1
 
 
+async def test_stall_watchdog_rearms_while_messages_flow(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Frames every 0.5 s for four stall periods: the watchdog's deadline passes several times
+    # while messages flow and must be re-armed without losing or reordering a frame; then
+    # silence, and the stall is detected stall_timeout after the last message, not earlier.
+    config = make_config(tmp_path, {"stall_timeout": 5.0}, fixtures=[{"feed": "trk", "id": "f1"}])
+    last_push: list[float] = []
+
+    async def steady(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        await conn.recv()
+        if last_push:
+            await trio.sleep_forever()  # the reconnect: nothing new
+        for i in range(40):
+            conn.push(frame(i))
+            await trio.sleep(0.5)
+        last_push.append(trio.current_time() - 0.5)
+        await trio.sleep_forever()
+
+    async with running(config, steady) as (sup, c, sinks):
+        await until(lambda: len(c.attempts) >= 2)
+    assert 5.0 <= c.attempts[1].at - last_push[0] <= 5.0 + 1.0 + 0.01
+    assert sinks["trk", "f1"].ixs == list(range(40))
+    handle = sup.get("trk", "f1")
+    assert handle is not None
+    assert handle.status.last_error == "stalled: no message for 5.0 s"
+
+
 async def test_handshake_timeout_without_acceptance(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -7,6 +7,7 @@ No sockets. Time-dependent tests run under MockClock(autojump_threshold=0) via p
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -27,8 +28,10 @@ from gateway.upstream import (
     ConnectLimiter,
     FastpathResume,
     Kind,
+    Message,
     TrackingResume,
     Verdict,
+    _classify,
     classify_fastpath,
     classify_tracking,
 )
@@ -198,6 +201,116 @@ def test_classify_shortens_vendor_text() -> None:
     msg = classify_tracking('{"errorMessage":"token ' + "x" * 5000 + '"}')
     assert msg.kind is Kind.AUTH_ERROR
     assert len(msg.text) < 300
+
+
+# The reference the simdjson fast path must agree with: orjson decides, the same rules read it.
+def _reference(raw: str | bytes, fastpath: bool) -> Message:
+    obj = _classify._slow_parse(raw)
+    if isinstance(obj, Message):
+        return obj
+    return _classify._fastpath(obj) if fastpath else _classify._tracking(obj)
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)  # past 64 bits: simdjson refuses these
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    [
+        "ix",
+        "fixtureSeqNum",
+        "fixtureAction",
+        "eventElementType",
+        "state",
+        "message",
+        "level",
+        "errorMessage",
+        "error",
+        "status",
+        "x",
+    ]
+)
+_texts = st.sampled_from(
+    ["INFO", "ERROR", "WARN", "Authorisation accepted", "Heartbeat sent at t", "bad token"]
+)
+# Vendor-like objects, one level of nesting with the same keys (fastpath's fixtureAction.seq).
+_shaped = st.dictionaries(
+    _keys,
+    _json_values | _texts | st.dictionaries(_keys, _json_values | _texts, max_size=3),
+    max_size=5,
+)
+
+
+def _assert_agrees(raw: str) -> None:
+    for r in (raw, raw.encode("utf-8", "surrogatepass")):
+        assert classify_tracking(r) == _reference(r, fastpath=False)
+        assert classify_fastpath(r) == _reference(r, fastpath=True)
+
+
+@given(st.one_of(_shaped, _json_values), st.integers(min_value=0, max_value=3), st.data())
+def test_classify_agrees_with_orjson(value: object, damage: int, data: st.DataObject) -> None:
+    raw = json.dumps(value, ensure_ascii=False)  # stdlib: orjson cannot write ints past 64 bits
+    for _ in range(damage):  # a few edits make most documents invalid, some still valid
+        at = data.draw(st.integers(min_value=0, max_value=len(raw)))
+        edit = data.draw(st.sampled_from(list('{}[]",:0-.eE \\\ufeff\x00a')))
+        raw = raw[:at] + edit + raw[at + 1 :]
+    _assert_agrees(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"fixtureAction":{"fixtureSeqNum":7},"x":[1.5]}',
+        '{"ix":3,"x":{"y":[36893488147419103232]}}',
+        '{"eventElementType":"ConnectionStateChanged","state":{"a":1}}',
+        '{"errorMessage":["token"]}',
+        '{"error":{"a":1},"status":503}',
+    ],
+)
+def test_classify_agrees_with_orjson_on_vendor_shapes(raw: str) -> None:
+    _assert_agrees(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "seq"),
+    [
+        ('\ufeff{"ix":1}', Kind.MALFORMED, None),  # simdjson skips a BOM; orjson and we do not
+        (b'\xef\xbb\xbf{"ix":1}', Kind.MALFORMED, None),
+        ('{"ix":5,"big":123456789012345678901234567890}', Kind.DATA, 5),  # orjson: a float
+        ('{"ix":123456789012345678901234567890}', Kind.MALFORMED, None),
+        ('{"ix":5} trailing', Kind.MALFORMED, None),
+        ('{"ix":NaN}', Kind.MALFORMED, None),
+        ('"text"', Kind.MALFORMED, None),
+    ],
+)
+def test_classify_edge_cases(raw: str | bytes, kind: Kind, seq: int | None) -> None:
+    msg = classify_tracking(raw)
+    assert (msg.kind, msg.seq) == (kind, seq)
+
+
+def test_classify_keeps_no_parser_proxy() -> None:
+    # The shared simdjson parser refuses to parse while a proxy of its last document lives; a
+    # leak would silently send every later message down the slow path.
+    samples = [
+        '{"ix":3,"hm":[{"pn":[1.0,2.0]}]}',
+        '{"fixtureAction":{"fixtureSeqNum":4}}',
+        '{"eventElementType":"ConnectionStateChanged","state":{"a":[1]}}',
+        '{"errorMessage":{"nested":["token"]}}',
+        '{"message":"Heartbeat sent at t","level":"INFO","x":{}}',
+        "[1,{}]",
+    ]
+    for raw in samples:
+        classify_tracking(raw)
+        classify_fastpath(raw)
+        doc = _classify._PARSER.parse('{"a":{}}')  # raises RuntimeError if a proxy leaked
+        del doc
 
 
 # -- resume ------------------------------------------------------------------------------------

@@ -58,7 +58,11 @@ class UpstreamConnection(Protocol):
         """Send one text message. Raises :class:`UpstreamClosed`."""
 
     async def get_message(self) -> str | bytes:
-        """The next message. Raises :class:`UpstreamClosed` once the connection is closed."""
+        """The next message. Raises :class:`UpstreamClosed` once the connection is closed.
+
+        Must be cancel-safe (a cancelled call loses no message): the runner's stall watchdog
+        cancels it to re-arm and then calls it again.
+        """
 
     async def aclose(self) -> None:
         """Close now (idempotent). Pending messages are discarded."""

@@ -235,82 +235,102 @@ class FixtureRunner:
             return _Outcome(_End.RETRY, str(exc))
 
     async def _session(self, conn: UpstreamConnection, auth: str, up: UpstreamSection) -> _Outcome:
-        """Authenticate, subscribe and relay until the connection ends; return why it ended."""
+        """Authenticate, subscribe and relay until the connection ends; return why it ended.
+
+        The watchdog is a cancel scope around the receive loop. Until the vendor accepts the
+        token its deadline is the handshake timeout; afterwards any message (data or heartbeat)
+        proves the upstream alive for another ``stall_timeout``. Moving a deadline costs a heap
+        operation in trio's scheduler, so the loop only notes when the last message came, and
+        when the deadline passes the scope is re-entered with ``last message + stall_timeout``
+        unless that moment has passed too. A re-arm only ever interrupts ``get_message``
+        (cancel-safe: a cancelled call loses no message): a deadline that passes during a send
+        (auth, fixture request) ends the session, since no message came after it was set.
+        """
         tracking = self.feed.kind == "tracking"
         classify = classify_tracking if tracking else classify_fastpath
-        counters = self.status.counters
+        status = self.status
+        counters = status.counters
+        clock = trio.current_time
+        wall_clock = time.time
+        stall = up.stall_timeout
         subscribed = not tracking  # fastpath: the URL is the subscription
         live_since: float | None = None
+        last_rx = clock()
+        deadline = last_rx + (stall if subscribed else up.handshake_timeout)
 
         def live_for() -> float:
-            return 0.0 if live_since is None else trio.current_time() - live_since
+            return 0.0 if live_since is None else clock() - live_since
 
-        with trio.CancelScope() as watchdog:
-            # Until the vendor accepts the token, the handshake timeout applies; afterwards any
-            # message (data or heartbeat) proves the upstream alive for another stall_timeout.
-            watchdog.deadline = trio.current_time() + (
-                up.stall_timeout if subscribed else up.handshake_timeout
-            )
-            try:
-                await conn.send_message(auth)
-                while True:
-                    raw = await conn.get_message()
-                    now = trio.current_time()
-                    if subscribed:
-                        watchdog.deadline = now + up.stall_timeout
-                    self.status.last_message_at = time.time()
-                    if isinstance(raw, bytes):
-                        try:
-                            raw = raw.decode("utf-8")
-                        except UnicodeDecodeError:
-                            counters.malformed += 1
-                            continue
-                    msg = classify(raw)
-                    kind = msg.kind
-                    if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
-                        if not subscribed:
-                            counters.malformed += 1  # data before acceptance: not ours
-                            continue
-                        end = self._data(raw, msg, tracking, now)
-                        if end is not None:
-                            return end
-                        if live_since is None:
-                            live_since = now
-                            self._set_state(FixtureState.LIVE, "")
-                    elif kind is Kind.HEARTBEAT:
-                        counters.heartbeats += 1
-                        if subscribed and live_since is None:
-                            live_since = now
-                            self._set_state(FixtureState.LIVE, "")
-                    elif kind is Kind.ACCEPTED:
-                        if not subscribed:
-                            backfill = self._tracking.backfill(now)
-                            await conn.send_message(
-                                orjson.dumps(
-                                    {"fixtureId": self.fixture.id, "backfill": backfill}
-                                ).decode()
+        auth_sent = False
+        try:
+            while True:
+                with trio.CancelScope(deadline=deadline) as watchdog:
+                    if not auth_sent:
+                        auth_sent = True
+                        await conn.send_message(auth)
+                    while True:
+                        raw = await conn.get_message()
+                        last_rx = now = clock()
+                        status.last_message_at = wall_clock()
+                        if isinstance(raw, bytes):
+                            try:
+                                raw = raw.decode("utf-8")
+                            except UnicodeDecodeError:
+                                counters.malformed += 1
+                                continue
+                        msg = classify(raw)
+                        kind = msg.kind
+                        if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
+                            if not subscribed:
+                                counters.malformed += 1  # data before acceptance: not ours
+                                continue
+                            end = self._data(raw, msg, tracking, now)
+                            if end is not None:
+                                return end
+                            if live_since is None:
+                                live_since = now
+                                self._set_state(FixtureState.LIVE, "")
+                        elif kind is Kind.HEARTBEAT:
+                            counters.heartbeats += 1
+                            if subscribed and live_since is None:
+                                live_since = now
+                                self._set_state(FixtureState.LIVE, "")
+                        elif kind is Kind.ACCEPTED:
+                            if not subscribed:
+                                backfill = self._tracking.backfill(now)
+                                await conn.send_message(
+                                    orjson.dumps(
+                                        {"fixtureId": self.fixture.id, "backfill": backfill}
+                                    ).decode()
+                                )
+                                subscribed = True
+                                watchdog.deadline = now + stall
+                        elif kind is Kind.NOT_FOUND:
+                            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
+                        elif kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not subscribed):
+                            return _Outcome(
+                                _End.UNAUTHORIZED, _vendor("authentication refused", msg)
                             )
-                            subscribed = True
-                            watchdog.deadline = now + up.stall_timeout
-                    elif kind is Kind.NOT_FOUND:
-                        return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
-                    elif kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not subscribed):
-                        return _Outcome(_End.UNAUTHORIZED, _vendor("authentication refused", msg))
-                    elif kind is Kind.ERROR:
-                        self.status.last_error = _vendor("upstream error", msg)
-                        logger.warning("upstream %s/%s: %s", *self._key(), self.status.last_error)
-                    elif kind is Kind.INFO:
-                        logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
-                    else:
-                        counters.malformed += 1
-            except UpstreamClosed as exc:
-                code = "no close code" if exc.code is None else f"code {exc.code}"
-                if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
-                    return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
-                return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
-        if not subscribed:
-            return _Outcome(_End.RETRY, f"no authorisation reply within {up.handshake_timeout} s")
-        return _Outcome(_End.RETRY, f"stalled: no message for {up.stall_timeout} s", live_for())
+                        elif kind is Kind.ERROR:
+                            status.last_error = _vendor("upstream error", msg)
+                            logger.warning("upstream %s/%s: %s", *self._key(), status.last_error)
+                        elif kind is Kind.INFO:
+                            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
+                        else:
+                            counters.malformed += 1
+                # Only the watchdog's deadline ends the inner loop without returning.
+                if not subscribed:
+                    return _Outcome(
+                        _End.RETRY, f"no authorisation reply within {up.handshake_timeout} s"
+                    )
+                deadline = last_rx + stall
+                if deadline <= clock():
+                    return _Outcome(_End.RETRY, f"stalled: no message for {stall} s", live_for())
+        except UpstreamClosed as exc:
+            code = "no close code" if exc.code is None else f"code {exc.code}"
+            if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
+                return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
+            return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
 
     def _data(self, raw: str, msg: Message, tracking: bool, now: float) -> _Outcome | None:
         """Deliver (or drop) one data message; an outcome means: end this connection."""
