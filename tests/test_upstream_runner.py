@@ -26,6 +26,7 @@ import trio.testing
 from gateway.config import Config, FixtureConfig, structure_config
 from gateway.upstream import (
     FASTPATH_ACCEPT,
+    Backoff,
     FixtureState,
     Supervisor,
     UpstreamClosed,
@@ -731,3 +732,54 @@ async def test_update_config_rotates_token_and_wakes_unauthorized(
         await wait_state(sup, "trk", "f1", FixtureState.LIVE)
         assert trio.current_time() - t0 < 5.0
     assert len(c.attempts) == 2
+
+
+async def test_backoff_reset_counts_live_time_up_to_the_last_message(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection live 10 s then stalled for 25 s was healthy for 10 s, not 35: no reset.
+    One live 40 s (>= backoff_reset_after) resets the backoff, so the retry comes quickly."""
+    config = make_config(
+        tmp_path,
+        {
+            "backoff_initial": 0.5,
+            "backoff_max": 64.0,
+            "backoff_reset_after": 30.0,
+            "stall_timeout": 25.0,
+        },
+        fixtures=[{"feed": "trk", "id": "f1"}],
+    )
+    ended: list[float] = []
+    original = Backoff.connection_ended
+
+    def spy(self: Backoff, live_for: float) -> None:
+        ended.append(live_for)
+        original(self, live_for)
+
+    monkeypatch.setattr(Backoff, "connection_ended", spy)
+    next_ix = [0]
+    stalled_at: list[float] = []
+
+    async def lives_then_stalls(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push(ACCEPTED)
+        await conn.recv()
+        live = 10.0 if len(stalled_at) == 0 else 40.0
+        end = trio.current_time() + live
+        while True:
+            conn.push(frame(next_ix[0]))
+            next_ix[0] += 1
+            if trio.current_time() >= end:
+                break
+            await trio.sleep(1.0)
+        stalled_at.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async with running(config, lives_then_stalls) as (_, c, sinks):
+        await until(lambda: len(c.attempts) >= 3)
+    assert ended[0] == pytest.approx(10.0, abs=1.0)
+    assert ended[1] == pytest.approx(40.0, abs=1.0)
+    # After the 40 s connection the backoff was reset: the retry follows the stall detection
+    # within backoff_initial (full jitter draws from [0, 0.5]).
+    assert c.attempts[2].at - (stalled_at[1] + 25.0) <= 0.5 + 1e-6
+    assert sinks["trk", "f1"].ixs == list(range(next_ix[0]))

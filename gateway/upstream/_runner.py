@@ -259,7 +259,9 @@ class FixtureRunner:
         deadline = last_rx + (stall if subscribed else up.handshake_timeout)
 
         def live_for() -> float:
-            return 0.0 if live_since is None else clock() - live_since
+            # Healthy time ends with the last message: a stall's silence is not health, and
+            # counting it would reset the backoff of a connection that keeps stalling.
+            return 0.0 if live_since is None else max(0.0, last_rx - live_since)
 
         auth_sent = False
         try:
