@@ -93,7 +93,7 @@ class LeanConnection:
         self, stream: trio.abc.Stream, buffered: bytes, *, disconnect_timeout: float
     ) -> None:
         self._stream = stream
-        self._buf = bytearray(buffered)
+        self._buf = bytearray()
         self._disconnect_timeout = disconnect_timeout
         self._messages: collections.deque[str | bytes] = collections.deque()
         self._parts: list[bytes] = []
@@ -108,6 +108,8 @@ class LeanConnection:
         self._failed = False  # the peer broke the protocol: further bytes are discarded
         self._send_lock = trio.Lock()
         self._socket_closed = False
+        # Frames that arrived with the handshake response are decoded now, not after a read.
+        self._ingest(buffered)
 
     async def send_message(self, message: str) -> None:
         if self._close_sent or self._broken:
@@ -191,6 +193,9 @@ class LeanConnection:
             if self._closed is None:
                 self._closed = UpstreamClosed(CLOSE_ABNORMAL)
             return
+        self._ingest(data)
+
+    def _ingest(self, data: bytes | bytearray) -> None:
         if self._failed or self._close_received:
             return  # after a protocol error or the peer's close, only EOF matters
         self._buf += data
