@@ -135,7 +135,8 @@ class LeanConnection:
     async def aclose(self) -> None:
         """Close handshake bounded by the disconnect timeout, then close the socket.
 
-        Sends a 1000 close unless one was sent already, reads (and discards) until the peer's
+        Sends a 1000 close (or echoes the peer's, or sends our error code) unless one was sent
+        already, reads (and discards) until the peer's
         close or EOF, then closes the socket. Shielded: it completes under cancellation too.
         """
         if self._socket_closed:
@@ -143,7 +144,9 @@ class LeanConnection:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self._disconnect_timeout):
                 try:
-                    if not self._close_sent and not self._broken:
+                    if self._closed is not None:
+                        await self._reply_close()  # the peer's close or our error, not yet sent
+                    elif not self._close_sent and not self._broken:
                         self._close_sent = True
                         await self._send(mask_frame(_close_payload(CLOSE_NORMAL), OP_CLOSE))
                     while not self._close_received and not self._broken:
