@@ -13,11 +13,13 @@ Rules: real sockets on 127.0.0.1 port 0, real clock, each test under ``trio.fail
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.lowlevel
+import trustme
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -33,12 +35,17 @@ from wsproto.events import (
 )
 
 from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header
-from gateway.upstream import MAX_MESSAGE_SIZE, UpstreamClosed, open_websocket_connector
+from gateway.upstream import (
+    MAX_MESSAGE_SIZE,
+    UpstreamClosed,
+    UpstreamUnavailable,
+    open_websocket_connector,
+)
 from gateway.upstream._lean import mask_frame
 
 GUARD = 30.0
 
-Script = Callable[[trio.SocketStream, WSConnection], Awaitable[None]]
+Script = Callable[[trio.abc.Stream, WSConnection], Awaitable[None]]
 
 
 class _Peer:
@@ -49,7 +56,7 @@ class _Peer:
         self.events: list[Event] = []
         self.done = trio.Event()
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         ws = WSConnection(ConnectionType.SERVER)
         try:
             while not any(
@@ -72,8 +79,8 @@ class _Peer:
             await stream.aclose()
 
     @staticmethod
-    def _feed(ws: WSConnection, data: bytes) -> list[Event]:
-        ws.receive_data(data)
+    def _feed(ws: WSConnection, data: bytes | bytearray) -> list[Event]:
+        ws.receive_data(bytes(data))
         return list(ws.events())
 
     def texts(self) -> list[str]:
@@ -100,7 +107,7 @@ async def _drain(conn: object) -> tuple[list[str | bytes], UpstreamClosed]:
             return got, exc
 
 
-async def _trickle(stream: trio.SocketStream, data: bytes, chunk: int) -> None:
+async def _trickle(stream: trio.abc.Stream, data: bytes, chunk: int) -> None:
     for i in range(0, len(data), chunk):
         await stream.send_all(data[i : i + chunk])
         await trio.lowlevel.checkpoint()  # let the client read: frames arrive split across reads
@@ -111,7 +118,7 @@ async def test_fragments_lengths_ping_and_close(chunk: int) -> None:
     big = "é" * 40_000  # 80,000 bytes: 64-bit length
     mid = "m" * 300  # 16-bit length
 
-    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
         data = b"".join(
             (
                 ws.send(TextMessage(data="frag", message_finished=False)),
@@ -150,7 +157,7 @@ async def test_cancelled_read_mid_frame_loses_nothing() -> None:
     frame = frame_header(5000) + b"x" * 5000
     go_on = trio.Event()
 
-    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
         await stream.send_all(frame[:2] + frame[2:100])  # header and a part of the payload
         await go_on.wait()
         await stream.send_all(frame[100:])
@@ -184,7 +191,7 @@ async def test_cancelled_read_mid_frame_loses_nothing() -> None:
     ],
 )
 async def test_protocol_errors_close_with_their_code(bad: bytes, code: int) -> None:
-    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
         await stream.send_all(ws.send(Message(data="before")) + bad)
 
     peer = _Peer(script)
@@ -206,7 +213,7 @@ async def test_protocol_errors_close_with_their_code(bad: bytes, code: int) -> N
 
 
 async def test_eof_without_close_is_abnormal() -> None:
-    async def script(stream: trio.SocketStream, ws: WSConnection) -> None:
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
         await stream.send_all(ws.send(Message(data="one")))
         await stream.aclose()
 
@@ -237,3 +244,62 @@ def test_mask_frame_round_trips(size: int) -> None:
     assert b"".join(bytes(e.data) for e in events) == payload
     assert mask_frame(b"abc")[1] & 0x80  # the mask bit is set
     assert mask_frame(b"abc")[0] == 0x80 | OP_TEXT
+
+
+async def _open_tls(peer: _Peer, nursery: trio.Nursery, server: ssl.SSLContext) -> str:
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, peer.handle, 0, server, host="127.0.0.1")
+    )
+    return f"wss://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}/x"
+
+
+def _tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a trustme certificate for 127.0.0.1, and a client that trusts it."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_wss_round_trip_with_a_verified_certificate() -> None:
+    """wss:// is what the vendor speaks: TLS handshake, hostname check, frames both ways."""
+
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
+        await stream.send_all(ws.send(Message(data="over tls")) + ws.send(CloseConnection(1000)))
+
+    server, client = _tls_pair()
+    peer = _Peer(script)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            url = await _open_tls(peer, nursery, server)
+            async with (
+                open_websocket_connector(ssl_context=client) as connect,
+                connect(url, headers=[], connect_timeout=10.0) as conn,
+            ):
+                await conn.send_message("hello")
+                got, closed = await _drain(conn)
+            await peer.done.wait()
+            nursery.cancel_scope.cancel()
+    assert got == ["over tls"]
+    assert closed.code == 1000
+    assert peer.texts() == ["hello"]
+
+
+async def test_wss_refuses_an_untrusted_certificate() -> None:
+    async def script(stream: trio.abc.Stream, ws: WSConnection) -> None:
+        raise AssertionError("no WebSocket may open over an unverified TLS connection")
+
+    server, _ = _tls_pair()
+    peer = _Peer(script)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            url = await _open_tls(peer, nursery, server)
+            # The default context: the system trust store, which does not know the test CA.
+            async with open_websocket_connector() as connect:
+                with pytest.raises(UpstreamUnavailable, match="connection failed"):
+                    async with connect(url, headers=[], connect_timeout=10.0):
+                        pass
+            nursery.cancel_scope.cancel()
+    assert peer.texts() == []

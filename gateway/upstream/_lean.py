@@ -349,9 +349,15 @@ def _unavailable(exc: BaseException) -> UpstreamUnavailable:
 class LeanConnector:
     """The default :class:`Connector`. Build it with :func:`open_websocket_connector`."""
 
-    def __init__(self, *, disconnect_timeout: float = DISCONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *,
+        disconnect_timeout: float = DISCONNECT_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._disconnect_timeout = disconnect_timeout
-        self._ssl: ssl.SSLContext | None = None
+        # None: the system's trust store (ssl.create_default_context), made on first wss:// use.
+        self._ssl: ssl.SSLContext | None = ssl_context
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -398,11 +404,14 @@ async def _abandon(stream: trio.abc.Stream | None) -> None:
 
 @asynccontextmanager
 async def open_websocket_connector(
-    *, disconnect_timeout: float = DISCONNECT_TIMEOUT
+    *,
+    disconnect_timeout: float = DISCONNECT_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[LeanConnector]:
     """The default connector (:class:`LeanConnector`) for the ``async with`` body.
 
     It holds no tasks or sockets of its own: each connection is closed (close handshake bounded
-    by *disconnect_timeout*) when its own context exits.
+    by *disconnect_timeout*) when its own context exits. ``wss://`` URLs verify the server with
+    *ssl_context* (default: the system's trust store and hostname checking).
     """
-    yield LeanConnector(disconnect_timeout=disconnect_timeout)
+    yield LeanConnector(disconnect_timeout=disconnect_timeout, ssl_context=ssl_context)
