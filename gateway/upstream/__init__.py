@@ -14,6 +14,12 @@ from gateway.upstream._connect import (
     UpstreamRejected,
     UpstreamUnavailable,
     WebSocketConnector,
+    open_trio_websocket_connector,
+)
+from gateway.upstream._lean import (
+    MAX_MESSAGE_SIZE,
+    LeanConnection,
+    LeanConnector,
     open_websocket_connector,
 )
 from gateway.upstream._limiter import ConnectLimiter
@@ -40,6 +46,7 @@ __all__ = [
     "DISCONNECT_TIMEOUT",
     "FALLBACK_RATE",
     "FASTPATH_ACCEPT",
+    "MAX_MESSAGE_SIZE",
     "MAX_WIDENINGS",
     "MESSAGE_QUEUE_SIZE",
     "Backoff",
@@ -52,6 +59,8 @@ __all__ = [
     "FixtureStatus",
     "FrameSink",
     "Kind",
+    "LeanConnection",
+    "LeanConnector",
     "Message",
     "Supervisor",
     "TrackingResume",
@@ -64,5 +73,6 @@ __all__ = [
     "WebSocketConnector",
     "classify_fastpath",
     "classify_tracking",
+    "open_trio_websocket_connector",
     "open_websocket_connector",
 ]

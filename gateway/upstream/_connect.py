@@ -1,10 +1,12 @@
-"""The connection boundary: an injectable connector and the default one on trio-websocket.
+"""The connection boundary: an injectable connector, and an alternative one on trio-websocket.
 
 The runner sees only :class:`UpstreamConnection` (``send_message``/``get_message``/``aclose``)
 and the three errors below; trio-websocket's exceptions are translated here and go no further.
-Tests inject a connector over memory channels and run under ``MockClock``.
+Tests inject a connector over memory channels and run under ``MockClock``. The default connector
+is the lean client in ``_lean.py``; the trio-websocket one here is kept as an alternative
+(:func:`open_trio_websocket_connector`).
 
-Why the default connector hosts reader tasks in its own shielded nursery: a trio-websocket
+Why the trio-websocket connector hosts reader tasks in its own shielded nursery: a trio-websocket
 connection needs its reader task alive to complete the close handshake. If readers lived inside
 the fixture task, cancelling the fixture (removal, shutdown) would kill the reader first and every
 close would end in a timeout. Readers therefore run in a nursery that the caller's cancellation
@@ -157,7 +159,7 @@ def _unavailable(exc: BaseException) -> UpstreamUnavailable:
 
 
 class WebSocketConnector:
-    """The production :class:`Connector`. Build it with :func:`open_websocket_connector`."""
+    """A :class:`Connector` on trio-websocket; built by :func:`open_trio_websocket_connector`."""
 
     def __init__(self, readers: trio.Nursery, *, disconnect_timeout: float) -> None:
         self._readers = readers
@@ -209,7 +211,7 @@ async def _host_readers(
 
 
 @asynccontextmanager
-async def open_websocket_connector(
+async def open_trio_websocket_connector(
     *, disconnect_timeout: float = DISCONNECT_TIMEOUT
 ) -> AsyncIterator[WebSocketConnector]:
     """A :class:`WebSocketConnector` usable inside the ``async with`` body.

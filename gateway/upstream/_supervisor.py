@@ -18,7 +18,8 @@ import attrs
 import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
-from gateway.upstream._connect import Connector, open_websocket_connector
+from gateway.upstream._connect import Connector
+from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner
 from gateway.upstream._state import FixtureStatus, FrameSink
