@@ -1,9 +1,12 @@
-"""The default trio-websocket connector (gateway.upstream.open_websocket_connector).
+"""The default upstream connector (gateway.upstream.open_websocket_connector), against a
+trio-websocket server.
 
 Covers the error boundary (refused TCP, HTTP rejection, handshake timeout, close codes, all
-translated to the gateway's own exceptions), that a rejection does not break the shared reader
-nursery, and that cancelling a connection's owner still completes the close handshake quickly
-(the reader tasks live outside the cancelled scope).
+translated to the gateway's own exceptions), that a rejection leaves other connections alone,
+and that cancelling a connection's owner still completes the close handshake quickly. The
+connector is the lean client (gateway/upstream/_lean.py) since it replaced trio-websocket on
+the upstream side; these tests ran unchanged against both. Frame-level cases of the lean
+client are in test_upstream_lean.py.
 
 Rules: real sockets on 127.0.0.1 port 0, real clock, each test under ``trio.fail_after``.
 """
