@@ -20,8 +20,9 @@ import pytest
 import trio
 import trio_websocket
 
+import gateway.upstream._supervisor as supervisor_module
 from gateway.client import Watcher
-from gateway.upstream import FixtureState
+from gateway.upstream import FixtureState, open_trio_websocket_connector
 from tests.conftest import TEST_TOKEN
 from tests.kit import (
     TRACKING_PATH,
@@ -256,3 +257,28 @@ async def test_watch_client_prints_frames_and_resumes(tmp_path: Path) -> None:
     seqs = [int(line.split("seq=")[1].split()[0]) for line in lines if line.startswith("frame ")]
     assert len(seqs) == 10 and seqs == list(range(seqs[0], seqs[0] + 10))
     assert all(" ix=" in line for line in lines if line.startswith("frame "))
+
+
+async def test_trio_websocket_client_stays_selectable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[upstream] client = "trio-websocket"`` is the fallback to the lean default client."""
+    opened: list[str] = []
+    real = open_trio_websocket_connector
+
+    def spy() -> Any:
+        opened.append("trio-websocket")
+        return real()
+
+    monkeypatch.setattr(supervisor_module, "open_trio_websocket_connector", spy)
+    with trio.fail_after(60):
+        async with (
+            simulator_and_gateway(
+                tmp_path, [("tracking", FX)], upstream={"client": "trio-websocket"}
+            ) as (_, gw),
+            trio_websocket.open_websocket_url(stream_url(gw)) as ws,
+        ):
+            await subscribe(ws, "tracking", FX)
+            msg = await next_of_type(ws, "frame")
+            assert msg["data"]["id"] == FX
+    assert opened == ["trio-websocket"]

@@ -49,6 +49,7 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
 
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
+UpstreamClient = Literal["lean", "trio-websocket"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d{1,5})$")
@@ -115,6 +116,7 @@ class UpstreamSection:
     handshake_timeout: float = attrs.field(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
     unauthorized_retry: float = attrs.field(default=DEFAULT_UNAUTHORIZED_RETRY, validator=_positive)
     not_found_retry: float = attrs.field(default=DEFAULT_NOT_FOUND_RETRY, validator=_positive)
+    client: UpstreamClient = "lean"
 
     def __attrs_post_init__(self) -> None:
         if (self.token_file is None) == (self.token_env is None):

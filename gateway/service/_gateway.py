@@ -131,6 +131,8 @@ class Gateway:
             for section in ("gateway", "feeds", "subscribers", "api")
             if getattr(old, section) != getattr(new, section)
         ]
+        if old.upstream.client != new.upstream.client:
+            needs_restart.append("upstream.client")
         kept = tuple(fx for fx in new.fixtures if fx.feed in old.feeds)
         self.config = attrs.evolve(old, upstream=new.upstream, fixtures=kept)
         self.supervisor.update_config(self.config)

@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
-from gateway.upstream._connect import Connector
+from gateway.upstream._connect import Connector, open_trio_websocket_connector
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner
@@ -47,7 +47,7 @@ class Supervisor:
 
     ``sink_for`` is called once per added fixture (from :meth:`add`, synchronously) and its
     errors propagate to the caller of :meth:`add` (or of the constructor, for configured
-    fixtures). ``connect`` replaces the trio-websocket connector (tests); ``rng`` seeds the
+    fixtures). ``connect`` replaces the configured connector (tests); ``rng`` seeds the
     backoff jitter of every fixture.
     """
 
@@ -94,7 +94,13 @@ class Supervisor:
         async with AsyncExitStack() as stack:
             connect = self._connect
             if connect is None:
-                connect = await stack.enter_async_context(open_websocket_connector())
+                # The lean client by default; trio-websocket stays selectable as a fallback.
+                opener = (
+                    open_trio_websocket_connector
+                    if self.config.upstream.client == "trio-websocket"
+                    else open_websocket_connector
+                )
+                connect = await stack.enter_async_context(opener())
             self._active_connect = connect
             try:
                 async with trio.open_nursery() as nursery:
