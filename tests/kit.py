@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import trio
 import trio_websocket
@@ -20,9 +21,34 @@ import trio_websocket
 from gateway.config import Config, structure_config
 from gateway.service import Gateway
 from gateway.simulator import Simulator
+from gateway.upstream import FixtureState
 from tests.conftest import TEST_TOKEN
 
 TRACKING_PATH = "/ws/soccer/tracking/low_latency"
+
+
+@attrs.define
+class RecordingSink:
+    """A FrameSink that keeps what it gets; ``fail_publish`` makes the next N publishes raise."""
+
+    frames: list[str] = attrs.field(factory=list)
+    states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
+    fail_publish: int = 0
+
+    def publish(self, raw: str) -> None:
+        if self.fail_publish > 0:
+            self.fail_publish -= 1
+            raise RuntimeError("sink exploded")
+        self.frames.append(raw)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        self.states.append((state, detail))
+
+    @property
+    def ixs(self) -> list[int]:
+        return [orjson.loads(f)["ix"] for f in self.frames]
+
+
 FASTPATH_TEMPLATE = "/soccer/fixtures/{fixture}/actions"
 
 

@@ -34,14 +34,13 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header
+from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header, mask_frame
 from gateway.upstream import (
     MAX_MESSAGE_SIZE,
     UpstreamClosed,
     UpstreamUnavailable,
     open_websocket_connector,
 )
-from gateway.upstream._lean import mask_frame
 
 GUARD = 30.0
 

@@ -35,6 +35,7 @@ from gateway.upstream import (
     UpstreamUnavailable,
 )
 from tests.conftest import TEST_TOKEN
+from tests.kit import RecordingSink
 
 ACCEPTED = '{"message":"Authorisation accepted","level":"INFO"}'
 HEARTBEAT = '{"message":"Heartbeat sent at 2023-05-01T00:03:11.822Z","level":"INFO"}'
@@ -71,26 +72,6 @@ def make_config(tmp_path: Path, upstream: dict[str, Any] | None = None, **extra:
     }
     data.update(extra)
     return structure_config(data)
-
-
-@attrs.define
-class RecordingSink:
-    frames: list[str] = attrs.field(factory=list)
-    states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
-    fail_publish: int = 0  # raise on this many publishes
-
-    def publish(self, raw: str) -> None:
-        if self.fail_publish > 0:
-            self.fail_publish -= 1
-            raise RuntimeError("sink exploded")
-        self.frames.append(raw)
-
-    def set_status(self, state: FixtureState, detail: str) -> None:
-        self.states.append((state, detail))
-
-    @property
-    def ixs(self) -> list[int]:
-        return [orjson.loads(f)["ix"] for f in self.frames]
 
 
 _CLOSE = object()

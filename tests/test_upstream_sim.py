@@ -31,24 +31,9 @@ from gateway.config import FeedConfig, FixtureConfig, structure_config
 from gateway.simulator import Action, Outcome, Simulator
 from gateway.upstream import FixtureState, Supervisor
 from tests.conftest import TEST_TOKEN
+from tests.kit import RecordingSink as Sink
 
 GUARD = 60.0  # seconds; generous for a loaded 2-core machine
-
-
-@attrs.define
-class Sink:
-    frames: list[str] = attrs.field(factory=list)
-    states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
-    fail_publish: int = 0
-
-    def publish(self, raw: str) -> None:
-        if self.fail_publish > 0:
-            self.fail_publish -= 1
-            raise RuntimeError("sink exploded")
-        self.frames.append(raw)
-
-    def set_status(self, state: FixtureState, detail: str) -> None:
-        self.states.append((state, detail))
 
 
 @attrs.define

@@ -31,16 +31,13 @@ import time
 from typing import Final
 
 from gateway.bench._wsframe import (
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
     ProtocolError,
     encode_frame,
     parse_frames,
     server_handshake,
     unmask,
 )
+from gateway.hub._wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 HISTORY: Final = 3000
 HEARTBEAT_INTERVAL: Final = 10.0

@@ -33,16 +33,13 @@ from typing import Final
 
 from gateway.bench._feeder import fixture_id
 from gateway.bench._wsframe import (
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
     ProtocolError,
     check_server_handshake,
     client_handshake,
     encode_frame,
     parse_frames,
 )
+from gateway.hub._wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 RECV_BYTES: Final = 65536
 CONNECT_BATCH: Final = 200

@@ -14,12 +14,13 @@ import os
 import struct
 from typing import Final
 
+from gateway.hub._wire import (
+    apply_mask,
+    mask_frame,
+)
+from gateway.hub._wire import encode_frame as wire_encode_frame
+
 OP_CONT: Final = 0x0
-OP_TEXT: Final = 0x1
-OP_BINARY: Final = 0x2
-OP_CLOSE: Final = 0x8
-OP_PING: Final = 0x9
-OP_PONG: Final = 0xA
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _U16: Final = struct.Struct("!H")
@@ -79,29 +80,12 @@ def server_handshake(request: bytes) -> tuple[str, bytes]:
 
 
 def encode_frame(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
-    """One final frame. Clients must mask (``mask=True``); servers must not."""
-    n = len(payload)
-    first = bytes((0x80 | opcode,))
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        header = first + bytes((mbit | n,))
-    elif n < 65536:
-        header = first + bytes((mbit | 126,)) + _U16.pack(n)
-    else:
-        header = first + bytes((mbit | 127,)) + _U64.pack(n)
-    if not mask:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + _xor(payload, key)
+    """One final frame. Clients must mask (``mask=True``); servers must not.
 
-
-def _xor(data: bytes, key: bytes) -> bytes:
-    # Whole-buffer XOR through a big int: far faster than a per-byte loop in pure Python.
-    n = len(data)
-    if n == 0:
-        return b""
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+    The gateway's own frame codec (:mod:`gateway.hub._wire`) builds it, so the harness and the
+    gateway cannot disagree on the wire format.
+    """
+    return mask_frame(payload, opcode) if mask else wire_encode_frame(payload, opcode)
 
 
 def parse_frames(buf: bytearray | bytes, pos: int = 0) -> tuple[list[tuple[int, int, int]], int]:
@@ -146,4 +130,4 @@ def payload(buf: bytearray | bytes, start: int, end: int) -> bytes:
 
 def unmask(buf: bytearray | bytes, start: int, end: int) -> bytes:
     """The payload of a masked (client) frame found by :func:`parse_frames`."""
-    return _xor(bytes(buf[start:end]), bytes(buf[start - 4 : start]))
+    return apply_mask(bytes(buf[start:end]), bytes(buf[start - 4 : start]))

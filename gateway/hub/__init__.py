@@ -23,8 +23,10 @@ from gateway.hub._wire import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    apply_mask,
     encode_frame,
     frame_header,
+    mask_frame,
 )
 
 __all__ = [
@@ -46,8 +48,10 @@ __all__ = [
     "TopicSubscriber",
     "UnknownFeedError",
     "UnknownFixtureError",
+    "apply_mask",
     "encode_frame",
     "envelope_prefix",
     "frame_header",
+    "mask_frame",
     "valid_fixture_id",
 ]

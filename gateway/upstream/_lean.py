@@ -15,7 +15,6 @@ connection with a close frame of the matching code: 1002 (protocol), 1007 (inval
 from __future__ import annotations
 
 import collections
-import os
 import ssl
 import struct
 import urllib.parse
@@ -29,7 +28,7 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, frame_header
+from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, mask_frame
 from gateway.upstream._connect import (
     DISCONNECT_TIMEOUT,
     RECEIVE_BUFFER_SIZE,
@@ -56,20 +55,6 @@ _MASK_BIT: Final = 0x80
 _LEN16: Final = struct.Struct("!H")
 _LEN64: Final = struct.Struct("!Q")
 _CODE: Final = struct.Struct("!H")
-
-
-def mask_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
-    """One final client frame: *payload* masked with a fresh random key (RFC 6455 5.3).
-
-    The XOR runs over the whole payload at once as one big integer, not byte by byte.
-    """
-    header = bytearray(frame_header(len(payload), opcode))
-    header[1] |= _MASK_BIT
-    key = os.urandom(4)
-    n = len(payload)
-    stream = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-    return bytes(header) + key + masked
 
 
 def _close_payload(code: int) -> bytes:

@@ -30,8 +30,6 @@ from gateway.bench._loadgen import percentile
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._run import gateway_config_text
 from gateway.bench._wsframe import (
-    OP_PING,
-    OP_TEXT,
     ProtocolError,
     accept_key,
     check_server_handshake,
@@ -42,6 +40,7 @@ from gateway.bench._wsframe import (
     unmask,
 )
 from gateway.config import load_config
+from gateway.hub._wire import OP_PING, OP_TEXT
 from tests.conftest import TEST_TOKEN
 
 # -- codec ------------------------------------------------------------------------------------
