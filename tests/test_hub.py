@@ -158,6 +158,27 @@ def test_envelope_is_byte_exact_and_raw_is_verbatim() -> None:
     assert frame.raw_ws == frame_header(len(raw.encode())) + raw.encode()
 
 
+def test_history_keeps_the_text_once_and_backfill_does_not_cache() -> None:
+    # The history holds each frame as UTF-8 bytes only: the encodings built for its fan-out are
+    # dropped when the next frame arrives, and a backfill builds (but does not keep) its own.
+    t = Topic(FEED, "F1")
+    r = Recorder()
+    t.attach(r)
+    t.publish('{"ix":1}')
+    first = r.frames[0]
+    live = first.envelope_ws
+    assert first.envelope_ws is live  # shared by every subscriber of this fan-out
+    t.publish('{"ix":2}')
+    assert first._envelope_ws is None and first._raw_ws is None
+    again = first.envelope_once()
+    assert again == live and again is not live
+    assert first._envelope_ws is None  # backfill did not re-cache it
+    assert first.raw_once() == first.raw_ws and first.raw == '{"ix":1}'
+    newest = r.frames[1]
+    shared = newest.envelope_ws
+    assert newest.envelope_once() is shared  # still live: the shared copy
+
+
 @pytest.mark.parametrize(
     ("length", "opcode"),
     [

@@ -34,7 +34,7 @@ log = logging.getLogger("gateway.dataplane")
 CLOSE_POLICY: int = 1008
 CLOSE_NORMAL: int = 1000
 CLOSE_GOING_AWAY: int = 1001
-_CSC = '"ConnectionStateChanged"'
+_CSC = b'"ConnectionStateChanged"'
 
 
 class DropinSubscription:
@@ -52,7 +52,7 @@ class DropinSubscription:
         if self.disconnected:
             self.disconnected = False
             # The upstream's own state packet says it already; do not repeat it.
-            if _CSC not in frame.raw:
+            if _CSC not in frame.raw_bytes:
                 self.conn.send_control(msg.vendor_connection_state("Connected"))
         self.conn.send_data(frame.raw_ws, frame.seq, frame.published)
 
@@ -173,7 +173,7 @@ class DropinHandler:
         # Nothing awaits between backfill and attach: no gap, no duplicate.
         sub = DropinSubscription(self.conn, topic, fastpath=self.feed.kind == "fastpath")
         for frame in frames:
-            self.conn.send_data(frame.raw_ws, frame.seq, 0.0)
+            self.conn.send_data(frame.raw_once(), frame.seq, 0.0)
         if sub.fastpath and topic.state not in (FixtureState.LIVE, FixtureState.CONNECTING):
             sub.on_status(topic)
         topic.attach(sub)

@@ -25,51 +25,50 @@ def envelope_prefix(feed: str, fixture: str) -> bytes:
 class Frame:
     """A frame as the hub keeps it: ``seq``, the upstream text and when it was published.
 
-    The two WebSocket encodings are built on first use and then shared by every subscriber (a
-    frame nobody asks for in one form never pays for it):
+    Held as UTF-8 bytes only (:attr:`raw_bytes`); :attr:`raw` decodes on demand (the API's
+    ``latest``, inspection). The two WebSocket encodings are built on first use and shared by
+    every subscriber (a frame nobody asks for in one form never pays for it):
 
     - :attr:`envelope_ws`: the multiplexed ``{"type":"frame",...,"seq":S,"data":RAW}`` message;
       ``RAW`` is the upstream text inserted byte for byte, never re-serialised.
     - :attr:`raw_ws`: the upstream text alone, for vendor drop-in subscribers.
+
+    :meth:`release_encodings` drops them once the frame's fan-out is over (the topic calls it
+    when the next frame arrives), so the history holds each frame once, not three times; a
+    backfill or resume rebuilds what it sends.
     """
 
     __slots__ = (
         "_envelope_ws",
         "_prefix",
-        "_raw_bytes",
         "_raw_ws",
         "_sequenced",
         "published",
-        "raw",
+        "raw_bytes",
         "seq",
     )
 
-    def __init__(self, seq: int, raw: str, published: float, prefix: bytes) -> None:
+    def __init__(self, seq: int, raw: str | bytes, published: float, prefix: bytes) -> None:
         self.seq = seq
-        self.raw = raw
+        #: The upstream text, UTF-8 encoded.
+        self.raw_bytes = raw.encode() if isinstance(raw, str) else raw
         #: ``time.perf_counter()`` at publish, for the fan-out latency histogram.
         self.published = published
         self._prefix = prefix
-        self._raw_bytes: bytes | None = None
         self._envelope_ws: bytes | None = None
         self._raw_ws: bytes | None = None
         self._sequenced: bool | None = None
 
     @property
-    def raw_bytes(self) -> bytes:
-        b = self._raw_bytes
-        if b is None:
-            b = self._raw_bytes = self.raw.encode()
-        return b
+    def raw(self) -> str:
+        """The upstream text (decoded on each call: not for the hot path)."""
+        return self.raw_bytes.decode()
 
     @property
     def envelope_ws(self) -> bytes:
         ws = self._envelope_ws
         if ws is None:
-            payload = b"".join(
-                (self._prefix, str(self.seq).encode(), _DATA_KEY, self.raw_bytes, b"}")
-            )
-            ws = self._envelope_ws = encode_frame(payload)
+            ws = self._envelope_ws = self._build_envelope()
         return ws
 
     @property
@@ -79,6 +78,23 @@ class Frame:
             ws = self._raw_ws = encode_frame(self.raw_bytes)
         return ws
 
+    def envelope_once(self) -> bytes:
+        """:attr:`envelope_ws` for one subscriber's backfill: built if needed, not kept."""
+        return self._envelope_ws or self._build_envelope()
+
+    def raw_once(self) -> bytes:
+        """:attr:`raw_ws` for one subscriber's backfill: built if needed, not kept."""
+        return self._raw_ws or encode_frame(self.raw_bytes)
+
+    def release_encodings(self) -> None:
+        """Forget the built WebSocket encodings (queued copies stay valid: bytes are shared)."""
+        self._envelope_ws = None
+        self._raw_ws = None
+
+    def _build_envelope(self) -> bytes:
+        payload = b"".join((self._prefix, str(self.seq).encode(), _DATA_KEY, self.raw_bytes, b"}"))
+        return encode_frame(payload)
+
     @property
     def sequenced(self) -> bool:
         """True for a fastpath event (it carries ``fixtureSeqNum``); status packets are not.
@@ -87,11 +103,11 @@ class Frame:
         """
         s = self._sequenced
         if s is None:
-            s = self._sequenced = _has_seqnum(self.raw)
+            s = self._sequenced = _has_seqnum(self.raw_bytes)
         return s
 
 
-def _has_seqnum(raw: str) -> bool:
+def _has_seqnum(raw: bytes) -> bool:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -82,6 +82,9 @@ class Topic:
         self.seq += 1
         frame = Frame(self.seq, raw, time.perf_counter(), self._prefix)
         self._history.append(frame)
+        if self._latest is not None:
+            # Its fan-out is over: the history keeps the text alone (see Frame).
+            self._latest.release_encodings()
         self._latest = frame
         self.frames_in += 1
         self._count_rate()
