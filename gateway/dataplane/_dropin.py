@@ -173,7 +173,7 @@ class DropinHandler:
         # Nothing awaits between backfill and attach: no gap, no duplicate.
         sub = DropinSubscription(self.conn, topic, fastpath=self.feed.kind == "fastpath")
         for frame in frames:
-            self.conn.send_data(frame.raw_once(), frame.seq, 0.0)
+            self.conn.send_data(frame.raw_ws, frame.seq, 0.0)
         if sub.fastpath and topic.state not in (FixtureState.LIVE, FixtureState.CONNECTING):
             sub.on_status(topic)
         topic.attach(sub)

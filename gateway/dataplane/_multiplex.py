@@ -178,7 +178,7 @@ class MultiplexHandler:
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
         conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
         for frame in frames or ():
-            conn.send_data(frame.envelope_once(), frame.seq, 0.0, sub)
+            conn.send_data(frame.envelope_ws, frame.seq, 0.0, sub)
         topic.attach(sub)
         self.subs[key] = sub
 

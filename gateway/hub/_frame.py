@@ -6,7 +6,7 @@ from typing import Final
 
 import orjson
 
-from gateway.hub._wire import encode_frame
+from gateway.hub._wire import encode_frame, frame_header
 
 _DATA_KEY: Final = b',"data":'
 
@@ -27,15 +27,14 @@ class Frame:
 
     Held as UTF-8 bytes only (:attr:`raw_bytes`); :attr:`raw` decodes on demand (the API's
     ``latest``, inspection). The two WebSocket encodings are built on first use and shared by
-    every subscriber (a frame nobody asks for in one form never pays for it):
+    every subscriber of the fan-out (a frame nobody asks for in one form never pays for it):
 
     - :attr:`envelope_ws`: the multiplexed ``{"type":"frame",...,"seq":S,"data":RAW}`` message;
       ``RAW`` is the upstream text inserted byte for byte, never re-serialised.
     - :attr:`raw_ws`: the upstream text alone, for vendor drop-in subscribers.
 
-    :meth:`release_encodings` drops them once the frame's fan-out is over (the topic calls it
-    when the next frame arrives), so the history holds each frame once, not three times; a
-    backfill or resume rebuilds what it sends.
+    The topic's history keeps only ``(seq, raw_bytes)``; a backfill or resume gets new Frame
+    objects, whose encodings are built for it and freed with it.
     """
 
     __slots__ = (
@@ -78,22 +77,13 @@ class Frame:
             ws = self._raw_ws = encode_frame(self.raw_bytes)
         return ws
 
-    def envelope_once(self) -> bytes:
-        """:attr:`envelope_ws` for one subscriber's backfill: built if needed, not kept."""
-        return self._envelope_ws or self._build_envelope()
-
-    def raw_once(self) -> bytes:
-        """:attr:`raw_ws` for one subscriber's backfill: built if needed, not kept."""
-        return self._raw_ws or encode_frame(self.raw_bytes)
-
-    def release_encodings(self) -> None:
-        """Forget the built WebSocket encodings (queued copies stay valid: bytes are shared)."""
-        self._envelope_ws = None
-        self._raw_ws = None
-
     def _build_envelope(self) -> bytes:
-        payload = b"".join((self._prefix, str(self.seq).encode(), _DATA_KEY, self.raw_bytes, b"}"))
-        return encode_frame(payload)
+        # One join, header included: the payload is never built as a separate copy.
+        prefix = self._prefix
+        seq = str(self.seq).encode()
+        raw = self.raw_bytes
+        size = len(prefix) + len(seq) + len(_DATA_KEY) + len(raw) + 1
+        return b"".join((frame_header(size), prefix, seq, _DATA_KEY, raw, b"}"))
 
     @property
     def sequenced(self) -> bool:
