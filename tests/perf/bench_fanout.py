@@ -170,9 +170,15 @@ def baseline_main(args: argparse.Namespace) -> None:
     data = encode_frame(b'{"ix":0,"pad":"' + b"x" * max(0, args.size - 16) + b'"}')
     fds = [c.fileno() for c in conns]
     missed = 0
+    period = 1.0 / args.rate if args.rate else 0.0
     cpu0 = time.process_time()
     times0 = os.times()
-    for _ in range(args.frames):
+    start = time.perf_counter()
+    for k in range(args.frames):
+        if period:  # paced like the data plane run: sleep until the frame is due
+            delay = start + k * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         for fd in fds:
             try:
                 if os.write(fd, data) != len(data):
