@@ -7,14 +7,17 @@ that is new in the file needs a restart, and unchanged fixtures keep their conne
 
 from __future__ import annotations
 
+import functools
+import gc
 from pathlib import Path
 
 import attrs
 import trio
 
 from gateway.config import FixtureConfig, structure_config
+from gateway.service import Notifier, serve
 from gateway.upstream import FixtureState
-from tests.kit import simulator_and_gateway, wait_until
+from tests.kit import gateway_config, simulator_and_gateway, wait_until
 
 
 async def test_apply_reconciles_configured_fixtures_only(tmp_path: Path) -> None:
@@ -63,3 +66,24 @@ async def test_apply_reconciles_configured_fixtures_only(tmp_path: Path) -> None
 
             # Applying the same file again changes nothing.
             assert gw.apply(new)["added"] == [] and gw.apply(new)["removed"] == []
+
+
+async def test_serve_freezes_the_gc_only_when_asked(tmp_path: Path) -> None:
+    # The service process (freeze_gc=True) moves what exists at start-up out of the cyclic GC's
+    # full scans; in-process users (tests, the default) must not pin their garbage.
+    token = tmp_path / "token"
+    token.write_text("t")
+    config = gateway_config(1, token, [])  # nothing followed: no upstream needed
+    gc.unfreeze()
+    try:
+        for freeze in (False, True):
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    gw = await nursery.start(
+                        functools.partial(serve, config, notifier=Notifier(None), freeze_gc=freeze)
+                    )
+                    assert gw.bound is not None and gw.bound.stream.port > 0
+                    assert (gc.get_freeze_count() > 0) is freeze
+                    nursery.cancel_scope.cancel()
+    finally:
+        gc.unfreeze()

@@ -28,3 +28,22 @@ def memory_kib(pid: int) -> dict[str, int]:
             if name in (b"VmRSS", b"VmHWM"):
                 out[name.decode()] = int(value.split()[0])
     return out
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine so far, from the ``cpu`` line of /proc/stat.
+
+    Steal is time the hypervisor ran something else while a virtual CPU wanted to run: a virtual
+    machine's latency figures are only as good as its steal is low.
+    """
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice (guest is in user)
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's CPU time stolen between two :func:`machine_ticks` readings."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0

@@ -28,6 +28,9 @@ def _lat(q: str) -> Callable[[Result], float | None]:
 
 
 # (key, label, how to read it from a run, format)
+#: From this share of stolen CPU time on, the report warns about latency tails.
+STEAL_NOTE_PERCENT: Final = 2.0
+
 ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
     ("frames_in_per_s", "frames in /s", lambda r: r["frames_in_per_s"], "{:,.0f}"),
     ("frames_out_per_s", "deliveries (frames out) /s", lambda r: r["frames_out_per_s"], "{:,.0f}"),
@@ -70,6 +73,7 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
     ("loadgen_cpu_percent", "(load generator CPU %)", lambda r: r["loadgen_cpu_percent"], "{:.0f}"),
     ("feeder_cpu_percent", "(feeder CPU %)", lambda r: r["feeder_cpu_percent"], "{:.0f}"),
     ("load_average", "(machine load average, 1 min)", lambda r: r["load_average"], "{:.1f}"),
+    ("steal_percent", "(machine CPU stolen by host %)", lambda r: r.get("steal_percent"), "{:.1f}"),
 ]
 
 
@@ -209,5 +213,17 @@ def format_table(results: Sequence[Result]) -> str:
         out.append(
             f"note: the machine's load average reached {max(loads):.1f} on {cpus} CPUs: other "
             "work competed with the run; latencies are the least trustworthy figures."
+        )
+    steals = [
+        run.get("steal_percent") or 0.0
+        for res in results
+        for phases in res["runs"].values()
+        for run in phases.values()
+    ]
+    if steals and max(steals) >= STEAL_NOTE_PERCENT:
+        out.append(
+            f"note: the hypervisor took up to {max(steals):.1f} % of this machine's CPU time "
+            "during a window (steal): the virtual CPUs stalled now and then, which shows in the "
+            "latency tails (p99, p99.9) of every target alike."
         )
     return "\n".join(out)

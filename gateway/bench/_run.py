@@ -38,7 +38,7 @@ import attrs
 
 from gateway import __version__
 from gateway.bench._feeder import fixture_id
-from gateway.bench._procstat import cpu_seconds, memory_kib
+from gateway.bench._procstat import cpu_seconds, machine_ticks, memory_kib, steal_percent
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
 from gateway.config import ConfigError, load_config
@@ -311,6 +311,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         time.sleep(sc.warmup)
 
         load0 = os.getloadavg()[0]
+        ticks0 = machine_ticks()
         cpu0 = cpu_seconds(pid)
         fs0 = feeder.ask("stats", "stats")
         t0 = time.monotonic()
@@ -332,6 +333,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
             )
             last = (now, done, cpu)
         cpu1 = cpu_seconds(pid)
+        ticks1 = machine_ticks()
         fs1 = feeder.ask("stats", "stats")
         report = loadgen.ask("report", "report")
         t1 = time.monotonic()
@@ -368,6 +370,8 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         "feeder_cpu_percent": 100 * (float(fs1["cpu_s"]) - float(fs0["cpu_s"])) / window,
         # Other work on the machine skews every figure (CPU time is the least affected).
         "load_average": max(load0, os.getloadavg()[0]),
+        # On a virtual machine, CPU time the hypervisor gave to others: it drives latency tails.
+        "steal_percent": steal_percent(ticks0, ticks1),
     }
 
 

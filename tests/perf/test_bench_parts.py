@@ -27,6 +27,7 @@ import trio_websocket
 from gateway.bench import PRESETS, SCENARIO_NAMES, add_arguments, run_from_args
 from gateway.bench._cli import scenarios_from_args
 from gateway.bench._loadgen import percentile
+from gateway.bench._procstat import machine_ticks, steal_percent
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._run import gateway_config_text
 from gateway.bench._wsframe import (
@@ -174,6 +175,23 @@ def test_verdicts_follow_the_targets() -> None:
     table = format_table([stuck])
     assert "stuck (baseline)" in table and "stuck (5 of 50)" in table
     assert "MISSED (1.20)" in table
+
+
+def test_steal_is_read_from_proc_stat_and_reported() -> None:
+    steal, total = machine_ticks()
+    assert 0 <= steal <= total and total > 0
+    assert steal_percent((10, 1000), (30, 2000)) == 2.0
+    assert steal_percent((10, 1000), (10, 1000)) == 0.0  # no time passed: no division by zero
+    quiet: Any = {
+        "scenario": {"name": "paced", "stuck": 0},
+        "runs": {"gateway": {"main": _run(4.0) | {"steal_percent": 0.4}}},
+    }
+    quiet["checks"] = evaluate(quiet)
+    table = format_table([quiet])
+    assert "(machine CPU stolen by host %)" in table and "0.4" in table
+    assert "hypervisor" not in table
+    quiet["runs"]["gateway"]["main"]["steal_percent"] = 7.5
+    assert "the hypervisor took up to 7.5 %" in format_table([quiet])
 
 
 # -- the feeder process -----------------------------------------------------------------------
