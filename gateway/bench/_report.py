@@ -27,10 +27,10 @@ def _lat(q: str) -> Callable[[Result], float | None]:
     return lambda r: r["latency_ms"][q] if r["latency_ms"]["count"] else None
 
 
-# (key, label, how to read it from a run, format)
 #: From this share of stolen CPU time on, the report warns about latency tails.
 STEAL_NOTE_PERCENT: Final = 2.0
 
+# (key, label, how to read it from a run, format)
 ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
     ("frames_in_per_s", "frames in /s", lambda r: r["frames_in_per_s"], "{:,.0f}"),
     ("frames_out_per_s", "deliveries (frames out) /s", lambda r: r["frames_out_per_s"], "{:,.0f}"),

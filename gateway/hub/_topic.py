@@ -57,9 +57,9 @@ class Topic:
         self.slow_disconnects = 0
         self.closed = False
         self.latency = latency if latency is not None else LatencyHistogram()
-        # (seq, UTF-8 text) pairs, not Frame objects: a tuple of atomic values is untracked by
-        # the cyclic garbage collector, so 300,000 held frames add nothing to its full scans
-        # (which, with Frame objects, made the paced benchmark's p99 latency 3x worse).
+        # (seq, UTF-8 text) pairs, not Frame objects: one copy of the text, and a tuple of
+        # atomic values is untracked by the cyclic garbage collector, so 300,000 held frames add
+        # nothing to its full scans (the paced benchmark's latency tail, docs/performance.md).
         self._history: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=feed.history)
         self._latest: Frame | None = None
         self._prefix = envelope_prefix(feed.name, fixture)
