@@ -77,6 +77,14 @@ def test_minimal_config_gets_defaults() -> None:
         ({"fixtures": [{"feed": "tracking", "id": "x", "backfill": -2}]}, "$.fixtures[0]"),
         ({"fixtures": [{"feed": "tracking"}]}, "required field missing @ $.fixtures[0].id"),
         ({"nonsense": {}}, "unknown key(s): nonsense @ $"),
+        (
+            {"feeds": {"t": {"kind": "tracking", "url": "ws://h/t", "max_on_demand": 0}}},
+            "must be >= 1: 0 @ $.feeds['t']",
+        ),
+        (
+            {"feeds": {"t": {"kind": "tracking", "url": "ws://h/t", "max_on_demand": "5"}}},
+            "$.feeds['t'].max_on_demand",
+        ),
     ],
 )
 def test_type_and_key_errors_name_their_path(patch: dict[str, Any], expected: str) -> None:

@@ -178,6 +178,37 @@ async def test_on_demand_follow_and_linger_stop(tmp_path: Path) -> None:
             assert status == 404
 
 
+async def test_on_demand_cap_refuses_with_a_reason_and_counts(tmp_path: Path) -> None:
+    # max_on_demand bounds the upstream connections subscribers can open; a lingering fixture
+    # still counts, and its stop makes room again.
+    act2 = "7f3c9a10-5b2d-4e8f-a1c3-2b4d6e8f0a1b"
+    with trio.fail_after(60):
+        async with simulator_and_gateway(
+            tmp_path,
+            [],
+            feeds={"actions": {"on_demand": True, "linger": 1.0, "max_on_demand": 1}},
+        ) as (sim, gw):
+            for fx in (ACT, act2):
+                sim.add_fixture(fx, kind="fastpath")
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await subscribe(ws, "actions", ACT)
+                await ws.send_message(
+                    orjson.dumps({"op": "subscribe", "feed": "actions", "fixture": act2}).decode()
+                )
+                err = await next_of_type(ws, "error")
+                assert "max_on_demand" in err["message"] and act2 in err["message"]
+                assert not gw.is_followed("actions", act2)
+                _, body = await http_get(http_url(gw, "/metrics"))
+                assert 'dde_on_demand_refused_total{feed="actions"} 1.0' in body.decode()
+                await ws.send_message(
+                    orjson.dumps({"op": "unsubscribe", "feed": "actions", "fixture": ACT}).decode()
+                )
+                await wait_until(lambda: not gw.is_followed("actions", ACT))
+                await subscribe(ws, "actions", act2)  # room again after ACT's linger
+                msg = await next_of_type(ws, "frame")
+                assert msg["fixture"] == act2 and gw.is_followed("actions", act2)
+
+
 async def test_put_and_delete_through_the_api(tmp_path: Path) -> None:
 
     with trio.fail_after(60):

@@ -37,6 +37,8 @@ DEFAULT_NOT_FOUND_RETRY: Final = 30.0
 
 DEFAULT_HISTORY: Final = 1500  # 60 s at 25 Hz
 DEFAULT_LINGER: Final = 60.0
+#: Fixtures one feed may follow on demand at once (lingering ones included).
+DEFAULT_MAX_ON_DEMAND: Final = 50
 
 DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
@@ -145,6 +147,7 @@ class FeedConfig:
     history: int = attrs.field(default=DEFAULT_HISTORY, validator=v.ge(0))
     on_demand: bool = False
     linger: float = attrs.field(default=DEFAULT_LINGER, validator=_non_negative)
+    max_on_demand: int = attrs.field(default=DEFAULT_MAX_ON_DEMAND, validator=v.ge(1))
     # Not read from TOML (the table key is the name); Config fills it in.
     name: str = ""
 

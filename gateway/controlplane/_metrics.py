@@ -61,6 +61,11 @@ class GatewayCollector:
             ("dde_upstream_gaps", "Upstream sequence gaps detected.", "gaps"),
             ("dde_duplicates_dropped", "Duplicate upstream frames dropped.", "duplicates_dropped"),
             ("dde_malformed", "Malformed upstream frames counted and skipped.", "malformed"),
+            (
+                "dde_on_demand_refused",
+                "Subscriptions refused: the feed already follows max_on_demand fixtures on demand.",
+                "on_demand_refused",
+            ),
         )
         for name, doc, attr in labelled:
             family = CounterMetricFamily(name, doc, labels=["feed"])

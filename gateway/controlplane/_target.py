@@ -71,6 +71,8 @@ class FeedTotals:
     gaps: int = 0
     duplicates_dropped: int = 0
     malformed: int = 0
+    #: Subscriptions refused because the feed already followed ``max_on_demand`` fixtures.
+    on_demand_refused: int = 0
 
 
 class LatencyHistogram(Protocol):

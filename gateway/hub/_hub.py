@@ -29,7 +29,11 @@ class FixtureDirectory(Protocol):
     def is_followed(self, feed: str, fixture: str) -> bool: ...
 
     def demand(self, feed: str, fixture: str) -> bool:
-        """An on-demand feed's fixture got a subscriber: follow it now. False if refused."""
+        """An on-demand feed's fixture got a subscriber: follow it now. False if refused.
+
+        May raise :class:`HubError` (e.g. :class:`OnDemandLimitError`) to refuse with a reason
+        the subscriber is shown.
+        """
         ...
 
     def release(self, feed: str, fixture: str) -> None:
@@ -47,6 +51,10 @@ class UnknownFeedError(HubError):
 
 class UnknownFixtureError(HubError):
     pass
+
+
+class OnDemandLimitError(HubError):
+    """The feed already follows ``max_on_demand`` fixtures on demand (raised by the directory)."""
 
 
 class Hub:

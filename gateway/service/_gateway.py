@@ -22,7 +22,7 @@ from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
 from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
-from gateway.hub import Hub, LatencyHistogram, Topic
+from gateway.hub import Hub, LatencyHistogram, OnDemandLimitError, Topic
 from gateway.service._logging import fields
 from gateway.upstream import FixtureState, FrameSink, Supervisor, UpstreamCounters
 
@@ -58,6 +58,8 @@ class Gateway:
         self._on_demand: set[Key] = set()
         self._linger: dict[Key, trio.CancelScope] = {}
         self._retired: dict[str, FeedTotals] = {}
+        # On-demand subscriptions refused per feed (max_on_demand), for the metrics.
+        self._refused: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._supervisor_scope = trio.CancelScope()
         self._supervisor_done = trio.Event()
@@ -176,7 +178,23 @@ class Gateway:
         feed_config = self.config.feeds.get(feed)
         if feed_config is None or not feed_config.on_demand or self._draining:
             return False
-        self._cancel_linger((feed, fixture))
+        key = (feed, fixture)
+        if key not in self._on_demand and not self.is_followed(feed, fixture):
+            # The vendor wants few connections: subscribers must not open them without bound.
+            cap = feed_config.max_on_demand
+            if sum(1 for f, _ in self._on_demand if f == feed) >= cap:
+                self._refused[feed] = self._refused.get(feed, 0) + 1
+                log.warning(
+                    "refused on-demand %s/%s: the feed already follows %d fixtures on demand",
+                    feed,
+                    fixture,
+                    cap,
+                )
+                raise OnDemandLimitError(
+                    f"fixture {fixture!r} of feed {feed!r} refused: the feed already follows "
+                    f"{cap} fixtures on demand (max_on_demand)"
+                )
+        self._cancel_linger(key)
         if self.supervisor.add(FixtureConfig(feed=feed, id=fixture, backfill=0)):
             self._on_demand.add((feed, fixture))
             log.info("following %s/%s on demand", feed, fixture)
@@ -272,6 +290,9 @@ class Gateway:
         for handle in self.supervisor.handles():
             name = handle.feed.name
             out[name] = _add(out.get(name, FeedTotals()), handle.status.counters)
+        for name, refused in self._refused.items():
+            if name in out:
+                out[name] = attrs.evolve(out[name], on_demand_refused=refused)
         return out
 
     def totals(self) -> Totals:
@@ -307,4 +328,5 @@ def _add(totals: FeedTotals, c: UpstreamCounters) -> FeedTotals:
         gaps=totals.gaps + c.gaps,
         duplicates_dropped=totals.duplicates_dropped + c.duplicates_dropped,
         malformed=totals.malformed + c.malformed,
+        on_demand_refused=totals.on_demand_refused,
     )
