@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -38,6 +39,7 @@ from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header, mask_f
 from gateway.upstream import (
     MAX_MESSAGE_SIZE,
     UpstreamClosed,
+    UpstreamConnection,
     UpstreamUnavailable,
     open_websocket_connector,
 )
@@ -97,6 +99,25 @@ async def _open(peer: _Peer, nursery: trio.Nursery) -> str:
     return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/x?y=1"
 
 
+@asynccontextmanager
+async def _connected(peer: _Peer, *, wait_peer: bool = True) -> AsyncIterator[UpstreamConnection]:
+    """Serve *peer* on a free port and yield the default client's connection to it.
+
+    On exit the connection is closed (close handshake), then - with *wait_peer* - the peer's
+    script and event recording are waited for, then the listener stops.
+    """
+    async with trio.open_nursery() as nursery:
+        url = await _open(peer, nursery)
+        async with (
+            open_websocket_connector() as connect,
+            connect(url, headers=[], connect_timeout=5.0) as conn,
+        ):
+            yield conn
+        if wait_peer:
+            await peer.done.wait()
+        nursery.cancel_scope.cancel()
+
+
 async def _drain(conn: object) -> tuple[list[str | bytes], UpstreamClosed]:
     got: list[str | bytes] = []
     while True:
@@ -135,16 +156,9 @@ async def test_fragments_lengths_ping_and_close(chunk: int) -> None:
 
     peer = _Peer(script)
     with trio.fail_after(GUARD):
-        async with trio.open_nursery() as nursery:
-            url = await _open(peer, nursery)
-            async with (
-                open_websocket_connector() as connect,
-                connect(url, headers=[], connect_timeout=5.0) as conn,
-            ):
-                await conn.send_message("hello ü")
-                got, closed = await _drain(conn)
-            await peer.done.wait()
-            nursery.cancel_scope.cancel()
+        async with _connected(peer) as conn:
+            await conn.send_message("hello ü")
+            got, closed = await _drain(conn)
     assert got == ["fragmented", mid, big, b"\x00\xff", ""]
     assert (closed.code, closed.reason) == (4000, "bye")
     assert peer.texts() == ["hello ü"]
@@ -163,20 +177,13 @@ async def test_cancelled_read_mid_frame_loses_nothing() -> None:
 
     peer = _Peer(script)
     with trio.fail_after(GUARD):
-        async with trio.open_nursery() as nursery:
-            url = await _open(peer, nursery)
-            async with (
-                open_websocket_connector() as connect,
-                connect(url, headers=[], connect_timeout=5.0) as conn,
-            ):
-                for _ in range(3):
-                    with trio.move_on_after(0.05) as scope:
-                        await conn.get_message()
-                    assert scope.cancelled_caught
-                go_on.set()
-                assert await conn.get_message() == "x" * 5000
-            await peer.done.wait()
-            nursery.cancel_scope.cancel()
+        async with _connected(peer) as conn:
+            for _ in range(3):
+                with trio.move_on_after(0.05) as scope:
+                    await conn.get_message()
+                assert scope.cancelled_caught
+            go_on.set()
+            assert await conn.get_message() == "x" * 5000
     assert peer.close_code() == 1000  # leaving the context sent a normal close
 
 
@@ -195,17 +202,10 @@ async def test_protocol_errors_close_with_their_code(bad: bytes, code: int) -> N
 
     peer = _Peer(script)
     with trio.fail_after(GUARD):
-        async with trio.open_nursery() as nursery:
-            url = await _open(peer, nursery)
-            async with (
-                open_websocket_connector() as connect,
-                connect(url, headers=[], connect_timeout=5.0) as conn,
-            ):
-                got, closed = await _drain(conn)
-                with pytest.raises(UpstreamClosed):
-                    await conn.send_message("after")
-            await peer.done.wait()
-            nursery.cancel_scope.cancel()
+        async with _connected(peer) as conn:
+            got, closed = await _drain(conn)
+            with pytest.raises(UpstreamClosed):
+                await conn.send_message("after")
     assert got == ["before"]
     assert closed.code == code
     assert peer.close_code() == code
@@ -218,14 +218,8 @@ async def test_eof_without_close_is_abnormal() -> None:
 
     peer = _Peer(script)
     with trio.fail_after(GUARD):
-        async with trio.open_nursery() as nursery:
-            url = await _open(peer, nursery)
-            async with (
-                open_websocket_connector() as connect,
-                connect(url, headers=[], connect_timeout=5.0) as conn,
-            ):
-                got, closed = await _drain(conn)
-            nursery.cancel_scope.cancel()
+        async with _connected(peer, wait_peer=False) as conn:
+            got, closed = await _drain(conn)
     assert got == ["one"]
     assert closed.code == 1006
 
