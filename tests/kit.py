@@ -19,9 +19,9 @@ import trio
 import trio_websocket
 
 from gateway.config import Config, structure_config
+from gateway.model import FixtureState
 from gateway.service import Gateway
 from gateway.simulator import Simulator
-from gateway.upstream import FixtureState
 from tests.conftest import TEST_TOKEN
 
 TRACKING_PATH = "/ws/soccer/tracking/low_latency"
@@ -32,14 +32,17 @@ class RecordingSink:
     """A FrameSink that keeps what it gets; ``fail_publish`` makes the next N publishes raise."""
 
     frames: list[str] = attrs.field(factory=list)
+    #: The vendor position each frame was published with (None: unsequenced).
+    positions: list[int | None] = attrs.field(factory=list)
     states: list[tuple[FixtureState, str]] = attrs.field(factory=list)
     fail_publish: int = 0
 
-    def publish(self, raw: str) -> None:
+    def publish(self, raw: str, position: int | None) -> None:
         if self.fail_publish > 0:
             self.fail_publish -= 1
             raise RuntimeError("sink exploded")
         self.frames.append(raw)
+        self.positions.append(position)
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         self.states.append((state, detail))

@@ -32,7 +32,7 @@ from gateway.controlplane import (
     Totals,
     run,
 )
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 from tests.conftest import TEST_TOKEN
 
 TIMEOUT = 30  # generous: loaded 2-core CI machines

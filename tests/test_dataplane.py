@@ -45,7 +45,7 @@ from gateway.config import (
 )
 from gateway.dataplane import SubscriberRegistry, run
 from gateway.hub import FixtureDirectory, Hub, Topic
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 
 TRACKING_PATH = "/ws/soccer/tracking/low_latency"
 FASTPATH_TEMPLATE = "/soccer/fixtures/{fixture}/actions"
@@ -266,7 +266,7 @@ async def test_frames_verbatim_and_contiguous_trio_websocket() -> None:
                 assert sub["recovered"] is False
                 raws = [ODD_FRAME.replace('"ix" :0', f'"ix" :{i}') for i in range(50)]
                 for raw in raws:
-                    topic.publish(raw)
+                    topic.publish(raw, None)
                 for i, raw in enumerate(raws, start=1):
                     text = await ws.get_message()
                     assert isinstance(text, str)
@@ -281,7 +281,7 @@ async def test_frames_verbatim_websockets_client() -> None:
         async with serving(make_config()) as s:
             topic = s.topic()
             for i in range(5):
-                topic.publish(ODD_FRAME.replace('"ix" :0', f'"ix" :{i}'))
+                topic.publish(ODD_FRAME.replace('"ix" :0', f'"ix" :{i}'), None)
 
             def client() -> tuple[list[str], str | None]:
                 # websockets offers permessage-deflate by default; the gateway must decline
@@ -323,7 +323,7 @@ async def test_backfill(backfill: Any, expected: list[int]) -> None:
         async with serving(make_config(history=10)) as s:
             topic = s.topic()
             for i in range(12):
-                topic.publish(f'{{"ix":{i}}}')
+                topic.publish(f'{{"ix":{i}}}', None)
             async with open_websocket_url(s.url) as ws:
                 extra = {} if backfill == "missing" else {"backfill": backfill}
                 sub = await subscribe(ws, **extra)
@@ -332,7 +332,7 @@ async def test_backfill(backfill: Any, expected: list[int]) -> None:
                     m = await recv_type(ws, "frame")
                     assert m["seq"] == seq and m["data"] == {"ix": seq - 1}
                 # Live follows backfill with no gap and no duplicate.
-                topic.publish('{"ix":12}')
+                topic.publish('{"ix":12}', None)
                 m = await recv_type(ws, "frame")
                 assert m["seq"] == 13
 
@@ -342,7 +342,7 @@ async def test_resume_after() -> None:
         async with serving(make_config(history=5)) as s:
             topic = s.topic()
             for i in range(8):
-                topic.publish(f'{{"ix":{i}}}')
+                topic.publish(f'{{"ix":{i}}}', None)
             async with open_websocket_url(s.url) as ws:
                 # In history: frames 6..8, recovered.
                 sub = await subscribe(ws, after=5, epoch=topic.epoch)
@@ -352,19 +352,19 @@ async def test_resume_after() -> None:
                 # Exactly up to date: nothing to send, still recovered.
                 sub = await subscribe(ws, after=8, epoch=topic.epoch)
                 assert sub["recovered"] is True
-                topic.publish("{}")
+                topic.publish("{}", None)
                 assert (await recv_type(ws, "frame"))["seq"] == 9
             async with open_websocket_url(s.url) as ws:
                 # Wrong epoch: live only.
                 sub = await subscribe(ws, after=5, epoch="not-this-one")
                 assert sub["recovered"] is False
-                topic.publish("{}")
+                topic.publish("{}", None)
                 assert (await recv_type(ws, "frame"))["seq"] == 10
             async with open_websocket_url(s.url) as ws:
                 # seq 2 fell out of the 5-frame history: live only.
                 sub = await subscribe(ws, after=2, epoch=topic.epoch)
                 assert sub["recovered"] is False
-                topic.publish("{}")
+                topic.publish("{}", None)
                 assert (await recv_type(ws, "frame"))["seq"] == 11
 
 
@@ -378,8 +378,8 @@ async def test_unsubscribe_stops_frames() -> None:
                 assert t1.subscriber_count == 1
                 await send_json(ws, {"op": "unsubscribe", "feed": "tracking", "fixture": "F1"})
                 await wait_for(lambda: t1.subscriber_count == 0)
-                t1.publish('{"gone":1}')
-                t2.publish('{"kept":1}')
+                t1.publish('{"gone":1}', None)
+                t2.publish('{"kept":1}', None)
                 m = await recv_type(ws, "frame")
                 assert m["fixture"] == "F2"
                 # A second unsubscribe is a bad request.
@@ -438,7 +438,7 @@ async def test_every_bad_request_gets_an_error_and_the_connection_survives() -> 
                 err = await recv_type(ws, "error")
                 assert len(err["request"]) < 300
                 # Still subscribed and usable.
-                topic.publish('{"ok":true}')
+                topic.publish('{"ok":true}', None)
                 assert (await recv_type(ws, "frame"))["data"] == {"ok": True}
 
 
@@ -670,7 +670,7 @@ async def test_registry_views() -> None:
             topic = s.topic()
             async with open_websocket_url(s.url) as ws:
                 await subscribe(ws)
-                topic.publish("{}")
+                topic.publish("{}", None)
                 await recv_type(ws, "frame")
                 (view,) = s.registry.views()
                 assert view.endpoint == "/v1/stream"

@@ -25,7 +25,7 @@ import websockets.sync.client
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from gateway.config import FeedConfig
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 from tests.test_dataplane import (
     FASTPATH_TEMPLATE,
     ODD_FRAME,
@@ -70,7 +70,7 @@ async def test_tracking_dropin_protocol_websockets_client(tmp_path: Path) -> Non
             other = s.topic("F2")
             raws = [ODD_FRAME.replace('"ix" :0', f'"ix" :{i}') for i in range(5)]
             for raw in raws:
-                topic.publish(raw)
+                topic.publish(raw, None)
             url = f"ws://{s.addr}{TRACKING_PATH}"
 
             def client() -> list[str]:
@@ -85,8 +85,8 @@ async def test_tracking_dropin_protocol_websockets_client(tmp_path: Path) -> Non
                     # Later requests are ignored; F2's frames never come.
                     ws.send('{"fixtureId": "F2", "backfill": -1}')
                     ws.send("garbage")
-                    trio.from_thread.run_sync(other.publish, '{"other":1}')
-                    trio.from_thread.run_sync(topic.publish, '{"live": 1}')
+                    trio.from_thread.run_sync(other.publish, '{"other":1}', None)
+                    trio.from_thread.run_sync(topic.publish, '{"live": 1}', None)
                     got.append(str(ws.recv(timeout=10)))
                 return got
 
@@ -149,7 +149,7 @@ async def test_tracking_without_tokens_file_accepts_any_token_and_heartbeats() -
                 assert m["level"] == "ERROR"
                 await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
                 await wait_for(lambda: s.topic("F1").subscriber_count == 1)
-                s.topic("F1").publish('{"x":1}')
+                s.topic("F1").publish('{"x":1}', None)
                 while (text := await ws.get_message()) != '{"x":1}':
                     assert "Heartbeat" in str(text)
 
@@ -159,9 +159,16 @@ async def test_fastpath_start_position_and_connection_state(tmp_path: Path) -> N
         async with serving(make_config(tokens_file=_tokens(tmp_path))) as s:
             topic = s.topic("F1", feed="fastpath")
             topic.set_status(FixtureState.LIVE, "")
-            history = [_action(1), STATE_PACKET, _action(2), _action(3), STATE_PACKET, _action(4)]
-            for raw in history:
-                topic.publish(raw)
+            history = [
+                (_action(1), 1),
+                (STATE_PACKET, None),
+                (_action(2), 2),
+                (_action(3), 3),
+                (STATE_PACKET, None),
+                (_action(4), 4),
+            ]
+            for raw, position in history:
+                topic.publish(raw, position)
             path = FASTPATH_TEMPLATE.replace("{fixture}", "F1")
             url = f"ws://{s.addr}{path}?startPosition=2"
 
@@ -176,7 +183,7 @@ async def test_fastpath_start_position_and_connection_state(tmp_path: Path) -> N
                     trio.from_thread.run_sync(topic.set_status, FixtureState.CONNECTING, "")
                     got.append(str(ws.recv(timeout=10)))
                     trio.from_thread.run_sync(topic.set_status, FixtureState.LIVE, "")
-                    trio.from_thread.run_sync(topic.publish, _action(5))
+                    trio.from_thread.run_sync(topic.publish, _action(5), 5)
                     got.extend(str(ws.recv(timeout=10)) for _ in range(2))
                 return got
 
@@ -221,7 +228,7 @@ async def test_dropin_slow_subscriber_always_disconnected() -> None:
             while topic.slow_disconnects == 0:
                 assert n < 5000
                 n += 1
-                topic.publish(f'{{"ix":{n},"pad":"{"y" * 3000}"}}')
+                topic.publish(f'{{"ix":{n},"pad":"{"y" * 3000}"}}', None)
             assert topic.drops == 0
             texts, code = await stuck.read_until_close()
             assert code == 4008
@@ -245,8 +252,8 @@ async def test_feed_path_option_moves_the_dropin_endpoint() -> None:
                     assert await recv_json(ws) == ACCEPTED
                     await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
                     await wait_for(lambda t=topic: t.subscriber_count == 1)
-                    main.publish('{"feed":"main"}')
-                    replay.publish('{"feed":"replay"}')
+                    main.publish('{"feed":"main"}', None)
+                    replay.publish('{"feed":"replay"}', None)
                     expected = '{"feed":"main"}' if topic is main else '{"feed":"replay"}'
                     assert await ws.get_message() == expected
                 await wait_for(lambda t=topic: t.subscriber_count == 0)

@@ -66,7 +66,7 @@ async def test_stuck_subscriber_disconnected_4008_others_get_every_frame() -> No
                     assert published < 3000, "the stuck subscriber was never disconnected"
                     for _ in range(10):
                         published += 1
-                        topic.publish(FRAME % published)
+                        topic.publish(FRAME % published, None)
                     await wait_for(lambda n=published: all(len(r) == n for r in received))
                 assert s.registry.slow_disconnects == 1
                 # The stuck client reads at last: complete frames, then the 4008 close frame.
@@ -79,7 +79,7 @@ async def test_stuck_subscriber_disconnected_4008_others_get_every_frame() -> No
                 # Everyone else carries on.
                 for _ in range(20):
                     published += 1
-                    topic.publish(FRAME % published)
+                    topic.publish(FRAME % published, None)
                 await wait_for(lambda n=published: all(len(r) == n for r in received))
                 for r in received:
                     assert r == list(range(1, published + 1))
@@ -104,7 +104,7 @@ async def test_drop_oldest_sends_gap_and_accounts_for_every_seq() -> None:
             while topic.drops < 50:
                 assert published < 5000, "nothing was ever dropped"
                 published += 1
-                topic.publish(FRAME % published)
+                topic.publish(FRAME % published, None)
                 await trio.lowlevel.checkpoint()
             (conn,) = s.registry.connections_now()
             assert conn.frames_dropped == topic.drops == s.registry.drops
@@ -112,7 +112,7 @@ async def test_drop_oldest_sends_gap_and_accounts_for_every_seq() -> None:
             seen: list[int] = []
             gaps: list[tuple[int, int]] = []
             published += 1
-            topic.publish(FRAME % published)
+            topic.publish(FRAME % published, None)
             while not seen or seen[-1] != published:
                 frame = await stuck.read_frame()
                 assert frame is not None
@@ -142,7 +142,7 @@ async def test_memory_bounded_with_stuck_subscriber_10k_frames() -> None:
             frame_bytes = len(FRAME % 10000) + 100  # envelope and header included
             worst = 0
             for i in range(1, 10_001):
-                topic.publish(FRAME % i)
+                topic.publish(FRAME % i, None)
                 worst = max(worst, conn.queued_bytes)
                 assert conn.queued_bytes <= QUEUE_BYTES + frame_bytes
             assert worst > QUEUE_BYTES - frame_bytes  # the budget was really reached
@@ -163,7 +163,7 @@ async def test_memory_bounded_disconnect_policy() -> None:
             (conn,) = s.registry.connections_now()
             frame_bytes = len(FRAME % 10000) + 100
             for i in range(1, 10_001):
-                topic.publish(FRAME % i)
+                topic.publish(FRAME % i, None)
                 assert conn.queued_bytes <= QUEUE_BYTES + frame_bytes
             assert conn.slow_disconnected
             assert topic.slow_disconnects == 1

@@ -20,9 +20,9 @@ import pytest
 import trio
 import trio_websocket
 
-import gateway.upstream._supervisor as supervisor_module
 from gateway.client import Watcher
-from gateway.upstream import FixtureState, open_trio_websocket_connector
+from gateway.model import FixtureState
+from gateway.upstream import WebSocketConnector
 from tests.conftest import TEST_TOKEN
 from tests.kit import (
     TRACKING_PATH,
@@ -290,18 +290,8 @@ async def test_watch_client_prints_frames_and_resumes(tmp_path: Path) -> None:
     assert all(" ix=" in line for line in lines if line.startswith("frame "))
 
 
-async def test_trio_websocket_client_stays_selectable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_trio_websocket_client_stays_selectable(tmp_path: Path) -> None:
     """``[upstream] client = "trio-websocket"`` is the fallback to the lean default client."""
-    opened: list[str] = []
-    real = open_trio_websocket_connector
-
-    def spy() -> Any:
-        opened.append("trio-websocket")
-        return real()
-
-    monkeypatch.setattr(supervisor_module, "open_trio_websocket_connector", spy)
     with trio.fail_after(60):
         async with (
             simulator_and_gateway(
@@ -309,7 +299,7 @@ async def test_trio_websocket_client_stays_selectable(
             ) as (_, gw),
             trio_websocket.open_websocket_url(stream_url(gw)) as ws,
         ):
+            assert isinstance(gw.supervisor.connector, WebSocketConnector)
             await subscribe(ws, "tracking", FX)
             msg = await next_of_type(ws, "frame")
             assert msg["data"]["id"] == FX
-    assert opened == ["trio-websocket"]

@@ -23,6 +23,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 from gateway.config import FeedConfig
 from gateway.hub import (
     LATENCY_BUCKETS,
+    RATE_WINDOW,
     SAMPLE_EVERY,
     Frame,
     Hub,
@@ -30,12 +31,10 @@ from gateway.hub import (
     Topic,
     UnknownFeedError,
     UnknownFixtureError,
-    encode_frame,
-    frame_header,
     valid_fixture_id,
 )
-from gateway.hub import _topic as topic_module
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
+from gateway.wire import encode_frame, frame_header
 
 FEED = FeedConfig(kind="tracking", url="wss://x.test/ws/t", history=5, name="tracking")
 OD = FeedConfig(kind="tracking", url="wss://x.test/ws/o", on_demand=True, name="od")
@@ -63,7 +62,7 @@ def test_publish_numbers_keeps_history_and_fans_out() -> None:
     t.attach(a)
     t.attach(b)
     for i in range(8):
-        t.publish(f'{{"ix":{i}}}')
+        t.publish(f'{{"ix":{i}}}', None)
     assert t.seq == t.frames_in == 8
     assert [f.seq for f in a.frames] == list(range(1, 9))
     assert a.frames[3] is b.frames[3]  # one object, shared
@@ -72,7 +71,7 @@ def test_publish_numbers_keeps_history_and_fans_out() -> None:
     assert t.latest == '{"ix":7}'
     assert t.subscriber_count == 2
     assert t.detach(a) and not t.detach(a)
-    t.publish("{}")
+    t.publish("{}", None)
     assert len(a.frames) == 8 and len(b.frames) == 9
 
 
@@ -80,7 +79,7 @@ def test_backfill_and_resume() -> None:
     t = Topic(FEED, "F1")
     assert t.backfill(None) == [] and t.resume(0, t.epoch) == []
     for i in range(8):
-        t.publish(str(i))
+        t.publish(str(i), None)
     assert [f.seq for f in t.backfill(None)] == [4, 5, 6, 7, 8]
     assert [f.seq for f in t.backfill(-1)] == [4, 5, 6, 7, 8]
     assert t.backfill(0) == []
@@ -99,8 +98,8 @@ def test_backfill_and_resume() -> None:
 
 def test_history_zero_keeps_latest_and_resumes_only_when_current() -> None:
     t = Topic(FeedConfig(kind="tracking", url="wss://x.test/a", history=0, name="z"), "F")
-    t.publish("a")
-    t.publish("b")
+    t.publish("a", None)
+    t.publish("b", None)
     assert t.latest == "b" and t.backfill(None) == []
     assert t.resume(2, t.epoch) == [] and t.resume(1, t.epoch) is None
 
@@ -135,18 +134,18 @@ def test_subscriber_leaving_during_fanout_does_not_disturb_others() -> None:
     first = Leaver()
     t.attach(first)
     t.attach(later)
-    t.publish("x")  # the snapshot still reaches `later` this once
-    t.publish("y")
+    t.publish("x", None)  # the snapshot still reaches `later` this once
+    t.publish("y", None)
     assert [f.raw for f in first.frames] == ["x"] and [f.raw for f in later.frames] == ["x"]
 
 
 def test_envelope_is_byte_exact_and_raw_is_verbatim() -> None:
     t = Topic(FeedConfig(kind="tracking", url="wss://x.test/a", name='we"ird'), "fïx")
     raw = '{"b" : 1.50,  "a":"\u00e9\U0001f600"}'
-    t.publish(raw)
+    t.publish(raw, None)
     r = Recorder()
     t.attach(r)
-    t.publish(raw)
+    t.publish(raw, None)
     frame = r.frames[0]
     payload = (
         b'{"type":"frame","feed":"we\\"ird","fixture":"f\xc3\xafx","seq":2,"data":'
@@ -167,7 +166,7 @@ def test_history_holds_text_only_and_is_invisible_to_the_garbage_collector() -> 
     r = Recorder()
     t.attach(r)
     for ix in range(3):
-        t.publish(f'{{"ix":{ix}}}')
+        t.publish(f'{{"ix":{ix}}}', None)
     gc.collect()
     assert t.history_len == 3
     assert not any(gc.is_tracked(held) for held in t._history)
@@ -194,32 +193,35 @@ def test_frame_header_matches_wsproto(length: int, opcode: Opcode) -> None:
     assert encode_frame(payload, int(opcode)) == expected
 
 
-@pytest.mark.parametrize(
-    ("raw", "sequenced"),
-    [
-        ('{"fixtureAction":{"fixtureSeqNum":3}}', True),
-        ('{"fixtureSeqNum":3}', True),
-        ('{"eventElementType":"ConnectionStateChanged","state":"Connected"}', False),
-        ('{"fixtureAction":"fixtureSeqNum"}', False),
-        ("not json", False),
-        ("[1]", False),
-    ],
-)
-def test_sequenced(raw: str, sequenced: bool) -> None:
-    assert Frame(1, raw, 0.0, b"").sequenced is sequenced
+def test_sequenced_is_the_publishers_verdict() -> None:
+    """The hub never parses a frame to decide whether the vendor numbered it."""
+    # A number the publisher did not report does not count, wherever it sits in the text...
+    assert not Frame(1, '{"fixtureSeqNum":3}', 0.0, b"").sequenced
+    # ...and one it did report counts, wherever the classifier found it.
+    assert Frame(1, '{"matchEvent":{"fixtureSeqNum":3}}', 0.0, b"", 3).sequenced
+    t = Topic(FEED, "f")
+    t.publish('{"matchEvent":{"fixtureSeqNum":3}}', 3)
+    t.publish('{"eventElementType":"ConnectionStateChanged"}', None)
+    # The position is kept in the history: backfill and resume frames carry it too.
+    assert [(f.seq, f.position, f.sequenced) for f in t.backfill(None)] == [
+        (1, 3, True),
+        (2, None, False),
+    ]
+    resumed = t.resume(1, t.epoch)
+    assert resumed is not None and [(f.seq, f.position) for f in resumed] == [(2, None)]
 
 
 def test_frames_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     t = Topic(FEED, "F1")
-    for second in range(topic_module.RATE_WINDOW + 1):
+    for second in range(RATE_WINDOW + 1):
         now[0] = 1000.0 + second
         for _ in range(10):
-            t.publish("x")
+            t.publish("x", None)
     # The current (partial) second is not counted; the window's full seconds are.
     assert t.frames_per_second() == 10.0
-    now[0] += 2 * topic_module.RATE_WINDOW
+    now[0] += 2 * RATE_WINDOW
     assert t.frames_per_second() == 0.0
 
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.config import Secret, SecretError
-from gateway.service._logging import (
+from gateway.service import (
     GatewayLogHandler,
     SecretRedactor,
     configure_logging,

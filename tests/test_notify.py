@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.service._notify import Notifier, encode_fields
+from gateway.service import Notifier, encode_fields
 
 RECV_DEADLINE = 10.0
 

@@ -15,8 +15,8 @@ import attrs
 import trio
 
 from gateway.config import FixtureConfig, structure_config
+from gateway.model import FixtureState
 from gateway.service import Notifier, serve
-from gateway.upstream import FixtureState
 from tests.kit import gateway_config, simulator_and_gateway, wait_until
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config
-from gateway.config._model import DEFAULT_DRAIN_TIMEOUT
+from gateway.config import DEFAULT_DRAIN_TIMEOUT, load_config
 from tests.conftest import TEST_TOKEN
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"

@@ -35,7 +35,6 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header, mask_frame
 from gateway.upstream import (
     MAX_MESSAGE_SIZE,
     UpstreamClosed,
@@ -43,6 +42,7 @@ from gateway.upstream import (
     UpstreamUnavailable,
     open_websocket_connector,
 )
+from gateway.wire import OP_BINARY, OP_CLOSE, OP_TEXT, frame_header, mask_frame
 
 GUARD = 30.0
 

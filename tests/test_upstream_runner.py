@@ -24,10 +24,10 @@ import trio
 import trio.testing
 
 from gateway.config import Config, FixtureConfig, structure_config
+from gateway.model import FixtureState
 from gateway.upstream import (
     FASTPATH_ACCEPT,
     Backoff,
-    FixtureState,
     Supervisor,
     UpstreamClosed,
     UpstreamConnection,
@@ -467,6 +467,35 @@ async def test_fastpath_url_accept_header_and_start_position(
     assert h.status.counters.gaps == 0
     # Unsequenced status packets are forwarded as frames too.
     assert h.status.counters.frames == len(sinks["fp", "a b/c"].frames) >= 12
+
+
+async def test_fastpath_position_travels_with_the_frame(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The classifier's verdict reaches the sink: the vendor position, or None when unnumbered.
+
+    The third event carries its ``fixtureSeqNum`` under a key other than ``fixtureAction``: the
+    classifier finds it there, and the sink is told so (the hub never parses again).
+    """
+    config = make_config(tmp_path, fixtures=[{"feed": "fp", "id": "m1"}])
+    packets = [
+        '{"eventElementType":"ConnectionStateChanged","state":"Connected"}',
+        '{"fixtureAction":{"fixtureSeqNum":1}}',
+        '{"fixtureSeqNum":2,"type":"score"}',
+        '{"matchEvent":{"fixtureSeqNum":3,"type":"corner"}}',
+    ]
+
+    async def server(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        for raw in packets:
+            conn.push(raw)
+        await trio.sleep_forever()
+
+    async with running(config, server) as (_, _, sinks):
+        await until(lambda: len(sinks["fp", "m1"].frames) >= len(packets))
+        sink = sinks["fp", "m1"]
+        assert sink.frames == packets
+        assert sink.positions == [None, 1, 2, 3]
 
 
 # -- states ------------------------------------------------------------------------------------

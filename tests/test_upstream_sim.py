@@ -28,8 +28,9 @@ import trio
 import trio_websocket
 
 from gateway.config import FeedConfig, FixtureConfig, structure_config
+from gateway.model import FixtureState
 from gateway.simulator import Action, Outcome, Simulator
-from gateway.upstream import FixtureState, Supervisor
+from gateway.upstream import Supervisor
 from tests.conftest import TEST_TOKEN
 from tests.kit import RecordingSink as Sink
 

@@ -37,7 +37,7 @@ from gateway.bench._wsframe import (
     server_handshake,
     unmask,
 )
-from gateway.hub._wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from gateway.wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 HISTORY: Final = 3000
 HEARTBEAT_INTERVAL: Final = 10.0

@@ -39,7 +39,7 @@ from gateway.bench._wsframe import (
     encode_frame,
     parse_frames,
 )
-from gateway.hub._wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from gateway.wire import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 RECV_BYTES: Final = 65536
 CONNECT_BATCH: Final = 200

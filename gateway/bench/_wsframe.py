@@ -11,20 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import struct
 from typing import Final
 
-from gateway.hub._wire import (
-    apply_mask,
-    mask_frame,
-)
-from gateway.hub._wire import encode_frame as wire_encode_frame
-
-OP_CONT: Final = 0x0
+from gateway.wire import apply_mask, mask_frame, read_header
+from gateway.wire import encode_frame as wire_encode_frame
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_U16: Final = struct.Struct("!H")
-_U64: Final = struct.Struct("!Q")
 
 
 class ProtocolError(Exception):
@@ -82,7 +74,7 @@ def server_handshake(request: bytes) -> tuple[str, bytes]:
 def encode_frame(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
     """One final frame. Clients must mask (``mask=True``); servers must not.
 
-    The gateway's own frame codec (:mod:`gateway.hub._wire`) builds it, so the harness and the
+    The gateway's own frame codec (:mod:`gateway.wire`) builds it, so the harness and the
     gateway cannot disagree on the wire format.
     """
     return mask_frame(payload, opcode) if mask else wire_encode_frame(payload, opcode)
@@ -96,27 +88,12 @@ def parse_frames(buf: bytearray | bytes, pos: int = 0) -> tuple[list[tuple[int, 
     """
     frames: list[tuple[int, int, int]] = []
     size = len(buf)
-    while size - pos >= 2:
-        b0 = buf[pos]
-        b1 = buf[pos + 1]
-        n = b1 & 0x7F
-        head = 2
-        if n == 126:
-            if size - pos < 4:
-                break
-            n = (buf[pos + 2] << 8) | buf[pos + 3]
-            head = 4
-        elif n == 127:
-            if size - pos < 10:
-                break
-            n = _U64.unpack_from(buf, pos + 2)[0]
-            head = 10
-        if b1 & 0x80:
-            head += 4
-        end = pos + head + n
+    while (header := read_header(buf, pos)) is not None:
+        b0, _, start, n = header
+        end = start + n
         if end > size:
             break
-        frames.append((b0 & 0x0F, pos + head, end))
+        frames.append((b0 & 0x0F, start, end))
         pos = end
     return frames, pos
 

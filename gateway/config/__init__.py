@@ -11,6 +11,7 @@ from gateway.config._convert import (
     structure_config,
 )
 from gateway.config._model import (
+    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_STREAM_LISTEN,
     ApiSection,
@@ -27,6 +28,7 @@ from gateway.config._model import (
 from gateway.config._secret import REDACTED, Secret, SecretError, any_matches, read_token_file
 
 __all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
     "DEFAULT_STREAM_LISTEN",
     "REDACTED",

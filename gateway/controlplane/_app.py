@@ -32,7 +32,7 @@ from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import ControlTarget, FixtureView
 from gateway.dataplane import SubscriberView
 from gateway.hub import FIXTURE_ID_PATTERN, valid_fixture_id
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
 MAX_BODY_BYTES: Final = 4096

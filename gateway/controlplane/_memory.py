@@ -18,7 +18,7 @@ import attrs
 from gateway.config import Config, FeedConfig
 from gateway.controlplane._target import FeedTotals, FixtureView, Totals
 from gateway.dataplane import SubscriberView
-from gateway.upstream._state import FixtureState, FixtureStatus
+from gateway.model import FixtureState, FixtureStatus
 
 DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from gateway.controlplane._target import ControlTarget, LatencyHistogram
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 
 
 def _histogram_buckets(hist: LatencyHistogram) -> list[tuple[str, float]]:

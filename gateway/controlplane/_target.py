@@ -19,7 +19,7 @@ import attrs
 
 from gateway.config import FeedConfig
 from gateway.dataplane import SubscriberView
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
 
 
 @attrs.frozen

@@ -5,22 +5,11 @@ seq/epoch resume) and the vendor drop-in at each feed's ``dropin_path``. :func:`
 them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown.
 """
 
-from gateway.dataplane._connection import (
-    CLOSE_GOING_AWAY,
-    CLOSE_PING_TIMEOUT,
-    CLOSE_TOO_BIG,
-    CLOSE_TOO_SLOW,
-    DEFAULT_CLOSE_TIMEOUT,
-    Connection,
-)
+from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_PING_TIMEOUT",
-    "CLOSE_TOO_BIG",
-    "CLOSE_TOO_SLOW",
     "DEFAULT_CLOSE_TIMEOUT",
     "STREAM_PATH",
     "Connection",

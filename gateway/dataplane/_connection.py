@@ -48,7 +48,13 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from gateway.config import SlowPolicy, SubscribersSection
-from gateway.hub import LatencyHistogram, Topic, encode_frame
+from gateway.hub import LatencyHistogram, Topic
+from gateway.wire import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_SLOW,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from gateway.dataplane._registry import SubscriberRegistry
@@ -59,10 +65,6 @@ log = logging.getLogger("gateway.dataplane")
 RECEIVE_CHUNK: Final = 65536
 #: Longest a closing connection may take (flush, close handshake) before it is aborted.
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
-CLOSE_TOO_SLOW: Final = 4008
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_TOO_BIG: Final = 1009
-CLOSE_PING_TIMEOUT: Final = 1011
 
 # Queue item "kind" (second field): > 0 a droppable data frame (its seq); _CONTROL never
 # dropped; the unsent tail of a frame partly written eagerly is _DATA_TAIL or _CONTROL_TAIL: it
@@ -502,7 +504,7 @@ class Connection:
                 await self._pong.wait()
                 continue
             log.info("subscriber %s (%s): no pong within %ss, closing", self.id, self.peer, timeout)
-            self.close(CLOSE_PING_TIMEOUT, "ping timeout", discard=True)
+            self.close(CLOSE_INTERNAL_ERROR, "ping timeout", discard=True)
             return
 
     async def run_heartbeats(self, interval: float, make: Callable[[], bytes]) -> None:

@@ -27,13 +27,11 @@ from gateway.config import FeedConfig, SecretError, any_matches
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._connection import Connection
 from gateway.hub import Frame, Hub, HubError, Topic
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
+from gateway.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
 
 log = logging.getLogger("gateway.dataplane")
 
-CLOSE_POLICY: int = 1008
-CLOSE_NORMAL: int = 1000
-CLOSE_GOING_AWAY: int = 1001
 _CSC = b'"ConnectionStateChanged"'
 
 
@@ -97,7 +95,7 @@ class DropinHandler:
     async def _auth_deadline(self) -> None:
         await trio.sleep(self.conn.settings.handshake_timeout)
         if not self.authenticated:
-            self.conn.close(CLOSE_POLICY, "no authentication message")
+            self.conn.close(CLOSE_POLICY_VIOLATION, "no authentication message")
 
     def topics(self) -> Iterable[Topic]:
         return [] if self.sub is None else [self.sub.topic]
@@ -120,7 +118,7 @@ class DropinHandler:
         token = req.get("authToken") if isinstance(req, dict) else None
         if not isinstance(token, str):
             self.conn.send_control(msg.VENDOR_AUTH_BAD_FORMAT)
-            self.conn.close(CLOSE_POLICY, "authentication message had incorrect format")
+            self.conn.close(CLOSE_POLICY_VIOLATION, "authentication message had incorrect format")
             return
         try:
             tokens = self.conn.settings.read_tokens()
@@ -130,7 +128,7 @@ class DropinHandler:
             tokens = ()
         if tokens is not None and not any_matches(tokens, token):
             self.conn.send_control(msg.VENDOR_AUTH_REJECTED)
-            self.conn.close(CLOSE_POLICY, "authentication failed")
+            self.conn.close(CLOSE_POLICY_VIOLATION, "authentication failed")
             return
         self.authenticated = True
         assert self._nursery is not None

@@ -7,7 +7,8 @@ import itertools
 import attrs
 import trio
 
-from gateway.dataplane._connection import CLOSE_GOING_AWAY, Connection
+from gateway.dataplane._connection import Connection
+from gateway.wire import CLOSE_GOING_AWAY
 
 
 @attrs.frozen

@@ -18,26 +18,10 @@ from gateway.hub._hub import (
 )
 from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
 from gateway.hub._topic import RATE_WINDOW, Topic, TopicSubscriber
-from gateway.hub._wire import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    apply_mask,
-    encode_frame,
-    frame_header,
-    mask_frame,
-)
 
 __all__ = [
     "FIXTURE_ID_PATTERN",
     "LATENCY_BUCKETS",
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_PING",
-    "OP_PONG",
-    "OP_TEXT",
     "RATE_WINDOW",
     "SAMPLE_EVERY",
     "FixtureDirectory",
@@ -50,10 +34,6 @@ __all__ = [
     "TopicSubscriber",
     "UnknownFeedError",
     "UnknownFixtureError",
-    "apply_mask",
-    "encode_frame",
     "envelope_prefix",
-    "frame_header",
-    "mask_frame",
     "valid_fixture_id",
 ]

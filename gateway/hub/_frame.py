@@ -6,7 +6,7 @@ from typing import Final
 
 import orjson
 
-from gateway.hub._wire import encode_frame, frame_header
+from gateway.wire import encode_frame, frame_header
 
 _DATA_KEY: Final = b',"data":'
 
@@ -41,14 +41,24 @@ class Frame:
         "_envelope_ws",
         "_prefix",
         "_raw_ws",
-        "_sequenced",
+        "position",
         "published",
         "raw_bytes",
         "seq",
     )
 
-    def __init__(self, seq: int, raw: str | bytes, published: float, prefix: bytes) -> None:
+    def __init__(
+        self,
+        seq: int,
+        raw: str | bytes,
+        published: float,
+        prefix: bytes,
+        position: int | None = None,
+    ) -> None:
         self.seq = seq
+        #: The vendor's number for the frame (tracking ``ix``, fastpath ``fixtureSeqNum``) as
+        #: the upstream classifier read it; None for a frame the vendor does not number.
+        self.position = position
         #: The upstream text, UTF-8 encoded.
         self.raw_bytes = raw.encode() if isinstance(raw, str) else raw
         #: ``time.perf_counter()`` at publish, for the fan-out latency histogram.
@@ -56,7 +66,6 @@ class Frame:
         self._prefix = prefix
         self._envelope_ws: bytes | None = None
         self._raw_ws: bytes | None = None
-        self._sequenced: bool | None = None
 
     @property
     def raw(self) -> str:
@@ -87,24 +96,9 @@ class Frame:
 
     @property
     def sequenced(self) -> bool:
-        """True for a fastpath event (it carries ``fixtureSeqNum``); status packets are not.
+        """True for a frame the vendor numbered (a fastpath event); status packets are not.
 
-        Counted by the fastpath drop-in endpoint's ``startPosition``. Parsed once, on demand.
+        Counted by the fastpath drop-in endpoint's ``startPosition``. Decided by the upstream
+        classifier, never re-derived from the text here.
         """
-        s = self._sequenced
-        if s is None:
-            s = self._sequenced = _has_seqnum(self.raw_bytes)
-        return s
-
-
-def _has_seqnum(raw: bytes) -> bool:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(obj, dict):
-        return False
-    if "fixtureSeqNum" in obj:
-        return True
-    action = obj.get("fixtureAction")
-    return isinstance(action, dict) and "fixtureSeqNum" in action
+        return self.position is not None

@@ -12,7 +12,10 @@ from typing import Final, Protocol
 from gateway.config import FeedConfig
 from gateway.hub._frame import Frame, envelope_prefix
 from gateway.hub._latency import LatencyHistogram
-from gateway.upstream._state import FixtureState
+from gateway.model import FixtureState
+
+# One held frame: (seq, vendor position or None, UTF-8 text).
+_Held = tuple[int, int | None, bytes]
 
 #: frames_per_second() averages over this many whole seconds.
 RATE_WINDOW: Final = 5
@@ -57,10 +60,11 @@ class Topic:
         self.slow_disconnects = 0
         self.closed = False
         self.latency = latency if latency is not None else LatencyHistogram()
-        # (seq, UTF-8 text) pairs, not Frame objects: one copy of the text, and a tuple of
-        # atomic values is untracked by the cyclic garbage collector, so 300,000 held frames add
-        # nothing to its full scans (the paced benchmark's latency tail, docs/performance.md).
-        self._history: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=feed.history)
+        # (seq, position, UTF-8 text) tuples, not Frame objects: one copy of the text, and a
+        # tuple of atomic values is untracked by the cyclic garbage collector, so 300,000 held
+        # frames add nothing to its full scans (the paced benchmark's latency tail,
+        # docs/performance.md).
+        self._history: collections.deque[_Held] = collections.deque(maxlen=feed.history)
         self._latest: Frame | None = None
         self._prefix = envelope_prefix(feed.name, fixture)
         self._subscribers: dict[TopicSubscriber, None] = {}
@@ -77,15 +81,18 @@ class Topic:
 
     # -- FrameSink -------------------------------------------------------------------------
 
-    def publish(self, raw: str) -> None:
+    def publish(self, raw: str, position: int | None) -> None:
         """Number *raw*, keep it in the history and hand it to every subscriber, synchronously.
+
+        *position* is the vendor's number for it (see ``gateway.model.FrameSink``); it is kept
+        with the frame, in the history too.
 
         Each subscriber does a small constant amount of work (queue the shared bytes, maybe
         write them to its socket without blocking); none of them can delay the others.
         """
         self.seq += 1
-        frame = Frame(self.seq, raw, time.perf_counter(), self._prefix)
-        self._history.append((self.seq, frame.raw_bytes))
+        frame = Frame(self.seq, raw, time.perf_counter(), self._prefix, position)
+        self._history.append((self.seq, position, frame.raw_bytes))
         self._latest = frame
         self.frames_in += 1
         self._count_rate()
@@ -172,10 +179,10 @@ class Topic:
             return None
         return self._frames(itertools.islice(self._history, after + 1 - first, None))
 
-    def _frames(self, held: Iterable[tuple[int, bytes]]) -> list[Frame]:
+    def _frames(self, held: Iterable[_Held]) -> list[Frame]:
         # Frames for one backfill: their encodings are built for it and go with it.
         prefix = self._prefix
-        return [Frame(seq, raw, 0.0, prefix) for seq, raw in held]
+        return [Frame(seq, raw, 0.0, prefix, position) for seq, position, raw in held]
 
     # -- subscribers -----------------------------------------------------------------------
 

@@ -3,16 +3,25 @@
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._lifecycle import run_from_config_path, serve
-from gateway.service._logging import LogFormat, configure_logging, fields
-from gateway.service._notify import Notifier
+from gateway.service._logging import (
+    GatewayLogHandler,
+    LogFormat,
+    SecretRedactor,
+    configure_logging,
+    fields,
+)
+from gateway.service._notify import Notifier, encode_fields
 
 __all__ = [
     "Bound",
     "Gateway",
+    "GatewayLogHandler",
     "LogFormat",
     "Notifier",
+    "SecretRedactor",
     "configure_logging",
     "demo_config",
+    "encode_fields",
     "fields",
     "run_demo",
     "run_from_config_path",

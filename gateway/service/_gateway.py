@@ -23,8 +23,9 @@ from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, OnDemandLimitError, Topic
+from gateway.model import FixtureState, FrameSink, UpstreamCounters
 from gateway.service._logging import fields
-from gateway.upstream import FixtureState, FrameSink, Supervisor, UpstreamCounters
+from gateway.upstream import Supervisor
 
 log = logging.getLogger("gateway")
 

@@ -28,8 +28,6 @@ BAD_REPLAY: Final = orjson.dumps(
 ).decode()
 MALFORMED_FRAME: Final = "<<simulated malformed frame: not JSON>>"
 
-POLICY_VIOLATION: Final = 1008
-
 
 def unknown_fixture(fixture_id: str) -> str:
     return orjson.dumps(

@@ -39,6 +39,7 @@ from gateway.simulator._fixture import (
     ScorerState,
     SimFixture,
 )
+from gateway.wire import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
 
 logger = logging.getLogger("gateway.simulator")
 
@@ -59,7 +60,6 @@ ACCEPT_MEDIA_TYPE: Final = "application/vnd.imggaming.dde.api+json;version=1"
 REPLAY_MAX_PPS: Final = 1000
 
 _FASTPATH_PATH: Final = re.compile(r"/fixtures/(?P<id>[^/]+)/")
-_GOING_AWAY: Final = 1001
 
 
 @attrs.frozen
@@ -169,13 +169,13 @@ class _Session:
         with trio.move_on_after(AUTH_TIMEOUT):
             raw = await self.receive()
         if raw is None:
-            self.finish(msg.POLICY_VIOLATION, "no auth message")
+            self.finish(CLOSE_POLICY_VIOLATION, "no auth message")
             return False
         token = _auth_token(raw)
         if token is None:
             self.attempt.outcome = Outcome.BAD_AUTH_FORMAT
             await self.send(msg.AUTH_BAD_FORMAT)
-            self.finish(msg.POLICY_VIOLATION, "bad auth format")
+            self.finish(CLOSE_POLICY_VIOLATION, "bad auth format")
             return False
         rejected = self.sim.connection_faults.reject_auth or (
             fixture is not None and fixture.faults.reject_auth
@@ -198,7 +198,7 @@ class _Session:
     async def reject_auth(self) -> None:
         self.attempt.outcome = Outcome.UNAUTHORIZED
         await self.send(msg.AUTH_REJECTED)
-        self.finish(msg.POLICY_VIOLATION, "unauthorized")
+        self.finish(CLOSE_POLICY_VIOLATION, "unauthorized")
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -472,7 +472,7 @@ class Simulator:
         if scope is not None:
             scope.cancel()
         for session in self._sessions.pop(fixture_id, set()):
-            session.finish(_GOING_AWAY, "fixture removed")
+            session.finish(CLOSE_GOING_AWAY, "fixture removed")
 
     def faults(self, fixture_id: str) -> Faults:
         """The live fault switches of a fixture. KeyError if unknown."""
@@ -631,6 +631,6 @@ class Simulator:
     def _register(self, session: _Session, fixture: SimFixture) -> None:
         sessions = self._sessions.get(fixture.id)
         if sessions is None or fixture.removed.is_set():
-            session.finish(_GOING_AWAY, "fixture removed")
+            session.finish(CLOSE_GOING_AWAY, "fixture removed")
         else:
             sessions.add(session)

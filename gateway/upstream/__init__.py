@@ -35,7 +35,6 @@ from gateway.upstream._resume import (
     Verdict,
 )
 from gateway.upstream._runner import FASTPATH_ACCEPT, FixtureRunner
-from gateway.upstream._state import FixtureState, FixtureStatus, FrameSink, UpstreamCounters
 from gateway.upstream._supervisor import FixtureHandle, Supervisor
 
 __all__ = [
@@ -55,9 +54,6 @@ __all__ = [
     "FastpathResume",
     "FixtureHandle",
     "FixtureRunner",
-    "FixtureState",
-    "FixtureStatus",
-    "FrameSink",
     "Kind",
     "LeanConnection",
     "LeanConnector",
@@ -66,7 +62,6 @@ __all__ = [
     "TrackingResume",
     "UpstreamClosed",
     "UpstreamConnection",
-    "UpstreamCounters",
     "UpstreamRejected",
     "UpstreamUnavailable",
     "Verdict",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import os
 import ssl
-import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -29,7 +28,6 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from gateway.hub._wire import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, mask_frame
 from gateway.upstream._connect import (
     DISCONNECT_TIMEOUT,
     RECEIVE_BUFFER_SIZE,
@@ -38,28 +36,32 @@ from gateway.upstream._connect import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.wire import (
+    CLOSE_ABNORMAL,
+    CLOSE_INVALID_DATA,
+    CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    FIN,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RSV_BITS,
+    close_payload,
+    mask_frame,
+    read_close,
+    read_header,
+)
 
 #: Largest message accepted (after reassembly); a larger one is closed with 1009.
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 #: Largest HTTP response head accepted during the upgrade.
 MAX_HANDSHAKE_HEAD: Final = 64 * 1024
-
-CLOSE_NORMAL: Final = 1000
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_NO_STATUS: Final = 1005
-CLOSE_ABNORMAL: Final = 1006
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_TOO_BIG: Final = 1009
-
-_OP_CONTINUATION: Final = 0x0
-_MASK_BIT: Final = 0x80
-_LEN16: Final = struct.Struct("!H")
-_LEN64: Final = struct.Struct("!Q")
-_CODE: Final = struct.Struct("!H")
-
-
-def _close_payload(code: int) -> bytes:
-    return b"" if code == CLOSE_NO_STATUS else _CODE.pack(code)
 
 
 class _ProtocolFailure(Exception):
@@ -146,7 +148,7 @@ class LeanConnection:
                         await self._reply_close()  # the peer's close or our error, not yet sent
                     elif not self._close_sent and not self._broken:
                         self._close_sent = True
-                        await self._send(mask_frame(_close_payload(CLOSE_NORMAL), OP_CLOSE))
+                        await self._send(mask_frame(close_payload(CLOSE_NORMAL), OP_CLOSE))
                     while not self._close_received and not self._broken:
                         await self._read()
                         self._messages.clear()  # the caller is gone: nothing more is delivered
@@ -164,7 +166,7 @@ class LeanConnection:
             return
         self._close_sent = True
         code = self._closed.code
-        await self._send(mask_frame(_close_payload(code or CLOSE_NO_STATUS), OP_CLOSE))
+        await self._send(mask_frame(close_payload(code or CLOSE_NO_STATUS), OP_CLOSE))
 
     async def _send(self, frame: bytes) -> None:
         # A cancelled write could leave half a frame on the wire, so writes are shielded and
@@ -239,33 +241,24 @@ class LeanConnection:
         end = len(buf)
         pos = 0
         try:
-            while not self._close_received and end - pos >= 2:
-                b0 = buf[pos]
-                b1 = buf[pos + 1]
-                if b1 & _MASK_BIT or b0 & 0x70:  # servers never mask; no extension negotiated
+            while not self._close_received:
+                header = read_header(buf, pos)
+                if header is None:
+                    break
+                b0, mask_at, head, length = header
+                if mask_at or b0 & RSV_BITS:  # servers never mask; no extension negotiated
                     raise _ProtocolFailure(CLOSE_PROTOCOL_ERROR)
-                length = b1 & 0x7F
-                head = pos + 2
-                if length == 126:
-                    if end - head < 2:
-                        break
-                    length = _LEN16.unpack_from(buf, head)[0]
-                    head += 2
-                elif length == 127:
-                    if end - head < 8:
-                        break
-                    length = _LEN64.unpack_from(buf, head)[0]
-                    head += 8
                 opcode = b0 & 0x0F
                 if opcode >= OP_CLOSE:
-                    if length > 125 or not b0 & 0x80:  # control frames: short, never fragmented
+                    # Control frames are short and never fragmented.
+                    if length > MAX_CONTROL_PAYLOAD or not b0 & FIN:
                         raise _ProtocolFailure(CLOSE_PROTOCOL_ERROR)
                 elif self._parts_size + length > MAX_MESSAGE_SIZE:
                     raise _ProtocolFailure(CLOSE_TOO_BIG)
                 if end - head < length:
                     break
                 pos = head + length
-                self._frame(b0 & 0x80 != 0, opcode, buf[head:pos])
+                self._frame(b0 & FIN != 0, opcode, buf[head:pos])
         finally:
             del buf[:pos]
 
@@ -279,7 +272,7 @@ class LeanConnection:
             self._parts_opcode = opcode
             self._parts = [bytes(payload)]
             self._parts_size = len(payload)
-        elif opcode == _OP_CONTINUATION:
+        elif opcode == OP_CONTINUATION:
             if not self._parts_opcode:
                 raise _ProtocolFailure(CLOSE_PROTOCOL_ERROR)
             self._parts.append(bytes(payload))
@@ -311,13 +304,12 @@ def _message(opcode: int, payload: bytes | bytearray) -> str | bytes:
 def _peer_close(payload: bytearray) -> UpstreamClosed:
     if not payload:
         return UpstreamClosed(CLOSE_NO_STATUS)
-    if len(payload) == 1:
-        raise _ProtocolFailure(CLOSE_PROTOCOL_ERROR)
-    code = _CODE.unpack_from(payload)[0]
     try:
-        reason = payload[2:].decode("utf-8")
+        code, reason = read_close(payload)
     except UnicodeDecodeError:
         raise _ProtocolFailure(CLOSE_INVALID_DATA) from None
+    except ValueError:
+        raise _ProtocolFailure(CLOSE_PROTOCOL_ERROR) from None
     return UpstreamClosed(code, reason)
 
 

@@ -28,6 +28,7 @@ import orjson
 import trio
 
 from gateway.config import FeedConfig, FixtureConfig, SecretError, UpstreamSection
+from gateway.model import FixtureState, FixtureStatus, FrameSink
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
 from gateway.upstream._connect import (
@@ -39,13 +40,11 @@ from gateway.upstream._connect import (
 )
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._resume import FastpathResume, TrackingResume, Verdict
-from gateway.upstream._state import FixtureState, FixtureStatus, FrameSink
+from gateway.wire import CLOSE_POLICY_VIOLATION
 
 logger = logging.getLogger("gateway.upstream")
 
 FASTPATH_ACCEPT: Final = "application/vnd.imggaming.dde.api+json;version=1"
-# WebSocket close code 1008 (policy violation) is how the vendor ends a refused authentication.
-CLOSE_POLICY_VIOLATION: Final = 1008
 _UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
 _NOT_FOUND_STATUS: Final = 404
 
@@ -330,6 +329,7 @@ class FixtureRunner:
                     return _Outcome(_End.RETRY, f"stalled: no message for {stall} s", live_for())
         except UpstreamClosed as exc:
             code = "no close code" if exc.code is None else f"code {exc.code}"
+            # A policy-violation close is how the vendor ends a refused authentication.
             if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
                 return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
             return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
@@ -338,7 +338,7 @@ class FixtureRunner:
         """Deliver (or drop) one data message; an outcome means: end this connection."""
         counters = self.status.counters
         if msg.kind is Kind.UNSEQUENCED:
-            self._publish(raw)
+            self._publish(raw, None)
             return None
         assert msg.seq is not None
         if tracking:
@@ -353,7 +353,7 @@ class FixtureRunner:
                 )
             if verdict is Verdict.GAP:
                 counters.gaps += 1
-            self._publish(raw)
+            self._publish(raw, msg.seq)
             self._tracking.delivered(msg.seq, now)
             return None
         verdict = self._fastpath.check(msg.seq)
@@ -361,14 +361,14 @@ class FixtureRunner:
             counters.gaps += 1
         elif verdict is Verdict.OUT_OF_ORDER:
             counters.out_of_order += 1
-        self._publish(raw)
+        self._publish(raw, msg.seq)
         self._fastpath.delivered(msg.seq)
         return None
 
-    def _publish(self, raw: str) -> None:
+    def _publish(self, raw: str, position: int | None) -> None:
         if self._stopped:
             return
-        self.sink.publish(raw)
+        self.sink.publish(raw, position)
         self.status.counters.frames += 1
 
 

@@ -18,11 +18,11 @@ import attrs
 import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
+from gateway.model import FixtureStatus, FrameSink
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner
-from gateway.upstream._state import FixtureStatus, FrameSink
 
 logger = logging.getLogger("gateway.upstream")
 
@@ -78,6 +78,11 @@ class Supervisor:
     @property
     def limiter(self) -> ConnectLimiter:
         return self._limiter
+
+    @property
+    def connector(self) -> Connector | None:
+        """The connector in use while :meth:`run` runs (None before and after)."""
+        return self._active_connect
 
     def _upstream(self) -> UpstreamSection:
         return self._config.upstream

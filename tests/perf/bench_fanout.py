@@ -33,7 +33,8 @@ from gateway.config import (
     UpstreamSection,
 )
 from gateway.dataplane import SubscriberRegistry, run
-from gateway.hub import Hub, encode_frame
+from gateway.hub import Hub
+from gateway.wire import encode_frame
 
 
 def reader_main(host: str, port: int, n: int) -> None:
@@ -117,7 +118,7 @@ async def server_main(args: argparse.Namespace) -> None:
         wall0 = time.perf_counter()
         period = 1.0 / args.rate if args.rate else 0.0
         for _ in range(args.frames):
-            topic.publish(frame)
+            topic.publish(frame, None)
             if period:
                 await trio.sleep(period)
             else:

@@ -32,7 +32,7 @@ import simdjson
 import trio
 import trio.lowlevel
 
-from gateway.hub import encode_frame
+from gateway.wire import encode_frame
 
 
 def _payload(size: int, ix: int) -> bytes:

@@ -41,7 +41,7 @@ from gateway.bench._wsframe import (
     unmask,
 )
 from gateway.config import load_config
-from gateway.hub._wire import OP_PING, OP_TEXT
+from gateway.wire import OP_PING, OP_TEXT
 from tests.conftest import TEST_TOKEN
 
 # -- codec ------------------------------------------------------------------------------------

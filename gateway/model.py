@@ -1,7 +1,7 @@
-"""What the rest of the gateway sees of one followed fixture: its state, counters and sink.
+"""What the gateway's packages share about one followed fixture: its state, counters and sink.
 
-This module is the contract between the upstream supervisor and everything downstream of it
-(hub, data plane, control plane). It holds no I/O.
+A leaf module (it imports nothing of the gateway): the contract between the upstream supervisor,
+which writes these, and the hub, data plane and control plane, which read them. No I/O.
 """
 
 from __future__ import annotations
@@ -29,8 +29,14 @@ class FrameSink(Protocol):
     receive loop, and anything slow here would stall the upstream connection's pings.
     """
 
-    def publish(self, raw: str) -> None:
-        """One accepted data frame: the original upstream text, in order, exactly once."""
+    def publish(self, raw: str, position: int | None) -> None:
+        """One accepted data frame: the original upstream text, in order, exactly once.
+
+        *position* is the vendor's number for the frame as the upstream classifier read it
+        (tracking ``ix``, fastpath ``fixtureSeqNum``), or None for a frame the vendor does not
+        number (fastpath status packets such as ``ConnectionStateChanged``). The classifier's
+        verdict is final: nothing downstream parses the frame again to decide it.
+        """
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         """The upstream state changed (called on every change; the sink deduplicates)."""
@@ -38,6 +44,12 @@ class FrameSink(Protocol):
 
 @attrs.define
 class UpstreamCounters:
+    """Monotonic counts of one fixture's upstream; every field is an ``int``.
+
+    The API's ``upstream`` object, the per-feed totals and the Prometheus metrics are all built
+    from this class's fields (:func:`counter_names`), so a counter added here reaches all three.
+    """
+
     connects: int = 0
     reconnects: int = 0
     frames: int = 0
@@ -73,3 +85,8 @@ class FixtureStatus:
         out["last_error"] = self.last_error
         out["last_message_at"] = self.last_message_at
         return out
+
+
+def counter_names() -> tuple[str, ...]:
+    """The names of :class:`UpstreamCounters`' fields, in declaration order."""
+    return tuple(f.name for f in attrs.fields(UpstreamCounters))
