@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
 import attrs
 
@@ -42,24 +43,83 @@ class FrameSink(Protocol):
         """The upstream state changed (called on every change; the sink deduplicates)."""
 
 
+@attrs.frozen
+class CounterSpec:
+    """How one upstream counter is published: its Prometheus family and help text."""
+
+    name: str
+    metric: str
+    help: str
+
+
+_SPEC: Final = "gateway.counter"
+
+
+def _counter(metric: str, help: str) -> Any:
+    # The metric name and help live on the field itself, so the counter, its API key and its
+    # Prometheus family are one definition.
+    return attrs.field(default=0, metadata={_SPEC: (metric, help)})
+
+
 @attrs.define
 class UpstreamCounters:
     """Monotonic counts of one fixture's upstream; every field is an ``int``.
 
-    The API's ``upstream`` object, the per-feed totals and the Prometheus metrics are all built
-    from this class's fields (:func:`counter_names`), so a counter added here reaches all three.
+    The API's ``upstream`` object, the per-feed and process totals and the Prometheus metrics
+    are all built from this class's fields (:func:`counter_specs`), so a counter added here
+    reaches all of them. Example::
+
+        >>> total = UpstreamCounters(frames=3) + UpstreamCounters(frames=2, gaps=1)
+        >>> (total.frames, total.gaps)
+        (5, 1)
     """
 
-    connects: int = 0
-    reconnects: int = 0
-    frames: int = 0
-    heartbeats: int = 0
-    duplicates_dropped: int = 0
-    gaps: int = 0
-    out_of_order: int = 0
-    malformed: int = 0
-    # Unexpected exceptions in this fixture's upstream task (each one restarts it with backoff).
-    crashes: int = 0
+    connects: int = _counter("dde_upstream_connects", "Upstream connections opened.")
+    reconnects: int = _counter("dde_upstream_reconnects", "Upstream reconnections.")
+    frames: int = _counter("dde_frames_received", "Upstream data frames accepted.")
+    heartbeats: int = _counter("dde_upstream_heartbeats", "Upstream heartbeats received.")
+    duplicates_dropped: int = _counter(
+        "dde_duplicates_dropped", "Duplicate upstream frames dropped."
+    )
+    gaps: int = _counter("dde_upstream_gaps", "Upstream sequence gaps detected.")
+    out_of_order: int = _counter(
+        "dde_upstream_out_of_order", "Fastpath events that arrived out of order."
+    )
+    malformed: int = _counter("dde_malformed", "Malformed upstream frames counted and skipped.")
+    crashes: int = _counter(
+        "dde_upstream_crashes",
+        "Unexpected errors in a fixture's upstream task (each restarts it after a backoff).",
+    )
+
+    def __add__(self, other: UpstreamCounters) -> UpstreamCounters:
+        return UpstreamCounters(**{n: getattr(self, n) + getattr(other, n) for n in _COUNTER_NAMES})
+
+    def as_dict(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in _COUNTER_NAMES}
+
+
+def counter_specs() -> tuple[CounterSpec, ...]:
+    """Every :class:`UpstreamCounters` field with its metric, in declaration order."""
+    return _COUNTER_SPECS
+
+
+def counter_names() -> tuple[str, ...]:
+    """The names of :class:`UpstreamCounters`' fields, in declaration order."""
+    return _COUNTER_NAMES
+
+
+def sum_counters(counters: Iterable[UpstreamCounters]) -> UpstreamCounters:
+    """The field-by-field sum of *counters* (all zero for none)."""
+    total = UpstreamCounters()
+    for c in counters:
+        total = total + c
+    return total
+
+
+_COUNTER_SPECS: Final = tuple(
+    CounterSpec(f.name, *f.metadata[_SPEC]) for f in attrs.fields(UpstreamCounters)
+)
+_COUNTER_NAMES: Final = tuple(spec.name for spec in _COUNTER_SPECS)
 
 
 @attrs.define
@@ -80,13 +140,17 @@ class FixtureStatus:
     last_message_at: float | None = None
 
     def snapshot(self) -> dict[str, Any]:
-        """Plain data for the API (``upstream`` object of ``GET /v1/fixtures/{feed}/{id}``)."""
-        out: dict[str, Any] = attrs.asdict(self.counters)
+        """Plain data for the API (``upstream`` object of ``GET /v1/fixtures/{feed}/{id}``).
+
+        Its keys are :func:`snapshot_keys`: every counter, then ``last_error`` and
+        ``last_message_at``.
+        """
+        out: dict[str, Any] = self.counters.as_dict()
         out["last_error"] = self.last_error
         out["last_message_at"] = self.last_message_at
         return out
 
 
-def counter_names() -> tuple[str, ...]:
-    """The names of :class:`UpstreamCounters`' fields, in declaration order."""
-    return tuple(f.name for f in attrs.fields(UpstreamCounters))
+def snapshot_keys() -> tuple[str, ...]:
+    """The keys of :meth:`FixtureStatus.snapshot`, in order."""
+    return (*_COUNTER_NAMES, "last_error", "last_message_at")

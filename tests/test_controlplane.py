@@ -32,7 +32,7 @@ from gateway.controlplane import (
     Totals,
     run,
 )
-from gateway.model import FixtureState
+from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
 
 TIMEOUT = 30  # generous: loaded 2-core CI machines
@@ -59,6 +59,7 @@ UPSTREAM_KEYS = {
     "gaps",
     "out_of_order",
     "malformed",
+    "crashes",
     "last_error",
     "last_message_at",
 }
@@ -451,7 +452,7 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
             target.publish("soccer", "123", f'{{"ix":{i}}}', deliveries=2)
         target.publish("hoops", "g1", '{"fixtureSeqNum":1}', deliveries=1)
         target.count_upstream("soccer", "123", reconnects=2, gaps=1, duplicates_dropped=4)
-        target.count_upstream("hoops", "g1", malformed=5)
+        target.count_upstream("hoops", "g1", malformed=5, crashes=1, out_of_order=2)
         target.count_slow(drops=6, slow_disconnects=2)
         target.set_state("hoops", "g1", FixtureState.LIVE)
         target.add_subscriber(SubscriberView("s", "p", "/v1/stream", (), 0, 0, 0, 0.0))
@@ -470,6 +471,9 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[("dde_duplicates_dropped_total", (("feed", "soccer"),))] == 4
         assert got[("dde_malformed_total", (("feed", "hoops"),))] == 5
         assert got[("dde_malformed_total", (("feed", "soccer"),))] == 0
+        assert got[("dde_upstream_crashes_total", (("feed", "hoops"),))] == 1
+        assert got[("dde_upstream_out_of_order_total", (("feed", "hoops"),))] == 2
+        assert got[("dde_upstream_connects_total", (("feed", "soccer"),))] == 0
         assert got[("dde_frames_sent_total", ())] == 7
         assert got[("dde_subscriber_drops_total", ())] == 6
         assert got[("dde_slow_disconnects_total", ())] == 2
@@ -611,23 +615,27 @@ async def test_ipv6_listen_address(tmp_path: Path) -> None:
 # --- rate sampler (no sockets) ------------------------------------------------------------------
 
 
+def _totals(frames_in: int, frames_out: int = 0) -> Totals:
+    return Totals(frames_out=frames_out, upstream=UpstreamCounters(frames=frames_in))
+
+
 def test_rates_over_the_window() -> None:
     sampler = RateSampler(window=10.0, min_span=1.0)
-    assert sampler.rates(0.0, Totals(frames_in=5)).frames_in_per_second == 0.0
-    sampler.sample(100.0, Totals(frames_in=0, frames_out=0))
+    assert sampler.rates(0.0, _totals(5)).frames_in_per_second == 0.0
+    sampler.sample(100.0, _totals(0, frames_out=0))
     # A burst right after the first sample is divided by min_span, not by 1 ms.
-    assert sampler.rates(100.001, Totals(frames_in=5)).frames_in_per_second == 5.0
+    assert sampler.rates(100.001, _totals(5)).frames_in_per_second == 5.0
     for t in range(1, 31):
-        sampler.sample(100.0 + t, Totals(frames_in=25 * t, frames_out=250 * t))
-    rates = sampler.rates(130.0, Totals(frames_in=750, frames_out=7500))
+        sampler.sample(100.0 + t, _totals(25 * t, frames_out=250 * t))
+    rates = sampler.rates(130.0, _totals(750, frames_out=7500))
     assert rates.frames_in_per_second == pytest.approx(25.0)
     assert rates.frames_out_per_second == pytest.approx(250.0)
     # Old samples fell out: a stop in traffic shows within the window, not diluted by history.
     for t in range(31, 42):
-        sampler.sample(100.0 + t, Totals(frames_in=750, frames_out=7500))
-    assert sampler.rates(141.0, Totals(frames_in=750, frames_out=7500)).frames_in_per_second == 0
+        sampler.sample(100.0 + t, _totals(750, frames_out=7500))
+    assert sampler.rates(141.0, _totals(750, frames_out=7500)).frames_in_per_second == 0
     # A counter that went backwards never yields a negative rate.
-    assert sampler.rates(142.0, Totals(frames_in=1)).frames_in_per_second == 0.0
+    assert sampler.rates(142.0, _totals(1)).frames_in_per_second == 0.0
 
 
 def test_sampler_rejects_bad_window() -> None:
@@ -648,7 +656,7 @@ async def test_sampler_task_samples_and_survives_facade_errors(
         calls += 1
         if calls == 3:
             raise RuntimeError("facade bug")
-        return Totals(frames_in=10 * calls)
+        return _totals(10 * calls)
 
     sampler = RateSampler(window=5.0)
     async with trio.open_nursery() as nursery:
@@ -658,6 +666,6 @@ async def test_sampler_task_samples_and_survives_facade_errors(
         nursery.cancel_scope.cancel()
     assert calls == 11  # at t = 0..10; the failure at t = 2 was logged and skipped
     # Kept: the samples from t = 5 (60 frames) on; at t = 10.5 the counter reads 110.
-    rates = sampler.rates(trio.current_time(), Totals(frames_in=10 * calls))
+    rates = sampler.rates(trio.current_time(), _totals(10 * calls))
     assert trio.current_time() - start == pytest.approx(10.5)
     assert rates.frames_in_per_second == pytest.approx((110 - 60) / 5.5)

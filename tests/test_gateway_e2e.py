@@ -21,6 +21,7 @@ import trio
 import trio_websocket
 
 from gateway.client import Watcher
+from gateway.hub import Topic
 from gateway.model import FixtureState
 from gateway.upstream import WebSocketConnector
 from tests.conftest import TEST_TOKEN
@@ -303,3 +304,35 @@ async def test_trio_websocket_client_stays_selectable(tmp_path: Path) -> None:
             await subscribe(ws, "tracking", FX)
             msg = await next_of_type(ws, "frame")
             assert msg["data"]["id"] == FX
+
+
+async def test_an_upstream_crash_is_counted_in_the_api_and_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``crashes`` (a bug in a fixture's task) reaches /v1/fixtures and /metrics of a real gateway.
+
+    The first publish raises, as a bug in the hub would: the fixture's task restarts after a
+    backoff, the count shows everywhere the other upstream counters do, and frames flow again.
+    """
+    real_publish = Topic.publish
+    failures = [1]
+
+    def publish_once_broken(self: Topic, raw: str, position: int | None) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("simulated bug in the hub")
+        real_publish(self, raw, position)
+
+    monkeypatch.setattr(Topic, "publish", publish_once_broken)
+    with trio.fail_after(60):
+        async with simulator_and_gateway(
+            tmp_path, [("tracking", FX)], upstream={"backoff_initial": 0.05}
+        ) as (_, gw):
+            await wait_until(lambda: gw.latest("tracking", FX) is not None)
+            status, body = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}"))
+            assert status == 200
+            assert orjson.loads(body)["upstream"]["crashes"] == 1
+            status, body = await http_get(http_url(gw, "/metrics"))
+            assert status == 200
+            metrics = body.decode()
+    assert 'dde_upstream_crashes_total{feed="tracking"} 1.0' in metrics.splitlines()

@@ -32,22 +32,12 @@ from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import ControlTarget, FixtureView
 from gateway.dataplane import SubscriberView
 from gateway.hub import FIXTURE_ID_PATTERN, valid_fixture_id
-from gateway.model import FixtureState
+from gateway.model import FixtureState, snapshot_keys
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
 MAX_BODY_BYTES: Final = 4096
-UPSTREAM_KEYS: Final = (
-    "connects",
-    "reconnects",
-    "frames",
-    "heartbeats",
-    "duplicates_dropped",
-    "gaps",
-    "out_of_order",
-    "malformed",
-    "last_error",
-    "last_message_at",
-)
+#: The keys of a fixture's ``upstream`` object: every upstream counter, defined once.
+UPSTREAM_KEYS: Final = snapshot_keys()
 
 
 class JSONResponse(Response):

@@ -18,7 +18,7 @@ import attrs
 from gateway.config import Config, FeedConfig
 from gateway.controlplane._target import FeedTotals, FixtureView, Totals
 from gateway.dataplane import SubscriberView
-from gateway.model import FixtureState, FixtureStatus
+from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
 DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -70,8 +70,11 @@ class MemoryTarget:
         self.draining = False
         self._fixtures: dict[tuple[str, str], _Followed] = {}
         self._subscribers: dict[str, SubscriberView] = {}
-        self._totals = Totals()
-        self._feed_totals = {name: FeedTotals() for name in config.feeds}
+        self._frames_out = 0
+        self._drops = 0
+        self._slow_disconnects = 0
+        self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
+        self._refused: dict[str, int] = {}
         for fx in config.fixtures:
             self.follow(fx.feed, fx.id, fx.backfill)
 
@@ -112,10 +115,19 @@ class MemoryTarget:
         return list(self._subscribers.values())
 
     def totals(self) -> Totals:
-        return attrs.evolve(self._totals, subscribers=len(self._subscribers))
+        return Totals(
+            frames_out=self._frames_out,
+            drops=self._drops,
+            slow_disconnects=self._slow_disconnects,
+            subscribers=len(self._subscribers),
+            upstream=sum_counters(self._feed_counters.values()),
+        )
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
-        return dict(self._feed_totals)
+        return {
+            feed: FeedTotals(upstream=counters, on_demand_refused=self._refused.get(feed, 0))
+            for feed, counters in self._feed_counters.items()
+        }
 
     # --- playing the data path --------------------------------------------------------------
 
@@ -128,52 +140,23 @@ class MemoryTarget:
         followed = self._fixtures[(feed, fixture)]
         followed.seq += 1
         followed.latest = raw
-        followed.status.counters.frames += 1
         followed.status.last_message_at = time.time()
-        self._totals = attrs.evolve(
-            self._totals,
-            frames_in=self._totals.frames_in + 1,
-            frames_out=self._totals.frames_out + deliveries,
-        )
-        self._bump_feed(feed, frames_in=1)
+        self._frames_out += deliveries
+        self.count_upstream(feed, fixture, frames=1)
 
-    def count_upstream(
-        self,
-        feed: str,
-        fixture: str,
-        *,
-        reconnects: int = 0,
-        gaps: int = 0,
-        duplicates_dropped: int = 0,
-        malformed: int = 0,
-    ) -> None:
-        """Upstream events of a followed fixture, counted per fixture, per feed and in total."""
+    def count_upstream(self, feed: str, fixture: str, **deltas: int) -> None:
+        """Upstream events of a followed fixture (keyword per counter, e.g. ``gaps=2``),
+        counted per fixture, per feed and in total."""
         counters = self._fixtures[(feed, fixture)].status.counters
-        counters.reconnects += reconnects
-        counters.gaps += gaps
-        counters.duplicates_dropped += duplicates_dropped
-        counters.malformed += malformed
-        t = self._totals
-        self._totals = attrs.evolve(
-            t,
-            reconnects=t.reconnects + reconnects,
-            gaps=t.gaps + gaps,
-            duplicates_dropped=t.duplicates_dropped + duplicates_dropped,
-            malformed=t.malformed + malformed,
-        )
-        self._bump_feed(
-            feed,
-            reconnects=reconnects,
-            gaps=gaps,
-            duplicates_dropped=duplicates_dropped,
-            malformed=malformed,
-        )
+        for name, n in deltas.items():
+            setattr(counters, name, getattr(counters, name) + n)
+        self._feed_counters[feed] = self._feed_counters.get(
+            feed, UpstreamCounters()
+        ) + UpstreamCounters(**deltas)
 
     def count_slow(self, *, drops: int = 0, slow_disconnects: int = 0) -> None:
-        t = self._totals
-        self._totals = attrs.evolve(
-            t, drops=t.drops + drops, slow_disconnects=t.slow_disconnects + slow_disconnects
-        )
+        self._drops += drops
+        self._slow_disconnects += slow_disconnects
 
     def set_state(
         self,
@@ -206,12 +189,6 @@ class MemoryTarget:
         del self._subscribers[subscriber_id]
 
     # --- internals ---------------------------------------------------------------------------
-
-    def _bump_feed(self, feed: str, **deltas: int) -> None:
-        current = self._feed_totals.get(feed, FeedTotals())
-        self._feed_totals[feed] = attrs.evolve(
-            current, **{k: getattr(current, k) + v for k, v in deltas.items()}
-        )
 
     def _view(self, f: _Followed) -> FixtureView:
         s = f.status

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from gateway.controlplane._target import ControlTarget, LatencyHistogram
-from gateway.model import FixtureState
+from gateway.model import FixtureState, counter_specs
 
 
 def _histogram_buckets(hist: LatencyHistogram) -> list[tuple[str, float]]:
@@ -55,24 +55,23 @@ class GatewayCollector:
         per_feed = target.feed_totals()
         totals = target.totals()
 
-        labelled = (
-            ("dde_frames_received", "Upstream data frames accepted.", "frames_in"),
-            ("dde_upstream_reconnects", "Upstream reconnections.", "reconnects"),
-            ("dde_upstream_gaps", "Upstream sequence gaps detected.", "gaps"),
-            ("dde_duplicates_dropped", "Duplicate upstream frames dropped.", "duplicates_dropped"),
-            ("dde_malformed", "Malformed upstream frames counted and skipped.", "malformed"),
-            (
-                "dde_on_demand_refused",
-                "Subscriptions refused: the feed already follows max_on_demand fixtures on demand.",
-                "on_demand_refused",
-            ),
-        )
-        for name, doc, attr in labelled:
-            family = CounterMetricFamily(name, doc, labels=["feed"])
+        # One family per upstream counter, named where the counter is defined.
+        for spec in counter_specs():
+            family = CounterMetricFamily(spec.metric, spec.help, labels=["feed"])
             for feed in feeds:
                 counts = per_feed.get(feed)
-                family.add_metric([feed], float(getattr(counts, attr)) if counts else 0.0)
+                value = getattr(counts.upstream, spec.name) if counts else 0
+                family.add_metric([feed], float(value))
             yield family
+        refused = CounterMetricFamily(
+            "dde_on_demand_refused",
+            "Subscriptions refused: the feed already follows max_on_demand fixtures on demand.",
+            labels=["feed"],
+        )
+        for feed in feeds:
+            counts = per_feed.get(feed)
+            refused.add_metric([feed], float(counts.on_demand_refused) if counts else 0.0)
+        yield refused
 
         yield CounterMetricFamily(
             "dde_frames_sent", "Frames delivered to subscribers.", value=totals.frames_out

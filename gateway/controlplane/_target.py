@@ -19,16 +19,15 @@ import attrs
 
 from gateway.config import FeedConfig
 from gateway.dataplane import SubscriberView
-from gateway.model import FixtureState
+from gateway.model import FixtureState, UpstreamCounters
 
 
 @attrs.frozen
 class FixtureView:
     """One followed fixture as ``GET /v1/fixtures/{feed}/{fixture}`` shows it.
 
-    ``upstream`` is :meth:`gateway.upstream._state.FixtureStatus.snapshot`: the keys
-    ``connects, reconnects, frames, heartbeats, duplicates_dropped, gaps, out_of_order,
-    malformed, last_error, last_message_at``. ``state_since`` is a UNIX time.
+    ``upstream`` is :meth:`gateway.model.FixtureStatus.snapshot` (keys:
+    :func:`gateway.model.snapshot_keys`). ``state_since`` is a UNIX time.
     """
 
     feed: str
@@ -45,17 +44,22 @@ class FixtureView:
 
 @attrs.frozen
 class Totals:
-    """Process-wide counters since start. All are monotonic except ``subscribers`` (a gauge)."""
+    """Process-wide counters since start. All are monotonic except ``subscribers`` (a gauge).
 
-    frames_in: int = 0
+    ``upstream`` is the sum of every fixture's :class:`~gateway.model.UpstreamCounters`, those
+    stopped included.
+    """
+
     frames_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0
     subscribers: int = 0
-    reconnects: int = 0
-    gaps: int = 0
-    duplicates_dropped: int = 0
-    malformed: int = 0
+    upstream: UpstreamCounters = attrs.field(factory=UpstreamCounters)
+
+    @property
+    def frames_in(self) -> int:
+        """Upstream data frames accepted (``upstream.frames``)."""
+        return self.upstream.frames
 
 
 @attrs.frozen
@@ -66,11 +70,7 @@ class FeedTotals:
     unfollowed fixture does not make a Prometheus counter go down.
     """
 
-    frames_in: int = 0
-    reconnects: int = 0
-    gaps: int = 0
-    duplicates_dropped: int = 0
-    malformed: int = 0
+    upstream: UpstreamCounters = attrs.field(factory=UpstreamCounters)
     #: Subscriptions refused because the feed already followed ``max_on_demand`` fixtures.
     on_demand_refused: int = 0
 

@@ -23,7 +23,7 @@ from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, OnDemandLimitError, Topic
-from gateway.model import FixtureState, FrameSink, UpstreamCounters
+from gateway.model import FixtureState, FrameSink, UpstreamCounters, sum_counters
 from gateway.service._logging import fields
 from gateway.upstream import Supervisor
 
@@ -58,7 +58,8 @@ class Gateway:
         self._configured: set[Key] = {fx.key for fx in config.fixtures}
         self._on_demand: set[Key] = set()
         self._linger: dict[Key, trio.CancelScope] = {}
-        self._retired: dict[str, FeedTotals] = {}
+        # Counters of fixtures no longer followed, per feed: totals never go down.
+        self._retired: dict[str, UpstreamCounters] = {}
         # On-demand subscriptions refused per feed (max_on_demand), for the metrics.
         self._refused: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -163,8 +164,8 @@ class Gateway:
         handle = self.supervisor.get(feed, fixture)
         if handle is not None:
             # Keep its counts so per-feed metrics stay monotonic after it is gone.
-            self._retired[feed] = _add(
-                self._retired.get(feed, FeedTotals()), handle.status.counters
+            self._retired[feed] = self._retired.get(feed, UpstreamCounters()) + (
+                handle.status.counters
             )
         stopped = self.supervisor.remove(feed, fixture)
         self.hub.close_topic(feed, fixture)
@@ -287,28 +288,23 @@ class Gateway:
         return self.hub.fanout_latency
 
     def feed_totals(self) -> dict[str, FeedTotals]:
-        out = {name: self._retired.get(name, FeedTotals()) for name in self.config.feeds}
+        upstream = {name: self._retired.get(name, UpstreamCounters()) for name in self.config.feeds}
         for handle in self.supervisor.handles():
             name = handle.feed.name
-            out[name] = _add(out.get(name, FeedTotals()), handle.status.counters)
-        for name, refused in self._refused.items():
-            if name in out:
-                out[name] = attrs.evolve(out[name], on_demand_refused=refused)
-        return out
+            upstream[name] = upstream.get(name, UpstreamCounters()) + handle.status.counters
+        return {
+            name: FeedTotals(upstream=counters, on_demand_refused=self._refused.get(name, 0))
+            for name, counters in upstream.items()
+        }
 
     def totals(self) -> Totals:
-        per_feed = self.feed_totals().values()
         stats = self.registry.stats()
         return Totals(
-            frames_in=sum(f.frames_in for f in per_feed),
             frames_out=stats.frames_sent,
             drops=stats.frames_dropped,
             slow_disconnects=stats.slow_disconnects,
             subscribers=stats.connections,
-            reconnects=sum(f.reconnects for f in per_feed),
-            gaps=sum(f.gaps for f in per_feed),
-            duplicates_dropped=sum(f.duplicates_dropped for f in per_feed),
-            malformed=sum(f.malformed for f in per_feed),
+            upstream=sum_counters(f.upstream for f in self.feed_totals().values()),
         )
 
     def summary(self) -> str:
@@ -320,14 +316,3 @@ class Gateway:
             f"fixtures live {live}/{len(handles)}, subscribers {stats.connections}, "
             f"drops {stats.frames_dropped}"
         )
-
-
-def _add(totals: FeedTotals, c: UpstreamCounters) -> FeedTotals:
-    return FeedTotals(
-        frames_in=totals.frames_in + c.frames,
-        reconnects=totals.reconnects + c.reconnects,
-        gaps=totals.gaps + c.gaps,
-        duplicates_dropped=totals.duplicates_dropped + c.duplicates_dropped,
-        malformed=totals.malformed + c.malformed,
-        on_demand_refused=totals.on_demand_refused,
-    )
