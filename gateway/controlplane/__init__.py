@@ -7,7 +7,6 @@ knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
 from gateway.controlplane._app import (
     DEFAULT_FOLLOW_BACKFILL,
     MAX_BODY_BYTES,
-    BadRequest,
     build_app,
     parse_follow_body,
 )
@@ -39,7 +38,6 @@ __all__ = [
     "GRACEFUL_TIMEOUT",
     "MAX_BODY_BYTES",
     "ApiTokens",
-    "BadRequest",
     "BearerAuthMiddleware",
     "ControlTarget",
     "FeedTotals",

@@ -31,7 +31,8 @@ from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import ControlTarget, FixtureView
 from gateway.dataplane import SubscriberView
-from gateway.hub import FIXTURE_ID_PATTERN, valid_fixture_id
+from gateway.errors import BadRequest
+from gateway.hub import FIXTURE_ID_PATTERN, UnknownFeedError, valid_fixture_id
 from gateway.model import FixtureState, snapshot_keys
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
@@ -51,10 +52,6 @@ class JSONResponse(Response):
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class BadRequest(Exception):
-    """A request body or parameter is invalid; the message starts with its path (``$.x``)."""
 
 
 def _describe(value: object) -> str:
@@ -207,7 +204,7 @@ class _Handlers:
         backfill = parse_follow_body(await _read_body(request))
         try:
             created = self.target.follow(feed, fixture, backfill)
-        except KeyError:
+        except UnknownFeedError:
             # The feed vanished between the check and the call (a config reload).
             raise HTTPException(404, f"unknown feed {feed!r}") from None
         view = self.target.fixture_view(feed, fixture)

@@ -1,6 +1,6 @@
 """An honest in-memory :class:`~gateway.controlplane.ControlTarget`, for tests and demos.
 
-It follows the facade's contract (KeyError for an unknown feed, True only for a new follow,
+It follows the facade's contract (UnknownFeedError for an unknown feed, True only for a new follow,
 monotonic counters, per-feed totals that survive an unfollow) without any I/O, so the control
 plane can be exercised, and its API explored, without an upstream. The mutators (``publish``,
 ``set_state``, ``add_subscriber`` ...) play the part of the data path.
@@ -18,6 +18,7 @@ import attrs
 from gateway.config import Config, FeedConfig
 from gateway.controlplane._target import FeedTotals, FixtureView, Totals
 from gateway.dataplane import SubscriberView
+from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
 DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -98,7 +99,7 @@ class MemoryTarget:
 
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
         if feed not in self.config.feeds:
-            raise KeyError(feed)
+            raise UnknownFeedError(f"unknown feed {feed!r}")
         if (feed, fixture) in self._fixtures:
             return False
         self._fixtures[(feed, fixture)] = _Followed(FixtureStatus(feed, fixture), backfill)

@@ -125,7 +125,8 @@ class ControlTarget(Protocol):
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
         """Start following. True when newly followed, False when it already was.
 
-        Raises KeyError for an unknown feed. After it returns, :meth:`fixture_view` of the
+        Raises :class:`gateway.hub.UnknownFeedError` for a feed that is not configured. After
+        it returns, :meth:`fixture_view` of the
         fixture is not None.
         """
         ...

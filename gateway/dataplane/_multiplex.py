@@ -16,14 +16,11 @@ import trio
 
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._connection import Connection
+from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
 
 _SUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture", "backfill", "after", "epoch"})
 _UNSUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture"})
-
-
-class BadRequest(Exception):
-    pass
 
 
 class MuxSubscription:

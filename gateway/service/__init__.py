@@ -1,6 +1,7 @@
 """Running the gateway: the root nursery, signals, sd_notify, reload, drain, logging, demo."""
 
 from gateway.service._demo import demo_config, run_demo
+from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._lifecycle import run_from_config_path, serve
 from gateway.service._logging import (
@@ -14,6 +15,7 @@ from gateway.service._notify import Notifier, encode_fields
 
 __all__ = [
     "Bound",
+    "FixtureBook",
     "Gateway",
     "GatewayLogHandler",
     "LogFormat",

@@ -1,9 +1,10 @@
 """The gateway as one object: config, hub, upstream supervisor, data plane and control plane.
 
 :class:`Gateway` composes the pieces and is the only place that knows all of them. It implements
-the control plane's :class:`~gateway.controlplane.ControlTarget` facade and the hub's
-:class:`~gateway.hub.FixtureDirectory` (on-demand follow and linger), so neither of those
-packages imports the other. Its :meth:`Gateway.run` is the body of the root nursery; signals,
+the control plane's :class:`~gateway.controlplane.ControlTarget` facade, and hands the hub a
+:class:`~gateway.service._fixtures.FixtureBook` as its ``FixtureDirectory`` (which fixtures are
+followed and why: config, API, on demand with linger and cap), so neither of those packages
+imports the other. Its :meth:`Gateway.run` is the body of the root nursery; signals,
 sd_notify and reload live in :mod:`gateway.service._lifecycle`.
 """
 
@@ -22,14 +23,13 @@ from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
 from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
-from gateway.hub import Hub, LatencyHistogram, OnDemandLimitError, Topic
+from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.model import FixtureState, FrameSink, UpstreamCounters, sum_counters
+from gateway.service._fixtures import FixtureBook
 from gateway.service._logging import fields
 from gateway.upstream import Supervisor
 
 log = logging.getLogger("gateway")
-
-Key = tuple[str, str]
 
 
 @attrs.frozen
@@ -52,17 +52,20 @@ class Gateway:
         self.config = config
         self.version = __version__
         self.started_at = time.time()
-        self.hub = Hub(config.feeds, directory=self)
+        self.fixtures = FixtureBook(
+            lambda: self.config.feeds,
+            (fx.key for fx in config.fixtures),
+            follow=self._follow,
+            stop=self._stop,
+            is_followed=self.is_followed,
+            subscribers=self._subscriber_count,
+        )
+        self.hub = Hub(config.feeds, directory=self.fixtures)
         self.registry = SubscriberRegistry()
+        # Last: it follows the configured fixtures at once, into the hub's topics.
         self.supervisor = Supervisor(config, self._sink_for)
-        self._configured: set[Key] = {fx.key for fx in config.fixtures}
-        self._on_demand: set[Key] = set()
-        self._linger: dict[Key, trio.CancelScope] = {}
         # Counters of fixtures no longer followed, per feed: totals never go down.
         self._retired: dict[str, UpstreamCounters] = {}
-        # On-demand subscriptions refused per feed (max_on_demand), for the metrics.
-        self._refused: dict[str, int] = {}
-        self._nursery: trio.Nursery | None = None
         self._supervisor_scope = trio.CancelScope()
         self._supervisor_done = trio.Event()
         self._ready = False
@@ -76,7 +79,7 @@ class Gateway:
         listeners are bound. Runs until cancelled; cancellation closes every upstream and
         subscriber connection (use :meth:`drain` first for a graceful stop)."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            await nursery.start(self.fixtures.run)
             await nursery.start(self._run_supervisor)
             stream = await nursery.start(run_data_plane, self.config, self.hub, self.registry)
             http = await nursery.start(run_control_plane, self.config, self)
@@ -105,6 +108,7 @@ class Gateway:
         close 1001 "going away", every upstream is closed. Never raises; what does not finish in
         time is cut when the caller cancels the root nursery."""
         self._draining = True
+        self.fixtures.close()
         with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.registry.drain)
@@ -125,11 +129,11 @@ class Gateway:
         *new* is reported as ``skipped``.
         """
         old = self.config
-        wanted = {fx.key: fx for fx in new.fixtures}
-        added = [fx for key, fx in wanted.items() if key not in self._configured]
-        skipped = [fx for fx in added if fx.feed not in old.feeds]
-        added = [fx for fx in added if fx.feed in old.feeds]
-        removed = sorted(self._configured - wanted.keys())
+        skipped = [
+            fx
+            for fx in new.fixtures
+            if fx.feed not in old.feeds and not self.fixtures.is_configured(*fx.key)
+        ]
         needs_restart = [
             section
             for section in ("gateway", "feeds", "subscribers", "api")
@@ -140,12 +144,7 @@ class Gateway:
         kept = tuple(fx for fx in new.fixtures if fx.feed in old.feeds)
         self.config = attrs.evolve(old, upstream=new.upstream, fixtures=kept)
         self.supervisor.update_config(self.config)
-        for key in removed:
-            self._configured.discard(key)
-            self._stop(*key)
-        for fx in added:
-            self._configured.add(fx.key)
-            self.supervisor.add(fx)
+        added, removed = self.fixtures.reconcile(kept)
         return {
             "added": [f"{fx.feed}/{fx.id}" for fx in added],
             "removed": [f"{f}/{i}" for f, i in removed],
@@ -159,8 +158,7 @@ class Gateway:
         return self.hub.topic(feed.name, fixture.id)
 
     def _stop(self, feed: str, fixture: str) -> bool:
-        self._on_demand.discard((feed, fixture))
-        self._cancel_linger((feed, fixture))
+        # The FixtureBook's stop callback: only it calls this (it keeps its sets in step).
         handle = self.supervisor.get(feed, fixture)
         if handle is not None:
             # Keep its counts so per-feed metrics stay monotonic after it is gone.
@@ -171,59 +169,13 @@ class Gateway:
         self.hub.close_topic(feed, fixture)
         return stopped
 
-    # -- FixtureDirectory (hub, on demand) -------------------------------------------------------
+    def _follow(self, fixture: FixtureConfig) -> bool:
+        # The FixtureBook's follow callback (the supervisor is made after the book).
+        return self.supervisor.add(fixture)
 
-    def is_followed(self, feed: str, fixture: str) -> bool:
-        return self.supervisor.get(feed, fixture) is not None
-
-    def demand(self, feed: str, fixture: str) -> bool:
-        feed_config = self.config.feeds.get(feed)
-        if feed_config is None or not feed_config.on_demand or self._draining:
-            return False
-        key = (feed, fixture)
-        if key not in self._on_demand and not self.is_followed(feed, fixture):
-            # The vendor wants few connections: subscribers must not open them without bound.
-            cap = feed_config.max_on_demand
-            if sum(1 for f, _ in self._on_demand if f == feed) >= cap:
-                self._refused[feed] = self._refused.get(feed, 0) + 1
-                log.warning(
-                    "refused on-demand %s/%s: the feed already follows %d fixtures on demand",
-                    feed,
-                    fixture,
-                    cap,
-                )
-                raise OnDemandLimitError(
-                    f"fixture {fixture!r} of feed {feed!r} refused: the feed already follows "
-                    f"{cap} fixtures on demand (max_on_demand)"
-                )
-        self._cancel_linger(key)
-        if self.supervisor.add(FixtureConfig(feed=feed, id=fixture, backfill=0)):
-            self._on_demand.add((feed, fixture))
-            log.info("following %s/%s on demand", feed, fixture)
-        return True
-
-    def release(self, feed: str, fixture: str) -> None:
-        key = (feed, fixture)
-        if key not in self._on_demand or key in self._linger or self._nursery is None:
-            return
-        linger = self.config.feeds[feed].linger
-        scope = trio.CancelScope()
-        self._linger[key] = scope
-        self._nursery.start_soon(self._linger_then_stop, key, linger, scope)
-
-    async def _linger_then_stop(self, key: Key, linger: float, scope: trio.CancelScope) -> None:
-        with scope:
-            await trio.sleep(linger)
-            self._linger.pop(key, None)
-            topic = self.hub.get(*key)
-            if key in self._on_demand and (topic is None or topic.subscriber_count == 0):
-                log.info("stopping on-demand %s/%s: no subscriber for %.0f s", *key, linger)
-                self._stop(*key)
-
-    def _cancel_linger(self, key: Key) -> None:
-        scope = self._linger.pop(key, None)
-        if scope is not None:
-            scope.cancel()
+    def _subscriber_count(self, feed: str, fixture: str) -> int:
+        topic = self.hub.get(feed, fixture)
+        return 0 if topic is None else topic.subscriber_count
 
     # -- ControlTarget (HTTP API) --------------------------------------------------------------
 
@@ -259,20 +211,18 @@ class Gateway:
             upstream=status.snapshot(),
         )
 
+    def is_followed(self, feed: str, fixture: str) -> bool:
+        return self.supervisor.get(feed, fixture) is not None
+
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
         if feed not in self.config.feeds:
-            raise KeyError(feed)
-        key = (feed, fixture)
-        # Asked for explicitly: from now on it stays until deleted, even if it came on demand.
-        self._on_demand.discard(key)
-        self._cancel_linger(key)
-        return self.supervisor.add(FixtureConfig(feed=feed, id=fixture, backfill=backfill))
+            raise UnknownFeedError(f"unknown feed {feed!r}")
+        return self.fixtures.follow(FixtureConfig(feed=feed, id=fixture, backfill=backfill))
 
     def unfollow(self, feed: str, fixture: str) -> bool:
         if not self.is_followed(feed, fixture):
             return False
-        self._configured.discard((feed, fixture))
-        return self._stop(feed, fixture)
+        return self.fixtures.stop(feed, fixture)
 
     def latest(self, feed: str, fixture: str) -> str | None:
         if not self.is_followed(feed, fixture):
@@ -288,12 +238,13 @@ class Gateway:
         return self.hub.fanout_latency
 
     def feed_totals(self) -> dict[str, FeedTotals]:
+        refused = self.fixtures.refused()
         upstream = {name: self._retired.get(name, UpstreamCounters()) for name in self.config.feeds}
         for handle in self.supervisor.handles():
             name = handle.feed.name
             upstream[name] = upstream.get(name, UpstreamCounters()) + handle.status.counters
         return {
-            name: FeedTotals(upstream=counters, on_demand_refused=self._refused.get(name, 0))
+            name: FeedTotals(upstream=counters, on_demand_refused=refused.get(name, 0))
             for name, counters in upstream.items()
         }
 

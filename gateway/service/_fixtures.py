@@ -1,0 +1,192 @@
+"""Which fixtures the gateway follows, and why: the config, the HTTP API, or a subscriber.
+
+:class:`FixtureBook` keeps the bookkeeping the service needs on top of the upstream supervisor
+(which follows whatever it is given): which fixtures the config file names (reconciled on
+reload), which a subscriber started on demand (stopped ``linger`` seconds after its last
+subscriber left, and at most ``max_on_demand`` per feed), and what was asked for through the
+API (kept until deleted). It implements the hub's ``FixtureDirectory``.
+
+It does no I/O itself: following and stopping are the two callables it is built with, so the
+rules can be tested with fakes under a MockClock. Its linger timers run in the nursery of
+:meth:`FixtureBook.run`.
+
+Example::
+
+    book = FixtureBook(lambda: config.feeds, configured, follow=supervisor.add, stop=stop,
+                       is_followed=is_followed, subscribers=count)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(book.run)
+        book.demand("tracking", "f1")     # a subscriber asked: followed now
+        book.release("tracking", "f1")    # its last subscriber left: stopped after linger
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import trio
+
+from gateway.config import FeedConfig, FixtureConfig
+from gateway.hub import OnDemandLimitError
+
+log = logging.getLogger("gateway")
+
+Key = tuple[str, str]
+
+
+class FixtureBook:
+    """The fixtures followed on top of the supervisor, by source. See the module docstring.
+
+    *follow* starts following a fixture (True when newly followed); *stop* stops one (True when
+    it was followed) and must make *is_followed* false; *subscribers* counts a fixture's
+    subscribers now. Each is called synchronously and must not block.
+    """
+
+    def __init__(
+        self,
+        feeds: Callable[[], Mapping[str, FeedConfig]],
+        configured: Iterable[Key],
+        *,
+        follow: Callable[[FixtureConfig], bool],
+        stop: Callable[[str, str], bool],
+        is_followed: Callable[[str, str], bool],
+        subscribers: Callable[[str, str], int],
+    ) -> None:
+        self._feeds = feeds
+        self._follow = follow
+        self._stop = stop
+        self._is_followed = is_followed
+        self._subscribers = subscribers
+        self._configured: set[Key] = set(configured)
+        self._on_demand: set[Key] = set()
+        self._linger: dict[Key, trio.CancelScope] = {}
+        self._refused: dict[str, int] = {}
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the linger timers until cancelled (a release before this runs never stops)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # -- views -----------------------------------------------------------------------------
+
+    def is_configured(self, feed: str, fixture: str) -> bool:
+        return (feed, fixture) in self._configured
+
+    def is_on_demand(self, feed: str, fixture: str) -> bool:
+        return (feed, fixture) in self._on_demand
+
+    def on_demand_count(self, feed: str) -> int:
+        return sum(1 for f, _ in self._on_demand if f == feed)
+
+    def refused(self) -> dict[str, int]:
+        """On-demand subscriptions refused per feed (``max_on_demand``), since start."""
+        return dict(self._refused)
+
+    def close(self) -> None:
+        """Draining: no fixture is followed on demand from now on."""
+        self._closed = True
+
+    # -- the hub's FixtureDirectory --------------------------------------------------------
+
+    def is_followed(self, feed: str, fixture: str) -> bool:
+        return self._is_followed(feed, fixture)
+
+    def demand(self, feed: str, fixture: str) -> bool:
+        """A subscriber wants *fixture* of an on-demand feed: follow it (or keep following).
+
+        False when the feed is unknown or not on demand, or the gateway is draining. Raises
+        :class:`~gateway.hub.OnDemandLimitError` (counted and logged) when following it would
+        pass the feed's ``max_on_demand``.
+        """
+        cfg = self._feeds().get(feed)
+        if cfg is None or not cfg.on_demand or self._closed:
+            return False
+        key = (feed, fixture)
+        # The vendor wants few connections: subscribers must not open them without bound.
+        if (
+            key not in self._on_demand
+            and not self._is_followed(feed, fixture)
+            and self.on_demand_count(feed) >= cfg.max_on_demand
+        ):
+            self._refused[feed] = self._refused.get(feed, 0) + 1
+            log.warning(
+                "refused on-demand %s/%s: the feed already follows %d fixtures on demand",
+                feed,
+                fixture,
+                cfg.max_on_demand,
+            )
+            raise OnDemandLimitError(
+                f"fixture {fixture!r} of feed {feed!r} refused: the feed already follows "
+                f"{cfg.max_on_demand} fixtures on demand (max_on_demand)"
+            )
+        self._cancel_linger(key)
+        if self._follow(FixtureConfig(feed=feed, id=fixture, backfill=0)):
+            self._on_demand.add(key)
+            log.info("following %s/%s on demand", feed, fixture)
+        return True
+
+    def release(self, feed: str, fixture: str) -> None:
+        """The last subscriber left: an on-demand fixture stops after its feed's ``linger``."""
+        key = (feed, fixture)
+        if key not in self._on_demand or key in self._linger or self._nursery is None:
+            return
+        linger = self._feeds()[feed].linger
+        scope = trio.CancelScope()
+        self._linger[key] = scope
+        self._nursery.start_soon(self._linger_then_stop, key, linger, scope)
+
+    async def _linger_then_stop(self, key: Key, linger: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(linger)
+            self._linger.pop(key, None)
+            if key in self._on_demand and self._subscribers(*key) == 0:
+                log.info("stopping on-demand %s/%s: no subscriber for %.0f s", *key, linger)
+                self.stop(*key)
+
+    def _cancel_linger(self, key: Key) -> None:
+        scope = self._linger.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+
+    # -- the API and reload ----------------------------------------------------------------
+
+    def follow(self, fixture: FixtureConfig) -> bool:
+        """Follow *fixture* because the API asked: it stays until deleted, even if it came on
+        demand. True when newly followed."""
+        key = fixture.key
+        self._on_demand.discard(key)
+        self._cancel_linger(key)
+        return self._follow(fixture)
+
+    def stop(self, feed: str, fixture: str) -> bool:
+        """Stop following, whatever the source; False when it was not followed."""
+        key = (feed, fixture)
+        self._configured.discard(key)
+        self._on_demand.discard(key)
+        self._cancel_linger(key)
+        return self._stop(feed, fixture)
+
+    def reconcile(self, wanted: Iterable[FixtureConfig]) -> tuple[list[FixtureConfig], list[Key]]:
+        """Make the configured fixtures *wanted* (a reloaded config's, of known feeds).
+
+        Follows the new ones and stops the ones no longer configured; API and on-demand
+        fixtures are left alone, and unchanged ones keep their connection. Returns
+        ``(added, removed)``.
+        """
+        wanted_by_key = {fx.key: fx for fx in wanted}
+        added = [fx for key, fx in wanted_by_key.items() if key not in self._configured]
+        removed = sorted(self._configured - wanted_by_key.keys())
+        for key in removed:
+            self.stop(*key)
+        for fx in added:
+            self._configured.add(fx.key)
+            self._follow(fx)
+        return added, removed
