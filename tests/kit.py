@@ -150,10 +150,21 @@ async def next_of_type(ws: trio_websocket.WebSocketConnection, kind: str) -> dic
         assert msg["type"] in ("heartbeat", "status"), msg
 
 
-async def wait_until(predicate: Callable[[], bool], interval: float = 0.02) -> None:
-    """Poll state that has no event to wait on (counters of another component)."""
-    while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
-        await trio.sleep(interval)
+async def wait_until(
+    predicate: Callable[..., bool],  # called without arguments (lambdas may bind defaults)
+    timeout: float = 10.0,  # noqa: ASYNC109 - the hard deadline is the point of this helper
+    *,
+    interval: float = 0.01,
+) -> None:
+    """Poll state that has no event to wait on (counters of another component).
+
+    Use it instead of sleeping a guessed time and assuming something happened meanwhile: it
+    returns as soon as *predicate* holds, and raises ``trio.TooSlowError`` if it still does not
+    after *timeout* seconds (of the trio clock, so virtual seconds under ``MockClock``).
+    """
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
+            await trio.sleep(interval)
 
 
 async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -46,6 +46,7 @@ from gateway.config import (
 from gateway.dataplane import SubscriberRegistry, run
 from gateway.hub import FixtureDirectory, Hub, Topic
 from gateway.model import FixtureState
+from tests.kit import wait_until
 
 TRACKING_PATH = "/ws/soccer/tracking/low_latency"
 FASTPATH_TEMPLATE = "/soccer/fixtures/{fixture}/actions"
@@ -132,12 +133,6 @@ async def subscribe(ws: WebSocketConnection, fixture: str = "F1", **extra: Any) 
     status = await recv_type(ws, "status")
     assert (status["feed"], status["fixture"]) == (sub["feed"], sub["fixture"])
     return sub
-
-
-async def wait_for(predicate: Any, interval: float = 0.01) -> None:
-    # Polling on purpose: the conditions are counters of the code under test.
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(interval)
 
 
 # -- a raw client: for peers that misbehave (stop reading, ignore pings) ---------------------
@@ -377,7 +372,7 @@ async def test_unsubscribe_stops_frames() -> None:
                 await subscribe(ws, "F2")
                 assert t1.subscriber_count == 1
                 await send_json(ws, {"op": "unsubscribe", "feed": "tracking", "fixture": "F1"})
-                await wait_for(lambda: t1.subscriber_count == 0)
+                await wait_until(lambda: t1.subscriber_count == 0)
                 t1.publish('{"gone":1}', None)
                 t2.publish('{"kept":1}', None)
                 m = await recv_type(ws, "frame")
@@ -509,7 +504,7 @@ async def test_ping_and_ping_timeout() -> None:
             _, code = await raw.read_until_close()
             assert code == 1011
             raw.close()
-            await wait_for(lambda: len(s.registry) == 0)
+            await wait_until(lambda: len(s.registry) == 0)
 
 
 class FakeDirectory:
@@ -548,10 +543,10 @@ async def test_on_demand_demand_and_release() -> None:
                 await recv_type(ws, "status")  # after the status of M1
                 assert (await recv_type(ws, "subscribed"))["fixture"] == "STATIC"
                 await send_json(ws, {"op": "unsubscribe", "feed": "ondemand", "fixture": "M1"})
-                await wait_for(lambda: len(directory.calls) == 2)
+                await wait_until(lambda: len(directory.calls) == 2)
                 assert directory.calls[1] == ("release", "ondemand", "M1")
             # Disconnecting releases the rest.
-            await wait_for(lambda: ("release", "tracking", "STATIC") in directory.calls)
+            await wait_until(lambda: ("release", "tracking", "STATIC") in directory.calls)
         directory = FakeDirectory(refuse=True)
         async with serving(make_config(), directory) as s, open_websocket_url(s.url) as ws:
             await send_json(ws, {"op": "subscribe", "feed": "ondemand", "fixture": "M2"})
@@ -587,20 +582,20 @@ async def test_on_demand_refuses_ids_that_could_change_an_upstream_url() -> None
             # A valid id on the same feed is accepted (and followed after authentication).
             async with open_websocket_url(f"ws://{s.addr}/basketball/fixtures/G-1/actions") as ws:
                 await send_json(ws, {"authToken": "t"})
-                await wait_for(lambda: directory.calls == [("demand", "fpod", "G-1")])
+                await wait_until(lambda: directory.calls == [("demand", "fpod", "G-1")])
 
 
 async def test_max_connections_503() -> None:
     with trio.fail_after(20):
         async with serving(make_config(max_connections=2)) as s:
             async with open_websocket_url(s.url), open_websocket_url(s.url):
-                await wait_for(lambda: len(s.registry) == 2)
+                await wait_until(lambda: len(s.registry) == 2)
                 with pytest.raises(ConnectionRejected) as info:
                     async with open_websocket_url(s.url):
                         pass
                 assert info.value.status_code == 503
                 assert s.registry.rejected == 1
-            await wait_for(lambda: len(s.registry) == 0)
+            await wait_until(lambda: len(s.registry) == 0)
             async with open_websocket_url(s.url):
                 pass
 
@@ -649,7 +644,7 @@ async def test_drain_closes_everyone_with_1001() -> None:
             s.topic()
             async with open_websocket_url(s.url) as a, open_websocket_url(s.url) as b:
                 await subscribe(a)
-                await wait_for(lambda: len(s.registry) == 2)
+                await wait_until(lambda: len(s.registry) == 2)
                 await s.registry.drain()
                 assert len(s.registry) == 0
                 for ws in (a, b):
@@ -677,7 +672,7 @@ async def test_registry_views() -> None:
                 assert view.subscriptions == ("tracking/F1",)
                 assert view.frames_sent == 1 and view.frames_dropped == 0
                 assert view.peer.startswith("127.0.0.1:")
-            await wait_for(lambda: len(s.registry) == 0)
+            await wait_until(lambda: len(s.registry) == 0)
             stats = s.registry.stats()
             assert (stats.connections, stats.accepted, stats.frames_sent) == (0, 1, 1)
             assert (stats.frames_dropped, stats.slow_disconnects, stats.rejected) == (0, 0, 0)

@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from gateway.config import FeedConfig
 from gateway.model import FixtureState
+from tests.kit import wait_until
 from tests.test_dataplane import (
     FASTPATH_TEMPLATE,
     ODD_FRAME,
@@ -34,7 +35,6 @@ from tests.test_dataplane import (
     make_config,
     recv_json,
     serving,
-    wait_for,
 )
 
 ACCEPTED = {"message": "Authorisation accepted", "level": "INFO"}
@@ -148,7 +148,7 @@ async def test_tracking_without_tokens_file_accepts_any_token_and_heartbeats() -
                     pass
                 assert m["level"] == "ERROR"
                 await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
-                await wait_for(lambda: s.topic("F1").subscriber_count == 1)
+                await wait_until(lambda: s.topic("F1").subscriber_count == 1)
                 s.topic("F1").publish('{"x":1}', None)
                 while (text := await ws.get_message()) != '{"x":1}':
                     assert "Heartbeat" in str(text)
@@ -223,7 +223,7 @@ async def test_dropin_slow_subscriber_always_disconnected() -> None:
             await stuck.send_json({"authToken": "t"})
             assert await stuck.read_frame() == (1, orjson.dumps(ACCEPTED))
             await stuck.send_json({"fixtureId": "F1", "backfill": 0})
-            await wait_for(lambda: topic.subscriber_count == 1)
+            await wait_until(lambda: topic.subscriber_count == 1)
             n = 0
             while topic.slow_disconnects == 0:
                 assert n < 5000
@@ -251,9 +251,9 @@ async def test_feed_path_option_moves_the_dropin_endpoint() -> None:
                     await ws.send_message('{"authToken": "t"}')
                     assert await recv_json(ws) == ACCEPTED
                     await ws.send_message('{"fixtureId": "F1", "backfill": 0}')
-                    await wait_for(lambda t=topic: t.subscriber_count == 1)
+                    await wait_until(lambda t=topic: t.subscriber_count == 1)
                     main.publish('{"feed":"main"}', None)
                     replay.publish('{"feed":"replay"}', None)
                     expected = '{"feed":"main"}' if topic is main else '{"feed":"replay"}'
                     assert await ws.get_message() == expected
-                await wait_for(lambda t=topic: t.subscriber_count == 0)
+                await wait_until(lambda t=topic: t.subscriber_count == 0)

@@ -17,13 +17,13 @@ import trio
 import trio.lowlevel
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from tests.kit import wait_until
 from tests.test_dataplane import (
     RawClient,
     make_config,
     recv_type,
     serving,
     subscribe,
-    wait_for,
 )
 
 QUEUE_BYTES = 64 * 1024
@@ -67,7 +67,7 @@ async def test_stuck_subscriber_disconnected_4008_others_get_every_frame() -> No
                     for _ in range(10):
                         published += 1
                         topic.publish(FRAME % published, None)
-                    await wait_for(lambda n=published: all(len(r) == n for r in received))
+                    await wait_until(lambda n=published: all(len(r) == n for r in received))
                 assert s.registry.slow_disconnects == 1
                 # The stuck client reads at last: complete frames, then the 4008 close frame.
                 texts, code = await stuck.read_until_close()
@@ -80,7 +80,7 @@ async def test_stuck_subscriber_disconnected_4008_others_get_every_frame() -> No
                 for _ in range(20):
                     published += 1
                     topic.publish(FRAME % published, None)
-                await wait_for(lambda n=published: all(len(r) == n for r in received))
+                await wait_until(lambda n=published: all(len(r) == n for r in received))
                 for r in received:
                     assert r == list(range(1, published + 1))
                 assert topic.subscriber_count == 20
@@ -168,4 +168,4 @@ async def test_memory_bounded_disconnect_policy() -> None:
             assert conn.slow_disconnected
             assert topic.slow_disconnects == 1
             stuck.close()
-            await wait_for(lambda: len(s.registry) == 0)
+            await wait_until(lambda: len(s.registry) == 0)

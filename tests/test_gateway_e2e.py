@@ -116,8 +116,8 @@ async def test_seq_contiguous_across_20_upstream_drops(tmp_path: Path) -> None:
 async def vendor_tracking_client(
     url: str, token: str, fixture: str, backfill: int, n: int
 ) -> list[str]:
-    """A client written for the vendor's tracking protocol (seed 003): the same code is pointed
-    at the simulator and at the gateway's drop-in endpoint."""
+    """A client written for the vendor's tracking protocol (docs/vendor-protocol.md): the same
+    code is pointed at the simulator and at the gateway's drop-in endpoint."""
     frames: list[str] = []
     async with trio_websocket.open_websocket_url(url) as ws:
         await ws.send_message(orjson.dumps({"authToken": token}).decode())

@@ -24,7 +24,7 @@ import trio_websocket
 
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
-from tests.kit import TRACKING_PATH, http_get
+from tests.kit import TRACKING_PATH, http_get, wait_until
 
 A, B, C = "fixture-a", "fixture-b", "fixture-c"
 
@@ -141,6 +141,7 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                 status, body = await http_get(f"http://{proc.http}/readyz")
                 assert status == 200, body
                 closes: list[tuple[int | None, str | None]] = []
+                subscribed = 0
                 async with trio.open_nursery() as nursery:
                     sockets = []
                     for _ in range(50):
@@ -155,16 +156,20 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                         sockets.append(ws)
 
                     async def drain_until_closed(ws: trio_websocket.WebSocketConnection) -> None:
+                        nonlocal subscribed
                         try:
                             while True:
-                                await ws.get_message()
+                                msg = await ws.get_message()
+                                if orjson.loads(msg)["type"] == "subscribed":
+                                    subscribed += 1
                         except trio_websocket.ConnectionClosed as exc:
                             assert exc.reason is not None
                             closes.append((exc.reason.code, exc.reason.reason))
 
                     for ws in sockets:
                         nursery.start_soon(drain_until_closed, ws)
-                    await trio.sleep(0.5)
+                    # SIGTERM only once the gateway has taken every subscription.
+                    await wait_until(lambda: subscribed == 50, timeout=30)
                     started = trio.current_time()
                     proc.process.send_signal(signal.SIGTERM)
                     code = await proc.process.wait()

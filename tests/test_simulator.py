@@ -19,7 +19,7 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from gateway.simulator import (
     run_from_args,
 )
 from tests.conftest import TEST_TOKEN
+from tests.kit import wait_until
 
 TIMEOUT = 20
 TRACK = "/ws/soccer/tracking/low_latency"
@@ -109,12 +110,6 @@ async def send(ws: WebSocketConnection, doc: Any) -> None:
 
 async def recv(ws: WebSocketConnection) -> Any:
     return orjson.loads(await ws.get_message())
-
-
-async def wait_for(predicate: Callable[[], bool]) -> None:
-    """Poll: the simulator's state is plain data with no event to wait on."""
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(0.01)
 
 
 def is_info(doc: Any) -> bool:
@@ -235,7 +230,7 @@ async def test_backfill_start_and_then_live(backfill: int | None) -> None:
     fixture = sim.add_fixture("fx")
     with trio.fail_after(TIMEOUT):
         async with serving(sim) as port, tracking(port) as ws:
-            await trio.sleep(0.1)  # let some frames exist
+            await wait_until(lambda: fixture.current_ix() >= 10)  # more frames than backfill 7
             before = fixture.current_ix()
             await send(ws, {"fixtureId": "fx", "backfill": backfill})
             first = await next_data(ws)
@@ -243,7 +238,7 @@ async def test_backfill_start_and_then_live(backfill: int | None) -> None:
             frames = [first, *await data(ws, 30)]
     assert_contiguous(frames)
     assert all(f["id"] == "fx" for f in frames)
-    assert before >= 5
+    assert before >= 10
     if backfill in (None, -1):
         assert first["ix"] == 0
     elif backfill == 0:
@@ -316,7 +311,7 @@ async def test_replay_paces_backfill_then_goes_live() -> None:
     fixture = sim.add_fixture("fx")
     with trio.fail_after(TIMEOUT):
         async with serving(sim) as port, tracking(port) as ws:
-            await trio.sleep(0.1)
+            await wait_until(lambda: fixture.current_ix() >= 10)  # the 10 to replay exist
             replay = {"enabled": True, "packetsPerSecond": 1000, "looped": False}
             start = trio.current_time()
             await send(ws, {"fixtureId": "fx", "backfill": 10, "replay": replay})
@@ -333,10 +328,10 @@ async def test_looped_replay_of_a_recording_restarts_at_the_end(tmp_path: Path) 
     lines = [orjson.dumps({"id": "rec", "ix": 100 + i}).decode() for i in range(5)]
     recording.write_text("\n".join(lines) + "\n\n")
     sim = make_sim(rate_hz=1000.0)
-    sim.add_fixture("rec", recording=recording)
+    fixture = sim.add_fixture("rec", recording=recording)
     with trio.fail_after(TIMEOUT):
         async with serving(sim) as port, tracking(port) as ws:
-            await trio.sleep(0.05)  # the 5-frame recording has been played by now
+            await wait_until(lambda: fixture.available() == len(lines))  # the whole recording
             replay = {"enabled": True, "packetsPerSecond": 500, "looped": True}
             await send(ws, {"fixtureId": "rec", "backfill": -1, "replay": replay})
             raw = [orjson.dumps(await next_data(ws)).decode() for _ in range(12)]
@@ -473,7 +468,7 @@ async def test_fastpath_seq_from_one_per_connection_and_start_position() -> None
     fixture = sim.add_fixture("fp", kind="fastpath")
     with trio.fail_after(TIMEOUT):
         async with serving(sim) as port:
-            await wait_for(lambda: fixture.events_so_far() >= 6)
+            await wait_until(lambda: fixture.events_so_far() >= 6)
             async with fastpath(port, "fp") as ws:
                 full = await data(ws, 10)
             query = "?startPosition=4"
@@ -549,9 +544,9 @@ async def test_fastpath_connection_during_outage_gets_current_state() -> None:
     fixture = sim.add_fixture("fp", kind="fastpath")
     with trio.fail_after(TIMEOUT):
         async with serving(sim) as port:
-            await wait_for(lambda: fixture.events_so_far() >= 2)
+            await wait_until(lambda: fixture.events_so_far() >= 2)
             fixture.outage(5.0)
-            await wait_for(lambda: fixture.scorer_state == "Disconnected")
+            await wait_until(lambda: fixture.scorer_state == "Disconnected")
             delivered = fixture.events_so_far()
             async with fastpath(port, "fp") as ws:
                 msgs = await data(ws, delivered + 1)
@@ -745,7 +740,7 @@ async def test_remove_fixture_closes_its_connections() -> None:
                 assert await close_code(ws) == 1001
                 assert await close_code(fp) == 1001
             assert "fx" not in sim.fixtures
-            await wait_for(lambda: sim.active_connections == 0)
+            await wait_until(lambda: sim.active_connections == 0)
 
 
 # -- data: determinism and shape ----------------------------------------------------------
@@ -1048,7 +1043,7 @@ async def test_one_info_line_per_connection_without_the_token(
             async with tracking(port) as ws:
                 await send(ws, {"fixtureId": "fx", "backfill": -1})
                 assert await close_code(ws) == 4000
-            await wait_for(lambda: sim.active_connections == 0)
+            await wait_until(lambda: sim.active_connections == 0)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn ")]
     assert len(lines) == 1
     assert "tracking fx: dropped" in lines[0] and "3 data frames (close 4000)" in lines[0]

@@ -1,6 +1,6 @@
 """Serve the control plane: hypercorn's trio worker on ``config.gateway.http_listen``.
 
-hypercorn is fine for short HTTP requests (see docs/design-notes: its shielded writes only hurt
+hypercorn is fine for short HTTP requests (see docs/design.md: its shielded writes only hurt
 long-lived streams, which live on the data plane instead). No signal handling here: the
 service's root nursery owns signals, and cancelling :func:`run` (or setting *shutdown*) stops it.
 """

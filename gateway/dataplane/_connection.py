@@ -1,7 +1,7 @@
 """One subscriber connection after the handshake: its write queue, writer, reader and pinger.
 
 The write path is the performance-critical part of the gateway (measurements in
-``/work/shared/design-notes.md``):
+``docs/performance.md``):
 
 - Frame bytes are shared (built once by the hub). Delivering one is, when the subscriber has
   nothing queued and no write in flight, one non-blocking ``os.write`` on the socket's file

@@ -1,6 +1,6 @@
 """Endpoint 2: the vendor drop-in, so an existing DDE client can point at the gateway unchanged.
 
-It speaks the vendor protocol of the feed's kind (``/work/shared/dde-protocol.md``):
+It speaks the vendor protocol of the feed's kind (``docs/vendor-protocol.md``):
 
 - tracking: ``{"authToken":..}`` -> ``Authorisation accepted``; vendor heartbeats; then
   ``{"fixtureId":..,"backfill":..}`` -> the upstream frames verbatim. Unknown fixture -> the

@@ -1,7 +1,7 @@
 """The data-plane server: a raw trio TCP listener with wsproto for handshakes and client frames.
 
 Why not a WebSocket server library: fan-out cost is dominated by how frames reach the socket
-(see ``/work/shared/design-notes.md``: 2 us per delivery here against 50 us with trio-websocket
+(see ``docs/performance.md``: 2 us per delivery here against 50 us with trio-websocket
 ``send_message``). wsproto still does the parts that need care: the HTTP upgrade and parsing
 client frames (masking, fragmentation, UTF-8, close codes).
 """

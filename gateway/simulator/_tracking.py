@@ -19,7 +19,7 @@ import attrs
 PITCH_HALF_LENGTH: Final = 52.5
 PITCH_HALF_WIDTH: Final = 34.0
 DEFAULT_KICKOFF_UT_MS: Final = 1682899391822
-"""``ut`` of frame 0 (the seed's example). A fixed epoch keeps frames byte-identical across runs."""
+"""``ut`` of frame 0 (vendor's example). A fixed epoch keeps frames byte-identical across runs."""
 DEFAULT_PHASE_SECONDS: Final = 45 * 60.0
 
 # Formation spots (metres, home team attacking towards +x), goalkeeper first: a 4-4-2.
@@ -36,7 +36,7 @@ _FORMATION: Final = (
     (-4.0, -8.0),
     (-4.0, 8.0),
 )
-_REFEREE_ROLES: Final = (5, 4, 3)  # the seed's order: main referee ids vary, roles 3-5
+_REFEREE_ROLES: Final = (5, 4, 3)  # the vendor example's order: main referee ids vary, roles 3-5
 
 
 @attrs.frozen
@@ -161,7 +161,7 @@ class TrackingMatch:
         return ix / self.rate_hz
 
     def frame(self, ix: int) -> dict[str, Any]:
-        """Frame ``ix`` as a dict in the vendor's field order (seed 003)."""
+        """Frame ``ix`` as a dict in the vendor's field order (docs/vendor-protocol.md)."""
         if ix < 0:
             raise ValueError(f"ix must be >= 0, got {ix}")
         t = ix / self.rate_hz

@@ -1,7 +1,7 @@
 """Classify one upstream text message: parsed once, never re-serialised.
 
 The vendor mixes data frames, informational messages, heartbeats and several error shapes on the
-same socket (see ``/work/shared/dde-protocol.md``). This module turns one raw message into a
+same socket (see ``docs/vendor-protocol.md``). This module turns one raw message into a
 :class:`Message` saying what it is and the one number the gateway needs from it (tracking ``ix``
 or fastpath ``fixtureSeqNum``). Nothing here raises on bad input: anything unrecognised is
 :attr:`Kind.MALFORMED` and the caller counts and skips it.

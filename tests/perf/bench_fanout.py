@@ -5,9 +5,9 @@ process (so their CPU is not counted), publishes F frames of S bytes into one to
 per event-loop turn (or at --rate Hz), and reports this process's CPU time divided by the
 deliveries (F x N), plus how many deliveries were eager writes vs. queued.
 
-    /tmp/venv/bin/python tests/perf/bench_fanout.py --subscribers 100 --frames 3000 --size 3000
+    .venv/bin/python tests/perf/bench_fanout.py --subscribers 100 --frames 3000 --size 3000
 
-The reference numbers (2-core machine) are in /work/shared/design-notes.md: about 2.0-2.7 us.
+The reference numbers (2-core machine) are in docs/performance.md: about 2.0-2.7 us.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ child process sends F connections R frames of S bytes per second each, spread ev
 period as the vendor's independent fixtures are; a drain child reads and discards. Only the
 relay process's own CPU time (user + system, over the measured window) is reported.
 
-    /tmp/venv/bin/python tests/perf/bench_ingest_floor.py --fixtures 200 --rate 25 --size 3000
+    .venv/bin/python tests/perf/bench_ingest_floor.py --fixtures 200 --rate 25 --size 3000
 
 With ``--work`` the relay also does what the gateway does per frame besides the I/O, in
 order, so each step's cost shows as the difference from the bare floor: ``parse`` (simdjson

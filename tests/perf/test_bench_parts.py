@@ -213,6 +213,16 @@ class _Lines:
         return json.loads(line)
 
 
+async def _wait_for_ix(url: str, fixture: str, ix: int) -> None:
+    """Follow *fixture* live until a frame with index >= *ix* came: the feeder holds 0..ix."""
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(json.dumps({"authToken": TEST_TOKEN}))
+        await ws.get_message()  # Authorisation accepted
+        await ws.send_message(json.dumps({"fixtureId": fixture, "backfill": 0}))
+        while orjson.loads(await ws.get_message()).get("ix", -1) < ix:  # heartbeats have none
+            pass
+
+
 async def test_feeder_speaks_the_tracking_protocol() -> None:
     env = dict(os.environ, DDE_BENCH_TOKEN=TEST_TOKEN)
     argv = [sys.executable, "-m", "gateway.bench._feeder", "--fixtures", "2", "--rate", "200"]
@@ -232,7 +242,7 @@ async def test_feeder_speaks_the_tracking_protocol() -> None:
                 assert "Authorisation accepted" in str(await ws.get_message())
                 await ws.send_message('{"fixtureId": "nope", "backfill": 0}')
                 assert "Could not find fixture topic" in str(await ws.get_message())
-                await trio.sleep(0.2)  # let history build up
+                await _wait_for_ix(url, "bench-0001", 10)  # history holds more than 5
                 await ws.send_message('{"fixtureId": "bench-0001", "backfill": 5}')
                 frames = [await ws.get_message() for _ in range(10)]
             assert all(str(f).startswith('{"_bt":') for f in frames)
