@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench import Scenario
-from gateway.bench._report import ROWS
-from gateway.bench._run import peer_available, run_bench
+from gateway.bench import ROWS, Scenario, peer_available, run_bench
 
 SMOKE = Scenario(
     name="smoke",
@@ -36,7 +34,7 @@ SMOKE = Scenario(
 def test_bench_smoke_produces_a_complete_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert peer_available(), "websockets and tests/perf/ws_peer.py are test requirements"
+    assert peer_available(), "websockets is a test requirement (and the 'bench' extra)"
     out = tmp_path / "bench.json"
     doc = run_bench([SMOKE], json_path=out, progress=False)
 

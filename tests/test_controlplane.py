@@ -26,7 +26,6 @@ from gateway.config import Config, ListenAddress, SecretError, structure_config
 from gateway.controlplane import (
     FIXTURE_ID_PATTERN,
     MAX_BODY_BYTES,
-    MemoryTarget,
     RateSampler,
     SubscriberView,
     Totals,
@@ -34,6 +33,7 @@ from gateway.controlplane import (
 )
 from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
+from tests.memory_target import MemoryTarget
 
 TIMEOUT = 30  # generous: loaded 2-core CI machines
 ADMIN_TOKENS = ("admin-token-1", "admin-token-2")

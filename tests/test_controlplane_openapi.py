@@ -27,8 +27,9 @@ from schemathesis.checks import not_a_server_error
 from starlette.routing import Route
 
 from gateway.config import ListenAddress
-from gateway.controlplane import MAX_BODY_BYTES, MemoryTarget, build_app, run
+from gateway.controlplane import MAX_BODY_BYTES, build_app, run
 from tests.conftest import TEST_TOKEN
+from tests.memory_target import MemoryTarget
 from tests.test_controlplane import ADMIN_TOKENS, READ_TOKEN, make_config
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"

@@ -1,20 +1,36 @@
-"""``dde-gateway bench`` arguments and entry point (called by :mod:`gateway.cli`)."""
+"""``dde-gateway bench`` arguments and entry point (called by :mod:`gateway.cli`).
+
+Two kinds of run: the scenarios (``--scenario``, the knobs; :mod:`gateway.bench._run`), and the
+floors (``--floor fanout|ingest``; :mod:`gateway.bench._floor_fanout` and
+:mod:`gateway.bench._floor_ingest`), in-process micro-benchmarks of the least the gateway's
+fan-out and ingest can cost, which take a few of the same knobs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
-from gateway.bench._run import BenchError, run_bench
+from gateway.bench._run import BenchError, PeerUnavailable, run_bench
 from gateway.bench._scenario import PRESETS, SCENARIO_NAMES, Scenario
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+
+FLOOR_NAMES: Final = ("fanout", "ingest")
+#: The options each floor takes (dest names); the floor's own defaults apply to the others.
+_FLOOR_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "fanout": ("subscribers", "frames", "frame_bytes", "rate", "baseline"),
+    "ingest": ("fixtures", "rate", "frame_bytes", "warmup", "duration", "work", "loop"),
+}
+#: Options a scenario run does not take.
+_FLOOR_ONLY: Final = ("frames", "work", "loop")
 
 # Knob name -> (type, help). Each overrides the chosen preset's value when given.
 _KNOBS: Final[dict[str, tuple[type, str]]] = {
@@ -62,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peer",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also measure the websockets relay (default: on when it is importable)",
+        help="also measure the websockets relay (default: on when websockets is installed, "
+        "the 'bench' extra: pip install 'dde-gateway[bench]')",
     )
     parser.add_argument(
         "--gateway",
@@ -71,6 +88,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure the gateway (default: on)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
+    parser.add_argument(
+        "--floor",
+        choices=FLOOR_NAMES,
+        default=None,
+        help="instead of a scenario, a micro-benchmark of a floor: 'fanout' (hub and data plane "
+        "in this process against raw readers: CPU per delivery; --baseline adds a bare os.write "
+        "loop) or 'ingest' (a trio relay doing no work: CPU per frame relayed)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=None, help="--floor fanout: frames to publish (3000)"
+    )
+    parser.add_argument(
+        "--work",
+        default=None,
+        metavar="STEPS",
+        help="--floor ingest: per-frame work added to the relay, comma-separated: parse, frame",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("trio", "epoll"),
+        default=None,
+        help="--floor ingest: the relay's loop (default trio; epoll: a bare epoll loop)",
+    )
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines, only the final table"
     )
@@ -90,9 +130,69 @@ def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:
     return [attrs.evolve(PRESETS.get(name, Scenario()), **overrides) for name in names]
 
 
+def _given(args: argparse.Namespace) -> list[str]:
+    """The dest names of the options given on the command line (all default to None)."""
+    names = (*_KNOBS, "fanout", "drop", "baseline", "peer", "json", "frames", "work", "loop")
+    given = [name for name in names if getattr(args, name, None) is not None]
+    if args.scenario != "custom":
+        given.append("scenario")
+    if not args.gateway:
+        given.append("gateway")
+    return given
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def run_floor_from_args(args: argparse.Namespace) -> int:
+    """``--floor NAME``: check the options, run the micro-benchmark, print its lines."""
+    from gateway.bench import _floor_fanout, _floor_ingest  # noqa: PLC0415 - heavy, rarely used
+
+    wrong = [name for name in _given(args) if name not in _FLOOR_OPTIONS[args.floor]]
+    if wrong:
+        print(
+            f"bench: --floor {args.floor} does not take {', '.join(map(_option, wrong))} "
+            f"(it takes {', '.join(map(_option, _FLOOR_OPTIONS[args.floor]))})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    knobs = {
+        ("size" if name == "frame_bytes" else name): getattr(args, name)
+        for name in _FLOOR_OPTIONS[args.floor]
+        if getattr(args, name) is not None
+    }
+    try:
+        if args.floor == "fanout":
+            fanout = _floor_fanout.FanoutFloor(**knobs)
+        else:
+            ingest = _floor_ingest.IngestFloor(**knobs)
+    except (TypeError, ValueError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # The fanout floor runs the data plane in this process: its start-up lines are noise here.
+    logging.getLogger("gateway").setLevel(logging.WARNING)
+    try:
+        if args.floor == "fanout":
+            _floor_fanout.run_floor(fanout)
+        else:
+            _floor_ingest.run_floor(ingest)
+    except (BenchError, OSError) as exc:
+        print(f"bench: --floor {args.floor}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark *args* describe; print the table. 0 when every run completed (targets
-    missed are reported, not an exit status), 1 when a run failed, 2 on bad arguments."""
+    missed are reported, not an exit status), 1 when a run failed, 2 on bad arguments (and
+    when ``--peer`` is asked for without websockets installed)."""
+    if args.floor is not None:
+        return run_floor_from_args(args)
+    floor_only = [name for name in _given(args) if name in _FLOOR_ONLY]
+    if floor_only:
+        print(f"bench: {', '.join(map(_option, floor_only))} only with --floor", file=sys.stderr)
+        return EXIT_USAGE
     try:
         scenarios = scenarios_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -109,6 +209,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             json_path=args.json,
             progress=not args.quiet,
         )
+    except PeerUnavailable as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -4,7 +4,7 @@ Every run starts fresh processes on loopback and stops them afterwards, whatever
 
     feeder   python -m gateway.bench._feeder      (JSON lines on stdout, commands on stdin)
     target   python -m gateway run --config TMP   (generated TOML, token via token_env)
-             or python tests/perf/ws_peer.py
+             or python gateway/bench/_peer.py   (the websockets relay, by its path)
     loadgen  python -m gateway.bench._loadgen
 
 The target's CPU time is read from /proc/<pid>/stat at the start and the end of the measured
@@ -50,7 +50,13 @@ STOP_TIMEOUT: Final = 10.0
 #: The drop happens this far into the measured window, leaving the rest for the recovery.
 DROP_AT: Final = 0.4
 IDLE_SETTLE: Final = 1.0
-PEER_SCRIPT: Final = Path(__file__).resolve().parents[2] / "tests" / "perf" / "ws_peer.py"
+#: The websockets relay, a file of this package run by its path: the child imports no gateway
+#: code, so its memory figures are the relay's own.
+PEER_SCRIPT: Final = Path(__file__).with_name("_peer.py")
+#: What the peer needs and how to get it; said once when the comparison is skipped.
+PEER_MISSING: Final = (
+    "websockets is not installed; the 'bench' extra installs it: pip install 'dde-gateway[bench]'"
+)
 
 Result = dict[str, Any]
 
@@ -59,9 +65,13 @@ class BenchError(Exception):
     """A benchmark run could not complete (a process failed to start, nothing arrived...)."""
 
 
+class PeerUnavailable(BenchError):
+    """The peer was asked for (``--peer``, or ``--no-gateway``) but websockets is missing."""
+
+
 def peer_available() -> bool:
-    """True when the websockets peer can run: its script is present and websockets imports."""
-    return PEER_SCRIPT.is_file() and importlib.util.find_spec("websockets") is not None
+    """True when the websockets peer can run: websockets (the ``bench`` extra) is importable."""
+    return importlib.util.find_spec("websockets") is not None
 
 
 def raise_nofile_limit() -> int:
@@ -418,13 +428,19 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run *scenarios*, print the table, write *json_path*; return the whole result.
 
-    ``peer=None`` measures the websockets peer when it is available. Raises
+    ``peer=None`` measures the websockets peer when it is available, and otherwise says once
+    on stderr that the comparison was skipped and which extra installs it. Raises
+    :class:`PeerUnavailable` when the peer is asked for (or is the only target) but missing,
     :class:`BenchError` when nothing is to be measured, or after printing the table when a
     run failed (its error is in the result and the JSON too)."""
-    if peer is None:
+    if peer is None and gateway:
         peer = peer_available()
-    elif peer and not peer_available():
-        raise BenchError(f"--peer needs websockets and {PEER_SCRIPT}")
+        if not peer:
+            print(f"bench: peer comparison skipped: {PEER_MISSING}", file=sys.stderr, flush=True)
+    elif peer is not False and not peer_available():
+        raise PeerUnavailable(f"cannot measure the peer: {PEER_MISSING}")
+    elif peer is None:
+        peer = True
     targets = [k for k, on in (("gateway", gateway), ("peer", peer)) if on]
     if not targets:
         raise BenchError("nothing to measure: both --no-gateway and --no-peer")

@@ -11,7 +11,6 @@ from gateway.controlplane._app import (
     parse_follow_body,
 )
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
-from gateway.controlplane._memory import MemoryHistogram, MemoryTarget
 from gateway.controlplane._metrics import GatewayCollector, make_registry
 from gateway.controlplane._rates import (
     DEFAULT_RATE_WINDOW,
@@ -44,8 +43,6 @@ __all__ = [
     "FixtureView",
     "GatewayCollector",
     "LatencyHistogram",
-    "MemoryHistogram",
-    "MemoryTarget",
     "RateSampler",
     "Rates",
     "SubscriberView",

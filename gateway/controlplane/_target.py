@@ -1,8 +1,8 @@
 """The facade the control plane reads and drives: :class:`ControlTarget` and its plain views.
 
 The control plane depends on nothing else in the gateway. The service object implements this
-protocol over the real upstream supervisor, hub and data plane; tests use
-:class:`~gateway.controlplane.MemoryTarget`.
+protocol over the real upstream supervisor, hub and data plane; the tests use an in-memory
+double (``MemoryTarget``, in the repository's tests).
 
 Every method is called from the trio thread that runs the HTTP server (the handlers are all
 ``async def``, so Starlette never moves them to a worker thread) and must return promptly without

@@ -2,10 +2,12 @@
 
 Covers: the hand-written WebSocket codec (lengths at every header size, masking, partial input,
 RFC 6455's handshake example), percentiles, scenario presets and knob overrides, the generated
-gateway config (loaded by the real config loader), target verdicts and the table, and the feeder
-process speaking the tracking protocol to a trio-websocket client (auth, unknown fixture,
-backfill, increasing ix, the ``_bt`` stamp first, ``drop``). Rules: real sockets on 127.0.0.1
-port 0 inside ``trio.fail_after``; no timing assertions.
+gateway config (loaded by the real config loader), target verdicts and the table, the peer's
+absence (websockets hidden: skipped with one clear line, or exit 2 when asked for), the floors'
+options and a tiny run of each, and the feeder process speaking the tracking protocol to a
+trio-websocket client (auth, unknown fixture, backfill, increasing ix, the ``_bt`` stamp first,
+``drop``). Rules: real sockets on 127.0.0.1 port 0 inside ``trio.fail_after`` (child processes:
+a subprocess timeout); no timing assertions.
 """
 
 from __future__ import annotations
@@ -24,20 +26,28 @@ import pytest
 import trio
 import trio_websocket
 
-from gateway.bench import PRESETS, SCENARIO_NAMES, add_arguments, run_from_args
-from gateway.bench._cli import scenarios_from_args
-from gateway.bench._loadgen import percentile
-from gateway.bench._procstat import machine_ticks, steal_percent
-from gateway.bench._report import evaluate, format_table
-from gateway.bench._run import gateway_config_text
-from gateway.bench._wsframe import (
+import gateway.bench
+from gateway.bench import (
+    PEER_MISSING,
+    PRESETS,
+    SCENARIO_NAMES,
     ProtocolError,
     accept_key,
+    add_arguments,
     check_server_handshake,
     client_handshake,
     encode_frame,
+    evaluate,
+    format_table,
+    gateway_config_text,
+    machine_ticks,
     parse_frames,
+    peer_available,
+    percentile,
+    run_from_args,
+    scenarios_from_args,
     server_handshake,
+    steal_percent,
     unmask,
 )
 from gateway.config import load_config
@@ -192,6 +202,111 @@ def test_steal_is_read_from_proc_stat_and_reported() -> None:
     assert "hypervisor" not in table
     quiet["runs"]["gateway"]["main"]["steal_percent"] = 7.5
     assert "the hypervisor took up to 7.5 %" in format_table([quiet])
+
+
+# -- the peer and its optional extra --------------------------------------------------------
+
+
+EXTRA_HINT = "pip install 'dde-gateway[bench]'"
+
+
+def test_without_websockets_the_peer_is_skipped_once_and_the_extra_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "websockets", None)  # "import websockets" now fails
+    assert not peer_available()
+    targets: list[list[str]] = []
+
+    def fake_scenario(sc: Any, kinds: Any, *, progress: bool = True) -> Any:
+        targets.append(list(kinds))
+        return {"scenario": attrs.asdict(sc), "runs": {}, "errors": []}
+
+    # Stand-ins for the processes a scenario starts (by dotted path: no import of internals).
+    monkeypatch.setattr("gateway.bench._run.run_scenario", fake_scenario)
+    monkeypatch.setattr("gateway.bench._run.raise_nofile_limit", lambda: 1 << 20)
+
+    assert run_from_args(_parse("--scenario", "all", "--quiet")) == 0
+    assert targets == [["gateway"]] * len(SCENARIO_NAMES)  # the gateway is still measured
+    err = capsys.readouterr().err
+    assert err.count("peer comparison skipped") == 1, err
+    assert err.count(EXTRA_HINT) == 1 and PEER_MISSING in err
+
+    # Asked for explicitly (or the only target): a usage error naming the extra, nothing run.
+    for argv in (("--peer",), ("--no-gateway",)):
+        assert run_from_args(_parse(*argv)) == 2
+        err = capsys.readouterr().err
+        assert EXTRA_HINT in err and "skipped" not in err
+    assert len(targets) == len(SCENARIO_NAMES)
+
+    monkeypatch.delitem(sys.modules, "websockets")
+    assert peer_available()  # the test environment has it: the test extra includes it
+
+
+def test_the_peer_is_a_file_of_the_package() -> None:
+    assert gateway.bench.PEER_SCRIPT.is_file()
+    assert gateway.bench.PEER_SCRIPT.parent == Path(gateway.bench.__file__).parent
+
+
+# -- the floors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--floor", "ingest", "--stuck", "1"), "--floor ingest does not take --stuck"),
+        (("--floor", "fanout", "--fixtures", "2"), "--floor fanout does not take --fixtures"),
+        (("--floor", "fanout", "--scenario", "paced"), "does not take --scenario"),
+        (("--floor", "fanout", "--peer"), "does not take --peer"),
+        (("--floor", "ingest", "--work", "parse,nope"), "--work takes parse, frame, not nope"),
+        (("--floor", "ingest", "--work", "parse", "--loop", "epoll"), "trio loop only"),
+        (("--floor", "ingest", "--rate", "0"), "'rate' must be > 0"),
+        (("--floor", "fanout", "--subscribers", "0"), "'subscribers' must be >= 1"),
+        (("--frames", "10"), "--frames only with --floor"),
+        (("--scenario", "paced", "--loop", "epoll"), "--loop only with --floor"),
+    ],
+)
+def test_floor_options_are_checked(
+    argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_from_args(_parse(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def _bench(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", *argv],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def test_fanout_floor_runs_with_its_baseline() -> None:
+    out = _bench(
+        "--floor", "fanout", "--subscribers", "3", "--frames", "50", "--frame-bytes", "500",
+        "--rate", "500", "--baseline",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("3 subscribers x 50 frames of 501 B: ")
+    assert "us CPU per delivery" in lines[0]
+    assert any(line.startswith("reader: bytes ") for line in lines)
+    assert lines[-1].startswith("baseline: bare os.write ") and "(0 incomplete" in lines[-1]
+
+
+@pytest.mark.parametrize("loop", ["trio", "epoll"])
+def test_ingest_floor_runs(loop: str) -> None:
+    work = ["--work", "parse,frame"] if loop == "trio" else []
+    out = _bench(
+        "--floor", "ingest", "--fixtures", "2", "--rate", "50", "--frame-bytes", "400",
+        "--warmup", "0.3", "--duration", "0.7", "--loop", loop, *work,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    loop_name = "trio, work: parse,frame" if loop == "trio" else "bare epoll, work: none"
+    assert line.startswith(f"2 fixtures x 50 Hz x 400 B, {loop_name}: "), line
+    assert "frames/s relayed, CPU " in line
 
 
 # -- the feeder process -----------------------------------------------------------------------

@@ -1,18 +1,19 @@
-"""Micro-benchmark (not a test): server CPU per delivered frame of the data plane's fan-out.
+"""``dde-gateway bench --floor fanout``: server CPU per delivered frame of the data plane's fan-out.
 
 Runs the real hub and data plane in this process and N raw-socket subscribers in a child
 process (so their CPU is not counted), publishes F frames of S bytes into one topic, one frame
-per event-loop turn (or at --rate Hz), and reports this process's CPU time divided by the
-deliveries (F x N), plus how many deliveries were eager writes vs. queued.
+per event-loop turn (or at ``--rate`` Hz), and reports this process's CPU time divided by the
+deliveries (F x N). ``--baseline`` then measures the floor under it: a bare non-blocking
+``os.write`` of the same frames to the same kind of readers.
 
-    .venv/bin/python tests/perf/bench_fanout.py --subscribers 100 --frames 3000 --size 3000
+    dde-gateway bench --floor fanout --subscribers 100 --frames 3000 --frame-bytes 3000
 
-The reference numbers (2-core machine) are in docs/performance.md: about 2.0-2.7 us.
+The readers' child is this module: ``python -m gateway.bench._floor_fanout --reader HOST PORT N``.
+Measured figures: docs/performance.md ("Target 1") and docs/dataplane.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import selectors
@@ -20,10 +21,13 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Final
 
+import attrs
 import trio
 import trio.lowlevel
 
+from gateway.bench._run import START_TIMEOUT, BenchError
 from gateway.config import (
     Config,
     FeedConfig,
@@ -33,8 +37,28 @@ from gateway.config import (
     UpstreamSection,
 )
 from gateway.dataplane import SubscriberRegistry, run
-from gateway.hub import Hub
+from gateway.hub import Hub, Topic
 from gateway.wire import encode_frame
+
+MODULE: Final = "gateway.bench._floor_fanout"
+#: Give up when no delivery happened for this long (a reader died; the run would never end).
+STALL_TIMEOUT: Final = 30.0
+
+
+@attrs.frozen
+class FanoutFloor:
+    """The knobs: subscribers, frames published, frame size in bytes, publish rate (0 = one
+    frame per event-loop turn), and whether to measure the bare-write baseline too."""
+
+    subscribers: int = attrs.field(default=100, validator=attrs.validators.ge(1))
+    frames: int = attrs.field(default=3000, validator=attrs.validators.ge(1))
+    size: int = attrs.field(default=3000, validator=attrs.validators.ge(16))
+    rate: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    baseline: bool = False
+
+
+def _reader_argv(host: str, port: int, n: int) -> list[str]:
+    return [sys.executable, "-m", MODULE, "--reader", host, str(port), str(n)]
 
 
 def reader_main(host: str, port: int, n: int) -> None:
@@ -82,7 +106,19 @@ def reader_main(host: str, port: int, n: int) -> None:
     print(f"bytes {total}", flush=True)
 
 
-async def server_main(args: argparse.Namespace) -> None:
+async def _wait_subscribed(args: FanoutFloor, stdout: trio.abc.ReceiveStream, topic: Topic) -> None:
+    """Until the readers' child says "ready" and all of them are subscribed, or BenchError."""
+    with trio.move_on_after(START_TIMEOUT + args.subscribers / 100):
+        line = await stdout.receive_some(100)
+        if not line.startswith(b"ready"):
+            raise BenchError(f"the readers did not start: {line!r}")
+        while topic.subscriber_count < args.subscribers:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        return
+    raise BenchError(f"only {topic.subscriber_count} of {args.subscribers} readers subscribed")
+
+
+async def server_main(args: FanoutFloor) -> None:
     config = Config(
         upstream=UpstreamSection(token_env="UNUSED"),
         gateway=GatewaySection(stream_listen=ListenAddress("127.0.0.1", 0)),
@@ -96,21 +132,15 @@ async def server_main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         addr = await nursery.start(run, config, hub, registry)
         child = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                __file__,
-                "--reader",
-                addr.host,
-                str(addr.port),
-                str(args.subscribers),
-            ],
-            stdout=subprocess.PIPE,
+            _reader_argv(addr.host, addr.port, args.subscribers), stdout=subprocess.PIPE
         )
         assert child.stdout is not None
-        line = await child.stdout.receive_some(100)
-        assert line.startswith(b"ready"), line
-        while topic.subscriber_count < args.subscribers:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+        try:
+            await _wait_subscribed(args, child.stdout, topic)
+        except BenchError:
+            child.kill()
+            nursery.cancel_scope.cancel()
+            raise
         expected = args.frames * args.subscribers
         sent0 = registry.frames_sent
         cpu0 = time.process_time()
@@ -123,8 +153,15 @@ async def server_main(args: argparse.Namespace) -> None:
                 await trio.sleep(period)
             else:
                 await trio.lowlevel.checkpoint()
-        while registry.frames_sent - sent0 < expected:  # noqa: ASYNC110
+        progress = (time.monotonic(), registry.frames_sent)
+        while (sent := registry.frames_sent) - sent0 < expected:
             await trio.sleep(0.001)
+            if sent != progress[1]:
+                progress = (time.monotonic(), sent)
+            elif time.monotonic() - progress[0] > STALL_TIMEOUT:
+                child.kill()
+                nursery.cancel_scope.cancel()
+                raise BenchError(f"deliveries stalled at {sent - sent0} of {expected}")
         cpu = time.process_time() - cpu0
         times1 = os.times()
         wall = time.perf_counter() - wall0
@@ -146,26 +183,33 @@ async def server_main(args: argparse.Namespace) -> None:
     print("reader:", out.decode().strip().splitlines()[-1])
 
 
-def baseline_main(args: argparse.Namespace) -> None:
+def baseline_main(args: FanoutFloor) -> None:
     """The floor: bare non-blocking os.write of the same frames to the same kind of readers."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(1024)
     port = ls.getsockname()[1]
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--reader", "127.0.0.1", str(port), str(args.subscribers)],
-        stdout=subprocess.PIPE,
-    )
+    # Bounds each accept; the accepted sockets are blocking until set otherwise below.
+    ls.settimeout(START_TIMEOUT + args.subscribers / 100)
+    argv = _reader_argv("127.0.0.1", port, args.subscribers)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE)
     conns = []
-    for _ in range(args.subscribers):
-        c, _ = ls.accept()
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += c.recv(4096)
-        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio does
-        c.setblocking(False)
-        conns.append(c)
+    try:
+        for _ in range(args.subscribers):
+            c, _ = ls.accept()
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += c.recv(4096)
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio does
+            c.setblocking(False)
+            conns.append(c)
+    except OSError as exc:
+        child.kill()
+        child.wait()
+        raise BenchError(f"baseline: {len(conns)} of {args.subscribers} readers: {exc}") from None
+    finally:
+        ls.close()
     assert child.stdout is not None
     child.stdout.readline()
     data = encode_frame(b'{"ix":0,"pad":"' + b"x" * max(0, args.size - 16) + b'"}')
@@ -198,22 +242,29 @@ def baseline_main(args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--reader":
-        reader_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--subscribers", type=int, default=100)
-    parser.add_argument("--frames", type=int, default=3000)
-    parser.add_argument("--size", type=int, default=3000)
-    parser.add_argument("--rate", type=float, default=0.0, help="Hz; 0 = one per loop turn")
-    parser.add_argument(
-        "--baseline", action="store_true", help="also measure bare os.write (the floor)"
-    )
-    args = parser.parse_args()
-    trio.run(server_main, args)
+def run_floor(args: FanoutFloor) -> None:
+    """Measure the data plane's fan-out (and the bare-write baseline if asked); print the lines.
+    Raises :class:`BenchError` when the readers fail to connect or deliveries stall."""
+    try:
+        trio.run(server_main, args)
+    except BaseExceptionGroup as group:  # the nursery wraps what its body raises
+        match, rest = group.split(BenchError)
+        if match is None or rest is not None:
+            raise
+        error: BenchError | BaseExceptionGroup[BenchError] = match
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise error from None
     if args.baseline:
         baseline_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The readers' child: ``--reader HOST PORT N``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 4 or args[0] != "--reader":
+        raise SystemExit(f"usage: python -m {MODULE} --reader HOST PORT N")
+    reader_main(args[1], int(args[2]), int(args[3]))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ and every received frame goes to its subscribers with ``websockets.broadcast()``
 forwarded as a text frame without decoding. Subscribers connect to ``/`` (every fixture),
 ``/<fixture>`` (one) or ``/idle`` (none) and only receive.
 
-Run by ``dde-gateway bench`` as ``python tests/perf/ws_peer.py --feeder-port P ...``; prints
-``{"event": "listening", "port": P}`` on stdout once serving, and stops on EOF on stdin or
-SIGTERM. ``websockets`` is a test dependency, which is why this lives under tests/.
+Run by ``dde-gateway bench`` as ``python .../gateway/bench/_peer.py --feeder-port P ...`` (the
+file by its path, not ``-m``, so the process imports no gateway code and its memory figures are
+the relay's own); prints ``{"event": "listening", "port": P}`` on stdout once serving, and stops
+on EOF on stdin or SIGTERM. ``websockets`` (>= 16.1, for ``broadcast(text=True)``) is the
+optional ``bench`` extra: the bench imports this module only in the child it starts, and only
+when ``websockets`` is installed.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ async def amain(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ws_peer.py")
+    parser = argparse.ArgumentParser(prog="_peer.py")
     parser.add_argument("--feeder-port", type=int, required=True)
     parser.add_argument("--fixtures", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)

@@ -1,4 +1,4 @@
-"""An honest in-memory :class:`~gateway.controlplane.ControlTarget`, for tests and demos.
+"""An honest in-memory :class:`~gateway.controlplane.ControlTarget`: a test double.
 
 It follows the facade's contract (UnknownFeedError for an unknown feed, True only for a new follow,
 monotonic counters, per-feed totals that survive an unfollow) without any I/O, so the control
@@ -16,8 +16,7 @@ from typing import Final
 import attrs
 
 from gateway.config import Config, FeedConfig
-from gateway.controlplane._target import FeedTotals, FixtureView, Totals
-from gateway.dataplane import SubscriberView
+from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
@@ -25,7 +24,7 @@ DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 
 class MemoryHistogram:
-    """Per-bucket counts (not cumulative), as :class:`LatencyHistogram` describes."""
+    """Per-bucket counts (not cumulative), as ``gateway.controlplane.LatencyHistogram`` says."""
 
     def __init__(self, buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS) -> None:
         self.buckets: tuple[float, ...] = tuple(buckets)

@@ -1,4 +1,4 @@
-"""Micro-benchmark (not a test): the least CPU trio can spend relaying F x R frames per second.
+"""``dde-gateway bench --floor ingest``: the least CPU trio can spend relaying F x R frames/s.
 
 The ``ingest`` target asks for 200 fixtures x 25 Hz (5,000 frames/s in, one subscriber each) in
 under 50 % of one core. This measures the floor under that figure: a trio process that does
@@ -9,12 +9,15 @@ child process sends F connections R frames of S bytes per second each, spread ev
 period as the vendor's independent fixtures are; a drain child reads and discards. Only the
 relay process's own CPU time (user + system, over the measured window) is reported.
 
-    .venv/bin/python tests/perf/bench_ingest_floor.py --fixtures 200 --rate 25 --size 3000
+    dde-gateway bench --floor ingest --fixtures 200 --rate 25 --frame-bytes 3000
 
 With ``--work`` the relay also does what the gateway does per frame besides the I/O, in
 order, so each step's cost shows as the difference from the bare floor: ``parse`` (simdjson
 parse of the payload and the ``ix`` lookup) then ``frame`` (building the shared WebSocket
-frame of the envelope).
+frame of the envelope). ``--loop epoll`` runs the same relay on a bare epoll loop, no trio.
+
+The feeder and drain children are this module:
+``python -m gateway.bench._floor_ingest --role feeder|drain --port P ...``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,43 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Final, Literal
 
+import attrs
 import simdjson
 import trio
 import trio.lowlevel
 
+from gateway.bench._run import BenchError, free_port
 from gateway.wire import encode_frame
+
+MODULE: Final = "gateway.bench._floor_ingest"
+WORK_STEPS: Final = ("parse", "frame")
+
+
+def _check_work(_inst: object, _attr: object, value: str) -> None:
+    unknown = set(value.split(",")) - set(WORK_STEPS) if value else set()
+    if unknown:
+        raise ValueError(f"--work takes {', '.join(WORK_STEPS)}, not {', '.join(sorted(unknown))}")
+
+
+@attrs.frozen
+class IngestFloor:
+    """The knobs: fixtures (connections), frames per second per fixture, frame size in bytes,
+    seconds before and of the measured window, the per-frame work (comma-separated
+    :data:`WORK_STEPS`, trio loop only) and the loop."""
+
+    fixtures: int = attrs.field(default=200, validator=attrs.validators.ge(1))
+    rate: float = attrs.field(default=25.0, validator=attrs.validators.gt(0))
+    size: int = attrs.field(default=3000, validator=attrs.validators.ge(16))
+    warmup: float = attrs.field(default=3.0, validator=attrs.validators.ge(0))
+    duration: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    work: str = attrs.field(default="", validator=_check_work)
+    loop: Literal["trio", "epoll"] = "trio"
+
+    def __attrs_post_init__(self) -> None:
+        if self.work and self.loop != "trio":
+            raise ValueError("--work applies to the trio loop only")
 
 
 def _payload(size: int, ix: int) -> bytes:
@@ -82,7 +116,7 @@ def drain_main(port: int, fixtures: int) -> None:
                 open_ -= 1
 
 
-def epoll_relay_main(args: argparse.Namespace, feed_port: int, drain_port: int) -> None:
+def epoll_relay_main(args: IngestFloor, feed_port: int, drain_port: int) -> None:
     """The same relay on a bare epoll loop (no trio): one registration per socket, kept."""
     downs = [socket.create_connection(("127.0.0.1", drain_port)) for _ in range(args.fixtures)]
     ups = [socket.create_connection(("127.0.0.1", feed_port)) for _ in range(args.fixtures)]
@@ -107,16 +141,17 @@ def epoll_relay_main(args: argparse.Namespace, feed_port: int, drain_port: int) 
         if t0 is None and now - t_start >= args.warmup:
             t0, c0, n0 = now, os.times(), count
         elif t0 is not None and now - t0 >= args.duration:
-            _report(args, "bare epoll", now - t0, c0, os.times(), count - n0)
+            _report(args, "bare epoll", now - t0, c0, os.times(), frames=count - n0)
             return
 
 
 def _report(
-    args: argparse.Namespace,
+    args: IngestFloor,
     loop: str,
     wall: float,
     c0: os.times_result | None,
     c1: os.times_result,
+    *,
     frames: int,
 ) -> None:
     assert c0 is not None
@@ -130,13 +165,6 @@ def _report(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _connect(port: int) -> trio.socket.SocketType:
     for _ in range(100):
         sock = trio.socket.socket()
@@ -147,7 +175,7 @@ async def _connect(port: int) -> trio.socket.SocketType:
         except OSError:
             sock.close()
             await trio.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
+    raise BenchError(f"nothing listens on port {port}")
 
 
 async def relay(up: trio.socket.SocketType, down: int, work: set[str], counts: list[int]) -> None:
@@ -173,7 +201,7 @@ async def relay(up: trio.socket.SocketType, down: int, work: set[str], counts: l
         counts[0] += 1
 
 
-async def trio_relay_main(args: argparse.Namespace, feed_port: int, drain_port: int) -> None:
+async def trio_relay_main(args: IngestFloor, feed_port: int, drain_port: int) -> None:
     work = set(args.work.split(",")) if args.work else set()
     counts = [0]
     downs = [await _connect(drain_port) for _ in range(args.fixtures)]
@@ -186,29 +214,13 @@ async def trio_relay_main(args: argparse.Namespace, feed_port: int, drain_port: 
         await trio.sleep(args.duration)
         t1, c1, n1 = time.monotonic(), os.times(), counts[0]
         nursery.cancel_scope.cancel()
-    _report(args, "trio", t1 - t0, c0, c1, n1 - n0)
+    _report(args, "trio", t1 - t0, c0, c1, frames=n1 - n0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--role", choices=("relay", "feeder", "drain"), default="relay")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--fixtures", type=int, default=200)
-    p.add_argument("--rate", type=float, default=25.0)
-    p.add_argument("--size", type=int, default=3000)
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--work", default="", help="comma-separated: parse, frame (trio loop)")
-    p.add_argument("--loop", choices=("trio", "epoll"), default="trio")
-    args = p.parse_args()
-    if args.role == "feeder":
-        feeder_main(args.port, args.fixtures, args.rate, args.size)
-        return
-    if args.role == "drain":
-        drain_main(args.port, args.fixtures)
-        return
-    feed_port, drain_port = _free_port(), _free_port()
-    me = [sys.executable, __file__, "--fixtures", str(args.fixtures)]
+def run_floor(args: IngestFloor) -> None:
+    """Start the feeder and drain children, relay for warm-up + duration, print the line."""
+    feed_port, drain_port = free_port(), free_port()
+    me = [sys.executable, "-m", MODULE, "--fixtures", str(args.fixtures)]
     feed = [*me, "--role", "feeder", "--rate", str(args.rate), "--size", str(args.size)]
     children = [
         subprocess.Popen([*feed, "--port", str(feed_port)]),
@@ -224,6 +236,21 @@ def main() -> None:
         for child in children:
             child.kill()
             child.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The children: ``--role feeder|drain --port P --fixtures F [--rate R --size S]``."""
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
+    p.add_argument("--role", choices=("feeder", "drain"), required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fixtures", type=int, required=True)
+    p.add_argument("--rate", type=float, default=25.0)
+    p.add_argument("--size", type=int, default=3000)
+    args = p.parse_args(argv)
+    if args.role == "feeder":
+        feeder_main(args.port, args.fixtures, args.rate, args.size)
+    else:
+        drain_main(args.port, args.fixtures)
 
 
 if __name__ == "__main__":

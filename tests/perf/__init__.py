@@ -1,1 +1,0 @@
-"""Performance tooling that needs test-only dependencies (the ``websockets`` peer relay)."""
