@@ -31,9 +31,10 @@ from gateway.upstream import (
     Message,
     TrackingResume,
     Verdict,
-    _classify,
     classify_fastpath,
+    classify_reference,
     classify_tracking,
+    parser_reusable,
 )
 
 
@@ -205,10 +206,7 @@ def test_classify_shortens_vendor_text() -> None:
 
 # The reference the simdjson fast path must agree with: orjson decides, the same rules read it.
 def _reference(raw: str | bytes, fastpath: bool) -> Message:
-    obj = _classify._slow_parse(raw)
-    if isinstance(obj, Message):
-        return obj
-    return _classify._fastpath(obj) if fastpath else _classify._tracking(obj)
+    return classify_reference(raw, fastpath=fastpath)
 
 
 _json_values = st.recursive(
@@ -309,8 +307,7 @@ def test_classify_keeps_no_parser_proxy() -> None:
     for raw in samples:
         classify_tracking(raw)
         classify_fastpath(raw)
-        doc = _classify._PARSER.parse('{"a":{}}')  # raises RuntimeError if a proxy leaked
-        del doc
+        assert parser_reusable()
 
 
 # -- resume ------------------------------------------------------------------------------------

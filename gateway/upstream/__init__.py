@@ -4,7 +4,14 @@ Everything public is re-exported here; the implementation lives in private one-c
 """
 
 from gateway.upstream._backoff import Backoff
-from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
+from gateway.upstream._classify import (
+    Kind,
+    Message,
+    classify_fastpath,
+    classify_reference,
+    classify_tracking,
+    parser_reusable,
+)
 from gateway.upstream._connect import (
     DISCONNECT_TIMEOUT,
     MESSAGE_QUEUE_SIZE,
@@ -67,7 +74,9 @@ __all__ = [
     "Verdict",
     "WebSocketConnector",
     "classify_fastpath",
+    "classify_reference",
     "classify_tracking",
     "open_trio_websocket_connector",
     "open_websocket_connector",
+    "parser_reusable",
 ]
