@@ -212,3 +212,29 @@ def test_check_config_command_prints_every_error_with_its_path(
     assert out.startswith(f"{REPO / 'config' / 'demo.toml'}: ok") and err == ""
     assert main(["check-config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("[upstream]\ntoken_env = 'T'\nx = " + "[" * 400 + "]" * 400 + "\n", "unknown key"),
+        ("\xff\xfe", "not valid TOML"),
+    ],
+)
+def test_hostile_files_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    """Any file, however built, is a ConfigError with a message: never a crash, never a traceback.
+
+    The first one made tomllib raise RecursionError, which escaped load_config: on SIGHUP the
+    service died without closing its subscribers, and check-config printed a traceback.
+    """
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert any(expected in e for e in info.value.errors), info.value.errors
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

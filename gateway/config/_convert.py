@@ -104,7 +104,12 @@ def structure_config(data: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: Path) -> Config:
-    """Read, parse and check a TOML config file. Raises :class:`ConfigError`."""
+    """Read, parse and check a TOML config file. Raises :class:`ConfigError`, and only that.
+
+    Whatever the file holds - a nesting deep enough to exhaust the parser's recursion, a size
+    that exhausts memory, bytes that are not UTF-8 - becomes a :class:`ConfigError` with a
+    message, never another exception: a reload must be refused cleanly, never crash the service.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -113,7 +118,18 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    return structure_config(data)
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
+    except MemoryError:
+        raise ConfigError([f"{path}: too large to parse"]) from None
+    try:
+        return structure_config(data)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError([f"{path}: a value is nested too deeply @ $"]) from None
+    except Exception as exc:  # a converter bug must not take the service down on reload
+        raise ConfigError([f"{path}: cannot check the config ({type(exc).__name__}) @ $"]) from None
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
