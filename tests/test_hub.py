@@ -16,6 +16,7 @@ import gc
 import math
 import time
 
+import attrs
 import orjson
 import pytest
 from wsproto.frame_protocol import FrameProtocol, Opcode
@@ -316,3 +317,33 @@ def test_on_demand_accepts_vendor_ids_and_followed_odd_ones() -> None:
     d.followed.add(("od", "odd id"))
     hub.open("od", "odd id")
     assert d.calls[-1] == ("demand", "odd id")
+
+
+def test_history_is_bounded_in_bytes_too() -> None:
+    """40 frames of 15 MiB once took the process to 732 MB: the byte budget bounds a topic."""
+    feed = attrs.evolve(FEED, history=100, history_bytes=1000)
+    t = Topic(feed, "f")
+    for i in range(1, 11):
+        t.publish("x" * 300, i)  # 300 bytes each: at most 3 held
+    assert [f.seq for f in t.history] == [8, 9, 10]
+    assert t.history_bytes == 900
+    resumed = t.resume(7, t.epoch)
+    assert resumed is not None and [f.seq for f in resumed] == [8, 9, 10]
+    assert t.resume(6, t.epoch) is None  # frame 7 is gone: resuming would hide a gap
+    # A frame over the whole budget is not held at all, and what was held before it goes too:
+    # the history stays contiguous (never 8, 9, 10 and then 12).
+    t.publish("y" * 1001, None)
+    assert len(t.history) == 0 and t.history_bytes == 0
+    assert t.latest == "y" * 1001  # still the latest frame for the API
+    t.publish("z", None)
+    assert [f.seq for f in t.history] == [12]
+    assert t.resume(10, t.epoch) is None
+    resumed = t.resume(11, t.epoch)
+    assert resumed is not None and [f.seq for f in resumed] == [12]
+
+
+def test_history_count_still_bounds_small_frames() -> None:
+    t = Topic(attrs.evolve(FEED, history=3), "f")
+    for i in range(10):
+        t.publish("{}", i)
+    assert [f.seq for f in t.history] == [8, 9, 10] and t.history_bytes == 6

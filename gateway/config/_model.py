@@ -36,6 +36,8 @@ DEFAULT_UNAUTHORIZED_RETRY: Final = 60.0
 DEFAULT_NOT_FOUND_RETRY: Final = 30.0
 
 DEFAULT_HISTORY: Final = 1500  # 60 s at 25 Hz
+#: Bytes of frame text one topic's history may hold (4 MB for 1,500 tracking frames of 3 KB).
+DEFAULT_HISTORY_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_LINGER: Final = 60.0
 #: Fixtures one feed may follow on demand at once (lingering ones included).
 DEFAULT_MAX_ON_DEMAND: Final = 50
@@ -145,6 +147,7 @@ class FeedConfig:
     url: str = attrs.field()
     path: str | None = None
     history: int = attrs.field(default=DEFAULT_HISTORY, validator=v.ge(0))
+    history_bytes: int = attrs.field(default=DEFAULT_HISTORY_BYTES, validator=v.ge(0))
     on_demand: bool = False
     linger: float = attrs.field(default=DEFAULT_LINGER, validator=_non_negative)
     max_on_demand: int = attrs.field(default=DEFAULT_MAX_ON_DEMAND, validator=v.ge(1))

@@ -41,7 +41,8 @@ class Topic:
 
     ``seq`` is the number of the last frame published (0: none yet); it never restarts while
     the object lives, and ``epoch`` (random, new per object) tells a resuming client whether
-    its ``seq`` still means anything here. ``history`` keeps the last ``feed.history`` frames.
+    its ``seq`` still means anything here. ``history`` keeps the last ``feed.history`` frames,
+    at most ``feed.history_bytes`` bytes of them.
     """
 
     def __init__(
@@ -64,7 +65,9 @@ class Topic:
         # tuple of atomic values is untracked by the cyclic garbage collector, so 300,000 held
         # frames add nothing to its full scans (the paced benchmark's latency tail,
         # docs/performance.md).
-        self._history: collections.deque[_Held] = collections.deque(maxlen=feed.history)
+        self._history: collections.deque[_Held] = collections.deque()
+        #: Bytes of frame text in the history, bounded by ``feed.history_bytes``.
+        self.history_bytes = 0
         self._latest: Frame | None = None
         self._prefix = envelope_prefix(feed.name, fixture)
         self._subscribers: dict[TopicSubscriber, None] = {}
@@ -92,7 +95,7 @@ class Topic:
         """
         self.seq += 1
         frame = Frame(self.seq, raw, time.perf_counter(), self._prefix, position)
-        self._history.append((self.seq, position, frame.raw_bytes))
+        self._keep(frame)
         self._latest = frame
         self.frames_in += 1
         self._count_rate()
@@ -152,6 +155,18 @@ class Topic:
         self._rate_second = now
 
     # -- history ---------------------------------------------------------------------------
+
+    def _keep(self, frame: Frame) -> None:
+        """Hold *frame* in the history; the oldest go once ``history`` frames or
+        ``history_bytes`` bytes are passed (a frame larger than the byte budget is not held at
+        all). Only the oldest are dropped, so what is held is always contiguous."""
+        history = self._history
+        history.append((frame.seq, frame.position, frame.raw_bytes))
+        self.history_bytes += len(frame.raw_bytes)
+        max_frames = self.feed.history
+        max_bytes = self.feed.history_bytes
+        while history and (len(history) > max_frames or self.history_bytes > max_bytes):
+            self.history_bytes -= len(history.popleft()[2])
 
     def backfill(self, n: int | None) -> list[Frame]:
         """Frames for a new subscriber: None or -1 = all held, 0 = none, n > 0 = the last n."""
