@@ -333,7 +333,7 @@ def test_history_is_bounded_in_bytes_too() -> None:
     # A frame over the whole budget is not held at all, and what was held before it goes too:
     # the history stays contiguous (never 8, 9, 10 and then 12).
     t.publish("y" * 1001, None)
-    assert len(t.history) == 0 and t.history_bytes == 0
+    assert t.history_len == 0 and t.history_bytes == 0
     assert t.latest == "y" * 1001  # still the latest frame for the API
     t.publish("z", None)
     assert [f.seq for f in t.history] == [12]
