@@ -16,7 +16,13 @@ from typing import Final
 import attrs
 
 from gateway.config import Config, FeedConfig
-from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
+from gateway.controlplane import (
+    FeedTotals,
+    FixtureView,
+    FollowLimitError,
+    SubscriberView,
+    Totals,
+)
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
@@ -75,6 +81,7 @@ class MemoryTarget:
         self._slow_disconnects = 0
         self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
         self._refused: dict[str, int] = {}
+        self._configured = {fx.key for fx in config.fixtures}
         for fx in config.fixtures:
             self.follow(fx.feed, fx.id, fx.backfill)
 
@@ -101,6 +108,9 @@ class MemoryTarget:
             raise UnknownFeedError(f"unknown feed {feed!r}")
         if (feed, fixture) in self._fixtures:
             return False
+        limit = self.config.api.max_fixtures
+        if len(self._fixtures.keys() - self._configured) >= limit:
+            raise FollowLimitError(f"the API already follows {limit} fixtures (max_fixtures)")
         self._fixtures[(feed, fixture)] = _Followed(FixtureStatus(feed, fixture), backfill)
         return True
 

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "wire": 0,
     "model": 0,
     "errors": 0,
+    "throttle": 0,
     "config": 0,
     # The two sides of the hub's FrameSink contract, and the tools that stand beside them.
     "hub": 1,

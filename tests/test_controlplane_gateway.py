@@ -35,6 +35,7 @@ from tests.test_controlplane_openapi import documented_statuses, schema
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
 FX2 = "08456e52-9cf7-48cc-913c-f45ec0a1b2c3"
+FX3 = "7b1d0c7e-5a43-4f0e-9d0b-2c4a1e6f8a90"
 NO_FRAMES = "99999999-0000-4000-8000-000000000000"  # unknown to the simulator: never a frame
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKENS[0]}"}
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
@@ -76,6 +77,7 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = 
     (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": 3}, 201, None),
     (ONE, "PUT", _fx(FX), ADMIN, {"backfill": 3}, 200, None),
     (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": -5}, 400, None),
+    (ONE, "PUT", _fx(FX3), ADMIN, None, 429, None),  # [api] max_fixtures = 2: full
     (ONE, "PUT", _fx(FX2), ADMIN, {"backfill": 1, "pad": "x" * MAX_BODY_BYTES}, 413, None),
     (ONE, "PUT", _fx(FX2, "nofeed"), ADMIN, None, 404, None),
     (ONE, "PUT", _fx(FX2), {}, None, 401, None),
@@ -121,7 +123,11 @@ def _run_cases(base_url: str, gw: Gateway) -> tuple[set[tuple[str, str, int]], d
 async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> None:
     (tmp_path / "admin").write_text("\n".join(ADMIN_TOKENS) + "\n")
     (tmp_path / "read").write_text(READ_TOKEN + "\n")
-    api = {"admin_tokens_file": str(tmp_path / "admin"), "read_tokens_file": str(tmp_path / "read")}
+    api = {
+        "admin_tokens_file": str(tmp_path / "admin"),
+        "read_tokens_file": str(tmp_path / "read"),
+        "max_fixtures": 2,
+    }
     stopped: list[dict[str, Any]] = []
     with trio.fail_after(90):
         async with simulator_and_gateway(tmp_path, [("tracking", FX)], api=api) as (sim, gw):

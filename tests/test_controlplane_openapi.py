@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import hypothesis
 import requests
 import schemathesis
@@ -79,10 +80,15 @@ def _drain(target: MemoryTarget) -> None:
     target.draining = True
 
 
+def _full(target: MemoryTarget) -> None:
+    target.config = attrs.evolve(target.config, api=attrs.evolve(target.config.api, max_fixtures=0))
+
+
 # One request per documented status: (path, method, path params, headers, body, status), and
 # optionally a step run on the trio thread (like the data path would) before the request.
 _PARAMS_123 = {"feed": "soccer", "fixture": "123"}
 _PARAMS_9 = {"feed": "soccer", "fixture": "9"}
+_PARAMS_10 = {"feed": "soccer", "fixture": "10"}
 _Setup = Callable[[MemoryTarget], None] | None
 _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] = [
     ("/healthz", "GET", {}, {}, None, 200, None),
@@ -118,6 +124,15 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
         {"backfill": 1, "pad": "x" * MAX_BODY_BYTES},
         413,
         None,
+    ),
+    (
+        "/v1/fixtures/{feed}/{fixture}",
+        "PUT",
+        {"feed": "soccer", "fixture": "10"},
+        ADMIN,
+        None,
+        429,
+        _full,
     ),
     (
         "/v1/fixtures/{feed}/{fixture}",
@@ -220,6 +235,7 @@ async def test_documented_statuses_and_schemathesis(tmp_path: Path) -> None:
         with requests.Session() as session:
             seen = _documented_cases(base_url, session, target)
             trio.from_thread.run_sync(setattr, target, "draining", False)
+            trio.from_thread.run_sync(setattr, target, "config", config)
             return seen, _fuzz(base_url, session)
 
     with trio.fail_after(TIMEOUT):

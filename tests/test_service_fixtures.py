@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from gateway.config import FeedConfig, FixtureConfig
+from gateway.controlplane import FollowLimitError
 from gateway.hub import OnDemandLimitError
 from gateway.service import FixtureBook
 
@@ -30,13 +31,15 @@ class FakeSupervisor:
     """Follows whatever it is given; records the calls."""
 
     followed: dict[tuple[str, str], FixtureConfig] = attrs.field(factory=dict)
+    backlog: dict[tuple[str, str], bool] = attrs.field(factory=dict)
     stops: list[tuple[str, str]] = attrs.field(factory=list)
     subscribers: dict[tuple[str, str], int] = attrs.field(factory=dict)
 
-    def follow(self, fixture: FixtureConfig) -> bool:
+    def follow(self, fixture: FixtureConfig, backlog: bool = False) -> bool:
         if fixture.key in self.followed:
             return False
         self.followed[fixture.key] = fixture
+        self.backlog[fixture.key] = backlog
         return True
 
     def stop(self, feed: str, fixture: str) -> bool:
@@ -46,12 +49,16 @@ class FakeSupervisor:
     def is_followed(self, feed: str, fixture: str) -> bool:
         return (feed, fixture) in self.followed
 
+    def is_backlog(self, feed: str, fixture: str) -> bool:
+        """How the fixture was last followed."""
+        return self.backlog[(feed, fixture)]
+
     def count(self, feed: str, fixture: str) -> int:
         return self.subscribers.get((feed, fixture), 0)
 
 
 def make_book(
-    sup: FakeSupervisor, configured: Sequence[FixtureConfig] = ()
+    sup: FakeSupervisor, configured: Sequence[FixtureConfig] = (), max_api: int = 1000
 ) -> tuple[FixtureBook, Callable[[], None]]:
     feeds = {"live": LIVE, "demand": DEMAND}
     for fx in configured:
@@ -63,6 +70,7 @@ def make_book(
         stop=sup.stop,
         is_followed=sup.is_followed,
         subscribers=sup.count,
+        max_api=lambda: max_api,
     )
 
     def reconfigure_linger() -> None:
@@ -203,3 +211,59 @@ def test_reconcile_adds_and_removes_configured_only() -> None:
     assert book.is_configured("live", "c") and not book.is_configured("live", "a")
     assert book.reconcile([b, c]) == ([], [])  # unchanged: nothing touched
     assert sup.stops == [("live", "a")]
+
+
+def test_api_cap_refuses_new_fixtures_only(caplog: pytest.LogCaptureFixture) -> None:
+    """300 PUTs were once all accepted and queued: ``[api] max_fixtures`` bounds them."""
+    sup = FakeSupervisor()
+    configured = FixtureConfig(feed="live", id="conf")
+    book, _ = make_book(sup, [configured], max_api=2)
+    assert book.follow(FixtureConfig(feed="live", id="a"))
+    assert book.follow(FixtureConfig(feed="live", id="b"))
+    assert book.api_count == 2
+    for i in range(50):
+        with pytest.raises(FollowLimitError, match=r"max_fixtures"):
+            book.follow(FixtureConfig(feed="live", id=f"junk{i}"))
+    # Logged once, not 50 times (any API client can cause it at any rate).
+    assert caplog.text.count("refused to follow") == 1
+    # Asking again for a followed fixture, or for a configured one, is never refused.
+    assert not book.follow(FixtureConfig(feed="live", id="a", backfill=3))
+    assert not book.follow(configured)
+    assert book.stop("live", "a")
+    assert book.follow(FixtureConfig(feed="live", id="c"))  # room again
+    assert set(sup.followed) == {("live", "conf"), ("live", "b"), ("live", "c")}
+
+
+def test_new_fixtures_are_backlog_until_seen_live() -> None:
+    sup = FakeSupervisor()
+    book, _ = make_book(sup, [FixtureConfig(feed="live", id="conf")])
+    assert sup.backlog == {("live", "conf"): False}  # the FakeSupervisor's own add
+    book.follow(FixtureConfig(feed="live", id="new"))
+    book.demand("demand", "od")
+    assert sup.is_backlog("live", "new") and sup.is_backlog("demand", "od")
+    # It went live, was removed, and is added again: it goes ahead of the backlog now.
+    book.remember("live", "new")
+    book.stop("live", "new")
+    book.follow(FixtureConfig(feed="live", id="new"))
+    assert not sup.is_backlog("live", "new")
+    # A reload that configures a fixture: never backlog, and no longer the API's.
+    book.follow(FixtureConfig(feed="live", id="x"))
+    assert book.api_count == 2
+    sup.stop("live", "x")  # (so the reconcile below follows it anew)
+    book.reconcile([FixtureConfig(feed="live", id="conf"), FixtureConfig(feed="live", id="x")])
+    assert not sup.is_backlog("live", "x")
+    assert book.api_count == 1
+
+
+async def test_a_reload_that_configures_an_on_demand_fixture_cancels_its_linger(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = FakeSupervisor()
+    book, _ = make_book(sup)
+    async with running(book):
+        book.demand("demand", "f1")
+        book.release("demand", "f1")
+        book.reconcile([FixtureConfig(feed="demand", id="f1")])
+        await trio.sleep(120)
+        assert sup.stops == []  # configured now: the linger must not stop it
+        assert book.is_configured("demand", "f1") and not book.is_on_demand("demand", "f1")

@@ -129,6 +129,78 @@ async def test_limiter_rate_change(autojump_clock: trio.testing.MockClock) -> No
         limiter.set_rate(0)
 
 
+async def test_limiter_urgent_attempts_go_ahead_of_the_backlog(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """300 ids PUT through the API once made a real fixture wait 60 s: the backlog goes last."""
+    limiter = ConnectLimiter(5.0)
+    grants: list[str] = []
+
+    async def one(name: str, backlog: bool) -> None:
+        await limiter.acquire(backlog=backlog)
+        grants.append(name)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(one, f"new{i}", True)
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1.0)  # the backlog has the limiter to itself meanwhile
+        assert limiter.waiting == (0, 30 - len(grants))
+        nursery.start_soon(one, "configured", False)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(one, "reconnect", False)
+        await trio.testing.wait_all_tasks_blocked()
+    # At most the one backlog attempt already sleeping for its slot goes before them.
+    first_urgent = grants.index("configured")
+    assert grants[first_urgent + 1] == "reconnect"
+    assert first_urgent <= 7
+    assert [g for g in grants if g.startswith("new")] == [f"new{i}" for i in range(30)]
+
+
+async def test_limiter_spacing_holds_across_both_queues(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = ConnectLimiter(5.0)
+    times: list[float] = []
+
+    async def one(backlog: bool) -> None:
+        await limiter.acquire(backlog=backlog)
+        times.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i % 2 == 0)
+        # Urgent ones arriving while a backlog waiter sleeps for its slot must not share it.
+        await trio.sleep(0.1)
+        for _ in range(5):
+            nursery.start_soon(one, False)
+    assert len(times) == 25
+    assert all(b - a >= 0.2 - 1e-9 for a, b in itertools.pairwise(sorted(times)))
+
+
+async def test_limiter_cancelled_backlog_head_passes_the_turn_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    done: list[str] = []
+
+    async def one(name: str, backlog: bool) -> None:
+        await limiter.acquire(backlog=backlog)
+        done.append(name)
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery, trio.open_nursery() as inner:
+        inner.start_soon(one, "b", True)  # head of the line, sleeping for its slot
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(one, "c", True)  # queued behind it
+        await trio.testing.wait_all_tasks_blocked()
+        inner.cancel_scope.cancel()  # the head leaves: c gets b's slot, not a later one
+    assert done == ["c"]
+    assert trio.current_time() - t0 == pytest.approx(1.0)
+    assert limiter.waiting == (0, 0)
+
+
 # -- classification ----------------------------------------------------------------------------
 
 

@@ -42,6 +42,9 @@ DEFAULT_LINGER: Final = 60.0
 #: Fixtures one feed may follow on demand at once (lingering ones included).
 DEFAULT_MAX_ON_DEMAND: Final = 50
 
+#: Fixtures the HTTP API may add on top of the config file's (re-adds of followed ones are free).
+DEFAULT_API_MAX_FIXTURES: Final = 200
+
 DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 DEFAULT_MAX_SUBSCRIPTIONS: Final = 1000
@@ -215,6 +218,7 @@ class SubscribersSection:
 class ApiSection:
     admin_tokens_file: Path | None = None
     read_tokens_file: Path | None = None
+    max_fixtures: int = attrs.field(default=DEFAULT_API_MAX_FIXTURES, validator=v.ge(0))
 
     def read_admin_tokens(self) -> tuple[Secret, ...] | None:
         return None if self.admin_tokens_file is None else read_token_list(self.admin_tokens_file)

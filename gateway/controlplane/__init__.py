@@ -23,6 +23,7 @@ from gateway.controlplane._target import (
     ControlTarget,
     FeedTotals,
     FixtureView,
+    FollowLimitError,
     LatencyHistogram,
     Totals,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ControlTarget",
     "FeedTotals",
     "FixtureView",
+    "FollowLimitError",
     "GatewayCollector",
     "LatencyHistogram",
     "RateSampler",

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
-from gateway.controlplane._target import ControlTarget, FixtureView
+from gateway.controlplane._target import ControlTarget, FixtureView, FollowLimitError
 from gateway.dataplane import SubscriberView
 from gateway.errors import BadRequest
 from gateway.hub import FIXTURE_ID_PATTERN, UnknownFeedError, valid_fixture_id
@@ -207,6 +207,8 @@ class _Handlers:
         except UnknownFeedError:
             # The feed vanished between the check and the call (a config reload).
             raise HTTPException(404, f"unknown feed {feed!r}") from None
+        except FollowLimitError as exc:
+            raise HTTPException(429, str(exc)) from None
         view = self.target.fixture_view(feed, fixture)
         if view is None:
             raise RuntimeError(f"facade followed {feed}/{fixture} but has no view of it")

@@ -75,6 +75,13 @@ class FeedTotals:
     on_demand_refused: int = 0
 
 
+class FollowLimitError(Exception):
+    """The gateway follows as many fixtures through the API as it may (``[api] max_fixtures``).
+
+    Raised by :meth:`ControlTarget.follow`; the message says why and is safe to show a client.
+    """
+
+
 class LatencyHistogram(Protocol):
     """Fan-out latency observations in seconds.
 
@@ -125,7 +132,8 @@ class ControlTarget(Protocol):
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
         """Start following. True when newly followed, False when it already was.
 
-        Raises :class:`gateway.hub.UnknownFeedError` for a feed that is not configured. After
+        Raises :class:`gateway.hub.UnknownFeedError` for a feed that is not configured and
+        :class:`FollowLimitError` when a new fixture would pass ``[api] max_fixtures``. After
         it returns, :meth:`fixture_view` of the
         fixture is not None.
         """

@@ -4,7 +4,13 @@
 (which follows whatever it is given): which fixtures the config file names (reconciled on
 reload), which a subscriber started on demand (stopped ``linger`` seconds after its last
 subscriber left, and at most ``max_on_demand`` per feed), and what was asked for through the
-API (kept until deleted). It implements the hub's ``FixtureDirectory``.
+API (kept until deleted, at most ``[api] max_fixtures``). It implements the hub's
+``FixtureDirectory``.
+
+It also tells the supervisor which fixtures are *backlog*: ones added through the API or on
+demand that the gateway has never seen live. Their first attempts queue behind everything else
+at the connect limiter, so a flood of new ids cannot delay a configured fixture, a reconnect, or
+the re-add of a fixture that was live before.
 
 It does no I/O itself: following and stopping are the two callables it is built with, so the
 rules can be tested with fakes under a MockClock. Its linger timers run in the nursery of
@@ -22,25 +28,33 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import Final
 
 import trio
 
 from gateway.config import FeedConfig, FixtureConfig
+from gateway.controlplane import FollowLimitError
 from gateway.hub import OnDemandLimitError
+from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway")
 
 Key = tuple[str, str]
 
+#: Fixtures remembered as once live (their re-add is not backlog); the oldest are forgotten.
+KNOWN_FIXTURES: Final = 10_000
+
 
 class FixtureBook:
     """The fixtures followed on top of the supervisor, by source. See the module docstring.
 
-    *follow* starts following a fixture (True when newly followed); *stop* stops one (True when
-    it was followed) and must make *is_followed* false; *subscribers* counts a fixture's
-    subscribers now. Each is called synchronously and must not block.
+    *follow* starts following a fixture (True when newly followed; ``backlog`` as described in
+    the module docstring); *stop* stops one (True when it was followed) and must make
+    *is_followed* false; *subscribers* counts a fixture's subscribers now. Each is called
+    synchronously and must not block. *max_api* reads the current ``[api] max_fixtures``.
     """
 
     def __init__(
@@ -48,18 +62,23 @@ class FixtureBook:
         feeds: Callable[[], Mapping[str, FeedConfig]],
         configured: Iterable[Key],
         *,
-        follow: Callable[[FixtureConfig], bool],
+        follow: Callable[[FixtureConfig, bool], bool],
         stop: Callable[[str, str], bool],
         is_followed: Callable[[str, str], bool],
         subscribers: Callable[[str, str], int],
+        max_api: Callable[[], int] = lambda: 1 << 30,
     ) -> None:
         self._feeds = feeds
         self._follow = follow
         self._stop = stop
         self._is_followed = is_followed
         self._subscribers = subscribers
+        self._max_api = max_api
         self._configured: set[Key] = set(configured)
         self._on_demand: set[Key] = set()
+        self._api: set[Key] = set()
+        self._known: collections.OrderedDict[Key, None] = collections.OrderedDict()
+        self._refusals = LogThrottle(log)
         self._linger: dict[Key, trio.CancelScope] = {}
         self._refused: dict[str, int] = {}
         self._closed = False
@@ -85,6 +104,22 @@ class FixtureBook:
 
     def on_demand_count(self, feed: str) -> int:
         return sum(1 for f, _ in self._on_demand if f == feed)
+
+    @property
+    def api_count(self) -> int:
+        """Fixtures followed because the API asked (and not also configured)."""
+        return len(self._api)
+
+    def remember(self, feed: str, fixture: str) -> None:
+        """*fixture* was live: following it again later is not backlog."""
+        key = (feed, fixture)
+        self._known[key] = None
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_FIXTURES:
+            self._known.popitem(last=False)
+
+    def _backlog(self, key: Key) -> bool:
+        return key not in self._known
 
     def refused(self) -> dict[str, int]:
         """On-demand subscriptions refused per feed (``max_on_demand``), since start."""
@@ -117,7 +152,8 @@ class FixtureBook:
             and self.on_demand_count(feed) >= cfg.max_on_demand
         ):
             self._refused[feed] = self._refused.get(feed, 0) + 1
-            log.warning(
+            # Any subscriber can cause this at any rate: counted every time, logged throttled.
+            self._refusals.warning(
                 "refused on-demand %s/%s: the feed already follows %d fixtures on demand",
                 feed,
                 fixture,
@@ -128,7 +164,7 @@ class FixtureBook:
                 f"{cfg.max_on_demand} fixtures on demand (max_on_demand)"
             )
         self._cancel_linger(key)
-        if self._follow(FixtureConfig(feed=feed, id=fixture, backfill=0)):
+        if self._follow(FixtureConfig(feed=feed, id=fixture, backfill=0), self._backlog(key)):
             self._on_demand.add(key)
             log.info("following %s/%s on demand", feed, fixture)
         return True
@@ -160,17 +196,35 @@ class FixtureBook:
 
     def follow(self, fixture: FixtureConfig) -> bool:
         """Follow *fixture* because the API asked: it stays until deleted, even if it came on
-        demand. True when newly followed."""
+        demand. True when newly followed.
+
+        Raises :class:`~gateway.controlplane.FollowLimitError` when that would make more than
+        ``[api] max_fixtures`` API fixtures (asking again for one already followed never does).
+        """
         key = fixture.key
+        if key not in self._api and key not in self._configured:
+            limit = self._max_api()
+            if len(self._api) >= limit:
+                self._refusals.warning(
+                    "refused to follow %s/%s through the API: max_fixtures (%d) reached",
+                    *key,
+                    limit,
+                )
+                raise FollowLimitError(
+                    f"fixture {fixture.id[:40]!r} of feed {fixture.feed!r} refused: the API "
+                    f"already follows {limit} fixtures ([api] max_fixtures)"
+                )
+            self._api.add(key)
         self._on_demand.discard(key)
         self._cancel_linger(key)
-        return self._follow(fixture)
+        return self._follow(fixture, self._backlog(key))
 
     def stop(self, feed: str, fixture: str) -> bool:
         """Stop following, whatever the source; False when it was not followed."""
         key = (feed, fixture)
         self._configured.discard(key)
         self._on_demand.discard(key)
+        self._api.discard(key)
         self._cancel_linger(key)
         return self._stop(feed, fixture)
 
@@ -188,5 +242,8 @@ class FixtureBook:
             self.stop(*key)
         for fx in added:
             self._configured.add(fx.key)
-            self._follow(fx)
+            self._api.discard(fx.key)  # the file owns it now
+            self._on_demand.discard(fx.key)
+            self._cancel_linger(fx.key)
+            self._follow(fx, False)
         return added, removed

@@ -59,6 +59,7 @@ class Gateway:
             stop=self._stop,
             is_followed=self.is_followed,
             subscribers=self._subscriber_count,
+            max_api=lambda: self.config.api.max_fixtures,
         )
         self.hub = Hub(config.feeds, directory=self.fixtures)
         self.registry = SubscriberRegistry()
@@ -160,6 +161,8 @@ class Gateway:
     def _stop(self, feed: str, fixture: str) -> bool:
         # The FixtureBook's stop callback: only it calls this (it keeps its sets in step).
         handle = self.supervisor.get(feed, fixture)
+        if handle is not None and handle.status.counters.frames:
+            self.fixtures.remember(feed, fixture)
         if handle is not None:
             # Keep its counts so per-feed metrics stay monotonic after it is gone.
             self._retired[feed] = self._retired.get(feed, UpstreamCounters()) + (
@@ -169,9 +172,9 @@ class Gateway:
         self.hub.close_topic(feed, fixture)
         return stopped
 
-    def _follow(self, fixture: FixtureConfig) -> bool:
+    def _follow(self, fixture: FixtureConfig, backlog: bool) -> bool:
         # The FixtureBook's follow callback (the supervisor is made after the book).
-        return self.supervisor.add(fixture)
+        return self.supervisor.add(fixture, backlog=backlog)
 
     def _subscriber_count(self, feed: str, fixture: str) -> int:
         topic = self.hub.get(feed, fixture)

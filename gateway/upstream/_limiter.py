@@ -2,28 +2,50 @@
 
 The vendor asks for about 5 requests per second across a client, and a mass reconnect after an
 outage is exactly when a gateway would exceed that. Attempts are granted strictly spaced at least
-``1 / rate`` seconds apart (so any closed 1-second window holds at most ``rate + 1`` grants), in
-arrival order: waiters queue on a :class:`trio.Lock`, which is fair (FIFO). The spacing is
-measured on the trio clock, so the limiter works under :class:`trio.testing.MockClock`.
+``1 / rate`` seconds apart (so any closed 1-second window holds at most ``rate + 1`` grants). The
+spacing is measured on the trio clock, so the limiter works under
+:class:`trio.testing.MockClock`.
+
+Order: two first-come-first-served queues. Attempts of fixtures the gateway already knows to be
+real (configured ones, reconnects, re-adds of a fixture that went live before) go ahead of the
+*backlog*: first attempts of fixtures added through the API or on demand. Hundreds of ids added
+at once can then delay each other, but never a fixture that matters now.
+
+Example::
+
+    limiter = ConnectLimiter(5.0)
+    await limiter.acquire()                 # a configured fixture or a reconnect
+    await limiter.acquire(backlog=True)     # a new fixture's first attempt: after the others
 """
 
 from __future__ import annotations
 
+import collections
 import math
 
 import trio
 
 
+class _Waiter:
+    __slots__ = ("turn",)
+
+    def __init__(self) -> None:
+        self.turn = trio.Event()
+
+
 class ConnectLimiter:
-    """Grant connection attempts no faster than ``rate`` per second, first come first served.
+    """Grant connection attempts no faster than ``rate`` per second; see the module docstring.
 
     Cancellation-safe: a task cancelled while queued or while waiting for its slot takes nothing
-    (the lock is released and no grant is recorded), so it neither shifts nor loses slots of
+    (it leaves its queue and no grant is recorded), so it neither shifts nor loses slots of
     others.
     """
 
     def __init__(self, rate: float) -> None:
-        self._lock = trio.Lock()
+        self._urgent: collections.deque[_Waiter] = collections.deque()
+        self._backlog: collections.deque[_Waiter] = collections.deque()
+        # True while one waiter (the next in line) sleeps until its slot: only one at a time.
+        self._slot_taken = False
         self._last_grant = -math.inf
         self.set_rate(rate)
 
@@ -31,15 +53,40 @@ class ConnectLimiter:
     def rate(self) -> float:
         return self._rate
 
+    @property
+    def waiting(self) -> tuple[int, int]:
+        """``(urgent, backlog)`` attempts waiting now."""
+        return len(self._urgent), len(self._backlog)
+
     def set_rate(self, rate: float) -> None:
         """Change the rate (config reload); applies from the next grant on."""
         if not rate > 0:
             raise ValueError(f"connect rate must be > 0, got {rate!r}")
         self._rate = rate
 
-    async def acquire(self) -> None:
+    def _next(self) -> _Waiter | None:
+        if self._urgent:
+            return self._urgent[0]
+        return self._backlog[0] if self._backlog else None
+
+    async def acquire(self, *, backlog: bool = False) -> None:
         """Wait for this caller's turn, then return: the caller may start one attempt now."""
-        async with self._lock:
+        me = _Waiter()
+        queue = self._backlog if backlog else self._urgent
+        queue.append(me)
+        sleeping = False
+        try:
+            while self._next() is not me or self._slot_taken:
+                me.turn = trio.Event()
+                await me.turn.wait()
+            self._slot_taken = sleeping = True
             await trio.sleep_until(self._last_grant + 1.0 / self._rate)
             # The grant time is read after waking, so scheduling delay can only widen the gap.
             self._last_grant = trio.current_time()
+        finally:
+            queue.remove(me)
+            if sleeping:
+                self._slot_taken = False
+            nxt = self._next()
+            if nxt is not None:
+                nxt.turn.set()

@@ -75,12 +75,15 @@ class FixtureRunner:
         limiter: ConnectLimiter,
         upstream: Callable[[], UpstreamSection],
         rng: random.Random,
+        backlog: bool = False,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
         self.sink = sink
         self.status = FixtureStatus(feed=feed.name, fixture=fixture.id)
         self._limiter = limiter
+        # Never seen live (API or on demand): attempts wait behind the others until a frame came.
+        self._backlog = backlog
         self._upstream = upstream
         up = upstream()
         self._backoff = Backoff(up.backoff_initial, up.backoff_max, up.backoff_reset_after, rng=rng)
@@ -214,7 +217,7 @@ class FixtureRunner:
         except SecretError as exc:
             # SecretError names the token's source, never its value.
             return _Outcome(_End.RETRY, f"token unavailable: {exc}")
-        await self._limiter.acquire()
+        await self._limiter.acquire(backlog=self._backlog and not self.status.counters.frames)
         url, headers = self._url()
         try:
             async with connect(url, headers=headers, connect_timeout=up.handshake_timeout) as conn:

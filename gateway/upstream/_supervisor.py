@@ -129,9 +129,11 @@ class Supervisor:
         finally:
             runner.stop("supervisor stopped")
 
-    def add(self, fixture: FixtureConfig) -> bool:
+    def add(self, fixture: FixtureConfig, *, backlog: bool = False) -> bool:
         """Start following ``fixture``; False if it is already followed.
 
+        *backlog*: a fixture never seen live (added through the API or on demand); until it
+        receives a frame its attempts queue behind all others at the connect limiter.
         Raises KeyError when its feed is not configured. Safe before :meth:`run` (the fixture
         starts with it) and from any trio task.
         """
@@ -149,6 +151,7 @@ class Supervisor:
             limiter=self._limiter,
             upstream=self._upstream,
             rng=random.Random(self._rng.getrandbits(64)),
+            backlog=backlog,
         )
         entry = _Entry(runner)
         self._entries[key] = entry
