@@ -228,3 +228,22 @@ def test_bad_log_arguments_never_raise_nor_print_arguments(
     assert rec["msg"] == "count %d <unformattable log arguments: TypeError>"
     assert "ARG-MARKER" not in out.getvalue()
     assert "ARG-MARKER" not in capsys.readouterr().err
+
+
+HOSTILE = "evil\x1b[2J\x1b[31mred\x07\x9b1m\x7fend\rforged line\nsecond"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_control_characters_never_reach_the_line_raw(fmt: str) -> None:
+    """Upstream text and client input reach log lines: ESC and friends must arrive escaped."""
+    out = io.StringIO()
+    configure_logging(fmt=fmt, level="info", stream=out)  # type: ignore[arg-type]
+    log.warning("upstream said: %s", HOSTILE, extra=fields(detail=HOSTILE, plain="ok"))
+    (line,) = lines(out)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line), repr(line)
+    if fmt == "json":
+        rec = orjson.loads(line)
+        assert rec["msg"] == f"upstream said: {HOSTILE}" and rec["detail"] == HOSTILE
+    else:
+        assert "evil\\x1b[2J\\x1b[31mred\\x07\\x9b1m\\x7fend\\rforged line\\nsecond" in line
+        assert 'detail="evil\\x1b[2J' in line and " plain=ok" in line

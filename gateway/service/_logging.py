@@ -114,23 +114,41 @@ class JsonFormatter(_Base):
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         try:
-            return orjson.dumps(out, default=str).decode()
+            line = orjson.dumps(out, default=str).decode()
         except (TypeError, orjson.JSONEncodeError):
             # e.g. an int beyond 64 bits, which orjson refuses without consulting ``default``.
             safe = {k: v if isinstance(v, str) else str(v) for k, v in out.items()}
-            return orjson.dumps(safe).decode()
+            line = orjson.dumps(safe).decode()
+        # JSON escapes C0 controls itself; DEL and C1 (U+009B is a terminal's CSI) it may leave.
+        return line.translate(_JSON_C1)
+
+
+# Control characters (C0, DEL, C1) written as escapes: upstream texts and client input reach log
+# lines, and a raw ESC would let them drive the terminal of whoever reads the log (colours,
+# cursor moves, erasing earlier lines); a raw CR or LF would forge a line.
+_CONTROLS: Final = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    ord("\\"): "\\\\",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+_NEEDS_QUOTES: Final = frozenset(' "=') | frozenset(map(chr, _CONTROLS))
+_JSON_C1: Final = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 
 def _text_value(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
-    if text and not any(c in text for c in ' "=\\\n\r\t'):
+    if text and _NEEDS_QUOTES.isdisjoint(text):
         return text
-    # Quote (JSON string rules) anything that would make the line ambiguous or split it.
-    return orjson.dumps(text).decode()
+    # Quoted, with every control character escaped: the value can neither make the line
+    # ambiguous nor split it nor reach a terminal raw.
+    return '"' + text.translate(_CONTROLS).replace('"', '\\"') + '"'
 
 
 def _escape_newlines(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    """The message: every control character (newlines included) escaped."""
+    return text.translate(_CONTROLS)
 
 
 class TextFormatter(_Base):
