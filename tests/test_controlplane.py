@@ -9,6 +9,8 @@ socket (no threads). Every response any test receives is scanned for the upstrea
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from gateway.controlplane import (
 )
 from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
+from tests.kit import wait_until
 from tests.memory_target import MemoryTarget
 
 TIMEOUT = 30  # generous: loaded 2-core CI machines
@@ -669,3 +672,74 @@ async def test_sampler_task_samples_and_survives_facade_errors(
     rates = sampler.rates(trio.current_time(), _totals(10 * calls))
     assert trio.current_time() - start == pytest.approx(10.5)
     assert rates.frames_in_per_second == pytest.approx((110 - 60) / 5.5)
+
+
+# --- hostile HTTP clients -----------------------------------------------------------------------
+
+
+async def test_trailing_slash_is_404_never_a_redirect_built_from_host(tmp_path: Path) -> None:
+    """Starlette would answer 307 with a Location made from the client's Host header."""
+    async with serving(make_config(tmp_path)) as (client, _):
+        reply = await client.get("/v1/fixtures/", headers=[("x-forwarded-host", "evil.test")])
+        assert reply.status == 404
+        assert "location" not in reply.headers
+
+
+async def _raw_put_head(address: ListenAddress, declared: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    await stream.send_all(
+        b"PUT /v1/fixtures/soccer/77 HTTP/1.1\r\nhost: evil.test\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(declared).encode() + b"\r\n\r\n{"
+    )
+    return stream
+
+
+async def _read_all(stream: trio.SocketStream) -> bytes:
+    chunks = []
+    while data := await stream.receive_some(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def test_a_trickled_body_is_answered_408(tmp_path: Path) -> None:
+    """100 PUTs sending their body slowly were once held for ever (60 s and counting)."""
+    config = make_config(tmp_path)
+    target = MemoryTarget(config)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address: ListenAddress = await nursery.start(
+                functools.partial(run, config, target, body_timeout=0.5)
+            )
+            stream = await _raw_put_head(address, 20)
+            async with stream:
+                # One byte now and then, never the whole body.
+                async def trickle() -> None:
+                    for _ in range(100):
+                        await trio.sleep(0.1)
+                        try:
+                            await stream.send_all(b" ")
+                        except trio.BrokenResourceError:
+                            return
+
+                nursery.start_soon(trickle)
+                reply = await _read_all(stream)
+            nursery.cancel_scope.cancel()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+    assert b"not received within 0.5 s" in reply
+    assert target.fixture_view("soccer", "77") is None
+
+
+async def test_a_client_leaving_mid_body_is_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every client disconnect used to log an ERROR with a traceback (and answer 500)."""
+    caplog.set_level(logging.DEBUG, logger="gateway.http")
+    async with serving(make_config(tmp_path)) as (client, _):
+        for _ in range(3):
+            stream = await _raw_put_head(client.address, 20)
+            await stream.aclose()
+        await wait_until(lambda: caplog.text.count("went away during PUT") == 3)
+        assert (await client.get("/healthz")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "Traceback" not in caplog.text

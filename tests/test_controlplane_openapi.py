@@ -45,13 +45,20 @@ def spec() -> dict[str, Any]:
     return data
 
 
+# Statuses only a client misbehaving at the socket level can cause (a body trickled for longer
+# than the body timeout): tests/test_controlplane.py drives them over a raw socket instead.
+SOCKET_LEVEL_STATUSES = {("/v1/fixtures/{feed}/{fixture}", "PUT", 408)}
+
+
 def documented_statuses() -> set[tuple[str, str, int]]:
+    """Every (path, method, status) the document lists that a well-formed request can get."""
     out: set[tuple[str, str, int]] = set()
     for path, item in spec()["paths"].items():
         for method, op in item.items():
             if method in HTTP_METHODS:
                 out.update((path, method.upper(), int(code)) for code in op["responses"])
-    return out
+    assert SOCKET_LEVEL_STATUSES <= out, "documented, and covered by a raw-socket test"
+    return out - SOCKET_LEVEL_STATUSES
 
 
 def test_every_route_is_documented(tmp_path: Path) -> None:

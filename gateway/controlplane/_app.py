@@ -12,6 +12,7 @@ Errors are ``{"error": "<message>"}`` with the proper status, including the rout
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -22,7 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -35,8 +36,12 @@ from gateway.errors import BadRequest
 from gateway.hub import FIXTURE_ID_PATTERN, UnknownFeedError, valid_fixture_id
 from gateway.model import FixtureState, snapshot_keys
 
+logger = logging.getLogger("gateway.http")
+
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
 MAX_BODY_BYTES: Final = 4096
+#: Seconds a client has to send a whole request body; a slower one is answered 408.
+BODY_TIMEOUT: Final = 10.0
 #: The keys of a fixture's ``upstream`` object: every upstream counter, defined once.
 UPSTREAM_KEYS: Final = snapshot_keys()
 
@@ -113,23 +118,28 @@ def subscriber_json(view: SubscriberView) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refusing (413) more than :data:`MAX_BODY_BYTES` without reading it all."""
+async def _read_body(request: Request, seconds: float) -> bytes:
+    """The request body, refusing (413) more than :data:`MAX_BODY_BYTES` without reading it all,
+    and (408) a body that takes longer than *seconds* to arrive: a client trickling its body
+    must not hold a request open for ever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    with trio.move_on_after(seconds):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise HTTPException(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    raise HTTPException(408, f"request body not received within {seconds:g} s")
 
 
 class _Handlers:
-    def __init__(self, target: ControlTarget, sampler: RateSampler) -> None:
+    def __init__(self, target: ControlTarget, sampler: RateSampler, body_timeout: float) -> None:
+        self.body_timeout = body_timeout
         self.target = target
         self.sampler = sampler
         self.registry = make_registry(target)
@@ -201,7 +211,7 @@ class _Handlers:
         # The data plane's on-demand subscriptions apply the same rule (one definition).
         if not valid_fixture_id(fixture):
             raise BadRequest(f"path.fixture: must match {FIXTURE_ID_PATTERN}")
-        backfill = parse_follow_body(await _read_body(request))
+        backfill = parse_follow_body(await _read_body(request, self.body_timeout))
         try:
             created = self.target.follow(feed, fixture, backfill)
         except UnknownFeedError:
@@ -242,20 +252,39 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
     return error(400, str(exc))
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client closed its connection mid-request: nobody to answer, nothing went wrong here.
+    logger.debug("client %s went away during %s %s", _peer(request), request.method, _path(request))
+    return Response(status_code=400)
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+def _path(request: Request) -> str:
+    return request.url.path[:100]
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this response; hypercorn logs it with the traceback.
     return error(500, "internal error")
 
 
 def build_app(
-    target: ControlTarget, *, tokens: ApiTokens | None = None, sampler: RateSampler | None = None
+    target: ControlTarget,
+    *,
+    tokens: ApiTokens | None = None,
+    sampler: RateSampler | None = None,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Starlette:
     """The control-plane ASGI app over *target*. Holds no resources and starts no tasks.
 
     *tokens* default to none (everything open). *sampler* feeds the rates of ``/v1/status``;
-    without one (or without its task running) the rates read 0.0.
+    without one (or without its task running) the rates read 0.0. A request body must arrive
+    within *body_timeout* seconds (else 408).
     """
-    h = _Handlers(target, sampler or RateSampler())
+    h = _Handlers(target, sampler or RateSampler(), body_timeout)
     routes = [
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
@@ -266,12 +295,17 @@ def build_app(
         Route("/v1/fixtures/{feed}/{fixture}/latest", h.latest, methods=["GET"]),
         Route("/v1/subscribers", h.subscribers, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(BearerAuthMiddleware, tokens=tokens or ApiTokens())],
         exception_handlers={
             HTTPException: _http_error,
             BadRequest: _bad_request,
+            ClientDisconnect: _client_gone,
             Exception: _server_error,
         },
     )
+    # No redirect from "/v1/fixtures/" to "/v1/fixtures": Starlette builds its Location from the
+    # client's Host header, which lets anyone make the API point elsewhere. Such paths are 404.
+    app.router.redirect_slashes = False
+    return app

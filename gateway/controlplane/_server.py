@@ -16,7 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from gateway.config import Config, ListenAddress
-from gateway.controlplane._app import build_app
+from gateway.controlplane._app import BODY_TIMEOUT, build_app
 from gateway.controlplane._auth import ApiTokens
 from gateway.controlplane._rates import DEFAULT_SAMPLE_INTERVAL, RateSampler
 from gateway.controlplane._target import ControlTarget
@@ -54,6 +54,7 @@ async def run(
     shutdown: trio.Event | None = None,
     access_log: bool = False,
     sample_interval: float = DEFAULT_SAMPLE_INTERVAL,
+    body_timeout: float = BODY_TIMEOUT,
     task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the HTTP API until cancelled or until *shutdown* is set.
@@ -67,7 +68,7 @@ async def run(
     """
     tokens = ApiTokens.from_config(config.api)
     sampler = RateSampler()
-    app = build_app(target, tokens=tokens, sampler=sampler)
+    app = build_app(target, tokens=tokens, sampler=sampler, body_timeout=body_timeout)
     hc = hypercorn_config(config.gateway.http_listen, access_log=access_log)
     async with trio.open_nursery() as nursery:
 
