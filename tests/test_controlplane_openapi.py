@@ -57,7 +57,7 @@ def documented_statuses() -> set[tuple[str, str, int]]:
         for method, op in item.items():
             if method in HTTP_METHODS:
                 out.update((path, method.upper(), int(code)) for code in op["responses"])
-    assert SOCKET_LEVEL_STATUSES <= out, "documented, and covered by a raw-socket test"
+    assert out >= SOCKET_LEVEL_STATUSES, "documented, and covered by a raw-socket test"
     return out - SOCKET_LEVEL_STATUSES
 
 
