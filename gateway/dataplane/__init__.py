@@ -2,18 +2,23 @@
 
 Two endpoints (docs/protocol.md): ``/v1/stream`` (multiplexed, many fixtures per connection,
 seq/epoch resume) and the vendor drop-in at each feed's ``dropin_path``. :func:`run` serves
-them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown.
+them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown;
+:class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own).
 """
 
 from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
+from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "STREAM_PATH",
     "Connection",
+    "DeliverySink",
     "RegistryStats",
+    "SendItem",
+    "SendQueue",
     "SubscriberRegistry",
     "SubscriberView",
     "run",

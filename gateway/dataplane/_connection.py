@@ -1,22 +1,25 @@
-"""One subscriber connection after the handshake: its write queue, writer, reader and pinger.
+"""One subscriber connection after the handshake: the I/O around its send queue.
 
-The write path is the performance-critical part of the gateway (measurements in
-``docs/performance.md``):
+:class:`Connection` does the socket work - the eager write, the writer task, the reader, the
+pinger, close and abort; what to queue, drop or keep is decided by its
+:class:`~gateway.dataplane._sendqueue.SendQueue` (no I/O there). The write path is the
+performance-critical part of the gateway (measurements in docs/performance.md):
 
 - Frame bytes are shared (built once by the hub). Delivering one is, when the subscriber has
   nothing queued and no write in flight, one non-blocking ``os.write`` on the socket's file
   descriptor straight from the publisher ("eager write"; trio keeps sockets non-blocking). Only
-  what the kernel did not take is queued, and the writer task is woken.
-- Otherwise the bytes are appended to a byte-budgeted queue. The writer task drains the whole
-  queue per wake-up into one buffer and writes it (batching comes for free under load).
+  what the kernel did not take is queued (as a tail that must be finished), and the writer
+  task is woken. This path calls nothing but ``os.write`` and the latency sampler.
+- Otherwise the bytes are pushed to the byte-budgeted queue. The writer task takes the whole
+  queue per wake-up as one buffer and writes it (batching comes for free under load).
 - The writer does its own non-blocking writes (``os.write`` + ``trio.lowlevel.wait_writable``)
   instead of ``send_all``, so it always knows how many bytes reached the kernel: a connection
   that is cut short can still finish the frame it was in the middle of and send a clean close
   frame.
 
-Slow subscribers: when queued plus in-flight bytes pass ``queue_bytes``, the ``disconnect``
-policy discards the queue and closes with 4008; ``drop-oldest`` drops the oldest queued data
-frames until under budget and the subscription sends a ``gap`` message before its next frame.
+Slow subscribers (the queue's rules): over budget, the ``disconnect`` policy discards the queue
+and closes with 4008, counted through the ``on_slow`` callback; ``drop-oldest`` drops the
+oldest queued data frames and the subscription sends a ``gap`` message before its next frame.
 Control messages are never dropped.
 
 Closing never waits forever: :meth:`Connection.close` puts a deadline of ``close_timeout`` on
@@ -25,14 +28,13 @@ the whole connection; after it the socket is aborted (RST) whatever the peer doe
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 import trio
 from wsproto import WSConnection
@@ -48,6 +50,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from gateway.config import SlowPolicy, SubscribersSection
+from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.hub import LatencyHistogram, Topic
 from gateway.wire import (
     CLOSE_INTERNAL_ERROR,
@@ -56,9 +59,6 @@ from gateway.wire import (
     encode_frame,
 )
 
-if TYPE_CHECKING:
-    from gateway.dataplane._registry import SubscriberRegistry
-
 log = logging.getLogger("gateway.dataplane")
 
 #: Bytes asked of the kernel per read.
@@ -66,27 +66,7 @@ RECEIVE_CHUNK: Final = 65536
 #: Longest a closing connection may take (flush, close handshake) before it is aborted.
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 
-# Queue item "kind" (second field): > 0 a droppable data frame (its seq); _CONTROL never
-# dropped; the unsent tail of a frame partly written eagerly is _DATA_TAIL or _CONTROL_TAIL: it
-# must be finished whatever happens, or the stream would be corrupt.
-_CONTROL: Final = 0
-_DATA_TAIL: Final = -1
-_CONTROL_TAIL: Final = -2
-
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
-
-
-class DeliverySink(Protocol):
-    """A subscription whose frames may be dropped (drop-oldest): it hears about each drop."""
-
-    def dropped(self, seq: int) -> None: ...
-
-    def take_gap(self, seq: int) -> bytes | None:
-        """The gap message to write before this subscription's frame *seq*, if one is due."""
-        ...
-
-
-_Item = tuple[bytes, int, float, DeliverySink | None]
 
 
 class Handler(Protocol):
@@ -113,8 +93,10 @@ class Handler(Protocol):
 class Connection:
     """A WebSocket subscriber after the handshake. Created and run by the server.
 
-    Public counters are read by the registry: ``frames_sent``, ``frames_dropped``,
-    :attr:`queued_bytes`.
+    Public counters are read by the registry: ``frames_sent``, :attr:`frames_dropped`,
+    :attr:`queued_bytes`. ``on_slow(conn)`` is called when the queue finds the connection too
+    slow (``disconnect`` policy), just before it is closed with 4008; the registry passes its
+    ``count_slow_disconnect``.
     """
 
     def __init__(
@@ -127,7 +109,7 @@ class Connection:
         ws: WSConnection,
         settings: SubscribersSection,
         policy: SlowPolicy,
-        registry: SubscriberRegistry,
+        on_slow: Callable[[Connection], None],
         latency: LatencyHistogram,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
@@ -136,28 +118,17 @@ class Connection:
         self.endpoint = endpoint
         self.connected_at = time.time()
         self.settings = settings
-        self.policy: SlowPolicy = policy
         self.frames_sent = 0
-        self.frames_dropped = 0
         self.slow_disconnected = False
         self.handler: Handler | None = None
         self._stream = stream
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._ws = ws
-        self._registry = registry
+        self._on_slow = on_slow
         self._latency = latency
         self._close_timeout = close_timeout
-        self._budget = settings.queue_bytes
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._queued = 0
-        # Bytes the writer holds that the kernel has not taken yet.
-        self._inflight = 0
-        # Backfill bytes still queued: they do not count against the budget.
-        self._allowance = 0
-        self._writing = False
-        self._batch_parts: list[bytes] = []
-        self._batch_end = 0
+        self._sq = SendQueue(settings.queue_bytes, policy)
         self._wake = trio.Event()
         self._pong = trio.Event()
         self._closing = False
@@ -171,14 +142,23 @@ class Connection:
     # -- views -----------------------------------------------------------------------------
 
     @property
+    def policy(self) -> SlowPolicy:
+        return self._sq.policy
+
+    @property
+    def frames_dropped(self) -> int:
+        """Data frames dropped under ``drop-oldest``."""
+        return self._sq.dropped
+
+    @property
     def queued_bytes(self) -> int:
         """Bytes accepted for this subscriber that the kernel has not taken yet."""
-        return self._queued + self._inflight
+        return self._sq.unsent
 
     @property
     def idle(self) -> bool:
         """Nothing queued and no write in flight: the next bytes may be written eagerly."""
-        return not self._queue and not self._writing
+        return self._sq.idle
 
     @property
     def closing(self) -> bool:
@@ -192,11 +172,14 @@ class Connection:
         """Deliver one pre-encoded data frame (``seq`` > 0). Never blocks, never raises.
 
         ``published`` (``perf_counter``) feeds the latency histogram; 0 means "do not sample"
-        (backfill). ``sink`` is told when the frame is dropped (drop-oldest policy).
+        (backfill, which the budget does not count). ``sink`` is told when the frame is
+        dropped (drop-oldest policy).
         """
         if self._closing:
             return
-        if not self._queue and not self._writing:
+        q = self._sq
+        # The hot path: inline on purpose, no Python call on it but the latency sampler.
+        if not q.items and not q.writing:
             try:
                 n = os.write(self._fd, data)
             except BlockingIOError:
@@ -211,9 +194,14 @@ class Connection:
                 return
             if n:
                 # A started frame must be finished: its tail can never be dropped.
-                self._enqueue((data[n:], _DATA_TAIL, published, None), backfill=not published)
-                return
-        self._enqueue((data, seq, published, sink), backfill=not published)
+                item = SendItem(data[n:], seq, published, None, True)
+            else:
+                item = SendItem(data, seq, published, sink)
+        else:
+            item = SendItem(data, seq, published, sink)
+        if q.push(item, not published):
+            self._too_slow()
+        self._wake.set()
 
     def send_control(self, payload: bytes) -> None:
         """Queue one text message built for this subscriber alone (never dropped)."""
@@ -221,7 +209,8 @@ class Connection:
             self._send_raw(encode_frame(payload))
 
     def _send_raw(self, data: bytes) -> None:
-        if not self._queue and not self._writing and not self._dead:
+        q = self._sq
+        if not q.items and not q.writing and not self._dead:
             try:
                 n = os.write(self._fd, data)
             except BlockingIOError:
@@ -231,102 +220,51 @@ class Connection:
                 return
             if n == len(data):
                 return
-            if n:
-                self._enqueue((data[n:], _CONTROL_TAIL, 0.0, None), backfill=False)
-                return
-        self._enqueue((data, _CONTROL, 0.0, None), backfill=False)
-
-    def _enqueue(self, item: _Item, *, backfill: bool) -> None:
-        self._queue.append(item)
-        size = len(item[0])
-        self._queued += size
-        if backfill:
-            self._allowance += size
-        elif self._queued + self._inflight > self._budget + self._allowance:
-            self._over_budget()
+            item = SendItem(data[n:], None, 0.0, None, True) if n else SendItem(data, None)
+        else:
+            item = SendItem(data, None)
+        if q.push(item, False):
+            self._too_slow()
         self._wake.set()
 
-    def _over_budget(self) -> None:
-        if self.policy == "disconnect":
-            self._registry.slow_disconnects += 1
-            self.slow_disconnected = True
-            if self.handler is not None:
-                for topic in self.handler.topics():
-                    topic.slow_disconnects += 1
-            log.info("subscriber %s (%s) too slow: disconnecting", self.id, self.peer)
-            self.close(CLOSE_TOO_SLOW, "subscriber too slow", discard=True)
-            return
-        q = self._queue
-        kept: list[_Item] = []
-        limit = self._budget + self._allowance
-        while q and self._queued + self._inflight > limit:
-            item = q.popleft()
-            data, kind, _, sink = item
-            if kind > 0 and sink is not None:
-                self._queued -= len(data)
-                self.frames_dropped += 1
-                sink.dropped(kind)
-            else:
-                kept.append(item)
-        if kept:
-            q.extendleft(reversed(kept))
+    def _too_slow(self) -> None:
+        self.slow_disconnected = True
+        self._on_slow(self)
+        log.info("subscriber %s (%s) too slow: disconnecting", self.id, self.peer)
+        self.close(CLOSE_TOO_SLOW, "subscriber too slow", discard=True)
 
     async def _writer(self) -> None:
         """Drain the queue into the socket until closed; then half-close and signal flushed."""
         sock = self._sock
         fd = self._fd
-        drop_oldest = self.policy == "drop-oldest"
+        q = self._sq
         latency = self._latency
         while True:
-            if not self._queue:
+            if not q.items:
                 if self._closing:
                     break
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            items = self._queue
-            self._queue = collections.deque()
-            parts: list[bytes] = []
-            sent = 0
-            sampled = 0.0
-            for data, kind, published, sink in items:
-                if kind > 0 or kind == _DATA_TAIL:
-                    if kind > 0 and drop_oldest and sink is not None:
-                        g = sink.take_gap(kind)
-                        if g is not None:
-                            parts.append(encode_frame(g))
-                    sent += 1
-                    if published and not sampled:
-                        sampled = published
-                parts.append(data)
-            buf = parts[0] if len(parts) == 1 else b"".join(parts)
-            self._queued = 0
-            self._inflight = len(buf)
-            self._batch_parts = parts
-            self._batch_end = len(buf)
-            self._writing = True
+            buf, frames, sampled = q.take_batch()
             view = memoryview(buf)
-            off = 0
             try:
-                while off < self._batch_end:
+                # q.batch_end shrinks when a close trims the batch while we wait.
+                while q.inflight:
+                    end = q.batch_end
                     try:
-                        n = os.write(fd, view[off : self._batch_end])
+                        n = os.write(fd, view[end - q.inflight : end])
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(sock)
                         continue
-                    off += n
-                    self._inflight = self._batch_end - off
-                    if self._allowance:
-                        self._allowance = max(0, self._allowance - n)
+                    q.wrote(n)
             except OSError:
                 self._broken()
                 return
             finally:
                 view.release()
-            self._writing = False
-            self._inflight = 0
-            self._batch_parts = []
-            self.frames_sent += sent
+            q.batch_done()
+            self.frames_sent += frames
             if sampled:
                 latency.sample(sampled)
         # Everything, close frame included, is with the kernel: tell the peer we are done.
@@ -336,26 +274,11 @@ class Connection:
             pass
         self._flushed.set()
 
-    def _trim_inflight(self) -> None:
-        """Cut the writer's batch after the frame it is in the middle of (close comes next)."""
-        if not self._writing:
-            return
-        written = self._batch_end - self._inflight
-        end = 0
-        for part in self._batch_parts:
-            end += len(part)
-            if end > written:
-                break
-        if end < self._batch_end:
-            self._batch_end = end
-            self._inflight = end - written
-
     def _broken(self) -> None:
         # The peer is gone (reset, broken pipe): nothing more can be written.
         self._dead = True
         self._closing = True
-        self._queue.clear()
-        self._queued = 0
+        self._sq.clear()
         self._flushed.set()
         self._scope.cancel()
 
@@ -368,15 +291,7 @@ class Connection:
         if self._closing:
             return
         if discard:
-            q = self._queue
-            tail = q[0] if q and q[0][1] < 0 else None
-            q.clear()
-            self._queued = 0
-            if tail is not None:
-                q.append(tail)
-                self._queued = len(tail[0])
-            self._allowance = 0
-            self._trim_inflight()
+            self._sq.discard()
         frame = self._ws_send(CloseConnection(code=code, reason=reason))
         if frame:
             self._send_raw(frame)

@@ -43,9 +43,10 @@ class RegistryStats:
 class SubscriberRegistry:
     """Connected subscribers plus monotonic totals that survive their disconnection.
 
-    Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``,
-    ``rejected`` (handshakes refused with 503: connection limit or draining), ``accepted``
-    (connections accepted since start). :meth:`stats` returns them all at once.
+    Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``
+    (see :meth:`count_slow_disconnect`), ``rejected`` (handshakes refused with 503: connection
+    limit or draining), ``accepted`` (connections accepted since start). :meth:`stats` returns
+    them all at once.
     """
 
     def __init__(self) -> None:
@@ -79,6 +80,16 @@ class SubscriberRegistry:
         self._retired_drops += conn.frames_dropped
         if not self._conns:
             self._empty.set()
+
+    def count_slow_disconnect(self, conn: Connection) -> None:
+        """*conn* is being closed as too slow: count it here and in each of its topics.
+
+        Given to every :class:`Connection` as its ``on_slow`` callback.
+        """
+        self.slow_disconnects += 1
+        if conn.handler is not None:
+            for topic in conn.handler.topics():
+                topic.slow_disconnects += 1
 
     def connections_now(self) -> list[Connection]:
         return list(self._conns.values())

@@ -180,7 +180,7 @@ class _Server:
             ws=ws,
             settings=self.settings,
             policy="disconnect" if policy == "disconnect" else self.settings.slow_policy,
-            registry=self.registry,
+            on_slow=self.registry.count_slow_disconnect,
             latency=self.hub.fanout_latency,
         )
         self.registry.add(conn)
