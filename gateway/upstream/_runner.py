@@ -63,6 +63,46 @@ class _Outcome:
     live_for: float = 0.0
 
 
+class _Next(enum.Enum):
+    """What the receive loop does after a message that does not end the session."""
+
+    CONTINUE = "continue"  # receive the next message
+    SUBSCRIBE = "subscribe"  # tracking, once accepted: send the fixture request
+
+
+# Module constants, so the per-frame comparison loads no enum attribute.
+_CONTINUE: Final = _Next.CONTINUE
+_SUBSCRIBE: Final = _Next.SUBSCRIBE
+
+
+@attrs.define
+class _Session:
+    """The state of one connection that :meth:`FixtureRunner._step` reads and changes."""
+
+    tracking: bool
+    # Fastpath: from the start (the URL is the subscription). Tracking: once the fixture request
+    # has been sent; the receive loop sets it after the send, never the step.
+    subscribed: bool
+    live_since: float | None = None  # trio time of the first data or heartbeat once subscribed
+
+    def live_for(self, last_rx: float) -> float:
+        """Healthy time, up to the last message received at *last_rx*.
+
+        It ends with the last message: a stall's silence is not health, and counting it would
+        reset the backoff of a connection that keeps stalling.
+        """
+        return 0.0 if self.live_since is None else max(0.0, last_rx - self.live_since)
+
+
+def _closed(s: _Session, exc: UpstreamClosed, last_rx: float) -> _Outcome:
+    """The outcome of a connection the upstream closed."""
+    code = "no close code" if exc.code is None else f"code {exc.code}"
+    # A policy-violation close is how the vendor ends a refused authentication.
+    if exc.code == CLOSE_POLICY_VIOLATION and s.live_since is None:
+        return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
+    return _Outcome(_End.RETRY, f"closed by upstream ({code})", s.live_for(last_rx))
+
+
 class FixtureRunner:
     """The upstream loop of one fixture. State lives here across reconnects and restarts."""
 
@@ -236,6 +276,10 @@ class FixtureRunner:
     async def _session(self, conn: UpstreamConnection, auth: str, up: UpstreamSection) -> _Outcome:
         """Authenticate, subscribe and relay until the connection ends; return why it ended.
 
+        Each message is decoded, classified and handed to :meth:`_step`, which says what to do:
+        receive on, send the fixture request, or end with an outcome. The step never awaits, so
+        a message is handled whole or not at all; every await of the session is here.
+
         The watchdog is a cancel scope around the receive loop. Until the vendor accepts the
         token its deadline is the handshake timeout; afterwards any message (data or heartbeat)
         proves the upstream alive for another ``stall_timeout``. Moving a deadline costs a heap
@@ -243,25 +287,21 @@ class FixtureRunner:
         when the deadline passes the scope is re-entered with ``last message + stall_timeout``
         unless that moment has passed too. A re-arm only ever interrupts ``get_message``
         (cancel-safe: a cancelled call loses no message): a deadline that passes during a send
-        (auth, fixture request) ends the session, since no message came after it was set.
+        ends the session. During the auth message no message has come since the deadline was
+        set, so the re-arm finds it passed; during the fixture request the session is not yet
+        subscribed (the loop marks it so only once the request is sent), and an unsubscribed
+        session ends at its deadline.
         """
         tracking = self.feed.kind == "tracking"
+        s = _Session(tracking=tracking, subscribed=not tracking)  # fastpath: the URL subscribes
         classify = classify_tracking if tracking else classify_fastpath
+        step = self._step
         status = self.status
-        counters = status.counters
         clock = trio.current_time
         wall_clock = time.time
         stall = up.stall_timeout
-        subscribed = not tracking  # fastpath: the URL is the subscription
-        live_since: float | None = None
         last_rx = clock()
-        deadline = last_rx + (stall if subscribed else up.handshake_timeout)
-
-        def live_for() -> float:
-            # Healthy time ends with the last message: a stall's silence is not health, and
-            # counting it would reset the backoff of a connection that keeps stalling.
-            return 0.0 if live_since is None else max(0.0, last_rx - live_since)
-
+        deadline = last_rx + (stall if s.subscribed else up.handshake_timeout)
         auth_sent = False
         try:
             while True:
@@ -277,62 +317,72 @@ class FixtureRunner:
                             try:
                                 raw = raw.decode("utf-8")
                             except UnicodeDecodeError:
-                                counters.malformed += 1
+                                status.counters.malformed += 1
                                 continue
-                        msg = classify(raw)
-                        kind = msg.kind
-                        if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
-                            if not subscribed:
-                                counters.malformed += 1  # data before acceptance: not ours
-                                continue
-                            end = self._data(raw, msg, tracking, now)
-                            if end is not None:
-                                return end
-                            if live_since is None:
-                                live_since = now
-                                self._set_state(FixtureState.LIVE, "")
-                        elif kind is Kind.HEARTBEAT:
-                            counters.heartbeats += 1
-                            if subscribed and live_since is None:
-                                live_since = now
-                                self._set_state(FixtureState.LIVE, "")
-                        elif kind is Kind.ACCEPTED:
-                            if not subscribed:
-                                backfill = self._tracking.backfill(now)
-                                await conn.send_message(
-                                    orjson.dumps(
-                                        {"fixtureId": self.fixture.id, "backfill": backfill}
-                                    ).decode()
-                                )
-                                subscribed = True
-                                watchdog.deadline = now + stall
-                        elif kind is Kind.NOT_FOUND:
-                            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
-                        elif kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not subscribed):
-                            return _Outcome(
-                                _End.UNAUTHORIZED, _vendor("authentication refused", msg)
-                            )
-                        elif kind is Kind.ERROR:
-                            status.last_error = _vendor("upstream error", msg)
-                            logger.warning("upstream %s/%s: %s", *self._key(), status.last_error)
-                        elif kind is Kind.INFO:
-                            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
-                        else:
-                            counters.malformed += 1
+                        todo = step(s, raw, classify(raw), now)
+                        if todo is _CONTINUE:
+                            continue
+                        if todo is not _SUBSCRIBE:
+                            return todo
+                        await conn.send_message(self._fixture_request(now))
+                        s.subscribed = True
+                        watchdog.deadline = now + stall
                 # Only the watchdog's deadline ends the inner loop without returning.
-                if not subscribed:
+                if not s.subscribed:
                     return _Outcome(
                         _End.RETRY, f"no authorisation reply within {up.handshake_timeout} s"
                     )
                 deadline = last_rx + stall
                 if deadline <= clock():
-                    return _Outcome(_End.RETRY, f"stalled: no message for {stall} s", live_for())
+                    stalled = f"stalled: no message for {stall} s"
+                    return _Outcome(_End.RETRY, stalled, s.live_for(last_rx))
         except UpstreamClosed as exc:
-            code = "no close code" if exc.code is None else f"code {exc.code}"
-            # A policy-violation close is how the vendor ends a refused authentication.
-            if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
-                return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
-            return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
+            return _closed(s, exc, last_rx)
+
+    def _step(self, s: _Session, raw: str, msg: Message, now: float) -> _Next | _Outcome:
+        """What one classified message means for the session; an :class:`_Outcome` ends it.
+
+        Synchronous: counts, publishes and sets the state, but sends nothing (the loop sends
+        the fixture request when told :attr:`_Next.SUBSCRIBE`, and only then marks the session
+        subscribed). Data frames take the first branch and allocate nothing here.
+        """
+        kind = msg.kind
+        if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
+            if not s.subscribed:
+                self.status.counters.malformed += 1  # data before acceptance: not ours
+                return _CONTINUE
+            end = self._data(raw, msg, s.tracking, now)
+            if end is not None:
+                return end
+            if s.live_since is None:
+                s.live_since = now
+                self._set_state(FixtureState.LIVE, "")
+            return _CONTINUE
+        if kind is Kind.HEARTBEAT:
+            self.status.counters.heartbeats += 1
+            if s.subscribed and s.live_since is None:
+                s.live_since = now
+                self._set_state(FixtureState.LIVE, "")
+            return _CONTINUE
+        if kind is Kind.ACCEPTED:
+            return _CONTINUE if s.subscribed else _SUBSCRIBE  # tracking: ask for the fixture
+        if kind is Kind.NOT_FOUND:
+            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
+        if kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not s.subscribed):
+            return _Outcome(_End.UNAUTHORIZED, _vendor("authentication refused", msg))
+        if kind is Kind.ERROR:
+            self.status.last_error = _vendor("upstream error", msg)
+            logger.warning("upstream %s/%s: %s", *self._key(), self.status.last_error)
+        elif kind is Kind.INFO:
+            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
+        else:
+            self.status.counters.malformed += 1
+        return _CONTINUE
+
+    def _fixture_request(self, now: float) -> str:
+        """The tracking subscription: the fixture, and how many past frames to replay."""
+        backfill = self._tracking.backfill(now)
+        return orjson.dumps({"fixtureId": self.fixture.id, "backfill": backfill}).decode()
 
     def _data(self, raw: str, msg: Message, tracking: bool, now: float) -> _Outcome | None:
         """Deliver (or drop) one data message; an outcome means: end this connection."""
