@@ -35,7 +35,12 @@ from gateway.upstream._resume import (
     TrackingResume,
     Verdict,
 )
-from gateway.upstream._runner import FASTPATH_ACCEPT, FixtureRunner
+from gateway.upstream._runner import (
+    FASTPATH_ACCEPT,
+    FixtureRunner,
+    TokenReader,
+    read_token_off_loop,
+)
 from gateway.upstream._supervisor import FixtureHandle, Supervisor
 
 __all__ = [
@@ -60,6 +65,7 @@ __all__ = [
     "LeanConnector",
     "Message",
     "Supervisor",
+    "TokenReader",
     "TrackingResume",
     "UpstreamClosed",
     "UpstreamConnection",
@@ -72,4 +78,5 @@ __all__ = [
     "classify_tracking",
     "open_trio_websocket_connector",
     "open_websocket_connector",
+    "read_token_off_loop",
 ]

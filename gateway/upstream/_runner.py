@@ -1,9 +1,10 @@
 """One fixture's upstream: connect, authenticate, subscribe, relay, and reconnect forever.
 
-A :class:`FixtureRunner` owns one (feed, fixture) pair. Each attempt waits for the global connect
-limiter, re-reads the token, opens one connection and runs the receive loop until the connection
-ends; the outcome decides the next state and how long to wait. The runner never lets a
-connection error escape: a closed, refused or stalled upstream is an outcome, not an exception.
+A :class:`FixtureRunner` owns one (feed, fixture) pair. Each attempt re-reads the token (off the
+event loop, see :func:`read_token_off_loop`), waits for the global connect limiter, opens one
+connection and runs the receive loop until the connection ends; the outcome decides the next
+state and how long to wait. The runner never lets a connection error escape: a closed, refused
+or stalled upstream is an outcome, not an exception.
 Anything else (a bug, a sink that raises) propagates to :meth:`FixtureRunner.run_forever`, which
 logs it with its traceback, counts it in ``crashes`` and restarts the loop after a backoff delay.
 
@@ -20,14 +21,14 @@ import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, NoReturn
 
 import attrs
 import orjson
 import trio
 
-from gateway.config import FeedConfig, FixtureConfig, SecretError, UpstreamSection
+from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
 from gateway.model import FixtureState, FixtureStatus, FrameSink
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
@@ -47,6 +48,24 @@ logger = logging.getLogger("gateway.upstream")
 FASTPATH_ACCEPT: Final = "application/vnd.imggaming.dde.api+json;version=1"
 _UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
 _NOT_FOUND_STATUS: Final = 404
+
+
+#: Reads the upstream token for one attempt; raises :class:`~gateway.config.SecretError`.
+TokenReader = Callable[[UpstreamSection], Awaitable[Secret]]
+
+
+async def read_token_off_loop(up: UpstreamSection) -> Secret:
+    """The upstream token for one attempt, without blocking the event loop on file I/O.
+
+    A token file is read in a worker thread: a slow or hung filesystem (a network mount, a
+    credentials directory) must not stall every fixture's task. ``abandon_on_cancel``: a
+    fixture removed or stopped during a hung read is not held up by it; the thread finishes on
+    its own and its result is dropped (it only reads a file). ``token_env`` needs no I/O and is
+    read in place, as before, without a thread hop.
+    """
+    if up.token_file is None:
+        return up.read_token()
+    return await trio.to_thread.run_sync(up.read_token, abandon_on_cancel=True)
 
 
 class _End(enum.Enum):
@@ -115,6 +134,7 @@ class FixtureRunner:
         limiter: ConnectLimiter,
         upstream: Callable[[], UpstreamSection],
         rng: random.Random,
+        read_token: TokenReader = read_token_off_loop,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -122,6 +142,9 @@ class FixtureRunner:
         self.status = FixtureStatus(feed=feed.name, fixture=fixture.id)
         self._limiter = limiter
         self._upstream = upstream
+        # Injectable for tests under MockClock(autojump_threshold=0): while a worker thread runs,
+        # every task looks blocked, so the clock would jump ahead and timings would not be exact.
+        self._read_token = read_token
         up = upstream()
         self._backoff = Backoff(up.backoff_initial, up.backoff_max, up.backoff_reset_after, rng=rng)
         self._tracking = TrackingResume(fixture.backfill)
@@ -250,7 +273,7 @@ class FixtureRunner:
         self._set_state(FixtureState.CONNECTING, "")
         up = self._upstream()
         try:
-            token = up.read_token()
+            token = await self._read_token(up)
         except SecretError as exc:
             # SecretError names the token's source, never its value.
             return _Outcome(_End.RETRY, f"token unavailable: {exc}")
