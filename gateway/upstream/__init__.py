@@ -38,6 +38,8 @@ from gateway.upstream._resume import (
 from gateway.upstream._runner import (
     FASTPATH_ACCEPT,
     FixtureRunner,
+    SessionNext,
+    SessionState,
     TokenReader,
     read_token_off_loop,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "LeanConnection",
     "LeanConnector",
     "Message",
+    "SessionNext",
+    "SessionState",
     "Supervisor",
     "TokenReader",
     "TrackingResume",

@@ -82,7 +82,7 @@ class _Outcome:
     live_for: float = 0.0
 
 
-class _Next(enum.Enum):
+class SessionNext(enum.Enum):
     """What the receive loop does after a message that does not end the session."""
 
     CONTINUE = "continue"  # receive the next message
@@ -90,13 +90,13 @@ class _Next(enum.Enum):
 
 
 # Module constants, so the per-frame comparison loads no enum attribute.
-_CONTINUE: Final = _Next.CONTINUE
-_SUBSCRIBE: Final = _Next.SUBSCRIBE
+_CONTINUE: Final = SessionNext.CONTINUE
+_SUBSCRIBE: Final = SessionNext.SUBSCRIBE
 
 
 @attrs.define
-class _Session:
-    """The state of one connection that :meth:`FixtureRunner._step` reads and changes."""
+class SessionState:
+    """The state of one connection that :meth:`FixtureRunner.step` reads and changes."""
 
     tracking: bool
     # Fastpath: from the start (the URL is the subscription). Tracking: once the fixture request
@@ -112,14 +112,13 @@ class _Session:
         """
         return 0.0 if self.live_since is None else max(0.0, last_rx - self.live_since)
 
-
-def _closed(s: _Session, exc: UpstreamClosed, last_rx: float) -> _Outcome:
-    """The outcome of a connection the upstream closed."""
-    code = "no close code" if exc.code is None else f"code {exc.code}"
-    # A policy-violation close is how the vendor ends a refused authentication.
-    if exc.code == CLOSE_POLICY_VIOLATION and s.live_since is None:
-        return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
-    return _Outcome(_End.RETRY, f"closed by upstream ({code})", s.live_for(last_rx))
+    def closed(self, exc: UpstreamClosed, last_rx: float) -> _Outcome:
+        """The outcome of a connection the upstream closed (last message at *last_rx*)."""
+        code = "no close code" if exc.code is None else f"code {exc.code}"
+        # A policy-violation close is how the vendor ends a refused authentication.
+        if exc.code == CLOSE_POLICY_VIOLATION and self.live_since is None:
+            return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
+        return _Outcome(_End.RETRY, f"closed by upstream ({code})", self.live_for(last_rx))
 
 
 class FixtureRunner:
@@ -299,7 +298,7 @@ class FixtureRunner:
     async def _session(self, conn: UpstreamConnection, auth: str, up: UpstreamSection) -> _Outcome:
         """Authenticate, subscribe and relay until the connection ends; return why it ended.
 
-        Each message is decoded, classified and handed to :meth:`_step`, which says what to do:
+        Each message is decoded, classified and handed to :meth:`step`, which says what to do:
         receive on, send the fixture request, or end with an outcome. The step never awaits, so
         a message is handled whole or not at all; every await of the session is here.
 
@@ -316,9 +315,9 @@ class FixtureRunner:
         session ends at its deadline.
         """
         tracking = self.feed.kind == "tracking"
-        s = _Session(tracking=tracking, subscribed=not tracking)  # fastpath: the URL subscribes
+        s = SessionState(tracking=tracking, subscribed=not tracking)  # fastpath: the URL subscribes
         classify = classify_tracking if tracking else classify_fastpath
-        step = self._step
+        step = self.step
         status = self.status
         clock = trio.current_time
         wall_clock = time.time
@@ -360,14 +359,15 @@ class FixtureRunner:
                     stalled = f"stalled: no message for {stall} s"
                     return _Outcome(_End.RETRY, stalled, s.live_for(last_rx))
         except UpstreamClosed as exc:
-            return _closed(s, exc, last_rx)
+            return s.closed(exc, last_rx)
 
-    def _step(self, s: _Session, raw: str, msg: Message, now: float) -> _Next | _Outcome:
-        """What one classified message means for the session; an :class:`_Outcome` ends it.
+    def step(self, s: SessionState, raw: str, msg: Message, now: float) -> SessionNext | _Outcome:
+        """What one classified message means for the session; an outcome ends the connection.
 
-        Synchronous: counts, publishes and sets the state, but sends nothing (the loop sends
-        the fixture request when told :attr:`_Next.SUBSCRIBE`, and only then marks the session
-        subscribed). Data frames take the first branch and allocate nothing here.
+        The receive loop's per-message step, public so that it can be tested one message at a
+        time. Synchronous: counts, publishes and sets the state, but sends nothing (the loop
+        sends the fixture request when told :attr:`SessionNext.SUBSCRIBE`, and only then marks
+        the session subscribed). Data frames take the first branch and allocate nothing here.
         """
         kind = msg.kind
         if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
