@@ -14,6 +14,8 @@ Rules: real sockets on 127.0.0.1 port 0, real clock, each test under ``trio.fail
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -21,9 +23,12 @@ import trio_websocket
 from trio_websocket import WebSocketRequest
 
 from gateway.upstream import (
+    Connector,
     UpstreamClosed,
+    UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
+    open_trio_websocket_connector,
     open_websocket_connector,
 )
 
@@ -117,6 +122,43 @@ async def test_refused_port_is_unavailable() -> None:
                     raise AssertionError("should not connect")
             except UpstreamUnavailable as exc:
                 assert str(exc).startswith("connection failed")
+
+
+@pytest.mark.parametrize("opener", [open_websocket_connector, open_trio_websocket_connector])
+async def test_one_base_class_catches_every_boundary_error(
+    opener: Callable[[], AbstractAsyncContextManager[Connector]],
+) -> None:
+    """Both connectors raise only the gateway's error tree: a rejected handshake, a closed
+    connection and a refused port are each caught by ``except UpstreamError``."""
+
+    async def handler(request: WebSocketRequest) -> None:
+        if request.path.startswith("/missing"):
+            await request.reject(404)
+            return
+        ws = await request.accept()
+        await ws.aclose(4000, "bye")
+
+    refused = trio.socket.socket()
+    await refused.bind(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()  # nothing listens there now
+    caught: list[type[UpstreamError]] = []
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            port = await _serve(handler, nursery)
+            async with opener() as connect:
+                for url in (
+                    f"ws://127.0.0.1:{port}/missing",
+                    f"ws://127.0.0.1:{port}/ok",
+                    f"ws://127.0.0.1:{refused_port}/",
+                ):
+                    try:
+                        async with connect(url, headers=[], connect_timeout=5.0) as conn:
+                            await conn.get_message()
+                    except UpstreamError as exc:
+                        caught.append(type(exc))
+            nursery.cancel_scope.cancel()
+    assert caught == [UpstreamRejected, UpstreamClosed, UpstreamUnavailable]
 
 
 @pytest.mark.parametrize("how", ["timeout", "cancel"])

@@ -5,13 +5,22 @@ delays between attempts, tracking resume widening, state transitions (unauthoriz
 stopped), token handling (missing token file, re-read per attempt, never leaked), crash isolation
 between fixtures, and config reload. No sockets: every test runs on memory channels with
 ``autojump_clock`` (MockClock, autojump_threshold=0), so timings are exact virtual seconds.
+
+The token is read on the event loop here (``read_token_on_loop``), not in the production
+reader's worker thread: while a thread runs every task looks blocked, so MockClock would jump
+to the next deadline and the timings would no longer be exact (this was seen: a handful of
+these tests failed at random). The production reader has its own tests below, and the
+simulator tests run it on the real clock.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +32,14 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.config import Config, FixtureConfig, structure_config
+from gateway.config import (
+    Config,
+    FixtureConfig,
+    Secret,
+    SecretError,
+    UpstreamSection,
+    structure_config,
+)
 from gateway.model import FixtureState
 from gateway.upstream import (
     FASTPATH_ACCEPT,
@@ -33,6 +49,7 @@ from gateway.upstream import (
     UpstreamConnection,
     UpstreamRejected,
     UpstreamUnavailable,
+    read_token_off_loop,
 )
 from tests.conftest import TEST_TOKEN
 from tests.kit import RecordingSink
@@ -72,6 +89,11 @@ def make_config(tmp_path: Path, upstream: dict[str, Any] | None = None, **extra:
     }
     data.update(extra)
     return structure_config(data)
+
+
+async def read_token_on_loop(up: UpstreamSection) -> Secret:
+    """The token read in place, as before it moved to a thread (see the module docstring)."""
+    return up.read_token()
 
 
 _CLOSE = object()
@@ -189,7 +211,13 @@ async def running(
 
     async with trio.open_nursery() as nursery:
         connector = FakeConnector(nursery, script, refuse)
-        sup = Supervisor(config, sink_for, connect=connector, rng=random.Random(7))
+        sup = Supervisor(
+            config,
+            sink_for,
+            connect=connector,
+            rng=random.Random(7),
+            read_token=read_token_on_loop,
+        )
         await nursery.start(sup.run)
         # Virtual time: a hang fails fast with a traceback instead of burning pytest-timeout.
         with trio.fail_after(3600):
@@ -654,7 +682,9 @@ async def test_crashing_sink_restarts_only_its_fixture(
 
     async with trio.open_nursery() as nursery:
         connector = FakeConnector(nursery, tracking_server)
-        sup = Supervisor(config, lambda f, fx: sinks[fx.key], connect=connector)
+        sup = Supervisor(
+            config, lambda f, fx: sinks[fx.key], connect=connector, read_token=read_token_on_loop
+        )
         await nursery.start(sup.run)
         await until(lambda: min(len(s.frames) for s in sinks.values()) >= 10)
         nursery.cancel_scope.cancel()
@@ -700,7 +730,9 @@ async def test_add_before_run_and_stop_on_cancel(
     sink = RecordingSink()
     async with trio.open_nursery() as nursery:
         connector = FakeConnector(nursery, tracking_server)
-        sup = Supervisor(config, lambda f, fx: sink, connect=connector)
+        sup = Supervisor(
+            config, lambda f, fx: sink, connect=connector, read_token=read_token_on_loop
+        )
         assert sup.add(FixtureConfig(feed="trk", id="early"))
         await nursery.start(sup.run)
         await wait_state(sup, "trk", "early", FixtureState.LIVE)
@@ -793,3 +825,92 @@ async def test_backoff_reset_counts_live_time_up_to_the_last_message(
     # within backoff_initial (full jitter draws from [0, 0.5]).
     assert c.attempts[2].at - (stalled_at[1] + 25.0) <= 0.5 + 1e-6
     assert sinks["trk", "f1"].ixs == list(range(next_ix[0]))
+
+
+# -- the production token reader ---------------------------------------------------------------
+# Real clock here (no autojump_clock): a worker thread and MockClock's autojump do not mix.
+
+
+def _release_fifo(path: Path, after: float) -> threading.Thread:
+    """Open *path* (a FIFO) for writing after *after* s and write the test token, from a thread.
+
+    The open blocks until a reader opens the other end; the thread is a daemon, so a test that
+    fails before reading leaves nothing behind.
+    """
+
+    def write() -> None:
+        time.sleep(after)
+        path.write_text(TEST_TOKEN)  # blocks until the reader opens the FIFO
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_token_file_read_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    # A FIFO stands for a hung filesystem: reading it blocks until the writer shows up 0.5 s
+    # later. Read on the loop, the ticker could not tick in the meantime.
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    up = UpstreamSection(token_file=fifo)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    _release_fifo(fifo, after=0.5)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            secret = await read_token_off_loop(up)
+            nursery.cancel_scope.cancel()
+    assert secret.matches(TEST_TOKEN)
+    assert ticks >= 5
+
+
+async def test_token_read_is_abandoned_on_cancel(tmp_path: Path) -> None:
+    # A fixture removed while its token file hangs must not wait for the file: the read is
+    # abandoned (its thread finishes on its own once the writer below releases it).
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    up = UpstreamSection(token_file=fifo)
+    _release_fifo(fifo, after=5.0)
+    start = time.monotonic()
+    with trio.fail_after(30), trio.move_on_after(0.2):
+        await read_token_off_loop(up)
+    assert time.monotonic() - start < 2.0
+
+
+async def test_token_file_errors_come_back_from_the_thread(tmp_path: Path) -> None:
+    up = UpstreamSection(token_file=tmp_path / "missing")
+    with pytest.raises(SecretError, match="cannot read token file"):
+        await read_token_off_loop(up)
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+async def test_only_a_token_file_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    # The environment needs no I/O: read in place, no thread hop per attempt.
+    readers: list[int] = []
+    original = UpstreamSection.read_token
+
+    def spy(self: UpstreamSection) -> Secret:
+        readers.append(threading.get_ident())
+        return original(self)
+
+    monkeypatch.setattr(UpstreamSection, "read_token", spy)
+    monkeypatch.setenv("DDE_TEST_TOKEN", TEST_TOKEN)
+    (tmp_path / "token").write_text(TEST_TOKEN)
+    if source == "file":
+        up = UpstreamSection(token_file=tmp_path / "token")
+    else:
+        up = UpstreamSection(token_env="DDE_TEST_TOKEN")
+    with trio.fail_after(30):
+        secret = await read_token_off_loop(up)
+    assert secret.matches(TEST_TOKEN)
+    on_loop = readers == [threading.get_ident()]
+    assert on_loop is (source == "env")

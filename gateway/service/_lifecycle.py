@@ -4,11 +4,13 @@ Everything the process runs lives under the nursery opened in :func:`serve`:
 
 - SIGTERM / SIGINT: ``STOPPING=1``, :meth:`Gateway.drain` (bounded by ``drain_timeout``), then
   cancel everything; the process exits 0.
-- SIGHUP: ``RELOADING=1``, re-read the config file; a config with errors is refused (errors
-  logged, the running config kept); otherwise added fixtures start, removed ones stop and
-  unchanged ones stay connected. ``READY=1`` afterwards either way.
+- SIGHUP: ``RELOADING=1``, re-read the config file (in a worker thread, like the first read:
+  file I/O stays off the event loop); a config with errors is refused (errors logged, the
+  running config kept); otherwise added fixtures start, removed ones stop and unchanged ones
+  stay connected. ``READY=1`` afterwards either way.
 - sd_notify: ``READY=1`` only after both listeners are bound; ``STATUS=`` kept current;
-  ``WATCHDOG=1`` from a trio task, so only while the event loop is responsive.
+  ``WATCHDOG=1`` from a trio task, so only while the event loop is responsive. The notifier is
+  closed on every way out of :func:`serve`: a clean stop, a failed start, a cancellation.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ async def serve(
     """Run a gateway until SIGTERM/SIGINT, then drain and return.
 
     *reload* returns a freshly loaded config (raising :class:`ConfigError`) and is called on
-    SIGHUP; without it SIGHUP is logged and ignored. ``started(gateway)`` once ready.
+    SIGHUP, in a worker thread (it reads files); without it SIGHUP is logged and ignored.
+    ``started(gateway)`` once ready. The notifier (given or made from the environment) is
+    closed when this returns or raises.
 
     *freeze_gc* (the service process, not tests sharing a process): once started, move every
     object that exists - modules, routes, config - out of the cyclic garbage collector's sight
@@ -55,28 +59,34 @@ async def serve(
     before, they scanned every imported module and were the paced benchmark's latency tail.
     """
     notifier = notifier or Notifier.from_environ()
-    with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as root:
-            gateway = Gateway(config)
-            await root.start(gateway.run)
-            if freeze_gc:
-                gc.collect()
-                gc.freeze()
-            await notifier.ready()
-            await notifier.status(gateway.summary())
-            root.start_soon(notifier.run_watchdog)
-            root.start_soon(_report_status, gateway, notifier)
-            task_status.started(gateway)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(gateway, reload, on_reload, notifier)
-                    continue
-                log.info("%s: draining", signal.Signals(signum).name)
-                break
-            await notifier.stopping()
-            await gateway.drain()
-            root.cancel_scope.cancel()
-    await notifier.aclose()
+    try:
+        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as root:
+                gateway = Gateway(config)
+                await root.start(gateway.run)
+                if freeze_gc:
+                    gc.collect()
+                    gc.freeze()
+                await notifier.ready()
+                await notifier.status(gateway.summary())
+                root.start_soon(notifier.run_watchdog)
+                root.start_soon(_report_status, gateway, notifier)
+                task_status.started(gateway)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await _reload(gateway, reload, on_reload, notifier)
+                        continue
+                    log.info("%s: draining", signal.Signals(signum).name)
+                    break
+                await notifier.stopping()
+                await gateway.drain()
+                root.cancel_scope.cancel()
+    finally:
+        # Every way out (a clean stop, a listener that cannot bind, a cancellation) closes the
+        # notify socket. aclose() never blocks; the shield keeps a pending cancellation from
+        # raising at its checkpoint and replacing the exception already on its way out.
+        with trio.CancelScope(shield=True):
+            await notifier.aclose()
     log.info("stopped")
 
 
@@ -91,9 +101,15 @@ async def _reload(
         return
     await notifier.reloading()
     try:
-        new = reload()
+        new = await trio.to_thread.run_sync(reload)
     except ConfigError as exc:
         log.error("reload refused, keeping the running config: %s", "; ".join(exc.errors))
+    except Exception as exc:
+        # Whatever reading the file raised, the service runs on: a reload never takes it down.
+        # The type only: the text of an arbitrary exception could quote the file.
+        log.error(
+            "reload refused, keeping the running config: cannot read it (%s)", type(exc).__name__
+        )
     else:
         changes = gateway.apply(new)
         if on_reload is not None:
@@ -128,7 +144,7 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
     config (again on every reload), and the current upstream token as a redaction secret.
     """
     try:
-        config = load_config(path)
+        config = await trio.to_thread.run_sync(load_config, path)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -18,6 +18,7 @@ from gateway.upstream._connect import (
     Connector,
     UpstreamClosed,
     UpstreamConnection,
+    UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
     WebSocketConnector,
@@ -41,7 +42,14 @@ from gateway.upstream._resume import (
     TrackingResume,
     Verdict,
 )
-from gateway.upstream._runner import FASTPATH_ACCEPT, FixtureRunner
+from gateway.upstream._runner import (
+    FASTPATH_ACCEPT,
+    FixtureRunner,
+    SessionNext,
+    SessionState,
+    TokenReader,
+    read_token_off_loop,
+)
 from gateway.upstream._supervisor import FixtureHandle, Supervisor
 
 __all__ = [
@@ -65,10 +73,14 @@ __all__ = [
     "LeanConnection",
     "LeanConnector",
     "Message",
+    "SessionNext",
+    "SessionState",
     "Supervisor",
+    "TokenReader",
     "TrackingResume",
     "UpstreamClosed",
     "UpstreamConnection",
+    "UpstreamError",
     "UpstreamRejected",
     "UpstreamUnavailable",
     "Verdict",
@@ -79,4 +91,5 @@ __all__ = [
     "open_trio_websocket_connector",
     "open_websocket_connector",
     "parser_reusable",
+    "read_token_off_loop",
 ]

@@ -1,7 +1,20 @@
 """The connection boundary: an injectable connector, and an alternative one on trio-websocket.
 
 The runner sees only :class:`UpstreamConnection` (``send_message``/``get_message``/``aclose``)
-and the three errors below; trio-websocket's exceptions are translated here and go no further.
+and one small error tree, in the style of trio-websocket's own::
+
+    UpstreamError                      any failure of the upstream connection (the base)
+    +-- UpstreamUnavailable            no connection: DNS, TCP, TLS, handshake failure or timeout
+    +-- UpstreamRejected(status)       the server refused the WebSocket handshake (HTTP status)
+    +-- UpstreamClosed(code, reason)   the open connection ended (close code, if any)
+
+A connector raises the first two on entry, a connection raises :class:`UpstreamClosed` from
+``send_message``/``get_message``. Each connector translates its library's exceptions (OSError,
+``trio.TooSlowError``, TLS errors, trio-websocket's ``HandshakeError``/``ConnectionRejected``/
+``ConnectionClosed``, the lean client's protocol violations) into this tree at the boundary, and
+they go no further. Their messages are written from fixed texts, status and close codes and
+errno-level texts only, never from anything that could carry the auth message.
+
 Tests inject a connector over memory channels and run under ``MockClock``. The default connector
 is the lean client in ``_lean.py``; the trio-websocket one here is kept as an alternative
 (:func:`open_trio_websocket_connector`).
@@ -35,7 +48,11 @@ RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 DISCONNECT_TIMEOUT: Final = 2.0
 
 
-class UpstreamClosed(Exception):
+class UpstreamError(Exception):
+    """Base of the upstream connection errors; never raised itself."""
+
+
+class UpstreamClosed(UpstreamError):
     """The upstream connection is closed. ``code`` is the WebSocket close code, if any."""
 
     def __init__(self, code: int | None, reason: str | None = None) -> None:
@@ -44,7 +61,7 @@ class UpstreamClosed(Exception):
         self.reason = reason
 
 
-class UpstreamRejected(Exception):
+class UpstreamRejected(UpstreamError):
     """The server refused the WebSocket handshake with this HTTP status."""
 
     def __init__(self, status: int) -> None:
@@ -52,7 +69,7 @@ class UpstreamRejected(Exception):
         self.status = status
 
 
-class UpstreamUnavailable(Exception):
+class UpstreamUnavailable(UpstreamError):
     """No connection: DNS, TCP, TLS or handshake failure, or handshake timeout.
 
     The message is written here from the failure's type and errno-level text only.

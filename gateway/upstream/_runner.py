@@ -1,9 +1,10 @@
 """One fixture's upstream: connect, authenticate, subscribe, relay, and reconnect forever.
 
-A :class:`FixtureRunner` owns one (feed, fixture) pair. Each attempt waits for the global connect
-limiter, re-reads the token, opens one connection and runs the receive loop until the connection
-ends; the outcome decides the next state and how long to wait. The runner never lets a
-connection error escape: a closed, refused or stalled upstream is an outcome, not an exception.
+A :class:`FixtureRunner` owns one (feed, fixture) pair. Each attempt re-reads the token (off the
+event loop, see :func:`read_token_off_loop`), waits for the global connect limiter, opens one
+connection and runs the receive loop until the connection ends; the outcome decides the next
+state and how long to wait. The runner never lets a connection error escape: a closed, refused
+or stalled upstream is an outcome, not an exception.
 Anything else (a bug, a sink that raises) propagates to :meth:`FixtureRunner.run_forever`, which
 logs it with its traceback, counts it in ``crashes`` and restarts the loop after a backoff delay.
 
@@ -20,14 +21,14 @@ import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, NoReturn
 
 import attrs
 import orjson
 import trio
 
-from gateway.config import FeedConfig, FixtureConfig, SecretError, UpstreamSection
+from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
 from gateway.model import FixtureState, FixtureStatus, FrameSink
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
@@ -49,6 +50,24 @@ _UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
 _NOT_FOUND_STATUS: Final = 404
 
 
+#: Reads the upstream token for one attempt; raises :class:`~gateway.config.SecretError`.
+TokenReader = Callable[[UpstreamSection], Awaitable[Secret]]
+
+
+async def read_token_off_loop(up: UpstreamSection) -> Secret:
+    """The upstream token for one attempt, without blocking the event loop on file I/O.
+
+    A token file is read in a worker thread: a slow or hung filesystem (a network mount, a
+    credentials directory) must not stall every fixture's task. ``abandon_on_cancel``: a
+    fixture removed or stopped during a hung read is not held up by it; the thread finishes on
+    its own and its result is dropped (it only reads a file). ``token_env`` needs no I/O and is
+    read in place, as before, without a thread hop.
+    """
+    if up.token_file is None:
+        return up.read_token()
+    return await trio.to_thread.run_sync(up.read_token, abandon_on_cancel=True)
+
+
 class _End(enum.Enum):
     RETRY = "retry"  # backoff, then reconnect
     UNAUTHORIZED = "unauthorized"  # wait unauthorized_retry
@@ -61,6 +80,45 @@ class _Outcome:
     end: _End
     detail: str
     live_for: float = 0.0
+
+
+class SessionNext(enum.Enum):
+    """What the receive loop does after a message that does not end the session."""
+
+    CONTINUE = "continue"  # receive the next message
+    SUBSCRIBE = "subscribe"  # tracking, once accepted: send the fixture request
+
+
+# Module constants, so the per-frame comparison loads no enum attribute.
+_CONTINUE: Final = SessionNext.CONTINUE
+_SUBSCRIBE: Final = SessionNext.SUBSCRIBE
+
+
+@attrs.define
+class SessionState:
+    """The state of one connection that :meth:`FixtureRunner.step` reads and changes."""
+
+    tracking: bool
+    # Fastpath: from the start (the URL is the subscription). Tracking: once the fixture request
+    # has been sent; the receive loop sets it after the send, never the step.
+    subscribed: bool
+    live_since: float | None = None  # trio time of the first data or heartbeat once subscribed
+
+    def live_for(self, last_rx: float) -> float:
+        """Healthy time, up to the last message received at *last_rx*.
+
+        It ends with the last message: a stall's silence is not health, and counting it would
+        reset the backoff of a connection that keeps stalling.
+        """
+        return 0.0 if self.live_since is None else max(0.0, last_rx - self.live_since)
+
+    def closed(self, exc: UpstreamClosed, last_rx: float) -> _Outcome:
+        """The outcome of a connection the upstream closed (last message at *last_rx*)."""
+        code = "no close code" if exc.code is None else f"code {exc.code}"
+        # A policy-violation close is how the vendor ends a refused authentication.
+        if exc.code == CLOSE_POLICY_VIOLATION and self.live_since is None:
+            return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
+        return _Outcome(_End.RETRY, f"closed by upstream ({code})", self.live_for(last_rx))
 
 
 class FixtureRunner:
@@ -76,6 +134,7 @@ class FixtureRunner:
         upstream: Callable[[], UpstreamSection],
         rng: random.Random,
         backlog: bool = False,
+        read_token: TokenReader = read_token_off_loop,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -85,6 +144,9 @@ class FixtureRunner:
         # Never seen live (API or on demand): attempts wait behind the others until a frame came.
         self._backlog = backlog
         self._upstream = upstream
+        # Injectable for tests under MockClock(autojump_threshold=0): while a worker thread runs,
+        # every task looks blocked, so the clock would jump ahead and timings would not be exact.
+        self._read_token = read_token
         up = upstream()
         self._backoff = Backoff(up.backoff_initial, up.backoff_max, up.backoff_reset_after, rng=rng)
         self._tracking = TrackingResume(fixture.backfill)
@@ -213,7 +275,7 @@ class FixtureRunner:
         self._set_state(FixtureState.CONNECTING, "")
         up = self._upstream()
         try:
-            token = up.read_token()
+            token = await self._read_token(up)
         except SecretError as exc:
             # SecretError names the token's source, never its value.
             return _Outcome(_End.RETRY, f"token unavailable: {exc}")
@@ -239,6 +301,10 @@ class FixtureRunner:
     async def _session(self, conn: UpstreamConnection, auth: str, up: UpstreamSection) -> _Outcome:
         """Authenticate, subscribe and relay until the connection ends; return why it ended.
 
+        Each message is decoded, classified and handed to :meth:`step`, which says what to do:
+        receive on, send the fixture request, or end with an outcome. The step never awaits, so
+        a message is handled whole or not at all; every await of the session is here.
+
         The watchdog is a cancel scope around the receive loop. Until the vendor accepts the
         token its deadline is the handshake timeout; afterwards any message (data or heartbeat)
         proves the upstream alive for another ``stall_timeout``. Moving a deadline costs a heap
@@ -246,25 +312,21 @@ class FixtureRunner:
         when the deadline passes the scope is re-entered with ``last message + stall_timeout``
         unless that moment has passed too. A re-arm only ever interrupts ``get_message``
         (cancel-safe: a cancelled call loses no message): a deadline that passes during a send
-        (auth, fixture request) ends the session, since no message came after it was set.
+        ends the session. During the auth message no message has come since the deadline was
+        set, so the re-arm finds it passed; during the fixture request the session is not yet
+        subscribed (the loop marks it so only once the request is sent), and an unsubscribed
+        session ends at its deadline.
         """
         tracking = self.feed.kind == "tracking"
+        s = SessionState(tracking=tracking, subscribed=not tracking)  # fastpath: the URL subscribes
         classify = classify_tracking if tracking else classify_fastpath
+        step = self.step
         status = self.status
-        counters = status.counters
         clock = trio.current_time
         wall_clock = time.time
         stall = up.stall_timeout
-        subscribed = not tracking  # fastpath: the URL is the subscription
-        live_since: float | None = None
         last_rx = clock()
-        deadline = last_rx + (stall if subscribed else up.handshake_timeout)
-
-        def live_for() -> float:
-            # Healthy time ends with the last message: a stall's silence is not health, and
-            # counting it would reset the backoff of a connection that keeps stalling.
-            return 0.0 if live_since is None else max(0.0, last_rx - live_since)
-
+        deadline = last_rx + (stall if s.subscribed else up.handshake_timeout)
         auth_sent = False
         try:
             while True:
@@ -280,62 +342,73 @@ class FixtureRunner:
                             try:
                                 raw = raw.decode("utf-8")
                             except UnicodeDecodeError:
-                                counters.malformed += 1
+                                status.counters.malformed += 1
                                 continue
-                        msg = classify(raw)
-                        kind = msg.kind
-                        if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
-                            if not subscribed:
-                                counters.malformed += 1  # data before acceptance: not ours
-                                continue
-                            end = self._data(raw, msg, tracking, now)
-                            if end is not None:
-                                return end
-                            if live_since is None:
-                                live_since = now
-                                self._set_state(FixtureState.LIVE, "")
-                        elif kind is Kind.HEARTBEAT:
-                            counters.heartbeats += 1
-                            if subscribed and live_since is None:
-                                live_since = now
-                                self._set_state(FixtureState.LIVE, "")
-                        elif kind is Kind.ACCEPTED:
-                            if not subscribed:
-                                backfill = self._tracking.backfill(now)
-                                await conn.send_message(
-                                    orjson.dumps(
-                                        {"fixtureId": self.fixture.id, "backfill": backfill}
-                                    ).decode()
-                                )
-                                subscribed = True
-                                watchdog.deadline = now + stall
-                        elif kind is Kind.NOT_FOUND:
-                            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
-                        elif kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not subscribed):
-                            return _Outcome(
-                                _End.UNAUTHORIZED, _vendor("authentication refused", msg)
-                            )
-                        elif kind is Kind.ERROR:
-                            status.last_error = _vendor("upstream error", msg)
-                            logger.warning("upstream %s/%s: %s", *self._key(), status.last_error)
-                        elif kind is Kind.INFO:
-                            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
-                        else:
-                            counters.malformed += 1
+                        todo = step(s, raw, classify(raw), now)
+                        if todo is _CONTINUE:
+                            continue
+                        if todo is not _SUBSCRIBE:
+                            return todo
+                        await conn.send_message(self._fixture_request(now))
+                        s.subscribed = True
+                        watchdog.deadline = now + stall
                 # Only the watchdog's deadline ends the inner loop without returning.
-                if not subscribed:
+                if not s.subscribed:
                     return _Outcome(
                         _End.RETRY, f"no authorisation reply within {up.handshake_timeout} s"
                     )
                 deadline = last_rx + stall
                 if deadline <= clock():
-                    return _Outcome(_End.RETRY, f"stalled: no message for {stall} s", live_for())
+                    stalled = f"stalled: no message for {stall} s"
+                    return _Outcome(_End.RETRY, stalled, s.live_for(last_rx))
         except UpstreamClosed as exc:
-            code = "no close code" if exc.code is None else f"code {exc.code}"
-            # A policy-violation close is how the vendor ends a refused authentication.
-            if exc.code == CLOSE_POLICY_VIOLATION and live_since is None:
-                return _Outcome(_End.UNAUTHORIZED, f"closed before going live ({code})")
-            return _Outcome(_End.RETRY, f"closed by upstream ({code})", live_for())
+            return s.closed(exc, last_rx)
+
+    def step(self, s: SessionState, raw: str, msg: Message, now: float) -> SessionNext | _Outcome:
+        """What one classified message means for the session; an outcome ends the connection.
+
+        The receive loop's per-message step, public so that it can be tested one message at a
+        time. Synchronous: counts, publishes and sets the state, but sends nothing (the loop
+        sends the fixture request when told :attr:`SessionNext.SUBSCRIBE`, and only then marks
+        the session subscribed). Data frames take the first branch and allocate nothing here.
+        """
+        kind = msg.kind
+        if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
+            if not s.subscribed:
+                self.status.counters.malformed += 1  # data before acceptance: not ours
+                return _CONTINUE
+            end = self._data(raw, msg, s.tracking, now)
+            if end is not None:
+                return end
+            if s.live_since is None:
+                s.live_since = now
+                self._set_state(FixtureState.LIVE, "")
+            return _CONTINUE
+        if kind is Kind.HEARTBEAT:
+            self.status.counters.heartbeats += 1
+            if s.subscribed and s.live_since is None:
+                s.live_since = now
+                self._set_state(FixtureState.LIVE, "")
+            return _CONTINUE
+        if kind is Kind.ACCEPTED:
+            return _CONTINUE if s.subscribed else _SUBSCRIBE  # tracking: ask for the fixture
+        if kind is Kind.NOT_FOUND:
+            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
+        if kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not s.subscribed):
+            return _Outcome(_End.UNAUTHORIZED, _vendor("authentication refused", msg))
+        if kind is Kind.ERROR:
+            self.status.last_error = _vendor("upstream error", msg)
+            logger.warning("upstream %s/%s: %s", *self._key(), self.status.last_error)
+        elif kind is Kind.INFO:
+            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
+        else:
+            self.status.counters.malformed += 1
+        return _CONTINUE
+
+    def _fixture_request(self, now: float) -> str:
+        """The tracking subscription: the fixture, and how many past frames to replay."""
+        backfill = self._tracking.backfill(now)
+        return orjson.dumps({"fixtureId": self.fixture.id, "backfill": backfill}).decode()
 
     def _data(self, raw: str, msg: Message, tracking: bool, now: float) -> _Outcome | None:
         """Deliver (or drop) one data message; an outcome means: end this connection."""

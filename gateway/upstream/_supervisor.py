@@ -22,7 +22,7 @@ from gateway.model import FixtureStatus, FrameSink
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
-from gateway.upstream._runner import FixtureRunner
+from gateway.upstream._runner import FixtureRunner, TokenReader, read_token_off_loop
 
 logger = logging.getLogger("gateway.upstream")
 
@@ -48,7 +48,8 @@ class Supervisor:
     ``sink_for`` is called once per added fixture (from :meth:`add`, synchronously) and its
     errors propagate to the caller of :meth:`add` (or of the constructor, for configured
     fixtures). ``connect`` replaces the configured connector (tests); ``rng`` seeds the
-    backoff jitter of every fixture.
+    backoff jitter of every fixture; ``read_token`` replaces the token reader (tests under
+    ``MockClock``, where the default's worker thread would let virtual time jump).
     """
 
     def __init__(
@@ -58,8 +59,10 @@ class Supervisor:
         *,
         connect: Connector | None = None,
         rng: random.Random | None = None,
+        read_token: TokenReader = read_token_off_loop,
     ) -> None:
         self._config = config
+        self._read_token = read_token
         self._sink_for = sink_for
         self._connect = connect
         self._rng = rng if rng is not None else random.Random()
@@ -152,6 +155,7 @@ class Supervisor:
             upstream=self._upstream,
             rng=random.Random(self._rng.getrandbits(64)),
             backlog=backlog,
+            read_token=self._read_token,
         )
         entry = _Entry(runner)
         self._entries[key] = entry
