@@ -15,6 +15,7 @@ simulator tests run it on the real clock.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -43,6 +44,8 @@ from gateway.config import (
 from gateway.model import FixtureState
 from gateway.upstream import (
     FASTPATH_ACCEPT,
+    MAX_MALFORMED_RUN,
+    TOKEN_POLL_INTERVAL,
     Backoff,
     Supervisor,
     UpstreamClosed,
@@ -529,9 +532,11 @@ async def test_fastpath_position_travels_with_the_frame(
 # -- states ------------------------------------------------------------------------------------
 
 
-async def test_unauthorized_then_retry_after_configured_wait(
+async def test_unauthorized_retries_start_short_and_double_up_to_the_cap(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A fixed 60 s after every refusal once left subscribers 120 s without data after two auth
+    flaps: the first retry comes after 1 s, then 2, 4, ... up to ``unauthorized_retry``."""
     caplog.set_level(logging.DEBUG)
     config = make_config(
         tmp_path, {"unauthorized_retry": 60.0}, fixtures=[{"feed": "trk", "id": "f1"}]
@@ -547,16 +552,150 @@ async def test_unauthorized_then_retry_after_configured_wait(
         h = sup.get("trk", "f1")
         assert h is not None
         assert (FixtureState.UNAUTHORIZED, h.status.detail) in sinks["trk", "f1"].states
-        await trio.sleep(59.0)
-        assert len(c.attempts) == 1
-        await trio.sleep(2.0)
-        assert len(c.attempts) == 2
+        await until(lambda: len(c.attempts) >= 10)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(c.attempts)]
+    assert gaps[:9] == pytest.approx([1, 2, 4, 8, 16, 32, 60, 60, 60], abs=0.05)
     h = sup.get("trk", "f1")
     assert h is not None
     assert h.status.last_error is not None
     assert "Supplied token could not be authenticated" in h.status.last_error
     assert TEST_TOKEN not in caplog.text
     assert TEST_TOKEN not in repr(h) and TEST_TOKEN not in repr(sup.handles())
+
+
+async def test_going_live_resets_the_unauthorized_growth(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
+    plan = ["refuse", "refuse", "refuse", "live", "refuse"]
+
+    async def script(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        what = plan.pop(0) if plan else "refuse"
+        if what == "refuse":
+            conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
+            conn.close(1008)
+            return
+        conn.push(ACCEPTED)
+        await conn.recv()
+        conn.push(frame(1))
+        await trio.sleep(1.0)
+        conn.close(1011)
+
+    async with running(config, script) as (_, c, _):
+        await until(lambda: len(c.attempts) >= 6)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(c.attempts)]
+    # 1, 2, 4 after three refusals; live, closed, backoff (<= 0.1 + the 1 s live); then 1 again.
+    assert gaps[:3] == pytest.approx([1, 2, 4], abs=0.05)
+    assert gaps[4] == pytest.approx(1.0, abs=0.05)
+
+
+async def test_a_changed_token_file_is_tried_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Rotating the token file ends the wait after a refusal (within the poll interval)."""
+    config = make_config(
+        tmp_path, {"unauthorized_retry": 600.0}, fixtures=[{"feed": "trk", "id": "f1"}]
+    )
+    good = "rotated-token-value"
+
+    async def script(conn: FakeConn, attempt: Attempt) -> None:
+        auth = await conn.recv()
+        if auth.get("authToken") != good:
+            conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
+            conn.close(1008)
+            return
+        conn.push(ACCEPTED)
+        await conn.recv()
+        conn.push(frame(1))
+        await trio.sleep_forever()
+
+    async with running(config, script) as (sup, c, _):
+        await until(lambda: len(c.attempts) >= 6)  # refused 6 times: waits are 32 s now
+        t0 = trio.current_time()
+        (tmp_path / "token").write_text(good + "\n")
+        await wait_state(sup, "trk", "f1", FixtureState.LIVE)
+        assert trio.current_time() - t0 <= TOKEN_POLL_INTERVAL + 0.5
+        assert len(c.attempts) == 7
+
+
+async def test_a_token_echoed_by_the_upstream_is_scrubbed_everywhere(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream answering "Supplied token <token> could not be authenticated" put the token
+    into ``detail``/``last_error`` (HTTP) and the subscribers' status messages."""
+    caplog.set_level(logging.DEBUG)
+    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
+    padding = "x" * 190  # the token straddles the 200-character cut of a detail
+
+    async def script(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        if len(c.attempts) == 1:
+            conn.push(orjson.dumps({"errorMessage": f"Supplied token {TEST_TOKEN} bad"}).decode())
+        else:
+            conn.push(ACCEPTED)
+            await conn.recv()
+            conn.push(orjson.dumps({"message": padding + TEST_TOKEN, "level": "ERROR"}).decode())
+            conn.push(orjson.dumps({"message": f"info {TEST_TOKEN}", "level": "INFO"}).decode())
+        await trio.sleep_forever()
+
+    async with running(config, script) as (sup, c, sinks):
+        await until(lambda: len(c.attempts) >= 2)
+        h = sup.get("trk", "f1")
+        assert h is not None
+        await until(lambda: h.status.last_error is not None and "x" * 20 in h.status.last_error)
+        states = sinks["trk", "f1"].states
+    assert any("Supplied token <redacted> bad" in detail for _, detail in states), states
+    everything = repr(states) + repr(h.status) + caplog.text
+    assert TEST_TOKEN not in everything
+    assert TEST_TOKEN[:8] not in everything  # nor a piece of it cut at a length limit
+
+
+async def test_an_upstream_sending_only_garbage_reaches_a_failure_state(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """493 malformed frames once left a fixture `connecting` for ever."""
+    config = make_config(tmp_path, fixtures=[{"feed": "fp", "id": "m1"}])
+
+    async def garbage(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        for _ in range(MAX_MALFORMED_RUN + 10):
+            conn.push("<<not json>>")
+        await trio.sleep_forever()
+
+    async with running(config, garbage) as (sup, c, sinks):
+        await until(lambda: len(c.attempts) >= 2)
+        h = sup.get("fp", "m1")
+        assert h is not None
+        states = sinks["fp", "m1"].states
+    assert (
+        FixtureState.BACKOFF,
+        f"{MAX_MALFORMED_RUN} malformed messages in a row and nothing "
+        "valid: the upstream sends garbage",
+    ) in states
+    assert FixtureState.LIVE not in [state for state, _ in states]
+    assert h.status.counters.malformed >= MAX_MALFORMED_RUN
+
+
+async def test_slow_garbage_does_not_keep_a_connection_alive(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Malformed messages are not liveness: the stall watchdog fires through a trickle of them."""
+    config = make_config(tmp_path, fixtures=[{"feed": "fp", "id": "m1"}])
+
+    async def trickle(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push('{"fixtureAction":{"fixtureSeqNum":1}}')
+        for _ in range(40):
+            await trio.sleep(1.0)
+            conn.push("<<not json>>")
+        await trio.sleep_forever()
+
+    async with running(config, trickle) as (_, c, sinks):
+        await until(lambda: len(c.attempts) >= 2)
+        states = sinks["fp", "m1"].states
+    assert (FixtureState.BACKOFF, "stalled: no message for 5.0 s") in states
+    assert c.attempts[1].at - c.attempts[0].at < 7.0
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,18 @@ class Secret:
         """Constant-time comparison, so a timing probe learns nothing."""
         return hmac.compare_digest(self._value.encode(), candidate.encode())
 
+    def scrub(self, text: str) -> str:
+        """*text* with every occurrence of the value replaced by ``<redacted>``.
+
+        For text that came from outside (an upstream's error message may echo the token it
+        refused) before it is kept or shown anywhere. Values shorter than 4 characters are not
+        scrubbed: no real token is that short, and replacing them would shred the text.
+        """
+        value = self._value
+        if len(value) < 4 or value not in text:
+            return text
+        return text.replace(value, REDACTED)
+
     def __repr__(self) -> str:
         return f"Secret({REDACTED})"
 

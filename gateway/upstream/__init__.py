@@ -44,13 +44,15 @@ from gateway.upstream._resume import (
 )
 from gateway.upstream._runner import (
     FASTPATH_ACCEPT,
+    MAX_MALFORMED_RUN,
+    UNAUTHORIZED_FIRST_RETRY,
     FixtureRunner,
     SessionNext,
     SessionState,
     TokenReader,
     read_token_off_loop,
 )
-from gateway.upstream._supervisor import FixtureHandle, Supervisor
+from gateway.upstream._supervisor import TOKEN_POLL_INTERVAL, FixtureHandle, Supervisor
 
 __all__ = [
     "ALL_FRAMES",
@@ -60,9 +62,12 @@ __all__ = [
     "DISCONNECT_TIMEOUT",
     "FALLBACK_RATE",
     "FASTPATH_ACCEPT",
+    "MAX_MALFORMED_RUN",
     "MAX_MESSAGE_SIZE",
     "MAX_WIDENINGS",
     "MESSAGE_QUEUE_SIZE",
+    "TOKEN_POLL_INTERVAL",
+    "UNAUTHORIZED_FIRST_RETRY",
     "Backoff",
     "ConnectLimiter",
     "Connector",

@@ -37,8 +37,10 @@ NOT_FOUND_PREFIX: Final = "Could not find fixture"
 STATE_PACKET_TYPE: Final = "ConnectionStateChanged"
 # Words that mark a free-text or errorMessage reply as an authentication failure.
 _AUTH_WORDS: Final = ("token", "authenticat", "authoris", "authoriz", "unauthor")
-# Longest vendor text copied into a status detail; vendor texts never hold our token.
-_MAX_TEXT: Final = 200
+# Longest vendor text a Message carries: bounded (a hostile upstream may send megabytes), yet
+# long enough that the runner scrubs our token out of everything it will show (it keeps the
+# first 200 characters, after scrubbing: a token cut at this bound is never among them).
+_MAX_TEXT: Final = 64 * 1024
 # First character of a byte-order mark, as text and as UTF-8 (no valid JSON starts with 0xEF).
 _BOM_STARTS: Final[frozenset[str | bytes]] = frozenset({"\ufeff", b"\xef"})
 
@@ -61,7 +63,7 @@ class Kind(enum.Enum):
 class Message:
     kind: Kind
     seq: int | None = None  # ix (tracking) or fixtureSeqNum (fastpath) for DATA
-    text: str = ""  # vendor text for INFO/ERROR kinds, shortened; never holds our token
+    text: str = ""  # vendor text for INFO/ERROR kinds, bounded; may echo our token: scrub it
     status: int | None = None  # HTTP-like status of ``{"error":..,"status":..}`` replies
 
 

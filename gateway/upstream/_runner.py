@@ -46,6 +46,14 @@ from gateway.wire import CLOSE_POLICY_VIOLATION
 logger = logging.getLogger("gateway.upstream")
 
 FASTPATH_ACCEPT: Final = "application/vnd.imggaming.dde.api+json;version=1"
+#: Malformed messages in a row (nothing valid between them) that end a connection: an upstream
+#: sending only garbage must reach a failure state with the reason, not look connected.
+MAX_MALFORMED_RUN: Final = 50
+#: First wait after a refused token; it doubles on each refusal in a row up to
+#: ``unauthorized_retry``, so a token that flapped is retried within seconds, a bad one rarely.
+UNAUTHORIZED_FIRST_RETRY: Final = 1.0
+#: Longest vendor text kept in a status detail or ``last_error`` (after the token is scrubbed).
+MAX_VENDOR_TEXT: Final = 200
 _UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
 _NOT_FOUND_STATUS: Final = 404
 
@@ -103,6 +111,7 @@ class SessionState:
     # has been sent; the receive loop sets it after the send, never the step.
     subscribed: bool
     live_since: float | None = None  # trio time of the first data or heartbeat once subscribed
+    malformed_run: int = 0  # malformed messages since the last valid one
 
     def live_for(self, last_rx: float) -> float:
         """Healthy time, up to the last message received at *last_rx*.
@@ -152,6 +161,10 @@ class FixtureRunner:
         self._tracking = TrackingResume(fixture.backfill)
         self._fastpath = FastpathResume()
         self._connected_before = False
+        # Refusals of the token in a row (reset by going live): the retry wait doubles with it.
+        self._auth_failures = 0
+        # The token of the current attempt: vendor texts are scrubbed of it before being kept.
+        self._token: Secret | None = None
         self._stopped = False
         self._wake = trio.Event()
 
@@ -179,6 +192,8 @@ class FixtureRunner:
                 f" ({detail})" if detail else "",
             )
             st.state_since = time.time()
+            if state is FixtureState.LIVE:
+                self._auth_failures = 0
         st.state = state
         st.detail = detail
         self.sink.set_status(state, detail)
@@ -236,7 +251,11 @@ class FixtureRunner:
                 self.status.last_error = outcome.detail
             if outcome.end is _End.UNAUTHORIZED:
                 self._set_state(FixtureState.UNAUTHORIZED, outcome.detail)
-                delay = up.unauthorized_retry
+                self._auth_failures += 1
+                delay = min(
+                    up.unauthorized_retry,
+                    UNAUTHORIZED_FIRST_RETRY * 2 ** min(self._auth_failures - 1, 30),
+                )
             elif outcome.end is _End.NOT_FOUND:
                 self._set_state(FixtureState.NOT_FOUND, outcome.detail)
                 delay = up.not_found_retry
@@ -275,7 +294,7 @@ class FixtureRunner:
         self._set_state(FixtureState.CONNECTING, "")
         up = self._upstream()
         try:
-            token = await self._read_token(up)
+            token = self._token = await self._read_token(up)
         except SecretError as exc:
             # SecretError names the token's source, never its value.
             return _Outcome(_End.RETRY, f"token unavailable: {exc}")
@@ -336,15 +355,19 @@ class FixtureRunner:
                         await conn.send_message(auth)
                     while True:
                         raw = await conn.get_message()
-                        last_rx = now = clock()
+                        now = clock()
                         status.last_message_at = wall_clock()
                         if isinstance(raw, bytes):
                             try:
                                 raw = raw.decode("utf-8")
                             except UnicodeDecodeError:
-                                status.counters.malformed += 1
-                                continue
+                                end = self._malformed(s)
+                                if end is None:
+                                    continue
+                                return end
                         todo = step(s, raw, classify(raw), now)
+                        if not s.malformed_run:
+                            last_rx = now  # only a valid message proves the upstream alive
                         if todo is _CONTINUE:
                             continue
                         if todo is not _SUBSCRIBE:
@@ -375,8 +398,9 @@ class FixtureRunner:
         kind = msg.kind
         if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
             if not s.subscribed:
-                self.status.counters.malformed += 1  # data before acceptance: not ours
-                return _CONTINUE
+                return self._malformed(s) or _CONTINUE  # data before acceptance: not ours
+            if s.malformed_run:
+                s.malformed_run = 0
             end = self._data(raw, msg, s.tracking, now)
             if end is not None:
                 return end
@@ -384,6 +408,9 @@ class FixtureRunner:
                 s.live_since = now
                 self._set_state(FixtureState.LIVE, "")
             return _CONTINUE
+        if kind is Kind.MALFORMED:
+            return self._malformed(s) or _CONTINUE
+        s.malformed_run = 0
         if kind is Kind.HEARTBEAT:
             self.status.counters.heartbeats += 1
             if s.subscribed and s.live_since is None:
@@ -393,17 +420,39 @@ class FixtureRunner:
         if kind is Kind.ACCEPTED:
             return _CONTINUE if s.subscribed else _SUBSCRIBE  # tracking: ask for the fixture
         if kind is Kind.NOT_FOUND:
-            return _Outcome(_End.NOT_FOUND, _vendor("fixture not found", msg))
+            return _Outcome(_End.NOT_FOUND, self._vendor("fixture not found", msg))
         if kind is Kind.AUTH_ERROR or (kind is Kind.ERROR and not s.subscribed):
-            return _Outcome(_End.UNAUTHORIZED, _vendor("authentication refused", msg))
+            return _Outcome(_End.UNAUTHORIZED, self._vendor("authentication refused", msg))
         if kind is Kind.ERROR:
-            self.status.last_error = _vendor("upstream error", msg)
+            self.status.last_error = self._vendor("upstream error", msg)
             logger.warning("upstream %s/%s: %s", *self._key(), self.status.last_error)
         elif kind is Kind.INFO:
-            logger.debug("upstream %s/%s: info: %s", *self._key(), msg.text)
-        else:
-            self.status.counters.malformed += 1
+            logger.debug("upstream %s/%s: info: %s", *self._key(), self._vendor("", msg))
         return _CONTINUE
+
+    def _malformed(self, s: SessionState) -> _Outcome | None:
+        """Count one malformed message; too many in a row end the connection with the reason."""
+        self.status.counters.malformed += 1
+        s.malformed_run += 1
+        if s.malformed_run >= MAX_MALFORMED_RUN:
+            return _Outcome(
+                _End.RETRY,
+                f"{s.malformed_run} malformed messages in a row and nothing valid: "
+                "the upstream sends garbage",
+            )
+        return None
+
+    def _vendor(self, prefix: str, msg: Message) -> str:
+        """*prefix* and the vendor's text, safe to keep and show: the token scrubbed out (an
+        upstream may echo it back), then shortened."""
+        text = msg.text
+        if text and self._token is not None:
+            text = self._token.scrub(text)
+        if len(text) > MAX_VENDOR_TEXT:
+            text = text[:MAX_VENDOR_TEXT] + "..."
+        if not prefix:
+            return text
+        return f"{prefix}: {text}" if text else prefix
 
     def _fixture_request(self, now: float) -> str:
         """The tracking subscription: the fixture, and how many past frames to replay."""
@@ -451,7 +500,3 @@ class FixtureRunner:
 _WARN_STATES: Final = frozenset(
     {FixtureState.BACKOFF, FixtureState.UNAUTHORIZED, FixtureState.NOT_FOUND}
 )
-
-
-def _vendor(prefix: str, msg: Message) -> str:
-    return f"{prefix}: {msg.text}" if msg.text else prefix

@@ -10,9 +10,12 @@ the supervisor. All runners share one :class:`~gateway.upstream._limiter.Connect
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Final
 
 import attrs
 import trio
@@ -25,6 +28,9 @@ from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner, TokenReader, read_token_off_loop
 
 logger = logging.getLogger("gateway.upstream")
+
+#: Seconds between two looks at the token file: a rotated token is tried within about this.
+TOKEN_POLL_INTERVAL: Final = 1.0
 
 
 @attrs.frozen
@@ -117,11 +123,38 @@ class Supervisor:
                     for entry in pending:
                         nursery.start_soon(self._follow, entry)
                     task_status.started()
-                    # Keep the nursery open for fixtures added later, even with none running.
-                    await trio.sleep_forever()
+                    # Keeps the nursery open for fixtures added later, even with none running.
+                    await self._watch_token_file()
             finally:
                 self._nursery = None
                 self._active_connect = None
+
+    async def _watch_token_file(self) -> None:
+        """Poll the token file; when it changes, fixtures waiting after a refused token retry
+        at once (the operator rotated it) instead of after their backoff.
+
+        A ``stat`` per second, on the event loop: a metadata read of one small local file (the
+        credentials directory) takes microseconds, and a worker thread here would let a test's
+        autojump clock jump while it runs.
+        """
+        seen: tuple[int, int, int] | None = None
+        path: Path | None = None
+        while True:
+            token_file = self._config.upstream.token_file
+            if token_file != path:
+                path, seen = token_file, None  # reloaded: another file is a new baseline
+            if token_file is not None:
+                try:
+                    st = os.stat(os.path.expandvars(str(token_file)))
+                    now = (st.st_mtime_ns, st.st_size, st.st_ino)
+                except OSError:
+                    now = (0, 0, 0)
+                if seen is not None and now != seen:
+                    logger.info("upstream token file changed: refused fixtures retry now")
+                    for entry in self._entries.values():
+                        entry.runner.poke()
+                seen = now
+            await trio.sleep(TOKEN_POLL_INTERVAL)
 
     async def _follow(self, entry: _Entry) -> None:
         assert self._active_connect is not None
