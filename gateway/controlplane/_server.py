@@ -66,7 +66,7 @@ async def run(
     accepting, waits up to :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on
     cancellation it closes the listener and every connection at once.
     """
-    tokens = ApiTokens.from_config(config.api)
+    tokens = await trio.to_thread.run_sync(ApiTokens.from_config, config.api)
     sampler = RateSampler()
     app = build_app(target, tokens=tokens, sampler=sampler, body_timeout=body_timeout)
     hc = hypercorn_config(config.gateway.http_listen, access_log=access_log)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -149,29 +148,33 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
         log.error("%s", exc)
         return 2
     current = [config]
-    cache: list[tuple[float, list[str]]] = []
+    known: list[str] = []
 
-    def token_values() -> list[str]:
-        # The redactor asks on every log line; re-reading the token file at most once per
-        # TOKEN_RECHECK seconds still covers a rotated token without a file read per line.
-        now = time.monotonic()
-        if cache and now - cache[0][0] < TOKEN_RECHECK:
-            return cache[0][1]
+    def read_token() -> list[str]:
         try:
-            values = [current[0].upstream.read_token().reveal()]
+            return [current[0].upstream.read_token().reveal()]
         except Exception:
-            values = []
-        cache[:] = [(now, values)]
-        return values
+            return []  # missing mid-rotation: the redactor keeps what it knew
+
+    async def refresh_token() -> None:
+        # The redactor asks on every log line, synchronously: it gets the value read here, in a
+        # worker thread every TOKEN_RECHECK seconds, so no log call ever reads a file.
+        while True:
+            known[:] = await trio.to_thread.run_sync(read_token, abandon_on_cancel=True)
+            await trio.sleep(TOKEN_RECHECK)
 
     def configure(cfg: Config) -> None:
         current[0] = cfg
         configure_logging(
-            fmt=log_format, level=log_level or cfg.gateway.log_level, secrets=token_values
+            fmt=log_format, level=log_level or cfg.gateway.log_level, secrets=lambda: known
         )
 
+    known[:] = await trio.to_thread.run_sync(read_token)
     configure(config)
-    await serve(config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refresh_token)
+        await serve(config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True)
+        nursery.cancel_scope.cancel()
     return 0
 
 
