@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="fan-out benchmark against a websockets peer")
     add_bench_arguments(bench)
+
+    soak = sub.add_parser(
+        "soak", help="random vendor faults against a gateway, every frame checked (release check)"
+    )
+    soak.add_argument("--duration", type=float, default=600.0, help="seconds of faults")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
+    soak.add_argument("--workdir", type=Path, default=None, help="where the token file goes")
+    soak.add_argument("--log-format", choices=("text", "json"), default="text")
+    soak.add_argument("--log-level", default="warning")
     return parser
 
 
@@ -128,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.bench import run_from_args as run_bench
 
             return run_bench(args)
+        if args.command == "soak":
+            from gateway import soak
+
+            return soak.main(args.duration, args.seed, args.workdir)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse guarantees one

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "controlplane": 3,
     "service": 4,
     "bench": 5,
+    "soak": 5,
     "cli": 6,
     "__main__": 7,
 }

@@ -1,0 +1,291 @@
+"""``dde-gateway soak``: the gateway against a misbehaving vendor, every frame checked.
+
+A simulator serves a few fixtures; a gateway follows them; subscribers on ``/v1/stream`` read
+every frame; and a fault injector keeps breaking the vendor side at random (seeded): dropped
+connections (with and without a close frame), stalls longer than the stall timeout, garbage
+frames, refused tokens (an auth flap), slow handshakes. The checkers hold the gateway to its
+promise: each vendor frame reaches each subscriber once and in order - tracking ``ix`` without
+a hole or a repeat, fastpath actions never twice - and the gateway's own ``seq`` with no jump.
+
+The same run serves the suite (a few seconds, ``tests/test_chaos.py``) and release checks
+(``dde-gateway soak --duration 600``). Everything listens on 127.0.0.1, port 0.
+
+Example::
+
+    report = await run_soak(duration=30.0, seed=7)
+    assert report.ok, report.problems
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import orjson
+import trio
+import trio_websocket
+
+from gateway.config import Config, structure_config
+from gateway.service import Gateway
+from gateway.simulator import Simulator
+
+log = logging.getLogger("gateway.soak")
+
+TOKEN: Final = "soak-test-token-0123456789"
+TRACKING_PATH: Final = "/ws/soccer/tracking/low_latency"
+FASTPATH_TEMPLATE: Final = "/soccer/fixtures/{fixture}/actions"
+#: The faults the injector chooses from, each held for a random short while.
+FAULTS: Final = ("drop", "drop_close", "stall", "garbage", "auth_flap", "slow_handshake")
+#: Seconds of silence after the injector stopped before the run counts as failed to recover.
+RECOVERY_LIMIT: Final = 20.0
+
+
+@attrs.define
+class SoakReport:
+    """What one soak run saw. ``ok`` when nothing was lost, repeated or reordered."""
+
+    seconds: float
+    seed: int
+    faults: dict[str, int]
+    frames_checked: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    out_of_order: int = 0
+    seq_jumps: int = 0
+    upstream_reconnects: int = 0
+    upstream_malformed: int = 0
+    #: Longest time a fixture's subscribers waited between two frames (fault time included).
+    longest_silence: float = 0.0
+    recovered: bool = False
+    problems: list[str] = attrs.field(factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.problems
+            and self.recovered
+            and self.lost == self.duplicated == self.out_of_order == self.seq_jumps == 0
+        )
+
+    def lines(self) -> list[str]:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
+        return [
+            f"soak: {self.seconds:.0f} s, seed {self.seed}, faults injected: {faults}",
+            f"frames checked {self.frames_checked:,}; lost {self.lost}, duplicated "
+            f"{self.duplicated}, out of order {self.out_of_order}, seq jumps {self.seq_jumps}",
+            f"upstream reconnects {self.upstream_reconnects}, malformed skipped "
+            f"{self.upstream_malformed}; longest silence {self.longest_silence:.2f} s; "
+            f"recovered after the last fault: {'yes' if self.recovered else 'NO'}",
+            *(f"problem: {p}" for p in self.problems),
+            "result: PASS" if self.ok else "result: FAIL",
+        ]
+
+
+class Checker:
+    """One subscriber's view of one fixture: every frame once, in order."""
+
+    def __init__(self, report: SoakReport, kind: str) -> None:
+        self.report = report
+        self.kind = kind
+        self.last_ix: int | None = None
+        self.seen_actions: set[str] = set()
+        self.last_seq = 0
+        self.last_at = trio.current_time()
+
+    def frame(self, seq: int, data: dict[str, Any]) -> None:
+        r = self.report
+        now = trio.current_time()
+        r.longest_silence = max(r.longest_silence, now - self.last_at)
+        self.last_at = now
+        r.frames_checked += 1
+        if self.last_seq and seq != self.last_seq + 1:
+            r.seq_jumps += 1
+            r.problems.append(f"gateway seq jumped from {self.last_seq} to {seq}")
+        self.last_seq = seq
+        if self.kind == "tracking":
+            ix = data.get("ix")
+            if type(ix) is not int:
+                return
+            if self.last_ix is not None:
+                if ix <= self.last_ix:
+                    r.duplicated += ix == self.last_ix
+                    r.out_of_order += ix < self.last_ix
+                    r.problems.append(f"ix {ix} after {self.last_ix}")
+                elif ix > self.last_ix + 1:
+                    r.lost += ix - self.last_ix - 1
+                    r.problems.append(f"ix jumped from {self.last_ix} to {ix}")
+            self.last_ix = ix if self.last_ix is None else max(ix, self.last_ix)
+            return
+        action = data.get("fixtureAction")
+        if isinstance(action, dict) and isinstance(action.get("actionId"), str):
+            if action["actionId"] in self.seen_actions:
+                r.duplicated += 1
+                r.problems.append(f"action {action['actionId']} delivered twice")
+            self.seen_actions.add(action["actionId"])
+
+
+def soak_config(sim_port: int, token_file: Path, fixtures: list[tuple[str, str]]) -> Config:
+    """A gateway config for the soak: quick backoff and stall detection, ports 0."""
+    sim = f"ws://127.0.0.1:{sim_port}"
+    return structure_config(
+        {
+            "gateway": {"stream_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+            "upstream": {
+                "token_file": str(token_file),
+                "connect_rate": 50.0,
+                "backoff_initial": 0.05,
+                "backoff_max": 0.5,
+                "stall_timeout": 1.5,
+                "handshake_timeout": 3.0,
+                "unauthorized_retry": 2.0,
+            },
+            "feeds": {
+                "tracking": {"kind": "tracking", "url": sim + TRACKING_PATH},
+                "actions": {"kind": "fastpath", "url": sim + FASTPATH_TEMPLATE},
+            },
+            "fixtures": [{"feed": f, "id": i} for f, i in fixtures],
+        }
+    )
+
+
+async def _inject(
+    sim: Simulator, fixtures: list[str], rng: random.Random, report: SoakReport, until: float
+) -> None:
+    """Break the vendor side at random until *until* (trio time), one fault at a time."""
+    while trio.current_time() < until:
+        await trio.sleep(rng.uniform(0.2, 0.8))
+        name = rng.choice(FAULTS)
+        fixture = rng.choice(fixtures)
+        faults = sim.faults(fixture)
+        report.faults[name] = report.faults.get(name, 0) + 1
+        if name == "drop":
+            faults.drop_after_frames = rng.randint(1, 20)
+        elif name == "drop_close":
+            faults.drop_close_code = 1011
+            faults.drop_after_frames = rng.randint(1, 20)
+        elif name == "garbage":
+            faults.malformed_frames = rng.randint(1, 5)
+        elif name == "stall":
+            faults.stall = True
+        elif name == "auth_flap":
+            faults.reject_auth = True
+        else:
+            sim.connection_faults.handshake_delay = rng.uniform(0.1, 0.5)
+        # The stall must outlast the gateway's stall timeout to be noticed.
+        await trio.sleep(2.0 if name == "stall" else rng.uniform(0.1, 1.0))
+        faults.drop_after_frames = None
+        faults.drop_close_code = None
+        faults.stall = False
+        faults.reject_auth = False
+        faults.malformed_frames = 0
+        sim.connection_faults.handshake_delay = 0.0
+
+
+async def _subscribe(
+    url: str,
+    feeds: list[tuple[str, str]],
+    checkers: dict[tuple[str, str], Checker],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with trio_websocket.open_websocket_url(url, message_queue_size=4096) as ws:
+        for feed, fixture in feeds:
+            await ws.send_message(
+                orjson.dumps({"op": "subscribe", "feed": feed, "fixture": fixture}).decode()
+            )
+        task_status.started()
+        while True:
+            msg = orjson.loads(await ws.get_message())
+            if msg.get("type") == "frame":
+                checkers[msg["feed"], msg["fixture"]].frame(msg["seq"], msg["data"])
+
+
+async def run_soak(
+    *,
+    duration: float,
+    seed: int = 0,
+    tracking: int = 2,
+    fastpath: int = 1,
+    rate_hz: float = 50.0,
+    subscribers: int = 2,
+    workdir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SoakReport:
+    """Run the soak for *duration* seconds of faults, then check that everything recovered.
+
+    Returns the report; never raises for a misbehaving gateway (that is what the report says).
+    """
+    rng = random.Random(seed)
+    report = SoakReport(seconds=duration, seed=seed, faults={})
+    ids = [("tracking", f"soak-t{i}") for i in range(tracking)]
+    ids += [("actions", f"soak-f{i}") for i in range(fastpath)]
+    sim = Simulator(
+        tokens={TOKEN}, rate_hz=rate_hz, heartbeat_interval=0.3, action_interval=0.1, seed=seed
+    )
+    for feed, fixture in ids:
+        sim.add_fixture(fixture, kind="tracking" if feed == "tracking" else "fastpath")
+    with trio.CancelScope() as outer:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            tmp = workdir or Path(await trio.to_thread.run_sync(_tempdir))
+            token_file = tmp / "token"
+            await trio.to_thread.run_sync(token_file.write_text, TOKEN)
+            gw = Gateway(soak_config(port, token_file, ids))
+            bound = await nursery.start(gw.run)
+            checkers_per_sub = []
+            for _ in range(subscribers):
+                checkers = {key: Checker(report, key[0]) for key in ids}
+                checkers_per_sub.append(checkers)
+                await nursery.start(_subscribe, f"ws://{bound.stream}/v1/stream", ids, checkers)
+            # Every fixture delivers before the first fault.
+            with trio.move_on_after(RECOVERY_LIMIT):
+                # Polling state the subscribers' tasks change: a check every 50 ms is plenty.
+                while any(c.last_seq == 0 for cs in checkers_per_sub for c in cs.values()):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            start = trio.current_time()
+            if progress:
+                progress(f"soak: injecting faults for {duration:.0f} s (seed {seed})")
+            await _inject(sim, [f for _, f in ids], rng, report, start + duration)
+            # Recovery: every fixture delivers to every subscriber again after the last fault.
+            mark = trio.current_time()
+            with trio.move_on_after(RECOVERY_LIMIT):
+                while any(c.last_at <= mark + 0.5 for cs in checkers_per_sub for c in cs.values()):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                report.recovered = True
+            for view in gw.fixture_views():
+                report.upstream_reconnects += int(view.upstream["reconnects"])
+                report.upstream_malformed += int(view.upstream["malformed"])
+                if view.upstream["gaps"]:
+                    report.problems.append(
+                        f"{view.feed}/{view.fixture}: {view.upstream['gaps']} upstream gaps"
+                    )
+            outer.cancel()
+    del report.problems[20:]  # the first few say what went wrong; the counts say how much
+    return report
+
+
+def _tempdir() -> str:
+    import tempfile  # noqa: PLC0415 - only a CLI run without --workdir needs it
+
+    return tempfile.mkdtemp(prefix="dde-soak-")
+
+
+def main(duration: float, seed: int, workdir: Path | None) -> int:
+    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL."""
+    started = time.monotonic()
+    report = trio.run(
+        lambda: run_soak(duration=duration, seed=seed, workdir=workdir, progress=print)
+    )
+    for line in report.lines():
+        print(line)
+    print(f"(wall time {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+__all__ = ["FAULTS", "SoakReport", "main", "run_soak", "soak_config"]
