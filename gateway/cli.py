@@ -2,9 +2,9 @@
 
 Subcommands: ``run`` (the service), ``simulate`` (the vendor simulator), ``check-config``
 (validate a file, every error with its field path, exit 2), ``demo`` (simulator + gateway on an
-embedded config), ``watch`` (a subscriber that prints what arrives) and ``bench`` (the fan-out
-benchmark). Heavy imports happen inside each
-subcommand so ``check-config`` stays instant.
+embedded config), ``watch`` (a subscriber that prints what arrives), ``bench`` (the fan-out
+benchmark) and ``soak`` (random vendor faults against a gateway, every frame checked). Heavy
+imports happen inside each subcommand so ``check-config`` stays instant.
 """
 
 from __future__ import annotations

@@ -155,6 +155,28 @@ class Attempt:
 Script = Callable[[FakeConn, Attempt], Awaitable[None]]
 
 
+def accepting_only(
+    token: str,
+    refusal: str = '{"errorMessage":"Supplied token could not be authenticated"}',
+    close_code: int = 1008,
+) -> Script:
+    """A vendor that refuses every token but *token* (*refusal*, then *close_code*), and
+    streams frame 1 on from an accepted subscription."""
+
+    async def script(conn: FakeConn, attempt: Attempt) -> None:
+        auth = await conn.recv()
+        if auth.get("authToken") != token:
+            conn.push(refusal)
+            conn.close(close_code)
+            return
+        conn.push(ACCEPTED)
+        await conn.recv()
+        conn.push(frame(1))
+        await trio.sleep_forever()
+
+    return script
+
+
 class FakeConnector:
     """Records attempts; ``script`` plays the server for each one (in the test's nursery).
 
@@ -599,18 +621,7 @@ async def test_a_changed_token_file_is_tried_at_once(
     )
     good = "rotated-token-value"
 
-    async def script(conn: FakeConn, attempt: Attempt) -> None:
-        auth = await conn.recv()
-        if auth.get("authToken") != good:
-            conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
-            conn.close(1008)
-            return
-        conn.push(ACCEPTED)
-        await conn.recv()
-        conn.push(frame(1))
-        await trio.sleep_forever()
-
-    async with running(config, script) as (sup, c, _):
+    async with running(config, accepting_only(good)) as (sup, c, _):
         await until(lambda: len(c.attempts) >= 6)  # refused 6 times: waits are 32 s now
         t0 = trio.current_time()
         (tmp_path / "token").write_text(good + "\n")
@@ -888,19 +899,9 @@ async def test_update_config_rotates_token_and_wakes_unauthorized(
     )
     new_token = tmp_path / "token2"
     new_token.write_text("rotated-token")
+    refusal = '{"message":"Authentication message had incorrect format","level":"ERROR"}'
 
-    async def server(conn: FakeConn, attempt: Attempt) -> None:
-        auth = await conn.recv()
-        if auth["authToken"] != "rotated-token":
-            conn.push('{"message":"Authentication message had incorrect format","level":"ERROR"}')
-            conn.close(1000)
-            return
-        conn.push(ACCEPTED)
-        await conn.recv()
-        conn.push(frame(0))
-        await trio.sleep_forever()
-
-    async with running(config, server) as (sup, c, _):
+    async with running(config, accepting_only("rotated-token", refusal, 1000)) as (sup, c, _):
         await wait_state(sup, "trk", "f1", FixtureState.UNAUTHORIZED)
         t0 = trio.current_time()
         new_config = make_config(
