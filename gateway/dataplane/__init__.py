@@ -12,6 +12,7 @@ from gateway.dataplane._access import (
     BEARER_PROTOCOL_PREFIX,
     STREAM_PROTOCOL,
     SubscriberAuth,
+    offered_tokens,
 )
 from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
@@ -32,5 +33,6 @@ __all__ = [
     "SubscriberAuth",
     "SubscriberRegistry",
     "SubscriberView",
+    "offered_tokens",
     "run",
 ]
