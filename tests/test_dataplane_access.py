@@ -10,13 +10,16 @@ logged rate-limited with the peer, never the token (300 wrong drop-in tokens: 30
 line or two); open access without a file. In a whole gateway: a reload swaps the tokens for
 new connections while a connected subscriber keeps its access, a broken file is refused and the
 old tokens kept, the metric counts, and no token is in any log line or API answer. As a process:
-SIGHUP with a broken then a good file, and a broken file at start (exit 2).
+SIGHUP with a broken then a good file, and a broken file at start (exit 2). ``dde-gateway
+watch --token-file``.
 
 Rules: real sockets on 127.0.0.1 port 0, real time, ``trio.fail_after`` everywhere.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import logging
 import signal
 import sys
@@ -31,6 +34,7 @@ import websockets.sync.client
 from trio_websocket import ConnectionRejected, open_websocket_url
 from websockets.typing import Subprotocol
 
+from gateway.client import Watcher
 from gateway.config import ConfigError
 from tests.kit import http_get, http_url, simulator_and_gateway, stream_url, wait_until
 from tests.test_dataplane import (
@@ -340,3 +344,32 @@ async def test_process_reload_and_start_with_token_files(tmp_path: Path) -> None
             err = result.stderr.decode()
             assert "unknown feed 'nosuchfeed'" in err and "$.subscribers.tokens_file" in err
             assert_no_secret(err)
+
+
+async def test_watch_sends_its_token_file(tmp_path: Path) -> None:
+    """``dde-gateway watch --token-file``: subscribes with the token; without one a 401 ends
+    the command (exit 1) instead of retrying forever."""
+    fx = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+    token_file = tmp_path / "my-token"
+    token_file.write_text(TRACKING_ONLY + "\n")
+    with trio.fail_after(60):
+        async with simulator_and_gateway(
+            tmp_path, [("tracking", fx)], subscribers={"tokens_file": str(write_tokens(tmp_path))}
+        ) as (_, gw):
+
+            def args(token: Path | None) -> argparse.Namespace:
+                return argparse.Namespace(
+                    url=stream_url(gw),
+                    topics=[f"tracking/{fx}"],
+                    backfill=0,
+                    raw=False,
+                    count=3,
+                    token_file=token,
+                    ca_file=None,
+                )
+
+            out = io.StringIO()
+            assert await Watcher(args(token_file), out).run() == 0
+            assert out.getvalue().count("frame tracking/") == 3
+            assert await Watcher(args(None), io.StringIO()).run() == 1
+            assert gw.auth.failures["stream"] == 1
