@@ -225,3 +225,15 @@ def test_offered_tokens() -> None:
     headers = [(b"Authorization", b"Bearer  abc "), (b"host", b"x"), (b"authorization", b"Basic z")]
     assert offered_tokens(headers, ["dde.v1", BEARER_PROTOCOL_PREFIX + "def"]) == ["abc", "def"]
     assert offered_tokens([(b"authorization", b"bearer")], [BEARER_PROTOCOL_PREFIX]) == []
+
+
+def test_the_documented_example_file_parses() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    section = doc.split("### Subscriber token file", 1)[1]
+    example = section.split("```\n", 2)[1]
+    tokens = parse_subscriber_tokens(example, feeds={"tracking", "actions"})
+    assert [g.feeds for g in tokens.grants] == [
+        frozenset({"tracking"}),
+        None,
+        frozenset({"tracking", "actions"}),
+    ]
