@@ -86,18 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_config(path: Path) -> int:
-    from gateway.config import ConfigError, load_config
+    from gateway.config import ConfigError, load_config, load_server_tls, load_subscriber_tokens
 
     try:
         config = load_config(path)
+        # Read at start and on every reload: check them before `systemctl reload`.
+        tokens = load_subscriber_tokens(config)
+        tls = load_server_tls(config)
     except ConfigError as exc:
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    access = "open" if tokens is None else f"{len(tokens)} token(s)"
     print(
         f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "
-        f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}"
+        f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}, "
+        f"subscriber access {access}, TLS {'on' if tls is not None else 'off'}"
     )
     return EXIT_OK
 

@@ -5,17 +5,25 @@ message: frames summarised (seq, size and the vendor's ``ix`` or ``fixtureSeqNum
 else (subscribed, status, gap, error) as the JSON the gateway sent. ``--raw`` prints every
 message verbatim. It resumes by itself after a lost connection, using the ``after``/``epoch``
 resume of the protocol, so a reconnect shows ``recovered: true`` when no frame was missed.
+
+``--token-file`` sends a subscriber token (``Authorization: Bearer``) when the gateway has
+``[subscribers] tokens_file``; ``--ca-file`` trusts a private CA for a ``wss://`` URL. A 401
+(no or unknown token) ends the command instead of retrying.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import ssl
 import sys
 from typing import Any, Final, TextIO
 
 import orjson
 import trio
 import trio_websocket
+
+from gateway.config import Secret, SecretError, read_token_file
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/v1/stream"
 RECONNECT_DELAY: Final = 1.0
@@ -31,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--raw", action="store_true", help="print every message verbatim")
     parser.add_argument("--count", type=int, default=0, help="stop after this many frames")
+    parser.add_argument(
+        "--token-file",
+        type=pathlib.Path,
+        default=None,
+        help="file holding a subscriber token (sent as Authorization: Bearer)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=pathlib.Path,
+        default=None,
+        help="PEM CA certificate(s) to trust for a wss:// URL (default: the system's)",
+    )
 
 
 def _topic(text: str) -> tuple[str, str]:
@@ -64,6 +84,12 @@ class Watcher:
         self.backfill: int = args.backfill
         self.raw: bool = args.raw
         self.count: int = args.count
+        token_file: pathlib.Path | None = getattr(args, "token_file", None)
+        self.token: Secret | None = None if token_file is None else read_token_file(token_file)
+        ca_file: pathlib.Path | None = getattr(args, "ca_file", None)
+        self.ssl_context = (
+            None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+        )
         self.out = out
         self.frames = 0
         self.resume: dict[tuple[str, str], tuple[int, str]] = {}
@@ -79,7 +105,12 @@ class Watcher:
 
     async def session(self) -> bool:
         """One connection; True when done (``--count`` reached)."""
-        async with trio_websocket.open_websocket_url(self.url) as ws:
+        headers = []
+        if self.token is not None:
+            headers.append((b"authorization", b"Bearer " + self.token.reveal().encode()))
+        async with trio_websocket.open_websocket_url(
+            self.url, self.ssl_context, extra_headers=headers
+        ) as ws:
             for feed, fixture in self.topics:
                 await ws.send_message(self._subscribe_message(feed, fixture))
             while True:
@@ -106,6 +137,15 @@ class Watcher:
             try:
                 if await self.session():
                     return 0
+            except trio_websocket.ConnectionRejected as exc:
+                if exc.status_code == 401:
+                    print(
+                        f"# {self.url}: a valid subscriber token is required (--token-file)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 1
+                print(f"# cannot connect to {self.url}: HTTP {exc.status_code}", file=sys.stderr)
             except (OSError, trio_websocket.HandshakeError) as exc:
                 print(f"# cannot connect to {self.url}: {exc}", file=sys.stderr, flush=True)
             except trio_websocket.ConnectionClosed as exc:
@@ -116,7 +156,7 @@ class Watcher:
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         watcher = Watcher(args, sys.stdout)
-    except argparse.ArgumentTypeError as exc:
+    except (argparse.ArgumentTypeError, SecretError, OSError, ssl.SSLError) as exc:
         print(f"dde-gateway watch: {exc}", file=sys.stderr)
         return 2
     return trio.run(watcher.run)

@@ -79,6 +79,7 @@ class MemoryTarget:
         self._frames_out = 0
         self._drops = 0
         self._slow_disconnects = 0
+        self._auth_failures: dict[str, int] = {}
         self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
         self._refused: dict[str, int] = {}
         self._configured = {fx.key for fx in config.fixtures}
@@ -131,6 +132,7 @@ class MemoryTarget:
             slow_disconnects=self._slow_disconnects,
             subscribers=len(self._subscribers),
             upstream=sum_counters(self._feed_counters.values()),
+            auth_failures=dict(self._auth_failures),
         )
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
@@ -167,6 +169,10 @@ class MemoryTarget:
     def count_slow(self, *, drops: int = 0, slow_disconnects: int = 0) -> None:
         self._drops += drops
         self._slow_disconnects += slow_disconnects
+
+    def count_auth_failures(self, endpoint: str, n: int = 1) -> None:
+        """Failed subscriber authentications on *endpoint* (``stream`` or ``dropin``)."""
+        self._auth_failures[endpoint] = self._auth_failures.get(endpoint, 0) + n
 
     def set_state(
         self,

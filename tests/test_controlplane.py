@@ -33,6 +33,7 @@ from gateway.controlplane import (
     Totals,
     run,
 )
+from gateway.dataplane import AUTH_ENDPOINTS
 from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
 from tests.kit import wait_until
@@ -457,6 +458,7 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         target.count_upstream("soccer", "123", reconnects=2, gaps=1, duplicates_dropped=4)
         target.count_upstream("hoops", "g1", malformed=5, crashes=1, out_of_order=2)
         target.count_slow(drops=6, slow_disconnects=2)
+        target.count_auth_failures("dropin", 3000)
         target.set_state("hoops", "g1", FixtureState.LIVE)
         target.add_subscriber(SubscriberView("s", "p", "/v1/stream", (), 0, 0, 0, 0.0))
         for seconds in (0.0003, 0.0007, 0.002, 7.0):
@@ -493,8 +495,16 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[(bucket, (("le", "+Inf"),))] == 4
         assert got[("dde_fanout_latency_seconds_count", ())] == 4
         assert got[("dde_fanout_latency_seconds_sum", ())] == pytest.approx(7.003)
-        # Only feed, state and le labels: fixture ids and subscribers would be unbounded.
-        assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "le"}
+        # Both endpoint kinds are present, zeros included; nothing else is ever a label value.
+        auth = "dde_subscriber_auth_failures_total"
+        assert got[(auth, (("endpoint", "dropin"),))] == 3000
+        assert got[(auth, (("endpoint", "stream"),))] == 0
+        assert {labels for name, labels in got if name == auth} == {
+            (("endpoint", e),) for e in AUTH_ENDPOINTS
+        }
+        # Only feed, state, endpoint and le labels: fixture ids, subscribers, peers and tokens
+        # would be unbounded.
+        assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "endpoint", "le"}
 
         # An unfollowed fixture's frames stay counted: counters never go down.
         target.unfollow("soccer", "123")

@@ -177,4 +177,5 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
     assert got[("dde_frames_sent_total", ())] > 0
     inf = got[("dde_fanout_latency_seconds_bucket", (("le", "+Inf"),))]
     assert inf == got[("dde_fanout_latency_seconds_count", ())]
-    assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "le"}
+    assert got[("dde_subscriber_auth_failures_total", (("endpoint", "stream"),))] == 0
+    assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "endpoint", "le"}

@@ -16,6 +16,7 @@ helpers here are imported by the other ``test_dataplane_*`` modules.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import socket
 import struct
@@ -42,8 +43,9 @@ from gateway.config import (
     ListenAddress,
     SubscribersSection,
     UpstreamSection,
+    load_subscriber_tokens,
 )
-from gateway.dataplane import SubscriberRegistry, run
+from gateway.dataplane import SubscriberAuth, SubscriberRegistry, run
 from gateway.hub import FixtureDirectory, Hub, Topic
 from gateway.model import FixtureState
 from tests.kit import wait_until
@@ -85,6 +87,7 @@ class Served:
     addr: ListenAddress
     hub: Hub
     registry: SubscriberRegistry
+    auth: SubscriberAuth
 
     @property
     def url(self) -> str:
@@ -100,9 +103,10 @@ async def serving(
 ) -> AsyncIterator[Served]:
     hub = Hub(config.feeds, directory)
     registry = SubscriberRegistry()
+    auth = SubscriberAuth(load_subscriber_tokens(config))
     async with trio.open_nursery() as nursery:
-        addr = await nursery.start(run, config, hub, registry)
-        yield Served(addr, hub, registry)
+        addr = await nursery.start(functools.partial(run, config, hub, registry, auth=auth))
+        yield Served(addr, hub, registry, auth)
         nursery.cancel_scope.cancel()
 
 

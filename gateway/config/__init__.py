@@ -10,6 +10,7 @@ from gateway.config._convert import (
     make_converter,
     structure_config,
 )
+from gateway.config._files import load_server_tls, load_subscriber_tokens
 from gateway.config._model import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
@@ -25,7 +26,20 @@ from gateway.config._model import (
     SubscribersSection,
     UpstreamSection,
 )
-from gateway.config._secret import REDACTED, Secret, SecretError, any_matches, read_token_file
+from gateway.config._secret import (
+    REDACTED,
+    Secret,
+    SecretError,
+    any_matches,
+    expand_path,
+    read_token_file,
+)
+from gateway.config._tokens import (
+    SubscriberTokens,
+    TokenGrant,
+    parse_subscriber_tokens,
+    read_subscriber_tokens,
+)
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -43,12 +57,19 @@ __all__ = [
     "Secret",
     "SecretError",
     "SlowPolicy",
+    "SubscriberTokens",
     "SubscribersSection",
+    "TokenGrant",
     "UpstreamSection",
     "any_matches",
     "config_to_dict",
+    "expand_path",
     "load_config",
+    "load_server_tls",
+    "load_subscriber_tokens",
     "make_converter",
+    "parse_subscriber_tokens",
+    "read_subscriber_tokens",
     "read_token_file",
     "structure_config",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal
 
@@ -21,6 +22,7 @@ from gateway.config._secret import (
     read_token_file,
     read_token_list,
 )
+from gateway.config._tokens import SubscriberTokens, read_subscriber_tokens
 
 DEFAULT_STREAM_LISTEN: Final = "127.0.0.1:8765"
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8780"
@@ -107,6 +109,18 @@ class GatewaySection:
     http_listen: ListenAddress = _HTTP_LISTEN
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
     log_level: LogLevel = "info"
+    #: PEM certificate (chain) and key: both set = wss:// on stream_listen, https:// on
+    #: http_listen. Read at start (see gateway.config.load_server_tls).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 @attrs.frozen
@@ -207,11 +221,17 @@ class SubscribersSection:
     ping_interval: float = attrs.field(default=DEFAULT_PING_INTERVAL, validator=_positive)
     ping_timeout: float = attrs.field(default=DEFAULT_PING_TIMEOUT, validator=_positive)
     heartbeat_interval: float = attrs.field(default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive)
+    #: Subscriber tokens for both endpoints (format: gateway.config._tokens); None = open.
     tokens_file: Path | None = None
 
-    def read_tokens(self) -> tuple[Secret, ...] | None:
-        """Subscriber tokens for the drop-in endpoint, or None when any token is accepted."""
-        return None if self.tokens_file is None else read_token_list(self.tokens_file)
+    def read_tokens(self, feeds: Iterable[str] | None = None) -> SubscriberTokens | None:
+        """Read the subscriber tokens now, or None when access is open (no ``tokens_file``).
+
+        Raises :class:`~gateway.config.SecretError` naming the file and line, never a token.
+        """
+        if self.tokens_file is None:
+            return None
+        return read_subscriber_tokens(self.tokens_file, feeds=feeds)
 
 
 @attrs.frozen

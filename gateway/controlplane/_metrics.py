@@ -5,8 +5,9 @@ so the data path keeps plain integer counters and pays nothing for metrics. Each
 own :class:`~prometheus_client.CollectorRegistry` (never the process-global one), so several apps
 can live in one process, as they do in the tests.
 
-Labels are ``feed`` and ``state`` only: fixture ids and subscribers are unbounded sets and would
-make the series count grow without limit.
+Labels are ``feed``, ``state`` and ``endpoint`` (the two subscriber endpoint kinds) only:
+fixture ids, subscribers, peers and tokens are unbounded sets and would make the series count
+grow without limit (and a token must never be anywhere near a metric).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from gateway.controlplane._target import ControlTarget, LatencyHistogram
+from gateway.dataplane import AUTH_ENDPOINTS
 from gateway.model import FixtureState, counter_specs
 
 
@@ -89,6 +91,15 @@ class GatewayCollector:
         yield GaugeMetricFamily(
             "dde_subscribers", "Connected subscribers.", value=totals.subscribers
         )
+        auth = CounterMetricFamily(
+            "dde_subscriber_auth_failures",
+            "Failed subscriber authentications (missing, unknown or not allowed tokens; "
+            "drop-in: also bad or missing authentication messages).",
+            labels=["endpoint"],
+        )
+        for endpoint in AUTH_ENDPOINTS:
+            auth.add_metric([endpoint], float(totals.auth_failures.get(endpoint, 0)))
+        yield auth
 
         by_feed_state = {(feed, state): 0 for feed in feeds for state in FixtureState}
         for view in target.fixture_views():

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from gateway.config import Config, ListenAddress
+from gateway.config import Config, ListenAddress, expand_path
 from gateway.controlplane._app import BODY_TIMEOUT, build_app
 from gateway.controlplane._auth import ApiTokens
 from gateway.controlplane._rates import DEFAULT_SAMPLE_INTERVAL, RateSampler
@@ -26,10 +27,22 @@ logger: Final = logging.getLogger("gateway.http")
 # In-flight requests are short; after a shutdown request this bounds the wait for them.
 GRACEFUL_TIMEOUT: Final = 5.0
 KEEP_ALIVE_TIMEOUT: Final = 5.0
+#: A TLS handshake not done by then is dropped (hypercorn's default is 60 s).
+TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 
 
-def hypercorn_config(listen: ListenAddress, *, access_log: bool = False) -> HypercornConfig:
-    """hypercorn settings: one bind, logs to ``gateway.http``, access log off by default."""
+def hypercorn_config(
+    listen: ListenAddress,
+    *,
+    access_log: bool = False,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> HypercornConfig:
+    """hypercorn settings: one bind, logs to ``gateway.http``, access log off by default.
+
+    With *cert_file* and *key_file* (PEM; ``$VARS`` expanded) it serves HTTPS, HTTP/1.1 only:
+    the API's request limits were built and tested for HTTP/1.1, and it needs nothing of h2.
+    """
     hc = HypercornConfig()
     hc.bind = [str(listen)]
     hc.errorlog = logger
@@ -38,6 +51,11 @@ def hypercorn_config(listen: ListenAddress, *, access_log: bool = False) -> Hype
     hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     # No product banner: it helps only someone probing for known hypercorn bugs.
     hc.include_server_header = False
+    if cert_file is not None and key_file is not None:
+        hc.certfile = str(expand_path(cert_file))
+        hc.keyfile = str(expand_path(key_file))
+        hc.alpn_protocols = ["http/1.1"]
+        hc.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     return hc
 
 
@@ -69,7 +87,13 @@ async def run(
     tokens = await trio.to_thread.run_sync(ApiTokens.from_config, config.api)
     sampler = RateSampler()
     app = build_app(target, tokens=tokens, sampler=sampler, body_timeout=body_timeout)
-    hc = hypercorn_config(config.gateway.http_listen, access_log=access_log)
+    section = config.gateway
+    hc = hypercorn_config(
+        section.http_listen,
+        access_log=access_log,
+        cert_file=section.tls_cert_file,
+        key_file=section.tls_key_file,
+    )
     async with trio.open_nursery() as nursery:
 
         async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
@@ -89,5 +113,7 @@ async def run(
         await nursery.start(partial(sampler.run, target.totals, interval=sample_interval))
         binds: list[str] = await nursery.start(serve_then_stop)
         address = _bound_address(binds)
-        logger.info("control plane listening on http://%s", address)
+        logger.info(
+            "control plane listening on %s://%s", "https" if hc.ssl_enabled else "http", address
+        )
         task_status.started(address)

@@ -47,7 +47,8 @@ class Totals:
     """Process-wide counters since start. All are monotonic except ``subscribers`` (a gauge).
 
     ``upstream`` is the sum of every fixture's :class:`~gateway.model.UpstreamCounters`, those
-    stopped included.
+    stopped included. ``auth_failures``: failed subscriber authentications per endpoint kind
+    (``gateway.dataplane.AUTH_ENDPOINTS``; a kind that is absent counts 0).
     """
 
     frames_out: int = 0
@@ -55,6 +56,7 @@ class Totals:
     slow_disconnects: int = 0
     subscribers: int = 0
     upstream: UpstreamCounters = attrs.field(factory=UpstreamCounters)
+    auth_failures: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def frames_in(self) -> int:

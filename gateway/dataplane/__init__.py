@@ -3,23 +3,36 @@
 Two endpoints (docs/protocol.md): ``/v1/stream`` (multiplexed, many fixtures per connection,
 seq/epoch resume) and the vendor drop-in at each feed's ``dropin_path``. :func:`run` serves
 them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown;
-:class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own).
+:class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own);
+:class:`SubscriberAuth` holds the subscriber tokens in force and counts failed attempts.
 """
 
+from gateway.dataplane._access import (
+    AUTH_ENDPOINTS,
+    BEARER_PROTOCOL_PREFIX,
+    STREAM_PROTOCOL,
+    SubscriberAuth,
+    offered_tokens,
+)
 from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
+    "AUTH_ENDPOINTS",
+    "BEARER_PROTOCOL_PREFIX",
     "DEFAULT_CLOSE_TIMEOUT",
     "STREAM_PATH",
+    "STREAM_PROTOCOL",
     "Connection",
     "DeliverySink",
     "RegistryStats",
     "SendItem",
     "SendQueue",
+    "SubscriberAuth",
     "SubscriberRegistry",
     "SubscriberView",
+    "offered_tokens",
     "run",
 ]

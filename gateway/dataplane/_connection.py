@@ -97,7 +97,14 @@ class Connection:
     :attr:`queued_bytes`. ``on_slow(conn)`` is called when the queue finds the connection too
     slow (``disconnect`` policy), just before it is closed with 4008; the registry passes its
     ``count_slow_disconnect``.
+
+    *tls* (a ``trio.SSLStream`` over *stream*) is for
+    :class:`~gateway.dataplane._tlsconn.TlsConnection` only: this class writes to the socket's
+    file descriptor and would go around it.
     """
+
+    #: Whether the write path goes through ``tls`` (the subclass for TLS says yes).
+    WRITES_THROUGH_TLS: bool = False
 
     def __init__(
         self,
@@ -112,6 +119,7 @@ class Connection:
         on_slow: Callable[[Connection], None],
         latency: LatencyHistogram,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        tls: trio.SSLStream[trio.SocketStream] | None = None,
     ) -> None:
         self.id = ident
         self.peer = peer
@@ -121,7 +129,11 @@ class Connection:
         self.frames_sent = 0
         self.slow_disconnected = False
         self.handler: Handler | None = None
+        if tls is not None and not self.WRITES_THROUGH_TLS:
+            raise TypeError(f"{type(self).__name__} cannot write through TLS")
         self._stream = stream
+        # What the reader reads: the socket, or the TLS stream over it (see _tlsconn).
+        self._rx: trio.abc.ReceiveStream = stream if tls is None else tls
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._ws = ws
@@ -344,7 +356,7 @@ class Connection:
         ws = self._ws
         while True:
             try:
-                data = await self._stream.receive_some(RECEIVE_CHUNK)
+                data = await self._rx.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
@@ -353,7 +365,8 @@ class Connection:
                 self._closing = True
                 self._flushed.set()
                 return
-            ws.receive_data(data)
+            # bytes(): TLS reads are typed bytes | bytearray; for bytes it is the same object.
+            ws.receive_data(bytes(data))
             for event in ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
                     if self._closing:

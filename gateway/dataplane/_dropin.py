@@ -10,27 +10,27 @@ It speaks the vendor protocol of the feed's kind (``docs/vendor-protocol.md``):
   ``live`` the client gets one ``ConnectionStateChanged``/``Disconnected`` packet, and
   ``Connected`` again before the next frame.
 
-Tokens (``[subscribers] tokens_file``) are read on every authentication, so they can rotate.
+Tokens: ``[subscribers] tokens_file``, as loaded at start or by the last reload (SIGHUP); the
+token must allow the endpoint's feed. Every failure (bad format, unknown token, a token for other
+feeds, no authentication message in time) is counted and logged by :class:`SubscriberAuth`.
 Slow drop-in subscribers are always disconnected (4008): vendor clients know no gap message.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 import trio
 
-from gateway.config import FeedConfig, SecretError, any_matches
+from gateway.config import FeedConfig
 from gateway.dataplane import _messages as msg
+from gateway.dataplane._access import SubscriberAuth
 from gateway.dataplane._connection import Connection
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
 from gateway.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
-
-log = logging.getLogger("gateway.dataplane")
 
 _CSC = b'"ConnectionStateChanged"'
 
@@ -67,7 +67,7 @@ class DropinHandler:
     """The vendor protocol on one connection of feed *feed*.
 
     *fixture* is given for fastpath (from the path) and None for tracking (it comes in the
-    fixture request).
+    fixture request). *auth* holds the tokens (None: any token is accepted).
     """
 
     def __init__(
@@ -76,12 +76,14 @@ class DropinHandler:
         hub: Hub,
         feed: FeedConfig,
         *,
+        auth: SubscriberAuth | None = None,
         fixture: str | None = None,
         start_position: int = 0,
     ) -> None:
         self.conn = conn
         self.hub = hub
         self.feed = feed
+        self.auth = auth or SubscriberAuth()
         self.fixture = fixture
         self.start_position = start_position
         self.authenticated = False
@@ -94,7 +96,8 @@ class DropinHandler:
 
     async def _auth_deadline(self) -> None:
         await trio.sleep(self.conn.settings.handshake_timeout)
-        if not self.authenticated:
+        if not self.authenticated and not self.conn.closing:
+            self.auth.failed("dropin", self.conn.peer, "no authentication message in time")
             self.conn.close(CLOSE_POLICY_VIOLATION, "no authentication message")
 
     def topics(self) -> Iterable[Topic]:
@@ -117,16 +120,13 @@ class DropinHandler:
         req = _loads(text)
         token = req.get("authToken") if isinstance(req, dict) else None
         if not isinstance(token, str):
+            self.auth.failed(
+                "dropin", self.conn.peer, "authentication message had incorrect format"
+            )
             self.conn.send_control(msg.VENDOR_AUTH_BAD_FORMAT)
             self.conn.close(CLOSE_POLICY_VIOLATION, "authentication message had incorrect format")
             return
-        try:
-            tokens = self.conn.settings.read_tokens()
-        except SecretError as exc:
-            # Fail closed: a broken token file must not open the gateway to everyone.
-            log.error("drop-in authentication impossible: %s", exc)
-            tokens = ()
-        if tokens is not None and not any_matches(tokens, token):
+        if not self.auth.check_dropin(token, self.feed.name, self.conn.peer):
             self.conn.send_control(msg.VENDOR_AUTH_REJECTED)
             self.conn.close(CLOSE_POLICY_VIOLATION, "authentication failed")
             return

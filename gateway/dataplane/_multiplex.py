@@ -86,11 +86,15 @@ def _field_str(req: dict[str, Any], name: str) -> str:
 
 
 class MultiplexHandler:
-    """The ``/v1/stream`` protocol on one connection."""
+    """The ``/v1/stream`` protocol on one connection.
 
-    def __init__(self, conn: Connection, hub: Hub) -> None:
+    *feeds*: the feeds its subscriber token may read, fixed at the handshake (None: every feed).
+    """
+
+    def __init__(self, conn: Connection, hub: Hub, feeds: frozenset[str] | None = None) -> None:
         self.conn = conn
         self.hub = hub
+        self.feeds = feeds
         self.subs: dict[tuple[str, str], MuxSubscription] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -153,6 +157,9 @@ class MultiplexHandler:
             raise BadRequest("epoch is only valid with after")
         elif "backfill" not in req:
             backfill = 0
+        if self.feeds is not None and feed not in self.feeds:
+            # Before hub.open: a refused subscription must not start an on-demand follow.
+            raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
         key = (feed, fixture)
         if key in self.subs:
             raise BadRequest(f"already subscribed to {feed}/{fixture}")

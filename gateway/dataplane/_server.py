@@ -4,12 +4,19 @@ Why not a WebSocket server library: fan-out cost is dominated by how frames reac
 (see ``docs/performance.md``: 2 us per delivery here against 50 us with trio-websocket
 ``send_message``). wsproto still does the parts that need care: the HTTP upgrade and parsing
 client frames (masking, fragmentation, UTF-8, close codes).
+
+With ``[gateway] tls_cert_file``/``tls_key_file`` every accepted socket is wrapped in a
+``trio.SSLStream`` (handshake within ``handshake_timeout``) and served by a
+:class:`~gateway.dataplane._tlsconn.TlsConnection`: the eager ``os.write`` cannot be used under
+TLS, so every write goes through the writer task and ``send_all``. Plaintext connections are
+untouched. Subscriber authentication: :mod:`gateway.dataplane._access`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import ssl
 import urllib.parse
 from collections.abc import Callable
 from typing import Final
@@ -19,12 +26,20 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.utilities import RemoteProtocolError
 
-from gateway.config import Config, FeedConfig, ListenAddress
+from gateway.config import (
+    Config,
+    FeedConfig,
+    ListenAddress,
+    load_server_tls,
+    load_subscriber_tokens,
+)
 from gateway.dataplane import _messages as msg
+from gateway.dataplane._access import STREAM_PROTOCOL, SubscriberAuth, offered_tokens
 from gateway.dataplane._connection import RECEIVE_CHUNK, Connection, Handler
 from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
+from gateway.dataplane._tlsconn import TlsConnection
 from gateway.hub import Hub, valid_fixture_id
 
 log = logging.getLogger("gateway.dataplane")
@@ -32,21 +47,57 @@ log = logging.getLogger("gateway.dataplane")
 STREAM_PATH: Final = "/v1/stream"
 
 _HandlerFactory = Callable[[Connection], Handler]
+_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+_UNAUTHORIZED_HEADERS: Final = [(b"www-authenticate", b'Bearer realm="dde-gateway"')]
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.headers = headers or []
+
+
+class _Route:
+    """Where an upgrade request goes: endpoint name, handler factory, slow policy override
+    ("" for the configured one), the subprotocol to answer and the token line used (logs)."""
+
+    __slots__ = ("endpoint", "factory", "grant_line", "policy", "subprotocol")
+
+    def __init__(
+        self,
+        endpoint: str,
+        factory: _HandlerFactory,
+        policy: str = "",
+        subprotocol: str | None = None,
+        grant_line: int = 0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.policy = policy
+        self.subprotocol = subprotocol
+        self.grant_line = grant_line
 
 
 class _Router:
-    """Maps a request target to the handler factory of its endpoint, or raises :class:`_Reject`."""
+    """Maps an upgrade request to its endpoint's :class:`_Route`, or raises :class:`_Reject`.
 
-    def __init__(self, config: Config, hub: Hub) -> None:
+    ``/v1/stream`` is authenticated here (HTTP 401); drop-in endpoints authenticate in their
+    first message (vendor protocol), with the same :class:`SubscriberAuth`.
+    """
+
+    def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth) -> None:
         self.hub = hub
+        self.auth = auth
         self.exact: dict[str, FeedConfig] = {}
         self.templates: list[tuple[re.Pattern[str], FeedConfig]] = []
         for feed in config.feeds.values():
@@ -57,16 +108,18 @@ class _Router:
             else:
                 self.exact[path] = feed
 
-    def route(self, target: str) -> tuple[str, _HandlerFactory, str]:
-        """(endpoint name, handler factory, slow policy override or "") for *target*."""
-        split = urllib.parse.urlsplit(target)
+    def route(self, request: Request, peer: str) -> _Route:
+        split = urllib.parse.urlsplit(request.target)
         path = split.path
         hub = self.hub
+        auth = self.auth
         if path == STREAM_PATH:
-            return STREAM_PATH, lambda conn: MultiplexHandler(conn, hub), ""
+            return self._stream(request, peer)
         feed = self.exact.get(path)
         if feed is not None:
-            return path, lambda conn: DropinHandler(conn, hub, feed), "disconnect"
+            return _Route(
+                path, lambda conn: DropinHandler(conn, hub, feed, auth=auth), "disconnect"
+            )
         for pattern, tfeed in self.templates:
             m = pattern.match(path)
             if m is None:
@@ -79,10 +132,29 @@ class _Router:
             def factory(
                 conn: Connection, f: FeedConfig = tfeed, fx: str = fixture, sp: int = start
             ) -> Handler:
-                return DropinHandler(conn, hub, f, fixture=fx, start_position=sp)
+                return DropinHandler(conn, hub, f, auth=auth, fixture=fx, start_position=sp)
 
-            return tfeed.dropin_path, factory, "disconnect"
+            return _Route(tfeed.dropin_path, factory, "disconnect")
         raise _Reject(404, b"not found\n")
+
+    def _stream(self, request: Request, peer: str) -> _Route:
+        offered = offered_tokens(request.extra_headers, request.subprotocols)
+        ok, grant = self.auth.check_stream(offered, peer)
+        if not ok:
+            raise _Reject(
+                401, b"a valid subscriber token is required\n", headers=_UNAUTHORIZED_HEADERS
+            )
+        hub = self.hub
+        feeds = None if grant is None else grant.feeds
+        # Answer dde.v1 when offered (browsers insist on an answer when they offered any);
+        # never a dde.bearer.<token> protocol: the token must not travel back.
+        subprotocol = STREAM_PROTOCOL if STREAM_PROTOCOL in request.subprotocols else None
+        return _Route(
+            STREAM_PATH,
+            lambda conn: MultiplexHandler(conn, hub, feeds),
+            subprotocol=subprotocol,
+            grant_line=0 if grant is None else grant.line,
+        )
 
     def _known(self, feed: FeedConfig, fixture: str) -> bool:
         if self.hub.get(feed.name, fixture) is not None:
@@ -107,13 +179,13 @@ def _start_position(query: str) -> int:
     return n
 
 
-async def _read_request(stream: trio.SocketStream, ws: WSConnection) -> Request | None:
+async def _read_request(stream: _Stream, ws: WSConnection) -> Request | None:
     while True:
         data = await stream.receive_some(RECEIVE_CHUNK)
         if not data:
             return None
         try:
-            ws.receive_data(data)
+            ws.receive_data(bytes(data))
         except RemoteProtocolError as exc:
             await stream.send_all(ws.send(exc.event_hint or RejectConnection(status_code=400)))
             return None
@@ -131,12 +203,20 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 class _Server:
-    def __init__(self, config: Config, hub: Hub, registry: SubscriberRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        registry: SubscriberRegistry,
+        auth: SubscriberAuth,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         self.config = config
         self.settings = config.subscribers
         self.hub = hub
         self.registry = registry
-        self.router = _Router(config, hub)
+        self.tls = tls
+        self.router = _Router(config, hub, auth)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One accepted TCP connection: handshake, then the endpoint protocol until it ends.
@@ -155,38 +235,60 @@ class _Server:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         ws = WSConnection(ConnectionType.SERVER)
+        peer = _peer(stream)
+        tls: trio.SSLStream[trio.SocketStream] | None = None
+        io: _Stream = stream
         with trio.fail_after(self.settings.handshake_timeout):
-            request = await _read_request(stream, ws)
+            if self.tls is not None:
+                # A failed TLS handshake (a plaintext client, say) raises BrokenResourceError:
+                # this connection ends quietly, nothing else notices.
+                io = tls = trio.SSLStream(stream, self.tls, server_side=True)
+                await tls.do_handshake()
+            request = await _read_request(io, ws)
             if request is None:
                 return
             try:
-                endpoint, factory, policy = self.router.route(request.target)
+                route = self.router.route(request, peer)
                 if self.registry.draining or len(self.registry) >= self.settings.max_connections:
                     self.registry.rejected += 1
                     raise _Reject(503, b"subscriber limit reached or shutting down\n")
             except _Reject as rej:
-                headers = [(b"content-type", rej.content_type), (b"connection", b"close")]
+                headers = [
+                    (b"content-type", rej.content_type),
+                    (b"connection", b"close"),
+                    *rej.headers,
+                ]
                 data = ws.send(
                     RejectConnection(status_code=rej.status, headers=headers, has_body=True)
                 ) + ws.send(RejectData(data=rej.body, body_finished=True))
-                await stream.send_all(data)
+                await io.send_all(data)
                 return
-            await stream.send_all(ws.send(AcceptConnection()))
-        conn = Connection(
+            await io.send_all(ws.send(AcceptConnection(subprotocol=route.subprotocol)))
+        endpoint = route.endpoint
+        cls = Connection if tls is None else TlsConnection
+        conn = cls(
             ident=self.registry.new_id(),
-            peer=_peer(stream),
+            peer=peer,
             endpoint=endpoint,
             stream=stream,
             ws=ws,
             settings=self.settings,
-            policy="disconnect" if policy == "disconnect" else self.settings.slow_policy,
+            policy="disconnect" if route.policy == "disconnect" else self.settings.slow_policy,
             on_slow=self.registry.count_slow_disconnect,
             latency=self.hub.fanout_latency,
+            tls=tls,
         )
         self.registry.add(conn)
-        log.debug("subscriber %s connected from %s to %s", conn.id, conn.peer, endpoint)
+        log.debug(
+            "subscriber %s connected from %s to %s%s%s",
+            conn.id,
+            conn.peer,
+            endpoint,
+            " over TLS" if tls is not None else "",
+            f" (token of line {route.grant_line})" if route.grant_line else "",
+        )
         try:
-            await conn.serve(factory(conn))
+            await conn.serve(route.factory(conn))
         finally:
             self.registry.remove(conn)
             log.debug("subscriber %s disconnected", conn.id)
@@ -197,20 +299,32 @@ async def run(
     hub: Hub,
     registry: SubscriberRegistry,
     *,
+    auth: SubscriberAuth | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve subscribers on ``config.gateway.stream_listen`` until cancelled.
+
+    *auth*: the subscriber tokens and failure counters (the service keeps one to swap tokens
+    on reload); without it one is made from ``[subscribers] tokens_file``. *tls*: the server
+    context; without it one is made from ``[gateway] tls_cert_file``/``tls_key_file`` when
+    set. Either may raise :class:`~gateway.config.ConfigError` before anything is bound.
 
     Reports the address actually bound (port 0 picks a free one) through ``task_status``.
     Cancellation closes every connection at once; call ``registry.drain()`` first for a
     graceful close (1001).
     """
+    if auth is None:
+        auth = SubscriberAuth(load_subscriber_tokens(config))
+    if tls is None:
+        tls = load_server_tls(config)
     addr = config.gateway.stream_listen
     listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
     sockname = listeners[0].socket.getsockname()
     bound = ListenAddress(addr.host, sockname[1])
-    server = _Server(config, hub, registry)
-    log.info("data plane listening on ws://%s%s", bound, STREAM_PATH)
+    server = _Server(config, hub, registry, auth, tls)
+    scheme = "ws" if tls is None else "wss"
+    log.info("data plane listening on %s://%s%s", scheme, bound, STREAM_PATH)
     async with trio.open_nursery() as nursery:
         task_status.started(bound)
         await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)

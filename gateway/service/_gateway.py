@@ -13,15 +13,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from functools import partial
+from typing import Final
 
 import attrs
 import trio
 
 from gateway import __version__
-from gateway.config import Config, FeedConfig, FixtureConfig, ListenAddress
+from gateway.config import (
+    Config,
+    FeedConfig,
+    FixtureConfig,
+    ListenAddress,
+    SubscriberTokens,
+    load_server_tls,
+    load_subscriber_tokens,
+)
 from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
 from gateway.controlplane import run as run_control_plane
-from gateway.dataplane import SubscriberRegistry
+from gateway.dataplane import SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.model import FixtureState, FrameSink, UpstreamCounters, sum_counters
@@ -30,6 +40,13 @@ from gateway.service._logging import fields
 from gateway.upstream import Supervisor
 
 log = logging.getLogger("gateway")
+
+
+class _Unread:
+    """The default of :meth:`Gateway.apply`'s ``tokens``: read the token file there."""
+
+
+_UNREAD: Final = _Unread()
 
 
 @attrs.frozen
@@ -46,9 +63,15 @@ class Gateway:
     Fixtures come from three places: the config file (reconciled on reload), the HTTP API
     (kept until deleted; runtime changes are not written back) and on-demand subscriptions
     (stopped ``linger`` seconds after their last subscriber leaves). Only on-demand ones linger.
+
+    The files the config names are read first: the subscriber tokens (``self.auth``, swapped
+    by :meth:`apply`) and the TLS certificate and key; a broken one raises
+    :class:`~gateway.config.ConfigError` before anything starts.
     """
 
     def __init__(self, config: Config) -> None:
+        self.auth = SubscriberAuth(load_subscriber_tokens(config))
+        self.tls = load_server_tls(config)
         self.config = config
         self.version = __version__
         self.started_at = time.time()
@@ -82,13 +105,25 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.fixtures.run)
             await nursery.start(self._run_supervisor)
-            stream = await nursery.start(run_data_plane, self.config, self.hub, self.registry)
+            stream = await nursery.start(
+                partial(
+                    run_data_plane,
+                    self.config,
+                    self.hub,
+                    self.registry,
+                    auth=self.auth,
+                    tls=self.tls,
+                )
+            )
             http = await nursery.start(run_control_plane, self.config, self)
             self.bound = Bound(stream=stream, http=http)
             self._ready = True
+            s = "s" if self.tls is not None else ""
             log.info(
-                "gateway ready: stream ws://%s/v1/stream, http http://%s/ (%d fixtures)",
+                "gateway ready: stream ws%s://%s/v1/stream, http http%s://%s/ (%d fixtures)",
+                s,
                 stream,
+                s,
                 http,
                 len(self.supervisor.handles()),
                 extra=fields(stream=str(stream), http=str(http)),
@@ -120,15 +155,25 @@ class Gateway:
 
     # -- reload --------------------------------------------------------------------------------
 
-    def apply(self, new: Config) -> dict[str, list[str]]:
+    def apply(
+        self, new: Config, *, tokens: SubscriberTokens | _Unread | None = _UNREAD
+    ) -> dict[str, list[str]]:
         """Reconcile the configured fixtures with *new*; return what changed.
 
         Unchanged fixtures keep their connection and seq. Fixtures added through the API or on
-        demand are left alone. ``[upstream]`` applies from the next connect attempt. Listener
-        addresses, ``[feeds]``, ``[subscribers]`` and ``[api]`` need a restart: a change there
-        is reported (``needs_restart``), not applied, and a fixture of a feed that is new in
-        *new* is reported as ``skipped``.
+        demand are left alone. ``[upstream]`` applies from the next connect attempt. The
+        subscriber tokens (``[subscribers] tokens_file``, the path and the file's content) are
+        re-read and apply to new connections; connected subscribers keep the access they had.
+        Listener addresses and TLS files, ``[feeds]``, the rest of ``[subscribers]`` and
+        ``[api]`` need a restart: a change there is reported (``needs_restart``), not applied,
+        and a fixture of a feed that is new in *new* is reported as ``skipped``.
+
+        *tokens*: the token file already read (the service reads it in a worker thread); when
+        not given it is read here. Raises :class:`~gateway.config.ConfigError` (a broken token
+        file) before changing anything: the running config, tokens included, stays as it was.
         """
+        if isinstance(tokens, _Unread):
+            tokens = load_subscriber_tokens(new)
         old = self.config
         skipped = [
             fx
@@ -137,13 +182,25 @@ class Gateway:
         ]
         needs_restart = [
             section
-            for section in ("gateway", "feeds", "subscribers", "api")
+            for section in ("gateway", "feeds", "api")
             if getattr(old, section) != getattr(new, section)
         ]
+        if attrs.evolve(old.subscribers, tokens_file=None) != attrs.evolve(
+            new.subscribers, tokens_file=None
+        ):
+            needs_restart.append("subscribers")
         if old.upstream.client != new.upstream.client:
             needs_restart.append("upstream.client")
         kept = tuple(fx for fx in new.fixtures if fx.feed in old.feeds)
-        self.config = attrs.evolve(old, upstream=new.upstream, fixtures=kept)
+        subscribers = attrs.evolve(old.subscribers, tokens_file=new.subscribers.tokens_file)
+        self.config = attrs.evolve(
+            old, upstream=new.upstream, fixtures=kept, subscribers=subscribers
+        )
+        self.auth.replace(tokens)
+        if tokens is None:
+            log.info("subscriber access is open: no [subscribers] tokens_file")
+        else:
+            log.info("subscriber tokens: %d from %s", len(tokens), tokens.source)
         self.supervisor.update_config(self.config)
         added, removed = self.fixtures.reconcile(kept)
         return {
@@ -259,6 +316,7 @@ class Gateway:
             slow_disconnects=stats.slow_disconnects,
             subscribers=stats.connections,
             upstream=sum_counters(f.upstream for f in self.feed_totals().values()),
+            auth_failures=dict(self.auth.failures),
         )
 
     def summary(self) -> str:

@@ -4,10 +4,11 @@ Everything the process runs lives under the nursery opened in :func:`serve`:
 
 - SIGTERM / SIGINT: ``STOPPING=1``, :meth:`Gateway.drain` (bounded by ``drain_timeout``), then
   cancel everything; the process exits 0.
-- SIGHUP: ``RELOADING=1``, re-read the config file (in a worker thread, like the first read:
-  file I/O stays off the event loop); a config with errors is refused (errors logged, the
-  running config kept); otherwise added fixtures start, removed ones stop and unchanged ones
-  stay connected. ``READY=1`` afterwards either way.
+- SIGHUP: ``RELOADING=1``, re-read the config file and the subscriber token file (in a worker
+  thread, like the first read: file I/O stays off the event loop); a config or token file with
+  errors is refused (errors logged, the running config and tokens kept); otherwise added
+  fixtures start, removed ones stop, unchanged ones stay connected and new subscribers
+  authenticate with the new tokens. ``READY=1`` afterwards either way.
 - sd_notify: ``READY=1`` only after both listeners are bound; ``STATUS=`` kept current;
   ``WATCHDOG=1`` from a trio task, so only while the event loop is responsive. The notifier is
   closed on every way out of :func:`serve`: a clean stop, a failed start, a cancellation.
@@ -24,7 +25,13 @@ from typing import Final
 
 import trio
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_server_tls,
+    load_subscriber_tokens,
+)
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._logging import LogFormat, configure_logging, fields
 from gateway.service._notify import Notifier
@@ -101,6 +108,8 @@ async def _reload(
     await notifier.reloading()
     try:
         new = await trio.to_thread.run_sync(reload)
+        tokens = await trio.to_thread.run_sync(load_subscriber_tokens, new)
+        changes = gateway.apply(new, tokens=tokens)
     except ConfigError as exc:
         log.error("reload refused, keeping the running config: %s", "; ".join(exc.errors))
     except Exception as exc:
@@ -110,7 +119,6 @@ async def _reload(
             "reload refused, keeping the running config: cannot read it (%s)", type(exc).__name__
         )
     else:
-        changes = gateway.apply(new)
         if on_reload is not None:
             on_reload(new)
         log.info(
@@ -137,13 +145,17 @@ async def _report_status(gateway: Gateway, notifier: Notifier) -> None:
 
 
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
-    """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config.
+    """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
+    (the config file, the subscriber token file or the TLS certificate and key).
 
     Logging is configured here, once the config is known: level from ``--log-level`` or the
     config (again on every reload), and the current upstream token as a redaction secret.
     """
     try:
         config = await trio.to_thread.run_sync(load_config, path)
+        # Read here too so a broken one is a clean exit 2 (the Gateway reads them again).
+        await trio.to_thread.run_sync(load_subscriber_tokens, config)
+        await trio.to_thread.run_sync(load_server_tls, config)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

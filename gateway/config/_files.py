@@ -1,0 +1,78 @@
+"""Files the config names that are read when the gateway starts and on every reload.
+
+Subscriber tokens (``[subscribers] tokens_file``) and the TLS certificate and key (``[gateway]
+tls_cert_file`` / ``tls_key_file``). Both raise :class:`ConfigError` with the field path, so a
+broken file stops a start (exit 2) or refuses a reload exactly like a broken config file; the
+messages name files and lines, never a token or key material. (The upstream token is different:
+it is read on every connect attempt, see :meth:`UpstreamSection.read_token`.)
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import NoReturn
+
+from gateway.config._convert import ConfigError
+from gateway.config._model import Config
+from gateway.config._secret import SecretError, expand_path
+from gateway.config._tokens import SubscriberTokens
+
+
+def load_subscriber_tokens(config: Config) -> SubscriberTokens | None:
+    """The subscriber tokens of *config*, or None when ``tokens_file`` is unset (open access).
+
+    Feed names in the file are checked against ``config.feeds``.
+    """
+    try:
+        return config.subscribers.read_tokens(feeds=config.feeds)
+    except SecretError as exc:
+        raise ConfigError([f"{exc} @ $.subscribers.tokens_file"]) from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> NoReturn:
+    # Without this callback OpenSSL would prompt on the terminal for an encrypted key's
+    # passphrase, and block the start.
+    raise _EncryptedKey
+
+
+def load_server_tls(config: Config) -> ssl.SSLContext | None:
+    """A server TLS context from ``[gateway] tls_cert_file`` / ``tls_key_file``, or None.
+
+    TLS 1.2 or later; ALPN ``http/1.1`` (WebSocket upgrades are HTTP/1.1). An encrypted key is
+    refused: nobody could type its passphrase for a service.
+    """
+    section = config.gateway
+    if section.tls_cert_file is None or section.tls_key_file is None:
+        return None
+    cert = expand_path(section.tls_cert_file)
+    key = expand_path(section.tls_key_file)
+
+    def fail(what: str, field: str) -> NoReturn:
+        raise ConfigError([f"{what} @ $.gateway.{field}"]) from None
+
+    for path, field in ((cert, "tls_cert_file"), (key, "tls_key_file")):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            fail(f"cannot read {str(path)!r}: {exc.strerror}", field)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+    except _EncryptedKey:
+        fail(f"{str(key)!r} is encrypted; a passphrase is not supported", "tls_key_file")
+    except ssl.SSLError as exc:
+        fail(
+            f"cannot load the certificate {str(cert)!r} with the key {str(key)!r}: "
+            f"{exc.reason or exc.strerror or 'invalid'}",
+            "tls_cert_file",
+        )
+    except OSError as exc:
+        fail(f"cannot load the certificate or key: {exc.strerror}", "tls_cert_file")
+    return ctx
