@@ -162,7 +162,8 @@ class _Server:
             try:
                 endpoint, factory, policy = self.router.route(request.target)
                 if self.registry.draining or len(self.registry) >= self.settings.max_connections:
-                    self.registry.rejected += 1
+                    why = "draining" if self.registry.draining else "max_connections reached"
+                    self.registry.count_rejected(_peer(stream), why)
                     raise _Reject(503, b"subscriber limit reached or shutting down\n")
             except _Reject as rej:
                 headers = [(b"content-type", rej.content_type), (b"connection", b"close")]
@@ -180,7 +181,7 @@ class _Server:
             ws=ws,
             settings=self.settings,
             policy="disconnect" if policy == "disconnect" else self.settings.slow_policy,
-            on_slow=self.registry.count_slow_disconnect,
+            monitor=self.registry,
             latency=self.hub.fanout_latency,
         )
         self.registry.add(conn)
