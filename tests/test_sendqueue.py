@@ -151,14 +151,14 @@ def test_drop_oldest_verdict_only_after_dropping_every_droppable_frame() -> None
     assert q.queued == 1100
 
 
-def test_push_close_is_always_queued_whatever_the_budget() -> None:
-    for policy in ("disconnect", "drop-oldest"):
-        q = SendQueue(1024, policy)  # type: ignore[arg-type]
-        q.push(SendItem(b"t" * 5000, 1, 0.0, None, True))  # a tail alone over the budget
-        q.discard()
-        q.push_close(SendItem(b"close", None))
-        assert [i.data for i in q.items] == [b"t" * 5000, b"close"]
-        assert q.queued == 5005 and q.dropped == 0
+@pytest.mark.parametrize("policy", ["disconnect", "drop-oldest"])
+def test_push_close_is_always_queued_whatever_the_budget(policy: SlowPolicy) -> None:
+    q = SendQueue(1024, policy)
+    q.push(SendItem(b"t" * 5000, 1, 0.0, None, True))  # a tail alone over the budget
+    q.discard()
+    q.push_close(SendItem(b"close", None))
+    assert [i.data for i in q.items] == [b"t" * 5000, b"close"]
+    assert q.queued == 5005 and q.dropped == 0
 
 
 # -- drop-oldest -------------------------------------------------------------------------------
