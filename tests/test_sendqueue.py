@@ -487,6 +487,7 @@ def test_invariants(policy: SlowPolicy, budget: int, ops: list[Op]) -> None:
         elif op == "done" and q.writing and not q.inflight:
             q.batch_done()
         assert q.queued == sum(len(i.data) for i in q.items)
+        assert q._droppable == sum(1 for i in q.items if i.sink is not None and not i.tail)
         assert q.inflight >= 0
         assert q.dropped == len(sink.drops) == len(set(sink.drops))
     # Nothing lost but the reported drops, nothing reordered, control never dropped.

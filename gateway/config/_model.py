@@ -96,6 +96,12 @@ def _positive(inst: object, attribute: attrs.Attribute[float], value: float) -> 
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
+def _positive_finite(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    _positive(inst, attribute, value)
+    if value == float("inf"):
+        raise ValueError(f"{attribute.name} must be finite, got {value!r}")
+
+
 def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
@@ -212,7 +218,7 @@ class SubscribersSection:
     ping_timeout: float = attrs.field(default=DEFAULT_PING_TIMEOUT, validator=_positive)
     heartbeat_interval: float = attrs.field(default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive)
     max_client_frames_per_second: float = attrs.field(
-        default=DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND, validator=_positive
+        default=DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND, validator=_positive_finite
     )
     client_frame_burst: int = attrs.field(default=DEFAULT_CLIENT_FRAME_BURST, validator=v.ge(1))
     tokens_file: Path | None = None
