@@ -34,9 +34,7 @@ import trio.lowlevel
 from trio_websocket import open_websocket_url
 
 from gateway.config import SlowPolicy
-from gateway.dataplane import Connection
-from gateway.dataplane._connection import EVENTS_PER_TURN
-from gateway.dataplane._multiplex import MultiplexHandler
+from gateway.dataplane import EVENTS_PER_TURN, Connection
 from gateway.wire import OP_PING, OP_PONG, OP_TEXT, mask_frame
 from tests.kit import wait_until
 from tests.test_dataplane import RawClient, make_config, recv_type, serving, subscribe
@@ -401,22 +399,25 @@ class _StepWatch(trio.abc.Instrument):
         self.worst = max(self.worst, self.counter() - self._at)
 
 
-async def test_reader_yields_every_few_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reader_yields_every_few_frames() -> None:
     """Before: one 64 KiB read of empty frames (~10,900 of them) was handled in one task step
     (10,000 frames: a 385 ms stall for everyone). Counted in task steps, not seconds."""
     handled = 0
-    on_text = MultiplexHandler.on_text
-
-    def counting(self: MultiplexHandler, text: str) -> None:
-        nonlocal handled
-        handled += 1
-        on_text(self, text)
-
-    monkeypatch.setattr(MultiplexHandler, "on_text", counting)
     with trio.fail_after(60):
         config = make_config(client_frame_burst=1_000_000, max_client_frames_per_second=1e6)
         async with serving(config) as s:
             raw = await RawClient.connect(s.addr)
+            await wait_until(lambda: len(s.registry) == 1)
+            handler = _conn(s).handler
+            assert handler is not None
+            on_text = handler.on_text
+
+            def counting(text: str) -> None:
+                nonlocal handled
+                handled += 1
+                on_text(text)
+
+            handler.on_text = counting  # type: ignore[method-assign]
             watch = _StepWatch(lambda: handled)
             trio.lowlevel.add_instrument(watch)
             try:

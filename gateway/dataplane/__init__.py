@@ -6,15 +6,24 @@ them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on 
 :class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own).
 """
 
-from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
+from gateway.dataplane._connection import (
+    BACKFILL_CHUNK,
+    DEFAULT_CLOSE_TIMEOUT,
+    EVENTS_PER_TURN,
+    Connection,
+    ConnectionMonitor,
+)
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
+    "BACKFILL_CHUNK",
     "DEFAULT_CLOSE_TIMEOUT",
+    "EVENTS_PER_TURN",
     "STREAM_PATH",
     "Connection",
+    "ConnectionMonitor",
     "DeliverySink",
     "RegistryStats",
     "SendItem",
