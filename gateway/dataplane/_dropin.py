@@ -29,9 +29,12 @@ from gateway.dataplane._backfill import Backfill
 from gateway.dataplane._connection import Connection
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
+from gateway.throttle import LogThrottle
 from gateway.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
 
 log = logging.getLogger("gateway.dataplane")
+#: Every authentication attempt hits a broken token file: one line per interval, not per client.
+_token_file_errors = LogThrottle(log)
 
 _CSC = b'"ConnectionStateChanged"'
 
@@ -136,7 +139,7 @@ class DropinHandler:
             tokens = self.conn.settings.read_tokens()
         except SecretError as exc:
             # Fail closed: a broken token file must not open the gateway to everyone.
-            log.error("drop-in authentication impossible: %s", exc)
+            _token_file_errors.log(logging.ERROR, "drop-in authentication impossible: %s", exc)
             tokens = ()
         if tokens is not None and not any_matches(tokens, token):
             self.conn.send_control(msg.VENDOR_AUTH_REJECTED)

@@ -127,9 +127,10 @@ class SubscriberRegistry:
         )
 
     def count_rejected(self, peer: str, reason: str) -> None:
-        """A handshake from *peer* was refused with 503 (*reason*)."""
+        """A handshake from *peer* was refused with 503 (*reason*); expected while draining."""
         self.rejected += 1
-        self._rejected_log.warning("subscriber from %s refused: %s", peer, reason)
+        level = logging.INFO if self.draining else logging.WARNING
+        self._rejected_log.log(level, "subscriber from %s refused: %s", peer, reason)
 
     def connections_now(self) -> list[Connection]:
         return list(self._conns.values())
