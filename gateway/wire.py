@@ -54,7 +54,8 @@ CLOSE_NO_STATUS: Final = 1005
 #: Never sent: the connection ended without a close frame.
 CLOSE_ABNORMAL: Final = 1006
 CLOSE_INVALID_DATA: Final = 1007
-#: Authentication refused or missing (the vendor's and the drop-in endpoint's).
+#: Authentication refused or missing (the vendor's and the drop-in endpoint's); a subscriber
+#: sending frames faster than its limit.
 CLOSE_POLICY_VIOLATION: Final = 1008
 #: A message larger than the receiver accepts.
 CLOSE_TOO_BIG: Final = 1009

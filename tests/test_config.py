@@ -57,6 +57,8 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.fixtures[0].backfill == 0
     assert cfg.subscribers.slow_policy == "disconnect"
     assert cfg.subscribers.queue_bytes == 4 * 1024 * 1024
+    assert cfg.subscribers.max_client_frames_per_second == 100.0
+    assert cfg.subscribers.client_frame_burst == 1000
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,21 @@ def test_minimal_config_gets_defaults() -> None:
         ({"gateway": {"http_listen": "127.0.0.1:99999"}}, "$.gateway.http_listen"),
         ({"subscribers": {"queue_bytes": 4.5}}, "$.subscribers.queue_bytes"),
         ({"subscribers": {"slow_policy": "ignore"}}, "$.subscribers.slow_policy"),
+        (
+            {"subscribers": {"max_client_frames_per_second": 0}},
+            "max_client_frames_per_second must be > 0",
+        ),
+        (
+            {"subscribers": {"max_client_frames_per_second": float("inf")}},
+            "max_client_frames_per_second must be finite",
+        ),
+        (
+            {"subscribers": {"max_client_frames_per_second": "100"}},
+            "$.subscribers.max_client_frames_per_second",
+        ),
+        ({"subscribers": {"client_frame_burst": 0}}, "'client_frame_burst' must be >= 1"),
+        ({"subscribers": {"client_frame_burst": 10.5}}, "$.subscribers.client_frame_burst"),
+        ({"subscribers": {"client_frame_burst": True}}, "$.subscribers.client_frame_burst"),
         (
             {"fixtures": [{"feed": "tracking", "id": "x", "backfill": "10"}]},
             "$.fixtures[0].backfill",

@@ -1,13 +1,15 @@
 """The send queue on its own: no sockets, no trio, only :class:`gateway.dataplane.SendQueue`.
 
-Covers: the byte budget (in-flight bytes count, backfill raises the allowance, writes shrink
-it), the ``disconnect`` verdict (reported, nothing else changed), ``drop-oldest`` (oldest
-droppable first, each sink told once, counts, the new frame itself if it must), what is never
-dropped (control messages, tails, frames without a sink), batches for the writer (order, frame
-count, latency sample, gap messages only under drop-oldest and never before a tail), discard
-(tail kept first, allowance gone, in-flight batch cut after the message being written) and a
-property test of the invariants over random operation sequences. Plus the module layering the
-split promised (the queue does no I/O; the connection does not import the registry).
+Covers: the byte budget (in-flight bytes count, every message counts: there is no backfill
+allowance), the ``disconnect`` verdict (reported, nothing else changed), ``drop-oldest`` (oldest
+droppable first, each sink told once, counts, the new frame itself if it must, and the verdict
+when dropping every droppable item is not enough: a backlog of control messages, tails or
+frames without a sink), what is never dropped (control messages, tails, frames without a
+sink), the close frame (always queued), batches for the writer (order, frame count, latency
+sample, gap messages only under drop-oldest and never before a tail), discard (tail kept first,
+in-flight batch cut after the message being written) and a property test of the invariants
+over random operation sequences. Plus the module layering the split promised (the queue does
+no I/O; the connection does not import the registry).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,46 +121,44 @@ def test_in_flight_bytes_count_against_the_budget() -> None:
     assert q.unsent == 800  # 500 in flight + 300 queued
 
 
-# -- backfill allowance ------------------------------------------------------------------------
+# -- control messages and the close frame ------------------------------------------------------
 
 
-def test_backfill_is_never_over_budget_and_raises_the_allowance() -> None:
-    q = SendQueue(1000, "disconnect")
-    for seq in range(1, 51):
-        assert q.push(data(seq), backfill=True) is False
-    assert (q.queued, q.allowance) == (5000, 5000)
-    # Live frames have the budget on top of the backfill...
-    for seq in range(51, 61):
-        assert q.push(data(seq)) is False
-    # ...and not a byte more.
-    assert q.push(data(61)) is True
+@pytest.mark.parametrize("policy", ["disconnect", "drop-oldest"])
+def test_control_messages_count_against_the_budget_under_either_policy(policy: SlowPolicy) -> None:
+    # A peer that never reads its error replies or pongs: the backlog must end in a verdict.
+    q = SendQueue(1024, policy)
+    for _ in range(10):
+        assert q.push(control(100)) is False
+    assert q.push(control(100)) is True
+    assert q.dropped == 0 and len(q.items) == 11
 
 
-def test_allowance_shrinks_as_bytes_reach_the_kernel_never_below_zero() -> None:
-    q = SendQueue(1000, "disconnect")
-    q.push(data(1, 600), backfill=True)
-    q.push(data(2, 600))
-    assert q.allowance == 600
-    buf, _, _ = q.take_batch()
-    assert len(buf) == 1200
-    q.wrote(500)
-    assert q.allowance == 100
-    q.wrote(500)
-    assert q.allowance == 0
-    q.wrote(200)
-    assert q.allowance == 0 and q.inflight == 0
-
-
-def test_drop_oldest_limit_includes_the_allowance() -> None:
+def test_drop_oldest_verdict_only_after_dropping_every_droppable_frame() -> None:
     sink = Sink()
-    q = SendQueue(500, "drop-oldest")
-    for seq in range(1, 11):
-        q.push(data(seq, sink=sink), backfill=True)
-    for seq in range(11, 16):
+    q = SendQueue(1000, "drop-oldest")
+    q.push(control(500))
+    for seq in range(1, 6):
         assert q.push(data(seq, sink=sink)) is False
-    assert sink.drops == []  # 1500 <= 500 + 1000
-    q.push(data(16, sink=sink))
-    assert sink.drops == [1]  # backfill frames are droppable too, oldest first
+    assert sink.drops == []  # exactly 1000
+    # Under budget again after dropping frames: no verdict.
+    assert q.push(control(300)) is False
+    assert sink.drops == [1, 2, 3]
+    # 1100 of control alone: every frame goes first, then the verdict.
+    assert q.push(control(300)) is True
+    assert sink.drops == [1, 2, 3, 4, 5]
+    assert seqs(q) == [None, None, None]
+    assert q.queued == 1100
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop-oldest"])
+def test_push_close_is_always_queued_whatever_the_budget(policy: SlowPolicy) -> None:
+    q = SendQueue(1024, policy)
+    q.push(SendItem(b"t" * 5000, 1, 0.0, None, True))  # a tail alone over the budget
+    q.discard()
+    q.push_close(SendItem(b"close", None))
+    assert [i.data for i in q.items] == [b"t" * 5000, b"close"]
+    assert q.queued == 5005 and q.dropped == 0
 
 
 # -- drop-oldest -------------------------------------------------------------------------------
@@ -212,18 +213,13 @@ def test_drop_oldest_may_drop_the_new_frame_itself() -> None:
     assert seqs(q) == [None]
 
 
-def test_control_alone_may_pass_the_budget_under_drop_oldest() -> None:
-    q = SendQueue(1024, "drop-oldest")
-    for _ in range(20):
-        assert q.push(control(100)) is False
-    assert q.queued == 2000 and q.dropped == 0
-
-
 def test_frames_without_a_sink_are_never_dropped() -> None:
     q = SendQueue(1024, "drop-oldest")
-    for seq in range(1, 21):
+    for seq in range(1, 11):
         assert q.push(data(seq)) is False
-    assert seqs(q) == list(range(1, 21))
+    # Over budget with nothing droppable: the verdict, and still nothing dropped.
+    assert q.push(data(11)) is True
+    assert seqs(q) == list(range(1, 12))
     assert q.dropped == 0
 
 
@@ -355,13 +351,13 @@ def test_discard_keeps_only_the_unfinished_tail_first() -> None:
     sink = Sink()
     q = SendQueue(1000, "disconnect")
     tail = SendItem(b"t" * 70, 1, 0.0, None, True)
-    q.push(tail, backfill=True)
+    q.push(tail)
     q.push(data(2, sink=sink))
     q.push(control())
-    q.push(data(3, sink=sink), backfill=True)
+    q.push(data(3, sink=sink))
     q.discard()
     assert list(q.items) == [tail]
-    assert (q.queued, q.allowance) == (70, 0)
+    assert q.queued == 70
     assert sink.drops == [] and q.dropped == 0  # a discard is not a drop
 
 
@@ -457,7 +453,7 @@ Op = tuple[str, int]
     budget=st.integers(min_value=1024, max_value=4096),
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["data", "backfill", "nosink", "control", "take", "write", "done"]),
+            st.sampled_from(["data", "nosink", "control", "take", "write", "done"]),
             st.integers(min_value=1, max_value=1500),
         ),
         max_size=60,
@@ -470,21 +466,19 @@ def test_invariants(policy: SlowPolicy, budget: int, ops: list[Op]) -> None:
     accepted: list[int | None] = []  # what went in, in order
     taken: list[int | None] = []  # what went out in batches
     for op, n in ops:
-        if op in ("data", "backfill", "nosink", "control"):
+        if op in ("data", "nosink", "control"):
             if op == "control":
                 item = control(n)
             else:
                 seq += 1
                 item = data(seq, n, sink=None if op == "nosink" else sink)
             accepted.append(item.seq)
-            backfill = op == "backfill"
-            over = q.push(item, backfill=backfill)
-            if policy == "disconnect":
-                assert over == (not backfill and q.unsent > budget + q.allowance)
-            else:
-                assert not over
-                droppable = any(i.sink is not None for i in q.items)
-                assert backfill or q.unsent <= budget + q.allowance or not droppable
+            over = q.push(item)
+            # Under either policy the verdict is exactly "still over budget"; drop-oldest
+            # first drops until under it or nothing droppable is left.
+            assert over == (q.unsent > budget)
+            if policy == "drop-oldest" and over:
+                assert not any(i.sink is not None and not i.tail for i in q.items)
         elif op == "take" and q.items and not q.writing:
             taken.extend(i.seq for i in q.items)
             q.take_batch()
@@ -493,7 +487,8 @@ def test_invariants(policy: SlowPolicy, budget: int, ops: list[Op]) -> None:
         elif op == "done" and q.writing and not q.inflight:
             q.batch_done()
         assert q.queued == sum(len(i.data) for i in q.items)
-        assert q.allowance >= 0 and q.inflight >= 0
+        assert q._droppable == sum(1 for i in q.items if i.sink is not None and not i.tail)
+        assert q.inflight >= 0
         assert q.dropped == len(sink.drops) == len(set(sink.drops))
     # Nothing lost but the reported drops, nothing reordered, control never dropped.
     survived = taken + [i.seq for i in q.items]

@@ -55,6 +55,10 @@ DEFAULT_SUBSCRIBER_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_PING_INTERVAL: Final = 20.0
 DEFAULT_PING_TIMEOUT: Final = 20.0
 DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+#: Client frames (messages, fragments, pings, pongs) one subscriber may send per second on
+#: average, and how many it may send at once (a burst of subscribes, a browser's pongs).
+DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND: Final = 100.0
+DEFAULT_CLIENT_FRAME_BURST: Final = 1000
 
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
@@ -92,6 +96,12 @@ class ListenAddress:
 def _positive(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _positive_finite(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    _positive(inst, attribute, value)
+    if value == float("inf"):
+        raise ValueError(f"{attribute.name} must be finite, got {value!r}")
 
 
 def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -221,6 +231,10 @@ class SubscribersSection:
     ping_interval: float = attrs.field(default=DEFAULT_PING_INTERVAL, validator=_positive)
     ping_timeout: float = attrs.field(default=DEFAULT_PING_TIMEOUT, validator=_positive)
     heartbeat_interval: float = attrs.field(default=DEFAULT_HEARTBEAT_INTERVAL, validator=_positive)
+    max_client_frames_per_second: float = attrs.field(
+        default=DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND, validator=_positive_finite
+    )
+    client_frame_burst: int = attrs.field(default=DEFAULT_CLIENT_FRAME_BURST, validator=v.ge(1))
     #: Subscriber tokens for both endpoints (format: gateway.config._tokens); None = open.
     tokens_file: Path | None = None
 

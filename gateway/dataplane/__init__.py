@@ -14,18 +14,27 @@ from gateway.dataplane._access import (
     SubscriberAuth,
     offered_tokens,
 )
-from gateway.dataplane._connection import DEFAULT_CLOSE_TIMEOUT, Connection
+from gateway.dataplane._connection import (
+    BACKFILL_CHUNK,
+    DEFAULT_CLOSE_TIMEOUT,
+    EVENTS_PER_TURN,
+    Connection,
+    ConnectionMonitor,
+)
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 
 __all__ = [
     "AUTH_ENDPOINTS",
+    "BACKFILL_CHUNK",
     "BEARER_PROTOCOL_PREFIX",
     "DEFAULT_CLOSE_TIMEOUT",
+    "EVENTS_PER_TURN",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "Connection",
+    "ConnectionMonitor",
     "DeliverySink",
     "RegistryStats",
     "SendItem",

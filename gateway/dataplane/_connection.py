@@ -18,9 +18,19 @@ performance-critical part of the gateway (measurements in docs/performance.md):
   frame.
 
 Slow subscribers (the queue's rules): over budget, the ``disconnect`` policy discards the queue
-and closes with 4008, counted through the ``on_slow`` callback; ``drop-oldest`` drops the
-oldest queued data frames and the subscription sends a ``gap`` message before its next frame.
-Control messages are never dropped.
+and closes with 4008, counted through the ``monitor``; ``drop-oldest`` drops the oldest queued
+data frames and the subscription sends a ``gap`` message before its next frame. Control
+messages are never dropped, but they count: a backlog of them past the budget is closed with
+4008 under either policy.
+
+Backfill is never copied into the queue at once: a :class:`BackfillSource` (see
+:mod:`gateway.dataplane._backfill`) is asked for more each time the writer has drained the
+queue below :attr:`Connection.fill_target`.
+
+Hostile peers: the reader yields to the scheduler every :data:`EVENTS_PER_TURN` client frames,
+and a peer sending more than ``max_client_frames_per_second`` (after a burst of
+``client_frame_burst``) is closed with 1008. Only a pong that answers our outstanding ping
+(same random payload) counts for the ping timeout.
 
 Closing never waits forever: :meth:`Connection.close` puts a deadline of ``close_timeout`` on
 the whole connection; after it the socket is aborted (RST) whatever the peer does.
@@ -28,7 +38,6 @@ the whole connection; after it the socket is aborted (RST) whatever the peer doe
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import struct
@@ -54,15 +63,26 @@ from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.hub import LatencyHistogram, Topic
 from gateway.wire import (
     CLOSE_INTERNAL_ERROR,
+    CLOSE_INVALID_DATA,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_TOO_SLOW,
     encode_frame,
 )
 
-log = logging.getLogger("gateway.dataplane")
-
 #: Bytes asked of the kernel per read.
 RECEIVE_CHUNK: Final = 65536
+#: Client frames handled before the reader yields to the scheduler: one read of 64 KiB can
+#: hold 10,000 empty frames, and handling them in one go would stall every other subscriber.
+EVENTS_PER_TURN: Final = 32
+#: Most bytes of backfill queued at once (less with a small ``queue_bytes``: half of it).
+BACKFILL_CHUNK: Final = 256 * 1024
+#: Close reasons for the protocol violations wsproto finds (its own texts are not for peers).
+_VIOLATION_REASONS: Final = {
+    CLOSE_PROTOCOL_ERROR: "protocol error",
+    CLOSE_INVALID_DATA: "invalid UTF-8",
+}
 #: Longest a closing connection may take (flush, close handshake) before it is aborted.
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 
@@ -90,13 +110,40 @@ class Handler(Protocol):
         ...
 
 
+class ConnectionMonitor(Protocol):
+    """Counts (and logs, rate-limited) what a peer made its connection do: the registry.
+
+    Each method is called once per connection at most, just before the close frame is queued.
+    """
+
+    def count_slow_disconnect(self, conn: Connection) -> None:
+        """Too slow: its queue passed its budget (closed with 4008)."""
+        ...
+
+    def count_rate_limited(self, conn: Connection) -> None:
+        """Sent frames faster than ``max_client_frames_per_second`` (closed with 1008)."""
+        ...
+
+    def count_ping_timeout(self, conn: Connection) -> None:
+        """No pong to our ping within ``ping_timeout`` (closed with 1011)."""
+        ...
+
+
+class BackfillSource(Protocol):
+    """A backfill the connection pulls from as it drains (:mod:`gateway.dataplane._backfill`)."""
+
+    def pull(self, target: int) -> bool:
+        """Send more (at least one frame) until ``queued_bytes`` reaches *target*, or a few
+        hundred frames; True when finished (the connection forgets it)."""
+        ...
+
+
 class Connection:
     """A WebSocket subscriber after the handshake. Created and run by the server.
 
     Public counters are read by the registry: ``frames_sent``, :attr:`frames_dropped`,
-    :attr:`queued_bytes`. ``on_slow(conn)`` is called when the queue finds the connection too
-    slow (``disconnect`` policy), just before it is closed with 4008; the registry passes its
-    ``count_slow_disconnect``.
+    :attr:`queued_bytes`. The *monitor* (the registry) counts slow disconnects (4008, both
+    policies), rate-limit closes (1008) and ping timeouts (1011).
 
     *tls* (a ``trio.SSLStream`` over *stream*) is for
     :class:`~gateway.dataplane._tlsconn.TlsConnection` only: this class writes to the socket's
@@ -116,7 +163,7 @@ class Connection:
         ws: WSConnection,
         settings: SubscribersSection,
         policy: SlowPolicy,
-        on_slow: Callable[[Connection], None],
+        monitor: ConnectionMonitor,
         latency: LatencyHistogram,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         tls: trio.SSLStream[trio.SocketStream] | None = None,
@@ -127,7 +174,10 @@ class Connection:
         self.connected_at = time.time()
         self.settings = settings
         self.frames_sent = 0
+        #: Backfill frames that fell out of the history before they could be sent (gaps).
+        self.frames_skipped = 0
         self.slow_disconnected = False
+        self.rate_limited = False
         self.handler: Handler | None = None
         if tls is not None and not self.WRITES_THROUGH_TLS:
             raise TypeError(f"{type(self).__name__} cannot write through TLS")
@@ -137,12 +187,16 @@ class Connection:
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._ws = ws
-        self._on_slow = on_slow
+        self._monitor = monitor
         self._latency = latency
         self._close_timeout = close_timeout
         self._sq = SendQueue(settings.queue_bytes, policy)
+        #: Backfill is queued up to this many bytes at a time (see BackfillSource).
+        self.fill_target = min(settings.queue_bytes // 2, BACKFILL_CHUNK)
+        self._backfills: list[BackfillSource] = []
         self._wake = trio.Event()
         self._pong = trio.Event()
+        self._ping_payload = b""
         self._closing = False
         self._dead = False
         self._flushed = trio.Event()
@@ -159,8 +213,8 @@ class Connection:
 
     @property
     def frames_dropped(self) -> int:
-        """Data frames dropped under ``drop-oldest``."""
-        return self._sq.dropped
+        """Data frames dropped under ``drop-oldest`` (backfill frames skipped included)."""
+        return self._sq.dropped + self.frames_skipped
 
     @property
     def queued_bytes(self) -> int:
@@ -184,8 +238,7 @@ class Connection:
         """Deliver one pre-encoded data frame (``seq`` > 0). Never blocks, never raises.
 
         ``published`` (``perf_counter``) feeds the latency histogram; 0 means "do not sample"
-        (backfill, which the budget does not count). ``sink`` is told when the frame is
-        dropped (drop-oldest policy).
+        (backfill). ``sink`` is told when the frame is dropped (drop-oldest policy).
         """
         if self._closing:
             return
@@ -211,7 +264,7 @@ class Connection:
                 item = SendItem(data, seq, published, sink)
         else:
             item = SendItem(data, seq, published, sink)
-        if q.push(item, not published):
+        if q.push(item):
             self._too_slow()
         self._wake.set()
 
@@ -235,15 +288,42 @@ class Connection:
             item = SendItem(data[n:], None, 0.0, None, True) if n else SendItem(data, None)
         else:
             item = SendItem(data, None)
-        if q.push(item, False):
+        if q.push(item):
             self._too_slow()
         self._wake.set()
 
+    def too_slow(self) -> None:
+        """Close as too slow (4008), discarding what is queued; counted once."""
+        self._too_slow()
+
     def _too_slow(self) -> None:
+        if self._closing:
+            return
         self.slow_disconnected = True
-        self._on_slow(self)
-        log.info("subscriber %s (%s) too slow: disconnecting", self.id, self.peer)
+        self._monitor.count_slow_disconnect(self)
         self.close(CLOSE_TOO_SLOW, "subscriber too slow", discard=True)
+
+    # -- backfill ----------------------------------------------------------------------------
+
+    def add_backfill(self, source: BackfillSource) -> None:
+        """Start pulling from *source*: what fits now at once, the rest as the socket drains."""
+        if self._closing:
+            return
+        self._backfills.append(source)
+        self._refill()
+        self._wake.set()
+
+    def remove_backfill(self, source: BackfillSource) -> None:
+        if source in self._backfills:
+            self._backfills.remove(source)
+
+    def _refill(self) -> None:
+        target = self.fill_target
+        for source in tuple(self._backfills):
+            if self._closing or self._sq.unsent >= target:
+                return
+            if source.pull(target):
+                self.remove_backfill(source)
 
     async def _writer(self) -> None:
         """Drain the queue into the socket until closed; then half-close and signal flushed."""
@@ -252,9 +332,15 @@ class Connection:
         q = self._sq
         latency = self._latency
         while True:
+            if self._backfills and not self._closing and q.unsent < self.fill_target:
+                self._refill()
             if not q.items:
                 if self._closing:
                     break
+                if self._backfills:
+                    # The kernel took all of the backfill pulled: let others run, pull more.
+                    await trio.lowlevel.checkpoint()
+                    continue
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
@@ -302,14 +388,37 @@ class Connection:
         """
         if self._closing:
             return
+        # Closing first: nothing queued from here on can end in a second verdict or close.
+        self._closing = True
+        self._backfills.clear()
         if discard:
             self._sq.discard()
         frame = self._ws_send(CloseConnection(code=code, reason=reason))
         if frame:
-            self._send_raw(frame)
-        self._closing = True
+            self._send_close(frame)
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
         self._wake.set()
+
+    def _send_close(self, frame: bytes) -> None:
+        # After whatever must be finished, whatever the budget: the close frame is the last.
+        q = self._sq
+        if self._dead:
+            return
+        tail = False
+        if not q.items and not q.writing:
+            try:
+                n = os.write(self._fd, frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._broken()
+                return
+            if n == len(frame):
+                return
+            if n:
+                frame = frame[n:]
+                tail = True
+        q.push_close(SendItem(frame, None, 0.0, None, tail))
 
     def _ws_send(self, event: Event) -> bytes:
         # wsproto refuses events the connection state forbids (ping after close): skip them.
@@ -349,7 +458,13 @@ class Connection:
             self._closing = True
 
     async def _reader(self, handler: Handler) -> None:
-        max_bytes = self.settings.max_message_bytes
+        settings = self.settings
+        max_bytes = settings.max_message_bytes
+        # A token bucket of client frames: refilled at `rate` per second up to `burst`.
+        rate = settings.max_client_frames_per_second
+        burst = float(settings.client_frame_burst)
+        tokens = burst
+        last = trio.current_time()
         parts: list[str] = []
         size = 0
         binary = False
@@ -365,9 +480,22 @@ class Connection:
                 self._closing = True
                 self._flushed.set()
                 return
+            now = trio.current_time()
+            tokens = min(burst, tokens + (now - last) * rate)
+            last = now
             # bytes(): TLS reads are typed bytes | bytearray; for bytes it is the same object.
             ws.receive_data(bytes(data))
+            handled = 0
             for event in ws.events():
+                tokens -= 1.0
+                if tokens < 0.0:
+                    # Stop reading: what this peer sends from now on is not even parsed.
+                    self._rate_limit()
+                    return
+                handled += 1
+                if handled == EVENTS_PER_TURN:
+                    handled = 0
+                    await trio.lowlevel.checkpoint()
                 if isinstance(event, TextMessage | BytesMessage):
                     if self._closing:
                         continue
@@ -393,45 +521,61 @@ class Connection:
             if ws.state is ConnectionState.CLOSED:
                 return
 
+    def _rate_limit(self) -> None:
+        if self._closing:
+            return
+        self.rate_limited = True
+        self._monitor.count_rate_limited(self)
+        rate = self.settings.max_client_frames_per_second
+        self.close(CLOSE_POLICY_VIOLATION, f"too many messages: over {rate:g} per second")
+
     def _on_control(self, event: Event) -> None:
         if isinstance(event, Ping):
             if not self._closing:
                 self._send_raw(self._ws_send(event.response()))
         elif isinstance(event, Pong):
-            self._pong.set()
+            # Only the answer to our outstanding ping: unsolicited pongs prove nothing.
+            if self._ping_payload and event.payload == self._ping_payload:
+                self._pong.set()
         elif isinstance(event, CloseConnection):
-            # The peer closes (or broke the protocol: wsproto reports that as a close with
-            # 1002/1007): answer with the same code, then the reader ends.
             if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                # The peer closes: answer with the same code, then the reader ends.
                 frame = self._ws_send(event.response())
-                if not self._closing and frame:
-                    self._send_raw(frame)
-                self._closing = True
+                if not self._closing:
+                    self._closing = True
+                    self._backfills.clear()
+                    if frame:
+                        self._send_close(frame)
                 self._scope.deadline = min(
                     self._scope.deadline, trio.current_time() + self._close_timeout
                 )
                 self._wake.set()
             elif self._ws.state is ConnectionState.OPEN:
-                self.close(event.code, event.reason or "")
+                # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8) and
+                # reports it as a close; its reason is a Python exception text: not for peers.
+                self.close(event.code, _VIOLATION_REASONS.get(event.code, "protocol error"))
 
     async def _pinger(self) -> None:
         interval = self.settings.ping_interval
         timeout = self.settings.ping_timeout
-        n = 0
         while True:
             await trio.sleep(interval)
             if self._closing:
                 return
-            n += 1
+            # Random: a peer cannot answer a ping it has not read.
+            payload = os.urandom(8)
+            self._ping_payload = payload
             self._pong = trio.Event()
-            ping = self._ws_send(Ping(payload=str(n).encode()))
+            ping = self._ws_send(Ping(payload=payload))
             if not ping:
                 return
             self._send_raw(ping)
             with trio.move_on_after(timeout):
                 await self._pong.wait()
                 continue
-            log.info("subscriber %s (%s): no pong within %ss, closing", self.id, self.peer, timeout)
+            if self.closing:  # closed meanwhile (slow, drained): not a ping timeout
+                return
+            self._monitor.count_ping_timeout(self)
             self.close(CLOSE_INTERNAL_ERROR, "ping timeout", discard=True)
             return
 

@@ -13,6 +13,10 @@ import orjson
 
 #: How much of a bad request is echoed back in an ``error`` message.
 ERROR_REQUEST_MAX: Final = 256
+#: Longest ``message`` of an ``error`` (the ids and values in it are cut much shorter).
+ERROR_MESSAGE_MAX: Final = 512
+#: Characters of a client-chosen value (feed, fixture id) quoted in a message.
+VALUE_MAX: Final = 64
 
 VENDOR_AUTH_ACCEPTED: Final = b'{"message":"Authorisation accepted","level":"INFO"}'
 VENDOR_AUTH_BAD_FORMAT: Final = (
@@ -23,6 +27,12 @@ VENDOR_REQUEST_BAD_FORMAT: Final = (
     b'{"message":"Fixture request message had incorrect format","level":"ERROR"}'
 )
 VENDOR_FIXTURE_NOT_FOUND: Final = b'{"error":"fixture not found","status":404}'
+
+
+def clip(value: str, limit: int = VALUE_MAX) -> str:
+    """*value* cut after *limit* characters (``...`` marks the cut): a client's id or value
+    quoted back must not make the reply as long as the request."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def utc_now_iso() -> str:
@@ -64,8 +74,8 @@ def gap(feed: str, fixture: str, from_seq: int, to_seq: int) -> bytes:
 
 
 def error(message: str, request: str) -> bytes:
-    if len(request) > ERROR_REQUEST_MAX:
-        request = request[:ERROR_REQUEST_MAX] + "..."
+    message = clip(message, ERROR_MESSAGE_MAX)
+    request = clip(request, ERROR_REQUEST_MAX)
     return orjson.dumps({"type": "error", "message": message, "request": request})
 
 
@@ -78,9 +88,10 @@ def vendor_heartbeat() -> bytes:
 
 
 def vendor_unknown_fixture(fixture: str) -> bytes:
+    topic = f"soccer.tracking.enrichment.{clip(fixture, 128)}"
     return orjson.dumps(
         {
-            "message": f"Could not find fixture topic soccer.tracking.enrichment.{fixture}",
+            "message": f"Could not find fixture topic {topic}",
             "level": "WARN",
         }
     )

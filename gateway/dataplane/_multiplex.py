@@ -1,9 +1,10 @@
 """Endpoint 1, ``/v1/stream``: many (feed, fixture) subscriptions on one connection.
 
 Requests are JSON text messages (``subscribe``/``unsubscribe``); every bad request gets an
-``error`` message and the connection stays open. Subscribing is one synchronous step -
-``subscribed``, ``status``, the backfill frames, then attaching to the topic - so there is no
-gap and no duplicate between backfill and live frames. See docs/protocol.md.
+``error`` message and the connection stays open. Subscribing sends ``subscribed`` and
+``status``, then the backfill (streamed from the topic's history as the connection drains, see
+:mod:`gateway.dataplane._backfill`), then live frames, with no gap and no duplicate between
+them. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 import trio
 
 from gateway.dataplane import _messages as msg
+from gateway.dataplane._backfill import Backfill
 from gateway.dataplane._connection import Connection
 from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
@@ -26,7 +28,7 @@ _UNSUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture"})
 class MuxSubscription:
     """One (feed, fixture) of a multiplexed connection; the topic fans out to it."""
 
-    __slots__ = ("conn", "gap_from", "gap_to", "topic")
+    __slots__ = ("backfill", "conn", "gap_from", "gap_to", "topic")
 
     def __init__(self, conn: Connection, topic: Topic) -> None:
         self.conn = conn
@@ -34,6 +36,8 @@ class MuxSubscription:
         # The pending gap (drop-oldest): seqs gap_from..gap_to were dropped; 0 = none.
         self.gap_from = 0
         self.gap_to = 0
+        #: The backfill still running (attached to the topic in this object's place), or None.
+        self.backfill: Backfill | None = None
 
     def on_frame(self, frame: Frame) -> None:
         if self.gap_to and self.conn.idle:
@@ -55,6 +59,20 @@ class MuxSubscription:
             self.gap_from = seq
         self.gap_to = seq
         self.topic.drops += 1
+
+    def missed(self, first: int, last: int) -> bool:
+        # The backfill fell out of the history: a gap, as for frames dropped from the queue.
+        if not self.gap_to:
+            self.gap_from = first
+        self.gap_to = last
+        n = last - first + 1
+        self.topic.drops += n
+        self.conn.frames_skipped += n
+        return True
+
+    def went_live(self, status_changed: bool) -> None:
+        if status_changed:
+            self.on_status(self.topic)
 
     def take_gap(self, seq: int) -> bytes | None:
         if self.gap_to and seq > self.gap_to:
@@ -162,7 +180,7 @@ class MultiplexHandler:
             raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
         key = (feed, fixture)
         if key in self.subs:
-            raise BadRequest(f"already subscribed to {feed}/{fixture}")
+            raise BadRequest(f"already subscribed to {msg.clip(feed)}/{msg.clip(fixture)}")
         if len(self.subs) >= self.conn.settings.max_subscriptions:
             raise BadRequest(f"max_subscriptions ({self.conn.settings.max_subscriptions}) reached")
         try:
@@ -171,20 +189,22 @@ class MultiplexHandler:
             raise BadRequest(str(exc)) from None
         if after is not None:
             assert isinstance(epoch, str)
-            frames = topic.resume(after, epoch)
-            recovered = frames is not None
+            start = topic.resume_start(after, epoch)
+            recovered = start is not None
         else:
-            frames = topic.backfill(backfill)
+            start = topic.backfill_start(backfill)
             recovered = False
-        # From here to attach() nothing awaits: backfill and live meet without gap or overlap.
         conn = self.conn
         sub = MuxSubscription(conn, topic)
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
         conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
-        for frame in frames or ():
-            conn.send_data(frame.envelope_ws, frame.seq, 0.0, sub)
-        topic.attach(sub)
         self.subs[key] = sub
+        if start is None or start > topic.seq:
+            topic.attach(sub)
+        else:
+            # Nothing awaits from here: the backfill takes over the topic's frames up to its
+            # last seq, then hands over to the subscription (no gap, no duplicate).
+            Backfill(conn, topic, sub, start).start()
 
     def _unsubscribe(self, req: dict[str, Any]) -> None:
         self._check_keys(req, _UNSUBSCRIBE_KEYS)
@@ -192,9 +212,17 @@ class MultiplexHandler:
         fixture = _field_str(req, "fixture")
         sub = self.subs.pop((feed, fixture), None)
         if sub is None:
-            raise BadRequest(f"not subscribed to {feed}/{fixture}")
+            raise BadRequest(f"not subscribed to {msg.clip(feed)}/{msg.clip(fixture)}")
         sub.gap_to = 0
-        self.hub.leave(sub.topic, sub)
+        self._leave(sub)
+
+    def _leave(self, sub: MuxSubscription) -> None:
+        bf = sub.backfill
+        if bf is not None:
+            bf.stop()
+            self.hub.leave(sub.topic, bf)
+        else:
+            self.hub.leave(sub.topic, sub)
 
     def forget(self, sub: MuxSubscription) -> None:
         """The topic closed under *sub* (it already sent status ``stopped``)."""
@@ -206,4 +234,4 @@ class MultiplexHandler:
         subs = list(self.subs.values())
         self.subs.clear()
         for sub in subs:
-            self.hub.leave(sub.topic, sub)
+            self._leave(sub)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import attrs
 import trio
 
 from gateway.dataplane._connection import Connection
+from gateway.throttle import LogThrottle
 from gateway.wire import CLOSE_GOING_AWAY
+
+log = logging.getLogger("gateway.dataplane")
 
 
 @attrs.frozen
@@ -38,15 +42,22 @@ class RegistryStats:
     frames_sent: int
     frames_dropped: int
     slow_disconnects: int
+    rate_limited: int = 0
+    ping_timeouts: int = 0
 
 
 class SubscriberRegistry:
     """Connected subscribers plus monotonic totals that survive their disconnection.
 
     Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``
-    (see :meth:`count_slow_disconnect`), ``rejected`` (handshakes refused with 503: connection
-    limit or draining), ``accepted`` (connections accepted since start). :meth:`stats` returns
-    them all at once.
+    (see :meth:`count_slow_disconnect`), ``rate_limited`` (closed with 1008 for sending frames
+    too fast), ``ping_timeouts``, ``rejected`` (handshakes refused with 503: connection limit
+    or draining), ``accepted`` (connections accepted since start). :meth:`stats` returns them
+    all at once.
+
+    It is every connection's :class:`~gateway.dataplane._connection.ConnectionMonitor`. Any
+    client can cause these events at any rate, so each kind is counted every time but logged
+    through a :class:`~gateway.throttle.LogThrottle` (at most one line per interval).
     """
 
     def __init__(self) -> None:
@@ -55,11 +66,17 @@ class SubscriberRegistry:
         self._retired_frames_sent = 0
         self._retired_drops = 0
         self.slow_disconnects = 0
+        self.rate_limited = 0
+        self.ping_timeouts = 0
         self.rejected = 0
         self.accepted = 0
         self.draining = False
         self._empty = trio.Event()
         self._empty.set()
+        self._slow_log = LogThrottle(log)
+        self._rate_log = LogThrottle(log)
+        self._ping_log = LogThrottle(log)
+        self._rejected_log = LogThrottle(log)
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -82,14 +99,38 @@ class SubscriberRegistry:
             self._empty.set()
 
     def count_slow_disconnect(self, conn: Connection) -> None:
-        """*conn* is being closed as too slow: count it here and in each of its topics.
-
-        Given to every :class:`Connection` as its ``on_slow`` callback.
-        """
+        """*conn* is being closed as too slow: count it here and in each of its topics."""
         self.slow_disconnects += 1
         if conn.handler is not None:
             for topic in conn.handler.topics():
                 topic.slow_disconnects += 1
+        self._slow_log.info("subscriber %s (%s) too slow: disconnecting", conn.id, conn.peer)
+
+    def count_rate_limited(self, conn: Connection) -> None:
+        """*conn* is being closed (1008) for sending frames too fast."""
+        self.rate_limited += 1
+        self._rate_log.warning(
+            "subscriber %s (%s) sent more than %g frames per second: closing",
+            conn.id,
+            conn.peer,
+            conn.settings.max_client_frames_per_second,
+        )
+
+    def count_ping_timeout(self, conn: Connection) -> None:
+        """*conn* did not answer a ping in time and is being closed (1011)."""
+        self.ping_timeouts += 1
+        self._ping_log.info(
+            "subscriber %s (%s): no pong within %ss, closing",
+            conn.id,
+            conn.peer,
+            conn.settings.ping_timeout,
+        )
+
+    def count_rejected(self, peer: str, reason: str) -> None:
+        """A handshake from *peer* was refused with 503 (*reason*); expected while draining."""
+        self.rejected += 1
+        level = logging.INFO if self.draining else logging.WARNING
+        self._rejected_log.log(level, "subscriber from %s refused: %s", peer, reason)
 
     def connections_now(self) -> list[Connection]:
         return list(self._conns.values())
@@ -110,6 +151,8 @@ class SubscriberRegistry:
             frames_sent=self.frames_sent,
             frames_dropped=self.drops,
             slow_disconnects=self.slow_disconnects,
+            rate_limited=self.rate_limited,
+            ping_timeouts=self.ping_timeouts,
         )
 
     def views(self) -> list[SubscriberView]:

@@ -5,8 +5,8 @@ closes anything. The connection (:mod:`gateway.dataplane._connection`) writes, a
 queue what to write and what to keep. Example::
 
     q = SendQueue(budget=64 * 1024, policy="drop-oldest")
-    if q.push(SendItem(frame_bytes, seq, published, subscription), backfill=False):
-        ...  # over budget under "disconnect": close the connection (q.discard())
+    if q.push(SendItem(frame_bytes, seq, published, subscription)):
+        ...  # over budget: close the connection with 4008 (q.discard(), then q.push_close())
     # The writer task, after a wake-up:
     buf, frames, published = q.take_batch()  # everything queued, gap messages included
     while q.inflight:
@@ -16,19 +16,24 @@ queue what to write and what to keep. Example::
 
 Rules:
 
-- Budget: bytes queued plus the writer's unwritten in-flight bytes may not pass ``budget``
-  plus the *allowance*. Backfill bytes (``push(..., backfill=True)``) raise the allowance
-  instead of being checked; the allowance shrinks as the writer's bytes reach the kernel.
+- Budget: bytes queued plus the writer's unwritten in-flight bytes may not pass ``budget``.
+  Every message counts: data frames, backfill frames (the connection streams a backfill from
+  the topic's history as it drains, never more than part of the budget at a time) and control
+  messages (errors, pongs, status, gap messages).
 - Over budget, ``disconnect``: :meth:`SendQueue.push` returns True and changes nothing else;
   the caller closes, usually with :meth:`SendQueue.discard`.
 - Over budget, ``drop-oldest``: the oldest droppable items (data frames with a sink, not tails)
   are dropped until under budget, each frame's sink hearing ``dropped(seq)``; the sink's
-  ``take_gap(seq)`` message is written before its next frame that goes out.
+  ``take_gap(seq)`` message is written before its next frame that goes out. If dropping every
+  droppable item is not enough (the rest is control messages, tails, frames without a sink),
+  :meth:`SendQueue.push` returns True as under ``disconnect``: a peer that does not read its
+  error replies or pongs is as slow as one that does not read its frames.
 - Control messages (``seq`` None) and tails are never dropped. A *tail* is the unsent rest of
   a frame the connection started writing itself: it must be finished whatever happens, or the
   stream would be corrupt, so a discard keeps it, first.
 - Closing: :meth:`SendQueue.discard` also trims the in-flight batch after the frame being
-  written, so a close frame can follow it at once.
+  written, so a close frame can follow it at once; :meth:`SendQueue.push_close` queues that
+  close frame whatever the budget.
 """
 
 from __future__ import annotations
@@ -85,13 +90,13 @@ class SendQueue:
 
     ``items``: the queued :class:`SendItem` objects, oldest first. ``queued``: their bytes.
     ``inflight``: bytes of the writer's batch the kernel has not taken. ``writing``: a batch
-    is out (between :meth:`take_batch` and :meth:`batch_done`). ``allowance``: backfill bytes
-    not counted against the budget. ``dropped``: data frames dropped so far.
+    is out (between :meth:`take_batch` and :meth:`batch_done`). ``dropped``: data frames
+    dropped so far.
     """
 
     __slots__ = (
         "_batch_parts",
-        "allowance",
+        "_droppable",
         "batch_end",
         "budget",
         "dropped",
@@ -108,17 +113,18 @@ class SendQueue:
         self.items: collections.deque[SendItem] = collections.deque()
         self.queued = 0
         self.inflight = 0
-        self.allowance = 0
         self.writing = False
         self.dropped = 0
         #: The end of the in-flight batch: its length, or less once trimmed.
         self.batch_end = 0
         self._batch_parts: list[bytes] = []
+        #: Queued items drop-oldest may drop: with none, being over budget is decided at once.
+        self._droppable = 0
 
     def __repr__(self) -> str:
         return (
             f"<SendQueue {len(self.items)} items {self.queued} B queued {self.inflight} B "
-            f"in flight, budget {self.budget} + {self.allowance}, {self.policy}>"
+            f"in flight, budget {self.budget}, {self.policy}>"
         )
 
     @property
@@ -131,39 +137,47 @@ class SendQueue:
         """Bytes accepted that the kernel has not taken yet (queued and in flight)."""
         return self.queued + self.inflight
 
-    def push(self, item: SendItem, backfill: bool = False) -> bool:
-        """Queue *item*; True means over budget under ``disconnect``: the caller must close.
+    def push(self, item: SendItem) -> bool:
+        """Queue *item*; True means over budget: the caller must close the connection (4008).
 
-        Backfill (*backfill*) is never over budget: it raises the allowance by its size.
-        Under ``drop-oldest`` being over budget drops the oldest droppable items (possibly
-        *item* itself) and returns False.
+        Under ``drop-oldest`` being over budget first drops the oldest droppable items
+        (possibly *item* itself); True only if that is not enough.
         """
         self.items.append(item)
-        size = len(item.data)
-        self.queued += size
-        if backfill:
-            self.allowance += size
-        elif self.queued + self.inflight > self.budget + self.allowance:
+        self.queued += len(item.data)
+        if item.sink is not None and item.seq is not None and not item.tail:
+            self._droppable += 1
+        if self.queued + self.inflight > self.budget:
             if self.policy == "disconnect":
                 return True
-            self._drop_oldest()
+            return not self._drop_oldest()
         return False
 
-    def _drop_oldest(self) -> None:
+    def push_close(self, item: SendItem) -> None:
+        """Queue the close frame: always accepted, whatever the budget (nothing follows it)."""
+        self.items.append(item)
+        self.queued += len(item.data)
+
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest droppable items until under budget; False if that is impossible."""
         q = self.items
+        limit = self.budget
+        if not self._droppable:
+            return self.queued + self.inflight <= limit
         kept: list[SendItem] = []
-        limit = self.budget + self.allowance
-        while q and self.queued + self.inflight > limit:
+        while q and self._droppable and self.queued + self.inflight > limit:
             item = q.popleft()
             sink = item.sink
             if sink is not None and item.seq is not None and not item.tail:
                 self.queued -= len(item.data)
                 self.dropped += 1
+                self._droppable -= 1
                 sink.dropped(item.seq)
             else:
                 kept.append(item)
         if kept:
             q.extendleft(reversed(kept))
+        return self.queued + self.inflight <= limit
 
     def take_batch(self) -> tuple[bytes, int, float]:
         """Move every queued item into the in-flight batch: ``(bytes, frames, published)``.
@@ -192,6 +206,7 @@ class SendQueue:
             parts.append(item.data)
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         self.queued = 0
+        self._droppable = 0
         self.inflight = self.batch_end = len(buf)
         self._batch_parts = parts
         self.writing = True
@@ -200,8 +215,6 @@ class SendQueue:
     def wrote(self, n: int) -> None:
         """The kernel took the next *n* bytes of the in-flight batch."""
         self.inflight -= n
-        if self.allowance:
-            self.allowance = max(0, self.allowance - n)
 
     def batch_done(self) -> None:
         """The in-flight batch is written (up to ``batch_end``)."""
@@ -212,17 +225,17 @@ class SendQueue:
     def discard(self) -> None:
         """Closing early: forget what is queued, keep only what must be finished.
 
-        An unfinished tail stays (first); the allowance goes; the in-flight batch is cut after
-        the message being written.
+        An unfinished tail stays (first); the in-flight batch is cut after the message being
+        written.
         """
         q = self.items
         tail = q[0] if q and q[0].tail else None
         q.clear()
         self.queued = 0
+        self._droppable = 0
         if tail is not None:
             q.append(tail)
             self.queued = len(tail.data)
-        self.allowance = 0
         self._trim_inflight()
 
     def _trim_inflight(self) -> None:
@@ -242,3 +255,4 @@ class SendQueue:
         """The peer is gone: nothing queued will ever be written."""
         self.items.clear()
         self.queued = 0
+        self._droppable = 0

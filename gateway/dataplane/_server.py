@@ -250,7 +250,8 @@ class _Server:
             try:
                 route = self.router.route(request, peer)
                 if self.registry.draining or len(self.registry) >= self.settings.max_connections:
-                    self.registry.rejected += 1
+                    why = "draining" if self.registry.draining else "max_connections reached"
+                    self.registry.count_rejected(_peer(stream), why)
                     raise _Reject(503, b"subscriber limit reached or shutting down\n")
             except _Reject as rej:
                 headers = [
@@ -274,7 +275,7 @@ class _Server:
             ws=ws,
             settings=self.settings,
             policy="disconnect" if route.policy == "disconnect" else self.settings.slow_policy,
-            on_slow=self.registry.count_slow_disconnect,
+            monitor=self.registry,
             latency=self.hub.fanout_latency,
             tls=tls,
         )

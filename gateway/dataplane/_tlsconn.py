@@ -42,12 +42,12 @@ class TlsConnection(Connection):
     ) -> None:
         if self._closing:
             return
-        if self._sq.push(SendItem(data, seq, published, sink), not published):
+        if self._sq.push(SendItem(data, seq, published, sink)):
             self._too_slow()
         self._wake.set()
 
     def _send_raw(self, data: bytes) -> None:
-        if self._sq.push(SendItem(data, None), False):
+        if self._sq.push(SendItem(data, None)):
             self._too_slow()
         self._wake.set()
 
@@ -56,9 +56,15 @@ class TlsConnection(Connection):
         q = self._sq
         latency = self._latency
         while True:
+            # Backfill is pulled as the queue drains, as in the plaintext writer.
+            if self._backfills and not self._closing and q.unsent < self.fill_target:
+                self._refill()
             if not q.items:
                 if self._closing:
                     break
+                if self._backfills:
+                    await trio.lowlevel.checkpoint()
+                    continue
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue

@@ -18,6 +18,16 @@ FIXTURE_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 _FIXTURE_ID: Final = re.compile(FIXTURE_ID_PATTERN)
 
 
+#: Characters of a feed or fixture name quoted in a :class:`HubError` message: a client may
+#: send any string (up to ``max_message_bytes``), and its error reply must stay short.
+SHOWN_MAX: Final = 64
+
+
+def _shown(value: str) -> str:
+    """*value* quoted for an error message, cut after :data:`SHOWN_MAX` characters."""
+    return repr(value) if len(value) <= SHOWN_MAX else repr(value[:SHOWN_MAX]) + "..."
+
+
 def valid_fixture_id(fixture: str) -> bool:
     """True when *fixture* matches :data:`FIXTURE_ID_PATTERN` (whole string)."""
     return _FIXTURE_ID.fullmatch(fixture) is not None
@@ -72,7 +82,7 @@ class Hub:
         try:
             return self.feeds[feed]
         except KeyError:
-            raise UnknownFeedError(f"unknown feed {feed!r}") from None
+            raise UnknownFeedError(f"unknown feed {_shown(feed)}") from None
 
     def topic(self, feed: str, fixture: str) -> Topic:
         """The topic of (feed, fixture), created (with a new epoch) if there is none.
@@ -118,16 +128,18 @@ class Hub:
             # Also for an existing topic without subscribers: it may be lingering towards a stop.
             if not valid_fixture_id(fixture) and not d.is_followed(feed, fixture):
                 raise UnknownFixtureError(
-                    f"invalid fixture id {fixture[:40]!r}: must match {FIXTURE_ID_PATTERN}"
+                    f"invalid fixture id {_shown(fixture)}: must match {FIXTURE_ID_PATTERN}"
                 )
             if not d.demand(feed, fixture):
-                raise UnknownFixtureError(f"fixture {fixture!r} of feed {feed!r} was refused")
+                raise UnknownFixtureError(
+                    f"fixture {_shown(fixture)} of feed {_shown(feed)} was refused"
+                )
             return self.topic(feed, fixture)
         if t is not None:
             return t
         if d is not None and d.is_followed(feed, fixture):
             return self.topic(feed, fixture)
-        raise UnknownFixtureError(f"unknown fixture {fixture!r} of feed {feed!r}")
+        raise UnknownFixtureError(f"unknown fixture {_shown(fixture)} of feed {_shown(feed)}")
 
     def leave(self, topic: Topic, sub: TopicSubscriber) -> None:
         """Detach *sub*; when it was the topic's last subscriber, tell the directory."""

@@ -6,7 +6,7 @@ import collections
 import itertools
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Final, Protocol
 
 from gateway.config import FeedConfig
@@ -125,7 +125,7 @@ class Topic:
     @property
     def history(self) -> tuple[Frame, ...]:
         """The frames held, oldest first (a copy: for inspection, not the hot path)."""
-        return tuple(self._frames(self._history))
+        return tuple(self.frames_from(self.first_held))
 
     @property
     def history_len(self) -> int:
@@ -168,14 +168,58 @@ class Topic:
         while history and (len(history) > max_frames or self.history_bytes > max_bytes):
             self.history_bytes -= len(history.popleft()[2])
 
+    @property
+    def first_held(self) -> int:
+        """The seq of the oldest frame held; ``seq + 1`` when none is held."""
+        return self._history[0][0] if self._history else self.seq + 1
+
+    def backfill_start(self, n: int | None) -> int:
+        """The first seq a backfill of *n* sends (see :meth:`backfill`); ``seq + 1``: none."""
+        if n == 0:
+            return self.seq + 1
+        first = self.first_held
+        if n is None or n < 0:
+            return first
+        return max(first, self.seq + 1 - n)
+
+    def resume_start(self, after: int, epoch: str) -> int | None:
+        """The first seq a resume after seq *after* sends, or None when that cannot be done
+        without a gap (see :meth:`resume`); ``seq + 1``: nothing was missed."""
+        if epoch != self.epoch or after < 0 or after > self.seq:
+            return None
+        if after == self.seq:
+            return after + 1
+        if after + 1 < self.first_held:
+            return None
+        return after + 1
+
+    def start_after_events(self, n: int) -> int:
+        """The seq right after the *n*-th sequenced frame held (``startPosition``); ``seq + 1``
+        when fewer than *n* are held (nothing to send)."""
+        seen = 0
+        for seq, position, _ in self._history:
+            if position is not None:
+                seen += 1
+                if seen == n:
+                    return seq + 1
+        return self.seq + 1
+
+    def frames_from(self, seq: int) -> Iterator[Frame]:
+        """The held frames from seq *seq* on, built one at a time (lazy backfill).
+
+        *seq* must be held (``first_held <= seq``). Consume it without awaiting: a publish
+        changes the history under it.
+        """
+        history = self._history
+        start = seq - history[0][0] if history else 0
+        prefix = self._prefix
+        for s, position, raw in itertools.islice(history, max(0, start), None):
+            yield Frame(s, raw, 0.0, prefix, position)
+
     def backfill(self, n: int | None) -> list[Frame]:
         """Frames for a new subscriber: None or -1 = all held, 0 = none, n > 0 = the last n."""
-        if n is None or n < 0:
-            return self._frames(self._history)
-        if n == 0:
-            return []
-        held = len(self._history)
-        return self._frames(itertools.islice(self._history, max(0, held - n), held))
+        start = self.backfill_start(n)
+        return list(self.frames_from(start)) if start <= self.seq else []
 
     def resume(self, after: int, epoch: str) -> list[Frame] | None:
         """Every frame after seq *after*, or None when that cannot be done without a gap.
@@ -183,21 +227,10 @@ class Topic:
         Possible when *epoch* is this topic's and frame ``after + 1`` is still held (or
         ``after`` is the last seq: nothing was missed).
         """
-        if epoch != self.epoch or after < 0 or after > self.seq:
+        start = self.resume_start(after, epoch)
+        if start is None:
             return None
-        if after == self.seq:
-            return []
-        if not self._history:
-            return None
-        first = self._history[0][0]
-        if after + 1 < first:
-            return None
-        return self._frames(itertools.islice(self._history, after + 1 - first, None))
-
-    def _frames(self, held: Iterable[_Held]) -> list[Frame]:
-        # Frames for one backfill: their encodings are built for it and go with it.
-        prefix = self._prefix
-        return [Frame(seq, raw, 0.0, prefix, position) for seq, position, raw in held]
+        return list(self.frames_from(start)) if start <= self.seq else []
 
     # -- subscribers -----------------------------------------------------------------------
 
