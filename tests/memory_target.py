@@ -79,6 +79,8 @@ class MemoryTarget:
         self._frames_out = 0
         self._drops = 0
         self._slow_disconnects = 0
+        self._rate_limited = 0
+        self._ping_timeouts = 0
         self._auth_failures: dict[str, int] = {}
         self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
         self._refused: dict[str, int] = {}
@@ -130,6 +132,8 @@ class MemoryTarget:
             frames_out=self._frames_out,
             drops=self._drops,
             slow_disconnects=self._slow_disconnects,
+            rate_limited=self._rate_limited,
+            ping_timeouts=self._ping_timeouts,
             subscribers=len(self._subscribers),
             upstream=sum_counters(self._feed_counters.values()),
             auth_failures=dict(self._auth_failures),
@@ -166,9 +170,18 @@ class MemoryTarget:
             feed, UpstreamCounters()
         ) + UpstreamCounters(**deltas)
 
-    def count_slow(self, *, drops: int = 0, slow_disconnects: int = 0) -> None:
+    def count_slow(
+        self,
+        *,
+        drops: int = 0,
+        slow_disconnects: int = 0,
+        rate_limited: int = 0,
+        ping_timeouts: int = 0,
+    ) -> None:
         self._drops += drops
         self._slow_disconnects += slow_disconnects
+        self._rate_limited += rate_limited
+        self._ping_timeouts += ping_timeouts
 
     def count_auth_failures(self, endpoint: str, n: int = 1) -> None:
         """Failed subscriber authentications on *endpoint* (``stream`` or ``dropin``)."""

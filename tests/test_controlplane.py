@@ -457,7 +457,7 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         target.publish("hoops", "g1", '{"fixtureSeqNum":1}', deliveries=1)
         target.count_upstream("soccer", "123", reconnects=2, gaps=1, duplicates_dropped=4)
         target.count_upstream("hoops", "g1", malformed=5, crashes=1, out_of_order=2)
-        target.count_slow(drops=6, slow_disconnects=2)
+        target.count_slow(drops=6, slow_disconnects=2, rate_limited=3, ping_timeouts=4)
         target.count_auth_failures("dropin", 3000)
         target.set_state("hoops", "g1", FixtureState.LIVE)
         target.add_subscriber(SubscriberView("s", "p", "/v1/stream", (), 0, 0, 0, 0.0))
@@ -482,6 +482,8 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[("dde_frames_sent_total", ())] == 7
         assert got[("dde_subscriber_drops_total", ())] == 6
         assert got[("dde_slow_disconnects_total", ())] == 2
+        assert got[("dde_subscriber_rate_limited_total", ())] == 3
+        assert got[("dde_subscriber_ping_timeouts_total", ())] == 4
         assert got[("dde_subscribers", ())] == 1
         assert got[("dde_fixtures", (("feed", "hoops"), ("state", "live")))] == 1
         assert got[("dde_fixtures", (("feed", "soccer"), ("state", "connecting")))] == 1

@@ -88,6 +88,16 @@ class GatewayCollector:
             "Subscribers disconnected for being too slow.",
             value=totals.slow_disconnects,
         )
+        yield CounterMetricFamily(
+            "dde_subscriber_rate_limited",
+            "Subscribers closed (1008) for sending frames faster than max_client_frames_per_second.",
+            value=totals.rate_limited,
+        )
+        yield CounterMetricFamily(
+            "dde_subscriber_ping_timeouts",
+            "Subscribers closed (1011) for not answering a ping within ping_timeout.",
+            value=totals.ping_timeouts,
+        )
         yield GaugeMetricFamily(
             "dde_subscribers", "Connected subscribers.", value=totals.subscribers
         )

@@ -54,6 +54,9 @@ class Totals:
     frames_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0
+    #: Subscribers closed for sending frames too fast (1008) / for not answering a ping (1011).
+    rate_limited: int = 0
+    ping_timeouts: int = 0
     subscribers: int = 0
     upstream: UpstreamCounters = attrs.field(factory=UpstreamCounters)
     auth_failures: Mapping[str, int] = attrs.field(factory=dict)

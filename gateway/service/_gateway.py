@@ -314,6 +314,8 @@ class Gateway:
             frames_out=stats.frames_sent,
             drops=stats.frames_dropped,
             slow_disconnects=stats.slow_disconnects,
+            rate_limited=stats.rate_limited,
+            ping_timeouts=stats.ping_timeouts,
             subscribers=stats.connections,
             upstream=sum_counters(f.upstream for f in self.feed_totals().values()),
             auth_failures=dict(self.auth.failures),
