@@ -90,7 +90,7 @@ class GatewayCollector:
         )
         yield CounterMetricFamily(
             "dde_subscriber_rate_limited",
-            "Subscribers closed (1008) for sending frames faster than max_client_frames_per_second.",
+            "Subscribers closed (1008) for sending frames faster than allowed.",
             value=totals.rate_limited,
         )
         yield CounterMetricFamily(
