@@ -379,7 +379,9 @@ async def test_subscribers(tmp_path: Path) -> None:
     async with serving(make_config(tmp_path)) as (client, target):
         assert (await client.get("/v1/subscribers")).json() == []
         target.add_subscriber(
-            SubscriberView("b", "10.0.0.2:4000", "/ws/soccer/tracking", ("soccer/1",), 7, 9, 2, 5.5)
+            SubscriberView(
+                "b", "10.0.0.2:4000", "/ws/soccer/tracking", ("soccer/1",), 7, 9, 2, 5.5, 3
+            )
         )
         target.add_subscriber(
             SubscriberView(
@@ -398,6 +400,7 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "frames_sent": 1,
                 "frames_dropped": 0,
                 "connected_at": 4.0,
+                "conflated": 0,
             },
             {
                 "id": "b",
@@ -408,6 +411,7 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "frames_sent": 9,
                 "frames_dropped": 2,
                 "connected_at": 5.5,
+                "conflated": 3,
             },
         ]
 

@@ -115,6 +115,7 @@ def subscriber_json(view: SubscriberView) -> dict[str, Any]:
         "frames_sent": view.frames_sent,
         "frames_dropped": view.frames_dropped,
         "connected_at": view.connected_at,
+        "conflated": view.conflated,
     }
 
 

@@ -4,7 +4,8 @@ Two endpoints (docs/protocol.md): ``/v1/stream`` (multiplexed, many fixtures per
 seq/epoch resume) and the vendor drop-in at each feed's ``dropin_path``. :func:`run` serves
 them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown;
 :class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own);
-:class:`SubscriberAuth` holds the subscriber tokens in force and counts failed attempts.
+:class:`SubscriberAuth` holds the subscriber tokens in force and counts failed attempts;
+:class:`Conflator` is the latest-wins rate limit of ``max_rate`` subscriptions.
 """
 
 from gateway.dataplane._access import (
@@ -14,6 +15,7 @@ from gateway.dataplane._access import (
     SubscriberAuth,
     offered_tokens,
 )
+from gateway.dataplane._conflate import MAX_RATE, Conflator
 from gateway.dataplane._connection import (
     BACKFILL_CHUNK,
     DEFAULT_CLOSE_TIMEOUT,
@@ -31,8 +33,10 @@ __all__ = [
     "BEARER_PROTOCOL_PREFIX",
     "DEFAULT_CLOSE_TIMEOUT",
     "EVENTS_PER_TURN",
+    "MAX_RATE",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
+    "Conflator",
     "Connection",
     "ConnectionMonitor",
     "DeliverySink",

@@ -142,8 +142,8 @@ class Connection:
     """A WebSocket subscriber after the handshake. Created and run by the server.
 
     Public counters are read by the registry: ``frames_sent``, :attr:`frames_dropped`,
-    :attr:`queued_bytes`. The *monitor* (the registry) counts slow disconnects (4008, both
-    policies), rate-limit closes (1008) and ping timeouts (1011).
+    ``frames_conflated``, :attr:`queued_bytes`. The *monitor* (the registry) counts slow
+    disconnects (4008, both policies), rate-limit closes (1008) and ping timeouts (1011).
 
     *tls* (a ``trio.SSLStream`` over *stream*) is for
     :class:`~gateway.dataplane._tlsconn.TlsConnection` only: this class writes to the socket's
@@ -176,6 +176,8 @@ class Connection:
         self.frames_sent = 0
         #: Backfill frames that fell out of the history before they could be sent (gaps).
         self.frames_skipped = 0
+        #: Frames of ``max_rate`` subscriptions replaced by a newer one before they went out.
+        self.frames_conflated = 0
         self.slow_disconnected = False
         self.rate_limited = False
         self.handler: Handler | None = None

@@ -4,7 +4,9 @@ Requests are JSON text messages (``subscribe``/``unsubscribe``); every bad reque
 ``error`` message and the connection stays open. Subscribing sends ``subscribed`` and
 ``status``, then the backfill (streamed from the topic's history as the connection drains, see
 :mod:`gateway.dataplane._backfill`), then live frames, with no gap and no duplicate between
-them. See docs/protocol.md.
+them. A subscription with ``max_rate`` is a :class:`ConflatedSubscription` (latest-wins, at most
+that many frames a second, :mod:`gateway.dataplane._conflate`); the others are untouched by it.
+See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import trio
 
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._backfill import Backfill
+from gateway.dataplane._conflate import MAX_RATE, Conflator
 from gateway.dataplane._connection import Connection
 from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
 
-_SUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture", "backfill", "after", "epoch"})
+_SUBSCRIBE_KEYS: Final = frozenset(
+    {"op", "feed", "fixture", "backfill", "after", "epoch", "max_rate"}
+)
 _UNSUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture"})
 
 
@@ -84,6 +89,47 @@ class MuxSubscription:
         self.gap_from = self.gap_to = 0
         return g
 
+    def stop(self) -> None:
+        """The subscription ended (unsubscribe, topic closed, connection gone)."""
+
+
+class ConflatedSubscription(MuxSubscription):
+    """A subscription with ``max_rate``: at most that many frames a second, always the latest.
+
+    Frames from the topic go through a :class:`Conflator`; the ones it lets out take the same
+    path as any subscription's (the connection's byte budget and slow policy, gap messages).
+    Frames replaced while held are counted in ``conn.frames_conflated``; their seqs are simply
+    absent from what the client gets. A status change first sends the held frame, so the order
+    of frames and status messages stays the topic's. Its timer runs in the connection's nursery
+    (:meth:`run`) until :meth:`stop`.
+    """
+
+    __slots__ = ("conflator", "scope")
+
+    def __init__(self, conn: Connection, topic: Topic, max_rate: float) -> None:
+        super().__init__(conn, topic)
+        self.conflator: Conflator[Frame] = Conflator(max_rate, self._deliver)
+        self.scope = trio.CancelScope()
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.conflator.offer(frame):
+            self.conn.frames_conflated += 1
+
+    def _deliver(self, frame: Frame) -> None:
+        MuxSubscription.on_frame(self, frame)
+
+    def on_status(self, topic: Topic) -> None:
+        self.conflator.flush()
+        super().on_status(topic)
+
+    async def run(self) -> None:
+        with self.scope:
+            await self.conflator.run()
+
+    def stop(self) -> None:
+        self.scope.cancel()
+        self.conflator.discard()
+
 
 def _field_int(req: dict[str, Any], name: str, minimum: int) -> int | None:
     value = req.get(name)
@@ -92,6 +138,16 @@ def _field_int(req: dict[str, Any], name: str, minimum: int) -> int | None:
     if type(value) is not int or value < minimum:
         raise BadRequest(f"{name} must be null or an integer >= {minimum}")
     return value
+
+
+def _field_rate(req: dict[str, Any]) -> float | None:
+    value = req.get("max_rate")
+    if value is None:
+        return None
+    # bool is an int subclass; NaN fails both comparisons.
+    if type(value) not in (int, float) or not 0 < value <= MAX_RATE:
+        raise BadRequest(f"max_rate must be null or a number > 0 and <= {MAX_RATE:g}")
+    return float(value)
 
 
 def _field_str(req: dict[str, Any], name: str) -> str:
@@ -114,8 +170,11 @@ class MultiplexHandler:
         self.hub = hub
         self.feeds = feeds
         self.subs: dict[tuple[str, str], MuxSubscription] = {}
+        #: The connection's nursery (from :meth:`start`): conflated subscriptions' timers.
+        self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
         nursery.start_soon(
             self.conn.run_heartbeats, self.conn.settings.heartbeat_interval, msg.heartbeat
         )
@@ -175,6 +234,10 @@ class MultiplexHandler:
             raise BadRequest("epoch is only valid with after")
         elif "backfill" not in req:
             backfill = 0
+        max_rate = _field_rate(req)
+        if max_rate is not None and (after is not None or backfill != 0):
+            # A backfill or a resume is every frame in a row: the opposite of conflation.
+            raise BadRequest("max_rate cannot be combined with after or a backfill other than 0")
         if self.feeds is not None and feed not in self.feeds:
             # Before hub.open: a refused subscription must not start an on-demand follow.
             raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
@@ -195,7 +258,14 @@ class MultiplexHandler:
             start = topic.backfill_start(backfill)
             recovered = False
         conn = self.conn
-        sub = MuxSubscription(conn, topic)
+        sub: MuxSubscription
+        if max_rate is None:
+            sub = MuxSubscription(conn, topic)
+        else:
+            if self._nursery is None:
+                raise RuntimeError("MultiplexHandler.start() was not called")
+            sub = ConflatedSubscription(conn, topic, max_rate)
+            self._nursery.start_soon(sub.run)
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
         conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
         self.subs[key] = sub
@@ -217,6 +287,7 @@ class MultiplexHandler:
         self._leave(sub)
 
     def _leave(self, sub: MuxSubscription) -> None:
+        sub.stop()
         bf = sub.backfill
         if bf is not None:
             bf.stop()
@@ -226,6 +297,7 @@ class MultiplexHandler:
 
     def forget(self, sub: MuxSubscription) -> None:
         """The topic closed under *sub* (it already sent status ``stopped``)."""
+        sub.stop()
         key = (sub.topic.feed.name, sub.topic.fixture)
         if self.subs.get(key) is sub:
             del self.subs[key]

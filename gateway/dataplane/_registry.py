@@ -19,7 +19,8 @@ log = logging.getLogger("gateway.dataplane")
 class SubscriberView:
     """One subscriber as the API shows it (``GET /v1/subscribers``); a frozen snapshot.
 
-    ``subscriptions`` holds ``"feed/fixture"`` strings.
+    ``subscriptions`` holds ``"feed/fixture"`` strings. ``conflated``: frames its ``max_rate``
+    subscriptions skipped (latest-wins), see docs/protocol.md.
     """
 
     id: str
@@ -30,6 +31,7 @@ class SubscriberView:
     frames_sent: int
     frames_dropped: int
     connected_at: float
+    conflated: int = 0
 
 
 @attrs.frozen
@@ -166,6 +168,7 @@ class SubscriberRegistry:
                 frames_sent=c.frames_sent,
                 frames_dropped=c.frames_dropped,
                 connected_at=c.connected_at,
+                conflated=c.frames_conflated,
             )
             for c in self._conns.values()
         ]
