@@ -20,9 +20,11 @@ from gateway.controlplane import (
     FeedTotals,
     FixtureView,
     FollowLimitError,
+    StreamEndpoint,
     SubscriberView,
     Totals,
 )
+from gateway.dataplane import STREAM_PATH
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
@@ -56,6 +58,8 @@ class _Followed:
     latest: str | None = None
     subscribers: int = 0
     frames_per_second: float = 0.0
+    drops: int = 0
+    slow_disconnects: int = 0
 
 
 class MemoryTarget:
@@ -84,6 +88,14 @@ class MemoryTarget:
         self._auth_failures: dict[str, int] = {}
         self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
         self._refused: dict[str, int] = {}
+        #: What ``stream_endpoint()`` answers (None: "not bound yet"); nothing is bound here,
+        #: so port 0 ("any free port") reads as the default port.
+        self.stream: StreamEndpoint | None = StreamEndpoint(
+            host=None,
+            port=config.gateway.stream_listen.port or 8765,
+            tls=config.gateway.tls,
+            path=STREAM_PATH,
+        )
         self._configured = {fx.key for fx in config.fixtures}
         for fx in config.fixtures:
             self.follow(fx.feed, fx.id, fx.backfill)
@@ -126,6 +138,9 @@ class MemoryTarget:
 
     def subscriber_views(self) -> list[SubscriberView]:
         return list(self._subscribers.values())
+
+    def stream_endpoint(self) -> StreamEndpoint | None:
+        return self.stream
 
     def totals(self) -> Totals:
         return Totals(
@@ -205,11 +220,20 @@ class MemoryTarget:
             status.last_error = last_error
 
     def set_fixture_load(
-        self, feed: str, fixture: str, *, subscribers: int, frames_per_second: float
+        self,
+        feed: str,
+        fixture: str,
+        *,
+        subscribers: int,
+        frames_per_second: float,
+        drops: int = 0,
+        slow_disconnects: int = 0,
     ) -> None:
         followed = self._fixtures[(feed, fixture)]
         followed.subscribers = subscribers
         followed.frames_per_second = frames_per_second
+        followed.drops = drops
+        followed.slow_disconnects = slow_disconnects
 
     def add_subscriber(self, view: SubscriberView) -> None:
         self._subscribers[view.id] = view
@@ -232,4 +256,6 @@ class MemoryTarget:
             subscribers=f.subscribers,
             frames_per_second=f.frames_per_second,
             upstream=s.snapshot(),
+            drops=f.drops,
+            slow_disconnects=f.slow_disconnects,
         )

@@ -44,6 +44,7 @@ ADMIN_TOKENS = ("admin-token-1", "admin-token-2")
 READ_TOKEN = "read-token-1"
 FIXTURE_KEYS = {
     "feed",
+    "kind",
     "fixture",
     "state",
     "state_since",
@@ -52,6 +53,8 @@ FIXTURE_KEYS = {
     "epoch",
     "subscribers",
     "frames_per_second",
+    "drops",
+    "slow_disconnects",
     "upstream",
 }
 UPSTREAM_KEYS = {
@@ -261,6 +264,14 @@ async def test_status_counts_every_state(tmp_path: Path) -> None:
         # Real time passes unpredictably here; the exact rates are tested with explicit times.
         assert status["frames_in_per_second"] >= 0
         assert status["frames_out_per_second"] >= 0
+        assert status["stream"] == {
+            "scheme": "ws",
+            "host": None,
+            "port": 8765,  # MemoryTarget binds nothing: port 0 reads as the default
+            "path": "/v1/stream",
+        }
+        target.stream = None  # the data plane not bound yet
+        assert (await client.get("/v1/status")).json()["stream"] is None
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -272,7 +283,9 @@ async def test_fixture_list_and_one(tmp_path: Path) -> None:
         target.publish("soccer", "123", '{"ix":7}')
         target.count_upstream("soccer", "123", gaps=2, malformed=1)
         target.set_state("soccer", "123", FixtureState.LIVE, "ok", last_error="closed 1006")
-        target.set_fixture_load("soccer", "123", subscribers=3, frames_per_second=25.0)
+        target.set_fixture_load(
+            "soccer", "123", subscribers=3, frames_per_second=25.0, drops=4, slow_disconnects=1
+        )
 
         listing = (await client.get("/v1/fixtures")).json()
         assert [(f["feed"], f["fixture"]) for f in listing] == [("hoops", "f-9"), ("soccer", "123")]
@@ -286,6 +299,8 @@ async def test_fixture_list_and_one(tmp_path: Path) -> None:
         assert one == listing[1]
         assert (one["state"], one["detail"], one["seq"]) == ("live", "ok", 1)
         assert (one["subscribers"], one["frames_per_second"]) == (3, 25.0)
+        assert (one["drops"], one["slow_disconnects"]) == (4, 1)
+        assert one["kind"] == "tracking"
         assert one["upstream"]["frames"] == 1
         assert one["upstream"]["gaps"] == 2
         assert one["upstream"]["malformed"] == 1

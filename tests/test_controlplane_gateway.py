@@ -59,6 +59,9 @@ async def _drain(gw: Gateway) -> None:
 
 # (path, method, path params, headers, body, expected status, step run on the trio thread first)
 CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = [
+    ("/", "GET", {}, {}, None, 200, None),
+    ("/dashboard/{name}", "GET", {"name": "pitch.js"}, {}, None, 200, None),
+    ("/dashboard/{name}", "GET", {"name": "missing.css"}, WRONG, None, 404, None),
     ("/healthz", "GET", {}, {}, None, 200, None),
     ("/readyz", "GET", {}, {}, None, 200, None),
     ("/v1/status", "GET", {}, ADMIN, None, 200, None),

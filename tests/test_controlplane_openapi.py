@@ -98,6 +98,11 @@ _PARAMS_9 = {"feed": "soccer", "fixture": "9"}
 _PARAMS_10 = {"feed": "soccer", "fixture": "10"}
 _Setup = Callable[[MemoryTarget], None] | None
 _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] = [
+    # The dashboard is open even with read tokens configured (it holds no data).
+    ("/", "GET", {}, {}, None, 200, None),
+    ("/dashboard/{name}", "GET", {"name": "app.js"}, {}, None, 200, None),
+    ("/dashboard/{name}", "GET", {"name": "style.css"}, {}, None, 200, None),
+    ("/dashboard/{name}", "GET", {"name": "nope.js"}, {}, None, 404, None),
     ("/healthz", "GET", {}, {}, None, 200, None),
     ("/readyz", "GET", {}, {}, None, 200, None),
     ("/v1/status", "GET", {}, ADMIN, None, 200, None),

@@ -310,3 +310,13 @@ async def test_gateway_with_tls_serves_wss_and_https(tmp_path: Path, certs: Cert
                     _https_get, f"{https}/metrics", certs.client
                 )
                 assert status == 200 and b"dde_subscriber_auth_failures_total" in body
+                # The dashboard learns to use wss:// from /v1/status.
+                status, body = await trio.to_thread.run_sync(
+                    _https_get, f"{https}/v1/status", certs.client
+                )
+                assert orjson.loads(body)["stream"] == {
+                    "scheme": "wss",
+                    "host": None,
+                    "port": bound.stream.port,
+                    "path": "/v1/stream",
+                }

@@ -1,4 +1,4 @@
-"""The HTTP control plane: health, readiness, status, fixtures, subscribers and metrics.
+"""The HTTP control plane: health, readiness, status, fixtures, subscribers, metrics, dashboard.
 
 A Starlette app served by hypercorn's trio worker over the :class:`ControlTarget` facade; it
 knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
@@ -11,6 +11,14 @@ from gateway.controlplane._app import (
     parse_follow_body,
 )
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
+from gateway.controlplane._dashboard import (
+    CONTENT_SECURITY_POLICY,
+    DASHBOARD_FOLDER,
+    DASHBOARD_PACKAGE,
+    DASHBOARD_PREFIX,
+    Asset,
+    load_assets,
+)
 from gateway.controlplane._metrics import GatewayCollector, make_registry
 from gateway.controlplane._rates import (
     DEFAULT_RATE_WINDOW,
@@ -25,12 +33,17 @@ from gateway.controlplane._target import (
     FixtureView,
     FollowLimitError,
     LatencyHistogram,
+    StreamEndpoint,
     Totals,
 )
 from gateway.dataplane import SubscriberView
 from gateway.hub import FIXTURE_ID_PATTERN
 
 __all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "DASHBOARD_FOLDER",
+    "DASHBOARD_PACKAGE",
+    "DASHBOARD_PREFIX",
     "DEFAULT_FOLLOW_BACKFILL",
     "DEFAULT_RATE_WINDOW",
     "DEFAULT_SAMPLE_INTERVAL",
@@ -38,6 +51,7 @@ __all__ = [
     "GRACEFUL_TIMEOUT",
     "MAX_BODY_BYTES",
     "ApiTokens",
+    "Asset",
     "BearerAuthMiddleware",
     "ControlTarget",
     "FeedTotals",
@@ -47,10 +61,12 @@ __all__ = [
     "LatencyHistogram",
     "RateSampler",
     "Rates",
+    "StreamEndpoint",
     "SubscriberView",
     "Totals",
     "build_app",
     "hypercorn_config",
+    "load_assets",
     "make_registry",
     "parse_follow_body",
     "run",

@@ -28,9 +28,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
+from gateway.controlplane._dashboard import INDEX, asset_headers, load_assets
 from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
-from gateway.controlplane._target import ControlTarget, FixtureView, FollowLimitError
+from gateway.controlplane._target import (
+    ControlTarget,
+    FixtureView,
+    FollowLimitError,
+    StreamEndpoint,
+)
 from gateway.dataplane import SubscriberView
 from gateway.errors import BadRequest
 from gateway.hub import FIXTURE_ID_PATTERN, UnknownFeedError, valid_fixture_id
@@ -89,10 +95,12 @@ def parse_follow_body(body: bytes) -> int:
     return backfill
 
 
-def fixture_json(view: FixtureView) -> dict[str, Any]:
-    """Exactly the documented keys, whatever else the facade's view carries."""
+def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
+    """Exactly the documented keys, whatever else the facade's view carries. *kind*: the
+    feed's kind (``tracking`` or ``fastpath``)."""
     return {
         "feed": view.feed,
+        "kind": kind,
         "fixture": view.fixture,
         "state": FixtureState(view.state).value,
         "state_since": view.state_since,
@@ -101,7 +109,20 @@ def fixture_json(view: FixtureView) -> dict[str, Any]:
         "epoch": view.epoch,
         "subscribers": view.subscribers,
         "frames_per_second": view.frames_per_second,
+        "drops": view.drops,
+        "slow_disconnects": view.slow_disconnects,
         "upstream": {key: view.upstream.get(key) for key in UPSTREAM_KEYS},
+    }
+
+
+def stream_json(endpoint: StreamEndpoint | None) -> dict[str, Any] | None:
+    if endpoint is None:
+        return None
+    return {
+        "scheme": "wss" if endpoint.tls else "ws",
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "path": endpoint.path,
     }
 
 
@@ -144,6 +165,31 @@ class _Handlers:
         self.target = target
         self.sampler = sampler
         self.registry = make_registry(target)
+        self.assets = load_assets()
+        self.asset_headers = asset_headers()
+
+    def _kind(self, feed: str) -> str:
+        config = self.target.feeds().get(feed)
+        # A fixture outlives no feed (feeds change only with a restart); "tracking" is moot.
+        return config.kind if config is not None else "tracking"
+
+    def _fixture_json(self, view: FixtureView) -> dict[str, Any]:
+        return fixture_json(view, self._kind(view.feed))
+
+    async def index(self, request: Request) -> Response:
+        return self._asset(INDEX)
+
+    async def asset(self, request: Request) -> Response:
+        name: str = request.path_params["name"]
+        if name not in self.assets:
+            raise HTTPException(404, "no such dashboard file")
+        return self._asset(name)
+
+    def _asset(self, name: str) -> Response:
+        asset = self.assets[name]
+        # media_type is set in the headers (with its charset): Starlette would add another.
+        headers = {**self.asset_headers, "content-type": asset.media_type}
+        return Response(asset.body, headers=headers)
 
     async def healthz(self, request: Request) -> Response:
         # Answering at all proves the event loop is turning; nothing else is checked on purpose
@@ -181,12 +227,13 @@ class _Handlers:
                 "frames_out": totals.frames_out,
                 "drops": totals.drops,
                 "slow_disconnects": totals.slow_disconnects,
+                "stream": stream_json(t.stream_endpoint()),
             }
         )
 
     async def fixtures(self, request: Request) -> Response:
         views = sorted(self.target.fixture_views(), key=lambda v: (v.feed, v.fixture))
-        return JSONResponse([fixture_json(v) for v in views])
+        return JSONResponse([self._fixture_json(v) for v in views])
 
     def _feed_or_404(self, request: Request) -> tuple[str, str]:
         feed: str = request.path_params["feed"]
@@ -206,7 +253,7 @@ class _Handlers:
         view = self.target.fixture_view(feed, fixture)
         if view is None:
             raise HTTPException(404, f"fixture {fixture!r} of feed {feed!r} is not followed")
-        return JSONResponse(fixture_json(view))
+        return JSONResponse(self._fixture_json(view))
 
     async def _follow(self, request: Request, feed: str, fixture: str) -> Response:
         # The data plane's on-demand subscriptions apply the same rule (one definition).
@@ -223,7 +270,7 @@ class _Handlers:
         view = self.target.fixture_view(feed, fixture)
         if view is None:
             raise RuntimeError(f"facade followed {feed}/{fixture} but has no view of it")
-        return JSONResponse(fixture_json(view), status_code=201 if created else 200)
+        return JSONResponse(self._fixture_json(view), status_code=201 if created else 200)
 
     async def latest(self, request: Request) -> Response:
         feed, fixture = self._feed_or_404(request)
@@ -287,6 +334,8 @@ def build_app(
     """
     h = _Handlers(target, sampler or RateSampler(), body_timeout)
     routes = [
+        Route("/", h.index, methods=["GET"]),
+        Route("/dashboard/{name}", h.asset, methods=["GET"]),
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
         Route("/metrics", h.metrics, methods=["GET"]),

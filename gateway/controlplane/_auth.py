@@ -6,6 +6,8 @@ Two optional token lists, read once at startup from ``[api]``:
 - read tokens: when configured, GET/HEAD need a read or an admin token.
 
 ``/healthz`` and ``/readyz`` are always open: load balancers and systemd probes carry no token.
+The dashboard's files (``GET /`` and ``GET /dashboard/...``) are open too: they hold no data, and
+the page reads the API with the token its user gives it.
 Without a list the matching requests are open (the default listen address is loopback).
 It runs before routing, so an unauthenticated caller learns nothing about which routes exist.
 
@@ -16,6 +18,7 @@ never echoed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Final
 
@@ -25,9 +28,13 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import ApiSection, Secret, any_matches
+from gateway.controlplane._dashboard import DASHBOARD_PREFIX
 
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
 READ_METHODS: Final = frozenset({"GET", "HEAD"})
+#: Open to GET/HEAD: the dashboard page (``/``) and its files (``/dashboard/<name>``, one
+#: segment: the same paths the router serves them on, nothing that could route elsewhere).
+OPEN_READ_PATHS: Final = re.compile(r"/|" + re.escape(DASHBOARD_PREFIX) + r"[^/]+")
 REALM: Final = "dde-gateway"
 
 
@@ -64,9 +71,12 @@ class BearerAuthMiddleware:
 
     def _decide(self, scope: Scope) -> tuple[int, str] | None:
         """None when allowed, else (status, error message)."""
-        if scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if path in OPEN_PATHS:
             return None
         write = scope["method"] not in READ_METHODS
+        if not write and OPEN_READ_PATHS.fullmatch(path):
+            return None
         admin = self._tokens.admin
         read = self._tokens.read
         if write and admin is None:

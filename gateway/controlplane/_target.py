@@ -13,13 +13,16 @@ the call.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 
-from gateway.config import FeedConfig
+from gateway.config import FeedConfig, ListenAddress
 from gateway.dataplane import SubscriberView
 from gateway.model import FixtureState, UpstreamCounters
+
+#: Listen hosts meaning "every address": a browser reaches them by the host it already uses.
+WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
 
 
 @attrs.frozen
@@ -40,6 +43,34 @@ class FixtureView:
     subscribers: int
     frames_per_second: float
     upstream: Mapping[str, Any]
+    #: Frames dropped for this fixture's subscribers (drop-oldest), and its subscribers closed
+    #: as too slow (4008); both since the fixture's topic was created.
+    drops: int = 0
+    slow_disconnects: int = 0
+
+
+@attrs.frozen
+class StreamEndpoint:
+    """Where subscribers reach ``/v1/stream``, as a browser on the control plane's page needs it.
+
+    ``host`` is None when the stream listener is on the same address as the HTTP listener, or
+    on every address (``0.0.0.0``, ``::``): the page then uses the host it was loaded from (a
+    name, a TLS certificate's name, a tunnel). ``tls``: ``wss://`` instead of ``ws://``.
+    """
+
+    host: str | None
+    port: int
+    tls: bool
+    path: str
+
+    @classmethod
+    def for_listener(
+        cls, stream: ListenAddress, http_host: str, *, tls: bool, path: str
+    ) -> StreamEndpoint:
+        """The endpoint of a stream listener bound at *stream*, next to an HTTP listener on
+        *http_host*."""
+        same = stream.host in WILDCARD_HOSTS or stream.host == http_host
+        return cls(host=None if same else stream.host, port=stream.port, tls=tls, path=path)
 
 
 @attrs.frozen
@@ -153,6 +184,10 @@ class ControlTarget(Protocol):
         ...
 
     def subscriber_views(self) -> list[SubscriberView]: ...
+
+    def stream_endpoint(self) -> StreamEndpoint | None:
+        """The subscriber stream's address (None before the data plane is bound)."""
+        ...
 
     def totals(self) -> Totals: ...
 

@@ -29,9 +29,9 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
-from gateway.controlplane import FeedTotals, FixtureView, SubscriberView, Totals
+from gateway.controlplane import FeedTotals, FixtureView, StreamEndpoint, SubscriberView, Totals
 from gateway.controlplane import run as run_control_plane
-from gateway.dataplane import SubscriberAuth, SubscriberRegistry
+from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.model import FixtureState, FrameSink, UpstreamCounters, sum_counters
@@ -95,6 +95,8 @@ class Gateway:
         self._ready = False
         self._draining = False
         self.bound: Bound | None = None
+        #: The data plane's bound address, known before the control plane starts.
+        self._stream_bound: ListenAddress | None = None
 
     # -- the root nursery's body ---------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class Gateway:
                     tls=self.tls,
                 )
             )
+            self._stream_bound = stream
             http = await nursery.start(run_control_plane, self.config, self)
             self.bound = Bound(stream=stream, http=http)
             self._ready = True
@@ -269,6 +272,8 @@ class Gateway:
             subscribers=topic.subscriber_count if topic else 0,
             frames_per_second=topic.frames_per_second() if topic else 0.0,
             upstream=status.snapshot(),
+            drops=topic.drops if topic else 0,
+            slow_disconnects=topic.slow_disconnects if topic else 0,
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
@@ -292,6 +297,14 @@ class Gateway:
 
     def subscriber_views(self) -> list[SubscriberView]:
         return self.registry.views()
+
+    def stream_endpoint(self) -> StreamEndpoint | None:
+        bound = self._stream_bound
+        if bound is None:
+            return None
+        return StreamEndpoint.for_listener(
+            bound, self.config.gateway.http_listen.host, tls=self.tls is not None, path=STREAM_PATH
+        )
 
     @property
     def fanout_latency(self) -> LatencyHistogram:

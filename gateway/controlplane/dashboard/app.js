@@ -1,0 +1,436 @@
+// The dashboard (docs/dashboard.md): polls the HTTP API every second for the fixtures, the
+// subscribers and the totals, and opens the subscriber stream for the fixture being viewed.
+// No framework and no build step; everything is written with textContent (vendor texts and
+// error messages are data, never HTML).
+
+import { Pitch } from "./pitch.js";
+import { Subscription, streamUrl } from "./stream.js";
+
+const POLL_MS = 1000;
+const PITCH_MAX_RATE = 10; // frames a second the pitch asks for (max_rate, docs/protocol.md)
+const ACTIONS_SHOWN = 30;
+const SUBSCRIBERS_SHOWN = 100;
+const SLOW_QUEUED_BYTES = 256 * 1024;
+const FAILING = new Set(["unauthorized", "not_found", "backoff"]);
+const PENDING = new Set(["connecting"]);
+const STATUS_KEYS = new Set([
+  "version", "started_at", "uptime_s", "ready", "draining", "feeds", "fixtures",
+  "fixtures_total", "subscribers", "frames_in_per_second", "frames_out_per_second",
+  "frames_in", "frames_out", "drops", "slow_disconnects", "stream",
+]);
+const TOKEN_KEYS = { api: "dde-dashboard.api-token", stream: "dde-dashboard.stream-token" };
+
+const $ = (selector) => document.querySelector(selector);
+const num = new Intl.NumberFormat("en");
+const dec = new Intl.NumberFormat("en", { maximumFractionDigits: 1 });
+
+const app = {
+  apiToken: sessionStorage.getItem(TOKEN_KEYS.api) || "",
+  streamToken: sessionStorage.getItem(TOKEN_KEYS.stream) || "",
+  status: null,
+  fixtures: [],
+  clockOffset: 0, // server UNIX time minus this browser's
+  timer: null,
+  lastDropped: new Map(), // subscriber id -> frames_dropped at the previous poll
+  view: null,
+};
+
+class AuthError extends Error {}
+
+// -- formatting ------------------------------------------------------------------------------
+
+function age(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${String(Math.floor(s / 60) % 60).padStart(2, "0")}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor(s / 3600) % 24}h`;
+}
+
+// Match time in ms -> "mm:ss".
+function matchClock(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  return `${String(Math.floor(s / 60)).padStart(2, "0")}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${dec.format(n / 1024)} KiB`;
+  return `${dec.format(n / 1024 / 1024)} MiB`;
+}
+
+function serverNow() {
+  return Date.now() / 1000 + app.clockOffset;
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function stateClass(state) {
+  if (FAILING.has(state)) return "failing";
+  if (PENDING.has(state)) return "pending";
+  return state === "live" ? "live" : "";
+}
+
+// -- the API ---------------------------------------------------------------------------------
+
+async function api(path) {
+  const headers = {};
+  if (app.apiToken) headers.Authorization = `Bearer ${app.apiToken}`;
+  // Relative: the page works behind a proxy that serves the gateway under a sub-path.
+  const resp = await fetch(path, { headers, cache: "no-store" });
+  if (resp.status === 401) throw new AuthError();
+  if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
+  return resp.json();
+}
+
+function setApiState(text, ok) {
+  const pill = $("#api-state");
+  pill.textContent = text;
+  pill.className = `pill ${ok ? "ok" : "bad"}`;
+}
+
+async function poll() {
+  clearTimeout(app.timer);
+  try {
+    // /v1/status first: without a valid token it is the only request refused (one 401).
+    const status = await api("v1/status");
+    const [fixtures, subscribers] = await Promise.all([api("v1/fixtures"), api("v1/subscribers")]);
+    app.clockOffset = status.started_at + status.uptime_s - Date.now() / 1000;
+    app.status = status;
+    app.fixtures = fixtures;
+    $("#token-form").classList.remove("needed");
+    setApiState("live", true);
+    renderTotals(status, subscribers);
+    renderFixtures(fixtures);
+    renderSubscribers(subscribers);
+    renderInstance(status);
+    openViewFromHash();
+  } catch (err) {
+    if (err instanceof AuthError) {
+      // Polling stops until a token is given: no stream of refused requests.
+      setApiState(app.apiToken ? "token refused" : "token required", false);
+      $("#token-form").classList.add("needed");
+      $("#api-token").focus();
+      return;
+    }
+    setApiState(`API unreachable: ${err.message}`, false);
+  }
+  app.timer = setTimeout(poll, POLL_MS);
+}
+
+// -- panels ----------------------------------------------------------------------------------
+
+function card(label, value, bad = false) {
+  const node = el("div", null, bad ? "card bad" : "card");
+  node.append(el("div", value, "value"), el("div", label, "label"));
+  return node;
+}
+
+function renderTotals(status, subscribers) {
+  const by = status.fixtures;
+  const failing = [...FAILING].reduce((n, s) => n + (by[s] || 0), 0);
+  const conflated = subscribers.reduce((n, s) => n + (s.conflated || 0), 0);
+  $("#totals").replaceChildren(
+    card("fixtures live", `${by.live} / ${status.fixtures_total}`),
+    card("fixtures failing", failing, failing > 0),
+    card("subscribers", num.format(status.subscribers)),
+    card("deliveries/s", dec.format(status.frames_out_per_second)),
+    card("frames in/s", dec.format(status.frames_in_per_second)),
+    card("drops", num.format(status.drops), status.drops > 0),
+    card("slow disconnects", num.format(status.slow_disconnects), status.slow_disconnects > 0),
+    card("conflated (connected)", num.format(conflated)),
+  );
+  $("#instance").textContent = `v${status.version} · up ${age(status.uptime_s)}`;
+}
+
+function renderFixtures(fixtures) {
+  const body = $("#fixtures tbody");
+  const now = serverNow();
+  const rows = fixtures.map((f) => {
+    const tr = el("tr");
+    tr.dataset.fixture = f.fixture;
+    tr.dataset.feed = f.feed;
+    tr.dataset.state = f.state;
+    tr.tabIndex = 0;
+    const cls = stateClass(f.state);
+    tr.className = cls === "live" ? "" : cls;
+    if (app.view && app.view.feed === f.feed && app.view.fixture === f.fixture) {
+      tr.classList.add("selected");
+    }
+    const state = el("td", null, "state");
+    state.append(el("span", f.state, `badge ${cls}`), ` ${age(now - f.state_since)}`);
+    if (f.detail) state.append(el("span", f.detail, "detail"));
+    const lastError = f.upstream.last_error || "";
+    const err = el("td", lastError, "error");
+    err.title = lastError;
+    tr.append(
+      el("td", f.feed),
+      el("td", f.fixture, "mono"),
+      state,
+      el("td", dec.format(f.frames_per_second), "num"),
+      el("td", num.format(f.subscribers), "num"),
+      el("td", num.format(f.drops), "num"),
+      err,
+    );
+    return tr;
+  });
+  body.replaceChildren(...rows);
+  $("#fixtures-count").textContent = `(${fixtures.length})`;
+  $("#fixtures-empty").hidden = fixtures.length > 0;
+}
+
+function renderSubscribers(subscribers) {
+  const now = serverNow();
+  const slow = (s) =>
+    s.queued_bytes >= SLOW_QUEUED_BYTES || s.frames_dropped > (app.lastDropped.get(s.id) ?? s.frames_dropped);
+  const marked = subscribers.map((s) => ({ s, slow: slow(s) }));
+  app.lastDropped = new Map(subscribers.map((s) => [s.id, s.frames_dropped]));
+  // The slow ones first (most queued first), then by id.
+  marked.sort((a, b) => b.slow - a.slow || b.s.queued_bytes - a.s.queued_bytes || a.s.id.localeCompare(b.s.id, "en", { numeric: true }));
+  const rows = marked.slice(0, SUBSCRIBERS_SHOWN).map(({ s, slow: isSlow }) => {
+    const tr = el("tr", null, isSlow ? "slow" : "");
+    tr.dataset.subscriber = s.id;
+    const subs = el("td", s.subscriptions.join(", "), "subs mono");
+    subs.title = s.subscriptions.join("\n");
+    tr.append(
+      el("td", s.id),
+      el("td", s.peer, "mono"),
+      el("td", s.endpoint, "mono"),
+      subs,
+      el("td", bytes(s.queued_bytes), "num"),
+      el("td", num.format(s.frames_sent), "num"),
+      el("td", num.format(s.frames_dropped), "num"),
+      el("td", num.format(s.conflated || 0), "num"),
+      el("td", age(now - s.connected_at), "num"),
+    );
+    return tr;
+  });
+  $("#subscribers tbody").replaceChildren(...rows);
+  const more = subscribers.length > SUBSCRIBERS_SHOWN ? `, the first ${SUBSCRIBERS_SHOWN} shown` : "";
+  $("#subscribers-count").textContent = `(${subscribers.length}${more})`;
+}
+
+function renderInstance(status) {
+  const items = [
+    ["version", status.version],
+    ["started", new Date(status.started_at * 1000).toISOString()],
+    ["uptime", age(status.uptime_s)],
+    ["ready", status.ready ? "yes" : "no"],
+    ["draining", status.draining ? "yes" : "no"],
+    ["feeds", status.feeds.join(", ")],
+    ["frames in / out", `${num.format(status.frames_in)} / ${num.format(status.frames_out)}`],
+    ["stream", status.stream ? streamUrl(status.stream) : "not bound yet"],
+  ];
+  // Instance or cluster information a newer gateway adds to /v1/status: shown as it comes.
+  for (const [key, value] of Object.entries(status)) {
+    if (!STATUS_KEYS.has(key)) items.push([key, typeof value === "string" ? value : JSON.stringify(value)]);
+  }
+  $("#instance-info").replaceChildren(...items.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+}
+
+// -- the fixture view ------------------------------------------------------------------------
+
+function viewFromHash() {
+  const m = /^#fixture\/([^/]+)\/([^/]+)$/.exec(location.hash);
+  return m ? { feed: decodeURIComponent(m[1]), fixture: decodeURIComponent(m[2]) } : null;
+}
+
+function openViewFromHash() {
+  const want = viewFromHash();
+  const v = app.view;
+  if (!want) {
+    if (v) closeView();
+    return;
+  }
+  if (v && v.feed === want.feed && v.fixture === want.fixture) return;
+  const fx = app.fixtures.find((f) => f.feed === want.feed && f.fixture === want.fixture);
+  if (!fx || !app.status) return; // opened once the fixture is known (next poll)
+  openView(fx);
+}
+
+function openView(fx) {
+  closeView();
+  const v = {
+    feed: fx.feed,
+    fixture: fx.fixture,
+    kind: fx.kind,
+    lastSeq: 0,
+    frames: 0,
+    skipped: 0,
+    streamText: "",
+    pitch: null,
+    sub: null,
+  };
+  app.view = v;
+  document.querySelector("main").classList.remove("no-view");
+  $("#fixture-view").hidden = false;
+  $("#fv-title").textContent = `${fx.feed} / ${fx.fixture}`;
+  setViewState(fx.state);
+  const tracking = fx.kind === "tracking";
+  $("#fv-tracking").hidden = !tracking;
+  $("#fv-fastpath").hidden = tracking;
+  if (tracking) {
+    v.pitch = new Pitch($("#pitch"));
+  } else {
+    $("#score").textContent = "-";
+    $("#actions").replaceChildren();
+  }
+  for (const tr of document.querySelectorAll("#fixtures tbody tr")) {
+    tr.classList.toggle("selected", tr.dataset.feed === fx.feed && tr.dataset.fixture === fx.fixture);
+  }
+  if (!app.status.stream) {
+    setViewInfo("the stream address is not known yet");
+    return;
+  }
+  const request = tracking
+    ? { feed: fx.feed, fixture: fx.fixture, max_rate: PITCH_MAX_RATE }
+    : { feed: fx.feed, fixture: fx.fixture, backfill: ACTIONS_SHOWN };
+  const token = app.streamToken || app.apiToken;
+  v.sub = new Subscription(streamUrl(app.status.stream), token, request, {
+    message: (msg) => onStreamMessage(v, msg),
+    state: (text) => {
+      v.streamText = text;
+      showViewInfo(v);
+    },
+  });
+}
+
+function closeView() {
+  const v = app.view;
+  if (v && v.sub) v.sub.close();
+  app.view = null;
+  $("#fixture-view").hidden = true;
+  document.querySelector("main").classList.add("no-view");
+  for (const tr of document.querySelectorAll("#fixtures tbody tr.selected")) tr.classList.remove("selected");
+}
+
+function setViewState(state) {
+  const badge = $("#fv-state");
+  badge.textContent = state;
+  badge.className = `badge ${stateClass(state)}`;
+}
+
+function setViewInfo(text) {
+  $("#fv-info").textContent = text;
+}
+
+function showViewInfo(v, extra = "") {
+  const parts = [v.streamText];
+  if (v.lastSeq) parts.push(`seq ${num.format(v.lastSeq)}`);
+  if (v.kind === "tracking" && v.frames) {
+    parts.push(`at most ${PITCH_MAX_RATE} frames/s (max_rate): ${num.format(v.frames)} drawn, ${num.format(v.skipped)} skipped`);
+  }
+  if (extra) parts.push(extra);
+  setViewInfo(parts.filter(Boolean).join(" · "));
+}
+
+function onStreamMessage(v, msg) {
+  if (app.view !== v) return;
+  switch (msg.type) {
+    case "status":
+      setViewState(msg.state);
+      break;
+    case "frame":
+      if (v.lastSeq && msg.seq > v.lastSeq + 1) v.skipped += msg.seq - v.lastSeq - 1;
+      v.lastSeq = msg.seq;
+      v.frames += 1;
+      if (v.kind === "tracking") drawTracking(v, msg.data);
+      else addAction(msg.data);
+      break;
+    case "gap":
+      showViewInfo(v, `gap ${msg.from_seq}-${msg.to_seq} (${msg.reason})`);
+      break;
+    case "error":
+      showViewInfo(v, `error: ${msg.message}`);
+      break;
+    default:
+      break; // subscribed, heartbeat
+  }
+}
+
+function drawTracking(v, frame) {
+  if (!frame || typeof frame !== "object") return;
+  v.pitch.draw(frame);
+  const parts = [];
+  if (frame.ph) parts.push(`phase ${frame.ph}`);
+  if (typeof frame.mt === "number") parts.push(matchClock(frame.mt));
+  showViewInfo(v, parts.join(" "));
+}
+
+function addAction(doc) {
+  if (!doc || typeof doc !== "object") return;
+  const summary = doc.fixtureSummary;
+  if (summary && typeof summary === "object") {
+    $("#score").textContent = `${summary.homeTeamScore ?? "-"} : ${summary.awayTeamScore ?? "-"}` +
+      (summary.currentStatus ? `  (${summary.currentStatus})` : "");
+  }
+  const action = doc.fixtureAction;
+  let li;
+  if (action && typeof action === "object") {
+    const when = typeof action.timestamp === "string" ? action.timestamp.slice(11, 19) : "";
+    li = el("li", `${when}  ${action.fixtureActionType ?? "?"}  #${action.fixtureSeqNum ?? "?"}`);
+    if (action.fixtureActionType === "Goal") li.className = "goal";
+  } else if (typeof doc.eventElementType === "string") {
+    li = el("li", `${doc.eventElementType}${doc.state ? `: ${doc.state}` : ""}`, "muted");
+  } else {
+    return;
+  }
+  const list = $("#actions");
+  list.prepend(li);
+  while (list.children.length > ACTIONS_SHOWN) list.lastElementChild.remove();
+}
+
+// -- tokens and events -----------------------------------------------------------------------
+
+function useTokens(event) {
+  event.preventDefault();
+  app.apiToken = $("#api-token").value.trim();
+  app.streamToken = $("#stream-token").value.trim();
+  for (const [key, value] of [[TOKEN_KEYS.api, app.apiToken], [TOKEN_KEYS.stream, app.streamToken]]) {
+    if (value) sessionStorage.setItem(key, value);
+    else sessionStorage.removeItem(key);
+  }
+  // A view open with the old token reconnects with the new one.
+  if (app.view) {
+    const fx = app.fixtures.find((f) => f.feed === app.view.feed && f.fixture === app.view.fixture);
+    closeView();
+    if (fx) openView(fx);
+  }
+  poll();
+}
+
+function forgetTokens() {
+  $("#api-token").value = "";
+  $("#stream-token").value = "";
+  useTokens(new Event("submit"));
+}
+
+function onRowActivate(event) {
+  if (event.type === "keydown" && event.key !== "Enter") return;
+  const tr = event.target.closest("tr");
+  if (!tr || !tr.dataset.fixture) return;
+  location.hash = `#fixture/${encodeURIComponent(tr.dataset.feed)}/${encodeURIComponent(tr.dataset.fixture)}`;
+}
+
+function start() {
+  $("#api-token").value = app.apiToken;
+  $("#stream-token").value = app.streamToken;
+  $("#token-form").addEventListener("submit", useTokens);
+  $("#token-forget").addEventListener("click", forgetTokens);
+  $("#fixtures tbody").addEventListener("click", onRowActivate);
+  $("#fixtures tbody").addEventListener("keydown", onRowActivate);
+  $("#fv-close").addEventListener("click", () => {
+    history.replaceState(null, "", location.pathname + location.search);
+    closeView();
+  });
+  window.addEventListener("hashchange", openViewFromHash);
+  document.querySelector("main").classList.add("no-view");
+  poll();
+}
+
+start();
