@@ -164,13 +164,19 @@ function renderFixtures(fixtures) {
     }
     const state = el("td", null, "state");
     state.append(el("span", f.state, `badge ${cls}`), ` ${age(now - f.state_since)}`);
-    if (f.detail) state.append(el("span", f.detail, "detail"));
+    if (f.detail) {
+      const detail = el("span", f.detail, "detail");
+      detail.title = f.detail;
+      state.append(detail);
+    }
+    const id = el("td", f.fixture, "fixture mono");
+    id.title = f.fixture;
     const lastError = f.upstream.last_error || "";
     const err = el("td", lastError, "error");
     err.title = lastError;
     tr.append(
       el("td", f.feed),
-      el("td", f.fixture, "mono"),
+      id,
       state,
       el("td", dec.format(f.frames_per_second), "num"),
       el("td", num.format(f.subscribers), "num"),
@@ -366,8 +372,13 @@ function addAction(doc) {
   if (!doc || typeof doc !== "object") return;
   const summary = doc.fixtureSummary;
   if (summary && typeof summary === "object") {
-    $("#score").textContent = `${summary.homeTeamScore ?? "-"} : ${summary.awayTeamScore ?? "-"}` +
-      (summary.currentStatus ? `  (${summary.currentStatus})` : "");
+    const score = $("#score");
+    score.replaceChildren(
+      el("span", "home", "team"),
+      `${summary.homeTeamScore ?? "-"} : ${summary.awayTeamScore ?? "-"}`,
+      el("span", "away", "team"),
+    );
+    if (summary.currentStatus) score.append(el("span", summary.currentStatus, "team"));
   }
   const action = doc.fixtureAction;
   let li;

@@ -1,0 +1,309 @@
+"""The dashboard in a real browser: headless Chromium (Debian's ``chromium``) driven by playwright.
+
+Covers, against a whole gateway following the simulator: the page loads with no console error
+and no request to any host but 127.0.0.1; a row per configured fixture (``data-fixture``); the
+pitch canvas of a tracking fixture changes between two screenshots a second apart (frames
+arrive over ``/v1/stream`` with ``max_rate``, and the gateway counts what it conflated); a
+fastpath fixture shows its score and actions; a fixture the simulator puts into a failure
+state (removed: ``not_found``) shows that state within 2 s of the gateway knowing it. With read
+tokens and subscriber tokens configured: the page asks for a token, then reads the API with it
+(Bearer) and the stream with the other one (``dde.bearer.<token>`` subprotocol), and no token
+ever appears in a URL.
+
+Chromium is never downloaded: ``executable_path`` is Debian's ``/usr/bin/chromium`` (``.ci/test``
+installs it when missing, as root). Without it these tests fail in CI (``CI=true``) and skip
+elsewhere, saying why. One browser per module, started once; it lives in a thread of its own
+(playwright's sync API is bound to the thread that started it), while the gateway runs on the
+test's trio loop. Screenshots are saved in ``test-artifacts/`` (or ``$DDE_TEST_ARTIFACTS``).
+
+Rules: real sockets on 127.0.0.1 port 0, real time, ``trio.fail_after`` on every test; the
+browser waits on what the page shows (playwright's waits have deadlines), never a guessed
+sleep - except the one second between the two pitch screenshots, which is the point.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+import trio
+
+from gateway.model import FixtureState
+from gateway.service import Gateway
+from tests.kit import http_url, simulator_and_gateway, wait_until
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("DDE_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = Path(os.environ.get("DDE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+#: playwright's own deadline for each wait (the trio deadline of each test is above it).
+WAIT_MS = 20_000
+
+FX1 = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+FX2 = "08456e52-9cf7-48cc-913c-f45ec0a1b2c3"
+FXA = "2ed1cba1-7c3e-4b5e-9a51-0d1f1c2b3a4d"
+FIXTURES = [("tracking", FX1), ("tracking", FX2), ("actions", FXA)]
+
+T = TypeVar("T")
+
+
+def _unavailable() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401, PLC0415 - only to ask whether it is there
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/test does it as root)"
+    return None
+
+
+class BrowserThread:
+    """Headless Chromium in a thread of its own; :meth:`run` calls a function there."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[Browser], Any], Future[Any]] | None] = queue.Queue()
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._main, name="chromium", daemon=True)
+        self._thread.start()
+        self._ready.result(timeout=60)
+
+    def _main(self) -> None:
+        from playwright.sync_api import sync_playwright  # noqa: PLC0415 - optional
+
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+                self._ready.set_result(None)
+                while (job := self._jobs.get()) is not None:
+                    fn, future = job
+                    try:
+                        future.set_result(fn(browser))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                browser.close()
+        except BaseException as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            raise
+
+    def call(self, fn: Callable[[Browser], T]) -> T:
+        future: Future[T] = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    async def run(self, fn: Callable[[Browser], T]) -> T:
+        """Run *fn* in the browser's thread while the trio loop (the gateway) keeps going."""
+        return await trio.to_thread.run_sync(self.call, fn, abandon_on_cancel=True)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[BrowserThread]:
+    reason = _unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    started = time.monotonic()
+    browser = BrowserThread()
+    print(f"chromium started in {time.monotonic() - started:.1f} s")
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+class Session:
+    """One page with everything it logged and requested (filled in the browser's thread)."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.urls: list[str] = []
+        page.set_default_timeout(WAIT_MS)
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        page.on("request", lambda r: self.urls.append(r.url))
+        page.on("websocket", lambda ws: self.urls.append(ws.url))
+
+    def off_host(self) -> list[str]:
+        return [u for u in self.urls if urllib.parse.urlsplit(u).hostname != "127.0.0.1"]
+
+
+def _save(name: str, data: bytes) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / name).write_bytes(data)
+
+
+def _open(browser: Browser, url: str) -> Session:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    session = Session(context.new_page())
+    session.page.goto(url)
+    return session
+
+
+# Waits go through locators: a string predicate (wait_for_function) is an eval, which the
+# page's Content-Security-Policy refuses - as it should.
+
+
+def _rows(page: Page, n: int) -> list[tuple[str, str]]:
+    from playwright.sync_api import expect  # noqa: PLC0415 - optional
+
+    rows = page.locator("#fixtures tbody tr")
+    expect(rows).to_have_count(n, timeout=WAIT_MS)
+    return [
+        (
+            rows.nth(i).get_attribute("data-feed") or "",
+            rows.nth(i).get_attribute("data-fixture") or "",
+        )
+        for i in range(n)
+    ]
+
+
+def _open_tracking(page: Page, fixture: str) -> None:
+    from playwright.sync_api import expect  # noqa: PLC0415 - optional
+
+    page.locator(f'#fixtures tr[data-fixture="{fixture}"]').click()
+    # The view is open and frames are drawn: the info line counts them once one arrived.
+    expect(page.locator("#pitch")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#fv-info")).to_contain_text("drawn", timeout=WAIT_MS)
+
+
+def _fastpath_shown(page: Page) -> None:
+    from playwright.sync_api import expect  # noqa: PLC0415 - optional
+
+    expect(page.locator("#score")).to_contain_text(":", timeout=WAIT_MS)
+    page.locator("#actions li").first.wait_for()
+
+
+def _two_pitch_shots(page: Page, prefix: str) -> tuple[bytes, bytes]:
+    pitch = page.locator("#pitch")
+    first = pitch.screenshot()
+    page.wait_for_timeout(1000)  # the requirement: two screenshots a second apart
+    second = pitch.screenshot()
+    _save(f"{prefix}-pitch-1.png", first)
+    _save(f"{prefix}-pitch-2.png", second)
+    return first, second
+
+
+async def _state(gw: Gateway, fixture: str, state: FixtureState) -> None:
+    def check() -> bool:
+        view = gw.fixture_view("tracking", fixture)
+        return view is not None and view.state is state
+
+    await wait_until(check, timeout=30)
+
+
+async def test_dashboard_fixtures_pitch_actions_and_a_failure(
+    tmp_path: Path, chromium: BrowserThread
+) -> None:
+    with trio.fail_after(90):
+        async with simulator_and_gateway(tmp_path, FIXTURES, rate_hz=25.0) as (sim, gw):
+            for fixture in (FX1, FX2):
+                await _state(gw, fixture, FixtureState.LIVE)
+            url = http_url(gw, "/")
+            session = await chromium.run(lambda b: _open(b, url))
+            page = session.page
+            rows = await chromium.run(lambda b: _rows(page, 3))
+            assert sorted(rows) == sorted(FIXTURES)
+
+            # The pitch: frames over /v1/stream with max_rate, drawn as they come.
+            await chromium.run(lambda b: _open_tracking(page, FX1))
+            first, second = await chromium.run(lambda b: _two_pitch_shots(page, "open"))
+            assert first != second, "the pitch did not change in a second"
+            await wait_until(lambda: any(v.conflated > 0 for v in gw.registry.views()))
+            _save("dashboard-tracking.png", await chromium.run(lambda b: page.screenshot()))
+
+            # A failure the simulator causes: the fixture disappears upstream (not_found).
+            sim.remove_fixture(FX2)
+            await _state(gw, FX2, FixtureState.NOT_FOUND)
+            started = trio.current_time()
+            await chromium.run(
+                lambda b: page.wait_for_selector(
+                    f'#fixtures tr.failing[data-fixture="{FX2}"][data-state="not_found"]',
+                    timeout=2000,
+                )
+            )
+            shown_after = trio.current_time() - started
+            print(f"not_found shown {shown_after:.2f} s after the gateway knew it")
+            failing = await chromium.run(
+                lambda b: page.locator(".card.bad .label").all_inner_texts()
+            )
+            assert "fixtures failing" in failing
+            _save("dashboard-failing.png", await chromium.run(lambda b: page.screenshot()))
+
+            # A fastpath fixture: the score and the latest actions.
+            await chromium.run(
+                lambda b: page.locator(f'#fixtures tr[data-fixture="{FXA}"]').click()
+            )
+            await chromium.run(lambda b: _fastpath_shown(page))
+            assert await chromium.run(lambda b: page.locator("#fv-tracking").is_hidden())
+            _save("dashboard-fastpath.png", await chromium.run(lambda b: page.screenshot()))
+            await chromium.run(lambda b: page.context.close())
+    assert session.errors == []
+    assert session.off_host() == []
+    assert any(u.startswith("ws://127.0.0.1:") for u in session.urls)  # the stream
+
+
+async def test_dashboard_with_api_and_subscriber_tokens(
+    tmp_path: Path, chromium: BrowserThread
+) -> None:
+    api_token = "read-dashboard-7d1e"
+    stream_token = "stream-dashboard-4b2a"
+    (tmp_path / "read").write_text(api_token + "\n")
+    (tmp_path / "subscribers").write_text(stream_token + " tracking\n")
+    with trio.fail_after(90):
+        async with simulator_and_gateway(
+            tmp_path,
+            FIXTURES[:2],
+            rate_hz=25.0,
+            api={"read_tokens_file": str(tmp_path / "read")},
+            subscribers={"tokens_file": str(tmp_path / "subscribers")},
+        ) as (_, gw):
+            await _state(gw, FX1, FixtureState.LIVE)
+            url = http_url(gw, "/")
+            session = await chromium.run(lambda b: _open(b, url))
+            page = session.page
+
+            def give_tokens(b: Browser) -> None:
+                page.wait_for_selector("#api-state:text('token required')")
+                # The one refused request so far: /v1/status, before the token was given.
+                assert len(session.errors) == 1 and "401" in session.errors[0]
+                session.errors.clear()
+                page.fill("#api-token", api_token)
+                page.fill("#stream-token", stream_token)
+                page.click("#token-form button[type=submit]")
+
+            await chromium.run(give_tokens)
+            rows = await chromium.run(lambda b: _rows(page, 2))
+            assert sorted(rows) == sorted(FIXTURES[:2])
+            kept = await chromium.run(
+                lambda b: page.evaluate("Object.values(sessionStorage).sort()")
+            )
+            assert kept == sorted([api_token, stream_token])
+            # The stream authenticates with the subscriber token (dde.bearer subprotocol).
+            await chromium.run(lambda b: _open_tracking(page, FX1))
+            first, second = await chromium.run(lambda b: _two_pitch_shots(page, "tokens"))
+            assert first != second
+            assert gw.auth.failures["stream"] == 0
+            await chromium.run(lambda b: page.context.close())
+    assert session.errors == []
+    assert session.off_host() == []
+    for u in session.urls:
+        assert api_token not in u and stream_token not in u
