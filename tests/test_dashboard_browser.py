@@ -202,6 +202,13 @@ def _two_pitch_shots(page: Page, prefix: str) -> tuple[bytes, bytes]:
     return first, second
 
 
+def _readme_shot(page: Page) -> bytes:
+    page.set_viewport_size({"width": 1280, "height": 720})
+    shot = page.screenshot()
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    return shot
+
+
 async def _state(gw: Gateway, fixture: str, state: FixtureState) -> None:
     def check() -> bool:
         view = gw.fixture_view("tracking", fixture)
@@ -247,6 +254,8 @@ async def test_dashboard_fixtures_pitch_actions_and_a_failure(
             )
             assert "fixtures failing" in failing
             _save("dashboard-failing.png", await chromium.run(lambda b: page.screenshot()))
+            # What docs/img/dashboard.png is made from: the fold of a smaller window.
+            _save("dashboard.png", await chromium.run(lambda b: _readme_shot(page)))
 
             # A fastpath fixture: the score and the latest actions.
             await chromium.run(

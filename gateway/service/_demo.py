@@ -71,6 +71,7 @@ def banner(gateway: Gateway, simulator_port: int) -> str:
             f"  subscriber WebSocket:        ws://{stream}/v1/stream",
             f"  vendor drop-in (tracking):   ws://{stream}/ws/soccer/tracking/low_latency",
             f"  HTTP API:                    http://{http}/v1/status",
+            f"  dashboard (a browser):       http://{http}/",
             "",
             "Try:",
             f"  curl -s http://{http}/v1/fixtures",

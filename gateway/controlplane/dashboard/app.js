@@ -125,9 +125,10 @@ async function poll() {
 
 // -- panels ----------------------------------------------------------------------------------
 
-function card(label, value, bad = false) {
+function card(label, value, bad = false, title = "") {
   const node = el("div", null, bad ? "card bad" : "card");
   node.append(el("div", value, "value"), el("div", label, "label"));
+  if (title) node.title = title;
   return node;
 }
 
@@ -137,13 +138,13 @@ function renderTotals(status, subscribers) {
   const conflated = subscribers.reduce((n, s) => n + (s.conflated || 0), 0);
   $("#totals").replaceChildren(
     card("fixtures live", `${by.live} / ${status.fixtures_total}`),
-    card("fixtures failing", failing, failing > 0),
-    card("subscribers", num.format(status.subscribers)),
-    card("deliveries/s", dec.format(status.frames_out_per_second)),
-    card("frames in/s", dec.format(status.frames_in_per_second)),
-    card("drops", num.format(status.drops), status.drops > 0),
-    card("slow disconnects", num.format(status.slow_disconnects), status.slow_disconnects > 0),
-    card("conflated (connected)", num.format(conflated)),
+    card("fixtures failing", failing, failing > 0, "backoff, unauthorized or not_found"),
+    card("subscribers", num.format(status.subscribers), false, "connections now"),
+    card("deliveries/s", dec.format(status.frames_out_per_second), false, "frames written to subscribers, last ~10 s"),
+    card("frames in/s", dec.format(status.frames_in_per_second), false, "upstream frames accepted, last ~10 s"),
+    card("drops", num.format(status.drops), status.drops > 0, "since start"),
+    card("slow disconnects", num.format(status.slow_disconnects), status.slow_disconnects > 0, "since start"),
+    card("conflated", num.format(conflated), false, "frames skipped by max_rate, connected subscribers"),
   );
   $("#instance").textContent = `v${status.version} · up ${age(status.uptime_s)}`;
 }
