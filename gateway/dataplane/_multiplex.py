@@ -238,6 +238,8 @@ class MultiplexHandler:
         if max_rate is not None and (after is not None or backfill != 0):
             # A backfill or a resume is every frame in a row: the opposite of conflation.
             raise BadRequest("max_rate cannot be combined with after or a backfill other than 0")
+        if max_rate is not None and self._nursery is None:
+            raise RuntimeError("MultiplexHandler.start() was not called")
         if self.feeds is not None and feed not in self.feeds:
             # Before hub.open: a refused subscription must not start an on-demand follow.
             raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
@@ -262,8 +264,7 @@ class MultiplexHandler:
         if max_rate is None:
             sub = MuxSubscription(conn, topic)
         else:
-            if self._nursery is None:
-                raise RuntimeError("MultiplexHandler.start() was not called")
+            assert self._nursery is not None
             sub = ConflatedSubscription(conn, topic, max_rate)
             self._nursery.start_soon(sub.run)
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
