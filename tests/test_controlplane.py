@@ -53,6 +53,7 @@ FIXTURE_KEYS = {
     "subscribers",
     "frames_per_second",
     "upstream",
+    "recording",
 }
 UPSTREAM_KEYS = {
     "connects",

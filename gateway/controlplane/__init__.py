@@ -25,6 +25,8 @@ from gateway.controlplane._target import (
     FixtureView,
     FollowLimitError,
     LatencyHistogram,
+    RecorderTotals,
+    RecordingView,
     Totals,
 )
 from gateway.dataplane import SubscriberView
@@ -47,6 +49,8 @@ __all__ = [
     "LatencyHistogram",
     "RateSampler",
     "Rates",
+    "RecorderTotals",
+    "RecordingView",
     "SubscriberView",
     "Totals",
     "build_app",

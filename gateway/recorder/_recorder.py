@@ -145,6 +145,10 @@ class Recorder:
     def get(self, feed: str, fixture: str) -> FixtureLog | None:
         return self._logs.get((feed, fixture))
 
+    def logs(self) -> list[FixtureLog]:
+        """Every fixture the recorder knows (for counters: none is ever forgotten)."""
+        return list(self._logs.values())
+
     def recordings(self) -> list[FixtureLog]:
         """Every fixture with frames on disk, or followed now."""
         return [lg for lg in self._logs.values() if lg.active or lg.has_frames]

@@ -177,6 +177,15 @@ class FixtureLog:
         return current.first_t if current is not None and current.count else None
 
     @property
+    def written_t(self) -> float | None:
+        """The receive time of the last frame written (None: none)."""
+        current = self.open_segment
+        if current is not None and current.count:
+            return current.last_t
+        segments = self.segments
+        return segments[-1].last_t if segments else None
+
+    @property
     def stored_bytes(self) -> int:
         current = self.open_segment
         return sum(s.stored_bytes for s in self.segments) + (
