@@ -188,7 +188,7 @@ def _frame(i: int) -> str:
 
 def _feed(recorder: Recorder, lg: FixtureLog, first: int, n: int) -> None:
     for seq in range(first, first + n):
-        recorder.append(lg, seq, seq - 1, _frame(seq))
+        recorder.append(lg, seq, seq - 1, _frame(seq).encode())
 
 
 async def _read_all(lg: FixtureLog, seq: int = 1) -> list[tuple[int, int | None, bytes]]:
@@ -279,12 +279,12 @@ async def test_a_full_queue_stops_that_fixture_only(tmp_path: Path) -> None:
         rec.activate(big)
         rec.activate(small)
         # The writer is not running: the queue fills up.
-        frame = "x" * 100_000
+        frame = b"x" * 100_000
         for seq in range(1, 20):
             rec.append(big, seq, None, frame)
         assert not big.recording and big.frames_dropped == 9 and big.state == "stopped"
         assert "queue is full" in big.reason
-        rec.append(small, 1, None, "{}")
+        rec.append(small, 1, None, b"{}")
         assert small.recording and small.last_seq == 1
         async with running(rec):
             await wait_until(lambda: small.written_seq == 1 and big.written_seq == 10)

@@ -170,6 +170,11 @@ class Topic:
     # -- views -----------------------------------------------------------------------------
 
     @property
+    def latest_frame(self) -> Frame | None:
+        """The last published frame (its ``raw_bytes`` are the bytes the history holds)."""
+        return self._latest
+
+    @property
     def latest(self) -> str | None:
         """The last published upstream text (kept even when ``feed.history`` is 0)."""
         return None if self._latest is None else self._latest.raw

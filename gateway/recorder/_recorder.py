@@ -119,9 +119,11 @@ class Recorder:
                         on_compress=functools.partial(self._queue_compress, key),
                     )
                 except Exception as exc:
+                    # Its files are left alone: nothing is written there until a restart
+                    # opens them (the topic numbers afresh, under a new epoch).
                     lg = FixtureLog(feed, fixture, fx_dir)
-                    lg.write_error = f"cannot open the recording: {describe_error(exc)}"
-                    log.warning("recording %s/%s: %s", feed, fixture, lg.write_error)
+                    lg.broken = f"cannot open the recording: {describe_error(exc)}"
+                    log.warning("recording %s/%s: %s", feed, fixture, lg.broken)
                 self._logs[key] = lg
                 count += 1
         log.info("recorder: %d recorded fixtures in %s", count, root)
@@ -173,9 +175,9 @@ class Recorder:
             lg.lost = False
         lg.active = True
         lg.reason = ""
-        if self._closed:
+        if self._closed or lg.broken:
             lg.recording = False
-            lg.reason = "the recorder is stopped"
+            lg.reason = lg.broken or "the recorder is stopped"
             return
         lg.recording = True
         self.shared.queue.append((lg, 0, None, 0.0, OP_OPEN))
@@ -193,8 +195,9 @@ class Recorder:
             self.shared.queue.append((lg, 0, None, 0.0, OP_FINISH))
             self.shared.wake.set()
 
-    def append(self, lg: FixtureLog, seq: int, position: int | None, raw: str) -> None:
-        """Queue one published frame for the writer (the publish path: never blocks)."""
+    def append(self, lg: FixtureLog, seq: int, position: int | None, raw: bytes) -> None:
+        """Queue one published frame's text (UTF-8) for the writer (the publish path: never
+        blocks, copies nothing)."""
         if not lg.recording:
             if lg.active:
                 lg.frames_dropped += 1

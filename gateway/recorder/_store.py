@@ -142,6 +142,8 @@ class FixtureLog:
         self.lock = threading.Lock()
         #: Retention removed every file (set by the janitor under ``lock``).
         self.removed = False
+        #: Why the recording could not be opened at start ("": it could): never written then.
+        self.broken = ""
 
     def __repr__(self) -> str:
         return f"<FixtureLog {self.feed}/{self.fixture} last={self.last_seq} {self.state}>"

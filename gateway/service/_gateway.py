@@ -95,7 +95,10 @@ class RecordedTopic:
     def publish(self, raw: str, position: int | None) -> None:
         topic = self.topic
         topic.publish(raw, position)
-        self.recorder.append(self.log, topic.seq, position, raw)
+        frame = topic.latest_frame
+        assert frame is not None
+        # The bytes the topic encoded once (and its history holds): no copy for the recorder.
+        self.recorder.append(self.log, frame.seq, position, frame.raw_bytes)
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         self.topic.set_status(state, detail)
