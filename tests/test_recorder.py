@@ -8,7 +8,6 @@ time (``wait_until`` polls the writer's counters).
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import zstandard
 
 from gateway.config import RecorderSection
 from gateway.recorder import (
@@ -76,8 +76,8 @@ def test_what_is_not_a_record_line(line: bytes) -> None:
 
 def test_segment_names_and_directory_names() -> None:
     assert segment_name(1) == "000000000001.jsonl"
-    assert segment_name(4711, compressed=True) == "000000004711.jsonl.gz"
-    assert parse_segment_name("000000004711.jsonl.gz") == (4711, True)
+    assert segment_name(4711, compressed=True) == "000000004711.jsonl.zst"
+    assert parse_segment_name("000000004711.jsonl.zst") == (4711, True)
     assert parse_segment_name("000000004711.jsonl") == (4711, False)
     assert parse_segment_name("index.json") is None
     assert (
@@ -219,7 +219,7 @@ async def test_write_rotate_compress_read_back_and_reopen(tmp_path: Path) -> Non
             assert rec.queued_bytes == 0 and lg.frames_written == 2000
         files = sorted(os.listdir(lg.path))
         assert "meta.json" in files and "index.json" in files
-        assert all(f.endswith(".gz") for f in files if ".jsonl" in f[-9:]) or lg.open_segment
+        assert all(f.endswith(".zst") for f in files if ".jsonl" in f) or lg.open_segment
         state = orjson.loads((tmp_path / RUN_STATE).read_bytes())
         assert state["clean"] is True and state["incomplete"] == []
 
@@ -323,8 +323,9 @@ async def test_retention_removes_the_oldest_fixtures_files_first(tmp_path: Path)
 
 
 def test_read_recording_reads_compressed_segments_and_names_a_bad_line(tmp_path: Path) -> None:
-    with gzip.open(tmp_path / segment_name(1, compressed=True), "wb") as f:
-        f.write(_lines(1, 3))
+    (tmp_path / segment_name(1, compressed=True)).write_bytes(
+        zstandard.ZstdCompressor().compress(_lines(1, 3))
+    )
     (tmp_path / segment_name(4)).write_bytes(_lines(4, 2) + b'{"seq":6,"pos"')
     assert [r.seq for r in read_recording(tmp_path)] == [1, 2, 3, 4, 5]
     bad = tmp_path / "bad.jsonl"

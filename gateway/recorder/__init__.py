@@ -2,7 +2,7 @@
 
 Per fixture, segments of record lines (``{"seq":..,"pos":..,"t":..,"data":<frame>}``, see
 :mod:`gateway.recorder._format`) under ``[recorder] dir``, written by a thread fed through a
-bounded queue, fsynced every ``fsync_interval``, closed segments gzip-compressed, old ones
+bounded queue, fsynced every ``fsync_interval``, closed segments zstd-compressed, old ones
 removed by retention. On start each recording is checked and cut after its last intact line;
 the service continues each topic's epoch and seq from it and resumes the upstream from the
 recorded vendor position. Backfills older than the memory history and downloads read the

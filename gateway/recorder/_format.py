@@ -17,7 +17,7 @@ tokens) cannot be inserted as is; it is stored as a JSON string instead, under `
     {"seq":1235,"pos":null,"t":1714567890.2,"text":"{\\n  \\"ix\\": 5679 ...}"}
 
 Segments are named after the seq of their first frame: ``000000001234.jsonl`` while open,
-``000000001234.jsonl.gz`` once closed and compressed.
+``000000001234.jsonl.zst`` once closed and compressed (zstd).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ _TEXT_KEY: Final = b',"text":'
 _LINE_BREAKS: Final = (b"\n", b"\r")
 
 SEGMENT_SUFFIX: Final = ".jsonl"
-COMPRESSED_SUFFIX: Final = ".jsonl.gz"
-_SEGMENT_NAME: Final = re.compile(r"(\d{12,20})\.jsonl(\.gz)?")
+COMPRESSED_SUFFIX: Final = ".jsonl.zst"
+_SEGMENT_NAME: Final = re.compile(r"(\d{12,20})\.jsonl(\.zst)?")
 SEQ_DIGITS: Final = 12
 
 

@@ -8,17 +8,19 @@ before it is kept; :attr:`LineScanner.good` is where the file is cut.
 
 from __future__ import annotations
 
-import gzip
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final
 
 import attrs
+import zstandard
 
 from gateway.recorder._format import BadRecord, Record, decode
 
-#: Bytes read per call while scanning a segment.
+#: Bytes read per call while scanning a segment, and the buffer of line-by-line reads.
 SCAN_CHUNK: Final = 1024 * 1024
+READ_BUFFER: Final = 64 * 1024
 
 
 @attrs.define
@@ -119,15 +121,16 @@ class LineScanner:
 
 
 def open_segment(path: Path, compressed: bool) -> IO[bytes]:
-    """A segment file for reading (gzip-decompressed when *compressed*)."""
+    """A segment file for reading, line by line (zstd-decompressed when *compressed*)."""
     if compressed:
-        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]  # a binary file
-    return path.open("rb")
+        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+        return io.BufferedReader(raw, READ_BUFFER)
+    return path.open("rb", buffering=READ_BUFFER)
 
 
 def scan_segment(path: Path, first_seq: int, compressed: bool) -> LineScanner:
-    """Scan a whole segment file in chunks (blocking). Raises OSError (and EOFError or
-    gzip.BadGzipFile for a damaged compressed file, reported by the caller)."""
+    """Scan a whole segment file in chunks (blocking). Raises OSError (and
+    ``zstandard.ZstdError`` for a damaged compressed file, reported by the caller)."""
     scanner = LineScanner(path.name, first_seq, compressed=compressed)
     with open_segment(path, compressed) as f:
         while chunk := f.read(SCAN_CHUNK):

@@ -6,7 +6,7 @@ Layout (docs/recorder.md)::
     DIR/recorder.json                              did the last run stop cleanly
     DIR/<feed>/<fixture>/meta.json                 feed, fixture, epoch, prior epochs
     DIR/<feed>/<fixture>/index.json                the closed segments (rebuilt when missing)
-    DIR/<feed>/<fixture>/000000000001.jsonl.gz     closed segments, named by their first seq
+    DIR/<feed>/<fixture>/000000000001.jsonl.zst    closed segments (zstd), named by first seq
     DIR/<feed>/<fixture>/000000004711.jsonl        the segment being written (at most one)
 
 A :class:`FixtureLog` is shared by three kinds of threads: the trio thread appends and reads the
@@ -19,19 +19,18 @@ thread, never by the trio thread).
 from __future__ import annotations
 
 import contextlib
-import gzip
 import logging
 import os
 import re
 import secrets
 import threading
 import urllib.parse
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
 
 import orjson
+import zstandard
 
 from gateway.recorder._format import BadRecord, Record, decode, parse_segment_name, segment_name
 from gateway.recorder._scan import SegmentInfo, iter_records, open_segment, scan_segment
@@ -346,7 +345,7 @@ def recover(
 def _scan_closed(path: Path, first: int, compressed: bool) -> SegmentInfo | None:
     try:
         scanner = scan_segment(path, first, compressed)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except (OSError, zstandard.ZstdError) as exc:
         log.warning("recording segment %s is unreadable (%s): left out", path, exc)
         return None
     if scanner.error is not None:
@@ -476,7 +475,7 @@ class Cursor:
 
 def read_recording(path: Path) -> Iterator[Record]:
     """The records of a recording, in order: a fixture's directory (every segment, plain or
-    compressed, by first seq) or one file of record lines (a segment, ``.gz`` or not, or a
+    compressed, by first seq) or one file of record lines (a segment, ``.zst`` or not, or a
     download saved to a file). Blocking; reads one line at a time.
 
     A last line without its ``\\n`` (a recording that was being written) is left out. Raises
@@ -490,7 +489,7 @@ def read_recording(path: Path) -> Iterator[Record]:
                 by_first[parsed[0]] = (entry, parsed[1])
         files = [(path / by_first[k][0], by_first[k][1]) for k in sorted(by_first)]
     else:
-        files = [(path, path.name.endswith(".gz"))]
+        files = [(path, path.name.endswith(".zst"))]
     for file, compressed in files:
         with open_segment(file, compressed) as f:
             for n, line in enumerate(f, 1):

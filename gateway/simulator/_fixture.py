@@ -232,7 +232,7 @@ def load_recording(path: pathlib.Path) -> list[str]:
 
     Either a JSONL file of vendor frames (one JSON object per line, blank lines skipped), or
     what the gateway's recorder wrote (docs/recorder.md): a fixture's recording directory, one
-    of its segments (``.jsonl`` or ``.jsonl.gz``) or a download of
+    of its segments (``.jsonl`` or ``.jsonl.zst``) or a download of
     ``/v1/fixtures/{feed}/{fixture}/recording``. Record lines are told apart by their start
     (``{"seq":``); their frames are served verbatim.
 
@@ -255,7 +255,7 @@ def load_recording(path: pathlib.Path) -> list[str]:
 
 def _holds_records(path: pathlib.Path) -> bool:
     """True when the first line of the file is a record line of the gateway's recorder."""
-    with open_segment(path, path.name.endswith(".gz")) as f:
+    with open_segment(path, path.name.endswith(".zst")) as f:
         for line in f:
             if line.strip():
                 return is_record(line)
