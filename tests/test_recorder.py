@@ -12,13 +12,15 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import trio
 import zstandard
 
-from gateway.config import RecorderSection
+from gateway.config import FeedConfig, RecorderSection
+from gateway.hub import Topic
 from gateway.recorder import (
     RUN_STATE,
     BadRecord,
@@ -332,3 +334,50 @@ def test_read_recording_reads_compressed_segments_and_names_a_bad_line(tmp_path:
     bad.write_bytes(_lines(1, 1) + b"nope\n")
     with pytest.raises(BadRecord, match=r"bad\.jsonl:2"):
         list(read_recording(bad))
+
+
+# -- the hub's seams for a recorded topic --------------------------------------------------------
+
+
+class _Archive:
+    """A stand-in TopicArchive holding seqs first..written (no I/O)."""
+
+    def __init__(self, first: int, written: int) -> None:
+        self.first_seq = first
+        self.written_seq = written
+        self.recording = True
+
+    def open_cursor(self, seq: int) -> Any:
+        raise AssertionError("the hub never reads its archive")
+
+
+def test_a_recorded_topic_continues_its_numbering_and_honours_a_prior_epoch() -> None:
+    feed = FeedConfig(kind="tracking", url="ws://x/y", history=3, name="tracking")
+    topic = Topic(feed, "m1", epoch="e2", seq=10, prior_epochs={"e1": 8})
+    assert (topic.epoch, topic.seq, topic.first_available) == ("e2", 10, 11)
+    topic.publish('{"ix":11}', 11)
+    assert topic.seq == 11 and topic.first_held == 11
+    # Without the archive only what the history holds can be resumed.
+    assert topic.resume_start(8, "e1") is None and topic.resume_start(10, "e2") == 11
+    topic.archive = _Archive(1, 11)
+    assert topic.first_available == 1 and topic.backfill_start(-1) == 1
+    assert topic.backfill_start(5) == 7  # counted back over the archive too
+    assert topic.resume_start(8, "e1") == 9  # the old numbering, up to what it shares
+    assert topic.resume_start(9, "e1") is None  # past it seq 9 may be another frame
+    assert topic.resume_start(3, "e2") == 4 and topic.resume_start(12, "e2") is None
+    assert topic.backfill(-1)[0].seq == 11  # the list helpers read the history only
+
+
+async def test_a_recording_that_cannot_be_opened_is_left_alone(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        fixture_dir = tmp_path / "tracking" / "m1"
+        fixture_dir.mkdir(parents=True)
+        (fixture_dir / segment_name(1)).mkdir()  # unreadable as a segment
+        rec = Recorder(_settings(tmp_path))
+        lg = rec.get("tracking", "m1")
+        assert lg is not None and "cannot open the recording" in lg.broken
+        rec.activate(lg)
+        assert lg.state == "stopped" and lg.reason == lg.broken
+        async with running(rec):
+            rec.append(lg, 1, 0, b"{}")
+        assert lg.frames_dropped == 1 and (fixture_dir / segment_name(1)).is_dir()
