@@ -33,14 +33,31 @@ class FrameSink(Protocol):
     def publish(self, raw: str, position: int | None) -> None:
         """One accepted data frame: the original upstream text, in order, exactly once.
 
-        *position* is the vendor's number for the frame as the upstream classifier read it
-        (tracking ``ix``, fastpath ``fixtureSeqNum``), or None for a frame the vendor does not
-        number (fastpath status packets such as ``ConnectionStateChanged``). The classifier's
-        verdict is final: nothing downstream parses the frame again to decide it.
+        *position* is the vendor's number for the frame, from the ``ix`` or ``fixtureSeqNum``
+        the upstream classifier read: tracking ``ix``; fastpath the event's position in the
+        match, the connection's ``startPosition`` plus its ``fixtureSeqNum`` (the number of
+        events up to and including it: what a later ``startPosition`` skips). None for a frame
+        the vendor does not number (fastpath status packets such as
+        ``ConnectionStateChanged``). The classifier's verdict is final: nothing downstream
+        parses the frame again to decide it.
         """
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         """The upstream state changed (called on every change; the sink deduplicates)."""
+
+
+@attrs.frozen
+class ResumePoint:
+    """Where a fixture's upstream goes on instead of starting over: the last frame kept of it
+    (the recorder's, after a restart).
+
+    *position* is that frame's :meth:`FrameSink.publish` position (tracking ``ix``: backfill
+    from there; fastpath: the ``startPosition`` that skips up to it), *received_at* the UNIX
+    time it was received (a tracking backfill must reach back over the time since).
+    """
+
+    position: int
+    received_at: float
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -20,6 +20,8 @@ from gateway.controlplane import (
     FeedTotals,
     FixtureView,
     FollowLimitError,
+    RecorderTotals,
+    RecordingView,
     StreamEndpoint,
     SubscriberView,
     Totals,
@@ -97,6 +99,8 @@ class MemoryTarget:
             path=STREAM_PATH,
         )
         self._configured = {fx.key for fx in config.fixtures}
+        #: Recorded lines per (feed, fixture), as the recorder would serve them.
+        self._recorded: dict[tuple[str, str], list[bytes]] = {}
         for fx in config.fixtures:
             self.follow(fx.feed, fx.id, fx.backfill)
 
@@ -160,7 +164,35 @@ class MemoryTarget:
             for feed, counters in self._feed_counters.items()
         }
 
+    def recordings(self) -> list[RecordingView]:
+        return [self._recording_view(key) for key in self._recorded]
+
+    def recorder_totals(self) -> RecorderTotals | None:
+        frames: dict[str, int] = {}
+        for (feed, _), lines in self._recorded.items():
+            frames[feed] = frames.get(feed, 0) + len(lines)
+        return RecorderTotals(frames_written=frames, fixtures={"recording": len(self._recorded)})
+
+    def recording_download(
+        self, feed: str, fixture: str, after: int, limit: int | None
+    ) -> AsyncIterator[bytes] | None:
+        lines = self._recorded.get((feed, fixture))
+        if lines is None:
+            return None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            picked = [line for seq, line in enumerate(lines, 1) if seq > after]
+            yield b"".join(picked[:limit])
+
+        return chunks()
+
     # --- playing the data path --------------------------------------------------------------
+
+    def record(self, feed: str, fixture: str, raw: str) -> None:
+        """One frame of (feed, fixture) written to its recording (seq = its position)."""
+        lines = self._recorded.setdefault((feed, fixture), [])
+        seq = len(lines) + 1
+        lines.append(b'{"seq":%d,"pos":null,"t":1.0,"data":%s}\n' % (seq, raw.encode()))
 
     def backfill_of(self, feed: str, fixture: str) -> int:
         """The backfill the fixture was followed with. KeyError when not followed."""
@@ -243,6 +275,23 @@ class MemoryTarget:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _recording_view(self, key: tuple[str, str]) -> RecordingView:
+        n = len(self._recorded[key])
+        return RecordingView(
+            feed=key[0],
+            fixture=key[1],
+            state="recording" if key in self._fixtures else "idle",
+            reason="",
+            epoch="memory",
+            first_seq=1,
+            last_seq=n,
+            durable_seq=n,
+            first_time=1.0,
+            last_time=1.0,
+            bytes=sum(len(line) for line in self._recorded[key]),
+            frames_dropped=0,
+        )
+
     def _view(self, f: _Followed) -> FixtureView:
         s = f.status
         return FixtureView(
@@ -258,4 +307,9 @@ class MemoryTarget:
             upstream=s.snapshot(),
             drops=f.drops,
             slow_disconnects=f.slow_disconnects,
+            recording=(
+                self._recording_view((s.feed, s.fixture))
+                if (s.feed, s.fixture) in self._recorded
+                else None
+            ),
         )

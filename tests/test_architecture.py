@@ -29,9 +29,10 @@ LAYERS: dict[str, int] = {
     # The two sides of the hub's FrameSink contract, and the tools that stand beside them.
     "hub": 1,
     "upstream": 1,
-    "simulator": 1,
+    "recorder": 1,  # beside the hub and the upstream: the service wires it to both
     "client": 1,
     "dataplane": 2,
+    "simulator": 2,  # replays the recorder's files
     "controlplane": 3,
     "service": 4,
     "bench": 5,

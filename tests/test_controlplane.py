@@ -56,6 +56,7 @@ FIXTURE_KEYS = {
     "drops",
     "slow_disconnects",
     "upstream",
+    "recording",
 }
 UPSTREAM_KEYS = {
     "connects",

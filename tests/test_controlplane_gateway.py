@@ -42,6 +42,7 @@ READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 WRONG = {"Authorization": "Bearer not-a-token"}
 ONE = "/v1/fixtures/{feed}/{fixture}"
 LATEST = "/v1/fixtures/{feed}/{fixture}/latest"
+RECORDING = "/v1/fixtures/{feed}/{fixture}/recording"
 _Step = Callable[[Gateway], Awaitable[None]] | None
 
 
@@ -51,6 +52,12 @@ def _fx(fixture: str, feed: str = "tracking") -> dict[str, str]:
 
 async def _wait_for_a_frame(gw: Gateway) -> None:
     await wait_until(lambda: gw.latest("tracking", FX) is not None)
+
+
+async def _wait_for_a_recorded_frame(gw: Gateway) -> None:
+    assert gw.recorder is not None
+    log = gw.recorder.get("tracking", FX)
+    await wait_until(lambda: log is not None and log.written_seq > 0)
 
 
 async def _drain(gw: Gateway) -> None:
@@ -93,7 +100,18 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = 
     ("/v1/subscribers", "GET", {}, {}, None, 401, None),
     ("/metrics", "GET", {}, READ, None, 200, None),
     ("/metrics", "GET", {}, {}, None, 401, None),
+    (RECORDING, "GET", _fx(FX), READ, None, 200, _wait_for_a_recorded_frame),
+    (RECORDING, "GET", _fx(FX), {}, None, 401, None),
+    (RECORDING, "GET", _fx(FX, "nofeed"), READ, None, 404, None),
+    (RECORDING, "GET", _fx(NO_FRAMES, "actions"), READ, None, 404, None),  # never recorded
+    ("/v1/recordings", "GET", {}, READ, None, 200, None),
+    ("/v1/recordings", "GET", {}, {}, None, 401, None),
     ("/readyz", "GET", {}, {}, None, 503, _drain),  # last: it stops the gateway's traffic
+]
+# With a query string: (path, method, path params, query, headers, status).
+QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str], int]] = [
+    (RECORDING, "GET", _fx(FX), {"after": 0, "limit": 2}, READ, 200),
+    (RECORDING, "GET", _fx(FX), {"limit": 0}, READ, 400),
 ]
 
 
@@ -118,8 +136,18 @@ def _run_cases(base_url: str, gw: Gateway) -> tuple[set[tuple[str, str, int]], d
             assert TEST_TOKEN not in response.text
             assert TEST_TOKEN not in repr(response.headers)
             seen.add((path, method, status))
-            if status == 200 and path in ("/v1/subscribers", "/metrics", LATEST):
+            if status == 200 and path in ("/v1/subscribers", "/metrics", LATEST, RECORDING):
                 bodies[path] = response.text
+        for path, method, params, query, headers, status in QUERY_CASES:
+            case = loaded[path][method].Case(
+                path_parameters=params, query=query, headers=dict(headers)
+            )
+            response = case.call(base_url=base_url, session=session)
+            case.validate_response(response, headers=headers)
+            assert response.status_code == status, (path, method, query, response.text)
+            seen.add((path, method, status))
+            if status == 200:
+                bodies["limit=2"] = response.text
     return seen, bodies
 
 
@@ -131,9 +159,12 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
         "read_tokens_file": str(tmp_path / "read"),
         "max_fixtures": 2,
     }
+    recorder = {"dir": str(tmp_path / "recordings")}
     stopped: list[dict[str, Any]] = []
     with trio.fail_after(90):
-        async with simulator_and_gateway(tmp_path, [("tracking", FX)], api=api) as (sim, gw):
+        async with simulator_and_gateway(
+            tmp_path, [("tracking", FX)], api=api, recorder=recorder
+        ) as (sim, gw):
             sim.add_fixture(FX2, kind="tracking")
             assert gw.bound is not None
             async with (
@@ -167,6 +198,11 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
     assert (sub["endpoint"], sub["subscriptions"]) == ("/v1/stream", [f"tracking/{FX}"])
     assert sub["peer"].startswith("127.0.0.1:")
     assert orjson.loads(bodies[LATEST])["id"] == FX
+    # The download: record lines with the frame verbatim, from seq 1.
+    lines = bodies[RECORDING].encode().splitlines()
+    assert lines and orjson.loads(lines[0])["seq"] == 1
+    assert all(orjson.loads(line)["data"]["id"] == FX for line in lines)
+    assert [orjson.loads(line)["seq"] for line in bodies["limit=2"].encode().splitlines()] == [1, 2]
 
     got = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

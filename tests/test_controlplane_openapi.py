@@ -83,6 +83,10 @@ def _publish(target: MemoryTarget) -> None:
     target.publish("soccer", "123", '{"ix": 1, "mt": 1.10}')
 
 
+def _record(target: MemoryTarget) -> None:
+    target.record("soccer", "123", '{"ix": 1, "mt": 1.10}')
+
+
 def _drain(target: MemoryTarget) -> None:
     target.draining = True
 
@@ -179,7 +183,16 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
     ("/metrics", "GET", {}, ADMIN, None, 200, None),
     ("/metrics", "GET", {}, {}, None, 401, None),
     ("/v1/fixtures/{feed}/{fixture}/latest", "GET", _PARAMS_123, ADMIN, None, 200, _publish),
+    ("/v1/recordings", "GET", {}, {}, None, 401, None),
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, ADMIN, None, 404, None),
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, {}, None, 401, None),
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, ADMIN, None, 200, _record),
+    ("/v1/recordings", "GET", {}, ADMIN, None, 200, None),
     ("/readyz", "GET", {}, {}, None, 503, _drain),
+]
+# Requests with a query string: (path, method, path params, query, headers, status).
+_QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str], int]] = [
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, {"after": -1}, ADMIN, 400),
 ]
 
 
@@ -204,6 +217,12 @@ def _documented_cases(
         case.validate_response(response, headers=headers, excluded_checks=excluded)
         assert response.status_code == status, (path, method, response.text)
         assert TEST_TOKEN not in response.text
+        seen.add((path, method, status))
+    for path, method, params, query, headers, status in _QUERY_CASES:
+        case = loaded[path][method].Case(path_parameters=params, query=query, headers=dict(headers))
+        response = case.call(base_url=base_url, session=session)
+        case.validate_response(response, headers=headers)
+        assert response.status_code == status, (path, method, response.text)
         seen.add((path, method, status))
     return seen
 

@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="measure the gateway (default: on)",
     )
+    parser.add_argument(
+        "--recorder-dir",
+        default=None,
+        metavar="DIR",
+        help="run the gateway with [recorder] dir = DIR (records every fixture; its cost)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--floor",
@@ -124,7 +130,7 @@ def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:
     names = list(SCENARIO_NAMES) if args.scenario == "all" else [args.scenario]
     overrides: dict[str, Any] = {
         name: getattr(args, name)
-        for name in (*_KNOBS, "fanout", "drop", "baseline")
+        for name in (*_KNOBS, "fanout", "drop", "baseline", "recorder_dir")
         if getattr(args, name, None) is not None
     }
     return [attrs.evolve(PRESETS.get(name, Scenario()), **overrides) for name in names]

@@ -175,6 +175,8 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
         f"max_connections = {max(10_000, connections)}",
         f"max_subscriptions = {max(1000, sc.fixtures)}",
     ]
+    if sc.recorder_dir is not None:
+        lines += ["", "[recorder]", f"dir = {json.dumps(sc.recorder_dir)}"]
     for i in range(sc.fixtures):
         lines += ["", "[[fixtures]]", 'feed = "tracking"', f'id = "{fixture_id(i)}"']
     return "\n".join(lines) + "\n"

@@ -48,6 +48,8 @@ class Scenario:
     idle: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     drop: bool = False
     baseline: bool = False
+    #: Run the gateway with ``[recorder] dir`` set to this directory (its cost: recorder.md).
+    recorder_dir: str | None = None
 
     @property
     def offered_deliveries(self) -> float:

@@ -60,6 +60,14 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
 DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND: Final = 100.0
 DEFAULT_CLIENT_FRAME_BURST: Final = 1000
 
+#: The recorder's defaults (``[recorder]``, docs/recorder.md).
+DEFAULT_RECORDER_FSYNC_INTERVAL: Final = 1.0
+#: A segment is closed (and compressed) once it holds this many bytes.
+DEFAULT_RECORDER_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+#: Bytes of frames waiting for the writer thread, all fixtures together: past it, the fixture
+#: whose frame does not fit stops recording (the disk is slower than the feeds).
+DEFAULT_RECORDER_QUEUE_BYTES: Final = 64 * 1024 * 1024
+
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
 UpstreamClient = Literal["lean", "trio-websocket"]
@@ -261,6 +269,30 @@ class ApiSection:
         return None if self.read_tokens_file is None else read_token_list(self.read_tokens_file)
 
 
+@attrs.frozen
+class RecorderSection:
+    """``[recorder]``: the append-only log of every followed fixture (enabled when ``dir`` is
+    set). ``retention_days`` and ``max_bytes`` are both optional: the oldest fixtures' files go
+    first (docs/recorder.md)."""
+
+    dir: Path | None = None
+    fsync_interval: float = attrs.field(
+        default=DEFAULT_RECORDER_FSYNC_INTERVAL, validator=_positive_finite
+    )
+    retention_days: float | None = attrs.field(default=None, validator=v.optional(_positive_finite))
+    max_bytes: int | None = attrs.field(default=None, validator=v.optional(v.ge(1024 * 1024)))
+    segment_bytes: int = attrs.field(
+        default=DEFAULT_RECORDER_SEGMENT_BYTES, validator=[v.ge(64 * 1024), v.le(1 << 30)]
+    )
+    queue_bytes: int = attrs.field(
+        default=DEFAULT_RECORDER_QUEUE_BYTES, validator=v.ge(1024 * 1024)
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+
 def _named_feeds(feeds: dict[str, FeedConfig]) -> dict[str, FeedConfig]:
     return {name: attrs.evolve(feed, name=name) for name, feed in feeds.items()}
 
@@ -273,6 +305,7 @@ class Config:
     fixtures: tuple[FixtureConfig, ...] = ()
     subscribers: SubscribersSection = SubscribersSection()
     api: ApiSection = ApiSection()
+    recorder: RecorderSection = RecorderSection()
 
     def __attrs_post_init__(self) -> None:
         seen: set[tuple[str, str]] = set()

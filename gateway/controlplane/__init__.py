@@ -33,6 +33,8 @@ from gateway.controlplane._target import (
     FixtureView,
     FollowLimitError,
     LatencyHistogram,
+    RecorderTotals,
+    RecordingView,
     StreamEndpoint,
     Totals,
 )
@@ -61,6 +63,8 @@ __all__ = [
     "LatencyHistogram",
     "RateSampler",
     "Rates",
+    "RecorderTotals",
+    "RecordingView",
     "StreamEndpoint",
     "SubscriberView",
     "Totals",

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
@@ -35,6 +35,7 @@ from gateway.controlplane._target import (
     ControlTarget,
     FixtureView,
     FollowLimitError,
+    RecordingView,
     StreamEndpoint,
 )
 from gateway.dataplane import SubscriberView
@@ -95,9 +96,42 @@ def parse_follow_body(body: bytes) -> int:
     return backfill
 
 
+def recording_json(view: RecordingView) -> dict[str, Any]:
+    return {
+        "feed": view.feed,
+        "fixture": view.fixture,
+        "state": view.state,
+        "reason": view.reason,
+        "epoch": view.epoch,
+        "first_seq": view.first_seq,
+        "last_seq": view.last_seq,
+        "durable_seq": view.durable_seq,
+        "first_time": view.first_time,
+        "last_time": view.last_time,
+        "bytes": view.bytes,
+        "frames_dropped": view.frames_dropped,
+    }
+
+
+def _query_int(request: Request, name: str, minimum: int) -> int | None:
+    """An optional integer query parameter (digits only), at least *minimum*."""
+    values = request.query_params.getlist(name)
+    if not values:
+        return None
+    text = values[-1]
+    try:
+        value = int(text) if text.isascii() and text.isdigit() else -1
+    except ValueError:  # more digits than int() takes
+        value = -1
+    if value < minimum:
+        raise BadRequest(f"query.{name}: must be an integer >= {minimum}")
+    return value
+
+
 def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
     """Exactly the documented keys, whatever else the facade's view carries. *kind*: the
     feed's kind (``tracking`` or ``fastpath``)."""
+    recording = view.recording
     return {
         "feed": view.feed,
         "kind": kind,
@@ -112,6 +146,7 @@ def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
         "drops": view.drops,
         "slow_disconnects": view.slow_disconnects,
         "upstream": {key: view.upstream.get(key) for key in UPSTREAM_KEYS},
+        "recording": None if recording is None else recording_json(recording),
     }
 
 
@@ -280,6 +315,20 @@ class _Handlers:
         # Verbatim: the upstream text is the product; re-serialising could change numbers.
         return Response(raw.encode(), media_type="application/json")
 
+    async def recordings(self, request: Request) -> Response:
+        views = sorted(self.target.recordings(), key=lambda v: (v.feed, v.fixture))
+        return JSONResponse([recording_json(v) for v in views])
+
+    async def recording(self, request: Request) -> Response:
+        feed, fixture = self._feed_or_404(request)
+        after = _query_int(request, "after", 0) or 0
+        limit = _query_int(request, "limit", 1)
+        chunks = self.target.recording_download(feed, fixture, after, limit)
+        if chunks is None:
+            raise HTTPException(404, f"no recording of fixture {fixture!r} of feed {feed!r}")
+        # Streamed as read (a chunk at a time, off the event loop): never the whole file.
+        return StreamingResponse(chunks, media_type="application/x-ndjson")
+
     async def subscribers(self, request: Request) -> Response:
         views = sorted(self.target.subscriber_views(), key=lambda v: v.id)
         return JSONResponse([subscriber_json(v) for v in views])
@@ -343,6 +392,8 @@ def build_app(
         Route("/v1/fixtures", h.fixtures, methods=["GET"]),
         Route("/v1/fixtures/{feed}/{fixture}", h.fixture, methods=["GET", "PUT", "DELETE"]),
         Route("/v1/fixtures/{feed}/{fixture}/latest", h.latest, methods=["GET"]),
+        Route("/v1/fixtures/{feed}/{fixture}/recording", h.recording, methods=["GET"]),
+        Route("/v1/recordings", h.recordings, methods=["GET"]),
         Route("/v1/subscribers", h.subscribers, methods=["GET"]),
     ]
     app = Starlette(

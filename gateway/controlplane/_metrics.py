@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
@@ -24,9 +25,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from gateway.controlplane._target import ControlTarget, LatencyHistogram
+from gateway.controlplane._target import ControlTarget, LatencyHistogram, RecorderTotals
 from gateway.dataplane import AUTH_ENDPOINTS
 from gateway.model import FixtureState, counter_specs
+
+#: The states of a recording, as ``RecordingView.state`` says them.
+RECORDING_STATES: Final = ("recording", "stopped", "idle")
 
 
 def _histogram_buckets(hist: LatencyHistogram) -> list[tuple[str, float]]:
@@ -122,6 +126,10 @@ class GatewayCollector:
             fixtures.add_metric([feed, state.value], n)
         yield fixtures
 
+        recorder = target.recorder_totals()
+        if recorder is not None:
+            yield from _recorder_families(feeds, recorder)
+
         hist = target.fanout_latency
         yield HistogramMetricFamily(
             "dde_fanout_latency_seconds",
@@ -130,6 +138,38 @@ class GatewayCollector:
             buckets=_histogram_buckets(hist),
             sum_value=float(hist.sum),
         )
+
+
+def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Metric]:
+    written = CounterMetricFamily(
+        "dde_recorder_frames_written", "Frames written to recordings.", labels=["feed"]
+    )
+    dropped = CounterMetricFamily(
+        "dde_recorder_frames_dropped",
+        "Published frames not recorded (recorder queue full, write errors, recording stopped).",
+        labels=["feed"],
+    )
+    for feed in feeds:
+        written.add_metric([feed], float(totals.frames_written.get(feed, 0)))
+        dropped.add_metric([feed], float(totals.frames_dropped.get(feed, 0)))
+    yield written
+    yield dropped
+    fixtures = GaugeMetricFamily(
+        "dde_recorder_fixtures",
+        "Recorded fixtures by recording state (stopped: followed but not recorded).",
+        labels=["state"],
+    )
+    for state in RECORDING_STATES:
+        fixtures.add_metric([state], float(totals.fixtures.get(state, 0)))
+    yield fixtures
+    yield GaugeMetricFamily(
+        "dde_recorder_queue_bytes",
+        "Frame bytes waiting for the recorder's writer thread.",
+        value=totals.queued_bytes,
+    )
+    yield GaugeMetricFamily(
+        "dde_recorder_stored_bytes", "Bytes of recording files on disk.", value=totals.stored_bytes
+    )
 
 
 def make_registry(target: ControlTarget) -> CollectorRegistry:

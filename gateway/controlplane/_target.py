@@ -12,7 +12,7 @@ the call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -47,6 +47,8 @@ class FixtureView:
     #: as too slow (4008); both since the fixture's topic was created.
     drops: int = 0
     slow_disconnects: int = 0
+    #: The fixture's recording (:class:`RecordingView`), or None without a recorder.
+    recording: RecordingView | None = None
 
 
 @attrs.frozen
@@ -71,6 +73,43 @@ class StreamEndpoint:
         *http_host*."""
         same = stream.host in WILDCARD_HOSTS or stream.host == http_host
         return cls(host=None if same else stream.host, port=stream.port, tls=tls, path=path)
+
+
+@attrs.frozen
+class RecordingView:
+    """One fixture's recording on disk (``GET /v1/recordings``, a fixture's ``recording``).
+
+    ``state``: ``recording``, ``stopped`` (followed but not recorded: ``reason`` says why) or
+    ``idle`` (not followed). Seqs and times are of the frames on disk (``first_seq`` greater
+    than ``last_seq``: none); ``durable_seq`` is the last one known fsynced. ``bytes`` is the
+    size of its files.
+    """
+
+    feed: str
+    fixture: str
+    state: str
+    reason: str
+    epoch: str
+    first_seq: int
+    last_seq: int
+    durable_seq: int
+    first_time: float | None
+    last_time: float | None
+    bytes: int
+    frames_dropped: int
+
+
+@attrs.frozen
+class RecorderTotals:
+    """The recorder's counters: per feed since start (monotonic), and gauges."""
+
+    frames_written: Mapping[str, int] = attrs.field(factory=dict)
+    #: Published frames not recorded (queue full, write errors, recording stopped).
+    frames_dropped: Mapping[str, int] = attrs.field(factory=dict)
+    #: Fixtures per state (``recording``, ``stopped``, ``idle``).
+    fixtures: Mapping[str, int] = attrs.field(factory=dict)
+    queued_bytes: int = 0
+    stored_bytes: int = 0
 
 
 @attrs.frozen
@@ -193,4 +232,19 @@ class ControlTarget(Protocol):
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
         """Per-feed monotonic counters (an addition to the original brief, for the metrics)."""
+        ...
+
+    def recordings(self) -> list[RecordingView]:
+        """Every recorded fixture (empty without a recorder)."""
+        ...
+
+    def recorder_totals(self) -> RecorderTotals | None:
+        """The recorder's counters, or None without a recorder."""
+        ...
+
+    def recording_download(
+        self, feed: str, fixture: str, after: int, limit: int | None
+    ) -> AsyncIterator[bytes] | None:
+        """The record lines of a fixture after seq *after* (at most *limit*), verbatim, as
+        chunks read off the event loop; None when the fixture has no recording."""
         ...

@@ -18,17 +18,48 @@ slowly than the history turns over). Then the subscription decides (:meth:`Backf
 under ``drop-oldest`` the multiplexed endpoint reports the missed range with a ``gap`` message
 before its next frame; otherwise (``disconnect``, the vendor drop-in) the connection is closed as
 too slow (4008). Never a silent hole, never a duplicate.
+
+Frames older than the history come from the topic's archive (the recorder's files) when it has
+them: a disk phase before the history phase. Each read fetches about ``fill_target`` bytes of
+frames in a worker thread (at most :data:`DISK_READERS` reads at once in the process) into a
+small buffer the pulls then send from; while a read runs the backfill is ``waiting`` and the
+writer sleeps. So a slow reader of a whole match holds one chunk read ahead plus its queue, like
+any subscriber. The disk phase ends where the history begins, in the same pull; frames the
+archive lacks (retention, a recording that stopped) are reported like frames the history
+dropped. When the writer thread is a little behind the history, the backfill waits for it (at
+most :data:`WRITER_WAIT`).
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Final, Protocol
 
+import trio
+
 from gateway.dataplane._connection import Connection
-from gateway.hub import Frame, Topic
+from gateway.hub import ArchiveCursor, Frame, Topic, TopicArchive
 
 #: Frames one pull queues at most (the kernel may take them all at once: the writer yields).
 PULL_FRAMES: Final = 256
+#: Disk reads of backfills running at once in the process; more wait their turn.
+DISK_READERS: Final = 4
+#: Seconds between two looks at an archive whose writer is behind the history, and the
+#: longest a backfill waits for it before the frames between count as missed.
+WRITER_POLL: Final = 0.05
+WRITER_WAIT: Final = 5.0
+
+_READERS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("disk_readers")
+
+
+def _readers() -> trio.CapacityLimiter:
+    try:
+        return _READERS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DISK_READERS)
+        _READERS.set(limiter)
+        return limiter
 
 
 class Backfilled(Protocol):
@@ -64,7 +95,21 @@ class Backfill:
     the topic: a subscription that ends first calls :meth:`stop` and leaves the topic with it.
     """
 
-    __slots__ = ("active", "conn", "next_seq", "status_changed", "sub", "topic", "topic_closed")
+    __slots__ = (
+        "_cursor",
+        "_disk",
+        "_exhausted",
+        "_reading",
+        "_wait_since",
+        "active",
+        "conn",
+        "next_seq",
+        "status_changed",
+        "sub",
+        "topic",
+        "topic_closed",
+        "waiting",
+    )
 
     def __init__(self, conn: Connection, topic: Topic, sub: Backfilled, start: int) -> None:
         self.conn = conn
@@ -74,6 +119,15 @@ class Backfill:
         self.active = True
         self.status_changed = False
         self.topic_closed = False
+        #: A disk read is running: nothing to send until it is back.
+        self.waiting = False
+        # The disk phase: frames read ahead, the read position, whether the last read found
+        # nothing more, and since when the backfill waits for the writer thread.
+        self._disk: collections.deque[tuple[int, int | None, bytes]] = collections.deque()
+        self._cursor: ArchiveCursor | None = None
+        self._reading = False
+        self._exhausted = False
+        self._wait_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Backfill {self.topic.feed.name}/{self.topic.fixture} next={self.next_seq}>"
@@ -88,6 +142,7 @@ class Backfill:
         """Send no more (still attached to the topic: whoever ends the subscription detaches)."""
         self.active = False
         self.conn.remove_backfill(self)
+        self._end_disk()
 
     # -- TopicSubscriber, while the backfill runs -------------------------------------------
 
@@ -111,23 +166,18 @@ class Backfill:
         conn = self.conn
         topic = self.topic
         sub = self.sub
+        archive = topic.archive
+        if archive is not None and self.next_seq < topic.first_held:
+            done = self._pull_disk(archive, target)
+            if done is not None:
+                return done
         last = topic.seq
         first = topic.first_held
         if self.next_seq < first:
             # Fell out of the history: exactly like a resume that is too old.
-            missed_to = min(first - 1, last)
-            if conn.policy == "disconnect":
-                self.stop()
-                conn.too_slow()
-                return True
-            if not conn.idle:
-                # Report it only once everything sent before is out (one gap, in order).
-                return False
-            if not sub.missed(self.next_seq, missed_to):
-                self.stop()
-                conn.too_slow()
-                return True
-            self.next_seq = missed_to + 1
+            done = self._skip(min(first - 1, last))
+            if done is not None:
+                return done
         if self.next_seq <= last:
             for n, frame in enumerate(topic.frames_from(self.next_seq), 1):
                 sub.on_frame(frame)
@@ -141,6 +191,111 @@ class Backfill:
             return False
         self._finish()
         return True
+
+    def _skip(self, missed_to: int) -> bool | None:
+        """Frames ``next_seq``..*missed_to* cannot be sent: the subscription's rule. None:
+        reported, go on after them; False: wait until everything before is out; True: done
+        (closed as too slow)."""
+        conn = self.conn
+        if conn.policy == "disconnect":
+            self.stop()
+            conn.too_slow()
+            return True
+        if not conn.idle:
+            # Report it only once everything sent before is out (one gap, in order).
+            return False
+        if not self.sub.missed(self.next_seq, missed_to):
+            self.stop()
+            conn.too_slow()
+            return True
+        self.next_seq = missed_to + 1
+        return None
+
+    # -- the disk phase -----------------------------------------------------------------------
+
+    def _pull_disk(self, archive: TopicArchive, target: int) -> bool | None:
+        """Send frames older than the history from the archive; None: the history's turn."""
+        conn = self.conn
+        topic = self.topic
+        sub = self.sub
+        buf = self._disk
+        prefix = topic.prefix
+        sent = 0
+        while self.next_seq < topic.first_held:
+            if not buf:
+                if self._reading:
+                    self.waiting = True
+                    return False
+                if self._exhausted and not self._writer_behind(archive):
+                    break  # nothing more on disk: what is missing is reported below
+                self._read_more(archive)
+                return False
+            seq, position, raw = buf[0]
+            if seq < self.next_seq:
+                buf.popleft()
+                continue
+            if seq > self.next_seq:
+                # Not in the archive (retention, a recording that stopped): reported.
+                done = self._skip(min(seq, topic.first_held) - 1)
+                if done is not None:
+                    return done
+                continue
+            if sent >= PULL_FRAMES or conn.queued_bytes >= target:
+                return False
+            buf.popleft()
+            sub.on_frame(Frame(seq, raw, 0.0, prefix, position))
+            self.next_seq = seq + 1
+            sent += 1
+            if conn.closing:
+                self.stop()
+                return True
+        self._end_disk()
+        return None
+
+    def _writer_behind(self, archive: TopicArchive) -> bool:
+        """The archive will have the next frames soon: it is still recording, and its writer
+        thread has not reached the history yet (for at most :data:`WRITER_WAIT`)."""
+        if not archive.recording or archive.written_seq >= self.topic.first_held - 1:
+            return False
+        now = time.monotonic()
+        if self._wait_since is None:
+            self._wait_since = now
+        return now - self._wait_since < WRITER_WAIT
+
+    def _read_more(self, archive: TopicArchive) -> None:
+        delay = WRITER_POLL if self._exhausted else 0.0
+        self._exhausted = False
+        if self._cursor is None:
+            self._cursor = archive.open_cursor(self.next_seq)
+        self._reading = self.waiting = True
+        if not self.conn.start_soon(self._read, self._cursor, delay):
+            self._reading = self.waiting = False
+
+    async def _read(self, cursor: ArchiveCursor, delay: float) -> None:
+        if delay:
+            await trio.sleep(delay)
+        try:
+            frames = await trio.to_thread.run_sync(
+                cursor.read, self.conn.fill_target, limiter=_readers(), abandon_on_cancel=True
+            )
+        except OSError:
+            frames = []  # unreadable: what is missing is reported like retention's
+        self._reading = self.waiting = False
+        if not self.active or cursor is not self._cursor:
+            return
+        if frames:
+            self._disk.extend(frames)
+            self._wait_since = None
+        else:
+            self._exhausted = True
+        self.conn.backfill_ready()
+
+    def _end_disk(self) -> None:
+        self._disk.clear()
+        self.waiting = False
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None and not self._reading:
+            cursor.close()  # a local file's close: the read ahead is what took time
 
     def _finish(self) -> None:
         # Caught up with the topic: hand over to the subscription in this synchronous step.

@@ -42,7 +42,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Protocol
 
 import trio
@@ -132,9 +132,13 @@ class ConnectionMonitor(Protocol):
 class BackfillSource(Protocol):
     """A backfill the connection pulls from as it drains (:mod:`gateway.dataplane._backfill`)."""
 
+    #: True while it has nothing to send until it calls :meth:`Connection.backfill_ready`
+    #: (frames being read from disk): the writer then sleeps instead of pulling again.
+    waiting: bool
+
     def pull(self, target: int) -> bool:
-        """Send more (at least one frame) until ``queued_bytes`` reaches *target*, or a few
-        hundred frames; True when finished (the connection forgets it)."""
+        """Send more (at least one frame, unless waiting) until ``queued_bytes`` reaches
+        *target*, or a few hundred frames; True when finished (the connection forgets it)."""
         ...
 
 
@@ -203,6 +207,7 @@ class Connection:
         self._dead = False
         self._flushed = trio.Event()
         self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer} {self.endpoint}>"
@@ -319,6 +324,22 @@ class Connection:
         if source in self._backfills:
             self._backfills.remove(source)
 
+    def _can_pull(self) -> bool:
+        """A backfill has frames to pull now (not all of them waiting for a disk read)."""
+        return any(not source.waiting for source in self._backfills)
+
+    def backfill_ready(self) -> None:
+        """A waiting backfill has frames again: pull from it when the queue allows."""
+        self._wake.set()
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run *fn* in this connection's nursery (cancelled when the connection ends); False
+        when it is closing or not serving."""
+        if self._nursery is None or self.closing:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def _refill(self) -> None:
         target = self.fill_target
         for source in tuple(self._backfills):
@@ -339,7 +360,7 @@ class Connection:
             if not q.items:
                 if self._closing:
                     break
-                if self._backfills:
+                if self._can_pull():
                     # The kernel took all of the backfill pulled: let others run, pull more.
                     await trio.lowlevel.checkpoint()
                     continue
@@ -441,6 +462,7 @@ class Connection:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._pinger)
                     handler.start(nursery)
@@ -449,6 +471,7 @@ class Connection:
                     nursery.cancel_scope.cancel()
             aborted = self._scope.cancelled_caught and not self._dead
         finally:
+            self._nursery = None
             handler.finish()
             if aborted or self.queued_bytes:
                 # A jammed peer: reset instead of leaving the kernel to retry for minutes.

@@ -62,7 +62,7 @@ class TlsConnection(Connection):
             if not q.items:
                 if self._closing:
                     break
-                if self._backfills:
+                if self._can_pull():
                     await trio.lowlevel.checkpoint()
                     continue
                 await self._wake.wait()

@@ -17,13 +17,14 @@ from gateway.hub._hub import (
     valid_fixture_id,
 )
 from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
-from gateway.hub._topic import RATE_WINDOW, Topic, TopicSubscriber
+from gateway.hub._topic import RATE_WINDOW, ArchiveCursor, Topic, TopicArchive, TopicSubscriber
 
 __all__ = [
     "FIXTURE_ID_PATTERN",
     "LATENCY_BUCKETS",
     "RATE_WINDOW",
     "SAMPLE_EVERY",
+    "ArchiveCursor",
     "FixtureDirectory",
     "Frame",
     "Hub",
@@ -31,6 +32,7 @@ __all__ = [
     "LatencyHistogram",
     "OnDemandLimitError",
     "Topic",
+    "TopicArchive",
     "TopicSubscriber",
     "UnknownFeedError",
     "UnknownFixtureError",

@@ -84,15 +84,31 @@ class Hub:
         except KeyError:
             raise UnknownFeedError(f"unknown feed {_shown(feed)}") from None
 
-    def topic(self, feed: str, fixture: str) -> Topic:
-        """The topic of (feed, fixture), created (with a new epoch) if there is none.
+    def topic(
+        self,
+        feed: str,
+        fixture: str,
+        *,
+        epoch: str | None = None,
+        seq: int = 0,
+        prior_epochs: Mapping[str, int] | None = None,
+    ) -> Topic:
+        """The topic of (feed, fixture), created if there is none: with a new epoch and seq 0,
+        or continuing the *epoch* and *seq* given (a recorded topic, see :class:`Topic`).
 
         Raises :class:`UnknownFeedError` for a feed that is not configured.
         """
         key = (feed, fixture)
         t = self._topics.get(key)
         if t is None:
-            t = self._topics[key] = Topic(self._feed(feed), fixture, latency=self.fanout_latency)
+            t = self._topics[key] = Topic(
+                self._feed(feed),
+                fixture,
+                latency=self.fanout_latency,
+                epoch=epoch,
+                seq=seq,
+                prior_epochs=prior_epochs,
+            )
         return t
 
     def get(self, feed: str, fixture: str) -> Topic | None:

@@ -6,7 +6,7 @@ import collections
 import itertools
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final, Protocol
 
 from gateway.config import FeedConfig
@@ -19,6 +19,47 @@ _Held = tuple[int, int | None, bytes]
 
 #: frames_per_second() averages over this many whole seconds.
 RATE_WINDOW: Final = 5
+
+
+class ArchiveCursor(Protocol):
+    """A reading position in a :class:`TopicArchive`. Its methods block (disk): call them in a
+    worker thread, one call at a time."""
+
+    def read(self, max_bytes: int) -> list[tuple[int, int | None, bytes]]:
+        """The next frames as ``(seq, position, text)``, about *max_bytes* of text (at least one
+        frame when there is any); ``[]`` at the end of what is written. Seqs increase; one that
+        jumps means the frames between are not in the archive."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TopicArchive(Protocol):
+    """A topic's frames kept beyond its memory history (the recorder's files, in production).
+
+    The hub never reads it: the data plane's backfill does, in worker threads, for the frames
+    older than :attr:`Topic.first_held`. The attributes are read on the trio thread and must
+    be plain in-memory values.
+    """
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq it holds (greater than :attr:`written_seq` when it holds none)."""
+        ...
+
+    @property
+    def written_seq(self) -> int:
+        """The newest seq that can be read now."""
+        ...
+
+    @property
+    def recording(self) -> bool:
+        """True while frames published now still reach it (the gap to the history closes)."""
+        ...
+
+    def open_cursor(self, seq: int) -> ArchiveCursor:
+        """A cursor at seq *seq* (no I/O until its first read)."""
+        ...
 
 
 class TopicSubscriber(Protocol):
@@ -43,15 +84,30 @@ class Topic:
     the object lives, and ``epoch`` (random, new per object) tells a resuming client whether
     its ``seq`` still means anything here. ``history`` keeps the last ``feed.history`` frames,
     at most ``feed.history_bytes`` bytes of them.
+
+    A topic that continues a recorded one (the service, after a restart) is given the recorded
+    *epoch* and *seq*; *prior_epochs* maps earlier epochs to the last seq that still means the
+    same frame under this topic's numbering (a resume with such an epoch and an ``after`` up to
+    that seq continues here). Its :attr:`archive` then holds the frames before the history.
     """
 
     def __init__(
-        self, feed: FeedConfig, fixture: str, *, latency: LatencyHistogram | None = None
+        self,
+        feed: FeedConfig,
+        fixture: str,
+        *,
+        latency: LatencyHistogram | None = None,
+        epoch: str | None = None,
+        seq: int = 0,
+        prior_epochs: Mapping[str, int] | None = None,
     ) -> None:
         self.feed = feed
         self.fixture = fixture
-        self.epoch = secrets.token_hex(8)
-        self.seq = 0
+        self.epoch = epoch or secrets.token_hex(8)
+        self.seq = seq
+        self._prior_epochs = dict(prior_epochs or {})
+        #: Frames older than the history, read by the data plane's backfill (None: none kept).
+        self.archive: TopicArchive | None = None
         self.state = FixtureState.CONNECTING
         self.detail = ""
         self.frames_in = 0
@@ -114,6 +170,11 @@ class Topic:
     # -- views -----------------------------------------------------------------------------
 
     @property
+    def latest_frame(self) -> Frame | None:
+        """The last published frame (its ``raw_bytes`` are the bytes the history holds)."""
+        return self._latest
+
+    @property
     def latest(self) -> str | None:
         """The last published upstream text (kept even when ``feed.history`` is 0)."""
         return None if self._latest is None else self._latest.raw
@@ -173,23 +234,59 @@ class Topic:
         """The seq of the oldest frame held; ``seq + 1`` when none is held."""
         return self._history[0][0] if self._history else self.seq + 1
 
-    def backfill_start(self, n: int | None) -> int:
-        """The first seq a backfill of *n* sends (see :meth:`backfill`); ``seq + 1``: none."""
+    @property
+    def prefix(self) -> bytes:
+        """The multiplexed envelope's start for this topic (for :class:`Frame` objects built
+        from archived frames)."""
+        return self._prefix
+
+    @property
+    def first_available(self) -> int:
+        """The oldest seq a backfill can send: from the :attr:`archive` when it holds frames
+        older than the history, else :attr:`first_held`."""
+        first = self.first_held
+        archive = self.archive
+        if archive is not None:
+            oldest = archive.first_seq
+            if oldest < first and oldest <= archive.written_seq:
+                return max(1, oldest)
+        return first
+
+    def backfill_start(self, n: int | None, *, first: int | None = None) -> int:
+        """The first seq a backfill of *n* sends (see :meth:`backfill`); ``seq + 1``: none.
+
+        Counted back from :attr:`first_available` (the archive included) unless *first* says
+        where the frames begin.
+        """
         if n == 0:
             return self.seq + 1
-        first = self.first_held
+        if first is None:
+            first = self.first_available
         if n is None or n < 0:
             return first
         return max(first, self.seq + 1 - n)
 
-    def resume_start(self, after: int, epoch: str) -> int | None:
+    def resume_start(self, after: int, epoch: str, *, first: int | None = None) -> int | None:
         """The first seq a resume after seq *after* sends, or None when that cannot be done
-        without a gap (see :meth:`resume`); ``seq + 1``: nothing was missed."""
-        if epoch != self.epoch or after < 0 or after > self.seq:
+        without a gap (see :meth:`resume`); ``seq + 1``: nothing was missed.
+
+        *epoch* is this topic's, or a prior epoch with *after* at most the last seq it shares
+        with this numbering. The frames must be available from :attr:`first_available` (the
+        archive included) unless *first* says where they begin.
+        """
+        if after < 0:
+            return None
+        if epoch != self.epoch:
+            shared = self._prior_epochs.get(epoch)
+            if shared is None or after > shared:
+                return None
+        if after > self.seq:
             return None
         if after == self.seq:
             return after + 1
-        if after + 1 < self.first_held:
+        if first is None:
+            first = self.first_available
+        if after + 1 < first:
             return None
         return after + 1
 
@@ -217,17 +314,21 @@ class Topic:
             yield Frame(s, raw, 0.0, prefix, position)
 
     def backfill(self, n: int | None) -> list[Frame]:
-        """Frames for a new subscriber: None or -1 = all held, 0 = none, n > 0 = the last n."""
-        start = self.backfill_start(n)
+        """Frames for a new subscriber: None or -1 = all held, 0 = none, n > 0 = the last n.
+
+        The memory history only (for inspection; the data plane's backfill reads the archive).
+        """
+        start = self.backfill_start(n, first=self.first_held)
         return list(self.frames_from(start)) if start <= self.seq else []
 
     def resume(self, after: int, epoch: str) -> list[Frame] | None:
         """Every frame after seq *after*, or None when that cannot be done without a gap.
 
         Possible when *epoch* is this topic's and frame ``after + 1`` is still held (or
-        ``after`` is the last seq: nothing was missed).
+        ``after`` is the last seq: nothing was missed). The memory history only, as
+        :meth:`backfill`.
         """
-        start = self.resume_start(after, epoch)
+        start = self.resume_start(after, epoch, first=self.first_held)
         if start is None:
             return None
         return list(self.frames_from(start)) if start <= self.seq else []

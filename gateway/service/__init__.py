@@ -2,7 +2,7 @@
 
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
-from gateway.service._gateway import Bound, Gateway
+from gateway.service._gateway import Bound, Gateway, RecordedTopic
 from gateway.service._lifecycle import run_from_config_path, serve
 from gateway.service._logging import (
     GatewayLogHandler,
@@ -20,6 +20,7 @@ __all__ = [
     "GatewayLogHandler",
     "LogFormat",
     "Notifier",
+    "RecordedTopic",
     "SecretRedactor",
     "configure_logging",
     "demo_config",

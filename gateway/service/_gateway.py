@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Final
 
@@ -29,12 +29,21 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
-from gateway.controlplane import FeedTotals, FixtureView, StreamEndpoint, SubscriberView, Totals
+from gateway.controlplane import (
+    FeedTotals,
+    FixtureView,
+    RecorderTotals,
+    RecordingView,
+    StreamEndpoint,
+    SubscriberView,
+    Totals,
+)
 from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
-from gateway.model import FixtureState, FrameSink, UpstreamCounters, sum_counters
+from gateway.model import FixtureState, FrameSink, ResumePoint, UpstreamCounters, sum_counters
+from gateway.recorder import FixtureLog, Recorder
 from gateway.service._fixtures import FixtureBook
 from gateway.service._logging import fields
 from gateway.upstream import Supervisor
@@ -47,6 +56,53 @@ class _Unread:
 
 
 _UNREAD: Final = _Unread()
+
+
+def recording_view(log: FixtureLog) -> RecordingView:
+    """The API's view of one recording (read on the trio thread: plain values only)."""
+    first = log.first_seq
+    last = log.written_seq
+    return RecordingView(
+        feed=log.feed,
+        fixture=log.fixture,
+        state=log.state,
+        reason=log.reason,
+        epoch=log.epoch,
+        first_seq=first,
+        last_seq=last,
+        durable_seq=log.durable_seq,
+        first_time=log.first_t,
+        last_time=log.written_t,
+        bytes=log.stored_bytes,
+        frames_dropped=log.frames_dropped + log.frames_failed,
+    )
+
+
+class RecordedTopic:
+    """A topic's ``FrameSink`` that also hands each frame to the recorder.
+
+    The publish path: the topic numbers and fans the frame out, then the recorder queues its
+    text for the writer thread. Neither awaits; a recorder that cannot keep up stops recording
+    the fixture (counted), the fan-out is untouched.
+    """
+
+    __slots__ = ("log", "recorder", "topic")
+
+    def __init__(self, topic: Topic, recorder: Recorder, log: FixtureLog) -> None:
+        self.topic = topic
+        self.recorder = recorder
+        self.log = log
+
+    def publish(self, raw: str, position: int | None) -> None:
+        topic = self.topic
+        topic.publish(raw, position)
+        frame = topic.latest_frame
+        assert frame is not None
+        # The bytes the topic encoded once (and its history holds): no copy for the recorder.
+        self.recorder.append(self.log, frame.seq, position, frame.raw_bytes)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        self.topic.set_status(state, detail)
 
 
 @attrs.frozen
@@ -67,11 +123,19 @@ class Gateway:
     The files the config names are read first: the subscriber tokens (``self.auth``, swapped
     by :meth:`apply`) and the TLS certificate and key; a broken one raises
     :class:`~gateway.config.ConfigError` before anything starts.
+
+    With ``[recorder] dir`` every followed fixture is recorded (docs/recorder.md): its topic
+    continues the recorded epoch and seq, reads older frames from the files, and its upstream
+    resumes from the recorded vendor position. *recorder*: one already opened (the service
+    opens it in a worker thread: opening checks every recording); else it is opened here.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, recorder: Recorder | None = None) -> None:
         self.auth = SubscriberAuth(load_subscriber_tokens(config))
         self.tls = load_server_tls(config)
+        if recorder is None and config.recorder.enabled:
+            recorder = Recorder(config.recorder)
+        self.recorder = recorder
         self.config = config
         self.version = __version__
         self.started_at = time.time()
@@ -87,7 +151,7 @@ class Gateway:
         self.hub = Hub(config.feeds, directory=self.fixtures)
         self.registry = SubscriberRegistry()
         # Last: it follows the configured fixtures at once, into the hub's topics.
-        self.supervisor = Supervisor(config, self._sink_for)
+        self.supervisor = Supervisor(config, self._sink_for, resume_for=self._resume_for)
         # Counters of fixtures no longer followed, per feed: totals never go down.
         self._retired: dict[str, UpstreamCounters] = {}
         self._supervisor_scope = trio.CancelScope()
@@ -105,6 +169,8 @@ class Gateway:
         listeners are bound. Runs until cancelled; cancellation closes every upstream and
         subscriber connection (use :meth:`drain` first for a graceful stop)."""
         async with trio.open_nursery() as nursery:
+            if self.recorder is not None:
+                await nursery.start(self.recorder.run)
             await nursery.start(self.fixtures.run)
             await nursery.start(self._run_supervisor)
             stream = await nursery.start(
@@ -185,7 +251,7 @@ class Gateway:
         ]
         needs_restart = [
             section
-            for section in ("gateway", "feeds", "api")
+            for section in ("gateway", "feeds", "api", "recorder")
             if getattr(old, section) != getattr(new, section)
         ]
         if attrs.evolve(old.subscribers, tokens_file=None) != attrs.evolve(
@@ -216,7 +282,34 @@ class Gateway:
     # -- upstream -> hub -----------------------------------------------------------------------
 
     def _sink_for(self, feed: FeedConfig, fixture: FixtureConfig) -> FrameSink:
-        return self.hub.topic(feed.name, fixture.id)
+        recorder = self.recorder
+        if recorder is None:
+            return self.hub.topic(feed.name, fixture.id)
+        log = recorder.fixture(feed.name, fixture.id)
+        recorder.activate(log)  # first: it may move the numbering to a new epoch
+        topic = self.hub.topic(
+            feed.name,
+            fixture.id,
+            epoch=log.epoch,
+            seq=log.last_seq,
+            prior_epochs=log.prior_epochs,
+        )
+        if topic.epoch != log.epoch or topic.seq < log.last_seq:
+            # A topic older than its recording (not expected: topics are made here): record
+            # nothing rather than two numberings in one file.
+            recorder.deactivate(log)
+            return topic
+        topic.archive = log
+        return RecordedTopic(topic, recorder, log)
+
+    def _resume_for(self, feed: FeedConfig, fixture: FixtureConfig) -> ResumePoint | None:
+        """Where the upstream goes on: the last recorded vendor position, if any."""
+        if self.recorder is None:
+            return None
+        log = self.recorder.get(feed.name, fixture.id)
+        if log is None or log.last_position is None or log.last_position_t is None:
+            return None
+        return ResumePoint(position=log.last_position, received_at=log.last_position_t)
 
     def _stop(self, feed: str, fixture: str) -> bool:
         # The FixtureBook's stop callback: only it calls this (it keeps its sets in step).
@@ -230,6 +323,10 @@ class Gateway:
             )
         stopped = self.supervisor.remove(feed, fixture)
         self.hub.close_topic(feed, fixture)
+        if self.recorder is not None:
+            log = self.recorder.get(feed, fixture)
+            if log is not None:
+                self.recorder.deactivate(log)
         return stopped
 
     def _follow(self, fixture: FixtureConfig, backlog: bool) -> bool:
@@ -274,6 +371,7 @@ class Gateway:
             upstream=status.snapshot(),
             drops=topic.drops if topic else 0,
             slow_disconnects=topic.slow_disconnects if topic else 0,
+            recording=self._recording_view(feed, fixture),
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
@@ -333,6 +431,51 @@ class Gateway:
             upstream=sum_counters(f.upstream for f in self.feed_totals().values()),
             auth_failures=dict(self.auth.failures),
         )
+
+    # -- recordings ----------------------------------------------------------------------------
+
+    def _recording_view(self, feed: str, fixture: str) -> RecordingView | None:
+        if self.recorder is None:
+            return None
+        log = self.recorder.get(feed, fixture)
+        return None if log is None else recording_view(log)
+
+    def recordings(self) -> list[RecordingView]:
+        if self.recorder is None:
+            return []
+        return [recording_view(log) for log in self.recorder.recordings()]
+
+    def recorder_totals(self) -> RecorderTotals | None:
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        written: dict[str, int] = {}
+        dropped: dict[str, int] = {}
+        states: dict[str, int] = {}
+        stored = 0
+        for log in recorder.logs():
+            written[log.feed] = written.get(log.feed, 0) + log.frames_written
+            dropped[log.feed] = dropped.get(log.feed, 0) + log.frames_dropped + log.frames_failed
+            if log.active or log.has_frames:
+                states[log.state] = states.get(log.state, 0) + 1
+            stored += log.stored_bytes
+        return RecorderTotals(
+            frames_written=written,
+            frames_dropped=dropped,
+            fixtures=states,
+            queued_bytes=recorder.queued_bytes,
+            stored_bytes=stored,
+        )
+
+    def recording_download(
+        self, feed: str, fixture: str, after: int, limit: int | None
+    ) -> AsyncIterator[bytes] | None:
+        if self.recorder is None:
+            return None
+        log = self.recorder.get(feed, fixture)
+        if log is None or not (log.active or log.has_frames):
+            return None
+        return self.recorder.download(log, after=after, limit=limit)
 
     def summary(self) -> str:
         """One line for sd_notify STATUS= and the log."""

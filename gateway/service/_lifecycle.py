@@ -32,6 +32,7 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
+from gateway.recorder import Recorder
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._logging import LogFormat, configure_logging, fields
 from gateway.service._notify import Notifier
@@ -68,7 +69,11 @@ async def serve(
     try:
         with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
-                gateway = Gateway(config)
+                recorder = None
+                if config.recorder.enabled:
+                    # Opening checks every recording on disk: blocking work, off the loop.
+                    recorder = await trio.to_thread.run_sync(Recorder, config.recorder)
+                gateway = Gateway(config, recorder=recorder)
                 await root.start(gateway.run)
                 if freeze_gc:
                     gc.collect()
@@ -183,6 +188,9 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
 
     known[:] = await trio.to_thread.run_sync(read_token)
     configure(config)
+    # A file-size limit (LimitFSIZE=, ulimit -f) must make the recorder's write fail (EFBIG:
+    # recording stops, reported), not kill the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(refresh_token)
         await serve(config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True)

@@ -20,6 +20,7 @@ import attrs
 import orjson
 import trio
 
+from gateway.recorder import BadRecord, is_record, open_segment, read_recording
 from gateway.simulator._fastpath import Action, ActionScript
 from gateway.simulator._faults import Faults
 from gateway.simulator._messages import connection_state
@@ -227,15 +228,43 @@ class SimFixture:
 
 
 def load_recording(path: pathlib.Path) -> list[str]:
-    """Read a JSONL recording: one JSON frame per line, blank lines skipped.
+    """Read a recording: the frames to serve, in order.
 
-    Raises ValueError naming the file and line of the first line that is not a JSON object.
+    Either a JSONL file of vendor frames (one JSON object per line, blank lines skipped), or
+    what the gateway's recorder wrote (docs/recorder.md): a fixture's recording directory, one
+    of its segments (``.jsonl`` or ``.jsonl.zst``) or a download of
+    ``/v1/fixtures/{feed}/{fixture}/recording``. Record lines are told apart by their start
+    (``{"seq":``); their frames are served verbatim.
+
+    Raises ValueError naming the file and line of the first line that is not a JSON object (or
+    not a record line, in a recording of the gateway's).
     """
-    frames: list[str] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir() or _holds_records(path):
+            frames = [r.raw.decode() for r in read_recording(path)]
+        else:
+            frames = _load_jsonl(path)
     except OSError as exc:
         raise ValueError(f"cannot read recording {path}: {exc.strerror}") from None
+    except BadRecord as exc:
+        raise ValueError(str(exc)) from None
+    if not frames:
+        raise ValueError(f"{path}: no frames")
+    return frames
+
+
+def _holds_records(path: pathlib.Path) -> bool:
+    """True when the first line of the file is a record line of the gateway's recorder."""
+    with open_segment(path, path.name.endswith(".zst")) as f:
+        for line in f:
+            if line.strip():
+                return is_record(line)
+    return False
+
+
+def _load_jsonl(path: pathlib.Path) -> list[str]:
+    frames: list[str] = []
+    text = path.read_text(encoding="utf-8")
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
@@ -247,6 +276,4 @@ def load_recording(path: pathlib.Path) -> list[str]:
         if not isinstance(doc, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object per line")
         frames.append(line)
-    if not frames:
-        raise ValueError(f"{path}: no frames")
     return frames

@@ -74,6 +74,12 @@ class TrackingResume:
         self._awaiting_head = False
         self._widen = False
 
+    def resume_at(self, ix: int, at: float) -> None:
+        """Go on from frame *ix*, delivered (by an earlier run) at trio time *at*: the next
+        subscription asks for a backfill reaching back past it instead of the initial one."""
+        self.last_ix = ix
+        self.last_at = at
+
     def rate(self) -> float:
         """Frames (ix steps) per second over the recent window; FALLBACK_RATE until known."""
         if len(self._samples) < 2:
@@ -158,8 +164,10 @@ class TrackingResume:
 class FastpathResume:
     """Resume state of one fastpath fixture; survives reconnects and task restarts."""
 
-    def __init__(self) -> None:
-        self.position = 0  # events of the stream consumed (delivered or skipped by a gap)
+    def __init__(self, position: int = 0) -> None:
+        # Events of the stream consumed (delivered or skipped by a gap); a resumed fixture
+        # starts from the position an earlier run reached.
+        self.position = position
         self._connection_start = 0
         self._expected = 1
 
@@ -180,6 +188,11 @@ class FastpathResume:
         if seq > self._expected:
             return Verdict.GAP
         return Verdict.OUT_OF_ORDER
+
+    def absolute(self, seq: int) -> int:
+        """The position in the match of the event with ``fixtureSeqNum`` *seq* on the current
+        connection: events up to and including it (what ``startPosition`` counts)."""
+        return self._connection_start + seq
 
     def delivered(self, seq: int) -> None:
         if seq >= self._expected:

@@ -29,7 +29,7 @@ import orjson
 import trio
 
 from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
-from gateway.model import FixtureState, FixtureStatus, FrameSink
+from gateway.model import FixtureState, FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
 from gateway.upstream._connect import (
@@ -144,6 +144,7 @@ class FixtureRunner:
         rng: random.Random,
         backlog: bool = False,
         read_token: TokenReader = read_token_off_loop,
+        resume: ResumePoint | None = None,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -159,7 +160,9 @@ class FixtureRunner:
         up = upstream()
         self._backoff = Backoff(up.backoff_initial, up.backoff_max, up.backoff_reset_after, rng=rng)
         self._tracking = TrackingResume(fixture.backfill)
-        self._fastpath = FastpathResume()
+        self._fastpath = FastpathResume(resume.position if resume is not None else 0)
+        # Tracking: applied once trio's clock can be read (the first attempt).
+        self._resume = resume if feed.kind == "tracking" else None
         self._connected_before = False
         # Refusals of the token in a row (reset by going live): the retry wait doubles with it.
         self._auth_failures = 0
@@ -226,6 +229,10 @@ class FixtureRunner:
         """Follow the fixture until cancelled. Cancellation closes the connection (bounded)."""
         if not self._stopped:
             self.sink.set_status(self.status.state, self.status.detail)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            age = max(0.0, time.time() - resume.received_at)
+            self._tracking.resume_at(resume.position, trio.current_time() - age)
         while True:
             try:
                 await self._run(connect)
@@ -481,13 +488,14 @@ class FixtureRunner:
             self._publish(raw, msg.seq)
             self._tracking.delivered(msg.seq, now)
             return None
-        verdict = self._fastpath.check(msg.seq)
+        fastpath = self._fastpath
+        verdict = fastpath.check(msg.seq)
         if verdict is Verdict.GAP:
             counters.gaps += 1
         elif verdict is Verdict.OUT_OF_ORDER:
             counters.out_of_order += 1
-        self._publish(raw, msg.seq)
-        self._fastpath.delivered(msg.seq)
+        self._publish(raw, fastpath.absolute(msg.seq))
+        fastpath.delivered(msg.seq)
         return None
 
     def _publish(self, raw: str, position: int | None) -> None:

@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
-from gateway.model import FixtureStatus, FrameSink
+from gateway.model import FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
@@ -53,9 +53,11 @@ class Supervisor:
 
     ``sink_for`` is called once per added fixture (from :meth:`add`, synchronously) and its
     errors propagate to the caller of :meth:`add` (or of the constructor, for configured
-    fixtures). ``connect`` replaces the configured connector (tests); ``rng`` seeds the
-    backoff jitter of every fixture; ``read_token`` replaces the token reader (tests under
-    ``MockClock``, where the default's worker thread would let virtual time jump).
+    fixtures). ``resume_for``, called right after it, says where the fixture's upstream goes
+    on (the recorder's last frame) instead of starting with the fixture's ``backfill``.
+    ``connect`` replaces the configured connector (tests); ``rng`` seeds the backoff jitter
+    of every fixture; ``read_token`` replaces the token reader (tests under ``MockClock``,
+    where the default's worker thread would let virtual time jump).
     """
 
     def __init__(
@@ -66,10 +68,12 @@ class Supervisor:
         connect: Connector | None = None,
         rng: random.Random | None = None,
         read_token: TokenReader = read_token_off_loop,
+        resume_for: Callable[[FeedConfig, FixtureConfig], ResumePoint | None] | None = None,
     ) -> None:
         self._config = config
         self._read_token = read_token
         self._sink_for = sink_for
+        self._resume_for = resume_for
         self._connect = connect
         self._rng = rng if rng is not None else random.Random()
         self._limiter = ConnectLimiter(config.upstream.connect_rate)
@@ -180,15 +184,18 @@ class Supervisor:
             feed = self._config.feeds[fixture.feed]
         except KeyError:
             raise KeyError(f"unknown feed {fixture.feed!r}") from None
+        sink = self._sink_for(feed, fixture)
+        resume = self._resume_for(feed, fixture) if self._resume_for is not None else None
         runner = FixtureRunner(
             feed,
             fixture,
-            self._sink_for(feed, fixture),
+            sink,
             limiter=self._limiter,
             upstream=self._upstream,
             rng=random.Random(self._rng.getrandbits(64)),
             backlog=backlog,
             read_token=self._read_token,
+            resume=resume,
         )
         entry = _Entry(runner)
         self._entries[key] = entry
