@@ -68,8 +68,11 @@ async def test_huge_frames_are_bounded_by_history_bytes(tmp_path: Path) -> None:
     size = 1024 * 1024
     budget = 3 * size
 
+    subscribed = trio.Event()
+
     async def big_frames(ws: trio_websocket.WebSocketConnection) -> None:
         await _accept(ws)
+        await subscribed.wait()  # the subscriber must see every frame live
         for ix in range(1, 21):
             pad = "x" * (size - 40)
             await ws.send_message(orjson.dumps({"ix": ix, "pad": pad}).decode())
@@ -83,6 +86,11 @@ async def test_huge_frames_are_bounded_by_history_bytes(tmp_path: Path) -> None:
                 stream_url(gw), max_message_size=4 * size
             ) as ws:
                 await ws.send_message('{"op":"subscribe","feed":"tracking","fixture":"' + FX + '"}')
+                await wait_until(lambda: gw.hub.get("tracking", FX) is not None)
+                followed = gw.hub.get("tracking", FX)
+                assert followed is not None
+                await wait_until(lambda: followed.subscriber_count == 1)
+                subscribed.set()
                 got: list[int] = []
                 while len(got) < 20:
                     msg = await recv_json(ws)
