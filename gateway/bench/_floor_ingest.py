@@ -37,11 +37,13 @@ import simdjson
 import trio
 import trio.lowlevel
 
-from gateway.bench._run import BenchError, free_port
+from gateway.bench._run import BenchError
 from gateway.wire import encode_frame
 
 MODULE: Final = "gateway.bench._floor_ingest"
 WORK_STEPS: Final = ("parse", "frame")
+#: Seconds to wait for a child's listener to come up (a loaded machine starts Python slowly).
+CONNECT_WAIT: Final = 20.0
 
 
 def _check_work(_inst: object, _attr: object, value: str) -> None:
@@ -74,9 +76,25 @@ def _payload(size: int, ix: int) -> bytes:
     return body + b"x" * max(0, size - len(body) - 2) + b'"}'
 
 
+def _listen(port: int) -> socket.socket:
+    """Listen on 127.0.0.1:*port* (0: any free one) and tell the parent which, on stdout."""
+    lsock = socket.create_server(("127.0.0.1", port))
+    print(lsock.getsockname()[1], flush=True)
+    return lsock
+
+
+def _child_port(child: subprocess.Popen[bytes]) -> int:
+    """The port a child listens on: the first line it prints (see :func:`_listen`)."""
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line.strip().isdigit():
+        raise BenchError(f"a floor child did not start (exit {child.poll()})")
+    return int(line)
+
+
 def feeder_main(port: int, fixtures: int, rate: float, size: int) -> None:
     """Child: accept *fixtures* connections, then send each *rate* frames/s, evenly spread."""
-    lsock = socket.create_server(("127.0.0.1", port))
+    lsock = _listen(port)
     conns = [lsock.accept()[0] for _ in range(fixtures)]
     frame = _payload(size, 1)
     interval = 1.0 / (rate * fixtures)
@@ -96,7 +114,7 @@ def feeder_main(port: int, fixtures: int, rate: float, size: int) -> None:
 
 def drain_main(port: int, fixtures: int) -> None:
     """Child: accept *fixtures* connections and discard everything until EOF on all."""
-    lsock = socket.create_server(("127.0.0.1", port))
+    lsock = _listen(port)
     sel = selectors.DefaultSelector()
     for _ in range(fixtures):
         conn = lsock.accept()[0]
@@ -116,10 +134,22 @@ def drain_main(port: int, fixtures: int) -> None:
                 open_ -= 1
 
 
+def _connect_blocking(port: int) -> socket.socket:
+    """Connect to a child's listener, retrying while it starts (as :func:`_connect` does)."""
+    deadline = time.monotonic() + CONNECT_WAIT
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listens on port {port}") from None
+            time.sleep(0.05)
+
+
 def epoll_relay_main(args: IngestFloor, feed_port: int, drain_port: int) -> None:
     """The same relay on a bare epoll loop (no trio): one registration per socket, kept."""
-    downs = [socket.create_connection(("127.0.0.1", drain_port)) for _ in range(args.fixtures)]
-    ups = [socket.create_connection(("127.0.0.1", feed_port)) for _ in range(args.fixtures)]
+    downs = [_connect_blocking(drain_port) for _ in range(args.fixtures)]
+    ups = [_connect_blocking(feed_port) for _ in range(args.fixtures)]
     pairs = {}
     ep = select.epoll()
     for up, down in zip(ups, downs, strict=True):
@@ -166,7 +196,7 @@ def _report(
 
 
 async def _connect(port: int) -> trio.socket.SocketType:
-    for _ in range(100):
+    for _ in range(int(CONNECT_WAIT / 0.05)):
         sock = trio.socket.socket()
         try:
             await sock.connect(("127.0.0.1", port))
@@ -219,15 +249,16 @@ async def trio_relay_main(args: IngestFloor, feed_port: int, drain_port: int) ->
 
 def run_floor(args: IngestFloor) -> None:
     """Start the feeder and drain children, relay for warm-up + duration, print the line."""
-    feed_port, drain_port = free_port(), free_port()
     me = [sys.executable, "-m", MODULE, "--fixtures", str(args.fixtures)]
     feed = [*me, "--role", "feeder", "--rate", str(args.rate), "--size", str(args.size)]
+    # Each child binds port 0 and prints the port: no window in which another process could
+    # take a port chosen for it in advance.
     children = [
-        subprocess.Popen([*feed, "--port", str(feed_port)]),
-        subprocess.Popen([*me, "--role", "drain", "--port", str(drain_port)]),
+        subprocess.Popen([*feed, "--port", "0"], stdout=subprocess.PIPE),
+        subprocess.Popen([*me, "--role", "drain", "--port", "0"], stdout=subprocess.PIPE),
     ]
     try:
-        time.sleep(0.5)  # the children's listeners (trio's connect retries anyway)
+        feed_port, drain_port = (_child_port(child) for child in children)
         if args.loop == "epoll":
             epoll_relay_main(args, feed_port, drain_port)
         else:
