@@ -22,6 +22,7 @@ from gateway.dataplane._connection import (
     EVENTS_PER_TURN,
     Connection,
     ConnectionMonitor,
+    DelayedConnection,
 )
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
@@ -39,6 +40,7 @@ __all__ = [
     "Conflator",
     "Connection",
     "ConnectionMonitor",
+    "DelayedConnection",
     "DeliverySink",
     "RegistryStats",
     "SendItem",

@@ -27,6 +27,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.utilities import RemoteProtocolError
 
 from gateway.config import (
+    MAX_WRITE_DELAY_MS,
     Config,
     FeedConfig,
     ListenAddress,
@@ -35,7 +36,12 @@ from gateway.config import (
 )
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import STREAM_PROTOCOL, SubscriberAuth, offered_tokens
-from gateway.dataplane._connection import RECEIVE_CHUNK, Connection, Handler
+from gateway.dataplane._connection import (
+    RECEIVE_CHUNK,
+    Connection,
+    DelayedConnection,
+    Handler,
+)
 from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
@@ -71,7 +77,7 @@ class _Route:
     """Where an upgrade request goes: endpoint name, handler factory, slow policy override
     ("" for the configured one), the subprotocol to answer and the token line used (logs)."""
 
-    __slots__ = ("endpoint", "factory", "grant_line", "policy", "subprotocol")
+    __slots__ = ("endpoint", "factory", "grant_line", "policy", "subprotocol", "write_delay")
 
     def __init__(
         self,
@@ -80,12 +86,16 @@ class _Route:
         policy: str = "",
         subprotocol: str | None = None,
         grant_line: int = 0,
+        *,
+        write_delay: float | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.policy = policy
         self.subprotocol = subprotocol
         self.grant_line = grant_line
+        #: The connection's ``write_delay`` in ms (``?write_delay=``); None: the configured one.
+        self.write_delay = write_delay
 
 
 class _Router:
@@ -114,7 +124,9 @@ class _Router:
         hub = self.hub
         auth = self.auth
         if path == STREAM_PATH:
-            return self._stream(request, peer)
+            route = self._stream(request, peer)
+            route.write_delay = _write_delay(split.query)
+            return route
         feed = self.exact.get(path)
         if feed is not None:
             return _Route(
@@ -177,6 +189,20 @@ def _start_position(query: str) -> int:
     if n < 0:
         raise _Reject(400, b"startPosition must be an integer >= 0\n")
     return n
+
+
+def _write_delay(query: str) -> float | None:
+    """``?write_delay=MS`` of ``/v1/stream``: None when absent; 400 unless 0-1000 (ms)."""
+    values = urllib.parse.parse_qs(query).get("write_delay")
+    if not values:
+        return None
+    try:
+        ms = float(values[-1])
+    except ValueError:
+        ms = -1.0
+    if not 0.0 <= ms <= MAX_WRITE_DELAY_MS:
+        raise _Reject(400, b"write_delay must be a number of milliseconds from 0 to 1000\n")
+    return ms
 
 
 async def _read_request(stream: _Stream, ws: WSConnection) -> Request | None:
@@ -266,7 +292,15 @@ class _Server:
                 return
             await io.send_all(ws.send(AcceptConnection(subprotocol=route.subprotocol)))
         endpoint = route.endpoint
-        cls = Connection if tls is None else TlsConnection
+        delay_ms = self.settings.write_delay if route.write_delay is None else route.write_delay
+        cls: type[Connection] = Connection
+        extra: dict[str, float] = {}
+        if tls is not None:
+            cls = TlsConnection
+        elif delay_ms:
+            cls = DelayedConnection
+        if delay_ms:
+            extra["write_delay"] = delay_ms / 1000.0
         conn = cls(
             ident=self.registry.new_id(),
             peer=peer,
@@ -278,6 +312,7 @@ class _Server:
             monitor=self.registry,
             latency=self.hub.fanout_latency,
             tls=tls,
+            **extra,
         )
         self.registry.add(conn)
         log.debug(
