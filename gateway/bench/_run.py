@@ -38,7 +38,13 @@ import attrs
 
 from gateway import __version__
 from gateway.bench._feeder import fixture_id
-from gateway.bench._procstat import cpu_seconds, machine_ticks, memory_kib, steal_percent
+from gateway.bench._procstat import (
+    cpu_seconds,
+    machine_ticks,
+    memory_kib,
+    steal_percent,
+    write_calls,
+)
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
 from gateway.config import ConfigError, load_config
@@ -175,6 +181,10 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
         f"max_connections = {max(10_000, connections)}",
         f"max_subscriptions = {max(1000, sc.fixtures)}",
     ]
+    if sc.write_delay:
+        lines.append(f"write_delay = {sc.write_delay:g}")
+    if sc.compression != "off":
+        lines.append(f'compression = "{sc.compression}"')
     if sc.recorder_dir is not None:
         lines += ["", "[recorder]", f"dir = {json.dumps(sc.recorder_dir)}"]
     for i in range(sc.fixtures):
@@ -304,6 +314,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
                 str(sc.stuck),
                 "--idle",
                 str(sc.idle),
+                *(["--deflate"] if sc.compression == "deflate" and kind == "gateway" else []),
             ],
             env,
             loadgen_log,
@@ -325,6 +336,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         load0 = os.getloadavg()[0]
         ticks0 = machine_ticks()
         cpu0 = cpu_seconds(pid)
+        writes0 = write_calls(pid)
         fs0 = feeder.ask("stats", "stats")
         t0 = time.monotonic()
         loadgen.ask("mark", "marked")
@@ -345,6 +357,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
             )
             last = (now, done, cpu)
         cpu1 = cpu_seconds(pid)
+        writes1 = write_calls(pid)
         ticks1 = machine_ticks()
         fs1 = feeder.ask("stats", "stats")
         report = loadgen.ask("report", "report")
@@ -365,6 +378,13 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         "target_cpu_s": cpu,
         "cpu_percent": 100 * cpu / window,
         "deliveries_per_cpu_s": deliveries / cpu if cpu > 0 else None,
+        "us_cpu_per_delivery": 1e6 * cpu / deliveries if deliveries else None,
+        # write()/writev() calls; the peer (asyncio) sends with send(), which is not counted.
+        "writes_per_delivery": (writes1 - writes0) / deliveries
+        if deliveries and kind == "gateway"
+        else None,
+        "wire_bytes_per_frame": int(report["bytes"]) / deliveries if deliveries else None,
+        "compressed_frames": int(report.get("compressed", 0)),
         "latency_ms": report["latency_ms"],
         "rss_kib": mem["VmRSS"],
         "peak_rss_kib": mem["VmHWM"],
