@@ -172,6 +172,7 @@ class Connection:
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         tls: trio.SSLStream[trio.SocketStream] | None = None,
         write_delay: float = 0.0,
+        deflate: bool = False,
     ) -> None:
         self.id = ident
         self.peer = peer
@@ -215,6 +216,8 @@ class Connection:
         #: Write system calls the writer task made (the eager writes are not counted: the hot
         #: path stays as it is). For a :class:`DelayedConnection`, every write of a frame.
         self.writer_writes = 0
+        #: permessage-deflate was negotiated: data frames go compressed (shared encoding).
+        self.deflate = deflate
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer} {self.endpoint}>"

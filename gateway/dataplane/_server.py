@@ -24,6 +24,7 @@ from typing import Final
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from gateway.config import (
@@ -191,6 +192,35 @@ def _start_position(query: str) -> int:
     return n
 
 
+_SERVER_BITS: Final = re.compile(r"server_max_window_bits\s*=\s*\"?(\d+)")
+
+
+class SharedDeflate(PerMessageDeflate):
+    """permessage-deflate as the gateway speaks it (``[subscribers] compression = "deflate"``).
+
+    Always with ``server_no_context_takeover`` and ``client_no_context_takeover``: each
+    message is compressed on its own, so one compressed frame (``Frame.deflate_ws``) serves
+    every such subscriber. An offer that limits the server's window below 15 bits is declined
+    (the shared bytes use the full window); the first acceptable offer wins. wsproto decodes
+    the client's compressed frames; the gateway's own control messages go uncompressed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(client_no_context_takeover=True, server_no_context_takeover=True)
+        self._answer: str | None = None
+
+    def accept(self, offer: str) -> bool | str | None:
+        if self._answer is not None:
+            return self._answer
+        m = _SERVER_BITS.search(offer)
+        if m is not None and int(m[1]) < 15:
+            return None
+        answer = super().accept(offer)
+        if isinstance(answer, str):
+            self._answer = answer
+        return answer
+
+
 def _write_delay(query: str) -> float | None:
     """``?write_delay=MS`` of ``/v1/stream``: None when absent; 400 unless 0-1000 (ms)."""
     values = urllib.parse.parse_qs(query).get("write_delay")
@@ -290,7 +320,13 @@ class _Server:
                 ) + ws.send(RejectData(data=rej.body, body_finished=True))
                 await io.send_all(data)
                 return
-            await io.send_all(ws.send(AcceptConnection(subprotocol=route.subprotocol)))
+            deflate = None
+            if self.settings.compression == "deflate" and route.endpoint == STREAM_PATH:
+                deflate = SharedDeflate()
+            accept = AcceptConnection(
+                subprotocol=route.subprotocol, extensions=[deflate] if deflate else []
+            )
+            await io.send_all(ws.send(accept))
         endpoint = route.endpoint
         delay_ms = self.settings.write_delay if route.write_delay is None else route.write_delay
         cls: type[Connection] = Connection
@@ -301,6 +337,7 @@ class _Server:
             cls = DelayedConnection
         if delay_ms:
             extra["write_delay"] = delay_ms / 1000.0
+        compressed = deflate is not None and deflate.enabled()
         conn = cls(
             ident=self.registry.new_id(),
             peer=peer,
@@ -312,6 +349,7 @@ class _Server:
             monitor=self.registry,
             latency=self.hub.fanout_latency,
             tls=tls,
+            deflate=compressed,
             **extra,
         )
         self.registry.add(conn)
