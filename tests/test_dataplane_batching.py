@@ -46,8 +46,10 @@ async def connect_and_subscribe(s: Served, query: str = "") -> tuple[RawClient, 
         if kind != "heartbeat":
             kinds.append(kind)
     assert kinds == ["subscribed", "status"]
-    await wait_until(lambda: len(s.registry.connections_now()) == 1)
-    return client, s.registry.connections_now()[0]
+    # The newest connection: the registry keeps them in order.
+    n = len(s.registry.connections_now())
+    await wait_until(lambda: len(s.registry.connections_now()) >= max(n, 1))
+    return client, s.registry.connections_now()[-1]
 
 
 async def read_frames(client: RawClient, n: int) -> list[tuple[float, Any]]:
@@ -68,9 +70,7 @@ async def read_frames(client: RawClient, n: int) -> list[tuple[float, Any]]:
 def test_write_delay_config_default_bounds_and_types() -> None:
     assert structure_config(minimal()).subscribers.write_delay == 0.0
     assert structure_config(minimal(subscribers={"write_delay": 5})).subscribers.write_delay == 5
-    cfg = structure_config(minimal(subscribers={"write_delay": 2.5}))
-    assert cfg.subscribers.write_delay == 2.5
-    for bad in (-1, 1001, float("nan")):
+    for bad in (-1, 1001, 2.5):
         errors = errors_of(minimal(subscribers={"write_delay": bad}))
         assert any("write_delay" in e for e in errors), errors
     with pytest.raises(ConfigError):
@@ -83,16 +83,16 @@ def test_write_delay_config_default_bounds_and_types() -> None:
 @pytest.mark.parametrize(
     ("configured", "query", "cls", "delay"),
     [
-        (0.0, "", Connection, 0.0),
-        (0.0, "?write_delay=0", Connection, 0.0),
-        (0.0, "?write_delay=5", DelayedConnection, 0.005),
-        (20.0, "", DelayedConnection, 0.02),
-        (20.0, "?write_delay=0", Connection, 0.0),
-        (20.0, "?write_delay=2.5", DelayedConnection, 0.0025),
+        (0, "", Connection, 0.0),
+        (0, "?write_delay=0", Connection, 0.0),
+        (0, "?write_delay=5", DelayedConnection, 0.005),
+        (20, "", DelayedConnection, 0.02),
+        (20, "?write_delay=0", Connection, 0.0),
+        (20, "?write_delay=3", DelayedConnection, 0.003),
     ],
 )
 async def test_connection_class_follows_config_and_query(
-    configured: float, query: str, cls: type[Connection], delay: float
+    configured: int, query: str, cls: type[Connection], delay: float
 ) -> None:
     with trio.fail_after(20):
         async with serving(make_config(write_delay=configured)) as s:
@@ -102,7 +102,7 @@ async def test_connection_class_follows_config_and_query(
             client.close()
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1000.5", "nan", "inf", ""])
+@pytest.mark.parametrize("value", ["abc", "-1", "1001", "2.5", "nan", "inf", "\u0661", ""])
 async def test_bad_write_delay_is_refused_with_400(value: str) -> None:
     with trio.fail_after(20):
         async with serving(make_config()) as s:
@@ -211,3 +211,31 @@ async def test_budget_still_applies_with_a_delay() -> None:
             assert code == 4008
             assert conn.slow_disconnected
             client.close()
+
+
+async def test_subscribers_of_one_delay_share_one_tick() -> None:
+    """One ticker task per delay writes every subscriber's batch: one tick, one write each."""
+    with trio.fail_after(20):
+        async with serving(make_config(write_delay=50)) as s:
+            topic = s.topic()
+            clients: list[RawClient] = []
+            conns: list[DelayedConnection] = []
+            for _ in range(5):
+                client, conn = await connect_and_subscribe(s)
+                assert isinstance(conn, DelayedConnection)
+                clients.append(client)
+                conns.append(conn)
+                await wait_until(lambda c=conn: c.idle)
+            ticker = conns[0].ticker
+            assert all(c.ticker is ticker for c in conns)
+            ticks = ticker.ticks
+            before = [c.writer_writes for c in conns]
+            for i in range(20):
+                topic.publish(frame_text(i), None)
+            for client in clients:
+                got = await read_frames(client, 20)
+                assert [m["seq"] for _, m in got] == list(range(1, 21))
+            assert ticker.ticks - ticks == 1
+            assert [c.writer_writes - b for c, b in zip(conns, before, strict=True)] == [1] * 5
+            for client in clients:
+                client.close()

@@ -23,6 +23,7 @@ from gateway.dataplane._connection import (
     Connection,
     ConnectionMonitor,
     DelayedConnection,
+    WriteTicker,
 )
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
@@ -48,6 +49,7 @@ __all__ = [
     "SubscriberAuth",
     "SubscriberRegistry",
     "SubscriberView",
+    "WriteTicker",
     "offered_tokens",
     "run",
 ]

@@ -216,6 +216,8 @@ class Connection:
         #: Write system calls the writer task made (the eager writes are not counted: the hot
         #: path stays as it is). For a :class:`DelayedConnection`, every write of a frame.
         self.writer_writes = 0
+        #: A batch started by a :class:`WriteTicker` that the writer must finish.
+        self._partial: tuple[bytes, int, float] | None = None
         #: permessage-deflate was negotiated: data frames go compressed (shared encoding).
         self.deflate = deflate
 
@@ -361,12 +363,15 @@ class Connection:
     async def _writer(self) -> None:
         """Drain the queue into the socket until closed; then half-close and signal flushed."""
         sock = self._sock
-        fd = self._fd
         q = self._sq
-        latency = self._latency
-        delay = self.write_delay
-        next_batch = 0.0
         while True:
+            partial = self._partial
+            if partial is not None:
+                # A batch a WriteTicker started and the kernel did not take whole.
+                self._partial = None
+                if not await self._write_out(*partial):
+                    return
+                continue
             if self._backfills and not self._closing and q.unsent < self.fill_target:
                 self._refill()
             if not q.items:
@@ -379,40 +384,41 @@ class Connection:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            if delay:
-                # write_delay: at most one batch per `delay`; what arrives meanwhile joins it.
-                if not self._closing and (wait := next_batch - trio.current_time()) > 0:
-                    await trio.sleep(wait)
-                    continue
-                next_batch = trio.current_time() + delay
-            buf, frames, sampled = q.take_batch()
-            view = memoryview(buf)
-            try:
-                # q.batch_end shrinks when a close trims the batch while we wait.
-                while q.inflight:
-                    end = q.batch_end
-                    try:
-                        n = os.write(fd, view[end - q.inflight : end])
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    self.writer_writes += 1
-                    q.wrote(n)
-            except OSError:
-                self._broken()
+            if not await self._write_out(*q.take_batch()):
                 return
-            finally:
-                view.release()
-            q.batch_done()
-            self.frames_sent += frames
-            if sampled:
-                latency.sample(sampled)
         # Everything, close frame included, is with the kernel: tell the peer we are done.
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self._flushed.set()
+
+    async def _write_out(self, buf: bytes, frames: int, sampled: float) -> bool:
+        """Finish the in-flight batch *buf* (taken from the queue); False if the peer is gone."""
+        q = self._sq
+        fd = self._fd
+        view = memoryview(buf)
+        try:
+            # q.batch_end shrinks when a close trims the batch while we wait.
+            while q.inflight:
+                end = q.batch_end
+                try:
+                    n = os.write(fd, view[end - q.inflight : end])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                self.writer_writes += 1
+                q.wrote(n)
+        except OSError:
+            self._broken()
+            return False
+        finally:
+            view.release()
+        q.batch_done()
+        self.frames_sent += frames
+        if sampled:
+            self._latency.sample(sampled)
+        return True
 
     def _broken(self) -> None:
         # The peer is gone (reset, broken pipe): nothing more can be written.
@@ -630,33 +636,116 @@ class Connection:
             self.send_control(make())
 
 
-class DelayedConnection(Connection):
-    """A plaintext :class:`Connection` with a ``write_delay`` (> 0 seconds): no eager write.
+class WriteTicker:
+    """Writes the queues of every :class:`DelayedConnection` of one ``write_delay``, once per
+    delay: one task for all of them.
 
-    Every frame and control message is queued (same budget and slow policies) and the writer
-    wakes at most once per ``write_delay`` to write the whole queue with one system call: fewer
-    system calls per delivery for up to ``write_delay`` of added latency. A frame arriving
-    after a quiet spell longer than the delay goes out as soon as the writer runs. Closing is
-    never delayed. The plain :class:`Connection` (``write_delay`` 0) is untouched by this.
+    A tick costs one wake-up of this task whatever the number of subscribers, and each
+    subscriber's whole queue goes out with one ``os.write`` from here: no task of the
+    subscriber's is woken (in trio a wake-up costs about as much as the system call saved).
+    Ticks are at least ``interval`` apart; after a quiet spell the first frame is written at
+    the next tick due, at once if it is already past.
     """
 
-    def __init__(self, *, write_delay: float, **kw: Any) -> None:
-        if not write_delay > 0:
-            raise ValueError("DelayedConnection needs write_delay > 0")
-        super().__init__(write_delay=write_delay, **kw)
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError("a WriteTicker needs an interval > 0")
+        self.interval = interval
+        self.ticks = 0
+        self._pending: list[DelayedConnection] = []
+        self._wake = trio.Event()
+        self._next = 0.0
+
+    def schedule(self, conn: DelayedConnection) -> None:
+        """Write *conn*'s queue at the next tick (called once per batch by the connection)."""
+        if not self._pending:
+            self._wake.set()
+        self._pending.append(conn)
+
+    async def run(self) -> None:
+        """Tick until cancelled (the server runs one per delay in use)."""
+        while True:
+            if not self._pending:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            wait = self._next - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._next = trio.current_time() + self.interval
+            self._wake = trio.Event()
+            pending, self._pending = self._pending, []
+            self.ticks += 1
+            for conn in pending:
+                conn.flush_tick()
+
+
+class DelayedConnection(Connection):
+    """A plaintext :class:`Connection` with a ``write_delay``: no eager write.
+
+    Every frame and control message is queued (same budget and slow policies); the first one
+    queued schedules the connection on its :class:`WriteTicker`, which writes the whole queue
+    with one system call at its next tick, at most ``write_delay`` later. Fewer system calls
+    per delivery for up to ``write_delay`` of added latency. The writer task only finishes a
+    batch the kernel did not take whole, streams backfill and writes the close (closing is
+    never delayed). The plain :class:`Connection` (``write_delay`` 0) is untouched by this.
+    """
+
+    def __init__(self, *, ticker: WriteTicker, **kw: Any) -> None:
+        super().__init__(write_delay=ticker.interval, **kw)
+        self.ticker = ticker
+        self._scheduled = False
 
     def send_data(
         self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
     ) -> None:
         if self._closing:
             return
-        if self._sq.push(SendItem(data, seq, published, sink)):
+        q = self._sq
+        if q.push(SendItem(data, seq, published, sink)):
             self._too_slow()
-        self._wake.set()
+            return
+        if not self._scheduled and not q.writing:
+            self._scheduled = True
+            self.ticker.schedule(self)
 
     def _send_raw(self, data: bytes) -> None:
         if self._dead:
             return
-        if self._sq.push(SendItem(data, None)):
+        q = self._sq
+        if q.push(SendItem(data, None)):
             self._too_slow()
-        self._wake.set()
+            return
+        if not self._scheduled and not q.writing:
+            self._scheduled = True
+            self.ticker.schedule(self)
+
+    def flush_tick(self) -> None:
+        """The ticker's turn: write the whole queue with one ``os.write``."""
+        self._scheduled = False
+        q = self._sq
+        if self._closing or q.writing or not q.items:
+            # Closing (the writer drains at once), or the writer is mid-batch (it takes
+            # what was queued meanwhile when done).
+            return
+        buf, frames, sampled = q.take_batch()
+        try:
+            n = os.write(self._fd, buf)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._broken()
+            return
+        self.writer_writes += 1
+        q.wrote(n)
+        if q.inflight:
+            # The kernel did not take it all: the writer finishes it as the socket drains.
+            self._partial = (buf, frames, sampled)
+            self._wake.set()
+            return
+        q.batch_done()
+        self.frames_sent += frames
+        if sampled:
+            self._latency.sample(sampled)
+        if self._backfills:
+            self._wake.set()

@@ -19,7 +19,7 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -42,6 +42,7 @@ from gateway.dataplane._connection import (
     Connection,
     DelayedConnection,
     Handler,
+    WriteTicker,
 )
 from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
@@ -88,7 +89,7 @@ class _Route:
         subprotocol: str | None = None,
         grant_line: int = 0,
         *,
-        write_delay: float | None = None,
+        write_delay: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
@@ -221,17 +222,15 @@ class SharedDeflate(PerMessageDeflate):
         return answer
 
 
-def _write_delay(query: str) -> float | None:
-    """``?write_delay=MS`` of ``/v1/stream``: None when absent; 400 unless 0-1000 (ms)."""
+def _write_delay(query: str) -> int | None:
+    """``?write_delay=MS`` of ``/v1/stream``: None when absent; 400 unless an integer 0-1000."""
     values = urllib.parse.parse_qs(query).get("write_delay")
     if not values:
         return None
-    try:
-        ms = float(values[-1])
-    except ValueError:
-        ms = -1.0
-    if not 0.0 <= ms <= MAX_WRITE_DELAY_MS:
-        raise _Reject(400, b"write_delay must be a number of milliseconds from 0 to 1000\n")
+    value = values[-1]
+    ms = int(value) if value.isascii() and value.isdigit() else -1
+    if not 0 <= ms <= MAX_WRITE_DELAY_MS:
+        raise _Reject(400, b"write_delay must be a whole number of milliseconds, 0 to 1000\n")
     return ms
 
 
@@ -273,6 +272,17 @@ class _Server:
         self.registry = registry
         self.tls = tls
         self.router = _Router(config, hub, auth)
+        #: One WriteTicker per write_delay in use (ms), running in ``nursery``.
+        self.tickers: dict[int, WriteTicker] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def _ticker(self, delay_ms: int) -> WriteTicker:
+        ticker = self.tickers.get(delay_ms)
+        if ticker is None:
+            assert self.nursery is not None, "the server's nursery runs the tickers"
+            ticker = self.tickers[delay_ms] = WriteTicker(delay_ms / 1000.0)
+            self.nursery.start_soon(ticker.run)
+        return ticker
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One accepted TCP connection: handshake, then the endpoint protocol until it ends.
@@ -330,13 +340,14 @@ class _Server:
         endpoint = route.endpoint
         delay_ms = self.settings.write_delay if route.write_delay is None else route.write_delay
         cls: type[Connection] = Connection
-        extra: dict[str, float] = {}
+        extra: dict[str, Any] = {}
         if tls is not None:
             cls = TlsConnection
+            if delay_ms:
+                extra["write_delay"] = delay_ms / 1000.0
         elif delay_ms:
             cls = DelayedConnection
-        if delay_ms:
-            extra["write_delay"] = delay_ms / 1000.0
+            extra["ticker"] = self._ticker(delay_ms)
         compressed = deflate is not None and deflate.enabled()
         conn = cls(
             ident=self.registry.new_id(),
@@ -400,5 +411,6 @@ async def run(
     scheme = "ws" if tls is None else "wss"
     log.info("data plane listening on %s://%s%s", scheme, bound, STREAM_PATH)
     async with trio.open_nursery() as nursery:
+        server.nursery = nursery
         task_status.started(bound)
         await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)
