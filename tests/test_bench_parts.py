@@ -217,7 +217,7 @@ def test_without_websockets_the_peer_is_skipped_once_and_the_extra_named(
     assert not peer_available()
     targets: list[list[str]] = []
 
-    def fake_scenario(sc: Any, kinds: Any, *, progress: bool = True) -> Any:
+    def fake_scenario(sc: Any, kinds: Any, *, progress: bool = True, **_: Any) -> Any:
         targets.append(list(kinds))
         return {"scenario": attrs.asdict(sc), "runs": {}, "errors": []}
 

@@ -107,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's [subscribers] compression; with deflate the load generator offers "
         "permessage-deflate (the peer never compresses); a list runs once per value",
     )
+    parser.add_argument(
+        "--slow-steps",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the gateway appends every task step over 10 ms to PATH (JSON lines: task, wall "
+        "and CPU ms, where it suspended; a trio instrument)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--floor",
@@ -237,6 +245,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             peer=args.peer,
             json_path=args.json,
             progress=not args.quiet,
+            slow_steps=args.slow_steps,
         )
     except PeerUnavailable as exc:
         print(f"bench: {exc}", file=sys.stderr)

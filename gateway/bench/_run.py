@@ -257,10 +257,17 @@ def _target(
                 peer.stop()
 
 
-def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
-    """Run *sc* against the gateway or the peer (*kind*) and return its figures."""
+def measure(
+    kind: str, sc: Scenario, *, progress: bool = True, slow_steps: Path | None = None
+) -> Result:
+    """Run *sc* against the gateway or the peer (*kind*) and return its figures.
+
+    *slow_steps*: the gateway appends its task steps over 10 ms there (JSON lines,
+    :mod:`gateway.service._slowsteps`)."""
     token = secrets.token_urlsafe(24)
     env = dict(os.environ, **{TOKEN_ENV: token})
+    if slow_steps is not None and kind == "gateway":
+        env["DDE_GATEWAY_SLOW_STEPS"] = str(slow_steps)
     label = f"{sc.name}/{kind}" + (" (with stuck)" if sc.stuck else "")
 
     def say(text: str) -> None:
@@ -424,7 +431,9 @@ def _wait_receiving(loadgen: _Child, sc: Scenario, say: Any) -> None:
         time.sleep(0.2)
 
 
-def run_scenario(sc: Scenario, targets: Sequence[str], *, progress: bool = True) -> Result:
+def run_scenario(
+    sc: Scenario, targets: Sequence[str], *, progress: bool = True, slow_steps: Path | None = None
+) -> Result:
     """Every target through *sc* (and its baseline without stuck subscribers, if asked)."""
     runs: dict[str, dict[str, Result]] = {}
     errors: list[str] = []
@@ -434,7 +443,9 @@ def run_scenario(sc: Scenario, targets: Sequence[str], *, progress: bool = True)
             phases.insert(0, ("baseline", attrs.evolve(sc, stuck=0)))
         for phase, variant in phases:
             try:
-                runs.setdefault(kind, {})[phase] = measure(kind, variant, progress=progress)
+                runs.setdefault(kind, {})[phase] = measure(
+                    kind, variant, progress=progress, slow_steps=slow_steps
+                )
             except (BenchError, OSError) as exc:
                 errors.append(f"{sc.name}/{kind}/{phase}: {exc}")
     return {"scenario": attrs.asdict(sc), "runs": runs, "errors": errors}
@@ -447,6 +458,7 @@ def run_bench(
     peer: bool | None = None,
     json_path: Path | None = None,
     progress: bool = True,
+    slow_steps: Path | None = None,
 ) -> dict[str, Any]:
     """Run *scenarios*, print the table, write *json_path*; return the whole result.
 
@@ -470,7 +482,9 @@ def run_bench(
     need = max(sc.subscribers + sc.stuck + sc.idle for sc in scenarios) + 200
     if nofile < need:
         raise BenchError(f"open-file limit {nofile} is below the {need} this run needs")
-    results = [run_scenario(sc, targets, progress=progress) for sc in scenarios]
+    results = [
+        run_scenario(sc, targets, progress=progress, slow_steps=slow_steps) for sc in scenarios
+    ]
     for res in results:
         res["checks"] = evaluate(res)
     doc = {
