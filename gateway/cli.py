@@ -126,9 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(fmt=args.log_format, level=args.log_level or "info")
     try:
         if args.command == "run":
-            from gateway.service import run_from_config_path
+            from gateway.service import instruments_from_env, run_from_config_path
 
-            return trio.run(run_from_config_path, args.config, args.log_format, args.log_level)
+            return trio.run(
+                run_from_config_path,
+                args.config,
+                args.log_format,
+                args.log_level,
+                instruments=instruments_from_env(),
+            )
         if args.command == "simulate":
             from gateway import simulator
 

@@ -7,8 +7,10 @@ its simulator or its tests speak is named here once.
 
 Encoding: a server frame is never masked, so the bytes of one message are the same for every
 subscriber: the hub builds them once and every subscriber's queue shares the same ``bytes``.
-The header is 2, 4 or 10 bytes (payload length < 126, < 65536, or larger). No extension is ever
-negotiated, so payloads go out as they are. Clients must mask (:func:`mask_frame`).
+The header is 2, 4 or 10 bytes (payload length < 126, < 65536, or larger). Payloads go out as
+they are, except to subscribers that negotiated permessage-deflate (``[subscribers] compression``):
+their data frames carry a payload compressed once per frame and the RSV1 bit
+(:func:`deflate_frame_header`). Clients must mask (:func:`mask_frame`).
 
 Decoding: :func:`read_header` parses one frame header from a receive buffer; each reader
 decides what it accepts (the upstream client refuses masked frames, the benchmark's server
@@ -37,8 +39,10 @@ OP_PONG: Final = 0xA
 
 #: FIN bit of a frame's first byte: the last frame of a message.
 FIN: Final = 0x80
-#: RSV1-3 bits of the first byte: set only by a negotiated extension (never here).
+#: RSV1-3 bits of the first byte: set only by a negotiated extension.
 RSV_BITS: Final = 0x70
+#: RSV1: the message is compressed (permessage-deflate, RFC 7692), set on its first frame.
+RSV1: Final = 0x40
 #: MASK bit of the second byte: set on every client frame, never on a server frame.
 MASK_BIT: Final = 0x80
 #: Longest payload of a control frame (close, ping, pong).
@@ -82,6 +86,13 @@ def frame_header(length: int, opcode: int = OP_TEXT) -> bytes:
     if length < 65536:
         return _LEN16.pack(FIN | opcode, 126, length)
     return _LEN64.pack(FIN | opcode, 127, length)
+
+
+def deflate_frame_header(length: int) -> bytes:
+    """The header of one final, unmasked text frame whose *length* payload bytes are
+    compressed with permessage-deflate (RSV1 set)."""
+    header = frame_header(length)
+    return bytes((header[0] | RSV1,)) + header[1:]
 
 
 def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:

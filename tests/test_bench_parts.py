@@ -217,7 +217,7 @@ def test_without_websockets_the_peer_is_skipped_once_and_the_extra_named(
     assert not peer_available()
     targets: list[list[str]] = []
 
-    def fake_scenario(sc: Any, kinds: Any, *, progress: bool = True) -> Any:
+    def fake_scenario(sc: Any, kinds: Any, *, progress: bool = True, **_: Any) -> Any:
         targets.append(list(kinds))
         return {"scenario": attrs.asdict(sc), "runs": {}, "errors": []}
 
@@ -381,3 +381,35 @@ async def test_feeder_speaks_the_tracking_protocol() -> None:
             assert await proc.wait() == 0
     finally:
         proc.kill()
+
+
+def test_write_delay_and_compression_runs_one_scenario_per_value(tmp_path: Path) -> None:
+    scs = scenarios_from_args(
+        _parse("--scenario", "paced", "--write-delay", "0,5", "--compression", "off,deflate")
+    )
+    assert [(sc.name, sc.write_delay, sc.compression) for sc in scs] == [
+        ("paced", 0.0, "off"),
+        ("paced", 5.0, "off"),
+        ("paced", 0.0, "deflate"),
+        ("paced", 5.0, "deflate"),
+    ]
+    assert [sc.write_delay for sc in scenarios_from_args(_parse("--scenario", "paced"))] == [0]
+    text = gateway_config_text(scs[3], 1, 2, 3)
+    assert "write_delay = 5\n" in text
+    assert 'compression = "deflate"\n' in text
+    assert "write_delay" not in gateway_config_text(scs[0], 1, 2, 3)
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    subs = load_config(path).subscribers
+    assert (subs.write_delay, subs.compression) == (5, "deflate")
+
+
+def test_compressed_frames_keep_rsv1_in_parse_frames() -> None:
+    frames, _ = parse_frames(
+        bytes((0x80 | 0x40 | OP_TEXT, 2)) + b"ab" + encode_frame(OP_TEXT, b"c")
+    )
+    assert [op for op, _, _ in frames] == [0x40 | OP_TEXT, OP_TEXT]
+    assert (
+        "permessage-deflate"
+        in client_handshake("h", 1, "/", extensions="permessage-deflate")[0].decode()
+    )

@@ -149,12 +149,20 @@ class RawClient:
         self.sock = sock
         self.buf = b""
         self.status = 0
+        self.response_head = ""
         #: The reason of the close frame :meth:`read_until_close` saw ("" if none).
         self.close_reason = ""
+        #: The RSV bits of the last frame :meth:`read_frame` returned (0x40: compressed).
+        self.last_rsv = 0
 
     @classmethod
     async def connect(
-        cls, addr: ListenAddress, path: str = "/v1/stream", *, rcvbuf: int | None = None
+        cls,
+        addr: ListenAddress,
+        path: str = "/v1/stream",
+        *,
+        rcvbuf: int | None = None,
+        headers: str = "",
     ) -> RawClient:
         sock = trio.socket.socket()
         if rcvbuf is not None:
@@ -166,7 +174,7 @@ class RawClient:
             (
                 f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
             ).encode()
         )
         while b"\r\n\r\n" not in self.buf:
@@ -175,6 +183,7 @@ class RawClient:
             self.buf += data
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.status = int(head.split()[1])
+        self.response_head = head.decode()
         return self
 
     async def send_all(self, data: bytes) -> None:
@@ -232,6 +241,7 @@ class RawClient:
         if len(b) < off + n:
             return None
         self.buf = b[off + n :]
+        self.last_rsv = b[0] & 0x70
         return b[0] & 0x0F, b[off : off + n]
 
     async def read_until_close(self) -> tuple[list[bytes], int | None]:

@@ -93,6 +93,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="run the gateway with [recorder] dir = DIR (records every fixture; its cost)",
     )
+    parser.add_argument(
+        "--write-delay",
+        default=None,
+        metavar="MS[,MS...]",
+        help="the gateway's [subscribers] write_delay in ms; a list (0,2,5,10) runs the "
+        "scenario once per value, each beside the peer",
+    )
+    parser.add_argument(
+        "--compression",
+        default=None,
+        metavar="off|deflate[,...]",
+        help="the gateway's [subscribers] compression; with deflate the load generator offers "
+        "permessage-deflate (the peer never compresses); a list runs once per value",
+    )
+    parser.add_argument(
+        "--slow-steps",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the gateway appends every task step over 10 ms to PATH (JSON lines: task, wall "
+        "and CPU ms, where it suspended; a trio instrument)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--floor",
@@ -133,7 +155,16 @@ def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:
         for name in (*_KNOBS, "fanout", "drop", "baseline", "recorder_dir")
         if getattr(args, name, None) is not None
     }
-    return [attrs.evolve(PRESETS.get(name, Scenario()), **overrides) for name in names]
+    delays = [0.0] if args.write_delay is None else [float(x) for x in args.write_delay.split(",")]
+    compressions = ["off"] if args.compression is None else args.compression.split(",")
+    return [
+        attrs.evolve(
+            PRESETS.get(name, Scenario()), **overrides, write_delay=delay, compression=comp
+        )
+        for name in names
+        for comp in compressions
+        for delay in delays
+    ]
 
 
 def _given(args: argparse.Namespace) -> list[str]:
@@ -214,6 +245,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             peer=args.peer,
             json_path=args.json,
             progress=not args.quiet,
+            slow_steps=args.slow_steps,
         )
     except PeerUnavailable as exc:
         print(f"bench: {exc}", file=sys.stderr)

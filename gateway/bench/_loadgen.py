@@ -29,10 +29,12 @@ import select
 import socket
 import sys
 import time
+import zlib
 from typing import Final
 
 from gateway.bench._feeder import fixture_id
 from gateway.bench._wsframe import (
+    DEFLATE_OFFER,
     ProtocolError,
     check_server_handshake,
     client_handshake,
@@ -48,6 +50,8 @@ STUCK_RCVBUF: Final = 16 * 1024
 #: The stamp is within this many bytes of the payload's start (after the gateway's envelope).
 STAMP_WINDOW: Final = 512
 STAMP: Final = b'"_bt":'
+#: A text message compressed with permessage-deflate (RSV1 set), as parse_frames reports it.
+OP_TEXT_DEFLATED: Final = 0x40 | OP_TEXT
 MAX_SAMPLES: Final = 20_000_000
 
 
@@ -81,7 +85,9 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def _connect(host: str, port: int, paths: list[str], rcvbuf: int | None) -> list[_Sub]:
+def _connect(
+    host: str, port: int, paths: list[str], rcvbuf: int | None, extensions: str | None = None
+) -> list[_Sub]:
     """Open one upgraded connection per path, in batches (requests first, then answers) so
     thousands of connections take seconds, not minutes. Raises OSError or ProtocolError."""
     subs: list[_Sub] = []
@@ -94,7 +100,7 @@ def _connect(host: str, port: int, paths: list[str], rcvbuf: int | None) -> list
             sock.settimeout(CONNECT_TIMEOUT)
             sock.connect((host, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            request, accept = client_handshake(host, port, path)
+            request, accept = client_handshake(host, port, path, extensions=extensions)
             sock.sendall(request)
             pending.append((sock, accept))
         for sock, accept in pending:
@@ -124,6 +130,8 @@ class LoadGen:
         self.samples: array.array[int] = array.array("q")
         self.deliveries = 0
         self.bytes = 0
+        #: Frames that came compressed (permessage-deflate, RSV1 set).
+        self.compressed = 0
         self.control = 0
         self.t_mark = 0
         self.drop_ns = 0
@@ -150,7 +158,8 @@ class LoadGen:
         a = self.args
         host, port = a.host, a.port
         paths, fixtures = self._paths(a.subscribers, 0)
-        self.healthy = _connect(host, port, paths, None)
+        offer = DEFLATE_OFFER if a.deflate else None
+        self.healthy = _connect(host, port, paths, None, offer)
         stuck_paths, stuck_fixtures = self._paths(a.stuck, a.subscribers)
         self.stuck = _connect(host, port, stuck_paths, STUCK_RCVBUF)
         idle_path = "/v1/stream" if a.kind == "gateway" else "/idle"
@@ -187,13 +196,19 @@ class LoadGen:
         got = 0
         nbytes = 0
         for op, start, end in frames:
-            if op == OP_TEXT:
+            if op in {OP_TEXT, OP_TEXT_DEFLATED}:
+                text = buf
                 i = buf.find(STAMP, start, start + STAMP_WINDOW)
+                if op == OP_TEXT_DEFLATED:
+                    # Only the stamp is needed: inflate the first few hundred bytes.
+                    text = zlib.decompressobj(-15).decompress(buf[start:end], STAMP_WINDOW)
+                    i = text.find(STAMP)
+                    self.compressed += 1
                 if i < 0:
                     self.control += 1
                     continue
-                j = buf.find(b",", i + 6, i + 40)
-                bt = int(buf[i + 6 : j])
+                j = text.find(b",", i + 6, i + 40)
+                bt = int(text[i + 6 : j])
                 got += 1
                 nbytes += end - start
                 if recording:
@@ -263,6 +278,7 @@ class LoadGen:
             "window_s": window,
             "deliveries": self.deliveries,
             "bytes": self.bytes,
+            "compressed": self.compressed,
             "control": self.control,
             "latency_ms": {
                 "count": len(lat),
@@ -329,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stuck", type=int, default=0)
     parser.add_argument("--idle", type=int, default=0)
     parser.add_argument("--feed", default="tracking")
+    parser.add_argument(
+        "--deflate", action="store_true", help="offer permessage-deflate (no context takeover)"
+    )
     args = parser.parse_args(argv)
     gen = LoadGen(args)
     t0 = time.monotonic()

@@ -19,6 +19,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15)
 
 
+def write_calls(pid: int) -> int:
+    """Write system calls *pid* has made so far (``syscw`` of /proc/<pid>/io: ``write`` and
+    ``writev``, not ``send``/``sendto``). Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/io", "rb") as f:
+        for line in f:
+            if line.startswith(b"syscw:"):
+                return int(line.split()[1])
+    return 0
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of *pid*, in KiB."""
     out: dict[str, int] = {}

@@ -40,6 +40,24 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
         lambda r: r["deliveries_per_cpu_s"],
         "{:,.0f}",
     ),
+    (
+        "us_cpu_per_delivery",
+        "CPU us per delivery",
+        lambda r: r.get("us_cpu_per_delivery"),
+        "{:.2f}",
+    ),
+    (
+        "writes_per_delivery",
+        "write syscalls per delivery",
+        lambda r: r.get("writes_per_delivery"),
+        "{:.3f}",
+    ),
+    (
+        "wire_bytes_per_frame",
+        "payload bytes per frame",
+        lambda r: r.get("wire_bytes_per_frame"),
+        "{:,.0f}",
+    ),
     ("cpu_percent", "CPU % of one core", lambda r: r["cpu_percent"], "{:.1f}"),
     ("p50", "added latency p50 ms", _lat("p50"), "{:.2f}"),
     ("p99", "added latency p99 ms", _lat("p99"), "{:.2f}"),
@@ -179,6 +197,10 @@ def format_table(results: Sequence[Result]) -> str:
         phases = ["baseline", "main"] if "baseline" in res["runs"].get("gateway", {}) else ["main"]
         for phase in phases:
             sc = res["scenario"]
+            if sc.get("write_delay"):
+                name = f"{res['scenario']['name']} wd={sc['write_delay']:g}"
+            if sc.get("compression", "off") != "off":
+                name = f"{name} {sc['compression']}"
             label = name if phase == "main" else f"{name} (baseline)"
             if phase == "main" and sc["stuck"]:
                 label = f"{name} ({sc['stuck']} of {sc['subscribers'] + sc['stuck']})"

@@ -38,7 +38,13 @@ import attrs
 
 from gateway import __version__
 from gateway.bench._feeder import fixture_id
-from gateway.bench._procstat import cpu_seconds, machine_ticks, memory_kib, steal_percent
+from gateway.bench._procstat import (
+    cpu_seconds,
+    machine_ticks,
+    memory_kib,
+    steal_percent,
+    write_calls,
+)
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
 from gateway.config import ConfigError, load_config
@@ -175,6 +181,10 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
         f"max_connections = {max(10_000, connections)}",
         f"max_subscriptions = {max(1000, sc.fixtures)}",
     ]
+    if sc.write_delay:
+        lines.append(f"write_delay = {sc.write_delay:g}")
+    if sc.compression != "off":
+        lines.append(f'compression = "{sc.compression}"')
     if sc.recorder_dir is not None:
         lines += ["", "[recorder]", f"dir = {json.dumps(sc.recorder_dir)}"]
     for i in range(sc.fixtures):
@@ -247,10 +257,17 @@ def _target(
                 peer.stop()
 
 
-def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
-    """Run *sc* against the gateway or the peer (*kind*) and return its figures."""
+def measure(
+    kind: str, sc: Scenario, *, progress: bool = True, slow_steps: Path | None = None
+) -> Result:
+    """Run *sc* against the gateway or the peer (*kind*) and return its figures.
+
+    *slow_steps*: the gateway appends its task steps over 10 ms there (JSON lines,
+    :mod:`gateway.service._slowsteps`)."""
     token = secrets.token_urlsafe(24)
     env = dict(os.environ, **{TOKEN_ENV: token})
+    if slow_steps is not None and kind == "gateway":
+        env["DDE_GATEWAY_SLOW_STEPS"] = str(slow_steps)
     label = f"{sc.name}/{kind}" + (" (with stuck)" if sc.stuck else "")
 
     def say(text: str) -> None:
@@ -304,6 +321,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
                 str(sc.stuck),
                 "--idle",
                 str(sc.idle),
+                *(["--deflate"] if sc.compression == "deflate" and kind == "gateway" else []),
             ],
             env,
             loadgen_log,
@@ -325,6 +343,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         load0 = os.getloadavg()[0]
         ticks0 = machine_ticks()
         cpu0 = cpu_seconds(pid)
+        writes0 = write_calls(pid)
         fs0 = feeder.ask("stats", "stats")
         t0 = time.monotonic()
         loadgen.ask("mark", "marked")
@@ -345,6 +364,7 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
             )
             last = (now, done, cpu)
         cpu1 = cpu_seconds(pid)
+        writes1 = write_calls(pid)
         ticks1 = machine_ticks()
         fs1 = feeder.ask("stats", "stats")
         report = loadgen.ask("report", "report")
@@ -365,6 +385,13 @@ def measure(kind: str, sc: Scenario, *, progress: bool = True) -> Result:
         "target_cpu_s": cpu,
         "cpu_percent": 100 * cpu / window,
         "deliveries_per_cpu_s": deliveries / cpu if cpu > 0 else None,
+        "us_cpu_per_delivery": 1e6 * cpu / deliveries if deliveries else None,
+        # write()/writev() calls; the peer (asyncio) sends with send(), which is not counted.
+        "writes_per_delivery": (writes1 - writes0) / deliveries
+        if deliveries and kind == "gateway"
+        else None,
+        "wire_bytes_per_frame": int(report["bytes"]) / deliveries if deliveries else None,
+        "compressed_frames": int(report.get("compressed", 0)),
         "latency_ms": report["latency_ms"],
         "rss_kib": mem["VmRSS"],
         "peak_rss_kib": mem["VmHWM"],
@@ -404,7 +431,9 @@ def _wait_receiving(loadgen: _Child, sc: Scenario, say: Any) -> None:
         time.sleep(0.2)
 
 
-def run_scenario(sc: Scenario, targets: Sequence[str], *, progress: bool = True) -> Result:
+def run_scenario(
+    sc: Scenario, targets: Sequence[str], *, progress: bool = True, slow_steps: Path | None = None
+) -> Result:
     """Every target through *sc* (and its baseline without stuck subscribers, if asked)."""
     runs: dict[str, dict[str, Result]] = {}
     errors: list[str] = []
@@ -414,7 +443,9 @@ def run_scenario(sc: Scenario, targets: Sequence[str], *, progress: bool = True)
             phases.insert(0, ("baseline", attrs.evolve(sc, stuck=0)))
         for phase, variant in phases:
             try:
-                runs.setdefault(kind, {})[phase] = measure(kind, variant, progress=progress)
+                runs.setdefault(kind, {})[phase] = measure(
+                    kind, variant, progress=progress, slow_steps=slow_steps
+                )
             except (BenchError, OSError) as exc:
                 errors.append(f"{sc.name}/{kind}/{phase}: {exc}")
     return {"scenario": attrs.asdict(sc), "runs": runs, "errors": errors}
@@ -427,6 +458,7 @@ def run_bench(
     peer: bool | None = None,
     json_path: Path | None = None,
     progress: bool = True,
+    slow_steps: Path | None = None,
 ) -> dict[str, Any]:
     """Run *scenarios*, print the table, write *json_path*; return the whole result.
 
@@ -450,7 +482,9 @@ def run_bench(
     need = max(sc.subscribers + sc.stuck + sc.idle for sc in scenarios) + 200
     if nofile < need:
         raise BenchError(f"open-file limit {nofile} is below the {need} this run needs")
-    results = [run_scenario(sc, targets, progress=progress) for sc in scenarios]
+    results = [
+        run_scenario(sc, targets, progress=progress, slow_steps=slow_steps) for sc in scenarios
+    ]
     for res in results:
         res["checks"] = evaluate(res)
     doc = {

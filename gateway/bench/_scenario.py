@@ -50,6 +50,15 @@ class Scenario:
     baseline: bool = False
     #: Run the gateway with ``[recorder] dir`` set to this directory (its cost: recorder.md).
     recorder_dir: str | None = None
+    #: The gateway's ``[subscribers] write_delay`` in ms (0: every frame written at once).
+    write_delay: float = attrs.field(
+        default=0.0, validator=[attrs.validators.ge(0), attrs.validators.le(1000)]
+    )
+    #: The gateway's ``[subscribers] compression``; with "deflate" the load generator offers
+    #: permessage-deflate (the peer's subscribers do not: it never compresses).
+    compression: str = attrs.field(
+        default="off", validator=attrs.validators.in_(("off", "deflate"))
+    )
 
     @property
     def offered_deliveries(self) -> float:

@@ -28,12 +28,21 @@ def accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def client_handshake(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    """An upgrade request and the accept value the server must answer with."""
+#: The permessage-deflate offer of a client that compresses nothing itself and asks the
+#: server to compress every message on its own (what the gateway's shared encoding needs).
+DEFLATE_OFFER: Final = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+def client_handshake(
+    host: str, port: int, path: str, *, extensions: str | None = None
+) -> tuple[bytes, bytes]:
+    """An upgrade request (offering *extensions*, if given) and the accept value the server
+    must answer with."""
     key = base64.b64encode(os.urandom(16))
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{offer}"
         f"Sec-WebSocket-Key: {key.decode()}\r\n\r\n"
     ).encode()
     return request, accept_key(key)
@@ -83,6 +92,9 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
 def parse_frames(buf: bytearray | bytes, pos: int = 0) -> tuple[list[tuple[int, int, int]], int]:
     """Complete frames in *buf* from *pos*: ``([(opcode, start, end), ...], next_pos)``.
 
+    The opcode keeps the RSV1 bit (0x40): a compressed text message (permessage-deflate) is
+    ``0x41``, never equal to ``OP_TEXT``.
+
     ``start:end`` is the payload's range in *buf*. Masked payloads (client frames) are left
     masked; call :func:`payload` to read one. Stops at the first incomplete frame.
     """
@@ -93,7 +105,7 @@ def parse_frames(buf: bytearray | bytes, pos: int = 0) -> tuple[list[tuple[int, 
         end = start + n
         if end > size:
             break
-        frames.append((b0 & 0x0F, start, end))
+        frames.append((b0 & 0x4F, start, end))
         pos = end
     return frames, pos
 

@@ -59,6 +59,8 @@ DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
 #: average, and how many it may send at once (a burst of subscribes, a browser's pongs).
 DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND: Final = 100.0
 DEFAULT_CLIENT_FRAME_BURST: Final = 1000
+#: Longest ``write_delay`` (ms) a config or a subscriber may ask for.
+MAX_WRITE_DELAY_MS: Final = 1000
 
 #: The recorder's defaults (``[recorder]``, docs/recorder.md).
 DEFAULT_RECORDER_FSYNC_INTERVAL: Final = 1.0
@@ -70,6 +72,7 @@ DEFAULT_RECORDER_QUEUE_BYTES: Final = 64 * 1024 * 1024
 
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
+Compression = Literal["off", "deflate"]
 UpstreamClient = Literal["lean", "trio-websocket"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -110,6 +113,11 @@ def _positive_finite(inst: object, attribute: attrs.Attribute[float], value: flo
     _positive(inst, attribute, value)
     if value == float("inf"):
         raise ValueError(f"{attribute.name} must be finite, got {value!r}")
+
+
+def _write_delay(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_WRITE_DELAY_MS:
+        raise ValueError(f"{attribute.name} must be 0-{MAX_WRITE_DELAY_MS} ms, got {value!r}")
 
 
 def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -243,6 +251,12 @@ class SubscribersSection:
         default=DEFAULT_MAX_CLIENT_FRAMES_PER_SECOND, validator=_positive_finite
     )
     client_frame_burst: int = attrs.field(default=DEFAULT_CLIENT_FRAME_BURST, validator=v.ge(1))
+    #: Milliseconds a subscriber's frames may be held to be written together (one system call
+    #: per batch instead of one per frame); 0 = every frame written at once (docs/dataplane.md).
+    write_delay: int = attrs.field(default=0, validator=_write_delay)
+    #: ``deflate``: permessage-deflate (no context takeover) for subscribers that offer it,
+    #: each frame compressed once per topic and shared; ``off``: never negotiated.
+    compression: Compression = "off"
     #: Subscriber tokens for both endpoints (format: gateway.config._tokens); None = open.
     tokens_file: Path | None = None
 

@@ -22,6 +22,8 @@ from gateway.dataplane._connection import (
     EVENTS_PER_TURN,
     Connection,
     ConnectionMonitor,
+    DelayedConnection,
+    WriteTicker,
 )
 from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
@@ -39,6 +41,7 @@ __all__ = [
     "Conflator",
     "Connection",
     "ConnectionMonitor",
+    "DelayedConnection",
     "DeliverySink",
     "RegistryStats",
     "SendItem",
@@ -46,6 +49,7 @@ __all__ = [
     "SubscriberAuth",
     "SubscriberRegistry",
     "SubscriberView",
+    "WriteTicker",
     "offered_tokens",
     "run",
 ]

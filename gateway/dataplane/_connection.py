@@ -43,7 +43,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 from wsproto import WSConnection
@@ -171,6 +171,8 @@ class Connection:
         latency: LatencyHistogram,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         tls: trio.SSLStream[trio.SocketStream] | None = None,
+        write_delay: float = 0.0,
+        deflate: bool = False,
     ) -> None:
         self.id = ident
         self.peer = peer
@@ -208,6 +210,16 @@ class Connection:
         self._flushed = trio.Event()
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        #: Seconds the writer holds frames to write them together (:class:`DelayedConnection`);
+        #: 0: none (the writer writes as soon as it is woken).
+        self.write_delay = write_delay
+        #: Write system calls the writer task made (the eager writes are not counted: the hot
+        #: path stays as it is). For a :class:`DelayedConnection`, every write of a frame.
+        self.writer_writes = 0
+        #: A batch started by a :class:`WriteTicker` that the writer must finish.
+        self._partial: tuple[bytes, int, float] | None = None
+        #: permessage-deflate was negotiated: data frames go compressed (shared encoding).
+        self.deflate = deflate
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer} {self.endpoint}>"
@@ -351,10 +363,15 @@ class Connection:
     async def _writer(self) -> None:
         """Drain the queue into the socket until closed; then half-close and signal flushed."""
         sock = self._sock
-        fd = self._fd
         q = self._sq
-        latency = self._latency
         while True:
+            partial = self._partial
+            if partial is not None:
+                # A batch a WriteTicker started and the kernel did not take whole.
+                self._partial = None
+                if not await self._write_out(*partial):
+                    return
+                continue
             if self._backfills and not self._closing and q.unsent < self.fill_target:
                 self._refill()
             if not q.items:
@@ -367,33 +384,41 @@ class Connection:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            buf, frames, sampled = q.take_batch()
-            view = memoryview(buf)
-            try:
-                # q.batch_end shrinks when a close trims the batch while we wait.
-                while q.inflight:
-                    end = q.batch_end
-                    try:
-                        n = os.write(fd, view[end - q.inflight : end])
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    q.wrote(n)
-            except OSError:
-                self._broken()
+            if not await self._write_out(*q.take_batch()):
                 return
-            finally:
-                view.release()
-            q.batch_done()
-            self.frames_sent += frames
-            if sampled:
-                latency.sample(sampled)
         # Everything, close frame included, is with the kernel: tell the peer we are done.
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self._flushed.set()
+
+    async def _write_out(self, buf: bytes, frames: int, sampled: float) -> bool:
+        """Finish the in-flight batch *buf* (taken from the queue); False if the peer is gone."""
+        q = self._sq
+        fd = self._fd
+        view = memoryview(buf)
+        try:
+            # q.batch_end shrinks when a close trims the batch while we wait.
+            while q.inflight:
+                end = q.batch_end
+                try:
+                    n = os.write(fd, view[end - q.inflight : end])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                self.writer_writes += 1
+                q.wrote(n)
+        except OSError:
+            self._broken()
+            return False
+        finally:
+            view.release()
+        q.batch_done()
+        self.frames_sent += frames
+        if sampled:
+            self._latency.sample(sampled)
+        return True
 
     def _broken(self) -> None:
         # The peer is gone (reset, broken pipe): nothing more can be written.
@@ -609,3 +634,118 @@ class Connection:
         while not self._closing:
             await trio.sleep(interval)
             self.send_control(make())
+
+
+class WriteTicker:
+    """Writes the queues of every :class:`DelayedConnection` of one ``write_delay``, once per
+    delay: one task for all of them.
+
+    A tick costs one wake-up of this task whatever the number of subscribers, and each
+    subscriber's whole queue goes out with one ``os.write`` from here: no task of the
+    subscriber's is woken (in trio a wake-up costs about as much as the system call saved).
+    Ticks are at least ``interval`` apart; after a quiet spell the first frame is written at
+    the next tick due, at once if it is already past.
+    """
+
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError("a WriteTicker needs an interval > 0")
+        self.interval = interval
+        self.ticks = 0
+        self._pending: list[DelayedConnection] = []
+        self._wake = trio.Event()
+        self._next = 0.0
+
+    def schedule(self, conn: DelayedConnection) -> None:
+        """Write *conn*'s queue at the next tick (called once per batch by the connection)."""
+        if not self._pending:
+            self._wake.set()
+        self._pending.append(conn)
+
+    async def run(self) -> None:
+        """Tick until cancelled (the server runs one per delay in use)."""
+        while True:
+            if not self._pending:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            wait = self._next - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._next = trio.current_time() + self.interval
+            self._wake = trio.Event()
+            pending, self._pending = self._pending, []
+            self.ticks += 1
+            for conn in pending:
+                conn.flush_tick()
+
+
+class DelayedConnection(Connection):
+    """A plaintext :class:`Connection` with a ``write_delay``: no eager write.
+
+    Every frame and control message is queued (same budget and slow policies); the first one
+    queued schedules the connection on its :class:`WriteTicker`, which writes the whole queue
+    with one system call at its next tick, at most ``write_delay`` later. Fewer system calls
+    per delivery for up to ``write_delay`` of added latency. The writer task only finishes a
+    batch the kernel did not take whole, streams backfill and writes the close (closing is
+    never delayed). The plain :class:`Connection` (``write_delay`` 0) is untouched by this.
+    """
+
+    def __init__(self, *, ticker: WriteTicker, **kw: Any) -> None:
+        super().__init__(write_delay=ticker.interval, **kw)
+        self.ticker = ticker
+        self._scheduled = False
+
+    def send_data(
+        self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
+    ) -> None:
+        if self._closing:
+            return
+        q = self._sq
+        if q.push(SendItem(data, seq, published, sink)):
+            self._too_slow()
+            return
+        if not self._scheduled and not q.writing:
+            self._scheduled = True
+            self.ticker.schedule(self)
+
+    def _send_raw(self, data: bytes) -> None:
+        if self._dead:
+            return
+        q = self._sq
+        if q.push(SendItem(data, None)):
+            self._too_slow()
+            return
+        if not self._scheduled and not q.writing:
+            self._scheduled = True
+            self.ticker.schedule(self)
+
+    def flush_tick(self) -> None:
+        """The ticker's turn: write the whole queue with one ``os.write``."""
+        self._scheduled = False
+        q = self._sq
+        if self._closing or q.writing or not q.items:
+            # Closing (the writer drains at once), or the writer is mid-batch (it takes
+            # what was queued meanwhile when done).
+            return
+        buf, frames, sampled = q.take_batch()
+        try:
+            n = os.write(self._fd, buf)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._broken()
+            return
+        self.writer_writes += 1
+        q.wrote(n)
+        if q.inflight:
+            # The kernel did not take it all: the writer finishes it as the socket drains.
+            self._partial = (buf, frames, sampled)
+            self._wake.set()
+            return
+        q.batch_done()
+        self.frames_sent += frames
+        if sampled:
+            self._latency.sample(sampled)
+        if self._backfills:
+            self._wake.set()

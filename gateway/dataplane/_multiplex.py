@@ -33,11 +33,13 @@ _UNSUBSCRIBE_KEYS: Final = frozenset({"op", "feed", "fixture"})
 class MuxSubscription:
     """One (feed, fixture) of a multiplexed connection; the topic fans out to it."""
 
-    __slots__ = ("backfill", "conn", "gap_from", "gap_to", "topic")
+    __slots__ = ("backfill", "conn", "deflate", "gap_from", "gap_to", "topic")
 
     def __init__(self, conn: Connection, topic: Topic) -> None:
         self.conn = conn
         self.topic = topic
+        #: The connection negotiated permessage-deflate: frames go as ``frame.deflate_ws``.
+        self.deflate = conn.deflate
         # The pending gap (drop-oldest): seqs gap_from..gap_to were dropped; 0 = none.
         self.gap_from = 0
         self.gap_to = 0
@@ -47,7 +49,8 @@ class MuxSubscription:
     def on_frame(self, frame: Frame) -> None:
         if self.gap_to and self.conn.idle:
             self.conn.send_control(self._gap())
-        self.conn.send_data(frame.envelope_ws, frame.seq, frame.published, self)
+        data = frame.deflate_ws if self.deflate else frame.envelope_ws
+        self.conn.send_data(data, frame.seq, frame.published, self)
 
     def on_status(self, topic: Topic) -> None:
         self.conn.send_control(

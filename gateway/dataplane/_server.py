@@ -19,14 +19,16 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from gateway.config import (
+    MAX_WRITE_DELAY_MS,
     Config,
     FeedConfig,
     ListenAddress,
@@ -35,7 +37,13 @@ from gateway.config import (
 )
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import STREAM_PROTOCOL, SubscriberAuth, offered_tokens
-from gateway.dataplane._connection import RECEIVE_CHUNK, Connection, Handler
+from gateway.dataplane._connection import (
+    RECEIVE_CHUNK,
+    Connection,
+    DelayedConnection,
+    Handler,
+    WriteTicker,
+)
 from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
@@ -71,7 +79,7 @@ class _Route:
     """Where an upgrade request goes: endpoint name, handler factory, slow policy override
     ("" for the configured one), the subprotocol to answer and the token line used (logs)."""
 
-    __slots__ = ("endpoint", "factory", "grant_line", "policy", "subprotocol")
+    __slots__ = ("endpoint", "factory", "grant_line", "policy", "subprotocol", "write_delay")
 
     def __init__(
         self,
@@ -80,12 +88,16 @@ class _Route:
         policy: str = "",
         subprotocol: str | None = None,
         grant_line: int = 0,
+        *,
+        write_delay: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.policy = policy
         self.subprotocol = subprotocol
         self.grant_line = grant_line
+        #: The connection's ``write_delay`` in ms (``?write_delay=``); None: the configured one.
+        self.write_delay = write_delay
 
 
 class _Router:
@@ -114,7 +126,9 @@ class _Router:
         hub = self.hub
         auth = self.auth
         if path == STREAM_PATH:
-            return self._stream(request, peer)
+            route = self._stream(request, peer)
+            route.write_delay = _write_delay(split.query)
+            return route
         feed = self.exact.get(path)
         if feed is not None:
             return _Route(
@@ -179,6 +193,47 @@ def _start_position(query: str) -> int:
     return n
 
 
+_SERVER_BITS: Final = re.compile(r"server_max_window_bits\s*=\s*\"?(\d+)")
+
+
+class SharedDeflate(PerMessageDeflate):
+    """permessage-deflate as the gateway speaks it (``[subscribers] compression = "deflate"``).
+
+    Always with ``server_no_context_takeover`` and ``client_no_context_takeover``: each
+    message is compressed on its own, so one compressed frame (``Frame.deflate_ws``) serves
+    every such subscriber. An offer that limits the server's window below 15 bits is declined
+    (the shared bytes use the full window); the first acceptable offer wins. wsproto decodes
+    the client's compressed frames; the gateway's own control messages go uncompressed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(client_no_context_takeover=True, server_no_context_takeover=True)
+        self._answer: str | None = None
+
+    def accept(self, offer: str) -> bool | str | None:
+        if self._answer is not None:
+            return self._answer
+        m = _SERVER_BITS.search(offer)
+        if m is not None and int(m[1]) < 15:
+            return None
+        answer = super().accept(offer)
+        if isinstance(answer, str):
+            self._answer = answer
+        return answer
+
+
+def _write_delay(query: str) -> int | None:
+    """``?write_delay=MS`` of ``/v1/stream``: None when absent; 400 unless an integer 0-1000."""
+    values = urllib.parse.parse_qs(query).get("write_delay")
+    if not values:
+        return None
+    value = values[-1]
+    ms = int(value) if value.isascii() and value.isdigit() else -1
+    if not 0 <= ms <= MAX_WRITE_DELAY_MS:
+        raise _Reject(400, b"write_delay must be a whole number of milliseconds, 0 to 1000\n")
+    return ms
+
+
 async def _read_request(stream: _Stream, ws: WSConnection) -> Request | None:
     while True:
         data = await stream.receive_some(RECEIVE_CHUNK)
@@ -217,6 +272,17 @@ class _Server:
         self.registry = registry
         self.tls = tls
         self.router = _Router(config, hub, auth)
+        #: One WriteTicker per write_delay in use (ms), running in ``nursery``.
+        self.tickers: dict[int, WriteTicker] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def _ticker(self, delay_ms: int) -> WriteTicker:
+        ticker = self.tickers.get(delay_ms)
+        if ticker is None:
+            assert self.nursery is not None, "the server's nursery runs the tickers"
+            ticker = self.tickers[delay_ms] = WriteTicker(delay_ms / 1000.0)
+            self.nursery.start_soon(ticker.run)
+        return ticker
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One accepted TCP connection: handshake, then the endpoint protocol until it ends.
@@ -264,9 +330,25 @@ class _Server:
                 ) + ws.send(RejectData(data=rej.body, body_finished=True))
                 await io.send_all(data)
                 return
-            await io.send_all(ws.send(AcceptConnection(subprotocol=route.subprotocol)))
+            deflate = None
+            if self.settings.compression == "deflate" and route.endpoint == STREAM_PATH:
+                deflate = SharedDeflate()
+            accept = AcceptConnection(
+                subprotocol=route.subprotocol, extensions=[deflate] if deflate else []
+            )
+            await io.send_all(ws.send(accept))
         endpoint = route.endpoint
-        cls = Connection if tls is None else TlsConnection
+        delay_ms = self.settings.write_delay if route.write_delay is None else route.write_delay
+        cls: type[Connection] = Connection
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            cls = TlsConnection
+            if delay_ms:
+                extra["write_delay"] = delay_ms / 1000.0
+        elif delay_ms:
+            cls = DelayedConnection
+            extra["ticker"] = self._ticker(delay_ms)
+        compressed = deflate is not None and deflate.enabled()
         conn = cls(
             ident=self.registry.new_id(),
             peer=peer,
@@ -278,6 +360,8 @@ class _Server:
             monitor=self.registry,
             latency=self.hub.fanout_latency,
             tls=tls,
+            deflate=compressed,
+            **extra,
         )
         self.registry.add(conn)
         log.debug(
@@ -327,5 +411,6 @@ async def run(
     scheme = "ws" if tls is None else "wss"
     log.info("data plane listening on %s://%s%s", scheme, bound, STREAM_PATH)
     async with trio.open_nursery() as nursery:
+        server.nursery = nursery
         task_status.started(bound)
         await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)

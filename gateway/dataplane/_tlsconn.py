@@ -55,6 +55,8 @@ class TlsConnection(Connection):
         tls = self._tls
         q = self._sq
         latency = self._latency
+        delay = self.write_delay
+        next_batch = 0.0
         while True:
             # Backfill is pulled as the queue drains, as in the plaintext writer.
             if self._backfills and not self._closing and q.unsent < self.fill_target:
@@ -68,6 +70,12 @@ class TlsConnection(Connection):
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
+            if delay:
+                # write_delay: at most one batch per `delay`, as in DelayedConnection.
+                if not self._closing and (wait := next_batch - trio.current_time()) > 0:
+                    await trio.sleep(wait)
+                    continue
+                next_batch = trio.current_time() + delay
             buf, frames, sampled = q.take_batch()
             try:
                 while q.inflight > 0:
@@ -75,6 +83,7 @@ class TlsConnection(Connection):
                     start = end - q.inflight
                     # A whole-bytes slice is the object itself: no copy in the usual case.
                     await tls.send_all(buf[start:end])
+                    self.writer_writes += 1
                     # A close may have trimmed the batch meanwhile (q.batch_end shrank): those
                     # bytes went out anyway, whole frames, so the stream is still sound.
                     q.wrote(min(end - start, q.inflight))

@@ -5,7 +5,7 @@ attaches :class:`TopicSubscriber` objects to topics; the control plane reads top
 and the hub's ``fanout_latency`` histogram. Nothing here does I/O or awaits.
 """
 
-from gateway.hub._frame import Frame, envelope_prefix
+from gateway.hub._frame import Frame, deflate_message, envelope_prefix
 from gateway.hub._hub import (
     FIXTURE_ID_PATTERN,
     FixtureDirectory,
@@ -36,6 +36,7 @@ __all__ = [
     "TopicSubscriber",
     "UnknownFeedError",
     "UnknownFixtureError",
+    "deflate_message",
     "envelope_prefix",
     "valid_fixture_id",
 ]

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Final
 
 import orjson
 
-from gateway.wire import encode_frame, frame_header
+from gateway.wire import deflate_frame_header, encode_frame, frame_header
 
 _DATA_KEY: Final = b',"data":'
+#: What a full flush ends with (an empty stored block); RFC 7692 7.2.1: left off the wire.
+_DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
+#: One raw-deflate compressor for the process. Each message ends with a full flush, which
+#: empties its window: every message decodes alone (no context takeover), and no compressor
+#: (a few hundred KB of state) is allocated per frame.
+_compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+
+def deflate_message(parts: tuple[bytes, ...]) -> bytes:
+    """The permessage-deflate payload of the message *parts* joined (no context takeover)."""
+    c = _compressor
+    out = [c.compress(part) for part in parts]
+    out.append(c.flush(zlib.Z_FULL_FLUSH))
+    data = b"".join(out)
+    # A full flush always ends with the empty stored block; RFC 7692 drops it on the wire.
+    return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
 
 
 def envelope_prefix(feed: str, fixture: str) -> bytes:
@@ -32,12 +49,15 @@ class Frame:
     - :attr:`envelope_ws`: the multiplexed ``{"type":"frame",...,"seq":S,"data":RAW}`` message;
       ``RAW`` is the upstream text inserted byte for byte, never re-serialised.
     - :attr:`raw_ws`: the upstream text alone, for vendor drop-in subscribers.
+    - :attr:`deflate_ws`: the envelope compressed once (permessage-deflate, no context
+      takeover, RSV1 set), shared by every subscriber that negotiated compression.
 
     The topic's history keeps only ``(seq, raw_bytes)``; a backfill or resume gets new Frame
     objects, whose encodings are built for it and freed with it.
     """
 
     __slots__ = (
+        "_deflate_ws",
         "_envelope_ws",
         "_prefix",
         "_raw_ws",
@@ -66,6 +86,7 @@ class Frame:
         self._prefix = prefix
         self._envelope_ws: bytes | None = None
         self._raw_ws: bytes | None = None
+        self._deflate_ws: bytes | None = None
 
     @property
     def raw(self) -> str:
@@ -85,6 +106,19 @@ class Frame:
         if ws is None:
             ws = self._raw_ws = encode_frame(self.raw_bytes)
         return ws
+
+    @property
+    def deflate_ws(self) -> bytes:
+        ws = self._deflate_ws
+        if ws is None:
+            ws = self._deflate_ws = self._build_deflate()
+        return ws
+
+    def _build_deflate(self) -> bytes:
+        payload = deflate_message(
+            (self._prefix, str(self.seq).encode(), _DATA_KEY, self.raw_bytes, b"}")
+        )
+        return deflate_frame_header(len(payload)) + payload
 
     def _build_envelope(self) -> bytes:
         # One join, header included: the payload is never built as a separate copy.

@@ -12,6 +12,7 @@ from gateway.service._logging import (
     fields,
 )
 from gateway.service._notify import Notifier, encode_fields
+from gateway.service._slowsteps import SlowStepLog, instruments_from_env
 
 __all__ = [
     "Bound",
@@ -22,10 +23,12 @@ __all__ = [
     "Notifier",
     "RecordedTopic",
     "SecretRedactor",
+    "SlowStepLog",
     "configure_logging",
     "demo_config",
     "encode_fields",
     "fields",
+    "instruments_from_env",
     "run_demo",
     "run_from_config_path",
     "serve",
