@@ -22,7 +22,6 @@ import os
 import queue
 import resource
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from gateway.bench._procstat import (
 )
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, ListenAddress, load_config
 
 TOKEN_ENV: Final = "DDE_BENCH_TOKEN"
 START_TIMEOUT: Final = 30.0
@@ -87,13 +86,6 @@ def raise_nofile_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return soft
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Child:
@@ -192,6 +184,34 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
     return "\n".join(lines) + "\n"
 
 
+def _bound_ports(proc: subprocess.Popen[bytes], log: Path) -> tuple[int, int]:
+    """``(stream, http)`` ports of a gateway started on port 0, from its "gateway ready" line.
+
+    Ports chosen in advance could be taken by another process before the gateway binds them;
+    the gateway binds port 0 and says what it got (a JSON log line with ``stream``/``http``).
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"gateway exited with status {proc.returncode}: {_tail(log)}")
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            if "gateway ready" not in line:
+                continue
+            try:
+                record = json.loads(line)
+                stream = ListenAddress.parse(record["stream"]).port
+                http = ListenAddress.parse(record["http"]).port
+            except (ValueError, KeyError, TypeError):
+                continue
+            return stream, http
+        time.sleep(0.05)
+    raise BenchError(f"gateway did not report its ports within {START_TIMEOUT:.0f} s: {_tail(log)}")
+
+
 def _wait_http_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     url = f"http://127.0.0.1:{port}/readyz"
@@ -225,22 +245,23 @@ def _target(
     log_path = tmp / f"{kind}.log"
     with open(log_path, "wb") as log:
         if kind == "gateway":
-            stream, http = free_port(), free_port()
             config = tmp / "gateway.toml"
-            config.write_text(gateway_config_text(sc, feeder_port, stream, http))
+            config.write_text(gateway_config_text(sc, feeder_port, 0, 0))
             try:
                 load_config(config)
             except ConfigError as exc:
                 raise BenchError(f"generated config rejected: {exc}") from None
             argv = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+            # Info level, JSON: the "gateway ready" line names the ports bound (see _bound_ports).
             proc = subprocess.Popen(
-                [*argv, "--log-level", "warning"],
+                [*argv, "--log-level", "info", "--log-format", "json"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 env=env,
             )
             try:
+                stream, http = _bound_ports(proc, log_path)
                 _wait_http_ready(proc, http, log_path)
                 yield proc.pid, stream
             finally:
