@@ -362,9 +362,8 @@ class Connection:
 
     async def _writer(self) -> None:
         """Drain the queue into the socket until closed; then half-close and signal flushed."""
-        sock = self._sock
         q = self._sq
-        while True:
+        while await self._await_work():
             partial = self._partial
             if partial is not None:
                 # A batch a WriteTicker started and the kernel did not take whole.
@@ -372,29 +371,53 @@ class Connection:
                 if not await self._write_out(*partial):
                     return
                 continue
-            if self._backfills and not self._closing and q.unsent < self.fill_target:
-                self._refill()
-            if not q.items:
-                if self._closing:
-                    break
-                if self._can_pull():
-                    # The kernel took all of the backfill pulled: let others run, pull more.
-                    await trio.lowlevel.checkpoint()
-                    continue
-                await self._wake.wait()
-                self._wake = trio.Event()
+            if await self._hold():
                 continue
             if not await self._write_out(*q.take_batch()):
                 return
         # Everything, close frame included, is with the kernel: tell the peer we are done.
+        # (Under TLS no close_notify: the WebSocket close handshake already ended it.)
         try:
-            sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self._flushed.set()
 
+    async def _await_work(self) -> bool:
+        """Wait for something to write (pulling backfill as the queue drains); False once the
+        connection is closing and everything queued is written."""
+        q = self._sq
+        while self._partial is None:
+            if self._backfills and not self._closing and q.unsent < self.fill_target:
+                self._refill()
+            if q.items:
+                return True
+            if self._closing:
+                return False
+            if self._can_pull():
+                # The kernel took all of the backfill pulled: let others run, pull more.
+                await trio.lowlevel.checkpoint()
+                continue
+            await self._wake.wait()
+            self._wake = trio.Event()
+        return True
+
+    async def _hold(self) -> bool:
+        """True to let the queue fill a while longer before the next batch (TLS write_delay)."""
+        return False
+
     async def _write_out(self, buf: bytes, frames: int, sampled: float) -> bool:
         """Finish the in-flight batch *buf* (taken from the queue); False if the peer is gone."""
+        if not await self._send_batch(buf):
+            return False
+        self._sq.batch_done()
+        self.frames_sent += frames
+        if sampled:
+            self._latency.sample(sampled)
+        return True
+
+    async def _send_batch(self, buf: bytes) -> bool:
+        """Write the in-flight batch *buf* to the socket; False if the peer is gone."""
         q = self._sq
         fd = self._fd
         view = memoryview(buf)
@@ -414,10 +437,6 @@ class Connection:
             return False
         finally:
             view.release()
-        q.batch_done()
-        self.frames_sent += frames
-        if sampled:
-            self._latency.sample(sampled)
         return True
 
     def _broken(self) -> None:

@@ -7,9 +7,10 @@ exactly the write side and nothing else:
 
 - :meth:`send_data` and :meth:`_send_raw` only queue (the same byte budget, slow policies,
   drops and gap messages: all of that is the :class:`SendQueue`'s) and wake the writer;
-- the writer takes the whole queue per wake-up as one buffer and hands it to
-  ``SSLStream.send_all``; the reader reads through the same ``SSLStream`` (one sender and one
-  receiver at a time is what trio's SSLStream supports).
+- the writer (the base class's loop: backfill pulls, batches, close) hands each batch to
+  ``SSLStream.send_all`` (:meth:`_send_batch`), and spaces batches ``write_delay`` apart
+  (:meth:`_hold`); the reader reads through the same ``SSLStream`` (one sender and one receiver
+  at a time is what trio's SSLStream supports).
 
 The plaintext hot path is not touched: a plaintext connection never executes a line of this.
 Batching matters more here than in plaintext: one TLS record per batch instead of per frame.
@@ -17,7 +18,6 @@ Batching matters more here than in plaintext: one TLS record per batch instead o
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import trio
@@ -36,6 +36,7 @@ class TlsConnection(Connection):
             raise TypeError("TlsConnection needs tls")
         super().__init__(tls=tls, **kw)
         self._tls = tls
+        self._next_batch = 0.0  # trio time the next batch may go (write_delay)
 
     def send_data(
         self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
@@ -51,53 +52,32 @@ class TlsConnection(Connection):
             self._too_slow()
         self._wake.set()
 
-    async def _writer(self) -> None:
-        tls = self._tls
-        q = self._sq
-        latency = self._latency
+    async def _hold(self) -> bool:
+        # write_delay: at most one batch per ``delay`` (a plaintext connection has a WriteTicker
+        # for that; this one writes through its own SSLStream).
         delay = self.write_delay
-        next_batch = 0.0
-        while True:
-            # Backfill is pulled as the queue drains, as in the plaintext writer.
-            if self._backfills and not self._closing and q.unsent < self.fill_target:
-                self._refill()
-            if not q.items:
-                if self._closing:
-                    break
-                if self._can_pull():
-                    await trio.lowlevel.checkpoint()
-                    continue
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            if delay:
-                # write_delay: at most one batch per `delay`, as in DelayedConnection.
-                if not self._closing and (wait := next_batch - trio.current_time()) > 0:
-                    await trio.sleep(wait)
-                    continue
-                next_batch = trio.current_time() + delay
-            buf, frames, sampled = q.take_batch()
-            try:
-                while q.inflight > 0:
-                    end = q.batch_end
-                    start = end - q.inflight
-                    # A whole-bytes slice is the object itself: no copy in the usual case.
-                    await tls.send_all(buf[start:end])
-                    self.writer_writes += 1
-                    # A close may have trimmed the batch meanwhile (q.batch_end shrank): those
-                    # bytes went out anyway, whole frames, so the stream is still sound.
-                    q.wrote(min(end - start, q.inflight))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._broken()
-                return
-            q.batch_done()
-            self.frames_sent += frames
-            if sampled:
-                latency.sample(sampled)
-        # Everything, close frame included, is with the kernel: tell the peer we are done.
-        # (No TLS close_notify: the WebSocket close handshake already ended the conversation.)
+        if not delay or self._closing:
+            return False
+        now = trio.current_time()
+        if (wait := self._next_batch - now) > 0:
+            await trio.sleep(wait)
+            return True
+        self._next_batch = now + delay
+        return False
+
+    async def _send_batch(self, buf: bytes) -> bool:
+        q = self._sq
         try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self._flushed.set()
+            while q.inflight > 0:
+                end = q.batch_end
+                start = end - q.inflight
+                # A whole-bytes slice is the object itself: no copy in the usual case.
+                await self._tls.send_all(buf[start:end])
+                self.writer_writes += 1
+                # A close may have trimmed the batch meanwhile (q.batch_end shrank): those
+                # bytes went out anyway, whole frames, so the stream is still sound.
+                q.wrote(min(end - start, q.inflight))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._broken()
+            return False
+        return True
