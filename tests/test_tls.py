@@ -320,3 +320,24 @@ async def test_gateway_with_tls_serves_wss_and_https(tmp_path: Path, certs: Cert
                     "port": bound.stream.port,
                     "path": "/v1/stream",
                 }
+
+
+async def test_wss_write_delay_batches_and_keeps_every_frame(certs: Certs) -> None:
+    """Under TLS ``write_delay`` spaces the writer's batches: frames published one by one go
+    out in fewer writes than frames, every one of them, in order."""
+    with trio.fail_after(60):
+        async with serving(tls_config(certs, write_delay=50)) as s:
+            topic = s.topic()
+            async with open_websocket_url(f"wss://{s.addr}/v1/stream", certs.client) as ws:
+                await subscribe(ws)
+                (conn,) = s.registry.connections_now()
+                for i in range(40):
+                    topic.publish(f'{{"ix":{i}}}', i)
+                    await trio.sleep(0.005)  # pacing the publisher, not waiting for a result
+                seqs = []
+                while len(seqs) < 40:
+                    msg = orjson.loads(await ws.get_message())
+                    if msg["type"] == "frame":
+                        seqs.append(msg["seq"])
+                assert seqs == list(range(1, 41))
+                assert 0 < conn.writer_writes < 40
