@@ -334,7 +334,7 @@ async def test_wss_write_delay_batches_and_keeps_every_frame(certs: Certs) -> No
                 for i in range(40):
                     topic.publish(f'{{"ix":{i}}}', i)
                     await trio.sleep(0.005)  # pacing the publisher, not waiting for a result
-                seqs = []
+                seqs: list[int] = []
                 while len(seqs) < 40:
                     msg = orjson.loads(await ws.get_message())
                     if msg["type"] == "frame":
