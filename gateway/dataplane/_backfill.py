@@ -39,7 +39,7 @@ from typing import Final, Protocol
 import trio
 
 from gateway.dataplane._connection import Connection
-from gateway.hub import ArchiveCursor, Frame, Topic, TopicArchive
+from gateway.hub import ArchiveCursor, Frame, Hub, Topic, TopicArchive
 
 #: Frames one pull queues at most (the kernel may take them all at once: the writer yields).
 PULL_FRAMES: Final = 256
@@ -85,6 +85,17 @@ class Backfilled(Protocol):
         """The backfill is done and the subscription attached; *status_changed*: the topic's
         status changed meanwhile (it was not sent)."""
         ...
+
+
+def leave(hub: Hub, topic: Topic, sub: Backfilled) -> None:
+    """Take *sub* off *topic* for good: while its backfill still runs, that is what is attached
+    (stopped first, then detached); otherwise the subscription itself."""
+    bf = sub.backfill
+    if bf is not None:
+        bf.stop()
+        hub.leave(topic, bf)
+    else:
+        hub.leave(topic, sub)
 
 
 class Backfill:

@@ -27,7 +27,7 @@ import trio
 from gateway.config import FeedConfig
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import SubscriberAuth
-from gateway.dataplane._backfill import Backfill
+from gateway.dataplane._backfill import Backfill, leave
 from gateway.dataplane._connection import Connection
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
@@ -193,12 +193,7 @@ class DropinHandler:
     def finish(self) -> None:
         sub, self.sub = self.sub, None
         if sub is not None:
-            bf = sub.backfill
-            if bf is not None:
-                bf.stop()
-                self.hub.leave(sub.topic, bf)
-            else:
-                self.hub.leave(sub.topic, sub)
+            leave(self.hub, sub.topic, sub)
 
 
 def _loads(text: str) -> Any:

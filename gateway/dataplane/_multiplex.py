@@ -18,7 +18,7 @@ import orjson
 import trio
 
 from gateway.dataplane import _messages as msg
-from gateway.dataplane._backfill import Backfill
+from gateway.dataplane._backfill import Backfill, leave
 from gateway.dataplane._conflate import MAX_RATE, Conflator
 from gateway.dataplane._connection import Connection
 from gateway.errors import BadRequest
@@ -292,12 +292,7 @@ class MultiplexHandler:
 
     def _leave(self, sub: MuxSubscription) -> None:
         sub.stop()
-        bf = sub.backfill
-        if bf is not None:
-            bf.stop()
-            self.hub.leave(sub.topic, bf)
-        else:
-            self.hub.leave(sub.topic, sub)
+        leave(self.hub, sub.topic, sub)
 
     def forget(self, sub: MuxSubscription) -> None:
         """The topic closed under *sub* (it already sent status ``stopped``)."""
