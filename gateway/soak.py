@@ -12,7 +12,7 @@ The same run serves the suite (a few seconds, ``tests/test_chaos.py``) and relea
 
 Example::
 
-    report = await run_soak(duration=30.0, seed=7)
+    report = await run_soak(duration=30.0, seed=7, workdir=tmp_path)
     assert report.ok, report.problems
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,7 +215,7 @@ async def run_soak(
     fastpath: int = 1,
     rate_hz: float = 50.0,
     subscribers: int = 2,
-    workdir: Path | None = None,
+    workdir: Path,
     progress: Callable[[str], None] | None = None,
 ) -> SoakReport:
     """Run the soak for *duration* seconds of faults, then check that everything recovered.
@@ -233,8 +234,7 @@ async def run_soak(
     with trio.CancelScope() as outer:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(sim.serve, "127.0.0.1", 0)
-            tmp = workdir or Path(await trio.to_thread.run_sync(_tempdir))
-            token_file = tmp / "token"
+            token_file = workdir / "token"
             await trio.to_thread.run_sync(token_file.write_text, TOKEN)
             gw = Gateway(soak_config(port, token_file, ids))
             bound = await nursery.start(gw.run)
@@ -270,18 +270,16 @@ async def run_soak(
     return report
 
 
-def _tempdir() -> str:
-    import tempfile  # noqa: PLC0415 - only a CLI run without --workdir needs it
-
-    return tempfile.mkdtemp(prefix="dde-soak-")
-
-
 def main(duration: float, seed: int, workdir: Path | None) -> int:
-    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL."""
+    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL.
+
+    Without *workdir* the token file goes to a temporary directory, removed afterwards."""
     started = time.monotonic()
-    report = trio.run(
-        lambda: run_soak(duration=duration, seed=seed, workdir=workdir, progress=print)
-    )
+    with tempfile.TemporaryDirectory(prefix="dde-soak-") as tmp:
+        where = workdir or Path(tmp)
+        report = trio.run(
+            lambda: run_soak(duration=duration, seed=seed, workdir=where, progress=print)
+        )
     for line in report.lines():
         print(line)
     print(f"(wall time {time.monotonic() - started:.0f} s)", file=sys.stderr)
