@@ -21,6 +21,8 @@ class FixtureState(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
     STOPPED = "stopped"
+    #: A cluster relay cannot read the fixture's stream (Redis unreachable): no frames now.
+    DEGRADED = "degraded"
 
 
 class FrameSink(Protocol):

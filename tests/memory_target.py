@@ -17,6 +17,7 @@ import attrs
 
 from gateway.config import Config, FeedConfig
 from gateway.controlplane import (
+    ClusterView,
     FeedTotals,
     FixtureView,
     FollowLimitError,
@@ -80,6 +81,8 @@ class MemoryTarget:
         self.fanout_latency = MemoryHistogram()
         self.ready = True
         self.draining = False
+        self.degraded: str | None = None
+        self.cluster: ClusterView | None = None
         self._fixtures: dict[tuple[str, str], _Followed] = {}
         self._subscribers: dict[str, SubscriberView] = {}
         self._frames_out = 0
@@ -111,6 +114,12 @@ class MemoryTarget:
 
     def is_draining(self) -> bool:
         return self.draining
+
+    def degraded_reason(self) -> str | None:
+        return self.degraded
+
+    def cluster_view(self) -> ClusterView | None:
+        return self.cluster
 
     def feeds(self) -> Mapping[str, FeedConfig]:
         return self.config.feeds

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "hub": 1,
     "upstream": 1,
     "recorder": 1,  # beside the hub and the upstream: the service wires it to both
+    "cluster": 1,  # Redis: leases, appends, relay reads; the service wires it to hub and upstream
     "client": 1,
     "dataplane": 2,
     "simulator": 2,  # replays the recorder's files

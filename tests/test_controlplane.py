@@ -257,6 +257,7 @@ async def test_status_counts_every_state(tmp_path: Path) -> None:
             "unauthorized": 0,
             "not_found": 0,
             "stopped": 0,
+            "degraded": 0,
         }
         assert status["fixtures_total"] == 3
         assert status["subscribers"] == 1

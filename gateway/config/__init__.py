@@ -12,14 +12,20 @@ from gateway.config._convert import (
 )
 from gateway.config._files import load_server_tls, load_subscriber_tokens
 from gateway.config._model import (
+    DEFAULT_APPEND_QUEUE_BYTES,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_LEASE_TTL,
     DEFAULT_RECORDER_FSYNC_INTERVAL,
     DEFAULT_RECORDER_QUEUE_BYTES,
     DEFAULT_RECORDER_SEGMENT_BYTES,
+    DEFAULT_REDIS_TIMEOUT,
     DEFAULT_STREAM_LISTEN,
+    DEFAULT_STREAM_MAXLEN,
     MAX_WRITE_DELAY_MS,
     ApiSection,
+    ClusterSection,
     Compression,
     Config,
     FeedConfig,
@@ -48,15 +54,21 @@ from gateway.config._tokens import (
 )
 
 __all__ = [
+    "DEFAULT_APPEND_QUEUE_BYTES",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_LEASE_TTL",
     "DEFAULT_RECORDER_FSYNC_INTERVAL",
     "DEFAULT_RECORDER_QUEUE_BYTES",
     "DEFAULT_RECORDER_SEGMENT_BYTES",
+    "DEFAULT_REDIS_TIMEOUT",
     "DEFAULT_STREAM_LISTEN",
+    "DEFAULT_STREAM_MAXLEN",
     "MAX_WRITE_DELAY_MS",
     "REDACTED",
     "ApiSection",
+    "ClusterSection",
     "Compression",
     "Config",
     "ConfigError",

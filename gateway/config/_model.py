@@ -70,6 +70,17 @@ DEFAULT_RECORDER_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 #: whose frame does not fit stops recording (the disk is slower than the feeds).
 DEFAULT_RECORDER_QUEUE_BYTES: Final = 64 * 1024 * 1024
 
+#: The cluster's defaults (``[cluster]``, docs/cluster.md).
+DEFAULT_LEASE_TTL: Final = 10.0
+#: Frames kept per fixture in its Redis stream (about 13 minutes at 25 Hz).
+DEFAULT_STREAM_MAXLEN: Final = 20_000
+DEFAULT_KEY_PREFIX: Final = "dde"
+#: Bytes of frames waiting to be appended to Redis, all fixtures together: past it the oldest
+#: waiting frames are dropped (counted); the local fan-out never waits for Redis.
+DEFAULT_APPEND_QUEUE_BYTES: Final = 64 * 1024 * 1024
+#: Seconds a Redis connect or command may take before it counts as failed.
+DEFAULT_REDIS_TIMEOUT: Final = 2.0
+
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
 Compression = Literal["off", "deflate"]
@@ -123,6 +134,10 @@ def _write_delay(inst: object, attribute: attrs.Attribute[int], value: int) -> N
 def _non_negative(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+_REDIS_URL = re.compile(r"^(?:rediss?://[^/\s?#]+(?:/\d+)?|unix:///\S+)$")
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
 _STREAM_LISTEN: Final = ListenAddress.parse(DEFAULT_STREAM_LISTEN)
@@ -307,6 +322,64 @@ class RecorderSection:
         return self.dir is not None
 
 
+@attrs.frozen
+class ClusterSection:
+    """``[cluster]``: several gateways as one, on Redis (docs/cluster.md). Absent: one node.
+
+    The password is never part of ``redis_url``: it comes from ``password_file`` or
+    ``password_env`` and is read when connecting (a :class:`Secret`: never shown).
+    ``instance`` names this process in the cluster; unset, the ``DDE_GATEWAY_INSTANCE``
+    environment variable (the systemd template unit sets it), else ``hostname-pid``.
+    """
+
+    redis_url: str = attrs.field()
+    instance: str | None = attrs.field(default=None)
+    lease_ttl: float = attrs.field(default=DEFAULT_LEASE_TTL, validator=[v.ge(1.0), v.le(300.0)])
+    stream_maxlen: int = attrs.field(default=DEFAULT_STREAM_MAXLEN, validator=v.ge(100))
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    append_queue_bytes: int = attrs.field(
+        default=DEFAULT_APPEND_QUEUE_BYTES, validator=v.ge(1024 * 1024)
+    )
+    redis_timeout: float = attrs.field(
+        default=DEFAULT_REDIS_TIMEOUT, validator=[_positive_finite, v.le(60.0)]
+    )
+
+    @redis_url.validator
+    def _check_url(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if _REDIS_URL.match(value) is None:
+            raise ValueError(
+                "redis_url must be redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or "
+                "unix:///PATH, without user or password (use password_file or password_env)"
+            )
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("redis_url must not contain a user or password: use password_file")
+
+    @instance.validator
+    def _check_instance(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None and _KEY_PREFIX.match(value) is None:
+            raise ValueError(
+                "instance must be 1-64 of A-Z a-z 0-9 . _ : - (starting with a letter or digit)"
+            )
+
+    def __attrs_post_init__(self) -> None:
+        if _KEY_PREFIX.match(self.key_prefix) is None:
+            raise ValueError("key_prefix must be 1-64 of A-Z a-z 0-9 . _ : -")
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set at most one of password_file and password_env")
+
+    def read_password(self) -> Secret | None:
+        """The Redis password now, or None (no password configured). Raises
+        :class:`~gateway.config.SecretError` naming the source, never the value."""
+        if self.password_file is not None:
+            return read_token_file(self.password_file)
+        if self.password_env is not None:
+            return read_token_env(self.password_env)
+        return None
+
+
 def _named_feeds(feeds: dict[str, FeedConfig]) -> dict[str, FeedConfig]:
     return {name: attrs.evolve(feed, name=name) for name, feed in feeds.items()}
 
@@ -320,8 +393,14 @@ class Config:
     subscribers: SubscribersSection = SubscribersSection()
     api: ApiSection = ApiSection()
     recorder: RecorderSection = RecorderSection()
+    #: None: a single node (no Redis).
+    cluster: ClusterSection | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.cluster is not None and self.recorder.enabled:
+            raise ValueError(
+                "cluster: [recorder] and [cluster] cannot be combined yet (docs/cluster.md)"
+            )
         seen: set[tuple[str, str]] = set()
         for i, fx in enumerate(self.fixtures):
             if fx.feed not in self.feeds:

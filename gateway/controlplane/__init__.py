@@ -28,6 +28,8 @@ from gateway.controlplane._rates import (
 )
 from gateway.controlplane._server import GRACEFUL_TIMEOUT, hypercorn_config, run
 from gateway.controlplane._target import (
+    ClusterInstanceView,
+    ClusterView,
     ControlTarget,
     FeedTotals,
     FixtureView,
@@ -55,6 +57,8 @@ __all__ = [
     "ApiTokens",
     "Asset",
     "BearerAuthMiddleware",
+    "ClusterInstanceView",
+    "ClusterView",
     "ControlTarget",
     "FeedTotals",
     "FixtureView",

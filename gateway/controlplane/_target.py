@@ -49,6 +49,10 @@ class FixtureView:
     slow_disconnects: int = 0
     #: The fixture's recording (:class:`RecordingView`), or None without a recorder.
     recording: RecordingView | None = None
+    #: In a cluster: the instance that holds the fixture's lease (None: none now) and this
+    #: instance's role for it (``owner`` or ``relay``). Both None on a single node.
+    owner: str | None = None
+    role: str | None = None
 
 
 @attrs.frozen
@@ -97,6 +101,39 @@ class RecordingView:
     last_time: float | None
     bytes: int
     frames_dropped: int
+
+
+@attrs.frozen
+class ClusterInstanceView:
+    """One live instance of the cluster, as its heartbeat describes it."""
+
+    name: str
+    #: What the instance publishes with its heartbeat (version, start time, listeners).
+    info: Mapping[str, Any]
+    #: Fixtures followed here that this instance holds the lease of (as last seen).
+    leases: int
+
+
+@attrs.frozen
+class ClusterView:
+    """This instance's view of its cluster (``GET /v1/cluster``)."""
+
+    instance: str
+    #: ``ok`` or ``degraded`` (Redis unreachable: see ``reason``).
+    state: str
+    reason: str | None
+    lease_ttl: float
+    instances: Sequence[ClusterInstanceView]
+    #: Fixtures this instance owns, and relays.
+    owned: int
+    relayed: int
+    #: Monotonic counters since start (``gateway.service`` documents each).
+    counters: Mapping[str, int] = attrs.field(factory=dict)
+    #: Seconds from the owner's receipt of the last relayed frame to its relay here, the
+    #: largest over the relayed fixtures (0: none relayed).
+    relay_lag_max: float = 0.0
+    #: Bytes of frames waiting to be appended to Redis.
+    append_queued_bytes: int = 0
 
 
 @attrs.frozen
@@ -195,6 +232,15 @@ class ControlTarget(Protocol):
         ...
 
     def is_draining(self) -> bool: ...
+
+    def degraded_reason(self) -> str | None:
+        """Why the gateway runs degraded (it serves, but e.g. its cluster's Redis is
+        unreachable), or None."""
+        ...
+
+    def cluster_view(self) -> ClusterView | None:
+        """The cluster as this instance sees it, or None on a single node."""
+        ...
 
     def feeds(self) -> Mapping[str, FeedConfig]: ...
 

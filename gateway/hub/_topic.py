@@ -131,6 +131,8 @@ class Topic:
         self._fanout: tuple[TopicSubscriber, ...] = ()
         self._rate_second = 0
         self._rate_counts = [0] * (RATE_WINDOW + 1)
+        #: Jumps in a relayed numbering (:meth:`publish_at`): frames that never came.
+        self.gaps = 0
 
     def __repr__(self) -> str:
         return (
@@ -140,7 +142,7 @@ class Topic:
 
     # -- FrameSink -------------------------------------------------------------------------
 
-    def publish(self, raw: str, position: int | None) -> None:
+    def publish(self, raw: str | bytes, position: int | None) -> None:
         """Number *raw*, keep it in the history and hand it to every subscriber, synchronously.
 
         *position* is the vendor's number for it (see ``gateway.model.FrameSink``); it is kept
@@ -157,6 +159,42 @@ class Topic:
         self._count_rate()
         for sub in self._fanout:
             sub.on_frame(frame)
+
+    def publish_at(self, seq: int, raw: str | bytes, position: int | None) -> None:
+        """Publish *raw* as frame *seq* of a numbering made elsewhere (a cluster relay).
+
+        *seq* must be above :attr:`seq`. When it is not the next one, the frames between are
+        not coming (the stream that carried them was trimmed or lost): the history is emptied,
+        so what it holds stays contiguous, the jump is counted in :attr:`gaps`, and subscribers
+        see the seq jump.
+        """
+        if seq != self.seq + 1:
+            if seq <= self.seq:
+                raise ValueError(f"seq {seq} is not after {self.seq}")
+            self._history.clear()
+            self.history_bytes = 0
+            self.gaps += 1
+            self.seq = seq - 1
+        self.publish(raw, position)
+
+    def held_bytes(self, seq: int) -> bytes | None:
+        """The text of held frame *seq* (None: not held)."""
+        history = self._history
+        if not history:
+            return None
+        i = seq - history[0][0]
+        return history[i][2] if 0 <= i < len(history) else None
+
+    def renumber(self, epoch: str, seq: int) -> None:
+        """Adopt another numbering (a cluster's *epoch*, its last *seq*) while no frame was
+        published here. A resume with the epoch this topic had and ``after`` 0 stays valid.
+        Raises RuntimeError once a frame was published."""
+        if self.seq or self._history:
+            raise RuntimeError(f"topic {self.feed.name}/{self.fixture} already has frames")
+        if epoch != self.epoch:
+            self._prior_epochs[self.epoch] = 0
+            self.epoch = epoch
+        self.seq = seq
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         """Record the upstream state; subscribers hear about real changes only."""

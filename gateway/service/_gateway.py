@@ -30,6 +30,8 @@ from gateway.config import (
     load_subscriber_tokens,
 )
 from gateway.controlplane import (
+    ClusterInstanceView,
+    ClusterView,
     FeedTotals,
     FixtureView,
     RecorderTotals,
@@ -42,11 +44,19 @@ from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
-from gateway.model import FixtureState, FrameSink, ResumePoint, UpstreamCounters, sum_counters
+from gateway.model import (
+    FixtureState,
+    FixtureStatus,
+    FrameSink,
+    ResumePoint,
+    UpstreamCounters,
+    sum_counters,
+)
 from gateway.recorder import FixtureLog, Recorder
+from gateway.service._cluster import ROLE_OWNER, ClusterNode
 from gateway.service._fixtures import FixtureBook
 from gateway.service._logging import fields
-from gateway.upstream import Supervisor
+from gateway.upstream import FixtureHandle, Supervisor
 
 log = logging.getLogger("gateway")
 
@@ -150,10 +160,28 @@ class Gateway:
         )
         self.hub = Hub(config.feeds, directory=self.fixtures)
         self.registry = SubscriberRegistry()
-        # Last: it follows the configured fixtures at once, into the hub's topics.
-        self.supervisor = Supervisor(config, self._sink_for, resume_for=self._resume_for)
         # Counters of fixtures no longer followed, per feed: totals never go down.
         self._retired: dict[str, UpstreamCounters] = {}
+        #: In a cluster (``[cluster]``): this instance's leases, relays and takeovers.
+        self.cluster: ClusterNode | None = None
+        if config.cluster is None:
+            # Last: it follows the configured fixtures at once, into the hub's topics.
+            self.supervisor = Supervisor(config, self._sink_for, resume_for=self._resume_for)
+        else:
+            # The node decides which fixtures this instance follows upstream (their owner).
+            self.supervisor = Supervisor(
+                attrs.evolve(config, fixtures=()), self._sink_for, resume_for=self._resume_for
+            )
+            self.cluster = ClusterNode(
+                config.cluster,
+                hub=self.hub,
+                supervisor=self.supervisor,
+                movable=self.fixtures.is_configured,
+                retire=self._retire,
+                info=self._cluster_info,
+            )
+            for fixture in config.fixtures:
+                self.cluster.follow(fixture, False)
         self._supervisor_scope = trio.CancelScope()
         self._supervisor_done = trio.Event()
         self._ready = False
@@ -173,6 +201,8 @@ class Gateway:
                 await nursery.start(self.recorder.run)
             await nursery.start(self.fixtures.run)
             await nursery.start(self._run_supervisor)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run)
             stream = await nursery.start(
                 partial(
                     run_data_plane,
@@ -194,7 +224,7 @@ class Gateway:
                 stream,
                 s,
                 http,
-                len(self.supervisor.handles()),
+                len(self._followed_keys()),
                 extra=fields(stream=str(stream), http=str(http)),
             )
             task_status.started(self.bound)
@@ -215,6 +245,9 @@ class Gateway:
         self._draining = True
         self.fixtures.close()
         with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
+            if self.cluster is not None:
+                # First: the others take this instance's fixtures over while it drains.
+                await self.cluster.leave()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.registry.drain)
                 self._supervisor_scope.cancel()
@@ -282,6 +315,8 @@ class Gateway:
     # -- upstream -> hub -----------------------------------------------------------------------
 
     def _sink_for(self, feed: FeedConfig, fixture: FixtureConfig) -> FrameSink:
+        if self.cluster is not None:
+            return self.cluster.sink(feed, fixture)
         recorder = self.recorder
         if recorder is None:
             return self.hub.topic(feed.name, fixture.id)
@@ -303,7 +338,10 @@ class Gateway:
         return RecordedTopic(topic, recorder, log)
 
     def _resume_for(self, feed: FeedConfig, fixture: FixtureConfig) -> ResumePoint | None:
-        """Where the upstream goes on: the last recorded vendor position, if any."""
+        """Where the upstream goes on: the cluster stream's or the recording's last vendor
+        position, if any."""
+        if self.cluster is not None:
+            return self.cluster.resume_point(feed, fixture)
         if self.recorder is None:
             return None
         log = self.recorder.get(feed.name, fixture.id)
@@ -311,16 +349,22 @@ class Gateway:
             return None
         return ResumePoint(position=log.last_position, received_at=log.last_position_t)
 
+    def _retire(self, handle: FixtureHandle) -> None:
+        # Keep its counts so per-feed metrics stay monotonic after it is gone.
+        feed = handle.feed.name
+        self._retired[feed] = self._retired.get(feed, UpstreamCounters()) + handle.status.counters
+
     def _stop(self, feed: str, fixture: str) -> bool:
         # The FixtureBook's stop callback: only it calls this (it keeps its sets in step).
         handle = self.supervisor.get(feed, fixture)
         if handle is not None and handle.status.counters.frames:
             self.fixtures.remember(feed, fixture)
+        if self.cluster is not None:
+            stopped = self.cluster.unfollow(feed, fixture)
+            self.hub.close_topic(feed, fixture)
+            return stopped
         if handle is not None:
-            # Keep its counts so per-feed metrics stay monotonic after it is gone.
-            self._retired[feed] = self._retired.get(feed, UpstreamCounters()) + (
-                handle.status.counters
-            )
+            self._retire(handle)
         stopped = self.supervisor.remove(feed, fixture)
         self.hub.close_topic(feed, fixture)
         if self.recorder is not None:
@@ -331,6 +375,8 @@ class Gateway:
 
     def _follow(self, fixture: FixtureConfig, backlog: bool) -> bool:
         # The FixtureBook's follow callback (the supervisor is made after the book).
+        if self.cluster is not None:
+            return self.cluster.follow(fixture, backlog)
         return self.supervisor.add(fixture, backlog=backlog)
 
     def _subscriber_count(self, feed: str, fixture: str) -> int:
@@ -345,18 +391,84 @@ class Gateway:
     def is_draining(self) -> bool:
         return self._draining
 
+    def degraded_reason(self) -> str | None:
+        return None if self.cluster is None else self.cluster.degraded_reason()
+
+    def _cluster_info(self) -> dict[str, object]:
+        # What this instance tells the others with its heartbeat (GET /v1/cluster).
+        bound = self.bound
+        return {
+            "version": self.version,
+            "started_at": self.started_at,
+            "stream": None if bound is None else str(bound.stream),
+            "http": None if bound is None else str(bound.http),
+            "ready": self.is_ready(),
+        }
+
+    def cluster_view(self) -> ClusterView | None:
+        node = self.cluster
+        if node is None:
+            return None
+        leases = node.leases_by_instance()
+        appender = node.appender
+        relay = node.relay
+        owned = sum(1 for fx in node.followed() if node.role(fx.feed, fx.id) == ROLE_OWNER)
+        reason = node.degraded_reason()
+        counters = {
+            "rounds": node.rounds,
+            "leases_gained": node.leases_gained,
+            "leases_lost": node.leases_lost,
+            "handovers": node.handovers,
+            "fenced": node.fenced,
+            "conflicts": node.conflicts,
+            "connect_waits": node.connect_waits,
+            "connect_unavailable": node.connect_unavailable,
+            "frames_appended": 0 if appender is None else appender.frames_appended,
+            "append_dropped": 0 if appender is None else appender.frames_dropped,
+            "append_fenced": 0 if appender is None else appender.frames_fenced,
+            "append_failures": 0 if appender is None else appender.failures,
+            "frames_relayed": 0 if relay is None else relay.entries_relayed,
+            "relay_failures": 0 if relay is None else relay.failures,
+        }
+        return ClusterView(
+            instance=node.instance,
+            state="ok" if reason is None else "degraded",
+            reason=reason,
+            lease_ttl=node.config.lease_ttl,
+            instances=[
+                ClusterInstanceView(name=name, info=info, leases=leases.get(name, 0))
+                for name, info in sorted(node.live.items())
+            ],
+            owned=owned,
+            relayed=len(node.followed()) - owned,
+            counters=counters,
+            relay_lag_max=max(relay.lag.values(), default=0.0) if relay is not None else 0.0,
+            append_queued_bytes=0 if appender is None else appender.queued_bytes,
+        )
+
     def feeds(self) -> Mapping[str, FeedConfig]:
         return self.config.feeds
 
+    def _followed_keys(self) -> list[tuple[str, str]]:
+        if self.cluster is not None:
+            return [fx.key for fx in self.cluster.followed()]
+        return [(h.feed.name, h.config.id) for h in self.supervisor.handles()]
+
     def fixture_views(self) -> list[FixtureView]:
-        views = (self.fixture_view(h.feed.name, h.config.id) for h in self.supervisor.handles())
+        views = (self.fixture_view(feed, fixture) for feed, fixture in self._followed_keys())
         return [v for v in views if v is not None]
 
     def fixture_view(self, feed: str, fixture: str) -> FixtureView | None:
+        node = self.cluster
+        topic: Topic | None = self.hub.get(feed, fixture)
         handle = self.supervisor.get(feed, fixture)
+        if node is not None:
+            if not node.is_followed(feed, fixture):
+                return None
+            if handle is None or node.role(feed, fixture) != ROLE_OWNER:
+                return self._relay_view(node, feed, fixture, topic)
         if handle is None:
             return None
-        topic: Topic | None = self.hub.get(feed, fixture)
         status = handle.status
         return FixtureView(
             feed=feed,
@@ -372,9 +484,35 @@ class Gateway:
             drops=topic.drops if topic else 0,
             slow_disconnects=topic.slow_disconnects if topic else 0,
             recording=self._recording_view(feed, fixture),
+            owner=None if node is None else node.instance,
+            role=None if node is None else ROLE_OWNER,
+        )
+
+    def _relay_view(
+        self, node: ClusterNode, feed: str, fixture: str, topic: Topic | None
+    ) -> FixtureView:
+        # A fixture another instance follows upstream: its state is the one the owner
+        # published (or degraded/connecting), as the topic shows it to subscribers.
+        return FixtureView(
+            feed=feed,
+            fixture=fixture,
+            state=topic.state if topic else FixtureState.CONNECTING,
+            state_since=self.started_at,
+            detail=topic.detail if topic else "",
+            seq=topic.seq if topic else 0,
+            epoch=topic.epoch if topic else "",
+            subscribers=topic.subscriber_count if topic else 0,
+            frames_per_second=topic.frames_per_second() if topic else 0.0,
+            upstream=FixtureStatus(feed, fixture).snapshot(),
+            drops=topic.drops if topic else 0,
+            slow_disconnects=topic.slow_disconnects if topic else 0,
+            owner=node.owner(feed, fixture),
+            role=node.role(feed, fixture),
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
+        if self.cluster is not None:
+            return self.cluster.is_followed(feed, fixture)
         return self.supervisor.get(feed, fixture) is not None
 
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
@@ -479,10 +617,10 @@ class Gateway:
 
     def summary(self) -> str:
         """One line for sd_notify STATUS= and the log."""
-        handles = self.supervisor.handles()
-        live = sum(1 for h in handles if h.status.state is FixtureState.LIVE)
+        views = self.fixture_views()
+        live = sum(1 for v in views if v.state is FixtureState.LIVE)
         stats = self.registry.stats()
         return (
-            f"fixtures live {live}/{len(handles)}, subscribers {stats.connections}, "
+            f"fixtures live {live}/{len(views)}, subscribers {stats.connections}, "
             f"drops {stats.frames_dropped}"
         )

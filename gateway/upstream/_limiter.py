@@ -11,6 +11,9 @@ real (configured ones, reconnects, re-adds of a fixture that went live before) g
 *backlog*: first attempts of fixtures added through the API or on demand. Hundreds of ids added
 at once can then delay each other, but never a fixture that matters now.
 
+In a cluster every instance also reserves each attempt's slot in Redis (:attr:`reserve`),
+so ``rate`` holds across all instances together, not per process.
+
 Example::
 
     limiter = ConnectLimiter(5.0)
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -47,6 +51,10 @@ class ConnectLimiter:
         # True while one waiter (the next in line) sleeps until its slot: only one at a time.
         self._slot_taken = False
         self._last_grant = -math.inf
+        #: A cluster's shared limit (``gateway.cluster``): called once the local slot is
+        #: granted, returns the seconds to wait for the cluster-wide slot (0 when it cannot
+        #: tell: the local limit alone then holds). Must not raise.
+        self.reserve: Callable[[], Awaitable[float]] | None = None
         self.set_rate(rate)
 
     @property
@@ -83,6 +91,10 @@ class ConnectLimiter:
             await trio.sleep_until(self._last_grant + 1.0 / self._rate)
             # The grant time is read after waking, so scheduling delay can only widen the gap.
             self._last_grant = trio.current_time()
+            reserve = self.reserve
+            if reserve is not None:
+                # The queue stays blocked meanwhile: the cluster's rate is the binding one.
+                await trio.sleep(await reserve())
         finally:
             queue.remove(me)
             if sleeping:

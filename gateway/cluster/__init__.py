@@ -1,0 +1,59 @@
+"""Several gateways as one, on Redis Streams: leases, fenced appends, relays (docs/cluster.md).
+
+Everything public is re-exported here; the implementation lives in private one-concept modules.
+"""
+
+from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender
+from gateway.cluster._lease import (
+    DEFAULT_HANDOVERS,
+    MAX_TICK,
+    LeasePlan,
+    LeaseTable,
+    holder_token,
+    tick_interval,
+    token_instance,
+    validity,
+)
+from gateway.cluster._relay import READ_BLOCK, Relay, RelaySink
+from gateway.cluster._rendezvous import rank, weight
+from gateway.cluster._store import (
+    READ_COUNT,
+    AppendGroup,
+    ClusterError,
+    Entry,
+    Keys,
+    Meta,
+    RedisStore,
+    RedisUnavailable,
+    Takeover,
+    open_store,
+)
+
+__all__ = [
+    "BATCH_BYTES",
+    "BATCH_FRAMES",
+    "DEFAULT_HANDOVERS",
+    "MAX_TICK",
+    "READ_BLOCK",
+    "READ_COUNT",
+    "AppendGroup",
+    "Appender",
+    "ClusterError",
+    "Entry",
+    "Keys",
+    "LeasePlan",
+    "LeaseTable",
+    "Meta",
+    "RedisStore",
+    "RedisUnavailable",
+    "Relay",
+    "RelaySink",
+    "Takeover",
+    "holder_token",
+    "open_store",
+    "rank",
+    "tick_interval",
+    "token_instance",
+    "validity",
+    "weight",
+]

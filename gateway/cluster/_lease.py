@@ -1,0 +1,208 @@
+"""This instance's leases: which fixtures it owns, until when, and what to ask Redis next.
+
+No I/O and no clock of its own: every method takes ``now`` (the trio clock, so the rules are
+tested under :class:`trio.testing.MockClock`), and the node (``gateway.service``) does the
+Redis calls the :class:`LeasePlan` asks for and reports what Redis answered.
+
+The rules (docs/cluster.md):
+
+- A lease is a Redis key holding its owner's *token* (instance name and a random nonce per
+  process), with a time to live of ``ttl``. The owner renews it every :func:`tick_interval`.
+- Locally a lease counts as held until ``sent + ttl - margin``, where *sent* is when the
+  renewing request was sent: Redis started the key's time to live after that, so the local
+  view ends first. A lease past that point is *expired*: its owner stops publishing (the node
+  stops the fixture's upstream) unless Redis itself is unreachable (*degraded*: nobody else
+  can take the lease from a Redis nobody reaches, and the local fan-out goes on).
+- A free lease is tried first by the instance that rendezvous hashing ranks first among the
+  live ones; the instance ranked *i* tries after it has seen the lease free for ``i`` ticks
+  (the first may be dead but still listed, or may not follow that fixture).
+- A held, *movable* lease (a fixture every instance follows: the config's) whose first-ranked
+  instance is another one, live for at least ``ttl``, is released so that one takes it: at most
+  ``handovers`` per tick, so a joining instance takes its share gradually.
+
+Example::
+
+    table = LeaseTable("gw-a", ttl=10.0)
+    plan = table.plan(now, followed={"tracking/f1"}, live={"gw-a"}, movable=set())
+    # ... Redis: try plan.acquire, renew plan.renew, release plan.release; then for each key:
+    table.granted("tracking/f1", sent=now)          # Redis answered: ours
+    table.may_publish("tracking/f1", now + 1.0)      # True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import attrs
+
+from gateway.cluster._rendezvous import rank
+
+#: Longest pause between two lease rounds; shorter for short TTLs (a quarter of it).
+MAX_TICK: Final = 1.0
+#: Held leases released per tick for rebalancing (a joining instance's share moves gradually).
+DEFAULT_HANDOVERS: Final = 5
+
+
+def holder_token(instance: str, nonce: str) -> str:
+    """The value a lease key holds: the instance name and a nonce new in every process, so a
+    restarted instance never mistakes its previous life's lease for its own."""
+    return f"{instance}/{nonce}"
+
+
+def token_instance(token: str) -> str:
+    """The instance name in a lease value (:func:`holder_token`)."""
+    return token.rsplit("/", 1)[0]
+
+
+def tick_interval(ttl: float) -> float:
+    """Seconds between lease rounds: a quarter of *ttl*, at most :data:`MAX_TICK`."""
+    return min(MAX_TICK, ttl / 4)
+
+
+def validity(ttl: float) -> float:
+    """How long after sending a successful renewal the lease counts as held locally:
+    ``ttl`` minus a margin of a fifth of it (at least half a second)."""
+    return ttl - max(0.5, ttl / 5)
+
+
+@attrs.frozen
+class LeasePlan:
+    """What to ask Redis in one round: keys to acquire or renew, and keys to give up."""
+
+    acquire: frozenset[str]
+    renew: frozenset[str]
+    release: frozenset[str]
+
+
+class LeaseTable:
+    """See the module docstring. Keys are ``feed/fixture`` strings; instances are names."""
+
+    def __init__(
+        self, me: str, ttl: float, *, token: str | None = None, handovers: int = DEFAULT_HANDOVERS
+    ) -> None:
+        self.me = me
+        #: What Redis stores as this instance's holder value (:func:`holder_token`).
+        self.token = token if token is not None else me
+        self.ttl = ttl
+        self.tick = tick_interval(ttl)
+        self.handovers = handovers
+        #: Held leases: key -> the local time until which each counts as held.
+        self._held: dict[str, float] = {}
+        #: Who holds the leases we follow, as Redis last said: a token (None: free).
+        self._holders: dict[str, str | None] = {}
+        self._free_since: dict[str, float] = {}
+        self._seen_live: dict[str, float] = {}
+        #: True while Redis is unreachable (the node's last call failed to connect).
+        self.degraded = False
+
+    # -- views -------------------------------------------------------------------------------
+
+    @property
+    def held(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
+
+    def holder(self, key: str) -> str | None:
+        """The instance Redis last named as *key*'s owner (None: free or not known)."""
+        token = self._holders.get(key)
+        return None if token is None else token_instance(token)
+
+    def may_publish(self, key: str, now: float) -> bool:
+        """True while this instance may publish *key*'s frames as its owner."""
+        until = self._held.get(key)
+        return until is not None and (now < until or self.degraded)
+
+    def expired(self, now: float) -> list[str]:
+        """Held leases past their local validity (none while degraded): stop their upstreams."""
+        if self.degraded:
+            return []
+        return [key for key, until in self._held.items() if now >= until]
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def plan(
+        self,
+        now: float,
+        *,
+        followed: Iterable[str],
+        live: Iterable[str],
+        movable: Iterable[str] = (),
+    ) -> LeasePlan:
+        """The next round's requests, from what Redis said last round (:meth:`observed`).
+
+        *followed*: the fixtures this instance follows; *live*: the instances with a current
+        heartbeat (this one is always counted); *movable*: followed keys every instance
+        follows (they may be handed over for balance).
+        """
+        instances = set(live) | {self.me}
+        for name in instances:
+            self._seen_live.setdefault(name, now)
+        for name in list(self._seen_live):
+            if name not in instances:
+                del self._seen_live[name]
+        followed = set(followed)
+        movable = set(movable) & followed
+        acquire: set[str] = set()
+        release: set[str] = set()
+        for key in followed:
+            if key in self._held:
+                continue
+            if self._holders.get(key) is not None:
+                self._free_since.pop(key, None)
+                continue
+            since = self._free_since.setdefault(key, now)
+            position = rank(key, instances).index(self.me)
+            if now - since >= position * self.tick:
+                acquire.add(key)
+        budget = self.handovers
+        for key in sorted(self._held):
+            if key not in followed:
+                release.add(key)
+            elif budget > 0 and key in movable:
+                first = rank(key, instances)[0]
+                if first != self.me and now - self._seen_live[first] >= self.ttl:
+                    release.add(key)
+                    budget -= 1
+        renew = frozenset(k for k in self._held if k not in release)
+        for key in list(self._free_since):
+            if key not in followed:
+                del self._free_since[key]
+        return LeasePlan(frozenset(acquire), renew, frozenset(release))
+
+    def observed(
+        self, holders: Mapping[str, str | None], *, sent: float
+    ) -> tuple[set[str], set[str]]:
+        """Redis answered a round sent at *sent*: *holders* maps each key asked about to its
+        owner now. Returns ``(gained, lost)``: keys this instance holds now but did not, and
+        keys it held but does not any more."""
+        self.degraded = False
+        gained: set[str] = set()
+        lost: set[str] = set()
+        for key, holder in holders.items():
+            self._holders[key] = holder
+            if holder == self.token:
+                if key not in self._held:
+                    gained.add(key)
+                self._held[key] = sent + validity(self.ttl)
+                self._free_since.pop(key, None)
+            elif key in self._held:
+                del self._held[key]
+                lost.add(key)
+        return gained, lost
+
+    def released(self, key: str) -> None:
+        """This instance gave *key* up (or stopped following it)."""
+        self._held.pop(key, None)
+        self._holders.pop(key, None)
+        self._free_since.pop(key, None)
+
+    def unreachable(self) -> None:
+        """A round failed: Redis did not answer. Held leases stay held (degraded mode)."""
+        self.degraded = True
+
+    def forget(self, key: str) -> None:
+        """*key* is not followed any more (its lease, if held, was released)."""
+        self.released(key)

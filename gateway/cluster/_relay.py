@@ -1,0 +1,131 @@
+"""The relay: one task that reads the streams of every fixture this instance does not own.
+
+One blocking ``XREAD`` covers all relayed streams, each from the seq after the last one this
+instance has; what comes back goes to the fixture's :class:`RelaySink` (its hub topic, in
+production) in order. Adding a fixture interrupts a read in progress so its stream joins at
+once. The relay knows nothing of leases or topics: the node (``gateway.service``) tells it what
+to follow, from where, and into which sink.
+
+When Redis does not answer, the relay retries with a growing pause (``failing`` is set and the
+node reports the fixtures' state); it goes on from the same seqs when Redis is back, so a
+subscriber sees a pause, or a gap (counted by the topic) if the stream was trimmed or lost
+meanwhile.
+
+Example::
+
+    relay = Relay(store)
+    await nursery.start(relay.run)
+    relay.follow("tracking/f1", after=topic.seq, sink=sink)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import trio
+import trio.lowlevel
+
+from gateway.cluster._store import Entry, RedisStore, RedisUnavailable
+from gateway.throttle import LogThrottle
+
+log = logging.getLogger("gateway.cluster")
+
+#: Seconds one read blocks in Redis when no stream has anything new.
+READ_BLOCK: Final = 1.0
+RETRY_FIRST: Final = 0.1
+RETRY_MAX: Final = 2.0
+
+
+class RelaySink(Protocol):
+    def relay(self, entries: Sequence[Entry]) -> None:
+        """Entries of one stream, in order (synchronous; must not block or raise)."""
+
+
+class Relay:
+    """See the module docstring."""
+
+    def __init__(self, store: RedisStore, *, block: float = READ_BLOCK) -> None:
+        self._store = store
+        self._block = block
+        self._after: dict[str, int] = {}
+        self._sinks: dict[str, RelaySink] = {}
+        self._changed = trio.Event()
+        self._read_scope: trio.CancelScope | None = None
+        self._errors = LogThrottle(log)
+        self.failing = False
+        self.last_error: str | None = None
+        self.entries_relayed = 0
+        self.failures = 0
+        #: Seconds between a relayed frame's receipt by its owner and its relay here (the
+        #: last one), by fixture.
+        self.lag: dict[str, float] = {}
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(self._after)
+
+    def position(self, key: str) -> int | None:
+        """The last seq relayed for *key* (None: not relayed)."""
+        return self._after.get(key)
+
+    def follow(self, key: str, *, after: int, sink: RelaySink) -> None:
+        """Relay *key*'s stream from the entry after seq *after* into *sink* (replacing any
+        earlier sink and position of *key*)."""
+        self._after[key] = after
+        self._sinks[key] = sink
+        self._interrupt()
+
+    def unfollow(self, key: str) -> None:
+        self._after.pop(key, None)
+        self._sinks.pop(key, None)
+        self.lag.pop(key, None)
+
+    def _interrupt(self) -> None:
+        self._changed.set()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        pause = RETRY_FIRST
+        while True:
+            if not self._after:
+                self._changed = trio.Event()
+                await self._changed.wait()
+                continue
+            self._changed = trio.Event()
+            after = dict(self._after)
+            with trio.CancelScope() as scope:
+                self._read_scope = scope
+                try:
+                    batch = await self._store.read(after, block=self._block)
+                except RedisUnavailable as exc:
+                    self.failures += 1
+                    self.failing = True
+                    self.last_error = str(exc)
+                    self._errors.warning("relay reads from redis failing: %s", exc)
+                    await trio.sleep(pause)
+                    pause = min(RETRY_MAX, pause * 2)
+                    continue
+                finally:
+                    self._read_scope = None
+            if scope.cancelled_caught:
+                continue
+            self.failing = False
+            pause = RETRY_FIRST
+            now = time.time()
+            for key, entries in batch:
+                sink = self._sinks.get(key)
+                # Only if nothing moved it meanwhile (unfollowed, or followed anew elsewhere).
+                if sink is None or self._after.get(key) != after.get(key) or not entries:
+                    continue
+                self._after[key] = entries[-1].seq
+                self.entries_relayed += len(entries)
+                lag = now - entries[-1].received_at
+                self.lag[key] = lag if math.isfinite(lag) else 0.0
+                sink.relay(entries)
+            await trio.lowlevel.checkpoint()

@@ -1,0 +1,144 @@
+"""The cluster's Lua scripts: each is one atomic step in Redis (docs/cluster.md, "In Redis").
+
+Keys come in as ``KEYS`` (the names built by :class:`~gateway.cluster._store.Keys`), values as
+``ARGV``; every script works on many fixtures at once so a round costs one request whatever
+the number of fixtures. Times are Redis's own (``TIME``), so instances' clocks do not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: KEYS: lease keys. ARGV: token, ttl (ms), then one mode per key: ``a`` acquire if free,
+#: ``-`` do not. A lease the token holds is renewed whatever the mode. Returns each key's
+#: holder (nil: free).
+LEASES: Final = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local mode = ARGV[i + 2]
+  local cur = redis.call('GET', k)
+  if cur == ARGV[1] then
+    redis.call('PEXPIRE', k, ARGV[2])
+    out[i] = cur
+  elseif (not cur) and mode == 'a' then
+    redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
+    out[i] = ARGV[1]
+  else
+    out[i] = cur
+  end
+end
+return out
+"""
+
+#: KEYS: lease keys. ARGV: token. Deletes the ones this token holds; returns how many.
+RELEASE: Final = """
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    redis.call('DEL', k)
+    n = n + 1
+  end
+end
+return n
+"""
+
+#: The owner's appends, fenced: KEYS per fixture: lease, stream, meta. ARGV: token, maxlen,
+#: instance, then per fixture: epoch, state ('' = unchanged), detail, n, then n times seq,
+#: position ('' = none), received time, frame text. A fixture whose lease is not the token's
+#: gets ``fenced`` and nothing of it is written; one whose stream has another epoch gets
+#: ``epoch``; else each frame becomes entry ``<seq>-0`` (an entry already there, from a retry,
+#: is skipped: Redis refuses an id not above the last) and the reply is the last seq written
+#: (0: none). Streams are trimmed to about maxlen entries.
+APPEND: Final = """
+local token, maxlen, instance = ARGV[1], ARGV[2], ARGV[3]
+local a = 4
+local out = {}
+for g = 1, #KEYS / 3 do
+  local lease, stream, meta = KEYS[3 * g - 2], KEYS[3 * g - 1], KEYS[3 * g]
+  local epoch, state, detail, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if redis.call('GET', lease) ~= token then
+    out[g] = 'fenced'
+  else
+    local cur = redis.call('HGET', meta, 'epoch')
+    if cur and cur ~= epoch then
+      out[g] = 'epoch'
+    else
+      if not cur then redis.call('HSET', meta, 'epoch', epoch) end
+      if state ~= '' then
+        redis.call('HSET', meta, 'state', state, 'detail', detail, 'owner', instance)
+      end
+      local last, lp, lt = 0, nil, nil
+      for e = 0, n - 1 do
+        local i = a + 4 * e
+        local seq, p, t = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+        local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0',
+                               'p', p, 't', t, 'd', ARGV[i + 3])
+        if type(ok) ~= 'table' or not ok.err then
+          last = tonumber(seq)
+          if p ~= '' then lp, lt = p, t end
+        end
+      end
+      if lp then redis.call('HSET', meta, 'p', lp, 't', lt) end
+      out[g] = last
+    end
+  end
+  a = a + 4 * n
+end
+return out
+"""
+
+#: KEYS: meta, stream of one fixture. Returns {epoch, last seq, last position, its time,
+#: state, detail, owner} (nil where unknown): where a new owner goes on.
+TAKEOVER: Final = """
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'p', 't', 'state', 'detail', 'owner')
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local seq = false
+if last[1] then seq = string.match(last[1][1], '^(%d+)') end
+return {m[1], seq, m[2], m[3], m[4], m[5], m[6]}
+"""
+
+#: KEYS: meta keys. Returns per key {epoch, state, detail, owner} (nil where unknown).
+METAS: Final = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  out[i] = redis.call('HMGET', k, 'epoch', 'state', 'detail', 'owner')
+end
+return out
+"""
+
+#: KEYS: the instances sorted set, the instances' info hash. ARGV: name, ttl (ms), info.
+#: Renews this instance's heartbeat, forgets expired ones, returns the live names and infos.
+HEARTBEAT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, name in ipairs(gone) do redis.call('HDEL', KEYS[2], name) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local names = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for i, name in ipairs(names) do
+  out[i] = {name, redis.call('HGET', KEYS[2], name) or ''}
+end
+return out
+"""
+
+#: KEYS: the instances sorted set, the info hash. ARGV: name. A clean stop's goodbye.
+LEAVE: Final = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: KEYS: the connect-slot key. ARGV: spacing (ms). Reserves the next cluster-wide connect slot
+#: (slots at least spacing apart) and returns the milliseconds to wait for it, as a string.
+CONNECT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
+local slot = math.max(now, nxt)
+redis.call('SET', KEYS[1], string.format('%.3f', slot + tonumber(ARGV[1])), 'PX', 60000)
+return string.format('%.3f', slot - now)
+"""

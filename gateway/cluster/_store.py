@@ -1,0 +1,319 @@
+"""The cluster's Redis: key names, the scripts, and the one boundary where coredis errors end.
+
+:class:`RedisStore` is a thin async wrapper: each method is one request (a script or a
+command) and returns plain Python values. Every failure of Redis itself (refused, reset,
+timed out, loading, read-only, authentication) is raised as :class:`RedisUnavailable` with a
+message written here from the error's type and Redis's own text (a password is never part of
+either); nothing else of coredis escapes. Commands are not retried here: the callers (lease
+rounds, the appender, the relay) each have their own retry rhythm, and a failure must show
+quickly (within ``redis_timeout``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import anyio
+import attrs
+import coredis
+import coredis.exceptions
+from coredis.retry import NoRetryPolicy
+
+from gateway.cluster import _scripts
+from gateway.config import ClusterSection
+
+log = logging.getLogger("gateway.cluster")
+
+#: Entries one relay read asks for at most (all its streams together).
+READ_COUNT: Final = 1000
+
+
+class ClusterError(Exception):
+    """Base of the cluster's errors."""
+
+
+class RedisUnavailable(ClusterError):
+    """Redis did not answer (or answered that it cannot serve): the cluster is degraded."""
+
+
+@attrs.frozen
+class Keys:
+    """The Redis key names of one cluster (``key_prefix``). A fixture's *key* is
+    ``feed/fixture`` (a fixture id never contains ``/``)."""
+
+    prefix: str
+
+    def lease(self, key: str) -> str:
+        return f"{self.prefix}:lease:{key}"
+
+    def stream(self, key: str) -> str:
+        return f"{self.prefix}:stream:{key}"
+
+    def meta(self, key: str) -> str:
+        return f"{self.prefix}:meta:{key}"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:instances"
+
+    @property
+    def infos(self) -> str:
+        return f"{self.prefix}:instance-info"
+
+    @property
+    def connect(self) -> str:
+        return f"{self.prefix}:connect"
+
+
+@attrs.frozen
+class Takeover:
+    """Where a new owner goes on: the stream's epoch and last seq, and the last vendor
+    position with its receive time (None where the stream does not say)."""
+
+    epoch: str | None
+    seq: int
+    position: int | None
+    received_at: float | None
+
+
+@attrs.frozen
+class Meta:
+    """What the owner writes beside a fixture's stream: epoch and its upstream state."""
+
+    epoch: str | None
+    state: str | None
+    detail: str | None
+    owner: str | None
+
+
+@attrs.frozen
+class Entry:
+    """One frame read from a stream."""
+
+    seq: int
+    position: int | None
+    received_at: float
+    data: bytes
+
+
+@attrs.frozen
+class AppendGroup:
+    """One fixture's frames for an append: ``(seq, position, received_at, text)`` each."""
+
+    key: str
+    epoch: str
+    frames: Sequence[tuple[int, int | None, float, bytes]]
+    status: tuple[str, str] | None = None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unavailable(exc: BaseException) -> RedisUnavailable:
+    if isinstance(exc, coredis.exceptions.AuthenticationError):
+        return RedisUnavailable("redis refused the credentials")
+    if isinstance(exc, OSError) and exc.strerror:
+        return RedisUnavailable(f"redis unreachable: {exc.strerror}")
+    if isinstance(exc, TimeoutError):
+        return RedisUnavailable("redis timed out")
+    return RedisUnavailable(f"redis unavailable: {type(exc).__name__}")
+
+
+#: What counts as "Redis is not there" (everything else is a bug and propagates).
+_DOWN: Final = (
+    coredis.exceptions.ConnectionError,
+    coredis.exceptions.AuthenticationError,
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.BusyLoadingError,
+    TimeoutError,
+    OSError,
+    # A connection whose background task ended (Redis went away mid-request, or shutdown).
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+)
+
+
+class RedisStore:
+    """One Redis connection pool and the cluster's requests on it. Open with :func:`open_store`."""
+
+    def __init__(self, client: coredis.Redis[bytes], config: ClusterSection) -> None:
+        self._client = client
+        self.keys = Keys(config.key_prefix)
+        self._maxlen = config.stream_maxlen
+        self._leases = client.register_script(_scripts.LEASES)
+        self._release = client.register_script(_scripts.RELEASE)
+        self._append = client.register_script(_scripts.APPEND)
+        self._takeover = client.register_script(_scripts.TAKEOVER)
+        self._metas = client.register_script(_scripts.METAS)
+        self._heartbeat = client.register_script(_scripts.HEARTBEAT)
+        self._leave = client.register_script(_scripts.LEAVE)
+        self._connect = client.register_script(_scripts.CONNECT)
+
+    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await script(keys=list(keys), args=list(args))
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+
+    async def heartbeat(self, instance: str, ttl: float, info: str) -> dict[str, str]:
+        """Renew *instance*'s heartbeat; the live instances and their info strings."""
+        k = self.keys
+        rows = await self._call(
+            self._heartbeat, [k.instances, k.infos], [instance, int(ttl * 1000), info]
+        )
+        return {_text(name) or "": _text(value) or "" for name, value in rows}
+
+    async def leave(self, instance: str) -> None:
+        k = self.keys
+        await self._call(self._leave, [k.instances, k.infos], [instance])
+
+    async def leases(
+        self, token: str, ttl: float, modes: Mapping[str, str]
+    ) -> dict[str, str | None]:
+        """One lease round: *modes* maps keys to ``a``/``r``/``-`` (see the script); returns
+        each key's holder token afterwards."""
+        if not modes:
+            return {}
+        keys = list(modes)
+        out = await self._call(
+            self._leases,
+            [self.keys.lease(key) for key in keys],
+            [token, int(ttl * 1000), *(modes[key] for key in keys)],
+        )
+        return {key: _text(holder) for key, holder in zip(keys, out, strict=True)}
+
+    async def release(self, token: str, keys: Iterable[str]) -> int:
+        names = [self.keys.lease(key) for key in keys]
+        if not names:
+            return 0
+        return int(await self._call(self._release, names, [token]))
+
+    async def append(
+        self, token: str, instance: str, groups: Sequence[AppendGroup]
+    ) -> list[int | str]:
+        """Append each group's frames if its lease is *token*'s; per group the last seq written
+        (0: none), ``"fenced"`` or ``"epoch"`` (see :data:`_scripts.APPEND`)."""
+        keys: list[str] = []
+        args: list[Any] = [token, self._maxlen, instance]
+        for g in groups:
+            keys += [self.keys.lease(g.key), self.keys.stream(g.key), self.keys.meta(g.key)]
+            state, detail = g.status if g.status is not None else ("", "")
+            args += [g.epoch, state, detail, len(g.frames)]
+            for seq, position, received_at, data in g.frames:
+                args += [seq, "" if position is None else position, repr(received_at), data]
+        out = await self._call(self._append, keys, args)
+        return [r if isinstance(r, int) else _text(r) or "" for r in out]
+
+    async def takeover(self, key: str) -> Takeover:
+        k = self.keys
+        epoch, seq, p, t, *_ = await self._call(self._takeover, [k.meta(key), k.stream(key)], [])
+        return Takeover(
+            epoch=_text(epoch),
+            seq=int(_text(seq) or 0),
+            position=None if p is None else int(_text(p) or 0),
+            received_at=None if t is None else float(_text(t) or 0),
+        )
+
+    async def metas(self, keys: Sequence[str]) -> dict[str, Meta]:
+        if not keys:
+            return {}
+        rows = await self._call(self._metas, [self.keys.meta(key) for key in keys], [])
+        return {key: Meta(*(_text(v) for v in row)) for key, row in zip(keys, rows, strict=True)}
+
+    async def reserve_connect(self, rate: float) -> float:
+        """Reserve the next cluster-wide connect slot; seconds to wait for it."""
+        ms = await self._call(self._connect, [self.keys.connect], [f"{1000.0 / rate:.3f}"])
+        return max(0.0, float(_text(ms) or 0) / 1000.0)
+
+    async def read(
+        self, after: Mapping[str, int], *, block: float, count: int = READ_COUNT
+    ) -> list[tuple[str, list[Entry]]]:
+        """Entries after the given seq of each key's stream, waiting up to *block* seconds for
+        the first; ``[]`` when none came."""
+        if not after:
+            return []
+        streams = {self.keys.stream(key): f"{seq}-0" for key, seq in after.items()}
+        try:
+            reply = await self._client.xread(streams, count=count, block=max(1, int(block * 1000)))
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+        if not reply:
+            return []
+        cut = len(self.keys.stream(""))
+        out: list[tuple[str, list[Entry]]] = []
+        for name, entries in reply.items():
+            key = (_text(name) or "")[cut:]
+            out.append((key, [_entry(e) for e in entries]))
+        return out
+
+    async def tail(self, key: str, after: int, count: int) -> list[Entry]:
+        """Up to *count* entries after seq *after* (no waiting)."""
+        try:
+            entries = await self._client.xrange(
+                self.keys.stream(key), start=f"({after}-0", end="+", count=count
+            )
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+        return [_entry(e) for e in entries]
+
+    async def first_seq(self, key: str) -> int:
+        """The oldest seq the stream still holds (0: none)."""
+        try:
+            entries = await self._client.xrange(self.keys.stream(key), count=1)
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+        return _entry(entries[0]).seq if entries else 0
+
+
+def _entry(e: Any) -> Entry:
+    ident = _text(e.identifier) or "0-0"
+    fields = e.field_values
+    p = fields.get(b"p", b"")
+    return Entry(
+        seq=int(ident.split("-", 1)[0]),
+        position=int(p) if p else None,
+        received_at=float(fields.get(b"t", b"0") or 0),
+        data=fields.get(b"d", b""),
+    )
+
+
+@asynccontextmanager
+async def open_store(config: ClusterSection) -> AsyncIterator[RedisStore]:
+    """A :class:`RedisStore` for the body; its connections close on exit.
+
+    The password (``password_file``/``password_env``) is read here, once; no connection is
+    made yet (the first request connects, and fails as :class:`RedisUnavailable` if Redis is
+    not there: the gateway starts degraded rather than not at all). Raises
+    :class:`~gateway.config.SecretError` when the password cannot be read.
+    """
+    password = config.read_password()
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        config.redis_url,
+        decode_responses=False,
+        verify_version=False,
+        retry_policy=NoRetryPolicy(),
+        username=config.username,
+        password=None if password is None else password.reveal(),
+        connect_timeout=config.redis_timeout,
+        stream_timeout=config.redis_timeout + _BLOCK_ALLOWANCE,
+    )
+    async with client:
+        yield RedisStore(client, config)
+
+
+#: Blocking reads wait up to this long beyond ``redis_timeout`` before the socket read times
+#: out (the relay blocks for less than that).
+_BLOCK_ALLOWANCE: Final = 2.0

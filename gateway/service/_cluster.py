@@ -1,0 +1,637 @@
+"""This instance as a member of a cluster: leases, owner and relay roles, takeovers.
+
+:class:`ClusterNode` decides, fixture by fixture, whether this instance follows the vendor
+(*owner*: it holds the fixture's lease; its upstream runner publishes into the local topic
+through an :class:`OwnedTopic`, which also queues each frame for the appender) or reads the
+fixture's Redis stream into the local topic (*relay*: :class:`RelayedTopic`). Either way the
+hub topic carries the cluster's numbering (epoch and seq), so subscribers, drop-in endpoints,
+backfill and resume behave the same on every instance. The rules of the leases are in
+:mod:`gateway.cluster._lease`, the Redis side in :mod:`gateway.cluster._store`; this module
+ties them to the hub and the upstream supervisor, and is the only one that knows all four.
+
+One *round* every :func:`~gateway.cluster.tick_interval` (at most a second):
+
+1. heartbeat: this instance's entry in the live set (and the others', with their info);
+2. leases: release what is to be handed over or no longer followed, then acquire/renew in one
+   request; for each lease gained, *take over* (below); for each lost, *step down*;
+3. leases past their local validity while Redis still answers (a process that was paused):
+   step down before anything else is published;
+4. metas: each relayed fixture's epoch and its owner's upstream state (shown by the topic).
+
+Taking over: the stream's last entry gives seq and vendor position; the local topic first
+relays what it has not yet, then the upstream runner starts with that position as its resume
+point (tracking backfill from ``ix``, fastpath ``startPosition``), so the next vendor frame gets
+the next seq: no gap, no duplicate. Stepping down stops the runner and drops the frames not
+yet appended; the relay goes on from the last seq Redis confirmed, skipping frames the topic
+already holds byte for byte (a conflict, which only a paused owner can cause, replaces the
+topic: its subscribers are told and resubscribe).
+
+When Redis does not answer, owners keep their upstreams and keep fanning out locally (appends
+are retried, then dropped and counted), relays report their fixtures ``degraded``, no lease is
+taken, and ``/readyz`` says why; everything resumes by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import orjson
+import trio
+
+from gateway.cluster import (
+    Appender,
+    Entry,
+    LeaseTable,
+    Meta,
+    RedisStore,
+    RedisUnavailable,
+    Relay,
+    holder_token,
+    open_store,
+)
+from gateway.config import ClusterSection, FeedConfig, FixtureConfig
+from gateway.hub import Hub, Topic
+from gateway.model import FixtureState, FrameSink, ResumePoint
+from gateway.throttle import LogThrottle
+from gateway.upstream import FixtureHandle, Supervisor
+
+log = logging.getLogger("gateway.cluster")
+
+#: The environment variable that names the instance when ``[cluster] instance`` is not set
+#: (the systemd template unit sets it to the unit's instance name).
+INSTANCE_ENV: Final = "DDE_GATEWAY_INSTANCE"
+#: How long a handover waits for the fixture's queued frames to reach Redis before releasing.
+HANDOVER_FLUSH: Final = 2.0
+#: Entries asked per request when a topic catches up with its stream before taking over.
+CATCH_UP_COUNT: Final = 1000
+
+ROLE_OWNER: Final = "owner"
+ROLE_RELAY: Final = "relay"
+
+
+def instance_name(config: ClusterSection) -> str:
+    """``[cluster] instance``, else ``$DDE_GATEWAY_INSTANCE``, else ``hostname-pid``."""
+    if config.instance:
+        return config.instance
+    env = os.environ.get(INSTANCE_ENV, "").strip()
+    if env:
+        return env
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def fixture_key(feed: str, fixture: str) -> str:
+    return f"{feed}/{fixture}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    feed, fixture = key.rsplit("/", 1)
+    return feed, fixture
+
+
+class OwnedTopic:
+    """The owner's ``FrameSink``: publish into the topic, then queue the frame for Redis.
+
+    Publishing is refused (the frame dropped and the node told) once the lease is past its
+    local validity: the node then stops this upstream and a new owner resumes from the
+    stream, where the frame is fetched again.
+    """
+
+    __slots__ = ("active", "appender", "key", "node", "topic")
+
+    def __init__(self, node: ClusterNode, key: str, topic: Topic, appender: Appender) -> None:
+        self.node = node
+        self.key = key
+        self.topic = topic
+        self.appender = appender
+        self.active = True
+
+    def publish(self, raw: str, position: int | None) -> None:
+        if not self.active:
+            return
+        if not self.node.may_publish(self.key):
+            self.node.fence(self.key, "lease expired before it was renewed")
+            return
+        topic = self.topic
+        topic.publish(raw, position)
+        frame = topic.latest_frame
+        assert frame is not None
+        self.appender.append(
+            self.key, topic.epoch, frame.seq, position, time.time(), frame.raw_bytes
+        )
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        if not self.active:
+            return
+        self.topic.set_status(state, detail)
+        self.appender.status(self.key, self.topic.epoch, state.value, detail)
+
+
+class RelayedTopic:
+    """A relay's sink: stream entries into the topic under the cluster's numbering."""
+
+    __slots__ = ("key", "node", "position", "received_at", "topic")
+
+    def __init__(self, node: ClusterNode, key: str, topic: Topic) -> None:
+        self.node = node
+        self.key = key
+        self.topic = topic
+        #: The last vendor position relayed and when its owner received it (a takeover with
+        #: a lost stream goes on from here).
+        self.position: int | None = None
+        self.received_at: float | None = None
+
+    def relay(self, entries: Sequence[Entry]) -> None:
+        topic = self.topic
+        for e in entries:
+            if e.seq <= topic.seq:
+                held = topic.held_bytes(e.seq)
+                if held is not None and held != e.data:
+                    self.node.conflict(self.key, e.seq)
+                    return
+                continue
+            topic.publish_at(e.seq, e.data, e.position)
+            if e.position is not None:
+                self.position = e.position
+                self.received_at = e.received_at
+
+
+class ClusterNode:
+    """See the module docstring. Built by the service's ``Gateway``; run in its nursery."""
+
+    def __init__(
+        self,
+        config: ClusterSection,
+        *,
+        hub: Hub,
+        supervisor: Supervisor,
+        movable: Callable[[str, str], bool],
+        retire: Callable[[FixtureHandle], None],
+        info: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.config = config
+        self.instance = instance_name(config)
+        self.token = holder_token(self.instance, secrets.token_hex(6))
+        self.table = LeaseTable(self.instance, config.lease_ttl, token=self.token)
+        self._hub = hub
+        self._supervisor = supervisor
+        self._movable = movable
+        self._retire = retire
+        self._info = info
+        self._fixtures: dict[str, FixtureConfig] = {}
+        self._backlog: dict[str, bool] = {}
+        self._owned: dict[str, OwnedTopic] = {}
+        self._relayed: dict[str, RelayedTopic] = {}
+        #: Followed fixtures whose stream has no epoch yet (nobody owned them): not relayed.
+        self._waiting: set[str] = set()
+        self._resume: dict[str, ResumePoint] = {}
+        self._metas: dict[str, Meta] = {}
+        self._store: RedisStore | None = None
+        self._appender: Appender | None = None
+        self._relay: Relay | None = None
+        self._wake = trio.Event()
+        self._errors = LogThrottle(log)
+        #: Live instances (name -> info) as of the last heartbeat.
+        self.live: dict[str, dict[str, Any]] = {}
+        self.redis_error: str | None = None
+        self.leases_gained = 0
+        self.leases_lost = 0
+        self.handovers = 0
+        self.fenced = 0
+        self.conflicts = 0
+        self.connect_waits = 0
+        self.connect_unavailable = 0
+        self.rounds = 0
+        self._left = False
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def is_followed(self, feed: str, fixture: str) -> bool:
+        return fixture_key(feed, fixture) in self._fixtures
+
+    def followed(self) -> list[FixtureConfig]:
+        return list(self._fixtures.values())
+
+    def role(self, feed: str, fixture: str) -> str:
+        return ROLE_OWNER if fixture_key(feed, fixture) in self._owned else ROLE_RELAY
+
+    def owner(self, feed: str, fixture: str) -> str | None:
+        key = fixture_key(feed, fixture)
+        if key in self._owned:
+            return self.instance
+        return self.table.holder(key)
+
+    @property
+    def appender(self) -> Appender | None:
+        return self._appender
+
+    @property
+    def relay(self) -> Relay | None:
+        return self._relay
+
+    def degraded_reason(self) -> str | None:
+        """Why this instance is degraded (Redis unreachable), or None."""
+        if self.table.degraded or self.redis_error is not None:
+            return f"cluster: {self.redis_error or 'redis unreachable'}"
+        if self._relay is not None and self._relay.failing:
+            return f"cluster relay: {self._relay.last_error}"
+        if self._appender is not None and self._appender.failing:
+            return f"cluster appends: {self._appender.last_error}"
+        return None
+
+    def may_publish(self, key: str) -> bool:
+        return self.table.may_publish(key, trio.current_time())
+
+    def leases_by_instance(self) -> dict[str, int]:
+        """Followed fixtures per owner, as this instance last saw the leases."""
+        out: dict[str, int] = {}
+        for key in self._fixtures:
+            owner = self.instance if key in self._owned else self.table.holder(key)
+            if owner is not None:
+                out[owner] = out.get(owner, 0) + 1
+        return out
+
+    # -- the FixtureBook's follow/stop, and the supervisor's sink ----------------------------
+
+    def follow(self, fixture: FixtureConfig, backlog: bool) -> bool:
+        """Follow *fixture* in the cluster: its topic relays until this instance owns it."""
+        key = fixture_key(fixture.feed, fixture.id)
+        if key in self._fixtures:
+            return False
+        self._fixtures[key] = fixture
+        self._backlog[key] = backlog
+        self._hub.topic(fixture.feed, fixture.id)
+        self._waiting.add(key)
+        self._wake.set()
+        return True
+
+    def unfollow(self, feed: str, fixture: str) -> bool:
+        """Stop following: the upstream (if owned) stops now, its lease is released by the
+        next round, the topic is the caller's to close."""
+        key = fixture_key(feed, fixture)
+        if self._fixtures.pop(key, None) is None:
+            return False
+        self._backlog.pop(key, None)
+        self._waiting.discard(key)
+        self._step_down(key, "no longer followed", discard=False)
+        self._stop_relay(key)
+        return True
+
+    def sink(self, feed: FeedConfig, fixture: FixtureConfig) -> FrameSink:
+        """The supervisor's sink for a fixture this instance just took over."""
+        key = fixture_key(feed.name, fixture.id)
+        sink = self._owned.get(key)
+        if sink is None:
+            raise RuntimeError(f"{key} is not owned by this instance")
+        return sink
+
+    def resume_point(self, feed: FeedConfig, fixture: FixtureConfig) -> ResumePoint | None:
+        return self._resume.pop(fixture_key(feed.name, fixture.id), None)
+
+    async def reserve_connect(self) -> float:
+        """Seconds until this instance's next cluster-wide connect slot (``connect_rate``
+        across all instances); 0 when Redis does not answer (the local limit still holds)."""
+        store = self._store
+        if store is None:
+            return 0.0
+        try:
+            delay = await store.reserve_connect(self._supervisor.limiter.rate)
+        except RedisUnavailable:
+            self.connect_unavailable += 1
+            return 0.0
+        if delay > 0:
+            self.connect_waits += 1
+        return delay
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open Redis, start the appender and the relay, run lease rounds until cancelled.
+
+        Started after the first round, whether Redis answered or not (without Redis the
+        instance starts degraded: it relays nothing and owns nothing until Redis is back).
+        On cancellation the leases this instance holds are released (bounded), so others take
+        over at once instead of after ``lease_ttl``.
+        """
+        async with open_store(self.config) as store, trio.open_nursery() as nursery:
+            self._store = store
+            self._appender = Appender(
+                store,
+                self.token,
+                self.instance,
+                max_bytes=self.config.append_queue_bytes,
+                on_fenced=self._fenced,
+            )
+            self._relay = Relay(store)
+            await nursery.start(self._appender.run)
+            await nursery.start(self._relay.run)
+            self._supervisor.limiter.reserve = self.reserve_connect
+            try:
+                await self._round()
+                log.info(
+                    "cluster: instance %s joined (%d live, redis %s)",
+                    self.instance,
+                    len(self.live),
+                    "ok" if self.redis_error is None else self.redis_error,
+                )
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self.table.tick):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    if self._left:
+                        await trio.sleep_forever()
+                    await self._round()
+            finally:
+                self._supervisor.limiter.reserve = None
+                if not self._left:
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(self.config.redis_timeout),
+                    ):
+                        await self._leave(store)
+                nursery.cancel_scope.cancel()
+
+    async def leave(self) -> None:
+        """A clean stop (drain): stop owning, let queued frames reach Redis, release every
+        lease and leave the live set, so other instances take over at once. Bounded by
+        ``redis_timeout``; what does not finish is left to the leases' expiry."""
+        store = self._store
+        if store is None or self._left:
+            return
+        with trio.move_on_after(self.config.redis_timeout):
+            await self._leave(store)
+
+    async def _leave(self, store: RedisStore) -> None:
+        self._left = True
+        held = list(self.table.held)
+        for key in list(self._owned):
+            self._step_down(key, "instance stopping", discard=False)
+        for key in list(self._fixtures):
+            self._stop_relay(key)
+        appender = self._appender
+        try:
+            if appender is not None:
+                for key in held:
+                    await appender.wait_written(key)
+            if held:
+                await store.release(self.token, held)
+            await store.leave(self.instance)
+        except RedisUnavailable:
+            pass
+        for key in held:
+            self.table.released(key)
+
+    async def _round(self) -> None:
+        store = self._store
+        assert store is not None
+        self.rounds += 1
+        try:
+            await self._heartbeat(store)
+            await self._leases(store)
+            await self._refresh(store)
+            self.redis_error = None
+        except RedisUnavailable as exc:
+            self.table.unreachable()
+            if self.redis_error is None:
+                log.warning("cluster: redis unreachable, degraded: %s", exc)
+            self.redis_error = str(exc)
+            for key in self._relayed:
+                topic = self._hub.get(*split_key(key))
+                if topic is not None:
+                    topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
+        # Past local validity while Redis answers: a paused process. Stop first, ask later.
+        for key in self.table.expired(trio.current_time()):
+            self.fence(key, "lease expired before it was renewed")
+
+    async def _heartbeat(self, store: RedisStore) -> None:
+        info = orjson.dumps(self._info()).decode()
+        live = await store.heartbeat(self.instance, self.config.lease_ttl, info)
+        self.live = {name: _info(text) for name, text in live.items()}
+
+    async def _leases(self, store: RedisStore) -> None:
+        now = trio.current_time()
+        movable = {k for k in self._fixtures if self._movable(*split_key(k))}
+        plan = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
+        for key in sorted(plan.release):
+            await self._hand_over(store, key)
+        modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.config.lease_ttl, modes)
+        gained, lost = self.table.observed(holders, sent=sent)
+        for key in sorted(lost):
+            self.leases_lost += 1
+            owner = self.table.holder(key)
+            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
+            self._step_down(key, "lease lost")
+        for key in sorted(gained):
+            if key in self._owned:
+                continue
+            if key not in self._fixtures:
+                continue
+            await self._take_over(store, key)
+
+    async def _hand_over(self, store: RedisStore, key: str) -> None:
+        """Give *key* up cleanly: stop its upstream, let its frames reach Redis, release."""
+        followed = key in self._fixtures
+        if key in self._owned:
+            self.handovers += 1
+            log.info(
+                "cluster: handing %s over (rebalancing)"
+                if followed
+                else "cluster: releasing %s (no longer followed)",
+                key,
+            )
+            self._step_down(key, "handed over", discard=False)
+        appender = self._appender
+        if appender is not None:
+            with trio.move_on_after(HANDOVER_FLUSH):
+                await appender.wait_written(key)
+        self.table.released(key)
+        await store.release(self.token, [key])
+
+    async def _take_over(self, store: RedisStore, key: str) -> None:
+        feed, fixture_id = split_key(key)
+        fixture = self._fixtures[key]
+        cfg = self._hub.feeds[feed]
+        info = await store.takeover(key)
+        previous = self._metas.get(key)
+        self._stop_relay(key)
+        topic = self._hub.topic(feed, fixture_id)
+        relayed_from = self._relayed_point(key)
+        if info.epoch is not None and info.epoch != topic.epoch:
+            start = max(0, info.seq - cfg.history)
+            if topic.seq or topic.history_len:
+                self._hub.close_topic(feed, fixture_id)
+                topic = self._hub.topic(feed, fixture_id, epoch=info.epoch, seq=start)
+            else:
+                topic.renumber(info.epoch, start)
+        if info.epoch is not None and topic.seq < info.seq:
+            await self._catch_up(store, key, topic, info.seq)
+        if info.position is not None and info.received_at is not None:
+            resume: ResumePoint | None = ResumePoint(info.position, info.received_at)
+        else:
+            resume = relayed_from
+        if resume is not None:
+            self._resume[key] = resume
+        self._owned[key] = OwnedTopic(self, key, topic, self._appender_or_fail())
+        self._waiting.discard(key)
+        self.leases_gained += 1
+        was = previous.owner if previous is not None and previous.owner else None
+        log.info(
+            "cluster: owner of %s now%s, at seq %d%s",
+            key,
+            f" (took over from {was})" if was and was != self.instance else "",
+            topic.seq,
+            "" if resume is None else f", vendor position {resume.position}",
+        )
+        self._supervisor.add(fixture, backlog=self._backlog.get(key, False))
+
+    def _appender_or_fail(self) -> Appender:
+        assert self._appender is not None
+        return self._appender
+
+    def _relayed_point(self, key: str) -> ResumePoint | None:
+        sink = self._relayed.get(key)
+        if sink is None or sink.position is None or sink.received_at is None:
+            return None
+        return ResumePoint(sink.position, sink.received_at)
+
+    async def _catch_up(self, store: RedisStore, key: str, topic: Topic, last: int) -> None:
+        """Relay into *topic* what the stream holds after it, up to seq *last*."""
+        sink = RelayedTopic(self, key, topic)
+        while topic.seq < last:
+            entries = await store.tail(key, topic.seq, CATCH_UP_COUNT)
+            if not entries:
+                break
+            sink.relay(entries)
+
+    def _step_down(self, key: str, why: str, *, discard: bool = True) -> None:
+        """Stop owning *key* now (if owned): the upstream stops, the topic becomes a relay."""
+        sink = self._owned.pop(key, None)
+        if sink is None:
+            return
+        sink.active = False
+        feed, fixture_id = split_key(key)
+        handle = self._supervisor.get(feed, fixture_id)
+        if handle is not None:
+            self._retire(handle)
+        self._supervisor.remove(feed, fixture_id)
+        appender = self._appender
+        confirmed = sink.topic.seq
+        if appender is not None:
+            if discard:
+                appender.discard(key)
+            confirmed = min(confirmed, appender.appended.get(key, confirmed))
+        log.info("cluster: %s: no longer owner (%s)", key, why)
+        if key in self._fixtures:
+            self._start_relay(key, sink.topic, after=confirmed)
+
+    def _start_relay(self, key: str, topic: Topic, *, after: int) -> None:
+        relay = self._relay
+        if relay is None:
+            return
+        sink = RelayedTopic(self, key, topic)
+        self._relayed[key] = sink
+        relay.follow(key, after=after, sink=sink)
+
+    def _stop_relay(self, key: str) -> None:
+        self._relayed.pop(key, None)
+        if self._relay is not None:
+            self._relay.unfollow(key)
+
+    def fence(self, key: str, why: str) -> None:
+        """Stop owning *key* at once (its lease cannot be trusted); the next round decides."""
+        if key not in self._owned:
+            return
+        self.fenced += 1
+        self._errors.warning("cluster: %s fenced: %s", key, why)
+        self.table.released(key)
+        self._step_down(key, why)
+        self._wake.set()
+
+    def _fenced(self, key: str, result: str) -> None:
+        # The appender's callback: Redis refused an append (lease or epoch not ours).
+        why = "lease taken by another instance" if result == "fenced" else "epoch changed"
+        self.fence(key, f"append refused: {why}")
+
+    def conflict(self, key: str, seq: int) -> None:
+        """The stream's frame *seq* differs from the one the topic published under the same
+        number (a paused owner's): the topic is replaced; its subscribers resubscribe."""
+        self.conflicts += 1
+        log.warning("cluster: %s: frame %d differs from the stream's: topic replaced", key, seq)
+        feed, fixture_id = split_key(key)
+        self._stop_relay(key)
+        self._hub.close_topic(feed, fixture_id)
+        if key in self._fixtures:
+            self._hub.topic(feed, fixture_id)
+            self._waiting.add(key)
+            self._wake.set()
+
+    async def _refresh(self, store: RedisStore) -> None:
+        """Relays: adopt each stream's epoch, start relaying new ones, show owners' states."""
+        keys = [k for k in self._fixtures if k not in self._owned]
+        if not keys:
+            return
+        metas = await store.metas(keys)
+        self._metas.update(metas)
+        for key, meta in metas.items():
+            if key not in self._fixtures or key in self._owned:
+                continue
+            feed, fixture_id = split_key(key)
+            topic = self._hub.get(feed, fixture_id)
+            if topic is None:
+                continue
+            if meta.epoch is None:
+                if key not in self._relayed:
+                    self._waiting.add(key)
+                self._show(topic, key, meta)
+                continue
+            if meta.epoch != topic.epoch or key in self._waiting:
+                topic = await self._adopt(store, key, topic, meta.epoch)
+            self._show(topic, key, meta)
+
+    async def _adopt(self, store: RedisStore, key: str, topic: Topic, epoch: str) -> Topic:
+        """Make *topic* relay its stream under the stream's *epoch* (primed with up to
+        ``history`` frames from the stream)."""
+        feed, fixture_id = split_key(key)
+        info = await store.takeover(key)
+        start = max(0, info.seq - self._hub.feeds[feed].history)
+        self._stop_relay(key)
+        if topic.epoch != epoch:
+            if topic.seq or topic.history_len:
+                log.warning("cluster: %s: the stream has a new epoch: topic replaced", key)
+                self._hub.close_topic(feed, fixture_id)
+                topic = self._hub.topic(feed, fixture_id, epoch=epoch, seq=start)
+            else:
+                topic.renumber(epoch, start)
+        self._waiting.discard(key)
+        self._start_relay(key, topic, after=max(topic.seq, start))
+        return topic
+
+    def _show(self, topic: Topic, key: str, meta: Meta) -> None:
+        relay = self._relay
+        if relay is not None and relay.failing:
+            topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
+            return
+        if self.table.holder(key) is None:
+            topic.set_status(FixtureState.CONNECTING, "cluster: no owner yet")
+            return
+        try:
+            state = FixtureState(meta.state or FixtureState.CONNECTING.value)
+        except ValueError:
+            state = FixtureState.CONNECTING
+        topic.set_status(state, meta.detail or "")
+
+
+def _info(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text) if text else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
