@@ -142,3 +142,14 @@ local slot = math.max(now, nxt)
 redis.call('SET', KEYS[1], string.format('%.3f', slot + tonumber(ARGV[1])), 'PX', 60000)
 return string.format('%.3f', slot - now)
 """
+
+#: KEYS: one feed's on-demand sorted set. ARGV: ttl (ms), then the fixtures this instance
+#: follows on demand. Refreshes them, forgets expired ones (their instance is gone), returns
+#: every fixture followed on demand anywhere in the cluster.
+DEMAND: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""

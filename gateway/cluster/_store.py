@@ -67,6 +67,14 @@ class Keys:
     def connect(self) -> str:
         return f"{self.prefix}:connect"
 
+    @property
+    def api(self) -> str:
+        """The fixtures followed through the HTTP API, cluster-wide: key -> backfill."""
+        return f"{self.prefix}:api"
+
+    def demand(self, feed: str) -> str:
+        return f"{self.prefix}:demand:{feed}"
+
 
 @attrs.frozen
 class Takeover:
@@ -155,6 +163,7 @@ class RedisStore:
         self._heartbeat = client.register_script(_scripts.HEARTBEAT)
         self._leave = client.register_script(_scripts.LEAVE)
         self._connect = client.register_script(_scripts.CONNECT)
+        self._demand = client.register_script(_scripts.DEMAND)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
@@ -232,6 +241,27 @@ class RedisStore:
             return {}
         rows = await self._call(self._metas, [self.keys.meta(key) for key in keys], [])
         return {key: Meta(*(_text(v) for v in row)) for key, row in zip(keys, rows, strict=True)}
+
+    async def demand(self, feed: str, fixtures: Iterable[str], ttl: float) -> set[str]:
+        """Refresh this instance's on-demand *fixtures* of *feed*; all of the cluster's."""
+        out = await self._call(self._demand, [self.keys.demand(feed)], [int(ttl * 1000), *fixtures])
+        return {_text(name) or "" for name in out}
+
+    async def api_fixtures(self, add: Mapping[str, int], remove: Iterable[str]) -> dict[str, int]:
+        """Apply this instance's API changes (key -> backfill; keys removed) to the cluster's
+        set, then return the whole set."""
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                if add:
+                    pipe.hset(self.keys.api, {k: str(v) for k, v in add.items()})
+                removed = list(remove)
+                if removed:
+                    pipe.hdel(self.keys.api, removed)
+                result = pipe.hgetall(self.keys.api)
+            mapping = await result
+        except _DOWN as exc:
+            raise _unavailable(exc) from None
+        return {_text(k) or "": int(_text(v) or 0) for k, v in mapping.items()}
 
     async def reserve_connect(self, rate: float) -> float:
         """Reserve the next cluster-wide connect slot; seconds to wait for it."""

@@ -168,6 +168,19 @@ class Topic:
         so what it holds stays contiguous, the jump is counted in :attr:`gaps`, and subscribers
         see the seq jump.
         """
+        self._jump_to(seq)
+        self.publish(raw, position)
+
+    def keep_at(self, seq: int, raw: str | bytes, position: int | None) -> None:
+        """Hold *raw* as frame *seq* without handing it to subscribers (a relay priming its
+        history from the stream: the frames are old news to anyone attached now)."""
+        self._jump_to(seq)
+        self.seq = seq
+        frame = Frame(seq, raw, 0.0, self._prefix, position)
+        self._keep(frame)
+        self._latest = frame
+
+    def _jump_to(self, seq: int) -> None:
         if seq != self.seq + 1:
             if seq <= self.seq:
                 raise ValueError(f"seq {seq} is not after {self.seq}")
@@ -175,7 +188,6 @@ class Topic:
             self.history_bytes = 0
             self.gaps += 1
             self.seq = seq - 1
-        self.publish(raw, position)
 
     def held_bytes(self, seq: int) -> bytes | None:
         """The text of held frame *seq* (None: not held)."""

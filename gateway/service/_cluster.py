@@ -39,7 +39,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 import trio
@@ -161,6 +161,21 @@ class RelayedTopic:
                 self.received_at = e.received_at
 
 
+class SharedFixtures(Protocol):
+    """What the node needs of the service's FixtureBook to share API and on-demand fixtures
+    with the other instances."""
+
+    def follow_shared(self, fixture: FixtureConfig) -> None:
+        """Another instance's API followed *fixture*: follow it here too."""
+
+    def stop_shared(self, feed: str, fixture: str) -> None:
+        """Another instance's API deleted *fixture*: stop it here if the API had added it."""
+
+    def on_demand_of(self, feed: str) -> list[str]:
+        """The fixtures of *feed* this instance follows on demand."""
+        ...
+
+
 class ClusterNode:
     """See the module docstring. Built by the service's ``Gateway``; run in its nursery."""
 
@@ -173,6 +188,7 @@ class ClusterNode:
         movable: Callable[[str, str], bool],
         retire: Callable[[FixtureHandle], None],
         info: Callable[[], dict[str, Any]],
+        shared: SharedFixtures | None = None,
     ) -> None:
         self.config = config
         self.instance = instance_name(config)
@@ -183,6 +199,14 @@ class ClusterNode:
         self._movable = movable
         self._retire = retire
         self._info = info
+        self._shared = shared
+        #: API changes of this instance not yet written to the cluster's set.
+        self._api_add: dict[str, int] = {}
+        self._api_del: set[str] = set()
+        #: The cluster's API set as last read (a key gone from it was deleted elsewhere).
+        self._api_seen: set[str] = set()
+        #: Per on-demand feed: the fixtures followed on demand anywhere in the cluster.
+        self._demand: dict[str, set[str]] = {}
         self._fixtures: dict[str, FixtureConfig] = {}
         self._backlog: dict[str, bool] = {}
         self._owned: dict[str, OwnedTopic] = {}
@@ -308,6 +332,50 @@ class ClusterNode:
             self.connect_waits += 1
         return delay
 
+    # -- fixtures shared through the API and on demand -----------------------------------------
+
+    def share_follow(self, fixture: FixtureConfig) -> None:
+        """This instance's API followed *fixture*: every instance follows it (next round)."""
+        key = fixture_key(fixture.feed, fixture.id)
+        self._api_del.discard(key)
+        self._api_add[key] = fixture.backfill
+        self._wake.set()
+
+    def share_unfollow(self, feed: str, fixture: str) -> None:
+        """This instance's API deleted *fixture*: every instance stops it (next round)."""
+        key = fixture_key(feed, fixture)
+        self._api_add.pop(key, None)
+        self._api_del.add(key)
+        self._wake.set()
+
+    def cluster_on_demand(self, feed: str) -> set[str]:
+        """Fixtures of *feed* followed on demand on any instance (as of the last round)."""
+        return self._demand.get(feed, set())
+
+    async def _sync_shared(self, store: RedisStore) -> None:
+        shared = self._shared
+        if shared is None:
+            return
+        add, remove = dict(self._api_add), set(self._api_del)
+        api = await store.api_fixtures(add, remove)
+        for key, backfill in add.items():
+            if self._api_add.get(key) == backfill:
+                del self._api_add[key]
+        self._api_del -= remove
+        for key, backfill in sorted(api.items()):
+            if key not in self._fixtures and key not in self._api_del:
+                feed, fixture_id = split_key(key)
+                if feed in self._hub.feeds:
+                    shared.follow_shared(FixtureConfig(feed=feed, id=fixture_id, backfill=backfill))
+        for key in sorted(self._api_seen - api.keys()):
+            if key not in self._api_add:
+                shared.stop_shared(*split_key(key))
+        self._api_seen = set(api)
+        for name, cfg in self._hub.feeds.items():
+            if cfg.on_demand:
+                mine = shared.on_demand_of(name)
+                self._demand[name] = await store.demand(name, mine, self.config.lease_ttl)
+
     # -- running ---------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -393,6 +461,7 @@ class ClusterNode:
         self.rounds += 1
         try:
             await self._heartbeat(store)
+            await self._sync_shared(store)
             await self._leases(store)
             await self._refresh(store)
             self.redis_error = None
@@ -610,6 +679,15 @@ class ClusterNode:
                 topic = self._hub.topic(feed, fixture_id, epoch=epoch, seq=start)
             else:
                 topic.renumber(epoch, start)
+        # Prime the history from the stream (no fan-out: live-only subscribers asked for
+        # nothing older), then relay from where the priming ended.
+        while topic.seq < info.seq:
+            entries = await store.tail(key, max(topic.seq, start), CATCH_UP_COUNT)
+            if not entries:
+                break
+            for e in entries:
+                if e.seq > topic.seq:
+                    topic.keep_at(e.seq, e.data, e.position)
         self._waiting.discard(key)
         self._start_relay(key, topic, after=max(topic.seq, start))
         return topic

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final
 
 import trio
@@ -67,6 +67,7 @@ class FixtureBook:
         is_followed: Callable[[str, str], bool],
         subscribers: Callable[[str, str], int],
         max_api: Callable[[], int] = lambda: 1 << 30,
+        cluster_on_demand: Callable[[str], Collection[str]] | None = None,
     ) -> None:
         self._feeds = feeds
         self._follow = follow
@@ -74,6 +75,7 @@ class FixtureBook:
         self._is_followed = is_followed
         self._subscribers = subscribers
         self._max_api = max_api
+        self._cluster_on_demand = cluster_on_demand
         self._configured: set[Key] = set(configured)
         self._on_demand: set[Key] = set()
         self._api: set[Key] = set()
@@ -103,7 +105,23 @@ class FixtureBook:
         return (feed, fixture) in self._on_demand
 
     def on_demand_count(self, feed: str) -> int:
-        return sum(1 for f, _ in self._on_demand if f == feed)
+        """Fixtures of *feed* followed on demand: here, and in a cluster on any instance."""
+        mine = set(self.on_demand_of(feed))
+        if self._cluster_on_demand is not None:
+            mine.update(self._cluster_on_demand(feed))
+        return len(mine)
+
+    def _elsewhere(self, feed: str, fixture: str) -> bool:
+        # Followed on demand by another instance of the cluster: no new vendor connection.
+        return self._cluster_on_demand is not None and fixture in self._cluster_on_demand(feed)
+
+    def on_demand_of(self, feed: str) -> list[str]:
+        """The fixtures of *feed* this gateway follows on demand."""
+        return [fixture for f, fixture in self._on_demand if f == feed]
+
+    def is_api(self, feed: str, fixture: str) -> bool:
+        """True when the API asked for *fixture* (and the config does not name it)."""
+        return (feed, fixture) in self._api
 
     @property
     def api_count(self) -> int:
@@ -149,6 +167,7 @@ class FixtureBook:
         if (
             key not in self._on_demand
             and not self._is_followed(feed, fixture)
+            and not self._elsewhere(feed, fixture)
             and self.on_demand_count(feed) >= cfg.max_on_demand
         ):
             self._refused[feed] = self._refused.get(feed, 0) + 1
@@ -194,25 +213,26 @@ class FixtureBook:
 
     # -- the API and reload ----------------------------------------------------------------
 
-    def follow(self, fixture: FixtureConfig) -> bool:
+    def follow(self, fixture: FixtureConfig, *, limit: bool = True) -> bool:
         """Follow *fixture* because the API asked: it stays until deleted, even if it came on
         demand. True when newly followed.
 
         Raises :class:`~gateway.controlplane.FollowLimitError` when that would make more than
         ``[api] max_fixtures`` API fixtures (asking again for one already followed never does).
+        *limit* False: the API of another instance of the cluster asked (and checked).
         """
         key = fixture.key
         if key not in self._api and key not in self._configured:
-            limit = self._max_api()
-            if len(self._api) >= limit:
+            max_api = self._max_api()
+            if limit and len(self._api) >= max_api:
                 self._refusals.warning(
                     "refused to follow %s/%s through the API: max_fixtures (%d) reached",
                     *key,
-                    limit,
+                    max_api,
                 )
                 raise FollowLimitError(
                     f"fixture {fixture.id[:40]!r} of feed {fixture.feed!r} refused: the API "
-                    f"already follows {limit} fixtures ([api] max_fixtures)"
+                    f"already follows {max_api} fixtures ([api] max_fixtures)"
                 )
             self._api.add(key)
         self._on_demand.discard(key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from functools import partial
 from typing import Final
 
@@ -157,6 +157,7 @@ class Gateway:
             is_followed=self.is_followed,
             subscribers=self._subscriber_count,
             max_api=lambda: self.config.api.max_fixtures,
+            cluster_on_demand=self._cluster_on_demand,
         )
         self.hub = Hub(config.feeds, directory=self.fixtures)
         self.registry = SubscriberRegistry()
@@ -179,6 +180,7 @@ class Gateway:
                 movable=self.fixtures.is_configured,
                 retire=self._retire,
                 info=self._cluster_info,
+                shared=self,
             )
             for fixture in config.fixtures:
                 self.cluster.follow(fixture, False)
@@ -518,12 +520,34 @@ class Gateway:
     def follow(self, feed: str, fixture: str, backfill: int) -> bool:
         if feed not in self.config.feeds:
             raise UnknownFeedError(f"unknown feed {feed!r}")
-        return self.fixtures.follow(FixtureConfig(feed=feed, id=fixture, backfill=backfill))
+        fx = FixtureConfig(feed=feed, id=fixture, backfill=backfill)
+        created = self.fixtures.follow(fx)
+        if self.cluster is not None and self.fixtures.is_api(feed, fixture):
+            self.cluster.share_follow(fx)
+        return created
 
     def unfollow(self, feed: str, fixture: str) -> bool:
         if not self.is_followed(feed, fixture):
             return False
+        if self.cluster is not None:
+            self.cluster.share_unfollow(feed, fixture)
         return self.fixtures.stop(feed, fixture)
+
+    # -- the cluster's shared fixtures (gateway.service._cluster.SharedFixtures) ----------------
+
+    def follow_shared(self, fixture: FixtureConfig) -> None:
+        if not self._draining:
+            self.fixtures.follow(fixture, limit=False)
+
+    def stop_shared(self, feed: str, fixture: str) -> None:
+        if self.fixtures.is_api(feed, fixture):
+            self.fixtures.stop(feed, fixture)
+
+    def on_demand_of(self, feed: str) -> list[str]:
+        return self.fixtures.on_demand_of(feed)
+
+    def _cluster_on_demand(self, feed: str) -> Collection[str]:
+        return () if self.cluster is None else self.cluster.cluster_on_demand(feed)
 
     def latest(self, feed: str, fixture: str) -> str | None:
         if not self.is_followed(feed, fixture):
