@@ -2,9 +2,8 @@
 
 One blocking ``XREAD`` covers all relayed streams, each from the seq after the last one this
 instance has; what comes back goes to the fixture's :class:`RelaySink` (its hub topic, in
-production) in order. Adding a fixture interrupts a read in progress so its stream joins at
-once. The relay knows nothing of leases or topics: the node (``gateway.service``) tells it what
-to follow, from where, and into which sink.
+production) in order. The relay knows nothing of leases or topics: the node
+(``gateway.service``) tells it what to follow, from where, and into which sink.
 
 When Redis does not answer, the relay retries with a growing pause (``failing`` is set and the
 node reports the fixtures' state); it goes on from the same seqs when Redis is back, so a
@@ -34,8 +33,10 @@ from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.cluster")
 
-#: Seconds one read blocks in Redis when no stream has anything new.
-READ_BLOCK: Final = 1.0
+#: Seconds one read blocks in Redis when no stream has anything new: also the longest a newly
+#: followed fixture waits to join the read (a read in progress is never cancelled: a cancelled
+#: blocking read costs its connection).
+READ_BLOCK: Final = 0.25
 RETRY_FIRST: Final = 0.1
 RETRY_MAX: Final = 2.0
 
@@ -54,7 +55,6 @@ class Relay:
         self._after: dict[str, int] = {}
         self._sinks: dict[str, RelaySink] = {}
         self._changed = trio.Event()
-        self._read_scope: trio.CancelScope | None = None
         self._errors = LogThrottle(log)
         self.failing = False
         self.last_error: str | None = None
@@ -77,17 +77,12 @@ class Relay:
         earlier sink and position of *key*)."""
         self._after[key] = after
         self._sinks[key] = sink
-        self._interrupt()
+        self._changed.set()
 
     def unfollow(self, key: str) -> None:
         self._after.pop(key, None)
         self._sinks.pop(key, None)
         self.lag.pop(key, None)
-
-    def _interrupt(self) -> None:
-        self._changed.set()
-        if self._read_scope is not None:
-            self._read_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -99,21 +94,15 @@ class Relay:
                 continue
             self._changed = trio.Event()
             after = dict(self._after)
-            with trio.CancelScope() as scope:
-                self._read_scope = scope
-                try:
-                    batch = await self._store.read(after, block=self._block)
-                except RedisUnavailable as exc:
-                    self.failures += 1
-                    self.failing = True
-                    self.last_error = str(exc)
-                    self._errors.warning("relay reads from redis failing: %s", exc)
-                    await trio.sleep(pause)
-                    pause = min(RETRY_MAX, pause * 2)
-                    continue
-                finally:
-                    self._read_scope = None
-            if scope.cancelled_caught:
+            try:
+                batch = await self._store.read(after, block=self._block)
+            except RedisUnavailable as exc:
+                self.failures += 1
+                self.failing = True
+                self.last_error = str(exc)
+                self._errors.warning("relay reads from redis failing: %s", exc)
+                await trio.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
                 continue
             self.failing = False
             pause = RETRY_FIRST

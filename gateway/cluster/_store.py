@@ -320,6 +320,19 @@ def _entry(e: Any) -> Entry:
     )
 
 
+class _SlotKeepingPool(coredis.ConnectionPool):
+    """coredis's pool, with a leak fixed: a connection discarded while leased (a blocking
+    ``XREAD`` or a pipeline cancelled, timed out, or cut by a Redis restart) gives its slot
+    back. In coredis 6.9 the slot is lost instead, and after ``max_connections`` such events
+    every command waits for a slot that never comes (tests/test_cluster_store.py shows both).
+    """
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            self._available_connections.put_nowait(None)
+
+
 @asynccontextmanager
 async def open_store(config: ClusterSection) -> AsyncIterator[RedisStore]:
     """A :class:`RedisStore` for the body; its connections close on exit.
@@ -328,22 +341,32 @@ async def open_store(config: ClusterSection) -> AsyncIterator[RedisStore]:
     made yet (the first request connects, and fails as :class:`RedisUnavailable` if Redis is
     not there: the gateway starts degraded rather than not at all). Raises
     :class:`~gateway.config.SecretError` when the password cannot be read.
+
+    Every wait is bounded by ``redis_timeout``: connecting, each reply, and waiting for a
+    free connection; coredis's own retries are off (each caller has its rhythm).
     """
     password = config.read_password()
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+    timeout = config.redis_timeout
+    pool = _SlotKeepingPool.from_url(
         config.redis_url,
         decode_responses=False,
-        verify_version=False,
-        retry_policy=NoRetryPolicy(),
         username=config.username,
         password=None if password is None else password.reveal(),
-        connect_timeout=config.redis_timeout,
-        stream_timeout=config.redis_timeout + _BLOCK_ALLOWANCE,
+        connect_timeout=timeout,
+        stream_timeout=timeout + _BLOCK_ALLOWANCE,
+        timeout=timeout,
+    )
+    client: coredis.Redis[bytes] = coredis.Redis(
+        connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
     )
     async with client:
         yield RedisStore(client, config)
 
 
-#: Blocking reads wait up to this long beyond ``redis_timeout`` before the socket read times
-#: out (the relay blocks for less than that).
-_BLOCK_ALLOWANCE: Final = 2.0
+#: Replies may take this long beyond ``redis_timeout``: a relay's blocking read waits in Redis
+#: for up to its block time (well under this) before the reply comes.
+_BLOCK_ALLOWANCE: Final = 1.0
+
+# coredis logs every failed connection set-up as an ERROR with a traceback; the cluster
+# reports Redis failures itself (one throttled line, the degraded state and counters).
+logging.getLogger("coredis").setLevel(logging.CRITICAL)
