@@ -320,7 +320,7 @@ def _entry(e: Any) -> Entry:
     )
 
 
-class _SlotKeepingPool(coredis.ConnectionPool):
+class _SlotKeepingPool(coredis.ConnectionPool[Any]):
     """coredis's pool, with a leak fixed: a connection discarded while leased (a blocking
     ``XREAD`` or a pipeline cancelled, timed out, or cut by a Redis restart) gives its slot
     back. In coredis 6.9 the slot is lost instead, and after ``max_connections`` such events
