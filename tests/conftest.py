@@ -8,10 +8,52 @@ Rules for every test module here:
 - Every test has a hard guard (pytest-timeout, see pyproject.toml) and real-socket tests add a
   ``trio.fail_after`` with generous room for a loaded 2-core machine.
 - The upstream token used in tests is ``TEST_TOKEN``; the leak checks grep for it.
+- Redis: a test's own ``redis-server`` (``redis_server``, ``redis_factory``, see
+  ``tests/redis_kit.py``), never a system one. Without redis-server the test fails in CI
+  (``CI=true``) and skips elsewhere, saying why.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+import pytest
+
+from tests.redis_kit import RedisServer, redis_unavailable
 
 TEST_TOKEN: Final = "tok-SECRET-5f0c2e9a-never-log-me"
+
+
+def require_redis() -> None:
+    """Fail (in CI) or skip (elsewhere) the calling test when no redis-server can run here."""
+    reason = redis_unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[Callable[..., RedisServer]]:
+    """Starts ``RedisServer(**kwargs)`` (each on its own port); all are killed afterwards."""
+    require_redis()
+    servers: list[RedisServer] = []
+
+    def start(**kwargs: Any) -> RedisServer:
+        server = RedisServer(**kwargs)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A started redis-server without persistence, killed after the test."""
+    return redis_factory()

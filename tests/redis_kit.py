@@ -1,0 +1,444 @@
+"""A redis-server of the test's own, for the cluster mode's tests.
+
+:class:`RedisServer` starts ``redis-server`` (``$DDE_REDIS_SERVER``, else the one on PATH) in a
+temporary directory of its own, listening on a unix socket there and on a free TCP port of
+127.0.0.1 (gateways in other processes connect through :attr:`RedisServer.url`). Never the
+system's service: Debian's package starts one on 6379, and the tests must not see its data.
+
+- The TCP port: Redis cannot report a port the OS chose, so the kit picks a free one and starts
+  the server on it; when the server exits because the port was taken meanwhile (its log says
+  "Address already in use"), it tries another port - it never assumes the port was free.
+- Ready means answering: the kit sends ``PING`` over the unix socket, then asks over TCP for
+  ``INFO server`` and checks that the ``process_id`` there is the one it started. No sleep of a
+  guessed length; a hard deadline (``start_timeout``, 10 s) on the whole start.
+- ``persistence=True``: ``appendonly yes`` + ``appendfsync always``, so every acknowledged write
+  survives :meth:`RedisServer.kill` and a restart. Otherwise no persistence at all
+  (``save ''``, ``appendonly no``): a restart starts empty.
+- :meth:`~RedisServer.stop` (SIGTERM, waits), :meth:`~RedisServer.kill` (SIGKILL),
+  :meth:`~RedisServer.restart` on the same port (``keep_data=False`` deletes the data files
+  first), :meth:`~RedisServer.pause` / :meth:`~RedisServer.resume` (SIGSTOP/SIGCONT: a server
+  that accepts connections but answers nothing). The blocking ones have ``a``-prefixed async
+  twins that run in a worker thread, so a gateway on the test's trio loop keeps running.
+- ``DEBUG`` is enabled for local connections (``DEBUG SLEEP`` makes a slow server).
+
+:func:`redis_unavailable` says why no server can be started here; the ``redis_server`` fixture
+(``tests/conftest.py``) then fails the test in CI (``CI=true``) and skips it elsewhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Final, Self, TypeAlias
+
+import trio
+
+#: The environment variable naming the redis-server binary to use (else PATH).
+REDIS_ENV: Final = "DDE_REDIS_SERVER"
+#: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
+_SUN_PATH_MAX: Final = 107
+
+#: A reply of the raw client: simple and bulk strings are bytes, arrays lists.
+RespValue: TypeAlias = "bytes | int | list[RespValue] | None"
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``) of the raw client below."""
+
+
+class RedisStartError(RuntimeError):
+    """The server did not start (or not in time); the message ends with its log."""
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def redis_executable() -> str | None:
+    """The redis-server to run: ``$DDE_REDIS_SERVER`` if set (it must exist), else PATH."""
+    named = os.environ.get(REDIS_ENV)
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    return shutil.which("redis-server")
+
+
+def redis_unavailable() -> str | None:
+    """Why no redis-server can be started here, or None."""
+    named = os.environ.get(REDIS_ENV)
+    if named and not os.access(named, os.X_OK):
+        return f"{REDIS_ENV}={named} is not an executable file"
+    if redis_executable() is None:
+        return "no redis-server on PATH: apt-get install -y redis-server (.ci/test does it as root)"
+    return None
+
+
+# -- a raw RESP client: enough to ask "are you up, and are you the one I started" ----------
+
+
+def _encode(*args: str | bytes | int) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _read_reply(reader: BinaryIO) -> RespValue:
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("connection closed by the server")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RedisError(rest.decode(errors="replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)
+        if len(data) != size + 2:
+            raise ConnectionError("connection closed by the server")
+        return data[:-2]
+    if kind == b"*":
+        count = int(rest)
+        if count < 0:
+            return None
+        return [_read_reply(reader) for _ in range(count)]
+    raise RedisError(f"unexpected reply {line!r}")
+
+
+def resp_call(
+    address: Path | tuple[str, int],
+    *commands: tuple[str | bytes | int, ...],
+    password: str | None = None,
+    timeout: float = 2.0,
+) -> list[RespValue]:
+    """Send *commands* on one new connection (unix socket path or (host, port)); their replies.
+
+    Blocking, with *timeout* on each socket operation. An error reply raises :class:`RedisError`.
+    """
+    family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(address) if isinstance(address, Path) else address)
+        if password is not None:
+            commands = (("AUTH", password), *commands)
+        sock.sendall(b"".join(_encode(*c) for c in commands))
+        with sock.makefile("rb") as reader:
+            replies = [_read_reply(reader) for _ in commands]
+    return replies[1:] if password is not None else replies
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (the caller must cope if it is not)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _short_tempdir() -> Path:
+    """A new private directory whose unix socket path fits in sun_path."""
+    base = Path(tempfile.gettempdir())
+    if len(str(base)) > 60:
+        base = Path("/tmp")
+    return Path(tempfile.mkdtemp(prefix="dde-redis-", dir=base))
+
+
+_LIVE: set[RedisServer] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test process that exits without teardown leaves no redis-server behind."""
+    for server in list(_LIVE):
+        server.close()
+
+
+class RedisServer:
+    """One redis-server process of this test, restartable on the same port."""
+
+    def __init__(
+        self,
+        *,
+        persistence: bool = False,
+        password: str | None = None,
+        executable: str | None = None,
+        start_timeout: float = 10.0,
+        port_attempts: int = 8,
+    ) -> None:
+        if password is not None and not password.replace("-", "").isalnum():
+            raise ValueError("test passwords are letters, digits and '-' (they go in URLs as is)")
+        exe = executable or redis_executable()
+        if exe is None:
+            raise RedisStartError(redis_unavailable() or "no redis-server")
+        self.executable = exe
+        self.persistence = persistence
+        self.password = password
+        self.start_timeout = start_timeout
+        self.port_attempts = port_attempts
+        self.directory = _short_tempdir()
+        #: The server's working directory: its AOF / RDB files, nothing else.
+        self.data_dir = self.directory / "data"
+        self.data_dir.mkdir()
+        self.unix_socket = self.directory / "redis.sock"
+        assert len(str(self.unix_socket)) <= _SUN_PATH_MAX, self.unix_socket
+        self.log_path = self.directory / "redis.log"
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        #: How many times a start found its port taken and tried another (for the kit's tests).
+        self.port_retries = 0
+        _LIVE.add(self)
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server was never started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``redis://[:password@]127.0.0.1:PORT/0``: what a gateway's config names."""
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """``unix://[:password@]/path/redis.sock?db=0`` (a client in this process may prefer it)."""
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"unix://{auth}{self.unix_socket}?db=0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def call(self, *args: str | bytes | int) -> RespValue:
+        """One command over the unix socket, blocking (set-up and checks in tests)."""
+        return resp_call(self.unix_socket, args, password=self.password)[0]
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start on a free port (another one if it was taken); returns once it answers."""
+        if self.running:
+            raise RuntimeError("already running")
+        deadline = time.monotonic() + self.start_timeout
+        for _ in range(self.port_attempts):
+            port = free_port() if self._port is None else self._port
+            try:
+                self._launch(port, deadline)
+            except _PortTaken:
+                if self._port is not None:  # a restart must keep its port
+                    raise RedisStartError(
+                        f"port {port} was taken by another process while redis was down\n"
+                        + self._log_tail()
+                    ) from None
+                self.port_retries += 1
+                continue
+            self._port = port
+            return self
+        raise RedisStartError(
+            f"no free port after {self.port_attempts} attempts\n" + self._log_tail()
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (redis flushes its AOF and exits), and wait; SIGKILL if it does not exit."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if self._paused:
+                proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise RedisStartError(
+                    f"redis did not exit within {timeout} s of SIGTERM (killed)"
+                ) from None
+        self._proc = None
+        self._paused = False
+
+    def kill(self) -> None:
+        """SIGKILL, and reap: a crash, no chance to flush anything."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._proc = None
+        self._paused = False
+
+    def restart(self, *, keep_data: bool) -> None:
+        """Stop (if running) and start again on the same port.
+
+        ``keep_data=False`` deletes the data files in between: the server comes back empty.
+        ``keep_data=True`` needs ``persistence=True`` (without it nothing is kept).
+        """
+        if keep_data and not self.persistence:
+            raise ValueError("keep_data=True needs RedisServer(persistence=True)")
+        self.stop()
+        if not keep_data:
+            shutil.rmtree(self.data_dir)
+            self.data_dir.mkdir()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel but nothing is answered."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        if self._proc is not None and self._paused:
+            self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def close(self) -> None:
+        """Kill the server (if running) and remove its directory."""
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the same from a trio test, in a worker thread ---------------------------------------
+
+    async def astop(self) -> None:
+        await trio.to_thread.run_sync(self.stop)
+
+    async def akill(self) -> None:
+        await trio.to_thread.run_sync(self.kill)
+
+    async def arestart(self, *, keep_data: bool) -> None:
+        await trio.to_thread.run_sync(lambda: self.restart(keep_data=keep_data))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _arguments(self, port: int) -> list[str]:
+        args = [
+            self.executable,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.unix_socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--logfile", "",  # stdout, which goes to redis.log
+            "--save", "",
+            "--enable-debug-command", "local",
+        ]  # fmt: skip
+        if self.persistence:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        return args
+
+    def _launch(self, port: int, deadline: float) -> None:
+        self.unix_socket.unlink(missing_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                self._arguments(port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C of the test run is the test's to handle
+            )
+        self._proc = proc
+        try:
+            self._wait_ready(proc, port, deadline, offset)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            self._proc = None
+            raise
+
+    def _wait_ready(
+        self, proc: subprocess.Popen[bytes], port: int, deadline: float, offset: int
+    ) -> None:
+        last_error = "no answer yet"
+        while True:
+            if proc.poll() is not None:
+                log = self.log_text()[offset:]
+                if "Address already in use" in log:
+                    raise _PortTaken
+                raise RedisStartError(
+                    f"redis-server exited with status {proc.returncode} while starting\n"
+                    + self._log_tail()
+                )
+            try:
+                if self._answers(proc.pid, port):
+                    return
+            except (OSError, RedisError) as exc:  # not listening yet, or LOADING the AOF
+                last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise RedisStartError(
+                    f"redis-server did not answer within {self.start_timeout} s "
+                    f"(last: {last_error})\n" + self._log_tail()
+                )
+            time.sleep(0.01)  # poll: the server is started, the question is when it answers
+
+    def _answers(self, pid: int, port: int) -> bool:
+        if not self.unix_socket.exists():
+            return False
+        budget = 1.0
+        if resp_call(self.unix_socket, ("PING",), password=self.password, timeout=budget) != [
+            b"PONG"
+        ]:
+            return False
+        # The TCP port is ours: the server there is the process we started.
+        (info,) = resp_call(
+            ("127.0.0.1", port), ("INFO", "server"), password=self.password, timeout=budget
+        )
+        assert isinstance(info, bytes), info
+        fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+        if fields.get("process_id") != str(pid):
+            raise RedisStartError(
+                f"127.0.0.1:{port} is answered by process {fields.get('process_id')}, not {pid}"
+            )
+        return True
+
+    def _log_tail(self, lines: int = 20) -> str:
+        tail = self.log_text().splitlines()[-lines:]
+        return f"--- {self.log_path} (last {len(tail)} lines)\n" + "\n".join(tail)
