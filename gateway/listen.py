@@ -7,7 +7,7 @@ listener that cannot be opened is one clear :class:`ListenError` naming it, whic
 ``SO_REUSEPORT`` lets several sockets bind the same address and port when every one of them
 sets it (on Linux they must also belong to the same effective user); the kernel then spreads new
 connections over them, so several gateway processes on one host serve one address. Port 0 still
-asks for a free port, a different one for each socket.
+asks for a free port: each call (each process) gets one of its own.
 
 As ``trio.open_tcp_listeners`` does: the host is resolved with ``AI_PASSIVE`` and one socket is
 opened per address (a hostname may have an IPv4 and an IPv6 one; port 0 then binds the later

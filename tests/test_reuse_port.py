@@ -6,7 +6,8 @@ requests and WebSocket subscribers reach both: the kernel spreads new connection
 stops the other serves every new connection; without ``reuse_port`` (on either side) the second
 gateway's start fails with a :class:`~gateway.listen.ListenError` naming the listener, for each
 of the two listeners; :func:`~gateway.listen.open_listen_sockets` itself (port 0 gives each
-socket its own port, a refusal of SO_REUSEPORT, a platform without it).
+call its own port, one port for every address of a hostname, a refusal of SO_REUSEPORT, a
+platform without it).
 
 Rules: real sockets on 127.0.0.1, real time, every test under ``trio.fail_after``. Which of two
 sockets the kernel hands a connection to is a hash of its addresses: "both get some" is checked
@@ -251,6 +252,28 @@ async def test_open_listen_sockets_without_reuse_port_names_the_listener() -> No
             assert "reuse_port = true" in message
         finally:
             first[0].close()
+
+
+async def test_a_hostname_with_several_addresses_gets_one_port_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A name with two addresses (as localhost may have 127.0.0.1 and ::1): one socket each,
+    # and with port 0 both on the port the first got, the one the gateway reports.
+    async def two_addresses(host: str, port: int, **_: Any) -> list[Any]:
+        assert host == "gateway.test"
+        tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [(*tcp, ("127.0.0.1", port)), (*tcp, ("127.0.0.2", port))]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", two_addresses)
+    with trio.fail_after(GUARD):
+        sockets = await open_listen_sockets("gateway.test", 0, name="x_listen")
+        try:
+            names = [s.getsockname() for s in sockets]
+            assert [host for host, _ in names] == ["127.0.0.1", "127.0.0.2"]
+            assert names[0][1] == names[1][1] != 0
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 async def test_a_platform_without_so_reuseport_is_a_clear_error(

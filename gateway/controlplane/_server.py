@@ -112,9 +112,9 @@ async def run(
     (address in use) raises :class:`~gateway.listen.ListenError` before ``started()``; with
     ``[gateway] reuse_port`` the socket sets ``SO_REUSEPORT``. Calls
     ``task_status.started(address)`` with the address actually bound (port 0 resolved) once
-    the socket is listening. On *shutdown*, stops
-    accepting, waits up to :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on
-    cancellation it closes the listener and every connection at once.
+    the socket is listening. On *shutdown*, stops accepting, waits up to
+    :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on cancellation it closes
+    the listener and every connection at once.
     """
     tokens = await trio.to_thread.run_sync(ApiTokens.from_config, config.api)
     sampler = RateSampler()
