@@ -7,6 +7,7 @@ Rules: pure functions and files in tmp_path only; every error asserted by its fi
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import (
+    DEFAULT_REUSE_PORT,
     ConfigError,
     ListenAddress,
     Secret,
@@ -147,6 +149,35 @@ def test_cross_field_rules() -> None:
     assert any("collides" in e for e in errors_of(minimal(feeds=same_path, fixtures=[])))
     same_path["b"]["path"] = "/ws/b"
     assert structure_config(minimal(feeds=same_path, fixtures=[])).feeds["b"].dropin_path == "/ws/b"
+
+
+def test_reuse_port_key() -> None:
+    assert structure_config(minimal()).gateway.reuse_port is DEFAULT_REUSE_PORT is False
+    on = structure_config(minimal(gateway={"reuse_port": True})).gateway
+    assert on.reuse_port is True
+    assert (on.stream_listen.port, on.http_listen.port) == (8765, 8780)
+    # Port 0 on both listeners is fine: each process gets free ports of its own.
+    both_zero = {"reuse_port": True, "stream_listen": "127.0.0.1:0", "http_listen": "[::1]:0"}
+    assert structure_config(minimal(gateway=both_zero)).gateway.reuse_port is True
+    for wrong in (1, "true", "yes"):
+        errors = errors_of(minimal(gateway={"reuse_port": wrong}))
+        assert any("expected true or false" in e and "$.gateway.reuse_port" in e for e in errors)
+
+
+def test_reuse_port_with_one_port_for_both_listeners_is_an_error() -> None:
+    # Both sockets would bind, and the kernel would mix WebSocket and HTTP connections.
+    same = {"reuse_port": True, "stream_listen": "127.0.0.1:9000", "http_listen": "0.0.0.0:9000"}
+    errors = errors_of(minimal(gateway=same))
+    assert any("must not share a port (both use 9000) @ $.gateway" in e for e in errors), errors
+
+
+def test_reuse_port_on_a_platform_without_so_reuseport_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)
+    errors = errors_of(minimal(gateway={"reuse_port": True}))
+    assert any("needs SO_REUSEPORT" in e and "@ $.gateway" in e for e in errors), errors
+    assert structure_config(minimal()).gateway.reuse_port is False  # off: no need for it
 
 
 def test_listen_address_forms() -> None:

@@ -29,12 +29,22 @@ from tests.kit import TRACKING_PATH, http_get, wait_until
 A, B, C = "fixture-a", "fixture-b", "fixture-c"
 
 
-def write_config(path: Path, sim_port: int, fixtures: list[str], *, drain: float = 5.0) -> None:
+def write_config(
+    path: Path,
+    sim_port: int,
+    fixtures: list[str],
+    *,
+    drain: float = 5.0,
+    stream: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
+    reuse_port: bool = False,
+) -> None:
     lines = [
         "[gateway]",
-        'stream_listen = "127.0.0.1:0"',
-        'http_listen = "127.0.0.1:0"',
+        f'stream_listen = "{stream}"',
+        f'http_listen = "{http}"',
         f"drain_timeout = {drain}",
+        f"reuse_port = {'true' if reuse_port else 'false'}",
         "[upstream]",
         f'token_file = "{path.parent / "token"}"',
         "connect_rate = 100.0",
@@ -61,6 +71,8 @@ class Proc:
         self.changed = trio.Event()
         self.stream = ""
         self.http = ""
+        #: stderr reached its end (the process closed it: it has exited).
+        self.eof = False
 
     def _poke(self) -> None:
         self.changed.set()
@@ -82,6 +94,8 @@ class Proc:
                 if rec.get("msg", "").startswith("gateway ready"):
                     self.stream, self.http = rec["stream"], rec["http"]
             self._poke()
+        self.eof = True
+        self._poke()
 
     async def read_notify(self) -> None:
         while True:
@@ -280,3 +294,74 @@ async def test_demo_command_serves_frames(tmp_path: Path) -> None:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_a_taken_port_is_one_error_line_and_exit_status_1(tmp_path: Path) -> None:
+    with socket.socket() as taken, trio.fail_after(90):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with simulator(tmp_path, A) as (_, sim_port):
+            config = tmp_path / "gateway.toml"
+            write_config(config, sim_port, [A], http=f"127.0.0.1:{port}")
+            async with gateway_process(tmp_path, config) as proc:
+                assert await proc.process.wait() == 1
+                await proc.wait_for(lambda: proc.eof)
+        errors = [r["msg"] for r in proc.logs if r["level"] == "ERROR"]
+        assert errors == [
+            f"cannot listen on 127.0.0.1:{port} (http_listen): Address already in use: another "
+            "process holds it (several gateways share an address only when every one of them "
+            "sets [gateway] reuse_port = true)"
+        ]
+        assert not any("Traceback" in line for line in proc.raw_stderr), proc.raw_stderr
+        assert "READY=1" not in proc.notes
+
+
+async def test_two_processes_share_the_ports_with_reuse_port(tmp_path: Path) -> None:
+    """Two ``dde-gateway run`` processes on one address pair: the second binds the ports the
+    first got, and when the first stops (a rolling restart) the second serves both ports."""
+    with trio.fail_after(90):
+        async with simulator(tmp_path, A) as (_, port):
+            first_config, second_config = tmp_path / "first.toml", tmp_path / "second.toml"
+            write_config(first_config, port, [A], reuse_port=True)
+            (tmp_path / "first").mkdir()
+            (tmp_path / "second").mkdir()
+            async with gateway_process(tmp_path / "first", first_config) as first:
+                await first.wait_for(lambda: "READY=1" in first.notes)
+                assert first.stream and first.http
+                write_config(
+                    second_config,
+                    port,
+                    [A],
+                    reuse_port=True,
+                    stream=first.stream,
+                    http=first.http,
+                )
+                async with gateway_process(tmp_path / "second", second_config) as second:
+                    await second.wait_for(lambda: "READY=1" in second.notes)
+                    assert (second.stream, second.http) == (first.stream, first.http)
+                    for proc in (first, second):
+                        listening = [r["msg"] for r in proc.logs if "listening on" in r["msg"]]
+                        assert len(listening) == 2, listening
+                        assert all(m.endswith("(SO_REUSEPORT)") for m in listening), listening
+                    first.process.send_signal(signal.SIGTERM)
+                    assert await first.process.wait() == 0
+                    # Every new connection now reaches the second process.
+                    for _ in range(5):
+                        status, body = await http_get(f"http://{first.http}/readyz")
+                        assert status == 200, body
+                    async with trio_websocket.open_websocket_url(
+                        f"ws://{first.stream}/v1/stream"
+                    ) as ws:
+                        await ws.send_message(
+                            orjson.dumps(
+                                {"op": "subscribe", "feed": "tracking", "fixture": A}
+                            ).decode()
+                        )
+                        while True:
+                            msg = orjson.loads(await ws.get_message())
+                            if msg["type"] == "frame":
+                                assert msg["data"]["id"] == A
+                                break
+                    second.process.send_signal(signal.SIGTERM)
+                    assert await second.process.wait() == 0

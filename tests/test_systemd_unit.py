@@ -1,4 +1,9 @@
-"""The systemd unit and its example config: required directives, ``systemd-analyze verify``.
+"""The systemd units and their example config: required directives, ``systemd-analyze verify``.
+
+Two units: ``dde-gateway.service`` (one gateway) and the template ``dde-gateway@.service`` (N
+instances of one cluster on one host). Every check of the single unit runs on the template too,
+and the template must repeat the single unit's directives exactly, except the few that make an
+instance (its identity, its state directory, one shared user for SO_REUSEPORT).
 
 Rules: no network and no running systemd needed. The unit is parsed by a small parser that
 keeps repeated keys (systemd allows them; configparser would merge them). ``systemd-analyze
@@ -18,11 +23,19 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULT_DRAIN_TIMEOUT, load_config
+from gateway.config import DEFAULT_DRAIN_TIMEOUT, expand_path, load_config
 from tests.conftest import TEST_TOKEN
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "dde-gateway.service"
+TEMPLATE = SYSTEMD_DIR / "dde-gateway@.service"
+#: [Service] directives of the template that differ from the single unit's, and their values.
+INSTANCE_DIRECTIVES = {
+    "StateDirectory": ["dde-gateway/%i"],
+    "SyslogIdentifier": ["dde-gateway@%i"],
+    "User": ["dde-gateway"],
+    "Environment": ["PYTHONFAULTHANDLER=1", "DDE_GATEWAY_INSTANCE=%i"],
+}
 EXAMPLE_CONFIG = SYSTEMD_DIR / "gateway.toml"
 INSTALLED_BINARY = "/opt/dde-gateway/.venv/bin/dde-gateway"
 ANALYZE = shutil.which("systemd-analyze") or (
@@ -62,9 +75,14 @@ def the_value(unit: Unit, section: str, key: str) -> str:
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def unit() -> Unit:
-    return parse_unit(UNIT.read_text(encoding="utf-8"))
+def read_unit(path: Path) -> Unit:
+    return parse_unit(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module", params=[UNIT, TEMPLATE], ids=lambda p: p.name)
+def unit(request: pytest.FixtureRequest) -> Unit:
+    path: Path = request.param
+    return read_unit(path)
 
 
 REQUIRED = [
@@ -102,13 +120,17 @@ REQUIRED = [
     ("ProtectHostname", "yes"),
     ("UMask", "0077"),
     ("LimitNOFILE", "65536"),
-    ("Environment", "PYTHONFAULTHANDLER=1"),
+    ("StateDirectoryMode", "0750"),
 ]
 
 
 @pytest.mark.parametrize(("key", "expected"), REQUIRED, ids=[k for k, _ in REQUIRED])
 def test_required_service_directive(unit: Unit, key: str, expected: str) -> None:
     assert the_value(unit, "Service", key) == expected
+
+
+def test_faulthandler_is_on(unit: Unit) -> None:
+    assert "PYTHONFAULTHANDLER=1" in values(unit, "Service", "Environment")
 
 
 def test_system_call_filter_allows_system_service_only(unit: Unit) -> None:
@@ -140,17 +162,69 @@ def test_example_config_reads_the_token_from_the_credential(
     assert config.upstream.read_token().reveal() == TEST_TOKEN
 
 
-def verify(unit_text: str, directory: Path) -> tuple[int, list[str]]:
-    """Run systemd-analyze verify on a copy whose ExecStart binary exists.
+def test_template_repeats_the_single_unit_but_for_the_instance() -> None:
+    single, template = read_unit(UNIT), read_unit(TEMPLATE)
+    for section in ("Unit", "Install"):
+        assert [kv for kv in template[section] if kv[0] != "Description"] == [
+            kv for kv in single[section] if kv[0] != "Description"
+        ]
+    keys = {k for k, _ in single["Service"]} | {k for k, _ in template["Service"]}
+    for key in sorted(keys):
+        expected = INSTANCE_DIRECTIVES.get(key, values(single, "Service", key))
+        assert values(template, "Service", key) == expected, key
 
-    Returns the exit code and the output lines that mention the unit.
+
+def test_template_instances_share_one_user_and_have_their_own_identity() -> None:
+    template = read_unit(TEMPLATE)
+    # SO_REUSEPORT: Linux shares a port only among sockets of one user. Without User= each
+    # instance's dynamic user would be named after its unit ("dde-gateway@1" is no valid user
+    # name, so a hash of it): one UID per instance, and the second could not bind.
+    assert the_value(template, "Service", "DynamicUser") == "yes"
+    assert the_value(template, "Service", "User") == "dde-gateway"
+    assert "DDE_GATEWAY_INSTANCE=%i" in values(template, "Service", "Environment")
+    assert the_value(template, "Service", "StateDirectory") == "dde-gateway/%i"
+    assert "%i" in the_value(template, "Unit", "Description")
+
+
+@pytest.mark.parametrize(
+    ("path", "instance", "directory"),
+    [
+        (UNIT, "", "/var/lib/dde-gateway"),
+        (TEMPLATE, "1", "/var/lib/dde-gateway/1"),
+        (TEMPLATE, "2", "/var/lib/dde-gateway/2"),
+    ],
+    ids=["single", "instance-1", "instance-2"],
+)
+def test_example_config_records_in_the_units_own_state_directory(
+    path: Path, instance: str, directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # systemd sets $STATE_DIRECTORY to /var/lib/ + StateDirectory= (with %i expanded).
+    state = "/var/lib/" + the_value(read_unit(path), "Service", "StateDirectory")
+    assert state.replace("%i", instance) == directory
+    monkeypatch.setenv("STATE_DIRECTORY", directory)
+    config = load_config(EXAMPLE_CONFIG)
+    assert config.recorder.dir is not None
+    assert expand_path(config.recorder.dir) == Path(directory) / "recordings"
+
+
+def test_example_config_leaves_reuse_port_off_for_the_single_unit() -> None:
+    assert load_config(EXAMPLE_CONFIG).gateway.reuse_port is False
+    assert "reuse_port = false" in EXAMPLE_CONFIG.read_text(encoding="utf-8")
+
+
+def verify(unit_text: str, directory: Path, name: str = UNIT.name) -> tuple[int, list[str]]:
+    """Run systemd-analyze verify on a copy (named *name*) whose ExecStart binary exists.
+
+    A template is verified as its instance ``1`` (what ``systemctl start NAME@1`` loads).
+    Returns the exit code and the output lines that mention the unit file.
     """
     assert ANALYZE is not None
     assert INSTALLED_BINARY in unit_text
-    path = directory / "dde-gateway.service"
+    path = directory / name
     path.write_text(unit_text.replace(INSTALLED_BINARY, sys.executable), encoding="utf-8")
+    target = directory / name.replace("@.", "@1.")
     proc = subprocess.run(
-        [ANALYZE, "verify", str(path)],
+        [ANALYZE, "verify", str(target)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -161,18 +235,20 @@ def verify(unit_text: str, directory: Path) -> tuple[int, list[str]]:
 
 
 @needs_analyze
-def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
-    code, complaints = verify(UNIT.read_text(encoding="utf-8"), tmp_path)
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_systemd_analyze_verify_is_clean(tmp_path: Path, path: Path) -> None:
+    code, complaints = verify(path.read_text(encoding="utf-8"), tmp_path, path.name)
     assert complaints == []
     assert code == 0
 
 
 @needs_analyze
-def test_verify_check_catches_a_broken_unit(tmp_path: Path) -> None:
-    broken = UNIT.read_text(encoding="utf-8").replace(
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_verify_check_catches_a_broken_unit(tmp_path: Path, path: Path) -> None:
+    broken = path.read_text(encoding="utf-8").replace(
         "ProtectSystem=strict", "ProtectSystem=stricter\nProtectEverything=yes"
     )
     # systemd 252 exits 0 here (it only warns): that is why the output is checked too.
-    _, complaints = verify(broken, tmp_path)
+    _, complaints = verify(broken, tmp_path, path.name)
     assert any("ProtectEverything" in line for line in complaints)
     assert any("stricter" in line for line in complaints)

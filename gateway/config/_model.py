@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal
@@ -27,6 +28,9 @@ from gateway.config._tokens import SubscriberTokens, read_subscriber_tokens
 DEFAULT_STREAM_LISTEN: Final = "127.0.0.1:8765"
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8780"
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+#: ``SO_REUSEPORT`` on both listeners: several gateway processes on one host share the
+#: addresses and the kernel spreads new connections over them (docs/operations.md).
+DEFAULT_REUSE_PORT: Final = False
 
 DEFAULT_CONNECT_RATE: Final = 5.0
 DEFAULT_BACKOFF_INITIAL: Final = 0.5
@@ -154,10 +158,26 @@ class GatewaySection:
     #: http_listen. Read at start (see gateway.config.load_server_tls).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    #: SO_REUSEPORT on the stream and HTTP listeners (gateway.listen): other processes that
+    #: set it too (as the same user) may bind the same addresses. Read at start.
+    reuse_port: bool = DEFAULT_REUSE_PORT
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ValueError(
+                    "reuse_port = true needs SO_REUSEPORT, which this platform does not have"
+                )
+            port = self.stream_listen.port
+            if port != 0 and port == self.http_listen.port:
+                # Both sockets would bind and the kernel would hand HTTP requests to the
+                # WebSocket listener and the other way round.
+                raise ValueError(
+                    f"with reuse_port = true, stream_listen and http_listen must not share a "
+                    f"port (both use {port})"
+                )
 
     @property
     def tls(self) -> bool:

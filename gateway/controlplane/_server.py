@@ -3,17 +3,24 @@
 hypercorn is fine for short HTTP requests (see docs/design.md: its shielded writes only hurt
 long-lived streams, which live on the data plane instead). No signal handling here: the
 service's root nursery owns signals, and cancelling :func:`run` (or setting *shutdown*) stops it.
+
+The listening socket is made by :func:`gateway.listen.open_listen_sockets`, as the data plane's
+is, and handed to hypercorn: hypercorn binds its own only from ``Config.bind`` and sets
+``SO_REUSEPORT`` only for several workers of its own process manager, which ``serve`` does not
+run, so ``[gateway] reuse_port`` could not reach it otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from functools import partial
 from pathlib import Path
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
 from gateway.config import Config, ListenAddress, expand_path
@@ -21,6 +28,7 @@ from gateway.controlplane._app import BODY_TIMEOUT, build_app
 from gateway.controlplane._auth import ApiTokens
 from gateway.controlplane._rates import DEFAULT_SAMPLE_INTERVAL, RateSampler
 from gateway.controlplane._target import ControlTarget
+from gateway.listen import open_listen_sockets
 
 logger: Final = logging.getLogger("gateway.http")
 
@@ -31,19 +39,41 @@ KEEP_ALIVE_TIMEOUT: Final = 5.0
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 
 
+class _GivenSockets(HypercornConfig):
+    """hypercorn settings whose listening sockets are made by the gateway, not from ``bind``.
+
+    hypercorn's trio worker asks its config for the sockets (``create_sockets``) once the ASGI
+    lifespan has started, then listens on them (with ``backlog``) and serves; with TLS they are
+    its "secure" sockets. It owns them from then on and closes them when it stops.
+    """
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        super().__init__()
+        self.given_sockets = sockets
+
+    def create_sockets(self) -> Sockets:
+        given = list(self.given_sockets)
+        if self.ssl_enabled:
+            return Sockets(secure_sockets=given, insecure_sockets=[], quic_sockets=[])
+        return Sockets(secure_sockets=[], insecure_sockets=given, quic_sockets=[])
+
+
 def hypercorn_config(
     listen: ListenAddress,
     *,
+    sockets: list[socket.socket] | None = None,
     access_log: bool = False,
     cert_file: Path | None = None,
     key_file: Path | None = None,
 ) -> HypercornConfig:
     """hypercorn settings: one bind, logs to ``gateway.http``, access log off by default.
 
+    With *sockets* (listening, from :func:`gateway.listen.open_listen_sockets`) hypercorn
+    serves on those instead of binding *listen* itself; *listen* is then only what it names.
     With *cert_file* and *key_file* (PEM; ``$VARS`` expanded) it serves HTTPS, HTTP/1.1 only:
     the API's request limits were built and tested for HTTP/1.1, and it needs nothing of h2.
     """
-    hc = HypercornConfig()
+    hc = HypercornConfig() if sockets is None else _GivenSockets(sockets)
     hc.bind = [str(listen)]
     hc.errorlog = logger
     hc.accesslog = logger if access_log else None
@@ -78,42 +108,57 @@ async def run(
     """Serve the HTTP API until cancelled or until *shutdown* is set.
 
     Reads the API token files first: a :class:`~gateway.config.SecretError` (missing, unreadable
-    or empty file) is raised before anything is bound. ``OSError`` from binding (address in use)
-    propagates before ``started()``. Calls ``task_status.started(address)`` with the address
-    actually bound (port 0 resolved) once the socket is listening. On *shutdown*, stops
-    accepting, waits up to :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on
-    cancellation it closes the listener and every connection at once.
+    or empty file) is raised before anything is bound. A listener that cannot be opened
+    (address in use) raises :class:`~gateway.listen.ListenError` before ``started()``; with
+    ``[gateway] reuse_port`` the socket sets ``SO_REUSEPORT``. Calls
+    ``task_status.started(address)`` with the address actually bound (port 0 resolved) once
+    the socket is listening. On *shutdown*, stops accepting, waits up to
+    :data:`GRACEFUL_TIMEOUT` for in-flight requests, then returns; on cancellation it closes
+    the listener and every connection at once.
     """
     tokens = await trio.to_thread.run_sync(ApiTokens.from_config, config.api)
     sampler = RateSampler()
     app = build_app(target, tokens=tokens, sampler=sampler, body_timeout=body_timeout)
     section = config.gateway
+    listen = section.http_listen
+    sockets = await open_listen_sockets(
+        listen.host, listen.port, name="http_listen", reuse_port=section.reuse_port
+    )
     hc = hypercorn_config(
-        section.http_listen,
+        listen,
+        sockets=sockets,
         access_log=access_log,
         cert_file=section.tls_cert_file,
         key_file=section.tls_key_file,
     )
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
-            try:
-                await serve(
-                    # Starlette and hypercorn declare the same ASGI callable with different
-                    # TypedDicts; they agree at runtime.
-                    app,  # type: ignore[arg-type]
-                    hc,
-                    shutdown_trigger=shutdown.wait if shutdown is not None else None,
-                    task_status=task_status,
-                )
-            finally:
-                # The server is gone (shutdown, error or cancel): the sampler goes with it.
-                nursery.cancel_scope.cancel()
+            async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await serve(
+                        # Starlette and hypercorn declare the same ASGI callable with different
+                        # TypedDicts; they agree at runtime.
+                        app,  # type: ignore[arg-type]
+                        hc,
+                        shutdown_trigger=shutdown.wait if shutdown is not None else None,
+                        task_status=task_status,
+                    )
+                finally:
+                    # The server is gone (shutdown, error or cancel): the sampler goes with it.
+                    nursery.cancel_scope.cancel()
 
-        await nursery.start(partial(sampler.run, target.totals, interval=sample_interval))
-        binds: list[str] = await nursery.start(serve_then_stop)
-        address = _bound_address(binds)
-        logger.info(
-            "control plane listening on %s://%s", "https" if hc.ssl_enabled else "http", address
-        )
-        task_status.started(address)
+            await nursery.start(partial(sampler.run, target.totals, interval=sample_interval))
+            binds: list[str] = await nursery.start(serve_then_stop)
+            address = _bound_address(binds)
+            logger.info(
+                "control plane listening on %s://%s%s",
+                "https" if hc.ssl_enabled else "http",
+                address,
+                " (SO_REUSEPORT)" if section.reuse_port else "",
+            )
+            task_status.started(address)
+    finally:
+        # hypercorn closes them when it stops serving; this covers a stop before it served.
+        for sock in sockets:
+            sock.close()

@@ -49,6 +49,7 @@ from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
 from gateway.hub import Hub, valid_fixture_id
+from gateway.listen import open_listen_sockets
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -395,6 +396,9 @@ async def run(
     context; without it one is made from ``[gateway] tls_cert_file``/``tls_key_file`` when
     set. Either may raise :class:`~gateway.config.ConfigError` before anything is bound.
 
+    The listening sockets come from :func:`gateway.listen.open_listen_sockets`
+    (``SO_REUSEPORT`` with ``[gateway] reuse_port``); one that cannot be opened (address in
+    use) raises :class:`~gateway.listen.ListenError` before ``started()``.
     Reports the address actually bound (port 0 picks a free one) through ``task_status``.
     Cancellation closes every connection at once; call ``registry.drain()`` first for a
     graceful close (1001).
@@ -404,13 +408,27 @@ async def run(
     if tls is None:
         tls = load_server_tls(config)
     addr = config.gateway.stream_listen
-    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
-    sockname = listeners[0].socket.getsockname()
-    bound = ListenAddress(addr.host, sockname[1])
-    server = _Server(config, hub, registry, auth, tls)
-    scheme = "ws" if tls is None else "wss"
-    log.info("data plane listening on %s://%s%s", scheme, bound, STREAM_PATH)
-    async with trio.open_nursery() as nursery:
-        server.nursery = nursery
-        task_status.started(bound)
-        await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)
+    reuse_port = config.gateway.reuse_port
+    sockets = await open_listen_sockets(
+        addr.host, addr.port, name="stream_listen", reuse_port=reuse_port
+    )
+    try:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        bound = ListenAddress(addr.host, sockets[0].getsockname()[1])
+        server = _Server(config, hub, registry, auth, tls)
+        scheme = "ws" if tls is None else "wss"
+        log.info(
+            "data plane listening on %s://%s%s%s",
+            scheme,
+            bound,
+            STREAM_PATH,
+            " (SO_REUSEPORT)" if reuse_port else "",
+        )
+        async with trio.open_nursery() as nursery:
+            server.nursery = nursery
+            task_status.started(bound)
+            await trio.serve_listeners(server.handle, listeners, handler_nursery=nursery)
+    finally:
+        # serve_listeners closes them when it ends; this covers a cancellation before it ran.
+        for sock in sockets:
+            sock.close()

@@ -32,6 +32,7 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
+from gateway.listen import ListenError
 from gateway.recorder import Recorder
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._logging import LogFormat, configure_logging, fields
@@ -149,9 +150,19 @@ async def _report_status(gateway: Gateway, notifier: Notifier) -> None:
         await notifier.status(gateway.summary())
 
 
+def _leaves(group: BaseExceptionGroup[ListenError]) -> list[ListenError]:
+    """The errors of an exception group, nested groups (one per nursery) opened."""
+    out: list[ListenError] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
     """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
-    (the config file, the subscriber token file or the TLS certificate and key).
+    (the config file, the subscriber token file or the TLS certificate and key), 1 with one
+    error line when a listener cannot be opened (:class:`~gateway.listen.ListenError`: the
+    address is in use, say).
 
     Logging is configured here, once the config is known: level from ``--log-level`` or the
     config (again on every reload), and the current upstream token as a redaction secret.
@@ -191,11 +202,21 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
     # A file-size limit (LimitFSIZE=, ulimit -f) must make the recorder's write fail (EFBIG:
     # recording stops, reported), not kill the process with SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(refresh_token)
-        await serve(config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True)
-        nursery.cancel_scope.cancel()
-    return 0
+    failed = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresh_token)
+            await serve(
+                config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True
+            )
+            nursery.cancel_scope.cancel()
+    except* ListenError as group:
+        # A listener that cannot bind (the port is taken): one line that says which and why,
+        # not a traceback. systemd's Restart=on-failure tries again.
+        for error in _leaves(group):
+            log.error("%s", error)
+        failed = True
+    return 1 if failed else 0
 
 
 __all__ = ["Bound", "Gateway", "run_from_config_path", "serve"]
