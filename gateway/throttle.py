@@ -50,8 +50,9 @@ class LogThrottle:
         """Events not logged since the last line that was."""
         return self._suppressed
 
-    def log(self, level: int, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` at *level* unless a line passed less than *interval* ago.
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+        """Log ``msg % args`` at *level* unless a line passed less than *interval* ago
+        (*exc_info*: with the exception being handled, as ``logging`` does).
 
         Returns True when the line was written.
         """
@@ -62,7 +63,7 @@ class LogThrottle:
         if self._suppressed:
             msg = f"{msg} (and %d more like it in the last %.0f s)"
             args = (*args, self._suppressed, self._interval)
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
         self._suppressed = 0
         self._next_at = now + self._interval
         return True

@@ -231,6 +231,8 @@ class ClusterNode:
         self.connect_waits = 0
         self.connect_unavailable = 0
         self.rounds = 0
+        #: Rounds that ended in an unexpected error (a bug; logged with its traceback).
+        self.round_errors = 0
         self._left = False
 
     # -- views ---------------------------------------------------------------------------------
@@ -302,6 +304,7 @@ class ClusterNode:
             return False
         self._backlog.pop(key, None)
         self._waiting.discard(key)
+        self._metas.pop(key, None)
         self._step_down(key, "no longer followed", discard=False)
         self._stop_relay(key)
         return True
@@ -465,7 +468,12 @@ class ClusterNode:
             await self._leases(store)
             await self._refresh(store)
             self.redis_error = None
-        except RedisUnavailable as exc:
+        except Exception as exc:
+            if not isinstance(exc, RedisUnavailable):
+                # A bug must not take the gateway down: logged, counted, next round retries.
+                self.round_errors += 1
+                self._errors.log(logging.ERROR, "cluster: round failed", exc_info=True)
+                return
             self.table.unreachable()
             if self.redis_error is None:
                 log.warning("cluster: redis unreachable, degraded: %s", exc)
@@ -492,18 +500,21 @@ class ClusterNode:
         modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
         sent = trio.current_time()
         holders = await store.leases(self.token, self.config.lease_ttl, modes)
-        gained, lost = self.table.observed(holders, sent=sent)
+        _, lost = self.table.observed(holders, sent=sent)
         for key in sorted(lost):
             self.leases_lost += 1
             owner = self.table.holder(key)
             log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
             self._step_down(key, "lease lost")
-        for key in sorted(gained):
-            if key in self._owned:
-                continue
-            if key not in self._fixtures:
-                continue
-            await self._take_over(store, key)
+        # Every lease held but not yet owned: the ones gained now, and any whose take-over
+        # failed half-way last round (Redis went away in between).
+        for key in sorted(self.table.held - self._owned.keys()):
+            if key in self._fixtures:
+                try:
+                    await self._take_over(store, key)
+                except RedisUnavailable:
+                    self.table.released(key)
+                    raise
 
     async def _hand_over(self, store: RedisStore, key: str) -> None:
         """Give *key* up cleanly: stop its upstream, let its frames reach Redis, release."""
@@ -530,9 +541,9 @@ class ClusterNode:
         cfg = self._hub.feeds[feed]
         info = await store.takeover(key)
         previous = self._metas.get(key)
+        relayed_from = self._relayed_point(key)
         self._stop_relay(key)
         topic = self._hub.topic(feed, fixture_id)
-        relayed_from = self._relayed_point(key)
         if info.epoch is not None and info.epoch != topic.epoch:
             start = max(0, info.seq - cfg.history)
             if topic.seq or topic.history_len:
