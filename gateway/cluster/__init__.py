@@ -4,6 +4,7 @@ Everything public is re-exported here; the implementation lives in private one-c
 """
 
 from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender
+from gateway.cluster._archive import StreamArchive, StreamCursor
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
     MAX_TICK,
@@ -48,6 +49,8 @@ __all__ = [
     "RedisUnavailable",
     "Relay",
     "RelaySink",
+    "StreamArchive",
+    "StreamCursor",
     "Takeover",
     "holder_token",
     "open_store",

@@ -98,11 +98,17 @@ if last[1] then seq = string.match(last[1][1], '^(%d+)') end
 return {m[1], seq, m[2], m[3], m[4], m[5], m[6]}
 """
 
-#: KEYS: meta keys. Returns per key {epoch, state, detail, owner} (nil where unknown).
+#: KEYS: per fixture its meta and stream. Returns per fixture {epoch, state, detail, owner,
+#: first seq, last seq} (nil where unknown).
 METAS: Final = """
 local out = {}
-for i, k in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', k, 'epoch', 'state', 'detail', 'owner')
+for g = 1, #KEYS / 2 do
+  local row = redis.call('HMGET', KEYS[2 * g - 1], 'epoch', 'state', 'detail', 'owner')
+  local first = redis.call('XRANGE', KEYS[2 * g], '-', '+', 'COUNT', 1)
+  local last = redis.call('XREVRANGE', KEYS[2 * g], '+', '-', 'COUNT', 1)
+  row[5] = first[1] and string.match(first[1][1], '^(%d+)') or false
+  row[6] = last[1] and string.match(last[1][1], '^(%d+)') or false
+  out[g] = row
 end
 return out
 """

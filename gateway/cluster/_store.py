@@ -89,12 +89,15 @@ class Takeover:
 
 @attrs.frozen
 class Meta:
-    """What the owner writes beside a fixture's stream: epoch and its upstream state."""
+    """What the owner writes beside a fixture's stream (epoch, its upstream state) and the
+    seqs of the stream's first and last entries (0: none)."""
 
     epoch: str | None
     state: str | None
     detail: str | None
     owner: str | None
+    first_seq: int = 0
+    last_seq: int = 0
 
 
 @attrs.frozen
@@ -239,8 +242,13 @@ class RedisStore:
     async def metas(self, keys: Sequence[str]) -> dict[str, Meta]:
         if not keys:
             return {}
-        rows = await self._call(self._metas, [self.keys.meta(key) for key in keys], [])
-        return {key: Meta(*(_text(v) for v in row)) for key, row in zip(keys, rows, strict=True)}
+        names = [name for key in keys for name in (self.keys.meta(key), self.keys.stream(key))]
+        rows = await self._call(self._metas, names, [])
+        out: dict[str, Meta] = {}
+        for key, row in zip(keys, rows, strict=True):
+            epoch, state, detail, owner, first, last = (_text(v) for v in row)
+            out[key] = Meta(epoch, state, detail, owner, int(first or 0), int(last or 0))
+        return out
 
     async def demand(self, feed: str, fixtures: Iterable[str], ttl: float) -> set[str]:
         """Refresh this instance's on-demand *fixtures* of *feed*; all of the cluster's."""

@@ -52,6 +52,7 @@ from gateway.cluster import (
     RedisStore,
     RedisUnavailable,
     Relay,
+    StreamArchive,
     holder_token,
     open_store,
 )
@@ -215,6 +216,8 @@ class ClusterNode:
         self._waiting: set[str] = set()
         self._resume: dict[str, ResumePoint] = {}
         self._metas: dict[str, Meta] = {}
+        #: Each followed fixture's stream as its topic's archive (old frames for backfills).
+        self._archives: dict[str, StreamArchive] = {}
         self._store: RedisStore | None = None
         self._appender: Appender | None = None
         self._relay: Relay | None = None
@@ -291,7 +294,7 @@ class ClusterNode:
             return False
         self._fixtures[key] = fixture
         self._backlog[key] = backlog
-        self._hub.topic(fixture.feed, fixture.id)
+        self._topic(key)
         self._waiting.add(key)
         self._wake.set()
         return True
@@ -305,6 +308,9 @@ class ClusterNode:
         self._backlog.pop(key, None)
         self._waiting.discard(key)
         self._metas.pop(key, None)
+        archive = self._archives.pop(key, None)
+        if archive is not None:
+            archive.recording = False
         self._step_down(key, "no longer followed", discard=False)
         self._stop_relay(key)
         return True
@@ -399,6 +405,8 @@ class ClusterNode:
                 on_fenced=self._fenced,
             )
             self._relay = Relay(store)
+            for key in list(self._fixtures):
+                self._topic(key)  # fixtures followed before Redis was open get their archive
             await nursery.start(self._appender.run)
             await nursery.start(self._relay.run)
             self._supervisor.limiter.reserve = self.reserve_connect
@@ -536,19 +544,18 @@ class ClusterNode:
         await store.release(self.token, [key])
 
     async def _take_over(self, store: RedisStore, key: str) -> None:
-        feed, fixture_id = split_key(key)
+        feed, _ = split_key(key)
         fixture = self._fixtures[key]
         cfg = self._hub.feeds[feed]
         info = await store.takeover(key)
         previous = self._metas.get(key)
         relayed_from = self._relayed_point(key)
         self._stop_relay(key)
-        topic = self._hub.topic(feed, fixture_id)
+        topic = self._topic(key)
         if info.epoch is not None and info.epoch != topic.epoch:
             start = max(0, info.seq - cfg.history)
             if topic.seq or topic.history_len:
-                self._hub.close_topic(feed, fixture_id)
-                topic = self._hub.topic(feed, fixture_id, epoch=info.epoch, seq=start)
+                topic = self._replace_topic(key, epoch=info.epoch, seq=start)
             else:
                 topic.renumber(info.epoch, start)
         if info.epoch is not None and topic.seq < info.seq:
@@ -571,6 +578,37 @@ class ClusterNode:
             "" if resume is None else f", vendor position {resume.position}",
         )
         self._supervisor.add(fixture, backlog=self._backlog.get(key, False))
+
+    def _topic(self, key: str, *, epoch: str | None = None, seq: int = 0) -> Topic:
+        """*key*'s hub topic (made if there is none), with the stream as its archive."""
+        feed, fixture_id = split_key(key)
+        topic = self._hub.topic(feed, fixture_id, epoch=epoch, seq=seq)
+        store = self._store
+        if store is not None:
+            archive = self._archives.get(key)
+            if archive is None:
+                archive = self._archives[key] = StreamArchive(
+                    store, key, lambda: self._written(key)
+                )
+            archive.recording = True
+            topic.archive = archive
+        return topic
+
+    def _replace_topic(self, key: str, *, epoch: str | None = None, seq: int = 0) -> Topic:
+        """A new topic for *key* (the old one's subscribers are told it stopped)."""
+        self._hub.close_topic(*split_key(key))
+        archive = self._archives.get(key)
+        if archive is not None:
+            archive.oldest = 0
+        return self._topic(key, epoch=epoch, seq=seq)
+
+    def _written(self, key: str) -> int:
+        """The newest seq of *key* the stream holds, as far as this instance knows."""
+        if key in self._owned:
+            appender = self._appender
+            return 0 if appender is None else appender.appended.get(key, 0)
+        topic = self._hub.get(*split_key(key))
+        return 0 if topic is None or key not in self._relayed else topic.seq
 
     def _appender_or_fail(self) -> Appender:
         assert self._appender is not None
@@ -645,22 +683,25 @@ class ClusterNode:
         number (a paused owner's): the topic is replaced; its subscribers resubscribe."""
         self.conflicts += 1
         log.warning("cluster: %s: frame %d differs from the stream's: topic replaced", key, seq)
-        feed, fixture_id = split_key(key)
         self._stop_relay(key)
-        self._hub.close_topic(feed, fixture_id)
         if key in self._fixtures:
-            self._hub.topic(feed, fixture_id)
+            self._replace_topic(key)
             self._waiting.add(key)
             self._wake.set()
+        else:
+            self._hub.close_topic(*split_key(key))
 
     async def _refresh(self, store: RedisStore) -> None:
         """Relays: adopt each stream's epoch, start relaying new ones, show owners' states."""
-        keys = [k for k in self._fixtures if k not in self._owned]
+        keys = list(self._fixtures)
         if not keys:
             return
         metas = await store.metas(keys)
         self._metas.update(metas)
         for key, meta in metas.items():
+            archive = self._archives.get(key)
+            if archive is not None:
+                archive.oldest = meta.first_seq
             if key not in self._fixtures or key in self._owned:
                 continue
             feed, fixture_id = split_key(key)
@@ -679,15 +720,14 @@ class ClusterNode:
     async def _adopt(self, store: RedisStore, key: str, topic: Topic, epoch: str) -> Topic:
         """Make *topic* relay its stream under the stream's *epoch* (primed with up to
         ``history`` frames from the stream)."""
-        feed, fixture_id = split_key(key)
+        feed, _ = split_key(key)
         info = await store.takeover(key)
         start = max(0, info.seq - self._hub.feeds[feed].history)
         self._stop_relay(key)
         if topic.epoch != epoch:
             if topic.seq or topic.history_len:
                 log.warning("cluster: %s: the stream has a new epoch: topic replaced", key)
-                self._hub.close_topic(feed, fixture_id)
-                topic = self._hub.topic(feed, fixture_id, epoch=epoch, seq=start)
+                topic = self._replace_topic(key, epoch=epoch, seq=start)
             else:
                 topic.renumber(epoch, start)
         # Prime the history from the stream (no fan-out: live-only subscribers asked for
