@@ -15,7 +15,9 @@ The rules (docs/cluster.md):
   can take the lease from a Redis nobody reaches, and the local fan-out goes on).
 - A free lease is tried first by the instance that rendezvous hashing ranks first among the
   live ones; the instance ranked *i* tries after it has seen the lease free for ``i`` ticks
-  (the first may be dead but still listed, or may not follow that fixture).
+  (the first may be dead but still listed, or may not follow that fixture). A lease whose last
+  holder is still live waits at least :data:`RETAKE_ROUNDS` ticks: it vanished (Redis lost
+  it) and its holder, which asks for its leases with "acquire if free", takes it again first.
 - A held, *movable* lease (a fixture every instance follows: the config's) whose first-ranked
   instance is another one, live for at least ``ttl``, is released so that one takes it: at most
   ``handovers`` per tick, so a joining instance takes its share gradually.
@@ -42,6 +44,9 @@ from gateway.cluster._rendezvous import rank
 MAX_TICK: Final = 1.0
 #: Held leases released per tick for rebalancing (a joining instance's share moves gradually).
 DEFAULT_HANDOVERS: Final = 5
+#: Rounds an instance waits before taking a free lease whose last holder is still live (after
+#: Redis lost its data the holder takes it again first: no needless vendor reconnect).
+RETAKE_ROUNDS: Final = 2
 
 
 def holder_token(instance: str, nonce: str) -> str:
@@ -92,6 +97,7 @@ class LeaseTable:
         #: Who holds the leases we follow, as Redis last said: a token (None: free).
         self._holders: dict[str, str | None] = {}
         self._free_since: dict[str, float] = {}
+        self._last_holder: dict[str, str] = {}
         self._seen_live: dict[str, float] = {}
         #: True while Redis is unreachable (the node's last call failed to connect).
         self.degraded = False
@@ -149,13 +155,20 @@ class LeaseTable:
         release: set[str] = set()
         for key in followed:
             if key in self._held:
+                acquire.add(key)  # renewed, or taken again if it vanished (Redis lost it)
                 continue
-            if self._holders.get(key) is not None:
+            holder = self._holders.get(key)
+            if holder is not None:
                 self._free_since.pop(key, None)
+                self._last_holder[key] = holder
                 continue
             since = self._free_since.setdefault(key, now)
-            position = rank(key, instances).index(self.me)
-            if now - since >= position * self.tick:
+            wait = rank(key, instances).index(self.me)
+            last = self._last_holder.get(key)
+            if last is not None and last != self.token and token_instance(last) in instances:
+                # Its owner is alive and takes a vanished lease again in its next round.
+                wait = max(wait, RETAKE_ROUNDS)
+            if now - since >= wait * self.tick:
                 acquire.add(key)
         budget = self.handovers
         for key in sorted(self._held):
@@ -170,7 +183,10 @@ class LeaseTable:
         for key in list(self._free_since):
             if key not in followed:
                 del self._free_since[key]
-        return LeasePlan(frozenset(acquire), renew, frozenset(release))
+        for key in list(self._last_holder):
+            if key not in followed:
+                del self._last_holder[key]
+        return LeasePlan(frozenset(acquire - release), renew, frozenset(release))
 
     def observed(
         self, holders: Mapping[str, str | None], *, sent: float

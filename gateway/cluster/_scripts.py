@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-#: KEYS: lease keys. ARGV: token, ttl (ms), then one mode per key: ``a`` acquire if free,
-#: ``-`` do not. A lease the token holds is renewed whatever the mode. Returns each key's
-#: holder (nil: free).
+#: KEYS: lease keys. ARGV: token, ttl (ms), then one mode per key: ``a`` acquire if free
+#: (also asked for the leases the token holds: one that vanished is taken again), ``-`` do
+#: not. A lease the token holds is renewed whatever the mode. Returns each key's holder (nil:
+#: free).
 LEASES: Final = """
 local out = {}
 for i, k in ipairs(KEYS) do
@@ -43,21 +44,28 @@ return n
 """
 
 #: The owner's appends, fenced: KEYS per fixture: lease, stream, meta. ARGV: token, maxlen,
-#: instance, then per fixture: epoch, state ('' = unchanged), detail, n, then n times seq,
-#: position ('' = none), received time, frame text. A fixture whose lease is not the token's
-#: gets ``fenced`` and nothing of it is written; one whose stream has another epoch gets
+#: instance, lease ttl (ms), then per fixture: epoch, state ('' = unchanged), detail, n, then n
+#: times seq, position ('' = none), received time, frame text. A lease that does not exist
+#: any more (it expired while Redis was unreachable, or Redis lost its data) is taken again
+#: for the token: nobody else holds it. A fixture whose lease another token holds gets
+#: ``fenced`` and nothing of it is written; one whose stream has another epoch gets
 #: ``epoch``; else each frame becomes entry ``<seq>-0`` (an entry already there, from a retry,
 #: is skipped: Redis refuses an id not above the last) and the reply is the last seq written
 #: (0: none). Streams are trimmed to about maxlen entries.
 APPEND: Final = """
-local token, maxlen, instance = ARGV[1], ARGV[2], ARGV[3]
-local a = 4
+local token, maxlen, instance, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local a = 5
 local out = {}
 for g = 1, #KEYS / 3 do
   local lease, stream, meta = KEYS[3 * g - 2], KEYS[3 * g - 1], KEYS[3 * g]
   local epoch, state, detail, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
-  if redis.call('GET', lease) ~= token then
+  local holder = redis.call('GET', lease)
+  if not holder then
+    redis.call('SET', lease, token, 'PX', ttl)
+    holder = token
+  end
+  if holder ~= token then
     out[g] = 'fenced'
   else
     local cur = redis.call('HGET', meta, 'epoch')

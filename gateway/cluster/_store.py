@@ -158,6 +158,7 @@ class RedisStore:
         self._client = client
         self.keys = Keys(config.key_prefix)
         self._maxlen = config.stream_maxlen
+        self._ttl_ms = int(config.lease_ttl * 1000)
         self._leases = client.register_script(_scripts.LEASES)
         self._release = client.register_script(_scripts.RELEASE)
         self._append = client.register_script(_scripts.APPEND)
@@ -219,7 +220,7 @@ class RedisStore:
         """Append each group's frames if its lease is *token*'s; per group the last seq written
         (0: none), ``"fenced"`` or ``"epoch"`` (see :data:`_scripts.APPEND`)."""
         keys: list[str] = []
-        args: list[Any] = [token, self._maxlen, instance]
+        args: list[Any] = [token, self._maxlen, instance, self._ttl_ms]
         for g in groups:
             keys += [self.keys.lease(g.key), self.keys.stream(g.key), self.keys.meta(g.key)]
             state, detail = g.status if g.status is not None else ("", "")

@@ -103,7 +103,7 @@ class OwnedTopic:
     stream, where the frame is fetched again.
     """
 
-    __slots__ = ("active", "appender", "key", "node", "topic")
+    __slots__ = ("active", "appender", "key", "node", "position", "received_at", "topic")
 
     def __init__(self, node: ClusterNode, key: str, topic: Topic, appender: Appender) -> None:
         self.node = node
@@ -111,6 +111,10 @@ class OwnedTopic:
         self.topic = topic
         self.appender = appender
         self.active = True
+        #: The last vendor position published and when it was received (a take-over after
+        #: Redis lost the stream goes on from here).
+        self.position: int | None = None
+        self.received_at = 0.0
 
     def publish(self, raw: str, position: int | None) -> None:
         if not self.active:
@@ -122,9 +126,11 @@ class OwnedTopic:
         topic.publish(raw, position)
         frame = topic.latest_frame
         assert frame is not None
-        self.appender.append(
-            self.key, topic.epoch, frame.seq, position, time.time(), frame.raw_bytes
-        )
+        now = time.time()
+        if position is not None:
+            self.position = position
+            self.received_at = now
+        self.appender.append(self.key, topic.epoch, frame.seq, position, now, frame.raw_bytes)
 
     def set_status(self, state: FixtureState, detail: str) -> None:
         if not self.active:
@@ -215,6 +221,9 @@ class ClusterNode:
         #: Followed fixtures whose stream has no epoch yet (nobody owned them): not relayed.
         self._waiting: set[str] = set()
         self._resume: dict[str, ResumePoint] = {}
+        #: Where this instance's own upstream of a fixture was when it stopped owning it:
+        #: (the topic's seq then, the resume point).
+        self._local_points: dict[str, tuple[int, ResumePoint]] = {}
         self._metas: dict[str, Meta] = {}
         #: Each followed fixture's stream as its topic's archive (old frames for backfills).
         self._archives: dict[str, StreamArchive] = {}
@@ -308,10 +317,11 @@ class ClusterNode:
         self._backlog.pop(key, None)
         self._waiting.discard(key)
         self._metas.pop(key, None)
+        self._local_points.pop(key, None)
         archive = self._archives.pop(key, None)
         if archive is not None:
             archive.recording = False
-        self._step_down(key, "no longer followed", discard=False)
+        self._step_down(key, "no longer followed")
         self._stop_relay(key)
         return True
 
@@ -560,10 +570,13 @@ class ClusterNode:
                 topic.renumber(info.epoch, start)
         if info.epoch is not None and topic.seq < info.seq:
             await self._catch_up(store, key, topic, info.seq)
-        if info.position is not None and info.received_at is not None:
-            resume: ResumePoint | None = ResumePoint(info.position, info.received_at)
-        else:
-            resume = relayed_from
+        resume = _latest(
+            None
+            if info.position is None or info.received_at is None
+            else ResumePoint(info.position, info.received_at),
+            relayed_from,
+            self._local_point(key, topic),
+        )
         if resume is not None:
             self._resume[key] = resume
         self._owned[key] = OwnedTopic(self, key, topic, self._appender_or_fail())
@@ -610,6 +623,14 @@ class ClusterNode:
         topic = self._hub.get(*split_key(key))
         return 0 if topic is None or key not in self._relayed else topic.seq
 
+    def _local_point(self, key: str, topic: Topic) -> ResumePoint | None:
+        """This instance's own last upstream position of *key*, if the topic still carries
+        the numbering it was published under (nothing was relayed over it since)."""
+        point = self._local_points.pop(key, None)
+        if point is None or point[0] != topic.seq:
+            return None
+        return point[1]
+
     def _appender_or_fail(self) -> Appender:
         assert self._appender is not None
         return self._appender
@@ -635,6 +656,8 @@ class ClusterNode:
         if sink is None:
             return
         sink.active = False
+        if sink.position is not None:
+            self._local_points[key] = (sink.topic.seq, ResumePoint(sink.position, sink.received_at))
         feed, fixture_id = split_key(key)
         handle = self._supervisor.get(feed, fixture_id)
         if handle is not None:
@@ -756,6 +779,12 @@ class ClusterNode:
         except ValueError:
             state = FixtureState.CONNECTING
         topic.set_status(state, meta.detail or "")
+
+
+def _latest(*points: ResumePoint | None) -> ResumePoint | None:
+    """The furthest of *points* (a fixture's vendor positions only grow)."""
+    known = [p for p in points if p is not None]
+    return max(known, key=lambda p: p.position) if known else None
 
 
 def _info(text: str) -> dict[str, Any]:
