@@ -63,6 +63,8 @@ class _Followed:
     frames_per_second: float = 0.0
     drops: int = 0
     slow_disconnects: int = 0
+    owner: str | None = None
+    role: str | None = None
 
 
 class MemoryTarget:
@@ -81,6 +83,8 @@ class MemoryTarget:
         self.fanout_latency = MemoryHistogram()
         self.ready = True
         self.draining = False
+        #: What ``degraded_reason()`` and ``cluster_view()`` answer (None: not degraded; a
+        #: single node).
         self.degraded: str | None = None
         self.cluster: ClusterView | None = None
         self._fixtures: dict[tuple[str, str], _Followed] = {}
@@ -276,6 +280,13 @@ class MemoryTarget:
         followed.drops = drops
         followed.slow_disconnects = slow_disconnects
 
+    def set_role(self, feed: str, fixture: str, *, owner: str | None, role: str | None) -> None:
+        """In a cluster (set ``cluster`` too): who holds the fixture's lease, and whether this
+        instance is its ``owner`` or a ``relay``."""
+        followed = self._fixtures[(feed, fixture)]
+        followed.owner = owner
+        followed.role = role
+
     def add_subscriber(self, view: SubscriberView) -> None:
         self._subscribers[view.id] = view
 
@@ -321,4 +332,6 @@ class MemoryTarget:
                 if (s.feed, s.fixture) in self._recorded
                 else None
             ),
+            owner=f.owner,
+            role=f.role,
         )

@@ -1,16 +1,20 @@
 """The HTTP control plane over real HTTP on 127.0.0.1 port 0, driven by ``MemoryTarget``.
 
 Covers every route and status code, strict body validation, bearer-token rules, the Prometheus
-output (parsed back with prometheus_client's parser), the rate sampler (explicit times, and
-MockClock without sockets), startup errors and shutdown. The HTTP client is h11 over a trio
-socket (no threads). Every response any test receives is scanned for the upstream token
-(``TEST_TOKEN``, which the config's token file holds): it must never appear.
+output (parsed back with prometheus_client's parser), the cluster views (``/v1/cluster``, a
+fixture's ``owner`` and ``role``, ``degraded`` in ``/readyz`` and ``/v1/status``, the
+``dde_cluster_*`` metrics; all absent or null on a single node), the rate sampler (explicit
+times, and MockClock without sockets), startup errors and shutdown. The HTTP client is h11 over
+a trio socket (no threads). Every response any test receives is scanned for the upstream token
+(``TEST_TOKEN``, which the config's token file holds), the Redis password and the Redis URL of
+``[cluster]`` (with ``make_config(cluster=True)``): none may ever appear.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,15 +26,21 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Config, ListenAddress, SecretError, structure_config
 from gateway.controlplane import (
+    CLUSTER_COUNTERS,
     FIXTURE_ID_PATTERN,
     MAX_BODY_BYTES,
+    NOT_A_CLUSTER,
+    ClusterInstanceView,
+    ClusterView,
     RateSampler,
     SubscriberView,
     Totals,
+    make_registry,
     run,
 )
 from gateway.dataplane import AUTH_ENDPOINTS
@@ -57,6 +67,8 @@ FIXTURE_KEYS = {
     "slow_disconnects",
     "upstream",
     "recording",
+    "owner",
+    "role",
 }
 UPSTREAM_KEYS = {
     "connects",
@@ -73,9 +85,24 @@ UPSTREAM_KEYS = {
 }
 
 
-def make_config(tmp_path: Path, *, admin: bool = False, read: bool = False) -> Config:
+#: ``[cluster]`` of ``make_config(cluster=True)``: neither may ever be in a response.
+REDIS_URL = "redis://10.9.8.7:6379/3"
+REDIS_PASSWORD = "redis-pw-SECRET-8d41c7"
+
+
+def make_config(
+    tmp_path: Path, *, admin: bool = False, read: bool = False, cluster: bool = False
+) -> Config:
     token = tmp_path / "upstream-token"
     token.write_text(TEST_TOKEN + "\n")
+    sections: dict[str, Any] = {}
+    if cluster:
+        (tmp_path / "redis-password").write_text(REDIS_PASSWORD + "\n")
+        sections["cluster"] = {
+            "redis_url": REDIS_URL,
+            "instance": "gw-a",
+            "password_file": str(tmp_path / "redis-password"),
+        }
     api: dict[str, str] = {}
     if admin:
         (tmp_path / "admin-tokens").write_text("# admins\n" + "\n".join(ADMIN_TOKENS) + "\n")
@@ -96,7 +123,59 @@ def make_config(tmp_path: Path, *, admin: bool = False, read: bool = False) -> C
             },
             "fixtures": [{"feed": "soccer", "id": "123", "backfill": 5}],
             "api": api,
+            **sections,
         }
+    )
+
+
+def sample_cluster(reason: str | None = None) -> ClusterView:
+    """A view of a three-instance cluster as ``gw-a`` sees it (degraded with a *reason*). The
+    heartbeat info of ``gw-b`` has wrong types and keys no response may show (it comes from
+    Redis, written by any instance); ``counters`` lacks some keys and has an unknown one."""
+    return ClusterView(
+        instance="gw-a",
+        state="ok" if reason is None else "degraded",
+        reason=reason,
+        lease_ttl=10.0,
+        instances=[
+            ClusterInstanceView(
+                "gw-a",
+                {
+                    "version": "9.9.9",
+                    "started_at": 1795313115.5,
+                    "http": "127.0.0.1:8780",
+                    "stream": "127.0.0.1:8765",
+                    "ready": True,
+                },
+                leases=2,
+            ),
+            ClusterInstanceView(
+                "gw-b",
+                {
+                    "version": 7,
+                    "started_at": 1795313000,
+                    "http": None,
+                    "ready": "yes",
+                    "redis_url": REDIS_URL,
+                    "password": REDIS_PASSWORD,
+                },
+                leases=1,
+            ),
+            ClusterInstanceView("gw-c", {}, leases=0),
+        ],
+        owned=2,
+        relayed=1,
+        counters={
+            "rounds": 40,
+            "leases_gained": 2,
+            "frames_appended": 900,
+            "append_dropped": 3,
+            "frames_relayed": 450,
+            "relay_failures": 1,
+            "not_a_counter": 5,
+        },
+        relay_lag_max=0.25,
+        append_queued_bytes=4096,
     )
 
 
@@ -167,10 +246,10 @@ class Client:
 
 
 def assert_no_token_leak(replies: list[Reply]) -> None:
-    secret = TEST_TOKEN.encode()
     for reply in replies:
-        assert secret not in reply.body
-        assert TEST_TOKEN not in repr(reply.headers)
+        for secret in (TEST_TOKEN, REDIS_PASSWORD, REDIS_URL):
+            assert secret.encode() not in reply.body
+            assert secret not in repr(reply.headers)
 
 
 @asynccontextmanager
@@ -195,6 +274,9 @@ def test_leak_scan_detects_the_token() -> None:
         assert_no_token_leak([Reply(200, {}, b'{"last_error": "' + TEST_TOKEN.encode() + b'"}')])
     with pytest.raises(AssertionError):
         assert_no_token_leak([Reply(401, {"www-authenticate": TEST_TOKEN}, b"")])
+    for secret in (REDIS_PASSWORD, REDIS_URL):
+        with pytest.raises(AssertionError):
+            assert_no_token_leak([Reply(200, {}, b'{"info": "' + secret.encode() + b'"}')])
 
 
 def assert_error(reply: Reply, status: int, contains: str = "") -> None:
@@ -274,6 +356,8 @@ async def test_status_counts_every_state(tmp_path: Path) -> None:
         }
         target.stream = None  # the data plane not bound yet
         assert (await client.get("/v1/status")).json()["stream"] is None
+        # A single node that is not degraded.
+        assert (status["degraded"], status["cluster"]) == (None, None)
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -459,6 +543,217 @@ async def test_facade_error_is_a_json_500_and_the_server_survives(tmp_path: Path
         assert (await client.get("/healthz")).status == 200
 
 
+# --- cluster ------------------------------------------------------------------------------------
+
+
+async def test_a_single_node_shows_no_cluster(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path)) as (client, _):
+        reply = await client.get("/v1/cluster")
+        assert_error(reply, 404, NOT_A_CLUSTER)
+        assert reply.json() == {"error": "not a cluster: no [cluster] section"}
+        status = (await client.get("/v1/status")).json()
+        assert (status["degraded"], status["cluster"]) == (None, None)
+        for fixture in (await client.get("/v1/fixtures")).json():
+            assert (fixture["owner"], fixture["role"]) == (None, None)
+        one = (await client.get("/v1/fixtures/soccer/123")).json()
+        assert (one["owner"], one["role"]) == (None, None)
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        text = (await client.get("/metrics")).body.decode()
+        assert "dde_cluster" not in text
+
+
+async def test_cluster_view(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, cluster=True)) as (client, target):
+        target.cluster = sample_cluster()
+        reply = await client.get("/v1/cluster")
+        assert reply.status == 200
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json() == {
+            "instance": "gw-a",
+            "state": "ok",
+            "reason": None,
+            "lease_ttl": 10.0,
+            "instances": [
+                {
+                    "name": "gw-a",
+                    "info": {
+                        "version": "9.9.9",
+                        "started_at": 1795313115.5,
+                        "http": "127.0.0.1:8780",
+                        "stream": "127.0.0.1:8765",
+                        "ready": True,
+                    },
+                    "leases": 2,
+                },
+                # Only the documented keys, each of its type or null: nothing else another
+                # instance put into Redis reaches a response.
+                {
+                    "name": "gw-b",
+                    "info": {
+                        "version": None,
+                        "started_at": 1795313000.0,
+                        "http": None,
+                        "stream": None,
+                        "ready": None,
+                    },
+                    "leases": 1,
+                },
+                {
+                    "name": "gw-c",
+                    "info": dict.fromkeys(("version", "started_at", "http", "stream", "ready")),
+                    "leases": 0,
+                },
+            ],
+            "owned": 2,
+            "relayed": 1,
+            # Every counter, in the order they are defined; missing ones 0, unknown ones left out.
+            "counters": {
+                "rounds": 40,
+                "leases_gained": 2,
+                "leases_lost": 0,
+                "handovers": 0,
+                "fenced": 0,
+                "conflicts": 0,
+                "connect_waits": 0,
+                "connect_unavailable": 0,
+                "frames_appended": 900,
+                "append_dropped": 3,
+                "append_fenced": 0,
+                "append_failures": 0,
+                "frames_relayed": 450,
+                "relay_failures": 1,
+            },
+            "relay_lag_max": 0.25,
+            "append_queued_bytes": 4096,
+        }
+        assert list(reply.json()["counters"]) == list(CLUSTER_COUNTERS)
+
+        status = (await client.get("/v1/status")).json()
+        assert status["cluster"] == {"instance": "gw-a", "state": "ok"}
+        assert status["degraded"] is None
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_degraded_is_ready_with_the_reason(tmp_path: Path) -> None:
+    reason = "cluster: redis unreachable: Connection refused"
+    async with serving(make_config(tmp_path, cluster=True)) as (client, target):
+        target.cluster = sample_cluster(reason)
+        target.degraded = reason
+        reply = await client.get("/readyz")
+        # Still 200: the instance serves (its owned fixtures, its subscribers).
+        assert (reply.status, reply.json()) == (200, {"status": "degraded", "reason": reason})
+        status = (await client.get("/v1/status")).json()
+        assert status["degraded"] == reason
+        assert status["ready"] is True
+        assert status["cluster"] == {"instance": "gw-a", "state": "degraded"}
+        cluster = (await client.get("/v1/cluster")).json()
+        assert (cluster["state"], cluster["reason"]) == ("degraded", reason)
+
+        # Not ready wins: starting and draining stay 503, degraded or not.
+        target.ready = False
+        reply = await client.get("/readyz")
+        assert (reply.status, reply.json()) == (503, {"status": "starting"})
+        target.ready = True
+        target.draining = True
+        reply = await client.get("/readyz")
+        assert (reply.status, reply.json()) == (503, {"status": "draining"})
+
+        # Back: ready again, nothing degraded.
+        target.draining = False
+        target.degraded = None
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        assert (await client.get("/v1/status")).json()["degraded"] is None
+
+
+async def test_fixture_owner_and_role(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, cluster=True)) as (client, target):
+        target.cluster = sample_cluster()
+        target.follow("hoops", "h-1", 0)
+        target.follow("soccer", "124", 0)
+        target.set_role("soccer", "123", owner="gw-a", role="owner")
+        target.set_role("hoops", "h-1", owner="gw-b", role="relay")
+        target.set_role("soccer", "124", owner=None, role="relay")  # lease free: no owner yet
+        target.set_state("soccer", "124", FixtureState.DEGRADED, "cluster: redis unreachable")
+
+        listing = (await client.get("/v1/fixtures")).json()
+        assert [(f["fixture"], f["owner"], f["role"]) for f in listing] == [
+            ("h-1", "gw-b", "relay"),
+            ("123", "gw-a", "owner"),
+            ("124", None, "relay"),
+        ]
+        for item in listing:
+            assert set(item) == FIXTURE_KEYS
+        one = (await client.get("/v1/fixtures/hoops/h-1")).json()
+        assert (one["owner"], one["role"]) == ("gw-b", "relay")
+        degraded = (await client.get("/v1/fixtures/soccer/124")).json()
+        assert (degraded["state"], degraded["detail"]) == ("degraded", "cluster: redis unreachable")
+        status = (await client.get("/v1/status")).json()
+        assert status["fixtures"]["degraded"] == 1
+
+
+async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
+    async with serving(make_config(tmp_path, cluster=True)) as (client, target):
+        assert "dde_cluster" not in (await client.get("/metrics")).body.decode()
+
+        target.cluster = sample_cluster()
+        text = (await client.get("/metrics")).body.decode()
+        got = samples(text)
+        assert got[("dde_cluster_instances", ())] == 3
+        assert got[("dde_cluster_leases_owned", ())] == 2
+        assert got[("dde_cluster_fixtures_relayed", ())] == 1
+        assert got[("dde_cluster_relay_lag_seconds", ())] == 0.25
+        assert got[("dde_cluster_append_queued_bytes", ())] == 4096
+        assert got[("dde_cluster_degraded", ())] == 0
+        assert got[("dde_cluster_rounds_total", ())] == 40
+        assert got[("dde_cluster_frames_appended_total", ())] == 900
+        assert got[("dde_cluster_append_dropped_total", ())] == 3
+        assert got[("dde_cluster_frames_relayed_total", ())] == 450
+        assert got[("dde_cluster_relay_failures_total", ())] == 1
+        assert got[("dde_cluster_handovers_total", ())] == 0
+        # Every counter (missing ones as 0), with the help text defined next to ClusterView;
+        # an unknown key of the facade's counters is no metric.
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name, help_text in CLUSTER_COUNTERS.items():
+            family = families[f"dde_cluster_{name}"]
+            assert (family.type, family.documentation) == ("counter", help_text)
+        assert "not_a_counter" not in text
+        gauges = {
+            "dde_cluster_instances",
+            "dde_cluster_leases_owned",
+            "dde_cluster_fixtures_relayed",
+            "dde_cluster_relay_lag_seconds",
+            "dde_cluster_append_queued_bytes",
+            "dde_cluster_degraded",
+        }
+        assert {n for n, f in families.items() if n.startswith("dde_cluster_")} == gauges | {
+            f"dde_cluster_{name}" for name in CLUSTER_COUNTERS
+        }
+        assert all(families[n].type == "gauge" for n in gauges)
+        # No new label: instance names are not labels.
+        assert not [labels for name, labels in got if name.startswith("dde_cluster_") and labels]
+
+        target.cluster = sample_cluster("cluster: redis timed out")
+        got = samples((await client.get("/metrics")).body.decode())
+        assert got[("dde_cluster_degraded", ())] == 1
+
+
+def test_the_docs_name_exactly_the_cluster_metrics(tmp_path: Path) -> None:
+    target = MemoryTarget(make_config(tmp_path))
+    target.cluster = sample_cluster()
+    text = generate_latest(make_registry(target)).decode()
+    emitted = {
+        s.name
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("dde_cluster_")
+    }
+    assert len(emitted) == 6 + len(CLUSTER_COUNTERS)
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    for name in ("cluster.md", "api.md"):
+        named = set(re.findall(r"dde_cluster_\w+", (docs / name).read_text()))
+        assert named == emitted, name
+
+
 # --- metrics ------------------------------------------------------------------------------------
 
 
@@ -575,9 +870,11 @@ async def test_admin_tokens_guard_writes(tmp_path: Path) -> None:
 
 
 async def test_read_tokens_guard_reads(tmp_path: Path) -> None:
-    async with serving(make_config(tmp_path, admin=True, read=True)) as (client, _):
+    async with serving(make_config(tmp_path, admin=True, read=True)) as (client, target):
+        target.cluster = sample_cluster()
         paths = (
             "/v1/status",
+            "/v1/cluster",
             "/v1/fixtures",
             "/v1/fixtures/soccer/123",
             "/v1/subscribers",

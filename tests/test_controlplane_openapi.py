@@ -5,7 +5,9 @@
   validates each response (status, content type, headers, body schema) against the document.
 - schemathesis generates requests for every operation (hypothesis, derandomized, few examples,
   no example database) and validates the answers, with both token lists configured so its
-  ``ignored_auth`` check sees auth enforced.
+  ``ignored_auth`` check sees auth enforced: every operation on a single node, then the ones
+  whose answers change in a cluster (``/v1/cluster``, status, readiness, fixtures, metrics)
+  with a cluster view, degraded, and fixtures with an owner and a role.
 
 schemathesis sends with ``requests`` (blocking), so it runs in a worker thread while the server
 runs on the test's trio loop, on 127.0.0.1 port 0. Rules of tests/conftest.py apply.
@@ -31,7 +33,14 @@ from gateway.config import ListenAddress
 from gateway.controlplane import MAX_BODY_BYTES, build_app, run
 from tests.conftest import TEST_TOKEN
 from tests.memory_target import MemoryTarget
-from tests.test_controlplane import ADMIN_TOKENS, READ_TOKEN, make_config
+from tests.test_controlplane import (
+    ADMIN_TOKENS,
+    READ_TOKEN,
+    REDIS_PASSWORD,
+    REDIS_URL,
+    make_config,
+    sample_cluster,
+)
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 TIMEOUT = 90  # generation is CPU-bound and the CI machine is small and busy
@@ -95,6 +104,27 @@ def _full(target: MemoryTarget) -> None:
     target.config = attrs.evolve(target.config, api=attrs.evolve(target.config.api, max_fixtures=0))
 
 
+_DEGRADED = "cluster: redis unreachable: Connection refused"
+
+
+def _cluster(target: MemoryTarget) -> None:
+    """A cluster instance, degraded, that owns soccer/123 and relays soccer/9 (no owner).
+    Either may have been unfollowed before (and the API's fixture limit set to 0): followed
+    again first."""
+    target.cluster = sample_cluster(_DEGRADED)
+    target.degraded = _DEGRADED
+    target.config = attrs.evolve(target.config, api=attrs.evolve(target.config.api, max_fixtures=9))
+    target.follow("soccer", "123", 0)
+    target.follow("soccer", "9", 0)
+    target.set_role("soccer", "123", owner="gw-a", role="owner")
+    target.set_role("soccer", "9", owner=None, role="relay")
+
+
+def _single_node(target: MemoryTarget) -> None:
+    target.cluster = None
+    target.degraded = None
+
+
 # One request per documented status: (path, method, path params, headers, body, status), and
 # optionally a step run on the trio thread (like the data path would) before the request.
 _PARAMS_123 = {"feed": "soccer", "fixture": "123"}
@@ -111,6 +141,8 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
     ("/readyz", "GET", {}, {}, None, 200, None),
     ("/v1/status", "GET", {}, ADMIN, None, 200, None),
     ("/v1/status", "GET", {}, {}, None, 401, None),
+    ("/v1/cluster", "GET", {}, ADMIN, None, 404, None),  # a single node
+    ("/v1/cluster", "GET", {}, {}, None, 401, None),
     ("/v1/fixtures", "GET", {}, {"Authorization": f"Bearer {READ_TOKEN}"}, None, 200, None),
     ("/v1/fixtures", "GET", {}, {}, None, 401, None),
     ("/v1/fixtures/{feed}/{fixture}", "GET", _PARAMS_123, ADMIN, None, 200, None),
@@ -188,8 +220,18 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, {}, None, 401, None),
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, ADMIN, None, 200, _record),
     ("/v1/recordings", "GET", {}, ADMIN, None, 200, None),
+    # A cluster instance: the views that change, validated against the document.
+    ("/v1/cluster", "GET", {}, {"Authorization": f"Bearer {READ_TOKEN}"}, None, 200, _cluster),
+    ("/readyz", "GET", {}, {}, None, 200, None),  # degraded
+    ("/v1/status", "GET", {}, ADMIN, None, 200, None),
+    ("/v1/fixtures", "GET", {}, ADMIN, None, 200, None),
+    ("/v1/fixtures/{feed}/{fixture}", "GET", _PARAMS_9, ADMIN, None, 200, None),
+    ("/metrics", "GET", {}, ADMIN, None, 200, None),
+    ("/v1/cluster", "GET", {}, ADMIN, None, 404, _single_node),
     ("/readyz", "GET", {}, {}, None, 503, _drain),
 ]
+#: The operations whose answers differ in a cluster: fuzzed again with a cluster view.
+CLUSTER_OPERATIONS = {"cluster", "status", "readyz", "listFixtures", "getFixture", "metrics"}
 # Requests with a query string: (path, method, path params, query, headers, status).
 _QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str], int]] = [
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, {"after": -1}, ADMIN, 400),
@@ -216,7 +258,8 @@ def _documented_cases(
         excluded = [not_a_server_error] if status == 503 else []
         case.validate_response(response, headers=headers, excluded_checks=excluded)
         assert response.status_code == status, (path, method, response.text)
-        assert TEST_TOKEN not in response.text
+        for secret in (TEST_TOKEN, REDIS_PASSWORD, REDIS_URL):
+            assert secret not in response.text
         seen.add((path, method, status))
     for path, method, params, query, headers, status in _QUERY_CASES:
         case = loaded[path][method].Case(path_parameters=params, query=query, headers=dict(headers))
@@ -227,11 +270,14 @@ def _documented_cases(
     return seen
 
 
-def _fuzz(base_url: str, session: requests.Session) -> int:
-    """Generated requests for every operation; returns how many were sent."""
+def _fuzz(base_url: str, session: requests.Session, only: set[str] | None = None) -> int:
+    """Generated requests for every operation (or those with an operationId in *only*);
+    returns how many were sent."""
     sent = 0
     for result in schema().get_all_operations():
         operation = result.ok()
+        if only is not None and operation.definition.raw.get("operationId") not in only:
+            continue
         strategy = operation.as_strategy(headers=dict(ADMIN))
 
         @hypothesis.settings(
@@ -251,7 +297,8 @@ def _fuzz(base_url: str, session: requests.Session) -> int:
                 if known == "both":
                     case.path_parameters["fixture"] = "123"
             response = case.call_and_validate(base_url=base_url, session=session)
-            assert TEST_TOKEN not in response.text
+            for secret in (TEST_TOKEN, REDIS_PASSWORD, REDIS_URL):
+                assert secret not in response.text
             sent += 1
 
         check()
@@ -259,7 +306,7 @@ def _fuzz(base_url: str, session: requests.Session) -> int:
 
 
 async def test_documented_statuses_and_schemathesis(tmp_path: Path) -> None:
-    config = make_config(tmp_path, admin=True, read=True)
+    config = make_config(tmp_path, admin=True, read=True, cluster=True)
     target = MemoryTarget(config)
 
     def in_thread(base_url: str) -> tuple[set[tuple[str, str, int]], int]:
@@ -267,7 +314,11 @@ async def test_documented_statuses_and_schemathesis(tmp_path: Path) -> None:
             seen = _documented_cases(base_url, session, target)
             trio.from_thread.run_sync(setattr, target, "draining", False)
             trio.from_thread.run_sync(setattr, target, "config", config)
-            return seen, _fuzz(base_url, session)
+            sent = _fuzz(base_url, session)
+            trio.from_thread.run_sync(_cluster, target)
+            in_cluster = _fuzz(base_url, session, CLUSTER_OPERATIONS)
+            assert in_cluster >= EXAMPLES_PER_OPERATION
+            return seen, sent + in_cluster
 
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:

@@ -7,7 +7,10 @@ everything the page loads is a relative URL of one of them (no CDN, nothing off-
 and ``GET /dashboard/<name>`` are open with read tokens configured, with their content types
 and headers (CSP, nosniff, no-cache), while the API stays closed, writes stay closed, and no
 path that merely starts like a dashboard path gets past the token check; the stream address the
-page gets from ``/v1/status`` (same host, wildcard, another address).
+page gets from ``/v1/status`` (same host, wildcard, another address); the page's script knows
+every key of ``/v1/status`` the document lists (``degraded`` and ``cluster`` rendered, not
+dumped) and classes every fixture state (``degraded`` failing); the role and owner columns are
+there and hidden unless a fixture has a role.
 
 Rules: the HTTP tests run the control plane on 127.0.0.1 port 0 under ``trio.fail_after``
 (tests/test_controlplane.py's ``serving``).
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 
 from gateway.config import ListenAddress
 from gateway.controlplane import (
@@ -32,6 +36,7 @@ from gateway.controlplane import (
     StreamEndpoint,
     load_assets,
 )
+from gateway.model import FixtureState
 from tests.test_controlplane import READ_TOKEN, make_config, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +132,35 @@ def test_stream_endpoint_host(stream: str, http_host: str, expected_host: str | 
         ListenAddress.parse(stream), http_host, tls=False, path="/v1/stream"
     )
     assert endpoint == StreamEndpoint(expected_host, 8765, False, "/v1/stream")
+
+
+def _js_set(name: str) -> set[str]:
+    """The strings of ``const NAME = new Set([...])`` in app.js."""
+    text = load_assets()["app.js"].body.decode()
+    match = re.search(rf"const {name} = new Set\(\[(.*?)\]\);", text, re.DOTALL)
+    assert match is not None, name
+    return set(re.findall(r'"([^"]+)"', match.group(1)))
+
+
+def test_the_page_knows_every_status_key_and_state() -> None:
+    spec = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+    documented = set(spec["components"]["schemas"]["Status"]["properties"])
+    # Keys the page renders itself; any other (a newer gateway's) is listed as it comes.
+    assert _js_set("STATUS_KEYS") == documented
+    assert {"degraded", "cluster"} <= documented
+    failing, pending = _js_set("FAILING"), _js_set("PENDING")
+    assert "degraded" in failing
+    # Every state is classed: failing (red), pending (amber), or live / stopped (neither).
+    assert failing | pending | {"live", "stopped"} == {s.value for s in FixtureState}
+    assert not failing & pending
+
+
+def test_role_and_owner_columns_only_in_a_cluster() -> None:
+    assets = load_assets()
+    html = assets["index.html"].body.decode()
+    heads = re.findall(r'<th class="cluster-col"[^>]*>([^<]+)</th>', html)
+    assert heads == ["role", "owner"]
+    css = assets["style.css"].body.decode()
+    assert "#fixtures:not(.clustered) .cluster-col { display: none; }" in css
+    # app.js sets it when a fixture has a role (seen in a browser: test_dashboard_browser.py).
+    assert '"clustered"' in assets["app.js"].body.decode()

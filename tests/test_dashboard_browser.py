@@ -5,10 +5,13 @@ and no request to any host but 127.0.0.1; a row per configured fixture (``data-f
 pitch canvas of a tracking fixture changes between two screenshots a second apart (frames
 arrive over ``/v1/stream`` with ``max_rate``, and the gateway counts what it conflated); a
 fastpath fixture shows its score and actions; a fixture the simulator puts into a failure
-state (removed: ``not_found``) shows that state within 2 s of the gateway knowing it. With read
-tokens and subscriber tokens configured: the page asks for a token, then reads the API with it
-(Bearer) and the stream with the other one (``dde.bearer.<token>`` subprotocol), and no token
-ever appears in a URL.
+state (removed: ``not_found``) shows that state within 2 s of the gateway knowing it; on this
+single node the role and owner columns stay hidden. With read tokens and subscriber tokens
+configured: the page asks for a token, then reads the API with it (Bearer) and the stream with
+the other one (``dde.bearer.<token>`` subprotocol), and no token ever appears in a URL. A
+cluster instance (the control plane over ``MemoryTarget`` with a degraded cluster view): the
+role and owner columns, a ``degraded`` fixture marked failing, the instance's name, state and
+reason in the instance panel.
 
 Chromium is never downloaded: ``executable_path`` is Debian's ``/usr/bin/chromium`` (``.ci/test``
 installs it when missing, as root). Without it these tests fail in CI (``CI=true``) and skip
@@ -39,6 +42,8 @@ import trio
 from gateway.model import FixtureState
 from gateway.service import Gateway
 from tests.kit import http_url, simulator_and_gateway, wait_until
+from tests.memory_target import MemoryTarget
+from tests.test_controlplane import make_config, sample_cluster, serving
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -229,6 +234,8 @@ async def test_dashboard_fixtures_pitch_actions_and_a_failure(
             page = session.page
             rows = await chromium.run(lambda b: _rows(page, 3))
             assert sorted(rows) == sorted(FIXTURES)
+            # A single node: no role or owner column.
+            assert await chromium.run(lambda b: page.locator("th.cluster-col").first.is_hidden())
 
             # The pitch: frames over /v1/stream with max_rate, drawn as they come.
             await chromium.run(lambda b: _open_tracking(page, FX1))
@@ -316,3 +323,51 @@ async def test_dashboard_with_api_and_subscriber_tokens(
     assert session.off_host() == []
     for u in session.urls:
         assert api_token not in u and stream_token not in u
+
+
+def _cluster_shown(page: Page, reason: str) -> dict[str, list[str]]:
+    from playwright.sync_api import expect  # noqa: PLC0415 - optional
+
+    degraded = page.locator('#fixtures tr.failing[data-state="degraded"][data-role="relay"]')
+    expect(degraded).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator("#instance-info dd.bad")).to_have_text(
+        f"gw-a · degraded: {reason}", timeout=WAIT_MS
+    )
+    expect(page.locator("th.cluster-col").first).to_be_visible()
+    return {
+        fixture: page.locator(
+            f'#fixtures tr[data-fixture="{fixture}"] td.cluster-col'
+        ).all_inner_texts()
+        for fixture in ("123", "124")
+    } | {
+        "failing": page.locator(".card.bad .label").all_inner_texts(),
+        "header": [page.locator("#instance").inner_text()],
+    }
+
+
+async def test_dashboard_of_a_cluster_instance(tmp_path: Path, chromium: BrowserThread) -> None:
+    reason = "cluster: redis unreachable: Connection refused"
+    config = make_config(tmp_path, cluster=True)
+    target = MemoryTarget(config, version="9.9.9")
+    target.cluster = sample_cluster(reason)
+    target.degraded = reason
+    target.follow("soccer", "124", 0)
+    target.set_state("soccer", "123", FixtureState.LIVE)
+    target.set_role("soccer", "123", owner="gw-a", role="owner")
+    target.set_state("soccer", "124", FixtureState.DEGRADED, "cluster: redis unreachable")
+    target.set_role("soccer", "124", owner=None, role="relay")
+    with trio.fail_after(90):
+        async with serving(config, target) as (client, _):
+            assert (await client.get("/v1/status")).json()["degraded"] == reason
+            url = f"http://{client.address}/"
+            session = await chromium.run(lambda b: _open(b, url))
+            page = session.page
+            shown = await chromium.run(lambda b: _cluster_shown(page, reason))
+            _save("dashboard-cluster.png", await chromium.run(lambda b: page.screenshot()))
+            await chromium.run(lambda b: page.context.close())
+    assert shown["123"] == ["owner", "gw-a"]
+    assert shown["124"] == ["relay", "none"]  # the lease is free
+    assert "fixtures failing" in shown["failing"]
+    assert shown["header"][0].startswith("v9.9.9 · gw-a · up ")
+    assert session.errors == []
+    assert session.off_host() == []

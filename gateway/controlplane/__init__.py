@@ -7,6 +7,7 @@ knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
 from gateway.controlplane._app import (
     DEFAULT_FOLLOW_BACKFILL,
     MAX_BODY_BYTES,
+    NOT_A_CLUSTER,
     build_app,
     parse_follow_body,
 )
@@ -28,6 +29,8 @@ from gateway.controlplane._rates import (
 )
 from gateway.controlplane._server import GRACEFUL_TIMEOUT, hypercorn_config, run
 from gateway.controlplane._target import (
+    CLUSTER_COUNTERS,
+    CLUSTER_INFO_KEYS,
     ClusterInstanceView,
     ClusterView,
     ControlTarget,
@@ -44,6 +47,8 @@ from gateway.dataplane import SubscriberView
 from gateway.hub import FIXTURE_ID_PATTERN
 
 __all__ = [
+    "CLUSTER_COUNTERS",
+    "CLUSTER_INFO_KEYS",
     "CONTENT_SECURITY_POLICY",
     "DASHBOARD_FOLDER",
     "DASHBOARD_PACKAGE",
@@ -54,6 +59,7 @@ __all__ = [
     "FIXTURE_ID_PATTERN",
     "GRACEFUL_TIMEOUT",
     "MAX_BODY_BYTES",
+    "NOT_A_CLUSTER",
     "ApiTokens",
     "Asset",
     "BearerAuthMiddleware",

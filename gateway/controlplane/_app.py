@@ -13,6 +13,7 @@ Errors are ``{"error": "<message>"}`` with the proper status, including the rout
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -32,6 +33,9 @@ from gateway.controlplane._dashboard import INDEX, asset_headers, load_assets
 from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import (
+    CLUSTER_COUNTERS,
+    CLUSTER_INFO_KEYS,
+    ClusterView,
     ControlTarget,
     FixtureView,
     FollowLimitError,
@@ -51,6 +55,8 @@ MAX_BODY_BYTES: Final = 4096
 BODY_TIMEOUT: Final = 10.0
 #: The keys of a fixture's ``upstream`` object: every upstream counter, defined once.
 UPSTREAM_KEYS: Final = snapshot_keys()
+#: ``GET /v1/cluster`` on a single node.
+NOT_A_CLUSTER: Final = "not a cluster: no [cluster] section"
 
 
 class JSONResponse(Response):
@@ -147,6 +153,57 @@ def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
         "slow_disconnects": view.slow_disconnects,
         "upstream": {key: view.upstream.get(key) for key in UPSTREAM_KEYS},
         "recording": None if recording is None else recording_json(recording),
+        "owner": view.owner,
+        "role": view.role,
+    }
+
+
+def _info_value(value: object, kind: type) -> object:
+    """*value* if it is JSON of type *kind* (a float may be an int; a bool is no number;
+    a number must be finite), else None."""
+    if isinstance(value, bool) != (kind is bool):
+        return None
+    if kind is float:
+        if not isinstance(value, int | float):
+            return None
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    return value if isinstance(value, kind) else None
+
+
+def _cluster_summary(view: ClusterView | None) -> dict[str, Any] | None:
+    """``/v1/status``'s ``cluster``: this instance's name and state, null on a single node."""
+    return None if view is None else {"instance": view.instance, "state": view.state}
+
+
+def cluster_json(view: ClusterView) -> dict[str, Any]:
+    """Exactly the documented keys: every counter of :data:`CLUSTER_COUNTERS` and, of each
+    instance's heartbeat info (written by any instance, read from Redis), the keys of
+    :data:`CLUSTER_INFO_KEYS` only."""
+    return {
+        "instance": view.instance,
+        "state": view.state,
+        "reason": view.reason,
+        "lease_ttl": view.lease_ttl,
+        "instances": [
+            {
+                "name": instance.name,
+                "info": {
+                    key: _info_value(instance.info.get(key), kind)
+                    for key, kind in CLUSTER_INFO_KEYS.items()
+                },
+                "leases": instance.leases,
+            }
+            for instance in view.instances
+        ],
+        "owned": view.owned,
+        "relayed": view.relayed,
+        "counters": {name: view.counters.get(name, 0) for name in CLUSTER_COUNTERS},
+        "relay_lag_max": view.relay_lag_max,
+        "append_queued_bytes": view.append_queued_bytes,
     }
 
 
@@ -233,6 +290,10 @@ class _Handlers:
 
     async def readyz(self, request: Request) -> Response:
         if self.target.is_ready():
+            # Degraded still serves (e.g. the cluster's Redis is unreachable): 200, with why.
+            reason = self.target.degraded_reason()
+            if reason is not None:
+                return JSONResponse({"status": "degraded", "reason": reason})
             return JSONResponse({"status": "ready"})
         status = "draining" if self.target.is_draining() else "starting"
         return JSONResponse({"status": status}, status_code=503)
@@ -263,8 +324,16 @@ class _Handlers:
                 "drops": totals.drops,
                 "slow_disconnects": totals.slow_disconnects,
                 "stream": stream_json(t.stream_endpoint()),
+                "degraded": t.degraded_reason(),
+                "cluster": _cluster_summary(t.cluster_view()),
             }
         )
+
+    async def cluster(self, request: Request) -> Response:
+        view = self.target.cluster_view()
+        if view is None:
+            raise HTTPException(404, NOT_A_CLUSTER)
+        return JSONResponse(cluster_json(view))
 
     async def fixtures(self, request: Request) -> Response:
         views = sorted(self.target.fixture_views(), key=lambda v: (v.feed, v.fixture))
@@ -389,6 +458,7 @@ def build_app(
         Route("/readyz", h.readyz, methods=["GET"]),
         Route("/metrics", h.metrics, methods=["GET"]),
         Route("/v1/status", h.status, methods=["GET"]),
+        Route("/v1/cluster", h.cluster, methods=["GET"]),
         Route("/v1/fixtures", h.fixtures, methods=["GET"]),
         Route("/v1/fixtures/{feed}/{fixture}", h.fixture, methods=["GET", "PUT", "DELETE"]),
         Route("/v1/fixtures/{feed}/{fixture}/latest", h.latest, methods=["GET"]),

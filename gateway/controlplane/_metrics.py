@@ -5,6 +5,8 @@ so the data path keeps plain integer counters and pays nothing for metrics. Each
 own :class:`~prometheus_client.CollectorRegistry` (never the process-global one), so several apps
 can live in one process, as they do in the tests.
 
+The ``dde_cluster_*`` families appear only in a cluster (``cluster_view()`` not None).
+
 Labels are ``feed``, ``state`` and ``endpoint`` (the two subscriber endpoint kinds) only:
 fixture ids, subscribers, peers and tokens are unbounded sets and would make the series count
 grow without limit (and a token must never be anywhere near a metric).
@@ -25,7 +27,13 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from gateway.controlplane._target import ControlTarget, LatencyHistogram, RecorderTotals
+from gateway.controlplane._target import (
+    CLUSTER_COUNTERS,
+    ClusterView,
+    ControlTarget,
+    LatencyHistogram,
+    RecorderTotals,
+)
 from gateway.dataplane import AUTH_ENDPOINTS
 from gateway.model import FixtureState, counter_specs
 
@@ -130,6 +138,10 @@ class GatewayCollector:
         if recorder is not None:
             yield from _recorder_families(feeds, recorder)
 
+        cluster = target.cluster_view()
+        if cluster is not None:
+            yield from _cluster_families(cluster)
+
         hist = target.fanout_latency
         yield HistogramMetricFamily(
             "dde_fanout_latency_seconds",
@@ -169,6 +181,45 @@ def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Met
     )
     yield GaugeMetricFamily(
         "dde_recorder_stored_bytes", "Bytes of recording files on disk.", value=totals.stored_bytes
+    )
+
+
+def _cluster_families(view: ClusterView) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "dde_cluster_instances",
+        "Live instances of the cluster (heartbeats in Redis), this one included.",
+        value=len(view.instances),
+    )
+    yield GaugeMetricFamily(
+        "dde_cluster_leases_owned",
+        "Followed fixtures whose lease this instance holds (it follows them upstream).",
+        value=view.owned,
+    )
+    yield GaugeMetricFamily(
+        "dde_cluster_fixtures_relayed",
+        "Followed fixtures another instance owns, relayed here from their Redis streams.",
+        value=view.relayed,
+    )
+    # One family per cluster counter, named and described where the counters are defined.
+    for name, help_text in CLUSTER_COUNTERS.items():
+        yield CounterMetricFamily(
+            f"dde_cluster_{name}", help_text, value=view.counters.get(name, 0)
+        )
+    yield GaugeMetricFamily(
+        "dde_cluster_relay_lag_seconds",
+        "Largest lag over the relayed fixtures: this host's clock at relay minus the owner's "
+        "receive time of the last relayed frame (includes the hosts' clock difference).",
+        value=view.relay_lag_max,
+    )
+    yield GaugeMetricFamily(
+        "dde_cluster_append_queued_bytes",
+        "Frame bytes waiting to be appended to Redis.",
+        value=view.append_queued_bytes,
+    )
+    yield GaugeMetricFamily(
+        "dde_cluster_degraded",
+        "1 while this instance's cluster is degraded (Redis unreachable), else 0.",
+        value=1 if view.state == "degraded" else 0,
     )
 
 

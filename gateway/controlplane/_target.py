@@ -103,12 +103,48 @@ class RecordingView:
     frames_dropped: int
 
 
+#: The counters of :attr:`ClusterView.counters` with their help texts, defined once: the keys
+#: of ``GET /v1/cluster``'s ``counters`` (every one present) and the Prometheus counters
+#: ``dde_cluster_<name>_total``. A key the facade gives that is not here is not shown.
+CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
+    "rounds": "Cluster rounds run (heartbeat, leases, stream metas), successful or not.",
+    "leases_gained": "Fixture leases this instance took over (it became the owner).",
+    "leases_lost": "Fixture leases this instance found held by another or expired (it relays).",
+    "handovers": "Owned fixtures handed over to the instance ranked first for them (balance).",
+    "fenced": "Owned fixtures fenced: the lease ran out locally or Redis refused an append.",
+    "conflicts": "Stream frames that differed from the frame published here under the same seq "
+    "(a paused owner's): the topic was replaced.",
+    "connect_waits": "Upstream connects that waited for a cluster-wide connect slot.",
+    "connect_unavailable": "Upstream connects made on the local limit alone (Redis not answering).",
+    "frames_appended": "Frames appended to the fixtures' Redis streams.",
+    "append_dropped": "Frames dropped before reaching Redis (append queue over its byte limit).",
+    "append_fenced": "Frames not appended because the lease was gone (refused by Redis, or "
+    "discarded from the queue).",
+    "append_failures": "Append requests that failed (Redis unreachable); each is retried.",
+    "frames_relayed": "Stream entries relayed into this instance's topics.",
+    "relay_failures": "Relay reads that failed (Redis unreachable); each is retried.",
+}
+
+#: What ``GET /v1/cluster`` shows of an instance's heartbeat info (:attr:`ClusterInstanceView.
+#: info`), each key with the JSON type it must have: another key is left out, a value of another
+#: type (an instance of another version) shows as null. The info comes from Redis, written by
+#: any instance: only these keys ever reach a response.
+CLUSTER_INFO_KEYS: Final[Mapping[str, type]] = {
+    "version": str,
+    "started_at": float,
+    "http": str,
+    "stream": str,
+    "ready": bool,
+}
+
+
 @attrs.frozen
 class ClusterInstanceView:
     """One live instance of the cluster, as its heartbeat describes it."""
 
     name: str
-    #: What the instance publishes with its heartbeat (version, start time, listeners).
+    #: What the instance publishes with its heartbeat (version, start time, listeners); the
+    #: API shows the keys of :data:`CLUSTER_INFO_KEYS` only.
     info: Mapping[str, Any]
     #: Fixtures followed here that this instance holds the lease of (as last seen).
     leases: int
@@ -127,7 +163,8 @@ class ClusterView:
     #: Fixtures this instance owns, and relays.
     owned: int
     relayed: int
-    #: Monotonic counters since start (``gateway.service`` documents each).
+    #: Monotonic counters since start, keys of :data:`CLUSTER_COUNTERS` (which describes each;
+    #: a missing one reads 0).
     counters: Mapping[str, int] = attrs.field(factory=dict)
     #: Seconds from the owner's receipt of the last relayed frame to its relay here, the
     #: largest over the relayed fixtures (0: none relayed).

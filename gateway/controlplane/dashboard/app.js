@@ -11,12 +11,13 @@ const PITCH_MAX_RATE = 10; // frames a second the pitch asks for (max_rate, docs
 const ACTIONS_SHOWN = 30;
 const SUBSCRIBERS_SHOWN = 100;
 const SLOW_QUEUED_BYTES = 256 * 1024;
-const FAILING = new Set(["unauthorized", "not_found", "backoff"]);
+// degraded: a cluster relay that cannot read the fixture's stream (Redis unreachable).
+const FAILING = new Set(["unauthorized", "not_found", "backoff", "degraded"]);
 const PENDING = new Set(["connecting"]);
 const STATUS_KEYS = new Set([
   "version", "started_at", "uptime_s", "ready", "draining", "feeds", "fixtures",
   "fixtures_total", "subscribers", "frames_in_per_second", "frames_out_per_second",
-  "frames_in", "frames_out", "drops", "slow_disconnects", "stream",
+  "frames_in", "frames_out", "drops", "slow_disconnects", "stream", "degraded", "cluster",
 ]);
 const TOKEN_KEYS = { api: "dde-dashboard.api-token", stream: "dde-dashboard.stream-token" };
 
@@ -138,7 +139,7 @@ function renderTotals(status, subscribers) {
   const conflated = subscribers.reduce((n, s) => n + (s.conflated || 0), 0);
   $("#totals").replaceChildren(
     card("fixtures live", `${by.live} / ${status.fixtures_total}`),
-    card("fixtures failing", failing, failing > 0, "backoff, unauthorized or not_found"),
+    card("fixtures failing", failing, failing > 0, "backoff, unauthorized, not_found or degraded"),
     card("subscribers", num.format(status.subscribers), false, "connections now"),
     card("deliveries/s", dec.format(status.frames_out_per_second), false, "frames written to subscribers, last ~10 s"),
     card("frames in/s", dec.format(status.frames_in_per_second), false, "upstream frames accepted, last ~10 s"),
@@ -146,17 +147,21 @@ function renderTotals(status, subscribers) {
     card("slow disconnects", num.format(status.slow_disconnects), status.slow_disconnects > 0, "since start"),
     card("conflated", num.format(conflated), false, "frames skipped by max_rate, connected subscribers"),
   );
-  $("#instance").textContent = `v${status.version} · up ${age(status.uptime_s)}`;
+  const name = status.cluster ? ` · ${status.cluster.instance}` : "";
+  $("#instance").textContent = `v${status.version}${name} · up ${age(status.uptime_s)}`;
 }
 
 function renderFixtures(fixtures) {
   const body = $("#fixtures tbody");
   const now = serverNow();
+  // The role and owner columns only in a cluster (both are null on a single node).
+  $("#fixtures").classList.toggle("clustered", fixtures.some((f) => f.role));
   const rows = fixtures.map((f) => {
     const tr = el("tr");
     tr.dataset.fixture = f.fixture;
     tr.dataset.feed = f.feed;
     tr.dataset.state = f.state;
+    if (f.role) tr.dataset.role = f.role;
     tr.tabIndex = 0;
     const cls = stateClass(f.state);
     tr.className = cls === "live" ? "" : cls;
@@ -175,10 +180,19 @@ function renderFixtures(fixtures) {
     const lastError = f.upstream.last_error || "";
     const err = el("td", lastError, "error");
     err.title = lastError;
+    // In a cluster: this instance's role, and the owner (none while the lease is free).
+    const role = el("td", f.role || "", f.role === "relay" ? "cluster-col muted" : "cluster-col");
+    const owner = el("td", f.owner ?? (f.role ? "none" : ""), f.owner ? "cluster-col mono" : "cluster-col muted");
+    if (f.role) {
+      role.title = f.role === "owner" ? "this instance follows the vendor" : "relayed from the owner through Redis";
+      owner.title = f.owner ? "the instance holding the lease" : "the lease is free: no owner now";
+    }
     tr.append(
       el("td", f.feed),
       id,
       state,
+      role,
+      owner,
       el("td", dec.format(f.frames_per_second), "num"),
       el("td", num.format(f.subscribers), "num"),
       el("td", num.format(f.drops), "num"),
@@ -223,6 +237,7 @@ function renderSubscribers(subscribers) {
 }
 
 function renderInstance(status) {
+  const cluster = status.cluster;
   const items = [
     ["version", status.version],
     ["started", new Date(status.started_at * 1000).toISOString()],
@@ -233,11 +248,22 @@ function renderInstance(status) {
     ["frames in / out", `${num.format(status.frames_in)} / ${num.format(status.frames_out)}`],
     ["stream", status.stream ? streamUrl(status.stream) : "not bound yet"],
   ];
+  // In a cluster: this instance's name and state, with the reason when degraded.
+  let reasonShown = false;
+  if (cluster) {
+    const bad = cluster.state !== "ok";
+    reasonShown = bad && Boolean(status.degraded);
+    const why = reasonShown ? `: ${status.degraded}` : "";
+    items.push(["cluster", `${cluster.instance} · ${cluster.state}${why}`, bad]);
+  }
+  if (status.degraded && !reasonShown) items.push(["degraded", status.degraded, true]);
   // Instance or cluster information a newer gateway adds to /v1/status: shown as it comes.
   for (const [key, value] of Object.entries(status)) {
     if (!STATUS_KEYS.has(key)) items.push([key, typeof value === "string" ? value : JSON.stringify(value)]);
   }
-  $("#instance-info").replaceChildren(...items.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+  $("#instance-info").replaceChildren(
+    ...items.flatMap(([k, v, bad]) => [el("dt", k), el("dd", v, bad ? "bad" : "")]),
+  );
 }
 
 // -- the fixture view ------------------------------------------------------------------------
