@@ -12,6 +12,7 @@ quickly (within ``redis_timeout``).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -127,12 +128,25 @@ def _text(value: Any) -> str | None:
 
 
 def _unavailable(exc: BaseException) -> RedisUnavailable:
+    """The failure, told from its type and errno-level text only (no address, no password:
+    the reason is shown by the unauthenticated ``/readyz``)."""
     if isinstance(exc, coredis.exceptions.AuthenticationError):
         return RedisUnavailable("redis refused the credentials")
-    if isinstance(exc, OSError) and exc.strerror:
-        return RedisUnavailable(f"redis unreachable: {exc.strerror}")
-    if isinstance(exc, TimeoutError):
-        return RedisUnavailable("redis timed out")
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            # The errno's own text: anyio's messages name the address.
+            text = os.strerror(cause.errno) if cause.errno else cause.strerror
+            return RedisUnavailable(f"redis unreachable: {text}")
+        if isinstance(cause, TimeoutError):
+            return RedisUnavailable("redis timed out")
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, coredis.exceptions.BusyLoadingError):
+        return RedisUnavailable("redis is loading its data")
+    if isinstance(exc, coredis.exceptions.ReadOnlyError):
+        return RedisUnavailable("redis is read-only (a replica)")
+    if isinstance(exc, coredis.exceptions.ConnectionError) and "lost" in str(exc).lower():
+        return RedisUnavailable("redis connection lost")
     return RedisUnavailable(f"redis unavailable: {type(exc).__name__}")
 
 

@@ -108,6 +108,7 @@ class RecordingView:
 #: ``dde_cluster_<name>_total``. A key the facade gives that is not here is not shown.
 CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "rounds": "Cluster rounds run (heartbeat, leases, stream metas), successful or not.",
+    "round_errors": "Cluster rounds that ended in an unexpected error (a bug; logged).",
     "leases_gained": "Fixture leases this instance took over (it became the owner).",
     "leases_lost": "Fixture leases this instance found held by another or expired (it relays).",
     "handovers": "Owned fixtures handed over to the instance ranked first for them (balance).",

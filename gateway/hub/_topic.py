@@ -110,6 +110,8 @@ class Topic:
         self.archive: TopicArchive | None = None
         self.state = FixtureState.CONNECTING
         self.detail = ""
+        #: When :attr:`state` last changed (UNIX time).
+        self.state_since = time.time()
         self.frames_in = 0
         #: Frames dropped for this topic's subscribers (drop-oldest policy).
         self.drops = 0
@@ -212,6 +214,8 @@ class Topic:
         """Record the upstream state; subscribers hear about real changes only."""
         if state == self.state and detail == self.detail:
             return
+        if state != self.state:
+            self.state_since = time.time()
         self.state = state
         self.detail = detail
         for sub in self._fanout:

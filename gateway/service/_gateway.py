@@ -418,6 +418,7 @@ class Gateway:
         reason = node.degraded_reason()
         counters = {
             "rounds": node.rounds,
+            "round_errors": node.round_errors,
             "leases_gained": node.leases_gained,
             "leases_lost": node.leases_lost,
             "handovers": node.handovers,
@@ -499,7 +500,7 @@ class Gateway:
             feed=feed,
             fixture=fixture,
             state=topic.state if topic else FixtureState.CONNECTING,
-            state_since=self.started_at,
+            state_since=topic.state_since if topic else self.started_at,
             detail=topic.detail if topic else "",
             seq=topic.seq if topic else 0,
             epoch=topic.epoch if topic else "",
