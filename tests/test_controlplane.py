@@ -609,6 +609,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
             # Every counter, in the order they are defined; missing ones 0, unknown ones left out.
             "counters": {
                 "rounds": 40,
+                "round_errors": 0,
                 "leases_gained": 2,
                 "leases_lost": 0,
                 "handovers": 0,
