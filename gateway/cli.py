@@ -86,13 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_config(path: Path) -> int:
-    from gateway.config import ConfigError, load_config, load_server_tls, load_subscriber_tokens
+    from gateway.config import (
+        ConfigError,
+        load_cluster_password,
+        load_config,
+        load_server_tls,
+        load_subscriber_tokens,
+    )
 
     try:
         config = load_config(path)
         # Read at start and on every reload: check them before `systemctl reload`.
         tokens = load_subscriber_tokens(config)
         tls = load_server_tls(config)
+        load_cluster_password(config)
     except ConfigError as exc:
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         for error in exc.errors:
@@ -103,6 +110,7 @@ def _check_config(path: Path) -> int:
         f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "
         f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}, "
         f"subscriber access {access}, TLS {'on' if tls is not None else 'off'}"
+        + ("" if config.cluster is None else f", cluster via {config.cluster.redis_url}")
     )
     return EXIT_OK
 

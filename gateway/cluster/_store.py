@@ -24,7 +24,7 @@ import coredis.exceptions
 from coredis.retry import NoRetryPolicy
 
 from gateway.cluster import _scripts
-from gateway.config import ClusterSection
+from gateway.config import ClusterSection, Secret
 
 log = logging.getLogger("gateway.cluster")
 
@@ -357,18 +357,18 @@ class _SlotKeepingPool(coredis.ConnectionPool[Any]):
 
 
 @asynccontextmanager
-async def open_store(config: ClusterSection) -> AsyncIterator[RedisStore]:
+async def open_store(
+    config: ClusterSection, *, password: Secret | None = None
+) -> AsyncIterator[RedisStore]:
     """A :class:`RedisStore` for the body; its connections close on exit.
 
-    The password (``password_file``/``password_env``) is read here, once; no connection is
+    *password*: read beforehand (``gateway.config.load_cluster_password``). No connection is
     made yet (the first request connects, and fails as :class:`RedisUnavailable` if Redis is
-    not there: the gateway starts degraded rather than not at all). Raises
-    :class:`~gateway.config.SecretError` when the password cannot be read.
+    not there: the gateway starts degraded rather than not at all).
 
     Every wait is bounded by ``redis_timeout``: connecting, each reply, and waiting for a
     free connection; coredis's own retries are off (each caller has its rhythm).
     """
-    password = config.read_password()
     timeout = config.redis_timeout
     pool = _SlotKeepingPool.from_url(
         config.redis_url,

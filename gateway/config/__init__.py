@@ -10,7 +10,7 @@ from gateway.config._convert import (
     make_converter,
     structure_config,
 )
-from gateway.config._files import load_server_tls, load_subscriber_tokens
+from gateway.config._files import load_cluster_password, load_server_tls, load_subscriber_tokens
 from gateway.config._model import (
     DEFAULT_APPEND_QUEUE_BYTES,
     DEFAULT_DRAIN_TIMEOUT,
@@ -90,6 +90,7 @@ __all__ = [
     "any_matches",
     "config_to_dict",
     "expand_path",
+    "load_cluster_password",
     "load_config",
     "load_server_tls",
     "load_subscriber_tokens",

@@ -1,10 +1,11 @@
 """Files the config names that are read when the gateway starts and on every reload.
 
-Subscriber tokens (``[subscribers] tokens_file``) and the TLS certificate and key (``[gateway]
-tls_cert_file`` / ``tls_key_file``). Both raise :class:`ConfigError` with the field path, so a
-broken file stops a start (exit 2) or refuses a reload exactly like a broken config file; the
-messages name files and lines, never a token or key material. (The upstream token is different:
-it is read on every connect attempt, see :meth:`UpstreamSection.read_token`.)
+Subscriber tokens (``[subscribers] tokens_file``), the TLS certificate and key (``[gateway]
+tls_cert_file`` / ``tls_key_file``) and the cluster's Redis password (``[cluster]``, read at
+start only). Each raises :class:`ConfigError` with the field path, so a broken file stops a
+start (exit 2) or refuses a reload exactly like a broken config file; the messages name files
+and lines, never a token, password or key material. (The upstream token is different: it is
+read on every connect attempt, see :meth:`UpstreamSection.read_token`.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NoReturn
 
 from gateway.config._convert import ConfigError
 from gateway.config._model import Config
-from gateway.config._secret import SecretError, expand_path
+from gateway.config._secret import Secret, SecretError, expand_path
 from gateway.config._tokens import SubscriberTokens
 
 
@@ -27,6 +28,19 @@ def load_subscriber_tokens(config: Config) -> SubscriberTokens | None:
         return config.subscribers.read_tokens(feeds=config.feeds)
     except SecretError as exc:
         raise ConfigError([f"{exc} @ $.subscribers.tokens_file"]) from None
+
+
+def load_cluster_password(config: Config) -> Secret | None:
+    """The Redis password of ``[cluster]`` (``password_file`` / ``password_env``), or None
+    (no cluster, or no password). Read once at start; the message names the source only."""
+    cluster = config.cluster
+    if cluster is None:
+        return None
+    try:
+        return cluster.read_password()
+    except SecretError as exc:
+        field = "password_file" if cluster.password_file is not None else "password_env"
+        raise ConfigError([f"{exc} @ $.cluster.{field}"]) from None
 
 
 class _EncryptedKey(Exception):

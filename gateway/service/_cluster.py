@@ -56,7 +56,7 @@ from gateway.cluster import (
     holder_token,
     open_store,
 )
-from gateway.config import ClusterSection, FeedConfig, FixtureConfig
+from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.throttle import LogThrottle
@@ -196,6 +196,7 @@ class ClusterNode:
         retire: Callable[[FixtureHandle], None],
         info: Callable[[], dict[str, Any]],
         shared: SharedFixtures | None = None,
+        password: Secret | None = None,
     ) -> None:
         self.config = config
         self.instance = instance_name(config)
@@ -207,6 +208,7 @@ class ClusterNode:
         self._retire = retire
         self._info = info
         self._shared = shared
+        self._password = password
         #: API changes of this instance not yet written to the cluster's set.
         self._api_add: dict[str, int] = {}
         self._api_del: set[str] = set()
@@ -405,7 +407,10 @@ class ClusterNode:
         On cancellation the leases this instance holds are released (bounded), so others take
         over at once instead of after ``lease_ttl``.
         """
-        async with open_store(self.config) as store, trio.open_nursery() as nursery:
+        async with (
+            open_store(self.config, password=self._password) as store,
+            trio.open_nursery() as nursery,
+        ):
             self._store = store
             self._appender = Appender(
                 store,

@@ -26,6 +26,7 @@ from gateway.config import (
     FixtureConfig,
     ListenAddress,
     SubscriberTokens,
+    load_cluster_password,
     load_server_tls,
     load_subscriber_tokens,
 )
@@ -181,6 +182,7 @@ class Gateway:
                 retire=self._retire,
                 info=self._cluster_info,
                 shared=self,
+                password=load_cluster_password(config),
             )
             for fixture in config.fixtures:
                 self.cluster.follow(fixture, False)
