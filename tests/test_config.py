@@ -286,3 +286,67 @@ def test_hostile_files_are_config_errors(
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_cluster_section_defaults_and_rules() -> None:
+    """``[cluster]``: absent = a single node; present, its defaults; a password is never part of
+    the URL; the recorder cannot be combined with it yet."""
+    assert structure_config(minimal()).cluster is None
+    cfg = structure_config(minimal(cluster={"redis_url": "redis://127.0.0.1:6379/0"}))
+    assert cfg.cluster is not None
+    assert (cfg.cluster.lease_ttl, cfg.cluster.stream_maxlen) == (10.0, 20_000)
+    assert (cfg.cluster.key_prefix, cfg.cluster.instance) == ("dde", None)
+    for url in ("rediss://redis.internal:6380/2", "unix:///run/redis/redis.sock"):
+        assert structure_config(minimal(cluster={"redis_url": url})).cluster is not None
+    for url, word in (
+        ("redis://:secret@127.0.0.1:6379/0", "password"),
+        ("redis://user:pw@127.0.0.1:6379", "password"),
+        ("http://127.0.0.1:6379", "redis://"),
+        ("redis://127.0.0.1:6379/0?password=x", "redis://"),
+    ):
+        (error,) = errors_of(minimal(cluster={"redis_url": url}))
+        assert word in error and "$.cluster" in error, error
+        assert "secret" not in error and "pw@" not in error
+    for over, word in (
+        ({"lease_ttl": 0.5}, "lease_ttl"),
+        ({"stream_maxlen": 10}, "stream_maxlen"),
+        ({"instance": "a b"}, "instance"),
+        ({"key_prefix": ""}, "key_prefix"),
+        ({"password_file": "/x", "password_env": "X"}, "at most one"),
+    ):
+        errors = errors_of(minimal(cluster={"redis_url": "redis://h:1", **over}))
+        assert any(word in e for e in errors), errors
+    errors = errors_of(
+        minimal(cluster={"redis_url": "redis://h:1"}, recorder={"dir": "/tmp/recordings"})
+    )
+    assert any("cannot be combined" in e for e in errors), errors
+
+
+def test_cluster_password_file_is_checked_and_never_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config reads the Redis password file (exit 2 naming the field when it cannot);
+    the password itself appears nowhere."""
+    config = tmp_path / "gw.toml"
+    base = (
+        '[upstream]\ntoken_env = "DDE_TOKEN"\n'
+        '[feeds.t]\nkind = "tracking"\nurl = "ws://h/p"\n'
+        '[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\n'
+    )
+    config.write_text(base + f'password_file = "{tmp_path / "missing"}"\n')
+    assert main(["check-config", str(config)]) == 2
+    assert "$.cluster.password_file" in capsys.readouterr().err
+    secret = tmp_path / "redis-password"
+    secret.write_text("hunter2-redis\n")
+    config.write_text(base + f'password_file = "{secret}"\n')
+    assert main(["check-config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "cluster via redis://127.0.0.1:6379/0" in out
+    assert "hunter2" not in out + err
+    cfg = structure_config(
+        minimal(cluster={"redis_url": "redis://h:1", "password_file": str(secret)})
+    )
+    assert cfg.cluster is not None
+    password = cfg.cluster.read_password()
+    assert password is not None and password.reveal() == "hunter2-redis"
+    assert "hunter2" not in repr(cfg) + repr(password) + str(password)
