@@ -288,7 +288,7 @@ class Gateway:
         ]
         needs_restart = [
             section
-            for section in ("gateway", "feeds", "api", "recorder")
+            for section in ("gateway", "feeds", "api", "recorder", "cluster")
             if getattr(old, section) != getattr(new, section)
         ]
         if attrs.evolve(old.subscribers, tokens_file=None) != attrs.evolve(
