@@ -7,7 +7,9 @@ from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender
 from gateway.cluster._archive import StreamArchive, StreamCursor
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
+    HANDBACK_ROUNDS,
     MAX_TICK,
+    RETAKE_ROUNDS,
     LeasePlan,
     LeaseTable,
     holder_token,
@@ -34,9 +36,11 @@ __all__ = [
     "BATCH_BYTES",
     "BATCH_FRAMES",
     "DEFAULT_HANDOVERS",
+    "HANDBACK_ROUNDS",
     "MAX_TICK",
     "READ_BLOCK",
     "READ_COUNT",
+    "RETAKE_ROUNDS",
     "AppendGroup",
     "Appender",
     "ClusterError",
