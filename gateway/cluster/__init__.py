@@ -3,7 +3,7 @@
 Everything public is re-exported here; the implementation lives in private one-concept modules.
 """
 
-from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender
+from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender, AppendStore
 from gateway.cluster._archive import StreamArchive, StreamCursor
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
@@ -42,6 +42,7 @@ __all__ = [
     "READ_COUNT",
     "RETAKE_ROUNDS",
     "AppendGroup",
+    "AppendStore",
     "Appender",
     "ClusterError",
     "Entry",
