@@ -17,7 +17,7 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
-from gateway.cluster._relay import READ_BLOCK, Relay, RelaySink
+from gateway.cluster._relay import READ_BLOCK, ReadStore, Relay, RelaySink
 from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
@@ -50,6 +50,7 @@ __all__ = [
     "LeasePlan",
     "LeaseTable",
     "Meta",
+    "ReadStore",
     "RedisStore",
     "RedisUnavailable",
     "Relay",
