@@ -3,11 +3,13 @@
 Everything public is re-exported here; the implementation lives in private one-concept modules.
 """
 
-from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender
+from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender, AppendStore
 from gateway.cluster._archive import StreamArchive, StreamCursor
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
+    HANDBACK_ROUNDS,
     MAX_TICK,
+    RETAKE_ROUNDS,
     LeasePlan,
     LeaseTable,
     holder_token,
@@ -15,7 +17,7 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
-from gateway.cluster._relay import READ_BLOCK, Relay, RelaySink
+from gateway.cluster._relay import READ_BLOCK, ReadStore, Relay, RelaySink
 from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
@@ -34,10 +36,13 @@ __all__ = [
     "BATCH_BYTES",
     "BATCH_FRAMES",
     "DEFAULT_HANDOVERS",
+    "HANDBACK_ROUNDS",
     "MAX_TICK",
     "READ_BLOCK",
     "READ_COUNT",
+    "RETAKE_ROUNDS",
     "AppendGroup",
+    "AppendStore",
     "Appender",
     "ClusterError",
     "Entry",
@@ -45,6 +50,7 @@ __all__ = [
     "LeasePlan",
     "LeaseTable",
     "Meta",
+    "ReadStore",
     "RedisStore",
     "RedisUnavailable",
     "Relay",

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
 import trio
 import trio.lowlevel
 
-from gateway.cluster._store import AppendGroup, RedisStore, RedisUnavailable
+from gateway.cluster._store import AppendGroup, RedisUnavailable
 from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.cluster")
@@ -44,12 +44,20 @@ RETRY_MAX: Final = 1.0
 _Item = tuple[str, str, int, int | None, float, bytes, tuple[str, str] | None]
 
 
+class AppendStore(Protocol):
+    """What the appender needs of the store (:meth:`RedisStore.append`; a fake in tests)."""
+
+    async def append(
+        self, token: str, instance: str, groups: Sequence[AppendGroup]
+    ) -> list[int | str]: ...
+
+
 class Appender:
     """See the module docstring. Counters are plain ints read by the API and metrics."""
 
     def __init__(
         self,
-        store: RedisStore,
+        store: AppendStore,
         token: str,
         instance: str,
         *,
@@ -119,20 +127,26 @@ class Appender:
         """Forget *key*'s queued frames (its lease is gone; a batch in flight is not retried);
         how many were discarded."""
         self._in_flight.discard(key)
-        if key not in self._pending:
-            return 0
-        kept: collections.deque[_Item] = collections.deque()
         n = 0
-        for item in self._queue:
-            if item[0] == key:
-                self.queued_bytes -= len(item[5])
-                n += 1 if item[2] else 0
-            else:
-                kept.append(item)
-        self._queue = kept
-        del self._pending[key]
-        self.frames_fenced += n
+        if key in self._pending:
+            kept: collections.deque[_Item] = collections.deque()
+            for item in self._queue:
+                if item[0] == key:
+                    self.queued_bytes -= len(item[5])
+                    n += 1 if item[2] else 0
+                else:
+                    kept.append(item)
+            self._queue = kept
+            del self._pending[key]
+            self.frames_fenced += n
+        # Nothing of *key* is pending now: wake its wait_written() (the batch in flight may go
+        # on retrying other fixtures for as long as Redis is down).
+        self._signal_progress()
         return n
+
+    def _signal_progress(self) -> None:
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
 
     def pending(self, key: str) -> bool:
         """True while frames of *key* are queued or being written."""
@@ -154,6 +168,8 @@ class Appender:
                 self._wake = trio.Event()
                 await self._wake.wait()
             batch = self._take()
+            if not batch:
+                continue  # all discarded before this task ran: no empty request
             groups = _group(batch)
             self._in_flight = {g.key for g in groups}
             try:
@@ -175,8 +191,7 @@ class Appender:
                             break
             finally:
                 in_flight, self._in_flight = self._in_flight, set()
-                progress, self._progress = self._progress, trio.Event()
-                progress.set()
+                self._signal_progress()
             pause = RETRY_FIRST
             self.failing = False
             for group, result in zip(groups, results, strict=True):

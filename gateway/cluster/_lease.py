@@ -16,18 +16,22 @@ The rules (docs/cluster.md):
 - A free lease is tried first by the instance that rendezvous hashing ranks first among the
   live ones; the instance ranked *i* tries after it has seen the lease free for ``i`` ticks
   (the first may be dead but still listed, or may not follow that fixture). A lease whose last
-  holder is still live waits at least :data:`RETAKE_ROUNDS` ticks: it vanished (Redis lost
-  it) and its holder, which asks for its leases with "acquire if free", takes it again first.
+  holder is still live waits :data:`RETAKE_ROUNDS` ticks more: it vanished (Redis lost it) and
+  its holder, which asks for its leases with "acquire if free", takes it again first. The
+  extra wait is added to the rank's, not taken as a floor, so the ranks keep their order.
 - A held, *movable* lease (a fixture every instance follows: the config's) whose first-ranked
   instance is another one, live for at least ``ttl``, is released so that one takes it: at most
-  ``handovers`` per tick, so a joining instance takes its share gradually.
+  ``handovers`` per tick, so a joining instance takes its share gradually. The others see its
+  last holder (this one) live and wait :data:`RETAKE_ROUNDS` more; the instance that released
+  it waits :data:`HANDBACK_ROUNDS` more, so it comes after them instead of taking the lease
+  straight back (and handing it over again next round, a vendor reconnect each time).
 
 Example::
 
     table = LeaseTable("gw-a", ttl=10.0)
     plan = table.plan(now, followed={"tracking/f1"}, live={"gw-a"}, movable=set())
     # ... Redis: try plan.acquire, renew plan.renew, release plan.release; then for each key:
-    table.granted("tracking/f1", sent=now)          # Redis answered: ours
+    table.observed({"tracking/f1": table.token}, sent=now)   # Redis answered: ours
     table.may_publish("tracking/f1", now + 1.0)      # True
 """
 
@@ -44,9 +48,13 @@ from gateway.cluster._rendezvous import rank
 MAX_TICK: Final = 1.0
 #: Held leases released per tick for rebalancing (a joining instance's share moves gradually).
 DEFAULT_HANDOVERS: Final = 5
-#: Rounds an instance waits before taking a free lease whose last holder is still live (after
-#: Redis lost its data the holder takes it again first: no needless vendor reconnect).
+#: Rounds added to its rank's wait before an instance takes a free lease whose last holder is
+#: still live (after Redis lost its data the holder takes it again first: no needless vendor
+#: reconnect).
 RETAKE_ROUNDS: Final = 2
+#: Rounds added to its rank's wait before an instance takes back a lease it handed over: more
+#: than the others add (RETAKE_ROUNDS), with a round to spare for the phases of their rounds.
+HANDBACK_ROUNDS: Final = RETAKE_ROUNDS + 1
 
 
 def holder_token(instance: str, nonce: str) -> str:
@@ -98,6 +106,8 @@ class LeaseTable:
         self._holders: dict[str, str | None] = {}
         self._free_since: dict[str, float] = {}
         self._last_holder: dict[str, str] = {}
+        #: Leases this instance handed over, until it sees another holder or holds them again.
+        self._handed: set[str] = set()
         self._seen_live: dict[str, float] = {}
         #: True while Redis is unreachable (the node's last call failed to connect).
         self.degraded = False
@@ -161,13 +171,18 @@ class LeaseTable:
             if holder is not None:
                 self._free_since.pop(key, None)
                 self._last_holder[key] = holder
+                self._handed.discard(key)
                 continue
             since = self._free_since.setdefault(key, now)
             wait = rank(key, instances).index(self.me)
             last = self._last_holder.get(key)
-            if last is not None and last != self.token and token_instance(last) in instances:
+            if key in self._handed:
+                # Handed over: the others wait RETAKE_ROUNDS more (its last holder, this one, is
+                # live); this one waits longer, so its target (first-ranked) goes first.
+                wait += HANDBACK_ROUNDS
+            elif last is not None and last != self.token and token_instance(last) in instances:
                 # Its owner is alive and takes a vanished lease again in its next round.
-                wait = max(wait, RETAKE_ROUNDS)
+                wait += RETAKE_ROUNDS
             if now - since >= wait * self.tick:
                 acquire.add(key)
         budget = self.handovers
@@ -178,6 +193,7 @@ class LeaseTable:
                 first = rank(key, instances)[0]
                 if first != self.me and now - self._seen_live[first] >= self.ttl:
                     release.add(key)
+                    self._handed.add(key)
                     budget -= 1
         renew = frozenset(k for k in self._held if k not in release)
         for key in list(self._free_since):
@@ -186,6 +202,7 @@ class LeaseTable:
         for key in list(self._last_holder):
             if key not in followed:
                 del self._last_holder[key]
+        self._handed &= followed
         return LeasePlan(frozenset(acquire - release), renew, frozenset(release))
 
     def observed(
@@ -204,6 +221,7 @@ class LeaseTable:
                     gained.add(key)
                 self._held[key] = sent + validity(self.ttl)
                 self._free_since.pop(key, None)
+                self._handed.discard(key)
             elif key in self._held:
                 del self._held[key]
                 lost.add(key)

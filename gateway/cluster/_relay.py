@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
 import trio
 import trio.lowlevel
 
-from gateway.cluster._store import Entry, RedisStore, RedisUnavailable
+from gateway.cluster._store import Entry, RedisUnavailable
 from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.cluster")
@@ -46,10 +46,18 @@ class RelaySink(Protocol):
         """Entries of one stream, in order (synchronous; must not block or raise)."""
 
 
+class ReadStore(Protocol):
+    """What the relay needs of the store (:meth:`RedisStore.read`; a fake in tests)."""
+
+    async def read(
+        self, after: Mapping[str, int], *, block: float
+    ) -> list[tuple[str, list[Entry]]]: ...
+
+
 class Relay:
     """See the module docstring."""
 
-    def __init__(self, store: RedisStore, *, block: float = READ_BLOCK) -> None:
+    def __init__(self, store: ReadStore, *, block: float = READ_BLOCK) -> None:
         self._store = store
         self._block = block
         self._after: dict[str, int] = {}
@@ -83,12 +91,17 @@ class Relay:
         self._after.pop(key, None)
         self._sinks.pop(key, None)
         self.lag.pop(key, None)
+        if not self._after:
+            # Nothing left to read: not failing (else a relay that failed once and then lost
+            # its last fixture, to a takeover, would keep the instance degraded for good).
+            self.failing = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         pause = RETRY_FIRST
         while True:
             if not self._after:
+                self.failing = False
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue

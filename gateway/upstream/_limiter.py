@@ -89,12 +89,18 @@ class ConnectLimiter:
                 await me.turn.wait()
             self._slot_taken = sleeping = True
             await trio.sleep_until(self._last_grant + 1.0 / self._rate)
-            # The grant time is read after waking, so scheduling delay can only widen the gap.
-            self._last_grant = trio.current_time()
             reserve = self.reserve
             if reserve is not None:
                 # The queue stays blocked meanwhile: the cluster's rate is the binding one.
-                await trio.sleep(await reserve())
+                # Cancelled while reserving or waiting for the cluster's slot, the caller has
+                # recorded no grant: it takes no local slot from the next waiter.
+                delay = await reserve()
+                if delay > 0:
+                    await trio.sleep(delay)
+            # The grant time is read after waking (after the cluster's slot too: the attempt
+            # starts then), so scheduling delay can only widen the gap, and the local spacing
+            # still holds when the next reserve cannot tell (Redis down, 0).
+            self._last_grant = trio.current_time()
         finally:
             queue.remove(me)
             if sleeping:
