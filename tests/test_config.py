@@ -350,3 +350,12 @@ def test_cluster_password_file_is_checked_and_never_shown(
     password = cfg.cluster.read_password()
     assert password is not None and password.reveal() == "hunter2-redis"
     assert "hunter2" not in repr(cfg) + repr(password) + str(password)
+
+
+def test_cluster_redis_timeout_must_fit_in_the_lease() -> None:
+    """A round waiting ``redis_timeout`` for a silent Redis must end before the leases run out
+    locally (docs/cluster.md): a lease_ttl of 3 s leaves 1.65 s."""
+    errors = errors_of(minimal(cluster={"redis_url": "redis://h:1", "lease_ttl": 3.0}))
+    assert any("redis_timeout (2 s) must be below 1.65 s" in e for e in errors), errors
+    ok = minimal(cluster={"redis_url": "redis://h:1", "lease_ttl": 3.0, "redis_timeout": 1.5})
+    assert structure_config(ok).cluster is not None

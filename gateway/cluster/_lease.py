@@ -43,9 +43,10 @@ from typing import Final
 import attrs
 
 from gateway.cluster._rendezvous import rank
+from gateway.config import MAX_ROUND_INTERVAL, lease_round_interval, lease_validity
 
 #: Longest pause between two lease rounds; shorter for short TTLs (a quarter of it).
-MAX_TICK: Final = 1.0
+MAX_TICK: Final = MAX_ROUND_INTERVAL
 #: Held leases released per tick for rebalancing (a joining instance's share moves gradually).
 DEFAULT_HANDOVERS: Final = 5
 #: Rounds added to its rank's wait before an instance takes a free lease whose last holder is
@@ -68,15 +69,10 @@ def token_instance(token: str) -> str:
     return token.rsplit("/", 1)[0]
 
 
-def tick_interval(ttl: float) -> float:
-    """Seconds between lease rounds: a quarter of *ttl*, at most :data:`MAX_TICK`."""
-    return min(MAX_TICK, ttl / 4)
-
-
-def validity(ttl: float) -> float:
-    """How long after sending a successful renewal the lease counts as held locally:
-    ``ttl`` minus a margin of a fifth of it (at least half a second)."""
-    return ttl - max(0.5, ttl / 5)
+# The two timing rules live with the config, which checks that ``redis_timeout`` fits
+# between them (a Redis that stops answering must be noticed before a lease runs out locally).
+tick_interval = lease_round_interval
+validity = lease_validity
 
 
 @attrs.frozen

@@ -21,7 +21,7 @@ for i, k in ipairs(KEYS) do
   if cur == ARGV[1] then
     redis.call('PEXPIRE', k, ARGV[2])
     out[i] = cur
-  elseif (not cur) and mode == 'a' then
+  elseif ((not cur) or cur == '-') and mode == 'a' then
     redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
     out[i] = ARGV[1]
   else
@@ -31,12 +31,14 @@ end
 return out
 """
 
-#: KEYS: lease keys. ARGV: token. Deletes the ones this token holds; returns how many.
+#: KEYS: lease keys. ARGV: token, ttl (ms). Gives up the ones this token holds; returns how
+#: many. A released lease holds ``-`` (for ``ttl``) instead of vanishing: free for LEASES, but
+#: not taken back by a late APPEND of its last holder (it takes only a lease that vanished).
 RELEASE: Final = """
 local n = 0
 for _, k in ipairs(KEYS) do
   if redis.call('GET', k) == ARGV[1] then
-    redis.call('DEL', k)
+    redis.call('SET', k, '-', 'PX', ARGV[2])
     n = n + 1
   end
 end
@@ -82,7 +84,13 @@ for g = 1, #KEYS / 3 do
         local seq, p, t = ARGV[i], ARGV[i + 1], ARGV[i + 2]
         local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0',
                                'p', p, 't', t, 'd', ARGV[i + 3])
-        if type(ok) ~= 'table' or not ok.err then
+        if type(ok) == 'table' and ok.err then
+          -- An entry already there (a retried batch) is skipped; any other error (out of
+          -- memory) fails the whole request: it is retried, the entries written are skipped.
+          if not string.find(ok.err, 'equal or smaller', 1, true) then
+            return redis.error_reply(ok.err)
+          end
+        else
           last = tonumber(seq)
           if p ~= '' then lp, lt = p, t end
         end
@@ -153,7 +161,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local nxt = tonumber(redis.call('GET', KEYS[1]) or '0')
 local slot = math.max(now, nxt)
-redis.call('SET', KEYS[1], string.format('%.3f', slot + tonumber(ARGV[1])), 'PX', 60000)
+local nxt_slot = slot + tonumber(ARGV[1])
+-- Kept until well after the slot it reserves (a slow rate, a long queue of reservations).
+redis.call('SET', KEYS[1], string.format('%.3f', nxt_slot), 'PX',
+           math.floor(nxt_slot - now) + 60000)
 return string.format('%.3f', slot - now)
 """
 

@@ -28,7 +28,7 @@ from gateway.config import ClusterSection, Secret
 
 log = logging.getLogger("gateway.cluster")
 
-#: Entries one relay read asks for at most (all its streams together).
+#: Entries one relay read asks for at most, per stream.
 READ_COUNT: Final = 1000
 
 
@@ -121,6 +121,15 @@ class AppendGroup:
     status: tuple[str, str] | None = None
 
 
+#: What a released lease holds until it expires or is taken (free; see _scripts.RELEASE).
+RELEASED: Final = "-"
+
+
+def _holder(value: Any) -> str | None:
+    text = _text(value)
+    return None if text == RELEASED else text
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -148,6 +157,15 @@ def _unavailable(exc: BaseException) -> RedisUnavailable:
     if isinstance(exc, coredis.exceptions.ConnectionError) and "lost" in str(exc).lower():
         return RedisUnavailable("redis connection lost")
     return RedisUnavailable(f"redis unavailable: {type(exc).__name__}")
+
+
+def _refused(exc: BaseException) -> RedisUnavailable:
+    """Redis refused to run a request (out of memory, MISCONF, BUSY, ...): it cannot serve now,
+    as when it is not there; told by its error code only."""
+    # Redis's error code (its first word, e.g. OOM, MISCONF, BUSY, NOSCRIPT): never a value.
+    code = str(exc).split(" ", 1)[0].strip()
+    code = code if code.isalpha() and code.isupper() else type(exc).__name__
+    return RedisUnavailable(f"redis refused the request: {code}")
 
 
 #: What counts as "Redis is not there" (everything else is a bug and propagates).
@@ -188,12 +206,16 @@ class RedisStore:
             return await script(keys=list(keys), args=list(args))
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
 
     async def ping(self) -> None:
         try:
             await self._client.ping()
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
 
     async def heartbeat(self, instance: str, ttl: float, info: str) -> dict[str, str]:
         """Renew *instance*'s heartbeat; the live instances and their info strings."""
@@ -220,13 +242,13 @@ class RedisStore:
             [self.keys.lease(key) for key in keys],
             [token, int(ttl * 1000), *(modes[key] for key in keys)],
         )
-        return {key: _text(holder) for key, holder in zip(keys, out, strict=True)}
+        return {key: _holder(holder) for key, holder in zip(keys, out, strict=True)}
 
     async def release(self, token: str, keys: Iterable[str]) -> int:
         names = [self.keys.lease(key) for key in keys]
         if not names:
             return 0
-        return int(await self._call(self._release, names, [token]))
+        return int(await self._call(self._release, names, [token, self._ttl_ms]))
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
@@ -284,6 +306,8 @@ class RedisStore:
             mapping = await result
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
         return {_text(k) or "": int(_text(v) or 0) for k, v in mapping.items()}
 
     async def reserve_connect(self, rate: float) -> float:
@@ -303,6 +327,8 @@ class RedisStore:
             reply = await self._client.xread(streams, count=count, block=max(1, int(block * 1000)))
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
         if not reply:
             return []
         cut = len(self.keys.stream(""))
@@ -320,6 +346,8 @@ class RedisStore:
             )
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
         return [_entry(e) for e in entries]
 
     async def first_seq(self, key: str) -> int:
@@ -328,6 +356,8 @@ class RedisStore:
             entries = await self._client.xrange(self.keys.stream(key), count=1)
         except _DOWN as exc:
             raise _unavailable(exc) from None
+        except coredis.exceptions.ResponseError as exc:
+            raise _refused(exc) from None
         return _entry(entries[0]).seq if entries else 0
 
 

@@ -24,6 +24,7 @@ from gateway.config._model import (
     DEFAULT_REUSE_PORT,
     DEFAULT_STREAM_LISTEN,
     DEFAULT_STREAM_MAXLEN,
+    MAX_ROUND_INTERVAL,
     MAX_WRITE_DELAY_MS,
     ApiSection,
     ClusterSection,
@@ -38,6 +39,8 @@ from gateway.config._model import (
     SlowPolicy,
     SubscribersSection,
     UpstreamSection,
+    lease_round_interval,
+    lease_validity,
 )
 from gateway.config._secret import (
     REDACTED,
@@ -67,6 +70,7 @@ __all__ = [
     "DEFAULT_REUSE_PORT",
     "DEFAULT_STREAM_LISTEN",
     "DEFAULT_STREAM_MAXLEN",
+    "MAX_ROUND_INTERVAL",
     "MAX_WRITE_DELAY_MS",
     "REDACTED",
     "ApiSection",
@@ -90,6 +94,8 @@ __all__ = [
     "any_matches",
     "config_to_dict",
     "expand_path",
+    "lease_round_interval",
+    "lease_validity",
     "load_cluster_password",
     "load_config",
     "load_server_tls",

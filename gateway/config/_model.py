@@ -84,6 +84,21 @@ DEFAULT_KEY_PREFIX: Final = "dde"
 DEFAULT_APPEND_QUEUE_BYTES: Final = 64 * 1024 * 1024
 #: Seconds a Redis connect or command may take before it counts as failed.
 DEFAULT_REDIS_TIMEOUT: Final = 2.0
+#: Longest pause between two lease rounds of a cluster instance.
+MAX_ROUND_INTERVAL: Final = 1.0
+
+
+def lease_round_interval(ttl: float) -> float:
+    """Seconds between a cluster instance's lease rounds: a quarter of the lease's *ttl*, at
+    most :data:`MAX_ROUND_INTERVAL`."""
+    return min(MAX_ROUND_INTERVAL, ttl / 4)
+
+
+def lease_validity(ttl: float) -> float:
+    """How long after sending a successful renewal a lease counts as held locally: *ttl* minus
+    a margin of a fifth of it (at least half a second)."""
+    return ttl - max(0.5, ttl / 5)
+
 
 FeedKind = Literal["tracking", "fastpath"]
 SlowPolicy = Literal["disconnect", "drop-oldest"]
@@ -389,6 +404,15 @@ class ClusterSection:
             raise ValueError("key_prefix must be 1-64 of A-Z a-z 0-9 . _ : -")
         if self.password_file is not None and self.password_env is not None:
             raise ValueError("set at most one of password_file and password_env")
+        # A round that waits redis_timeout for a silent Redis must end (the instance turns
+        # degraded and keeps its upstreams) before its leases run out locally (it would stop
+        # them all): docs/cluster.md.
+        budget = lease_validity(self.lease_ttl) - lease_round_interval(self.lease_ttl)
+        if self.redis_timeout >= budget:
+            raise ValueError(
+                f"redis_timeout ({self.redis_timeout:g} s) must be below {budget:g} s for a "
+                f"lease_ttl of {self.lease_ttl:g} s: raise lease_ttl or lower redis_timeout"
+            )
 
     def read_password(self) -> Secret | None:
         """The Redis password now, or None (no password configured). Raises

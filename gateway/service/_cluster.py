@@ -518,8 +518,11 @@ class ClusterNode:
         now = trio.current_time()
         movable = {k for k in self._fixtures if self._movable(*split_key(k))}
         plan = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
-        for key in sorted(plan.release):
-            await self._hand_over(store, key)
+        releasing = sorted(plan.release)
+        # Handovers stop publishing now, but release only after the renewal went out: their
+        # flushes must not delay the other leases' renewal past its local validity.
+        for key in releasing:
+            self._hand_over(key)
         modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
         sent = trio.current_time()
         holders = await store.leases(self.token, self.config.lease_ttl, modes)
@@ -529,6 +532,8 @@ class ClusterNode:
             owner = self.table.holder(key)
             log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
             self._step_down(key, "lease lost")
+        if releasing:
+            await self._release(store, releasing)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
         # failed half-way last round (Redis went away in between).
         for key in sorted(self.table.held - self._owned.keys()):
@@ -539,24 +544,29 @@ class ClusterNode:
                     self.table.released(key)
                     raise
 
-    async def _hand_over(self, store: RedisStore, key: str) -> None:
-        """Give *key* up cleanly: stop its upstream, let its frames reach Redis, release."""
-        followed = key in self._fixtures
+    def _hand_over(self, key: str) -> None:
+        """Begin giving *key* up: its upstream stops now; :meth:`_release` finishes."""
         if key in self._owned:
             self.handovers += 1
-            log.info(
-                "cluster: handing %s over (rebalancing)"
-                if followed
-                else "cluster: releasing %s (no longer followed)",
-                key,
-            )
+            if key in self._fixtures:
+                log.info("cluster: handing %s over (rebalancing)", key)
             self._step_down(key, "handed over", discard=False)
+
+    async def _release(self, store: RedisStore, keys: list[str]) -> None:
+        """Let the frames of *keys* reach Redis (for at most a round), then release them.
+
+        Frames still queued then are dropped: appended later they would take the released
+        lease straight back (an append takes a lease nobody holds)."""
         appender = self._appender
         if appender is not None:
-            with trio.move_on_after(HANDOVER_FLUSH):
-                await appender.wait_written(key)
-        self.table.released(key)
-        await store.release(self.token, [key])
+            with trio.move_on_after(min(HANDOVER_FLUSH, self.table.tick)):
+                for key in keys:
+                    await appender.wait_written(key)
+            for key in keys:
+                appender.discard(key)
+        for key in keys:
+            self.table.released(key)
+        await store.release(self.token, keys)
 
     async def _take_over(self, store: RedisStore, key: str) -> None:
         feed, _ = split_key(key)
