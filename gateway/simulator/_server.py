@@ -474,6 +474,15 @@ class Simulator:
         for session in self._sessions.pop(fixture_id, set()):
             session.finish(CLOSE_GOING_AWAY, "fixture removed")
 
+    def sessions(self, fixture_id: str) -> int:
+        """How many connections stream *fixture_id* now (0 for an unknown fixture).
+
+        A connection counts once it is bound to the fixture: a fastpath one from its handshake,
+        a tracking one from its accepted fixture request, until it ends. A gateway cluster must
+        keep this at most 1 per fixture.
+        """
+        return len(self._sessions.get(fixture_id, ()))
+
     def faults(self, fixture_id: str) -> Faults:
         """The live fault switches of a fixture. KeyError if unknown."""
         return self._fixtures[fixture_id].faults
