@@ -359,6 +359,26 @@ def test_a_handed_over_lease_is_taken_back_if_nobody_takes_it() -> None:
     assert table.plan(12.0, followed=[key], live=[A, B]).acquire == {key}
 
 
+def test_the_renewal_before_a_release_keeps_the_handback_wait() -> None:
+    """The node renews its leases before it releases the ones it hands over (so that their
+    flushes cannot delay the others' renewal): Redis answers that round with this instance's
+    token for the handed-over lease too. That renewal ended the handback wait: the releaser,
+    ranked second, took the lease back a round later, before its target's RETAKE_ROUNDS were
+    over, and handed it over again, for good (tests/test_cluster_process.py)."""
+    (key,) = ranked(B, 0, [A, B])
+    table = LeaseTable(A, ttl=4.0, token=TOKEN_A)  # tick 1.0; A is ranked second
+    table.plan(0.0, followed=[key], live=[A, B], movable=[key])
+    table.observed({key: TOKEN_A}, sent=0.0)
+    assert table.plan(4.0, followed=[key], live=[A, B], movable=[key]).release == {key}
+    table.observed({key: TOKEN_A}, sent=4.0)  # the round's renewal, before the release
+    table.released(key)
+    table.plan(5.0, followed=[key], live=[A, B], movable=[key])
+    table.observed({key: None}, sent=5.0)  # free since 5.0 (the released marker)
+    wait = 1 + HANDBACK_ROUNDS
+    for now in (6.0, 7.0, 5.0 + wait - 0.001):
+        assert not table.plan(now, followed=[key], live=[A, B], movable=[key]).acquire, now
+
+
 def token_of(tables: Mapping[str, tuple[LeaseTable, float]], name: str) -> str:
     return tables[name][0].token
 

@@ -215,9 +215,11 @@ class LeaseTable:
             if holder == self.token:
                 if key not in self._held:
                     gained.add(key)
+                    # Taken again: a handback wait is over. Not on a renewal: the node renews
+                    # a lease it is handing over before it releases it.
+                    self._handed.discard(key)
                 self._held[key] = sent + validity(self.ttl)
                 self._free_since.pop(key, None)
-                self._handed.discard(key)
             elif key in self._held:
                 del self._held[key]
                 lost.add(key)
