@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -107,6 +108,8 @@ class LeaseTable:
         self._seen_live: dict[str, float] = {}
         #: True while Redis is unreachable (the node's last call failed to connect).
         self.degraded = False
+        #: When Redis answered again after being unreachable.
+        self._back_at = -math.inf
 
     # -- views -------------------------------------------------------------------------------
 
@@ -176,8 +179,14 @@ class LeaseTable:
                 # Handed over: the others wait RETAKE_ROUNDS more (its last holder, this one, is
                 # live); this one waits longer, so its target (first-ranked) goes first.
                 wait += HANDBACK_ROUNDS
-            elif last is not None and last != self.token and token_instance(last) in instances:
-                # Its owner is alive and takes a vanished lease again in its next round.
+            elif (
+                last is not None
+                and last != self.token
+                and (token_instance(last) in instances or now - self._back_at < self.ttl)
+            ):
+                # Its owner is alive and takes a vanished lease again in its next round. Just
+                # after Redis came back the live set may not list it yet (its heartbeat expired
+                # during the outage): assume it is alive for a lease's time.
                 wait += RETAKE_ROUNDS
             if now - since >= wait * self.tick:
                 acquire.add(key)
@@ -207,6 +216,8 @@ class LeaseTable:
         """Redis answered a round sent at *sent*: *holders* maps each key asked about to its
         owner now. Returns ``(gained, lost)``: keys this instance holds now but did not, and
         keys it held but does not any more."""
+        if self.degraded:
+            self._back_at = sent
         self.degraded = False
         gained: set[str] = set()
         lost: set[str] = set()

@@ -490,6 +490,8 @@ class ClusterNode:
             await self._sync_shared(store)
             await self._leases(store)
             await self._refresh(store)
+            if self.redis_error is not None:
+                log.info("cluster: redis reachable again (was: %s)", self.redis_error)
             self.redis_error = None
         except Exception as exc:
             if not isinstance(exc, RedisUnavailable):
