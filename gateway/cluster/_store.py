@@ -296,7 +296,7 @@ class RedisStore:
         """Apply this instance's API changes (key -> backfill; keys removed) to the cluster's
         set, then return the whole set."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._client.pipeline(transaction=False) as pipe:
                 if add:
                     pipe.hset(self.keys.api, {k: str(v) for k, v in add.items()})
                 removed = list(remove)
