@@ -27,7 +27,6 @@ import pytest
 import trio
 
 from gateway.cluster import AppendGroup, Entry, Meta, RedisStore, RedisUnavailable, open_store
-from gateway.cluster._store import _BLOCK_ALLOWANCE
 from gateway.config import ClusterSection
 from tests.redis_kit import RedisServer
 
@@ -36,6 +35,9 @@ K2 = "tracking/f2"
 TOK_A = "gw-a/0001"
 TOK_B = "gw-b/0002"
 EPOCH = "e1e1e1e1e1e1e1e1"
+#: How much longer than ``redis_timeout`` a reply may take (``open_store``: the allowance for
+#: a relay's blocking read, which waits in Redis before its reply comes).
+REPLY_ALLOWANCE = 1.0
 
 
 def section(server: RedisServer, **extra: Any) -> ClusterSection:
@@ -432,7 +434,7 @@ async def test_cancelled_and_timed_out_reads_keep_the_pool_usable(
             # Past stream_timeout (redis_timeout + the block allowance): timed out.
             for _ in range(3):
                 with pytest.raises(RedisUnavailable, match="timed out"):
-                    await store.read({K1: 0}, block=0.2 + _BLOCK_ALLOWANCE + 0.5)
+                    await store.read({K1: 0}, block=0.2 + REPLY_ALLOWANCE + 0.5)
             await store.ping()
             # Pipelines (the API set) take a connection of their own too.
             redis_server.pause()
@@ -555,7 +557,7 @@ async def test_every_method_fails_within_the_timeout_while_redis_hangs(
             try:
                 # A reply may take the relay's block allowance beyond redis_timeout; a request
                 # that needs a new connection fails within redis_timeout (the pool's wait).
-                errors = await _each_fails(store, bound=timeout + _BLOCK_ALLOWANCE + 0.5)
+                errors = await _each_fails(store, bound=timeout + REPLY_ALLOWANCE + 0.5)
             finally:
                 redis_server.resume()
             assert {str(e) for e in errors.values()} <= {

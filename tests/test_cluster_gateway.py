@@ -1,0 +1,617 @@
+"""Several real gateways as one cluster, in this process: one simulator, one redis-server.
+
+Each :class:`~gateway.service.Gateway` runs in a cancel scope of its own, so one can leave
+cleanly (drain: its leases are released at once) or be *killed*: cancelled without its
+goodbye, so its leases and heartbeat stay in Redis until they expire, as after ``kill -9``.
+Everything binds 127.0.0.1 port 0; every wait is a condition with a deadline. ``lease_ttl`` is
+2 s, so a round is 0.5 s and a dead owner's fixtures move within about 3 s.
+
+What the cluster must show (docs/cluster.md): one owner and one vendor connection per
+fixture; every instance serving every fixture under the same seq and epoch; balance by
+rendezvous hashing; failover and resume across instances without gap or duplicate; fixtures
+followed through the API or on demand shared cluster-wide; Redis restarts survived; and the
+vendor's connect rate held across instances.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from gateway.cluster import rank
+from gateway.service import Gateway
+from gateway.simulator import Simulator
+from tests.conftest import TEST_TOKEN
+from tests.kit import gateway_config, http_url, stream_url, wait_until
+from tests.redis_kit import RedisServer
+
+TTL = 2.0
+ROUND = TTL / 4
+NAMES = ("gw-a", "gw-b")
+
+
+def ranked(n: int, first: str, *, feed: str = "tracking", prefix: str = "fx") -> list[str]:
+    """*n* fixture ids whose rendezvous order over :data:`NAMES` puts *first* first."""
+    out: list[str] = []
+    for i in itertools.count():
+        fx = f"{prefix}-{first[-1]}-{i:03d}"
+        if rank(f"{feed}/{fx}", NAMES)[0] == first:
+            out.append(fx)
+            if len(out) == n:
+                return out
+    raise AssertionError("unreachable")
+
+
+# -- the harness ---------------------------------------------------------------------------
+
+
+@attrs.define
+class Member:
+    """One gateway of the cluster, running in its own cancel scope."""
+
+    name: str
+    gw: Gateway
+    scope: trio.CancelScope
+    done: trio.Event
+
+    @property
+    def node(self) -> Any:  # its ClusterNode (not exported: Gateway.cluster is its one user)
+        assert self.gw.cluster is not None
+        return self.gw.cluster
+
+    def owns(self, fx: str, feed: str = "tracking") -> bool:
+        cluster = self.gw.cluster
+        assert cluster is not None
+        return cluster.role(feed, fx) == "owner"
+
+    def seq(self, fx: str, feed: str = "tracking") -> int:
+        topic = self.gw.hub.get(feed, fx)
+        return 0 if topic is None else topic.seq
+
+    def epoch(self, fx: str, feed: str = "tracking") -> str | None:
+        topic = self.gw.hub.get(feed, fx)
+        return None if topic is None else topic.epoch
+
+
+@attrs.define
+class Cluster:
+    nursery: trio.Nursery
+    sim: Simulator
+    sim_port: int
+    token_file: Path
+    redis: RedisServer
+    fixtures: list[tuple[str, str]]
+    sections: dict[str, Any]
+    members: list[Member] = attrs.Factory(list)
+    #: The most connections the simulator ever had at once for a fixture (sampled).
+    max_sessions: collections.Counter[str] = attrs.Factory(collections.Counter)
+
+    async def start(self, name: str) -> Member:
+        cluster = {"redis_url": f"redis://127.0.0.1:{self.redis.port}/0", "instance": name}
+        config = gateway_config(
+            self.sim_port,
+            self.token_file,
+            self.fixtures,
+            **{**self.sections, "cluster": {"lease_ttl": TTL, **cluster}},
+        )
+        member: Member = await self.nursery.start(self._run, name, config)
+        self.members.append(member)
+        return member
+
+    async def _run(self, name: str, config: Any, *, task_status: trio.TaskStatus[Member]) -> None:
+        done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                gw = Gateway(config)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(gw.run)
+                    task_status.started(Member(name, gw, scope, done))
+        finally:
+            done.set()
+
+    async def kill(self, member: Member) -> None:
+        """Stop *member* as ``kill -9`` would: no goodbye (its leases and heartbeat stay in
+        Redis until they expire); its sockets close and its queued appends are lost."""
+        member.node._left = True  # the node's finally: skip the release and leave
+        member.scope.cancel()
+        await member.done.wait()
+
+    async def stop(self, member: Member) -> None:
+        """A clean stop: drain (the node leaves first), then cancel."""
+        await member.gw.drain()
+        member.scope.cancel()
+        await member.done.wait()
+
+    async def watch_sessions(self) -> None:
+        while True:
+            for _, fx in self.fixtures:
+                n = self.sim.sessions(fx)
+                if n > self.max_sessions[fx]:
+                    self.max_sessions[fx] = n
+            await trio.sleep(0.005)
+
+    def check_healthy(self) -> None:
+        """No round of any instance hit a bug; never two vendor connections for a fixture."""
+        assert {m.name: m.node.round_errors for m in self.members} == dict.fromkeys(
+            (m.name for m in self.members), 0
+        )
+        assert max(self.max_sessions.values(), default=0) <= 1, self.max_sessions
+
+
+@asynccontextmanager
+async def cluster_of(
+    tmp_path: Path,
+    redis: RedisServer,
+    fixtures: Sequence[tuple[str, str]],
+    *,
+    rate_hz: float = 50.0,
+    extra_sim_fixtures: Sequence[tuple[str, str]] = (),
+    **sections: Any,
+) -> AsyncIterator[Cluster]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN)
+    sim = Simulator(
+        tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0, action_interval=0.2
+    )
+    for feed, fx in [*fixtures, *extra_sim_fixtures]:
+        sim.add_fixture(fx, kind="tracking" if feed == "tracking" else "fastpath")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        cluster = Cluster(nursery, sim, port, token_file, redis, list(fixtures), sections)
+        nursery.start_soon(cluster.watch_sessions)
+        yield cluster
+        nursery.cancel_scope.cancel()
+
+
+class Subscriber:
+    """A ``/v1/stream`` client in a task of its own; keeps everything it receives."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.frames: dict[str, list[tuple[int, int | None]]] = collections.defaultdict(list)
+        self.subscribed: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, list[str]] = collections.defaultdict(list)
+        self.errors: list[str] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.closed = trio.Event()
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._scope = trio.CancelScope()
+
+    @classmethod
+    async def open(cls, nursery: trio.Nursery, member: Member) -> Subscriber:
+        sub = cls(stream_url(member.gw))
+        await nursery.start(sub._run)
+        return sub
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with self._scope:
+                async with trio_websocket.open_websocket_url(self.url) as ws:
+                    self._ws = ws
+                    task_status.started()
+                    while True:
+                        self._on(orjson.loads(await ws.get_message()))
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            self.closed.set()
+
+    def _on(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == "frame":
+            data = msg["data"]
+            self.frames[msg["fixture"]].append((msg["seq"], data.get("ix")))
+        elif kind == "subscribed":
+            self.subscribed[msg["fixture"]] = msg
+        elif kind == "status":
+            self.states[msg["fixture"]].append(msg["state"])
+        elif kind == "error":
+            self.errors.append(msg["message"])
+        elif kind == "gap":
+            self.gaps.append(msg)
+
+    async def subscribe(self, feed: str, fx: str, **extra: Any) -> dict[str, Any]:
+        """Subscribe and wait for the reply (``subscribed``, or an error: AssertionError)."""
+        assert self._ws is not None
+        errors = len(self.errors)
+        self.subscribed.pop(fx, None)
+        request = {"op": "subscribe", "feed": feed, "fixture": fx, **extra}
+        await self._ws.send_message(orjson.dumps(request).decode())
+        await wait_until(lambda: fx in self.subscribed or len(self.errors) > errors)
+        if fx not in self.subscribed:
+            raise AssertionError(self.errors[-1])
+        return self.subscribed[fx]
+
+    async def refused(self, feed: str, fx: str) -> str:
+        """Subscribe expecting an error; its message."""
+        assert self._ws is not None
+        errors = len(self.errors)
+        request = {"op": "subscribe", "feed": feed, "fixture": fx}
+        await self._ws.send_message(orjson.dumps(request).decode())
+        await wait_until(lambda: fx in self.subscribed or len(self.errors) > errors)
+        assert fx not in self.subscribed, f"{fx} was admitted"
+        return self.errors[-1]
+
+    def count(self, fx: str) -> int:
+        return len(self.frames[fx])
+
+    async def close(self) -> None:
+        """Drop the connection (no close handshake: the test is done with it)."""
+        self._scope.cancel()
+        await self.closed.wait()
+
+
+def assert_contiguous(frames: list[tuple[int, int | None]], what: str) -> None:
+    """seq and the vendor's tracking ix both go up by exactly one from frame to frame."""
+    assert frames, f"{what}: no frames"
+    seqs = [s for s, _ in frames]
+    ixs = [ix for _, ix in frames]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{what}: seq {_breaks(seqs)}"
+    assert all(ix is not None for ix in ixs), what
+    assert ixs == list(range(ixs[0], ixs[0] + len(ixs))), f"{what}: ix {_breaks(ixs)}"  # type: ignore[arg-type,operator]
+
+
+def _breaks(values: Sequence[int | None]) -> list[tuple[int | None, int | None]]:
+    return [(a, b) for a, b in itertools.pairwise(values) if a is None or b != a + 1][:10]
+
+
+def settled(members: Sequence[Member], fixtures: Sequence[str], sim: Simulator) -> bool:
+    """Every fixture: exactly one owner (the one Redis names to all), one vendor connection,
+    and every instance serving it under the owner's epoch with frames."""
+    for fx in fixtures:
+        owners = [m for m in members if m.owns(fx)]
+        if len(owners) != 1 or sim.sessions(fx) != 1:
+            return False
+        owner = owners[0]
+        for m in members:
+            if m.node.owner("tracking", fx) != owner.name:
+                return False
+            if m.epoch(fx) != owner.epoch(fx) or m.seq(fx) == 0:
+                return False
+    return True
+
+
+def balanced(members: Sequence[Member], fixtures: Sequence[str]) -> bool:
+    """Every fixture owned by its first instance in rendezvous order."""
+    names = [m.name for m in members]
+    by_name = {m.name: m for m in members}
+    return all(by_name[rank(f"tracking/{fx}", names)[0]].owns(fx) for fx in fixtures)
+
+
+def tracking(fixtures: Sequence[str]) -> list[tuple[str, str]]:
+    return [("tracking", fx) for fx in fixtures]
+
+
+# -- 1. one owner, one vendor connection, the same numbering everywhere ---------------------
+
+
+async def test_one_owner_one_connection_and_the_same_frames_everywhere(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    with trio.fail_after(45):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            # b joined after a took everything: b's share moves to it once b is live a ttl.
+            await wait_until(
+                lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures), 20
+            )
+            async with trio.open_nursery() as nursery:
+                on_a = await Subscriber.open(nursery, a)
+                on_b = await Subscriber.open(nursery, b)
+                for fx in fixtures:
+                    sa = await on_a.subscribe("tracking", fx)
+                    sb = await on_b.subscribe("tracking", fx)
+                    assert sa["epoch"] == sb["epoch"] == a.epoch(fx)
+                await wait_until(
+                    lambda: all(min(on_a.count(fx), on_b.count(fx)) >= 30 for fx in fixtures), 20
+                )
+                await on_a.close()
+                await on_b.close()
+            for fx in fixtures:
+                assert_contiguous(on_a.frames[fx], f"{fx} on gw-a")
+                assert_contiguous(on_b.frames[fx], f"{fx} on gw-b")
+                # The same vendor frame has the same seq on both instances.
+                by_ix_a = {ix: seq for seq, ix in on_a.frames[fx]}
+                by_ix_b = {ix: seq for seq, ix in on_b.frames[fx]}
+                common = by_ix_a.keys() & by_ix_b.keys()
+                assert len(common) >= 20, fx
+                assert all(by_ix_a[ix] == by_ix_b[ix] for ix in common), fx
+                assert c.sim.sessions(fx) == 1
+            c.check_healthy()
+
+
+# -- 2. balance, and a clean leave --------------------------------------------------------
+
+
+async def test_balance_over_two_and_a_clean_leave(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    fixtures = [f"bal-{i:02d}" for i in range(20)]
+    firsts = collections.Counter(rank(f"tracking/{fx}", NAMES)[0] for fx in fixtures)
+    assert set(firsts) == set(NAMES), firsts  # the names split them (rendezvous)
+    with trio.fail_after(50):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures), rate_hz=20.0) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            await wait_until(
+                lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures), 30
+            )
+            owned = {m.name: sum(m.owns(fx) for fx in fixtures) for m in (a, b)}
+            assert owned == {"gw-a": firsts["gw-a"], "gw-b": firsts["gw-b"]}
+            assert a.node.handovers >= 1  # b's share moved from a (a took all first)
+            # gw-a leaves cleanly: it releases its leases, b takes them at its next round.
+            rounds = b.node.rounds
+            await c.stop(a)
+            await wait_until(lambda: settled([b], fixtures, c.sim), 20)
+            assert b.node.rounds - rounds <= 4, "b took over more slowly than a few rounds"
+            c.check_healthy()
+
+
+# -- 3 and 4. an owner dies: no gap, no duplicate, on the survivor and after a resume ------
+
+
+async def test_failover_without_gap_or_duplicate(tmp_path: Path, redis_server: RedisServer) -> None:
+    """gw-a owns every fixture (rendezvous puts it first) and dies without a goodbye: its
+    leases expire after ``lease_ttl`` and gw-b takes over from the streams' last vendor
+    positions. gw-b's subscriber sees every fixture's seq and ix contiguous across the death;
+    gw-a's subscriber, cut off, resumes on gw-b with ``after`` + ``epoch``: recovered, the
+    missed frames next, none twice."""
+    fixtures = ranked(3, "gw-a")
+    with trio.fail_after(50):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            a = await c.start("gw-a")
+            await wait_until(lambda: settled([a], fixtures, c.sim), 20)
+            b = await c.start("gw-b")
+            await wait_until(lambda: settled([a, b], fixtures, c.sim), 20)
+            async with trio.open_nursery() as nursery:
+                survivor = await Subscriber.open(nursery, b)
+                victim = await Subscriber.open(nursery, a)
+                for fx in fixtures:
+                    await survivor.subscribe("tracking", fx)
+                    await victim.subscribe("tracking", fx)
+                await wait_until(
+                    lambda: all(min(survivor.count(fx), victim.count(fx)) >= 10 for fx in fixtures)
+                )
+                before = {fx: survivor.count(fx) for fx in fixtures}
+                killed_at = trio.current_time()
+                await c.kill(a)
+                await victim.closed.wait()
+                await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 15)
+                took = trio.current_time() - killed_at
+                await wait_until(
+                    lambda: all(survivor.count(fx) >= before[fx] + 30 for fx in fixtures), 15
+                )
+                # 4: gw-a's subscriber resumes on gw-b once gw-b's numbering has passed what it
+                # saw (a resume beyond a topic's last seq is not recovered).
+                last = {fx: victim.frames[fx][-1] for fx in fixtures}
+                await wait_until(lambda: all(b.seq(fx) > last[fx][0] for fx in fixtures), 15)
+                resumed = await Subscriber.open(nursery, b)
+                for fx in fixtures:
+                    epoch = victim.subscribed[fx]["epoch"]
+                    reply = await resumed.subscribe("tracking", fx, after=last[fx][0], epoch=epoch)
+                    assert reply["recovered"] is True and reply["epoch"] == epoch, reply
+                await wait_until(lambda: all(resumed.count(fx) >= 20 for fx in fixtures), 15)
+                for sub in (survivor, resumed):
+                    await sub.close()
+            # Not before the dead owner's leases expired (a released lease would go at once).
+            assert TTL - 2 * ROUND <= took <= TTL + 4 * ROUND + 2.0, took
+            for fx in fixtures:
+                assert_contiguous(survivor.frames[fx], f"{fx} on the survivor")
+                assert_contiguous(victim.frames[fx] + resumed.frames[fx], f"{fx} resumed")
+                assert resumed.frames[fx][0][0] == last[fx][0] + 1
+            assert not survivor.gaps and not resumed.gaps
+            assert b.node.leases_gained == len(fixtures)
+            c.check_healthy()
+
+
+# -- 5. fixtures followed through the API or on demand are the cluster's ---------------------
+
+
+def http_call(member: Member, method: str, path: str, body: bytes | None = None) -> int:
+    req = urllib.request.Request(http_url(member.gw, path), data=body, method=method)
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return int(resp.status)
+
+
+async def test_api_follow_and_delete_reach_every_instance(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    fx = "api-fx-1"
+    with trio.fail_after(45):
+        async with cluster_of(
+            tmp_path, redis_server, [], extra_sim_fixtures=[("tracking", fx)]
+        ) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            c.fixtures.append(("tracking", fx))  # watched for double connections from now on
+            rounds = b.node.rounds
+            status = await trio.to_thread.run_sync(
+                http_call, a, "PUT", f"/v1/fixtures/tracking/{fx}", b'{"backfill": 3}'
+            )
+            assert status == 201
+            await wait_until(lambda: b.gw.is_followed("tracking", fx), 10)
+            assert b.node.rounds - rounds <= 3, "b followed more slowly than a couple of rounds"
+            await wait_until(lambda: settled([a, b], [fx], c.sim), 15)
+            # Deleted through the other instance: both stop, and so does the vendor connection.
+            status = await trio.to_thread.run_sync(
+                http_call, b, "DELETE", f"/v1/fixtures/tracking/{fx}"
+            )
+            assert status == 204
+            await wait_until(
+                lambda: (
+                    not a.gw.is_followed("tracking", fx)
+                    and not b.gw.is_followed("tracking", fx)
+                    and c.sim.sessions(fx) == 0
+                ),
+                10,
+            )
+            c.check_healthy()
+
+
+async def test_max_on_demand_is_counted_cluster_wide(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    act1, act2 = "act-1", "act-2"
+    with trio.fail_after(45):
+        async with cluster_of(
+            tmp_path,
+            redis_server,
+            [],
+            extra_sim_fixtures=[("actions", act1), ("actions", act2)],
+            feeds={"actions": {"on_demand": True, "linger": 30.0, "max_on_demand": 1}},
+        ) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            c.fixtures += [("actions", act1), ("actions", act2)]
+            async with trio.open_nursery() as nursery:
+                on_a = await Subscriber.open(nursery, a)
+                on_b = await Subscriber.open(nursery, b)
+                await on_a.subscribe("actions", act1)
+                await wait_until(lambda: on_a.count(act1) >= 1, 15)
+                # b learns of a's on-demand fixture at its next round.
+                await wait_until(lambda: b.node.cluster_on_demand("actions") == {act1}, 10)
+                error = await on_b.refused("actions", act2)
+                assert "max_on_demand" in error and act2 in error, error
+                assert not b.gw.is_followed("actions", act2)
+                assert not a.gw.is_followed("actions", act2)
+                # One already followed on demand elsewhere takes no new vendor connection.
+                await on_b.subscribe("actions", act1)
+                await wait_until(lambda: on_b.count(act1) >= 1, 15)
+                assert c.sim.sessions(act1) == 1 and c.sim.sessions(act2) == 0
+                for sub in (on_a, on_b):
+                    await sub.close()
+            c.check_healthy()
+
+
+# -- 6. Redis restarts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_data", [True, False], ids=["with-data", "data-lost"])
+async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool) -> None:
+    """Redis goes away and comes back (with its data, or empty). Nothing crashes; each instance
+    is degraded while Redis is down (its relayed fixtures too) and recovers by itself; frames
+    flow again on both. Owners keep their fan-out meanwhile, and keep the epoch when Redis lost
+    everything (they hold the numbering). With the data kept nothing is lost at all."""
+    redis: RedisServer = redis_factory(persistence=True)
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis, tracking(fixtures)) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            members = [a, b]
+            await wait_until(
+                lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 20
+            )
+            epochs = {fx: a.epoch(fx) for fx in fixtures}
+            owner = {fx: next(m for m in members if m.owns(fx)) for fx in fixtures}
+            async with trio.open_nursery() as nursery:
+                subs = {m.name: await Subscriber.open(nursery, m) for m in members}
+                for sub in subs.values():
+                    for fx in fixtures:
+                        await sub.subscribe("tracking", fx)
+                await wait_until(
+                    lambda: all(s.count(fx) >= 5 for s in subs.values() for fx in fixtures)
+                )
+                await redis.astop()
+                await wait_until(lambda: all(m.gw.degraded_reason() for m in members), 10)
+                # Each instance's relayed fixtures show it (from its next round on).
+                await wait_until(
+                    lambda: all(
+                        _state(m, fx) == ("owner" if owner[fx] is m else "relay/degraded")
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    10,
+                )
+                # Owners fan out their own fixtures without Redis.
+                down = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[owner[fx].name].count(fx) >= down[owner[fx].name, fx] + 10
+                        for fx in fixtures
+                    )
+                )
+                await redis.arestart(keep_data=keep_data)
+                await wait_until(lambda: not any(m.gw.degraded_reason() for m in members), 15)
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 20
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    15,
+                )
+                await wait_until(
+                    lambda: all(
+                        _state(m, fx) == ("owner" if owner[fx] is m else "relay/live")
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    15,
+                )
+                for sub in subs.values():
+                    await sub.close()
+            for m in members:
+                assert not m.done.is_set(), f"{m.name} stopped"
+                for fx in fixtures:
+                    assert m.epoch(fx) == epochs[fx], (m.name, fx)
+            for fx in fixtures:
+                meta = redis.call("HGET", f"dde:meta:tracking/{fx}", "epoch")
+                assert meta == epochs[fx].encode(), fx  # type: ignore[union-attr]
+                # The owner's own subscriber never misses a vendor frame.
+                assert_contiguous(subs[owner[fx].name].frames[fx], f"{fx} on its owner")
+                if keep_data:
+                    # Appends were retried, not dropped: the relays caught up without a gap.
+                    for m in members:
+                        assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+def _state(member: Member, fx: str) -> str:
+    """``owner``, or ``relay/<state shown>`` (what ``GET /v1/fixtures/...`` says)."""
+    view = member.gw.fixture_view("tracking", fx)
+    assert view is not None
+    return "owner" if view.role == "owner" else f"relay/{view.state}"
+
+
+# -- 7. the vendor's connect rate, cluster-wide ----------------------------------------------
+
+
+async def test_connect_rate_holds_across_instances(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    rate = 2.0
+    fixtures = ranked(4, "gw-a") + ranked(4, "gw-b")
+    with trio.fail_after(60):
+        async with cluster_of(
+            tmp_path, redis_server, tracking(fixtures), upstream={"connect_rate": rate}
+        ) as c:
+            async with trio.open_nursery() as nursery:
+                for name in NAMES:  # both at once: each wants its vendor connections now
+                    nursery.start_soon(c.start, name)
+            members = sorted(c.members, key=lambda m: m.name)
+            await wait_until(
+                lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 40
+            )
+            times = sorted(attempt.at for attempt in c.sim.attempts)
+            assert len(times) >= len(fixtures)
+            busiest = max(sum(1 for t in times if t0 <= t <= t0 + 1.0) for t0 in times)
+            assert busiest <= rate + 1, [round(t - times[0], 3) for t in times]
+            # The instances did wait for cluster-wide slots (not only their own limiters).
+            assert sum(m.node.connect_waits for m in members) > 0
+            c.check_healthy()
