@@ -355,8 +355,9 @@ async def test_balance_over_two_and_a_clean_leave(
             # gw-a leaves cleanly: it releases its leases, b takes them at its next round.
             rounds = b.node.rounds
             await c.stop(a)
-            await wait_until(lambda: settled([b], fixtures, c.sim), 20)
+            await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 10)
             assert b.node.rounds - rounds <= 4, "b took over more slowly than a few rounds"
+            await wait_until(lambda: settled([b], fixtures, c.sim), 20)
             c.check_healthy()
 
 
@@ -438,11 +439,11 @@ async def test_api_follow_and_delete_reach_every_instance(
             a = await c.start("gw-a")
             b = await c.start("gw-b")
             c.fixtures.append(("tracking", fx))  # watched for double connections from now on
-            rounds = b.node.rounds
             status = await trio.to_thread.run_sync(
                 http_call, a, "PUT", f"/v1/fixtures/tracking/{fx}", b'{"backfill": 3}'
             )
             assert status == 201
+            rounds = b.node.rounds
             await wait_until(lambda: b.gw.is_followed("tracking", fx), 10)
             assert b.node.rounds - rounds <= 3, "b followed more slowly than a couple of rounds"
             await wait_until(lambda: settled([a, b], [fx], c.sim), 15)

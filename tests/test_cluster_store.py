@@ -101,15 +101,15 @@ async def test_release_only_what_the_token_holds(redis_server: RedisServer) -> N
 async def test_a_lease_expires_after_its_ttl_in_redis(redis_server: RedisServer) -> None:
     with trio.fail_after(20):
         async with store_of(redis_server) as store:
+            sent = trio.current_time()  # Redis starts the time to live after this
             assert await store.leases(TOK_A, 0.3, {K1: "a"}) == {K1: TOK_A}
-            started = trio.current_time()
 
             async def free() -> bool:
                 return (await store.leases(TOK_B, 30.0, {K1: "-"}))[K1] is None
 
             await eventually(free, timeout=5.0)
-            # Not before its time to live (the request that took it was sent before `started`).
-            assert trio.current_time() - started >= 0.25
+            # Not before its time to live (PX counts whole milliseconds).
+            assert trio.current_time() - sent >= 0.3 - 0.002
             # Free now: the other token may take it.
             assert await store.leases(TOK_B, 30.0, {K1: "a"}) == {K1: TOK_B}
 
@@ -345,7 +345,7 @@ async def test_api_fixtures_set(redis_server: RedisServer) -> None:
 async def test_connect_slots_are_spaced_cluster_wide(redis_server: RedisServer) -> None:
     """Reservations from two instances, back to back: each returned delay is its slot minus
     Redis's time of the call, and successive slots are at least ``1 / rate`` apart."""
-    rate = 10.0
+    rate = 1.0  # slots a second apart: the requests, a few ms each, are always faster
     spacing_ms = 1000.0 / rate
     with trio.fail_after(30):
         async with store_of(redis_server) as a, store_of(redis_server) as b:
@@ -549,7 +549,7 @@ async def test_every_method_fails_within_the_timeout_while_redis_hangs(
 ) -> None:
     """A hung server (SIGSTOP): each request fails after at most ``redis_timeout`` plus the
     blocking-read allowance of its reply, and all work again once it answers."""
-    timeout = 0.5
+    timeout = 1.0
     with trio.fail_after(30):
         async with store_of(redis_server, redis_timeout=timeout) as store:
             await store.ping()
@@ -557,7 +557,7 @@ async def test_every_method_fails_within_the_timeout_while_redis_hangs(
             try:
                 # A reply may take the relay's block allowance beyond redis_timeout; a request
                 # that needs a new connection fails within redis_timeout (the pool's wait).
-                errors = await _each_fails(store, bound=timeout + REPLY_ALLOWANCE + 0.5)
+                errors = await _each_fails(store, bound=timeout + REPLY_ALLOWANCE + 1.0)
             finally:
                 redis_server.resume()
             assert {str(e) for e in errors.values()} <= {
