@@ -742,6 +742,12 @@ class ClusterNode:
             archive = self._archives.get(key)
             if archive is not None:
                 archive.oldest = meta.first_seq
+            owned = self._owned.get(key)
+            if owned is not None and meta.state is None:
+                # Redis lost the owner's state (restarted empty): write it again for relays.
+                owned.appender.status(
+                    key, owned.topic.epoch, owned.topic.state.value, owned.topic.detail
+                )
             if key not in self._fixtures or key in self._owned:
                 continue
             feed, fixture_id = split_key(key)
