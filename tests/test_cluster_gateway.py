@@ -33,7 +33,7 @@ from gateway.cluster import rank
 from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
-from tests.kit import gateway_config, http_url, stream_url, wait_until
+from tests.kit import gateway_config, http_get, http_url, stream_url, wait_until
 from tests.redis_kit import RedisServer
 
 TTL = 2.0
@@ -103,7 +103,7 @@ class Cluster:
             self.sim_port,
             self.token_file,
             self.fixtures,
-            **{**self.sections, "cluster": {"lease_ttl": TTL, **cluster}},
+            **{**self.sections, "cluster": {"lease_ttl": TTL, "redis_timeout": 0.5, **cluster}},
         )
         member: Member = await self.nursery.start(self._run, name, config)
         self.members.append(member)
@@ -529,6 +529,12 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
                 )
                 await redis.astop()
                 await wait_until(lambda: all(m.gw.degraded_reason() for m in members), 10)
+                for m in members:
+                    status, body = await http_get(http_url(m.gw, "/readyz"))
+                    ready = orjson.loads(body)
+                    # Still 200: the instance serves. The reason names no address.
+                    assert status == 200 and ready["status"] == "degraded", ready
+                    assert ready["reason"] and str(redis.port) not in ready["reason"]
                 # Each instance's relayed fixtures show it (from its next round on).
                 await wait_until(
                     lambda: all(
@@ -548,6 +554,9 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
                 )
                 await redis.arestart(keep_data=keep_data)
                 await wait_until(lambda: not any(m.gw.degraded_reason() for m in members), 15)
+                for m in members:
+                    status, body = await http_get(http_url(m.gw, "/readyz"))
+                    assert (status, orjson.loads(body)) == (200, {"status": "ready"})
                 back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
                 await wait_until(
                     lambda: all(
@@ -580,6 +589,69 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
                     # Appends were retried, not dropped: the relays caught up without a gap.
                     for m in members:
                         assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Redis stops answering (SIGSTOP: connections stay open, nothing is answered) for twice
+    the lease's time to live. Every request gives up within ``redis_timeout``, so each instance
+    turns degraded before its leases run out locally: owners keep their vendor connections and
+    their fan-out (nobody fences itself), relays show degraded, and everything goes on when
+    Redis answers again, with no frame lost (the appends were retried)."""
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            members = [a, b]
+            await wait_until(
+                lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 20
+            )
+            owner = {fx: next(m for m in members if m.owns(fx)) for fx in fixtures}
+            async with trio.open_nursery() as nursery:
+                subs = {m.name: await Subscriber.open(nursery, m) for m in members}
+                for sub in subs.values():
+                    for fx in fixtures:
+                        await sub.subscribe("tracking", fx)
+                await wait_until(
+                    lambda: all(s.count(fx) >= 5 for s in subs.values() for fx in fixtures)
+                )
+                before = {fx: subs[owner[fx].name].count(fx) for fx in fixtures}
+                dropped: set[str] = set()
+                redis_server.pause()
+                try:
+                    # For the whole hang, not only at its end: one vendor connection each.
+                    end = trio.current_time() + 2 * TTL
+                    while trio.current_time() < end:
+                        dropped |= {fx for fx in fixtures if c.sim.sessions(fx) != 1}
+                        await trio.sleep(0.02)
+                    assert all(m.gw.degraded_reason() for m in members)
+                    assert all(
+                        _state(m, fx) in ("owner", "relay/degraded")
+                        for m in members
+                        for fx in fixtures
+                    )
+                finally:
+                    redis_server.resume()
+                assert not dropped, f"vendor connections stopped while redis hung: {dropped}"
+                assert [m.node.fenced for m in members] == [0, 0]
+                # The owners' subscribers got their frames all along.
+                assert all(subs[owner[fx].name].count(fx) >= before[fx] + 50 for fx in fixtures)
+                await wait_until(lambda: not any(m.gw.degraded_reason() for m in members), 15)
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 20
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    15,
+                )
+                for sub in subs.values():
+                    await sub.close()
+            for fx in fixtures:
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
             c.check_healthy()
 
 
