@@ -191,6 +191,7 @@ class RedisStore:
         self.keys = Keys(config.key_prefix)
         self._maxlen = config.stream_maxlen
         self._ttl_ms = int(config.lease_ttl * 1000)
+        self._timeout = config.redis_timeout
         self._leases = client.register_script(_scripts.LEASES)
         self._release = client.register_script(_scripts.RELEASE)
         self._append = client.register_script(_scripts.APPEND)
@@ -319,9 +320,11 @@ class RedisStore:
         self, after: Mapping[str, int], *, block: float, count: int = READ_COUNT
     ) -> list[tuple[str, list[Entry]]]:
         """Entries after the given seq of each key's stream, waiting up to *block* seconds for
-        the first; ``[]`` when none came."""
+        the first; ``[]`` when none came. The block is at most half of ``redis_timeout``,
+        which bounds every reply, this one's too."""
         if not after:
             return []
+        block = min(block, self._timeout / 2)
         streams = {self.keys.stream(key): f"{seq}-0" for key, seq in after.items()}
         try:
             reply = await self._client.xread(streams, count=count, block=max(1, int(block * 1000)))
@@ -406,7 +409,7 @@ async def open_store(
         username=config.username,
         password=None if password is None else password.reveal(),
         connect_timeout=timeout,
-        stream_timeout=timeout + _BLOCK_ALLOWANCE,
+        stream_timeout=timeout,
         timeout=timeout,
     )
     client: coredis.Redis[bytes] = coredis.Redis(
@@ -415,10 +418,6 @@ async def open_store(
     async with client:
         yield RedisStore(client, config)
 
-
-#: Replies may take this long beyond ``redis_timeout``: a relay's blocking read waits in Redis
-#: for up to its block time (well under this) before the reply comes.
-_BLOCK_ALLOWANCE: Final = 1.0
 
 # coredis logs every failed connection set-up as an ERROR with a traceback; the cluster
 # reports Redis failures itself (one throttled line, the degraded state and counters).
