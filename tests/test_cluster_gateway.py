@@ -592,6 +592,7 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
             c.check_healthy()
 
 
+@pytest.mark.slow
 async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: RedisServer) -> None:
     """Redis stops answering (SIGSTOP: connections stay open, nothing is answered) for twice
     the lease's time to live. Every request gives up within ``redis_timeout``, so each instance
