@@ -179,3 +179,42 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
             return exc.code, exc.read()
 
     return await trio.to_thread.run_sync(fetch)
+
+
+class GatewayProcess:
+    """A ``dde-gateway run`` subprocess's JSON log lines (stderr), read by :meth:`read_logs`
+    in a task of the test; its addresses once the "gateway ready" line came. ``changed`` is
+    set (and replaced) after every chunk read, so a test can wait on what the lines say."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.logs: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.changed = trio.Event()
+        self.stream = ""
+        self.http = ""
+        #: stderr reached its end (the process closed it: it has exited).
+        self.eof = False
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        buf = b""
+        async for chunk in self.process.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self.raw.append(line.decode(errors="replace"))
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                self.logs.append(rec)
+                if rec.get("msg", "").startswith("gateway ready"):
+                    self.stream, self.http = rec["stream"], rec["http"]
+            self._poke()
+        self.eof = True
+        self._poke()

@@ -53,7 +53,7 @@ from coredis.retry import NoRetryPolicy
 from gateway.cluster import rank
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
-from tests.kit import TRACKING_PATH
+from tests.kit import TRACKING_PATH, GatewayProcess
 from tests.redis_kit import RedisServer
 
 INSTANCES: Final = ("gw-a", "gw-b")
@@ -162,32 +162,12 @@ def write_config(path: Path, *, sim_port: int, redis_url: str, instance: str) ->
     path.write_text("\n".join(lines) + "\n")
 
 
-class Node:
+class Node(GatewayProcess):
     """One ``dde-gateway run`` process: its JSON log lines, and its addresses once ready."""
 
     def __init__(self, name: str, process: trio.Process) -> None:
+        super().__init__(process)
         self.name = name
-        self.process = process
-        self.logs: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.stream = ""
-        self.http = ""
-
-    async def read_logs(self) -> None:
-        assert self.process.stderr is not None
-        buf = b""
-        async for chunk in self.process.stderr:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                self.raw.append(line.decode(errors="replace"))
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                self.logs.append(rec)
-                if rec.get("msg", "").startswith("gateway ready"):
-                    self.stream, self.http = rec["stream"], rec["http"]
 
     def lines(self, needle: str) -> list[str]:
         """The log messages containing *needle*."""

@@ -331,8 +331,8 @@ async def test_process_reload_and_start_with_token_files(tmp_path: Path) -> None
                 assert reloaded["needs_restart"] == []
                 proc.process.send_signal(signal.SIGTERM)
                 assert await proc.process.wait() == 0
-            assert_no_secret("\n".join(proc.raw_stderr))
-            assert any("authentication failed" in line for line in proc.raw_stderr)
+            assert_no_secret("\n".join(proc.raw))
+            assert any("authentication failed" in line for line in proc.raw)
 
             tokens.write_text(f"{ALL} nosuchfeed\n")
             result = await trio.run_process(

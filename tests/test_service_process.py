@@ -24,7 +24,7 @@ import trio_websocket
 
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
-from tests.kit import TRACKING_PATH, http_get, wait_until
+from tests.kit import TRACKING_PATH, GatewayProcess, http_get, wait_until
 
 A, B, C = "fixture-a", "fixture-b", "fixture-c"
 
@@ -59,43 +59,13 @@ def write_config(
     path.write_text("\n".join(lines) + "\n")
 
 
-class Proc:
+class Proc(GatewayProcess):
     """A gateway subprocess with its log lines and sd_notify datagrams collected."""
 
     def __init__(self, process: trio.Process, notify: trio.socket.SocketType) -> None:
-        self.process = process
+        super().__init__(process)
         self.notify = notify
-        self.logs: list[dict[str, Any]] = []
-        self.raw_stderr: list[str] = []
         self.notes: list[str] = []
-        self.changed = trio.Event()
-        self.stream = ""
-        self.http = ""
-        #: stderr reached its end (the process closed it: it has exited).
-        self.eof = False
-
-    def _poke(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def read_logs(self) -> None:
-        assert self.process.stderr is not None
-        buf = b""
-        async for chunk in self.process.stderr:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                self.raw_stderr.append(line.decode(errors="replace"))
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                self.logs.append(rec)
-                if rec.get("msg", "").startswith("gateway ready"):
-                    self.stream, self.http = rec["stream"], rec["http"]
-            self._poke()
-        self.eof = True
-        self._poke()
 
     async def read_notify(self) -> None:
         while True:
@@ -188,7 +158,7 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                     proc.process.send_signal(signal.SIGTERM)
                     code = await proc.process.wait()
                     elapsed = trio.current_time() - started
-                assert code == 0, proc.raw_stderr[-20:]
+                assert code == 0, proc.raw[-20:]
                 # Generous: drain_timeout (5 s) plus interpreter exit on a loaded machine.
                 assert elapsed < 5.0 + 10.0
                 assert len(closes) == 50
@@ -247,7 +217,7 @@ async def test_sighup_reload_keeps_unchanged_fixture_and_refuses_broken_config(
                 assert proc.notes.count("RELOADING=1") == 2
                 proc.process.send_signal(signal.SIGTERM)
                 assert await proc.process.wait() == 0
-                assert TEST_TOKEN not in "\n".join(proc.raw_stderr)
+                assert TEST_TOKEN not in "\n".join(proc.raw)
 
 
 async def test_demo_command_serves_frames(tmp_path: Path) -> None:
@@ -313,7 +283,7 @@ async def test_a_taken_port_is_one_error_line_and_exit_status_1(tmp_path: Path) 
             "process holds it (several gateways share an address only when every one of them "
             "sets [gateway] reuse_port = true)"
         ]
-        assert not any("Traceback" in line for line in proc.raw_stderr), proc.raw_stderr
+        assert not any("Traceback" in line for line in proc.raw), proc.raw
         assert "READY=1" not in proc.notes
 
 
