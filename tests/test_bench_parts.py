@@ -413,3 +413,39 @@ def test_compressed_frames_keep_rsv1_in_parse_frames() -> None:
         "permessage-deflate"
         in client_handshake("h", 1, "/", extensions="permessage-deflate")[0].decode()
     )
+
+
+def test_cluster_options_make_cluster_scenarios_and_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (plain,) = scenarios_from_args(_parse("--scenario", "ingest"))
+    assert (plain.cluster, plain.relay, plain.instances) == (False, False, 1)
+    (relay,) = scenarios_from_args(_parse("--scenario", "ingest", "--relay"))
+    assert (relay.cluster, relay.relay, relay.instances) == (True, True, 1)
+    scs = scenarios_from_args(_parse("--scenario", "saturated", "--instances", "1,2"))
+    assert [(sc.cluster, sc.instances) for sc in scs] == [(True, 1), (True, 2)]
+    (one,) = scenarios_from_args(_parse("--cluster"))
+    assert one.cluster and not one.relay
+    with pytest.raises(ValueError, match="need cluster"):
+        attrs.evolve(plain, relay=True)
+    with pytest.raises(ValueError, match="one owner"):
+        attrs.evolve(relay, instances=2)
+    assert run_from_args(_parse("--floor", "ingest", "--cluster")) == 2
+    assert "--cluster" in capsys.readouterr().err
+
+    assert "[cluster]" not in gateway_config_text(plain, 1, 2, 3)
+    text = gateway_config_text(scs[1], 1, 0, 0, redis_url="redis://127.0.0.1:7/0", instance="b-2")
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.gateway.reuse_port
+    assert config.cluster is not None
+    assert (config.cluster.redis_url, config.cluster.instance) == ("redis://127.0.0.1:7/0", "b-2")
+    assert config.cluster.lease_ttl == 300
+    assert not load_config_text(tmp_path, gateway_config_text(scs[0], 1, 0, 0)).gateway.reuse_port
+
+
+def load_config_text(tmp_path: Path, text: str) -> Any:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return load_config(path)

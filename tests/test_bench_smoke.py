@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 
-from gateway.bench import ROWS, Scenario, peer_available, run_bench
+from gateway.bench import CLUSTER_ROWS, ROWS, Scenario, peer_available, run_bench
+from tests.conftest import require_redis
 
 SMOKE = Scenario(
     name="smoke",
@@ -62,6 +64,46 @@ def test_bench_smoke_produces_a_complete_report(
         assert run["drop_to_fresh_ms"] > 0, kind
 
     table = capsys.readouterr().out
-    for _, label, _, _ in ROWS:
-        assert label in table
+    for key, label, _, _ in ROWS:
+        assert (label in table) == (key not in CLUSTER_ROWS), label
     assert "ERROR" not in table
+
+
+@pytest.mark.slow
+def test_bench_cluster_smoke_relay_and_two_instances(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--cluster --relay`` and ``--instances 2``: the bench starts its own redis-server
+    (skipped without one, failed in CI, like the ``redis_server`` fixture), and both sides of
+    each run have deliveries, latencies, the appends and Redis's CPU."""
+    require_redis()
+    relay = attrs.evolve(
+        SMOKE, name="smoke-relay", drop=False, idle=0, stuck=0, cluster=True, relay=True
+    )
+    pair = attrs.evolve(relay, name="smoke-x2", relay=False, instances=2, subscribers=6)
+    doc = run_bench([relay, pair], peer=False, json_path=tmp_path / "b.json", progress=False)
+
+    by_name = {res["scenario"]["name"]: res for res in doc["results"]}
+    for res in by_name.values():
+        assert res["errors"] == []
+        main = res["runs"]["gateway"]["main"]
+        assert main["redis_cpu_percent"] > 0
+        assert main["redis"]["frames_appended_per_s"] > 0
+        assert main["instances"][0]["owned"] == SMOKE.fixtures
+    runs = by_name["smoke-relay"]["runs"]["gateway"]
+    assert set(runs) == {"main", "relay"}
+    for phase in ("main", "relay"):
+        run = runs[phase]
+        assert run["deliveries"] > 0, phase
+        assert run["latency_ms"]["count"] == run["deliveries"], phase
+        assert run["healthy_open"] == SMOKE.subscribers, phase
+    assert runs["relay"]["instances"][0]["owned"] == 0
+    (a, b) = by_name["smoke-x2"]["runs"]["gateway"]["main"]["instances"]
+    assert (a["owned"], b["owned"]) == (SMOKE.fixtures, 0)
+    assert a["subscribers"] + b["subscribers"] == 6
+    table = capsys.readouterr().out
+    for key, label, _, _ in ROWS:
+        if key in CLUSTER_ROWS:
+            assert label in table, label
+    assert "smoke-relay cluster (relay)" in table
+    assert "smoke-x2 x2" in table

@@ -11,7 +11,7 @@ micro-benchmarks of the floors the targets are judged against. See docs/performa
 from gateway.bench._cli import add_arguments, run_from_args, scenarios_from_args
 from gateway.bench._loadgen import percentile
 from gateway.bench._procstat import machine_ticks, steal_percent
-from gateway.bench._report import ROWS, evaluate, format_table
+from gateway.bench._report import CLUSTER_ROWS, ROWS, evaluate, format_table
 from gateway.bench._run import (
     PEER_MISSING,
     PEER_SCRIPT,
@@ -33,6 +33,7 @@ from gateway.bench._wsframe import (
 )
 
 __all__ = [
+    "CLUSTER_ROWS",
     "PEER_MISSING",
     "PEER_SCRIPT",
     "PRESETS",

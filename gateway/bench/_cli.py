@@ -94,6 +94,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the gateway with [recorder] dir = DIR (records every fixture; its cost)",
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        default=None,
+        help="run the gateway with a [cluster] section on a redis-server the bench starts "
+        "($DDE_REDIS_SERVER or the one on PATH): every frame is also appended to Redis",
+    )
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        default=None,
+        help="(implies --cluster) a second instance that owns nothing and relays every frame "
+        "from Redis, with the same subscribers on it (figures as the 'relay' phase)",
+    )
+    parser.add_argument(
+        "--instances",
+        default=None,
+        metavar="N[,N...]",
+        help="(implies --cluster) N instances sharing the stream port ([gateway] reuse_port; "
+        "the kernel spreads the subscribers), CPU summed; a list runs once per value",
+    )
+    parser.add_argument(
         "--write-delay",
         default=None,
         metavar="MS[,MS...]",
@@ -156,20 +177,34 @@ def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:
         if getattr(args, name, None) is not None
     }
     delays = [0.0] if args.write_delay is None else [float(x) for x in args.write_delay.split(",")]
+    counts = [1] if args.instances is None else [int(x) for x in args.instances.split(",")]
+    if args.cluster or args.relay or args.instances is not None:
+        overrides["cluster"] = True
+    if args.relay:
+        overrides["relay"] = True
     compressions = ["off"] if args.compression is None else args.compression.split(",")
     return [
         attrs.evolve(
-            PRESETS.get(name, Scenario()), **overrides, write_delay=delay, compression=comp
+            PRESETS.get(name, Scenario()),
+            **overrides,
+            write_delay=delay,
+            compression=comp,
+            instances=count,
         )
         for name in names
         for comp in compressions
         for delay in delays
+        for count in counts
     ]
 
 
 def _given(args: argparse.Namespace) -> list[str]:
     """The dest names of the options given on the command line (all default to None)."""
-    names = (*_KNOBS, "fanout", "drop", "baseline", "peer", "json", "frames", "work", "loop")
+    names = (
+        *_KNOBS,
+        *("fanout", "drop", "baseline", "peer", "json", "frames", "work", "loop"),
+        *("cluster", "relay", "instances"),
+    )
     given = [name for name in names if getattr(args, name, None) is not None]
     if args.scenario != "custom":
         given.append("scenario")

@@ -27,6 +27,14 @@ def _lat(q: str) -> Callable[[Result], float | None]:
     return lambda r: r["latency_ms"][q] if r["latency_ms"]["count"] else None
 
 
+def _each(run: Result, key: str, fmt: str) -> str | None:
+    """*key* of every instance of a several-instance run, " / "-separated (else None)."""
+    instances = run.get("instances") or []
+    if len(instances) < 2:
+        return None
+    return " / ".join("-" if i.get(key) is None else fmt.format(i[key]) for i in instances)
+
+
 #: From this share of stolen CPU time on, the report warns about latency tails.
 STEAL_NOTE_PERCENT: Final = 2.0
 
@@ -59,6 +67,36 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
         "{:,.0f}",
     ),
     ("cpu_percent", "CPU % of one core", lambda r: r["cpu_percent"], "{:.1f}"),
+    (
+        "instances_cpu",
+        "CPU % per instance",
+        lambda r: _each(r, "cpu_percent", "{:.1f}"),
+        "{}",
+    ),
+    (
+        "instances_subscribers",
+        "subscribers per instance",
+        lambda r: _each(r, "subscribers", "{}"),
+        "{}",
+    ),
+    (
+        "frames_appended_per_s",
+        "frames appended to redis /s",
+        lambda r: (r.get("redis") or {}).get("frames_appended_per_s"),
+        "{:,.0f}",
+    ),
+    (
+        "frames_per_append",
+        "frames per append request",
+        lambda r: (r.get("redis") or {}).get("frames_per_append"),
+        "{:.1f}",
+    ),
+    (
+        "redis_cpu_percent",
+        "redis CPU % of one core",
+        lambda r: r.get("redis_cpu_percent"),
+        "{:.1f}",
+    ),
     ("p50", "added latency p50 ms", _lat("p50"), "{:.2f}"),
     ("p99", "added latency p99 ms", _lat("p99"), "{:.2f}"),
     ("p999", "added latency p99.9 ms", _lat("p999"), "{:.2f}"),
@@ -93,6 +131,18 @@ ROWS: Final[list[tuple[str, str, Callable[[Result], Any], str]]] = [
     ("load_average", "(machine load average, 1 min)", lambda r: r["load_average"], "{:.1f}"),
     ("steal_percent", "(machine CPU stolen by host %)", lambda r: r.get("steal_percent"), "{:.1f}"),
 ]
+
+
+#: Rows only a cluster run has (``--cluster``; the per-instance ones with several instances).
+CLUSTER_ROWS: Final = frozenset(
+    {
+        "instances_cpu",
+        "instances_subscribers",
+        "frames_appended_per_s",
+        "frames_per_append",
+        "redis_cpu_percent",
+    }
+)
 
 
 def _get(res: Result, kind: str, phase: str, key: str) -> Any:
@@ -189,19 +239,23 @@ def _fmt(value: Any, fmt: str) -> str:
 
 def format_table(results: Sequence[Result]) -> str:
     """The human table: one block per scenario (and phase), rows with a figure only."""
-    head = f"{'scenario':<18} {'figure':<30} {'gateway':>11} {'peer':>11} {'gw/peer':>8}  target"
+    head = f"{'scenario':<24} {'figure':<30} {'gateway':>11} {'peer':>11} {'gw/peer':>8}  target"
     out = [head, "-" * len(head)]
     for res in results:
         name = res["scenario"]["name"]
         checks = {c["figure"]: c for c in res.get("checks", [])}
-        phases = ["baseline", "main"] if "baseline" in res["runs"].get("gateway", {}) else ["main"]
+        gw_phases = res["runs"].get("gateway", {})
+        phases = [p for p in ("baseline", "main", "relay") if p == "main" or p in gw_phases]
+        sc = res["scenario"]
+        if sc.get("write_delay"):
+            name = f"{name} wd={sc['write_delay']:g}"
+        if sc.get("compression", "off") != "off":
+            name = f"{name} {sc['compression']}"
+        if sc.get("cluster"):
+            count = sc.get("instances", 1)
+            name = f"{name} cluster" if count == 1 else f"{name} x{count}"
         for phase in phases:
-            sc = res["scenario"]
-            if sc.get("write_delay"):
-                name = f"{res['scenario']['name']} wd={sc['write_delay']:g}"
-            if sc.get("compression", "off") != "off":
-                name = f"{name} {sc['compression']}"
-            label = name if phase == "main" else f"{name} (baseline)"
+            label = name if phase == "main" else f"{name} ({phase})"
             if phase == "main" and sc["stuck"]:
                 label = f"{name} ({sc['stuck']} of {sc['subscribers'] + sc['stuck']})"
             for key, text, _, fmt in ROWS:
@@ -219,10 +273,10 @@ def format_table(results: Sequence[Result]) -> str:
                     extra = f" ({check['value']:.2f})" if shown else ""
                     target = f"{check['target']}: {verdict}{extra}"
                 cells = f"{_fmt(g, fmt):>11} {_fmt(p, fmt):>11} {ratio:>8}"
-                out.append(f"{label:<18} {text:<30} {cells}  {target}")
+                out.append(f"{label:<24} {text:<30} {cells}  {target}")
                 label = ""
         for error in res.get("errors", []):
-            out.append(f"{'':<18} ERROR {error}")
+            out.append(f"{'':<24} ERROR {error}")
         out.append("")
     cpus = os.cpu_count() or 1
     loads = [

@@ -44,6 +44,7 @@ from gateway.bench._procstat import (
     steal_percent,
     write_calls,
 )
+from gateway.bench._redis import BenchRedis, RedisStartError
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
 from gateway.config import ConfigError, ListenAddress, load_config
@@ -58,6 +59,14 @@ IDLE_SETTLE: Final = 1.0
 #: The websockets relay, a file of this package run by its path: the child imports no gateway
 #: code, so its memory figures are the relay's own.
 PEER_SCRIPT: Final = Path(__file__).with_name("_peer.py")
+#: ``[cluster] lease_ttl`` of the bench's instances: far longer than a run, so the instance
+#: started first keeps every fixture (a configured fixture is handed over to its first-ranked
+#: instance only once that one has been live for lease_ttl) and the others relay everything.
+#: Lease rounds still run every second (the tick is at most 1 s whatever the TTL).
+BENCH_LEASE_TTL: Final = 300.0
+#: ``[cluster] stream_maxlen``: a minute at 25 Hz (docs/cluster.md, "Redis sizing").
+BENCH_STREAM_MAXLEN: Final = 1500
+BENCH_KEY_PREFIX: Final = "bench"
 #: What the peer needs and how to get it; said once when the comparison is skipped.
 PEER_MISSING: Final = (
     "websockets is not installed; the 'bench' extra installs it: pip install 'dde-gateway[bench]'"
@@ -148,9 +157,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) -> str:
+def gateway_config_text(
+    sc: Scenario,
+    feeder_port: int,
+    stream: int,
+    http: int,
+    *,
+    redis_url: str | None = None,
+    instance: str = "bench-1",
+    lease_ttl: float = BENCH_LEASE_TTL,
+) -> str:
     """The TOML the gateway runs with: loopback listeners, the feeder as its tracking vendor,
-    a connect rate that does not throttle hundreds of fixtures, and limits above the load."""
+    a connect rate that does not throttle hundreds of fixtures, and limits above the load.
+
+    *redis_url*: a ``[cluster]`` section (member *instance*) on that Redis, with
+    :data:`BENCH_LEASE_TTL` and :data:`BENCH_STREAM_MAXLEN`; ``reuse_port`` when the scenario
+    runs several instances on one listener."""
     connections = sc.subscribers + sc.stuck + sc.idle + 100
     lines = [
         "[gateway]",
@@ -158,6 +180,7 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
         f'http_listen = "127.0.0.1:{http}"',
         "drain_timeout = 2.0",
         'log_level = "warning"',
+        *(["reuse_port = true"] if sc.instances > 1 else []),
         "",
         "[upstream]",
         f'token_env = "{TOKEN_ENV}"',
@@ -179,6 +202,16 @@ def gateway_config_text(sc: Scenario, feeder_port: int, stream: int, http: int) 
         lines.append(f'compression = "{sc.compression}"')
     if sc.recorder_dir is not None:
         lines += ["", "[recorder]", f"dir = {json.dumps(sc.recorder_dir)}"]
+    if redis_url is not None:
+        lines += [
+            "",
+            "[cluster]",
+            f"redis_url = {json.dumps(redis_url)}",
+            f"instance = {json.dumps(instance)}",
+            f"lease_ttl = {lease_ttl:g}",
+            f"stream_maxlen = {BENCH_STREAM_MAXLEN}",
+            f'key_prefix = "{BENCH_KEY_PREFIX}"',
+        ]
     for i in range(sc.fixtures):
         lines += ["", "[[fixtures]]", 'feed = "tracking"', f'id = "{fixture_id(i)}"']
     return "\n".join(lines) + "\n"
@@ -237,45 +270,225 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
+@attrs.frozen
+class _Instance:
+    """A running target process: its name, pid, subscriber port and HTTP port (0: none)."""
+
+    name: str
+    pid: int
+    stream: int
+    http: int = 0
+
+
+def http_json(port: int, path: str, timeout: float = 2.0) -> Any:
+    """GET ``http://127.0.0.1:<port><path>`` and decode its JSON (no proxy: loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def cluster_leases(redis: BenchRedis, fixtures: int) -> dict[str, tuple[str | None, str | None]]:
+    """Fixture id -> (the instance holding its lease, the state its owner wrote in its meta),
+    as the bench's Redis has them (None where unset)."""
+    ids = [fixture_id(i) for i in range(fixtures)]
+    prefix = f"{BENCH_KEY_PREFIX}:%s:tracking/%s"
+    replies = redis.pipeline(
+        [("GET", prefix % ("lease", fx)) for fx in ids]
+        + [("HGET", prefix % ("meta", fx), "state") for fx in ids]
+    )
+
+    def text(value: Any) -> str | None:
+        return value.decode() if isinstance(value, bytes) else None
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for i, fx in enumerate(ids):
+        token = text(replies[i])
+        out[fx] = (None if token is None else token.rsplit("/", 1)[0], text(replies[len(ids) + i]))
+    return out
+
+
+def wait_owner(
+    redis: BenchRedis, instance: str, fixtures: int, timeout: float = READY_TIMEOUT
+) -> float:
+    """Wait until *instance* holds the lease of every fixture and each is ``live`` (the state
+    its owner wrote beside the stream); the seconds it took. :class:`BenchError` after
+    *timeout*."""
+    t0 = time.monotonic()
+    done = 0
+    while time.monotonic() - t0 < timeout:
+        leases = cluster_leases(redis, fixtures)
+        done = sum(1 for who, state in leases.values() if who == instance and state == "live")
+        if done == fixtures:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise BenchError(f"{instance} owned {done} of {fixtures} fixtures (live) after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def _gateway_process(
+    sc: Scenario,
+    name: str,
+    feeder_port: int,
+    env: dict[str, str],
+    tmp: Path,
+    *,
+    stream: int = 0,
+    redis_url: str | None = None,
+    lease_ttl: float = BENCH_LEASE_TTL,
+) -> Iterator[_Instance]:
+    """One gateway as ``dde-gateway run`` starts it, on a generated config; stopped after."""
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "wb") as log:
+        config = tmp / f"{name}.toml"
+        config.write_text(
+            gateway_config_text(
+                sc, feeder_port, stream, 0, redis_url=redis_url, instance=name, lease_ttl=lease_ttl
+            )
+        )
+        try:
+            load_config(config)
+        except ConfigError as exc:
+            raise BenchError(f"generated config rejected: {exc}") from None
+        argv = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+        # Info level, JSON: the "gateway ready" line names the ports bound (see _bound_ports).
+        proc = subprocess.Popen(
+            [*argv, "--log-level", "info", "--log-format", "json"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        try:
+            bound_stream, http = _bound_ports(proc, log_path)
+            _wait_http_ready(proc, http, log_path)
+            yield _Instance(name, proc.pid, bound_stream, http)
+        finally:
+            _stop(proc)
+
+
 @contextlib.contextmanager
 def _target(
-    kind: str, sc: Scenario, feeder_port: int, env: dict[str, str], tmp: Path
-) -> Iterator[tuple[int, int]]:
-    """Start the gateway or the peer; yield ``(pid, subscriber port)``; stop it after."""
-    log_path = tmp / f"{kind}.log"
-    with open(log_path, "wb") as log:
-        if kind == "gateway":
-            config = tmp / "gateway.toml"
-            config.write_text(gateway_config_text(sc, feeder_port, 0, 0))
-            try:
-                load_config(config)
-            except ConfigError as exc:
-                raise BenchError(f"generated config rejected: {exc}") from None
-            argv = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
-            # Info level, JSON: the "gateway ready" line names the ports bound (see _bound_ports).
-            proc = subprocess.Popen(
-                [*argv, "--log-level", "info", "--log-format", "json"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-            try:
-                stream, http = _bound_ports(proc, log_path)
-                _wait_http_ready(proc, http, log_path)
-                yield proc.pid, stream
-            finally:
-                _stop(proc)
-        else:
+    kind: str, sc: Scenario, feeder_port: int, env: dict[str, str], tmp: Path, *, say: Any
+) -> Iterator[tuple[list[_Instance], BenchRedis | None]]:
+    """Start the gateway (with its cluster: Redis and the other instances) or the peer; yield
+    the processes and the bench's Redis (None without a cluster); stop them all after.
+
+    In a cluster the first instance is started alone and owns every fixture (all live) before
+    the next one starts; the others then relay every fixture (waited for too)."""
+    if kind == "peer":
+        log_path = tmp / "peer.log"
+        with open(log_path, "wb") as log:
             argv = [sys.executable, str(PEER_SCRIPT), "--feeder-port", str(feeder_port)]
             peer = _Child("peer", [*argv, "--fixtures", str(sc.fixtures)], env, log)
             try:
                 port = peer.expect("listening")["port"]
-                yield peer.proc.pid, int(port)
+                yield [_Instance("peer", peer.proc.pid, int(port))], None
             except BenchError as exc:
                 raise BenchError(f"{exc}: {_tail(log_path)}") from None
             finally:
                 peer.stop()
+        return
+    if not sc.cluster:
+        with _gateway_process(sc, "gateway", feeder_port, env, tmp) as inst:
+            yield [inst], None
+        return
+    with contextlib.ExitStack() as st:
+        try:
+            redis = st.enter_context(BenchRedis(tmp / "redis"))
+        except (RedisStartError, OSError) as exc:
+            raise BenchError(f"cluster: {exc}") from None
+        say(f"redis-server pid {redis.pid} on {redis.url}")
+        out: list[_Instance] = []
+        for i in range(2 if sc.relay else sc.instances):
+            shared = out[0].stream if out and sc.instances > 1 else 0
+            inst = st.enter_context(
+                _gateway_process(
+                    sc, f"bench-{i + 1}", feeder_port, env, tmp, stream=shared, redis_url=redis.url
+                )
+            )
+            if not out:
+                took = wait_owner(redis, inst.name, sc.fixtures)
+                say(f"{inst.name} owns all {sc.fixtures} fixtures, live, after {took:.1f} s")
+            out.append(inst)
+        yield out, redis
+
+
+def _subscribers(inst: _Instance) -> int | None:
+    """Connected subscribers of a gateway (``GET /v1/status``), None if it does not say."""
+    try:
+        return int(http_json(inst.http, "/v1/status")["subscribers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _feeder(sc: Scenario, env: dict[str, str], log: IO[bytes]) -> _Child:
+    argv = [sys.executable, "-m", "gateway.bench._feeder", "--token-env", TOKEN_ENV]
+    argv += ["--fixtures", str(sc.fixtures), "--rate", str(sc.rate)]
+    return _Child("feeder", [*argv, "--frame-bytes", str(sc.frame_bytes)], env, log)
+
+
+def _loadgen(
+    kind: str, sc: Scenario, port: int, env: dict[str, str], log: IO[bytes], *, name: str
+) -> _Child:
+    return _Child(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "gateway.bench._loadgen",
+            "--kind",
+            kind,
+            "--port",
+            str(port),
+            "--subscribers",
+            str(sc.subscribers),
+            "--fixtures",
+            str(sc.fixtures),
+            "--fanout",
+            sc.fanout,
+            "--stuck",
+            str(sc.stuck),
+            "--idle",
+            str(sc.idle),
+            *(["--deflate"] if sc.compression == "deflate" and kind == "gateway" else []),
+        ],
+        env,
+        log,
+    )
+
+
+#: Scripts a lease round runs (heartbeat, leases, metas; the API set is a MULTI, not a script;
+#: no on-demand feeds here), about once a second (the tick is at most 1 s).
+_ROUND_SCRIPTS_PER_S: Final = 3
+
+
+def _redis_figures(
+    stats0: dict[str, dict[str, float]],
+    stats1: dict[str, dict[str, float]],
+    instances: int,
+    window: float,
+) -> dict[str, Any]:
+    """Per command: calls/s and us per call over the window (commands run by scripts
+    included); frames appended (XADD calls) and the append requests (EVALSHA calls less an
+    estimate of the lease rounds' scripts) with the frames per request."""
+    per_command: dict[str, dict[str, float]] = {}
+    for cmd, after in stats1.items():
+        before = stats0.get(cmd, {"calls": 0.0, "usec": 0.0})
+        calls = after["calls"] - before["calls"]
+        if calls > 0 and cmd not in ("info", "ping", "get", "hget"):
+            per_command[cmd] = {
+                "calls_per_s": calls / window,
+                "us_per_call": (after["usec"] - before["usec"]) / calls,
+            }
+    appended = per_command.get("xadd", {}).get("calls_per_s", 0.0)
+    evalsha = per_command.get("evalsha", {}).get("calls_per_s", 0.0)
+    requests = evalsha - _ROUND_SCRIPTS_PER_S * instances
+    return {
+        "commands": per_command,
+        "frames_appended_per_s": appended,
+        "append_requests_per_s": requests if requests > 0 else None,
+        "frames_per_append": appended / requests if requests > 0 and appended else None,
+    }
 
 
 def measure(
@@ -283,6 +496,8 @@ def measure(
 ) -> Result:
     """Run *sc* against the gateway or the peer (*kind*) and return its figures.
 
+    With ``sc.relay`` the relay instance's figures (its CPU, its subscribers' deliveries and
+    latency, in the same window) are under the result's ``"relay"`` key.
     *slow_steps*: the gateway appends its task steps over 10 ms there (JSON lines,
     :mod:`gateway.service._slowsteps`)."""
     token = secrets.token_urlsafe(24)
@@ -298,141 +513,148 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="dde-bench-") as tmpname, contextlib.ExitStack() as st:
         tmp = Path(tmpname)
         feeder_log = st.enter_context(open(tmp / "feeder.log", "wb"))
-        feeder = _Child(
-            "feeder",
-            [
-                sys.executable,
-                "-m",
-                "gateway.bench._feeder",
-                "--fixtures",
-                str(sc.fixtures),
-                "--rate",
-                str(sc.rate),
-                "--frame-bytes",
-                str(sc.frame_bytes),
-                "--token-env",
-                TOKEN_ENV,
-            ],
-            env,
-            feeder_log,
-        )
+        feeder = _feeder(sc, env, feeder_log)
         st.callback(feeder.stop)
         feeder_port = int(feeder.expect("listening")["port"])
-        pid, port = st.enter_context(_target(kind, sc, feeder_port, env, tmp))
-        say(f"target pid {pid} on port {port}")
-        rss_before = memory_kib(pid)["VmRSS"]
-        loadgen_log = st.enter_context(open(tmp / "loadgen.log", "wb"))
-        loadgen = _Child(
-            "loadgen",
-            [
-                sys.executable,
-                "-m",
-                "gateway.bench._loadgen",
-                "--kind",
-                kind,
-                "--port",
-                str(port),
-                "--subscribers",
-                str(sc.subscribers),
-                "--fixtures",
-                str(sc.fixtures),
-                "--fanout",
-                sc.fanout,
-                "--stuck",
-                str(sc.stuck),
-                "--idle",
-                str(sc.idle),
-                *(["--deflate"] if sc.compression == "deflate" and kind == "gateway" else []),
-            ],
-            env,
-            loadgen_log,
-        )
-        st.callback(loadgen.stop)
+        procs, redis = st.enter_context(_target(kind, sc, feeder_port, env, tmp, say=say))
+        cluster = kind == "gateway" and sc.cluster
+        # The measured sides: each its processes (CPU summed) and its own load generator.
+        sides = [("main", procs[:1]), ("relay", procs[1:])] if sc.relay else [("main", procs)]
+        for inst in procs:
+            say(f"{inst.name} pid {inst.pid} on port {inst.stream}")
+        pids = [inst.pid for inst in procs]
+        rss_before = {pid: memory_kib(pid)["VmRSS"] for pid in pids}
+        loadgens: list[_Child] = []
+        for phase, group in sides:
+            loadgen_log = st.enter_context(open(tmp / f"loadgen-{phase}.log", "wb"))
+            name = "loadgen" if phase == "main" else f"loadgen ({phase})"
+            loadgen = _loadgen(kind, sc, group[0].stream, env, loadgen_log, name=name)
+            st.callback(loadgen.stop)
+            loadgens.append(loadgen)
         connect_timeout = START_TIMEOUT + (sc.subscribers + sc.stuck + sc.idle) / 100
-        connected = loadgen.expect("connected", connect_timeout)
-        say(
-            f"{sc.subscribers + sc.stuck + sc.idle} subscribers connected in "
-            f"{connected['seconds']:.1f} s"
-        )
-        rss_idle_kib: float | None = None
+        for loadgen in loadgens:
+            connected = loadgen.expect("connected", connect_timeout)
+            say(
+                f"{sc.subscribers + sc.stuck + sc.idle} subscribers connected in "
+                f"{connected['seconds']:.1f} s"
+            )
+        rss_idle_kib: dict[str, float | None] = dict.fromkeys((p for p, _ in sides))
         if sc.idle:
             time.sleep(IDLE_SETTLE)
-            rss_idle_kib = (memory_kib(pid)["VmRSS"] - rss_before) / sc.idle
-        _wait_receiving(loadgen, sc, say)
+            for phase, group in sides:
+                grown = sum(memory_kib(i.pid)["VmRSS"] - rss_before[i.pid] for i in group)
+                rss_idle_kib[phase] = grown / sc.idle
+        for loadgen in loadgens:
+            _wait_receiving(loadgen, sc, say)
         time.sleep(sc.warmup)
 
         load0 = os.getloadavg()[0]
         ticks0 = machine_ticks()
-        cpu0 = cpu_seconds(pid)
-        writes0 = write_calls(pid)
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        writes0 = {pid: write_calls(pid) for pid in pids}
+        redis_cpu0 = cpu_seconds(redis.pid) if redis is not None else 0.0
+        stats0 = redis.commandstats() if redis is not None else {}
         fs0 = feeder.ask("stats", "stats")
         t0 = time.monotonic()
-        loadgen.ask("mark", "marked")
+        for loadgen in loadgens:
+            loadgen.ask("mark", "marked")
         drop_ns: int | None = None
-        last = (t0, 0, cpu0)
+        last = (t0, 0, sum(cpu0.values()))
         while (elapsed := time.monotonic() - t0) < sc.duration:
             time.sleep(min(1.0, sc.duration - elapsed))
             if sc.drop and drop_ns is None and time.monotonic() - t0 >= sc.duration * DROP_AT:
                 drop_ns = int(feeder.ask("drop", "dropped")["t_ns"])
-                loadgen.ask(f"drop {drop_ns}", "drop")
+                for loadgen in loadgens:
+                    loadgen.ask(f"drop {drop_ns}", "drop")
                 say("upstream connections dropped")
-            now, cpu = time.monotonic(), cpu_seconds(pid)
-            done = int(loadgen.ask("progress", "progress")["deliveries"])
+            now, cpu = time.monotonic(), sum(cpu_seconds(pid) for pid in pids)
+            done = sum(int(lg.ask("progress", "progress")["deliveries"]) for lg in loadgens)
             dt = now - last[0]
             say(
                 f"{now - t0:5.1f}/{sc.duration:.0f} s  {(done - last[1]) / dt:9.0f} deliveries/s"
                 f"  target CPU {100 * (cpu - last[2]) / dt:5.1f}%"
             )
             last = (now, done, cpu)
-        cpu1 = cpu_seconds(pid)
-        writes1 = write_calls(pid)
+        cpu1 = {pid: cpu_seconds(pid) for pid in pids}
+        writes1 = {pid: write_calls(pid) for pid in pids}
+        redis_cpu1 = cpu_seconds(redis.pid) if redis is not None else 0.0
+        stats1 = redis.commandstats() if redis is not None else {}
+        leases = cluster_leases(redis, sc.fixtures) if redis is not None else {}
         ticks1 = machine_ticks()
         fs1 = feeder.ask("stats", "stats")
-        report = loadgen.ask("report", "report")
+        reports = [loadgen.ask("report", "report") for loadgen in loadgens]
         t1 = time.monotonic()
-        mem = memory_kib(pid)
+        mem = {pid: memory_kib(pid) for pid in pids}
+        subscribers = {i.pid: _subscribers(i) for i in procs} if cluster else {}
+        redis_memory = redis.used_memory() if redis is not None else None
 
     window = t1 - t0
-    cpu = cpu1 - cpu0
-    frames_in = int(fs1["made"]) - int(fs0["made"])
-    deliveries = int(report["deliveries"])
-    fresh = report.get("fresh_ms") or {}
-    return {
-        "target": kind,
-        "window_s": round(window, 3),
-        "deliveries": deliveries,
-        "frames_in_per_s": frames_in / window,
-        "frames_out_per_s": deliveries / window,
-        "target_cpu_s": cpu,
-        "cpu_percent": 100 * cpu / window,
-        "deliveries_per_cpu_s": deliveries / cpu if cpu > 0 else None,
-        "us_cpu_per_delivery": 1e6 * cpu / deliveries if deliveries else None,
-        # write()/writev() calls; the peer (asyncio) sends with send(), which is not counted.
-        "writes_per_delivery": (writes1 - writes0) / deliveries
-        if deliveries and kind == "gateway"
-        else None,
-        "wire_bytes_per_frame": int(report["bytes"]) / deliveries if deliveries else None,
-        "compressed_frames": int(report.get("compressed", 0)),
-        "latency_ms": report["latency_ms"],
-        "rss_kib": mem["VmRSS"],
-        "peak_rss_kib": mem["VmHWM"],
-        "rss_before_kib": rss_before,
-        "rss_per_idle_kib": rss_idle_kib,
-        "drop_to_fresh_ms": fresh.get("max") if drop_ns is not None else None,
-        "fresh_subscribers": fresh.get("count") if drop_ns is not None else None,
-        "healthy": report["healthy"],
-        "healthy_open": report["healthy_open"],
-        "idle_open": report["idle_open"],
-        "stuck": report["stuck"],
-        "stuck_closed": report["stuck_closed"],
-        "closed": report["closed"],
-        "loadgen_cpu_percent": 100 * float(report["cpu_s"]) / window,
+    common = {
+        "frames_in_per_s": (int(fs1["made"]) - int(fs0["made"])) / window,
         "feeder_cpu_percent": 100 * (float(fs1["cpu_s"]) - float(fs0["cpu_s"])) / window,
         # Other work on the machine skews every figure (CPU time is the least affected).
         "load_average": max(load0, os.getloadavg()[0]),
         # On a virtual machine, CPU time the hypervisor gave to others: it drives latency tails.
         "steal_percent": steal_percent(ticks0, ticks1),
     }
+    results: dict[str, Result] = {}
+    for (phase, group), report in zip(sides, reports, strict=True):
+        gpids = [i.pid for i in group]
+        cpu = sum(cpu1[p] - cpu0[p] for p in gpids)
+        writes = sum(writes1[p] - writes0[p] for p in gpids)
+        deliveries = int(report["deliveries"])
+        fresh = report.get("fresh_ms") or {}
+        run: Result = {
+            "target": kind,
+            "window_s": round(window, 3),
+            "deliveries": deliveries,
+            "frames_out_per_s": deliveries / window,
+            "target_cpu_s": cpu,
+            "cpu_percent": 100 * cpu / window,
+            "deliveries_per_cpu_s": deliveries / cpu if cpu > 0 else None,
+            "us_cpu_per_delivery": 1e6 * cpu / deliveries if deliveries else None,
+            # write()/writev() calls; the peer (asyncio) sends with send(), which is not counted.
+            "writes_per_delivery": (
+                writes / deliveries if deliveries and kind == "gateway" else None
+            ),
+            "wire_bytes_per_frame": int(report["bytes"]) / deliveries if deliveries else None,
+            "compressed_frames": int(report.get("compressed", 0)),
+            "latency_ms": report["latency_ms"],
+            # Summed over the side's processes (their peaks need not coincide).
+            "rss_kib": sum(mem[p]["VmRSS"] for p in gpids),
+            "peak_rss_kib": sum(mem[p]["VmHWM"] for p in gpids),
+            "rss_before_kib": sum(rss_before[p] for p in gpids),
+            "rss_per_idle_kib": rss_idle_kib[phase],
+            "drop_to_fresh_ms": fresh.get("max") if drop_ns is not None else None,
+            "fresh_subscribers": fresh.get("count") if drop_ns is not None else None,
+            "healthy": report["healthy"],
+            "healthy_open": report["healthy_open"],
+            "idle_open": report["idle_open"],
+            "stuck": report["stuck"],
+            "stuck_closed": report["stuck_closed"],
+            "closed": report["closed"],
+            "loadgen_cpu_percent": 100 * float(report["cpu_s"]) / window,
+            **common,
+        }
+        if cluster:
+            run["instances"] = [
+                {
+                    "name": inst.name,
+                    "cpu_percent": 100 * (cpu1[inst.pid] - cpu0[inst.pid]) / window,
+                    "owned": sum(1 for who, _ in leases.values() if who == inst.name),
+                    "subscribers": subscribers.get(inst.pid),
+                }
+                for inst in group
+            ]
+        results[phase] = run
+    main = results.pop("main")
+    if redis is not None:
+        main["redis_cpu_percent"] = 100 * (redis_cpu1 - redis_cpu0) / window
+        main["redis_used_memory_mib"] = (redis_memory or 0) / 2**20
+        main["redis"] = _redis_figures(stats0, stats1, len(procs), window)
+    if "relay" in results:
+        main["relay"] = results["relay"]
+    return main
 
 
 def _wait_receiving(loadgen: _Child, sc: Scenario, say: Any) -> None:
@@ -464,9 +686,11 @@ def run_scenario(
             phases.insert(0, ("baseline", attrs.evolve(sc, stuck=0)))
         for phase, variant in phases:
             try:
-                runs.setdefault(kind, {})[phase] = measure(
-                    kind, variant, progress=progress, slow_steps=slow_steps
-                )
+                run = measure(kind, variant, progress=progress, slow_steps=slow_steps)
+                relay = run.pop("relay", None)
+                runs.setdefault(kind, {})[phase] = run
+                if relay is not None:
+                    runs[kind]["relay"] = relay
             except (BenchError, OSError) as exc:
                 errors.append(f"{sc.name}/{kind}/{phase}: {exc}")
     return {"scenario": attrs.asdict(sc), "runs": runs, "errors": errors}
@@ -500,7 +724,8 @@ def run_bench(
     if not targets:
         raise BenchError("nothing to measure: both --no-gateway and --no-peer")
     nofile = raise_nofile_limit()
-    need = max(sc.subscribers + sc.stuck + sc.idle for sc in scenarios) + 200
+    need = max((sc.subscribers + sc.stuck + sc.idle) * (2 if sc.relay else 1) for sc in scenarios)
+    need += 200
     if nofile < need:
         raise BenchError(f"open-file limit {nofile} is below the {need} this run needs")
     results = [

@@ -60,6 +60,22 @@ class Scenario:
         default="off", validator=attrs.validators.in_(("off", "deflate"))
     )
 
+    #: Run the gateway as a member of a cluster (``[cluster]``) on a redis-server the bench
+    #: starts for the run: every frame is also appended to Redis (docs/cluster.md).
+    cluster: bool = False
+    #: With ``cluster``: a second instance that owns nothing (it relays every fixture from
+    #: Redis) and a second load generator with the same subscribers on it (phase "relay").
+    relay: bool = False
+    #: Gateway instances sharing the stream listener (``reuse_port``; the kernel spreads the
+    #: subscribers), all in one cluster; the first owns every fixture, the others relay.
+    instances: int = attrs.field(default=1, validator=[attrs.validators.ge(1)])
+
+    def __attrs_post_init__(self) -> None:
+        if (self.relay or self.instances > 1) and not self.cluster:
+            raise ValueError("relay and instances > 1 need cluster")
+        if self.relay and self.instances > 1:
+            raise ValueError("relay takes one owner instance (instances = 1)")
+
     @property
     def offered_deliveries(self) -> float:
         """Deliveries per second the feeder's rate implies (0 when the rate is unlimited)."""

@@ -1,0 +1,230 @@
+"""How long a cluster takes to take over an instance's fixtures after that instance is killed.
+
+Run: ``python -m gateway.bench._takeover --fixtures 50,200 --lease-ttl 10,3 --runs 3``
+(docs/performance.md, "Cluster"). Needs a redis-server (``$DDE_REDIS_SERVER`` or PATH).
+
+One trial, all processes fresh, on loopback: the bench's feeder (F fixtures x 25 Hz), a
+redis-server of its own, gateway A (``[cluster]`` with the given ``lease_ttl``) started alone
+until it owns every fixture (all live), then gateway B, which relays them all, with one
+subscriber per fixture on B (the load generator, ``--fanout spread``). Then A gets SIGKILL (no
+chance to release anything), and from that instant:
+
+- *lease*: when Redis names B as the holder of each fixture's lease (polled every 50 ms);
+- *owner live*: when B's ``GET /v1/fixtures`` shows the fixture ``live`` on B's own upstream
+  (``role`` ``owner`` where the API has it; else an upstream with a connect, which a relay
+  does not have), the same polls;
+- *first frame*: for each of B's subscribers, the arrival of the first frame the feeder made
+  after the kill (the new owner's upstream resumes from the stream's last vendor position, so
+  the frames made meanwhile come first, as a backfill).
+
+The trial fails (and says so) when B took any fixture before the kill: a configured fixture is
+handed to its first-ranked instance once that one has been live for ``lease_ttl``, so the kill
+comes as soon as B relays everything (well within 3 s).
+
+Prints one line per trial and a table of medians per (fixtures, lease_ttl); ``--json PATH``
+writes every trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.bench._feeder import fixture_id
+from gateway.bench._redis import BenchRedis, RedisStartError
+from gateway.bench._run import (
+    TOKEN_ENV,
+    BenchError,
+    _feeder,
+    _gateway_process,
+    _loadgen,
+    _wait_receiving,
+    cluster_leases,
+    http_json,
+    raise_nofile_limit,
+    wait_owner,
+)
+from gateway.bench._scenario import Scenario
+
+POLL: Final = 0.05
+#: The trial gives up this long after the kill, beyond the lease's time to live.
+GIVE_UP: Final = 60.0
+
+
+def _owner_live(fx: dict[str, Any]) -> bool:
+    """Whether a fixture of B's ``GET /v1/fixtures`` is live on B's own upstream."""
+    if fx.get("state") != "live":
+        return False
+    if "role" in fx:
+        return bool(fx["role"] == "owner")
+    return int((fx.get("upstream") or {}).get("connects") or 0) >= 1
+
+
+def trial(
+    fixtures: int, lease_ttl: float, frame_bytes: int, *, say: Any, logs: Path | None = None
+) -> dict[str, Any]:
+    """One kill and takeover (see the module docstring); its figures in seconds."""
+    sc = Scenario(
+        name="takeover",
+        subscribers=fixtures,
+        fixtures=fixtures,
+        rate=25.0,
+        frame_bytes=frame_bytes,
+        fanout="spread",
+        cluster=True,
+    )
+    env = dict(os.environ, **{TOKEN_ENV: secrets.token_urlsafe(24)})
+    ids = [fixture_id(i) for i in range(fixtures)]
+    with tempfile.TemporaryDirectory(prefix="dde-takeover-") as name, contextlib.ExitStack() as st:
+        tmp = Path(name)
+        if logs is not None:  # copied when the trial ends, whatever happened
+            dest = logs / f"{fixtures}-{lease_ttl:g}-{time.strftime('%H%M%S')}"
+            st.callback(shutil.copytree, tmp, dest, ignore=shutil.ignore_patterns("redis*"))
+        feeder = _feeder(sc, env, st.enter_context(open(tmp / "feeder.log", "wb")))
+        st.callback(feeder.stop)
+        port = int(feeder.expect("listening")["port"])
+        try:
+            redis = st.enter_context(BenchRedis(tmp / "redis"))
+        except (RedisStartError, OSError) as exc:
+            raise BenchError(str(exc)) from None
+        kw: dict[str, Any] = {"redis_url": redis.url, "lease_ttl": lease_ttl}
+        a = st.enter_context(_gateway_process(sc, "bench-a", port, env, tmp, **kw))
+        wait_owner(redis, "bench-a", fixtures)
+        b = st.enter_context(_gateway_process(sc, "bench-b", port, env, tmp, **kw))
+        lg_log = st.enter_context(open(tmp / "loadgen.log", "wb"))
+        loadgen = _loadgen("gateway", sc, b.stream, env, lg_log, name="loadgen")
+        st.callback(loadgen.stop)
+        loadgen.expect("connected")
+        _wait_receiving(loadgen, sc, lambda text: None)
+        early = [fx for fx, (who, _) in cluster_leases(redis, fixtures).items() if who != "bench-a"]
+        if early:
+            raise BenchError(f"bench-b took {len(early)} fixtures before the kill (rebalancing)")
+
+        t0 = time.monotonic()
+        kill_ns = time.monotonic_ns()
+        os.kill(a.pid, signal.SIGKILL)
+        loadgen.ask(f"drop {kill_ns}", "drop")
+        lease_at: dict[str, float] = {}
+        live_at: dict[str, float] = {}
+        while len(live_at) < fixtures:
+            now = time.monotonic() - t0
+            if now > lease_ttl + GIVE_UP:
+                raise BenchError(
+                    f"after {now:.0f} s bench-b owns {len(lease_at)} and has {len(live_at)} "
+                    f"of {fixtures} live"
+                )
+            for fx, (who, _) in cluster_leases(redis, fixtures).items():
+                if who == "bench-b":
+                    lease_at.setdefault(fx, now)
+            try:
+                view = http_json(b.http, "/v1/fixtures")
+            except (OSError, ValueError):
+                view = []
+            for fx in view:
+                if fx["fixture"] in lease_at and _owner_live(fx):
+                    live_at.setdefault(fx["fixture"], time.monotonic() - t0)
+            time.sleep(POLL)
+        deadline = time.monotonic() + 5.0
+        while True:  # every subscriber's first frame made after the kill
+            report = loadgen.ask("report", "report")
+            fresh = report["fresh_ms"] or {}
+            if fresh.get("count", 0) >= fixtures or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+
+    leases = sorted(lease_at[fx] for fx in ids if fx in lease_at)
+    lives = sorted(live_at[fx] for fx in ids)
+    result = {
+        "fixtures": fixtures,
+        "lease_ttl": lease_ttl,
+        "lease_first_s": leases[0],
+        "lease_all_s": leases[-1],
+        "owner_live_p50_s": statistics.median(lives),
+        "owner_live_all_s": lives[-1],
+        "first_frame_count": fresh.get("count", 0),
+        "first_frame_p50_s": (fresh.get("p50") or 0) / 1000,
+        "first_frame_max_s": (fresh.get("max") or 0) / 1000,
+    }
+    say(
+        f"{fixtures} fixtures, lease_ttl {lease_ttl:g}: leases {leases[0]:.2f}-{leases[-1]:.2f} s,"
+        f" all owner+live {lives[-1]:.2f} s (median {result['owner_live_p50_s']:.2f}), first "
+        f"frame median {result['first_frame_p50_s']:.2f} s, last {result['first_frame_max_s']:.2f}"
+        f" s ({result['first_frame_count']} of {fixtures} subscribers)"
+    )
+    return result
+
+
+_COLUMNS: Final = (
+    ("lease_first_s", "first lease"),
+    ("lease_all_s", "all leases"),
+    ("owner_live_p50_s", "owner+live median"),
+    ("owner_live_all_s", "all owner+live"),
+    ("first_frame_p50_s", "first frame median"),
+    ("first_frame_max_s", "first frame, last fixture"),
+)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Medians per (fixtures, lease_ttl), the trials' values in brackets, seconds."""
+    out = ["| fixtures, lease_ttl | " + " | ".join(label for _, label in _COLUMNS) + " |"]
+    out.append("|---" * (len(_COLUMNS) + 1) + "|")
+    groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["fixtures"], r["lease_ttl"]), []).append(r)
+    for (fixtures, ttl), rs in sorted(groups.items()):
+        cells = []
+        for key, _ in _COLUMNS:
+            values = [r[key] for r in rs]
+            each = " ".join(f"{v:.2f}" for v in values)
+            cells.append(f"{statistics.median(values):.2f} [{each}]")
+        out.append(f"| {fixtures}, {ttl:g} s | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.bench._takeover")
+    parser.add_argument("--fixtures", default="50,200", metavar="N[,N...]")
+    parser.add_argument("--lease-ttl", default="10,3", metavar="S[,S...]")
+    parser.add_argument("--runs", type=int, default=3, help="trials per combination")
+    parser.add_argument("--frame-bytes", type=int, default=3000)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--logs", type=Path, default=None, metavar="DIR", help="keep each trial's logs in DIR"
+    )
+    args = parser.parse_args(argv)
+    counts = [int(x) for x in args.fixtures.split(",")]
+    ttls = [float(x) for x in args.lease_ttl.split(",")]
+    raise_nofile_limit()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for run in range(args.runs):  # interleaved: every combination once per round
+        for fixtures in counts:
+            for ttl in ttls:
+                try:
+                    results.append(trial(fixtures, ttl, args.frame_bytes, say=say, logs=args.logs))
+                except (BenchError, OSError) as exc:
+                    errors.append(f"run {run + 1}, {fixtures} fixtures, ttl {ttl:g}: {exc}")
+                    say(f"ERROR {errors[-1]}")
+    print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"trials": results, "errors": errors}, indent=2) + "\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
