@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.cluster import Appender, AppendGroup, RedisUnavailable
+from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, RedisUnavailable
 
 K1, K2 = "tracking/1", "tracking/2"
 EPOCH = "e1"
@@ -166,12 +166,13 @@ async def test_a_failed_batch_is_retried_whole_and_nothing_is_lost(
         assert not failing(appender)
         assert appender.frames_appended == 5
         assert appender.frames_dropped == 0
-        # The pause starts over for the next failing batch.
+        # The pause starts over for the next failing batch (after APPEND_INTERVAL: the last
+        # request started just now).
         store.fail = 1
         t1 = trio.current_time()
         frame(appender, K1, 5)
         await appender.wait_written(K1)
-        assert trio.current_time() - t1 == pytest.approx(0.05)
+        assert trio.current_time() - t1 == pytest.approx(APPEND_INTERVAL + 0.05)
         assert store.streams[K1] == [1, 2, 3, 4, 5]
 
 
@@ -357,3 +358,33 @@ async def test_status_rides_with_the_frames_last_one_wins() -> None:
     assert [(g.key, seqs(g), g.status) for g in store.groups[-1]] == [(K1, [], ("stopped", "bye"))]
     assert store.statuses == {K1: ("stopped", "bye"), K2: ("error", "refused")}
     assert appender.frames_appended == 2
+
+
+async def test_requests_start_at_least_append_interval_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An idle appender sends a frame at once; frames that come within APPEND_INTERVAL of the
+    last request's start wait for it and go together."""
+    store = FakeAppendStore()
+    appender, _ = make(store)
+    async with running(appender):
+        t0 = trio.current_time()
+        frame(appender, K1, 1)
+        await appender.wait_written(K1)
+        assert trio.current_time() == t0
+        for seq in (2, 3, 4):
+            frame(appender, K1, seq)
+            await trio.sleep(0.001)
+        frame(appender, K2, 1)
+        await appender.wait_written(K1)
+        assert trio.current_time() - t0 == pytest.approx(APPEND_INTERVAL)
+        assert [[(g.key, seqs(g)) for g in groups] for groups in store.groups] == [
+            [(K1, [1])],
+            [(K1, [2, 3, 4]), (K2, [1])],
+        ]
+        await trio.sleep(1.0)
+        t1 = trio.current_time()
+        frame(appender, K2, 2)
+        await appender.wait_written(K2)
+        assert trio.current_time() == t1
+        assert len(store.calls) == 3

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.cluster import Entry, RedisUnavailable, Relay
+from gateway.cluster import READ_INTERVAL, Entry, RedisUnavailable, Relay
 from tests.kit import wait_until
 
 K1, K2 = "tracking/1", "tracking/2"
@@ -270,3 +270,28 @@ async def test_lag_is_recorded_per_fixture() -> None:
         assert relay.lag[K2] == 0.0
         relay.unfollow(K1)
         assert set(relay.lag) == {K2}
+
+
+async def test_reads_start_at_least_read_interval_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A read that returned at once is followed by the next one READ_INTERVAL after it
+    started; after a read that took longer, the next one starts at once."""
+    store = FakeReadStore()
+    relay = Relay(store, block=0.5)
+    sink = Sink()
+    async with running(relay):
+        relay.follow(K1, after=0, sink=sink)
+        first = await store.next_read()
+        t0 = trio.current_time()
+        first.answer([(K1, entries(1))])
+        second = await store.next_read()
+        assert trio.current_time() - t0 == pytest.approx(READ_INTERVAL)
+        assert second.after == {K1: 1}
+        await trio.sleep(1.0)
+        t1 = trio.current_time()
+        second.answer([(K1, entries(2))])
+        third = await store.next_read()
+        assert trio.current_time() == t1
+        assert third.after == {K1: 2}
+        assert sink.batches == [[1], [2]]

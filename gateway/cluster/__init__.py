@@ -3,7 +3,13 @@
 Everything public is re-exported here; the implementation lives in private one-concept modules.
 """
 
-from gateway.cluster._appender import BATCH_BYTES, BATCH_FRAMES, Appender, AppendStore
+from gateway.cluster._appender import (
+    APPEND_INTERVAL,
+    BATCH_BYTES,
+    BATCH_FRAMES,
+    Appender,
+    AppendStore,
+)
 from gateway.cluster._archive import StreamArchive, StreamCursor
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
@@ -17,7 +23,7 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
-from gateway.cluster._relay import READ_BLOCK, ReadStore, Relay, RelaySink
+from gateway.cluster._relay import READ_BLOCK, READ_INTERVAL, ReadStore, Relay, RelaySink
 from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
@@ -33,6 +39,7 @@ from gateway.cluster._store import (
 )
 
 __all__ = [
+    "APPEND_INTERVAL",
     "BATCH_BYTES",
     "BATCH_FRAMES",
     "DEFAULT_HANDOVERS",
@@ -40,6 +47,7 @@ __all__ = [
     "MAX_TICK",
     "READ_BLOCK",
     "READ_COUNT",
+    "READ_INTERVAL",
     "RETAKE_ROUNDS",
     "AppendGroup",
     "AppendStore",
