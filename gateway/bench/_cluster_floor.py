@@ -1,8 +1,9 @@
 """The cluster's own costs, without the gateway around them: the appender and the relay alone.
 
 Run: ``python -m gateway.bench._cluster_floor [--fixtures 200] [--rate 25] [--frame-bytes 3000]
-[--duration 10] [--warmup 2]`` (docs/performance.md, "Cluster"). Needs a redis-server
-(``$DDE_REDIS_SERVER`` or PATH); one of its own is started on a free port.
+[--duration 10] [--warmup 2] [--interval MS]`` (docs/performance.md, "Cluster"); ``--interval``
+sets both loops' least time between requests (``Appender``/``Relay`` ``interval``). Needs a
+redis-server (``$DDE_REDIS_SERVER`` or PATH); one of its own is started on a free port.
 
 Two processes, each one trio loop with one :class:`~gateway.cluster.RedisStore`:
 
@@ -41,6 +42,7 @@ from gateway.bench._loadgen import percentile
 from gateway.bench._procstat import cpu_seconds
 from gateway.bench._redis import BenchRedis
 from gateway.cluster import Appender, AppendGroup, Entry, Relay, open_store
+from gateway.cluster._appender import MIN_INTERVAL
 from gateway.config import ClusterSection
 
 PREFIX = "floor"
@@ -90,6 +92,7 @@ async def owner(
             "floor-owner",
             max_bytes=64 << 20,
             on_fenced=lambda key, why: None,
+            interval=args.interval / 1000,
         )
         await nursery.start(appender.run)
         seqs = dict.fromkeys(keys, 0)
@@ -174,7 +177,7 @@ async def relay_child(args: argparse.Namespace, url: str) -> None:
             return await read(*a, **kw)
 
         store.read = counted  # type: ignore[method-assign]
-        relay = Relay(store)
+        relay = Relay(store, interval=args.interval / 1000)
         await nursery.start(relay.run)
         sink = _Sink(lags, counts)
         for key in _keys(args.fixtures):
@@ -221,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-bytes", type=int, default=3000)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=MIN_INTERVAL * 1000,
+        metavar="MS",
+        help="least time between two append requests and between two relay reads "
+        f"(default: the code's, {MIN_INTERVAL * 1000:g} ms; 0: as soon as the last one ended)",
+    )
     parser.add_argument("--relay-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.relay_child is not None:
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 *(sys.executable, "-m", "gateway.bench._cluster_floor"),
                 *("--relay-child", r.url, f"--fixtures={args.fixtures}"),
+                f"--interval={args.interval}",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
