@@ -5,6 +5,8 @@ the peer, the load generator, the drop, idle and stuck measurements, the table a
 Rules: real processes on 127.0.0.1 (ports picked by the harness); no threshold on any speed
 figure - only that every figure exists and is sane (non-zero, ordered percentiles, every
 subscriber saw fresh frames after the drop). Marked slow; about 15 s on a loaded 2-core box.
+The cluster runs (``--relay``, ``--instances 2``, the floor and takeover scripts) start a
+redis-server of the bench's own: without one they skip (fail in CI), as ``redis_server`` does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from pathlib import Path
 import attrs
 import pytest
 
-from gateway.bench import CLUSTER_ROWS, ROWS, Scenario, peer_available, run_bench
+from gateway.bench import (
+    CLUSTER_ROWS,
+    ROWS,
+    Scenario,
+    _cluster_floor,
+    _takeover,
+    peer_available,
+    run_bench,
+)
 from tests.conftest import require_redis
 
 SMOKE = Scenario(
@@ -107,3 +117,23 @@ def test_bench_cluster_smoke_relay_and_two_instances(
             assert label in table, label
     assert "smoke-relay cluster (relay)" in table
     assert "smoke-x2 x2" in table
+
+
+@pytest.mark.slow
+def test_cluster_floor_and_takeover_scripts_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m gateway.bench._cluster_floor`` and ``..._takeover``, tiny: every figure is
+    there and sane (no speed asserted)."""
+    require_redis()
+    assert _cluster_floor.main(["--fixtures=3", "--rate=20", "--duration=1", "--warmup=0.3"]) == 0
+    floor = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert floor["frames_per_s"] > 0
+    assert floor["frames_per_request"] >= 1
+    assert floor["relay"]["entries_per_s"] > 0
+    assert 0 <= floor["relay"]["lag_ms"]["p50"] <= floor["relay"]["lag_ms"]["max"]
+
+    said: list[str] = []
+    result = _takeover.trial(3, 1.0, 600, say=said.append)
+    assert said
+    assert 0 < result["lease_first_s"] <= result["lease_all_s"] <= result["owner_live_all_s"]
+    assert result["first_frame_count"] == 3
+    assert 0 < result["first_frame_p50_s"] <= result["first_frame_max_s"]
