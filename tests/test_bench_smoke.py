@@ -12,6 +12,8 @@ redis-server of the bench's own: without one they skip (fail in CI), as ``redis_
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -21,8 +23,6 @@ from gateway.bench import (
     CLUSTER_ROWS,
     ROWS,
     Scenario,
-    _cluster_floor,
-    _takeover,
     peer_available,
     run_bench,
 )
@@ -120,20 +120,41 @@ def test_bench_cluster_smoke_relay_and_two_instances(
 
 
 @pytest.mark.slow
-def test_cluster_floor_and_takeover_scripts_run(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m gateway.bench._cluster_floor`` and ``..._takeover``, tiny: every figure is
-    there and sane (no speed asserted)."""
+def test_cluster_floor_and_takeover_scripts_run(tmp_path: Path) -> None:
+    """``python -m gateway.bench._cluster_floor`` and ``..._takeover``, tiny, as documented:
+    every figure is there and sane (no speed asserted)."""
     require_redis()
-    assert _cluster_floor.main(["--fixtures=3", "--rate=20", "--duration=1", "--warmup=0.3"]) == 0
-    floor = json.loads(capsys.readouterr().out.splitlines()[1])
-    assert floor["frames_per_s"] > 0
-    assert floor["frames_per_request"] >= 1
-    assert floor["relay"]["entries_per_s"] > 0
-    assert 0 <= floor["relay"]["lag_ms"]["p50"] <= floor["relay"]["lag_ms"]["max"]
+    floor = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway.bench._cluster_floor"),
+            *("--fixtures=3", "--rate=20", "--duration=1", "--warmup=0.3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    figures = json.loads(floor.stdout.splitlines()[1])
+    assert figures["frames_per_s"] > 0
+    assert figures["frames_per_request"] >= 1
+    assert figures["relay"]["entries_per_s"] > 0
+    assert 0 <= figures["relay"]["lag_ms"]["p50"] <= figures["relay"]["lag_ms"]["max"]
 
-    said: list[str] = []
-    result = _takeover.trial(3, 1.0, 600, say=said.append)
-    assert said
+    out = tmp_path / "takeover.json"
+    takeover = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway.bench._takeover", "--fixtures=3", "--lease-ttl=1"),
+            *("--runs=1", "--frame-bytes=600", f"--json={out}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    assert "| 3, 1 s |" in takeover.stdout
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == []
+    (result,) = doc["trials"]
     assert 0 < result["lease_first_s"] <= result["lease_all_s"] <= result["owner_live_all_s"]
     assert result["first_frame_count"] == 3
     assert 0 < result["first_frame_p50_s"] <= result["first_frame_max_s"]

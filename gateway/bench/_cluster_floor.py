@@ -42,7 +42,6 @@ from gateway.bench._loadgen import percentile
 from gateway.bench._procstat import cpu_seconds
 from gateway.bench._redis import BenchRedis
 from gateway.cluster import Appender, AppendGroup, Entry, Relay, open_store
-from gateway.cluster._appender import MIN_INTERVAL
 from gateway.config import ClusterSection
 
 PREFIX = "floor"
@@ -57,6 +56,11 @@ def _cpu() -> float:
 
 def _config(url: str) -> ClusterSection:
     return ClusterSection(redis_url=url, key_prefix=PREFIX, stream_maxlen=1500, lease_ttl=300.0)
+
+
+def _interval(args: argparse.Namespace) -> dict[str, float]:
+    """``interval=`` for the Appender and the Relay when ``--interval`` is given."""
+    return {} if args.interval is None else {"interval": args.interval / 1000}
 
 
 def _keys(fixtures: int) -> list[str]:
@@ -92,7 +96,7 @@ async def owner(
             "floor-owner",
             max_bytes=64 << 20,
             on_fenced=lambda key, why: None,
-            interval=args.interval / 1000,
+            **_interval(args),
         )
         await nursery.start(appender.run)
         seqs = dict.fromkeys(keys, 0)
@@ -177,7 +181,7 @@ async def relay_child(args: argparse.Namespace, url: str) -> None:
             return await read(*a, **kw)
 
         store.read = counted  # type: ignore[method-assign]
-        relay = Relay(store, interval=args.interval / 1000)
+        relay = Relay(store, **_interval(args))
         await nursery.start(relay.run)
         sink = _Sink(lags, counts)
         for key in _keys(args.fixtures):
@@ -227,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--interval",
         type=float,
-        default=MIN_INTERVAL * 1000,
+        default=None,
         metavar="MS",
-        help="least time between two append requests and between two relay reads "
-        f"(default: the code's, {MIN_INTERVAL * 1000:g} ms; 0: as soon as the last one ended)",
+        help="least time between two append requests and between two relay reads (default: "
+        "the code's, MIN_INTERVAL; 0: as soon as the last one ended)",
     )
     parser.add_argument("--relay-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 *(sys.executable, "-m", "gateway.bench._cluster_floor"),
                 *("--relay-child", r.url, f"--fixtures={args.fixtures}"),
-                f"--interval={args.interval}",
+                *([] if args.interval is None else [f"--interval={args.interval}"]),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
