@@ -91,7 +91,7 @@ async def owner(
         await store.leases(TOKEN, 300.0, dict.fromkeys(keys, "a"))
         counting = _CountingStore(store)
         appender = Appender(
-            counting,  # type: ignore[arg-type]
+            counting,
             TOKEN,
             "floor-owner",
             max_bytes=64 << 20,
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="MS",
         help="least time between two append requests and between two relay reads (default: "
-        "the code's, MIN_INTERVAL; 0: as soon as the last one ended)",
+        "the code's, APPEND_INTERVAL and READ_INTERVAL; 0: as soon as the last one ended)",
     )
     parser.add_argument("--relay-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
