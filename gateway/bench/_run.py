@@ -47,7 +47,14 @@ from gateway.bench._procstat import (
 from gateway.bench._redis import BenchRedis, RedisStartError
 from gateway.bench._report import evaluate, format_table
 from gateway.bench._scenario import BENCH_BACKOFF_INITIAL, BENCH_QUEUE_BYTES, Scenario
-from gateway.config import ConfigError, ListenAddress, load_config
+from gateway.config import (
+    DEFAULT_REDIS_TIMEOUT,
+    ConfigError,
+    ListenAddress,
+    lease_round_interval,
+    lease_validity,
+    load_config,
+)
 
 TOKEN_ENV: Final = "DDE_BENCH_TOKEN"
 START_TIMEOUT: Final = 30.0
@@ -203,12 +210,16 @@ def gateway_config_text(
     if sc.recorder_dir is not None:
         lines += ["", "[recorder]", f"dir = {json.dumps(sc.recorder_dir)}"]
     if redis_url is not None:
+        budget = lease_validity(lease_ttl) - lease_round_interval(lease_ttl)
         lines += [
             "",
             "[cluster]",
             f"redis_url = {json.dumps(redis_url)}",
             f"instance = {json.dumps(instance)}",
             f"lease_ttl = {lease_ttl:g}",
+            # A short lease needs a shorter wait for Redis than the default (the config's rule:
+            # a round must give up on a silent Redis before its leases lapse); half the budget.
+            *([f"redis_timeout = {budget / 2:g}"] if budget <= DEFAULT_REDIS_TIMEOUT else []),
             f"stream_maxlen = {BENCH_STREAM_MAXLEN}",
             f'key_prefix = "{BENCH_KEY_PREFIX}"',
         ]
