@@ -13,6 +13,7 @@ from gateway.config._convert import (
 from gateway.config._files import load_cluster_password, load_server_tls, load_subscriber_tokens
 from gateway.config._model import (
     DEFAULT_APPEND_QUEUE_BYTES,
+    DEFAULT_BATCH_INTERVAL,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_KEY_PREFIX,
@@ -59,6 +60,7 @@ from gateway.config._tokens import (
 
 __all__ = [
     "DEFAULT_APPEND_QUEUE_BYTES",
+    "DEFAULT_BATCH_INTERVAL",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
     "DEFAULT_KEY_PREFIX",

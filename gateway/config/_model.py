@@ -84,6 +84,9 @@ DEFAULT_KEY_PREFIX: Final = "dde"
 DEFAULT_APPEND_QUEUE_BYTES: Final = 64 * 1024 * 1024
 #: Seconds a Redis connect or command may take before it counts as failed.
 DEFAULT_REDIS_TIMEOUT: Final = 2.0
+#: Least seconds between two append requests, and between two relay reads, of an instance: the
+#: frames of that time share one request (CPU for latency: docs/performance.md, "Cluster").
+DEFAULT_BATCH_INTERVAL: Final = 0.005
 #: Longest pause between two lease rounds of a cluster instance.
 MAX_ROUND_INTERVAL: Final = 1.0
 
@@ -380,6 +383,9 @@ class ClusterSection:
     )
     redis_timeout: float = attrs.field(
         default=DEFAULT_REDIS_TIMEOUT, validator=[_positive_finite, v.le(60.0)]
+    )
+    batch_interval: float = attrs.field(
+        default=DEFAULT_BATCH_INTERVAL, validator=[_non_negative, v.le(0.1)]
     )
 
     @redis_url.validator

@@ -418,8 +418,9 @@ class ClusterNode:
                 self.instance,
                 max_bytes=self.config.append_queue_bytes,
                 on_fenced=self._fenced,
+                interval=self.config.batch_interval,
             )
-            self._relay = Relay(store)
+            self._relay = Relay(store, interval=self.config.batch_interval)
             for key in list(self._fixtures):
                 self._topic(key)  # fixtures followed before Redis was open get their archive
             await nursery.start(self._appender.run)
