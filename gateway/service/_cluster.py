@@ -530,6 +530,18 @@ class ClusterNode:
         sent = trio.current_time()
         holders = await store.leases(self.token, self.config.lease_ttl, modes)
         _, lost = self.table.observed(holders, sent=sent)
+        # Leases this round found free that this instance may take now (their holder died):
+        # asked for at once rather than next round (a failover a round sooner).
+        now = trio.current_time()
+        again = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
+        fresh = again.acquire - self.table.held - set(releasing)
+        if fresh:
+            sent = trio.current_time()
+            holders = await store.leases(
+                self.token, self.config.lease_ttl, dict.fromkeys(fresh, "a")
+            )
+            more_lost = self.table.observed(holders, sent=sent)[1]
+            lost |= more_lost
         for key in sorted(lost):
             self.leases_lost += 1
             owner = self.table.holder(key)
