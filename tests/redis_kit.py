@@ -31,27 +31,31 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final, Self, TypeAlias
+from typing import Final, Self, TypeAlias
 
 import trio
 
-#: The environment variable naming the redis-server binary to use (else PATH).
-REDIS_ENV: Final = "DDE_REDIS_SERVER"
+from gateway.bench import (
+    REDIS_ENV,
+    RedisReplyError,
+    Reply,
+    free_port,
+    redis_executable,
+    resp_pipeline,
+)
+
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
 _SUN_PATH_MAX: Final = 107
 
-#: A reply of the raw client: simple and bulk strings are bytes, arrays lists.
-RespValue: TypeAlias = "bytes | int | list[RespValue] | None"
-
-
-class RedisError(Exception):
-    """An error reply (``-ERR ...``) of the raw client below."""
+#: A reply of the raw client (gateway.bench's): simple and bulk strings are bytes, arrays lists.
+RespValue: TypeAlias = Reply
+#: An error reply (``-ERR ...``) of the raw client.
+RedisError = RedisReplyError
 
 
 class RedisStartError(RuntimeError):
@@ -60,14 +64,6 @@ class RedisStartError(RuntimeError):
 
 class _PortTaken(Exception):
     pass
-
-
-def redis_executable() -> str | None:
-    """The redis-server to run: ``$DDE_REDIS_SERVER`` if set (it must exist), else PATH."""
-    named = os.environ.get(REDIS_ENV)
-    if named:
-        return named if os.access(named, os.X_OK) else None
-    return shutil.which("redis-server")
 
 
 def redis_unavailable() -> str | None:
@@ -80,72 +76,15 @@ def redis_unavailable() -> str | None:
     return None
 
 
-# -- a raw RESP client: enough to ask "are you up, and are you the one I started" ----------
-
-
-def _encode(*args: str | bytes | int) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_reply(reader: BinaryIO) -> RespValue:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed by the server")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        raise RedisError(rest.decode(errors="replace"))
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        if size < 0:
-            return None
-        data = reader.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("connection closed by the server")
-        return data[:-2]
-    if kind == b"*":
-        count = int(rest)
-        if count < 0:
-            return None
-        return [_read_reply(reader) for _ in range(count)]
-    raise RedisError(f"unexpected reply {line!r}")
-
-
 def resp_call(
     address: Path | tuple[str, int],
     *commands: tuple[str | bytes | int, ...],
     password: str | None = None,
     timeout: float = 2.0,
 ) -> list[RespValue]:
-    """Send *commands* on one new connection (unix socket path or (host, port)); their replies.
-
-    Blocking, with *timeout* on each socket operation. An error reply raises :class:`RedisError`.
-    """
-    family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(address) if isinstance(address, Path) else address)
-        if password is not None:
-            commands = (("AUTH", password), *commands)
-        sock.sendall(b"".join(_encode(*c) for c in commands))
-        with sock.makefile("rb") as reader:
-            replies = [_read_reply(reader) for _ in commands]
-    return replies[1:] if password is not None else replies
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago (the caller must cope if it is not)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """Send *commands* on one new connection (unix socket path or (host, port)); their replies
+    (:func:`gateway.bench.resp_pipeline`). An error reply raises :class:`RedisError`."""
+    return resp_pipeline(address, list(commands), password=password, timeout=timeout)
 
 
 def _short_tempdir() -> Path:
@@ -442,3 +381,16 @@ class RedisServer:
     def _log_tail(self, lines: int = 20) -> str:
         tail = self.log_text().splitlines()[-lines:]
         return f"--- {self.log_path} (last {len(tail)} lines)\n" + "\n".join(tail)
+
+
+__all__ = [
+    "REDIS_ENV",
+    "RedisError",
+    "RedisServer",
+    "RedisStartError",
+    "RespValue",
+    "free_port",
+    "redis_executable",
+    "redis_unavailable",
+    "resp_call",
+]

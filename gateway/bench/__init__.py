@@ -11,6 +11,14 @@ micro-benchmarks of the floors the targets are judged against. See docs/performa
 from gateway.bench._cli import add_arguments, run_from_args, scenarios_from_args
 from gateway.bench._loadgen import percentile
 from gateway.bench._procstat import machine_ticks, steal_percent
+from gateway.bench._redis import (
+    REDIS_ENV,
+    RedisReplyError,
+    Reply,
+    free_port,
+    redis_executable,
+    resp_pipeline,
+)
 from gateway.bench._report import CLUSTER_ROWS, ROWS, evaluate, format_table
 from gateway.bench._run import (
     PEER_MISSING,
@@ -37,10 +45,13 @@ __all__ = [
     "PEER_MISSING",
     "PEER_SCRIPT",
     "PRESETS",
+    "REDIS_ENV",
     "ROWS",
     "SCENARIO_NAMES",
     "BenchError",
     "ProtocolError",
+    "RedisReplyError",
+    "Reply",
     "Scenario",
     "accept_key",
     "add_arguments",
@@ -49,11 +60,14 @@ __all__ = [
     "encode_frame",
     "evaluate",
     "format_table",
+    "free_port",
     "gateway_config_text",
     "machine_ticks",
     "parse_frames",
     "peer_available",
     "percentile",
+    "redis_executable",
+    "resp_pipeline",
     "run_bench",
     "run_from_args",
     "scenarios_from_args",

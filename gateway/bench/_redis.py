@@ -3,8 +3,8 @@
 :class:`BenchRedis` starts ``redis-server`` (``$DDE_REDIS_SERVER``, else the one on PATH) in a
 directory of the run, without persistence, listening on a unix socket there (the harness's own
 questions) and on a free TCP port of 127.0.0.1 (the gateways connect over TCP, as they would to
-a Redis on another host). The same approach as the tests' kit (``tests/redis_kit.py``), which
-the installed package cannot import:
+a Redis on another host). The same approach as the tests' kit (``tests/redis_kit.py``, which
+uses this module's raw RESP client; the installed package cannot import the tests):
 
 - Redis cannot report a port the OS chose, so a free port is picked and the server started on
   it; when it exits because the port was taken meanwhile ("Address already in use" in its log),
@@ -48,6 +48,10 @@ def redis_executable() -> str | None:
     return shutil.which("redis-server")
 
 
+class RedisReplyError(Exception):
+    """Redis answered with an error reply (the message is Redis's)."""
+
+
 def _encode(*args: str | bytes | int) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -64,7 +68,7 @@ def _read_reply(reader: IO[bytes]) -> Reply:
     if kind == b"+":
         return rest
     if kind == b"-":
-        raise RedisStartError(f"redis error: {rest.decode(errors='replace')}")
+        raise RedisReplyError(rest.decode(errors="replace"))
     if kind == b":":
         return int(rest)
     if kind == b"$":
@@ -72,25 +76,36 @@ def _read_reply(reader: IO[bytes]) -> Reply:
         if size < 0:
             return None
         data = reader.read(size + 2)
+        if len(data) != size + 2:
+            raise ConnectionError("connection closed by redis")
         return data[:-2]
     if kind == b"*":
         count = int(rest)
         return None if count < 0 else [_read_reply(reader) for _ in range(count)]
-    raise ConnectionError(f"unexpected reply {line[:40]!r}")
+    raise RedisReplyError(f"unexpected reply {line[:40]!r}")
 
 
 def resp_pipeline(
-    address: Path | tuple[str, int], commands: list[tuple[str | bytes | int, ...]]
+    address: Path | tuple[str, int],
+    commands: list[tuple[str | bytes | int, ...]],
+    *,
+    password: str | None = None,
+    timeout: float = 2.0,
 ) -> list[Reply]:
     """*commands* on one new connection (unix socket path or (host, port)), sent together;
-    their replies. Blocking, 2 s per socket operation."""
+    their replies. A raw RESP client: enough to ask a server of our own whether it is up and
+    what it did, with no client library. Blocking, *timeout* per socket operation; an error
+    reply raises :class:`RedisReplyError`."""
+    if password is not None:
+        commands = [("AUTH", password), *commands]
     family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
+        sock.settimeout(timeout)
         sock.connect(str(address) if isinstance(address, Path) else address)
         sock.sendall(b"".join(_encode(*c) for c in commands))
         with sock.makefile("rb") as reader:
-            return [_read_reply(reader) for _ in commands]
+            replies = [_read_reply(reader) for _ in commands]
+    return replies[1:] if password is not None else replies
 
 
 def resp_call(address: Path | tuple[str, int], *args: str | bytes | int) -> Reply:
@@ -98,7 +113,8 @@ def resp_call(address: Path | tuple[str, int], *args: str | bytes | int) -> Repl
     return resp_pipeline(address, [args])[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (the caller must cope if it is not)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -141,7 +157,7 @@ class BenchRedis:
     def start(self) -> BenchRedis:
         deadline = time.monotonic() + START_TIMEOUT
         for _ in range(PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             if self._launch(port, deadline):
                 self.port = port
                 return self
