@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 
 import anyio
@@ -184,6 +184,18 @@ _DOWN: Final = (
 )
 
 
+@contextmanager
+def _boundary() -> Iterator[None]:
+    """Where coredis's errors end: Redis not there (:data:`_DOWN`) or refusing to serve
+    (an error reply) leaves as :class:`RedisUnavailable`; anything else is a bug and goes on."""
+    try:
+        yield
+    except _DOWN as exc:
+        raise _unavailable(exc) from None
+    except coredis.exceptions.ResponseError as exc:
+        raise _refused(exc) from None
+
+
 class RedisStore:
     """One Redis connection pool and the cluster's requests on it. Open with :func:`open_store`."""
 
@@ -207,20 +219,12 @@ class RedisStore:
         self._demand = client.register_script(_scripts.DEMAND)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
+        with _boundary():
             return await script(keys=list(keys), args=list(args))
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
 
     async def ping(self) -> None:
-        try:
+        with _boundary():
             await self._client.ping()
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
 
     async def heartbeat(self, instance: str, ttl: float, info: str) -> dict[str, str]:
         """Renew *instance*'s heartbeat; the live instances and their info strings."""
@@ -300,7 +304,7 @@ class RedisStore:
     async def api_fixtures(self, add: Mapping[str, int], remove: Iterable[str]) -> dict[str, int]:
         """Apply this instance's API changes (key -> backfill; keys removed) to the cluster's
         set, then return the whole set."""
-        try:
+        with _boundary():
             async with self._client.pipeline(transaction=False) as pipe:
                 if add:
                     pipe.hset(self.keys.api, {k: str(v) for k, v in add.items()})
@@ -309,10 +313,6 @@ class RedisStore:
                     pipe.hdel(self.keys.api, removed)
                 result = pipe.hgetall(self.keys.api)
             mapping = await result
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
         return {_text(k) or "": int(_text(v) or 0) for k, v in mapping.items()}
 
     async def reserve_connect(self, rate: float) -> float:
@@ -345,12 +345,8 @@ class RedisStore:
             args.append(name)
             ids.append(b"%d-0" % seq)
         args += ids
-        try:
+        with _boundary():
             reply = await self._client.create_request(CommandName.XREAD, *args, callback=_raw)
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
         if not reply:
             return []
         cut = len(self.keys.stream(""))
@@ -364,24 +360,16 @@ class RedisStore:
 
     async def tail(self, key: str, after: int, count: int) -> list[Entry]:
         """Up to *count* entries after seq *after* (no waiting)."""
-        try:
+        with _boundary():
             entries = await self._client.xrange(
                 self.keys.stream(key), start=f"({after}-0", end="+", count=count
             )
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
         return [_entry(e) for e in entries]
 
     async def first_seq(self, key: str) -> int:
         """The oldest seq the stream still holds (0: none)."""
-        try:
+        with _boundary():
             entries = await self._client.xrange(self.keys.stream(key), count=1)
-        except _DOWN as exc:
-            raise _unavailable(exc) from None
-        except coredis.exceptions.ResponseError as exc:
-            raise _refused(exc) from None
         return _entry(entries[0]).seq if entries else 0
 
 

@@ -592,14 +592,10 @@ class ClusterNode:
         relayed_from = self._relayed_point(key)
         self._stop_relay(key)
         topic = self._topic(key)
-        if info.epoch is not None and info.epoch != topic.epoch:
-            start = max(0, info.seq - cfg.history)
-            if topic.seq or topic.history_len:
-                topic = self._replace_topic(key, epoch=info.epoch, seq=start)
-            else:
-                topic.renumber(info.epoch, start)
-        if info.epoch is not None and topic.seq < info.seq:
-            await self._catch_up(store, key, topic, info.seq)
+        if info.epoch is not None:
+            topic = self._numbered(key, topic, info.epoch, max(0, info.seq - cfg.history))
+            # What the relay had not delivered yet: fanned out (subscribers have not had it).
+            await self._fill(store, key, topic, info.seq, fan_out=True)
         resume = _latest(
             None
             if info.position is None or info.received_at is None
@@ -671,14 +667,34 @@ class ClusterNode:
             return None
         return ResumePoint(sink.position, sink.received_at)
 
-    async def _catch_up(self, store: RedisStore, key: str, topic: Topic, last: int) -> None:
-        """Relay into *topic* what the stream holds after it, up to seq *last*."""
+    def _numbered(self, key: str, topic: Topic, epoch: str, start: int) -> Topic:
+        """*key*'s topic under the stream's *epoch*: renumbered while it has no frame (its
+        history to begin after seq *start*), else replaced (its subscribers are told it
+        stopped, and resubscribe)."""
+        if topic.epoch == epoch:
+            return topic
+        if topic.seq or topic.history_len:
+            log.warning("cluster: %s: the stream has another epoch: topic replaced", key)
+            return self._replace_topic(key, epoch=epoch, seq=start)
+        topic.renumber(epoch, start)
+        return topic
+
+    async def _fill(
+        self, store: RedisStore, key: str, topic: Topic, last: int, *, fan_out: bool, start: int = 0
+    ) -> None:
+        """Bring *topic* up to seq *last* from the stream (from after seq *start* at the
+        earliest): fanned out to subscribers (*fan_out*), or only held in the history."""
         sink = RelayedTopic(self, key, topic)
         while topic.seq < last:
-            entries = await store.tail(key, topic.seq, CATCH_UP_COUNT)
+            entries = await store.tail(key, max(topic.seq, start), CATCH_UP_COUNT)
             if not entries:
                 break
-            sink.relay(entries)
+            if fan_out:
+                sink.relay(entries)
+            else:
+                for e in entries:
+                    if e.seq > topic.seq:
+                        topic.keep_at(e.seq, e.data, e.position)
 
     def _step_down(self, key: str, why: str, *, discard: bool = True) -> None:
         """Stop owning *key* now (if owned): the upstream stops, the topic becomes a relay."""
@@ -783,21 +799,10 @@ class ClusterNode:
         info = await store.takeover(key)
         start = max(0, info.seq - self._hub.feeds[feed].history)
         self._stop_relay(key)
-        if topic.epoch != epoch:
-            if topic.seq or topic.history_len:
-                log.warning("cluster: %s: the stream has a new epoch: topic replaced", key)
-                topic = self._replace_topic(key, epoch=epoch, seq=start)
-            else:
-                topic.renumber(epoch, start)
+        topic = self._numbered(key, topic, epoch, start)
         # Prime the history from the stream (no fan-out: live-only subscribers asked for
         # nothing older), then relay from where the priming ended.
-        while topic.seq < info.seq:
-            entries = await store.tail(key, max(topic.seq, start), CATCH_UP_COUNT)
-            if not entries:
-                break
-            for e in entries:
-                if e.seq > topic.seq:
-                    topic.keep_at(e.seq, e.data, e.position)
+        await self._fill(store, key, topic, info.seq, fan_out=False, start=start)
         self._waiting.discard(key)
         self._start_relay(key, topic, after=max(topic.seq, start))
         return topic

@@ -467,14 +467,27 @@ class Gateway:
         node = self.cluster
         topic: Topic | None = self.hub.get(feed, fixture)
         handle = self.supervisor.get(feed, fixture)
-        if node is not None:
+        owner = role = None
+        if node is None:
+            if handle is None:
+                return None
+            status = handle.status
+        else:
             if not node.is_followed(feed, fixture):
                 return None
-            if handle is None or node.role(feed, fixture) != ROLE_OWNER:
-                return self._relay_view(node, feed, fixture, topic)
-        if handle is None:
-            return None
-        status = handle.status
+            owner, role = node.owner(feed, fixture), node.role(feed, fixture)
+            if handle is not None and role == ROLE_OWNER:
+                status = handle.status
+            else:
+                # Another instance follows it upstream: the state its owner published (or
+                # degraded/connecting), as the topic shows it to subscribers; no counters here.
+                status = FixtureStatus(
+                    feed,
+                    fixture,
+                    state=topic.state if topic else FixtureState.CONNECTING,
+                    state_since=topic.state_since if topic else self.started_at,
+                    detail=topic.detail if topic else "",
+                )
         return FixtureView(
             feed=feed,
             fixture=fixture,
@@ -489,30 +502,8 @@ class Gateway:
             drops=topic.drops if topic else 0,
             slow_disconnects=topic.slow_disconnects if topic else 0,
             recording=self._recording_view(feed, fixture),
-            owner=None if node is None else node.instance,
-            role=None if node is None else ROLE_OWNER,
-        )
-
-    def _relay_view(
-        self, node: ClusterNode, feed: str, fixture: str, topic: Topic | None
-    ) -> FixtureView:
-        # A fixture another instance follows upstream: its state is the one the owner
-        # published (or degraded/connecting), as the topic shows it to subscribers.
-        return FixtureView(
-            feed=feed,
-            fixture=fixture,
-            state=topic.state if topic else FixtureState.CONNECTING,
-            state_since=topic.state_since if topic else self.started_at,
-            detail=topic.detail if topic else "",
-            seq=topic.seq if topic else 0,
-            epoch=topic.epoch if topic else "",
-            subscribers=topic.subscriber_count if topic else 0,
-            frames_per_second=topic.frames_per_second() if topic else 0.0,
-            upstream=FixtureStatus(feed, fixture).snapshot(),
-            drops=topic.drops if topic else 0,
-            slow_disconnects=topic.slow_disconnects if topic else 0,
-            owner=node.owner(feed, fixture),
-            role=node.role(feed, fixture),
+            owner=owner,
+            role=role,
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
