@@ -26,7 +26,7 @@ EXIT_USAGE: Final = 2
 FLOOR_NAMES: Final = ("fanout", "ingest")
 #: The options each floor takes (dest names); the floor's own defaults apply to the others.
 _FLOOR_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
-    "fanout": ("subscribers", "frames", "frame_bytes", "rate", "baseline"),
+    "fanout": ("subscribers", "frames", "frame_bytes", "rate", "baseline", "write_delay"),
     "ingest": ("fixtures", "rate", "frame_bytes", "warmup", "duration", "work", "loop"),
 }
 #: Options a scenario run does not take.
@@ -235,6 +235,8 @@ def run_floor_from_args(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     try:
+        if "write_delay" in knobs:  # one value here, not a list of runs
+            knobs["write_delay"] = int(knobs["write_delay"])
         if args.floor == "fanout":
             fanout = _floor_fanout.FanoutFloor(**knobs)
         else:

@@ -55,6 +55,9 @@ class FanoutFloor:
     size: int = attrs.field(default=3000, validator=attrs.validators.ge(16))
     rate: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     baseline: bool = False
+    #: The data plane's ``[subscribers] write_delay`` in ms; the baseline then writes the
+    #: frames of each ``write_delay`` joined, with one ``os.write`` per reader.
+    write_delay: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 def _reader_argv(host: str, port: int, n: int) -> list[str]:
@@ -123,7 +126,9 @@ async def server_main(args: FanoutFloor) -> None:
         upstream=UpstreamSection(token_env="UNUSED"),
         gateway=GatewaySection(stream_listen=ListenAddress("127.0.0.1", 0)),
         feeds={"bench": FeedConfig(kind="tracking", url="wss://bench.test/ws/bench")},
-        subscribers=SubscribersSection(max_connections=100_000, queue_bytes=64 * 1024 * 1024),
+        subscribers=SubscribersSection(
+            max_connections=100_000, queue_bytes=64 * 1024 * 1024, write_delay=args.write_delay
+        ),
     )
     hub = Hub(config.feeds)
     registry = SubscriberRegistry()
@@ -147,10 +152,11 @@ async def server_main(args: FanoutFloor) -> None:
         times0 = os.times()
         wall0 = time.perf_counter()
         period = 1.0 / args.rate if args.rate else 0.0
-        for _ in range(args.frames):
+        start = trio.current_time()
+        for k in range(args.frames):
             topic.publish(frame, None)
-            if period:
-                await trio.sleep(period)
+            if period:  # on a fixed schedule: a late wake-up does not slow the rate down
+                await trio.sleep_until(start + (k + 1) * period)
             else:
                 await trio.lowlevel.checkpoint()
         progress = (time.monotonic(), registry.frames_sent)
@@ -219,14 +225,19 @@ def baseline_main(args: FanoutFloor) -> None:
     cpu0 = time.process_time()
     times0 = os.times()
     start = time.perf_counter()
-    for k in range(args.frames):
-        if period:  # paced like the data plane run: sleep until the frame is due
-            delay = start + k * period - time.perf_counter()
+    # With a write delay, the frames due within one delay go out joined, one write per reader
+    # (as many as the data plane's ticks would write at this rate, at least one frame each).
+    per_write = max(1, round(args.write_delay / 1000 * args.rate)) if args.write_delay else 1
+    batch = data * per_write
+    writes = -(-args.frames // per_write)
+    for k in range(writes):
+        if period:  # paced like the data plane run: sleep until the batch is due
+            delay = start + k * per_write * period - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         for fd in fds:
             try:
-                if os.write(fd, data) != len(data):
+                if os.write(fd, batch) != len(batch):
                     missed += 1
             except BlockingIOError:
                 missed += 1
@@ -236,8 +247,10 @@ def baseline_main(args: FanoutFloor) -> None:
         c.close()
     child.wait()
     print(
-        f"baseline: bare os.write {cpu / (args.frames * args.subscribers) * 1e6:.2f} us CPU "
-        f"per write ({missed} incomplete; user {times1.user - times0.user:.2f} s, "
+        f"baseline: bare os.write of {per_write} frame(s) "
+        f"{cpu / (writes * args.subscribers) * 1e6:.2f} us CPU per write, "
+        f"{cpu / (writes * per_write * args.subscribers) * 1e6:.2f} us per delivery "
+        f"({missed} incomplete; user {times1.user - times0.user:.2f} s, "
         f"system {times1.system - times0.system:.2f} s)"
     )
 

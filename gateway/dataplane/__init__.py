@@ -5,7 +5,8 @@ seq/epoch resume) and the vendor drop-in at each feed's ``dropin_path``. :func:`
 them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on shutdown;
 :class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own);
 :class:`SubscriberAuth` holds the subscriber tokens in force and counts failed attempts;
-:class:`Conflator` is the latest-wins rate limit of ``max_rate`` subscriptions.
+:class:`Conflator` is the latest-wins rate limit of ``max_rate`` subscriptions;
+:class:`BatchGroup` writes one buffer per tick to the delayed subscribers that share topics.
 """
 
 from gateway.dataplane._access import (
@@ -15,6 +16,7 @@ from gateway.dataplane._access import (
     SubscriberAuth,
     offered_tokens,
 )
+from gateway.dataplane._batchgroup import BatchGroup, join_group
 from gateway.dataplane._conflate import MAX_RATE, Conflator
 from gateway.dataplane._connection import (
     BACKFILL_CHUNK,
@@ -38,6 +40,7 @@ __all__ = [
     "MAX_RATE",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
+    "BatchGroup",
     "Conflator",
     "Connection",
     "ConnectionMonitor",
@@ -50,6 +53,7 @@ __all__ = [
     "SubscriberRegistry",
     "SubscriberView",
     "WriteTicker",
+    "join_group",
     "offered_tokens",
     "run",
 ]

@@ -42,7 +42,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Final, Protocol
 
 import trio
@@ -60,7 +60,7 @@ from wsproto.utilities import LocalProtocolError
 
 from gateway.config import SlowPolicy, SubscribersSection
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
-from gateway.hub import LatencyHistogram, Topic
+from gateway.hub import Frame, LatencyHistogram, Topic
 from gateway.wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_INVALID_DATA,
@@ -142,6 +142,24 @@ class BackfillSource(Protocol):
         ...
 
 
+class Tickable(Protocol):
+    """What a :class:`WriteTicker` writes at its next tick: a delayed connection or a group."""
+
+    def flush_tick(self) -> None: ...
+
+
+class SharedBatch(Protocol):
+    """The batch group a :class:`DelayedConnection` writes with (see
+    :mod:`gateway.dataplane._batchgroup`): its subscriptions hand each frame to the group,
+    once per frame (``last`` is the frame added last), instead of queueing it."""
+
+    last: Frame | None
+
+    def add(self, frame: Frame, topic: Topic) -> None: ...
+
+    def leave(self, conn: DelayedConnection) -> None: ...
+
+
 class Connection:
     """A WebSocket subscriber after the handshake. Created and run by the server.
 
@@ -220,6 +238,9 @@ class Connection:
         self._partial: tuple[bytes, int, float] | None = None
         #: permessage-deflate was negotiated: data frames go compressed (shared encoding).
         self.deflate = deflate
+        #: The batch group this connection is written with (only a :class:`DelayedConnection`
+        #: joins one): its subscriptions hand frames to the group instead of :meth:`send_data`.
+        self.group: SharedBatch | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer} {self.endpoint}>"
@@ -234,6 +255,11 @@ class Connection:
     def frames_dropped(self) -> int:
         """Data frames dropped under ``drop-oldest`` (backfill frames skipped included)."""
         return self._sq.dropped + self.frames_skipped
+
+    @property
+    def budget(self) -> int:
+        """Bytes this connection may hold unsent (``queue_bytes``)."""
+        return self._sq.budget
 
     @property
     def queued_bytes(self) -> int:
@@ -370,11 +396,13 @@ class Connection:
                 self._partial = None
                 if not await self._write_out(*partial):
                     return
+                self._drained()
                 continue
             if await self._hold():
                 continue
             if not await self._write_out(*q.take_batch()):
                 return
+            self._drained()
         # Everything, close frame included, is with the kernel: tell the peer we are done.
         # (Under TLS no close_notify: the WebSocket close handshake already ended it.)
         try:
@@ -405,6 +433,9 @@ class Connection:
     async def _hold(self) -> bool:
         """True to let the queue fill a while longer before the next batch (TLS write_delay)."""
         return False
+
+    def _drained(self) -> None:
+        """The writer wrote a batch out whole (a hook for :class:`DelayedConnection`)."""
 
     async def _write_out(self, buf: bytes, frames: int, sampled: float) -> bool:
         """Finish the in-flight batch *buf* (taken from the queue); False if the peer is gone."""
@@ -446,6 +477,9 @@ class Connection:
         self._sq.clear()
         self._flushed.set()
         self._scope.cancel()
+
+    def leave_group(self) -> None:
+        """Write alone from now on (only a :class:`DelayedConnection` is ever in a group)."""
 
     def close(self, code: int, reason: str, *, discard: bool = False) -> None:
         """Start closing: queue a close frame after what is queued (or instead: *discard*).
@@ -656,14 +690,15 @@ class Connection:
 
 
 class WriteTicker:
-    """Writes the queues of every :class:`DelayedConnection` of one ``write_delay``, once per
-    delay: one task for all of them.
+    """Writes the queues of every :class:`DelayedConnection` of one ``write_delay``, and its
+    batch groups, once per delay: one task for all of them.
 
     A tick costs one wake-up of this task whatever the number of subscribers, and each
     subscriber's whole queue goes out with one ``os.write`` from here: no task of the
     subscriber's is woken (in trio a wake-up costs about as much as the system call saved).
     Ticks are at least ``interval`` apart; after a quiet spell the first frame is written at
-    the next tick due, at once if it is already past.
+    the next tick due, at once if it is already past. ``groups`` holds the batch groups of
+    this delay by their key (:mod:`gateway.dataplane._batchgroup`).
     """
 
     def __init__(self, interval: float) -> None:
@@ -671,15 +706,16 @@ class WriteTicker:
             raise ValueError("a WriteTicker needs an interval > 0")
         self.interval = interval
         self.ticks = 0
-        self._pending: list[DelayedConnection] = []
+        self.groups: dict[Hashable, SharedBatch] = {}
+        self._pending: list[Tickable] = []
         self._wake = trio.Event()
         self._next = 0.0
 
-    def schedule(self, conn: DelayedConnection) -> None:
-        """Write *conn*'s queue at the next tick (called once per batch by the connection)."""
+    def schedule(self, item: Tickable) -> None:
+        """Write *item* at the next tick (called once per batch by the connection or group)."""
         if not self._pending:
             self._wake.set()
-        self._pending.append(conn)
+        self._pending.append(item)
 
     async def run(self) -> None:
         """Tick until cancelled (the server runs one per delay in use)."""
@@ -695,8 +731,8 @@ class WriteTicker:
             self._wake = trio.Event()
             pending, self._pending = self._pending, []
             self.ticks += 1
-            for conn in pending:
-                conn.flush_tick()
+            for item in pending:
+                item.flush_tick()
 
 
 class DelayedConnection(Connection):
@@ -708,12 +744,21 @@ class DelayedConnection(Connection):
     per delivery for up to ``write_delay`` of added latency. The writer task only finishes a
     batch the kernel did not take whole, streams backfill and writes the close (closing is
     never delayed). The plain :class:`Connection` (``write_delay`` 0) is untouched by this.
+
+    Each time its queue is written out whole, :attr:`on_idle` (set by the endpoint's handler)
+    may put it in a batch group: then nothing is queued here, the group writes the same bytes
+    to all its members (:meth:`write_shared`), until anything only this connection must see
+    (a control message, a close, a write the kernel did not take whole) makes it
+    :meth:`leave_group` and write alone again, in order.
     """
 
     def __init__(self, *, ticker: WriteTicker, **kw: Any) -> None:
         super().__init__(write_delay=ticker.interval, **kw)
         self.ticker = ticker
         self._scheduled = False
+        #: Called when the queue was written out whole and nothing else is pending: the
+        #: handler may then put this connection in a batch group.
+        self.on_idle: Callable[[], None] | None = None
 
     def send_data(
         self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
@@ -731,6 +776,9 @@ class DelayedConnection(Connection):
     def _send_raw(self, data: bytes) -> None:
         if self._dead:
             return
+        if self.group is not None:
+            # A message for this connection alone: after the group's pending frames.
+            self.group.leave(self)
         q = self._sq
         if q.push(SendItem(data, None)):
             self._too_slow()
@@ -738,6 +786,55 @@ class DelayedConnection(Connection):
         if not self._scheduled and not q.writing:
             self._scheduled = True
             self.ticker.schedule(self)
+
+    def leave_group(self) -> None:
+        """Write alone from now on: the group's frames not yet written to this connection are
+        queued here first (:meth:`take_pending`)."""
+        if self.group is not None:
+            self.group.leave(self)
+
+    def take_pending(self, pending: list[tuple[Frame, bytes, DeliverySink | None]]) -> None:
+        """Leaving a group: queue the frames the group has not written to this connection yet
+        (each as its bytes, with the subscription that hears about a drop), as if they had
+        been queued here one by one: the budget and slow policy apply."""
+        q = self._sq
+        for frame, data, sink in pending:
+            if q.push(SendItem(data, frame.seq, frame.published, sink)):
+                self._too_slow()
+                return
+        if q.items and not self._scheduled and not q.writing:
+            self._scheduled = True
+            self.ticker.schedule(self)
+
+    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> None:
+        """The group's turn: write *data* (the joined *parts*, *frames* data frames, the first
+        published at *sampled*). Whatever the kernel does not take makes this connection
+        leave the group; its writer finishes the rest as the socket drains."""
+        try:
+            n = os.write(self._fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._broken()
+            return
+        self.writer_writes += 1
+        if n == len(data):
+            self.frames_sent += frames
+            if sampled:
+                self._latency.sample(sampled)
+            return
+        self.leave_group()
+        self._sq.adopt_batch(data, parts, n)
+        self._partial = (data, frames, sampled)
+        self._wake.set()
+
+    def close(self, code: int, reason: str, *, discard: bool = False) -> None:
+        self.leave_group()
+        super().close(code, reason, discard=discard)
+
+    def _broken(self) -> None:
+        self.leave_group()
+        super()._broken()
 
     def flush_tick(self) -> None:
         """The ticker's turn: write the whole queue with one ``os.write``."""
@@ -768,3 +865,16 @@ class DelayedConnection(Connection):
             self._latency.sample(sampled)
         if self._backfills:
             self._wake.set()
+        else:
+            self._drained()
+
+    def _drained(self) -> None:
+        # Everything written, nothing else to do: the handler may put this in a batch group.
+        if (
+            self.on_idle is not None
+            and self._sq.idle
+            and not self._backfills
+            and self._partial is None
+            and not self._closing
+        ):
+            self.on_idle()

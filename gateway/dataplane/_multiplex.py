@@ -19,8 +19,9 @@ import trio
 
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._backfill import Backfill, leave
+from gateway.dataplane._batchgroup import join_group
 from gateway.dataplane._conflate import MAX_RATE, Conflator
-from gateway.dataplane._connection import Connection
+from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
 
@@ -47,6 +48,12 @@ class MuxSubscription:
         self.backfill: Backfill | None = None
 
     def on_frame(self, frame: Frame) -> None:
+        group = self.conn.group
+        if group is not None:
+            # The group writes it to all its members: the first of them to see it adds it.
+            if group.last is not frame:
+                group.add(frame, self.topic)
+            return
         if self.gap_to and self.conn.idle:
             self.conn.send_control(self._gap())
         data = frame.deflate_ws if self.deflate else frame.envelope_ws
@@ -178,6 +185,8 @@ class MultiplexHandler:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        if isinstance(self.conn, DelayedConnection):
+            self.conn.on_idle = self._idle
         nursery.start_soon(
             self.conn.run_heartbeats, self.conn.settings.heartbeat_interval, msg.heartbeat
         )
@@ -199,7 +208,22 @@ class MultiplexHandler:
         except BadRequest as exc:
             self.conn.send_control(msg.error(str(exc), text))
 
+    def _idle(self) -> None:
+        """The delayed connection wrote out everything: join the batch group of its topics if
+        every subscription is plain and live (see :mod:`gateway.dataplane._batchgroup`)."""
+        conn = self.conn
+        if not self.subs or conn.closing or not isinstance(conn, DelayedConnection):
+            return
+        for sub in self.subs.values():
+            if type(sub) is not MuxSubscription or sub.backfill is not None or sub.gap_to:
+                return
+            if sub.topic.closed:
+                return
+        join_group(conn, {sub.topic: sub for sub in self.subs.values()})
+
     def _request(self, text: str) -> None:
+        # Subscribing and unsubscribing change what this connection gets: it writes alone.
+        self.conn.leave_group()
         try:
             req = orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -296,12 +320,14 @@ class MultiplexHandler:
 
     def forget(self, sub: MuxSubscription) -> None:
         """The topic closed under *sub* (it already sent status ``stopped``)."""
+        self.conn.leave_group()
         sub.stop()
         key = (sub.topic.feed.name, sub.topic.fixture)
         if self.subs.get(key) is sub:
             del self.subs[key]
 
     def finish(self) -> None:
+        self.conn.leave_group()
         subs = list(self.subs.values())
         self.subs.clear()
         for sub in subs:

@@ -212,6 +212,17 @@ class SendQueue:
         self.writing = True
         return buf, frames, sampled
 
+    def adopt_batch(self, buf: bytes, parts: list[bytes], written: int) -> None:
+        """Make *buf* (the join of *parts*, of which the kernel took *written* bytes) the
+        in-flight batch: a batch written to several connections at once (a batch group) that
+        this one did not take whole. Only while :attr:`idle`."""
+        if not self.idle:
+            raise RuntimeError("adopt_batch needs an idle queue")
+        self.inflight = len(buf) - written
+        self.batch_end = len(buf)
+        self._batch_parts = parts
+        self.writing = True
+
     def wrote(self, n: int) -> None:
         """The kernel took the next *n* bytes of the in-flight batch."""
         self.inflight -= n

@@ -1,0 +1,169 @@
+"""Batch groups: subscribers that get the same bytes at each tick are written them once joined.
+
+With a ``write_delay``, every delayed connection gets, at each tick of its
+:class:`~gateway.dataplane._connection.WriteTicker`, the frames its subscriptions received since
+the last tick, in publish order. Connections with the same delay, the same set of topics and the
+same encoding (permessage-deflate or not) that are all keeping up get exactly the same bytes. A
+:class:`BatchGroup` is such a set of connections: each frame is handed to the group once (by the
+first member's subscription the topic fans it out to; the others see it is there), the group
+joins a tick's frames once and writes the same buffer to every member with one ``os.write``
+each. Nothing is queued per member and nothing per delivery but a check: the encode-once rule,
+extended from frames to batches.
+
+A connection joins (:func:`join_group`, by the ``/v1/stream`` handler when its queue was written out
+whole and its subscriptions are all plain and live: no backfill, no pending gap, no
+``max_rate``) and leaves (:meth:`BatchGroup.leave`) at anything that is for it alone: a
+control message (status, error, pong, ping, heartbeat), a subscription change, a close, a write
+the kernel did not take whole. Leaving queues the group's frames it has not been written yet
+before anything else, so the order is that of the frames and messages as they happened; a
+member that left rejoins at its next tick with nothing queued. Example (what the handler does)::
+
+    topics = {sub.topic: sub for sub in subscriptions}  # each topic with its subscription
+    join_group(conn, topics)  # its subscriptions now call group.add(frame) instead of queueing
+    ...
+    conn.leave_group()        # before a control message: pending frames first, then it
+
+Joining and leaving are synchronous and never happen during a topic's fan-out of a frame (a
+member's subscriptions only hand frames to the group then), so a frame is never both in the
+group's batch and in the member's queue, nor in neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+from gateway.dataplane._connection import DelayedConnection
+from gateway.dataplane._sendqueue import DeliverySink
+from gateway.hub import Frame, Topic
+
+
+class _Member:
+    """A member's place: the first pending part it has not been written (0 but for one that
+    joined after this tick's first frame) and its subscription per topic (to queue the
+    pending frames on leaving, droppable as its own frames are)."""
+
+    __slots__ = ("sinks", "start")
+
+    def __init__(self, start: int, sinks: Mapping[Topic, DeliverySink]) -> None:
+        self.start = start
+        self.sinks = sinks
+
+
+class BatchGroup:
+    """The connections of one ticker with the same *key* (topics, encoding, byte budget and
+    slow policy), written together. Created and dropped by :func:`join_group` and :meth:`leave`;
+    ``ticker.groups[key]`` is the live one.
+
+    The pending frames are what each member would have queued: past the members' byte
+    budget (a delay long for the rate, a burst) every member leaves at the tick, so each
+    queues them itself under its own slow policy (drop-oldest with gap messages, or 4008).
+    Not at once: :meth:`add` runs inside a topic's fan-out, where a member must not leave.
+    """
+
+    __slots__ = (
+        "_scheduled",
+        "budget",
+        "deflate",
+        "frames",
+        "key",
+        "last",
+        "members",
+        "parts",
+        "pending_bytes",
+        "ticker",
+        "topics",
+    )
+
+    def __init__(self, conn: DelayedConnection, key: Hashable) -> None:
+        self.ticker = conn.ticker
+        self.key = key
+        self.deflate = conn.deflate
+        self.budget = conn.budget
+        self.members: dict[DelayedConnection, _Member] = {}
+        #: The frames since the last tick, their topics and their encoded bytes (same order).
+        self.frames: list[Frame] = []
+        self.topics: list[Topic] = []
+        self.parts: list[bytes] = []
+        self.pending_bytes = 0
+        self.last: Frame | None = None
+        self._scheduled = False
+
+    def __repr__(self) -> str:
+        return f"<BatchGroup {len(self.members)} members {len(self.parts)} pending>"
+
+    def add(self, frame: Frame, topic: Topic) -> None:
+        """A member's subscription to *topic* got *frame*: write it to every member at the
+        next tick."""
+        self.last = frame
+        data = frame.deflate_ws if self.deflate else frame.envelope_ws
+        self.frames.append(frame)
+        self.topics.append(topic)
+        self.parts.append(data)
+        self.pending_bytes += len(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self.ticker.schedule(self)
+
+    def flush_tick(self) -> None:
+        """The ticker's turn: join the pending frames once and write them to every member."""
+        self._scheduled = False
+        parts, frames = self.parts, self.frames
+        if not parts:
+            return
+        if self.pending_bytes > self.budget:
+            for conn in tuple(self.members):
+                self.leave(conn)
+        self.parts = []
+        self.frames = []
+        self.topics = []
+        self.pending_bytes = 0
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        count = len(parts)
+        sampled = frames[0].published
+        members = self.members
+        # A snapshot: a member whose write falls short leaves during the loop.
+        for conn, member in tuple(members.items()):
+            start = member.start
+            if not start:
+                conn.write_shared(buf, parts, count, sampled)
+                continue
+            # Joined after this tick's first frame: it had the frames before *start* already.
+            member.start = 0
+            if start < count:
+                offset = sum(map(len, parts[:start]))
+                first = frames[start].published
+                conn.write_shared(buf[offset:], parts[start:], count - start, first)
+
+    def leave(self, conn: DelayedConnection) -> None:
+        """*conn* writes alone from now on: the pending frames it has not been written are
+        queued on it first. The last member to leave drops the group."""
+        member = self.members.pop(conn, None)
+        if member is None:
+            return
+        conn.group = None
+        if not self.members and self.ticker.groups.get(self.key) is self:
+            del self.ticker.groups[self.key]
+        start = member.start
+        if start < len(self.parts):
+            sinks = member.sinks
+            pending = zip(self.frames[start:], self.parts[start:], self.topics[start:], strict=True)
+            conn.take_pending([(frame, data, sinks.get(topic)) for frame, data, topic in pending])
+
+
+def join_group(
+    conn: DelayedConnection, topics: Mapping[Topic, DeliverySink], extra: Hashable = ()
+) -> BatchGroup:
+    """Put *conn* (nothing queued, nothing in flight, in no group) in its ticker's group for
+    its *topics* (each with the subscription that hears about frames dropped), its encoding,
+    budget and policy (and *extra*), made if there is none. From now on frames reach it only
+    through the group."""
+    if conn.group is not None or not conn.idle:
+        raise RuntimeError(f"{conn!r} cannot join a batch group now")
+    key = (frozenset(topics), conn.deflate, conn.budget, conn.policy, extra)
+    group = conn.ticker.groups.get(key)
+    if not isinstance(group, BatchGroup):
+        group = BatchGroup(conn, key)
+        conn.ticker.groups[key] = group
+    group.members[conn] = _Member(len(group.parts), topics)
+    conn.group = group
+    return group

@@ -1,0 +1,380 @@
+"""Batch groups: delayed subscribers with the same topics get one shared buffer per tick.
+
+Covers (gateway.dataplane._batchgroup): subscribers of one topic and one delay end up in one
+group and each frame is added to it once; every member gets every frame, complete and in
+order; members with different topic sets are in different groups and a subscriber of two
+topics gets them in publish order; what is for one member alone (a status change, a new
+subscription) keeps its place between the frames, and the member rejoins afterwards; a member
+that stops reading leaves (its writes fall short) without costing the others a frame; a burst
+past the byte budget leaves each member to its own slow policy (a gap message under
+drop-oldest, no frame twice). The group's bookkeeping (a member that joins after the tick's
+first frame, leaving with frames pending, the budget) is also checked directly on stand-ins
+for the connections.
+
+Rules: real sockets on 127.0.0.1 port 0 and real time, every test under ``trio.fail_after``;
+nothing waits a guessed time: the state is awaited (``wait_until``) or the frames themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import orjson
+import trio
+
+from gateway.config import FeedConfig
+from gateway.dataplane import BatchGroup, DelayedConnection, WriteTicker, join_group
+from gateway.hub import Frame, Topic
+from gateway.model import FixtureState
+from tests.kit import wait_until
+from tests.test_dataplane import RawClient, Served, make_config, serving
+from tests.test_dataplane_batching import frame_text
+
+FEED = "tracking"
+
+
+async def subscribe(s: Served, *fixtures: str, query: str = "") -> tuple[RawClient, Any]:
+    """A raw client subscribed to *fixtures*; returns it and its connection."""
+    for fixture in fixtures:
+        s.topic(fixture)
+    n = len(s.registry.connections_now())
+    client = await RawClient.connect(s.addr, "/v1/stream" + query)
+    assert client.status == 101
+    await wait_until(lambda: len(s.registry.connections_now()) > n)
+    conn = s.registry.connections_now()[-1]
+    for fixture in fixtures:
+        await client.send_json({"op": "subscribe", "feed": FEED, "fixture": fixture})
+        kinds = [m["type"] for m in await read_messages(client, 2)]
+        assert kinds == ["subscribed", "status"]
+    return client, conn
+
+
+async def read_messages(client: RawClient, n: int) -> list[Any]:
+    """The next *n* messages, heartbeats skipped."""
+    got: list[Any] = []
+    while len(got) < n:
+        frame = await client.read_frame()
+        assert frame is not None, "closed early"
+        message = orjson.loads(frame[1])
+        if message["type"] != "heartbeat":
+            got.append(message)
+    return got
+
+
+def frames_of(messages: list[Any]) -> list[tuple[str, int]]:
+    return [(m["fixture"], m["seq"]) for m in messages if m["type"] == "frame"]
+
+
+async def grouped(*conns: Any) -> None:
+    await wait_until(lambda: all(c.group is not None for c in conns))
+
+
+async def test_subscribers_of_one_topic_share_one_group_and_get_every_frame() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=50)) as s:
+            pairs = [await subscribe(s, "F1") for _ in range(4)]
+            conns = [conn for _, conn in pairs]
+            await grouped(*conns)
+            group = conns[0].group
+            assert isinstance(group, BatchGroup)
+            assert all(c.group is group for c in conns)
+            assert set(group.members) == set(conns)
+            assert list(conns[0].ticker.groups.values()) == [group]
+            topic = s.topic("F1")
+            writes = [c.writer_writes for c in conns]
+            sent = [c.frames_sent for c in conns]
+            for i in range(3):
+                topic.publish(frame_text(i), None)
+            # One part per frame, however many members: added once, by the first of them.
+            assert len(group.parts) == 3
+            for client, _ in pairs:
+                assert frames_of(await read_messages(client, 3)) == [
+                    ("F1", 1),
+                    ("F1", 2),
+                    ("F1", 3),
+                ]
+            # One write each for the three frames (all published before the tick).
+            assert [c.writer_writes - w for c, w in zip(conns, writes, strict=True)] == [1] * 4
+            assert [c.frames_sent - n for c, n in zip(conns, sent, strict=True)] == [3] * 4
+            # Trickled over several ticks: still every frame, once, in order.
+            for i in range(3, 40):
+                topic.publish(frame_text(i), None)
+                await trio.sleep(0.004)
+            for client, _ in pairs:
+                got = frames_of(await read_messages(client, 37))
+                assert got == [("F1", seq) for seq in range(4, 41)]
+            for client, _ in pairs:
+                client.close()
+
+
+async def test_topic_sets_make_groups_and_two_topics_arrive_in_publish_order() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=40)) as s:
+            both_a, conn_a = await subscribe(s, "F1", "F2")
+            both_b, conn_b = await subscribe(s, "F1", "F2")
+            one, conn_one = await subscribe(s, "F1")
+            await grouped(conn_a, conn_b, conn_one)
+            assert conn_a.group is conn_b.group
+            assert conn_one.group is not conn_a.group
+            assert len(conn_a.ticker.groups) == 2
+            t1, t2 = s.topic("F1"), s.topic("F2")
+            order: list[tuple[str, int]] = []
+            for i in range(30):
+                topic = t1 if i % 3 else t2
+                topic.publish(frame_text(i), None)
+                order.append((topic.fixture, topic.seq))
+                if i % 7 == 0:
+                    await trio.sleep(0.02)
+            for client in (both_a, both_b):
+                assert frames_of(await read_messages(client, 30)) == order
+            assert frames_of(await read_messages(one, 20)) == [o for o in order if o[0] == "F1"]
+            for client in (both_a, both_b, one):
+                client.close()
+
+
+async def test_a_status_change_keeps_its_place_and_the_members_rejoin() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=200)) as s:
+            pairs = [await subscribe(s, "F1") for _ in range(3)]
+            conns = [conn for _, conn in pairs]
+            await grouped(*conns)
+            topic = s.topic("F1")
+            # All within one delay: the frames wait in the group when the status comes.
+            for i in range(3):
+                topic.publish(frame_text(i), None)
+            topic.set_status(FixtureState.BACKOFF, "upstream dropped")
+            assert all(c.group is None for c in conns)
+            for i in range(3, 6):
+                topic.publish(frame_text(i), None)
+            for client, _ in pairs:
+                got = await read_messages(client, 7)
+                kinds = [(m["type"], m.get("seq", m.get("state"))) for m in got]
+                assert kinds == [
+                    ("frame", 1),
+                    ("frame", 2),
+                    ("frame", 3),
+                    ("status", "backoff"),
+                    ("frame", 4),
+                    ("frame", 5),
+                    ("frame", 6),
+                ]
+            await grouped(*conns)
+            topic.publish(frame_text(6), None)
+            for client, _ in pairs:
+                assert frames_of(await read_messages(client, 1)) == [("F1", 7)]
+            for client, _ in pairs:
+                client.close()
+
+
+async def test_subscribing_while_grouped_keeps_order_and_joins_the_new_set() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=100)) as s:
+            client, conn = await subscribe(s, "F1")
+            other, other_conn = await subscribe(s, "F1")
+            await grouped(conn, other_conn)
+            t1, t2 = s.topic("F1"), s.topic("F2")
+            t1.publish(frame_text(0), None)
+            await client.send_json({"op": "subscribe", "feed": FEED, "fixture": "F2"})
+            await wait_until(lambda: conn.group is None)
+            t2.publish(frame_text(1), None)
+            t1.publish(frame_text(2), None)
+            got = await read_messages(client, 5)
+            assert [(m["type"], m["fixture"]) for m in got] == [
+                ("frame", "F1"),
+                ("subscribed", "F2"),
+                ("status", "F2"),
+                ("frame", "F2"),
+                ("frame", "F1"),
+            ]
+            assert frames_of(got) == [("F1", 1), ("F2", 1), ("F1", 2)]
+            assert frames_of(await read_messages(other, 2)) == [("F1", 1), ("F1", 2)]
+            await grouped(conn)
+            assert conn.group is not other_conn.group
+            for c in (client, other):
+                c.close()
+
+
+async def test_a_member_that_stops_reading_leaves_and_costs_the_others_nothing() -> None:
+    config = make_config(write_delay=10, queue_bytes=64 * 1024, slow_policy="disconnect")
+    with trio.fail_after(60):
+        async with serving(config) as s:
+            readers = [await subscribe(s, "F1") for _ in range(3)]
+            stuck, stuck_conn = await subscribe(s, "F1")
+            stuck.sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            await grouped(*(c for _, c in readers), stuck_conn)
+            topic = s.topic("F1")
+            received: dict[int, list[int]] = {i: [] for i in range(len(readers))}
+
+            async def read_all(i: int, client: RawClient) -> None:
+                while True:
+                    frame = await client.read_frame()
+                    assert frame is not None
+                    m = orjson.loads(frame[1])
+                    if m["type"] == "frame":
+                        received[i].append(m["seq"])
+
+            async with trio.open_nursery() as nursery:
+                for i, (client, _) in enumerate(readers):
+                    nursery.start_soon(read_all, i, client)
+                while not stuck_conn.slow_disconnected:
+                    for i in range(20):
+                        topic.publish(frame_text(i), None)
+                    await trio.sleep(0.005)
+                published = topic.seq
+                await wait_until(lambda: all(len(r) == published for r in received.values()))
+                nursery.cancel_scope.cancel()
+            for seqs in received.values():
+                assert seqs == list(range(1, published + 1))
+            assert all(c.group is not None for _, c in readers)
+            assert stuck_conn.group is None
+            for client, _ in [*readers, (stuck, None)]:
+                client.close()
+
+
+async def test_a_burst_past_the_budget_gets_a_gap_under_drop_oldest() -> None:
+    config = make_config(write_delay=200, queue_bytes=4096, slow_policy="drop-oldest")
+    with trio.fail_after(30):
+        async with serving(config) as s:
+            client, conn = await subscribe(s, "F1")
+            await grouped(conn)
+            topic = s.topic("F1")
+            for i in range(40):  # ~7 KB within one delay: past the 4 KB budget
+                topic.publish(frame_text(i), None)
+            seen: list[int] = []
+            gaps: list[tuple[int, int]] = []
+            while not seen or seen[-1] < 40:
+                (m,) = await read_messages(client, 1)
+                if m["type"] == "gap":
+                    gaps.append((m["from_seq"], m["to_seq"]))
+                else:
+                    assert m["type"] == "frame"
+                    seen.append(m["seq"])
+            assert gaps, "frames were dropped: a gap message says so"
+            missing = [seq for a, b in gaps for seq in range(a, b + 1)]
+            assert sorted(seen + missing) == list(range(1, 41))
+            assert seen == sorted(set(seen))
+            assert conn.frames_dropped == len(missing)
+            client.close()
+
+
+# -- the group's bookkeeping, on stand-ins for connections ------------------------------------
+
+
+class FakeMember:
+    """What a BatchGroup uses of a DelayedConnection; records what it is given."""
+
+    def __init__(self, ticker: WriteTicker, budget: int = 1 << 20) -> None:
+        self.ticker = ticker
+        self.deflate = False
+        self.budget = budget
+        self.policy = "disconnect"
+        self.idle = True
+        self.group: Any = None
+        self.writes: list[tuple[bytes, list[bytes], int, float]] = []
+        self.pending: list[tuple[Frame, bytes, Any]] = []
+
+    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> None:
+        self.writes.append((bytes(data), list(parts), frames, sampled))
+
+    def take_pending(self, pending: list[tuple[Frame, bytes, Any]]) -> None:
+        self.pending.extend(pending)
+
+
+def make_topic() -> Topic:
+    return Topic(FeedConfig(kind="tracking", url="wss://dde.example.test/ws/t"), "F1")
+
+
+def member(ticker: WriteTicker, budget: int = 1 << 20) -> DelayedConnection:
+    return cast(DelayedConnection, FakeMember(ticker, budget))
+
+
+def fake(conn: DelayedConnection) -> FakeMember:
+    return cast(FakeMember, conn)
+
+
+def publish(group: BatchGroup, topic: Topic, n: int) -> list[Frame]:
+    frames = []
+    for i in range(n):
+        topic.publish(frame_text(i), None)
+        frame = topic.latest_frame
+        assert frame is not None
+        group.add(frame, topic)
+        frames.append(frame)
+    return frames
+
+
+def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones() -> None:
+    ticker = WriteTicker(0.01)
+    topic = make_topic()
+    a, b = member(ticker), member(ticker)
+    group = join_group(a, {topic: "sub-a"})  # type: ignore[dict-item]
+    first = publish(group, topic, 2)
+    assert join_group(b, {topic: "sub-b"}) is group  # type: ignore[dict-item]
+    later = publish(group, topic, 1)
+    group.flush_tick()
+    whole = b"".join(f.envelope_ws for f in first + later)
+    assert fake(a).writes == [
+        (whole, [f.envelope_ws for f in first + later], 3, first[0].published)
+    ]
+    assert fake(b).writes == [(later[0].envelope_ws, [later[0].envelope_ws], 1, later[0].published)]
+    # The next tick writes the same bytes to both.
+    nxt = publish(group, topic, 2)
+    group.flush_tick()
+    assert fake(a).writes[-1] == fake(b).writes[-1]
+    assert fake(a).writes[-1][2] == 2 and fake(a).writes[-1][3] == nxt[0].published
+
+
+def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
+    ticker = WriteTicker(0.01)
+    topic = make_topic()
+    a, b = member(ticker), member(ticker)
+    group = join_group(a, {topic: "sub-a"})  # type: ignore[dict-item]
+    join_group(b, {topic: "sub-b"})  # type: ignore[dict-item]
+    frames = publish(group, topic, 2)
+    group.leave(a)
+    assert fake(a).group is None
+    assert fake(a).pending == [(f, f.envelope_ws, "sub-a") for f in frames]
+    group.flush_tick()
+    assert fake(a).writes == []
+    assert len(fake(b).writes) == 1
+    assert ticker.groups == {group.key: group}
+    group.leave(b)
+    assert fake(b).pending == []  # nothing pending after the tick
+    assert ticker.groups == {}
+
+
+def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
+    ticker = WriteTicker(0.01)
+    topic = make_topic()
+    a, b = member(ticker, budget=5000), member(ticker, budget=5000)
+    group = join_group(a, {topic: "sub-a"})  # type: ignore[dict-item]
+    join_group(b, {topic: "sub-b"})  # type: ignore[dict-item]
+    frames = publish(group, topic, 40)  # ~7 KB
+    assert fake(a).group is group  # not during the fan-out
+    group.flush_tick()
+    for conn, sink in ((a, "sub-a"), (b, "sub-b")):
+        assert fake(conn).writes == []
+        assert fake(conn).group is None
+        assert fake(conn).pending == [(f, f.envelope_ws, sink) for f in frames]
+    assert ticker.groups == {}
+
+
+def test_join_refuses_a_busy_connection_and_keys_by_budget() -> None:
+    ticker = WriteTicker(0.01)
+    topic = make_topic()
+    busy = member(ticker)
+    fake(busy).idle = False
+    try:
+        join_group(busy, {topic: "s"})  # type: ignore[dict-item]
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("joined with frames queued")
+    a, small = member(ticker), member(ticker, budget=100)
+    assert join_group(a, {topic: "s"}) is not join_group(small, {topic: "s"})  # type: ignore[dict-item]
+    try:
+        join_group(a, {topic: "s"})  # type: ignore[dict-item]
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("joined twice")
