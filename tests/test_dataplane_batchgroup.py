@@ -17,14 +17,17 @@ nothing waits a guessed time: the state is awaited (``wait_until``) or the frame
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any, cast
 
 import orjson
+import pytest
 import trio
 
 from gateway.config import FeedConfig
 from gateway.dataplane import BatchGroup, DelayedConnection, WriteTicker, join_group
-from gateway.hub import Frame, Topic
+from gateway.hub import Frame, LatencyHistogram, Topic
 from gateway.model import FixtureState
 from tests.kit import wait_until
 from tests.test_dataplane import RawClient, Served, make_config, serving
@@ -261,7 +264,8 @@ async def test_a_burst_past_the_budget_gets_a_gap_under_drop_oldest() -> None:
 
 
 class FakeMember:
-    """What a BatchGroup uses of a DelayedConnection; records what it is given."""
+    """What a BatchGroup uses of a DelayedConnection, over a real socket pair: what the group
+    writes to ``fd`` is read back with :meth:`received`; the rest is recorded."""
 
     def __init__(self, ticker: WriteTicker, budget: int = 1 << 20) -> None:
         self.ticker = ticker
@@ -270,14 +274,44 @@ class FakeMember:
         self.policy = "disconnect"
         self.idle = True
         self.group: Any = None
+        self.latency = LatencyHistogram()
+        self.sock, self.peer = socket.socketpair()
+        self.sock.setblocking(False)
+        self.peer.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.writer_writes = 0
+        self.frames_sent = 0
+        #: write_shared calls (a member that joined after the tick's first frame).
         self.writes: list[tuple[bytes, list[bytes], int, float]] = []
         self.pending: list[tuple[Frame, bytes, Any]] = []
 
-    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> None:
+    def received(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            data += chunk
+
+    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> bool:
         self.writes.append((bytes(data), list(parts), frames, sampled))
+        return True
+
+    def shared_failed(self) -> None:
+        raise AssertionError("no write fails here")
+
+    def shared_short(
+        self, data: bytes, parts: list[bytes], frames: int, sampled: float, n: int
+    ) -> None:
+        raise AssertionError("no write falls short here")
 
     def take_pending(self, pending: list[tuple[Frame, bytes, Any]]) -> None:
         self.pending.extend(pending)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
 
 
 def make_topic() -> Topic:
@@ -312,16 +346,19 @@ def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones() -> No
     assert join_group(b, {topic: "sub-b"}) is group  # type: ignore[dict-item]
     later = publish(group, topic, 1)
     group.flush_tick()
-    whole = b"".join(f.envelope_ws for f in first + later)
-    assert fake(a).writes == [
-        (whole, [f.envelope_ws for f in first + later], 3, first[0].published)
-    ]
+    assert fake(a).received() == b"".join(f.envelope_ws for f in first + later)
+    assert (fake(a).writer_writes, fake(a).frames_sent) == (1, 3)
+    assert fake(a).writes == []
     assert fake(b).writes == [(later[0].envelope_ws, [later[0].envelope_ws], 1, later[0].published)]
-    # The next tick writes the same bytes to both.
+    assert fake(b).received() == b""
+    # The next tick writes the same bytes to both, inline.
     nxt = publish(group, topic, 2)
     group.flush_tick()
-    assert fake(a).writes[-1] == fake(b).writes[-1]
-    assert fake(a).writes[-1][2] == 2 and fake(a).writes[-1][3] == nxt[0].published
+    both = b"".join(f.envelope_ws for f in nxt)
+    assert fake(a).received() == both == fake(b).received()
+    assert (fake(b).writer_writes, fake(b).frames_sent) == (1, 2)
+    for conn in (a, b):
+        fake(conn).close()
 
 
 def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
@@ -335,12 +372,14 @@ def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
     assert fake(a).group is None
     assert fake(a).pending == [(f, f.envelope_ws, "sub-a") for f in frames]
     group.flush_tick()
-    assert fake(a).writes == []
-    assert len(fake(b).writes) == 1
+    assert fake(a).received() == b""
+    assert fake(b).received() == b"".join(f.envelope_ws for f in frames)
     assert ticker.groups == {group.key: group}
     group.leave(b)
     assert fake(b).pending == []  # nothing pending after the tick
     assert ticker.groups == {}
+    for conn in (a, b):
+        fake(conn).close()
 
 
 def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
@@ -353,9 +392,10 @@ def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
     assert fake(a).group is group  # not during the fan-out
     group.flush_tick()
     for conn, sink in ((a, "sub-a"), (b, "sub-b")):
-        assert fake(conn).writes == []
+        assert fake(conn).received() == b""
         assert fake(conn).group is None
         assert fake(conn).pending == [(f, f.envelope_ws, sink) for f in frames]
+        fake(conn).close()
     assert ticker.groups == {}
 
 
@@ -364,17 +404,23 @@ def test_join_refuses_a_busy_connection_and_keys_by_budget() -> None:
     topic = make_topic()
     busy = member(ticker)
     fake(busy).idle = False
-    try:
+    with pytest.raises(RuntimeError, match="cannot join"):
         join_group(busy, {topic: "s"})  # type: ignore[dict-item]
-    except RuntimeError:
-        pass
-    else:
-        raise AssertionError("joined with frames queued")
     a, small = member(ticker), member(ticker, budget=100)
     assert join_group(a, {topic: "s"}) is not join_group(small, {topic: "s"})  # type: ignore[dict-item]
-    try:
+    with pytest.raises(RuntimeError, match="cannot join"):
         join_group(a, {topic: "s"})  # type: ignore[dict-item]
-    except RuntimeError:
-        pass
-    else:
-        raise AssertionError("joined twice")
+    for conn in (busy, a, small):
+        fake(conn).close()
+
+
+def test_sample_many_counts_as_many_samples() -> None:
+    one_by_one, at_once = LatencyHistogram(), LatencyHistogram()
+    published = time.perf_counter() - 0.003  # 3 ms ago: well inside one bucket
+    for n in (1, 5, 7, 100, 3, 16):
+        for _ in range(n):
+            one_by_one.sample(published)
+        at_once.sample_many(published, n)
+        assert at_once.counts == one_by_one.counts
+        assert at_once.count == one_by_one.count
+    assert at_once.count == 132 // 8

@@ -212,6 +212,8 @@ class Connection:
         self._rx: trio.abc.ReceiveStream = stream if tls is None else tls
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
+        #: The socket's file descriptor (a batch group writes to it directly).
+        self.fd = self._fd
         self._ws = ws
         self._monitor = monitor
         self._latency = latency
@@ -255,6 +257,11 @@ class Connection:
     def frames_dropped(self) -> int:
         """Data frames dropped under ``drop-oldest`` (backfill frames skipped included)."""
         return self._sq.dropped + self.frames_skipped
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        """Where this connection's deliveries are sampled (the hub's histogram)."""
+        return self._latency
 
     @property
     def budget(self) -> int:
@@ -806,23 +813,35 @@ class DelayedConnection(Connection):
             self._scheduled = True
             self.ticker.schedule(self)
 
-    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> None:
-        """The group's turn: write *data* (the joined *parts*, *frames* data frames, the first
-        published at *sampled*). Whatever the kernel does not take makes this connection
-        leave the group; its writer finishes the rest as the socket drains."""
+    def write_shared(self, data: bytes, parts: list[bytes], frames: int, sampled: float) -> bool:
+        """Write *data* (the joined *parts*, *frames* data frames, the first published at
+        *sampled*) for the group; True if the kernel took it whole. The group does the same
+        inline for most members (:meth:`shared_short` and :meth:`shared_failed` then)."""
         try:
             n = os.write(self._fd, data)
         except BlockingIOError:
             n = 0
         except OSError:
-            self._broken()
-            return
+            self.shared_failed()
+            return False
         self.writer_writes += 1
         if n == len(data):
             self.frames_sent += frames
             if sampled:
                 self._latency.sample(sampled)
-            return
+            return True
+        self.shared_short(data, parts, frames, sampled, n)
+        return False
+
+    def shared_failed(self) -> None:
+        """A group's write failed: the peer is gone."""
+        self._broken()
+
+    def shared_short(
+        self, data: bytes, parts: list[bytes], frames: int, sampled: float, n: int
+    ) -> None:
+        """The kernel took only *n* bytes of a group's *data*: leave the group; the writer
+        finishes the rest as the socket drains."""
         self.leave_group()
         self._sq.adopt_batch(data, parts, n)
         self._partial = (data, frames, sampled)

@@ -64,3 +64,16 @@ class LatencyHistogram:
         if self._tick >= SAMPLE_EVERY:
             self._tick = 0
             self.observe(time.perf_counter() - published)
+
+    def sample_many(self, published: float, n: int) -> None:
+        """*n* deliveries made just now of what was published at *published*: as *n* calls of
+        :meth:`sample`, with one clock reading."""
+        tick = self._tick + n
+        if tick < SAMPLE_EVERY:
+            self._tick = tick
+            return
+        times, self._tick = divmod(tick, SAMPLE_EVERY)
+        seconds = time.perf_counter() - published
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += times
+        self.sum += seconds * times
+        self.count += times
