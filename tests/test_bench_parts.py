@@ -261,6 +261,8 @@ def test_the_peer_is_a_file_of_the_package() -> None:
         (("--floor", "ingest", "--work", "parse", "--loop", "epoll"), "trio loop only"),
         (("--floor", "ingest", "--rate", "0"), "'rate' must be > 0"),
         (("--floor", "fanout", "--subscribers", "0"), "'subscribers' must be >= 1"),
+        (("--floor", "fanout", "--write-delay", "5,10"), "one whole --write-delay in ms, not 5,10"),
+        (("--floor", "ingest", "--write-delay", "5"), "--floor ingest does not take --write-delay"),
         (("--frames", "10"), "--frames only with --floor"),
         (("--scenario", "paced", "--loop", "epoll"), "--loop only with --floor"),
     ],
@@ -293,6 +295,21 @@ def test_fanout_floor_runs_with_its_baseline() -> None:
     assert "us CPU per delivery" in lines[0]
     assert any(line.startswith("reader: bytes ") for line in lines)
     assert lines[-1].startswith("baseline: bare os.write ") and "(0 incomplete" in lines[-1]
+
+
+def test_fanout_floor_with_a_write_delay_batches_and_so_does_its_baseline() -> None:
+    out = _bench(
+        "--floor", "fanout", "--subscribers", "3", "--frames", "60", "--frame-bytes", "500",
+        "--rate", "400", "--write-delay", "10", "--baseline",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("3 subscribers x 60 frames of 501 B: ")
+    # Every frame reached every reader (the readers count the bytes of 60 frames each).
+    (reader,) = [line for line in lines if line.startswith("reader: bytes ")]
+    assert int(reader.split()[2]) >= 3 * 60 * 501
+    assert lines[-1].startswith("baseline: bare os.write of 4 frame(s) "), lines[-1]
+    assert "(0 incomplete" in lines[-1]
 
 
 @pytest.mark.parametrize("loop", ["trio", "epoll"])

@@ -234,6 +234,41 @@ async def test_a_member_that_stops_reading_leaves_and_costs_the_others_nothing()
                 client.close()
 
 
+async def test_a_member_closing_gets_nothing_after_its_close_frame() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=5)) as s:
+            closer, closer_conn = await subscribe(s, "F1")
+            other, other_conn = await subscribe(s, "F1")
+            await grouped(closer_conn, other_conn)
+            topic = s.topic("F1")
+            stop = trio.Event()
+
+            async def publish_until_stopped() -> None:
+                i = 0
+                while not stop.is_set():
+                    topic.publish(frame_text(i), None)
+                    i += 1
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish_until_stopped)
+                await read_messages(closer, 5)
+                await closer.send_frame(b"\x03\xe8", opcode=8)  # close, 1000
+                texts, code = await closer.read_until_close()
+                assert code == 1000
+                seqs = [orjson.loads(t)["seq"] for t in texts]
+                assert seqs == sorted(seqs)
+                # Nothing after the close frame: the next read is the end of the stream.
+                assert await closer.read_frame() is None
+                assert closer_conn.group is None
+                assert other_conn.group is not None
+                got = frames_of(await read_messages(other, 20))
+                assert [seq for _, seq in got] == list(range(got[0][1], got[0][1] + 20))
+                stop.set()
+            for c in (closer, other):
+                c.close()
+
+
 async def test_a_burst_past_the_budget_gets_a_gap_under_drop_oldest() -> None:
     config = make_config(write_delay=200, queue_bytes=4096, slow_policy="drop-oldest")
     with trio.fail_after(30):

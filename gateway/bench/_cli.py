@@ -204,6 +204,7 @@ def _given(args: argparse.Namespace) -> list[str]:
         *_KNOBS,
         *("fanout", "drop", "baseline", "peer", "json", "frames", "work", "loop"),
         *("cluster", "relay", "instances"),
+        *("write_delay", "compression", "slow_steps", "recorder_dir"),
     )
     given = [name for name in names if getattr(args, name, None) is not None]
     if args.scenario != "custom":
@@ -236,7 +237,10 @@ def run_floor_from_args(args: argparse.Namespace) -> int:
     }
     try:
         if "write_delay" in knobs:  # one value here, not a list of runs
-            knobs["write_delay"] = int(knobs["write_delay"])
+            value = knobs["write_delay"]
+            if not value.isdigit():
+                raise ValueError(f"--floor fanout takes one whole --write-delay in ms, not {value}")
+            knobs["write_delay"] = int(value)
         if args.floor == "fanout":
             fanout = _floor_fanout.FanoutFloor(**knobs)
         else:

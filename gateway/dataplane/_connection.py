@@ -586,6 +586,7 @@ class Connection:
                 data = b""
             if not data:
                 # The peer went away without (finishing) the close handshake.
+                self.leave_group()
                 self._dead = True
                 self._closing = True
                 self._flushed.set()
@@ -652,6 +653,8 @@ class Connection:
                 # The peer closes: answer with the same code, then the reader ends.
                 frame = self._ws_send(event.response())
                 if not self._closing:
+                    # Out of any batch group first: nothing may follow the close frame.
+                    self.leave_group()
                     self._closing = True
                     self._backfills.clear()
                     if frame:
