@@ -30,7 +30,14 @@ from gateway.dataplane import BatchGroup, DelayedConnection, WriteTicker, join_g
 from gateway.hub import Frame, LatencyHistogram, Topic
 from gateway.model import FixtureState
 from tests.kit import wait_until
-from tests.test_dataplane import RawClient, Served, make_config, serving
+from tests.test_dataplane import (
+    FASTPATH_TEMPLATE,
+    TRACKING_PATH,
+    RawClient,
+    Served,
+    make_config,
+    serving,
+)
 from tests.test_dataplane_batching import frame_text
 
 FEED = "tracking"
@@ -293,6 +300,101 @@ async def test_a_burst_past_the_budget_gets_a_gap_under_drop_oldest() -> None:
             assert seen == sorted(set(seen))
             assert conn.frames_dropped == len(missing)
             client.close()
+
+
+async def dropin(s: Served, path: str, *, fixture: str | None) -> tuple[RawClient, Any]:
+    """A raw vendor client on drop-in *path*, authenticated (and its fixture requested)."""
+    n = len(s.registry.connections_now())
+    client = await RawClient.connect(s.addr, path)
+    assert client.status == 101
+    await wait_until(lambda: len(s.registry.connections_now()) > n)
+    conn = s.registry.connections_now()[-1]
+    await client.send_json({"authToken": "any"})
+    if fixture is not None:
+        assert (await vendor_messages(client, 1))[0]["message"] == "Authorisation accepted"
+        await client.send_json({"fixtureId": fixture, "backfill": 0})
+    return client, conn
+
+
+async def vendor_messages(client: RawClient, n: int) -> list[Any]:
+    """The next *n* vendor messages, vendor heartbeats skipped."""
+    got: list[Any] = []
+    while len(got) < n:
+        frame = await client.read_frame()
+        assert frame is not None, "closed early"
+        message = orjson.loads(frame[1])
+        if not str(message.get("message", "")).startswith("Heartbeat"):
+            got.append(message)
+    return got
+
+
+async def test_dropin_subscribers_share_a_group_of_vendor_frames() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=20)) as s:
+            topic = s.topic("F1")
+            pairs = [await dropin(s, TRACKING_PATH, fixture="F1") for _ in range(3)]
+            await wait_until(lambda: topic.subscriber_count == 3)
+            conns = [conn for _, conn in pairs]
+            await grouped(*conns)
+            group = conns[0].group
+            assert all(c.group is group for c in conns)
+            assert group.encoding == "raw_ws"
+            # A /v1/stream subscriber of the same fixture and delay gets envelopes: its own group.
+            client, conn = await subscribe(s, "F1")
+            await grouped(conn)
+            assert conn.group is not group
+            for i in range(30):
+                topic.publish(frame_text(i), None)
+                if i % 8 == 0:
+                    await trio.sleep(0.03)
+            for vendor, _ in pairs:
+                got = await vendor_messages(vendor, 30)
+                assert [m["ix"] for m in got] == list(range(30))  # the frames as they came
+            assert frames_of(await read_messages(client, 30)) == [("F1", n) for n in range(1, 31)]
+            for c in (*(v for v, _ in pairs), client):
+                c.close()
+
+
+async def test_fastpath_dropin_members_get_disconnected_and_connected_in_order() -> None:
+    with trio.fail_after(30):
+        async with serving(make_config(write_delay=100)) as s:
+            topic = s.topic("F1", feed="fastpath")
+            topic.set_status(FixtureState.LIVE, "")
+            path = FASTPATH_TEMPLATE.replace("{fixture}", "F1")
+            pairs = [await dropin(s, path, fixture=None) for _ in range(2)]
+            await wait_until(lambda: topic.subscriber_count == 2)
+            conns = [conn for _, conn in pairs]
+            # Nothing is written after a fastpath authentication: the first frame goes out
+            # alone, and once it is written the connection joins.
+            topic.publish(fastpath_action(0), 0)
+            for vendor, _ in pairs:
+                assert (await vendor_messages(vendor, 1))[0]["fixtureAction"]["fixtureSeqNum"] == 0
+            await grouped(*conns)
+            topic.publish(fastpath_action(1), 1)
+            topic.publish(fastpath_action(2), 2)
+            topic.set_status(FixtureState.BACKOFF, "retry")
+            assert all(c.group is None for c in conns)
+            topic.set_status(FixtureState.LIVE, "")
+            topic.publish(fastpath_action(3), 3)
+            for vendor, _ in pairs:
+                got = await vendor_messages(vendor, 5)
+                kinds = [m.get("state") or m["fixtureAction"]["fixtureSeqNum"] for m in got]
+                assert kinds == [1, 2, "Disconnected", "Connected", 3]
+            # Live again and nothing owed: both rejoin, and share the next frames again.
+            await grouped(*conns)
+            assert conns[0].group is conns[1].group
+            topic.publish(fastpath_action(4), 4)
+            for vendor, _ in pairs:
+                got = await vendor_messages(vendor, 1)
+                assert got[0]["fixtureAction"]["fixtureSeqNum"] == 4
+            for vendor, _ in pairs:
+                vendor.close()
+
+
+def fastpath_action(n: int) -> str:
+    return orjson.dumps(
+        {"fixtureAction": {"actionId": f"a-{n}", "fixtureSeqNum": n, "fixtureId": "F1"}}
+    ).decode()
 
 
 # -- the group's bookkeeping, on stand-ins for connections ------------------------------------

@@ -30,8 +30,9 @@ group's batch and in the member's queue, nor in neither.
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 from gateway.dataplane._connection import DelayedConnection
 from gateway.dataplane._sendqueue import DeliverySink
@@ -45,14 +46,16 @@ class _Member:
 
     __slots__ = ("sinks", "start")
 
-    def __init__(self, start: int, sinks: Mapping[Topic, DeliverySink]) -> None:
+    def __init__(self, start: int, sinks: Mapping[Topic, DeliverySink | None]) -> None:
         self.start = start
         self.sinks = sinks
 
 
 class BatchGroup:
     """The connections of one ticker with the same *key* (topics, encoding, byte budget and
-    slow policy), written together. Created and dropped by :func:`join_group` and :meth:`leave`;
+    slow policy), written together. *encoding* is the :class:`~gateway.hub.Frame` attribute
+    its members get: ``envelope_ws`` (``/v1/stream``), ``deflate_ws`` (the same, compressed)
+    or ``raw_ws`` (the vendor drop-in). Created and dropped by :func:`join_group` and :meth:`leave`;
     ``ticker.groups[key]`` is the live one.
 
     The pending frames are what each member would have queued: past the members' byte
@@ -62,9 +65,10 @@ class BatchGroup:
     """
 
     __slots__ = (
+        "_encode",
         "_scheduled",
         "budget",
-        "deflate",
+        "encoding",
         "frames",
         "key",
         "last",
@@ -76,10 +80,11 @@ class BatchGroup:
         "topics",
     )
 
-    def __init__(self, conn: DelayedConnection, key: Hashable) -> None:
+    def __init__(self, conn: DelayedConnection, key: Hashable, encoding: str) -> None:
         self.ticker = conn.ticker
         self.key = key
-        self.deflate = conn.deflate
+        self.encoding = encoding
+        self._encode: Callable[[Frame], bytes] = operator.attrgetter(encoding)
         self.budget = conn.budget
         self.latency = conn.latency
         self.members: dict[DelayedConnection, _Member] = {}
@@ -98,7 +103,7 @@ class BatchGroup:
         """A member's subscription to *topic* got *frame*: write it to every member at the
         next tick."""
         self.last = frame
-        data = frame.deflate_ws if self.deflate else frame.envelope_ws
+        data = self._encode(frame)
         self.frames.append(frame)
         self.topics.append(topic)
         self.parts.append(data)
@@ -173,18 +178,20 @@ class BatchGroup:
 
 
 def join_group(
-    conn: DelayedConnection, topics: Mapping[Topic, DeliverySink], extra: Hashable = ()
+    conn: DelayedConnection, topics: Mapping[Topic, DeliverySink | None], *, raw: bool = False
 ) -> BatchGroup:
     """Put *conn* (nothing queued, nothing in flight, in no group) in its ticker's group for
-    its *topics* (each with the subscription that hears about frames dropped), its encoding,
-    budget and policy (and *extra*), made if there is none. From now on frames reach it only
-    through the group."""
+    its *topics* (each with the subscription that hears about frames dropped, if any), its
+    encoding (*raw*: the upstream frames as they came, for the drop-in; else the envelope,
+    compressed if the connection negotiated it), budget and policy, made if there is none.
+    From now on frames reach it only through the group."""
     if conn.group is not None or not conn.idle:
         raise RuntimeError(f"{conn!r} cannot join a batch group now")
-    key = (frozenset(topics), conn.deflate, conn.budget, conn.policy, extra)
+    encoding = "raw_ws" if raw else "deflate_ws" if conn.deflate else "envelope_ws"
+    key = (frozenset(topics), encoding, conn.budget, conn.policy)
     group = conn.ticker.groups.get(key)
     if not isinstance(group, BatchGroup):
-        group = BatchGroup(conn, key)
+        group = BatchGroup(conn, key, encoding)
         conn.ticker.groups[key] = group
     group.members[conn] = _Member(len(group.parts), topics)
     conn.group = group

@@ -28,7 +28,8 @@ from gateway.config import FeedConfig
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import SubscriberAuth
 from gateway.dataplane._backfill import Backfill, leave
-from gateway.dataplane._connection import Connection
+from gateway.dataplane._batchgroup import join_group
+from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
 from gateway.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
@@ -50,6 +51,12 @@ class DropinSubscription:
         self.backfill: Backfill | None = None
 
     def on_frame(self, frame: Frame) -> None:
+        group = self.conn.group
+        if group is not None:
+            # Written by the batch group (see _multiplex.MuxSubscription.on_frame).
+            if group.last is not frame:
+                group.add(frame, self.topic)
+            return
         if self.disconnected:
             self.disconnected = False
             # The upstream's own state packet says it already; do not repeat it.
@@ -105,6 +112,18 @@ class DropinHandler:
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         nursery.start_soon(self._auth_deadline)
+        if isinstance(self.conn, DelayedConnection):
+            self.conn.on_idle = self._idle
+
+    def _idle(self) -> None:
+        """The delayed connection wrote out everything: join the batch group of its fixture
+        when the subscription is live and nothing is owed to the client (see
+        :mod:`gateway.dataplane._batchgroup`); the vendor's frames go as they came."""
+        sub, conn = self.sub, self.conn
+        if sub is None or sub.backfill is not None or sub.disconnected or sub.topic.closed:
+            return
+        if isinstance(conn, DelayedConnection) and not conn.closing:
+            join_group(conn, {sub.topic: None}, raw=True)
 
     async def _auth_deadline(self) -> None:
         await trio.sleep(self.conn.settings.handshake_timeout)
@@ -191,6 +210,7 @@ class DropinHandler:
             topic.attach(sub)
 
     def finish(self) -> None:
+        self.conn.leave_group()
         sub, self.sub = self.sub, None
         if sub is not None:
             leave(self.hub, sub.topic, sub)
