@@ -77,6 +77,8 @@ class MemoryTarget:
     def __init__(
         self, config: Config, *, version: str = "0.0.0-memory", started_at: float | None = None
     ) -> None:
+        #: Batch groups with members now (the totals' gauge; set by tests).
+        self.batch_groups = 0
         self.config = config
         self.version = version
         self.started_at = time.time() if started_at is None else started_at
@@ -167,6 +169,8 @@ class MemoryTarget:
             rate_limited=self._rate_limited,
             ping_timeouts=self._ping_timeouts,
             subscribers=len(self._subscribers),
+            batched=sum(v.batched for v in self._subscribers.values()),
+            batch_groups=self.batch_groups,
             upstream=sum_counters(self._feed_counters.values()),
             auth_failures=dict(self._auth_failures),
         )

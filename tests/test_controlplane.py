@@ -481,7 +481,17 @@ async def test_subscribers(tmp_path: Path) -> None:
         assert (await client.get("/v1/subscribers")).json() == []
         target.add_subscriber(
             SubscriberView(
-                "b", "10.0.0.2:4000", "/ws/soccer/tracking", ("soccer/1",), 7, 9, 2, 5.5, 3
+                "b",
+                "10.0.0.2:4000",
+                "/ws/soccer/tracking",
+                ("soccer/1",),
+                7,
+                9,
+                2,
+                5.5,
+                3,
+                write_delay_ms=5,
+                batched=True,
             )
         )
         target.add_subscriber(
@@ -502,6 +512,8 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "frames_dropped": 0,
                 "connected_at": 4.0,
                 "conflated": 0,
+                "write_delay_ms": 0,
+                "batched": False,
             },
             {
                 "id": "b",
@@ -513,6 +525,8 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "frames_dropped": 2,
                 "connected_at": 5.5,
                 "conflated": 3,
+                "write_delay_ms": 5,
+                "batched": True,
             },
         ]
 
@@ -778,6 +792,10 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         target.count_auth_failures("dropin", 3000)
         target.set_state("hoops", "g1", FixtureState.LIVE)
         target.add_subscriber(SubscriberView("s", "p", "/v1/stream", (), 0, 0, 0, 0.0))
+        target.add_subscriber(
+            SubscriberView("t", "q", "/v1/stream", (), 0, 0, 0, 0.0, write_delay_ms=5, batched=True)
+        )
+        target.batch_groups = 1
         for seconds in (0.0003, 0.0007, 0.002, 7.0):
             target.fanout_latency.observe(seconds)
 
@@ -801,7 +819,9 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[("dde_slow_disconnects_total", ())] == 2
         assert got[("dde_subscriber_rate_limited_total", ())] == 3
         assert got[("dde_subscriber_ping_timeouts_total", ())] == 4
-        assert got[("dde_subscribers", ())] == 1
+        assert got[("dde_subscribers", ())] == 2
+        assert got[("dde_subscribers_batched", ())] == 1
+        assert got[("dde_batch_groups", ())] == 1
         assert got[("dde_fixtures", (("feed", "hoops"), ("state", "live")))] == 1
         assert got[("dde_fixtures", (("feed", "soccer"), ("state", "connecting")))] == 1
         # Every (feed, state) pair is present, zeros included, so dashboards see no holes.

@@ -229,6 +229,8 @@ def subscriber_json(view: SubscriberView) -> dict[str, Any]:
         "frames_dropped": view.frames_dropped,
         "connected_at": view.connected_at,
         "conflated": view.conflated,
+        "write_delay_ms": view.write_delay_ms,
+        "batched": view.batched,
     }
 
 

@@ -113,6 +113,14 @@ class GatewayCollector:
         yield GaugeMetricFamily(
             "dde_subscribers", "Connected subscribers.", value=totals.subscribers
         )
+        yield GaugeMetricFamily(
+            "dde_subscribers_batched",
+            "Subscribers written as part of a batch group now (write_delay, shared buffers).",
+            value=totals.batched,
+        )
+        yield GaugeMetricFamily(
+            "dde_batch_groups", "Batch groups with members now.", value=totals.batch_groups
+        )
         auth = CounterMetricFamily(
             "dde_subscriber_auth_failures",
             "Failed subscriber authentications (missing, unknown or not allowed tokens; "

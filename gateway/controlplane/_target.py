@@ -189,7 +189,8 @@ class RecorderTotals:
 
 @attrs.frozen
 class Totals:
-    """Process-wide counters since start. All are monotonic except ``subscribers`` (a gauge).
+    """Process-wide counters since start. All are monotonic except ``subscribers``, ``batched``
+    and ``batch_groups`` (gauges).
 
     ``upstream`` is the sum of every fixture's :class:`~gateway.model.UpstreamCounters`, those
     stopped included. ``auth_failures``: failed subscriber authentications per endpoint kind
@@ -203,6 +204,9 @@ class Totals:
     rate_limited: int = 0
     ping_timeouts: int = 0
     subscribers: int = 0
+    #: Subscribers written as part of a batch group now, and those groups (gauges).
+    batched: int = 0
+    batch_groups: int = 0
     upstream: UpstreamCounters = attrs.field(factory=UpstreamCounters)
     auth_failures: Mapping[str, int] = attrs.field(factory=dict)
 

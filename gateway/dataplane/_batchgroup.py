@@ -3,20 +3,21 @@
 With a ``write_delay``, every delayed connection gets, at each tick of its
 :class:`~gateway.dataplane._connection.WriteTicker`, the frames its subscriptions received since
 the last tick, in publish order. Connections with the same delay, the same set of topics and the
-same encoding (permessage-deflate or not) that are all keeping up get exactly the same bytes. A
-:class:`BatchGroup` is such a set of connections: each frame is handed to the group once (by the
-first member's subscription the topic fans it out to; the others see it is there), the group
-joins a tick's frames once and writes the same buffer to every member with one ``os.write``
-each. Nothing is queued per member and nothing per delivery but a check: the encode-once rule,
-extended from frames to batches.
+same encoding (the envelope, compressed or not, or the vendor's frames as they came) that are
+all keeping up get exactly the same bytes. A :class:`BatchGroup` is such a set of connections:
+each frame is handed to the group once (by the first member's subscription the topic fans it
+out to; the others see it is there), the group joins a tick's frames once and writes the same
+buffer to every member with one ``os.write`` each. Nothing is queued per member and nothing
+per delivery but a check: the encode-once rule, extended from frames to batches.
 
-A connection joins (:func:`join_group`, by the ``/v1/stream`` handler when its queue was written out
-whole and its subscriptions are all plain and live: no backfill, no pending gap, no
-``max_rate``) and leaves (:meth:`BatchGroup.leave`) at anything that is for it alone: a
-control message (status, error, pong, ping, heartbeat), a subscription change, a close, a write
-the kernel did not take whole. Leaving queues the group's frames it has not been written yet
-before anything else, so the order is that of the frames and messages as they happened; a
-member that left rejoins at its next tick with nothing queued. Example (what the handler does)::
+A connection joins (:func:`join_group`, called by the endpoint's handler when everything was
+written and its subscriptions are plain and live: no backfill, no pending gap, no ``max_rate``,
+no vendor state packet owed) and leaves (:meth:`BatchGroup.leave`) at anything that is for it
+alone: a control message (status, error, pong, ping, heartbeat), a subscription change, a
+close, a write the kernel did not take whole. Leaving queues the group's frames it has not been
+written yet before anything else, so the order is that of the frames and messages as they
+happened; a member that left rejoins once it has written everything again. Example (what the
+``/v1/stream`` handler does)::
 
     topics = {sub.topic: sub for sub in subscriptions}  # each topic with its subscription
     join_group(conn, topics)  # its subscriptions now call group.add(frame) instead of queueing
@@ -55,8 +56,8 @@ class BatchGroup:
     """The connections of one ticker with the same *key* (topics, encoding, byte budget and
     slow policy), written together. *encoding* is the :class:`~gateway.hub.Frame` attribute
     its members get: ``envelope_ws`` (``/v1/stream``), ``deflate_ws`` (the same, compressed)
-    or ``raw_ws`` (the vendor drop-in). Created and dropped by :func:`join_group` and :meth:`leave`;
-    ``ticker.groups[key]`` is the live one.
+    or ``raw_ws`` (the vendor drop-in). Created and dropped by :func:`join_group` and
+    :meth:`leave`; ``ticker.groups[key]`` is the live one.
 
     The pending frames are what each member would have queued: past the members' byte
     budget (a delay long for the rate, a burst) every member leaves at the tick, so each

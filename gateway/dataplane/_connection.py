@@ -211,9 +211,9 @@ class Connection:
         # What the reader reads: the socket, or the TLS stream over it (see _tlsconn).
         self._rx: trio.abc.ReceiveStream = stream if tls is None else tls
         self._sock = stream.socket
-        self._fd = stream.socket.fileno()
-        #: The socket's file descriptor (a batch group writes to it directly).
-        self.fd = self._fd
+        #: The socket's file descriptor: the eager path, the writer, the ticker and a batch
+        #: group write to it directly.
+        self.fd = stream.socket.fileno()
         self._ws = ws
         self._monitor = monitor
         self._latency = latency
@@ -298,7 +298,7 @@ class Connection:
         # The hot path: inline on purpose, no Python call on it but the latency sampler.
         if not q.items and not q.writing:
             try:
-                n = os.write(self._fd, data)
+                n = os.write(self.fd, data)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -329,7 +329,7 @@ class Connection:
         q = self._sq
         if not q.items and not q.writing and not self._dead:
             try:
-                n = os.write(self._fd, data)
+                n = os.write(self.fd, data)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -457,7 +457,7 @@ class Connection:
     async def _send_batch(self, buf: bytes) -> bool:
         """Write the in-flight batch *buf* to the socket; False if the peer is gone."""
         q = self._sq
-        fd = self._fd
+        fd = self.fd
         view = memoryview(buf)
         try:
             # q.batch_end shrinks when a close trims the batch while we wait.
@@ -515,7 +515,7 @@ class Connection:
         tail = False
         if not q.items and not q.writing:
             try:
-                n = os.write(self._fd, frame)
+                n = os.write(self.fd, frame)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -821,7 +821,7 @@ class DelayedConnection(Connection):
         *sampled*) for the group; True if the kernel took it whole. The group does the same
         inline for most members (:meth:`shared_short` and :meth:`shared_failed` then)."""
         try:
-            n = os.write(self._fd, data)
+            n = os.write(self.fd, data)
         except BlockingIOError:
             n = 0
         except OSError:
@@ -868,7 +868,7 @@ class DelayedConnection(Connection):
             return
         buf, frames, sampled = q.take_batch()
         try:
-            n = os.write(self._fd, buf)
+            n = os.write(self.fd, buf)
         except BlockingIOError:
             n = 0
         except OSError:

@@ -122,7 +122,9 @@ class DropinHandler:
         sub, conn = self.sub, self.conn
         if sub is None or sub.backfill is not None or sub.disconnected or sub.topic.closed:
             return
-        if isinstance(conn, DelayedConnection) and not conn.closing:
+        if not isinstance(conn, DelayedConnection) or conn.group is not None:
+            return
+        if conn.idle and not conn.closing:
             join_group(conn, {sub.topic: None}, raw=True)
 
     async def _auth_deadline(self) -> None:
@@ -208,6 +210,9 @@ class DropinHandler:
         else:
             sub.went_live(False)
             topic.attach(sub)
+            # Nothing may be written after this (the fixture request has no answer): join now
+            # rather than after the first frame, if nothing is owed to the client.
+            self._idle()
 
     def finish(self) -> None:
         self.conn.leave_group()

@@ -212,7 +212,9 @@ class MultiplexHandler:
         """The delayed connection wrote out everything: join the batch group of its topics if
         every subscription is plain and live (see :mod:`gateway.dataplane._batchgroup`)."""
         conn = self.conn
-        if not self.subs or conn.closing or not isinstance(conn, DelayedConnection):
+        if not isinstance(conn, DelayedConnection) or conn.group is not None:
+            return
+        if not self.subs or conn.closing or not conn.idle:
             return
         for sub in self.subs.values():
             if type(sub) is not MuxSubscription or sub.backfill is not None or sub.gap_to:

@@ -20,7 +20,9 @@ class SubscriberView:
     """One subscriber as the API shows it (``GET /v1/subscribers``); a frozen snapshot.
 
     ``subscriptions`` holds ``"feed/fixture"`` strings. ``conflated``: frames its ``max_rate``
-    subscriptions skipped (latest-wins), see docs/protocol.md.
+    subscriptions skipped (latest-wins), see docs/protocol.md. ``write_delay_ms``: its write
+    delay (0: every frame written at once); ``batched``: written as part of a batch group now
+    (docs/dataplane.md).
     """
 
     id: str
@@ -32,11 +34,14 @@ class SubscriberView:
     frames_dropped: int
     connected_at: float
     conflated: int = 0
+    write_delay_ms: int = 0
+    batched: bool = False
 
 
 @attrs.frozen
 class RegistryStats:
-    """A snapshot of the registry: ``connections`` now, the rest monotonic since start."""
+    """A snapshot of the registry: ``connections``, ``batched`` (subscribers written as part
+    of a batch group) and ``batch_groups`` now, the rest monotonic since start."""
 
     connections: int
     accepted: int
@@ -46,6 +51,8 @@ class RegistryStats:
     slow_disconnects: int
     rate_limited: int = 0
     ping_timeouts: int = 0
+    batched: int = 0
+    batch_groups: int = 0
 
 
 class SubscriberRegistry:
@@ -155,6 +162,8 @@ class SubscriberRegistry:
             slow_disconnects=self.slow_disconnects,
             rate_limited=self.rate_limited,
             ping_timeouts=self.ping_timeouts,
+            batched=len(groups := [c.group for c in self._conns.values() if c.group is not None]),
+            batch_groups=len(set(map(id, groups))),
         )
 
     def views(self) -> list[SubscriberView]:
@@ -169,6 +178,8 @@ class SubscriberRegistry:
                 frames_dropped=c.frames_dropped,
                 connected_at=c.connected_at,
                 conflated=c.frames_conflated,
+                write_delay_ms=round(c.write_delay * 1000),
+                batched=c.group is not None,
             )
             for c in self._conns.values()
         ]

@@ -584,6 +584,8 @@ class Gateway:
             rate_limited=stats.rate_limited,
             ping_timeouts=stats.ping_timeouts,
             subscribers=stats.connections,
+            batched=stats.batched,
+            batch_groups=stats.batch_groups,
             upstream=sum_counters(f.upstream for f in self.feed_totals().values()),
             auth_failures=dict(self.auth.failures),
         )
