@@ -36,12 +36,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import pytest
 import trio
+import trio_websocket
 
 from gateway.model import FixtureState
 from gateway.service import Gateway
-from tests.kit import http_url, simulator_and_gateway, wait_until
+from tests.kit import http_url, simulator_and_gateway, stream_url, wait_until
 from tests.memory_target import MemoryTarget
 from tests.test_controlplane import make_config, sample_cluster, serving
 
@@ -214,6 +216,11 @@ def _readme_shot(page: Page) -> bytes:
     return shot
 
 
+async def _drain(ws: trio_websocket.WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()
+
+
 async def _state(gw: Gateway, fixture: str, state: FixtureState) -> None:
     def check() -> bool:
         view = gw.fixture_view("tracking", fixture)
@@ -243,6 +250,24 @@ async def test_dashboard_fixtures_pitch_actions_and_a_failure(
             assert first != second, "the pitch did not change in a second"
             await wait_until(lambda: any(v.conflated > 0 for v in gw.registry.views()))
             _save("dashboard-tracking.png", await chromium.run(lambda b: page.screenshot()))
+
+            # A subscriber with a write delay, written with its batch group: the delay column.
+            url = stream_url(gw, "/v1/stream?write_delay=5")
+            request = orjson.dumps({"op": "subscribe", "feed": "tracking", "fixture": FX1})
+            async with (
+                trio_websocket.open_websocket_url(url) as ws,
+                trio.open_nursery() as readers,
+            ):
+                readers.start_soon(_drain, ws)  # it keeps up: it stays in its group
+                await ws.send_message(request.decode())
+                await wait_until(lambda: any(v.batched for v in gw.registry.views()), timeout=30)
+                delay = await chromium.run(
+                    lambda b: page.locator(
+                        '#subscribers tr[data-batched="true"] td.delay'
+                    ).first.inner_text(timeout=5000)
+                )
+                assert delay == "5 ms, shared"
+                readers.cancel_scope.cancel()
 
             # A failure the simulator causes: the fixture disappears upstream (not_found).
             sim.remove_fixture(FX2)

@@ -216,6 +216,7 @@ function renderSubscribers(subscribers) {
   const rows = marked.slice(0, SUBSCRIBERS_SHOWN).map(({ s, slow: isSlow }) => {
     const tr = el("tr", null, isSlow ? "slow" : "");
     tr.dataset.subscriber = s.id;
+    tr.dataset.batched = String(Boolean(s.batched));
     const subs = el("td", s.subscriptions.join(", "), "subs mono");
     subs.title = s.subscriptions.join("\n");
     tr.append(
@@ -227,6 +228,7 @@ function renderSubscribers(subscribers) {
       el("td", num.format(s.frames_sent), "num"),
       el("td", num.format(s.frames_dropped), "num"),
       el("td", num.format(s.conflated || 0), "num"),
+      el("td", s.write_delay_ms ? `${s.write_delay_ms} ms${s.batched ? ", shared" : ""}` : "-", "num delay"),
       el("td", age(now - s.connected_at), "num"),
     );
     return tr;
