@@ -153,6 +153,7 @@ class SubscriberRegistry:
         return self._retired_drops + sum(c.frames_dropped for c in self._conns.values())
 
     def stats(self) -> RegistryStats:
+        groups = [c.group for c in self._conns.values() if c.group is not None]
         return RegistryStats(
             connections=len(self._conns),
             accepted=self.accepted,
@@ -162,7 +163,7 @@ class SubscriberRegistry:
             slow_disconnects=self.slow_disconnects,
             rate_limited=self.rate_limited,
             ping_timeouts=self.ping_timeouts,
-            batched=len(groups := [c.group for c in self._conns.values() if c.group is not None]),
+            batched=len(groups),
             batch_groups=len(set(map(id, groups))),
         )
 
