@@ -501,6 +501,28 @@ async def test_max_on_demand_is_counted_cluster_wide(
 # -- 6. Redis restarts -----------------------------------------------------------------------
 
 
+async def two_settled(
+    c: Cluster, fixtures: Sequence[str]
+) -> tuple[list[Member], dict[str, Member]]:
+    """gw-a and gw-b started, each fixture followed once and the leases balanced; returns the
+    members and each fixture's owner."""
+    members = [await c.start("gw-a"), await c.start("gw-b")]
+    await wait_until(lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 20)
+    return members, {fx: next(m for m in members if m.owns(fx)) for fx in fixtures}
+
+
+async def subscribed_everywhere(
+    nursery: trio.Nursery, members: Sequence[Member], fixtures: Sequence[str]
+) -> dict[str, Subscriber]:
+    """A subscriber on each member to every fixture, each of them past its fifth frame."""
+    subs = {m.name: await Subscriber.open(nursery, m) for m in members}
+    for sub in subs.values():
+        for fx in fixtures:
+            await sub.subscribe("tracking", fx)
+    await wait_until(lambda: all(s.count(fx) >= 5 for s in subs.values() for fx in fixtures))
+    return subs
+
+
 @pytest.mark.parametrize("keep_data", [True, False], ids=["with-data", "data-lost"])
 async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool) -> None:
     """Redis goes away and comes back (with its data, or empty). Nothing crashes; each instance
@@ -511,22 +533,10 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
     with trio.fail_after(60):
         async with cluster_of(tmp_path, redis, tracking(fixtures)) as c:
-            a = await c.start("gw-a")
-            b = await c.start("gw-b")
-            members = [a, b]
-            await wait_until(
-                lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 20
-            )
-            epochs = {fx: a.epoch(fx) for fx in fixtures}
-            owner = {fx: next(m for m in members if m.owns(fx)) for fx in fixtures}
+            members, owner = await two_settled(c, fixtures)
+            epochs = {fx: members[0].epoch(fx) for fx in fixtures}
             async with trio.open_nursery() as nursery:
-                subs = {m.name: await Subscriber.open(nursery, m) for m in members}
-                for sub in subs.values():
-                    for fx in fixtures:
-                        await sub.subscribe("tracking", fx)
-                await wait_until(
-                    lambda: all(s.count(fx) >= 5 for s in subs.values() for fx in fixtures)
-                )
+                subs = await subscribed_everywhere(nursery, members, fixtures)
                 await redis.astop()
                 await wait_until(lambda: all(m.gw.degraded_reason() for m in members), 10)
                 for m in members:
@@ -602,21 +612,9 @@ async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: Redi
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
     with trio.fail_after(60):
         async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
-            a = await c.start("gw-a")
-            b = await c.start("gw-b")
-            members = [a, b]
-            await wait_until(
-                lambda: settled(members, fixtures, c.sim) and balanced(members, fixtures), 20
-            )
-            owner = {fx: next(m for m in members if m.owns(fx)) for fx in fixtures}
+            members, owner = await two_settled(c, fixtures)
             async with trio.open_nursery() as nursery:
-                subs = {m.name: await Subscriber.open(nursery, m) for m in members}
-                for sub in subs.values():
-                    for fx in fixtures:
-                        await sub.subscribe("tracking", fx)
-                await wait_until(
-                    lambda: all(s.count(fx) >= 5 for s in subs.values() for fx in fixtures)
-                )
+                subs = await subscribed_everywhere(nursery, members, fixtures)
                 before = {fx: subs[owner[fx].name].count(fx) for fx in fixtures}
                 dropped: set[str] = set()
                 redis_server.pause()

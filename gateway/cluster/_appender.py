@@ -29,8 +29,8 @@ from typing import Final, Protocol
 import trio
 import trio.lowlevel
 
+from gateway.cluster._retry import RedisRetry, RetryState
 from gateway.cluster._store import AppendGroup, RedisUnavailable
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.cluster")
 
@@ -59,7 +59,7 @@ class AppendStore(Protocol):
     ) -> list[int | str]: ...
 
 
-class Appender:
+class Appender(RetryState):
     """See the module docstring. Counters are plain ints read by the API and metrics."""
 
     def __init__(
@@ -84,16 +84,14 @@ class Appender:
         self.queued_bytes = 0
         self._wake = trio.Event()
         self._progress = trio.Event()
-        self._errors = LogThrottle(log)
+        self._retry = RedisRetry(
+            "appends to redis failing", first=RETRY_FIRST, maximum=RETRY_MAX, log=log
+        )
         #: The last seq Redis confirmed per fixture (what a relay of it would go on from).
         self.appended: dict[str, int] = {}
         self.frames_appended = 0
         self.frames_dropped = 0
         self.frames_fenced = 0
-        self.failures = 0
-        self.last_error: str | None = None
-        #: True while the last request failed (Redis unreachable).
-        self.failing = False
 
     # -- the publish side (synchronous) ------------------------------------------------------
 
@@ -171,7 +169,6 @@ class Appender:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued frames until cancelled (what is still queued then is lost)."""
         task_status.started()
-        pause = RETRY_FIRST
         last = -math.inf
         while True:
             if not self._queue:
@@ -191,12 +188,7 @@ class Appender:
                         results = await self._store.append(self._token, self._instance, groups)
                         break
                     except RedisUnavailable as exc:
-                        self.failures += 1
-                        self.failing = True
-                        self.last_error = str(exc)
-                        self._errors.warning("appends to redis failing: %s", exc)
-                        await trio.sleep(pause)
-                        pause = min(RETRY_MAX, pause * 2)
+                        await self._retry.failed(exc)
                         # Groups fenced meanwhile (discard) are not written any more.
                         groups = [g for g in groups if g.key in self._in_flight]
                         if not groups:
@@ -205,8 +197,7 @@ class Appender:
             finally:
                 in_flight, self._in_flight = self._in_flight, set()
                 self._signal_progress()
-            pause = RETRY_FIRST
-            self.failing = False
+            self._retry.succeeded()
             for group, result in zip(groups, results, strict=True):
                 if group.key not in in_flight:
                     continue

@@ -28,8 +28,8 @@ from typing import Final, Protocol
 import trio
 import trio.lowlevel
 
+from gateway.cluster._retry import RedisRetry, RetryState
 from gateway.cluster._store import Entry, RedisUnavailable
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.cluster")
 
@@ -60,7 +60,7 @@ class ReadStore(Protocol):
     ) -> list[tuple[str, list[Entry]]]: ...
 
 
-class Relay:
+class Relay(RetryState):
     """See the module docstring."""
 
     def __init__(
@@ -72,11 +72,10 @@ class Relay:
         self._after: dict[str, int] = {}
         self._sinks: dict[str, RelaySink] = {}
         self._changed = trio.Event()
-        self._errors = LogThrottle(log)
-        self.failing = False
-        self.last_error: str | None = None
+        self._retry = RedisRetry(
+            "relay reads from redis failing", first=RETRY_FIRST, maximum=RETRY_MAX, log=log
+        )
         self.entries_relayed = 0
-        self.failures = 0
         #: Seconds between a relayed frame's receipt by its owner and its relay here (the
         #: last one), by fixture.
         self.lag: dict[str, float] = {}
@@ -103,15 +102,14 @@ class Relay:
         if not self._after:
             # Nothing left to read: not failing (else a relay that failed once and then lost
             # its last fixture, to a takeover, would keep the instance degraded for good).
-            self.failing = False
+            self._retry.idle()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        pause = RETRY_FIRST
         last = -math.inf
         while True:
             if not self._after:
-                self.failing = False
+                self._retry.idle()
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue
@@ -123,15 +121,9 @@ class Relay:
             try:
                 batch = await self._store.read(after, block=self._block)
             except RedisUnavailable as exc:
-                self.failures += 1
-                self.failing = True
-                self.last_error = str(exc)
-                self._errors.warning("relay reads from redis failing: %s", exc)
-                await trio.sleep(pause)
-                pause = min(RETRY_MAX, pause * 2)
+                await self._retry.failed(exc)
                 continue
-            self.failing = False
-            pause = RETRY_FIRST
+            self._retry.succeeded()
             now = time.time()
             for key, entries in batch:
                 sink = self._sinks.get(key)
