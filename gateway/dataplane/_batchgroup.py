@@ -76,7 +76,6 @@ class BatchGroup:
         "latency",
         "members",
         "parts",
-        "pending_bytes",
         "ticker",
         "topics",
     )
@@ -93,7 +92,6 @@ class BatchGroup:
         self.frames: list[Frame] = []
         self.topics: list[Topic] = []
         self.parts: list[bytes] = []
-        self.pending_bytes = 0
         self.last: Frame | None = None
         self._scheduled = False
 
@@ -104,11 +102,9 @@ class BatchGroup:
         """A member's subscription to *topic* got *frame*: write it to every member at the
         next tick."""
         self.last = frame
-        data = self._encode(frame)
         self.frames.append(frame)
         self.topics.append(topic)
-        self.parts.append(data)
-        self.pending_bytes += len(data)
+        self.parts.append(self._encode(frame))
         if not self._scheduled:
             self._scheduled = True
             self.ticker.schedule(self)
@@ -119,15 +115,14 @@ class BatchGroup:
         parts, frames = self.parts, self.frames
         if not parts:
             return
-        if self.pending_bytes > self.budget:
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        size = len(buf)
+        if size > self.budget:
             for conn in tuple(self.members):
                 self.leave(conn)
         self.parts = []
         self.frames = []
         self.topics = []
-        self.pending_bytes = 0
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        size = len(buf)
         count = len(parts)
         sampled = frames[0].published
         members = self.members
