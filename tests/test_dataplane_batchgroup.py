@@ -469,7 +469,8 @@ def publish(group: BatchGroup, topic: Topic, n: int) -> list[Frame]:
     return frames
 
 
-def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones() -> None:
+async def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones() -> None:
+    # async: adding a frame opens a batch on the ticker, which reads trio's clock.
     ticker = WriteTicker(0.01)
     topic = make_topic()
     a, b = member(ticker), member(ticker)
@@ -493,7 +494,7 @@ def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones() -> No
         fake(conn).close()
 
 
-def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
+async def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
     ticker = WriteTicker(0.01)
     topic = make_topic()
     a, b = member(ticker), member(ticker)
@@ -514,7 +515,7 @@ def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> None:
         fake(conn).close()
 
 
-def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
+async def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
     ticker = WriteTicker(0.01)
     topic = make_topic()
     a, b = member(ticker, budget=5000), member(ticker, budget=5000)
@@ -531,7 +532,7 @@ def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
     assert ticker.groups == {}
 
 
-def test_join_refuses_a_busy_connection_and_keys_by_budget() -> None:
+async def test_join_refuses_a_busy_connection_and_keys_by_budget() -> None:
     ticker = WriteTicker(0.01)
     topic = make_topic()
     busy = member(ticker)

@@ -4,11 +4,14 @@ Covers: the config key (default 0, bounds, TOML types) and the ``?write_delay=``
 ``/v1/stream`` (validated: 400 otherwise); the connection class chosen (the plain, eager
 :class:`Connection` unless a delay is asked for); frames arriving complete and in order,
 batched (the connection's count of write system calls), and never earlier than the delay
-allows nor later than the delay plus slack; the queue's byte budget still applying.
+allows nor later than the delay plus slack; the queue's byte budget still applying; the
+:class:`WriteTicker`'s timing exactly, under ``MockClock``: a batch written one delay after its
+first frame, batches opened close together sharing a wake-up, nothing while idle.
 
 Rules: real sockets on 127.0.0.1 port 0 and real time, every test under ``trio.fail_after``;
 no speed is asserted: the lower bounds follow from the delay itself (trio never wakes a sleep
-early), the upper bounds have a generous slack.
+early), the upper bounds have a generous slack. The ticker's own tests run on memory only,
+under ``MockClock(autojump_threshold=0)`` (the suite's 120 s timeout bounds them).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pytest
 import trio
 
 from gateway.config import ConfigError, structure_config
-from gateway.dataplane import Connection, DelayedConnection
+from gateway.dataplane import Connection, DelayedConnection, WriteTicker
 from tests.kit import wait_until
 from tests.test_config import errors_of, minimal
 from tests.test_dataplane import ODD_FRAME, RawClient, Served, make_config, serving
@@ -239,3 +242,80 @@ async def test_subscribers_of_one_delay_share_one_tick() -> None:
             assert [c.writer_writes - b for c, b in zip(conns, before, strict=True)] == [1] * 5
             for client in clients:
                 client.close()
+
+
+# -- the ticker's timing, under MockClock --------------------------------------------------
+
+
+class Batch:
+    """A stand-in for a delayed connection or group: records when the ticker wrote it."""
+
+    def __init__(self, name: str, log: list[tuple[str, float]]) -> None:
+        self.name = name
+        self.log = log
+
+    def flush_tick(self) -> None:
+        self.log.append((self.name, trio.current_time()))
+
+
+async def test_a_batch_is_written_one_delay_after_it_opened(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch waits exactly the delay from its first frame, whatever the previous batch did;
+    batches opened within COALESCE of the delay share a wake-up (written early, never late)."""
+    ticker = WriteTicker(0.010)
+    log: list[tuple[str, float]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        await trio.sleep(1.0)  # idle: no wake-up
+        assert ticker.ticks == 0
+        t0 = trio.current_time()
+        ticker.schedule(Batch("a", log))
+        await trio.sleep(0.001)  # within 1.25 ms of a: written with it
+        ticker.schedule(Batch("b", log))
+        await trio.sleep(0.002)  # 3 ms after a: its own wake-up
+        ticker.schedule(Batch("c", log))
+        await trio.sleep(0.050)
+        assert [(name, round(t - t0, 6)) for name, t in log] == [
+            ("a", 0.010),
+            ("b", 0.010),
+            ("c", 0.013),
+        ]
+        assert ticker.ticks == 2
+        # A batch opened right after one was written waits a whole delay again.
+        log.clear()
+        t1 = trio.current_time()
+        ticker.schedule(Batch("d", log))
+        await trio.sleep(0.010)
+        ticker.schedule(Batch("e", log))
+        await trio.sleep(0.050)
+        assert [(name, round(t - t1, 6)) for name, t in log] == [("d", 0.010), ("e", 0.020)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_opened_while_writing_is_due_a_delay_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What a write schedules (a member leaving a group queues its frames) is not written in
+    the same wake-up: it waits its own delay."""
+    ticker = WriteTicker(0.005)
+    log: list[tuple[str, float]] = []
+
+    class Reopens(Batch):
+        def flush_tick(self) -> None:
+            super().flush_tick()
+            ticker.schedule(Batch("again", log))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        t0 = trio.current_time()
+        ticker.schedule(Reopens("first", log))
+        await trio.sleep(0.1)
+        assert [(name, round(t - t0, 6)) for name, t in log] == [("first", 0.005), ("again", 0.010)]
+        nursery.cancel_scope.cancel()
+
+
+def test_a_ticker_needs_a_positive_interval() -> None:
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="interval > 0"):
+            WriteTicker(bad)

@@ -323,8 +323,8 @@ async def test_gateway_with_tls_serves_wss_and_https(tmp_path: Path, certs: Cert
 
 
 async def test_wss_write_delay_batches_and_keeps_every_frame(certs: Certs) -> None:
-    """Under TLS ``write_delay`` spaces the writer's batches: frames published one by one go
-    out in fewer writes than frames, every one of them, in order."""
+    """Under TLS ``write_delay`` holds each batch the delay after its first frame: frames
+    published one by one go out in fewer writes than frames, every one of them, in order."""
     with trio.fail_after(60):
         async with serving(tls_config(certs, write_delay=50)) as s:
             topic = s.topic()
@@ -341,3 +341,11 @@ async def test_wss_write_delay_batches_and_keeps_every_frame(certs: Certs) -> No
                         seqs.append(msg["seq"])
                 assert seqs == list(range(1, 41))
                 assert 0 < conn.writer_writes < 40
+                # After a quiet spell too, a batch goes out a whole delay after its first
+                # frame (it opens the batch): a lower bound, trio never wakes a sleep early.
+                await trio.sleep(0.1)
+                t0 = trio.current_time()
+                topic.publish('{"ix":40}', 40)
+                msg = orjson.loads(await ws.get_message())
+                assert msg["seq"] == 41
+                assert trio.current_time() - t0 >= 0.05

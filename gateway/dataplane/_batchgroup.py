@@ -1,14 +1,15 @@
-"""Batch groups: subscribers that get the same bytes at each tick are written them once joined.
+"""Batch groups: subscribers that get the same batches are written each batch once, joined.
 
-With a ``write_delay``, every delayed connection gets, at each tick of its
-:class:`~gateway.dataplane._connection.WriteTicker`, the frames its subscriptions received since
-the last tick, in publish order. Connections with the same delay, the same set of topics and the
-same encoding (the envelope, compressed or not, or the vendor's frames as they came) that are
-all keeping up get exactly the same bytes. A :class:`BatchGroup` is such a set of connections:
-each frame is handed to the group once (by the first member's subscription the topic fans it
-out to; the others see it is there), the group joins a tick's frames once and writes the same
-buffer to every member with one ``os.write`` each. Nothing is queued per member and nothing
-per delivery but a check: the encode-once rule, extended from frames to batches.
+With a ``write_delay``, a delayed connection's frames go out in batches: a batch opens with a
+frame and its :class:`~gateway.dataplane._connection.WriteTicker` writes it ``write_delay``
+later with every frame since, in publish order. Connections with the same delay, the same set
+of topics and the same encoding (the envelope, compressed or not, or the vendor's frames as
+they came) that are all keeping up would get exactly the same bytes. A :class:`BatchGroup` is
+such a set of connections: each frame is handed to the group once (by the first member's
+subscription the topic fans it out to; the others see it is there), the group joins a batch's
+frames once and writes the same buffer to every member with one ``os.write`` each. Nothing is
+queued per member and nothing per delivery but a check: the encode-once rule, extended from
+frames to batches.
 
 A connection joins (:func:`join_group`, called by the endpoint's handler when everything was
 written and its subscriptions are plain and live: no backfill, no pending gap, no ``max_rate``,
@@ -42,7 +43,7 @@ from gateway.hub import Frame, Topic
 
 class _Member:
     """A member's place: the first pending part it has not been written (0 but for one that
-    joined after this tick's first frame) and its subscription per topic (to queue the
+    joined after the batch's first frame) and its subscription per topic (to queue the
     pending frames on leaving, droppable as its own frames are)."""
 
     __slots__ = ("sinks", "start")
@@ -60,8 +61,8 @@ class BatchGroup:
     :meth:`leave`; ``ticker.groups[key]`` is the live one.
 
     The pending frames are what each member would have queued: past the members' byte
-    budget (a delay long for the rate, a burst) every member leaves at the tick, so each
-    queues them itself under its own slow policy (drop-oldest with gap messages, or 4008).
+    budget (a delay long for the rate, a burst) every member leaves when the batch is due, so
+    each queues them itself under its own slow policy (drop-oldest with gap messages, or 4008).
     Not at once: :meth:`add` runs inside a topic's fan-out, where a member must not leave.
     """
 
@@ -88,7 +89,7 @@ class BatchGroup:
         self.budget = conn.budget
         self.latency = conn.latency
         self.members: dict[DelayedConnection, _Member] = {}
-        #: The frames since the last tick, their topics and their encoded bytes (same order).
+        #: The open batch's frames, their topics and their encoded bytes (same order).
         self.frames: list[Frame] = []
         self.topics: list[Topic] = []
         self.parts: list[bytes] = []
@@ -99,8 +100,8 @@ class BatchGroup:
         return f"<BatchGroup {len(self.members)} members {len(self.parts)} pending>"
 
     def add(self, frame: Frame, topic: Topic) -> None:
-        """A member's subscription to *topic* got *frame*: write it to every member at the
-        next tick."""
+        """A member's subscription to *topic* got *frame*: write it to every member with the
+        open batch (the first frame opens one)."""
         self.last = frame
         self.frames.append(frame)
         self.topics.append(topic)
@@ -110,7 +111,7 @@ class BatchGroup:
             self.ticker.schedule(self)
 
     def flush_tick(self) -> None:
-        """The ticker's turn: join the pending frames once and write them to every member."""
+        """The batch is due: join the pending frames once and write them to every member."""
         self._scheduled = False
         parts, frames = self.parts, self.frames
         if not parts:
@@ -148,7 +149,7 @@ class BatchGroup:
                 else:
                     conn.shared_short(buf, parts, count, sampled, n)
                 continue
-            # Joined after this tick's first frame: it had the frames before *start* already.
+            # Joined after the batch's first frame: it had the frames before *start* already.
             member.start = 0
             if start < count:
                 offset = sum(map(len, parts[:start]))

@@ -8,9 +8,9 @@ exactly the write side and nothing else:
 - :meth:`send_data` and :meth:`_send_raw` only queue (the same byte budget, slow policies,
   drops and gap messages: all of that is the :class:`SendQueue`'s) and wake the writer;
 - the writer (the base class's loop: backfill pulls, batches, close) hands each batch to
-  ``SSLStream.send_all`` (:meth:`_send_batch`), and spaces batches ``write_delay`` apart
-  (:meth:`_hold`); the reader reads through the same ``SSLStream`` (one sender and one receiver
-  at a time is what trio's SSLStream supports).
+  ``SSLStream.send_all`` (:meth:`_send_batch`), and with a ``write_delay`` holds each batch
+  that long after its first message (:meth:`_hold`); the reader reads through the same
+  ``SSLStream`` (one sender and one receiver at a time is what trio's SSLStream supports).
 
 The plaintext hot path is not touched: a plaintext connection never executes a line of this.
 Batching matters more here than in plaintext: one TLS record per batch instead of per frame.
@@ -36,34 +36,41 @@ class TlsConnection(Connection):
             raise TypeError("TlsConnection needs tls")
         super().__init__(tls=tls, **kw)
         self._tls = tls
-        self._next_batch = 0.0  # trio time the next batch may go (write_delay)
+        #: trio time the open batch's first message was queued (write_delay).
+        self._opened = 0.0
 
     def send_data(
         self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
     ) -> None:
         if self._closing:
             return
-        if self._sq.push(SendItem(data, seq, published, sink)):
+        q = self._sq
+        if self.write_delay and not q.items:
+            self._opened = trio.current_time()
+        if q.push(SendItem(data, seq, published, sink)):
             self._too_slow()
         self._wake.set()
 
     def _send_raw(self, data: bytes) -> None:
-        if self._sq.push(SendItem(data, None)):
+        q = self._sq
+        if self.write_delay and not q.items:
+            self._opened = trio.current_time()
+        if q.push(SendItem(data, None)):
             self._too_slow()
         self._wake.set()
 
     async def _hold(self) -> bool:
-        # write_delay: at most one batch per ``delay`` (a plaintext connection has a WriteTicker
-        # for that; this one writes through its own SSLStream).
+        # write_delay: a batch opens with its first message and goes out ``delay`` later with
+        # everything queued meanwhile (the rule of the plaintext connection's WriteTicker;
+        # this one writes through its own SSLStream). Closing is never held.
         delay = self.write_delay
         if not delay or self._closing:
             return False
-        now = trio.current_time()
-        if (wait := self._next_batch - now) > 0:
-            await trio.sleep(wait)
-            return True
-        self._next_batch = now + delay
-        return False
+        due = self._opened + delay
+        if trio.current_time() >= due:
+            return False
+        await trio.sleep_until(due)
+        return True
 
     async def _send_batch(self, buf: bytes) -> bool:
         q = self._sq
