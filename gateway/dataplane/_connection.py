@@ -713,9 +713,9 @@ class WriteTicker:
     later with whatever came meanwhile: no frame waits longer than the delay (plus the
     timer's lateness, under a millisecond), and a batch holds every frame of its window, one
     more on average than a clock ticking every ``interval`` would give it (at 400 frames a
-    second and 5 ms, three frames a write instead of two). The same rule as Centrifugo's
-    ``write_delay``. All batches of a ticker wait the same time, so they fall due in the order
-    they opened: a deque, no heap.
+    second and 5 ms, 2.75 frames a write instead of 2.15: docs/performance.md). The same rule
+    as Centrifugo's ``write_delay``. All batches of a ticker wait the same time, so they fall
+    due in the order they opened: a deque, no heap.
 
     A wake-up of this task writes every batch due by then and those due within
     :data:`COALESCE` of the interval after (batches opened close together share one
