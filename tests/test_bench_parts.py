@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +422,41 @@ def test_write_delay_and_compression_runs_one_scenario_per_value(tmp_path: Path)
     path.write_text(text)
     subs = load_config(path).subscribers
     assert (subs.write_delay, subs.compression) == (5, "deflate")
+
+
+def test_loadgen_nice_applies_to_every_scenario_and_is_bounded() -> None:
+    scs = scenarios_from_args(
+        _parse("--scenario", "paced", "--write-delay", "0,5", "--loadgen-nice", "10")
+    )
+    assert [sc.loadgen_nice for sc in scs] == [10, 10]
+    assert [sc.loadgen_nice for sc in scenarios_from_args(_parse("--scenario", "paced"))] == [0]
+    out = _bench("--scenario", "paced", "--loadgen-nice", "20")
+    assert out.returncode == 2
+    assert "loadgen_nice" in out.stderr
+    out = _bench("--floor", "fanout", "--loadgen-nice", "5")
+    assert out.returncode == 2
+    assert "--loadgen-nice" in out.stderr
+
+
+def test_the_load_generator_lowers_its_own_priority() -> None:
+    """``--nice N``: the load generator is at niceness N before it connects (here to a server
+    that never answers the upgrade, so it waits there until killed)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        argv = [sys.executable, "-m", "gateway.bench._loadgen", "--port", str(port), "--nice", "7"]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            deadline = time.monotonic() + 30
+            while os.getpriority(os.PRIO_PROCESS, proc.pid) != min(base + 7, 19):
+                assert proc.poll() is None, "the load generator ended"
+                assert time.monotonic() < deadline, "niceness not applied"
+                time.sleep(0.01)  # polling another process's state: no event to wait on
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_compressed_frames_keep_rsv1_in_parse_frames() -> None:

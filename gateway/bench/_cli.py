@@ -129,6 +129,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "permessage-deflate (the peer never compresses); a list runs once per value",
     )
     parser.add_argument(
+        "--loadgen-nice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the load generator at niceness N (0-19), for the gateway and the peer alike: "
+        "its wake-ups then do not preempt the server mid-fan-out (default 0)",
+    )
+    parser.add_argument(
         "--slow-steps",
         type=Path,
         default=None,
@@ -173,7 +181,7 @@ def scenarios_from_args(args: argparse.Namespace) -> list[Scenario]:
     names = list(SCENARIO_NAMES) if args.scenario == "all" else [args.scenario]
     overrides: dict[str, Any] = {
         name: getattr(args, name)
-        for name in (*_KNOBS, "fanout", "drop", "baseline", "recorder_dir")
+        for name in (*_KNOBS, "fanout", "drop", "baseline", "recorder_dir", "loadgen_nice")
         if getattr(args, name, None) is not None
     }
     delays = [0.0] if args.write_delay is None else [float(x) for x in args.write_delay.split(",")]
@@ -204,7 +212,7 @@ def _given(args: argparse.Namespace) -> list[str]:
         *_KNOBS,
         *("fanout", "drop", "baseline", "peer", "json", "frames", "work", "loop"),
         *("cluster", "relay", "instances"),
-        *("write_delay", "compression", "slow_steps", "recorder_dir"),
+        *("write_delay", "compression", "slow_steps", "recorder_dir", "loadgen_nice"),
     )
     given = [name for name in names if getattr(args, name, None) is not None]
     if args.scenario != "custom":

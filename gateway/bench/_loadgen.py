@@ -348,7 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deflate", action="store_true", help="offer permessage-deflate (no context takeover)"
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        choices=range(20),
+        default=0,
+        metavar="0-19",
+        help="lower this process's priority by so much first (the server's wake-ups of it then "
+        "do not preempt the server)",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     gen = LoadGen(args)
     t0 = time.monotonic()
     try:

@@ -251,6 +251,8 @@ def format_table(results: Sequence[Result]) -> str:
             name = f"{name} wd={sc['write_delay']:g}"
         if sc.get("compression", "off") != "off":
             name = f"{name} {sc['compression']}"
+        if sc.get("loadgen_nice"):
+            name = f"{name} nice={sc['loadgen_nice']}"
         if sc.get("cluster"):
             count = sc.get("instances", 1)
             name = f"{name} cluster" if count == 1 else f"{name} x{count}"

@@ -462,6 +462,7 @@ def _loadgen(
             "--idle",
             str(sc.idle),
             *(["--deflate"] if sc.compression == "deflate" and kind == "gateway" else []),
+            *(["--nice", str(sc.loadgen_nice)] if sc.loadgen_nice else []),
         ],
         env,
         log,

@@ -59,6 +59,12 @@ class Scenario:
     compression: str = attrs.field(
         default="off", validator=attrs.validators.in_(("off", "deflate"))
     )
+    #: The load generator's niceness (0-19). On a small machine the subscribers' process,
+    #: woken by every write, preempts the server in the middle of its fan-outs; at a lower
+    #: priority it waits for the server's turn to end (docs/performance.md, the paced tail).
+    loadgen_nice: int = attrs.field(
+        default=0, validator=[attrs.validators.ge(0), attrs.validators.le(19)]
+    )
 
     #: Run the gateway as a member of a cluster (``[cluster]``) on a redis-server the bench
     #: starts for the run: every frame is also appended to Redis (docs/cluster.md).
