@@ -1,4 +1,4 @@
-"""Batch groups: delayed subscribers with the same topics get one shared buffer per tick.
+"""Batch groups: delayed subscribers with the same topics get one shared buffer per batch.
 
 Covers (gateway.dataplane._batchgroup): subscribers of one topic and one delay end up in one
 group and each frame is added to it once; every member gets every frame, complete and in
@@ -7,7 +7,7 @@ topics gets them in publish order; what is for one member alone (a status change
 subscription) keeps its place between the frames, and the member rejoins afterwards; a member
 that stops reading leaves (its writes fall short) without costing the others a frame; a burst
 past the byte budget leaves each member to its own slow policy (a gap message under
-drop-oldest, no frame twice). The group's bookkeeping (a member that joins after the tick's
+drop-oldest, no frame twice). The group's bookkeeping (a member that joins after the batch's
 first frame, leaving with frames pending, the budget) is also checked directly on stand-ins
 for the connections.
 
@@ -114,10 +114,10 @@ async def test_subscribers_of_one_topic_share_one_group_and_get_every_frame() ->
                     ("F1", 2),
                     ("F1", 3),
                 ]
-            # One write each for the three frames (all published before the tick).
+            # One write each for the three frames (all published before the batch was due).
             assert [c.writer_writes - w for c, w in zip(conns, writes, strict=True)] == [1] * 4
             assert [c.frames_sent - n for c, n in zip(conns, sent, strict=True)] == [3] * 4
-            # Trickled over several ticks: still every frame, once, in order.
+            # Trickled over several batches: still every frame, once, in order.
             for i in range(3, 40):
                 topic.publish(frame_text(i), None)
                 await trio.sleep(0.004)
@@ -413,7 +413,7 @@ class FakeMember:
         self.fd = self.sock.fileno()
         self.writer_writes = 0
         self.frames_sent = 0
-        #: write_shared calls (a member that joined after the tick's first frame).
+        #: write_shared calls (a member that joined after the batch's first frame).
         self.writes: list[tuple[bytes, list[bytes], int, float]] = []
         self.pending: list[tuple[Frame, bytes, Any]] = []
 
@@ -484,7 +484,7 @@ async def test_a_member_joining_after_the_first_frame_gets_only_the_later_ones()
     assert fake(a).writes == []
     assert fake(b).writes == [(later[0].envelope_ws, [later[0].envelope_ws], 1, later[0].published)]
     assert fake(b).received() == b""
-    # The next tick writes the same bytes to both, inline.
+    # The next batch goes to both, the same bytes, inline.
     nxt = publish(group, topic, 2)
     group.flush_tick()
     both = b"".join(f.envelope_ws for f in nxt)
@@ -509,13 +509,13 @@ async def test_leaving_queues_the_pending_frames_with_the_members_own_sink() -> 
     assert fake(b).received() == b"".join(f.envelope_ws for f in frames)
     assert ticker.groups == {group.key: group}
     group.leave(b)
-    assert fake(b).pending == []  # nothing pending after the tick
+    assert fake(b).pending == []  # nothing pending once the batch is written
     assert ticker.groups == {}
     for conn in (a, b):
         fake(conn).close()
 
 
-async def test_past_the_budget_every_member_leaves_at_the_tick() -> None:
+async def test_past_the_budget_every_member_leaves_when_the_batch_is_due() -> None:
     ticker = WriteTicker(0.01)
     topic = make_topic()
     a, b = member(ticker, budget=5000), member(ticker, budget=5000)

@@ -217,7 +217,7 @@ async def test_budget_still_applies_with_a_delay() -> None:
 
 
 async def test_subscribers_of_one_delay_share_one_tick() -> None:
-    """One ticker task per delay writes every subscriber's batch: one tick, one write each."""
+    """One ticker task per delay writes every subscriber's batch: one wake-up, one write each."""
     with trio.fail_after(20):
         async with serving(make_config(write_delay=50)) as s:
             topic = s.topic()

@@ -6,7 +6,7 @@ them; :class:`SubscriberRegistry` lists subscribers, keeps totals and drains on 
 :class:`SendQueue` is one connection's byte-budgeted queue (no I/O, usable on its own);
 :class:`SubscriberAuth` holds the subscriber tokens in force and counts failed attempts;
 :class:`Conflator` is the latest-wins rate limit of ``max_rate`` subscriptions;
-:class:`BatchGroup` writes one buffer per tick to the delayed subscribers that share topics.
+:class:`BatchGroup` writes one buffer per batch to the delayed subscribers that share topics.
 """
 
 from gateway.dataplane._access import (
