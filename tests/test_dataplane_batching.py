@@ -187,6 +187,28 @@ async def test_a_frame_right_after_a_batch_waits_for_the_delay() -> None:
             client.close()
 
 
+async def test_a_batch_opens_with_its_first_frame_and_holds_its_window() -> None:
+    """After a quiet spell the first frame still waits the whole delay (it opens the batch),
+    and a frame published inside that window goes out with it, in the same write."""
+    delay = 0.5
+    with trio.fail_after(20):
+        async with serving(make_config()) as s:
+            client, conn = await connect_and_subscribe(s, "?write_delay=500")
+            topic = s.topic()
+            await wait_until(lambda: conn.idle)
+            await trio.sleep(delay)  # quiet for longer than the delay
+            before = conn.writer_writes
+            t0 = trio.current_time()
+            topic.publish(frame_text(0), None)
+            await trio.sleep(0.05)  # pacing the publisher: well inside the window
+            topic.publish(frame_text(1), None)
+            got = await read_frames(client, 2)
+            assert [m["seq"] for _, m in got] == [1, 2]
+            assert got[0][0] - t0 >= delay - 0.001  # trio never wakes a sleep early
+            assert conn.writer_writes - before == 1
+            client.close()
+
+
 async def test_eager_connection_unchanged_writes_nothing_through_the_writer() -> None:
     with trio.fail_after(20):
         async with serving(make_config()) as s:
