@@ -86,12 +86,18 @@ async def grouped(*conns: Any) -> None:
     await wait_until(lambda: all(c.group is not None for c in conns))
 
 
+async def subscribed_grouped(s: Served, n: int, fixture: str) -> list[tuple[RawClient, Any]]:
+    """*n* raw clients subscribed to *fixture*, once all of them are in a batch group."""
+    pairs = [await subscribe(s, fixture) for _ in range(n)]
+    await grouped(*(conn for _, conn in pairs))
+    return pairs
+
+
 async def test_subscribers_of_one_topic_share_one_group_and_get_every_frame() -> None:
     with trio.fail_after(30):
         async with serving(make_config(write_delay=50)) as s:
-            pairs = [await subscribe(s, "F1") for _ in range(4)]
+            pairs = await subscribed_grouped(s, 4, "F1")
             conns = [conn for _, conn in pairs]
-            await grouped(*conns)
             group = conns[0].group
             assert isinstance(group, BatchGroup)
             assert all(c.group is group for c in conns)
@@ -156,9 +162,8 @@ async def test_topic_sets_make_groups_and_two_topics_arrive_in_publish_order() -
 async def test_a_status_change_keeps_its_place_and_the_members_rejoin() -> None:
     with trio.fail_after(30):
         async with serving(make_config(write_delay=200)) as s:
-            pairs = [await subscribe(s, "F1") for _ in range(3)]
+            pairs = await subscribed_grouped(s, 3, "F1")
             conns = [conn for _, conn in pairs]
-            await grouped(*conns)
             topic = s.topic("F1")
             # All within one delay: the frames wait in the group when the status comes.
             for i in range(3):
@@ -190,9 +195,7 @@ async def test_a_status_change_keeps_its_place_and_the_members_rejoin() -> None:
 async def test_subscribing_while_grouped_keeps_order_and_joins_the_new_set() -> None:
     with trio.fail_after(30):
         async with serving(make_config(write_delay=100)) as s:
-            client, conn = await subscribe(s, "F1")
-            other, other_conn = await subscribe(s, "F1")
-            await grouped(conn, other_conn)
+            (client, conn), (other, other_conn) = await subscribed_grouped(s, 2, "F1")
             t1, t2 = s.topic("F1"), s.topic("F2")
             t1.publish(frame_text(0), None)
             await client.send_json({"op": "subscribe", "feed": FEED, "fixture": "F2"})
@@ -255,9 +258,7 @@ async def test_a_member_that_stops_reading_leaves_and_costs_the_others_nothing()
 async def test_a_member_closing_gets_nothing_after_its_close_frame() -> None:
     with trio.fail_after(30):
         async with serving(make_config(write_delay=5)) as s:
-            closer, closer_conn = await subscribe(s, "F1")
-            other, other_conn = await subscribe(s, "F1")
-            await grouped(closer_conn, other_conn)
+            (closer, closer_conn), (other, other_conn) = await subscribed_grouped(s, 2, "F1")
             topic = s.topic("F1")
             stop = trio.Event()
 

@@ -33,6 +33,7 @@ import zlib
 from typing import Final
 
 from gateway.bench._feeder import fixture_id
+from gateway.bench._scenario import NICE_MAX
 from gateway.bench._wsframe import (
     DEFLATE_OFFER,
     ProtocolError,
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nice",
         type=int,
-        choices=range(20),
+        choices=range(NICE_MAX + 1),
         default=0,
         metavar="0-19",
         help="lower this process's priority by so much first (the server's wake-ups of it then "

@@ -11,6 +11,9 @@ from typing import Final, Literal
 
 import attrs
 
+#: Highest niceness (the lowest priority) a process can ask for.
+NICE_MAX: Final = 19
+
 Fanout = Literal["all", "spread"]
 
 DEFAULT_DURATION: Final = 10.0
@@ -63,7 +66,7 @@ class Scenario:
     #: woken by every write, preempts the server in the middle of its fan-outs; at a lower
     #: priority it waits for the server's turn to end (docs/performance.md, the paced tail).
     loadgen_nice: int = attrs.field(
-        default=0, validator=[attrs.validators.ge(0), attrs.validators.le(19)]
+        default=0, validator=[attrs.validators.ge(0), attrs.validators.le(NICE_MAX)]
     )
 
     #: Run the gateway as a member of a cluster (``[cluster]``) on a redis-server the bench

@@ -12,13 +12,13 @@ queued per member and nothing per delivery but a check: the encode-once rule, ex
 frames to batches.
 
 A connection joins (:func:`join_group`, called by the endpoint's handler when everything was
-written and its subscriptions are plain and live: no backfill, no pending gap, no ``max_rate``,
-no vendor state packet owed) and leaves (:meth:`BatchGroup.leave`) at anything that is for it
-alone: a control message (status, error, pong, ping, heartbeat), a subscription change, a
-close, a write the kernel did not take whole. Leaving queues the group's frames it has not been
-written yet before anything else, so the order is that of the frames and messages as they
-happened; a member that left rejoins once it has written everything again. Example (what the
-``/v1/stream`` handler does)::
+written - :func:`can_join` - and its subscriptions are plain and live: no backfill, no pending
+gap, no ``max_rate``, no vendor state packet owed) and leaves (:meth:`BatchGroup.leave`) at
+anything that is for it alone: a control message (status, error, pong, ping, heartbeat), a
+subscription change, a close, a write the kernel did not take whole. Leaving queues the
+group's frames it has not been written yet before anything else, so the order is that of the
+frames and messages as they happened; a member that left rejoins once it has written
+everything again. Example (what the ``/v1/stream`` handler does)::
 
     topics = {sub.topic: sub for sub in subscriptions}  # each topic with its subscription
     join_group(conn, topics)  # its subscriptions now call group.add(frame) instead of queueing
@@ -35,8 +35,9 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Callable, Hashable, Mapping
+from typing import TypeGuard
 
-from gateway.dataplane._connection import DelayedConnection
+from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.dataplane._sendqueue import DeliverySink
 from gateway.hub import Frame, Topic
 
@@ -172,6 +173,18 @@ class BatchGroup:
             sinks = member.sinks
             pending = zip(self.frames[start:], self.parts[start:], self.topics[start:], strict=True)
             conn.take_pending([(frame, data, sinks.get(topic)) for frame, data, topic in pending])
+
+
+def can_join(conn: Connection) -> TypeGuard[DelayedConnection]:
+    """Whether *conn* may join a batch group now, as far as the connection goes: a delayed
+    connection in no group, nothing queued or in flight, not closing. Its subscriptions are
+    the endpoint handler's to check."""
+    return (
+        isinstance(conn, DelayedConnection)
+        and conn.group is None
+        and conn.idle
+        and not conn.closing
+    )
 
 
 def join_group(

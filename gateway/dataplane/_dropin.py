@@ -28,7 +28,7 @@ from gateway.config import FeedConfig
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import SubscriberAuth
 from gateway.dataplane._backfill import Backfill, leave
-from gateway.dataplane._batchgroup import join_group
+from gateway.dataplane._batchgroup import can_join, join_group
 from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
@@ -122,9 +122,7 @@ class DropinHandler:
         sub, conn = self.sub, self.conn
         if sub is None or sub.backfill is not None or sub.disconnected or sub.topic.closed:
             return
-        if not isinstance(conn, DelayedConnection) or conn.group is not None:
-            return
-        if conn.idle and not conn.closing:
+        if can_join(conn):
             join_group(conn, {sub.topic: None}, raw=True)
 
     async def _auth_deadline(self) -> None:

@@ -19,7 +19,7 @@ import trio
 
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._backfill import Backfill, leave
-from gateway.dataplane._batchgroup import join_group
+from gateway.dataplane._batchgroup import can_join, join_group
 from gateway.dataplane._conflate import MAX_RATE, Conflator
 from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.errors import BadRequest
@@ -211,17 +211,15 @@ class MultiplexHandler:
     def _idle(self) -> None:
         """The delayed connection wrote out everything: join the batch group of its topics if
         every subscription is plain and live (see :mod:`gateway.dataplane._batchgroup`)."""
-        conn = self.conn
-        if not isinstance(conn, DelayedConnection) or conn.group is not None:
-            return
-        if not self.subs or conn.closing or not conn.idle:
-            return
-        for sub in self.subs.values():
+        subs = self.subs.values()
+        for sub in subs:
             if type(sub) is not MuxSubscription or sub.backfill is not None or sub.gap_to:
                 return
             if sub.topic.closed:
                 return
-        join_group(conn, {sub.topic: sub for sub in self.subs.values()})
+        conn = self.conn
+        if subs and can_join(conn):
+            join_group(conn, {sub.topic: sub for sub in subs})
 
     def _request(self, text: str) -> None:
         # Subscribing and unsubscribing change what this connection gets: it writes alone.

@@ -42,20 +42,17 @@ class TlsConnection(Connection):
     def send_data(
         self, data: bytes, seq: int, published: float, sink: DeliverySink | None = None
     ) -> None:
-        if self._closing:
-            return
-        q = self._sq
-        if self.write_delay and not q.items:
-            self._opened = trio.current_time()
-        if q.push(SendItem(data, seq, published, sink)):
-            self._too_slow()
-        self._wake.set()
+        if not self._closing:
+            self._queue(SendItem(data, seq, published, sink))
 
     def _send_raw(self, data: bytes) -> None:
+        self._queue(SendItem(data, None))
+
+    def _queue(self, item: SendItem) -> None:
         q = self._sq
         if self.write_delay and not q.items:
-            self._opened = trio.current_time()
-        if q.push(SendItem(data, None)):
+            self._opened = trio.current_time()  # it opens a batch
+        if q.push(item):
             self._too_slow()
         self._wake.set()
 

@@ -53,10 +53,11 @@ class LatencyHistogram:
         self.count = 0
         self._tick = 0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
+    def observe(self, seconds: float, times: int = 1) -> None:
+        """Record *times* observations of *seconds*."""
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += times
+        self.sum += seconds * times
+        self.count += times
 
     def sample(self, published: float) -> None:
         """Maybe record ``now - published`` (``time.perf_counter`` times): one call in N does."""
@@ -73,7 +74,4 @@ class LatencyHistogram:
             self._tick = tick
             return
         times, self._tick = divmod(tick, SAMPLE_EVERY)
-        seconds = time.perf_counter() - published
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += times
-        self.sum += seconds * times
-        self.count += times
+        self.observe(time.perf_counter() - published, times)
