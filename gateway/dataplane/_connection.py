@@ -623,7 +623,7 @@ class Connection:
                         size += len(event.data)
                         binary = True
                     if size > max_bytes:
-                        self.close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
+                        self.close(CLOSE_TOO_BIG, self._too_big_reason())
                         continue
                     if event.message_finished:
                         if binary:
@@ -637,6 +637,10 @@ class Connection:
                     self._on_control(event)
             if ws.state is ConnectionState.CLOSED:
                 return
+
+    def _too_big_reason(self) -> str:
+        """The close reason of a message over ``max_message_bytes`` (1009), compressed or not."""
+        return f"message larger than {self.settings.max_message_bytes} bytes"
 
     def _rate_limit(self) -> None:
         if self._closing:
@@ -670,9 +674,14 @@ class Connection:
                 )
                 self._wake.set()
             elif self._ws.state is ConnectionState.OPEN:
-                # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8) and
-                # reports it as a close; its reason is a Python exception text: not for peers.
-                self.close(event.code, _VIOLATION_REASONS.get(event.code, "protocol error"))
+                # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8, or 1009
+                # from the inflate limit of SharedDeflate) and reports it as a close; its
+                # reason is a Python exception text: not for peers.
+                if event.code == CLOSE_TOO_BIG:
+                    reason = self._too_big_reason()
+                else:
+                    reason = _VIOLATION_REASONS.get(event.code, "protocol error")
+                self.close(event.code, reason)
 
     async def _pinger(self) -> None:
         interval = self.settings.ping_interval

@@ -18,6 +18,7 @@ import logging
 import re
 import ssl
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError
 
 from gateway.config import (
@@ -197,19 +199,34 @@ def _start_position(query: str) -> int:
 _SERVER_BITS: Final = re.compile(r"server_max_window_bits\s*=\s*\"?(\d+)")
 
 
+#: The empty stored block RFC 7692 has the sender leave off the end of every message.
+_DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
+
+
 class SharedDeflate(PerMessageDeflate):
     """permessage-deflate as the gateway speaks it (``[subscribers] compression = "deflate"``).
 
     Always with ``server_no_context_takeover`` and ``client_no_context_takeover``: each
     message is compressed on its own, so one compressed frame (``Frame.deflate_ws``) serves
     every such subscriber. An offer that limits the server's window below 15 bits is declined
-    (the shared bytes use the full window); the first acceptable offer wins. wsproto decodes
-    the client's compressed frames; the gateway's own control messages go uncompressed.
+    (the shared bytes use the full window); the first acceptable offer wins. The gateway's own
+    control messages go uncompressed.
+
+    The client's compressed messages are inflated here with the message limit enforced on the
+    inflated size: each ``decompress`` call may produce at most the room left under
+    *max_message_bytes* plus one byte, so no message is ever inflated past its limit (a
+    compression bomb costs at most ``max_message_bytes + 1`` bytes and the work to produce
+    them); one byte more and wsproto reports close 1009, which the connection sends with the
+    same reason as for an uncompressed message over the limit. (wsproto's own
+    ``PerMessageDeflate`` inflates each chunk whole before anything can look at its size.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int) -> None:
         super().__init__(client_no_context_takeover=True, server_no_context_takeover=True)
         self._answer: str | None = None
+        self.max_message_bytes = max_message_bytes
+        #: Inflated bytes of the client's current message so far.
+        self._inflated = 0
 
     def accept(self, offer: str) -> bool | str | None:
         if self._answer is not None:
@@ -221,6 +238,52 @@ class SharedDeflate(PerMessageDeflate):
         if isinstance(answer, str):
             self._answer = answer
         return answer
+
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        if self._inbound_compressed is None:
+            self._inflated = 0  # a new message starts
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if not (fin and self._inbound_is_compressible and self._inbound_compressed):
+            return super().frame_inbound_complete(proto, fin)
+        # All input was consumed (else the message was already too big): no flush() needed,
+        # and none is made, since flush() inflates without a bound.
+        result = self._inflate(_DEFLATE_TAIL)
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        self._inflated = 0
+        return result
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        decompressor = self._decompressor
+        assert decompressor is not None, "set by frame_inbound_header for a compressed message"
+        room = self.max_message_bytes - self._inflated
+        try:
+            # max_length >= 1 (0 would mean "no limit").
+            out = decompressor.decompress(data, room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        if len(out) > room:
+            return CloseReason.MESSAGE_TOO_BIG
+        self._inflated += len(out)
+        return out
 
 
 def _write_delay(query: str) -> int | None:
@@ -333,7 +396,7 @@ class _Server:
                 return
             deflate = None
             if self.settings.compression == "deflate" and route.endpoint == STREAM_PATH:
-                deflate = SharedDeflate()
+                deflate = SharedDeflate(self.settings.max_message_bytes)
             accept = AcceptConnection(
                 subprotocol=route.subprotocol, extensions=[deflate] if deflate else []
             )
