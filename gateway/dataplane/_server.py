@@ -37,7 +37,6 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
-from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import STREAM_PROTOCOL, SubscriberAuth, offered_tokens
 from gateway.dataplane._connection import (
     RECEIVE_CHUNK,
@@ -50,7 +49,7 @@ from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
-from gateway.hub import Hub, valid_fixture_id
+from gateway.hub import Hub
 from gateway.listen import open_listen_sockets
 
 log = logging.getLogger("gateway.dataplane")
@@ -107,7 +106,8 @@ class _Router:
     """Maps an upgrade request to its endpoint's :class:`_Route`, or raises :class:`_Reject`.
 
     ``/v1/stream`` is authenticated here (HTTP 401); drop-in endpoints authenticate in their
-    first message (vendor protocol), with the same :class:`SubscriberAuth`.
+    first message (vendor protocol), with the same :class:`SubscriberAuth`: until then nothing
+    depends on the fixture in a fastpath path (any id is upgraded alike).
     """
 
     def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth) -> None:
@@ -143,8 +143,9 @@ class _Router:
                 continue
             fixture = urllib.parse.unquote(m[1])
             start = _start_position(split.query)
-            if not self._known(tfeed, fixture):
-                raise _Reject(404, msg.VENDOR_FIXTURE_NOT_FOUND, b"application/json")
+            # Whether the fixture is followed is not told before the authentication message
+            # (DropinHandler): an unknown fixture is refused after it, with the vendor's body,
+            # so a client without a token cannot enumerate the fixtures the gateway follows.
 
             def factory(
                 conn: Connection, f: FeedConfig = tfeed, fx: str = fixture, sp: int = start
@@ -172,15 +173,6 @@ class _Router:
             subprotocol=subprotocol,
             grant_line=0 if grant is None else grant.line,
         )
-
-    def _known(self, feed: FeedConfig, fixture: str) -> bool:
-        if self.hub.get(feed.name, fixture) is not None:
-            return True
-        d = self.hub.directory
-        if d is not None and d.is_followed(feed.name, fixture):
-            return True
-        # Followed on demand after authentication, if its id may go into an upstream URL.
-        return feed.on_demand and valid_fixture_id(fixture)
 
 
 def _start_position(query: str) -> int:
