@@ -233,6 +233,10 @@ class Connection:
         self._ping_payload = b""
         self._closing = False
         self._dead = False
+        #: wsproto's parser stopped at a protocol violation: it parses nothing more (not even
+        #: the peer's close frame), so what the peer sends after it is read and dropped instead
+        #: of piling up in wsproto's buffer until ``close_timeout``.
+        self._unparsed = False
         self._flushed = trio.Event()
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -597,6 +601,8 @@ class Connection:
                 self._closing = True
                 self._flushed.set()
                 return
+            if self._unparsed:
+                continue
             now = trio.current_time()
             tokens = min(burst, tokens + (now - last) * rate)
             last = now
@@ -677,6 +683,7 @@ class Connection:
                 # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8, or 1009
                 # from the inflate limit of SharedDeflate) and reports it as a close; its
                 # reason is a Python exception text: not for peers.
+                self._unparsed = True
                 if event.code == CLOSE_TOO_BIG:
                     reason = self._too_big_reason()
                 else:
