@@ -5,7 +5,9 @@ errorMessage + 1008, no auth in time -> 1008), vendor heartbeats, the fixture re
 backfill, unknown fixture WARN with the connection staying open, later requests ignored,
 frames verbatim one per message; fastpath with the fixture in the path, Accept header allowed,
 ``startPosition`` counting sequenced events only, Disconnected once / Connected before the next
-frame, bad startPosition -> 400; drop-in subscribers are disconnected (4008) when slow even
+frame, bad startPosition -> 400,
+without a valid token the same answer for a followed and an unfollowed fixture (after it: the
+vendor's not-found body and 1000); drop-in subscribers are disconnected (4008) when slow even
 under ``drop-oldest``; the feed option ``path`` gives a colliding feed its own drop-in path.
 
 Rules: real sockets on 127.0.0.1 port 0, real time, ``trio.fail_after`` everywhere. Both
@@ -32,6 +34,7 @@ from tests.test_dataplane import (
     ODD_FRAME,
     TRACKING_PATH,
     RawClient,
+    Served,
     make_config,
     recv_json,
     serving,
@@ -212,6 +215,51 @@ async def test_fastpath_rejections(tmp_path: Path) -> None:
                 assert await recv_json(ws) == {
                     "errorMessage": "Supplied token could not be authenticated"
                 }
+
+
+async def _fastpath_answer(
+    s: Served, fixture: str, first: bytes | None
+) -> tuple[int, str, list[bytes], int | None, str]:
+    """What a fastpath client of *fixture* sees when its first message is *first* (None:
+    nothing): the status, the response head (without the per-key ``Sec-WebSocket-Accept``),
+    then the texts until the close, its code and reason (or the refusal's body)."""
+    path = FASTPATH_TEMPLATE.replace("{fixture}", fixture)
+    raw = await RawClient.connect(s.addr, path, headers=f"{': '.join(ACCEPT_HEADER)}\r\n")
+    head = re.sub(r"(?im)^sec-websocket-accept:.*$", "", raw.response_head)
+    if raw.status != 101:
+        raw.close()
+        return raw.status, head, [raw.buf], None, ""
+    if first is not None:
+        await raw.send_frame(first)
+    texts, code = await raw.read_until_close()
+    raw.close()
+    return raw.status, head, texts, code, raw.close_reason
+
+
+async def test_fastpath_does_not_tell_a_followed_fixture_before_authentication(
+    tmp_path: Path,
+) -> None:
+    """Hardening II, finding 8. Before: a fixture not followed was refused at the handshake
+    (HTTP 404) before any token was seen, so anyone could enumerate the followed fixtures.
+    Now a client without a valid token gets exactly the same answer for a followed and an
+    unfollowed fixture (status, headers, messages, close code and reason); an authenticated
+    client still gets the vendor's not-found body, then 1000."""
+    with trio.fail_after(60):
+        config = make_config(tokens_file=_tokens(tmp_path), handshake_timeout=0.5)
+        async with serving(config) as s:
+            s.topic("F1", feed="fastpath").set_status(FixtureState.LIVE, "")
+            for first in (b'{"authToken": "wrong"}', b'{"authToken": 5}', b"not json", None):
+                followed = await _fastpath_answer(s, "F1", first)
+                unfollowed = await _fastpath_answer(s, "NOPE", first)
+                assert followed == unfollowed, first
+                assert followed[0] == 101 and followed[3] == 1008, followed
+            assert s.auth.failures["dropin"] == 8  # each attempt counted, either fixture
+
+            status, _, texts, code, reason = await _fastpath_answer(
+                s, "NOPE", b'{"authToken": "sub-token-1"}'
+            )
+            assert (status, code, reason) == (101, 1000, "fixture not found")
+            assert texts == [b'{"error":"fixture not found","status":404}']
 
 
 async def test_dropin_slow_subscriber_always_disconnected() -> None:

@@ -21,10 +21,13 @@ sockets writing frames built by :func:`gateway.wire.mask_frame`.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import weakref
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,9 +38,10 @@ from trio_websocket import open_websocket_url
 
 from gateway.config import SlowPolicy
 from gateway.dataplane import EVENTS_PER_TURN, Connection
-from gateway.wire import OP_PING, OP_PONG, OP_TEXT, mask_frame
+from gateway.wire import FIN, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, RSV1, mask_frame
 from tests.kit import wait_until
 from tests.test_dataplane import RawClient, make_config, recv_type, serving, subscribe
+from tests.test_dataplane_deflate import OFFER
 
 QUEUE_BYTES = 64 * 1024
 FRAME = '{"ix":%d,"pad":"' + "x" * 3000 + '"}'
@@ -589,3 +593,166 @@ async def test_slow_disconnect_and_refusal_log_lines_are_throttled(
             assert caplog.text.count("refused") == 1
             for raw in stuck:
                 raw.close()
+
+
+# -- Hardening II, 2: compression bombs ---------------------------------------------------------
+
+MAX_MESSAGE = 64 * 1024  # the default max_message_bytes
+
+
+def _deflate(data: bytes) -> bytes:
+    """*data* as one permessage-deflate message body (raw deflate, ``00 00 ff ff`` cut)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert body.endswith(b"\x00\x00\xff\xff")
+    return body[:-4]
+
+
+def _zeros_bomb(megabytes: int) -> bytes:
+    """About 1 KB of raw deflate per MB of zeros: one MB compressed, repeated (a full flush
+    makes each copy stand alone); *megabytes* MB once inflated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * megabytes
+
+
+def _compressed_frames(body: bytes, fragments: int = 1) -> bytes:
+    """Masked client frames of one compressed text message: RSV1 on the first frame only,
+    FIN on the last (RFC 7692)."""
+    step = -(-len(body) // fragments)
+    parts = [body[i : i + step] for i in range(0, len(body), step)] or [b""]
+    out = bytearray()
+    for i, part in enumerate(parts):
+        opcode = OP_TEXT if i == 0 else OP_CONTINUATION
+        frame = bytearray(mask_frame(part, opcode))
+        frame[0] = (FIN if i == len(parts) - 1 else 0) | (RSV1 if i == 0 else 0) | opcode
+        out += frame
+    return bytes(out)
+
+
+def _peak_rss_since_reset() -> int:
+    """This process's peak resident set (bytes) since the last :func:`_reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak RSS of this process to the current RSS (``clear_refs`` 5) and
+    return it: the peak then catches allocations too short-lived for any sampler."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _peak_rss_since_reset()
+
+
+async def test_compression_bombs_closed_1009_without_inflating_them() -> None:
+    """The probe: with ``compression = "deflate"`` 3 connections each sending 1 MB inflating to
+    1 GB took a 25 Hz subscriber's worst gap from 45 to 1,492 ms and RSS from 155 to 631 MB:
+    wsproto inflated every chunk whole before the 64 KiB limit was looked at.
+
+    Three bombs (one of them fragmented, the limit counts across frames), a healthy paced
+    subscriber beside them: each bomb is closed with 1009 and the same reason as an
+    uncompressed message over the limit; the healthy one gets every frame in order with a
+    worst gap far below the broken one (generous: 1 s); the process's peak RSS grows by far
+    less than one bomb's inflated size (generous: 100 MB)."""
+    bomb = _zeros_bomb(1024)
+    assert len(bomb) < 1_100_000  # 1 MB on the wire for 1 GB inflated
+    frames = [_compressed_frames(bomb), _compressed_frames(bomb), _compressed_frames(bomb, 64)]
+    with trio.fail_after(120):
+        async with serving(make_config(compression="deflate")) as s:
+            topic = s.topic()
+            arrivals: list[float] = []
+
+            async with open_websocket_url(s.url) as healthy, trio.open_nursery() as nursery:
+                await subscribe(healthy)
+
+                async def receive() -> None:
+                    while True:
+                        m = await recv_type(healthy, "frame")
+                        assert m["seq"] == len(arrivals) + 1
+                        arrivals.append(trio.current_time())
+
+                async def publish() -> None:
+                    for i in range(1, 1_000_000):
+                        topic.publish(f'{{"ix":{i}}}', None)
+                        await trio.sleep(0.04)  # 25 Hz
+
+                nursery.start_soon(receive)
+                nursery.start_soon(publish)
+                await wait_until(lambda: len(arrivals) >= 5)
+                bombers = [await RawClient.connect(s.addr, headers=OFFER) for _ in frames]
+                assert all("permessage-deflate" in b.response_head for b in bombers)
+                before = len(arrivals)
+                base = _reset_peak_rss()
+
+                async def bomb_one(raw: RawClient, data: bytes) -> None:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(_send_quietly, raw, data)
+                        _, code = await raw.read_until_close()
+                        assert (code, raw.close_reason) == (
+                            1009,
+                            f"message larger than {MAX_MESSAGE} bytes",
+                        )
+                        raw.close()
+                        inner.cancel_scope.cancel()
+
+                async with trio.open_nursery() as bombs:
+                    for raw, data in zip(bombers, frames, strict=True):
+                        bombs.start_soon(bomb_one, raw, data)
+                grown = _peak_rss_since_reset() - base
+                await wait_until(lambda: len(s.registry) == 1)  # the bombers are gone
+                after = len(arrivals)
+                await wait_until(lambda: len(arrivals) >= after + 5)
+                nursery.cancel_scope.cancel()
+            window = arrivals[before - 1 :]
+            worst = max(b - a for a, b in itertools.pairwise(window))
+            assert worst < 1.0, f"worst gap {worst * 1000:.0f} ms"
+            assert grown < 100 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("fragments", [1, 7])
+async def test_compressed_message_at_the_limit_passes_one_byte_more_is_1009(
+    fragments: int,
+) -> None:
+    """A legitimately compressed request works up to ``max_message_bytes`` inflated (spaces
+    are valid JSON); one byte more closes with 1009, after the earlier one was answered."""
+    request = orjson.dumps(_sub("F1"))
+    at_limit = request + b" " * (MAX_MESSAGE - len(request))
+    with trio.fail_after(30):
+        async with serving(make_config(compression="deflate")) as s:
+            s.topic()
+            raw = await RawClient.connect(s.addr, headers=OFFER)
+            assert "permessage-deflate" in raw.response_head
+            await raw.send_all(_compressed_frames(_deflate(at_limit), fragments))
+            await _read_subscribed(raw)
+            await raw.send_all(_compressed_frames(_deflate(at_limit + b" "), fragments))
+            _, code = await raw.read_until_close()
+            assert (code, raw.close_reason) == (1009, f"message larger than {MAX_MESSAGE} bytes")
+            raw.close()
+
+
+@pytest.mark.parametrize("violation", ["bomb", "invalid UTF-8"])
+async def test_bytes_after_a_protocol_violation_are_dropped_not_buffered(violation: str) -> None:
+    """wsproto's parser stops at a violation (the bomb's 1009 comes from it too) and never
+    parses again; before, what the peer kept sending piled up in wsproto's buffer until
+    ``close_timeout`` (5 s: gigabytes at local speed). 200 MB after the violation: the
+    process's peak RSS grows by far less (generous: 50 MB)."""
+    if violation == "bomb":
+        first = _compressed_frames(_zeros_bomb(16))
+        expected = (1009, f"message larger than {MAX_MESSAGE} bytes")
+    else:
+        first = mask_frame(b'{"op":"\xff"}', OP_TEXT)
+        expected = (1007, "invalid UTF-8")
+    junk = mask_frame(bytes(1 << 20), OP_TEXT) * 200
+    with trio.fail_after(60):
+        async with serving(make_config(compression="deflate")) as s:
+            raw = await RawClient.connect(s.addr, headers=OFFER)
+            await raw.send_all(first)
+            _, code = await raw.read_until_close()
+            assert (code, raw.close_reason) == expected
+            base = _reset_peak_rss()
+            await raw.send_all(junk)  # all of it taken: the gateway still reads
+            grown = _peak_rss_since_reset() - base
+            raw.close()
+            await wait_until(lambda: len(s.registry) == 0)
+            assert grown < 50 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MB"

@@ -25,7 +25,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from gateway.dataplane import MAX_RATE, Conflator
+from gateway.dataplane import MAX_RATE, MIN_RATE, Conflator
 from gateway.model import FixtureState
 from tests.kit import wait_until
 from tests.test_dataplane import RawClient, make_config, recv_type, send_json, serving, subscribe
@@ -172,8 +172,8 @@ async def test_timer_rechecks_a_moved_due_time(autojump_clock: trio.testing.Mock
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("rate", [0.0, -1.0, math.inf, math.nan])
-def test_rate_must_be_positive_and_finite(rate: float) -> None:
+@pytest.mark.parametrize("rate", [0.0, -1.0, math.inf, math.nan, 5e-324, MIN_RATE / 2])
+def test_rate_must_be_at_least_the_floor_and_finite(rate: float) -> None:
     with pytest.raises(ValueError, match="rate"):
         Conflator(rate, print)
 
@@ -249,6 +249,13 @@ BAD_MAX_RATES: list[tuple[dict[str, Any], str]] = [
     ({"max_rate": 0}, "max_rate must be"),
     ({"max_rate": -1}, "max_rate must be"),
     ({"max_rate": MAX_RATE + 1}, "max_rate must be"),
+    # The probe: 5e-324 (the smallest double) was accepted: one frame, then nothing.
+    ({"max_rate": 5e-324}, "max_rate must be null or a number >= 0.01 and <= 1000"),
+    ({"max_rate": 1e-300}, "max_rate must be"),
+    ({"max_rate": MIN_RATE * 0.999}, "max_rate must be"),
+    ({"max_rate": -0.0}, "max_rate must be"),
+    ({"max_rate": -5e-324}, "max_rate must be"),
+    ({"max_rate": 1.7e308}, "max_rate must be"),
     ({"max_rate": "10"}, "max_rate must be"),
     ({"max_rate": True}, "max_rate must be"),
     ({"max_rate": [10]}, "max_rate must be"),
@@ -270,8 +277,16 @@ async def test_max_rate_is_validated_strictly() -> None:
                 )
                 err = await recv_type(ws, "error")
                 assert expected in err["message"], (extra, err)
+            # JSON has no NaN or infinity, and orjson refuses a number too large for a double.
+            for absurd in ("NaN", "Infinity", "-Infinity", "1e400", "-1e400"):
+                request = '{"op":"subscribe","feed":"tracking","fixture":"F1","max_rate":'
+                await ws.send_message(request + absurd + "}")
+                err = await recv_type(ws, "error")
+                assert err["message"] == "invalid JSON", (absurd, err)
             assert topic.subscriber_count == 0  # nothing was subscribed by a bad request
             # The bounds themselves are fine, and so are null and an explicit backfill 0.
+            s.topic("F4")
+            await subscribe(ws, "F4", max_rate=MIN_RATE)
             await subscribe(ws, "F1", max_rate=MAX_RATE)
             await subscribe(ws, "F2", max_rate=0.5, backfill=0)
             await subscribe(ws, "F3", max_rate=None)

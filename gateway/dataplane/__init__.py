@@ -17,7 +17,7 @@ from gateway.dataplane._access import (
     offered_tokens,
 )
 from gateway.dataplane._batchgroup import BatchGroup, join_group
-from gateway.dataplane._conflate import MAX_RATE, Conflator
+from gateway.dataplane._conflate import MAX_RATE, MIN_RATE, Conflator
 from gateway.dataplane._connection import (
     BACKFILL_CHUNK,
     DEFAULT_CLOSE_TIMEOUT,
@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "EVENTS_PER_TURN",
     "MAX_RATE",
+    "MIN_RATE",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "BatchGroup",

@@ -26,6 +26,9 @@ import trio
 
 #: The largest ``max_rate`` a subscription may ask for (items per second).
 MAX_RATE: Final = 1000.0
+#: The smallest: one item every 100 s. Below it a rate is absurd (5e-324 a second is one item,
+#: then none for the age of the universe), so it is refused rather than honoured.
+MIN_RATE: Final = 0.01
 
 T = TypeVar("T")
 
@@ -41,8 +44,8 @@ class Conflator(Generic[T]):
     __slots__ = ("_deliver", "_due", "_held", "_wake", "conflated", "interval")
 
     def __init__(self, rate: float, deliver: Callable[[T], None]) -> None:
-        if not 0 < rate < math.inf:
-            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        if not MIN_RATE <= rate < math.inf:
+            raise ValueError(f"rate must be a finite number >= {MIN_RATE:g}, got {rate!r}")
         self.interval = 1.0 / rate
         self._deliver = deliver
         self._held: T | None = None

@@ -233,6 +233,10 @@ class Connection:
         self._ping_payload = b""
         self._closing = False
         self._dead = False
+        #: wsproto's parser stopped at a protocol violation: it parses nothing more (not even
+        #: the peer's close frame), so what the peer sends after it is read and dropped instead
+        #: of piling up in wsproto's buffer until ``close_timeout``.
+        self._unparsed = False
         self._flushed = trio.Event()
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -597,6 +601,8 @@ class Connection:
                 self._closing = True
                 self._flushed.set()
                 return
+            if self._unparsed:
+                continue
             now = trio.current_time()
             tokens = min(burst, tokens + (now - last) * rate)
             last = now
@@ -623,7 +629,7 @@ class Connection:
                         size += len(event.data)
                         binary = True
                     if size > max_bytes:
-                        self.close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
+                        self.close(CLOSE_TOO_BIG, self._too_big_reason())
                         continue
                     if event.message_finished:
                         if binary:
@@ -637,6 +643,10 @@ class Connection:
                     self._on_control(event)
             if ws.state is ConnectionState.CLOSED:
                 return
+
+    def _too_big_reason(self) -> str:
+        """The close reason of a message over ``max_message_bytes`` (1009), compressed or not."""
+        return f"message larger than {self.settings.max_message_bytes} bytes"
 
     def _rate_limit(self) -> None:
         if self._closing:
@@ -670,9 +680,15 @@ class Connection:
                 )
                 self._wake.set()
             elif self._ws.state is ConnectionState.OPEN:
-                # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8) and
-                # reports it as a close; its reason is a Python exception text: not for peers.
-                self.close(event.code, _VIOLATION_REASONS.get(event.code, "protocol error"))
+                # wsproto found a protocol violation (1002, or 1007 for invalid UTF-8, or 1009
+                # from the inflate limit of SharedDeflate) and reports it as a close; its
+                # reason is a Python exception text: not for peers.
+                self._unparsed = True
+                if event.code == CLOSE_TOO_BIG:
+                    reason = self._too_big_reason()
+                else:
+                    reason = _VIOLATION_REASONS.get(event.code, "protocol error")
+                self.close(event.code, reason)
 
     async def _pinger(self) -> None:
         interval = self.settings.ping_interval

@@ -20,7 +20,7 @@ import trio
 from gateway.dataplane import _messages as msg
 from gateway.dataplane._backfill import Backfill, leave
 from gateway.dataplane._batchgroup import can_join, join_group
-from gateway.dataplane._conflate import MAX_RATE, Conflator
+from gateway.dataplane._conflate import MAX_RATE, MIN_RATE, Conflator
 from gateway.dataplane._connection import Connection, DelayedConnection
 from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
@@ -154,9 +154,10 @@ def _field_rate(req: dict[str, Any]) -> float | None:
     value = req.get("max_rate")
     if value is None:
         return None
-    # bool is an int subclass; NaN fails both comparisons.
-    if type(value) not in (int, float) or not 0 < value <= MAX_RATE:
-        raise BadRequest(f"max_rate must be null or a number > 0 and <= {MAX_RATE:g}")
+    # bool is an int subclass; NaN fails both comparisons; denormals and other absurdly small
+    # rates (one frame, then none for ages) are under the floor.
+    if type(value) not in (int, float) or not MIN_RATE <= value <= MAX_RATE:
+        raise BadRequest(f"max_rate must be null or a number >= {MIN_RATE:g} and <= {MAX_RATE:g}")
     return float(value)
 
 

@@ -18,6 +18,7 @@ import logging
 import re
 import ssl
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError
 
 from gateway.config import (
@@ -35,7 +37,6 @@ from gateway.config import (
     load_server_tls,
     load_subscriber_tokens,
 )
-from gateway.dataplane import _messages as msg
 from gateway.dataplane._access import STREAM_PROTOCOL, SubscriberAuth, offered_tokens
 from gateway.dataplane._connection import (
     RECEIVE_CHUNK,
@@ -48,7 +49,7 @@ from gateway.dataplane._dropin import DropinHandler
 from gateway.dataplane._multiplex import MultiplexHandler
 from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
-from gateway.hub import Hub, valid_fixture_id
+from gateway.hub import Hub
 from gateway.listen import open_listen_sockets
 
 log = logging.getLogger("gateway.dataplane")
@@ -105,7 +106,8 @@ class _Router:
     """Maps an upgrade request to its endpoint's :class:`_Route`, or raises :class:`_Reject`.
 
     ``/v1/stream`` is authenticated here (HTTP 401); drop-in endpoints authenticate in their
-    first message (vendor protocol), with the same :class:`SubscriberAuth`.
+    first message (vendor protocol), with the same :class:`SubscriberAuth`: until then nothing
+    depends on the fixture in a fastpath path (any id is upgraded alike).
     """
 
     def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth) -> None:
@@ -141,8 +143,9 @@ class _Router:
                 continue
             fixture = urllib.parse.unquote(m[1])
             start = _start_position(split.query)
-            if not self._known(tfeed, fixture):
-                raise _Reject(404, msg.VENDOR_FIXTURE_NOT_FOUND, b"application/json")
+            # Whether the fixture is followed is not told before the authentication message
+            # (DropinHandler): an unknown fixture is refused after it, with the vendor's body,
+            # so a client without a token cannot enumerate the fixtures the gateway follows.
 
             def factory(
                 conn: Connection, f: FeedConfig = tfeed, fx: str = fixture, sp: int = start
@@ -171,15 +174,6 @@ class _Router:
             grant_line=0 if grant is None else grant.line,
         )
 
-    def _known(self, feed: FeedConfig, fixture: str) -> bool:
-        if self.hub.get(feed.name, fixture) is not None:
-            return True
-        d = self.hub.directory
-        if d is not None and d.is_followed(feed.name, fixture):
-            return True
-        # Followed on demand after authentication, if its id may go into an upstream URL.
-        return feed.on_demand and valid_fixture_id(fixture)
-
 
 def _start_position(query: str) -> int:
     values = urllib.parse.parse_qs(query).get("startPosition")
@@ -197,19 +191,34 @@ def _start_position(query: str) -> int:
 _SERVER_BITS: Final = re.compile(r"server_max_window_bits\s*=\s*\"?(\d+)")
 
 
+#: The empty stored block RFC 7692 has the sender leave off the end of every message.
+_DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
+
+
 class SharedDeflate(PerMessageDeflate):
     """permessage-deflate as the gateway speaks it (``[subscribers] compression = "deflate"``).
 
     Always with ``server_no_context_takeover`` and ``client_no_context_takeover``: each
     message is compressed on its own, so one compressed frame (``Frame.deflate_ws``) serves
     every such subscriber. An offer that limits the server's window below 15 bits is declined
-    (the shared bytes use the full window); the first acceptable offer wins. wsproto decodes
-    the client's compressed frames; the gateway's own control messages go uncompressed.
+    (the shared bytes use the full window); the first acceptable offer wins. The gateway's own
+    control messages go uncompressed.
+
+    The client's compressed messages are inflated here with the message limit enforced on the
+    inflated size: each ``decompress`` call may produce at most the room left under
+    *max_message_bytes* plus one byte, so no message is ever inflated past its limit (a
+    compression bomb costs at most ``max_message_bytes + 1`` bytes and the work to produce
+    them); one byte more and wsproto reports close 1009, which the connection sends with the
+    same reason as for an uncompressed message over the limit. (wsproto's own
+    ``PerMessageDeflate`` inflates each chunk whole before anything can look at its size.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int) -> None:
         super().__init__(client_no_context_takeover=True, server_no_context_takeover=True)
         self._answer: str | None = None
+        self.max_message_bytes = max_message_bytes
+        #: Inflated bytes of the client's current message so far.
+        self._inflated = 0
 
     def accept(self, offer: str) -> bool | str | None:
         if self._answer is not None:
@@ -221,6 +230,52 @@ class SharedDeflate(PerMessageDeflate):
         if isinstance(answer, str):
             self._answer = answer
         return answer
+
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        if self._inbound_compressed is None:
+            self._inflated = 0  # a new message starts
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if not (fin and self._inbound_is_compressible and self._inbound_compressed):
+            return super().frame_inbound_complete(proto, fin)
+        # All input was consumed (else the message was already too big): no flush() needed,
+        # and none is made, since flush() inflates without a bound.
+        result = self._inflate(_DEFLATE_TAIL)
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        self._inflated = 0
+        return result
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        decompressor = self._decompressor
+        assert decompressor is not None, "set by frame_inbound_header for a compressed message"
+        room = self.max_message_bytes - self._inflated
+        try:
+            # max_length >= 1 (0 would mean "no limit").
+            out = decompressor.decompress(data, room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        if len(out) > room:
+            return CloseReason.MESSAGE_TOO_BIG
+        self._inflated += len(out)
+        return out
 
 
 def _write_delay(query: str) -> int | None:
@@ -333,7 +388,7 @@ class _Server:
                 return
             deflate = None
             if self.settings.compression == "deflate" and route.endpoint == STREAM_PATH:
-                deflate = SharedDeflate()
+                deflate = SharedDeflate(self.settings.max_message_bytes)
             accept = AcceptConnection(
                 subprotocol=route.subprotocol, extensions=[deflate] if deflate else []
             )
