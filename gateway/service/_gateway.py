@@ -632,7 +632,7 @@ class Gateway:
             return None
         log = self.recorder.get(feed, fixture)
         if log is None or not (log.active or log.has_frames):
-            return None  # a refused recording (no frames) has nothing to download
+            return None
         return self.recorder.download(log, after=after, limit=limit)
 
     def summary(self) -> str:
