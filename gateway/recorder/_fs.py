@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from gateway.config import ConfigError
+
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_NONBLOCK: a FIFO swapped in between the lstat and the open does not block the open.
 _FILE_FLAGS: Final = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -156,7 +158,8 @@ def write_atomic(dfd: int, name: str, data: bytes) -> None:
 
 class Tree:
     """The recorder's directory, opened once (made when missing). The configured path is the
-    operator's; its last component must not be a link (:class:`NotOurFile`)."""
+    operator's; its last component must not be a link (a :class:`ConfigError` naming
+    ``recorder.dir``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -165,9 +168,11 @@ class Tree:
             self.fd = os.open(path, _DIR_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                raise NotOurFile(
-                    f"[recorder] dir {str(path)!r} is a symlink or not a directory: "
-                    "name the directory itself"
+                raise ConfigError(
+                    [
+                        f"recorder.dir: {str(path)!r} is a symlink or not a directory: name the "
+                        "directory itself (nothing under it is reached through a link)"
+                    ]
                 ) from None
             raise
 
