@@ -91,7 +91,9 @@ def _refused(dfd: int, name: str, exc: OSError, expected: str) -> OSError:
 def open_file(dfd: int, name: str, flags: int) -> int:
     """Open the regular file *name* in directory *dfd* (``O_RDONLY``, ``O_RDWR``, ``O_WRONLY |
     O_APPEND`` ...); a blocking fd. Raises :class:`NotOurFile` for a link or anything that is
-    not a regular file (never opened when ``lstat`` tells), FileNotFoundError when missing."""
+    not a regular file (never opened when ``lstat`` tells), and for writing, for a file with
+    another hard link (the recorder's files have one: a write would change the other name's
+    file too); FileNotFoundError when missing."""
     if not check_file(dfd, name):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     try:
@@ -102,6 +104,10 @@ def open_file(dfd: int, name: str, flags: int) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise refusal(name, st.st_mode, "a file")
+        if flags & (os.O_WRONLY | os.O_RDWR) and st.st_nlink != 1:
+            raise NotOurFile(
+                f"{name!r} has {st.st_nlink} hard links, not a file the recorder made: left alone"
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
