@@ -1,6 +1,7 @@
 """The recorder on its own: the line format, the torn-line scan, retention's choice (no I/O),
 and a :class:`Recorder` on real files in a temp dir (write, rotate, compress, read back,
-reopen after a clean stop, after a torn write, without its index, retention).
+reopen after a clean stop, after a torn write, without its index, retention), and what it must
+never touch: symlinks, hard links and FIFOs planted in its directory (files outside unchanged).
 
 Rules of tests/conftest.py: every test has a hard ``trio.fail_after``; nothing sleeps a guessed
 time (``wait_until`` polls the writer's counters).

@@ -8,6 +8,8 @@
   resuming with ``after`` + ``epoch`` is recovered with nothing lost or repeated (tracking
   ``ix`` continuous across the restart: the upstream backfilled from the recorded ix), and the
   fastpath upstream reconnects with ``startPosition`` = the recorded position.
+- A segment swapped for a link to a file outside: the download never serves it; after a
+  restart the fixture is listed as refused (``stopped`` with the reason) and counted.
 - The simulator serves a recording the gateway made (its directory, or a download saved to a
   file), and a gateway following that replay records the same frames, byte for byte.
 
