@@ -1,6 +1,7 @@
 """The recorder on its own: the line format, the torn-line scan, retention's choice (no I/O),
 and a :class:`Recorder` on real files in a temp dir (write, rotate, compress, read back,
-reopen after a clean stop, after a torn write, without its index, retention).
+reopen after a clean stop, after a torn write, without its index, retention), and what it must
+never touch: symlinks, hard links and FIFOs planted in its directory (files outside unchanged).
 
 Rules of tests/conftest.py: every test has a hard ``trio.fail_after``; nothing sleeps a guessed
 time (``wait_until`` polls the writer's counters).
@@ -8,7 +9,10 @@ time (``wait_until`` polls the writer's counters).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -381,3 +385,207 @@ async def test_a_recording_that_cannot_be_opened_is_left_alone(tmp_path: Path) -
         async with running(rec):
             rec.append(lg, 1, 0, b"{}")
         assert lg.frames_dropped == 1 and (fixture_dir / segment_name(1)).is_dir()
+
+
+# -- what the recorder did not make: symlinks, FIFOs --------------------------------------------
+#
+# A link planted in the recorder's directory must never make it read, cut, write or remove a
+# file outside it (the hostile probe had a start-up truncate a file elsewhere to 0 bytes). Each
+# test plants links to files and directories outside the tree, runs the recorder, and checks
+# that every byte outside is as it was, that the refusal shows in the fixture's state, and that
+# the other fixtures record on.
+
+#: Bytes of a file outside the tree that is not a recording (the probe's 34-byte file).
+VICTIM = b"precious, outside the recorder's dir"
+ZSTD = zstandard.ZstdCompressor()
+
+
+def _outside(tmp_path: Path) -> dict[Path, bytes]:
+    """Files outside the recorder's directory, with their bytes: a plain file, another
+    recording's segments (record lines: they would be served), and directories laid out like a
+    fixture's and a feed's, each with a torn segment (recovery would cut it)."""
+    out = tmp_path / "outside"
+    torn = _lines(1, 3) + b'{"seq":4,"pos"'
+    files = {
+        out / "victim": VICTIM,
+        out / "secret.jsonl.zst": ZSTD.compress(_lines(1, 5)),
+        out / "fixture" / segment_name(1): torn,
+        out / "fixture" / "meta.json": b'{"version": 1, "epoch": "e"}\n',
+        out / "feed" / "m9" / segment_name(1): torn,
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def _assert_untouched(tmp_path: Path, files: dict[Path, bytes]) -> None:
+    """Every file outside is there with its bytes, and nothing was added there."""
+    out = tmp_path / "outside"
+    assert {p for p in out.rglob("*") if not p.is_dir()} == set(files)
+    for path, data in files.items():
+        assert path.read_bytes() == data, path
+
+
+async def _record_two(root: Path) -> None:
+    """Recordings of tracking m0 and m1 (frames 1-310: a closed, compressed segment and the
+    open one), stopped cleanly."""
+    rec = Recorder(_settings(root, segment_bytes=64 * 1024))
+    async with running(rec):
+        for name in ("m0", "m1"):
+            lg = rec.fixture("tracking", name)
+            rec.activate(lg)
+            _feed(rec, lg, 1, 300)  # past segment_bytes: closed after this batch
+            await wait_until(lambda lg=lg: lg.written_seq == 300)
+            _feed(rec, lg, 301, 10)
+            await wait_until(lambda lg=lg: lg.written_seq == 310)
+            await wait_until(lambda lg=lg: lg.segments[0].compressed)
+
+
+def _plant(link: Path, target: Path) -> None:
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+
+
+# Where a link is planted (under the recorder's dir), what it names (under outside/), and the
+# fixture refused for it.
+PLANTS = {
+    "open-segment": ("tracking/m1/" + segment_name(301), "victim", ("tracking", "m1")),
+    "open-segment-hard-link": (
+        "tracking/m1/" + segment_name(301),
+        "victim",
+        ("tracking", "m1"),
+    ),
+    "closed-segment": (
+        "tracking/m1/" + segment_name(1, compressed=True),
+        "secret.jsonl.zst",
+        ("tracking", "m1"),
+    ),
+    "index": ("tracking/m1/index.json", "victim", ("tracking", "m1")),
+    "meta": ("tracking/m1/meta.json", "victim", ("tracking", "m1")),
+    "fixture-directory": ("tracking/m2", "fixture", ("tracking", "m2")),
+    "feed-directory": ("fastpath", "feed", ("fastpath", "m9")),
+    "run-state-temporary": (RUN_STATE + ".tmp", "victim", None),
+}
+
+
+@pytest.mark.parametrize("where", PLANTS)
+async def test_a_planted_link_is_refused_and_nothing_outside_is_touched(
+    tmp_path: Path, where: str
+) -> None:
+    link, target, refused = PLANTS[where]
+    root = tmp_path / "rec"
+    with trio.fail_after(60):
+        await _record_two(root)
+        files = _outside(tmp_path)
+        if where.endswith("hard-link"):
+            (root / link).unlink()
+            os.link(tmp_path / "outside" / target, root / link)
+        else:
+            _plant(root / link, tmp_path / "outside" / target)
+
+        rec = await trio.to_thread.run_sync(Recorder, _settings(root, segment_bytes=64 * 1024))
+        _assert_untouched(tmp_path, files)
+        ok = rec.get("tracking", "m0")
+        assert ok is not None and ok.last_seq == 310 and not ok.broken
+        async with running(rec):
+            if refused is not None:
+                lg = rec.fixture(*refused)  # a feed's link: not looked into until followed
+                rec.activate(lg)
+                kind = "hard links" if where.endswith("hard-link") else "a symlink"
+                await wait_until(lambda: lg.state == "stopped" and kind in lg.reason)
+                assert kind in lg.broken and lg in rec.recordings()
+                rec.append(lg, lg.last_seq + 1, None, b"{}")
+                assert lg.frames_dropped == 1
+                assert await _read_all(lg) == []  # nothing read through the link
+            # The others record on.
+            rec.activate(ok)
+            _feed(rec, ok, 311, 5)
+            await wait_until(lambda: ok.written_seq == 315)
+        _assert_untouched(tmp_path, files)
+        assert [r.seq for r in read_recording(ok.path)] == list(range(1, 316))
+        if refused is None:
+            assert not (root / link).is_symlink()  # replaced by the recorder's own file
+        else:
+            assert (root / link).is_symlink() or (root / link).stat().st_nlink == 2  # left alone
+
+
+async def test_a_fifo_planted_as_a_segment_is_refused_without_blocking(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    fifo = root / "tracking" / "m1" / segment_name(301)
+    with trio.fail_after(60):
+        await _record_two(root)
+        fifo.unlink()
+        os.mkfifo(fifo)
+        try:
+            with trio.fail_after(20):  # an open of the FIFO would block until a writer comes
+                rec = await trio.to_thread.run_sync(
+                    Recorder, _settings(root), abandon_on_cancel=True
+                )
+        finally:
+            # Let a reader that did block go (a writer end opened and closed: it reads EOF).
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        lg = rec.get("tracking", "m1")
+        assert lg is not None and "a FIFO" in lg.broken and lg.state == "stopped"
+        ok = rec.get("tracking", "m0")
+        assert ok is not None and ok.last_seq == 310 and not ok.broken
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left alone
+        await rec.close()
+
+
+async def test_retention_never_removes_through_a_link(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    with trio.fail_after(60):
+        rec = Recorder(_settings(root, segment_bytes=64 * 1024))
+        lg = rec.fixture("tracking", "m1")
+        async with running(rec):
+            rec.activate(lg)
+            _feed(rec, lg, 1, 400)
+            await wait_until(lambda: lg.written_seq == 400)
+            rec.deactivate(lg)
+            await wait_until(lambda: bool(lg.segments) and lg.segments[-1].compressed)
+            # The feed's directory swapped for a link to a copy elsewhere (same names).
+            outside = tmp_path / "outside" / "tracking"
+            shutil.copytree(root / "tracking", outside)
+            files = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+            (root / "tracking").rename(tmp_path / "moved")
+            (root / "tracking").symlink_to(outside)
+            rec.shared.max_bytes = 1  # every closed segment must go
+            rec._janitor.retention()
+            _assert_untouched(tmp_path, files)
+            await wait_until(lambda: lg.state == "stopped" and not rec.shared.events)
+            assert "'tracking' is a symlink" in lg.broken and not lg.removed
+            rec._janitor.retention()  # refused: not tried again
+        _assert_untouched(tmp_path, files)
+
+
+async def test_a_fixture_directory_swapped_for_a_link_stops_its_recording(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "rec"
+    with trio.fail_after(60):
+        rec = Recorder(_settings(root, segment_bytes=64 * 1024))
+        lg = rec.fixture("tracking", "m1")
+        other = rec.fixture("tracking", "m0")
+        async with running(rec):
+            rec.activate(lg)
+            rec.activate(other)
+            _feed(rec, lg, 1, 10)
+            await wait_until(lambda: lg.written_seq == 10)
+            outside = tmp_path / "outside" / "m1"
+            shutil.copytree(lg.path, outside)
+            files = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+            lg.path.rename(tmp_path / "moved")
+            lg.path.symlink_to(outside)
+            _feed(rec, lg, 11, 300)  # past segment_bytes: the next segment is refused
+            _feed(rec, other, 1, 5)
+            await wait_until(lambda: lg.state == "stopped" and other.written_seq == 5)
+            assert "'m1' is a symlink" in lg.reason
+            rec.append(lg, 311, None, b"{}")
+            assert lg.frames_dropped == 1
+            rec.deactivate(lg)
+            await wait_until(lambda: not rec.shared.compress)
+        _assert_untouched(tmp_path, files)
+        assert [r.seq for r in read_recording(other.path)] == [1, 2, 3, 4, 5]

@@ -8,6 +8,8 @@
   resuming with ``after`` + ``epoch`` is recovered with nothing lost or repeated (tracking
   ``ix`` continuous across the restart: the upstream backfilled from the recorded ix), and the
   fastpath upstream reconnects with ``startPosition`` = the recorded position.
+- A segment swapped for a link to a file outside: the download never serves it; after a
+  restart the fixture is listed as refused (``stopped`` with the reason) and counted.
 - The simulator serves a recording the gateway made (its directory, or a download saved to a
   file), and a gateway following that replay records the same frames, byte for byte.
 
@@ -16,8 +18,10 @@ Real files in temp dirs, real sockets on 127.0.0.1 port 0, one ``trio.fail_after
 
 from __future__ import annotations
 
+import http.client
 import socket
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,10 @@ import attrs
 import orjson
 import trio
 import trio_websocket
+import zstandard
 
 from gateway.config import Config, FixtureConfig
-from gateway.recorder import read_recording
+from gateway.recorder import encode, read_recording
 from gateway.service import Gateway, RecordedTopic
 from gateway.simulator import Simulator, load_recording
 from tests.conftest import TEST_TOKEN
@@ -281,3 +286,71 @@ async def test_the_simulator_replays_a_recording_and_the_gateway_reproduces_it(
     saved = tmp_path / "download.jsonl"
     saved.write_bytes(download)
     assert [f.encode() for f in load_recording(saved)] == made[: len(download.splitlines())]
+
+
+async def test_downloads_and_listings_never_read_through_a_planted_link(tmp_path: Path) -> None:
+    """A closed segment swapped for a link to another recording outside the directory: the
+    download never serves its lines (it is cut short); after a restart the fixture is refused,
+    shown as such (listing, metrics), and its download is empty; the file outside is never
+    changed."""
+    (tmp_path / "token").write_text(TEST_TOKEN)
+    root = tmp_path / "rec"
+    config = gateway_config(
+        _closed_port(),  # no upstream: the test publishes into the fixture's sink itself
+        tmp_path / "token",
+        [("tracking", FX)],
+        recorder={"dir": str(root), "segment_bytes": 64 * 1024},
+    )
+    secret = tmp_path / "outside" / "secret.jsonl.zst"
+    secret.parent.mkdir()
+    secret.write_bytes(
+        zstandard.ZstdCompressor().compress(
+            b"".join(encode(i, i, 1.0, b'{"ix": %d, "SECRET": 1}' % i) for i in range(1, 2001))
+        )
+    )
+    kept = secret.read_bytes()
+    url = f"/v1/fixtures/tracking/{FX}/recording"
+    with trio.fail_after(90):
+        async with running_gateway(config) as gw:
+            recorder = gw.recorder
+            topic = gw.hub.get("tracking", FX)
+            assert recorder is not None and topic is not None
+            log = recorder.get("tracking", FX)
+            assert log is not None
+            sink = RecordedTopic(topic, recorder, log)
+            for i in range(1, 1001):
+                sink.publish(_frame(i), i)
+            await wait_until(lambda: log.written_seq == 1000)
+            sink.publish(_frame(1001), 1001)  # past segment_bytes: a second segment
+            await wait_until(lambda: bool(log.segments) and log.segments[0].compressed)
+            first = root / "tracking" / FX / log.segments[0].name
+            first.unlink()
+            first.symlink_to(secret)
+
+            complete, body = await _download(http_url(gw, url))
+            assert b"SECRET" not in body and not complete
+        assert secret.read_bytes() == kept
+
+        async with running_gateway(config) as gw:
+            status, body = await http_get(http_url(gw, "/v1/recordings"))
+            (listed,) = orjson.loads(body)
+            assert (listed["fixture"], listed["state"]) == (FX, "stopped")
+            assert "is a symlink" in listed["reason"] and listed["last_seq"] == 0
+            status, body = await http_get(http_url(gw, url))
+            assert (status, body) == (200, b"")  # followed, nothing recorded: nothing read
+            status, body = await http_get(http_url(gw, "/metrics"))
+            assert b'dde_recorder_fixtures{state="stopped"} 1.0' in body
+    assert secret.read_bytes() == kept and first.is_symlink()
+
+
+async def _download(url: str) -> tuple[bool, bytes]:
+    """GET *url*: (whether the body came whole, the bytes that came)."""
+
+    def fetch() -> tuple[bool, bytes]:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            try:
+                return True, resp.read()
+            except http.client.IncompleteRead as exc:
+                return False, exc.partial
+
+    return await trio.to_thread.run_sync(fetch)

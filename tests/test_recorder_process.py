@@ -207,3 +207,26 @@ async def test_a_file_size_limit_stops_recording_and_fan_out_goes_on(tmp_path: P
             segment = max((rec / "tracking" / FX).glob("*.jsonl"))
             assert segment.stat().st_size <= 200 * 1024
             assert segment.read_bytes().endswith(b"}\n")
+
+
+async def test_a_recorder_dir_that_is_a_symlink_is_a_config_error(tmp_path: Path) -> None:
+    """``[recorder] dir`` naming a symlink: exit 2 with one line naming ``recorder.dir``, and
+    nothing written where the link points."""
+    (tmp_path / "token").write_text(TEST_TOKEN)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "rec").symlink_to(elsewhere)
+    config = tmp_path / "gateway.toml"
+    _write_config(config, 9, tmp_path / "rec")  # never connected: it stops before
+    cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-format", "json"]
+    with trio.fail_after(60):
+        done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 2
+    errors = [
+        line["msg"]
+        for line in map(orjson.loads, done.stderr.splitlines())
+        if line["level"] == "ERROR"
+    ]
+    assert len(errors) == 1 and "\n  recorder.dir: " in errors[0]
+    assert "is a symlink" in errors[0] and "Traceback" not in done.stderr.decode()
+    assert list(elsewhere.iterdir()) == []

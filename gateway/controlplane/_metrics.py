@@ -176,7 +176,7 @@ def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Met
     yield dropped
     fixtures = GaugeMetricFamily(
         "dde_recorder_fixtures",
-        "Recorded fixtures by recording state (stopped: followed but not recorded).",
+        "Recorded fixtures by recording state (stopped: followed but not recorded, or refused).",
         labels=["state"],
     )
     for state in RECORDING_STATES:

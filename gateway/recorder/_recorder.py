@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +23,16 @@ from typing import Final
 import trio
 
 from gateway.config import RecorderSection, expand_path
+from gateway.recorder._fs import NotOurFile, Tree, refusal
 from gateway.recorder._scan import SegmentInfo
-from gateway.recorder._store import FixtureLog, dir_name, read_json, recover, write_json_atomic
+from gateway.recorder._store import (
+    META,
+    FixtureLog,
+    dir_name,
+    read_json,
+    recover,
+    write_json_atomic,
+)
 from gateway.recorder._threads import (
     OP_FINISH,
     OP_OPEN,
@@ -62,13 +71,15 @@ class Recorder:
             raise ValueError("the recorder needs [recorder] dir")
         self.settings = settings
         self.root = expand_path(settings.dir)
+        #: The directory, opened once: every file below it is reached through its fd.
+        self.tree = Tree(self.root)
         self._clock = clock
         self._logs: dict[tuple[str, str], FixtureLog] = {}
         self._queue_limit = settings.queue_bytes
         self._put_bytes = 0
         self._closed = False
         self.shared = Shared(
-            root=self.root,
+            tree=self.tree,
             fsync_interval=settings.fsync_interval,
             segment_bytes=settings.segment_bytes,
             retention_days=settings.retention_days,
@@ -82,51 +93,70 @@ class Recorder:
         #: Disk reads at once (backfills, downloads): they share the disk with the writer.
         self.readers = trio.CapacityLimiter(DISK_READERS)
         self._pending_compress: list[tuple[tuple[str, str], SegmentInfo]] = []
-        self._open()
+        try:
+            self._open()
+        except BaseException:
+            self.tree.close()
+            raise
         for key, info in self._pending_compress:
             self.shared.compress.append((self._logs[key], info))
 
     # -- opening (blocking) -------------------------------------------------------------------
 
     def _open(self) -> None:
-        root = self.root
-        root.mkdir(parents=True, exist_ok=True)
-        state = read_json(root / RUN_STATE)
+        tree = self.tree
+        try:
+            state = read_json(tree.fd, RUN_STATE)
+        except NotOurFile as exc:
+            log.warning("recorder: %s; taken as an unclean stop", describe_error(exc))
+            state = None
         clean = isinstance(state, dict) and state.get("clean") is True
         incomplete = {
             (k[0], k[1])
             for k in (state.get("incomplete") or [] if isinstance(state, dict) else [])
             if isinstance(k, list) and len(k) == 2
         }
-        write_json_atomic(root / RUN_STATE, {"version": 1, "clean": False})
+        write_json_atomic(tree.fd, RUN_STATE, {"version": 1, "clean": False})
         count = 0
-        for feed_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for fx_dir in sorted(p for p in feed_dir.iterdir() if p.is_dir()):
-                meta = read_json(fx_dir / "meta.json")
-                meta = meta if isinstance(meta, dict) else {}
-                feed = meta.get("feed")
-                fixture = meta.get("fixture")
-                if not isinstance(feed, str) or not isinstance(fixture, str):
-                    feed = urllib.parse.unquote(feed_dir.name)
-                    fixture = urllib.parse.unquote(fx_dir.name)
+        for feed_name in _directories(tree.fd, "", self._stops):
+            try:
+                with tree.directory(feed_name) as feed_fd:
+                    fixture_names = _directories(feed_fd, feed_name, self._stops)
+            except OSError as exc:  # swapped for a link meanwhile: as _directories says
+                self._stops.warning("recorder: %s", describe_error(exc))
+                continue
+            for fixture_name, refused in fixture_names.items():
+                names = (feed_name, fixture_name)
+                feed = urllib.parse.unquote(feed_name)
+                fixture = urllib.parse.unquote(fixture_name)
+                if refused is None:
+                    with contextlib.suppress(OSError), tree.directory(*names) as dfd:
+                        meta = read_json(dfd, META)
+                        if isinstance(meta, dict):
+                            named_feed, named_fixture = meta.get("feed"), meta.get("fixture")
+                            if isinstance(named_feed, str) and isinstance(named_fixture, str):
+                                feed, fixture = named_feed, named_fixture
                 key = (feed, fixture)
                 try:
+                    if refused is not None:
+                        raise refused
                     lg = recover(
                         feed,
                         fixture,
-                        fx_dir,
+                        tree,
+                        names,
                         clean=clean and key not in incomplete,
                         on_compress=functools.partial(self._queue_compress, key),
                     )
                 except Exception as exc:
                     # Its files are left alone: nothing is written there until a restart
                     # opens them (the topic numbers afresh, under a new epoch).
-                    lg = FixtureLog(feed, fixture, fx_dir)
+                    lg = FixtureLog(feed, fixture, tree, names)
                     lg.broken = f"cannot open the recording: {describe_error(exc)}"
-                    log.warning("recording %s/%s: %s", feed, fixture, lg.broken)
+                    self._stops.warning("recording %s/%s: %s", feed, fixture, lg.broken)
                 self._logs[key] = lg
                 count += 1
-        log.info("recorder: %d recorded fixtures in %s", count, root)
+        log.info("recorder: %d recorded fixtures in %s", count, self.root)
 
     def _queue_compress(self, key: tuple[str, str], info: SegmentInfo) -> None:
         # Recovery found a closed segment left plain: compressed once the janitor runs (the
@@ -140,7 +170,7 @@ class Recorder:
         key = (feed, fixture)
         lg = self._logs.get(key)
         if lg is None:
-            lg = FixtureLog(feed, fixture, self.root / dir_name(feed) / dir_name(fixture))
+            lg = FixtureLog(feed, fixture, self.tree, (dir_name(feed), dir_name(fixture)))
             self._logs[key] = lg
         return lg
 
@@ -152,8 +182,8 @@ class Recorder:
         return list(self._logs.values())
 
     def recordings(self) -> list[FixtureLog]:
-        """Every fixture with frames on disk, or followed now."""
-        return [lg for lg in self._logs.values() if lg.active or lg.has_frames]
+        """Every fixture with frames on disk, followed now, or refused."""
+        return [lg for lg in self._logs.values() if lg.listed]
 
     @property
     def queued_bytes(self) -> int:
@@ -242,12 +272,15 @@ class Recorder:
                 await self.close()
 
     def report(self) -> None:
-        """Take over the stops the threads reported (state, reason, one throttled line)."""
+        """Take over the stops and refusals the threads reported (state, reason, one
+        throttled line)."""
         events = self.shared.events
         while events:
             lg, reason = events.popleft()
             if lg.recording:
                 self._stop(lg, reason)
+            elif lg.broken == reason:
+                self._stops.warning("recording of %s/%s %s", lg.feed, lg.fixture, reason)
 
     async def close(self) -> None:
         """Stop accepting frames, let the writer finish, join both threads."""
@@ -265,6 +298,9 @@ class Recorder:
                     await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
         if scope.cancelled_caught:
             log.warning("recorder: the writer did not finish within %.0f s", CLOSE_TIMEOUT)
+        else:
+            # Only once no thread uses it: a closed fd's number could name another file.
+            self.tree.close()
         self.report()
 
     # -- reading back -------------------------------------------------------------------------
@@ -278,9 +314,19 @@ class Recorder:
         sent = 0
         try:
             while limit is None or sent < limit:
-                lines = await trio.to_thread.run_sync(
-                    cursor.read_lines, DOWNLOAD_CHUNK, limiter=self.readers
-                )
+                try:
+                    lines = await trio.to_thread.run_sync(
+                        cursor.read_lines, DOWNLOAD_CHUNK, limiter=self.readers
+                    )
+                except NotOurFile as exc:
+                    # Cut short (the client sees the response end without its last chunk).
+                    self._stops.warning(
+                        "recording of %s/%s: download cut short: %s",
+                        lg.feed,
+                        lg.fixture,
+                        describe_error(exc),
+                    )
+                    raise
                 if not lines:
                     return
                 if limit is not None:
@@ -290,6 +336,27 @@ class Recorder:
         finally:
             with contextlib.suppress(OSError):
                 cursor.close()
+
+
+def _directories(dfd: int, where: str, refusals: LogThrottle) -> dict[str, NotOurFile | None]:
+    """The entries of directory *dfd* that are directories (sorted), each with None, or the
+    refusal of one that is a symlink (a symlink in the root, a feed's directory, is logged and
+    left out: which fixtures it would hold is not looked at). Other entries (files, the run
+    state) are not the recorder's business here."""
+    out: dict[str, NotOurFile | None] = {}
+    with os.scandir(dfd) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_symlink():
+            name = f"{where}/{entry.name}" if where else entry.name
+            refused = refusal(name, entry.stat(follow_symlinks=False).st_mode, "a directory")
+            if where:
+                out[entry.name] = refused
+            else:
+                refusals.warning("recorder: %s", describe_error(refused))
+        elif entry.is_dir(follow_symlinks=False):
+            out[entry.name] = None
+    return out
 
 
 def recording_path(root: Path, feed: str, fixture: str) -> Path:

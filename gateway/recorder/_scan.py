@@ -9,6 +9,7 @@ before it is kept; :attr:`LineScanner.good` is where the file is cut.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final
@@ -120,24 +121,34 @@ class LineScanner:
         return self.info
 
 
-def open_segment(path: Path, compressed: bool) -> IO[bytes]:
-    """A segment file for reading, line by line (zstd-decompressed when *compressed*)."""
+def segment_reader(fd: int, compressed: bool, *, closefd: bool = True) -> IO[bytes]:
+    """An open segment file's fd for reading, line by line (zstd-decompressed when
+    *compressed*); *closefd*: the fd is closed with the reader."""
+    f = os.fdopen(fd, "rb", buffering=READ_BUFFER, closefd=closefd)
     if compressed:
-        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.BufferedReader(raw, READ_BUFFER)
-    return path.open("rb", buffering=READ_BUFFER)
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(f, closefd=True), READ_BUFFER
+        )
+    return f
 
 
-def scan_segment(path: Path, first_seq: int, compressed: bool) -> LineScanner:
-    """Scan a whole segment file in chunks (blocking). Raises OSError (and
-    ``zstandard.ZstdError`` for a damaged compressed file, reported by the caller)."""
-    scanner = LineScanner(path.name, first_seq, compressed=compressed)
-    with open_segment(path, compressed) as f:
+def open_segment(path: Path, compressed: bool) -> IO[bytes]:
+    """A file of record lines named by the operator (a download, a segment handed to the
+    simulator) for reading; the recorder's own files are opened through :mod:`._fs`."""
+    return segment_reader(os.open(path, os.O_RDONLY | os.O_CLOEXEC), compressed)
+
+
+def scan_segment(fd: int, name: str, first_seq: int, compressed: bool) -> LineScanner:
+    """Scan a whole segment file, open on *fd* (from its start; left open), in chunks
+    (blocking). Raises OSError (and ``zstandard.ZstdError`` for a damaged compressed file,
+    reported by the caller)."""
+    scanner = LineScanner(name, first_seq, compressed=compressed)
+    with segment_reader(fd, compressed, closefd=False) as f:
         while chunk := f.read(SCAN_CHUNK):
             if not scanner.feed(chunk):
                 break
     scanner.finish()
-    scanner.info.stored_bytes = path.stat().st_size if compressed else scanner.good
+    scanner.info.stored_bytes = os.fstat(fd).st_size if compressed else scanner.good
     return scanner
 
 

@@ -26,6 +26,7 @@ import secrets
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -33,7 +34,14 @@ import orjson
 import zstandard
 
 from gateway.recorder._format import BadRecord, Record, decode, parse_segment_name, segment_name
-from gateway.recorder._scan import SegmentInfo, iter_records, open_segment, scan_segment
+from gateway.recorder._fs import NotOurFile, Tree, check_file, open_file, read_file, write_atomic
+from gateway.recorder._scan import (
+    SegmentInfo,
+    iter_records,
+    open_segment,
+    scan_segment,
+    segment_reader,
+)
 
 log = logging.getLogger("gateway.recorder")
 
@@ -59,29 +67,19 @@ def dir_name(name: str) -> str:
     return "%2E" + quoted[1:] if quoted.startswith(".") else quoted
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def write_json_atomic(dfd: int, name: str, data: Any) -> None:
+    """Write *data* to *name* in directory *dfd* so that a crash leaves the old file or the
+    new one, whole (never through a link: :func:`gateway.recorder._fs.write_atomic`)."""
+    write_atomic(dfd, name, orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def read_json(dfd: int, name: str) -> Any:
+    """The JSON in *name* in *dfd*, or None when it is missing or unreadable as JSON. Raises
+    :class:`NotOurFile` when it is a link or not a regular file."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write *data* to *path* so that a crash leaves the old file or the new one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
-
-
-def read_json(path: Path) -> Any:
-    """The JSON in *path*, or None when it is missing or unreadable as JSON."""
-    try:
-        return orjson.loads(path.read_bytes())
+        return orjson.loads(read_file(dfd, name))
+    except NotOurFile:
+        raise
     except (OSError, orjson.JSONDecodeError):
         return None
 
@@ -93,14 +91,18 @@ class FixtureLog:
         self,
         feed: str,
         fixture: str,
-        path: Path,
+        tree: Tree,
+        names: tuple[str, str],
         *,
         epoch: str | None = None,
         prior_epochs: dict[str, int] | None = None,
     ) -> None:
         self.feed = feed
         self.fixture = fixture
-        self.path = path
+        #: The recorder's directory, and the names of this fixture's directories in it (feed,
+        #: fixture): every file is reached through them (:meth:`directory`), never a path.
+        self.tree = tree
+        self.names = names
         # -- numbering: written by the trio thread (and by recovery before anything runs) ----
         self.epoch = epoch or secrets.token_hex(8)
         #: Epochs of earlier numberings, each with the last seq it shares with this one.
@@ -141,7 +143,9 @@ class FixtureLog:
         self.lock = threading.Lock()
         #: Retention removed every file (set by the janitor under ``lock``).
         self.removed = False
-        #: Why the recording could not be opened at start ("": it could): never written then.
+        #: Why the recording is refused ("": it is not): it could not be opened at start, or
+        #: a thread met a name in its directory the recorder did not make (a symlink, a FIFO:
+        #: :class:`NotOurFile`). Its files are never written then, until a restart opens them.
         self.broken = ""
 
     def __repr__(self) -> str:
@@ -152,11 +156,28 @@ class FixtureLog:
         return (self.feed, self.fixture)
 
     @property
+    def path(self) -> Path:
+        """Where its directory is (for reading by path and for messages; the recorder itself
+        goes through :meth:`directory`)."""
+        return self.tree.path.joinpath(*self.names)
+
+    def directory(self, *, create: bool = False) -> AbstractContextManager[int]:
+        """The fd of its directory, opened from the recorder's a component at a time, never
+        through a link (made when *create*)."""
+        return self.tree.directory(*self.names, create=create)
+
+    @property
     def state(self) -> str:
-        """``recording``, ``stopped`` (see :attr:`reason`) or ``idle`` (not followed)."""
+        """``recording``, ``stopped`` (followed but not recorded, or refused: see
+        :attr:`reason` and :attr:`broken`) or ``idle`` (not followed)."""
         if self.recording:
             return RECORDING
-        return STOPPED if self.active else IDLE
+        return STOPPED if self.active or self.broken else IDLE
+
+    @property
+    def listed(self) -> bool:
+        """Shown in the recordings (and their counts): followed, with frames, or refused."""
+        return self.active or self.has_frames or bool(self.broken)
 
     @property
     def first_seq(self) -> int:
@@ -204,10 +225,12 @@ class FixtureLog:
 
     def write_index(self) -> None:
         """Rewrite ``index.json`` from :attr:`segments` (call with ``lock`` held)."""
-        write_json_atomic(
-            self.path / INDEX,
-            {"version": FORMAT_VERSION, "segments": [s.as_json() for s in self.segments]},
-        )
+        with self.directory() as dfd:
+            write_json_atomic(
+                dfd,
+                INDEX,
+                {"version": FORMAT_VERSION, "segments": [s.as_json() for s in self.segments]},
+            )
 
     def new_epoch(self) -> None:
         """Number what comes next under a new epoch; the current one stays valid for resumes
@@ -218,10 +241,11 @@ class FixtureLog:
                 del self.prior_epochs[next(iter(self.prior_epochs))]
         self.epoch = secrets.token_hex(8)
 
-    def write_meta(self) -> None:
-        """Rewrite ``meta.json`` (names, epoch, prior epochs)."""
+    def write_meta(self, dfd: int) -> None:
+        """Rewrite ``meta.json`` (names, epoch, prior epochs) in its directory *dfd*."""
         write_json_atomic(
-            self.path / META,
+            dfd,
+            META,
             {
                 "version": FORMAT_VERSION,
                 "feed": self.feed,
@@ -232,8 +256,8 @@ class FixtureLog:
         )
 
 
-def _index_entries(path: Path) -> dict[str, SegmentInfo]:
-    data = read_json(path / INDEX)
+def _index_entries(dfd: int) -> dict[str, SegmentInfo]:
+    data = read_json(dfd, INDEX)
     if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
         return {}
     out: dict[str, SegmentInfo] = {}
@@ -249,18 +273,23 @@ def _index_entries(path: Path) -> dict[str, SegmentInfo]:
 def recover(
     feed: str,
     fixture: str,
-    path: Path,
+    tree: Tree,
+    names: tuple[str, str],
     *,
     clean: bool,
     on_compress: Callable[[SegmentInfo], None],
 ) -> FixtureLog:
-    """Open the recording in *path* after a stop of any kind (blocking; before the writer runs).
+    """Open the recording in directory *names* of *tree* after a stop of any kind (blocking;
+    before the writer runs).
 
-    The index is read and checked against the files (entries without a file dropped, files
-    without an entry scanned); a missing or damaged index is rebuilt from the files. The last
-    plain segment is the one that was being written: it is scanned line by line and cut after
-    its last intact line (a torn line, zeros). A closed plain segment (a crash before its
-    compression finished) is handed to *on_compress*.
+    First every name the recorder uses there (segments, ``meta.json``, ``index.json``) is
+    checked: a symlink or anything else that is not a regular file raises :class:`NotOurFile`
+    before anything is read, cut or removed (the directory itself is opened without following
+    a link: the same). The index is read and checked against the files (entries without a file
+    dropped, files without an entry scanned); a missing or damaged index is rebuilt from the
+    files. The last plain segment is the one that was being written: it is scanned line by line
+    and cut after its last intact line (a torn line, zeros). A closed plain segment (a crash
+    before its compression finished) is handed to *on_compress*.
 
     *clean*: the last run stopped cleanly with every frame of this fixture written; the epoch
     is kept. Otherwise frames may have been published that were never written (kill -9, power
@@ -268,7 +297,29 @@ def recover(
     the last seq on disk (a subscriber that saw no more than that resumes without a gap). The
     new epoch is written to ``meta.json`` when the fixture is followed again.
     """
-    meta = read_json(path / META)
+    with tree.directory(*names) as dfd:
+        entries = os.listdir(dfd)
+        for entry in entries:
+            if entry in (META, INDEX) or parse_segment_name(entry) is not None:
+                check_file(dfd, entry)
+        lg = _recover(dfd, entries, feed=feed, fixture=fixture, tree=tree, names=names, clean=clean)
+        closed_plain = [s for s in lg.segments if not s.compressed]
+    for info in closed_plain:
+        on_compress(info)
+    return lg
+
+
+def _recover(
+    dfd: int,
+    entries: list[str],
+    *,
+    feed: str,
+    fixture: str,
+    tree: Tree,
+    names: tuple[str, str],
+    clean: bool,
+) -> FixtureLog:
+    meta = read_json(dfd, META)
     meta = meta if isinstance(meta, dict) else {}
     epoch = meta.get("epoch") if isinstance(meta.get("epoch"), str) else None
     prior_raw = meta.get("prior_epochs")
@@ -277,44 +328,44 @@ def recover(
         if isinstance(prior_raw, dict)
         else {}
     )
-    lg = FixtureLog(feed, fixture, path, epoch=epoch, prior_epochs=prior)
-    indexed = _index_entries(path)
+    lg = FixtureLog(feed, fixture, tree, names, epoch=epoch, prior_epochs=prior)
+    where = f"{feed}/{fixture}"
+    indexed = _index_entries(dfd)
     files: dict[int, list[tuple[str, bool]]] = {}
-    for entry in os.listdir(path):
+    for entry in entries:
         parsed = parse_segment_name(entry)
         if parsed is not None:
             files.setdefault(parsed[0], []).append((entry, parsed[1]))
         elif entry.endswith(".tmp"):
             with contextlib.suppress(OSError):
-                (path / entry).unlink()  # an atomic write or a compression cut short
+                os.unlink(entry, dir_fd=dfd)  # an atomic write or a compression cut short
     closed: list[SegmentInfo] = []
     rebuilt = False
     last_first = max(files) if files else None
     for first in sorted(files):
-        names = dict(files[first])  # name -> compressed
+        found = dict(files[first])  # name -> compressed
         gz = segment_name(first, compressed=True)
         plain = segment_name(first)
-        if gz in names:
+        if gz in found:
             info = indexed.get(gz)
             if info is None:
-                info = _scan_closed(path / gz, first, True)
+                info = _scan_closed(dfd, where, gz, first, True)
                 rebuilt = True
             if info is None:
                 continue
             closed.append(info)
-            if plain in names:
+            if plain in found:
                 # Compressed, and the crash came before the plain file was removed.
                 with contextlib.suppress(OSError):
-                    (path / plain).unlink()
+                    os.unlink(plain, dir_fd=dfd)
             continue
         if first != last_first:
-            info = indexed.get(plain) or _scan_closed(path / plain, first, False)
+            info = indexed.get(plain) or _scan_closed(dfd, where, plain, first, False)
             if info is not None:
                 closed.append(info)
                 rebuilt = rebuilt or plain not in indexed
-                on_compress(info)
             continue
-        lg.open_segment = _recover_open(path / plain, first)
+        lg.open_segment = _recover_open(dfd, where, plain, first)
     rebuilt = rebuilt or set(indexed) != {s.name for s in closed}
     lg.segments = tuple(closed)
     last = lg.open_segment if lg.open_segment is not None else (closed[-1] if closed else None)
@@ -330,46 +381,59 @@ def recover(
         lg.new_epoch()
         if epoch is not None:
             log.info(
-                "recording %s/%s: the last run did not stop cleanly; continuing at seq %d "
+                "recording %s: the last run did not stop cleanly; continuing at seq %d "
                 "with a new epoch (the old one resumes up to there)",
-                feed,
-                fixture,
+                where,
                 lg.last_seq,
             )
     if rebuilt:
-        log.info("recording %s/%s: index rebuilt from %d segments", feed, fixture, len(closed))
-        lg.write_index()
+        log.info("recording %s: index rebuilt from %d segments", where, len(closed))
+        write_json_atomic(
+            dfd, INDEX, {"version": FORMAT_VERSION, "segments": [s.as_json() for s in closed]}
+        )
     return lg
 
 
-def _scan_closed(path: Path, first: int, compressed: bool) -> SegmentInfo | None:
+def _scan_closed(
+    dfd: int, where: str, name: str, first: int, compressed: bool
+) -> SegmentInfo | None:
     try:
-        scanner = scan_segment(path, first, compressed)
+        fd = open_file(dfd, name, os.O_RDONLY)
+        try:
+            scanner = scan_segment(fd, name, first, compressed)
+        finally:
+            os.close(fd)
+    except NotOurFile:
+        raise
     except (OSError, zstandard.ZstdError) as exc:
-        log.warning("recording segment %s is unreadable (%s): left out", path, exc)
+        log.warning("recording %s: segment %s is unreadable (%s): left out", where, name, exc)
         return None
     if scanner.error is not None:
-        log.warning("recording segment %s: %s; kept up to there", path, scanner.error)
+        log.warning("recording %s: segment %s: %s; kept up to there", where, name, scanner.error)
     return scanner.info if scanner.info.count else None
 
 
-def _recover_open(path: Path, first: int) -> SegmentInfo | None:
-    """Scan the segment that was being written and cut it after its last intact line."""
-    scanner = scan_segment(path, first, False)
-    size = path.stat().st_size
-    if scanner.good < size:
-        log.warning(
-            "recording %s: cutting %d bytes after the last intact line (%s)",
-            path,
-            size - scanner.good,
-            scanner.error,
-        )
-        with path.open("r+b") as f:
-            f.truncate(scanner.good)
-            f.flush()
-            os.fsync(f.fileno())
+def _recover_open(dfd: int, where: str, name: str, first: int) -> SegmentInfo | None:
+    """Scan the segment that was being written and cut it after its last intact line (the
+    scan and the cut on one fd: the regular file that was checked)."""
+    fd = open_file(dfd, name, os.O_RDWR)
+    try:
+        scanner = scan_segment(fd, name, first, False)
+        size = os.fstat(fd).st_size
+        if scanner.good < size:
+            log.warning(
+                "recording %s: cutting %d bytes of %s after the last intact line (%s)",
+                where,
+                size - scanner.good,
+                name,
+                scanner.error,
+            )
+            os.ftruncate(fd, scanner.good)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     if not scanner.info.count:
-        path.unlink()
+        os.unlink(name, dir_fd=dfd)
         return None
     return scanner.info
 
@@ -462,9 +526,11 @@ class Cursor:
             seg, closed = target
             name = segment_name(seg.first_seq, compressed=seg.compressed)
             try:
-                self._file = open_segment(lg.path / name, seg.compressed)
+                with lg.directory() as dfd:
+                    fd = open_file(dfd, name, os.O_RDONLY)
             except FileNotFoundError:
                 continue  # compressed or removed meanwhile: look again
+            self._file = segment_reader(fd, seg.compressed)
             self._segment = seg
             self._closed_segment = closed
             # Frames before it removed by retention: the caller sees the seqs jump.
@@ -479,25 +545,36 @@ def read_recording(path: Path) -> Iterator[Record]:
     download saved to a file). Blocking; reads one line at a time.
 
     A last line without its ``\\n`` (a recording that was being written) is left out. Raises
-    OSError, or :class:`BadRecord` naming the file and line of anything else.
+    OSError (:class:`NotOurFile` for a segment of the directory that is a symlink or not a
+    regular file: never read through), or :class:`BadRecord` naming the file and line of
+    anything else.
     """
-    if path.is_dir():
+    if not path.is_dir():
+        yield from _read_lines(path, open_segment(path, path.name.endswith(".zst")))
+        return
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         by_first: dict[int, tuple[str, bool]] = {}
-        for entry in os.listdir(path):
+        for entry in os.listdir(dfd):
             parsed = parse_segment_name(entry)
             if parsed is not None and (parsed[0] not in by_first or parsed[1]):
                 by_first[parsed[0]] = (entry, parsed[1])
-        files = [(path / by_first[k][0], by_first[k][1]) for k in sorted(by_first)]
-    else:
-        files = [(path, path.name.endswith(".zst"))]
-    for file, compressed in files:
-        with open_segment(file, compressed) as f:
-            for n, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    yield decode(line)
-                except BadRecord as exc:
-                    raise BadRecord(f"{file}:{n}: {exc}") from None
+        for first in sorted(by_first):
+            name, compressed = by_first[first]
+            f = segment_reader(open_file(dfd, name, os.O_RDONLY), compressed)
+            yield from _read_lines(path / name, f)
+    finally:
+        os.close(dfd)
+
+
+def _read_lines(file: Path, f: IO[bytes]) -> Iterator[Record]:
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            if not line.strip():
+                continue
+            try:
+                yield decode(line)
+            except BadRecord as exc:
+                raise BadRecord(f"{file}:{n}: {exc}") from None

@@ -18,16 +18,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
 import attrs
 import zstandard
 
 from gateway.recorder._format import encode, segment_name
+from gateway.recorder._fs import NotOurFile, Tree, create_file, open_dir, open_file
 from gateway.recorder._retention import FixtureUsage, SegmentUsage, choose_deletions
 from gateway.recorder._scan import SegmentInfo
-from gateway.recorder._store import INDEX, META, FixtureLog, fsync_dir, write_json_atomic
+from gateway.recorder._store import INDEX, META, FixtureLog, write_json_atomic
 
 log = logging.getLogger("gateway.recorder")
 
@@ -55,7 +55,10 @@ Item = tuple[FixtureLog, int, int | None, float, bytes]
 
 
 def describe_error(exc: BaseException) -> str:
-    """A failure as a fixed text: the errno's meaning and name, never a path."""
+    """A failure as a fixed text: the errno's meaning and name, never a path (a refusal says
+    which entry of the recorder's directory it refused)."""
+    if isinstance(exc, NotOurFile):
+        return str(exc)
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         return f"{os.strerror(exc.errno)} ({name})"
@@ -66,7 +69,8 @@ def describe_error(exc: BaseException) -> str:
 class Shared:
     """What the trio thread and the threads share (each field has one writer, see there)."""
 
-    root: Path
+    #: The recorder's directory (every file is reached through its fd).
+    tree: Tree
     fsync_interval: float
     segment_bytes: int
     retention_days: float | None
@@ -77,7 +81,8 @@ class Shared:
     queue: collections.deque[Item] = attrs.field(factory=collections.deque)
     #: Text bytes taken off the queue by the writer (the trio thread counts what it put in).
     taken_bytes: int = 0
-    #: (fixture, reason) of recordings a thread stopped, for the trio thread to report.
+    #: (fixture, reason) of recordings a thread stopped or refused (:func:`refuse`), for the
+    #: trio thread to report.
     events: collections.deque[tuple[FixtureLog, str]] = attrs.field(factory=collections.deque)
     #: Closed segments waiting for compression (the writer and recovery add, the janitor pops).
     compress: collections.deque[tuple[FixtureLog, SegmentInfo]] = attrs.field(
@@ -88,6 +93,18 @@ class Shared:
     janitor_wake: threading.Event = attrs.field(factory=threading.Event)
     #: Keys of fixtures whose numbering has frames that were never written (written at stop).
     incomplete: set[tuple[str, str]] = attrs.field(factory=set)
+
+
+def refuse(s: Shared, lg: FixtureLog, exc: NotOurFile) -> str:
+    """A thread met a name in the fixture's directory that the recorder did not make: the
+    fixture is refused (:attr:`FixtureLog.broken`: nothing more is written, compressed or
+    removed there until a restart checks it again), reported once to the trio thread."""
+    reason = f"refused: {describe_error(exc)}"
+    if not lg.broken:
+        lg.broken = reason
+        s.incomplete.add(lg.key)
+        s.events.append((lg, reason))
+    return reason
 
 
 @attrs.define(eq=False)
@@ -166,14 +183,10 @@ class Writer:
         try:
             with lg.lock:
                 lg.removed = False
-                created = not lg.path.is_dir()
-                lg.path.mkdir(parents=True, exist_ok=True)
-                if created:
-                    fsync_dir(lg.path.parent)
-                    fsync_dir(lg.path.parent.parent)
-                lg.write_meta()
+                with lg.directory(create=True) as dfd:
+                    lg.write_meta(dfd)
         except OSError as exc:
-            self._fail(lg, describe_error(exc))
+            self._fail(lg, exc)
 
     def _finish(self, lg: FixtureLog) -> None:
         """No longer followed: close the segment being written (it gets compressed)."""
@@ -183,7 +196,7 @@ class Writer:
                 os.fsync(op.fd)
                 lg.durable_seq = lg.written_seq
             except OSError as exc:
-                self._fail(lg, describe_error(exc))
+                self._fail(lg, exc)
             finally:
                 os.close(op.fd)
         self._close_segment(lg)
@@ -203,7 +216,7 @@ class Writer:
                 op = self._open_segment(lg, first)
         except OSError as exc:
             lg.frames_failed += len(frames)
-            self._fail(lg, describe_error(exc))
+            self._fail(lg, exc)
             return
         parts: list[bytes] = []
         add = parts.append
@@ -233,7 +246,7 @@ class Writer:
             with contextlib.suppress(OSError):
                 os.ftruncate(op.fd, info.raw_bytes)
             lg.frames_failed += len(frames)
-            self._fail(lg, describe_error(exc))
+            self._fail(lg, exc)
             return
         if not info.count:
             info.first_t = frames[0][3]
@@ -250,32 +263,37 @@ class Writer:
             try:
                 self._rotate(lg)
             except OSError as exc:
-                self._fail(lg, describe_error(exc))
+                self._fail(lg, exc)
 
     def _open_segment(self, lg: FixtureLog, first: int) -> _Open:
+        if lg.broken:
+            raise NotOurFile(lg.broken)
         with lg.lock:
             current = lg.open_segment
             if current is not None and current.count and current.last_seq + 1 == first:
-                fd = os.open(lg.path / current.name, os.O_WRONLY | os.O_APPEND)
+                with lg.directory() as dfd:
+                    fd = open_file(dfd, current.name, os.O_WRONLY | os.O_APPEND)
                 op = self._open[lg] = _Open(fd, current)
                 return op
         if current is not None and current.count:
             self._close_segment(lg)  # left open by the last run, and seqs jump: close it
-        lg.path.mkdir(parents=True, exist_ok=True)
         info = SegmentInfo(name=segment_name(first), first_seq=first)
-        path = lg.path / info.name
-        try:
-            # Never over an existing file: that would be frames of this fixture.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-        except FileExistsError:
-            if path.stat().st_size:
+        with lg.directory(create=True) as dfd:
+            try:
+                # Never over an existing file (that would be frames of this fixture), never
+                # through a link (O_EXCL).
+                fd = create_file(dfd, info.name, flags=os.O_APPEND)
+            except FileExistsError:
+                # Empty, left by an earlier try: used; else (or not a regular file) refused.
+                fd = open_file(dfd, info.name, os.O_WRONLY | os.O_APPEND)
+                if os.fstat(fd).st_size:
+                    os.close(fd)
+                    raise
+            try:
+                os.fsync(dfd)
+            except OSError:
+                os.close(fd)
                 raise
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # empty: left by an earlier try
-        try:
-            fsync_dir(lg.path)
-        except OSError:
-            os.close(fd)
-            raise
         with lg.lock:
             lg.open_segment = info
         op = self._open[lg] = _Open(fd, info)
@@ -301,14 +319,14 @@ class Writer:
                 return
             lg.open_segment = None
             if not info.count:
-                with contextlib.suppress(OSError):
-                    (lg.path / info.name).unlink()
+                with contextlib.suppress(OSError), lg.directory() as dfd:
+                    os.unlink(info.name, dir_fd=dfd)
                 return
             lg.segments = (*lg.segments, info)
             try:
                 lg.write_index()
             except OSError as exc:
-                self._fail(lg, describe_error(exc))
+                self._fail(lg, exc)
         self.s.compress.append((lg, info))
         self.s.janitor_wake.set()
 
@@ -320,16 +338,21 @@ class Writer:
             try:
                 os.fsync(op.fd)
             except OSError as exc:
-                self._fail(lg, describe_error(exc))
+                self._fail(lg, exc)
                 continue
             op.dirty = False
             lg.durable_seq = seq
 
-    def _fail(self, lg: FixtureLog, reason: str) -> None:
+    def _fail(self, lg: FixtureLog, exc: OSError | str) -> None:
+        """Stop writing the fixture: *exc* the error (or why, as a text)."""
         op = self._open.pop(lg, None)
         if op is not None:
             with contextlib.suppress(OSError):
                 os.close(op.fd)
+        if isinstance(exc, NotOurFile):
+            lg.write_error = lg.write_error or refuse(self.s, lg, exc)  # reported there
+            return
+        reason = exc if isinstance(exc, str) else describe_error(exc)
         if not lg.write_error:
             lg.write_error = reason
             self.s.incomplete.add(lg.key)
@@ -346,7 +369,8 @@ class Writer:
                 s.incomplete.add(lg.key)
         try:
             write_json_atomic(
-                s.root / RUN_STATE,
+                s.tree.fd,
+                RUN_STATE,
                 {"version": 1, "clean": True, "incomplete": sorted(s.incomplete)},
             )
         except OSError as exc:
@@ -382,49 +406,66 @@ class Janitor:
             s.janitor_wake.clear()
 
     def compress(self, lg: FixtureLog, info: SegmentInfo) -> None:
-        src = lg.path / info.name
-        dst = lg.path / segment_name(info.first_seq, compressed=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        try:
-            with src.open("rb") as fin, tmp.open("wb") as fout:
-                zstandard.ZstdCompressor(level=COMPRESS_LEVEL).copy_stream(
-                    fin, fout, read_size=COPY_CHUNK, write_size=COPY_CHUNK
-                )
-                fout.flush()
-                os.fsync(fout.fileno())
-            size = tmp.stat().st_size
-            tmp.replace(dst)
-            fsync_dir(lg.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            # Left plain: still readable; the next start tries again.
-            log.warning(
-                "recorder: cannot compress a segment of %s/%s: %s",
-                lg.feed,
-                lg.fixture,
-                describe_error(exc),
-            )
+        if lg.broken:
             return
-        done = attrs.evolve(info, name=dst.name, compressed=True, stored_bytes=size)
-        with lg.lock:
-            if not any(s.first_seq == info.first_seq for s in lg.segments):
-                with contextlib.suppress(OSError):
-                    dst.unlink()  # removed by retention meanwhile
-                return
-            lg.segments = tuple(done if s.first_seq == info.first_seq else s for s in lg.segments)
-            try:
-                lg.write_index()
-            except OSError as exc:
-                log.warning("recorder: cannot write an index: %s", describe_error(exc))
-            with contextlib.suppress(OSError):
-                src.unlink()
+        dst = segment_name(info.first_seq, compressed=True)
+        tmp = dst + ".tmp"
+        try:
+            with lg.directory() as dfd:
+                try:
+                    self._compress(dfd, info.name, dst, tmp)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dfd)
+                    raise
+                size = os.stat(dst, dir_fd=dfd, follow_symlinks=False).st_size
+                done = attrs.evolve(info, name=dst, compressed=True, stored_bytes=size)
+                with lg.lock:
+                    if not any(s.first_seq == info.first_seq for s in lg.segments):
+                        with contextlib.suppress(OSError):
+                            os.unlink(dst, dir_fd=dfd)  # removed by retention meanwhile
+                        return
+                    lg.segments = tuple(
+                        done if s.first_seq == info.first_seq else s for s in lg.segments
+                    )
+                    try:
+                        lg.write_index()
+                    except OSError as exc:
+                        self._failed(lg, exc, "cannot write an index")
+                    with contextlib.suppress(OSError):
+                        os.unlink(info.name, dir_fd=dfd)
+        except OSError as exc:
+            # Left plain: still readable; the next start tries again.
+            self._failed(lg, exc, "cannot compress a segment")
+
+    @staticmethod
+    def _compress(dfd: int, src: str, dst: str, tmp: str) -> None:
+        with (
+            os.fdopen(open_file(dfd, src, os.O_RDONLY), "rb") as fin,
+            os.fdopen(create_file(dfd, tmp, replace=True), "wb") as fout,
+        ):
+            zstandard.ZstdCompressor(level=COMPRESS_LEVEL).copy_stream(
+                fin, fout, read_size=COPY_CHUNK, write_size=COPY_CHUNK
+            )
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.rename(tmp, dst, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+
+    def _failed(self, lg: FixtureLog, exc: OSError, what: str) -> None:
+        """A failure of the janitor on *lg*'s files: a refusal refuses the fixture (reported
+        by the trio thread), anything else is logged (it tries again later)."""
+        if isinstance(exc, NotOurFile):
+            refuse(self.s, lg, exc)
+            return
+        log.warning("recorder: %s of %s/%s: %s", what, lg.feed, lg.fixture, describe_error(exc))
 
     def retention(self) -> None:
         s = self.s
         if s.retention_days is None and s.max_bytes is None:
             return
-        logs = {lg.key: lg for lg in s.logs()}
+        # A refused fixture's files are left alone (and not counted: they may not be its).
+        logs = {lg.key: lg for lg in s.logs() if not lg.broken}
         usage = []
         for lg in logs.values():
             segments = lg.segments
@@ -454,22 +495,37 @@ class Janitor:
             lg.segments = kept
             try:
                 lg.write_index()
-                (lg.path / name).unlink()
+                with lg.directory() as dfd:
+                    os.unlink(name, dir_fd=dfd)  # the name: a link there is not followed
             except OSError as exc:
-                log.warning("recorder: retention cannot remove a file: %s", describe_error(exc))
+                self._failed(lg, exc, "retention cannot remove a file")
                 return
         log.info("recorder: retention removed %s/%s %s", lg.feed, lg.fixture, name)
 
     def remove_if_empty(self, lg: FixtureLog) -> None:
         with lg.lock:
-            if lg.active or lg.segments or lg.open_segment is not None:
+            if lg.active or lg.broken or lg.segments or lg.open_segment is not None:
                 return
-            for name in (META, INDEX):
-                with contextlib.suppress(FileNotFoundError):
-                    (lg.path / name).unlink()
-            with contextlib.suppress(OSError):
-                lg.path.rmdir()
-                lg.path.parent.rmdir()  # the feed's directory, when it was the last
+            feed, fixture = lg.names
+            tree = self.s.tree
+            try:
+                with tree.directory(feed) as feed_fd:
+                    fx_fd = open_dir(feed_fd, fixture)
+                    try:
+                        for name in (META, INDEX):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(name, dir_fd=fx_fd)
+                    finally:
+                        os.close(fx_fd)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(fixture, dir_fd=feed_fd)  # a link is never removed through
+                with contextlib.suppress(OSError):
+                    os.rmdir(feed, dir_fd=tree.fd)  # the feed's directory, when it was the last
+            except FileNotFoundError:
+                pass  # gone already
+            except NotOurFile as exc:
+                self._failed(lg, exc, "retention cannot remove a directory")
+                return
             lg.removed = True
 
     def close_idle(self) -> None:
@@ -477,7 +533,7 @@ class Janitor:
         now = self.s.clock()
         for lg in self.s.logs():
             current = lg.open_segment
-            if lg.active or current is None or not current.count:
+            if lg.active or lg.broken or current is None or not current.count:
                 continue
             if now - current.last_t < IDLE_CLOSE_AFTER:
                 continue
@@ -489,5 +545,5 @@ class Janitor:
                 try:
                     lg.write_index()
                 except OSError as exc:
-                    log.warning("recorder: cannot write an index: %s", describe_error(exc))
+                    self._failed(lg, exc, "cannot write an index")
             self.s.compress.append((lg, current))

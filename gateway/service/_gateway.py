@@ -77,7 +77,7 @@ def recording_view(log: FixtureLog) -> RecordingView:
         feed=log.feed,
         fixture=log.fixture,
         state=log.state,
-        reason=log.reason,
+        reason=log.reason or log.broken,
         epoch=log.epoch,
         first_seq=first,
         last_seq=last,
@@ -614,7 +614,7 @@ class Gateway:
         for log in recorder.logs():
             written[log.feed] = written.get(log.feed, 0) + log.frames_written
             dropped[log.feed] = dropped.get(log.feed, 0) + log.frames_dropped + log.frames_failed
-            if log.active or log.has_frames:
+            if log.listed:
                 states[log.state] = states.get(log.state, 0) + 1
             stored += log.stored_bytes
         return RecorderTotals(

@@ -21,7 +21,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -150,9 +150,12 @@ async def _report_status(gateway: Gateway, notifier: Notifier) -> None:
         await notifier.status(gateway.summary())
 
 
-def _leaves(group: BaseExceptionGroup[ListenError]) -> list[ListenError]:
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _leaves(group: BaseExceptionGroup[_E]) -> list[_E]:
     """The errors of an exception group, nested groups (one per nursery) opened."""
-    out: list[ListenError] = []
+    out: list[_E] = []
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
@@ -160,7 +163,8 @@ def _leaves(group: BaseExceptionGroup[ListenError]) -> list[ListenError]:
 
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
     """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
-    (the config file, the subscriber token file or the TLS certificate and key), 1 with one
+    (the config file, the subscriber token file, the TLS certificate and key, a ``[recorder]
+    dir`` that is a symlink), 1 with one
     error line when a listener cannot be opened (:class:`~gateway.listen.ListenError`: the
     address is in use, say).
 
@@ -202,7 +206,7 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
     # A file-size limit (LimitFSIZE=, ulimit -f) must make the recorder's write fail (EFBIG:
     # recording stops, reported), not kill the process with SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    failed = False
+    status = 0
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh_token)
@@ -215,8 +219,14 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
         # not a traceback. systemd's Restart=on-failure tries again.
         for error in _leaves(group):
             log.error("%s", error)
-        failed = True
-    return 1 if failed else 0
+        status = 1
+    except* ConfigError as group:
+        # Found on opening what the config names (the recorder's dir is a symlink): exit 2,
+        # as for a bad config file.
+        for problem in _leaves(group):
+            log.error("%s", problem)
+        status = 2
+    return status
 
 
 __all__ = ["Bound", "Gateway", "run_from_config_path", "serve"]
