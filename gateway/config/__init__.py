@@ -44,9 +44,11 @@ from gateway.config._model import (
     lease_validity,
 )
 from gateway.config._secret import (
+    MIN_SECRET_LENGTH,
     REDACTED,
     Secret,
     SecretError,
+    SecretMatcher,
     any_matches,
     expand_path,
     read_token_file,
@@ -74,6 +76,7 @@ __all__ = [
     "DEFAULT_STREAM_MAXLEN",
     "MAX_ROUND_INTERVAL",
     "MAX_WRITE_DELAY_MS",
+    "MIN_SECRET_LENGTH",
     "REDACTED",
     "ApiSection",
     "ClusterSection",
@@ -88,6 +91,7 @@ __all__ = [
     "RecorderSection",
     "Secret",
     "SecretError",
+    "SecretMatcher",
     "SlowPolicy",
     "SubscriberTokens",
     "SubscribersSection",

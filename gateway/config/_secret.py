@@ -3,12 +3,22 @@
 A :class:`Secret` keeps its value out of ``repr``, ``str``, f-strings, logs and tracebacks: the
 value comes out only through :meth:`Secret.reveal`, which is called at exactly the places that send
 it (the upstream auth message) or compare it (subscriber and API tokens).
+
+Text that came from outside (a vendor's error message, a rendered log line) is searched for
+secrets by :class:`SecretMatcher`, which compares *normalised* text: case folded, Unicode format
+characters (category ``Cf``: zero-width space, word joiner, soft hyphen, BOM, ...) dropped and
+compatibility forms unified (NFKC, e.g. full-width letters), so a token quoted upper-cased or
+split by invisible characters is found too. A match is mapped back to the original text, so the
+redaction covers exactly the characters that spelled the token.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
+import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
@@ -16,6 +26,102 @@ from typing import Final
 import attrs
 
 REDACTED: Final = "<redacted>"
+#: Shorter values are not searched for: replacing a 1-3 character string would shred every
+#: text, and no real token is that short.
+MIN_SECRET_LENGTH: Final = 4
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold_char(ch: str) -> str:
+    """One non-ASCII character as the matcher sees it: nothing for a format character (Cf),
+    else its NFKC form case folded (full-width A -> "a", sharp s -> "ss")."""
+    if unicodedata.category(ch) == "Cf":
+        return ""
+    return unicodedata.normalize("NFKC", ch).casefold()
+
+
+def fold(text: str) -> tuple[str, list[int] | None]:
+    """*text* normalised for matching, and for each of its characters the index in *text* of
+    the character it came from (None: ASCII text, where the indexes are the same).
+
+    ASCII text (every log line but a few) costs one ``str.lower``; otherwise ASCII runs are
+    lowered whole and only the other characters are folded one by one.
+    """
+    if text.isascii():
+        return text.lower(), None
+    parts: list[str] = []
+    origin: list[int] = []
+    pos = 0
+    for run in _NON_ASCII.finditer(text):
+        start, end = run.span()
+        if pos < start:
+            parts.append(text[pos:start].lower())
+            origin.extend(range(pos, start))
+        for i in range(start, end):
+            folded = _fold_char(text[i])
+            if folded:
+                parts.append(folded)
+                origin.extend([i] * len(folded))
+        pos = end
+    if pos < len(text):
+        parts.append(text[pos:].lower())
+        origin.extend(range(pos, len(text)))
+    return "".join(parts), origin
+
+
+class SecretMatcher:
+    """Finds secret values in text however they are spelled (see the module's docstring) and
+    replaces each occurrence with ``<redacted>``.
+
+    Values shorter than :data:`MIN_SECRET_LENGTH` (before or after folding) are ignored. The
+    repr never shows a value.
+    """
+
+    __slots__ = ("_needles",)
+
+    def __init__(self, values: Iterable[str]) -> None:
+        needles = {fold(v)[0] for v in values if len(v) >= MIN_SECRET_LENGTH}
+        # Longest first: of two overlapping matches the merged span covers both anyway.
+        self._needles = sorted(
+            (n for n in needles if len(n) >= MIN_SECRET_LENGTH), key=len, reverse=True
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._needles)
+
+    def __repr__(self) -> str:
+        return f"<SecretMatcher of {len(self._needles)} value(s)>"
+
+    def redact(self, text: str) -> str:
+        """*text* with every occurrence of a value replaced by ``<redacted>``."""
+        if not self._needles:
+            return text
+        folded, origin = fold(text)
+        spans: list[tuple[int, int]] = []
+        for needle in self._needles:
+            at = folded.find(needle)
+            while at != -1:
+                spans.append((at, at + len(needle)))
+                at = folded.find(needle, at + 1)
+        if not spans:
+            return text
+        spans.sort()
+        out: list[str] = []
+        pos = 0  # in text
+        start, end = spans[0]
+        for s, e in [*spans[1:], (len(folded) + 1, 0)]:
+            if s < end:  # overlaps the current span: extend it
+                end = max(end, e)
+                continue
+            # Back to the original: from the first character of the match to the last one.
+            a, b = (start, end) if origin is None else (origin[start], origin[end - 1] + 1)
+            out.append(text[pos:a])
+            out.append(REDACTED)
+            pos = b
+            start, end = s, e
+        out.append(text[pos:])
+        return "".join(out)
 
 
 class SecretError(Exception):
@@ -34,16 +140,14 @@ class Secret:
         return hmac.compare_digest(self._value.encode(), candidate.encode())
 
     def scrub(self, text: str) -> str:
-        """*text* with every occurrence of the value replaced by ``<redacted>``.
+        """*text* with every occurrence of the value, however spelled (upper-cased, split by
+        zero-width characters: :class:`SecretMatcher`), replaced by ``<redacted>``.
 
         For text that came from outside (an upstream's error message may echo the token it
-        refused) before it is kept or shown anywhere. Values shorter than 4 characters are not
-        scrubbed: no real token is that short, and replacing them would shred the text.
+        refused) before it is kept or shown anywhere. Values shorter than
+        :data:`MIN_SECRET_LENGTH` are not scrubbed.
         """
-        value = self._value
-        if len(value) < 4 or value not in text:
-            return text
-        return text.replace(value, REDACTED)
+        return SecretMatcher((self._value,)).redact(text)
 
     def __repr__(self) -> str:
         return f"Secret({REDACTED})"
