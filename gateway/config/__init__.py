@@ -10,7 +10,12 @@ from gateway.config._convert import (
     make_converter,
     structure_config,
 )
-from gateway.config._files import load_cluster_password, load_server_tls, load_subscriber_tokens
+from gateway.config._files import (
+    check_secret_files,
+    load_cluster_password,
+    load_server_tls,
+    load_subscriber_tokens,
+)
 from gateway.config._model import (
     DEFAULT_APPEND_QUEUE_BYTES,
     DEFAULT_BATCH_INTERVAL,
@@ -98,6 +103,7 @@ __all__ = [
     "TokenGrant",
     "UpstreamSection",
     "any_matches",
+    "check_secret_files",
     "config_to_dict",
     "expand_path",
     "lease_round_interval",

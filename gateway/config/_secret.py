@@ -18,6 +18,7 @@ import functools
 import hmac
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,18 +170,66 @@ def expand_path(path: Path) -> Path:
     return Path(os.path.expandvars(str(path)))
 
 
+#: Mode bits that let others than the owner change a file: a secret file with any is refused
+#: (whoever can write the subscriber or API token file can grant themselves access).
+_WRITABLE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
+
+
+def check_secret_mode(source: str, mode: int) -> str | None:
+    """Judge a secret file's permission bits (*source* names the file in messages).
+
+    Raises :class:`SecretError` when its group or every user may write it; returns a warning
+    when every user may read it (None: fine). Only the bits: a symlink is judged by the file
+    it points to (systemd credentials and mounted secrets are often links).
+    """
+    octal = f"{stat.S_IMODE(mode):04o}"
+    if mode & _WRITABLE_BY_OTHERS:
+        who = "every user" if mode & stat.S_IWOTH else "its group"
+        raise SecretError(
+            f"{source} is writable by {who} (mode {octal}): refused, a secret file must be "
+            "writable by its owner only (chmod go-w)"
+        )
+    if mode & stat.S_IROTH:
+        return f"{source} is readable by every user (mode {octal}): chmod o-r"
+    return None
+
+
+def read_secret_file(path: Path, source: str, *, limit: int | None = None) -> bytes:
+    """The bytes of the secret file *path* (expanded already), at most ``limit + 1`` of them.
+
+    The permission check (:func:`check_secret_mode`) is made on the opened file, so what is
+    read is what was checked. Raises :class:`SecretError` naming *source*, never the content.
+    """
+    try:
+        with path.open("rb") as f:
+            check_secret_mode(source, os.fstat(f.fileno()).st_mode)
+            return f.read() if limit is None else f.read(limit + 1)
+    except OSError as exc:
+        raise SecretError(f"cannot read {source}: {exc.strerror}") from None
+
+
+def secret_file_warning(path: Path, source: str) -> str | None:
+    """:func:`check_secret_mode` of the file *path* (expanded already) names, without reading
+    it; None when it does not exist or cannot be examined (reading it reports that)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return check_secret_mode(source, mode)
+
+
 def read_token_file(path: Path) -> Secret:
     """Read a one-token file (surrounding whitespace stripped; ``$VARS`` in the path expanded).
 
-    Raises :class:`SecretError` naming the file when it is missing, unreadable or empty.
+    Raises :class:`SecretError` naming the file when it is missing, unreadable, writable by
+    others than its owner, or empty.
     """
     path = expand_path(path)
+    source = f"token file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SecretError(f"cannot read token file {str(path)!r}: {exc.strerror}") from None
+        text = read_secret_file(path, source).decode("utf-8")
     except UnicodeDecodeError:
-        raise SecretError(f"token file {str(path)!r} is not UTF-8 text") from None
+        raise SecretError(f"{source} is not UTF-8 text") from None
     token = text.strip()
     if not token:
         raise SecretError(f"token file {str(path)!r} is empty")
@@ -198,10 +247,11 @@ def read_token_env(name: str) -> Secret:
 def read_token_list(path: Path) -> tuple[Secret, ...]:
     """Read a file of tokens, one per line; blank lines and ``#`` comments are skipped."""
     path = expand_path(path)
+    source = f"token file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SecretError(f"cannot read token file {str(path)!r}: {exc.strerror}") from None
+        text = read_secret_file(path, source).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretError(f"{source} is not UTF-8 text") from None
     tokens = tuple(
         Secret(line.strip())
         for line in text.splitlines()

@@ -28,6 +28,7 @@ import trio
 from gateway.config import (
     Config,
     ConfigError,
+    check_secret_files,
     load_config,
     load_server_tls,
     load_subscriber_tokens,
@@ -160,7 +161,8 @@ def _leaves(group: BaseExceptionGroup[ListenError]) -> list[ListenError]:
 
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
     """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
-    (the config file, the subscriber token file or the TLS certificate and key), 1 with one
+    (the config file, the subscriber token file or the TLS certificate and key, or a secret
+    file its group or every user may write), 1 with one
     error line when a listener cannot be opened (:class:`~gateway.listen.ListenError`: the
     address is in use, say).
 
@@ -169,6 +171,9 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
     """
     try:
         config = await trio.to_thread.run_sync(load_config, path)
+        # Every secret file that others may change is refused here, the vendor token's too
+        # (it is read later, on each connect attempt).
+        warnings = await trio.to_thread.run_sync(check_secret_files, config)
         # Read here too so a broken one is a clean exit 2 (the Gateway reads them again).
         await trio.to_thread.run_sync(load_subscriber_tokens, config)
         await trio.to_thread.run_sync(load_server_tls, config)
@@ -199,6 +204,8 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
 
     known[:] = await trio.to_thread.run_sync(read_token)
     configure(config)
+    for warning in warnings:
+        log.warning("%s", warning)
     # A file-size limit (LimitFSIZE=, ulimit -f) must make the recorder's write fail (EFBIG:
     # recording stops, reported), not kill the process with SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
