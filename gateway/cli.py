@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_config(path: Path) -> int:
     from gateway.config import (
         ConfigError,
+        check_secret_files,
         load_cluster_password,
         load_config,
         load_server_tls,
@@ -96,6 +97,8 @@ def _check_config(path: Path) -> int:
 
     try:
         config = load_config(path)
+        # Permissions only (the vendor token file is not read: it may come later).
+        warnings = check_secret_files(config)
         # Read at start and on every reload: check them before `systemctl reload`.
         tokens = load_subscriber_tokens(config)
         tls = load_server_tls(config)
@@ -105,6 +108,8 @@ def _check_config(path: Path) -> int:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    for warning in warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     access = "open" if tokens is None else f"{len(tokens)} token(s)"
     print(
         f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 #: Default seconds between two lines of one throttle.
@@ -50,9 +50,16 @@ class LogThrottle:
         """Events not logged since the last line that was."""
         return self._suppressed
 
-    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(
+        self,
+        level: int,
+        msg: str,
+        *args: object,
+        exc_info: bool = False,
+        extra: Mapping[str, object] | None = None,
+    ) -> bool:
         """Log ``msg % args`` at *level* unless a line passed less than *interval* ago
-        (*exc_info*: with the exception being handled, as ``logging`` does).
+        (*exc_info*, *extra*: as ``logging`` takes them).
 
         Returns True when the line was written.
         """
@@ -63,7 +70,7 @@ class LogThrottle:
         if self._suppressed:
             msg = f"{msg} (and %d more like it in the last %.0f s)"
             args = (*args, self._suppressed, self._interval)
-        self._logger.log(level, msg, *args, exc_info=exc_info)
+        self._logger.log(level, msg, *args, exc_info=exc_info, extra=extra)
         self._suppressed = 0
         self._next_at = now + self._interval
         return True

@@ -15,6 +15,7 @@ Rules for every test module here:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -57,3 +58,17 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
 def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     """A started redis-server without persistence, killed after the test."""
     return redis_factory()
+
+
+@pytest.fixture
+def root_restored() -> Iterator[None]:
+    """The root logger's handlers and level, and warnings capture, as they were before the test
+    (for tests that call ``configure_logging``)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)

@@ -7,16 +7,18 @@ port 0, real gateway, real subscribers; each test under ``trio.fail_after``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import trio_websocket
 
-from gateway.service import Gateway
+from gateway.service import Gateway, configure_logging
 from tests.conftest import TEST_TOKEN
 from tests.kit import (
     gateway_config,
@@ -27,6 +29,7 @@ from tests.kit import (
     stream_url,
     wait_until,
 )
+from tests.test_logging import SPELLING_NAMES, spellings, unfold
 
 FX = "hostile-1"
 Vendor = Callable[[trio_websocket.WebSocketConnection], Awaitable[None]]
@@ -135,3 +138,48 @@ async def test_a_token_echoed_upstream_reaches_no_api_and_no_subscriber(
     everything = body.decode() + "".join(seen) + repr(handle.status)
     assert TEST_TOKEN not in everything
     assert any("<redacted>" in m for m in seen)  # the subscribers were told, scrubbed
+
+
+@pytest.mark.usefixtures("root_restored")
+@pytest.mark.parametrize("spelled", spellings(TEST_TOKEN), ids=SPELLING_NAMES)
+async def test_a_token_echoed_in_another_spelling_reaches_no_api_log_or_subscriber(
+    tmp_path: Path, spelled: str
+) -> None:
+    """Scrubbing matched the exact text only: the token upper-cased or split by U+200B went into
+    ``detail``/``last_error``, three log lines and the subscribers' ``status`` messages (and
+    the log lines carried the raw U+200B and U+2028)."""
+    out = io.StringIO()
+    configure_logging(fmt="json", level="debug", stream=out, secrets=lambda: [TEST_TOKEN])
+
+    async def echo_token(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        text = f"Supplied token {spelled} could not be authenticated\u2028forged line"
+        await ws.send_message(orjson.dumps({"errorMessage": text}).decode())
+        await ws.aclose(1008)
+
+    with trio.fail_after(60):
+        async with hostile_vendor(tmp_path, echo_token) as gw:
+            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
+                await ws.send_message('{"op":"subscribe","feed":"tracking","fixture":"' + FX + '"}')
+                seen: list[str] = []
+                while not any("unauthorized" in m for m in seen):
+                    seen.append(str(await ws.get_message()))
+            handle = gw.supervisor.get("tracking", FX)
+            assert handle is not None
+            await wait_until(lambda: handle.status.last_error is not None)
+            status, body = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}"))
+            assert status == 200
+    answer = orjson.loads(body)
+    assert "Supplied token <redacted> could not be authenticated" in answer["detail"]
+    assert (
+        "Supplied token <redacted> could not be authenticated" in answer["upstream"]["last_error"]
+    )
+    logged = out.getvalue().splitlines()
+    assert any("<redacted>" in line for line in logged)
+    # Decoded (JSON escapes undone), so a token spelled with escapes would be found too.
+    sources: list[bytes | str] = [body, *seen, *logged]
+    texts = [orjson.loads(m) for m in sources]
+    everything = orjson.dumps(texts).decode() + repr(handle.status)
+    assert TEST_TOKEN.casefold() not in unfold(everything)
+    for line in logged:
+        assert line.isprintable(), repr(line)  # no raw U+200B, U+2028, ...

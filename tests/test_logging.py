@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
+import unicodedata
+from typing import Final
 
 import orjson
 import pytest
@@ -29,16 +30,7 @@ TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 log = logging.getLogger("gateway.upstream")
 
 
-@pytest.fixture(autouse=True)
-def root_restored() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
+pytestmark = pytest.mark.usefixtures("root_restored")
 
 
 def lines(out: io.StringIO) -> list[str]:
@@ -247,3 +239,81 @@ def test_control_characters_never_reach_the_line_raw(fmt: str) -> None:
     else:
         assert "evil\\x1b[2J\\x1b[31mred\\x07\\x9b1m\\x7fend\\rforged line\\nsecond" in line
         assert 'detail="evil\\x1b[2J' in line and " plain=ok" in line
+
+
+#: What :func:`spellings` returns, in order (test ids).
+SPELLING_NAMES: Final = ("upper", "zwsp", "word-joiner", "soft-hyphen", "bom-swapcase", "fullwidth")
+
+
+def spellings(token: str) -> list[str]:
+    """*token* as a hostile upstream may quote it: same characters, other code points."""
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in token)
+    return [
+        token.upper(),
+        "\u200b".join(token),  # zero-width space
+        "\u2060".join(token),  # word joiner
+        "\u00ad".join(token),  # soft hyphen
+        token[:5] + "\ufeff" + token[5:].swapcase(),  # BOM inside, mixed case
+        fullwidth,
+    ]
+
+
+def unfold(text: str) -> str:
+    """What a reader sees in *text*: format characters dropped, NFKC, case folded (written
+    independently of the gateway's matcher, to check it)."""
+    shown = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFKC", shown).casefold()
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_token_is_redacted_however_spelled(fmt: str) -> None:
+    """An upstream quoting the token upper-cased or split by U+200B once put it in log lines."""
+    out = io.StringIO()
+    configure_logging(fmt=fmt, level="info", stream=out, secrets=lambda: [TEST_TOKEN])  # type: ignore[arg-type]  # parametrized
+    for spelled in spellings(TEST_TOKEN):
+        log.warning("refused: x %s y", spelled, extra=fields(detail=f"a {spelled}!"))
+    text = out.getvalue()
+    assert TEST_TOKEN.casefold() not in unfold(text)
+    if fmt == "json":
+        for rec in json_lines(out):
+            # Exactly the token's characters went: the text around it is intact.
+            assert rec["msg"] == "refused: x <redacted> y" and rec["detail"] == "a <redacted>!"
+    else:
+        for line in lines(out):
+            assert line.endswith('refused: x <redacted> y detail="a <redacted>!"'), line
+
+
+def test_secret_scrub_covers_every_spelling_and_only_the_token() -> None:
+    secret = Secret(TEST_TOKEN)
+    for spelled in spellings(TEST_TOKEN):
+        assert secret.scrub(f"Supplied token {spelled}, try again") == (
+            "Supplied token <redacted>, try again"
+        )
+    assert secret.scrub("nothing here \u200b") == "nothing here \u200b"
+    # Overlapping and adjacent occurrences: each character of every occurrence is covered.
+    assert Secret("abab").scrub("xABABABy ab\u200babz") == "x<redacted>y <redacted>z"
+    assert Secret("ab").scrub("AB ab") == "AB ab"  # too short to be a token
+
+
+UNICODE_HOSTILE = "a\u200bb\u2028forged\u2029line\u202eevil\ufeff\U000e0041\ue000\u00a0end"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_nonprinting_characters_never_reach_the_line_raw(fmt: str) -> None:
+    """U+200B, U+2028 (a line break to some readers), bidi overrides, tag characters: escaped,
+    like the control characters."""
+    out = io.StringIO()
+    configure_logging(fmt=fmt, level="info", stream=out)  # type: ignore[arg-type]
+    log.warning("upstream said: %s", UNICODE_HOSTILE, extra=fields(detail=UNICODE_HOSTILE))
+    (line,) = lines(out)
+    assert line.isprintable(), repr(line)
+    if fmt == "json":
+        rec = orjson.loads(line)
+        assert rec["msg"] == f"upstream said: {UNICODE_HOSTILE}"
+        assert rec["detail"] == UNICODE_HOSTILE
+    else:
+        escaped = (
+            "a\\u200bb\\u2028forged\\u2029line\\u202eevil\\ufeff\\udb40\\udc41\\ue000\\u00a0end"
+        )
+        assert f"upstream said: {escaped} " in line
+        assert f'detail="{escaped}"' in line

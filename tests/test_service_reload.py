@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
+import os
+import re
+import signal
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
-from gateway.config import FixtureConfig, structure_config
+from gateway.config import Config, FixtureConfig, load_config, structure_config
 from gateway.model import FixtureState
-from gateway.service import Notifier, serve
+from gateway.service import RELOAD_LOG_INTERVAL, Notifier, serve
 from tests.kit import gateway_config, simulator_and_gateway, wait_until
+from tests.test_service_process import write_config
 
 
 async def test_apply_reconciles_configured_fixtures_only(tmp_path: Path) -> None:
@@ -87,3 +93,73 @@ async def test_serve_freezes_the_gc_only_when_asked(tmp_path: Path) -> None:
                     nursery.cancel_scope.cancel()
     finally:
         gc.unfreeze()
+
+
+async def test_a_sighup_storm_logs_a_few_lines_with_counts_and_applies_the_last_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """920 SIGHUPs in 10 s once gave 920 INFO lines. Now: every reload still happens (or is
+    coalesced by the signal receiver into the next), the last file is applied, and the lines
+    are throttled (a clock that does not move: one line), the next one carrying the count."""
+    (tmp_path / "token").write_text("t" * 8)
+    path = tmp_path / "gateway.toml"
+
+    def write(n: int) -> None:
+        # Atomically: a reload in progress must never read half a file.
+        tmp = tmp_path / "next.toml"
+        write_config(tmp, 1, [f"fx-{n}"])  # port 1: nothing listens, the runners back off
+        tmp.replace(path)
+
+    now = [0.0]
+    applied: list[Config] = []
+    write(0)
+    caplog.set_level(logging.INFO, logger="gateway")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            gw = await nursery.start(
+                functools.partial(
+                    serve,
+                    load_config(path),
+                    reload=lambda: load_config(path),
+                    on_reload=applied.append,
+                    notifier=Notifier(None),
+                    reload_log_clock=lambda: now[0],
+                )
+            )
+            # One at a time: 30 reloads, each waited for.
+            for n in range(1, 31):
+                write(n)
+                os.kill(os.getpid(), signal.SIGHUP)
+                await wait_until(functools.partial(lambda k: len(applied) == k, n))
+            # Then a storm: 200 signals without waiting; pending ones are coalesced.
+            for n in range(31, 231):
+                write(n)
+                os.kill(os.getpid(), signal.SIGHUP)
+                await trio.lowlevel.checkpoint()
+            await wait_until(lambda: gw.is_followed("tracking", "fx-230"))
+            assert len(applied) > 30  # the storm's reloads: at least one, at most 200
+
+            def reloaded() -> list[str]:
+                return [r.getMessage() for r in caplog.records if r.msg.startswith("reloaded")]
+
+            assert reloaded() == ["reloaded: added ['tracking/fx-1'], removed ['tracking/fx-0']"]
+            first = next(r for r in caplog.records if r.msg.startswith("reloaded"))
+            assert vars(first)["fields"]["added"] == ["tracking/fx-1"]  # still structured
+            # A moment later (for the throttle) one more: its line counts the suppressed ones.
+            now[0] += RELOAD_LOG_INTERVAL
+            write(999)
+            os.kill(os.getpid(), signal.SIGHUP)
+            await wait_until(lambda: gw.is_followed("tracking", "fx-999"))
+            await wait_until(lambda: len(reloaded()) == 2)
+            # (Its reload may be one the storm left pending: what it added can vary, the count
+            # cannot be less than the 29 + 1 suppressed before it.)
+            counted = re.fullmatch(
+                r"reloaded: added .*, removed .* \(and (\d+) more like it in the last 1 s\)",
+                reloaded()[1],
+            )
+            assert counted is not None, reloaded()
+            assert 30 <= int(counted[1]) <= len(applied) - 2
+            ever = [f"fx-{n}" for n in (*range(231), 999)]
+            assert [fx for fx in ever if gw.is_followed("tracking", fx)] == ["fx-999"]
+            assert len(reloaded()) == 2  # any reload still pending is counted, not logged
+            nursery.cancel_scope.cancel()

@@ -10,7 +10,12 @@ from gateway.config._convert import (
     make_converter,
     structure_config,
 )
-from gateway.config._files import load_cluster_password, load_server_tls, load_subscriber_tokens
+from gateway.config._files import (
+    check_secret_files,
+    load_cluster_password,
+    load_server_tls,
+    load_subscriber_tokens,
+)
 from gateway.config._model import (
     DEFAULT_APPEND_QUEUE_BYTES,
     DEFAULT_BATCH_INTERVAL,
@@ -44,9 +49,11 @@ from gateway.config._model import (
     lease_validity,
 )
 from gateway.config._secret import (
+    MIN_SECRET_LENGTH,
     REDACTED,
     Secret,
     SecretError,
+    SecretMatcher,
     any_matches,
     expand_path,
     read_token_file,
@@ -74,6 +81,7 @@ __all__ = [
     "DEFAULT_STREAM_MAXLEN",
     "MAX_ROUND_INTERVAL",
     "MAX_WRITE_DELAY_MS",
+    "MIN_SECRET_LENGTH",
     "REDACTED",
     "ApiSection",
     "ClusterSection",
@@ -88,12 +96,14 @@ __all__ = [
     "RecorderSection",
     "Secret",
     "SecretError",
+    "SecretMatcher",
     "SlowPolicy",
     "SubscriberTokens",
     "SubscribersSection",
     "TokenGrant",
     "UpstreamSection",
     "any_matches",
+    "check_secret_files",
     "config_to_dict",
     "expand_path",
     "lease_round_interval",

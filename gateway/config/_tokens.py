@@ -21,7 +21,7 @@ from typing import Final
 
 import attrs
 
-from gateway.config._secret import Secret, SecretError, expand_path
+from gateway.config._secret import Secret, SecretError, expand_path, read_secret_file
 
 #: What a token may be made of: printable ASCII without spaces (it travels in HTTP headers).
 _TOKEN_CHARS: Final = re.compile(r"^[\x21-\x7e]+$")
@@ -129,11 +129,7 @@ def read_subscriber_tokens(path: Path, *, feeds: Iterable[str] | None = None) ->
     """
     path = expand_path(path)
     source = f"token file {str(path)!r}"
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as exc:
-        raise SecretError(f"cannot read {source}: {exc.strerror}") from None
+    data = read_secret_file(path, source, limit=MAX_TOKEN_FILE_BYTES)
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise SecretError(f"{source} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
     try:

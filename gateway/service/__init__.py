@@ -3,7 +3,7 @@
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway, RecordedTopic
-from gateway.service._lifecycle import run_from_config_path, serve
+from gateway.service._lifecycle import RELOAD_LOG_INTERVAL, run_from_config_path, serve
 from gateway.service._logging import (
     GatewayLogHandler,
     LogFormat,
@@ -15,6 +15,7 @@ from gateway.service._notify import Notifier, encode_fields
 from gateway.service._slowsteps import SlowStepLog, instruments_from_env
 
 __all__ = [
+    "RELOAD_LOG_INTERVAL",
     "Bound",
     "FixtureBook",
     "Gateway",

@@ -8,7 +8,11 @@ Everything the process runs lives under the nursery opened in :func:`serve`:
   thread, like the first read: file I/O stays off the event loop); a config or token file with
   errors is refused (errors logged, the running config and tokens kept); otherwise added
   fixtures start, removed ones stop, unchanged ones stay connected and new subscribers
-  authenticate with the new tokens. ``READY=1`` afterwards either way.
+  authenticate with the new tokens. ``READY=1`` afterwards either way. Reloads run one at a
+  time; SIGHUPs that arrive during one are coalesced by trio's signal receiver into one more
+  reload after it (which reads the files as they are then). Each kind of reload line (done,
+  refused, needs a restart) is logged at most once per ``RELOAD_LOG_INTERVAL``, the next one
+  saying how many were suppressed: a SIGHUP storm cannot flood the journal.
 - sd_notify: ``READY=1`` only after both listeners are bound; ``STATUS=`` kept current;
   ``WATCHDOG=1`` from a trio task, so only while the event loop is responsive. The notifier is
   closed on every way out of :func:`serve`: a clean stop, a failed start, a cancellation.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
@@ -28,6 +33,7 @@ import trio
 from gateway.config import (
     Config,
     ConfigError,
+    check_secret_files,
     load_config,
     load_server_tls,
     load_subscriber_tokens,
@@ -37,10 +43,14 @@ from gateway.recorder import Recorder
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._logging import LogFormat, configure_logging, fields
 from gateway.service._notify import Notifier
+from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway")
 
 STATUS_INTERVAL: Final = 5.0
+#: Seconds between two log lines of one kind of reload outcome (the rest are counted): short,
+#: so that an operator's reloads a few seconds apart each get their line.
+RELOAD_LOG_INTERVAL: Final = 1.0
 TOKEN_RECHECK: Final = 1.0
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
@@ -52,6 +62,7 @@ async def serve(
     on_reload: Callable[[Config], None] | None = None,
     notifier: Notifier | None = None,
     freeze_gc: bool = False,
+    reload_log_clock: Callable[[], float] = time.monotonic,
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a gateway until SIGTERM/SIGINT, then drain and return.
@@ -65,8 +76,11 @@ async def serve(
     object that exists - modules, routes, config - out of the cyclic garbage collector's sight
     (:func:`gc.freeze`). Its full collections then scan only what the running gateway makes;
     before, they scanned every imported module and were the paced benchmark's latency tail.
+
+    *reload_log_clock*: the clock of the reload lines' throttle (injectable for tests).
     """
     notifier = notifier or Notifier.from_environ()
+    reload_log = _ReloadLog(reload_log_clock)
     try:
         with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
@@ -86,7 +100,7 @@ async def serve(
                 task_status.started(gateway)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await _reload(gateway, reload, on_reload, notifier)
+                        await _reload(gateway, reload, on_reload, notifier, reload_log)
                         continue
                     log.info("%s: draining", signal.Signals(signum).name)
                     break
@@ -102,14 +116,28 @@ async def serve(
     log.info("stopped")
 
 
+class _ReloadLog:
+    """One throttle per kind of reload line, so a storm of refusals cannot hide a success."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        def throttle() -> LogThrottle:
+            return LogThrottle(log, interval=RELOAD_LOG_INTERVAL, clock=clock)
+
+        self.done = throttle()
+        self.refused = throttle()
+        self.restart = throttle()
+        self.ignored = throttle()
+
+
 async def _reload(
     gateway: Gateway,
     reload: Callable[[], Config] | None,
     on_reload: Callable[[Config], None] | None,
     notifier: Notifier,
+    lines: _ReloadLog,
 ) -> None:
     if reload is None:
-        log.warning("SIGHUP: no config file to reload")
+        lines.ignored.warning("SIGHUP: no config file to reload")
         return
     await notifier.reloading()
     try:
@@ -117,24 +145,31 @@ async def _reload(
         tokens = await trio.to_thread.run_sync(load_subscriber_tokens, new)
         changes = gateway.apply(new, tokens=tokens)
     except ConfigError as exc:
-        log.error("reload refused, keeping the running config: %s", "; ".join(exc.errors))
+        lines.refused.log(
+            logging.ERROR,
+            "reload refused, keeping the running config: %s",
+            "; ".join(exc.errors),
+        )
     except Exception as exc:
         # Whatever reading the file raised, the service runs on: a reload never takes it down.
         # The type only: the text of an arbitrary exception could quote the file.
-        log.error(
-            "reload refused, keeping the running config: cannot read it (%s)", type(exc).__name__
+        lines.refused.log(
+            logging.ERROR,
+            "reload refused, keeping the running config: cannot read it (%s)",
+            type(exc).__name__,
         )
     else:
         if on_reload is not None:
             on_reload(new)
-        log.info(
+        lines.done.log(
+            logging.INFO,
             "reloaded: added %s, removed %s",
             changes["added"] or "nothing",
             changes["removed"] or "nothing",
             extra=fields(**changes),
         )
         if changes["needs_restart"] or changes["skipped"]:
-            log.warning(
+            lines.restart.warning(
                 "reload: changed sections %s and fixtures %s need a restart to take effect",
                 changes["needs_restart"],
                 changes["skipped"],
@@ -163,8 +198,8 @@ def _leaves(group: BaseExceptionGroup[_E]) -> list[_E]:
 
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
     """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
-    (the config file, the subscriber token file, the TLS certificate and key, a ``[recorder]
-    dir`` that is a symlink), 1 with one
+    (the config file, the subscriber token file, the TLS certificate and key, a secret file
+    its group or every user may write, a ``[recorder] dir`` that is a symlink), 1 with one
     error line when a listener cannot be opened (:class:`~gateway.listen.ListenError`: the
     address is in use, say).
 
@@ -173,6 +208,9 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
     """
     try:
         config = await trio.to_thread.run_sync(load_config, path)
+        # Every secret file that others may change is refused here, the vendor token's too
+        # (it is read later, on each connect attempt).
+        warnings = await trio.to_thread.run_sync(check_secret_files, config)
         # Read here too so a broken one is a clean exit 2 (the Gateway reads them again).
         await trio.to_thread.run_sync(load_subscriber_tokens, config)
         await trio.to_thread.run_sync(load_server_tls, config)
@@ -203,6 +241,8 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
 
     known[:] = await trio.to_thread.run_sync(read_token)
     configure(config)
+    for warning in warnings:
+        log.warning("%s", warning)
     # A file-size limit (LimitFSIZE=, ulimit -f) must make the recorder's write fail (EFBIG:
     # recording stops, reported), not kill the process with SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

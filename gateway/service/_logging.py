@@ -20,8 +20,17 @@ Structured fields travel in ``extra`` under one key, built by :func:`fields`::
 Secrets: as defence in depth (the token is a :class:`~gateway.config.Secret` and should never
 reach a log call), every rendered line is searched for the current secret values, taken from the
 ``secrets`` callable on every record so a rotated token is covered, and each occurrence is
-replaced by ``<redacted>``. Recently seen values stay redacted after rotation. A failing
-``secrets`` callable never breaks logging: the values already known keep being redacted.
+replaced by ``<redacted>`` - however spelled: upper-cased, split by zero-width characters, in
+full-width letters (:class:`~gateway.config.SecretMatcher`, the matcher ``Secret.scrub`` uses).
+Recently seen values stay redacted after rotation. A failing ``secrets`` callable never breaks
+logging: the values already known keep being redacted.
+
+Non-printing characters: control characters are escaped by the formatters; after redaction
+every other character :meth:`str.isprintable` refuses (format characters such as U+200B, line
+and paragraph separators U+2028/U+2029, private-use, unassigned and surrogate code points,
+spaces other than U+0020) is written as a ``\\uXXXX`` escape, so nothing invisible or
+line-breaking from upstream text or client input reaches a line raw. (Redaction comes first:
+the matcher must see a token split by U+200B as it was, not as escape sequences.)
 
 Errors: a record that cannot be rendered (bad ``%`` arguments, an unserialisable field) still
 produces a line saying so, never an exception in the caller; the stdlib's "--- Logging error ---"
@@ -38,7 +47,7 @@ from typing import Final, Literal, TextIO
 
 import orjson
 
-from gateway.config import REDACTED, Secret
+from gateway.config import MIN_SECRET_LENGTH, Secret, SecretMatcher
 
 LogFormat = Literal["json", "text"]
 SecretsSource = Callable[[], Iterable[str | Secret]]
@@ -47,9 +56,6 @@ SecretsSource = Callable[[], Iterable[str | Secret]]
 FIELDS_ATTR: Final = "fields"
 #: How many distinct secret values stay redacted (current one plus recently rotated ones).
 DEFAULT_REMEMBERED_SECRETS: Final = 8
-#: Shorter values are not redacted: replacing a 1-3 character string would shred every line,
-#: and no real token is that short.
-MIN_SECRET_LENGTH: Final = 4
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -139,7 +145,7 @@ _JSON_C1: Final = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 def _text_value(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
-    if text and _NEEDS_QUOTES.isdisjoint(text):
+    if text and _NEEDS_QUOTES.isdisjoint(text) and text.isprintable():
         return text
     # Quoted, with every control character escaped: the value can neither make the line
     # ambiguous nor split it nor reach a terminal raw.
@@ -149,6 +155,27 @@ def _text_value(value: object) -> str:
 def _escape_newlines(text: str) -> str:
     """The message: every control character (newlines included) escaped."""
     return text.translate(_CONTROLS)
+
+
+def _unicode_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    # Beyond the BMP (tag characters U+E0001..., private use): a UTF-16 surrogate pair, the
+    # only way JSON can escape it; the text format writes the same.
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def escape_nonprinting(line: str) -> str:
+    """*line* with every character :meth:`str.isprintable` refuses written as ``\\uXXXX``.
+
+    Runs on every rendered line, after redaction: an ASCII line (nearly all) costs one
+    ``str.isascii`` (its control characters are escaped by the formatters already).
+    """
+    if line.isascii() or line.isprintable():
+        return line
+    return "".join(ch if ch.isprintable() else _unicode_escape(ch) for ch in line)
 
 
 class TextFormatter(_Base):
@@ -175,7 +202,8 @@ class SecretRedactor:
 
     ``source`` is called on every :meth:`refresh`; values it returned recently (up to
     *remember*) stay known after they disappear from it, so a token rotated a moment ago is
-    still covered. Both the raw value and its JSON-escaped form are replaced.
+    still covered. Both the raw value and its JSON-escaped form are replaced, each however
+    spelled (:class:`~gateway.config.SecretMatcher`).
     """
 
     def __init__(
@@ -184,7 +212,7 @@ class SecretRedactor:
         self._source = source
         self._remember = remember
         self._known: list[str] = []  # most recent first
-        self._patterns: list[str] = []
+        self._matcher = SecretMatcher(())
 
     def refresh(self) -> None:
         if self._source is None:
@@ -215,14 +243,10 @@ class SecretRedactor:
             for value in known:
                 patterns.add(value)
                 patterns.add(orjson.dumps(value).decode()[1:-1])
-            # Longest first, so a secret containing another is replaced whole.
-            self._patterns = sorted(patterns, key=len, reverse=True)
+            self._matcher = SecretMatcher(patterns)
 
     def __call__(self, text: str) -> str:
-        for pattern in self._patterns:
-            if pattern in text:
-                text = text.replace(pattern, REDACTED)
-        return text
+        return self._matcher.redact(text)
 
 
 class GatewayLogHandler(logging.StreamHandler[TextIO]):
@@ -241,7 +265,7 @@ class GatewayLogHandler(logging.StreamHandler[TextIO]):
                 f"{_timestamp(record)} ERROR gateway.logging cannot render a record from "
                 f"{record.name}: {type(exc).__name__}"
             )
-        return self.redactor(line)
+        return escape_nonprinting(self.redactor(line))
 
     def handleError(self, record: logging.LogRecord) -> None:
         # The stdlib version prints the record's message and arguments to stderr: a leak path.
@@ -251,7 +275,7 @@ class GatewayLogHandler(logging.StreamHandler[TextIO]):
         note = f"logging error in {record.name}: {type(exc).__name__}: {exc}\n"
         try:
             if sys.__stderr__ is not None:
-                sys.__stderr__.write(self.redactor(note))
+                sys.__stderr__.write(escape_nonprinting(self.redactor(note)))
         except Exception:
             pass  # nowhere left to report to
 
