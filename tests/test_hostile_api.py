@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -39,7 +40,7 @@ from gateway.controlplane import (
     SubscriberView,
     render_list,
 )
-from tests.kit import simulator_and_gateway, stream_url
+from tests.kit import simulator_and_gateway, stream_url, wait_until
 from tests.memory_target import MemoryTarget
 from tests.test_controlplane import Client, assert_error, make_config, samples, serving
 from tests.test_dataplane import RawClient, subscribe
@@ -304,6 +305,7 @@ class HeldDownloads(MemoryTarget):
 
 
 RECORDING = "/v1/fixtures/soccer/123/recording"
+RECORDED = "/v1/fixtures/tracking/1/recording"
 
 
 @pytest.fixture
@@ -314,44 +316,53 @@ def recorded(tmp_path: Path) -> MemoryTarget:
     return target
 
 
+@asynccontextmanager
+async def recording_gateway(tmp_path: Path) -> AsyncIterator[ListenAddress]:
+    """A gateway recording the simulator's tracking fixture ``1``, once 3 frames are on
+    disk: its HTTP address."""
+    recorder = {"dir": str(tmp_path / "recordings")}
+    async with simulator_and_gateway(tmp_path, [("tracking", "1")], recorder=recorder) as (
+        _,
+        gw,
+    ):
+        assert gw.recorder is not None and gw.bound is not None
+        log = gw.recorder.get("tracking", "1")
+        await wait_until(lambda: log is not None and log.written_seq >= 3)
+        yield gw.bound.http
+
+
 # -- 4: a download ends its connection; downloads at once are limited ----------------------------
 
 
-async def test_a_download_with_connection_close_is_closed_after_its_body(
-    tmp_path: Path, recorded: MemoryTarget
-) -> None:
+async def test_a_download_with_connection_close_is_closed_after_its_body(tmp_path: Path) -> None:
     """The connection used to stay open for ever (500 such downloads held 500 fds)."""
-    async with serving(make_config(tmp_path), recorded) as (client, _):
-        assert (await client.get("/healthz")).status == 200
-        with trio.fail_after(TIMEOUT):
-            async with await _connect(client.address) as stream:
-                await stream.send_all(_get(RECORDING + "?limit=1", "connection: close"))
-                responses = _Responses(stream)
-                status, headers, body = await responses.next()
-                assert (status, headers["content-type"]) == (200, "application/x-ndjson")
-                assert body.count(b"\n") == 1
-                await responses.wait_eof()
+    with trio.fail_after(TIMEOUT):
+        async with recording_gateway(tmp_path) as address, await _connect(address) as stream:
+            await stream.send_all(_get(RECORDED + "?limit=1", "connection: close"))
+            responses = _Responses(stream)
+            status, headers, body = await responses.next()
+            assert (status, headers["content-type"]) == (200, "application/x-ndjson")
+            assert body.count(b"\n") == 1
+            await responses.wait_eof()
 
 
 async def test_after_a_download_the_connection_is_reused_then_closed_when_idle(
-    tmp_path: Path, recorded: MemoryTarget
+    tmp_path: Path,
 ) -> None:
-    """Keep-alive: a request after the download is answered (it used to hang), and the idle
-    connection is then closed by the keep-alive timeout (it used to stay open for ever)."""
-    async with serving(make_config(tmp_path), recorded) as (client, _):
-        assert (await client.get("/healthz")).status == 200
-        with trio.fail_after(TIMEOUT):
-            async with await _connect(client.address) as stream:
-                responses = _Responses(stream)
-                await stream.send_all(_get(RECORDING))
-                status, _, body = await responses.next()
-                assert (status, body.count(b"\n")) == (200, 3)
-                await stream.send_all(_get("/healthz"))
-                assert (await responses.next())[0] == 200
-                start = trio.current_time()
-                await responses.wait_eof()
-                # Closed by the idle timeout (5 s), not at once: keep-alive still works.
-                assert trio.current_time() - start >= GRACE
+    """Keep-alive: a request after the download is answered, and the idle connection is then
+    closed by the keep-alive timeout (it used to stay open for ever)."""
+    with trio.fail_after(TIMEOUT):
+        async with recording_gateway(tmp_path) as address, await _connect(address) as stream:
+            responses = _Responses(stream)
+            await stream.send_all(_get(RECORDED + "?limit=2"))
+            status, _, body = await responses.next()
+            assert (status, body.count(b"\n")) == (200, 2)
+            await stream.send_all(_get("/healthz"))
+            assert (await responses.next())[0] == 200
+            start = trio.current_time()
+            await responses.wait_eof()
+            # Closed by the idle timeout (5 s), not at once: keep-alive still works.
+            assert trio.current_time() - start >= GRACE
 
 
 async def test_downloads_past_the_limits_are_refused_429_per_client_and_503_overall(
@@ -446,25 +457,21 @@ async def test_an_http2_preface_is_answered_505_and_closed(tmp_path: Path) -> No
         assert b"\r\nconnection: close\r\n" in got
 
 
-async def test_20_pipelined_requests_are_answered_in_order(
-    tmp_path: Path, recorded: MemoryTarget
-) -> None:
-    """Written at once on one connection, a recording download among them: every one is
+async def test_20_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
+    """Written at once on one connection, recording downloads among them: every one is
     answered, in order (requests behind a download used to wait for ever)."""
     routes = [
         ("/healthz", 200, "application/json"),
-        ("/v1/fixtures/soccer/123", 200, "application/json"),
-        (RECORDING + "?limit=2", 200, "application/x-ndjson"),
-        ("/v1/fixtures/soccer/404", 404, "application/json"),
+        ("/v1/fixtures/tracking/1", 200, "application/json"),
+        (RECORDED + "?limit=2", 200, "application/x-ndjson"),
+        ("/v1/fixtures/tracking/404", 404, "application/json"),
         ("/metrics", 200, "text/plain; version=0.0.4; charset=utf-8"),
     ]
     requests = [routes[i % len(routes)] for i in range(20)]
-    async with serving(make_config(tmp_path), recorded) as (client, _):
-        assert (await client.get("/healthz")).status == 200
-        with trio.fail_after(TIMEOUT):
-            async with await _connect(client.address) as stream:
-                await stream.send_all(b"".join(_get(path) for path, _, _ in requests))
-                responses = _Responses(stream)
-                for path, status, content_type in requests:
-                    got, headers, _ = await responses.next()
-                    assert (got, headers["content-type"]) == (status, content_type), path
+    with trio.fail_after(TIMEOUT):
+        async with recording_gateway(tmp_path) as address, await _connect(address) as stream:
+            await stream.send_all(b"".join(_get(path) for path, _, _ in requests))
+            responses = _Responses(stream)
+            for path, status, content_type in requests:
+                got, headers, _ = await responses.next()
+                assert (got, headers["content-type"]) == (status, content_type), path
