@@ -10,7 +10,8 @@ Covers, each found by a hostile-input probe:
   behind it are answered), and downloads at once are limited per client address (429) and
   overall (503), with ``Retry-After``, counted in ``dde_api_downloads_refused_total``;
 - 5: HTTP/2 is off: an ``Upgrade: h2c`` request is answered in HTTP/1.1 (no 101), the HTTP/2
-  preface is answered 505 and closed; 20 pipelined HTTP/1.1 requests are answered in order.
+  preface is answered 505 and closed; 20 pipelined HTTP/1.1 requests, the first asking for
+  h2c, are all answered in order (the upgrade used to leave all but the first unanswered).
 
 Rules: real sockets on 127.0.0.1 port 0 (against the simulator where upstream is involved),
 real time, ``trio.fail_after`` everywhere, progress driven by the server's answers (never a
@@ -421,19 +422,20 @@ async def test_downloads_past_the_limits_are_refused_429_per_client_and_503_over
 # -- 5: HTTP/1.1 only; pipelined requests answered in order --------------------------------------
 
 
+#: The headers of an h2c upgrade request (RFC 7540 section 3.2).
+H2C_UPGRADE = (
+    "connection: Upgrade, HTTP2-Settings",
+    "upgrade: h2c",
+    "http2-settings: AAMAAABkAARAAAAAAAIAAAAA",
+)
+
+
 async def test_an_h2c_upgrade_is_answered_in_http_1_1(tmp_path: Path) -> None:
     async with serving(make_config(tmp_path)) as (client, _):
         assert (await client.get("/healthz")).status == 200
         with trio.fail_after(TIMEOUT):
             async with await _connect(client.address) as stream:
-                await stream.send_all(
-                    _get(
-                        "/v1/status",
-                        "connection: Upgrade, HTTP2-Settings",
-                        "upgrade: h2c",
-                        "http2-settings: AAMAAABkAARAAAAAAAIAAAAA",
-                    )
-                )
+                await stream.send_all(_get("/v1/status", *H2C_UPGRADE))
                 responses = _Responses(stream)
                 status, headers, body = await responses.next()  # h11 refuses a 101 here
                 assert (status, orjson.loads(body)["version"]) == (200, "9.9.9")
@@ -461,9 +463,10 @@ async def test_an_http2_preface_is_answered_505_and_closed(tmp_path: Path) -> No
 
 
 async def test_20_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
-    """Written at once on one connection, recording downloads among them: every one is
-    answered, in order (so it was before this change too: the probe's one slow answer in 100
-    did not reproduce; this pins the behaviour)."""
+    """Written at once on one connection, the first asking for an h2c upgrade and recording
+    downloads among them: every one is answered in HTTP/1.1, in order. The upgrade used to
+    be answered 101 and the connection switched to HTTP/2: only 1 of the requests was answered
+    (the probe: 1 of 100)."""
     routes = [
         ("/healthz", 200, "application/json"),
         ("/v1/fixtures/tracking/1", 200, "application/json"),
@@ -472,9 +475,12 @@ async def test_20_pipelined_requests_are_answered_in_order(tmp_path: Path) -> No
         ("/metrics", 200, "text/plain; version=0.0.4; charset=utf-8"),
     ]
     requests = [routes[i % len(routes)] for i in range(20)]
+    pipeline = _get(requests[0][0], *H2C_UPGRADE) + b"".join(
+        _get(path) for path, _, _ in requests[1:]
+    )
     with trio.fail_after(TIMEOUT):
         async with recording_gateway(tmp_path) as address, await _connect(address) as stream:
-            await stream.send_all(b"".join(_get(path) for path, _, _ in requests))
+            await stream.send_all(pipeline)
             responses = _Responses(stream)
             for path, status, content_type in requests:
                 got, headers, _ = await responses.next()
