@@ -24,7 +24,6 @@ import gc
 import logging
 import os
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -36,7 +35,7 @@ from trio_websocket import open_websocket_url
 from gateway.config import SlowPolicy
 from gateway.dataplane import EVENTS_PER_TURN, Connection
 from gateway.wire import OP_PING, OP_PONG, OP_TEXT, mask_frame
-from tests.kit import wait_until
+from tests.kit import StepWatch, wait_until
 from tests.test_dataplane import RawClient, make_config, recv_type, serving, subscribe
 
 QUEUE_BYTES = 64 * 1024
@@ -384,21 +383,6 @@ async def test_frame_flood_is_closed_1008_and_others_keep_receiving(opcode: int)
                 assert 900 <= len(texts) < 5000
 
 
-class _StepWatch(trio.abc.Instrument):
-    """The most a *counter* grew during one task step: work done without yielding."""
-
-    def __init__(self, counter: Callable[[], int]) -> None:
-        self.counter = counter
-        self.worst = 0
-        self._at = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._at = self.counter()
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.worst = max(self.worst, self.counter() - self._at)
-
-
 async def test_reader_yields_every_few_frames() -> None:
     """Before: one 64 KiB read of empty frames (~10,900 of them) was handled in one task step
     (10,000 frames: a 385 ms stall for everyone). Counted in task steps, not seconds."""
@@ -418,7 +402,7 @@ async def test_reader_yields_every_few_frames() -> None:
                 on_text(text)
 
             handler.on_text = counting  # type: ignore[method-assign]
-            watch = _StepWatch(lambda: handled)
+            watch = StepWatch(lambda: handled)
             trio.lowlevel.add_instrument(watch)
             try:
                 async with trio.open_nursery() as nursery:

@@ -340,5 +340,7 @@ class ControlTarget(Protocol):
         self, feed: str, fixture: str, after: int, limit: int | None
     ) -> AsyncIterator[bytes] | None:
         """The record lines of a fixture after seq *after* (at most *limit*), verbatim, as
-        chunks read off the event loop; None when the fixture has no recording."""
+        chunks read off the event loop; None when the fixture has no recording. Nothing is
+        opened or read before the first chunk is asked for (the API may drop the iterator
+        unread when the download limits refuse it)."""
         ...
