@@ -167,6 +167,23 @@ async def wait_until(
             await trio.sleep(interval)
 
 
+class StepWatch(trio.abc.Instrument):
+    """The most a *counter* grew during one task step: work done without yielding (a count of
+    items handled, or CPU time: ``lambda: time.thread_time_ns()``)."""
+
+    def __init__(self, counter: Callable[[], int]) -> None:
+        self.counter = counter
+        self.worst = 0
+        # The task that adds the instrument ends its step without having begun it here.
+        self._at = counter()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._at = self.counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.worst = max(self.worst, self.counter() - self._at)
+
+
 async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """A plain HTTP GET in a worker thread (urllib), returning (status, body)."""
 

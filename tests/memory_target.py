@@ -27,7 +27,7 @@ from gateway.controlplane import (
     SubscriberView,
     Totals,
 )
-from gateway.dataplane import STREAM_PATH
+from gateway.dataplane import STREAM_PATH, subscriber_order
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 
@@ -155,8 +155,13 @@ class MemoryTarget:
         followed = self._fixtures.get((feed, fixture))
         return None if followed is None else followed.latest
 
-    def subscriber_views(self) -> list[SubscriberView]:
-        return list(self._subscribers.values())
+    def subscriber_views(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[SubscriberView]:
+        views = sorted(self._subscribers.values(), key=lambda v: subscriber_order(v.id))
+        if after is not None:
+            views = [v for v in views if subscriber_order(v.id) > subscriber_order(after)]
+        return views if limit is None else views[:limit]
 
     def stream_endpoint(self) -> StreamEndpoint | None:
         return self.stream

@@ -61,6 +61,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.subscribers.queue_bytes == 4 * 1024 * 1024
     assert cfg.subscribers.max_client_frames_per_second == 100.0
     assert cfg.subscribers.client_frame_burst == 1000
+    assert (cfg.api.max_downloads, cfg.api.max_downloads_per_client) == (16, 4)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +105,8 @@ def test_minimal_config_gets_defaults() -> None:
             {"feeds": {"t": {"kind": "tracking", "url": "ws://h/t", "max_on_demand": "5"}}},
             "$.feeds['t'].max_on_demand",
         ),
+        ({"api": {"max_downloads": 0}}, "'max_downloads' must be >= 1: 0 @ $.api"),
+        ({"api": {"max_downloads_per_client": "4"}}, "$.api.max_downloads_per_client"),
     ],
 )
 def test_type_and_key_errors_name_their_path(patch: dict[str, Any], expected: str) -> None:

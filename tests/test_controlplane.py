@@ -548,7 +548,9 @@ async def test_unknown_route_and_wrong_method_are_json(tmp_path: Path) -> None:
 
 async def test_facade_error_is_a_json_500_and_the_server_survives(tmp_path: Path) -> None:
     class Broken(MemoryTarget):
-        def subscriber_views(self) -> list[SubscriberView]:
+        def subscriber_views(
+            self, after: str | None = None, limit: int | None = None
+        ) -> list[SubscriberView]:
             raise RuntimeError("facade bug")
 
     config = make_config(tmp_path)
@@ -841,9 +843,17 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert {labels for name, labels in got if name == auth} == {
             (("endpoint", e),) for e in AUTH_ENDPOINTS
         }
-        # Only feed, state, endpoint and le labels: fixture ids, subscribers, peers and tokens
-        # would be unbounded.
-        assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "endpoint", "le"}
+        # Recording downloads: none now, both refusal limits present (zeros included).
+        assert got[("dde_api_downloads", ())] == 0
+        refused = "dde_api_downloads_refused_total"
+        assert {labels: got[(name, labels)] for name, labels in got if name == refused} == {
+            (("limit", "client"),): 0,
+            (("limit", "overall"),): 0,
+        }
+        # Only feed, state, endpoint, limit and le labels: fixture ids, subscribers, peers and
+        # tokens would be unbounded.
+        allowed = {"feed", "state", "endpoint", "limit", "le"}
+        assert {k for _, labels in got for k, _ in labels} <= allowed
 
         # An unfollowed fixture's frames stay counted: counters never go down.
         target.unfollow("soccer", "123")

@@ -127,6 +127,10 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = 
 QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str], int]] = [
     (RECORDING, "GET", _fx(FX), {"after": 0, "limit": 2}, READ, 200),
     (RECORDING, "GET", _fx(FX), {"limit": 0}, READ, 400),
+    ("/v1/fixtures", "GET", {}, {"limit": 1}, READ, 200),
+    ("/v1/fixtures", "GET", {}, {"after": "tracking"}, READ, 400),
+    ("/v1/recordings", "GET", {}, {"limit": 1001}, READ, 400),
+    ("/v1/subscribers", "GET", {}, {"limit": 0}, READ, 400),
 ]
 
 
@@ -161,8 +165,12 @@ def _run_cases(base_url: str, gw: Gateway) -> tuple[set[tuple[str, str, int]], d
             case.validate_response(response, headers=headers)
             assert response.status_code == status, (path, method, query, response.text)
             seen.add((path, method, status))
-            if status == 200:
+            if status == 200 and path == RECORDING:
                 bodies["limit=2"] = response.text
+            elif status == 200:  # a page of one fixture of several, and the link to the next
+                assert len(response.json()) == query["limit"]
+                (link,) = response.headers["link"]  # schemathesis: every value of a header
+                assert link.endswith('; rel="next"')
     return seen, bodies
 
 
@@ -234,7 +242,13 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
     inf = got[("dde_fanout_latency_seconds_bucket", (("le", "+Inf"),))]
     assert inf == got[("dde_fanout_latency_seconds_count", ())]
     assert got[("dde_subscriber_auth_failures_total", (("endpoint", "stream"),))] == 0
-    assert {k for _, labels in got for k, _ in labels} <= {"feed", "state", "endpoint", "le"}
+    assert {k for _, labels in got for k, _ in labels} <= {
+        "feed",
+        "state",
+        "endpoint",
+        "limit",
+        "le",
+    }
 
 
 def _cluster_answers(base_url: str) -> dict[str, requests.Response]:

@@ -55,8 +55,13 @@ def spec() -> dict[str, Any]:
 
 
 # Statuses only a client misbehaving at the socket level can cause (a body trickled for longer
-# than the body timeout): tests/test_controlplane.py drives them over a raw socket instead.
-SOCKET_LEVEL_STATUSES = {("/v1/fixtures/{feed}/{fixture}", "PUT", 408)}
+# than the body timeout: tests/test_controlplane.py; downloads held open past the limits:
+# tests/test_hostile_api.py) are driven over raw sockets instead.
+SOCKET_LEVEL_STATUSES = {
+    ("/v1/fixtures/{feed}/{fixture}", "PUT", 408),
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 429),
+    ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 503),
+}
 
 
 def documented_statuses() -> set[tuple[str, str, int]]:
@@ -235,6 +240,9 @@ CLUSTER_OPERATIONS = {"cluster", "status", "readyz", "listFixtures", "getFixture
 # Requests with a query string: (path, method, path params, query, headers, status).
 _QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str], int]] = [
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", _PARAMS_123, {"after": -1}, ADMIN, 400),
+    ("/v1/fixtures", "GET", {}, {"limit": 0}, ADMIN, 400),
+    ("/v1/recordings", "GET", {}, {"after": "no-slash"}, ADMIN, 400),
+    ("/v1/subscribers", "GET", {}, {"limit": 1001}, ADMIN, 400),
 ]
 
 

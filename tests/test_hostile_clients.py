@@ -26,7 +26,6 @@ import logging
 import os
 import weakref
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from trio_websocket import open_websocket_url
 from gateway.config import SlowPolicy
 from gateway.dataplane import EVENTS_PER_TURN, Connection
 from gateway.wire import FIN, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, RSV1, mask_frame
-from tests.kit import wait_until
+from tests.kit import StepWatch, wait_until
 from tests.test_dataplane import RawClient, make_config, recv_type, serving, subscribe
 from tests.test_dataplane_deflate import OFFER
 
@@ -388,21 +387,6 @@ async def test_frame_flood_is_closed_1008_and_others_keep_receiving(opcode: int)
                 assert 900 <= len(texts) < 5000
 
 
-class _StepWatch(trio.abc.Instrument):
-    """The most a *counter* grew during one task step: work done without yielding."""
-
-    def __init__(self, counter: Callable[[], int]) -> None:
-        self.counter = counter
-        self.worst = 0
-        self._at = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._at = self.counter()
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.worst = max(self.worst, self.counter() - self._at)
-
-
 async def test_reader_yields_every_few_frames() -> None:
     """Before: one 64 KiB read of empty frames (~10,900 of them) was handled in one task step
     (10,000 frames: a 385 ms stall for everyone). Counted in task steps, not seconds."""
@@ -422,7 +406,7 @@ async def test_reader_yields_every_few_frames() -> None:
                 on_text(text)
 
             handler.on_text = counting  # type: ignore[method-assign]
-            watch = _StepWatch(lambda: handled)
+            watch = StepWatch(lambda: handled)
             trio.lowlevel.add_instrument(watch)
             try:
                 async with trio.open_nursery() as nursery:

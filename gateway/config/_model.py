@@ -50,6 +50,9 @@ DEFAULT_MAX_ON_DEMAND: Final = 50
 
 #: Fixtures the HTTP API may add on top of the config file's (re-adds of followed ones are free).
 DEFAULT_API_MAX_FIXTURES: Final = 200
+#: Recording downloads streamed at once, overall and per client address (``[api]``).
+DEFAULT_API_MAX_DOWNLOADS: Final = 16
+DEFAULT_API_MAX_DOWNLOADS_PER_CLIENT: Final = 4
 
 DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
@@ -328,6 +331,10 @@ class ApiSection:
     admin_tokens_file: Path | None = None
     read_tokens_file: Path | None = None
     max_fixtures: int = attrs.field(default=DEFAULT_API_MAX_FIXTURES, validator=v.ge(0))
+    max_downloads: int = attrs.field(default=DEFAULT_API_MAX_DOWNLOADS, validator=v.ge(1))
+    max_downloads_per_client: int = attrs.field(
+        default=DEFAULT_API_MAX_DOWNLOADS_PER_CLIENT, validator=v.ge(1)
+    )
 
     def read_admin_tokens(self) -> tuple[Secret, ...] | None:
         return None if self.admin_tokens_file is None else read_token_list(self.admin_tokens_file)

@@ -6,10 +6,14 @@ knows nothing else of the gateway. See docs/api.md and docs/openapi.yaml.
 
 from gateway.controlplane._app import (
     DEFAULT_FOLLOW_BACKFILL,
+    DEFAULT_PAGE_LIMIT,
     MAX_BODY_BYTES,
+    MAX_PAGE_LIMIT,
     NOT_A_CLUSTER,
+    RENDER_STEP,
     build_app,
     parse_follow_body,
+    render_list,
 )
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._dashboard import (
@@ -19,6 +23,12 @@ from gateway.controlplane._dashboard import (
     DASHBOARD_PREFIX,
     Asset,
     load_assets,
+)
+from gateway.controlplane._downloads import (
+    DOWNLOAD_LIMITS,
+    DOWNLOAD_RETRY_AFTER,
+    DownloadResponse,
+    DownloadSlots,
 )
 from gateway.controlplane._metrics import GatewayCollector, make_registry
 from gateway.controlplane._rates import (
@@ -54,18 +64,25 @@ __all__ = [
     "DASHBOARD_PACKAGE",
     "DASHBOARD_PREFIX",
     "DEFAULT_FOLLOW_BACKFILL",
+    "DEFAULT_PAGE_LIMIT",
     "DEFAULT_RATE_WINDOW",
     "DEFAULT_SAMPLE_INTERVAL",
+    "DOWNLOAD_LIMITS",
+    "DOWNLOAD_RETRY_AFTER",
     "FIXTURE_ID_PATTERN",
     "GRACEFUL_TIMEOUT",
     "MAX_BODY_BYTES",
+    "MAX_PAGE_LIMIT",
     "NOT_A_CLUSTER",
+    "RENDER_STEP",
     "ApiTokens",
     "Asset",
     "BearerAuthMiddleware",
     "ClusterInstanceView",
     "ClusterView",
     "ControlTarget",
+    "DownloadResponse",
+    "DownloadSlots",
     "FeedTotals",
     "FixtureView",
     "FollowLimitError",
@@ -83,5 +100,6 @@ __all__ = [
     "load_assets",
     "make_registry",
     "parse_follow_body",
+    "render_list",
     "run",
 ]

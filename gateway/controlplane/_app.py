@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeVar
+from urllib.parse import quote
 
 import orjson
 import trio
@@ -25,11 +26,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.config import ApiSection
 from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._dashboard import INDEX, asset_headers, load_assets
+from gateway.controlplane._downloads import DownloadResponse, DownloadSlots
 from gateway.controlplane._metrics import make_registry
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import (
@@ -57,6 +60,25 @@ BODY_TIMEOUT: Final = 10.0
 UPSTREAM_KEYS: Final = snapshot_keys()
 #: ``GET /v1/cluster`` on a single node.
 NOT_A_CLUSTER: Final = "not a cluster: no [cluster] section"
+#: ``?limit=`` of the list routes (``/v1/subscribers``, ``/v1/fixtures``, ``/v1/recordings``):
+#: items per answer by default and at most.
+DEFAULT_PAGE_LIMIT: Final = 1000
+MAX_PAGE_LIMIT: Final = 1000
+#: Items a list answer renders between two checkpoints: other tasks (subscribers' frames, other
+#: requests) run in between, so no request holds the event loop for a whole page.
+RENDER_STEP: Final = 100
+
+_T = TypeVar("_T")
+
+
+class _OfFixture(Protocol):
+    @property
+    def feed(self) -> str: ...
+    @property
+    def fixture(self) -> str: ...
+
+
+_F = TypeVar("_F", bound=_OfFixture)
 
 
 class JSONResponse(Response):
@@ -119,8 +141,9 @@ def recording_json(view: RecordingView) -> dict[str, Any]:
     }
 
 
-def _query_int(request: Request, name: str, minimum: int) -> int | None:
-    """An optional integer query parameter (digits only), at least *minimum*."""
+def _query_int(request: Request, name: str, minimum: int, maximum: int | None = None) -> int | None:
+    """An optional integer query parameter (digits only), at least *minimum* (and at most
+    *maximum*)."""
     values = request.query_params.getlist(name)
     if not values:
         return None
@@ -129,9 +152,59 @@ def _query_int(request: Request, name: str, minimum: int) -> int | None:
         value = int(text) if text.isascii() and text.isdigit() else -1
     except ValueError:  # more digits than int() takes
         value = -1
+    if maximum is not None and not minimum <= value <= maximum:
+        raise BadRequest(f"query.{name}: must be an integer from {minimum} to {maximum}")
     if value < minimum:
         raise BadRequest(f"query.{name}: must be an integer >= {minimum}")
     return value
+
+
+def _page_limit(request: Request) -> int:
+    """``?limit=`` of a list route: 1 to :data:`MAX_PAGE_LIMIT`, default
+    :data:`DEFAULT_PAGE_LIMIT`."""
+    limit = _query_int(request, "limit", 1, MAX_PAGE_LIMIT)
+    return DEFAULT_PAGE_LIMIT if limit is None else limit
+
+
+def _query_after(request: Request) -> str | None:
+    values = request.query_params.getlist("after")
+    return values[-1] if values else None
+
+
+def _fixture_cursor(request: Request) -> tuple[str, str] | None:
+    """``?after=FEED/FIXTURE`` of ``/v1/fixtures`` and ``/v1/recordings``."""
+    after = _query_after(request)
+    if after is None:
+        return None
+    feed, sep, fixture = after.partition("/")
+    if not sep:
+        raise BadRequest("query.after: must be FEED/FIXTURE (the last item of the previous page)")
+    return feed, fixture
+
+
+async def render_list(items: Sequence[_T], render: Callable[[_T], dict[str, Any]]) -> bytes:
+    """The JSON array of *items* rendered by *render*, :data:`RENDER_STEP` items at a time
+    with a checkpoint between steps."""
+    parts: list[bytes] = []
+    for start in range(0, len(items), RENDER_STEP):
+        if start:
+            await trio.lowlevel.checkpoint()
+        step = orjson.dumps([render(item) for item in items[start : start + RENDER_STEP]])
+        parts.append(step[1:-1])
+    return b"[" + b",".join(parts) + b"]"
+
+
+def page_response(
+    body: bytes, total: int, next_after: str | None, route: str, limit: int
+) -> Response:
+    """A page of a list route: the JSON array, ``X-Total-Count`` (every item, all pages) and,
+    when there are more, a ``Link`` with ``rel="next"`` relative to the route (so it also
+    resolves behind a proxy that serves the API under a sub-path)."""
+    headers = {"x-total-count": str(total)}
+    if next_after is not None:
+        query = f"after={quote(next_after, safe='')}&limit={limit}"
+        headers["link"] = f'<{route}?{query}>; rel="next"'
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
@@ -254,11 +327,18 @@ async def _read_body(request: Request, seconds: float) -> bytes:
 
 
 class _Handlers:
-    def __init__(self, target: ControlTarget, sampler: RateSampler, body_timeout: float) -> None:
+    def __init__(
+        self,
+        target: ControlTarget,
+        sampler: RateSampler,
+        body_timeout: float,
+        downloads: DownloadSlots,
+    ) -> None:
         self.body_timeout = body_timeout
         self.target = target
         self.sampler = sampler
-        self.registry = make_registry(target)
+        self.downloads = downloads
+        self.registry = make_registry(target, downloads)
         self.assets = load_assets()
         self.asset_headers = asset_headers()
 
@@ -338,8 +418,28 @@ class _Handlers:
         return JSONResponse(cluster_json(view))
 
     async def fixtures(self, request: Request) -> Response:
-        views = sorted(self.target.fixture_views(), key=lambda v: (v.feed, v.fixture))
-        return JSONResponse([self._fixture_json(v) for v in views])
+        return await self._fixture_page(
+            request, "fixtures", self.target.fixture_views(), self._fixture_json
+        )
+
+    async def _fixture_page(
+        self,
+        request: Request,
+        route: str,
+        views: Sequence[_F],
+        render: Callable[[_F], dict[str, Any]],
+    ) -> Response:
+        """A page of fixtures or recordings, in (feed, fixture) order."""
+        limit = _page_limit(request)
+        cursor = _fixture_cursor(request)
+        ordered = sorted(views, key=lambda v: (v.feed, v.fixture))
+        if cursor is not None:
+            ordered = [v for v in ordered if (v.feed, v.fixture) > cursor]
+        page = ordered[:limit]
+        more = len(ordered) > limit
+        next_after = f"{page[-1].feed}/{page[-1].fixture}" if more else None
+        body = await render_list(page, render)
+        return page_response(body, len(views), next_after, route, limit)
 
     def _feed_or_404(self, request: Request) -> tuple[str, str]:
         feed: str = request.path_params["feed"]
@@ -387,22 +487,37 @@ class _Handlers:
         return Response(raw.encode(), media_type="application/json")
 
     async def recordings(self, request: Request) -> Response:
-        views = sorted(self.target.recordings(), key=lambda v: (v.feed, v.fixture))
-        return JSONResponse([recording_json(v) for v in views])
+        return await self._fixture_page(
+            request, "recordings", self.target.recordings(), recording_json
+        )
 
     async def recording(self, request: Request) -> Response:
         feed, fixture = self._feed_or_404(request)
         after = _query_int(request, "after", 0) or 0
         limit = _query_int(request, "limit", 1)
+        # Nothing is read before the first chunk is asked for: a refused download costs nothing.
         chunks = self.target.recording_download(feed, fixture, after, limit)
         if chunks is None:
             raise HTTPException(404, f"no recording of fixture {fixture!r} of feed {feed!r}")
-        # Streamed as read (a chunk at a time, off the event loop): never the whole file.
-        return StreamingResponse(chunks, media_type="application/x-ndjson")
+        client = request.client.host if request.client else "?"
+        self.downloads.acquire(client)
+        # Streamed as read (a chunk at a time, off the event loop): never the whole file. The
+        # response gives the slot back when it ends, however it ends.
+        return DownloadResponse(chunks, self.downloads, client)
 
     async def subscribers(self, request: Request) -> Response:
-        views = sorted(self.target.subscriber_views(), key=lambda v: v.id)
-        return JSONResponse([subscriber_json(v) for v in views])
+        limit = _page_limit(request)
+        after = _query_after(request)
+        # One more than the page: whether there is a next one. Each facade call is O(all
+        # subscribers): a checkpoint after each lets other tasks run in between.
+        views = self.target.subscriber_views(after, limit + 1)
+        await trio.lowlevel.checkpoint()
+        total = self.target.totals().subscribers
+        await trio.lowlevel.checkpoint()
+        page = views[:limit]
+        next_after = page[-1].id if len(views) > limit else None
+        body = await render_list(page, subscriber_json)
+        return page_response(body, total, next_after, "subscribers", limit)
 
     async def metrics(self, request: Request) -> Response:
         # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it,
@@ -445,14 +560,18 @@ def build_app(
     tokens: ApiTokens | None = None,
     sampler: RateSampler | None = None,
     body_timeout: float = BODY_TIMEOUT,
+    downloads: DownloadSlots | None = None,
 ) -> Starlette:
     """The control-plane ASGI app over *target*. Holds no resources and starts no tasks.
 
     *tokens* default to none (everything open). *sampler* feeds the rates of ``/v1/status``;
     without one (or without its task running) the rates read 0.0. A request body must arrive
-    within *body_timeout* seconds (else 408).
+    within *body_timeout* seconds (else 408). *downloads* bounds the recording downloads at once
+    (default: ``[api]``'s default limits).
     """
-    h = _Handlers(target, sampler or RateSampler(), body_timeout)
+    if downloads is None:
+        downloads = DownloadSlots.for_config(ApiSection())
+    h = _Handlers(target, sampler or RateSampler(), body_timeout, downloads)
     routes = [
         Route("/", h.index, methods=["GET"]),
         Route("/dashboard/{name}", h.asset, methods=["GET"]),

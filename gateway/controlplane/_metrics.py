@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from gateway.controlplane._downloads import DOWNLOAD_LIMITS, DownloadSlots
 from gateway.controlplane._target import (
     CLUSTER_COUNTERS,
     ClusterView,
@@ -60,8 +61,9 @@ def _histogram_buckets(hist: LatencyHistogram) -> list[tuple[str, float]]:
 class GatewayCollector:
     """Yields the ``dde_*`` metric families from a :class:`ControlTarget`."""
 
-    def __init__(self, target: ControlTarget) -> None:
+    def __init__(self, target: ControlTarget, downloads: DownloadSlots | None = None) -> None:
         self._target = target
+        self._downloads = downloads
 
     def collect(self) -> Iterator[Metric]:
         target = self._target
@@ -150,6 +152,9 @@ class GatewayCollector:
         if cluster is not None:
             yield from _cluster_families(cluster)
 
+        if self._downloads is not None:
+            yield from _download_families(self._downloads)
+
         hist = target.fanout_latency
         yield HistogramMetricFamily(
             "dde_fanout_latency_seconds",
@@ -158,6 +163,20 @@ class GatewayCollector:
             buckets=_histogram_buckets(hist),
             sum_value=float(hist.sum),
         )
+
+
+def _download_families(slots: DownloadSlots) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "dde_api_downloads", "Recording downloads being streamed now.", value=slots.total
+    )
+    refused = CounterMetricFamily(
+        "dde_api_downloads_refused",
+        "Recording downloads refused: the client's (429) or the overall (503) limit reached.",
+        labels=["limit"],
+    )
+    for limit in DOWNLOAD_LIMITS:
+        refused.add_metric([limit], float(slots.refused[limit]))
+    yield refused
 
 
 def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Metric]:
@@ -231,8 +250,11 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
     )
 
 
-def make_registry(target: ControlTarget) -> CollectorRegistry:
-    """A fresh registry holding only the gateway collector for *target*."""
+def make_registry(
+    target: ControlTarget, downloads: DownloadSlots | None = None
+) -> CollectorRegistry:
+    """A fresh registry holding only the gateway collector for *target* (and the recording
+    downloads' *downloads*)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(target))
+    registry.register(GatewayCollector(target, downloads))
     return registry

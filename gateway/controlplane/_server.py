@@ -18,14 +18,19 @@ from functools import partial
 from pathlib import Path
 from typing import Final
 
+import h11
+import hypercorn.protocol
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import Closed
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 
 from gateway.config import Config, ListenAddress, expand_path
 from gateway.controlplane._app import BODY_TIMEOUT, build_app
 from gateway.controlplane._auth import ApiTokens
+from gateway.controlplane._downloads import DownloadSlots
 from gateway.controlplane._rates import DEFAULT_SAMPLE_INTERVAL, RateSampler
 from gateway.controlplane._target import ControlTarget
 from gateway.listen import open_listen_sockets
@@ -35,8 +40,39 @@ logger: Final = logging.getLogger("gateway.http")
 # In-flight requests are short; after a shutdown request this bounds the wait for them.
 GRACEFUL_TIMEOUT: Final = 5.0
 KEEP_ALIVE_TIMEOUT: Final = 5.0
+#: The HTTP versions the API speaks (h11's spelling); anything else is answered 505.
+HTTP_VERSIONS: Final = frozenset({b"1.0", b"1.1"})
 #: A TLS handshake not done by then is dropped (hypercorn's default is 60 s).
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0
+
+
+class _Http11Only(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol without its switches to HTTP/2.
+
+    hypercorn has no setting for HTTP/2 over cleartext (``alpn_protocols`` applies to TLS only):
+    its ``H11Protocol._check_protocol`` answers any request with ``Upgrade: h2c`` (and no body)
+    ``101 Switching Protocols`` and hands the connection to its HTTP/2 protocol, and takes a
+    ``PRI * HTTP/2.0`` request line (the HTTP/2 preface, "prior knowledge") as HTTP/2 - with TLS
+    too. The API was built and tested for HTTP/1.1 (its request limits, the recording
+    downloads), so here an ``Upgrade: h2c`` header is ignored, as HTTP/1.1 allows (the request
+    is answered in HTTP/1.1), and a request of any version but 1.0 and 1.1 (the preface) is
+    answered 505 and its connection closed, before any app sees it.
+    """
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        return None
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        if request.http_version not in HTTP_VERSIONS:
+            await self._send_error_response(505)
+            await self.send(Closed())
+            return
+        await super()._create_stream(request)
+
+
+# hypercorn's ProtocolWrapper makes each connection's protocol from this name: the one place
+# where it can be replaced (the gateway runs no other hypercorn server).
+hypercorn.protocol.H11Protocol = _Http11Only  # type: ignore[attr-defined]
 
 
 class _GivenSockets(HypercornConfig):
@@ -118,7 +154,13 @@ async def run(
     """
     tokens = await trio.to_thread.run_sync(ApiTokens.from_config, config.api)
     sampler = RateSampler()
-    app = build_app(target, tokens=tokens, sampler=sampler, body_timeout=body_timeout)
+    app = build_app(
+        target,
+        tokens=tokens,
+        sampler=sampler,
+        body_timeout=body_timeout,
+        downloads=DownloadSlots.for_config(config.api),
+    )
     section = config.gateway
     listen = section.http_listen
     sockets = await open_listen_sockets(

@@ -310,7 +310,13 @@ class ControlTarget(Protocol):
         """The last raw upstream frame text of the fixture, or None."""
         ...
 
-    def subscriber_views(self) -> list[SubscriberView]: ...
+    def subscriber_views(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[SubscriberView]:
+        """The connected subscribers in id order (:func:`gateway.dataplane.subscriber_order`):
+        those after the id *after* (None: from the first), at most *limit* (None: all). Builds
+        views for the returned subscribers only."""
+        ...
 
     def stream_endpoint(self) -> StreamEndpoint | None:
         """The subscriber stream's address (None before the data plane is bound)."""
@@ -334,5 +340,7 @@ class ControlTarget(Protocol):
         self, feed: str, fixture: str, after: int, limit: int | None
     ) -> AsyncIterator[bytes] | None:
         """The record lines of a fixture after seq *after* (at most *limit*), verbatim, as
-        chunks read off the event loop; None when the fixture has no recording."""
+        chunks read off the event loop; None when the fixture has no recording. Nothing is
+        opened or read before the first chunk is asked for (the API may drop the iterator
+        unread when the download limits refuse it)."""
         ...

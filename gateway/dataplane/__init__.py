@@ -27,7 +27,12 @@ from gateway.dataplane._connection import (
     DelayedConnection,
     WriteTicker,
 )
-from gateway.dataplane._registry import RegistryStats, SubscriberRegistry, SubscriberView
+from gateway.dataplane._registry import (
+    RegistryStats,
+    SubscriberRegistry,
+    SubscriberView,
+    subscriber_order,
+)
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 
@@ -57,4 +62,5 @@ __all__ = [
     "join_group",
     "offered_tokens",
     "run",
+    "subscriber_order",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+from collections.abc import Iterable
 
 import attrs
 import trio
@@ -36,6 +38,12 @@ class SubscriberView:
     conflated: int = 0
     write_delay_ms: int = 0
     batched: bool = False
+
+
+def subscriber_order(ident: str) -> tuple[int, str]:
+    """The order of subscriber ids in ``GET /v1/subscribers`` and its ``after`` cursor: shorter
+    first, then by text, so the registry's decimal ids sort as numbers."""
+    return len(ident), ident
 
 
 @attrs.frozen
@@ -167,7 +175,18 @@ class SubscriberRegistry:
             batch_groups=len(set(map(id, groups))),
         )
 
-    def views(self) -> list[SubscriberView]:
+    def views(self, after: str | None = None, limit: int | None = None) -> list[SubscriberView]:
+        """The subscribers in id order (:func:`subscriber_order`): those after the id *after*,
+        at most *limit*. Views are built for the returned ones only."""
+        conns: Iterable[Connection] = self._conns.values()
+        if after is not None:
+            cursor = subscriber_order(after)
+            conns = [c for c in conns if subscriber_order(c.id) > cursor]
+        chosen = (
+            sorted(conns, key=lambda c: subscriber_order(c.id))
+            if limit is None
+            else heapq.nsmallest(limit, conns, key=lambda c: subscriber_order(c.id))
+        )
         return [
             SubscriberView(
                 id=c.id,
@@ -182,7 +201,7 @@ class SubscriberRegistry:
                 write_delay_ms=round(c.write_delay * 1000),
                 batched=c.group is not None,
             )
-            for c in self._conns.values()
+            for c in chosen
         ]
 
     async def drain(self, code: int = CLOSE_GOING_AWAY, reason: str = "going away") -> None:

@@ -549,8 +549,10 @@ class Gateway:
         topic = self.hub.get(feed, fixture)
         return topic.latest if topic else None
 
-    def subscriber_views(self) -> list[SubscriberView]:
-        return self.registry.views()
+    def subscriber_views(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[SubscriberView]:
+        return self.registry.views(after, limit)
 
     def stream_endpoint(self) -> StreamEndpoint | None:
         bound = self._stream_bound

@@ -79,14 +79,32 @@ function stateClass(state) {
 
 // -- the API ---------------------------------------------------------------------------------
 
-async function api(path) {
+async function fetchApi(path) {
   const headers = {};
   if (app.apiToken) headers.Authorization = `Bearer ${app.apiToken}`;
   // Relative: the page works behind a proxy that serves the gateway under a sub-path.
   const resp = await fetch(path, { headers, cache: "no-store" });
   if (resp.status === 401) throw new AuthError();
   if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
-  return resp.json();
+  return resp;
+}
+
+async function api(path) {
+  return (await fetchApi(path)).json();
+}
+
+// Every item of a paged list route (docs/api.md#paged-lists): each page's `Link: <...>;
+// rel="next"` is relative to the page's own URL.
+async function apiAll(path) {
+  const items = [];
+  let url = path;
+  while (url) {
+    const resp = await fetchApi(url);
+    items.push(...(await resp.json()));
+    const next = /<([^>]*)>;\s*rel="next"/.exec(resp.headers.get("link") || "");
+    url = next ? new URL(next[1], resp.url).href : null;
+  }
+  return items;
 }
 
 function setApiState(text, ok) {
@@ -100,7 +118,7 @@ async function poll() {
   try {
     // /v1/status first: without a valid token it is the only request refused (one 401).
     const status = await api("v1/status");
-    const [fixtures, subscribers] = await Promise.all([api("v1/fixtures"), api("v1/subscribers")]);
+    const [fixtures, subscribers] = await Promise.all([apiAll("v1/fixtures"), apiAll("v1/subscribers")]);
     app.clockOffset = status.started_at + status.uptime_s - Date.now() / 1000;
     app.status = status;
     app.fixtures = fixtures;
