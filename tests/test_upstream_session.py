@@ -22,6 +22,7 @@ import trio
 from gateway.config import structure_config
 from gateway.model import FixtureState
 from gateway.upstream import (
+    AuthGate,
     ConnectLimiter,
     FixtureRunner,
     Kind,
@@ -58,6 +59,7 @@ def make_runner(kind: str = "tracking") -> tuple[FixtureRunner, RecordingSink]:
         fixture,
         sink,
         limiter=ConnectLimiter(1000.0),
+        gate=AuthGate(),
         upstream=lambda: config.upstream,
         rng=random.Random(0),
     )
