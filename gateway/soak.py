@@ -45,6 +45,10 @@ FASTPATH_TEMPLATE: Final = "/soccer/fixtures/{fixture}/actions"
 FAULTS: Final = ("drop", "drop_close", "stall", "garbage", "auth_flap", "slow_handshake")
 #: Seconds of silence after the injector stopped before the run counts as failed to recover.
 RECOVERY_LIMIT: Final = 20.0
+#: Default bound of the longest silence of any fixture (``--max-silence``): seconds between two
+#: frames a subscriber got, fault time included. Healthy runs stay near 5 s (two stalls in a
+#: row on one fixture); a refused token retried with a doubling wait reached 32 s.
+MAX_SILENCE: Final = 10.0
 
 
 @attrs.define
@@ -63,14 +67,25 @@ class SoakReport:
     upstream_malformed: int = 0
     #: Longest time a fixture's subscribers waited between two frames (fault time included).
     longest_silence: float = 0.0
+    #: The same per fixture (``feed/fixture``), the longest over its subscribers.
+    silences: dict[str, float] = attrs.field(factory=dict)
+    #: A fixture silent longer than this fails the run (freshness is a correctness property:
+    #: seconds without data suspend betting markets).
+    max_silence: float = MAX_SILENCE
     recovered: bool = False
     problems: list[str] = attrs.field(factory=list)
+
+    @property
+    def too_silent(self) -> dict[str, float]:
+        """The fixtures whose longest silence is over ``max_silence``."""
+        return {k: v for k, v in self.silences.items() if v > self.max_silence}
 
     @property
     def ok(self) -> bool:
         return (
             not self.problems
             and self.recovered
+            and not self.too_silent
             and self.lost == self.duplicated == self.out_of_order == self.seq_jumps == 0
         )
 
@@ -83,7 +98,14 @@ class SoakReport:
             f"upstream reconnects {self.upstream_reconnects}, malformed skipped "
             f"{self.upstream_malformed}; longest silence {self.longest_silence:.2f} s; "
             f"recovered after the last fault: {'yes' if self.recovered else 'NO'}",
+            "longest silence per fixture (bound "
+            f"{self.max_silence:g} s): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(self.silences.items())),
             *(f"problem: {p}" for p in self.problems),
+            *(
+                f"problem: {k} went {v:.2f} s without a frame (bound {self.max_silence:g} s)"
+                for k, v in sorted(self.too_silent.items())
+            ),
             "result: PASS" if self.ok else "result: FAIL",
         ]
 
@@ -91,9 +113,10 @@ class SoakReport:
 class Checker:
     """One subscriber's view of one fixture: every frame once, in order."""
 
-    def __init__(self, report: SoakReport, kind: str) -> None:
+    def __init__(self, report: SoakReport, kind: str, name: str = "") -> None:
         self.report = report
         self.kind = kind
+        self.name = name  # feed/fixture: the key of its longest silence in the report
         self.last_ix: int | None = None
         self.seen_actions: set[str] = set()
         self.last_seq = 0
@@ -102,7 +125,10 @@ class Checker:
     def frame(self, seq: int, data: dict[str, Any]) -> None:
         r = self.report
         now = trio.current_time()
-        r.longest_silence = max(r.longest_silence, now - self.last_at)
+        silence = now - self.last_at
+        if silence > r.silences.get(self.name, 0.0):
+            r.silences[self.name] = silence
+            r.longest_silence = max(r.longest_silence, silence)
         self.last_at = now
         r.frames_checked += 1
         if self.last_seq and seq != self.last_seq + 1:
@@ -144,7 +170,8 @@ def soak_config(sim_port: int, token_file: Path, fixtures: list[tuple[str, str]]
                 "backoff_max": 0.5,
                 "stall_timeout": 1.5,
                 "handshake_timeout": 3.0,
-                "unauthorized_retry": 2.0,
+                # unauthorized_retry and unauthorized_probe_interval as in production: the
+                # auth flaps are retried by the probe, not by each fixture on its own.
             },
             "feeds": {
                 "tracking": {"kind": "tracking", "url": sim + TRACKING_PATH},
@@ -215,6 +242,7 @@ async def run_soak(
     fastpath: int = 1,
     rate_hz: float = 50.0,
     subscribers: int = 2,
+    max_silence: float = MAX_SILENCE,
     workdir: Path,
     progress: Callable[[str], None] | None = None,
 ) -> SoakReport:
@@ -223,7 +251,7 @@ async def run_soak(
     Returns the report; never raises for a misbehaving gateway (that is what the report says).
     """
     rng = random.Random(seed)
-    report = SoakReport(seconds=duration, seed=seed, faults={})
+    report = SoakReport(seconds=duration, seed=seed, faults={}, max_silence=max_silence)
     ids = [("tracking", f"soak-t{i}") for i in range(tracking)]
     ids += [("actions", f"soak-f{i}") for i in range(fastpath)]
     sim = Simulator(
@@ -240,7 +268,7 @@ async def run_soak(
             bound = await nursery.start(gw.run)
             checkers_per_sub = []
             for _ in range(subscribers):
-                checkers = {key: Checker(report, key[0]) for key in ids}
+                checkers = {key: Checker(report, key[0], "/".join(key)) for key in ids}
                 checkers_per_sub.append(checkers)
                 await nursery.start(_subscribe, f"ws://{bound.stream}/v1/stream", ids, checkers)
             # Every fixture delivers before the first fault.
@@ -270,15 +298,22 @@ async def run_soak(
     return report
 
 
-def main(duration: float, seed: int, workdir: Path | None) -> int:
-    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL.
+def main(duration: float, seed: int, workdir: Path | None, max_silence: float = MAX_SILENCE) -> int:
+    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL (a frame
+    lost, repeated or reordered, no recovery, or a fixture silent over *max_silence*).
 
     Without *workdir* the token file goes to a temporary directory, removed afterwards."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dde-soak-") as tmp:
         where = workdir or Path(tmp)
         report = trio.run(
-            lambda: run_soak(duration=duration, seed=seed, workdir=where, progress=print)
+            lambda: run_soak(
+                duration=duration,
+                seed=seed,
+                workdir=where,
+                max_silence=max_silence,
+                progress=print,
+            )
         )
     for line in report.lines():
         print(line)
@@ -286,4 +321,4 @@ def main(duration: float, seed: int, workdir: Path | None) -> int:
     return 0 if report.ok else 1
 
 
-__all__ = ["FAULTS", "SoakReport", "main", "run_soak", "soak_config"]
+__all__ = ["FAULTS", "MAX_SILENCE", "SoakReport", "main", "run_soak", "soak_config"]

@@ -54,7 +54,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.gateway.stream_listen == ListenAddress("127.0.0.1", 8765)
     assert cfg.gateway.http_listen == ListenAddress("127.0.0.1", 8780)
     assert cfg.upstream.connect_rate == 5.0
-    assert cfg.upstream.unauthorized_probe_interval == 2.0
+    assert cfg.upstream.unauthorized_probe_interval == 1.0
     assert cfg.upstream.unauthorized_retry == 60.0
     assert cfg.feeds["tracking"].name == "tracking"
     assert cfg.feeds["tracking"].history == 1500
