@@ -621,6 +621,9 @@ async def test_refused_fixtures_send_one_probe_and_all_go_when_it_is_accepted(
         assert len(probes) == pytest.approx(150, abs=1)
         assert all(b - a == pytest.approx(2.0, abs=0.05) for a, b in itertools.pairwise(probes))
         assert sup.gate.waiting >= 9 and sup.gate.prober is not None  # the prober may probe
+        refused = [h.status.counters.refused for h in sup.handles()]
+        assert sum(refused) == len(c.attempts)  # each refusal counted once, by its fixture
+        assert max(refused) >= 150 and sorted(refused)[:9] == [1] * 9  # the others: once
         vendor_accepts = True
         accepted = trio.current_time()
         for i in ids:

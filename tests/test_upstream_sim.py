@@ -246,6 +246,7 @@ async def test_every_fixture_is_fresh_soon_after_the_vendor_accepts_the_token_ag
             await trio.sleep(16.0)  # the outage: many refusals (old code: waits of 16 s now)
             refused = sum(a.outcome is Outcome.UNAUTHORIZED for a in sim.attempts)
             assert refused >= 10
+            assert sum(r.status(*k).counters.refused for k in keys) == refused
             sim.connection_faults.reject_auth = False
             accepted = trio.current_time()
             fresh: dict[tuple[str, str], float] = {}

@@ -255,6 +255,7 @@ class FixtureRunner:
                 self.status.last_error = outcome.detail
             if outcome.end is _End.UNAUTHORIZED:
                 self._set_state(FixtureState.UNAUTHORIZED, outcome.detail)
+                self.status.counters.refused += 1
                 # One refused fixture probes the token at a steady interval; the others wait
                 # for it (or for anyone's accepted auth, or a rotation) and then go at once.
                 await self._gate.refused(
