@@ -3,7 +3,8 @@
 A simulator serves a few fixtures; a gateway follows them; subscribers on ``/v1/stream`` read
 every frame; and a fault injector keeps breaking the vendor side at random (seeded): dropped
 connections (with and without a close frame), stalls longer than the stall timeout, garbage
-frames, refused tokens (an auth flap), slow handshakes. The checkers hold the gateway to its
+frames, refused tokens (an auth flap: the token refused for 2 s while a fixture reconnects),
+slow handshakes. The checkers hold the gateway to its
 promise: each vendor frame reaches each subscriber once and in order - tracking ``ix`` without
 a hole or a repeat, fastpath actions never twice - and the gateway's own ``seq`` with no jump.
 
@@ -202,16 +203,21 @@ async def _inject(
         elif name == "stall":
             faults.stall = True
         elif name == "auth_flap":
-            faults.reject_auth = True
+            # The vendor refuses the token - every fixture's - for a while, and this fixture's
+            # connection drops, so its reconnects meet the refusal (a refusal only bites a new
+            # connection: one held on a live fixture alone was never noticed).
+            sim.connection_faults.reject_auth = True
+            faults.drop_after_frames = 0
         else:
             sim.connection_faults.handshake_delay = rng.uniform(0.1, 0.5)
-        # The stall must outlast the gateway's stall timeout to be noticed.
-        await trio.sleep(2.0 if name == "stall" else rng.uniform(0.1, 1.0))
+        # The stall must outlast the gateway's stall timeout to be noticed; a token refusal
+        # lasts 2 s (what the vendor's transient rejections look like).
+        await trio.sleep(2.0 if name in ("stall", "auth_flap") else rng.uniform(0.1, 1.0))
         faults.drop_after_frames = None
         faults.drop_close_code = None
         faults.stall = False
-        faults.reject_auth = False
         faults.malformed_frames = 0
+        sim.connection_faults.reject_auth = False
         sim.connection_faults.handshake_delay = 0.0
 
 
