@@ -425,6 +425,9 @@ class FixtureRunner:
                 self._set_state(FixtureState.LIVE, "")
             return _CONTINUE
         if kind is Kind.ACCEPTED:
+            # The vendor took the token: fixtures it refused go now, without waiting for this
+            # one's first frame (a fixture before kickoff may send none for 10 s).
+            self._gate.accepted()
             return _CONTINUE if s.subscribed else _SUBSCRIBE  # tracking: ask for the fixture
         if kind is Kind.NOT_FOUND:
             return _Outcome(_End.NOT_FOUND, self._vendor("fixture not found", msg))
