@@ -9,9 +9,10 @@ without data suspend betting markets. The gate replaces that:
 * exactly one waiter, the *prober*, returns every ``probe_interval`` seconds (a steady interval,
   no doubling) to try the token again; it keeps the role across its attempt, so however many
   fixtures are refused, one probe is under way at a time;
-* any accepted auth (the probe or any other fixture's connection going live,
-  :meth:`AuthGate.accepted`) and a token rotation (:meth:`AuthGate.release`) release every
-  waiter at once; they still take their turn at the connect limiter, which paces the burst;
+* any accepted auth (the probe's or any other fixture's: tracking ``Authorisation accepted``,
+  or a fixture going live; :meth:`AuthGate.accepted`) and a token rotation
+  (:meth:`AuthGate.release`) release every waiter at once; they still take their turn at the
+  connect limiter, which paces the burst;
 * a prober that leaves (its attempt ended otherwise, it was removed, stopped or crashed:
   :meth:`AuthGate.leave`) hands the role to another waiter, which probes one interval later;
 * every waiter also returns after ``give_up_after`` seconds (``unauthorized_retry``) on its
@@ -25,7 +26,7 @@ Example::
 
     gate = AuthGate()
     await gate.refused(runner, probe_interval=2.0, give_up_after=60.0)  # then attempt again
-    gate.accepted()                                                     # a fixture went live
+    gate.accepted()                                       # the vendor accepted an auth
 """
 
 from __future__ import annotations
