@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of faults")
     soak.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     soak.add_argument("--workdir", type=Path, default=None, help="where the token file goes")
+    soak.add_argument(
+        "--max-silence",
+        type=float,
+        default=None,
+        help="fail when a fixture goes longer without a frame (seconds, default 10)",
+    )
     soak.add_argument("--log-format", choices=("text", "json"), default="text")
     soak.add_argument("--log-level", default="warning")
     return parser
@@ -121,7 +127,10 @@ def _check_config(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "soak" and args.max_silence is not None and not args.max_silence > 0:
+        parser.error(f"soak --max-silence: expected seconds > 0, got {args.max_silence!r}")
     if args.command == "check-config":
         return _check_config(args.path)
     if args.command == "watch":
@@ -164,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "soak":
             from gateway import soak
 
-            return soak.main(args.duration, args.seed, args.workdir)
+            max_silence = soak.MAX_SILENCE if args.max_silence is None else args.max_silence
+            return soak.main(args.duration, args.seed, args.workdir, max_silence)
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse guarantees one

@@ -109,6 +109,11 @@ class UpstreamCounters:
         "dde_upstream_crashes",
         "Unexpected errors in a fixture's upstream task (each restarts it after a backoff).",
     )
+    refused: int = _counter(
+        "dde_upstream_refused",
+        "Upstream attempts the vendor refused the token for (while refused, one probe a "
+        "unauthorized_probe_interval).",
+    )
 
     def __add__(self, other: UpstreamCounters) -> UpstreamCounters:
         return UpstreamCounters(**{n: getattr(self, n) + getattr(other, n) for n in _COUNTER_NAMES})

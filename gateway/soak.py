@@ -3,7 +3,8 @@
 A simulator serves a few fixtures; a gateway follows them; subscribers on ``/v1/stream`` read
 every frame; and a fault injector keeps breaking the vendor side at random (seeded): dropped
 connections (with and without a close frame), stalls longer than the stall timeout, garbage
-frames, refused tokens (an auth flap), slow handshakes. The checkers hold the gateway to its
+frames, refused tokens (an auth flap: the token refused for 2 s while a fixture reconnects),
+slow handshakes. The checkers hold the gateway to its
 promise: each vendor frame reaches each subscriber once and in order - tracking ``ix`` without
 a hole or a repeat, fastpath actions never twice - and the gateway's own ``seq`` with no jump.
 
@@ -45,6 +46,10 @@ FASTPATH_TEMPLATE: Final = "/soccer/fixtures/{fixture}/actions"
 FAULTS: Final = ("drop", "drop_close", "stall", "garbage", "auth_flap", "slow_handshake")
 #: Seconds of silence after the injector stopped before the run counts as failed to recover.
 RECOVERY_LIMIT: Final = 20.0
+#: Default bound of the longest silence of any fixture (``--max-silence``): seconds between two
+#: frames a subscriber got, fault time included. Healthy runs stay under 5 s (4.6 s in 600 s,
+#: seed 0); each fixture retrying a refused token with a doubling wait reached 15.4 s in 150 s.
+MAX_SILENCE: Final = 10.0
 
 
 @attrs.define
@@ -63,14 +68,25 @@ class SoakReport:
     upstream_malformed: int = 0
     #: Longest time a fixture's subscribers waited between two frames (fault time included).
     longest_silence: float = 0.0
+    #: The same per fixture (``feed/fixture``), the longest over its subscribers.
+    silences: dict[str, float] = attrs.field(factory=dict)
+    #: A fixture silent longer than this fails the run (freshness is a correctness property:
+    #: seconds without data suspend betting markets).
+    max_silence: float = MAX_SILENCE
     recovered: bool = False
     problems: list[str] = attrs.field(factory=list)
+
+    @property
+    def too_silent(self) -> dict[str, float]:
+        """The fixtures whose longest silence is over ``max_silence``."""
+        return {k: v for k, v in self.silences.items() if v > self.max_silence}
 
     @property
     def ok(self) -> bool:
         return (
             not self.problems
             and self.recovered
+            and not self.too_silent
             and self.lost == self.duplicated == self.out_of_order == self.seq_jumps == 0
         )
 
@@ -83,7 +99,14 @@ class SoakReport:
             f"upstream reconnects {self.upstream_reconnects}, malformed skipped "
             f"{self.upstream_malformed}; longest silence {self.longest_silence:.2f} s; "
             f"recovered after the last fault: {'yes' if self.recovered else 'NO'}",
+            "longest silence per fixture (bound "
+            f"{self.max_silence:g} s): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(self.silences.items())),
             *(f"problem: {p}" for p in self.problems),
+            *(
+                f"problem: {k} went {v:.2f} s without a frame (bound {self.max_silence:g} s)"
+                for k, v in sorted(self.too_silent.items())
+            ),
             "result: PASS" if self.ok else "result: FAIL",
         ]
 
@@ -91,9 +114,10 @@ class SoakReport:
 class Checker:
     """One subscriber's view of one fixture: every frame once, in order."""
 
-    def __init__(self, report: SoakReport, kind: str) -> None:
+    def __init__(self, report: SoakReport, kind: str, name: str = "") -> None:
         self.report = report
         self.kind = kind
+        self.name = name  # feed/fixture: the key of its longest silence in the report
         self.last_ix: int | None = None
         self.seen_actions: set[str] = set()
         self.last_seq = 0
@@ -102,7 +126,10 @@ class Checker:
     def frame(self, seq: int, data: dict[str, Any]) -> None:
         r = self.report
         now = trio.current_time()
-        r.longest_silence = max(r.longest_silence, now - self.last_at)
+        silence = now - self.last_at
+        if silence > r.silences.get(self.name, 0.0):
+            r.silences[self.name] = silence
+            r.longest_silence = max(r.longest_silence, silence)
         self.last_at = now
         r.frames_checked += 1
         if self.last_seq and seq != self.last_seq + 1:
@@ -144,7 +171,8 @@ def soak_config(sim_port: int, token_file: Path, fixtures: list[tuple[str, str]]
                 "backoff_max": 0.5,
                 "stall_timeout": 1.5,
                 "handshake_timeout": 3.0,
-                "unauthorized_retry": 2.0,
+                # unauthorized_retry and unauthorized_probe_interval as in production: the
+                # auth flaps are retried by the probe, not by each fixture on its own.
             },
             "feeds": {
                 "tracking": {"kind": "tracking", "url": sim + TRACKING_PATH},
@@ -175,16 +203,21 @@ async def _inject(
         elif name == "stall":
             faults.stall = True
         elif name == "auth_flap":
-            faults.reject_auth = True
+            # The vendor refuses the token - every fixture's - for a while, and this fixture's
+            # connection drops, so its reconnects meet the refusal (a refusal only bites a new
+            # connection: one held on a live fixture alone was never noticed).
+            sim.connection_faults.reject_auth = True
+            faults.drop_after_frames = 0
         else:
             sim.connection_faults.handshake_delay = rng.uniform(0.1, 0.5)
-        # The stall must outlast the gateway's stall timeout to be noticed.
-        await trio.sleep(2.0 if name == "stall" else rng.uniform(0.1, 1.0))
+        # The stall must outlast the gateway's stall timeout to be noticed; a token refusal
+        # lasts 2 s (what the vendor's transient rejections look like).
+        await trio.sleep(2.0 if name in ("stall", "auth_flap") else rng.uniform(0.1, 1.0))
         faults.drop_after_frames = None
         faults.drop_close_code = None
         faults.stall = False
-        faults.reject_auth = False
         faults.malformed_frames = 0
+        sim.connection_faults.reject_auth = False
         sim.connection_faults.handshake_delay = 0.0
 
 
@@ -215,6 +248,7 @@ async def run_soak(
     fastpath: int = 1,
     rate_hz: float = 50.0,
     subscribers: int = 2,
+    max_silence: float = MAX_SILENCE,
     workdir: Path,
     progress: Callable[[str], None] | None = None,
 ) -> SoakReport:
@@ -223,7 +257,7 @@ async def run_soak(
     Returns the report; never raises for a misbehaving gateway (that is what the report says).
     """
     rng = random.Random(seed)
-    report = SoakReport(seconds=duration, seed=seed, faults={})
+    report = SoakReport(seconds=duration, seed=seed, faults={}, max_silence=max_silence)
     ids = [("tracking", f"soak-t{i}") for i in range(tracking)]
     ids += [("actions", f"soak-f{i}") for i in range(fastpath)]
     sim = Simulator(
@@ -240,7 +274,7 @@ async def run_soak(
             bound = await nursery.start(gw.run)
             checkers_per_sub = []
             for _ in range(subscribers):
-                checkers = {key: Checker(report, key[0]) for key in ids}
+                checkers = {key: Checker(report, key[0], "/".join(key)) for key in ids}
                 checkers_per_sub.append(checkers)
                 await nursery.start(_subscribe, f"ws://{bound.stream}/v1/stream", ids, checkers)
             # Every fixture delivers before the first fault.
@@ -270,15 +304,22 @@ async def run_soak(
     return report
 
 
-def main(duration: float, seed: int, workdir: Path | None) -> int:
-    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL.
+def main(duration: float, seed: int, workdir: Path | None, max_silence: float = MAX_SILENCE) -> int:
+    """``dde-gateway soak``: run, print the report, exit 0 on PASS and 1 on FAIL (a frame
+    lost, repeated or reordered, no recovery, or a fixture silent over *max_silence*).
 
     Without *workdir* the token file goes to a temporary directory, removed afterwards."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dde-soak-") as tmp:
         where = workdir or Path(tmp)
         report = trio.run(
-            lambda: run_soak(duration=duration, seed=seed, workdir=where, progress=print)
+            lambda: run_soak(
+                duration=duration,
+                seed=seed,
+                workdir=where,
+                max_silence=max_silence,
+                progress=print,
+            )
         )
     for line in report.lines():
         print(line)
@@ -286,4 +327,4 @@ def main(duration: float, seed: int, workdir: Path | None) -> int:
     return 0 if report.ok else 1
 
 
-__all__ = ["FAULTS", "SoakReport", "main", "run_soak", "soak_config"]
+__all__ = ["FAULTS", "MAX_SILENCE", "SoakReport", "main", "run_soak", "soak_config"]

@@ -54,6 +54,8 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.gateway.stream_listen == ListenAddress("127.0.0.1", 8765)
     assert cfg.gateway.http_listen == ListenAddress("127.0.0.1", 8780)
     assert cfg.upstream.connect_rate == 5.0
+    assert cfg.upstream.unauthorized_probe_interval == 1.0
+    assert cfg.upstream.unauthorized_retry == 60.0
     assert cfg.feeds["tracking"].name == "tracking"
     assert cfg.feeds["tracking"].history == 1500
     assert cfg.fixtures[0].backfill == 0
@@ -70,6 +72,18 @@ def test_minimal_config_gets_defaults() -> None:
         ({"upstream": {"token_env": "X", "connect_rate": "5"}}, "$.upstream.connect_rate"),
         ({"upstream": {"token_env": "X", "connect_rate": True}}, "$.upstream.connect_rate"),
         ({"upstream": {"token_env": "X", "bogus": 1}}, "unknown key(s): bogus @ $.upstream"),
+        (
+            {"upstream": {"token_env": "X", "unauthorized_probe_interval": 0}},
+            "unauthorized_probe_interval must be > 0",
+        ),
+        (
+            {"upstream": {"token_env": "X", "unauthorized_probe_interval": float("inf")}},
+            "unauthorized_probe_interval must be finite",
+        ),
+        (
+            {"upstream": {"token_env": "X", "unauthorized_probe_interval": "2"}},
+            "$.upstream.unauthorized_probe_interval",
+        ),
         ({"gateway": {"stream_listen": 8765}}, "$.gateway.stream_listen"),
         ({"gateway": {"stream_listen": "localhost"}}, "$.gateway.stream_listen"),
         ({"gateway": {"http_listen": "127.0.0.1:99999"}}, "$.gateway.http_listen"),

@@ -80,6 +80,7 @@ UPSTREAM_KEYS = {
     "out_of_order",
     "malformed",
     "crashes",
+    "refused",
     "last_error",
     "last_message_at",
 }

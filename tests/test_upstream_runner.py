@@ -47,6 +47,7 @@ from gateway.upstream import (
     MAX_MALFORMED_RUN,
     TOKEN_POLL_INTERVAL,
     Backoff,
+    FixtureRunner,
     Supervisor,
     UpstreamClosed,
     UpstreamConnection,
@@ -554,14 +555,16 @@ async def test_fastpath_position_travels_with_the_frame(
 # -- states ------------------------------------------------------------------------------------
 
 
-async def test_unauthorized_retries_start_short_and_double_up_to_the_cap(
+async def test_a_refused_token_is_probed_at_a_steady_interval(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A fixed 60 s after every refusal once left subscribers 120 s without data after two auth
-    flaps: the first retry comes after 1 s, then 2, 4, ... up to ``unauthorized_retry``."""
+    """Waits that doubled after each refusal up to ``unauthorized_retry`` (60 s) left fixtures
+    up to a minute without data after a token flapped: the probe keeps a steady interval."""
     caplog.set_level(logging.DEBUG)
     config = make_config(
-        tmp_path, {"unauthorized_retry": 60.0}, fixtures=[{"feed": "trk", "id": "f1"}]
+        tmp_path,
+        {"unauthorized_retry": 60.0, "unauthorized_probe_interval": 2.0},
+        fixtures=[{"feed": "trk", "id": "f1"}],
     )
 
     async def refuses(conn: FakeConn, attempt: Attempt) -> None:
@@ -574,9 +577,9 @@ async def test_unauthorized_retries_start_short_and_double_up_to_the_cap(
         h = sup.get("trk", "f1")
         assert h is not None
         assert (FixtureState.UNAUTHORIZED, h.status.detail) in sinks["trk", "f1"].states
-        await until(lambda: len(c.attempts) >= 10)
+        await until(lambda: len(c.attempts) >= 40)
     gaps = [b.at - a.at for a, b in itertools.pairwise(c.attempts)]
-    assert gaps[:9] == pytest.approx([1, 2, 4, 8, 16, 32, 60, 60, 60], abs=0.05)
+    assert gaps == pytest.approx([2.0] * 39, abs=0.05)
     h = sup.get("trk", "f1")
     assert h is not None
     assert h.status.last_error is not None
@@ -585,31 +588,79 @@ async def test_unauthorized_retries_start_short_and_double_up_to_the_cap(
     assert TEST_TOKEN not in repr(h) and TEST_TOKEN not in repr(sup.handles())
 
 
-async def test_going_live_resets_the_unauthorized_growth(
+async def test_refused_fixtures_send_one_probe_and_all_go_when_it_is_accepted(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    config = make_config(tmp_path, fixtures=[{"feed": "trk", "id": "f1"}])
-    plan = ["refuse", "refuse", "refuse", "live", "refuse"]
+    """Ten fixtures refused for 5 minutes: one probe every 2 s (not ten fixtures doubling on
+    their own), and the first accepted probe sends all of them at once."""
+    ids = [f"f{i}" for i in range(10)]
+    config = make_config(
+        tmp_path,
+        {"unauthorized_retry": 600.0, "unauthorized_probe_interval": 2.0},
+        fixtures=[{"feed": "trk", "id": i} for i in ids],
+    )
+    vendor_accepts = False
 
     async def script(conn: FakeConn, attempt: Attempt) -> None:
         await conn.recv()
-        what = plan.pop(0) if plan else "refuse"
-        if what == "refuse":
+        if not vendor_accepts:
             conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
             conn.close(1008)
             return
         conn.push(ACCEPTED)
         await conn.recv()
         conn.push(frame(1))
-        await trio.sleep(1.0)
-        conn.close(1011)
+        await trio.sleep_forever()
 
-    async with running(config, script) as (_, c, _):
+    async with running(config, script) as (sup, c, _):
+        for i in ids:
+            await wait_state(sup, "trk", i, FixtureState.UNAUTHORIZED)
+        t0 = trio.current_time()
+        await trio.sleep(300.0)
+        probes = [a.at for a in c.attempts if a.at > t0]
+        assert len(probes) == pytest.approx(150, abs=1)
+        assert all(b - a == pytest.approx(2.0, abs=0.05) for a, b in itertools.pairwise(probes))
+        assert sup.gate.waiting >= 9 and sup.gate.prober is not None  # the prober may probe
+        refused = [h.status.counters.refused for h in sup.handles()]
+        assert sum(refused) == len(c.attempts)  # each refusal counted once, by its fixture
+        assert max(refused) >= 150 and sorted(refused)[:9] == [1] * 9  # the others: once
+        vendor_accepts = True
+        accepted = trio.current_time()
+        for i in ids:
+            await wait_state(sup, "trk", i, FixtureState.LIVE)
+        assert trio.current_time() - accepted <= 2.0 + 0.1
+        for i in ids:
+            h = sup.get("trk", i)
+            assert h is not None and h.status.counters.frames == 1
+        assert sup.gate.waiting == 0 and sup.gate.prober is None
+
+
+async def test_a_removed_prober_hands_the_probe_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(
+        tmp_path,
+        {"unauthorized_retry": 600.0, "unauthorized_probe_interval": 2.0},
+        fixtures=[{"feed": "trk", "id": "f1"}, {"feed": "trk", "id": "f2"}],
+    )
+
+    async def refuses(conn: FakeConn, attempt: Attempt) -> None:
+        await conn.recv()
+        conn.push('{"errorMessage":"Supplied token could not be authenticated"}')
+        conn.close(1008)
+
+    async with running(config, refuses) as (sup, c, _):
         await until(lambda: len(c.attempts) >= 6)
-    gaps = [b.at - a.at for a, b in itertools.pairwise(c.attempts)]
-    # 1, 2, 4 after three refusals; live, closed, backoff (<= 0.1 + the 1 s live); then 1 again.
-    assert gaps[:3] == pytest.approx([1, 2, 4], abs=0.05)
-    assert gaps[4] == pytest.approx(1.0, abs=0.05)
+        prober = sup.gate.prober
+        assert isinstance(prober, FixtureRunner)
+        other = "f2" if prober.fixture.id == "f1" else "f1"
+        removed = trio.current_time()
+        before = len(c.attempts)
+        assert sup.remove("trk", prober.fixture.id)
+        await until(lambda: len(c.attempts) > before)
+        assert c.attempts[-1].at - removed == pytest.approx(2.0, abs=0.05)
+        new = sup.gate.prober
+        assert isinstance(new, FixtureRunner) and new.fixture.id == other
 
 
 async def test_a_changed_token_file_is_tried_at_once(

@@ -18,10 +18,12 @@ from typing import Any
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from gateway.config import structure_config
 from gateway.model import FixtureState
 from gateway.upstream import (
+    AuthGate,
     ConnectLimiter,
     FixtureRunner,
     Kind,
@@ -40,7 +42,9 @@ HEARTBEAT = Message(Kind.HEARTBEAT)
 RAW = '{"ix":0}'  # the text published for DATA messages; the step never parses it
 
 
-def make_runner(kind: str = "tracking") -> tuple[FixtureRunner, RecordingSink]:
+def make_runner(
+    kind: str = "tracking", gate: AuthGate | None = None
+) -> tuple[FixtureRunner, RecordingSink]:
     config = structure_config(
         {
             "upstream": {"token_env": "DDE_TEST_UNUSED", "stall_timeout": 5.0},
@@ -58,6 +62,7 @@ def make_runner(kind: str = "tracking") -> tuple[FixtureRunner, RecordingSink]:
         fixture,
         sink,
         limiter=ConnectLimiter(1000.0),
+        gate=AuthGate() if gate is None else gate,
         upstream=lambda: config.upstream,
         rng=random.Random(0),
     )
@@ -101,6 +106,34 @@ def test_accepted_asks_for_the_subscription_once() -> None:
     assert not s.subscribed
     s.subscribed = True
     assert runner.step(s, "", ACCEPTED, 2.0) is CONTINUE
+
+
+@pytest.mark.parametrize("kind", ["tracking", "fastpath"])
+async def test_an_accepted_auth_releases_the_refused_fixtures_at_once(
+    kind: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Tracking: at ``Authorisation accepted``, before the first frame; fastpath (no such
+    message): when the fixture goes live."""
+    gate = AuthGate()
+    runner, _ = make_runner(kind, gate)
+    released: list[float] = []
+
+    async def refused_elsewhere() -> None:
+        await gate.refused("other", probe_interval=100.0, give_up_after=100.0)
+        released.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refused_elsewhere)
+        await trio.sleep(5.0)
+        assert gate.waiting == 1
+        t = trio.current_time()
+        if kind == "tracking":
+            assert runner.step(tracking_session(subscribed=False), "", ACCEPTED, t) is SUBSCRIBE
+        else:
+            s = SessionState(tracking=False, subscribed=True)
+            assert runner.step(s, RAW, data(1), t) is CONTINUE
+            assert runner.status.state is FixtureState.LIVE
+    assert released == [t]
 
 
 def test_accepted_on_fastpath_is_ignored() -> None:

@@ -220,6 +220,48 @@ async def test_auth_rejected_then_token_rotation(
     assert "unauthorized" in caplog.text
 
 
+@pytest.mark.slow
+async def test_every_fixture_is_fresh_soon_after_the_vendor_accepts_the_token_again(
+    tmp_path: Path,
+) -> None:
+    """Finding 10: after a refused token each fixture's retry doubled up to 60 s, so a token
+    refused for 16 s left fixtures without data for another ~15 s once the vendor took it
+    again. Now one fixture probes every ``unauthorized_probe_interval`` and its accepted probe
+    sends all the others at once (paced by the connect limiter at the vendor's 5/s)."""
+    probe = 1.0
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=50.0, heartbeat_interval=0.5, action_interval=0.05)
+    keys = [("trk", f"m{i}") for i in range(6)] + [("fp", f"f{i}") for i in range(2)]
+    for feed, fixture in keys:
+        sim.add_fixture(fixture, kind="tracking" if feed == "trk" else "fastpath")
+    sim.connection_faults.reject_auth = True  # the vendor refuses the token, for a while
+    upstream = {
+        "connect_rate": 5.0,
+        "unauthorized_retry": 60.0,
+        "unauthorized_probe_interval": probe,
+    }
+    fixtures = [{"feed": f, "id": x} for f, x in keys]
+    with trio.fail_after(GUARD):
+        async with rig(tmp_path, sim, fixtures, upstream) as r:
+            await until(lambda: all(r.status(*k).state == FixtureState.UNAUTHORIZED for k in keys))
+            await trio.sleep(16.0)  # the outage: many refusals (old code: waits of 16 s now)
+            refused = sum(a.outcome is Outcome.UNAUTHORIZED for a in sim.attempts)
+            assert refused >= 10
+            assert sum(r.status(*k).counters.refused for k in keys) == refused
+            sim.connection_faults.reject_auth = False
+            accepted = trio.current_time()
+            fresh: dict[tuple[str, str], float] = {}
+            while len(fresh) < len(keys):
+                for k in keys:
+                    if k not in fresh and r.sinks[k].frames:
+                        fresh[k] = trio.current_time() - accepted
+                await trio.sleep(0.02)
+            # Healthy: <= 1 s to the next probe, its first frame, 8 connects at 5/s (1.6 s).
+            # Broken: the next doubled retry, ~15 s after the vendor accepted.
+            worst = max(fresh.values())
+            assert worst <= probe + 5.0, fresh
+            assert all(r.status(*k).state == FixtureState.LIVE for k in keys)
+
+
 async def test_unknown_fixtures_are_not_found(tmp_path: Path) -> None:
     sim = Simulator(tokens={TEST_TOKEN}, heartbeat_interval=0.5)
     fixtures = [{"feed": "trk", "id": "nope"}, {"feed": "fp", "id": "nope"}]

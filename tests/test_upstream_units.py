@@ -1,4 +1,5 @@
-"""Pure pieces of gateway.upstream: backoff, connect limiter, message classification, resume.
+"""Pure pieces of gateway.upstream: backoff, connect limiter, auth gate, message classification,
+resume.
 
 No sockets. Time-dependent tests run under MockClock(autojump_threshold=0) via pytest-trio's
 ``autojump_clock`` fixture, so virtual seconds cost nothing and timings are exact.
@@ -11,6 +12,7 @@ import json
 import math
 import random
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -24,6 +26,7 @@ from gateway.upstream import (
     BACKFILL_WIDEN,
     FALLBACK_RATE,
     MAX_WIDENINGS,
+    AuthGate,
     Backoff,
     ConnectLimiter,
     FastpathResume,
@@ -199,6 +202,184 @@ async def test_limiter_cancelled_backlog_head_passes_the_turn_on(
     assert done == ["c"]
     assert trio.current_time() - t0 == pytest.approx(1.0)
     assert limiter.waiting == (0, 0)
+
+
+# -- auth gate ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class RefusedFleet:
+    """Fixtures at one :class:`AuthGate`, each attempting again whenever the gate lets it go:
+    an attempt is refused while ``vendor_accepts`` is False, else it goes live (``accepted``)."""
+
+    gate: AuthGate = attrs.field(factory=AuthGate)
+    vendor_accepts: bool = False
+    probe_interval: float = 2.0
+    give_up_after: float = 60.0
+    attempts: list[tuple[str, float]] = attrs.field(factory=list)
+    live: dict[str, float] = attrs.field(factory=dict)
+
+    async def fixture(self, name: str) -> None:
+        try:
+            while True:  # refused once to begin with
+                await self.gate.refused(
+                    name, probe_interval=self.probe_interval, give_up_after=self.give_up_after
+                )
+                self.attempts.append((name, trio.current_time()))
+                if self.vendor_accepts:
+                    self.live[name] = trio.current_time()
+                    self.gate.accepted()
+                    return
+        finally:
+            self.gate.leave(name)
+
+    def probers(self) -> set[str]:
+        """The fixtures that attempted: each one probed (or was released)."""
+        return {name for name, _ in self.attempts}
+
+
+def prober(gate: AuthGate) -> object | None:
+    """The gate's prober, read through a call: mypy would narrow ``gate.prober`` after an
+    ``assert gate.prober == "a"`` and call a later comparison with "b" unreachable."""
+    return gate.prober
+
+
+async def test_gate_probes_at_a_steady_interval_without_doubling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Refusals in a row once doubled the wait up to 60 s; the probe keeps its interval."""
+    fleet = RefusedFleet()
+    t0 = trio.current_time()
+    with trio.move_on_after(40.5):
+        await fleet.fixture("a")
+    times = [t - t0 for _, t in fleet.attempts]
+    assert times == pytest.approx([2.0 * i for i in range(1, 21)])
+    assert fleet.gate.probes == 20
+
+
+async def test_gate_sends_one_probe_at_a_time_however_many_fixtures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = RefusedFleet()
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(fleet.fixture, f"f{i}")
+        await trio.sleep(30.5)
+        assert fleet.gate.waiting == 50
+        nursery.cancel_scope.cancel()
+    assert len(fleet.attempts) == 15  # one every 2 s, not 50 fixtures each on its own
+    assert len(fleet.probers()) == 1
+    assert [t - t0 for _, t in fleet.attempts] == pytest.approx([2.0 * i for i in range(1, 16)])
+    assert fleet.gate.prober is None and fleet.gate.waiting == 0
+
+
+async def test_gate_releases_every_waiter_when_the_probe_is_accepted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """However many refusals came before, all go at the first accepted probe."""
+    fleet = RefusedFleet(give_up_after=600.0)  # no waiter retries on its own meanwhile
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(fleet.fixture, f"f{i}")
+        await trio.sleep(300.5)  # 150 refused probes
+        fleet.vendor_accepts = True
+    assert len(fleet.live) == 20
+    # The next probe (at 302 s) is accepted; the other 19 go at that instant.
+    assert sorted(t - t0 for t in fleet.live.values()) == pytest.approx([302.0] * 20)
+    assert len(fleet.attempts) == 150 + 20
+    assert fleet.gate.prober is None and fleet.gate.waiting == 0
+
+
+async def test_gate_releases_on_rotation_and_on_another_fixture_going_live(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = RefusedFleet(vendor_accepts=True)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(fleet.fixture, f"f{i}")
+        await trio.sleep(0.5)
+        fleet.gate.release()  # the token file changed: no waiting for the probe
+    assert list(fleet.live.values()) == pytest.approx([trio.current_time()] * 3)
+    fleet = RefusedFleet(vendor_accepts=True)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(fleet.fixture, f"f{i}")
+        await trio.sleep(0.5)
+        t = trio.current_time()
+        fleet.gate.accepted()  # a fixture that never waited went live
+    assert list(fleet.live.values()) == pytest.approx([t] * 3)
+    fleet.gate.accepted()  # nobody waits: nothing happens
+    assert fleet.gate.waiting == 0
+
+
+async def test_gate_hands_the_probe_on_when_the_prober_leaves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = RefusedFleet()
+    first = trio.CancelScope()
+
+    async def a() -> None:
+        with first:
+            await fleet.fixture("a")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert prober(fleet.gate) == "a"
+        nursery.start_soon(fleet.fixture, "b")
+        await trio.sleep(4.5)  # a probed at 2 and 4; b waits
+        assert fleet.probers() == {"a"}
+        assert prober(fleet.gate) == "a"
+        removed = trio.current_time()
+        first.cancel()  # a is removed while it waits: b takes the probe, one interval later
+        await trio.testing.wait_all_tasks_blocked()
+        assert prober(fleet.gate) == "b"
+        await trio.sleep(2.5)
+        nursery.cancel_scope.cancel()
+    name, at = fleet.attempts[-1]
+    assert name == "b" and at == pytest.approx(removed + 2.0)
+    assert fleet.gate.prober is None
+
+
+async def test_gate_prober_that_gives_up_the_role_between_attempts_hands_it_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The prober's attempt ended otherwise (a drop): :meth:`leave` frees the role."""
+    gate = AuthGate()
+    fleet = RefusedFleet(gate=gate)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.fixture, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert prober(gate) == "b"
+        nursery.cancel_scope.cancel()
+    assert gate.prober is None
+    async with trio.open_nursery() as nursery:
+        await gate.refused("a", probe_interval=2.0, give_up_after=60.0)  # a probes now
+        nursery.start_soon(fleet.fixture, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert prober(gate) == "a"  # held during a's attempt: b waits
+        gate.leave("a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert prober(gate) == "b"
+        nursery.cancel_scope.cancel()
+
+
+async def test_gate_waiters_retry_on_their_own_after_give_up_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``unauthorized_retry`` still bounds every wait (a vendor refusing one fixture, not the
+    token, is retried), and caps the probe interval."""
+    fleet = RefusedFleet(probe_interval=100.0, give_up_after=10.0)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet.fixture, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(fleet.fixture, "b")
+        await trio.sleep(10.5)
+        nursery.cancel_scope.cancel()
+    assert sorted(fleet.attempts) == [("a", t0 + 10.0), ("b", t0 + 10.0)]  # both, together
 
 
 # -- classification ----------------------------------------------------------------------------

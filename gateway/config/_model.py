@@ -39,6 +39,7 @@ DEFAULT_BACKOFF_RESET_AFTER: Final = 60.0
 DEFAULT_STALL_TIMEOUT: Final = 25.0
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_UNAUTHORIZED_RETRY: Final = 60.0
+DEFAULT_UNAUTHORIZED_PROBE_INTERVAL: Final = 1.0
 DEFAULT_NOT_FOUND_RETRY: Final = 30.0
 
 DEFAULT_HISTORY: Final = 1500  # 60 s at 25 Hz
@@ -218,6 +219,9 @@ class UpstreamSection:
     stall_timeout: float = attrs.field(default=DEFAULT_STALL_TIMEOUT, validator=_positive)
     handshake_timeout: float = attrs.field(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
     unauthorized_retry: float = attrs.field(default=DEFAULT_UNAUTHORIZED_RETRY, validator=_positive)
+    unauthorized_probe_interval: float = attrs.field(
+        default=DEFAULT_UNAUTHORIZED_PROBE_INTERVAL, validator=_positive_finite
+    )
     not_found_retry: float = attrs.field(default=DEFAULT_NOT_FOUND_RETRY, validator=_positive)
     client: UpstreamClient = "lean"
 

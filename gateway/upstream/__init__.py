@@ -3,6 +3,7 @@
 Everything public is re-exported here; the implementation lives in private one-concept modules.
 """
 
+from gateway.upstream._authgate import AuthGate
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import (
     Kind,
@@ -45,7 +46,6 @@ from gateway.upstream._resume import (
 from gateway.upstream._runner import (
     FASTPATH_ACCEPT,
     MAX_MALFORMED_RUN,
-    UNAUTHORIZED_FIRST_RETRY,
     FixtureRunner,
     SessionNext,
     SessionState,
@@ -67,7 +67,7 @@ __all__ = [
     "MAX_WIDENINGS",
     "MESSAGE_QUEUE_SIZE",
     "TOKEN_POLL_INTERVAL",
-    "UNAUTHORIZED_FIRST_RETRY",
+    "AuthGate",
     "Backoff",
     "ConnectLimiter",
     "Connector",

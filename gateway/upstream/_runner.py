@@ -30,6 +30,7 @@ import trio
 
 from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
 from gateway.model import FixtureState, FixtureStatus, FrameSink, ResumePoint
+from gateway.upstream._authgate import AuthGate
 from gateway.upstream._backoff import Backoff
 from gateway.upstream._classify import Kind, Message, classify_fastpath, classify_tracking
 from gateway.upstream._connect import (
@@ -49,9 +50,6 @@ FASTPATH_ACCEPT: Final = "application/vnd.imggaming.dde.api+json;version=1"
 #: Malformed messages in a row (nothing valid between them) that end a connection: an upstream
 #: sending only garbage must reach a failure state with the reason, not look connected.
 MAX_MALFORMED_RUN: Final = 50
-#: First wait after a refused token; it doubles on each refusal in a row up to
-#: ``unauthorized_retry``, so a token that flapped is retried within seconds, a bad one rarely.
-UNAUTHORIZED_FIRST_RETRY: Final = 1.0
 #: Longest vendor text kept in a status detail or ``last_error`` (after the token is scrubbed).
 MAX_VENDOR_TEXT: Final = 200
 _UNAUTHORIZED_STATUSES: Final = frozenset({401, 403})
@@ -78,7 +76,7 @@ async def read_token_off_loop(up: UpstreamSection) -> Secret:
 
 class _End(enum.Enum):
     RETRY = "retry"  # backoff, then reconnect
-    UNAUTHORIZED = "unauthorized"  # wait unauthorized_retry
+    UNAUTHORIZED = "unauthorized"  # wait at the auth gate
     NOT_FOUND = "not_found"  # wait not_found_retry
     RESUBSCRIBE = "resubscribe"  # tracking backfill too small: reconnect at once, wider
 
@@ -140,6 +138,7 @@ class FixtureRunner:
         sink: FrameSink,
         *,
         limiter: ConnectLimiter,
+        gate: AuthGate,
         upstream: Callable[[], UpstreamSection],
         rng: random.Random,
         backlog: bool = False,
@@ -151,6 +150,8 @@ class FixtureRunner:
         self.sink = sink
         self.status = FixtureStatus(feed=feed.name, fixture=fixture.id)
         self._limiter = limiter
+        # Shared by all runners of the token: refused runners wait there for one probe.
+        self._gate = gate
         # Never seen live (API or on demand): attempts wait behind the others until a frame came.
         self._backlog = backlog
         self._upstream = upstream
@@ -164,12 +165,9 @@ class FixtureRunner:
         # Tracking: applied once trio's clock can be read (the first attempt).
         self._resume = resume if feed.kind == "tracking" else None
         self._connected_before = False
-        # Refusals of the token in a row (reset by going live): the retry wait doubles with it.
-        self._auth_failures = 0
         # The token of the current attempt: vendor texts are scrubbed of it before being kept.
         self._token: Secret | None = None
         self._stopped = False
-        self._wake = trio.Event()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -196,7 +194,7 @@ class FixtureRunner:
             )
             st.state_since = time.time()
             if state is FixtureState.LIVE:
-                self._auth_failures = 0
+                self._gate.accepted()  # the vendor takes the token: refused fixtures go now
         st.state = state
         st.detail = detail
         self.sink.set_status(state, detail)
@@ -215,11 +213,6 @@ class FixtureRunner:
             logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
         self._stopped = True
 
-    def poke(self) -> None:
-        """End a wait for ``unauthorized_retry`` early (the token may have been rotated)."""
-        if self.status.state == FixtureState.UNAUTHORIZED:
-            self._wake.set()
-
     def _key(self) -> tuple[str, str]:
         return (self.status.feed, self.status.fixture)
 
@@ -233,20 +226,24 @@ class FixtureRunner:
         if resume is not None:
             age = max(0.0, time.time() - resume.received_at)
             self._tracking.resume_at(resume.position, trio.current_time() - age)
-        while True:
-            try:
-                await self._run(connect)
-            except Exception as exc:
-                # A bug or a failing sink: this fixture restarts, the others never notice.
-                logger.exception("upstream %s/%s: task crashed, restarting", *self._key())
-                self.status.counters.crashes += 1
-                self.status.last_error = f"internal error ({type(exc).__name__})"
-                delay = self._next_backoff()
+        try:
+            while True:
                 try:
-                    self._set_state(FixtureState.BACKOFF, "restarting after an internal error")
-                except Exception:
-                    logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
-                await trio.sleep(delay)
+                    await self._run(connect)
+                except Exception as exc:
+                    self._gate.leave(self)  # a crashed prober probes no more: another one does
+                    # A bug or a failing sink: this fixture restarts, the others never notice.
+                    logger.exception("upstream %s/%s: task crashed, restarting", *self._key())
+                    self.status.counters.crashes += 1
+                    self.status.last_error = f"internal error ({type(exc).__name__})"
+                    delay = self._next_backoff()
+                    try:
+                        self._set_state(FixtureState.BACKOFF, "restarting after an internal error")
+                    except Exception:
+                        logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
+                    await trio.sleep(delay)
+        finally:
+            self._gate.leave(self)  # removed or stopped: another refused fixture probes
 
     async def _run(self, connect: Connector) -> NoReturn:
         while True:
@@ -258,12 +255,17 @@ class FixtureRunner:
                 self.status.last_error = outcome.detail
             if outcome.end is _End.UNAUTHORIZED:
                 self._set_state(FixtureState.UNAUTHORIZED, outcome.detail)
-                self._auth_failures += 1
-                delay = min(
-                    up.unauthorized_retry,
-                    UNAUTHORIZED_FIRST_RETRY * 2 ** min(self._auth_failures - 1, 30),
+                self.status.counters.refused += 1
+                # One refused fixture probes the token at a steady interval; the others wait
+                # for it (or for anyone's accepted auth, or a rotation) and then go at once.
+                await self._gate.refused(
+                    self,
+                    probe_interval=up.unauthorized_probe_interval,
+                    give_up_after=up.unauthorized_retry,
                 )
-            elif outcome.end is _End.NOT_FOUND:
+                continue
+            self._gate.leave(self)
+            if outcome.end is _End.NOT_FOUND:
                 self._set_state(FixtureState.NOT_FOUND, outcome.detail)
                 delay = up.not_found_retry
             elif outcome.end is _End.RESUBSCRIBE:
@@ -273,9 +275,7 @@ class FixtureRunner:
                 self._backoff.connection_ended(outcome.live_for)
                 delay = self._next_backoff()
                 self._set_state(FixtureState.BACKOFF, outcome.detail)
-            self._wake = trio.Event()
-            with trio.move_on_after(delay):
-                await self._wake.wait()
+            await trio.sleep(delay)
 
     def _next_backoff(self) -> float:
         up = self._upstream()
@@ -425,6 +425,9 @@ class FixtureRunner:
                 self._set_state(FixtureState.LIVE, "")
             return _CONTINUE
         if kind is Kind.ACCEPTED:
+            # The vendor took the token: fixtures it refused go now, without waiting for this
+            # one's first frame (a fixture before kickoff may send none for 10 s).
+            self._gate.accepted()
             return _CONTINUE if s.subscribed else _SUBSCRIBE  # tracking: ask for the fixture
         if kind is Kind.NOT_FOUND:
             return _Outcome(_End.NOT_FOUND, self._vendor("fixture not found", msg))

@@ -4,7 +4,8 @@ Each fixture's :class:`~gateway.upstream._runner.FixtureRunner` runs in its own 
 supervisor's nursery, under its own cancel scope (so :meth:`Supervisor.remove` stops exactly that
 one). Runners never raise: connection failures are outcomes and unexpected exceptions are logged,
 counted and followed by a restart inside the runner, so one fixture cannot take down another or
-the supervisor. All runners share one :class:`~gateway.upstream._limiter.ConnectLimiter`.
+the supervisor. All runners share one :class:`~gateway.upstream._limiter.ConnectLimiter` and
+one :class:`~gateway.upstream._authgate.AuthGate` (one upstream token: one probe after a refusal).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
 from gateway.model import FixtureStatus, FrameSink, ResumePoint
+from gateway.upstream._authgate import AuthGate
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
@@ -77,6 +79,7 @@ class Supervisor:
         self._connect = connect
         self._rng = rng if rng is not None else random.Random()
         self._limiter = ConnectLimiter(config.upstream.connect_rate)
+        self._gate = AuthGate()
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._pending: list[_Entry] = []
         self._nursery: trio.Nursery | None = None
@@ -91,6 +94,10 @@ class Supervisor:
     @property
     def limiter(self) -> ConnectLimiter:
         return self._limiter
+
+    @property
+    def gate(self) -> AuthGate:
+        return self._gate
 
     @property
     def connector(self) -> Connector | None:
@@ -155,8 +162,7 @@ class Supervisor:
                     now = (0, 0, 0)
                 if seen is not None and now != seen:
                     logger.info("upstream token file changed: refused fixtures retry now")
-                    for entry in self._entries.values():
-                        entry.runner.poke()
+                    self._gate.release()
                 seen = now
             await trio.sleep(TOKEN_POLL_INTERVAL)
 
@@ -191,6 +197,7 @@ class Supervisor:
             fixture,
             sink,
             limiter=self._limiter,
+            gate=self._gate,
             upstream=self._upstream,
             rng=random.Random(self._rng.getrandbits(64)),
             backlog=backlog,
@@ -236,7 +243,7 @@ class Supervisor:
             feed = config.feeds.get(runner.feed.name)
             if feed is not None:
                 runner.feed = feed
-            runner.poke()
+        self._gate.release()
 
 
 def _handle(entry: _Entry) -> FixtureHandle:
