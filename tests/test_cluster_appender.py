@@ -2,7 +2,8 @@
 
 :class:`FakeAppendStore` has ``RedisStore.append``'s signature and the APPEND script's
 semantics that matter here (an entry id not above the stream's last is skipped, a fixture
-whose lease is not ours is refused), records every request, can fail with
+whose lease is not ours is refused, a stream ending below the group's ``expect`` gets
+``Behind`` and nothing written), records every request, can fail with
 ``RedisUnavailable`` a given number of times and can hold requests in flight. Retry pauses run
 under ``MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``), so they are exact.
 """
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, RedisUnavailable
+from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, Behind, RedisUnavailable
 
 K1, K2 = "tracking/1", "tracking/2"
 EPOCH = "e1"
@@ -50,7 +51,7 @@ class FakeAppendStore:
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         self.calls.append((token, instance, list(groups)))
         self._called.set()
         if self.gate is not None:
@@ -59,13 +60,16 @@ class FakeAppendStore:
         if self.fail:
             self.fail -= 1
             raise RedisUnavailable("redis unreachable: Connection refused")
-        out: list[int | str] = []
+        out: list[int | str | Behind] = []
         for g in groups:
             if g.key in self.refused:
                 out.append(self.refused[g.key])
                 continue
             last = 0
             stream = self.streams[g.key]
+            if (stream[-1] if stream else 0) < g.expect:
+                out.append(Behind(stream[-1] if stream else 0))
+                continue
             for seq, _, _, _ in g.frames:
                 if not stream or seq > stream[-1]:
                     stream.append(seq)
@@ -181,7 +185,7 @@ class LostReplyStore(FakeAppendStore):
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         out = await super().append(token, instance, groups)
         if len(self.calls) == 1:
             raise RedisUnavailable("redis timed out")

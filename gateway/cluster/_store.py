@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 
@@ -22,6 +22,8 @@ import attrs
 import coredis
 import coredis.exceptions
 from coredis.commands.constants import CommandName
+from coredis.connection import TCPLocation
+from coredis.pool import SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
 from gateway.cluster import _scripts
@@ -113,13 +115,24 @@ class Entry:
 
 
 @attrs.frozen
+class Behind:
+    """An append's reply for a fixture whose stream ends below what Redis had confirmed to
+    this owner: nothing of it was written; *seq* is the stream's last seq (0: none)."""
+
+    seq: int
+
+
+@attrs.frozen
 class AppendGroup:
-    """One fixture's frames for an append: ``(seq, position, received_at, text)`` each."""
+    """One fixture's frames for an append: ``(seq, position, received_at, text)`` each.
+    *expect*: the last seq Redis confirmed to this owner (0: none); a stream ending below it
+    gets :class:`Behind`."""
 
     key: str
     epoch: str
     frames: Sequence[tuple[int, int | None, float, bytes]]
     status: tuple[str, str] | None = None
+    expect: int = 0
 
 
 #: What a released lease holds until it expires or is taken (free; see _scripts.RELEASE).
@@ -142,6 +155,11 @@ def _unavailable(exc: BaseException) -> RedisUnavailable:
     the reason is shown by the unauthenticated ``/readyz``)."""
     if isinstance(exc, coredis.exceptions.AuthenticationError):
         return RedisUnavailable("redis refused the credentials")
+    # Before the cause chain: their texts name the primary's address.
+    if isinstance(exc, coredis.exceptions.PrimaryNotFoundError):
+        return RedisUnavailable("redis sentinels name no primary")
+    if isinstance(exc, coredis.exceptions.StalePrimaryError):
+        return RedisUnavailable("redis sentinels named a replica as the primary")
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and (cause.errno or cause.strerror):
@@ -175,6 +193,8 @@ _DOWN: Final = (
     coredis.exceptions.AuthenticationError,
     coredis.exceptions.ReadOnlyError,
     coredis.exceptions.BusyLoadingError,
+    # No primary known to the sentinels, or the one named is not a primary (any more).
+    coredis.exceptions.SentinelError,
     TimeoutError,
     OSError,
     # A connection whose background task ended (Redis went away mid-request, or shutdown).
@@ -185,12 +205,15 @@ _DOWN: Final = (
 
 
 @contextmanager
-def _boundary() -> Iterator[None]:
+def _boundary(on_read_only: Callable[[], None] | None = None) -> Iterator[None]:
     """Where coredis's errors end: Redis not there (:data:`_DOWN`) or refusing to serve
-    (an error reply) leaves as :class:`RedisUnavailable`; anything else is a bug and goes on."""
+    (an error reply) leaves as :class:`RedisUnavailable`; anything else is a bug and goes on.
+    *on_read_only*: called when Redis says it is a replica (the pool's connections are stale)."""
     try:
         yield
     except _DOWN as exc:
+        if on_read_only is not None and isinstance(exc, coredis.exceptions.ReadOnlyError):
+            on_read_only()
         raise _unavailable(exc) from None
     except coredis.exceptions.ResponseError as exc:
         raise _refused(exc) from None
@@ -199,8 +222,15 @@ def _boundary() -> Iterator[None]:
 class RedisStore:
     """One Redis connection pool and the cluster's requests on it. Open with :func:`open_store`."""
 
-    def __init__(self, client: coredis.Redis[bytes], config: ClusterSection) -> None:
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        config: ClusterSection,
+        *,
+        on_read_only: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
+        self._on_read_only = on_read_only
         self.keys = Keys(config.key_prefix)
         self._maxlen = config.stream_maxlen
         #: Stream names (encoded) by fixture key and back, for the relay's reads.
@@ -219,11 +249,11 @@ class RedisStore:
         self._demand = client.register_script(_scripts.DEMAND)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        with _boundary():
+        with _boundary(self._on_read_only):
             return await script(keys=list(keys), args=list(args))
 
     async def ping(self) -> None:
-        with _boundary():
+        with _boundary(self._on_read_only):
             await self._client.ping()
 
     async def heartbeat(self, instance: str, ttl: float, info: str) -> dict[str, str]:
@@ -261,19 +291,19 @@ class RedisStore:
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         """Append each group's frames if its lease is *token*'s; per group the last seq written
-        (0: none), ``"fenced"`` or ``"epoch"`` (see :data:`_scripts.APPEND`)."""
+        (0: none), ``"fenced"``, ``"epoch"`` or :class:`Behind` (see :data:`_scripts.APPEND`)."""
         keys: list[str] = []
         args: list[Any] = [token, self._maxlen, instance, self._ttl_ms]
         for g in groups:
             keys += [self.keys.lease(g.key), self.keys.stream(g.key), self.keys.meta(g.key)]
             state, detail = g.status if g.status is not None else ("", "")
-            args += [g.epoch, state, detail, len(g.frames)]
+            args += [g.epoch, state, detail, g.expect, len(g.frames)]
             for seq, position, received_at, data in g.frames:
                 args += [seq, "" if position is None else position, repr(received_at), data]
         out = await self._call(self._append, keys, args)
-        return [r if isinstance(r, int) else _text(r) or "" for r in out]
+        return [r if isinstance(r, int) else _append_result(_text(r) or "") for r in out]
 
     async def takeover(self, key: str) -> Takeover:
         k = self.keys
@@ -304,7 +334,7 @@ class RedisStore:
     async def api_fixtures(self, add: Mapping[str, int], remove: Iterable[str]) -> dict[str, int]:
         """Apply this instance's API changes (key -> backfill; keys removed) to the cluster's
         set, then return the whole set."""
-        with _boundary():
+        with _boundary(self._on_read_only):
             async with self._client.pipeline(transaction=False) as pipe:
                 if add:
                     pipe.hset(self.keys.api, {k: str(v) for k, v in add.items()})
@@ -345,7 +375,7 @@ class RedisStore:
             args.append(name)
             ids.append(b"%d-0" % seq)
         args += ids
-        with _boundary():
+        with _boundary(self._on_read_only):
             reply = await self._client.create_request(CommandName.XREAD, *args, callback=_raw)
         if not reply:
             return []
@@ -360,7 +390,7 @@ class RedisStore:
 
     async def tail(self, key: str, after: int, count: int) -> list[Entry]:
         """Up to *count* entries after seq *after* (no waiting)."""
-        with _boundary():
+        with _boundary(self._on_read_only):
             entries = await self._client.xrange(
                 self.keys.stream(key), start=f"({after}-0", end="+", count=count
             )
@@ -368,9 +398,14 @@ class RedisStore:
 
     async def first_seq(self, key: str) -> int:
         """The oldest seq the stream still holds (0: none)."""
-        with _boundary():
+        with _boundary(self._on_read_only):
             entries = await self._client.xrange(self.keys.stream(key), count=1)
         return _entry(entries[0]).seq if entries else 0
+
+
+def _append_result(text: str) -> str | Behind:
+    word, _, seq = text.partition(":")
+    return Behind(int(seq)) if word == "behind" else text
 
 
 def _raw(reply: Any) -> Any:
@@ -410,17 +445,58 @@ def _entry(e: Any) -> Entry:
     )
 
 
-class _SlotKeepingPool(coredis.ConnectionPool[Any]):
+class _SlotKeeping:
     """coredis's pool, with a leak fixed: a connection discarded while leased (a blocking
     ``XREAD`` or a pipeline cancelled, timed out, or cut by a Redis restart) gives its slot
     back. In coredis 6.9 the slot is lost instead, and after ``max_connections`` such events
     every command waits for a slot that never comes (tests/test_cluster_store.py shows both).
     """
 
+    _available_connections: Any
+
     def release(self, connection: Any) -> None:
-        super().release(connection)
+        super().release(connection)  # type: ignore[misc]
         if not connection.usable:
             self._available_connections.put_nowait(None)
+
+
+class _SlotKeepingPool(_SlotKeeping, coredis.ConnectionPool[Any]):
+    """A plain Redis's pool (``redis_url``), and each sentinel's."""
+
+
+class _SentinelPool(_SlotKeeping, SentinelConnectionPool):
+    """The pool of the primary the sentinels name: every new connection asks them where the
+    primary is (and checks its ``ROLE``), so connections made after a failover go to the
+    promoted replica.
+
+    Two more leaks of coredis 6.9 fixed here: a connection that could not be made (no
+    primary known, the one named is a replica now, or the wait for it ran out) gives its
+    slot back too; and when Redis says it is read-only (the primary was demoted while this
+    pool held connections to it) :meth:`stale` drops every connection, so the next ones ask
+    the sentinels again.
+    """
+
+    async def _construct_connection(self) -> Any:
+        try:
+            return await super()._construct_connection()
+        except BaseException:
+            self._available_connections.put_nowait(None)
+            raise
+
+    def stale(self) -> None:
+        self.disconnect()
+
+
+def _connection_args(config: ClusterSection, password: Secret | None) -> dict[str, Any]:
+    """What every data connection gets: every wait bounded by ``redis_timeout``."""
+    timeout = config.redis_timeout
+    return {
+        "decode_responses": False,
+        "username": config.username,
+        "password": None if password is None else password.reveal(),
+        "connect_timeout": timeout,
+        "stream_timeout": timeout,
+    }
 
 
 @asynccontextmanager
@@ -433,24 +509,44 @@ async def open_store(
     made yet (the first request connects, and fails as :class:`RedisUnavailable` if Redis is
     not there: the gateway starts degraded rather than not at all).
 
-    Every wait is bounded by ``redis_timeout``: connecting, each reply, and waiting for a
-    free connection; coredis's own retries are off (each caller has its rhythm).
+    Redis is ``redis_url``, or the primary the ``sentinels`` name for ``sentinel_master``
+    (asked again for every new connection: after a failover the next connections go to the
+    promoted replica; the sentinels are asked without a password).
+
+    Every wait is bounded by ``redis_timeout``: connecting (asking the sentinels included),
+    each reply, and waiting for a free connection; coredis's own retries are off (each caller
+    has its rhythm).
     """
     timeout = config.redis_timeout
-    pool = _SlotKeepingPool.from_url(
-        config.redis_url,
-        decode_responses=False,
-        username=config.username,
-        password=None if password is None else password.reveal(),
-        connect_timeout=timeout,
-        stream_timeout=timeout,
-        timeout=timeout,
+    args = _connection_args(config, password)
+    if config.redis_url is not None:
+        pool = _SlotKeepingPool.from_url(config.redis_url, timeout=timeout, **args)
+        client: coredis.Redis[bytes] = coredis.Redis(
+            connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
+        )
+        async with client:
+            yield RedisStore(client, config)
+        return
+    assert config.sentinel_master is not None  # the config requires it with sentinels
+    sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
+        [TCPLocation(a.host, a.port) for a in config.sentinels],
+        sentinel_kwargs={
+            "connect_timeout": timeout,
+            "stream_timeout": timeout,
+            "pool_timeout": timeout,
+            "connection_pool_cls": _SlotKeepingPool,
+        },
+        retry_policy=NoRetryPolicy(),
+        **args,
     )
-    client: coredis.Redis[bytes] = coredis.Redis(
-        connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
-    )
-    async with client:
-        yield RedisStore(client, config)
+    async with sentinel:
+        client = sentinel.primary_for(
+            config.sentinel_master, connection_pool_class=_SentinelPool, timeout=timeout
+        )
+        pool_ = client.connection_pool
+        assert isinstance(pool_, _SentinelPool)
+        async with client:
+            yield RedisStore(client, config, on_read_only=pool_.stale)
 
 
 # coredis logs every failed connection set-up as an ERROR with a traceback; the cluster
