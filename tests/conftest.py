@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import pytest
 
-from tests.redis_kit import RedisServer, redis_unavailable
+from tests.redis_kit import RedisServer, SentinelGroup, redis_unavailable
 
 TEST_TOKEN: Final = "tok-SECRET-5f0c2e9a-never-log-me"
 
@@ -57,3 +57,11 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
 def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     """A started redis-server without persistence, killed after the test."""
     return redis_factory()
+
+
+@pytest.fixture
+def sentinel_group() -> Iterator[SentinelGroup]:
+    """A primary, its replica and three sentinels (``tests/redis_kit.py``), killed afterwards."""
+    require_redis()
+    with SentinelGroup() as group:
+        yield group

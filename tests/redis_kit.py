@@ -518,6 +518,17 @@ class SentinelGroup:
                 return False
         return True
 
+    def cut_replication(self) -> RedisServer:
+        """Writes to the primary stop reaching the replica from now on (what asynchronous
+        replication loses when the primary dies): the primary's default user may no longer
+        ``PSYNC``/``SYNC`` and the replica's link is closed, so its reconnects are refused.
+        Keep the primary's death within a couple of seconds of this: the sentinels promote
+        only a replica whose link has not been down for long. Returns the primary."""
+        primary = self.primary()
+        primary.call("ACL", "SETUSER", "default", "-psync", "-sync")
+        primary.call("CLIENT", "KILL", "TYPE", "replica")
+        return primary
+
     def wait_failover(self, old: RedisServer) -> RedisServer:
         """Wait until every live sentinel names a running server other than *old*; that one."""
 
