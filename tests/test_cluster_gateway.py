@@ -731,7 +731,10 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
     is killed (-9) a moment later: the promoted replica lacks the last appends. Each owner
     finds its streams behind what Redis had confirmed and appends the missing frames again
     from memory: every subscriber sees every frame once, in order; frames flow again within
-    the failover + 2 s (+ slack); no instance stopped."""
+    the failover + 2 s (+ slack); no instance stopped. The streams are whole again: a third
+    instance started afterwards sends a ``backfill: -1`` subscriber every frame from seq 1
+    (the relays, caught up before the kill, would not have noticed a hole; the stream
+    would have one)."""
     group = sentinel_group
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
     with trio.fail_after(60):
@@ -749,7 +752,7 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                 )
                 killed_at = trio.current_time()
                 await primary.akill()
-                await group.await_failover(primary)
+                promoted = await group.await_failover(primary)
                 failover = trio.current_time() - killed_at
                 back = {(n, fx): s.count(fx) for n, s in subs.items() for fx in fixtures}
                 await wait_until(
@@ -758,8 +761,30 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                     ),
                     20,
                 )
-                for sub in subs.values():
+                for fx in fixtures:
+                    rows = promoted.call("XRANGE", f"dde:stream:tracking/{fx}", "-", "+")
+                    assert isinstance(rows, list)
+                    seqs = [int(row[0].split(b"-")[0]) for row in rows]  # type: ignore[index]
+                    assert seqs == list(range(1, len(seqs) + 1)), f"{fx}: {_breaks(seqs)}"
+                late_member = await c.start("gw-c")
+                await wait_until(
+                    lambda: all(
+                        late_member.epoch(fx) == owner[fx].epoch(fx) and late_member.seq(fx)
+                        for fx in fixtures
+                    ),
+                    15,
+                )
+                late = await Subscriber.open(nursery, late_member)
+                for fx in fixtures:
+                    await late.subscribe("tracking", fx, backfill=-1)
+                await wait_until(
+                    lambda: all(late.count(fx) >= back["gw-a", fx] + 25 for fx in fixtures), 20
+                )
+                for sub in [*subs.values(), late]:
                     await sub.close()
+            for fx in fixtures:
+                assert late.frames[fx][0][0] == 1, fx
+                assert_contiguous(late.frames[fx], f"{fx} backfilled on gw-c")
             for name, sub in subs.items():
                 for fx in fixtures:
                     # Every frame once, in order, on the owner and on the relay.
