@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 
@@ -205,15 +205,12 @@ _DOWN: Final = (
 
 
 @contextmanager
-def _boundary(on_read_only: Callable[[], None] | None = None) -> Iterator[None]:
+def _boundary() -> Iterator[None]:
     """Where coredis's errors end: Redis not there (:data:`_DOWN`) or refusing to serve
-    (an error reply) leaves as :class:`RedisUnavailable`; anything else is a bug and goes on.
-    *on_read_only*: called when Redis says it is a replica (the pool's connections are stale)."""
+    (an error reply) leaves as :class:`RedisUnavailable`; anything else is a bug and goes on."""
     try:
         yield
     except _DOWN as exc:
-        if on_read_only is not None and isinstance(exc, coredis.exceptions.ReadOnlyError):
-            on_read_only()
         raise _unavailable(exc) from None
     except coredis.exceptions.ResponseError as exc:
         raise _refused(exc) from None
@@ -222,15 +219,8 @@ def _boundary(on_read_only: Callable[[], None] | None = None) -> Iterator[None]:
 class RedisStore:
     """One Redis connection pool and the cluster's requests on it. Open with :func:`open_store`."""
 
-    def __init__(
-        self,
-        client: coredis.Redis[bytes],
-        config: ClusterSection,
-        *,
-        on_read_only: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, client: coredis.Redis[bytes], config: ClusterSection) -> None:
         self._client = client
-        self._on_read_only = on_read_only
         self.keys = Keys(config.key_prefix)
         self._maxlen = config.stream_maxlen
         #: Stream names (encoded) by fixture key and back, for the relay's reads.
@@ -249,11 +239,11 @@ class RedisStore:
         self._demand = client.register_script(_scripts.DEMAND)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        with _boundary(self._on_read_only):
+        with _boundary():
             return await script(keys=list(keys), args=list(args))
 
     async def ping(self) -> None:
-        with _boundary(self._on_read_only):
+        with _boundary():
             await self._client.ping()
 
     async def heartbeat(self, instance: str, ttl: float, info: str) -> dict[str, str]:
@@ -334,7 +324,7 @@ class RedisStore:
     async def api_fixtures(self, add: Mapping[str, int], remove: Iterable[str]) -> dict[str, int]:
         """Apply this instance's API changes (key -> backfill; keys removed) to the cluster's
         set, then return the whole set."""
-        with _boundary(self._on_read_only):
+        with _boundary():
             async with self._client.pipeline(transaction=False) as pipe:
                 if add:
                     pipe.hset(self.keys.api, {k: str(v) for k, v in add.items()})
@@ -375,7 +365,7 @@ class RedisStore:
             args.append(name)
             ids.append(b"%d-0" % seq)
         args += ids
-        with _boundary(self._on_read_only):
+        with _boundary():
             reply = await self._client.create_request(CommandName.XREAD, *args, callback=_raw)
         if not reply:
             return []
@@ -390,7 +380,7 @@ class RedisStore:
 
     async def tail(self, key: str, after: int, count: int) -> list[Entry]:
         """Up to *count* entries after seq *after* (no waiting)."""
-        with _boundary(self._on_read_only):
+        with _boundary():
             entries = await self._client.xrange(
                 self.keys.stream(key), start=f"({after}-0", end="+", count=count
             )
@@ -398,7 +388,7 @@ class RedisStore:
 
     async def first_seq(self, key: str) -> int:
         """The oldest seq the stream still holds (0: none)."""
-        with _boundary(self._on_read_only):
+        with _boundary():
             entries = await self._client.xrange(self.keys.stream(key), count=1)
         return _entry(entries[0]).seq if entries else 0
 
@@ -469,11 +459,10 @@ class _SentinelPool(_SlotKeeping, SentinelConnectionPool):
     primary is (and checks its ``ROLE``), so connections made after a failover go to the
     promoted replica.
 
-    Two more leaks of coredis 6.9 fixed here: a connection that could not be made (no
+    One more leak of coredis 6.9 fixed here: a connection that could not be made (no
     primary known, the one named is a replica now, or the wait for it ran out) gives its
-    slot back too; and when Redis says it is read-only (the primary was demoted while this
-    pool held connections to it) :meth:`stale` drops every connection, so the next ones ask
-    the sentinels again.
+    slot back too. (A primary demoted by the sentinels closes its clients' connections
+    itself: the next ones ask the sentinels again.)
     """
 
     async def _construct_connection(self) -> Any:
@@ -482,9 +471,6 @@ class _SentinelPool(_SlotKeeping, SentinelConnectionPool):
         except BaseException:
             self._available_connections.put_nowait(None)
             raise
-
-    def stale(self) -> None:
-        self.disconnect()
 
 
 def _connection_args(config: ClusterSection, password: Secret | None) -> dict[str, Any]:
@@ -543,10 +529,8 @@ async def open_store(
         client = sentinel.primary_for(
             config.sentinel_master, connection_pool_class=_SentinelPool, timeout=timeout
         )
-        pool_ = client.connection_pool
-        assert isinstance(pool_, _SentinelPool)
         async with client:
-            yield RedisStore(client, config, on_read_only=pool_.stale)
+            yield RedisStore(client, config)
 
 
 # coredis logs every failed connection set-up as an ERROR with a traceback; the cluster
