@@ -750,18 +750,24 @@ async def test_through_sentinel_every_failover_is_followed(
             assert await group.await_failover(second) is first
             await eventually(lambda: works(store), 15)
             assert [e.seq for e in await store.tail(K1, 0, 10)] == [1, 2]
-            # No sentinel answers: the reason says so.
+            # No sentinel answers while the primary runs: its connections cut, every new one
+            # fails (the reason says why). More such failures than the pool has slots: each
+            # gives its slot back (coredis 6.9 loses it), so the store works again once the
+            # sentinels are back.
             for sentinel in group.sentinels:
                 await sentinel.akill()
-            first.kill()
+            first.call("CLIENT", "KILL", "TYPE", "normal")
             errors = await _each_fails(store, bound=3 * timeout + 1.0)
             said += map(str, errors.values())
-            assert {str(e) for e in errors.values()} <= {
-                "redis sentinels name no primary",
-                "redis unreachable: Connection refused",
-                "redis timed out",
-            }, {str(e) for e in errors.values()}
-            assert "redis sentinels name no primary" in {str(e) for e in errors.values()}
+            reasons = {str(e) for e in errors.values()}
+            assert "redis sentinels name no primary" in reasons, reasons
+            for _ in range(80):
+                with pytest.raises(RedisUnavailable, match="sentinels name no primary") as info:
+                    await store.ping()
+                said.append(str(info.value))
+            for sentinel in group.sentinels:
+                await trio.to_thread.run_sync(sentinel.start)
+            await eventually(lambda: works(store), 15)
     text = "\n".join(str(e) for e in said)
     assert not any(port in text for port in ports), text
     assert not any(f"127.0.0.1:{port}" in caplog.text for port in ports)
