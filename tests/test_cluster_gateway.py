@@ -734,11 +734,16 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
     the failover + 2 s (+ slack); no instance stopped. The streams are whole again: a third
     instance started afterwards sends a ``backfill: -1`` subscriber every frame from seq 1
     (the relays, caught up before the kill, would not have noticed a hole; the stream
-    would have one)."""
+    would have one). One fixture's vendor goes quiet before the kill: its owner has nothing
+    to append, and its stream is made whole all the same (the next round notices)."""
     group = sentinel_group
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    quiet = fixtures[0]
     with trio.fail_after(60):
-        async with cluster_of(tmp_path, group, tracking(fixtures)) as c:
+        # No stall detection (reconnect) while the quiet fixture is quiet.
+        async with cluster_of(
+            tmp_path, group, tracking(fixtures), upstream={"stall_timeout": 60.0}
+        ) as c:
             members, owner = await two_settled(c, fixtures)
             async with trio.open_nursery() as nursery:
                 subs = await subscribed_everywhere(nursery, members, fixtures)
@@ -750,10 +755,32 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                         m.node.appender.frames_appended >= appended[m.name] + 20 for m in members
                     )
                 )
+                c.sim.faults(quiet).stall = True
+                quiet_owner = owner[quiet].node
+                await wait_until(
+                    lambda: (
+                        quiet_owner.appender.appended.get(f"tracking/{quiet}")
+                        == owner[quiet].seq(quiet)
+                    )
+                )
+                quiet_seq = owner[quiet].seq(quiet)
                 killed_at = trio.current_time()
                 await primary.akill()
                 promoted = await group.await_failover(primary)
                 failover = trio.current_time() - killed_at
+
+                async def quiet_whole() -> bool:
+                    rows = await trio.to_thread.run_sync(
+                        promoted.call, "XREVRANGE", f"dde:stream:tracking/{quiet}", "+", "-",
+                        "COUNT", "1",
+                    )  # fmt: skip
+                    return bool(rows) and rows[0][0] == b"%d-0" % quiet_seq  # type: ignore[index]
+
+                with trio.fail_after(10):
+                    while not await quiet_whole():  # noqa: ASYNC110 - the state is in Redis
+                        await trio.sleep(0.05)
+                assert owner[quiet].seq(quiet) == quiet_seq  # still quiet: no frame since
+                c.sim.faults(quiet).stall = False
                 back = {(n, fx): s.count(fx) for n, s in subs.items() for fx in fixtures}
                 await wait_until(
                     lambda: all(
@@ -790,6 +817,8 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                 for fx in fixtures:
                     # Every frame once, in order, on the owner and on the relay.
                     assert_contiguous(sub.frames[fx], f"{fx} on {name}")
+                    if fx == quiet:
+                        continue  # its vendor was quiet on purpose
                     pause = longest_pause(sub.arrived[fx], killed_at)
                     assert pause <= failover + 2.0 + 3.0, (name, fx, pause, failover)
                     print(f"{name} {fx}: failover {failover:.2f} s, longest pause {pause:.2f} s")
