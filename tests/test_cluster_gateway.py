@@ -747,14 +747,15 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
             members, owner = await two_settled(c, fixtures)
             async with trio.open_nursery() as nursery:
                 subs = await subscribed_everywhere(nursery, members, fixtures)
-                appended = {m.name: m.node.appender.frames_appended for m in members}
+
+                def confirmed(fx: str) -> int:
+                    appended: dict[str, int] = owner[fx].node.appender.appended
+                    return appended.get(f"tracking/{fx}", 0)
+
                 primary = await trio.to_thread.run_sync(group.cut_replication)
-                # Appends the replica will never have: at least 10 per owner.
-                await wait_until(
-                    lambda: all(
-                        m.node.appender.frames_appended >= appended[m.name] + 20 for m in members
-                    )
-                )
+                cut = {fx: confirmed(fx) for fx in fixtures}
+                # Appends the replica will never have: at least 10 per fixture.
+                await wait_until(lambda: all(confirmed(fx) >= cut[fx] + 10 for fx in fixtures))
                 c.sim.faults(quiet).stall = True
                 quiet_owner = owner[quiet].node
                 await wait_until(
@@ -828,5 +829,7 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                 # What the promoted replica lacked came again from memory, all of it.
                 assert m.node.appender.frames_reappended >= 20, m.name
                 assert m.node.appender.frames_lost == 0, m.name
+                # The failover moved no lease: no fencing, no lease lost, no takeover.
+                assert (m.node.fenced, m.node.leases_lost) == (0, 0), m.name
             assert all(owner[fx].owns(fx) for fx in fixtures)
             c.check_healthy()
