@@ -537,7 +537,8 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
     """Redis goes away and comes back (with its data, or empty). Nothing crashes; each instance
     is degraded while Redis is down (its relayed fixtures too) and recovers by itself; frames
     flow again on both. Owners keep their fan-out meanwhile, and keep the epoch when Redis lost
-    everything (they hold the numbering). With the data kept nothing is lost at all."""
+    everything (they hold the numbering). Nothing is lost either way: with the data lost each
+    owner appends its memory history again (the stream starts at seq 1 again)."""
     redis: RedisServer = redis_factory(persistence=True)
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
     with trio.fail_after(60):
@@ -604,10 +605,15 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
                 assert meta == epochs[fx].encode(), fx  # type: ignore[union-attr]
                 # The owner's own subscriber never misses a vendor frame.
                 assert_contiguous(subs[owner[fx].name].frames[fx], f"{fx} on its owner")
-                if keep_data:
-                    # Appends were retried, not dropped: the relays caught up without a gap.
-                    for m in members:
-                        assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+                # Appends were retried, not dropped: the relays caught up without a gap. Redis
+                # back empty: each owner appended its memory history again first.
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+                first = redis.call("XRANGE", f"dde:stream:tracking/{fx}", "-", "+", "COUNT", "1")
+                assert isinstance(first, list) and first, fx
+                assert first[0][0] == b"1-0", (fx, first)  # type: ignore[index]
+            if not keep_data:
+                assert all(m.node.appender.frames_reappended > 0 for m in members)
             c.check_healthy()
 
 
