@@ -497,7 +497,8 @@ async def open_store(
 
     Redis is ``redis_url``, or the primary the ``sentinels`` name for ``sentinel_master``
     (asked again for every new connection: after a failover the next connections go to the
-    promoted replica; the sentinels are asked without a password).
+    promoted replica; the sentinels are asked without a password, in turn, each for at most
+    ``redis_timeout / (len(sentinels) + 1)``).
 
     Every wait is bounded by ``redis_timeout``: connecting (asking the sentinels included),
     each reply, and waiting for a free connection; coredis's own retries are off (each caller
@@ -514,12 +515,15 @@ async def open_store(
             yield RedisStore(client, config)
         return
     assert config.sentinel_master is not None  # the config requires it with sentinels
+    # The sentinels are asked one after the other within the connection's redis_timeout: a
+    # hung one may take only its share, so the others are still asked in time.
+    ask = timeout / (len(config.sentinels) + 1)
     sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
         [TCPLocation(a.host, a.port) for a in config.sentinels],
         sentinel_kwargs={
-            "connect_timeout": timeout,
-            "stream_timeout": timeout,
-            "pool_timeout": timeout,
+            "connect_timeout": ask,
+            "stream_timeout": ask,
+            "pool_timeout": ask,
             "connection_pool_cls": _SlotKeepingPool,
         },
         retry_policy=NoRetryPolicy(),
