@@ -188,6 +188,7 @@ async def test_append_entries_fields_meta_and_mixed_groups(redis_server: RedisSe
                 b"owner": b"gw-a",
                 b"p": b"1003",
                 b"t": b"4.5",
+                b"last": b"3",
             }
             # A status alone: meta updated, nothing appended, reply 0.
             status = AppendGroup(K1, EPOCH, [], ("backoff", "vendor closed"))
@@ -233,8 +234,9 @@ async def test_append_behind_what_redis_confirmed_writes_nothing(
     writing the stream again without them: XDEL would keep its last id): an append expecting
     the stream up to seq 8 writes nothing and says where the stream ends (``Behind``); sent
     again with the missing frames first and the stream's real end as ``expect``, it writes
-    them all, in order. A stream that is gone altogether is behind at 0; ``expect`` 0
-    (nothing confirmed yet) is never behind; a lease held by another is fenced first."""
+    them all, in order. A stream gone with its meta (Redis empty) is behind at 0; ``expect``
+    0 (nothing confirmed yet) is never behind; a lease held by another is fenced first; a
+    meta without ``last`` (an older version's) has the stream asked."""
     with trio.fail_after(20):
         async with store_of(redis_server) as store:
             await store.leases(TOK_A, 30.0, {K1: "a", K2: "a"})
@@ -243,6 +245,9 @@ async def test_append_behind_what_redis_confirmed_writes_nothing(
             redis_server.call("DEL", stream)
             for seq, p, t, d in frames(range(1, 6)):
                 redis_server.call("XADD", stream, f"{seq}-0", "p", str(p), "t", repr(t), "d", d)
+            # The script keeps the stream's last seq beside it (a replica has both or neither).
+            assert redis_server.call("HGET", f"dde:meta:{K1}", "last") == b"8"
+            redis_server.call("HSET", f"dde:meta:{K1}", "last", "5")
             ahead = AppendGroup(K1, EPOCH, frames(range(9, 11)), ("live", ""), expect=8)
             fresh = AppendGroup(K2, EPOCH, frames(range(1, 3)), expect=0)
             assert await store.append(TOK_A, "gw-a", [ahead, fresh]) == [Behind(5), 2]
@@ -250,9 +255,13 @@ async def test_append_behind_what_redis_confirmed_writes_nothing(
             again = AppendGroup(K1, EPOCH, frames(range(6, 11)), expect=5)
             assert await store.append(TOK_A, "gw-a", [again]) == [10]
             assert [e.seq for e in await store.tail(K1, 0, 100)] == list(range(1, 11))
-            redis_server.call("DEL", f"dde:stream:{K2}")
+            redis_server.call("DEL", f"dde:stream:{K2}", f"dde:meta:{K2}")
             lost = AppendGroup(K2, EPOCH, frames(range(3, 4)), expect=2)
             assert await store.append(TOK_A, "gw-a", [lost]) == [Behind(0)]
+            # A meta without ``last`` (written by an older version): read from the stream.
+            redis_server.call("HDEL", f"dde:meta:{K1}", "last")
+            older = AppendGroup(K1, EPOCH, frames(range(11, 12)), expect=12)
+            assert await store.append(TOK_A, "gw-a", [older]) == [Behind(10)]
             # Fenced before behind: another holder's lease refuses whatever the stream holds.
             await store.release(TOK_A, [K2])
             await store.leases(TOK_B, 30.0, {K2: "a"})

@@ -56,7 +56,8 @@ return n
 #: them) gets ``behind:<last seq>`` and no frame of it is written (the owner appends the
 #: missing ones first); else each frame becomes entry ``<seq>-0`` (an entry already there,
 #: from a retry, is skipped: Redis refuses an id not above the last) and the reply is the last
-#: seq written (0: none). Streams are trimmed to about maxlen entries.
+#: seq written (0: none); meta's ``last`` keeps the stream's last seq (reading it from the
+#: stream would copy the whole last frame). Streams are trimmed to about maxlen entries.
 APPEND: Final = """
 local token, maxlen, instance, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local a = 5
@@ -84,8 +85,14 @@ for g = 1, #KEYS / 3 do
       end
       local top = 0
       if expect > 0 then
-        local e = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-        if e[1] then top = tonumber(string.match(e[1][1], '^(%d+)')) end
+        -- The stream's last seq, as this script keeps it in meta (written with the entries,
+        -- so a replica has both or neither); read from the stream only where meta lacks it.
+        top = tonumber(redis.call('HGET', meta, 'last') or '-1')
+        if top < 0 then
+          top = 0
+          local e = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+          if e[1] then top = tonumber(string.match(e[1][1], '^(%d+)')) end
+        end
       end
       local write = n
       if top < expect then
@@ -109,7 +116,11 @@ for g = 1, #KEYS / 3 do
           if p ~= '' then lp, lt = p, t end
         end
       end
-      if lp then redis.call('HSET', meta, 'p', lp, 't', lt) end
+      if lp then
+        redis.call('HSET', meta, 'p', lp, 't', lt, 'last', last)
+      elseif last > 0 then
+        redis.call('HSET', meta, 'last', last)
+      end
       if not out[g] then out[g] = last end
     end
   end
