@@ -54,14 +54,14 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
-def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
-    """A started redis-server without persistence, killed after the test."""
-    return redis_factory()
-
-
-@pytest.fixture
 def sentinel_group() -> Iterator[SentinelGroup]:
     """A primary, its replica and three sentinels (``tests/redis_kit.py``), killed afterwards."""
     require_redis()
     with SentinelGroup() as group:
         yield group
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A started redis-server without persistence, killed after the test."""
+    return redis_factory()
