@@ -712,6 +712,7 @@ async def test_the_password_is_never_in_an_error(
 # -- Redis through Sentinel ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_through_sentinel_every_failover_is_followed(
     sentinel_group: SentinelGroup, caplog: pytest.LogCaptureFixture
 ) -> None:
