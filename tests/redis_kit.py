@@ -398,7 +398,8 @@ class RedisServer:
 
 class SentinelServer(RedisServer):
     """``redis-server SENTINEL.CONF --sentinel`` watching *master* at 127.0.0.1:*primary_port*
-    (quorum 2). Ready when it answers ``PING`` over TCP (a sentinel has no unix socket)."""
+    (quorum 2). Ready when it answers over TCP (a sentinel has no unix socket). *password*: the
+    watched servers' (``sentinel auth-pass``); the sentinel itself asks for none."""
 
     def __init__(
         self,
@@ -454,14 +455,18 @@ class SentinelServer(RedisServer):
 
 
 class SentinelGroup:
-    """A primary, a replica of it and three sentinels (quorum 2) on free ports of 127.0.0.1;
+    """A primary, a replica of it and three sentinels (quorum 2) on free ports of 127.0.0.1
+    (*password*: the primary's and the replica's);
     :meth:`close` kills them all. Start with :meth:`start` (or as a context manager): it
     returns once the replica is in sync and every sentinel knows the replica and the other
     two sentinels (so a failover can happen at once)."""
 
     MASTER: Final = "dde-test"
 
-    def __init__(self, *, down_after_ms: int = 400, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, *, password: str | None = None, down_after_ms: int = 400, start_timeout: float = 30.0
+    ) -> None:
+        self.password = password
         self.start_timeout = start_timeout
         self.down_after_ms = down_after_ms
         self.servers: list[RedisServer] = []
@@ -469,11 +474,14 @@ class SentinelGroup:
 
     def start(self) -> Self:
         try:
-            primary = self._add(RedisServer())
-            self._add(RedisServer(replica_of=primary.port))
+            primary = self._add(RedisServer(password=self.password))
+            self._add(RedisServer(password=self.password, replica_of=primary.port))
             for _ in range(3):
                 sentinel = SentinelServer(
-                    master=self.MASTER, primary_port=primary.port, down_after_ms=self.down_after_ms
+                    master=self.MASTER,
+                    primary_port=primary.port,
+                    down_after_ms=self.down_after_ms,
+                    password=self.password,
                 )
                 self.sentinels.append(sentinel)
                 sentinel.start()

@@ -36,6 +36,7 @@ from gateway.cluster import (
     open_store,
 )
 from gateway.config import ClusterSection, ListenAddress
+from tests.conftest import require_redis
 from tests.redis_kit import RedisServer, SentinelGroup
 
 K1 = "tracking/f1"
@@ -714,21 +715,36 @@ async def test_the_password_is_never_in_an_error(
 
 @pytest.mark.slow
 async def test_through_sentinel_every_failover_is_followed(
-    sentinel_group: SentinelGroup, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``sentinels`` + ``sentinel_master``: the store works on the primary the sentinels name.
     A hung sentinel costs only its share of ``redis_timeout``. A switchover (``SENTINEL
     FAILOVER``: the primary demoted while the pool holds connections to it) and a kill -9 of
     the primary are followed without reopening the store; meanwhile every method fails as
     RedisUnavailable within ``redis_timeout`` (+ slack), its reason (shown by ``/readyz``)
-    naming no address; with every sentinel gone the reason says so."""
-    group = sentinel_group
+    naming no address; with every sentinel gone the reason says so. The servers need a
+    password (read from its file): it appears in no error, traceback or log line."""
+    require_redis()
+    caplog.set_level(logging.DEBUG)
+    secret = "pw-5e1f0a7b-sentinel-secret"
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(secret + "\n")
+    with SentinelGroup(password=secret) as group:
+        await _through_sentinel(group, password_file, secret, caplog)
+    assert secret not in caplog.text
+
+
+async def _through_sentinel(
+    group: SentinelGroup, password_file: Path, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
     timeout = 1.0
     config = ClusterSection(
         sentinels=tuple(ListenAddress.parse(a) for a in group.addresses),
         sentinel_master=group.MASTER,
         redis_timeout=timeout,
+        password_file=password_file,
     )
+    chains: list[str] = []
     ports = {str(s.port) for s in [*group.servers, *group.sentinels]}
     said: list[str] = []
 
@@ -737,11 +753,12 @@ async def test_through_sentinel_every_failover_is_followed(
             await _all_work(store)
         except RedisUnavailable as exc:
             said.append(str(exc))
+            chains.append(_everything_said(exc))
             return False
         return True
 
     with trio.fail_after(60):
-        async with open_store(config) as store:
+        async with open_store(config, password=config.read_password()) as store:
             # The first sentinel asked hangs: the others are asked in time.
             group.sentinels[0].pause()
             try:
@@ -763,6 +780,7 @@ async def test_through_sentinel_every_failover_is_followed(
             await second.akill()
             errors = await _each_fails(store, bound=timeout + 1.0)
             said += map(str, errors.values())
+            chains += map(_everything_said, errors.values())
             assert await group.await_failover(second) is first
             await eventually(lambda: works(store), 15)
             assert [e.seq for e in await store.tail(K1, 0, 10)] == [1, 2]
@@ -775,15 +793,18 @@ async def test_through_sentinel_every_failover_is_followed(
             first.call("CLIENT", "KILL", "TYPE", "normal")
             errors = await _each_fails(store, bound=3 * timeout + 1.0)
             said += map(str, errors.values())
+            chains += map(_everything_said, errors.values())
             reasons = {str(e) for e in errors.values()}
             assert "redis sentinels name no primary" in reasons, reasons
             for _ in range(80):
                 with pytest.raises(RedisUnavailable, match="sentinels name no primary") as info:
                     await store.ping()
                 said.append(str(info.value))
+                chains.append(_everything_said(info.value))
             for sentinel in group.sentinels:
                 await trio.to_thread.run_sync(sentinel.start)
             await eventually(lambda: works(store), 15)
     text = "\n".join(str(e) for e in said)
     assert not any(port in text for port in ports), text
+    assert chains and not any(secret in chain for chain in chains)
     assert not any(f"127.0.0.1:{port}" in caplog.text for port in ports)
