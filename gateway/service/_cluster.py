@@ -791,6 +791,9 @@ class ClusterNode:
         keys = list(self._fixtures)
         if not keys:
             return
+        # What Redis had confirmed before this read (appends confirmed while it is under way
+        # are not behind the stream it reads).
+        confirmed = {} if self._appender is None else dict(self._appender.appended)
         metas = await store.metas(keys)
         self._metas.update(metas)
         for key, meta in metas.items():
@@ -799,7 +802,7 @@ class ClusterNode:
                 archive.oldest = meta.first_seq
             owned = self._owned.get(key)
             if owned is not None and (
-                meta.state is None or meta.last_seq < owned.appender.appended.get(key, 0)
+                meta.state is None or meta.last_seq < confirmed.get(key, 0)
             ):
                 # Redis lost the owner's state or frames it had confirmed (restarted empty, or
                 # a replica that lacked them was promoted): write the state again for relays;
