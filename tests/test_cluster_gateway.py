@@ -770,11 +770,12 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                         == owner[quiet].seq(quiet)
                     )
                 )
-                quiet_seq = owner[quiet].seq(quiet)
                 killed_at = trio.current_time()
                 await primary.akill()
                 promoted = await group.await_failover(primary)
                 failover = trio.current_time() - killed_at
+                # A frame the simulator was sending when the stall began has arrived by now.
+                quiet_seq = owner[quiet].seq(quiet)
 
                 async def quiet_whole() -> bool:
                     rows = await trio.to_thread.run_sync(
