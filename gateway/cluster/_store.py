@@ -533,6 +533,7 @@ async def open_store(
         client = sentinel.primary_for(
             config.sentinel_master, connection_pool_class=_SentinelPool, timeout=timeout
         )
+        client.verify_version = False  # as for redis_url (primary_for has no such argument)
         async with client:
             yield RedisStore(client, config)
 

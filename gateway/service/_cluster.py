@@ -801,9 +801,7 @@ class ClusterNode:
             if archive is not None:
                 archive.oldest = meta.first_seq
             owned = self._owned.get(key)
-            if owned is not None and (
-                meta.state is None or meta.last_seq < confirmed.get(key, 0)
-            ):
+            if owned is not None and (meta.state is None or meta.last_seq < confirmed.get(key, 0)):
                 # Redis lost the owner's state or frames it had confirmed (restarted empty, or
                 # a replica that lacked them was promoted): write the state again for relays;
                 # its append finds the stream behind and appends the missing frames again
