@@ -97,13 +97,20 @@ class Cluster:
     #: The most connections the simulator ever had at once for a fixture (sampled).
     max_sessions: collections.Counter[str] = attrs.Factory(collections.Counter)
 
-    async def start(self, name: str) -> Member:
-        cluster = {"redis_url": f"redis://127.0.0.1:{self.redis.port}/0", "instance": name}
+    async def start(self, name: str, **sections: Any) -> Member:
+        """Start instance *name*: the cluster's *sections*, then this instance's own."""
+        cluster = {
+            "lease_ttl": TTL,
+            "redis_timeout": 0.5,
+            **self.sections.get("cluster", {}),
+            "redis_url": f"redis://127.0.0.1:{self.redis.port}/0",
+            "instance": name,
+        }
         config = gateway_config(
             self.sim_port,
             self.token_file,
             self.fixtures,
-            **{**self.sections, "cluster": {"lease_ttl": TTL, "redis_timeout": 0.5, **cluster}},
+            **{**self.sections, **sections, "cluster": cluster},
         )
         member: Member = await self.nursery.start(self._run, name, config)
         self.members.append(member)
