@@ -212,3 +212,31 @@ async def test_a_new_cluster_numbering_never_shares_a_segment_with_the_old(tmp_p
     assert seqs_of(records) == [*range(1, 11), *range(21, 26)]
     saved = orjson.loads((tmp_path / "rec" / "tracking" / FX / "meta.json").read_bytes())
     assert (saved["epoch"], saved["epoch_after"]) == ("e2", 10)
+
+
+async def test_a_jump_in_the_relayed_numbering_is_kept_across_a_restart(tmp_path: Path) -> None:
+    """A relayed seq jump (the stream was trimmed past the relay) in the middle of one writer
+    batch: the frames after it begin a segment of their own, so a restart's recovery keeps
+    both sides of the gap (one segment holding both would be cut at the jump)."""
+    config = gateway_config(9, tmp_path / "token", [])  # no upstream: the test publishes
+    hub = Hub(config.feeds)
+    with trio.fail_after(30):
+        recorder = Recorder(RecorderSection(dir=tmp_path / "rec"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recorder.run)
+            topic = hub.topic("tracking", FX)
+            ClusterRecording(recorder).attach(topic)
+            for i in range(1, 6):  # one synchronous step: one batch for the writer
+                topic.publish(f'{{"ix":{i}}}', i)
+            for i in range(9, 13):
+                topic.publish_at(i, f'{{"ix":{i}}}', i)
+            lg = recorder.get("tracking", FX)
+            assert lg is not None
+            await wait_until(lambda: lg.written_seq == 12)
+            nursery.cancel_scope.cancel()
+        again = Recorder(RecorderSection(dir=tmp_path / "rec"))
+        await again.close()
+    reopened = again.get("tracking", FX)
+    assert reopened is not None and reopened.last_seq == 12
+    records = list(read_recording(tmp_path / "rec" / "tracking" / FX))
+    assert seqs_of(records) == [1, 2, 3, 4, 5, 9, 10, 11, 12]
