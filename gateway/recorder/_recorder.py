@@ -256,8 +256,8 @@ class Recorder:
         if epoch == lg.epoch:
             return
         new = lg.adopt_epoch(epoch)
-        if not lg.active or self._closed:
-            return  # meta.json is written when it is followed again
+        if not lg.recording or self._closed:
+            return  # meta.json is written when it records again (never while refused)
         if new:
             self.shared.queue.append((lg, 0, None, 0.0, OP_FINISH))
         self.shared.queue.append((lg, 0, None, 0.0, OP_OPEN))
