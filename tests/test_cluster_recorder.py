@@ -82,15 +82,23 @@ async def test_every_instance_records_the_match_under_the_clusters_numbering(
     disk, once and in order, then live; the download works on each instance."""
     with trio.fail_after(90):
         async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **SECTIONS) as c:
+            # The vendor holds its frames until both instances run: the match starts with both.
+            c.sim.faults(FX).stall = True
             a = await c.start("gw-a", **recorder_of(tmp_path, "a"))
             b = await c.start("gw-b", **recorder_of(tmp_path, "b"))
-            await wait_until(
-                lambda: a.owns(FX) and b.epoch(FX) == a.epoch(FX) and b.seq(FX) > 0, 20
-            )
-            # Far past the stream (100) and the history (50) of both instances.
+            await wait_until(lambda: a.owns(FX), 20)
+            c.sim.faults(FX).stall = False
+            await wait_until(lambda: b.epoch(FX) == a.epoch(FX) and b.seq(FX) > 0, 20)
+            # Far past the stream (about 100) and the history (50) of both instances.
             await wait_until(lambda: min(written(a), written(b)) >= 6 * STREAM_MAXLEN, 40)
             topic = b.gw.hub.get("tracking", FX)
             assert topic is not None and topic.first_held > STREAM_MAXLEN
+            # The stream no longer has the match's start: only a disk can give it.
+            oldest = redis_server.call("XRANGE", f"dde:stream:tracking/{FX}", "-", "+", "COUNT", 1)
+            assert isinstance(oldest, list) and oldest, oldest
+            entry = oldest[0]
+            assert isinstance(entry, list) and isinstance(entry[0], bytes), entry
+            assert int(entry[0].split(b"-")[0]) > 1, entry[0]
             async with trio.open_nursery() as nursery:
                 on_b = await Subscriber.open(nursery, b)
                 reply = await on_b.subscribe("tracking", FX, backfill=-1)
@@ -125,26 +133,30 @@ async def test_every_instance_records_the_match_under_the_clusters_numbering(
     assert [r.raw for r in on_a[:common]] == [r.raw for r in on_b_disk[:common]]
 
 
-@pytest.mark.parametrize("missed", ["in the stream", "trimmed"])
+@pytest.mark.parametrize(
+    ("missed", "maxlen", "ahead"),
+    [("in the stream", 5000, 200), ("trimmed", STREAM_MAXLEN, 3 * STREAM_MAXLEN)],
+)
 async def test_a_restarted_instance_goes_on_recording_from_the_stream(
-    tmp_path: Path, redis_server: RedisServer, missed: str
+    tmp_path: Path, redis_server: RedisServer, missed: str, maxlen: int, ahead: int
 ) -> None:
     """The relay stops; started again on the same directory, its topic takes the stream's
     numbering and its recording goes on: the frames it missed are filled from the stream,
     nothing twice; when the stream no longer has them, the recording has an honest gap (a seq
     jump between two segments), never a frame twice or under another seq."""
     with trio.fail_after(90):
-        async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **SECTIONS) as c:
+        sections = {**SECTIONS, "cluster": {"stream_maxlen": maxlen}}
+        async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **sections) as c:
             a = await c.start("gw-a", **recorder_of(tmp_path, "a"))
             b = await c.start("gw-b", **recorder_of(tmp_path, "b"))
             await wait_until(lambda: a.owns(FX) and written(b) >= 2 * HISTORY, 30)
             await c.stop(b)
             stopped_at = recorded(tmp_path, "b")[-1].seq
-            # Missed: fewer frames than the stream keeps, or more.
-            ahead = HISTORY + 10 if missed == "in the stream" else 3 * STREAM_MAXLEN
+            # Missed: more frames than the history holds, fewer than the stream keeps; or more.
             await wait_until(lambda: written(a) >= stopped_at + ahead, 30)
             b2 = await c.start("gw-b", **recorder_of(tmp_path, "b"))
-            await wait_until(lambda: written(b2) >= written(a) > stopped_at + ahead + 50, 30)
+            target = written(a) + 50
+            await wait_until(lambda: written(b2) >= target, 30)
             epoch = a.epoch(FX)
             assert b2.epoch(FX) == epoch
             await c.stop(b2)
