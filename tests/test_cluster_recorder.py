@@ -80,8 +80,10 @@ async def test_every_instance_records_the_match_under_the_clusters_numbering(
     """Owner and relay both record every frame once, with the cluster's seq and epoch; a
     subscriber of the relay asking ``backfill: -1`` gets the whole match from that instance's
     disk, once and in order, then live; the download works on each instance."""
+    # A history of 200: the relay joins (and records) before the match passes it.
+    sections = {**SECTIONS, "feeds": {"tracking": {"history": 200}}}
     with trio.fail_after(90):
-        async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **SECTIONS) as c:
+        async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **sections) as c:
             # The vendor holds its frames until both instances run: the match starts with both.
             c.sim.faults(FX).stall = True
             a = await c.start("gw-a", **recorder_of(tmp_path, "a"))
@@ -89,7 +91,7 @@ async def test_every_instance_records_the_match_under_the_clusters_numbering(
             await wait_until(lambda: a.owns(FX), 20)
             c.sim.faults(FX).stall = False
             await wait_until(lambda: b.epoch(FX) == a.epoch(FX) and b.seq(FX) > 0, 20)
-            # Far past the stream (about 100) and the history (50) of both instances.
+            # Far past the stream (about 100) and the history (200) of both instances.
             await wait_until(lambda: min(written(a), written(b)) >= 6 * STREAM_MAXLEN, 40)
             topic = b.gw.hub.get("tracking", FX)
             assert topic is not None and topic.first_held > STREAM_MAXLEN
@@ -131,6 +133,44 @@ async def test_every_instance_records_the_match_under_the_clusters_numbering(
         assert meta(tmp_path, name)["epoch"] == epoch, name
     common = min(len(on_a), len(on_b_disk))
     assert [r.raw for r in on_a[:common]] == [r.raw for r in on_b_disk[:common]]
+
+
+async def test_an_instance_that_joins_late_records_from_its_join(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """An instance that joins mid-match records what it serves from then on (it does not copy
+    the whole stream in its first round); its ``backfill: -1`` takes the older frames from the
+    stream while it has them, then its own disk, then live: once each, in order."""
+    sections = {**SECTIONS, "cluster": {"stream_maxlen": 5000}}
+    with trio.fail_after(90):
+        async with cluster_of(tmp_path, redis_server, tracking([FX]), rate_hz=100, **sections) as c:
+            a = await c.start("gw-a", **recorder_of(tmp_path, "a"))
+            await wait_until(lambda: written(a) >= 4 * HISTORY, 30)
+            b = await c.start("gw-b", **recorder_of(tmp_path, "b"))
+            await wait_until(lambda: b.seq(FX) > 0, 20)
+            joined = b.seq(FX)
+            await wait_until(lambda: written(b) >= joined + 3 * HISTORY, 30)
+            recorder = b.gw.recorder
+            assert recorder is not None
+            lg = recorder.get("tracking", FX)
+            assert lg is not None
+            assert 1 < lg.first_seq <= joined, (lg.first_seq, joined)
+            async with trio.open_nursery() as nursery:
+                on_b = await Subscriber.open(nursery, b)
+                reply = await on_b.subscribe("tracking", FX, backfill=-1)
+                live_from = reply["seq"] + 30
+                await wait_until(
+                    lambda: bool(on_b.frames[FX]) and on_b.frames[FX][-1][0] >= live_from, 30
+                )
+                await on_b.close()
+            frames = on_b.frames[FX]
+            assert frames[0][0] == 1, frames[:3]
+            assert_contiguous(frames, "backfill -1 on the late relay")
+            assert not on_b.gaps and not on_b.errors
+            await c.stop(b)
+            await c.stop(a)
+    records = recorded(tmp_path, "b")
+    assert seqs_of(records) == list(range(records[0].seq, records[-1].seq + 1))
 
 
 @pytest.mark.parametrize(

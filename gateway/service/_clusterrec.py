@@ -46,7 +46,9 @@ class TopicRecording(Protocol):
 
 class RecordingArchive:
     """A topic's archive: its recording while that carries the topic's epoch (the frames
-    after :attr:`FixtureLog.epoch_after`), else *fallback* (the fixture's stream)."""
+    after :attr:`FixtureLog.epoch_after`), and *fallback* (the fixture's stream) for what is
+    older than the recording (an instance that joined late) or when the recording does not
+    carry the topic's epoch."""
 
     def __init__(self, lg: FixtureLog, topic: Topic, fallback: TopicArchive | None) -> None:
         self.log = lg
@@ -60,10 +62,14 @@ class RecordingArchive:
     @property
     def first_seq(self) -> int:
         lg = self.log
+        fallback = self.fallback
         if self._disk():
-            return _first_after(lg, lg.epoch_after)
-        if self.fallback is not None:
-            return self.fallback.first_seq
+            first = _first_after(lg, lg.epoch_after)
+            if fallback is not None and fallback.first_seq < first:
+                return fallback.first_seq
+            return first
+        if fallback is not None:
+            return fallback.first_seq
         return lg.written_seq + 1
 
     @property
@@ -80,9 +86,13 @@ class RecordingArchive:
 
     def open_cursor(self, seq: int) -> ArchiveCursor:
         lg = self.log
-        if self._disk() or self.fallback is None:
+        fallback = self.fallback
+        if fallback is None:
             return lg.open_cursor(max(seq, lg.epoch_after + 1))
-        return self.fallback.open_cursor(seq)
+        if self._disk() and seq >= _first_after(lg, lg.epoch_after):
+            return lg.open_cursor(max(seq, lg.epoch_after + 1))
+        # Older than the recording: the stream holds it, and everything after it.
+        return fallback.open_cursor(seq)
 
 
 def _first_after(lg: FixtureLog, after: int) -> int:
@@ -152,7 +162,9 @@ class ClusterRecording:
 
     def prime_from(self, feed: str, fixture: str, start: int) -> int:
         lg = self.recorder.get(feed, fixture)
-        if lg is None or lg.broken:
+        if lg is None or lg.broken or not lg.last_seq:
+            # Nothing recorded yet (an instance that joins): it records what it serves from
+            # now on; the frames before are the stream's (the archive reads them there).
             return start
         return min(start, lg.last_seq)
 
