@@ -29,6 +29,7 @@ from tests.test_cluster_gateway import (
     Subscriber,
     assert_contiguous,
     cluster_of,
+    http_call,
     ranked,
     tracking,
 )
@@ -292,3 +293,49 @@ async def test_a_jump_in_the_relayed_numbering_is_kept_across_a_restart(tmp_path
     assert reopened is not None and reopened.last_seq == 12
     records = list(read_recording(tmp_path / "rec" / "tracking" / FX))
     assert seqs_of(records) == [1, 2, 3, 4, 5, 9, 10, 11, 12]
+
+
+async def test_a_fixture_no_longer_followed_closes_its_recording_everywhere(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Deleted through the API of one instance: on both, owner and relay, the recording goes
+    idle and its segment is closed (listed in the index, compressed)."""
+    fx = "api-rec-1"
+    with trio.fail_after(60):
+        async with cluster_of(
+            tmp_path, redis_server, [], extra_sim_fixtures=[("tracking", fx)], rate_hz=100
+        ) as c:
+            members = [
+                await c.start("gw-a", **recorder_of(tmp_path, "a")),
+                await c.start("gw-b", **recorder_of(tmp_path, "b")),
+            ]
+            status = await trio.to_thread.run_sync(
+                http_call, members[0], "PUT", f"/v1/fixtures/tracking/{fx}", b"{}"
+            )
+            assert status == 201
+
+            def log_of(m: Member) -> Any:
+                recorder = m.gw.recorder
+                assert recorder is not None
+                return recorder.get("tracking", fx)
+
+            await wait_until(
+                lambda: all(log_of(m) is not None and log_of(m).written_seq >= 50 for m in members),
+                30,
+            )
+            assert {log_of(m).state for m in members} == {"recording"}
+            status = await trio.to_thread.run_sync(
+                http_call, members[1], "DELETE", f"/v1/fixtures/tracking/{fx}"
+            )
+            assert status == 204
+            await wait_until(
+                lambda: all(
+                    log_of(m).state == "idle"
+                    and log_of(m).open_segment is None
+                    and log_of(m).segments
+                    and log_of(m).segments[-1].compressed
+                    for m in members
+                ),
+                20,
+            )
+            c.check_healthy()
