@@ -121,7 +121,7 @@ def _check_config(path: Path) -> int:
         f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "
         f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}, "
         f"subscriber access {access}, TLS {'on' if tls is not None else 'off'}"
-        + ("" if config.cluster is None else f", cluster via {config.cluster.redis_url}")
+        + ("" if config.cluster is None else f", cluster via {config.cluster.redis_where}")
     )
     return EXIT_OK
 

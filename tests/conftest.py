@@ -8,8 +8,9 @@ Rules for every test module here:
 - Every test has a hard guard (pytest-timeout, see pyproject.toml) and real-socket tests add a
   ``trio.fail_after`` with generous room for a loaded 2-core machine.
 - The upstream token used in tests is ``TEST_TOKEN``; the leak checks grep for it.
-- Redis: a test's own ``redis-server`` (``redis_server``, ``redis_factory``, see
-  ``tests/redis_kit.py``), never a system one. Without redis-server the test fails in CI
+- Redis: a test's own ``redis-server`` (``redis_server``, ``redis_factory``; a primary, a
+  replica and three sentinels: ``sentinel_group``; see ``tests/redis_kit.py``), never a
+  system one. Without redis-server the test fails in CI
   (``CI=true``) and skips elsewhere, saying why.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Final
 
 import pytest
 
-from tests.redis_kit import RedisServer, redis_unavailable
+from tests.redis_kit import RedisServer, SentinelGroup, redis_unavailable
 
 TEST_TOKEN: Final = "tok-SECRET-5f0c2e9a-never-log-me"
 
@@ -52,6 +53,14 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.fixture
+def sentinel_group() -> Iterator[SentinelGroup]:
+    """A primary, its replica and three sentinels (``tests/redis_kit.py``), killed afterwards."""
+    require_redis()
+    with SentinelGroup() as group:
+        yield group
 
 
 @pytest.fixture

@@ -20,6 +20,12 @@ system's service: Debian's package starts one on 6379, and the tests must not se
   that accepts connections but answers nothing). The blocking ones have ``a``-prefixed async
   twins that run in a worker thread, so a gateway on the test's trio loop keeps running.
 - ``DEBUG`` is enabled for local connections (``DEBUG SLEEP`` makes a slow server).
+- ``replica_of=PORT``: a replica of the server on 127.0.0.1:PORT (``--replicaof``).
+- :class:`SentinelServer`: ``redis-server --sentinel`` with a config file of its own (sentinel
+  rewrites it); :class:`SentinelGroup` is a primary, a replica and three sentinels watching
+  them with short timeouts (a kill -9 of the primary is failed over in about 1-3 s), and says
+  which server is the primary now (:meth:`SentinelGroup.wait_failover` waits on the
+  sentinels' answer, never on a guessed time).
 
 :func:`redis_unavailable` says why no server can be started here; the ``redis_server`` fixture
 (``tests/conftest.py``) then fails the test in CI (``CI=true``) and skips it elsewhere.
@@ -34,9 +40,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeAlias
+from typing import Any, Final, Self, TypeAlias
 
 import trio
 
@@ -116,6 +123,7 @@ class RedisServer:
         executable: str | None = None,
         start_timeout: float = 10.0,
         port_attempts: int = 8,
+        replica_of: int | None = None,
     ) -> None:
         if password is not None and not password.replace("-", "").isalnum():
             raise ValueError("test passwords are letters, digits and '-' (they go in URLs as is)")
@@ -127,6 +135,7 @@ class RedisServer:
         self.password = password
         self.start_timeout = start_timeout
         self.port_attempts = port_attempts
+        self.replica_of = replica_of
         self.directory = _short_tempdir()
         #: The server's working directory: its AOF / RDB files, nothing else.
         self.data_dir = self.directory / "data"
@@ -310,6 +319,10 @@ class RedisServer:
             args += ["--appendonly", "no"]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            if self.password is not None:
+                args += ["--masterauth", self.password]
         return args
 
     def _launch(self, port: int, deadline: float) -> None:
@@ -383,12 +396,191 @@ class RedisServer:
         return f"--- {self.log_path} (last {len(tail)} lines)\n" + "\n".join(tail)
 
 
+class SentinelServer(RedisServer):
+    """``redis-server SENTINEL.CONF --sentinel`` watching *master* at 127.0.0.1:*primary_port*
+    (quorum 2). Ready when it answers over TCP (a sentinel has no unix socket). *password*: the
+    watched servers' (``sentinel auth-pass``); the sentinel itself asks for none."""
+
+    def __init__(
+        self,
+        *,
+        master: str,
+        primary_port: int,
+        down_after_ms: int = 400,
+        failover_timeout_ms: int = 3000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.master = master
+        self.conf = self.directory / "sentinel.conf"
+        auth = "" if self.password is None else f"sentinel auth-pass {master} {self.password}\n"
+        self.conf.write_text(
+            f"sentinel monitor {master} 127.0.0.1 {primary_port} 2\n"
+            f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+            f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {master} 1\n" + auth
+        )
+
+    def _arguments(self, port: int) -> list[str]:
+        return [
+            self.executable, str(self.conf), "--sentinel",
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--logfile", "",
+        ]  # fmt: skip
+
+    def call(self, *args: str | bytes | int) -> RespValue:
+        return resp_call(("127.0.0.1", self.port), args)[0]
+
+    def primary(self) -> int | None:
+        """The port of the primary this sentinel names now (None: it knows none)."""
+        reply = self.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None
+        port = reply[1]
+        assert isinstance(port, bytes), reply
+        return int(port)
+
+    def _answers(self, pid: int, port: int) -> bool:
+        (info,) = resp_call(("127.0.0.1", port), ("INFO", "server"), timeout=1.0)
+        assert isinstance(info, bytes), info
+        fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+        if fields.get("process_id") != str(pid):
+            raise RedisStartError(
+                f"127.0.0.1:{port} is answered by process {fields.get('process_id')}, not {pid}"
+            )
+        return True
+
+
+class SentinelGroup:
+    """A primary, a replica of it and three sentinels (quorum 2) on free ports of 127.0.0.1
+    (*password*: the primary's and the replica's);
+    :meth:`close` kills them all. Start with :meth:`start` (or as a context manager): it
+    returns once the replica is in sync and every sentinel knows the replica and the other
+    two sentinels (so a failover can happen at once)."""
+
+    MASTER: Final = "dde-test"
+
+    def __init__(
+        self, *, password: str | None = None, down_after_ms: int = 400, start_timeout: float = 30.0
+    ) -> None:
+        self.password = password
+        self.start_timeout = start_timeout
+        self.down_after_ms = down_after_ms
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[SentinelServer] = []
+
+    def start(self) -> Self:
+        try:
+            primary = self._add(RedisServer(password=self.password))
+            self._add(RedisServer(password=self.password, replica_of=primary.port))
+            for _ in range(3):
+                sentinel = SentinelServer(
+                    master=self.MASTER,
+                    primary_port=primary.port,
+                    down_after_ms=self.down_after_ms,
+                    password=self.password,
+                )
+                self.sentinels.append(sentinel)
+                sentinel.start()
+            self._wait(self._ready, "the replica in sync and the sentinels knowing each other")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _add(self, server: RedisServer) -> RedisServer:
+        self.servers.append(server)
+        return server.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        """The sentinels as ``[cluster] sentinels`` lists them."""
+        return [f"127.0.0.1:{s.port}" for s in self.sentinels]
+
+    def primary(self) -> RedisServer:
+        """The server the first sentinel that answers names as the primary."""
+        for sentinel in self.sentinels:
+            try:
+                port = sentinel.primary()
+            except OSError:
+                continue
+            for server in self.servers:
+                if server.running and server.port == port:
+                    return server
+        raise RedisStartError("no sentinel names a running primary")
+
+    def _ready(self) -> bool:
+        replica = self.servers[1]
+        info = replica.call("INFO", "replication")
+        assert isinstance(info, bytes)
+        if b"master_link_status:up" not in info:
+            return False
+        for sentinel in self.sentinels:
+            (row,) = [sentinel.call("SENTINEL", "MASTER", self.MASTER)]
+            assert isinstance(row, list)
+            fields = dict(zip(row[::2], row[1::2], strict=True))
+            if fields.get(b"num-slaves") != b"1" or fields.get(b"num-other-sentinels") != b"2":
+                return False
+        return True
+
+    def cut_replication(self) -> RedisServer:
+        """Writes to the primary stop reaching the replica from now on (what asynchronous
+        replication loses when the primary dies): the primary's default user may no longer
+        ``PSYNC``/``SYNC`` and the replica's link is closed, so its reconnects are refused.
+        Keep the primary's death within a couple of seconds of this: the sentinels promote
+        only a replica whose link has not been down for long. Returns the primary."""
+        primary = self.primary()
+        primary.call("ACL", "SETUSER", "default", "-psync", "-sync")
+        primary.call("CLIENT", "KILL", "TYPE", "replica")
+        return primary
+
+    def wait_failover(self, old: RedisServer) -> RedisServer:
+        """Wait until every live sentinel names a running server other than *old*; that one."""
+
+        def done() -> bool:
+            ports = {s.primary() for s in self.sentinels if s.running}
+            return len(ports) == 1 and ports != {old.port} and None not in ports
+
+        self._wait(done, "the sentinels' failover")
+        return self.primary()
+
+    async def await_failover(self, old: RedisServer) -> RedisServer:
+        return await trio.to_thread.run_sync(lambda: self.wait_failover(old))
+
+    def _wait(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RedisStartError(f"no {what} within {self.start_timeout} s")
+            time.sleep(0.02)  # poll the servers' own answer
+
+    def close(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 __all__ = [
     "REDIS_ENV",
     "RedisError",
     "RedisServer",
     "RedisStartError",
     "RespValue",
+    "SentinelGroup",
+    "SentinelServer",
     "free_port",
     "redis_executable",
     "redis_unavailable",

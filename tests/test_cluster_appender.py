@@ -2,7 +2,8 @@
 
 :class:`FakeAppendStore` has ``RedisStore.append``'s signature and the APPEND script's
 semantics that matter here (an entry id not above the stream's last is skipped, a fixture
-whose lease is not ours is refused), records every request, can fail with
+whose lease is not ours is refused, a stream ending below the group's ``expect`` gets
+``Behind`` and nothing written), records every request, can fail with
 ``RedisUnavailable`` a given number of times and can hold requests in flight. Retry pauses run
 under ``MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``), so they are exact.
 """
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, RedisUnavailable
+from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, Behind, RedisUnavailable
 
 K1, K2 = "tracking/1", "tracking/2"
 EPOCH = "e1"
@@ -50,7 +51,7 @@ class FakeAppendStore:
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         self.calls.append((token, instance, list(groups)))
         self._called.set()
         if self.gate is not None:
@@ -59,13 +60,16 @@ class FakeAppendStore:
         if self.fail:
             self.fail -= 1
             raise RedisUnavailable("redis unreachable: Connection refused")
-        out: list[int | str] = []
+        out: list[int | str | Behind] = []
         for g in groups:
             if g.key in self.refused:
                 out.append(self.refused[g.key])
                 continue
             last = 0
             stream = self.streams[g.key]
+            if (stream[-1] if stream else 0) < g.expect:
+                out.append(Behind(stream[-1] if stream else 0))
+                continue
             for seq, _, _, _ in g.frames:
                 if not stream or seq > stream[-1]:
                     stream.append(seq)
@@ -181,7 +185,7 @@ class LostReplyStore(FakeAppendStore):
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         out = await super().append(token, instance, groups)
         if len(self.calls) == 1:
             raise RedisUnavailable("redis timed out")
@@ -388,3 +392,80 @@ async def test_requests_start_at_least_append_interval_apart(
         await appender.wait_written(K2)
         assert trio.current_time() == t1
         assert len(store.calls) == 3
+
+
+class History:
+    """The node's memory history for the appender: frames ``1..held`` of :data:`EPOCH` per
+    fixture (the oldest ``forgotten`` of them no longer held); records every question."""
+
+    def __init__(self, held: int, forgotten: int = 0) -> None:
+        self.held = held
+        self.forgotten = forgotten
+        self.asked: list[tuple[str, str, int, int]] = []
+
+    def __call__(
+        self, key: str, epoch: str, after: int, before: int
+    ) -> list[tuple[int, int | None, float, bytes]]:
+        self.asked.append((key, epoch, after, before))
+        if epoch != EPOCH:
+            return []
+        start = max(after + 1, self.forgotten + 1)
+        return [(s, 1000 + s, 2.0, data(key, s)) for s in range(start, min(before, self.held + 1))]
+
+
+async def test_a_stream_behind_what_redis_confirmed_gets_the_missing_frames_first() -> None:
+    """Redis confirmed K1 up to seq 6, then lost 4..6 (a replica promoted without them): the
+    next append of K1 is refused as behind at 3; the appender puts 4..6 from the memory
+    history in front of the queued frames and the stream ends up whole, in order, each frame
+    once; K2 in the same request is written as usual. Counted as re-appended."""
+    store = FakeAppendStore()
+    history = History(held=9)
+    appender = Appender(
+        store, TOKEN, "gw-a", max_bytes=1 << 20, on_fenced=Fenced(), history=history
+    )
+    async with running(appender):
+        for seq in range(1, 7):
+            frame(appender, K1, seq)
+        await appender.wait_written(K1)
+        assert appender.appended[K1] == 6
+        del store.streams[K1][3:]  # Redis lost 4..6
+        for key, seq in [(K1, 7), (K2, 1), (K1, 8)]:
+            frame(appender, key, seq)
+        appender.status(K1, EPOCH, "live", "")
+        await appender.wait_written(K1)
+        await appender.wait_written(K2)
+    assert store.streams == {K1: list(range(1, 9)), K2: [1]}
+    assert history.asked == [(K1, EPOCH, 3, 7)]
+    refused, again = store.groups[-2:]
+    assert [(g.key, seqs(g), g.expect) for g in refused] == [(K1, [7, 8], 6), (K2, [1], 0)]
+    assert [(g.key, seqs(g), g.expect, g.status) for g in again] == [
+        (K1, [4, 5, 6, 7, 8], 3, ("live", ""))
+    ]
+    assert again[0].frames[0] == (4, 1004, 2.0, data(K1, 4))
+    assert store.statuses[K1] == ("live", "")
+    assert (appender.frames_reappended, appender.frames_lost) == (3, 0)
+    assert appender.appended == {K1: 8, K2: 1}
+    assert appender.frames_appended == 12  # 1..6, then 4..8 (re-appended 4..6 too), K2 1
+    assert appender.queued_bytes == 0
+
+
+async def test_frames_lost_beyond_the_memory_history_are_counted() -> None:
+    """Redis came back without K1's stream; the memory no longer holds 1..2 of the 5 it had
+    confirmed: 3..5 are appended again, 2 counted lost (relays see that gap). A status alone
+    (the node's nudge for an idle fixture) finds the stream behind the same way."""
+    store = FakeAppendStore()
+    history = History(held=5, forgotten=2)
+    appender = Appender(
+        store, TOKEN, "gw-a", max_bytes=1 << 20, on_fenced=Fenced(), history=history
+    )
+    async with running(appender):
+        for seq in range(1, 6):
+            frame(appender, K1, seq)
+        await appender.wait_written(K1)
+        store.streams[K1].clear()
+        appender.status(K1, EPOCH, "live", "")
+        await appender.wait_written(K1)
+    assert history.asked == [(K1, EPOCH, 0, 6)]
+    assert store.streams[K1] == [3, 4, 5]
+    assert (appender.frames_reappended, appender.frames_lost) == (3, 2)
+    assert appender.appended[K1] == 5

@@ -34,7 +34,7 @@ from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
 from tests.kit import gateway_config, http_get, http_url, stream_url, wait_until
-from tests.redis_kit import RedisServer
+from tests.redis_kit import RedisServer, SentinelGroup
 
 TTL = 2.0
 ROUND = TTL / 4
@@ -90,7 +90,7 @@ class Cluster:
     sim: Simulator
     sim_port: int
     token_file: Path
-    redis: RedisServer
+    redis: RedisServer | SentinelGroup
     fixtures: list[tuple[str, str]]
     sections: dict[str, Any]
     members: list[Member] = attrs.Factory(list)
@@ -99,11 +99,17 @@ class Cluster:
 
     async def start(self, name: str, **sections: Any) -> Member:
         """Start instance *name*: the cluster's *sections*, then this instance's own."""
+        redis = self.redis
+        where: dict[str, Any] = (
+            {"sentinels": redis.addresses, "sentinel_master": redis.MASTER}
+            if isinstance(redis, SentinelGroup)
+            else {"redis_url": f"redis://127.0.0.1:{redis.port}/0"}
+        )
         cluster = {
             "lease_ttl": TTL,
             "redis_timeout": 0.5,
             **self.sections.get("cluster", {}),
-            "redis_url": f"redis://127.0.0.1:{self.redis.port}/0",
+            **where,
             "instance": name,
         }
         config = gateway_config(
@@ -159,7 +165,7 @@ class Cluster:
 @asynccontextmanager
 async def cluster_of(
     tmp_path: Path,
-    redis: RedisServer,
+    redis: RedisServer | SentinelGroup,
     fixtures: Sequence[tuple[str, str]],
     *,
     rate_hz: float = 50.0,
@@ -187,6 +193,8 @@ class Subscriber:
     def __init__(self, url: str) -> None:
         self.url = url
         self.frames: dict[str, list[tuple[int, int | None]]] = collections.defaultdict(list)
+        #: When each frame arrived (trio time), beside :attr:`frames`.
+        self.arrived: dict[str, list[float]] = collections.defaultdict(list)
         self.subscribed: dict[str, dict[str, Any]] = {}
         self.states: dict[str, list[str]] = collections.defaultdict(list)
         self.errors: list[str] = []
@@ -219,6 +227,7 @@ class Subscriber:
         if kind == "frame":
             data = msg["data"]
             self.frames[msg["fixture"]].append((msg["seq"], data.get("ix")))
+            self.arrived[msg["fixture"]].append(trio.current_time())
         elif kind == "subscribed":
             self.subscribed[msg["fixture"]] = msg
         elif kind == "status":
@@ -535,7 +544,8 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
     """Redis goes away and comes back (with its data, or empty). Nothing crashes; each instance
     is degraded while Redis is down (its relayed fixtures too) and recovers by itself; frames
     flow again on both. Owners keep their fan-out meanwhile, and keep the epoch when Redis lost
-    everything (they hold the numbering). With the data kept nothing is lost at all."""
+    everything (they hold the numbering). Nothing is lost either way: with the data lost each
+    owner appends its memory history again (the stream starts at seq 1 again)."""
     redis: RedisServer = redis_factory(persistence=True)
     fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
     with trio.fail_after(60):
@@ -602,10 +612,15 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
                 assert meta == epochs[fx].encode(), fx  # type: ignore[union-attr]
                 # The owner's own subscriber never misses a vendor frame.
                 assert_contiguous(subs[owner[fx].name].frames[fx], f"{fx} on its owner")
-                if keep_data:
-                    # Appends were retried, not dropped: the relays caught up without a gap.
-                    for m in members:
-                        assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+                # Appends were retried, not dropped: the relays caught up without a gap. Redis
+                # back empty: each owner appended its memory history again first.
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+                first = redis.call("XRANGE", f"dde:stream:tracking/{fx}", "-", "+", "COUNT", "1")
+                assert isinstance(first, list) and first, fx
+                assert first[0][0] == b"1-0", (fx, first)  # type: ignore[index]
+            if not keep_data:
+                assert all(m.node.appender.frames_reappended > 0 for m in members)
             c.check_healthy()
 
 
@@ -708,4 +723,127 @@ async def test_connect_rate_holds_across_instances(
             assert busiest <= rate + 1, [round(t - times[0], 3) for t in times]
             # The instances did wait for cluster-wide slots (not only their own limiters).
             assert sum(m.node.connect_waits for m in members) > 0
+            c.check_healthy()
+
+
+# -- 7. Redis through Sentinel ---------------------------------------------------------------
+
+
+def longest_pause(times: Sequence[float], start: float) -> float:
+    """The longest time without a frame from *start* on."""
+    later = [start, *(t for t in times if t >= start)]
+    return max(b - a for a, b in itertools.pairwise(later))
+
+
+@pytest.mark.slow
+async def test_sentinel_failover_loses_and_duplicates_nothing(
+    tmp_path: Path, sentinel_group: SentinelGroup
+) -> None:
+    """Two instances on a Sentinel-watched Redis (a primary, a replica, three sentinels), each
+    owning two fixtures, a subscriber on each to all four. Replication is cut, then the primary
+    is killed (-9) a moment later: the promoted replica lacks the last appends. Each owner
+    finds its streams behind what Redis had confirmed and appends the missing frames again
+    from memory: every subscriber sees every frame once, in order; frames flow again within
+    the failover + 2 s (+ slack); no instance stopped. The streams are whole again: a third
+    instance started afterwards sends a ``backfill: -1`` subscriber every frame from seq 1
+    (the relays, caught up before the kill, would not have noticed a hole; the stream
+    would have one). One fixture's vendor goes quiet before the kill: its owner has nothing
+    to append, and its stream is made whole all the same (the next round notices)."""
+    group = sentinel_group
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    quiet = fixtures[0]
+    with trio.fail_after(60):
+        # No stall detection (reconnect) while the quiet fixture is quiet.
+        async with cluster_of(
+            tmp_path, group, tracking(fixtures), upstream={"stall_timeout": 60.0}
+        ) as c:
+            members, owner = await two_settled(c, fixtures)
+            async with trio.open_nursery() as nursery:
+                subs = await subscribed_everywhere(nursery, members, fixtures)
+
+                def confirmed(fx: str) -> int:
+                    appended: dict[str, int] = owner[fx].node.appender.appended
+                    return appended.get(f"tracking/{fx}", 0)
+
+                primary = await trio.to_thread.run_sync(group.cut_replication)
+                cut = {fx: confirmed(fx) for fx in fixtures}
+                # Appends the replica will never have: at least 10 per fixture.
+                await wait_until(lambda: all(confirmed(fx) >= cut[fx] + 10 for fx in fixtures))
+                c.sim.faults(quiet).stall = True
+                quiet_owner = owner[quiet].node
+                await wait_until(
+                    lambda: (
+                        quiet_owner.appender.appended.get(f"tracking/{quiet}")
+                        == owner[quiet].seq(quiet)
+                    )
+                )
+                killed_at = trio.current_time()
+                await primary.akill()
+                promoted = await group.await_failover(primary)
+                failover = trio.current_time() - killed_at
+                # A frame the simulator was sending when the stall began has arrived by now.
+                quiet_seq = owner[quiet].seq(quiet)
+
+                async def quiet_whole() -> bool:
+                    rows = await trio.to_thread.run_sync(
+                        promoted.call, "XREVRANGE", f"dde:stream:tracking/{quiet}", "+", "-",
+                        "COUNT", "1",
+                    )  # fmt: skip
+                    return bool(rows) and rows[0][0] == b"%d-0" % quiet_seq  # type: ignore[index]
+
+                with trio.fail_after(10):
+                    while not await quiet_whole():  # noqa: ASYNC110 - the state is in Redis
+                        await trio.sleep(0.05)
+                assert owner[quiet].seq(quiet) == quiet_seq  # still quiet: no frame since
+                c.sim.faults(quiet).stall = False
+                back = {(n, fx): s.count(fx) for n, s in subs.items() for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        s.count(fx) >= back[n, fx] + 25 for n, s in subs.items() for fx in fixtures
+                    ),
+                    20,
+                )
+                for fx in fixtures:
+                    rows = promoted.call("XRANGE", f"dde:stream:tracking/{fx}", "-", "+")
+                    assert isinstance(rows, list)
+                    ids = [row[0] for row in rows if isinstance(row, list)]
+                    seqs = [int(i.split(b"-")[0]) for i in ids if isinstance(i, bytes)]
+                    assert seqs == list(range(1, len(seqs) + 1)), f"{fx}: {_breaks(seqs)}"
+                late_member = await c.start("gw-c")
+                await wait_until(
+                    lambda: all(
+                        late_member.epoch(fx) == owner[fx].epoch(fx) and late_member.seq(fx)
+                        for fx in fixtures
+                    ),
+                    15,
+                )
+                late = await Subscriber.open(nursery, late_member)
+                for fx in fixtures:
+                    await late.subscribe("tracking", fx, backfill=-1)
+                await wait_until(
+                    lambda: all(late.count(fx) >= back["gw-a", fx] + 25 for fx in fixtures), 20
+                )
+                for sub in [*subs.values(), late]:
+                    await sub.close()
+            for fx in fixtures:
+                assert late.frames[fx][0][0] == 1, fx
+                assert_contiguous(late.frames[fx], f"{fx} backfilled on gw-c")
+            for name, sub in subs.items():
+                for fx in fixtures:
+                    # Every frame once, in order, on the owner and on the relay.
+                    assert_contiguous(sub.frames[fx], f"{fx} on {name}")
+                    if fx == quiet:
+                        continue  # its vendor was quiet on purpose
+                    pause = longest_pause(sub.arrived[fx], killed_at)
+                    assert pause <= failover + 2.0 + 3.0, (name, fx, pause, failover)
+                    print(f"{name} {fx}: failover {failover:.2f} s, longest pause {pause:.2f} s")
+                assert not sub.gaps, sub.gaps
+            for m in members:
+                assert not m.done.is_set(), f"{m.name} stopped"
+                # What the promoted replica lacked came again from memory, all of it.
+                assert m.node.appender.frames_reappended >= 20, m.name
+                assert m.node.appender.frames_lost == 0, m.name
+                # The failover moved no lease: no fencing, no lease lost, no takeover.
+                assert (m.node.fenced, m.node.leases_lost) == (0, 0), m.name
+            assert all(owner[fx].owns(fx) for fx in fixtures)
             c.check_healthy()

@@ -222,6 +222,24 @@ async def test_failing_is_set_while_reads_fail_and_cleared_by_the_next_answer(
     assert sink.batches == [[5]]
 
 
+async def test_retry_pauses_are_capped_at_a_second(autojump_clock: trio.testing.MockClock) -> None:
+    """Reads failing for long (Redis down, a Sentinel failover): the pause doubles from 0.1 s
+    up to 1 s, so relayed frames flow again within about a second of Redis being back."""
+    store = FakeReadStore()
+    relay = Relay(store)
+    async with running(relay):
+        relay.follow(K1, after=0, sink=Sink())
+        r = await store.next_read()
+        pauses = []
+        for _ in range(7):
+            t0 = trio.current_time()
+            r.fail()
+            r = await store.next_read()
+            pauses.append(round(trio.current_time() - t0, 6))
+        r.answer([])
+    assert pauses == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+
+
 async def test_a_relay_left_with_nothing_to_read_is_not_failing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -26,9 +26,18 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.cluster import AppendGroup, Entry, Meta, RedisStore, RedisUnavailable, open_store
-from gateway.config import ClusterSection
-from tests.redis_kit import RedisServer
+from gateway.cluster import (
+    AppendGroup,
+    Behind,
+    Entry,
+    Meta,
+    RedisStore,
+    RedisUnavailable,
+    open_store,
+)
+from gateway.config import ClusterSection, ListenAddress
+from tests.conftest import require_redis
+from tests.redis_kit import RedisServer, SentinelGroup
 
 K1 = "tracking/f1"
 K2 = "tracking/f2"
@@ -180,6 +189,7 @@ async def test_append_entries_fields_meta_and_mixed_groups(redis_server: RedisSe
                 b"owner": b"gw-a",
                 b"p": b"1003",
                 b"t": b"4.5",
+                b"last": b"3",
             }
             # A status alone: meta updated, nothing appended, reply 0.
             status = AppendGroup(K1, EPOCH, [], ("backoff", "vendor closed"))
@@ -216,6 +226,47 @@ async def test_a_retried_batch_writes_nothing_twice(redis_server: RedisServer) -
             assert await store.append(TOK_A, "gw-a", more) == [8]
             tail = await store.tail(K1, 0, 100)
             assert [e.seq for e in tail] == list(range(1, 9))
+
+
+async def test_append_behind_what_redis_confirmed_writes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """Redis lost the last confirmed appends (a replica promoted without them; simulated by
+    writing the stream again without them: XDEL would keep its last id): an append expecting
+    the stream up to seq 8 writes nothing and says where the stream ends (``Behind``); sent
+    again with the missing frames first and the stream's real end as ``expect``, it writes
+    them all, in order. A stream gone with its meta (Redis empty) is behind at 0; ``expect``
+    0 (nothing confirmed yet) is never behind; a lease held by another is fenced first; a
+    meta without ``last`` (an older version's) has the stream asked."""
+    with trio.fail_after(20):
+        async with store_of(redis_server) as store:
+            await store.leases(TOK_A, 30.0, {K1: "a", K2: "a"})
+            assert await store.append(TOK_A, "gw-a", [AppendGroup(K1, EPOCH, frames(range(1, 9)))])
+            stream = f"dde:stream:{K1}"
+            redis_server.call("DEL", stream)
+            for seq, p, t, d in frames(range(1, 6)):
+                redis_server.call("XADD", stream, f"{seq}-0", "p", str(p), "t", repr(t), "d", d)
+            # The script keeps the stream's last seq beside it (a replica has both or neither).
+            assert redis_server.call("HGET", f"dde:meta:{K1}", "last") == b"8"
+            redis_server.call("HSET", f"dde:meta:{K1}", "last", "5")
+            ahead = AppendGroup(K1, EPOCH, frames(range(9, 11)), ("live", ""), expect=8)
+            fresh = AppendGroup(K2, EPOCH, frames(range(1, 3)), expect=0)
+            assert await store.append(TOK_A, "gw-a", [ahead, fresh]) == [Behind(5), 2]
+            assert [e.seq for e in await store.tail(K1, 0, 100)] == [1, 2, 3, 4, 5]
+            again = AppendGroup(K1, EPOCH, frames(range(6, 11)), expect=5)
+            assert await store.append(TOK_A, "gw-a", [again]) == [10]
+            assert [e.seq for e in await store.tail(K1, 0, 100)] == list(range(1, 11))
+            redis_server.call("DEL", f"dde:stream:{K2}", f"dde:meta:{K2}")
+            lost = AppendGroup(K2, EPOCH, frames(range(3, 4)), expect=2)
+            assert await store.append(TOK_A, "gw-a", [lost]) == [Behind(0)]
+            # A meta without ``last`` (written by an older version): read from the stream.
+            redis_server.call("HDEL", f"dde:meta:{K1}", "last")
+            older = AppendGroup(K1, EPOCH, frames(range(11, 12)), expect=12)
+            assert await store.append(TOK_A, "gw-a", [older]) == [Behind(10)]
+            # Fenced before behind: another holder's lease refuses whatever the stream holds.
+            await store.release(TOK_A, [K2])
+            await store.leases(TOK_B, 30.0, {K2: "a"})
+            assert await store.append(TOK_A, "gw-a", [lost]) == ["fenced"]
 
 
 async def test_append_trims_the_stream_to_about_maxlen(redis_server: RedisServer) -> None:
@@ -657,3 +708,103 @@ async def test_the_password_is_never_in_an_error(
     text = "\n".join(said) + caplog.text
     assert secret not in text and wrong_secret not in text
     assert "pw-" not in text
+
+
+# -- Redis through Sentinel ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_through_sentinel_every_failover_is_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sentinels`` + ``sentinel_master``: the store works on the primary the sentinels name.
+    A hung sentinel costs only its share of ``redis_timeout``. A switchover (``SENTINEL
+    FAILOVER``: the primary demoted while the pool holds connections to it) and a kill -9 of
+    the primary are followed without reopening the store; meanwhile every method fails as
+    RedisUnavailable within ``redis_timeout`` (+ slack), its reason (shown by ``/readyz``)
+    naming no address; with every sentinel gone the reason says so. The servers need a
+    password (read from its file): it appears in no error, traceback or log line."""
+    require_redis()
+    caplog.set_level(logging.DEBUG)
+    secret = "pw-5e1f0a7b-sentinel-secret"
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(secret + "\n")
+    with SentinelGroup(password=secret) as group:
+        await _through_sentinel(group, password_file, secret, caplog)
+    assert secret not in caplog.text
+
+
+async def _through_sentinel(
+    group: SentinelGroup, password_file: Path, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    timeout = 1.0
+    config = ClusterSection(
+        sentinels=tuple(ListenAddress.parse(a) for a in group.addresses),
+        sentinel_master=group.MASTER,
+        redis_timeout=timeout,
+        password_file=password_file,
+    )
+    chains: list[str] = []
+    ports = {str(s.port) for s in [*group.servers, *group.sentinels]}
+    said: list[str] = []
+
+    async def works(store: RedisStore) -> bool:
+        try:
+            await _all_work(store)
+        except RedisUnavailable as exc:
+            said.append(str(exc))
+            chains.append(_everything_said(exc))
+            return False
+        return True
+
+    with trio.fail_after(60):
+        async with open_store(config, password=config.read_password()) as store:
+            # The first sentinel asked hangs: the others are asked in time.
+            group.sentinels[0].pause()
+            try:
+                await _all_work(store)
+            finally:
+                group.sentinels[0].resume()
+            first = group.primary()
+            # A switchover: the old primary turns replica under the pool's connections.
+            group.sentinels[0].call("SENTINEL", "FAILOVER", group.MASTER)
+            second = await group.await_failover(first)
+
+            async def demoted() -> bool:
+                role = first.call("ROLE")
+                return isinstance(role, list) and role[0] == b"slave"
+
+            await eventually(demoted, 15)
+            await eventually(lambda: works(store), 15)
+            # A crash: the new primary dies; the sentinels promote the other one again.
+            await second.akill()
+            errors = await _each_fails(store, bound=timeout + 1.0)
+            said += map(str, errors.values())
+            chains += map(_everything_said, errors.values())
+            assert await group.await_failover(second) is first
+            await eventually(lambda: works(store), 15)
+            assert [e.seq for e in await store.tail(K1, 0, 10)] == [1, 2]
+            # No sentinel answers while the primary runs: its connections cut, every new one
+            # fails (the reason says why). More such failures than the pool has slots: each
+            # gives its slot back (coredis 6.9 loses it), so the store works again once the
+            # sentinels are back.
+            for sentinel in group.sentinels:
+                await sentinel.akill()
+            first.call("CLIENT", "KILL", "TYPE", "normal")
+            errors = await _each_fails(store, bound=3 * timeout + 1.0)
+            said += map(str, errors.values())
+            chains += map(_everything_said, errors.values())
+            reasons = {str(e) for e in errors.values()}
+            assert "redis sentinels name no primary" in reasons, reasons
+            for _ in range(80):
+                with pytest.raises(RedisUnavailable, match="sentinels name no primary") as info:
+                    await store.ping()
+                said.append(str(info.value))
+                chains.append(_everything_said(info.value))
+            for sentinel in group.sentinels:
+                await trio.to_thread.run_sync(sentinel.start)
+            await eventually(lambda: works(store), 15)
+    text = "\n".join(str(e) for e in said)
+    assert not any(port in text for port in ports), text
+    assert chains and not any(secret in chain for chain in chains)
+    assert not any(f"127.0.0.1:{port}" in caplog.text for port in ports)

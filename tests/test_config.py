@@ -339,6 +339,38 @@ def test_cluster_section_defaults_and_rules() -> None:
     assert both.cluster is not None and both.recorder.enabled
 
 
+def test_cluster_through_sentinels() -> None:
+    """``sentinels`` (a list of HOST:PORT) and ``sentinel_master`` instead of ``redis_url``:
+    exactly one of the two ways, the master's name with the sentinels, each address checked
+    with its index in the path."""
+    ok = {"sentinels": ["10.0.0.1:26379", "[::1]:26380", "s3:26381"], "sentinel_master": "m-1"}
+    cfg = structure_config(minimal(cluster=ok))
+    assert cfg.cluster is not None and cfg.cluster.redis_url is None
+    assert cfg.cluster.sentinels == (
+        ListenAddress("10.0.0.1", 26379),
+        ListenAddress("::1", 26380),
+        ListenAddress("s3", 26381),
+    )
+    assert cfg.cluster.redis_where == (
+        "sentinel master m-1 via 10.0.0.1:26379,[::1]:26380,s3:26381"
+    )
+    for cluster, expected in (
+        ({**ok, "sentinels": ["h:1", "nohost"]}, "got 'nohost' @ $.cluster.sentinels[1]"),
+        ({**ok, "sentinels": ["h:70000"]}, "out of range 0..65535 @ $.cluster.sentinels[0]"),
+        ({**ok, "sentinels": "h:1"}, "expected a list of HOST:PORT strings, got str"),
+        ({**ok, "sentinels": ["h:0"]}, "sentinels: h:0 has no port (0)"),
+        ({**ok, "sentinels": ["h:1", "h:1"]}, "an address is listed twice @ $.cluster"),
+        ({**ok, "sentinels": []}, "set exactly one of redis_url and sentinels @ $.cluster"),
+        ({**ok, "redis_url": "redis://h:1"}, "set exactly one of redis_url and sentinels"),
+        ({"sentinel_master": "m"}, "set exactly one of redis_url and sentinels"),
+        ({"sentinels": ["h:1"]}, "sentinel_master is required with sentinels @ $.cluster"),
+        ({"redis_url": "redis://h:1", "sentinel_master": "m"}, "only used with sentinels"),
+        ({**ok, "sentinel_master": "a b"}, "sentinel_master must be 1-64 of"),
+    ):
+        errors = errors_of(minimal(cluster=cluster))
+        assert any(expected in e for e in errors), (cluster, errors)
+
+
 def test_cluster_password_file_is_checked_and_never_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -638,6 +638,8 @@ async def test_cluster_view(tmp_path: Path) -> None:
                 "append_dropped": 3,
                 "append_fenced": 0,
                 "append_failures": 0,
+                "frames_reappended": 0,
+                "append_lost": 0,
                 "frames_relayed": 450,
                 "relay_failures": 1,
             },

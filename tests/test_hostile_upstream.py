@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio_websocket
 
+from gateway.model import FixtureStatus
 from gateway.service import Gateway, configure_logging
 from tests.conftest import TEST_TOKEN
 from tests.kit import (
@@ -109,20 +110,17 @@ async def test_huge_frames_are_bounded_by_history_bytes(tmp_path: Path) -> None:
             assert topic.history_bytes <= budget
 
 
-async def test_a_token_echoed_upstream_reaches_no_api_and_no_subscriber(
-    tmp_path: Path,
-) -> None:
-    """The vendor's refusal quoting the token went into ``detail``/``last_error`` over HTTP and
-    into ``status`` messages to every subscriber of the fixture."""
+async def refused_quoting(tmp_path: Path, text: str) -> tuple[bytes, list[str], FixtureStatus]:
+    """A vendor that refuses the token with ``errorMessage`` *text*: the fixture's API answer,
+    what a subscriber of it was sent until it was told ``unauthorized``, and its status."""
 
-    async def echo_token(ws: trio_websocket.WebSocketConnection) -> None:
-        auth = orjson.loads(await ws.get_message())
-        text = f"Supplied token {auth['authToken']} could not be authenticated"
+    async def refuse(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
         await ws.send_message(orjson.dumps({"errorMessage": text}).decode())
         await ws.aclose(1008)
 
     with trio.fail_after(60):
-        async with hostile_vendor(tmp_path, echo_token) as gw:
+        async with hostile_vendor(tmp_path, refuse) as gw:
             async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
                 await ws.send_message('{"op":"subscribe","feed":"tracking","fixture":"' + FX + '"}')
                 seen: list[str] = []
@@ -133,9 +131,20 @@ async def test_a_token_echoed_upstream_reaches_no_api_and_no_subscriber(
             await wait_until(lambda: handle.status.last_error is not None)
             status, body = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}"))
             assert status == 200
+    return body, seen, handle.status
+
+
+async def test_a_token_echoed_upstream_reaches_no_api_and_no_subscriber(
+    tmp_path: Path,
+) -> None:
+    """The vendor's refusal quoting the token went into ``detail``/``last_error`` over HTTP and
+    into ``status`` messages to every subscriber of the fixture."""
+    body, seen, status = await refused_quoting(
+        tmp_path, f"Supplied token {TEST_TOKEN} could not be authenticated"
+    )
     answer = orjson.loads(body)
     assert "Supplied token <redacted> could not be authenticated" in answer["detail"]
-    everything = body.decode() + "".join(seen) + repr(handle.status)
+    everything = body.decode() + "".join(seen) + repr(status)
     assert TEST_TOKEN not in everything
     assert any("<redacted>" in m for m in seen)  # the subscribers were told, scrubbed
 
@@ -150,25 +159,9 @@ async def test_a_token_echoed_in_another_spelling_reaches_no_api_log_or_subscrib
     the log lines carried the raw U+200B and U+2028)."""
     out = io.StringIO()
     configure_logging(fmt="json", level="debug", stream=out, secrets=lambda: [TEST_TOKEN])
-
-    async def echo_token(ws: trio_websocket.WebSocketConnection) -> None:
-        await ws.get_message()
-        text = f"Supplied token {spelled} could not be authenticated\u2028forged line"
-        await ws.send_message(orjson.dumps({"errorMessage": text}).decode())
-        await ws.aclose(1008)
-
-    with trio.fail_after(60):
-        async with hostile_vendor(tmp_path, echo_token) as gw:
-            async with trio_websocket.open_websocket_url(stream_url(gw)) as ws:
-                await ws.send_message('{"op":"subscribe","feed":"tracking","fixture":"' + FX + '"}')
-                seen: list[str] = []
-                while not any("unauthorized" in m for m in seen):
-                    seen.append(str(await ws.get_message()))
-            handle = gw.supervisor.get("tracking", FX)
-            assert handle is not None
-            await wait_until(lambda: handle.status.last_error is not None)
-            status, body = await http_get(http_url(gw, f"/v1/fixtures/tracking/{FX}"))
-            assert status == 200
+    body, seen, status = await refused_quoting(
+        tmp_path, f"Supplied token {spelled} could not be authenticated\u2028forged line"
+    )
     answer = orjson.loads(body)
     assert "Supplied token <redacted> could not be authenticated" in answer["detail"]
     assert (
@@ -179,7 +172,7 @@ async def test_a_token_echoed_in_another_spelling_reaches_no_api_log_or_subscrib
     # Decoded (JSON escapes undone), so a token spelled with escapes would be found too.
     sources: list[bytes | str] = [body, *seen, *logged]
     texts = [orjson.loads(m) for m in sources]
-    everything = orjson.dumps(texts).decode() + repr(handle.status)
+    everything = orjson.dumps(texts).decode() + repr(status)
     assert TEST_TOKEN.casefold() not in unfold(everything)
     for line in logged:
         assert line.isprintable(), repr(line)  # no raw U+200B, U+2028, ...

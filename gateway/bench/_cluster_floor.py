@@ -41,7 +41,7 @@ import trio
 from gateway.bench._loadgen import percentile
 from gateway.bench._procstat import cpu_seconds
 from gateway.bench._redis import BenchRedis
-from gateway.cluster import Appender, AppendGroup, Entry, Relay, open_store
+from gateway.cluster import APPEND_INTERVAL, Appender, AppendGroup, Entry, Relay, open_store
 from gateway.config import ClusterSection
 
 PREFIX = "floor"
@@ -96,7 +96,7 @@ async def owner(
             "floor-owner",
             max_bytes=64 << 20,
             on_fenced=lambda key, why: None,
-            **_interval(args),
+            interval=_interval(args).get("interval", APPEND_INTERVAL),
         )
         await nursery.start(appender.run)
         seqs = dict.fromkeys(keys, 0)

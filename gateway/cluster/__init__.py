@@ -28,6 +28,7 @@ from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
     AppendGroup,
+    Behind,
     ClusterError,
     Entry,
     Keys,
@@ -52,6 +53,7 @@ __all__ = [
     "AppendGroup",
     "AppendStore",
     "Appender",
+    "Behind",
     "ClusterError",
     "Entry",
     "Keys",

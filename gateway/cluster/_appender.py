@@ -11,6 +11,15 @@ counted (``dropped``): the stream then misses them and relays see a gap. A fixtu
 is not ours any more is *fenced*: its queued frames are discarded and ``on_fenced`` is called
 so the node stops its upstream.
 
+Every append tells Redis the last seq it confirmed for the fixture (``expect``). A stream
+that ends below it lost frames this owner had appended (Redis restarted empty, or failed over
+to a replica that had not received the last appends: replication is asynchronous); Redis then
+writes nothing of the fixture and says where the stream ends (:class:`Behind`). The appender
+takes the missing frames from ``history`` (the topic's memory history, by the node) and puts
+them in front of the fixture's queued frames, so the next requests append them first, in
+order and fenced like any append (``reappended``); missing frames no longer in memory are
+counted (``lost``): relays see a gap there.
+
 Example::
 
     appender = Appender(store, token, "gw-a", max_bytes=64 << 20, on_fenced=node.fenced)
@@ -30,7 +39,7 @@ import trio
 import trio.lowlevel
 
 from gateway.cluster._retry import RedisRetry, RetryState
-from gateway.cluster._store import AppendGroup, RedisUnavailable
+from gateway.cluster._store import AppendGroup, Behind, RedisUnavailable
 
 log = logging.getLogger("gateway.cluster")
 
@@ -49,6 +58,11 @@ RETRY_MAX: Final = 1.0
 
 # (key, epoch, seq, position, received_at, data, status or None); seq 0 = a status only.
 _Item = tuple[str, str, int, int | None, float, bytes, tuple[str, str] | None]
+#: One frame as an append carries it: (seq, position, received_at, data).
+Frame = tuple[int, int | None, float, bytes]
+#: The frames of a fixture's memory history: (key, epoch, after, before) -> the frames of
+#: that epoch with ``after < seq < before`` still held, in order.
+History = Callable[[str, str, int, int], Sequence[Frame]]
 
 
 class AppendStore(Protocol):
@@ -56,7 +70,7 @@ class AppendStore(Protocol):
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]: ...
+    ) -> list[int | str | Behind]: ...
 
 
 class Appender(RetryState):
@@ -70,6 +84,7 @@ class Appender(RetryState):
         *,
         max_bytes: int,
         on_fenced: Callable[[str, str], None],
+        history: History | None = None,
         interval: float = APPEND_INTERVAL,
     ) -> None:
         self._store = store
@@ -78,6 +93,7 @@ class Appender(RetryState):
         self._instance = instance
         self._max_bytes = max_bytes
         self._on_fenced = on_fenced
+        self._history = history
         self._queue: collections.deque[_Item] = collections.deque()
         self._pending: collections.Counter[str] = collections.Counter()
         self._in_flight: set[str] = set()
@@ -92,6 +108,10 @@ class Appender(RetryState):
         self.frames_appended = 0
         self.frames_dropped = 0
         self.frames_fenced = 0
+        #: Frames appended again after Redis lost them (from the memory history).
+        self.frames_reappended = 0
+        #: Frames Redis lost that were no longer in the memory history (relays see a gap).
+        self.frames_lost = 0
 
     # -- the publish side (synchronous) ------------------------------------------------------
 
@@ -180,36 +200,74 @@ class Appender(RetryState):
             batch = self._take()
             if not batch:
                 continue  # all discarded before this task ran: no empty request
-            groups = _group(batch)
+            groups = _group(batch, self.appended)
             self._in_flight = {g.key for g in groups}
             try:
-                while True:
+                while groups:
                     try:
                         results = await self._store.append(self._token, self._instance, groups)
-                        break
                     except RedisUnavailable as exc:
                         await self._retry.failed(exc)
                         # Groups fenced meanwhile (discard) are not written any more.
                         groups = [g for g in groups if g.key in self._in_flight]
-                        if not groups:
-                            results = []
-                            break
+                        continue
+                    self._retry.succeeded()
+                    self._settle(groups, results)
+                    groups = []
             finally:
-                in_flight, self._in_flight = self._in_flight, set()
+                self._in_flight = set()
                 self._signal_progress()
-            self._retry.succeeded()
-            for group, result in zip(groups, results, strict=True):
-                if group.key not in in_flight:
-                    continue
-                if isinstance(result, int):
-                    if result:
-                        self.appended[group.key] = result
-                    self.frames_appended += len(group.frames)
-                else:
-                    self.frames_fenced += len(group.frames)
-                    self.discard(group.key)
-                    self._on_fenced(group.key, result)
             await trio.lowlevel.checkpoint()
+
+    def _settle(self, groups: Sequence[AppendGroup], results: Sequence[int | str | Behind]) -> None:
+        for group, result in zip(groups, results, strict=True):
+            if group.key not in self._in_flight:
+                continue  # discarded while in flight (fenced, stepped down)
+            if isinstance(result, Behind):
+                self._behind(group, result.seq)
+            elif isinstance(result, int):
+                if result:
+                    self.appended[group.key] = result
+                self.frames_appended += len(group.frames)
+            else:
+                self.frames_fenced += len(group.frames)
+                self.discard(group.key)
+                self._on_fenced(group.key, result)
+
+    def _behind(self, group: AppendGroup, last: int) -> None:
+        """Redis holds *group*'s stream only up to seq *last*, below what it had confirmed:
+        the missing frames (from the memory history) go in front of the queue, then the
+        group's own, so the next requests append them in order."""
+        key = group.key
+        confirmed = self.appended.get(key, 0)
+        # Up to the group's first frame (frames dropped from the queue before it included),
+        # else up to the last confirmed.
+        before = group.frames[0][0] if group.frames else confirmed + 1
+        found = list(self._history(key, group.epoch, last, before)) if self._history else []
+        self.appended[key] = last
+        held = {f[0] for f in found}
+        lost = sum(1 for seq in range(last + 1, confirmed + 1) if seq not in held)
+        self.frames_reappended += len(found)
+        self.frames_lost += lost
+        log.warning(
+            "cluster: %s: redis holds the stream up to seq %d only, %d confirmed before: "
+            "appending %d frames again from memory%s",
+            key,
+            last,
+            confirmed,
+            len(found),
+            f", {lost} no longer held (a gap)" if lost else "",
+        )
+        items: list[_Item] = [
+            (key, group.epoch, seq, position, received_at, data, None)
+            for seq, position, received_at, data in [*found, *group.frames]
+        ]
+        if group.status is not None:
+            items.append((key, group.epoch, 0, None, 0.0, b"", group.status))
+        self._queue.extendleft(reversed(items))
+        self._pending[key] += len(items)
+        self.queued_bytes += sum(len(item[5]) for item in items)
+        self._wake.set()
 
     def _take(self) -> list[_Item]:
         out: list[_Item] = []
@@ -224,8 +282,9 @@ class Appender(RetryState):
         return out
 
 
-def _group(items: list[_Item]) -> list[AppendGroup]:
-    """Items by fixture (and epoch), in order of first appearance; the last status wins."""
+def _group(items: list[_Item], appended: dict[str, int]) -> list[AppendGroup]:
+    """Items by fixture (and epoch), in order of first appearance; the last status wins;
+    each expects the stream up to what Redis confirmed (*appended*)."""
     order: list[tuple[str, str]] = []
     frames: dict[tuple[str, str], list[tuple[int, int | None, float, bytes]]] = {}
     statuses: dict[tuple[str, str], tuple[str, str]] = {}
@@ -238,4 +297,6 @@ def _group(items: list[_Item]) -> list[AppendGroup]:
             statuses[k] = status
         if seq:
             frames[k].append((seq, position, received_at, data))
-    return [AppendGroup(k[0], k[1], frames[k], statuses.get(k)) for k in order]
+    return [
+        AppendGroup(k[0], k[1], frames[k], statuses.get(k), appended.get(k[0], 0)) for k in order
+    ]

@@ -44,7 +44,9 @@ READ_BLOCK: Final = 0.25
 #: for longer reads at once. What its subscribers see: up to this much more latency.
 READ_INTERVAL: Final = 0.005
 RETRY_FIRST: Final = 0.1
-RETRY_MAX: Final = 2.0
+#: The longest pause between two failed reads: relayed frames flow again within about this of
+#: Redis answering again (a Sentinel failover, a restart). A failed read costs Redis nothing.
+RETRY_MAX: Final = 1.0
 
 
 class RelaySink(Protocol):

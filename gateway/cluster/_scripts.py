@@ -46,22 +46,27 @@ return n
 """
 
 #: The owner's appends, fenced: KEYS per fixture: lease, stream, meta. ARGV: token, maxlen,
-#: instance, lease ttl (ms), then per fixture: epoch, state ('' = unchanged), detail, n, then n
-#: times seq, position ('' = none), received time, frame text. A lease that does not exist
-#: any more (it expired while Redis was unreachable, or Redis lost its data) is taken again
-#: for the token: nobody else holds it. A fixture whose lease another token holds gets
+#: instance, lease ttl (ms), then per fixture: epoch, state ('' = unchanged), detail, expect,
+#: n, then n times seq, position ('' = none), received time, frame text. A lease that does not
+#: exist any more (it expired while Redis was unreachable, or Redis lost its data) is taken
+#: again for the token: nobody else holds it. A fixture whose lease another token holds gets
 #: ``fenced`` and nothing of it is written; one whose stream has another epoch gets
-#: ``epoch``; else each frame becomes entry ``<seq>-0`` (an entry already there, from a retry,
-#: is skipped: Redis refuses an id not above the last) and the reply is the last seq written
-#: (0: none). Streams are trimmed to about maxlen entries.
+#: ``epoch``; one whose stream's last entry is below *expect* (the last seq Redis confirmed to
+#: this owner: Redis lost appends, restarted empty or failed over to a replica that lacked
+#: them) gets ``behind:<last seq>`` and no frame of it is written (the owner appends the
+#: missing ones first); else each frame becomes entry ``<seq>-0`` (an entry already there,
+#: from a retry, is skipped: Redis refuses an id not above the last) and the reply is the last
+#: seq written (0: none); meta's ``last`` keeps the stream's last seq (reading it from the
+#: stream would copy the whole last frame). Streams are trimmed to about maxlen entries.
 APPEND: Final = """
 local token, maxlen, instance, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local a = 5
 local out = {}
 for g = 1, #KEYS / 3 do
   local lease, stream, meta = KEYS[3 * g - 2], KEYS[3 * g - 1], KEYS[3 * g]
-  local epoch, state, detail, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  a = a + 4
+  local epoch, state, detail = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local expect, n = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  a = a + 5
   local holder = redis.call('GET', lease)
   if not holder then
     redis.call('SET', lease, token, 'PX', ttl)
@@ -78,8 +83,24 @@ for g = 1, #KEYS / 3 do
       if state ~= '' then
         redis.call('HSET', meta, 'state', state, 'detail', detail, 'owner', instance)
       end
+      local top = 0
+      if expect > 0 then
+        -- The stream's last seq, as this script keeps it in meta (written with the entries,
+        -- so a replica has both or neither); read from the stream only where meta lacks it.
+        top = tonumber(redis.call('HGET', meta, 'last') or '-1')
+        if top < 0 then
+          top = 0
+          local e = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+          if e[1] then top = tonumber(string.match(e[1][1], '^(%d+)')) end
+        end
+      end
+      local write = n
+      if top < expect then
+        out[g] = 'behind:' .. top
+        write = 0
+      end
       local last, lp, lt = 0, nil, nil
-      for e = 0, n - 1 do
+      for e = 0, write - 1 do
         local i = a + 4 * e
         local seq, p, t = ARGV[i], ARGV[i + 1], ARGV[i + 2]
         local ok = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0',
@@ -95,8 +116,12 @@ for g = 1, #KEYS / 3 do
           if p ~= '' then lp, lt = p, t end
         end
       end
-      if lp then redis.call('HSET', meta, 'p', lp, 't', lt) end
-      out[g] = last
+      if lp then
+        redis.call('HSET', meta, 'p', lp, 't', lt, 'last', last)
+      elseif last > 0 then
+        redis.call('HSET', meta, 'last', last)
+      end
+      if not out[g] then out[g] = last end
     end
   end
   a = a + 4 * n

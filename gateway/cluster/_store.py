@@ -22,6 +22,8 @@ import attrs
 import coredis
 import coredis.exceptions
 from coredis.commands.constants import CommandName
+from coredis.connection import TCPLocation
+from coredis.pool import SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
 from gateway.cluster import _scripts
@@ -113,13 +115,24 @@ class Entry:
 
 
 @attrs.frozen
+class Behind:
+    """An append's reply for a fixture whose stream ends below what Redis had confirmed to
+    this owner: nothing of it was written; *seq* is the stream's last seq (0: none)."""
+
+    seq: int
+
+
+@attrs.frozen
 class AppendGroup:
-    """One fixture's frames for an append: ``(seq, position, received_at, text)`` each."""
+    """One fixture's frames for an append: ``(seq, position, received_at, text)`` each.
+    *expect*: the last seq Redis confirmed to this owner (0: none); a stream ending below it
+    gets :class:`Behind`."""
 
     key: str
     epoch: str
     frames: Sequence[tuple[int, int | None, float, bytes]]
     status: tuple[str, str] | None = None
+    expect: int = 0
 
 
 #: What a released lease holds until it expires or is taken (free; see _scripts.RELEASE).
@@ -142,6 +155,11 @@ def _unavailable(exc: BaseException) -> RedisUnavailable:
     the reason is shown by the unauthenticated ``/readyz``)."""
     if isinstance(exc, coredis.exceptions.AuthenticationError):
         return RedisUnavailable("redis refused the credentials")
+    # Before the cause chain: their texts name the primary's address.
+    if isinstance(exc, coredis.exceptions.PrimaryNotFoundError):
+        return RedisUnavailable("redis sentinels name no primary")
+    if isinstance(exc, coredis.exceptions.StalePrimaryError):
+        return RedisUnavailable("redis sentinels named a replica as the primary")
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and (cause.errno or cause.strerror):
@@ -175,6 +193,8 @@ _DOWN: Final = (
     coredis.exceptions.AuthenticationError,
     coredis.exceptions.ReadOnlyError,
     coredis.exceptions.BusyLoadingError,
+    # No primary known to the sentinels, or the one named is not a primary (any more).
+    coredis.exceptions.SentinelError,
     TimeoutError,
     OSError,
     # A connection whose background task ended (Redis went away mid-request, or shutdown).
@@ -261,19 +281,19 @@ class RedisStore:
 
     async def append(
         self, token: str, instance: str, groups: Sequence[AppendGroup]
-    ) -> list[int | str]:
+    ) -> list[int | str | Behind]:
         """Append each group's frames if its lease is *token*'s; per group the last seq written
-        (0: none), ``"fenced"`` or ``"epoch"`` (see :data:`_scripts.APPEND`)."""
+        (0: none), ``"fenced"``, ``"epoch"`` or :class:`Behind` (see :data:`_scripts.APPEND`)."""
         keys: list[str] = []
         args: list[Any] = [token, self._maxlen, instance, self._ttl_ms]
         for g in groups:
             keys += [self.keys.lease(g.key), self.keys.stream(g.key), self.keys.meta(g.key)]
             state, detail = g.status if g.status is not None else ("", "")
-            args += [g.epoch, state, detail, len(g.frames)]
+            args += [g.epoch, state, detail, g.expect, len(g.frames)]
             for seq, position, received_at, data in g.frames:
                 args += [seq, "" if position is None else position, repr(received_at), data]
         out = await self._call(self._append, keys, args)
-        return [r if isinstance(r, int) else _text(r) or "" for r in out]
+        return [r if isinstance(r, int) else _append_result(_text(r) or "") for r in out]
 
     async def takeover(self, key: str) -> Takeover:
         k = self.keys
@@ -373,6 +393,11 @@ class RedisStore:
         return _entry(entries[0]).seq if entries else 0
 
 
+def _append_result(text: str) -> str | Behind:
+    word, _, seq = text.partition(":")
+    return Behind(int(seq)) if word == "behind" else text
+
+
 def _raw(reply: Any) -> Any:
     """A request's reply as the RESP3 parser gives it (no coredis transformation)."""
     return reply
@@ -410,17 +435,54 @@ def _entry(e: Any) -> Entry:
     )
 
 
-class _SlotKeepingPool(coredis.ConnectionPool[Any]):
+class _SlotKeeping:
     """coredis's pool, with a leak fixed: a connection discarded while leased (a blocking
     ``XREAD`` or a pipeline cancelled, timed out, or cut by a Redis restart) gives its slot
     back. In coredis 6.9 the slot is lost instead, and after ``max_connections`` such events
     every command waits for a slot that never comes (tests/test_cluster_store.py shows both).
     """
 
+    _available_connections: Any
+
     def release(self, connection: Any) -> None:
-        super().release(connection)
+        super().release(connection)  # type: ignore[misc]
         if not connection.usable:
             self._available_connections.put_nowait(None)
+
+
+class _SlotKeepingPool(_SlotKeeping, coredis.ConnectionPool[Any]):
+    """A plain Redis's pool (``redis_url``), and each sentinel's."""
+
+
+class _SentinelPool(_SlotKeeping, SentinelConnectionPool):
+    """The pool of the primary the sentinels name: every new connection asks them where the
+    primary is (and checks its ``ROLE``), so connections made after a failover go to the
+    promoted replica.
+
+    One more leak of coredis 6.9 fixed here: a connection that could not be made (no
+    primary known, the one named is a replica now, or the wait for it ran out) gives its
+    slot back too. (A primary demoted by the sentinels closes its clients' connections
+    itself: the next ones ask the sentinels again.)
+    """
+
+    async def _construct_connection(self) -> Any:
+        try:
+            return await super()._construct_connection()
+        except BaseException:
+            self._available_connections.put_nowait(None)
+            raise
+
+
+def _connection_args(config: ClusterSection, password: Secret | None) -> dict[str, Any]:
+    """What every data connection gets: every wait bounded by ``redis_timeout``."""
+    timeout = config.redis_timeout
+    return {
+        "decode_responses": False,
+        "username": config.username,
+        "password": None if password is None else password.reveal(),
+        "connect_timeout": timeout,
+        "stream_timeout": timeout,
+    }
 
 
 @asynccontextmanager
@@ -433,24 +495,47 @@ async def open_store(
     made yet (the first request connects, and fails as :class:`RedisUnavailable` if Redis is
     not there: the gateway starts degraded rather than not at all).
 
-    Every wait is bounded by ``redis_timeout``: connecting, each reply, and waiting for a
-    free connection; coredis's own retries are off (each caller has its rhythm).
+    Redis is ``redis_url``, or the primary the ``sentinels`` name for ``sentinel_master``
+    (asked again for every new connection: after a failover the next connections go to the
+    promoted replica; the sentinels are asked without a password, in turn, each for at most
+    ``redis_timeout / (len(sentinels) + 1)``).
+
+    Every wait is bounded by ``redis_timeout``: connecting (asking the sentinels included),
+    each reply, and waiting for a free connection; coredis's own retries are off (each caller
+    has its rhythm).
     """
     timeout = config.redis_timeout
-    pool = _SlotKeepingPool.from_url(
-        config.redis_url,
-        decode_responses=False,
-        username=config.username,
-        password=None if password is None else password.reveal(),
-        connect_timeout=timeout,
-        stream_timeout=timeout,
-        timeout=timeout,
+    args = _connection_args(config, password)
+    if config.redis_url is not None:
+        pool = _SlotKeepingPool.from_url(config.redis_url, timeout=timeout, **args)
+        client: coredis.Redis[bytes] = coredis.Redis(
+            connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
+        )
+        async with client:
+            yield RedisStore(client, config)
+        return
+    assert config.sentinel_master is not None  # the config requires it with sentinels
+    # The sentinels are asked one after the other within the connection's redis_timeout: a
+    # hung one may take only its share, so the others are still asked in time.
+    ask = timeout / (len(config.sentinels) + 1)
+    sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
+        [TCPLocation(a.host, a.port) for a in config.sentinels],
+        sentinel_kwargs={
+            "connect_timeout": ask,
+            "stream_timeout": ask,
+            "pool_timeout": ask,
+            "connection_pool_cls": _SlotKeepingPool,
+        },
+        retry_policy=NoRetryPolicy(),
+        **args,
     )
-    client: coredis.Redis[bytes] = coredis.Redis(
-        connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
-    )
-    async with client:
-        yield RedisStore(client, config)
+    async with sentinel:
+        client = sentinel.primary_for(
+            config.sentinel_master, connection_pool_class=_SentinelPool, timeout=timeout
+        )
+        client.verify_version = False  # as for redis_url (primary_for has no such argument)
+        async with client:
+            yield RedisStore(client, config)
 
 
 # coredis logs every failed connection set-up as an ERROR with a traceback; the cluster

@@ -61,6 +61,12 @@ def _listen(value: Any, _: type) -> ListenAddress:
     return ListenAddress.parse(_strict_str(value, str))
 
 
+def _list(value: Any, what: str) -> list[Any]:
+    if type(value) is not list:
+        raise TypeError(f"expected a list of {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
 def make_converter() -> cattrs.Converter:
     """Build the strict converter. Called once per load; cheap enough, and keeps no state."""
     conv = cattrs.Converter(forbid_extra_keys=True)
@@ -71,6 +77,15 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Path, _path)
     conv.register_structure_hook(ListenAddress, _listen)
     conv.register_unstructure_hook(ListenAddress, str)
+    # A list, each element checked with its index in the path (a string is not a list of
+    # its characters).
+    addresses = tuple[ListenAddress, ...]
+    conv.register_structure_hook_func(
+        lambda t: t == addresses,
+        lambda value, _: tuple(
+            conv.structure(_list(value, "HOST:PORT strings"), list[ListenAddress])
+        ),
+    )
     conv.register_unstructure_hook(Path, str)
     conv.register_structure_hook(
         FeedConfig,

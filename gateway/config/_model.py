@@ -12,7 +12,7 @@ import re
 import socket
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import attrs
 from attrs import validators as v
@@ -375,13 +375,17 @@ class RecorderSection:
 class ClusterSection:
     """``[cluster]``: several gateways as one, on Redis (docs/cluster.md). Absent: one node.
 
-    The password is never part of ``redis_url``: it comes from ``password_file`` or
-    ``password_env`` and is read when connecting (a :class:`Secret`: never shown).
+    Redis is ``redis_url``, or the primary that ``sentinels`` name for ``sentinel_master``
+    (exactly one of the two). The password is never part of ``redis_url``: it comes from
+    ``password_file`` or ``password_env`` and is read when connecting (a :class:`Secret`:
+    never shown).
     ``instance`` names this process in the cluster; unset, the ``DDE_GATEWAY_INSTANCE``
     environment variable (the systemd template unit sets it), else ``hostname-pid``.
     """
 
-    redis_url: str = attrs.field()
+    redis_url: str | None = attrs.field(default=None)
+    sentinels: tuple[ListenAddress, ...] = attrs.field(default=())
+    sentinel_master: str | None = attrs.field(default=None)
     instance: str | None = attrs.field(default=None)
     lease_ttl: float = attrs.field(default=DEFAULT_LEASE_TTL, validator=[v.ge(1.0), v.le(300.0)])
     stream_maxlen: int = attrs.field(default=DEFAULT_STREAM_MAXLEN, validator=v.ge(100))
@@ -400,7 +404,9 @@ class ClusterSection:
     )
 
     @redis_url.validator
-    def _check_url(self, attribute: attrs.Attribute[str], value: str) -> None:
+    def _check_url(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is None:
+            return
         if _REDIS_URL.match(value) is None:
             raise ValueError(
                 "redis_url must be redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or "
@@ -408,6 +414,24 @@ class ClusterSection:
             )
         if "@" in value.split("://", 1)[1].split("/", 1)[0]:
             raise ValueError("redis_url must not contain a user or password: use password_file")
+
+    @sentinels.validator
+    def _check_sentinels(
+        self, attribute: attrs.Attribute[Any], value: tuple[ListenAddress, ...]
+    ) -> None:
+        for address in value:
+            if address.port == 0:
+                raise ValueError(f"sentinels: {address} has no port (0): give the sentinel's port")
+        if len(set(value)) != len(value):
+            raise ValueError("sentinels: an address is listed twice")
+
+    @sentinel_master.validator
+    def _check_master(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None and _KEY_PREFIX.match(value) is None:
+            raise ValueError(
+                "sentinel_master must be 1-64 of A-Z a-z 0-9 . _ : - (the name the sentinels "
+                "monitor)"
+            )
 
     @instance.validator
     def _check_instance(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
@@ -419,6 +443,12 @@ class ClusterSection:
     def __attrs_post_init__(self) -> None:
         if _KEY_PREFIX.match(self.key_prefix) is None:
             raise ValueError("key_prefix must be 1-64 of A-Z a-z 0-9 . _ : -")
+        if (self.redis_url is None) == (not self.sentinels):
+            raise ValueError("set exactly one of redis_url and sentinels")
+        if self.sentinels and self.sentinel_master is None:
+            raise ValueError("sentinel_master is required with sentinels")
+        if self.sentinel_master is not None and not self.sentinels:
+            raise ValueError("sentinel_master is only used with sentinels")
         if self.password_file is not None and self.password_env is not None:
             raise ValueError("set at most one of password_file and password_env")
         # A round that waits redis_timeout for a silent Redis must end (the instance turns
@@ -430,6 +460,14 @@ class ClusterSection:
                 f"redis_timeout ({self.redis_timeout:g} s) must be below {budget:g} s for a "
                 f"lease_ttl of {self.lease_ttl:g} s: raise lease_ttl or lower redis_timeout"
             )
+
+    @property
+    def redis_where(self) -> str:
+        """Where Redis is, for people (no password is ever part of it)."""
+        if self.redis_url is not None:
+            return self.redis_url
+        names = ",".join(str(a) for a in self.sentinels)
+        return f"sentinel master {self.sentinel_master} via {names}"
 
     def read_password(self) -> Secret | None:
         """The Redis password now, or None (no password configured). Raises

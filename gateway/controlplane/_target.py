@@ -122,6 +122,10 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "append_fenced": "Frames not appended because the lease was gone (refused by Redis, or "
     "discarded from the queue).",
     "append_failures": "Append requests that failed (Redis unreachable); each is retried.",
+    "frames_reappended": "Frames appended again from memory after Redis lost them (a restart "
+    "without its data, or a failover to a replica that lacked them).",
+    "append_lost": "Frames Redis lost that were no longer in the owner's memory history "
+    "(relays see a gap).",
     "frames_relayed": "Stream entries relayed into this instance's topics.",
     "relay_failures": "Relay reads that failed (Redis unreachable); each is retried.",
 }

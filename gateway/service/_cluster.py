@@ -422,6 +422,7 @@ class ClusterNode:
                 self.instance,
                 max_bytes=self.config.append_queue_bytes,
                 on_fenced=self._fenced,
+                history=self._history,
                 interval=self.config.batch_interval,
             )
             self._relay = Relay(store, interval=self.config.batch_interval)
@@ -610,7 +611,12 @@ class ClusterNode:
         )
         if resume is not None:
             self._resume[key] = resume
-        self._owned[key] = OwnedTopic(self, key, topic, self._appender_or_fail())
+        appender = self._appender_or_fail()
+        # The stream must hold what the topic holds (a relay may have had frames from a
+        # primary that failed over before its replica got them): the first append finds
+        # out and appends the missing ones again.
+        appender.appended[key] = topic.seq
+        self._owned[key] = OwnedTopic(self, key, topic, appender)
         self._waiting.discard(key)
         self.leases_gained += 1
         was = previous.owner if previous is not None and previous.owner else None
@@ -756,6 +762,26 @@ class ClusterNode:
         self._step_down(key, why)
         self._wake.set()
 
+    def _history(
+        self, key: str, epoch: str, after: int, before: int
+    ) -> list[tuple[int, int | None, float, bytes]]:
+        """The appender's: *key*'s frames of *epoch* with ``after < seq < before`` still in
+        its topic's memory history (while owned here), re-stamped with the time now."""
+        sink = self._owned.get(key)
+        if sink is None or sink.topic.epoch != epoch:
+            return []
+        topic = sink.topic
+        start = max(after + 1, topic.first_held)
+        if start > topic.seq:
+            return []
+        now = time.time()
+        out: list[tuple[int, int | None, float, bytes]] = []
+        for frame in topic.frames_from(start):
+            if frame.seq >= before:
+                break
+            out.append((frame.seq, frame.position, now, frame.raw_bytes))
+        return out
+
     def _fenced(self, key: str, result: str) -> None:
         # The appender's callback: Redis refused an append (lease or epoch not ours).
         why = "lease taken by another instance" if result == "fenced" else "epoch changed"
@@ -779,6 +805,9 @@ class ClusterNode:
         keys = list(self._fixtures)
         if not keys:
             return
+        # What Redis had confirmed before this read (appends confirmed while it is under way
+        # are not behind the stream it reads).
+        confirmed = {} if self._appender is None else dict(self._appender.appended)
         metas = await store.metas(keys)
         self._metas.update(metas)
         for key, meta in metas.items():
@@ -786,8 +815,11 @@ class ClusterNode:
             if archive is not None:
                 archive.oldest = meta.first_seq
             owned = self._owned.get(key)
-            if owned is not None and meta.state is None:
-                # Redis lost the owner's state (restarted empty): write it again for relays.
+            if owned is not None and (meta.state is None or meta.last_seq < confirmed.get(key, 0)):
+                # Redis lost the owner's state or frames it had confirmed (restarted empty, or
+                # a replica that lacked them was promoted): write the state again for relays;
+                # its append finds the stream behind and appends the missing frames again
+                # (an idle fixture too).
                 owned.appender.status(
                     key, owned.topic.epoch, owned.topic.state.value, owned.topic.detail
                 )

@@ -440,6 +440,8 @@ class Gateway:
             "append_dropped": 0 if appender is None else appender.frames_dropped,
             "append_fenced": 0 if appender is None else appender.frames_fenced,
             "append_failures": 0 if appender is None else appender.failures,
+            "frames_reappended": 0 if appender is None else appender.frames_reappended,
+            "append_lost": 0 if appender is None else appender.frames_lost,
             "frames_relayed": 0 if relay is None else relay.entries_relayed,
             "relay_failures": 0 if relay is None else relay.failures,
         }
