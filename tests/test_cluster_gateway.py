@@ -97,19 +97,26 @@ class Cluster:
     #: The most connections the simulator ever had at once for a fixture (sampled).
     max_sessions: collections.Counter[str] = attrs.Factory(collections.Counter)
 
-    async def start(self, name: str) -> Member:
+    async def start(self, name: str, **sections: Any) -> Member:
+        """Start instance *name*: the cluster's *sections*, then this instance's own."""
         redis = self.redis
         where: dict[str, Any] = (
             {"sentinels": redis.addresses, "sentinel_master": redis.MASTER}
             if isinstance(redis, SentinelGroup)
             else {"redis_url": f"redis://127.0.0.1:{redis.port}/0"}
         )
-        cluster = {**where, "instance": name}
+        cluster = {
+            "lease_ttl": TTL,
+            "redis_timeout": 0.5,
+            **self.sections.get("cluster", {}),
+            **where,
+            "instance": name,
+        }
         config = gateway_config(
             self.sim_port,
             self.token_file,
             self.fixtures,
-            **{**self.sections, "cluster": {"lease_ttl": TTL, "redis_timeout": 0.5, **cluster}},
+            **{**self.sections, **sections, "cluster": cluster},
         )
         member: Member = await self.nursery.start(self._run, name, config)
         self.members.append(member)

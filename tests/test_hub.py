@@ -347,3 +347,23 @@ def test_history_count_still_bounds_small_frames() -> None:
     for i in range(10):
         t.publish("{}", i)
     assert [f.seq for f in t.history] == [8, 9, 10] and t.history_bytes == 6
+
+
+def test_a_tap_sees_every_frame_taken_in_seq_order() -> None:
+    """``Topic.tap`` (the recorder in a cluster) gets every frame the topic takes: published,
+    relayed under another numbering, or only kept (a relay priming its history), after the
+    fan-out, with the bytes the history holds."""
+    seen: list[tuple[int, int | None, bytes]] = []
+
+    class Tap:
+        def on_frame(self, topic: Topic, seq: int, position: int | None, raw: bytes) -> None:
+            assert topic.seq == seq  # after the topic numbered (and fanned out) the frame
+            seen.append((seq, position, raw))
+
+    topic = Topic(FEED, "m1")
+    topic.tap = Tap()
+    topic.keep_at(3, '{"ix":3}', 3)
+    topic.publish('{"ix":4}', 4)
+    topic.publish_at(7, '{"ix":7}', 7)
+    assert seen == [(3, 3, b'{"ix":3}'), (4, 4, b'{"ix":4}'), (7, 7, b'{"ix":7}')]
+    assert seen[-1][2] is topic.held_bytes(7)

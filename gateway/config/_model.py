@@ -496,10 +496,6 @@ class Config:
     cluster: ClusterSection | None = None
 
     def __attrs_post_init__(self) -> None:
-        if self.cluster is not None and self.recorder.enabled:
-            raise ValueError(
-                "cluster: [recorder] and [cluster] cannot be combined yet (docs/cluster.md)"
-            )
         seen: set[tuple[str, str]] = set()
         for i, fx in enumerate(self.fixtures):
             if fx.feed not in self.feeds:

@@ -17,7 +17,14 @@ from gateway.hub._hub import (
     valid_fixture_id,
 )
 from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
-from gateway.hub._topic import RATE_WINDOW, ArchiveCursor, Topic, TopicArchive, TopicSubscriber
+from gateway.hub._topic import (
+    RATE_WINDOW,
+    ArchiveCursor,
+    Topic,
+    TopicArchive,
+    TopicSubscriber,
+    TopicTap,
+)
 
 __all__ = [
     "FIXTURE_ID_PATTERN",
@@ -34,6 +41,7 @@ __all__ = [
     "Topic",
     "TopicArchive",
     "TopicSubscriber",
+    "TopicTap",
     "UnknownFeedError",
     "UnknownFixtureError",
     "deflate_message",

@@ -62,6 +62,14 @@ class TopicArchive(Protocol):
         ...
 
 
+class TopicTap(Protocol):
+    """Sees every frame a topic takes, published or only kept (a relay priming its history),
+    in seq order: the service's recorder in a cluster. Called synchronously: it must not
+    block and must not raise."""
+
+    def on_frame(self, topic: Topic, seq: int, position: int | None, raw: bytes) -> None: ...
+
+
 class TopicSubscriber(Protocol):
     """What a topic fans out to (one per subscriber and topic; the data plane implements it).
 
@@ -135,6 +143,8 @@ class Topic:
         self._rate_counts = [0] * (RATE_WINDOW + 1)
         #: Jumps in a relayed numbering (:meth:`publish_at`): frames that never came.
         self.gaps = 0
+        #: Sees every frame taken, after the fan-out (None: nobody).
+        self.tap: TopicTap | None = None
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +171,9 @@ class Topic:
         self._count_rate()
         for sub in self._fanout:
             sub.on_frame(frame)
+        tap = self.tap
+        if tap is not None:
+            tap.on_frame(self, frame.seq, position, frame.raw_bytes)
 
     def publish_at(self, seq: int, raw: str | bytes, position: int | None) -> None:
         """Publish *raw* as frame *seq* of a numbering made elsewhere (a cluster relay).
@@ -181,6 +194,9 @@ class Topic:
         frame = Frame(seq, raw, 0.0, self._prefix, position)
         self._keep(frame)
         self._latest = frame
+        tap = self.tap
+        if tap is not None:
+            tap.on_frame(self, seq, position, frame.raw_bytes)
 
     def _jump_to(self, seq: int) -> None:
         if seq != self.seq + 1:

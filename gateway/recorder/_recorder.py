@@ -247,6 +247,28 @@ class Recorder:
             lg.last_position_t = t
         self.shared.queue.append((lg, seq, position, t, raw))
 
+    def renumber(self, lg: FixtureLog, epoch: str) -> None:
+        """What comes next of *lg* is numbered under *epoch*, made elsewhere (a cluster's
+        stream), with seqs above the last one recorded. A numbering other than the one of the
+        last frames on disk begins a new segment (one epoch per segment, never two numberings
+        in one file); ``meta.json`` says which epoch names which seqs
+        (:meth:`FixtureLog.adopt_epoch`)."""
+        if epoch == lg.epoch:
+            return
+        new = lg.adopt_epoch(epoch)
+        if not lg.recording or self._closed:
+            return  # meta.json is written when it records again (never while refused)
+        if new:
+            self.shared.queue.append((lg, 0, None, 0.0, OP_FINISH))
+        self.shared.queue.append((lg, 0, None, 0.0, OP_OPEN))
+        self.shared.wake.set()
+
+    def stop(self, lg: FixtureLog, reason: str) -> None:
+        """Stop recording *lg* (followed) for *reason*: state, reason, one throttled line;
+        what its topic publishes meanwhile counts as dropped."""
+        if lg.recording:
+            self._stop(lg, reason)
+
     def _stop(self, lg: FixtureLog, reason: str) -> None:
         lg.recording = False
         lg.lost = True

@@ -96,6 +96,7 @@ class FixtureLog:
         *,
         epoch: str | None = None,
         prior_epochs: dict[str, int] | None = None,
+        epoch_after: int = 0,
     ) -> None:
         self.feed = feed
         self.fixture = fixture
@@ -107,6 +108,9 @@ class FixtureLog:
         self.epoch = epoch or secrets.token_hex(8)
         #: Epochs of earlier numberings, each with the last seq it shares with this one.
         self.prior_epochs: dict[str, int] = dict(prior_epochs or {})
+        #: The frames on disk up to this seq belong to another numbering (a cluster's earlier
+        #: epoch, :meth:`adopt_epoch`): the current epoch names only the frames after it.
+        self.epoch_after = epoch_after
         #: The last seq handed to the writer (after recovery: the last one on disk).
         self.last_seq = 0
         #: The highest vendor position recorded, and the time of the last frame.
@@ -241,6 +245,27 @@ class FixtureLog:
                 del self.prior_epochs[next(iter(self.prior_epochs))]
         self.epoch = secrets.token_hex(8)
 
+    def adopt_epoch(self, epoch: str) -> bool:
+        """Number what comes next under *epoch*, a numbering made elsewhere (a cluster's
+        stream). True when it is not the numbering of the last frames on disk: the frames
+        recorded so far keep their epoch (in :attr:`prior_epochs`, up to :attr:`last_seq`)
+        and *epoch* names only what comes after (:attr:`epoch_after`). False when it is: the
+        current epoch, or the one an unclean restart set aside at :attr:`last_seq` for a new
+        epoch that has numbered nothing yet (taken back)."""
+        if epoch == self.epoch:
+            return False
+        if self.last_seq and self.prior_epochs.get(epoch) == self.last_seq:
+            del self.prior_epochs[epoch]
+            self.epoch = epoch
+            return False
+        if self.last_seq:
+            self.prior_epochs[self.epoch] = self.last_seq
+            while len(self.prior_epochs) > MAX_PRIOR_EPOCHS:
+                del self.prior_epochs[next(iter(self.prior_epochs))]
+        self.epoch = epoch
+        self.epoch_after = self.last_seq
+        return True
+
     def write_meta(self, dfd: int) -> None:
         """Rewrite ``meta.json`` (names, epoch, prior epochs) in its directory *dfd*."""
         write_json_atomic(
@@ -252,6 +277,7 @@ class FixtureLog:
                 "fixture": self.fixture,
                 "epoch": self.epoch,
                 "prior_epochs": self.prior_epochs,
+                "epoch_after": self.epoch_after,
             },
         )
 
@@ -328,7 +354,16 @@ def _recover(
         if isinstance(prior_raw, dict)
         else {}
     )
-    lg = FixtureLog(feed, fixture, tree, names, epoch=epoch, prior_epochs=prior)
+    after = meta.get("epoch_after")
+    lg = FixtureLog(
+        feed,
+        fixture,
+        tree,
+        names,
+        epoch=epoch,
+        prior_epochs=prior,
+        epoch_after=after if type(after) is int and after >= 0 else 0,
+    )
     where = f"{feed}/{fixture}"
     indexed = _index_entries(dfd)
     files: dict[int, list[tuple[str, bool]]] = {}

@@ -202,6 +202,16 @@ class Writer:
         self._close_segment(lg)
 
     def _write(self, lg: FixtureLog, frames: list[Item]) -> None:
+        # A segment's seqs are contiguous: a jump (a cluster's relayed numbering, frames that
+        # never came) starts a new segment, so the gap stays visible and recovery keeps both.
+        start = 0
+        for i in range(1, len(frames)):
+            if frames[i][1] != frames[i - 1][1] + 1:
+                self._write_run(lg, frames[start:i])
+                start = i
+        self._write_run(lg, frames[start:] if start else frames)
+
+    def _write_run(self, lg: FixtureLog, frames: list[Item]) -> None:
         if lg.write_error:
             lg.frames_failed += len(frames)
             return

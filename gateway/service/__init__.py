@@ -1,5 +1,6 @@
 """Running the gateway: the root nursery, signals, sd_notify, reload, drain, logging, demo."""
 
+from gateway.service._clusterrec import ClusterRecording, RecordingArchive
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway, RecordedTopic
@@ -17,12 +18,14 @@ from gateway.service._slowsteps import SlowStepLog, instruments_from_env
 __all__ = [
     "RELOAD_LOG_INTERVAL",
     "Bound",
+    "ClusterRecording",
     "FixtureBook",
     "Gateway",
     "GatewayLogHandler",
     "LogFormat",
     "Notifier",
     "RecordedTopic",
+    "RecordingArchive",
     "SecretRedactor",
     "SlowStepLog",
     "configure_logging",

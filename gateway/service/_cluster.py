@@ -59,6 +59,7 @@ from gateway.cluster import (
 from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
 from gateway.model import FixtureState, FrameSink, ResumePoint
+from gateway.service._clusterrec import TopicRecording
 from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 
@@ -197,6 +198,7 @@ class ClusterNode:
         info: Callable[[], dict[str, Any]],
         shared: SharedFixtures | None = None,
         password: Secret | None = None,
+        recording: TopicRecording | None = None,
     ) -> None:
         self.config = config
         self.instance = instance_name(config)
@@ -209,6 +211,8 @@ class ClusterNode:
         self._info = info
         self._shared = shared
         self._password = password
+        #: The recorder (``[recorder]``): every topic records what it takes.
+        self._recording = recording
         #: API changes of this instance not yet written to the cluster's set.
         self._api_add: dict[str, int] = {}
         self._api_del: set[str] = set()
@@ -594,7 +598,8 @@ class ClusterNode:
         self._stop_relay(key)
         topic = self._topic(key)
         if info.epoch is not None:
-            topic = self._numbered(key, topic, info.epoch, max(0, info.seq - cfg.history))
+            start = self._prime_from(key, max(0, info.seq - cfg.history))
+            topic = self._numbered(key, topic, info.epoch, start)
             # What the relay had not delivered yet: fanned out (subscribers have not had it).
             await self._fill(store, key, topic, info.seq, fan_out=True)
         resume = _latest(
@@ -637,6 +642,8 @@ class ClusterNode:
                 )
             archive.recording = True
             topic.archive = archive
+        if self._recording is not None:
+            self._recording.attach(topic)
         return topic
 
     def _replace_topic(self, key: str, *, epoch: str | None = None, seq: int = 0) -> Topic:
@@ -662,6 +669,13 @@ class ClusterNode:
         if point is None or point[0] != topic.seq:
             return None
         return point[1]
+
+    def _prime_from(self, key: str, start: int) -> int:
+        """Where a topic taking the stream's numbering is primed from: *start*, or earlier
+        when its recording misses frames after it (they are in the stream until trimmed)."""
+        if self._recording is None:
+            return start
+        return self._recording.prime_from(*split_key(key), start)
 
     def _appender_or_fail(self) -> Appender:
         assert self._appender is not None
@@ -829,7 +843,7 @@ class ClusterNode:
         ``history`` frames from the stream)."""
         feed, _ = split_key(key)
         info = await store.takeover(key)
-        start = max(0, info.seq - self._hub.feeds[feed].history)
+        start = self._prime_from(key, max(0, info.seq - self._hub.feeds[feed].history))
         self._stop_relay(key)
         topic = self._numbered(key, topic, epoch, start)
         # Prime the history from the stream (no fan-out: live-only subscribers asked for

@@ -55,6 +55,7 @@ from gateway.model import (
 )
 from gateway.recorder import FixtureLog, Recorder
 from gateway.service._cluster import ROLE_OWNER, ClusterNode
+from gateway.service._clusterrec import ClusterRecording
 from gateway.service._fixtures import FixtureBook
 from gateway.service._logging import fields
 from gateway.upstream import FixtureHandle, Supervisor
@@ -166,11 +167,15 @@ class Gateway:
         self._retired: dict[str, UpstreamCounters] = {}
         #: In a cluster (``[cluster]``): this instance's leases, relays and takeovers.
         self.cluster: ClusterNode | None = None
+        #: The recorder's side of the cluster (``[recorder]`` with ``[cluster]``).
+        self._cluster_recording: ClusterRecording | None = None
         if config.cluster is None:
             # Last: it follows the configured fixtures at once, into the hub's topics.
             self.supervisor = Supervisor(config, self._sink_for, resume_for=self._resume_for)
         else:
             # The node decides which fixtures this instance follows upstream (their owner).
+            if recorder is not None:
+                self._cluster_recording = ClusterRecording(recorder)
             self.supervisor = Supervisor(
                 attrs.evolve(config, fixtures=()), self._sink_for, resume_for=self._resume_for
             )
@@ -183,6 +188,7 @@ class Gateway:
                 info=self._cluster_info,
                 shared=self,
                 password=load_cluster_password(config),
+                recording=self._cluster_recording,
             )
             for fixture in config.fixtures:
                 self.cluster.follow(fixture, False)
@@ -366,6 +372,8 @@ class Gateway:
         if self.cluster is not None:
             stopped = self.cluster.unfollow(feed, fixture)
             self.hub.close_topic(feed, fixture)
+            if self._cluster_recording is not None:
+                self._cluster_recording.detach(feed, fixture)
             return stopped
         if handle is not None:
             self._retire(handle)
