@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -460,6 +461,47 @@ async def test_api_follow_and_delete_reach_every_instance(
                 ),
                 10,
             )
+            c.check_healthy()
+
+
+def http_status(member: Member, method: str, path: str, body: bytes | None = None) -> int:
+    """:func:`http_call`, an error status returned rather than raised."""
+    try:
+        return http_call(member, method, path, body)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def test_delete_on_another_instance_right_after_the_put(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5a: a DELETE sent to another instance within a round of the PUT was a 404 and
+    was lost (the fixture stayed followed for good). The PUT is in Redis before it is
+    answered, and the DELETE reads the cluster's set before it answers. Redis unreachable: a
+    DELETE of a fixture this instance does not know is a 503 (it cannot tell), not a 404."""
+    fx = "api-fx-2"
+    with trio.fail_after(45):
+        async with cluster_of(
+            tmp_path, redis_server, [], extra_sim_fixtures=[("tracking", fx)]
+        ) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            c.fixtures.append(("tracking", fx))
+            path = f"/v1/fixtures/tracking/{fx}"
+            assert await trio.to_thread.run_sync(http_status, a, "PUT", path, None) == 201
+            # At once, long before b's next round (a round is 0.5 s, these take milliseconds).
+            assert await trio.to_thread.run_sync(http_status, b, "DELETE", path, None) == 204
+            assert not b.gw.is_followed("tracking", fx)
+            await wait_until(lambda: not a.gw.is_followed("tracking", fx), 10)
+            # Both have gone on for rounds: neither follows it again (it is not in Redis).
+            rounds = a.node.rounds
+            await wait_until(lambda: a.node.rounds >= rounds + 3 and b.node.rounds >= rounds + 3)
+            assert not a.gw.is_followed("tracking", fx) and not b.gw.is_followed("tracking", fx)
+            assert redis_server.call("HLEN", "dde:api") == 0
+            assert c.sim.sessions(fx) == 0
+            redis_server.stop()
+            status = await trio.to_thread.run_sync(http_status, b, "DELETE", path, None)
+            assert status == 503
             c.check_healthy()
 
 

@@ -306,6 +306,13 @@ class ControlTarget(Protocol):
         """Stop following. False when the fixture was not followed."""
         ...
 
+    async def sync_fixtures(self) -> bool:
+        """Make this instance's API fixtures the cluster's before an API change is answered:
+        its own changes written to Redis, the cluster's set read (a fixture another
+        instance's API added is followed here from now). True at once on a single node;
+        False when the cluster's Redis did not answer (the changes are written later)."""
+        ...
+
     def latest(self, feed: str, fixture: str) -> str | None:
         """The last raw upstream frame text of the fixture, or None."""
         ...

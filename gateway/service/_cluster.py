@@ -214,6 +214,7 @@ class ClusterNode:
         self._api_del: set[str] = set()
         #: The cluster's API set as last read (a key gone from it was deleted elsewhere).
         self._api_seen: set[str] = set()
+        self._shared_lock = trio.Lock()
         #: Per on-demand feed: the fixtures followed on demand anywhere in the cluster.
         self._demand: dict[str, set[str]] = {}
         self._fixtures: dict[str, FixtureConfig] = {}
@@ -373,7 +374,26 @@ class ClusterNode:
         """Fixtures of *feed* followed on demand on any instance (as of the last round)."""
         return self._demand.get(feed, set())
 
+    async def sync_shared(self) -> bool:
+        """Write this instance's API changes to the cluster's set and follow (or stop) what
+        the others' changed, now rather than at the next round (an API request waits for
+        it). False when Redis did not answer: the next round writes them."""
+        store = self._store
+        if store is None:
+            return False
+        try:
+            await self._sync_shared(store)
+        except RedisUnavailable:
+            return False
+        return True
+
     async def _sync_shared(self, store: RedisStore) -> None:
+        # One at a time (a round and API requests): an older read of the set applied after
+        # a newer one would follow again what was just deleted.
+        async with self._shared_lock:
+            await self._sync_api(store)
+
+    async def _sync_api(self, store: RedisStore) -> None:
         shared = self._shared
         if shared is None:
             return
@@ -392,6 +412,11 @@ class ClusterNode:
             if key not in self._api_add:
                 shared.stop_shared(*split_key(key))
         self._api_seen = set(api)
+
+    async def _sync_demand(self, store: RedisStore) -> None:
+        shared = self._shared
+        if shared is None:
+            return
         for name, cfg in self._hub.feeds.items():
             if cfg.on_demand:
                 mine = shared.on_demand_of(name)
@@ -489,6 +514,7 @@ class ClusterNode:
         try:
             await self._heartbeat(store)
             await self._sync_shared(store)
+            await self._sync_demand(store)
             await self._leases(store)
             await self._refresh(store)
             if self.redis_error is not None:

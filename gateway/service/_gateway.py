@@ -527,6 +527,9 @@ class Gateway:
             self.cluster.share_unfollow(feed, fixture)
         return self.fixtures.stop(feed, fixture)
 
+    async def sync_fixtures(self) -> bool:
+        return True if self.cluster is None else await self.cluster.sync_shared()
+
     # -- the cluster's shared fixtures (gateway.service._cluster.SharedFixtures) ----------------
 
     def follow_shared(self, fixture: FixtureConfig) -> None:
