@@ -186,6 +186,10 @@ class Subscriber:
         self.errors: list[str] = []
         self.gaps: list[dict[str, Any]] = []
         self.closed = trio.Event()
+        #: The close code the gateway sent (None: still open, or closed by this side).
+        self.close_code: int | None = None
+        #: When (trio time) each frame arrived, beside :attr:`frames`.
+        self.arrivals: dict[str, list[float]] = collections.defaultdict(list)
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._scope = trio.CancelScope()
 
@@ -203,7 +207,9 @@ class Subscriber:
                     task_status.started()
                     while True:
                         self._on(orjson.loads(await ws.get_message()))
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+        except trio_websocket.ConnectionClosed as exc:
+            self.close_code = None if exc.reason is None else exc.reason.code
+        except (trio.BrokenResourceError, OSError):
             pass
         finally:
             self.closed.set()
@@ -213,6 +219,7 @@ class Subscriber:
         if kind == "frame":
             data = msg["data"]
             self.frames[msg["fixture"]].append((msg["seq"], data.get("ix")))
+            self.arrivals[msg["fixture"]].append(trio.current_time())
         elif kind == "subscribed":
             self.subscribed[msg["fixture"]] = msg
         elif kind == "status":
@@ -246,6 +253,11 @@ class Subscriber:
 
     def count(self, fx: str) -> int:
         return len(self.frames[fx])
+
+    def worst_gap(self, fx: str, since: float) -> float:
+        """The longest time without a frame of *fx* from *since* to now."""
+        times = [since, *(t for t in self.arrivals[fx] if t > since), trio.current_time()]
+        return max(b - a for a, b in itertools.pairwise(times))
 
     async def close(self) -> None:
         """Drop the connection (no close handshake: the test is done with it)."""
@@ -688,6 +700,62 @@ async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: Redi
                     ),
                     15,
                 )
+                for sub in subs.values():
+                    await sub.close()
+            for fx in fixtures:
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+@pytest.mark.slow
+async def test_redis_back_after_a_pause_resumes_subscribers_in_place(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5f: Redis answering again after a pause (SIGSTOP, 5 s here: longer than the
+    leases) closed every relay subscriber with 4008 at once (the relay's catch-up burst passed
+    their queue budget: a reconnect storm). Now the catch-up goes out no faster than the
+    subscribers take it: each keeps its connection and gets every frame once, in order."""
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    with trio.fail_after(90):
+        async with cluster_of(
+            tmp_path,
+            redis_server,
+            tracking(fixtures),
+            # A budget of about half the frames made during the pause: their burst passed it.
+            subscribers={"queue_bytes": 256 * 1024},
+        ) as c:
+            members, _ = await two_settled(c, fixtures)
+            async with trio.open_nursery() as nursery:
+                subs = await subscribed_everywhere(nursery, members, fixtures)
+                start = trio.current_time()
+                redis_server.pause()
+                try:
+                    await trio.sleep(8.0)  # the pause itself: what is measured is after it
+                finally:
+                    redis_server.resume()
+                resumed = trio.current_time()
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 550
+                        or subs[m.name].closed.is_set()
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    40,
+                )
+                codes = {m.name: subs[m.name].close_code for m in members}
+                assert codes == dict.fromkeys(codes), f"subscribers closed: {codes}"
+                assert all(m.node.relay.holds for m in members)  # the catch-up was paced
+                gaps = {
+                    (m.name, fx): round(subs[m.name].worst_gap(fx, resumed), 2)
+                    for m in members
+                    for fx in fixtures
+                }
+                print(f"pause {resumed - start:.1f} s; worst gaps after it: {gaps}")
+                # Caught up and live again: no gap after the pause near the pause itself.
+                assert max(gaps.values()) < 4.0, gaps
                 for sub in subs.values():
                     await sub.close()
             for fx in fixtures:

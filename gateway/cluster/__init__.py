@@ -23,7 +23,16 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
-from gateway.cluster._relay import READ_BLOCK, READ_INTERVAL, ReadStore, Relay, RelaySink
+from gateway.cluster._relay import (
+    CATCH_UP_CHUNK,
+    HOLD_BACKLOG,
+    HOLD_MAX,
+    READ_BLOCK,
+    READ_INTERVAL,
+    ReadStore,
+    Relay,
+    RelaySink,
+)
 from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
@@ -42,8 +51,11 @@ __all__ = [
     "APPEND_INTERVAL",
     "BATCH_BYTES",
     "BATCH_FRAMES",
+    "CATCH_UP_CHUNK",
     "DEFAULT_HANDOVERS",
     "HANDBACK_ROUNDS",
+    "HOLD_BACKLOG",
+    "HOLD_MAX",
     "MAX_TICK",
     "READ_BLOCK",
     "READ_COUNT",

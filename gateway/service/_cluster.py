@@ -153,6 +153,9 @@ class RelayedTopic:
         self.position: int | None = None
         self.received_at: float | None = None
 
+    def backlog(self) -> float:
+        return self.topic.backlog()
+
     def relay(self, entries: Sequence[Entry]) -> None:
         topic = self.topic
         for e in entries:
