@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ import trio
 import trio_websocket
 
 from gateway.cluster import rank
+from gateway.model import FixtureStatus
 from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
@@ -756,6 +758,71 @@ async def test_redis_back_after_a_pause_resumes_subscribers_in_place(
                 print(f"pause {resumed - start:.1f} s; worst gaps after it: {gaps}")
                 # Caught up and live again: no gap after the pause near the pause itself.
                 assert max(gaps.values()) < 4.0, gaps
+                for sub in subs.values():
+                    await sub.close()
+            for fx in fixtures:
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+def _upstream(member: Member, fx: str) -> FixtureStatus:
+    handle = member.gw.supervisor.get("tracking", fx)
+    assert handle is not None, fx
+    return handle.status
+
+
+def freeze(seconds: float) -> None:
+    """Stop this whole process for *seconds*, as SIGSTOP would (Redis and the vendor go on)."""
+    time.sleep(seconds)
+
+
+async def test_a_pause_shorter_than_the_lease_fences_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5e: a pause shorter than the lease (SIGSTOP 4.5 s with lease_ttl 5) fenced every
+    fixture: on waking its local validity had passed, and the owner stopped first and asked
+    later (upstreams stopped, a reconnect each, an 8 s stall). Now a renewal gives the lease
+    lease_ttl past the next renewal in Redis (the renew margin), and an owner past its local
+    validity holds its frames back and asks Redis at once: still its own, it goes on. Here the
+    whole process (both instances) freezes for 1.8 s with lease_ttl 2 (local validity 1.5 s)."""
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    pause = 1.8
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            members, owner = await two_settled(c, fixtures)
+            async with trio.open_nursery() as nursery:
+                subs = await subscribed_everywhere(nursery, members, fixtures)
+                statuses = {fx: _upstream(owner[fx], fx) for fx in fixtures}
+                connects = {fx: statuses[fx].counters.connects for fx in fixtures}
+                # Just after a round: the longest time since a renewal the pause can follow.
+                rounds = members[0].node.rounds
+                await wait_until(lambda: members[0].node.rounds > rounds)
+                freeze(pause)
+                woke = trio.current_time()
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 50
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    20,
+                )
+                gaps = {
+                    (m.name, fx): round(subs[m.name].worst_gap(fx, woke - pause), 2)
+                    for m in members
+                    for fx in fixtures
+                }
+                print(f"frozen {pause} s; worst gaps from the freeze on: {gaps}")
+                fenced = {m.name: m.node.fenced for m in members}
+                assert fenced == {"gw-a": 0, "gw-b": 0}, fenced
+                for fx in fixtures:
+                    assert owner[fx].owns(fx), fx
+                    # The same upstream connection: never stopped.
+                    status = _upstream(owner[fx], fx)
+                    assert status is statuses[fx], fx
+                    assert status.counters.connects == connects[fx], fx
                 for sub in subs.values():
                     await sub.close()
             for fx in fixtures:

@@ -97,6 +97,13 @@ def lease_round_interval(ttl: float) -> float:
     return min(MAX_ROUND_INTERVAL, ttl / 4)
 
 
+def lease_expiry(ttl: float) -> float:
+    """How long Redis keeps a lease after each renewal: *ttl* past the next scheduled renewal
+    (a round later), so a pause of the owner shorter than *ttl*, whenever it starts, never
+    lets the lease run out in Redis (the renew margin)."""
+    return ttl + lease_round_interval(ttl)
+
+
 def lease_validity(ttl: float) -> float:
     """How long after sending a successful renewal a lease counts as held locally: *ttl* minus
     a margin of a fifth of it (at least half a second)."""

@@ -113,6 +113,8 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "leases_lost": "Fixture leases this instance found held by another or expired (it relays).",
     "handovers": "Owned fixtures handed over to the instance ranked first for them (balance).",
     "fenced": "Owned fixtures fenced: the lease ran out locally or Redis refused an append.",
+    "leases_confirmed": "Owned fixtures whose lease ran out locally (the process was paused) "
+    "and that Redis confirmed as still held here: kept, not fenced.",
     "conflicts": "Stream frames that differed from the frame published here under the same seq "
     "(a paused owner's): the topic was replaced.",
     "connect_waits": "Upstream connects that waited for a cluster-wide connect slot.",
@@ -124,6 +126,8 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "append_failures": "Append requests that failed (Redis unreachable); each is retried.",
     "frames_relayed": "Stream entries relayed into this instance's topics.",
     "relay_failures": "Relay reads that failed (Redis unreachable); each is retried.",
+    "relay_holds": "Relayed streams catching up that waited for their subscribers' queues to "
+    "drain (instead of overflowing them).",
 }
 
 #: What ``GET /v1/cluster`` shows of an instance's heartbeat info (:attr:`ClusterInstanceView.

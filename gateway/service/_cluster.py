@@ -71,6 +71,9 @@ INSTANCE_ENV: Final = "DDE_GATEWAY_INSTANCE"
 HANDOVER_FLUSH: Final = 2.0
 #: Entries asked per request when a topic catches up with its stream before taking over.
 CATCH_UP_COUNT: Final = 1000
+#: Frames an owner holds back while Redis is asked whether its lease, run out locally (a
+#: paused process), is still its own; past this many it is fenced without waiting.
+HELD_MAX: Final = 10_000
 
 ROLE_OWNER: Final = "owner"
 ROLE_RELAY: Final = "relay"
@@ -98,12 +101,13 @@ def split_key(key: str) -> tuple[str, str]:
 class OwnedTopic:
     """The owner's ``FrameSink``: publish into the topic, then queue the frame for Redis.
 
-    Publishing is refused (the frame dropped and the node told) once the lease is past its
-    local validity: the node then stops this upstream and a new owner resumes from the
-    stream, where the frame is fetched again.
+    Once the lease is past its local validity (the process was paused), frames are held back
+    and the node asks Redis at once: the lease still its own, they are published in order
+    (:meth:`release_held`); else the node fences the fixture, the held frames are dropped and
+    a new owner resumes from the stream, where they are fetched again.
     """
 
-    __slots__ = ("active", "appender", "key", "node", "position", "received_at", "topic")
+    __slots__ = ("active", "appender", "held", "key", "node", "position", "received_at", "topic")
 
     def __init__(self, node: ClusterNode, key: str, topic: Topic, appender: Appender) -> None:
         self.node = node
@@ -115,13 +119,30 @@ class OwnedTopic:
         #: Redis lost the stream goes on from here).
         self.position: int | None = None
         self.received_at = 0.0
+        #: Frames held back while the lease is confirmed (see the class docstring).
+        self.held: list[tuple[str, int | None]] = []
 
     def publish(self, raw: str, position: int | None) -> None:
         if not self.active:
             return
         if not self.node.may_publish(self.key):
-            self.node.fence(self.key, "lease expired before it was renewed")
+            if len(self.held) >= HELD_MAX:
+                self.node.fence(self.key, "lease expired and not confirmed in time")
+                return
+            self.held.append((raw, position))
+            self.node.confirm(self.key)
             return
+        if self.held:
+            self.release_held()
+        self._publish(raw, position)
+
+    def release_held(self) -> None:
+        """The lease was confirmed: publish the frames held back, in order."""
+        held, self.held = self.held, []
+        for raw, position in held:
+            self._publish(raw, position)
+
+    def _publish(self, raw: str, position: int | None) -> None:
         topic = self.topic
         topic.publish(raw, position)
         frame = topic.latest_frame
@@ -245,6 +266,8 @@ class ClusterNode:
         self.leases_lost = 0
         self.handovers = 0
         self.fenced = 0
+        #: Owned leases that ran out locally (a paused process) and Redis confirmed as ours.
+        self.leases_confirmed = 0
         self.conflicts = 0
         self.connect_waits = 0
         self.connect_unavailable = 0
@@ -290,6 +313,11 @@ class ClusterNode:
 
     def may_publish(self, key: str) -> bool:
         return self.table.may_publish(key, trio.current_time())
+
+    def confirm(self, key: str) -> None:
+        """*key*'s lease ran out locally while its upstream publishes: ask Redis now (a round
+        at once; its frames are held until then)."""
+        self._wake.set()
 
     def leases_by_instance(self) -> dict[str, int]:
         """Followed fixtures per owner, as this instance last saw the leases."""
@@ -537,9 +565,21 @@ class ClusterNode:
                 topic = self._hub.get(*split_key(key))
                 if topic is not None:
                     topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
-        # Past local validity while Redis answers: a paused process. Stop first, ask later.
+        # Past local validity while Redis answers: a paused process. Nothing is published
+        # meanwhile (frames are held); Redis is asked, and the fixture fenced unless it still
+        # holds the lease for this instance.
+        expired = self.table.expired(trio.current_time())
+        if expired:
+            try:
+                await self._confirm(store, expired)
+            except RedisUnavailable as exc:
+                self.table.unreachable()
+                self.redis_error = str(exc)
         for key in self.table.expired(trio.current_time()):
             self.fence(key, "lease expired before it was renewed")
+        for sink in list(self._owned.values()):
+            if sink.held and self.may_publish(sink.key):
+                sink.release_held()
 
     async def _heartbeat(self, store: RedisStore) -> None:
         info = orjson.dumps(self._info()).decode()
@@ -557,7 +597,7 @@ class ClusterNode:
             self._hand_over(key)
         modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
         sent = trio.current_time()
-        holders = await store.leases(self.token, self.config.lease_ttl, modes)
+        holders = await store.leases(self.token, self.table.expiry, modes)
         _, lost = self.table.observed(holders, sent=sent)
         # Leases this round found free that this instance may take now (their holder died):
         # asked for at once rather than next round (a failover a round sooner).
@@ -566,16 +606,10 @@ class ClusterNode:
         fresh = again.acquire - self.table.held - set(releasing)
         if fresh:
             sent = trio.current_time()
-            holders = await store.leases(
-                self.token, self.config.lease_ttl, dict.fromkeys(fresh, "a")
-            )
+            holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(fresh, "a"))
             more_lost = self.table.observed(holders, sent=sent)[1]
             lost |= more_lost
-        for key in sorted(lost):
-            self.leases_lost += 1
-            owner = self.table.holder(key)
-            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
-            self._step_down(key, "lease lost")
+        self._lost(lost)
         if releasing:
             await self._release(store, releasing)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
@@ -587,6 +621,29 @@ class ClusterNode:
                 except RedisUnavailable:
                     self.table.released(key)
                     raise
+
+    def _lost(self, keys: set[str]) -> None:
+        for key in sorted(keys):
+            self.leases_lost += 1
+            owner = self.table.holder(key)
+            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
+            self._step_down(key, "lease lost")
+
+    async def _confirm(self, store: RedisStore, keys: list[str]) -> None:
+        """Leases past their local validity while Redis answers (the process was paused):
+        renewed if Redis still holds them for this instance (nothing else could have written
+        their streams: the owner goes on, held frames are published), else lost."""
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "-"))
+        lost = self.table.observed(holders, sent=sent)[1]
+        for key in sorted(set(keys) - lost):
+            self.leases_confirmed += 1
+            log.warning(
+                "cluster: %s: the lease ran out locally (this process was paused?) but redis "
+                "still holds it for this instance: kept",
+                key,
+            )
+        self._lost(lost)
 
     def _hand_over(self, key: str) -> None:
         """Begin giving *key* up: its upstream stops now; :meth:`_release` finishes."""

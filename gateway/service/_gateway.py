@@ -425,6 +425,7 @@ class Gateway:
             "leases_lost": node.leases_lost,
             "handovers": node.handovers,
             "fenced": node.fenced,
+            "leases_confirmed": node.leases_confirmed,
             "conflicts": node.conflicts,
             "connect_waits": node.connect_waits,
             "connect_unavailable": node.connect_unavailable,
@@ -434,6 +435,7 @@ class Gateway:
             "append_failures": 0 if appender is None else appender.failures,
             "frames_relayed": 0 if relay is None else relay.entries_relayed,
             "relay_failures": 0 if relay is None else relay.failures,
+            "relay_holds": 0 if relay is None else relay.holds,
         }
         return ClusterView(
             instance=node.instance,
