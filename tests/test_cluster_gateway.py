@@ -433,6 +433,74 @@ async def test_failover_without_gap_or_duplicate(tmp_path: Path, redis_server: R
             c.check_healthy()
 
 
+async def test_a_killed_owner_is_shown_silent_and_its_fixtures_taken_over(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5c: after kill -9 the survivors listed the dead instance and reported its
+    fixtures ``live`` until its leases ran out, while nothing arrived. Now an instance whose
+    heartbeat has not moved for SILENT_ROUNDS rounds is *silent*: ``/v1/cluster`` says so (and
+    for how long), ``dde_cluster_instances_silent`` counts it, and its fixtures show
+    ``connecting`` ("taking over") in ``/v1/fixtures`` and to subscribers - before the
+    takeover, which then brings them back live."""
+    fixtures = ranked(2, "gw-a")
+    taking_over = ("connecting", "cluster: owner gw-a silent: taking over")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            a, b = await c.start("gw-a"), await c.start("gw-b")
+            await wait_until(
+                lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures)
+            )
+            async with trio.open_nursery() as nursery:
+                survivor = await Subscriber.open(nursery, b)
+                for fx in fixtures:
+                    await survivor.subscribe("tracking", fx)
+                await wait_until(lambda: all(survivor.count(fx) >= 5 for fx in fixtures))
+                killed_at = trio.current_time()
+                await c.kill(a)
+
+                def shown() -> dict[str, tuple[str, str]]:
+                    out = {}
+                    for fx in fixtures:
+                        view = b.gw.fixture_view("tracking", fx)
+                        assert view is not None
+                        out[fx] = (view.state.value, view.detail)
+                    return out
+
+                await wait_until(
+                    lambda: (
+                        all(shown()[fx] == taking_over for fx in fixtures)
+                        or all(b.owns(fx) for fx in fixtures)
+                    ),
+                    15,
+                )
+                told = trio.current_time() - killed_at
+                print(f"the survivor showed the takeover {told:.2f} s after the kill")
+                assert not any(b.owns(fx) for fx in fixtures), "taken over before it was shown"
+                status, body = await http_get(http_url(b.gw, "/v1/cluster"))
+                assert status == 200
+                cluster = orjson.loads(body)
+                silent = {i["name"]: i["silent"] for i in cluster["instances"]}
+                assert silent["gw-b"] is None and silent["gw-a"] >= 3 * ROUND, silent
+                for fx in fixtures:
+                    status, body = await http_get(http_url(b.gw, f"/v1/fixtures/tracking/{fx}"))
+                    assert status == 200
+                    view = orjson.loads(body)
+                    assert (view["state"], view["owner"]) == ("connecting", "gw-a"), view
+                status, body = await http_get(http_url(b.gw, "/metrics"))
+                assert status == 200
+                assert b"\ndde_cluster_instances_silent 1.0\n" in body
+                # Then the takeover: live again, and gw-a gone from the list.
+                await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 15)
+                await wait_until(lambda: all(s == "live" for s, _ in shown().values()), 15)
+                assert all(survivor.states[fx].count("connecting") >= 1 for fx in fixtures)
+                await wait_until(lambda: "gw-a" not in b.node.live, 15)
+                assert b.node.silent_for("gw-b") is None
+                await survivor.close()
+            for fx in fixtures:
+                assert_contiguous(survivor.frames[fx], f"{fx} on the survivor")
+            c.check_healthy()
+
+
 # -- 5. fixtures followed through the API or on demand are the cluster's ---------------------
 
 

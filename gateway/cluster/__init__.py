@@ -23,6 +23,7 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
+from gateway.cluster._liveness import BEAT_KEY, SILENT_ROUNDS, Liveness
 from gateway.cluster._relay import (
     CATCH_UP_CHUNK,
     HOLD_BACKLOG,
@@ -51,6 +52,7 @@ __all__ = [
     "APPEND_INTERVAL",
     "BATCH_BYTES",
     "BATCH_FRAMES",
+    "BEAT_KEY",
     "CATCH_UP_CHUNK",
     "DEFAULT_HANDOVERS",
     "HANDBACK_ROUNDS",
@@ -61,6 +63,7 @@ __all__ = [
     "READ_COUNT",
     "READ_INTERVAL",
     "RETAKE_ROUNDS",
+    "SILENT_ROUNDS",
     "AppendGroup",
     "AppendStore",
     "Appender",
@@ -69,6 +72,7 @@ __all__ = [
     "Keys",
     "LeasePlan",
     "LeaseTable",
+    "Liveness",
     "Meta",
     "ReadStore",
     "RedisStore",

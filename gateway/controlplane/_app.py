@@ -196,6 +196,7 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
                     for key, kind in CLUSTER_INFO_KEYS.items()
                 },
                 "leases": instance.leases,
+                "silent": None if instance.silent is None else round(instance.silent, 1),
             }
             for instance in view.instances
         ],

@@ -199,6 +199,12 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         value=len(view.instances),
     )
     yield GaugeMetricFamily(
+        "dde_cluster_instances_silent",
+        "Live instances not heard from for several rounds (killed without a goodbye, or hung): "
+        "their fixtures are shown as being taken over.",
+        value=sum(1 for i in view.instances if i.silent is not None),
+    )
+    yield GaugeMetricFamily(
         "dde_cluster_leases_owned",
         "Followed fixtures whose lease this instance holds (it follows them upstream).",
         value=view.owned,

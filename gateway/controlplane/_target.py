@@ -153,6 +153,9 @@ class ClusterInstanceView:
     info: Mapping[str, Any]
     #: Fixtures followed here that this instance holds the lease of (as last seen).
     leases: int
+    #: Seconds since its heartbeat last moved, once it has gone silent (several rounds without
+    #: one: killed without a goodbye, or hung); None while it is heard every round.
+    silent: float | None = None
 
 
 @attrs.frozen

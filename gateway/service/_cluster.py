@@ -45,9 +45,11 @@ import orjson
 import trio
 
 from gateway.cluster import (
+    BEAT_KEY,
     Appender,
     Entry,
     LeaseTable,
+    Liveness,
     Meta,
     RedisStore,
     RedisUnavailable,
@@ -226,6 +228,7 @@ class ClusterNode:
         self.instance = instance_name(config)
         self.token = holder_token(self.instance, secrets.token_hex(6))
         self.table = LeaseTable(self.instance, config.lease_ttl, token=self.token)
+        self.liveness = Liveness(self.instance, self.table.tick)
         self._hub = hub
         self._supervisor = supervisor
         self._movable = movable
@@ -582,12 +585,21 @@ class ClusterNode:
                 sink.release_held()
 
     async def _heartbeat(self, store: RedisStore) -> None:
-        info = orjson.dumps(self._info()).decode()
+        info = orjson.dumps({**self._info(), BEAT_KEY: self.rounds}).decode()
         live = await store.heartbeat(self.instance, self.config.lease_ttl, info)
         self.live = {name: _info(text) for name, text in live.items()}
+        self.liveness.observed(self.live, trio.current_time())
+
+    def silent_for(self, name: str) -> float | None:
+        """Seconds since live instance *name* was last heard, when it has gone silent (killed
+        without a goodbye, or hung); None while it is heard every round."""
+        return self.liveness.silent_for(name, trio.current_time())
 
     async def _leases(self, store: RedisStore) -> None:
         now = trio.current_time()
+        # Held leases already past their local validity (this process was paused): one found
+        # taken now is fenced (counted and logged as such), not merely lost.
+        stale = set(self.table.expired(now))
         movable = {k for k in self._fixtures if self._movable(*split_key(k))}
         plan = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
         releasing = sorted(plan.release)
@@ -609,7 +621,8 @@ class ClusterNode:
             holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(fresh, "a"))
             more_lost = self.table.observed(holders, sent=sent)[1]
             lost |= more_lost
-        self._lost(lost)
+        self._lost(lost - stale)
+        self._taken_while_paused(lost & stale)
         if releasing:
             await self._release(store, releasing)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
@@ -632,7 +645,7 @@ class ClusterNode:
     async def _confirm(self, store: RedisStore, keys: list[str]) -> None:
         """Leases past their local validity while Redis answers (the process was paused):
         renewed if Redis still holds them for this instance (nothing else could have written
-        their streams: the owner goes on, held frames are published), else lost."""
+        their streams: the owner goes on, held frames are published), else fenced."""
         sent = trio.current_time()
         holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "-"))
         lost = self.table.observed(holders, sent=sent)[1]
@@ -643,7 +656,12 @@ class ClusterNode:
                 "still holds it for this instance: kept",
                 key,
             )
-        self._lost(lost)
+        self._taken_while_paused(lost)
+
+    def _taken_while_paused(self, keys: set[str]) -> None:
+        for key in sorted(keys):
+            self.leases_lost += 1
+            self.fence(key, f"lease taken by {self.table.holder(key) or 'nobody'} while paused")
 
     def _hand_over(self, key: str) -> None:
         """Begin giving *key* up: its upstream stops now; :meth:`_release` finishes."""
@@ -898,8 +916,13 @@ class ClusterNode:
         if relay is not None and relay.failing:
             topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
             return
-        if self.table.holder(key) is None:
+        owner = self.table.holder(key)
+        if owner is None:
             topic.set_status(FixtureState.CONNECTING, "cluster: no owner yet")
+            return
+        if self.silent_for(owner) is not None:
+            # Its lease has not run out yet, but nothing comes: the truth is a takeover ahead.
+            topic.set_status(FixtureState.CONNECTING, f"cluster: owner {owner} silent: taking over")
             return
         try:
             state = FixtureState(meta.state or FixtureState.CONNECTING.value)

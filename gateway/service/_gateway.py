@@ -443,7 +443,12 @@ class Gateway:
             reason=reason,
             lease_ttl=node.config.lease_ttl,
             instances=[
-                ClusterInstanceView(name=name, info=info, leases=leases.get(name, 0))
+                ClusterInstanceView(
+                    name=name,
+                    info=info,
+                    leases=leases.get(name, 0),
+                    silent=node.silent_for(name),
+                )
                 for name, info in sorted(node.live.items())
             ],
             owned=owned,
