@@ -278,6 +278,8 @@ class ClusterNode:
         #: Rounds that ended in an unexpected error (a bug; logged with its traceback).
         self.round_errors = 0
         self._left = False
+        #: The first lease round (look, do not claim) is done.
+        self._looked = False
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -596,6 +598,18 @@ class ClusterNode:
         return self.liveness.silent_for(name, trio.current_time())
 
     async def _leases(self, store: RedisStore) -> None:
+        if not self._looked:
+            # The first round after joining only looks: instances started together with this
+            # one may not have written a heartbeat yet, and claiming now would rank every free
+            # lease over this instance alone (all of them here, handed over again for many
+            # rounds). From the next round on the ranks are over all of them: a fair share.
+            sent = trio.current_time()
+            holders = await store.leases(
+                self.token, self.table.expiry, dict.fromkeys(self._fixtures, "-")
+            )
+            self.table.observed(holders, sent=sent)
+            self._looked = True
+            return
         now = trio.current_time()
         # Held leases already past their local validity (this process was paused): one found
         # taken now is fenced (counted and logged as such), not merely lost.
