@@ -106,7 +106,15 @@ class Cluster:
             self.sim_port,
             self.token_file,
             self.fixtures,
-            **{**self.sections, "cluster": {"lease_ttl": TTL, "redis_timeout": 0.5, **cluster}},
+            **{
+                **self.sections,
+                "cluster": {
+                    "lease_ttl": TTL,
+                    "redis_timeout": 0.5,
+                    **self.sections.get("cluster", {}),
+                    **cluster,
+                },
+            },
         )
         member: Member = await self.nursery.start(self._run, name, config)
         self.members.append(member)
@@ -614,6 +622,53 @@ async def test_delete_on_another_instance_right_after_the_put(
             redis_server.stop()
             status = await trio.to_thread.run_sync(http_status, b, "DELETE", path, None)
             assert status == 503
+            c.check_healthy()
+
+
+async def test_a_deleted_fixtures_keys_expire_and_a_followed_ones_stay(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5b: a deleted fixture's stream and meta stayed in Redis for good. Its owner
+    now renews their time to live (stream_retention) every round: once nobody follows a
+    fixture nobody owns it, and its keys expire; a followed one's stay, however long."""
+    kept, gone = "keep-1", "gone-1"
+    retention = 3 * TTL
+    with trio.fail_after(60):
+        async with cluster_of(
+            tmp_path,
+            redis_server,
+            [("tracking", kept)],
+            extra_sim_fixtures=[("tracking", gone)],
+            cluster={"stream_retention": retention},
+        ) as c:
+            a, b = await c.start("gw-a"), await c.start("gw-b")
+            c.fixtures.append(("tracking", gone))
+            path = f"/v1/fixtures/tracking/{gone}"
+            assert await trio.to_thread.run_sync(http_status, a, "PUT", path, None) == 201
+            await wait_until(lambda: settled([a, b], [kept, gone], c.sim), 15)
+            started = trio.current_time()
+
+            def pttl(fx: str, kind: str) -> int:
+                value = redis_server.call("PTTL", f"dde:{kind}:tracking/{fx}")
+                assert isinstance(value, int)
+                return value
+
+            # From its owner's next round on (the keys are made by the first append).
+            await wait_until(lambda: all(pttl(gone, k) > 0 for k in ("stream", "meta")), 10)
+            assert pttl(gone, "stream") <= retention * 1000
+            assert await trio.to_thread.run_sync(http_status, b, "DELETE", path, None) == 204
+            await wait_until(lambda: not a.gw.is_followed("tracking", gone), 10)
+            deleted = trio.current_time()
+            # -2: the key does not exist any more.
+            await wait_until(
+                lambda: pttl(gone, "stream") == -2 and pttl(gone, "meta") == -2, retention + 10
+            )
+            print(f"keys of the deleted fixture gone {trio.current_time() - deleted:.1f} s later")
+            # The followed fixture's keys outlived the retention since: renewed by its owner.
+            await wait_until(lambda: trio.current_time() - started > retention + 1)
+            for kind in ("stream", "meta"):
+                assert 0 < pttl(kept, kind) <= retention * 1000, kind
+            assert a.seq(kept) > 0 and a.epoch(kept) == b.epoch(kept)
             c.check_healthy()
 
 

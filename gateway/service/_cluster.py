@@ -553,6 +553,9 @@ class ClusterNode:
             await self._sync_demand(store)
             await self._leases(store)
             await self._refresh(store)
+            # Owned streams live on while owned; a fixture nobody follows any more (deleted
+            # everywhere) has no owner, and its stream and meta expire after stream_retention.
+            await store.retain(sorted(self._owned), self.config.stream_retention)
             if self.redis_error is not None:
                 log.info("cluster: redis reachable again (was: %s)", self.redis_error)
             self.redis_error = None
