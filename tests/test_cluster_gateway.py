@@ -811,6 +811,51 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
             c.check_healthy()
 
 
+async def test_a_cut_off_instance_dates_its_view(tmp_path: Path, redis_factory: Any) -> None:
+    """Issue 22 5d: cut off from Redis, an instance went on showing its last view of the
+    cluster (instances, leases, owners) as if current. ``/v1/cluster`` now dates it:
+    ``view_at`` (the last round that reached Redis) stays put and ``unreachable_since`` says
+    since when Redis has not answered; ``dde_cluster_view_age_seconds`` grows. Back in touch,
+    the view is fresh again."""
+    redis: RedisServer = redis_factory()
+    fixtures = ranked(1, "gw-a") + ranked(1, "gw-b")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis, tracking(fixtures)) as c:
+            members, _ = await two_settled(c, fixtures)
+            a = members[0]
+
+            async def cluster_of_a() -> dict[str, Any]:
+                status, body = await http_get(http_url(a.gw, "/v1/cluster"))
+                assert status == 200
+                view: dict[str, Any] = orjson.loads(body)
+                return view
+
+            before = await cluster_of_a()
+            assert before["unreachable_since"] is None and before["view_at"] is not None
+            cut = time.time()
+            await redis.astop()
+            await wait_until(lambda: a.node.unreachable_since is not None, 10)
+            rounds = a.node.rounds
+            await wait_until(lambda: a.node.rounds >= rounds + 2, 10)
+            stale = await cluster_of_a()
+            assert stale["state"] == "degraded"
+            assert stale["view_at"] <= cut <= stale["unreachable_since"] <= time.time()
+            # Still what it last knew (both instances), dated.
+            assert [i["name"] for i in stale["instances"]] == ["gw-a", "gw-b"]
+            _, metrics = await http_get(http_url(a.gw, "/metrics"))
+            age = next(
+                float(line.split()[1])
+                for line in metrics.decode().splitlines()
+                if line.startswith("dde_cluster_view_age_seconds ")
+            )
+            assert age >= time.time() - cut - 1.0 > 0, age
+            await redis.arestart(keep_data=False)
+            await wait_until(lambda: a.node.unreachable_since is None, 15)
+            fresh = await cluster_of_a()
+            assert fresh["unreachable_since"] is None and fresh["view_at"] > cut
+            c.check_healthy()
+
+
 @pytest.mark.slow
 async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: RedisServer) -> None:
     """Redis stops answering (SIGSTOP: connections stay open, nothing is answered) for twice

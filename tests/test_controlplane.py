@@ -176,6 +176,7 @@ def sample_cluster(reason: str | None = None) -> ClusterView:
         },
         relay_lag_max=0.25,
         append_queued_bytes=4096,
+        view_at=1795313190.5,
     )
 
 
@@ -646,6 +647,8 @@ async def test_cluster_view(tmp_path: Path) -> None:
             },
             "relay_lag_max": 0.25,
             "append_queued_bytes": 4096,
+            "view_at": 1795313190.5,
+            "unreachable_since": None,
         }
         assert list(reply.json()["counters"]) == list(CLUSTER_COUNTERS)
 
@@ -742,6 +745,7 @@ async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
         gauges = {
             "dde_cluster_instances",
             "dde_cluster_instances_silent",
+            "dde_cluster_view_age_seconds",
             "dde_cluster_leases_owned",
             "dde_cluster_fixtures_relayed",
             "dde_cluster_relay_lag_seconds",
@@ -770,7 +774,7 @@ def test_the_docs_name_exactly_the_cluster_metrics(tmp_path: Path) -> None:
         for s in family.samples
         if s.name.startswith("dde_cluster_")
     }
-    assert len(emitted) == 7 + len(CLUSTER_COUNTERS)
+    assert len(emitted) == 8 + len(CLUSTER_COUNTERS)
     docs = Path(__file__).resolve().parent.parent / "docs"
     for name in ("cluster.md", "api.md"):
         named = set(re.findall(r"dde_cluster_\w+", (docs / name).read_text()))

@@ -205,6 +205,8 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
         "counters": {name: view.counters.get(name, 0) for name in CLUSTER_COUNTERS},
         "relay_lag_max": view.relay_lag_max,
         "append_queued_bytes": view.append_queued_bytes,
+        "view_at": view.view_at,
+        "unreachable_since": view.unreachable_since,
     }
 
 

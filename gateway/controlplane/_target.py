@@ -179,6 +179,11 @@ class ClusterView:
     relay_lag_max: float = 0.0
     #: Bytes of frames waiting to be appended to Redis.
     append_queued_bytes: int = 0
+    #: UNIX time of the last round that reached Redis: the instances, leases and owners shown
+    #: are as of then (None: not yet).
+    view_at: float | None = None
+    #: UNIX time since which Redis has not answered this instance's rounds (None: it does).
+    unreachable_since: float | None = None
 
 
 @attrs.frozen

@@ -265,6 +265,10 @@ class ClusterNode:
         #: Live instances (name -> info) as of the last heartbeat.
         self.live: dict[str, dict[str, Any]] = {}
         self.redis_error: str | None = None
+        #: UNIX time of the last round that reached Redis (the view shown is as of then).
+        self.view_at: float | None = None
+        #: UNIX time since which rounds find Redis unreachable (None: they do not).
+        self.unreachable_since: float | None = None
         self.leases_gained = 0
         self.leases_lost = 0
         self.handovers = 0
@@ -559,6 +563,8 @@ class ClusterNode:
             if self.redis_error is not None:
                 log.info("cluster: redis reachable again (was: %s)", self.redis_error)
             self.redis_error = None
+            self.view_at = time.time()
+            self.unreachable_since = None
         except Exception as exc:
             if not isinstance(exc, RedisUnavailable):
                 # A bug must not take the gateway down: logged, counted, next round retries.
@@ -566,6 +572,8 @@ class ClusterNode:
                 self._errors.log(logging.ERROR, "cluster: round failed", exc_info=True)
                 return
             self.table.unreachable()
+            if self.unreachable_since is None:
+                self.unreachable_since = time.time()
             if self.redis_error is None:
                 log.warning("cluster: redis unreachable, degraded: %s", exc)
             self.redis_error = str(exc)

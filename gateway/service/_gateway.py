@@ -456,6 +456,8 @@ class Gateway:
             counters=counters,
             relay_lag_max=max(relay.lag.values(), default=0.0) if relay is not None else 0.0,
             append_queued_bytes=0 if appender is None else appender.queued_bytes,
+            view_at=node.view_at,
+            unreachable_since=node.unreachable_since,
         )
 
     def feeds(self) -> Mapping[str, FeedConfig]:
