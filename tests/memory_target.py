@@ -88,6 +88,8 @@ class MemoryTarget:
         #: What ``degraded_reason()`` and ``cluster_view()`` answer (None: not degraded; a
         #: single node).
         self.degraded: str | None = None
+        #: What ``sync_fixtures()`` answers (False: a cluster whose Redis does not answer).
+        self.synced = True
         self.cluster: ClusterView | None = None
         self._fixtures: dict[tuple[str, str], _Followed] = {}
         self._subscribers: dict[str, SubscriberView] = {}
@@ -150,6 +152,9 @@ class MemoryTarget:
 
     def unfollow(self, feed: str, fixture: str) -> bool:
         return self._fixtures.pop((feed, fixture), None) is not None
+
+    async def sync_fixtures(self) -> bool:
+        return self.synced
 
     def latest(self, feed: str, fixture: str) -> str | None:
         followed = self._fixtures.get((feed, fixture))

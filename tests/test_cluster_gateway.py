@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -30,6 +32,7 @@ import trio
 import trio_websocket
 
 from gateway.cluster import rank
+from gateway.model import FixtureStatus
 from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
@@ -187,19 +190,27 @@ async def cluster_of(
         nursery.cancel_scope.cancel()
 
 
+def longest_pause(times: Sequence[float], start: float) -> float:
+    """The longest time without a frame from *start* on."""
+    later = [start, *(t for t in times if t >= start)]
+    return max(b - a for a, b in itertools.pairwise(later))
+
+
 class Subscriber:
     """A ``/v1/stream`` client in a task of its own; keeps everything it receives."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.frames: dict[str, list[tuple[int, int | None]]] = collections.defaultdict(list)
-        #: When each frame arrived (trio time), beside :attr:`frames`.
-        self.arrived: dict[str, list[float]] = collections.defaultdict(list)
         self.subscribed: dict[str, dict[str, Any]] = {}
         self.states: dict[str, list[str]] = collections.defaultdict(list)
         self.errors: list[str] = []
         self.gaps: list[dict[str, Any]] = []
         self.closed = trio.Event()
+        #: The close code the gateway sent (None: still open, or closed by this side).
+        self.close_code: int | None = None
+        #: When (trio time) each frame arrived, beside :attr:`frames`.
+        self.arrivals: dict[str, list[float]] = collections.defaultdict(list)
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._scope = trio.CancelScope()
 
@@ -217,7 +228,9 @@ class Subscriber:
                     task_status.started()
                     while True:
                         self._on(orjson.loads(await ws.get_message()))
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
+        except trio_websocket.ConnectionClosed as exc:
+            self.close_code = None if exc.reason is None else exc.reason.code
+        except (trio.BrokenResourceError, OSError):
             pass
         finally:
             self.closed.set()
@@ -227,7 +240,7 @@ class Subscriber:
         if kind == "frame":
             data = msg["data"]
             self.frames[msg["fixture"]].append((msg["seq"], data.get("ix")))
-            self.arrived[msg["fixture"]].append(trio.current_time())
+            self.arrivals[msg["fixture"]].append(trio.current_time())
         elif kind == "subscribed":
             self.subscribed[msg["fixture"]] = msg
         elif kind == "status":
@@ -261,6 +274,10 @@ class Subscriber:
 
     def count(self, fx: str) -> int:
         return len(self.frames[fx])
+
+    def worst_gap(self, fx: str, since: float) -> float:
+        """The longest time without a frame of *fx* from *since* to now."""
+        return longest_pause([*self.arrivals[fx], trio.current_time()], since)
 
     async def close(self) -> None:
         """Drop the connection (no close handshake: the test is done with it)."""
@@ -361,19 +378,49 @@ async def test_balance_over_two_and_a_clean_leave(
     with trio.fail_after(50):
         async with cluster_of(tmp_path, redis_server, tracking(fixtures), rate_hz=20.0) as c:
             a = await c.start("gw-a")
+            # b joins once a, alone, owns everything: b's share moves to it.
+            await wait_until(lambda: all(a.owns(fx) for fx in fixtures), 10)
             b = await c.start("gw-b")
             await wait_until(
                 lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures), 30
             )
             owned = {m.name: sum(m.owns(fx) for fx in fixtures) for m in (a, b)}
             assert owned == {"gw-a": firsts["gw-a"], "gw-b": firsts["gw-b"]}
-            assert a.node.handovers >= 1  # b's share moved from a (a took all first)
+            assert a.node.handovers == firsts["gw-b"]  # b's share moved from a
             # gw-a leaves cleanly: it releases its leases, b takes them at its next round.
             rounds = b.node.rounds
             await c.stop(a)
             await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 10)
             assert b.node.rounds - rounds <= 4, "b took over more slowly than a few rounds"
             await wait_until(lambda: settled([b], fixtures, c.sim), 20)
+            c.check_healthy()
+
+
+async def test_instances_started_together_claim_a_fair_share_from_the_start(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5g: at start-up all leases went to the first instance (it ranked every free
+    lease over itself alone) and were handed over for many rounds (37 s in the probe). Each
+    instance's first round now only looks: instances started within a round of each other
+    each take their rendezvous share at once, and nothing is handed over."""
+    fixtures = [f"bal-{i:02d}" for i in range(20)]
+    firsts = collections.Counter(rank(f"tracking/{fx}", NAMES)[0] for fx in fixtures)
+    with trio.fail_after(50):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures), rate_hz=20.0) as c:
+            async with trio.open_nursery() as starting:
+                for name in NAMES:
+                    starting.start_soon(c.start, name)
+            a, b = sorted(c.members, key=lambda m: m.name)
+            started = trio.current_time()
+            await wait_until(
+                lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures), 30
+            )
+            print(f"balanced {trio.current_time() - started:.2f} s after both started")
+            owned = {m.name: sum(m.owns(fx) for fx in fixtures) for m in (a, b)}
+            assert owned == {"gw-a": firsts["gw-a"], "gw-b": firsts["gw-b"]}
+            # Each took its own share: nothing was handed over, no second vendor connection.
+            assert (a.node.handovers, b.node.handovers) == (0, 0)
+            assert (a.node.leases_gained, b.node.leases_gained) == (firsts["gw-a"], firsts["gw-b"])
             c.check_healthy()
 
 
@@ -434,6 +481,74 @@ async def test_failover_without_gap_or_duplicate(tmp_path: Path, redis_server: R
             c.check_healthy()
 
 
+async def test_a_killed_owner_is_shown_silent_and_its_fixtures_taken_over(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5c: after kill -9 the survivors listed the dead instance and reported its
+    fixtures ``live`` until its leases ran out, while nothing arrived. Now an instance whose
+    heartbeat has not moved for SILENT_ROUNDS rounds is *silent*: ``/v1/cluster`` says so (and
+    for how long), ``dde_cluster_instances_silent`` counts it, and its fixtures show
+    ``connecting`` ("taking over") in ``/v1/fixtures`` and to subscribers - before the
+    takeover, which then brings them back live."""
+    fixtures = ranked(2, "gw-a")
+    taking_over = ("connecting", "cluster: owner gw-a silent: taking over")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            a, b = await c.start("gw-a"), await c.start("gw-b")
+            await wait_until(
+                lambda: settled([a, b], fixtures, c.sim) and balanced([a, b], fixtures)
+            )
+            async with trio.open_nursery() as nursery:
+                survivor = await Subscriber.open(nursery, b)
+                for fx in fixtures:
+                    await survivor.subscribe("tracking", fx)
+                await wait_until(lambda: all(survivor.count(fx) >= 5 for fx in fixtures))
+                killed_at = trio.current_time()
+                await c.kill(a)
+
+                def shown() -> dict[str, tuple[str, str]]:
+                    out = {}
+                    for fx in fixtures:
+                        view = b.gw.fixture_view("tracking", fx)
+                        assert view is not None
+                        out[fx] = (view.state.value, view.detail)
+                    return out
+
+                await wait_until(
+                    lambda: (
+                        all(shown()[fx] == taking_over for fx in fixtures)
+                        or all(b.owns(fx) for fx in fixtures)
+                    ),
+                    15,
+                )
+                told = trio.current_time() - killed_at
+                print(f"the survivor showed the takeover {told:.2f} s after the kill")
+                assert not any(b.owns(fx) for fx in fixtures), "taken over before it was shown"
+                status, body = await http_get(http_url(b.gw, "/v1/cluster"))
+                assert status == 200
+                cluster = orjson.loads(body)
+                silent = {i["name"]: i["silent"] for i in cluster["instances"]}
+                assert silent["gw-b"] is None and silent["gw-a"] >= 3 * ROUND, silent
+                for fx in fixtures:
+                    status, body = await http_get(http_url(b.gw, f"/v1/fixtures/tracking/{fx}"))
+                    assert status == 200
+                    view = orjson.loads(body)
+                    assert (view["state"], view["owner"]) == ("connecting", "gw-a"), view
+                status, body = await http_get(http_url(b.gw, "/metrics"))
+                assert status == 200
+                assert b"\ndde_cluster_instances_silent 1.0\n" in body
+                # Then the takeover: live again, and gw-a gone from the list.
+                await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 15)
+                await wait_until(lambda: all(s == "live" for s, _ in shown().values()), 15)
+                assert all(survivor.states[fx].count("connecting") >= 1 for fx in fixtures)
+                await wait_until(lambda: "gw-a" not in b.node.live, 15)
+                assert b.node.silent_for("gw-b") is None
+                await survivor.close()
+            for fx in fixtures:
+                assert_contiguous(survivor.frames[fx], f"{fx} on the survivor")
+            c.check_healthy()
+
+
 # -- 5. fixtures followed through the API or on demand are the cluster's ---------------------
 
 
@@ -476,6 +591,94 @@ async def test_api_follow_and_delete_reach_every_instance(
                 ),
                 10,
             )
+            c.check_healthy()
+
+
+def http_status(member: Member, method: str, path: str, body: bytes | None = None) -> int:
+    """:func:`http_call`, an error status returned rather than raised."""
+    try:
+        return http_call(member, method, path, body)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def test_delete_on_another_instance_right_after_the_put(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5a: a DELETE sent to another instance within a round of the PUT was a 404 and
+    was lost (the fixture stayed followed for good). The PUT is in Redis before it is
+    answered, and the DELETE reads the cluster's set before it answers. Redis unreachable: a
+    DELETE of a fixture this instance does not know is a 503 (it cannot tell), not a 404."""
+    fx = "api-fx-2"
+    with trio.fail_after(45):
+        async with cluster_of(
+            tmp_path, redis_server, [], extra_sim_fixtures=[("tracking", fx)]
+        ) as c:
+            a = await c.start("gw-a")
+            b = await c.start("gw-b")
+            c.fixtures.append(("tracking", fx))
+            path = f"/v1/fixtures/tracking/{fx}"
+            assert await trio.to_thread.run_sync(http_status, a, "PUT", path, None) == 201
+            # At once, long before b's next round (a round is 0.5 s, these take milliseconds).
+            assert await trio.to_thread.run_sync(http_status, b, "DELETE", path, None) == 204
+            assert not b.gw.is_followed("tracking", fx)
+            await wait_until(lambda: not a.gw.is_followed("tracking", fx), 10)
+            # Both have gone on for rounds: neither follows it again (it is not in Redis).
+            rounds = a.node.rounds
+            await wait_until(lambda: a.node.rounds >= rounds + 3 and b.node.rounds >= rounds + 3)
+            assert not a.gw.is_followed("tracking", fx) and not b.gw.is_followed("tracking", fx)
+            assert redis_server.call("HLEN", "dde:api") == 0
+            assert c.sim.sessions(fx) == 0
+            redis_server.stop()
+            status = await trio.to_thread.run_sync(http_status, b, "DELETE", path, None)
+            assert status == 503
+            c.check_healthy()
+
+
+async def test_a_deleted_fixtures_keys_expire_and_a_followed_ones_stay(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5b: a deleted fixture's stream and meta stayed in Redis for good. Its owner
+    now renews their time to live (stream_retention) every round: once nobody follows a
+    fixture nobody owns it, and its keys expire; a followed one's stay, however long."""
+    kept, gone = "keep-1", "gone-1"
+    retention = 3 * TTL
+    with trio.fail_after(60):
+        async with cluster_of(
+            tmp_path,
+            redis_server,
+            [("tracking", kept)],
+            extra_sim_fixtures=[("tracking", gone)],
+            cluster={"stream_retention": retention},
+        ) as c:
+            a, b = await c.start("gw-a"), await c.start("gw-b")
+            c.fixtures.append(("tracking", gone))
+            path = f"/v1/fixtures/tracking/{gone}"
+            assert await trio.to_thread.run_sync(http_status, a, "PUT", path, None) == 201
+            await wait_until(lambda: settled([a, b], [kept, gone], c.sim), 15)
+            started = trio.current_time()
+
+            def pttl(fx: str, kind: str) -> int:
+                value = redis_server.call("PTTL", f"dde:{kind}:tracking/{fx}")
+                assert isinstance(value, int)
+                return value
+
+            # From its owner's next round on (the keys are made by the first append).
+            await wait_until(lambda: all(pttl(gone, k) > 0 for k in ("stream", "meta")), 10)
+            assert pttl(gone, "stream") <= retention * 1000
+            assert await trio.to_thread.run_sync(http_status, b, "DELETE", path, None) == 204
+            await wait_until(lambda: not a.gw.is_followed("tracking", gone), 10)
+            deleted = trio.current_time()
+            # -2: the key does not exist any more.
+            await wait_until(
+                lambda: pttl(gone, "stream") == -2 and pttl(gone, "meta") == -2, retention + 10
+            )
+            print(f"keys of the deleted fixture gone {trio.current_time() - deleted:.1f} s later")
+            # The followed fixture's keys outlived the retention since: renewed by its owner.
+            await wait_until(lambda: trio.current_time() - started > retention + 1)
+            for kind in ("stream", "meta"):
+                assert 0 < pttl(kept, kind) <= retention * 1000, kind
+            assert a.seq(kept) > 0 and a.epoch(kept) == b.epoch(kept)
             c.check_healthy()
 
 
@@ -624,6 +827,51 @@ async def test_redis_restart(tmp_path: Path, redis_factory: Any, keep_data: bool
             c.check_healthy()
 
 
+async def test_a_cut_off_instance_dates_its_view(tmp_path: Path, redis_factory: Any) -> None:
+    """Issue 22 5d: cut off from Redis, an instance went on showing its last view of the
+    cluster (instances, leases, owners) as if current. ``/v1/cluster`` now dates it:
+    ``view_at`` (the last round that reached Redis) stays put and ``unreachable_since`` says
+    since when Redis has not answered; ``dde_cluster_view_age_seconds`` grows. Back in touch,
+    the view is fresh again."""
+    redis: RedisServer = redis_factory()
+    fixtures = ranked(1, "gw-a") + ranked(1, "gw-b")
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis, tracking(fixtures)) as c:
+            members, _ = await two_settled(c, fixtures)
+            a = members[0]
+
+            async def cluster_of_a() -> dict[str, Any]:
+                status, body = await http_get(http_url(a.gw, "/v1/cluster"))
+                assert status == 200
+                view: dict[str, Any] = orjson.loads(body)
+                return view
+
+            before = await cluster_of_a()
+            assert before["unreachable_since"] is None and before["view_at"] is not None
+            cut = time.time()
+            await redis.astop()
+            await wait_until(lambda: a.node.unreachable_since is not None, 10)
+            rounds = a.node.rounds
+            await wait_until(lambda: a.node.rounds >= rounds + 2, 10)
+            stale = await cluster_of_a()
+            assert stale["state"] == "degraded"
+            assert stale["view_at"] <= cut <= stale["unreachable_since"] <= time.time()
+            # Still what it last knew (both instances), dated.
+            assert [i["name"] for i in stale["instances"]] == ["gw-a", "gw-b"]
+            _, metrics = await http_get(http_url(a.gw, "/metrics"))
+            age = next(
+                float(line.split()[1])
+                for line in metrics.decode().splitlines()
+                if line.startswith("dde_cluster_view_age_seconds ")
+            )
+            assert age >= time.time() - cut - 1.0 > 0, age
+            await redis.arestart(keep_data=False)
+            await wait_until(lambda: a.node.unreachable_since is None, 15)
+            fresh = await cluster_of_a()
+            assert fresh["unreachable_since"] is None and fresh["view_at"] > cut
+            c.check_healthy()
+
+
 @pytest.mark.slow
 async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: RedisServer) -> None:
     """Redis stops answering (SIGSTOP: connections stay open, nothing is answered) for twice
@@ -668,6 +916,127 @@ async def test_a_hung_redis_stops_no_upstream(tmp_path: Path, redis_server: Redi
                     ),
                     15,
                 )
+                for sub in subs.values():
+                    await sub.close()
+            for fx in fixtures:
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+@pytest.mark.slow
+async def test_redis_back_after_a_pause_resumes_subscribers_in_place(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5f: Redis answering again after a pause (SIGSTOP, 5 s here: longer than the
+    leases) closed every relay subscriber with 4008 at once (the relay's catch-up burst passed
+    their queue budget: a reconnect storm). Now the catch-up goes out no faster than the
+    subscribers take it: each keeps its connection and gets every frame once, in order."""
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    with trio.fail_after(90):
+        async with cluster_of(
+            tmp_path,
+            redis_server,
+            tracking(fixtures),
+            # A budget of about half the frames made during the pause: their burst passed it.
+            subscribers={"queue_bytes": 256 * 1024},
+        ) as c:
+            members, _ = await two_settled(c, fixtures)
+            async with trio.open_nursery() as nursery:
+                subs = await subscribed_everywhere(nursery, members, fixtures)
+                start = trio.current_time()
+                redis_server.pause()
+                try:
+                    await trio.sleep(8.0)  # the pause itself: what is measured is after it
+                finally:
+                    redis_server.resume()
+                resumed = trio.current_time()
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 550
+                        or subs[m.name].closed.is_set()
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    40,
+                )
+                codes = {m.name: subs[m.name].close_code for m in members}
+                assert codes == dict.fromkeys(codes), f"subscribers closed: {codes}"
+                assert all(m.node.relay.holds for m in members)  # the catch-up was paced
+                gaps = {
+                    (m.name, fx): round(subs[m.name].worst_gap(fx, resumed), 2)
+                    for m in members
+                    for fx in fixtures
+                }
+                print(f"pause {resumed - start:.1f} s; worst gaps after it: {gaps}")
+                # Caught up and live again: no gap after the pause near the pause itself.
+                assert max(gaps.values()) < 4.0, gaps
+                for sub in subs.values():
+                    await sub.close()
+            for fx in fixtures:
+                for m in members:
+                    assert_contiguous(subs[m.name].frames[fx], f"{fx} on {m.name}")
+            c.check_healthy()
+
+
+def _upstream(member: Member, fx: str) -> FixtureStatus:
+    handle = member.gw.supervisor.get("tracking", fx)
+    assert handle is not None, fx
+    return handle.status
+
+
+def freeze(seconds: float) -> None:
+    """Stop this whole process for *seconds*, as SIGSTOP would (Redis and the vendor go on)."""
+    time.sleep(seconds)
+
+
+async def test_a_pause_shorter_than_the_lease_fences_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Issue 22 5e: a pause shorter than the lease (SIGSTOP 4.5 s with lease_ttl 5) fenced every
+    fixture: on waking its local validity had passed, and the owner stopped first and asked
+    later (upstreams stopped, a reconnect each, an 8 s stall). Now a renewal gives the lease
+    lease_ttl past the next renewal in Redis (the renew margin), and an owner past its local
+    validity holds its frames back and asks Redis at once: still its own, it goes on. Here the
+    whole process (both instances) freezes for 1.8 s with lease_ttl 2 (local validity 1.5 s)."""
+    fixtures = ranked(2, "gw-a") + ranked(2, "gw-b")
+    pause = 1.8
+    with trio.fail_after(60):
+        async with cluster_of(tmp_path, redis_server, tracking(fixtures)) as c:
+            members, owner = await two_settled(c, fixtures)
+            async with trio.open_nursery() as nursery:
+                subs = await subscribed_everywhere(nursery, members, fixtures)
+                statuses = {fx: _upstream(owner[fx], fx) for fx in fixtures}
+                connects = {fx: statuses[fx].counters.connects for fx in fixtures}
+                # Just after a round: the longest time since a renewal the pause can follow.
+                rounds = members[0].node.rounds
+                await wait_until(lambda: members[0].node.rounds > rounds)
+                freeze(pause)
+                woke = trio.current_time()
+                back = {(m.name, fx): subs[m.name].count(fx) for m in members for fx in fixtures}
+                await wait_until(
+                    lambda: all(
+                        subs[m.name].count(fx) >= back[m.name, fx] + 50
+                        for m in members
+                        for fx in fixtures
+                    ),
+                    20,
+                )
+                gaps = {
+                    (m.name, fx): round(subs[m.name].worst_gap(fx, woke - pause), 2)
+                    for m in members
+                    for fx in fixtures
+                }
+                print(f"frozen {pause} s; worst gaps from the freeze on: {gaps}")
+                fenced = {m.name: m.node.fenced for m in members}
+                assert fenced == {"gw-a": 0, "gw-b": 0}, fenced
+                for fx in fixtures:
+                    assert owner[fx].owns(fx), fx
+                    # The same upstream connection: never stopped.
+                    status = _upstream(owner[fx], fx)
+                    assert status is statuses[fx], fx
+                    assert status.counters.connects == connects[fx], fx
                 for sub in subs.values():
                     await sub.close()
             for fx in fixtures:
@@ -727,12 +1096,6 @@ async def test_connect_rate_holds_across_instances(
 
 
 # -- 7. Redis through Sentinel ---------------------------------------------------------------
-
-
-def longest_pause(times: Sequence[float], start: float) -> float:
-    """The longest time without a frame from *start* on."""
-    later = [start, *(t for t in times if t >= start)]
-    return max(b - a for a, b in itertools.pairwise(later))
 
 
 @pytest.mark.slow
@@ -834,7 +1197,7 @@ async def test_sentinel_failover_loses_and_duplicates_nothing(
                     assert_contiguous(sub.frames[fx], f"{fx} on {name}")
                     if fx == quiet:
                         continue  # its vendor was quiet on purpose
-                    pause = longest_pause(sub.arrived[fx], killed_at)
+                    pause = longest_pause(sub.arrivals[fx], killed_at)
                     assert pause <= failover + 2.0 + 3.0, (name, fx, pause, failover)
                     print(f"{name} {fx}: failover {failover:.2f} s, longest pause {pause:.2f} s")
                 assert not sub.gaps, sub.gaps

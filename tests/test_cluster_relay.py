@@ -17,7 +17,15 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.cluster import READ_INTERVAL, Entry, RedisUnavailable, Relay
+from gateway.cluster import (
+    CATCH_UP_CHUNK,
+    HOLD_BACKLOG,
+    HOLD_MAX,
+    READ_INTERVAL,
+    Entry,
+    RedisUnavailable,
+    Relay,
+)
 from tests.kit import wait_until
 
 K1, K2 = "tracking/1", "tracking/2"
@@ -74,9 +82,20 @@ class FakeReadStore:
 class Sink:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        #: What backlog() answers; each entry handed over adds ``per_entry``.
+        self.full = 0.0
+        self.per_entry = 0.0
 
     def relay(self, entries: Sequence[Entry]) -> None:
         self.batches.append([e.seq for e in entries])
+        self.full += self.per_entry * len(entries)
+
+    def backlog(self) -> float:
+        return self.full
+
+    @property
+    def seqs(self) -> list[int]:
+        return [seq for batch in self.batches for seq in batch]
 
 
 def entry(seq: int, received_at: float | None = None) -> Entry:
@@ -313,3 +332,56 @@ async def test_reads_start_at_least_read_interval_apart(
         assert trio.current_time() == t1
         assert third.after == {K1: 2}
         assert sink.batches == [[1], [2]]
+
+
+async def test_a_catch_up_goes_no_faster_than_the_subscribers_take_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 22 5f: a read bringing many entries (Redis back after a pause) hands them over
+    only while the subscribers' queues have room, at most CATCH_UP_CHUNK per stream and read;
+    a stream whose subscribers are full is left out of the reads; one held for HOLD_MAX
+    without progress hands a chunk over anyway (the subscriber's slow policy decides)."""
+    store = FakeReadStore()
+    relay = Relay(store, interval=0.0)
+    full, free = Sink(), Sink()
+    full.per_entry = HOLD_BACKLOG / 8  # eight entries fill it to the hold mark
+    n = 3 * CATCH_UP_CHUNK
+
+    async def scenario() -> None:
+        async with running(relay):
+            relay.follow(K1, after=0, sink=full)
+            relay.follow(K2, after=0, sink=free)
+            r = await store.next_read()
+            r.answer([(K1, entries(*range(1, n + 1))), (K2, entries(*range(1, n + 1)))])
+            r = await store.next_read()
+            # K1's subscribers took eight and are full: held, left out; K2 moved a chunk.
+            assert full.seqs == list(range(1, 9))
+            assert free.seqs == list(range(1, CATCH_UP_CHUNK + 1))
+            assert r.after == {K2: CATCH_UP_CHUNK}
+            assert relay.holds == 1
+            r.answer([(K2, entries(*range(CATCH_UP_CHUNK + 1, n + 1)))])
+            r = await store.next_read()
+            assert r.after == {K2: 2 * CATCH_UP_CHUNK}
+            r.answer([])
+            # K1's subscribers drained: it is read again from where it stopped.
+            full.full = 0.0
+            r = await store.next_read()
+            assert r.after[K1] == 8
+            r.answer([(K1, entries(*range(9, n + 1)))])
+            r = await store.next_read()
+            assert full.seqs == list(range(1, 17))
+            r.answer([])
+            # Never drained again: after HOLD_MAX without progress, a chunk goes anyway.
+            r = await store.next_read()
+            assert K1 not in r.after
+            r.answer([])
+            await trio.sleep(HOLD_MAX)
+            (await store.next_read()).answer([])  # the read made before the time passed
+            r = await store.next_read()
+            assert r.after[K1] == 16
+            r.answer([(K1, entries(*range(17, n + 1)))])
+            r = await store.next_read()
+            assert full.seqs == list(range(1, 17 + CATCH_UP_CHUNK))
+            r.answer([])
+
+    await scenario()

@@ -327,6 +327,9 @@ def test_cluster_section_defaults_and_rules() -> None:
     for over, word in (
         ({"lease_ttl": 0.5}, "lease_ttl"),
         ({"stream_maxlen": 10}, "stream_maxlen"),
+        ({"stream_retention": 0}, "stream_retention"),
+        # A takeover resumes from the stream: it must outlive a few leases.
+        ({"lease_ttl": 10.0, "stream_retention": 20.0}, "at least 3 x lease_ttl (30 s)"),
         ({"instance": "a b"}, "instance"),
         ({"key_prefix": ""}, "key_prefix"),
         ({"password_file": "/x", "password_env": "X"}, "at most one"),

@@ -162,7 +162,7 @@ def sample_cluster(reason: str | None = None) -> ClusterView:
                 },
                 leases=1,
             ),
-            ClusterInstanceView("gw-c", {}, leases=0),
+            ClusterInstanceView("gw-c", {}, leases=0, silent=4.26),
         ],
         owned=2,
         relayed=1,
@@ -177,6 +177,7 @@ def sample_cluster(reason: str | None = None) -> ClusterView:
         },
         relay_lag_max=0.25,
         append_queued_bytes=4096,
+        view_at=1795313190.5,
     )
 
 
@@ -601,6 +602,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                         "ready": True,
                     },
                     "leases": 2,
+                    "silent": None,
                 },
                 # Only the documented keys, each of its type or null: nothing else another
                 # instance put into Redis reaches a response.
@@ -614,11 +616,14 @@ async def test_cluster_view(tmp_path: Path) -> None:
                         "ready": None,
                     },
                     "leases": 1,
+                    "silent": None,
                 },
                 {
                     "name": "gw-c",
                     "info": dict.fromkeys(("version", "started_at", "http", "stream", "ready")),
                     "leases": 0,
+                    # Not heard from for rounds: the seconds since, to a tenth.
+                    "silent": 4.3,
                 },
             ],
             "owned": 2,
@@ -631,6 +636,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                 "leases_lost": 0,
                 "handovers": 0,
                 "fenced": 0,
+                "leases_confirmed": 0,
                 "conflicts": 0,
                 "connect_waits": 0,
                 "connect_unavailable": 0,
@@ -642,9 +648,12 @@ async def test_cluster_view(tmp_path: Path) -> None:
                 "append_lost": 0,
                 "frames_relayed": 450,
                 "relay_failures": 1,
+                "relay_holds": 0,
             },
             "relay_lag_max": 0.25,
             "append_queued_bytes": 4096,
+            "view_at": 1795313190.5,
+            "unreachable_since": None,
         }
         assert list(reply.json()["counters"]) == list(CLUSTER_COUNTERS)
 
@@ -719,6 +728,7 @@ async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
         text = (await client.get("/metrics")).body.decode()
         got = samples(text)
         assert got[("dde_cluster_instances", ())] == 3
+        assert got[("dde_cluster_instances_silent", ())] == 1
         assert got[("dde_cluster_leases_owned", ())] == 2
         assert got[("dde_cluster_fixtures_relayed", ())] == 1
         assert got[("dde_cluster_relay_lag_seconds", ())] == 0.25
@@ -739,6 +749,8 @@ async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
         assert "not_a_counter" not in text
         gauges = {
             "dde_cluster_instances",
+            "dde_cluster_instances_silent",
+            "dde_cluster_view_age_seconds",
             "dde_cluster_leases_owned",
             "dde_cluster_fixtures_relayed",
             "dde_cluster_relay_lag_seconds",
@@ -767,7 +779,7 @@ def test_the_docs_name_exactly_the_cluster_metrics(tmp_path: Path) -> None:
         for s in family.samples
         if s.name.startswith("dde_cluster_")
     }
-    assert len(emitted) == 6 + len(CLUSTER_COUNTERS)
+    assert len(emitted) == 8 + len(CLUSTER_COUNTERS)
     docs = Path(__file__).resolve().parent.parent / "docs"
     for name in ("cluster.md", "api.md"):
         named = set(re.findall(r"dde_cluster_\w+", (docs / name).read_text()))

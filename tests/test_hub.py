@@ -56,6 +56,9 @@ class Recorder:
     def on_closed(self, topic: Topic) -> None:
         self.closed += 1
 
+    def backlog(self) -> float:
+        return 0.0
+
 
 def test_publish_numbers_keeps_history_and_fans_out() -> None:
     t = Topic(FEED, "F1")

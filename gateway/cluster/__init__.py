@@ -23,7 +23,17 @@ from gateway.cluster._lease import (
     token_instance,
     validity,
 )
-from gateway.cluster._relay import READ_BLOCK, READ_INTERVAL, ReadStore, Relay, RelaySink
+from gateway.cluster._liveness import BEAT_KEY, SILENT_ROUNDS, Liveness
+from gateway.cluster._relay import (
+    CATCH_UP_CHUNK,
+    HOLD_BACKLOG,
+    HOLD_MAX,
+    READ_BLOCK,
+    READ_INTERVAL,
+    ReadStore,
+    Relay,
+    RelaySink,
+)
 from gateway.cluster._rendezvous import rank, weight
 from gateway.cluster._store import (
     READ_COUNT,
@@ -43,13 +53,18 @@ __all__ = [
     "APPEND_INTERVAL",
     "BATCH_BYTES",
     "BATCH_FRAMES",
+    "BEAT_KEY",
+    "CATCH_UP_CHUNK",
     "DEFAULT_HANDOVERS",
     "HANDBACK_ROUNDS",
+    "HOLD_BACKLOG",
+    "HOLD_MAX",
     "MAX_TICK",
     "READ_BLOCK",
     "READ_COUNT",
     "READ_INTERVAL",
     "RETAKE_ROUNDS",
+    "SILENT_ROUNDS",
     "AppendGroup",
     "AppendStore",
     "Appender",
@@ -59,6 +74,7 @@ __all__ = [
     "Keys",
     "LeasePlan",
     "LeaseTable",
+    "Liveness",
     "Meta",
     "ReadStore",
     "RedisStore",

@@ -8,11 +8,15 @@ The rules (docs/cluster.md):
 
 - A lease is a Redis key holding its owner's *token* (instance name and a random nonce per
   process), with a time to live of ``ttl``. The owner renews it every :func:`tick_interval`.
+- Each renewal gives the key a time to live of ``ttl`` plus a round (:attr:`LeaseTable.expiry`,
+  the renew margin): ``ttl`` past the next scheduled renewal, so an owner paused for less
+  than ``ttl`` (SIGSTOP, a VM freeze, a long GC) never loses its lease in Redis.
 - Locally a lease counts as held until ``sent + ttl - margin``, where *sent* is when the
   renewing request was sent: Redis started the key's time to live after that, so the local
-  view ends first. A lease past that point is *expired*: its owner stops publishing (the node
-  stops the fixture's upstream) unless Redis itself is unreachable (*degraded*: nobody else
-  can take the lease from a Redis nobody reaches, and the local fan-out goes on).
+  view ends first. A lease past that point is *expired*: its owner publishes nothing more
+  and asks Redis at once; it goes on if Redis says the lease is still its own, else it stops
+  the fixture's upstream (*fenced*). Unless Redis itself is unreachable (*degraded*: nobody
+  else can take the lease from a Redis nobody reaches, and the local fan-out goes on).
 - A free lease is tried first by the instance that rendezvous hashing ranks first among the
   live ones; the instance ranked *i* tries after it has seen the lease free for ``i`` ticks
   (the first may be dead but still listed, or may not follow that fixture). A lease whose last
@@ -44,7 +48,7 @@ from typing import Final
 import attrs
 
 from gateway.cluster._rendezvous import rank
-from gateway.config import MAX_ROUND_INTERVAL, lease_round_interval, lease_validity
+from gateway.config import MAX_ROUND_INTERVAL, lease_expiry, lease_round_interval, lease_validity
 
 #: Longest pause between two lease rounds; shorter for short TTLs (a quarter of it).
 MAX_TICK: Final = MAX_ROUND_INTERVAL
@@ -96,6 +100,8 @@ class LeaseTable:
         self.token = token if token is not None else me
         self.ttl = ttl
         self.tick = tick_interval(ttl)
+        #: The time to live each renewal gives the lease in Redis (``ttl`` past the next one).
+        self.expiry = lease_expiry(ttl)
         self.handovers = handovers
         #: Held leases: key -> the local time until which each counts as held.
         self._held: dict[str, float] = {}

@@ -10,6 +10,16 @@ node reports the fixtures' state); it goes on from the same seqs when Redis is b
 subscriber sees a pause, or a gap (counted by the topic) if the stream was trimmed or lost
 meanwhile.
 
+Catching up (a read brings more than :data:`CATCH_UP_CHUNK` entries of a stream: after Redis
+paused, or a relay that fell behind) goes no faster than the subscribers take it: each read
+hands over at most :data:`CATCH_UP_CHUNK` entries per stream (so every stream moves), one by
+one while the fixture's fullest subscriber queue is below :data:`HOLD_BACKLOG` of its budget;
+the rest waits in the stream (left out of the reads while the queues are that full) and is
+read again, for at most :data:`HOLD_MAX` without progress. So subscribers
+keep their connections and get every frame once, instead of all being closed as too slow
+(4008) by one burst; one that does not drain at all is closed by its own slow policy once the
+hold has passed.
+
 Example::
 
     relay = Relay(store)
@@ -47,11 +57,24 @@ RETRY_FIRST: Final = 0.1
 #: The longest pause between two failed reads: relayed frames flow again within about this of
 #: Redis answering again (a Sentinel failover, a restart). A failed read costs Redis nothing.
 RETRY_MAX: Final = 1.0
+#: A read bringing more entries of one stream than this is a catch-up: paced (module docstring).
+CATCH_UP_CHUNK: Final = 16
+#: A catching-up stream is held while a subscriber queue of its fixture is this full (of its
+#: budget, ``[subscribers] queue_bytes``)...
+HOLD_BACKLOG: Final = 0.25
+#: ...for at most this many seconds at a time.
+HOLD_MAX: Final = 2.0
+#: How often held streams are looked at when every stream is held.
+HOLD_POLL: Final = 0.01
 
 
 class RelaySink(Protocol):
     def relay(self, entries: Sequence[Entry]) -> None:
         """Entries of one stream, in order (synchronous; must not block or raise)."""
+
+    def backlog(self) -> float:
+        """How full the fullest subscriber queue it feeds is (share of its budget)."""
+        ...
 
 
 class ReadStore(Protocol):
@@ -77,7 +100,12 @@ class Relay(RetryState):
         self._retry = RedisRetry(
             "relay reads from redis failing", first=RETRY_FIRST, maximum=RETRY_MAX, log=log
         )
+        #: Streams catching up that wait for their subscribers: since when (trio time).
+        self._held: dict[str, float] = {}
         self.entries_relayed = 0
+        #: Times a catching-up stream was held for its subscribers to drain (their queues
+        #: reached HOLD_BACKLOG).
+        self.holds = 0
         #: Seconds between a relayed frame's receipt by its owner and its relay here (the
         #: last one), by fixture.
         self.lag: dict[str, float] = {}
@@ -100,6 +128,7 @@ class Relay(RetryState):
     def unfollow(self, key: str) -> None:
         self._after.pop(key, None)
         self._sinks.pop(key, None)
+        self._held.pop(key, None)
         self.lag.pop(key, None)
         if not self._after:
             # Nothing left to read: not failing (else a relay that failed once and then lost
@@ -119,7 +148,10 @@ class Relay(RetryState):
                 await trio.sleep_until(last + self._interval)
             last = trio.current_time()
             self._changed = trio.Event()
-            after = dict(self._after)
+            after = self._readable(last)
+            if not after:
+                await trio.sleep(HOLD_POLL)  # every stream waits for its subscribers
+                continue
             try:
                 batch = await self._store.read(after, block=self._block)
             except RedisUnavailable as exc:
@@ -132,9 +164,60 @@ class Relay(RetryState):
                 # Only if nothing moved it meanwhile (unfollowed, or followed anew elsewhere).
                 if sink is None or self._after.get(key) != after.get(key) or not entries:
                     continue
-                self._after[key] = entries[-1].seq
-                self.entries_relayed += len(entries)
-                lag = now - entries[-1].received_at
+                if len(entries) > CATCH_UP_CHUNK or key in self._held:
+                    taken = self._paced(key, sink, entries, trio.current_time())
+                    if not taken:
+                        continue
+                else:
+                    taken = entries
+                    sink.relay(entries)
+                self._after[key] = taken[-1].seq
+                self.entries_relayed += len(taken)
+                lag = now - taken[-1].received_at
                 self.lag[key] = lag if math.isfinite(lag) else 0.0
-                sink.relay(entries)
             await trio.lowlevel.checkpoint()
+
+    def _readable(self, now: float) -> dict[str, int]:
+        """The streams to read now: all but those held whose subscribers are still full."""
+        if not self._held:
+            return dict(self._after)
+        out: dict[str, int] = {}
+        for key, seq in self._after.items():
+            since = self._held.get(key)
+            if (
+                since is not None
+                and now - since < HOLD_MAX
+                and self._sinks[key].backlog() >= HOLD_BACKLOG
+            ):
+                continue
+            out[key] = seq
+        return out
+
+    def _paced(
+        self, key: str, sink: RelaySink, entries: Sequence[Entry], now: float
+    ) -> Sequence[Entry]:
+        """Hand over up to :data:`CATCH_UP_CHUNK` of *entries*, one by one while the
+        subscribers have room (every stream catching up moves a little at each read; the rest
+        is read again); the ones handed over. A stream held for :data:`HOLD_MAX` without
+        progress hands a chunk over at each read whatever the subscribers hold, until they
+        have room again (a subscriber that takes nothing is closed by its slow policy instead
+        of stalling the fixture for the others)."""
+        since = self._held.get(key)
+        limit = min(len(entries), CATCH_UP_CHUNK)
+        if since is not None and now - since >= HOLD_MAX:
+            sink.relay(entries[:limit])
+            if limit == len(entries):
+                del self._held[key]
+            return entries[:limit]
+        n = 0
+        while n < limit and sink.backlog() < HOLD_BACKLOG:
+            sink.relay(entries[n : n + 1])
+            n += 1
+        if n == limit:
+            self._held.pop(key, None)
+        elif since is None:
+            self.holds += 1
+            self._held[key] = now
+        elif n:
+            self._held[key] = now  # progress: HOLD_MAX counts from here
+        return entries[:n]

@@ -335,6 +335,18 @@ class RedisStore:
             mapping = await result
         return {_text(k) or "": int(_text(v) or 0) for k, v in mapping.items()}
 
+    async def retain(self, keys: Sequence[str], seconds: float) -> None:
+        """Keep each key's stream and meta for *seconds* more (their owner renews this every
+        round: once nobody owns a fixture, its keys expire)."""
+        if not keys:
+            return
+        ms = int(seconds * 1000)
+        with _boundary():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.pexpire(self.keys.stream(key), ms)
+                    pipe.pexpire(self.keys.meta(key), ms)
+
     async def reserve_connect(self, rate: float) -> float:
         """Reserve the next cluster-wide connect slot; seconds to wait for it."""
         ms = await self._call(self._connect, [self.keys.connect], [f"{1000.0 / rate:.3f}"])

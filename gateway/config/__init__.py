@@ -45,6 +45,7 @@ from gateway.config._model import (
     SlowPolicy,
     SubscribersSection,
     UpstreamSection,
+    lease_expiry,
     lease_round_interval,
     lease_validity,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "check_secret_files",
     "config_to_dict",
     "expand_path",
+    "lease_expiry",
     "lease_round_interval",
     "lease_validity",
     "load_cluster_password",

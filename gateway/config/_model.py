@@ -82,6 +82,10 @@ DEFAULT_RECORDER_QUEUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_LEASE_TTL: Final = 10.0
 #: Frames kept per fixture in its Redis stream (about 13 minutes at 25 Hz).
 DEFAULT_STREAM_MAXLEN: Final = 20_000
+#: Seconds a fixture's stream and meta stay in Redis once no instance owns it any more.
+DEFAULT_STREAM_RETENTION: Final = 600.0
+#: stream_retention must be at least this many lease_ttl (a takeover needs the stream).
+MIN_RETENTION_TTLS: Final = 3
 DEFAULT_KEY_PREFIX: Final = "dde"
 #: Bytes of frames waiting to be appended to Redis, all fixtures together: past it the oldest
 #: waiting frames are dropped (counted); the local fan-out never waits for Redis.
@@ -99,6 +103,13 @@ def lease_round_interval(ttl: float) -> float:
     """Seconds between a cluster instance's lease rounds: a quarter of the lease's *ttl*, at
     most :data:`MAX_ROUND_INTERVAL`."""
     return min(MAX_ROUND_INTERVAL, ttl / 4)
+
+
+def lease_expiry(ttl: float) -> float:
+    """How long Redis keeps a lease after each renewal: *ttl* past the next scheduled renewal
+    (a round later), so a pause of the owner shorter than *ttl*, whenever it starts, never
+    lets the lease run out in Redis (the renew margin)."""
+    return ttl + lease_round_interval(ttl)
 
 
 def lease_validity(ttl: float) -> float:
@@ -389,6 +400,9 @@ class ClusterSection:
     instance: str | None = attrs.field(default=None)
     lease_ttl: float = attrs.field(default=DEFAULT_LEASE_TTL, validator=[v.ge(1.0), v.le(300.0)])
     stream_maxlen: int = attrs.field(default=DEFAULT_STREAM_MAXLEN, validator=v.ge(100))
+    stream_retention: float = attrs.field(
+        default=DEFAULT_STREAM_RETENTION, validator=[_positive_finite, v.le(30 * 86400.0)]
+    )
     key_prefix: str = DEFAULT_KEY_PREFIX
     username: str | None = None
     password_file: Path | None = None
@@ -454,6 +468,12 @@ class ClusterSection:
         # A round that waits redis_timeout for a silent Redis must end (the instance turns
         # degraded and keeps its upstreams) before its leases run out locally (it would stop
         # them all): docs/cluster.md.
+        if self.stream_retention < MIN_RETENTION_TTLS * self.lease_ttl:
+            raise ValueError(
+                f"stream_retention ({self.stream_retention:g} s) must be at least "
+                f"{MIN_RETENTION_TTLS} x lease_ttl ({MIN_RETENTION_TTLS * self.lease_ttl:g} s): "
+                "a takeover resumes from the stream"
+            )
         budget = lease_validity(self.lease_ttl) - lease_round_interval(self.lease_ttl)
         if self.redis_timeout >= budget:
             raise ValueError(

@@ -269,6 +269,7 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
                     for key, kind in CLUSTER_INFO_KEYS.items()
                 },
                 "leases": instance.leases,
+                "silent": None if instance.silent is None else round(instance.silent, 1),
             }
             for instance in view.instances
         ],
@@ -277,6 +278,8 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
         "counters": {name: view.counters.get(name, 0) for name in CLUSTER_COUNTERS},
         "relay_lag_max": view.relay_lag_max,
         "append_queued_bytes": view.append_queued_bytes,
+        "view_at": view.view_at,
+        "unreachable_since": view.unreachable_since,
     }
 
 
@@ -453,8 +456,18 @@ class _Handlers:
         if request.method == "PUT":
             return await self._follow(request, feed, fixture)
         if request.method == "DELETE":
+            # In a cluster another instance's API may have added it moments ago: learn the
+            # cluster's set first, and write the deletion before answering.
+            synced = await self.target.sync_fixtures()
             if not self.target.unfollow(feed, fixture):
+                if not synced:
+                    raise HTTPException(
+                        503,
+                        f"fixture {fixture!r} of feed {feed!r} is not followed here and the "
+                        "cluster's fixtures cannot be read (redis unreachable): try again",
+                    )
                 raise HTTPException(404, f"fixture {fixture!r} of feed {feed!r} is not followed")
+            await self.target.sync_fixtures()
             return Response(status_code=204)
         view = self.target.fixture_view(feed, fixture)
         if view is None:
@@ -473,6 +486,8 @@ class _Handlers:
             raise HTTPException(404, f"unknown feed {feed!r}") from None
         except FollowLimitError as exc:
             raise HTTPException(429, str(exc)) from None
+        # In a cluster: in Redis before the answer, so a DELETE sent to any instance finds it.
+        await self.target.sync_fixtures()
         view = self.target.fixture_view(feed, fixture)
         if view is None:
             raise RuntimeError(f"facade followed {feed}/{fixture} but has no view of it")

@@ -15,6 +15,7 @@ grow without limit (and a token must never be anywhere near a metric).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -218,6 +219,12 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         value=len(view.instances),
     )
     yield GaugeMetricFamily(
+        "dde_cluster_instances_silent",
+        "Live instances not heard from for several rounds (killed without a goodbye, or hung): "
+        "their fixtures are shown as being taken over.",
+        value=sum(1 for i in view.instances if i.silent is not None),
+    )
+    yield GaugeMetricFamily(
         "dde_cluster_leases_owned",
         "Followed fixtures whose lease this instance holds (it follows them upstream).",
         value=view.owned,
@@ -237,6 +244,12 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         "Largest lag over the relayed fixtures: this host's clock at relay minus the owner's "
         "receive time of the last relayed frame (includes the hosts' clock difference).",
         value=view.relay_lag_max,
+    )
+    yield GaugeMetricFamily(
+        "dde_cluster_view_age_seconds",
+        "Seconds since this instance's last round reached Redis: how old the cluster view it "
+        "shows is (grows while Redis is unreachable from it).",
+        value=0.0 if view.view_at is None else max(0.0, time.time() - view.view_at),
     )
     yield GaugeMetricFamily(
         "dde_cluster_append_queued_bytes",

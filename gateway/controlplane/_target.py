@@ -113,6 +113,8 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "leases_lost": "Fixture leases this instance found held by another or expired (it relays).",
     "handovers": "Owned fixtures handed over to the instance ranked first for them (balance).",
     "fenced": "Owned fixtures fenced: the lease ran out locally or Redis refused an append.",
+    "leases_confirmed": "Owned fixtures whose lease ran out locally (the process was paused) "
+    "and that Redis confirmed as still held here: kept, not fenced.",
     "conflicts": "Stream frames that differed from the frame published here under the same seq "
     "(a paused owner's): the topic was replaced.",
     "connect_waits": "Upstream connects that waited for a cluster-wide connect slot.",
@@ -128,6 +130,8 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "(relays see a gap).",
     "frames_relayed": "Stream entries relayed into this instance's topics.",
     "relay_failures": "Relay reads that failed (Redis unreachable); each is retried.",
+    "relay_holds": "Relayed streams catching up that waited for their subscribers' queues to "
+    "drain (instead of overflowing them).",
 }
 
 #: What ``GET /v1/cluster`` shows of an instance's heartbeat info (:attr:`ClusterInstanceView.
@@ -153,6 +157,9 @@ class ClusterInstanceView:
     info: Mapping[str, Any]
     #: Fixtures followed here that this instance holds the lease of (as last seen).
     leases: int
+    #: Seconds since its heartbeat last moved, once it has gone silent (several rounds without
+    #: one: killed without a goodbye, or hung); None while it is heard every round.
+    silent: float | None = None
 
 
 @attrs.frozen
@@ -176,6 +183,11 @@ class ClusterView:
     relay_lag_max: float = 0.0
     #: Bytes of frames waiting to be appended to Redis.
     append_queued_bytes: int = 0
+    #: UNIX time of the last round that reached Redis: the instances, leases and owners shown
+    #: are as of then (None: not yet).
+    view_at: float | None = None
+    #: UNIX time since which Redis has not answered this instance's rounds (None: it does).
+    unreachable_since: float | None = None
 
 
 @attrs.frozen
@@ -308,6 +320,13 @@ class ControlTarget(Protocol):
 
     def unfollow(self, feed: str, fixture: str) -> bool:
         """Stop following. False when the fixture was not followed."""
+        ...
+
+    async def sync_fixtures(self) -> bool:
+        """Make this instance's API fixtures the cluster's before an API change is answered:
+        its own changes written to Redis, the cluster's set read (a fixture another
+        instance's API added is followed here from now). True at once on a single node;
+        False when the cluster's Redis did not answer (the changes are written later)."""
         ...
 
     def latest(self, feed: str, fixture: str) -> str | None:

@@ -73,6 +73,8 @@ class Backfilled(Protocol):
 
     def on_closed(self, topic: Topic) -> None: ...
 
+    def backlog(self) -> float: ...
+
     def missed(self, first: int, last: int) -> bool:
         """Frames *first*..*last* fell out of the history before they could be sent.
 
@@ -166,6 +168,10 @@ class Backfill:
     def on_closed(self, topic: Topic) -> None:
         # The history stays readable: finish the backfill, then end the subscription.
         self.topic_closed = True
+
+    def backlog(self) -> float:
+        # It pulls from the history as its connection drains: new frames queue nothing here.
+        return 0.0
 
     # -- the connection's BackfillSource ------------------------------------------------------
 

@@ -72,6 +72,10 @@ class DropinSubscription:
     def on_closed(self, topic: Topic) -> None:
         self.conn.close(CLOSE_GOING_AWAY, "fixture no longer followed")
 
+    def backlog(self) -> float:
+        conn = self.conn
+        return conn.queued_bytes / conn.budget
+
     def missed(self, first: int, last: int) -> bool:
         return False  # Vendor clients know no gap message: too slow (4008).
 

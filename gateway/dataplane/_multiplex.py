@@ -64,6 +64,10 @@ class MuxSubscription:
             msg.status(topic.feed.name, topic.fixture, topic.state.value, topic.detail)
         )
 
+    def backlog(self) -> float:
+        conn = self.conn
+        return conn.queued_bytes / conn.budget
+
     def on_closed(self, topic: Topic) -> None:
         handler = self.conn.handler
         if isinstance(handler, MultiplexHandler):

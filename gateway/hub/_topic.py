@@ -84,6 +84,11 @@ class TopicSubscriber(Protocol):
 
     def on_closed(self, topic: Topic) -> None: ...
 
+    def backlog(self) -> float:
+        """How full its connection's send queue is: queued bytes over the budget (0 when
+        empty; 1 or more is past it)."""
+        ...
+
 
 class Topic:
     """A followed fixture as subscribers see it. Implements ``gateway.upstream.FrameSink``.
@@ -206,6 +211,11 @@ class Topic:
             self.history_bytes = 0
             self.gaps += 1
             self.seq = seq - 1
+
+    def backlog(self) -> float:
+        """The fullest send queue among its subscribers (see :meth:`TopicSubscriber.backlog`);
+        0 without subscribers. A cluster relay catching up waits while it is high."""
+        return max((sub.backlog() for sub in self._fanout), default=0.0)
 
     def held_bytes(self, seq: int) -> bytes | None:
         """The text of held frame *seq* (None: not held)."""

@@ -45,9 +45,11 @@ import orjson
 import trio
 
 from gateway.cluster import (
+    BEAT_KEY,
     Appender,
     Entry,
     LeaseTable,
+    Liveness,
     Meta,
     RedisStore,
     RedisUnavailable,
@@ -72,6 +74,9 @@ INSTANCE_ENV: Final = "DDE_GATEWAY_INSTANCE"
 HANDOVER_FLUSH: Final = 2.0
 #: Entries asked per request when a topic catches up with its stream before taking over.
 CATCH_UP_COUNT: Final = 1000
+#: Frames an owner holds back while Redis is asked whether its lease, run out locally (a
+#: paused process), is still its own; past this many it is fenced without waiting.
+HELD_MAX: Final = 10_000
 
 ROLE_OWNER: Final = "owner"
 ROLE_RELAY: Final = "relay"
@@ -99,12 +104,13 @@ def split_key(key: str) -> tuple[str, str]:
 class OwnedTopic:
     """The owner's ``FrameSink``: publish into the topic, then queue the frame for Redis.
 
-    Publishing is refused (the frame dropped and the node told) once the lease is past its
-    local validity: the node then stops this upstream and a new owner resumes from the
-    stream, where the frame is fetched again.
+    Once the lease is past its local validity (the process was paused), frames are held back
+    and the node asks Redis at once: the lease still its own, they are published in order
+    (:meth:`release_held`); else the node fences the fixture, the held frames are dropped and
+    a new owner resumes from the stream, where they are fetched again.
     """
 
-    __slots__ = ("active", "appender", "key", "node", "position", "received_at", "topic")
+    __slots__ = ("active", "appender", "held", "key", "node", "position", "received_at", "topic")
 
     def __init__(self, node: ClusterNode, key: str, topic: Topic, appender: Appender) -> None:
         self.node = node
@@ -116,13 +122,30 @@ class OwnedTopic:
         #: Redis lost the stream goes on from here).
         self.position: int | None = None
         self.received_at = 0.0
+        #: Frames held back while the lease is confirmed (see the class docstring).
+        self.held: list[tuple[str, int | None]] = []
 
     def publish(self, raw: str, position: int | None) -> None:
         if not self.active:
             return
         if not self.node.may_publish(self.key):
-            self.node.fence(self.key, "lease expired before it was renewed")
+            if len(self.held) >= HELD_MAX:
+                self.node.fence(self.key, "lease expired and not confirmed in time")
+                return
+            self.held.append((raw, position))
+            self.node.confirm(self.key)
             return
+        if self.held:
+            self.release_held()
+        self._publish(raw, position)
+
+    def release_held(self) -> None:
+        """The lease was confirmed: publish the frames held back, in order."""
+        held, self.held = self.held, []
+        for raw, position in held:
+            self._publish(raw, position)
+
+    def _publish(self, raw: str, position: int | None) -> None:
         topic = self.topic
         topic.publish(raw, position)
         frame = topic.latest_frame
@@ -153,6 +176,9 @@ class RelayedTopic:
         #: a lost stream goes on from here).
         self.position: int | None = None
         self.received_at: float | None = None
+
+    def backlog(self) -> float:
+        return self.topic.backlog()
 
     def relay(self, entries: Sequence[Entry]) -> None:
         topic = self.topic
@@ -204,6 +230,7 @@ class ClusterNode:
         self.instance = instance_name(config)
         self.token = holder_token(self.instance, secrets.token_hex(6))
         self.table = LeaseTable(self.instance, config.lease_ttl, token=self.token)
+        self.liveness = Liveness(self.instance, self.table.tick)
         self._hub = hub
         self._supervisor = supervisor
         self._movable = movable
@@ -218,6 +245,7 @@ class ClusterNode:
         self._api_del: set[str] = set()
         #: The cluster's API set as last read (a key gone from it was deleted elsewhere).
         self._api_seen: set[str] = set()
+        self._shared_lock = trio.Lock()
         #: Per on-demand feed: the fixtures followed on demand anywhere in the cluster.
         self._demand: dict[str, set[str]] = {}
         self._fixtures: dict[str, FixtureConfig] = {}
@@ -241,10 +269,16 @@ class ClusterNode:
         #: Live instances (name -> info) as of the last heartbeat.
         self.live: dict[str, dict[str, Any]] = {}
         self.redis_error: str | None = None
+        #: UNIX time of the last round that reached Redis (the view shown is as of then).
+        self.view_at: float | None = None
+        #: UNIX time since which rounds find Redis unreachable (None: they do not).
+        self.unreachable_since: float | None = None
         self.leases_gained = 0
         self.leases_lost = 0
         self.handovers = 0
         self.fenced = 0
+        #: Owned leases that ran out locally (a paused process) and Redis confirmed as ours.
+        self.leases_confirmed = 0
         self.conflicts = 0
         self.connect_waits = 0
         self.connect_unavailable = 0
@@ -252,6 +286,8 @@ class ClusterNode:
         #: Rounds that ended in an unexpected error (a bug; logged with its traceback).
         self.round_errors = 0
         self._left = False
+        #: The first lease round (look, do not claim) is done.
+        self._looked = False
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -290,6 +326,11 @@ class ClusterNode:
 
     def may_publish(self, key: str) -> bool:
         return self.table.may_publish(key, trio.current_time())
+
+    def confirm(self, key: str) -> None:
+        """*key*'s lease ran out locally while its upstream publishes: ask Redis now (a round
+        at once; its frames are held until then)."""
+        self._wake.set()
 
     def leases_by_instance(self) -> dict[str, int]:
         """Followed fixtures per owner, as this instance last saw the leases."""
@@ -377,7 +418,26 @@ class ClusterNode:
         """Fixtures of *feed* followed on demand on any instance (as of the last round)."""
         return self._demand.get(feed, set())
 
+    async def sync_shared(self) -> bool:
+        """Write this instance's API changes to the cluster's set and follow (or stop) what
+        the others' changed, now rather than at the next round (an API request waits for
+        it). False when Redis did not answer: the next round writes them."""
+        store = self._store
+        if store is None:
+            return False
+        try:
+            await self._sync_shared(store)
+        except RedisUnavailable:
+            return False
+        return True
+
     async def _sync_shared(self, store: RedisStore) -> None:
+        # One at a time (a round and API requests): an older read of the set applied after
+        # a newer one would follow again what was just deleted.
+        async with self._shared_lock:
+            await self._sync_api(store)
+
+    async def _sync_api(self, store: RedisStore) -> None:
         shared = self._shared
         if shared is None:
             return
@@ -396,6 +456,11 @@ class ClusterNode:
             if key not in self._api_add:
                 shared.stop_shared(*split_key(key))
         self._api_seen = set(api)
+
+    async def _sync_demand(self, store: RedisStore) -> None:
+        shared = self._shared
+        if shared is None:
+            return
         for name, cfg in self._hub.feeds.items():
             if cfg.on_demand:
                 mine = shared.on_demand_of(name)
@@ -494,11 +559,17 @@ class ClusterNode:
         try:
             await self._heartbeat(store)
             await self._sync_shared(store)
+            await self._sync_demand(store)
             await self._leases(store)
             await self._refresh(store)
+            # Owned streams live on while owned; a fixture nobody follows any more (deleted
+            # everywhere) has no owner, and its stream and meta expire after stream_retention.
+            await store.retain(sorted(self._owned), self.config.stream_retention)
             if self.redis_error is not None:
                 log.info("cluster: redis reachable again (was: %s)", self.redis_error)
             self.redis_error = None
+            self.view_at = time.time()
+            self.unreachable_since = None
         except Exception as exc:
             if not isinstance(exc, RedisUnavailable):
                 # A bug must not take the gateway down: logged, counted, next round retries.
@@ -506,6 +577,8 @@ class ClusterNode:
                 self._errors.log(logging.ERROR, "cluster: round failed", exc_info=True)
                 return
             self.table.unreachable()
+            if self.unreachable_since is None:
+                self.unreachable_since = time.time()
             if self.redis_error is None:
                 log.warning("cluster: redis unreachable, degraded: %s", exc)
             self.redis_error = str(exc)
@@ -513,17 +586,50 @@ class ClusterNode:
                 topic = self._hub.get(*split_key(key))
                 if topic is not None:
                     topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
-        # Past local validity while Redis answers: a paused process. Stop first, ask later.
+        # Past local validity while Redis answers: a paused process. Nothing is published
+        # meanwhile (frames are held); Redis is asked, and the fixture fenced unless it still
+        # holds the lease for this instance.
+        expired = self.table.expired(trio.current_time())
+        if expired:
+            try:
+                await self._confirm(store, expired)
+            except RedisUnavailable as exc:
+                self.table.unreachable()
+                self.redis_error = str(exc)
         for key in self.table.expired(trio.current_time()):
             self.fence(key, "lease expired before it was renewed")
+        for sink in list(self._owned.values()):
+            if sink.held and self.may_publish(sink.key):
+                sink.release_held()
 
     async def _heartbeat(self, store: RedisStore) -> None:
-        info = orjson.dumps(self._info()).decode()
+        info = orjson.dumps({**self._info(), BEAT_KEY: self.rounds}).decode()
         live = await store.heartbeat(self.instance, self.config.lease_ttl, info)
         self.live = {name: _info(text) for name, text in live.items()}
+        self.liveness.observed(self.live, trio.current_time())
+
+    def silent_for(self, name: str) -> float | None:
+        """Seconds since live instance *name* was last heard, when it has gone silent (killed
+        without a goodbye, or hung); None while it is heard every round."""
+        return self.liveness.silent_for(name, trio.current_time())
 
     async def _leases(self, store: RedisStore) -> None:
+        if not self._looked:
+            # The first round after joining only looks: instances started together with this
+            # one may not have written a heartbeat yet, and claiming now would rank every free
+            # lease over this instance alone (all of them here, handed over again for many
+            # rounds). From the next round on the ranks are over all of them: a fair share.
+            sent = trio.current_time()
+            holders = await store.leases(
+                self.token, self.table.expiry, dict.fromkeys(self._fixtures, "-")
+            )
+            self.table.observed(holders, sent=sent)
+            self._looked = True
+            return
         now = trio.current_time()
+        # Held leases already past their local validity (this process was paused): one found
+        # taken now is fenced (counted and logged as such), not merely lost.
+        stale = set(self.table.expired(now))
         movable = {k for k in self._fixtures if self._movable(*split_key(k))}
         plan = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
         releasing = sorted(plan.release)
@@ -533,7 +639,7 @@ class ClusterNode:
             self._hand_over(key)
         modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
         sent = trio.current_time()
-        holders = await store.leases(self.token, self.config.lease_ttl, modes)
+        holders = await store.leases(self.token, self.table.expiry, modes)
         _, lost = self.table.observed(holders, sent=sent)
         # Leases this round found free that this instance may take now (their holder died):
         # asked for at once rather than next round (a failover a round sooner).
@@ -542,16 +648,11 @@ class ClusterNode:
         fresh = again.acquire - self.table.held - set(releasing)
         if fresh:
             sent = trio.current_time()
-            holders = await store.leases(
-                self.token, self.config.lease_ttl, dict.fromkeys(fresh, "a")
-            )
+            holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(fresh, "a"))
             more_lost = self.table.observed(holders, sent=sent)[1]
             lost |= more_lost
-        for key in sorted(lost):
-            self.leases_lost += 1
-            owner = self.table.holder(key)
-            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
-            self._step_down(key, "lease lost")
+        self._lost(lost - stale)
+        self._taken_while_paused(lost & stale)
         if releasing:
             await self._release(store, releasing)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
@@ -563,6 +664,34 @@ class ClusterNode:
                 except RedisUnavailable:
                     self.table.released(key)
                     raise
+
+    def _lost(self, keys: set[str]) -> None:
+        for key in sorted(keys):
+            self.leases_lost += 1
+            owner = self.table.holder(key)
+            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
+            self._step_down(key, "lease lost")
+
+    async def _confirm(self, store: RedisStore, keys: list[str]) -> None:
+        """Leases past their local validity while Redis answers (the process was paused):
+        renewed if Redis still holds them for this instance (nothing else could have written
+        their streams: the owner goes on, held frames are published), else fenced."""
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "-"))
+        lost = self.table.observed(holders, sent=sent)[1]
+        for key in sorted(set(keys) - lost):
+            self.leases_confirmed += 1
+            log.warning(
+                "cluster: %s: the lease ran out locally (this process was paused?) but redis "
+                "still holds it for this instance: kept",
+                key,
+            )
+        self._taken_while_paused(lost)
+
+    def _taken_while_paused(self, keys: set[str]) -> None:
+        for key in sorted(keys):
+            self.leases_lost += 1
+            self.fence(key, f"lease taken by {self.table.holder(key) or 'nobody'} while paused")
 
     def _hand_over(self, key: str) -> None:
         """Begin giving *key* up: its upstream stops now; :meth:`_release` finishes."""
@@ -858,8 +987,13 @@ class ClusterNode:
         if relay is not None and relay.failing:
             topic.set_status(FixtureState.DEGRADED, "cluster: redis unreachable")
             return
-        if self.table.holder(key) is None:
+        owner = self.table.holder(key)
+        if owner is None:
             topic.set_status(FixtureState.CONNECTING, "cluster: no owner yet")
+            return
+        if self.silent_for(owner) is not None:
+            # Its lease has not run out yet, but nothing comes: the truth is a takeover ahead.
+            topic.set_status(FixtureState.CONNECTING, f"cluster: owner {owner} silent: taking over")
             return
         try:
             state = FixtureState(meta.state or FixtureState.CONNECTING.value)

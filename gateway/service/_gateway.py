@@ -433,6 +433,7 @@ class Gateway:
             "leases_lost": node.leases_lost,
             "handovers": node.handovers,
             "fenced": node.fenced,
+            "leases_confirmed": node.leases_confirmed,
             "conflicts": node.conflicts,
             "connect_waits": node.connect_waits,
             "connect_unavailable": node.connect_unavailable,
@@ -444,6 +445,7 @@ class Gateway:
             "append_lost": 0 if appender is None else appender.frames_lost,
             "frames_relayed": 0 if relay is None else relay.entries_relayed,
             "relay_failures": 0 if relay is None else relay.failures,
+            "relay_holds": 0 if relay is None else relay.holds,
         }
         return ClusterView(
             instance=node.instance,
@@ -451,7 +453,12 @@ class Gateway:
             reason=reason,
             lease_ttl=node.config.lease_ttl,
             instances=[
-                ClusterInstanceView(name=name, info=info, leases=leases.get(name, 0))
+                ClusterInstanceView(
+                    name=name,
+                    info=info,
+                    leases=leases.get(name, 0),
+                    silent=node.silent_for(name),
+                )
                 for name, info in sorted(node.live.items())
             ],
             owned=owned,
@@ -459,6 +466,8 @@ class Gateway:
             counters=counters,
             relay_lag_max=max(relay.lag.values(), default=0.0) if relay is not None else 0.0,
             append_queued_bytes=0 if appender is None else appender.queued_bytes,
+            view_at=node.view_at,
+            unreachable_since=node.unreachable_since,
         )
 
     def feeds(self) -> Mapping[str, FeedConfig]:
@@ -536,6 +545,9 @@ class Gateway:
         if self.cluster is not None:
             self.cluster.share_unfollow(feed, fixture)
         return self.fixtures.stop(feed, fixture)
+
+    async def sync_fixtures(self) -> bool:
+        return True if self.cluster is None else await self.cluster.sync_shared()
 
     # -- the cluster's shared fixtures (gateway.service._cluster.SharedFixtures) ----------------
 
