@@ -138,6 +138,26 @@ def test_generated_gateway_config_is_accepted_by_the_loader(tmp_path: Path) -> N
     assert len(config.fixtures) == 200
     assert config.upstream.token_env == "DDE_BENCH_TOKEN"
     assert config.feeds["tracking"].url == "ws://127.0.0.1:4000/ws/soccer/tracking/low_latency"
+    # Unthrottled unless asked: the take-over bench asks for the vendor's rate.
+    assert config.upstream.connect_rate == 1000
+    path.write_text(gateway_config_text(PRESETS["ingest"], 4000, 4001, 4002, connect_rate=5))
+    assert load_config(path).upstream.connect_rate == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(("--connect-rate=0",), "--connect-rate must be > 0"), (("--watched=0",), "--watched must")],
+)
+def test_takeover_options_are_checked(argv: tuple[str, ...], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.bench._takeover", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
 
 
 def _run(p99: float, cpu: float = 10.0, per_cpu: float = 1e5, rss: int = 50_000) -> Any:

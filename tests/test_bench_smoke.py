@@ -145,7 +145,7 @@ def test_cluster_floor_and_takeover_scripts_run(tmp_path: Path) -> None:
     takeover = subprocess.run(
         [
             *(sys.executable, "-m", "gateway.bench._takeover", "--fixtures=3", "--lease-ttl=2"),
-            *("--runs=1", "--frame-bytes=600", f"--json={out}"),
+            *("--runs=1", "--frame-bytes=600", "--watched=0.5", f"--json={out}"),
         ],
         capture_output=True,
         text=True,
@@ -157,5 +157,10 @@ def test_cluster_floor_and_takeover_scripts_run(tmp_path: Path) -> None:
     assert doc["errors"] == []
     (result,) = doc["trials"]
     assert 0 < result["lease_first_s"] <= result["lease_all_s"] <= result["owner_live_all_s"]
-    assert result["first_frame_count"] == 3
+    assert result["connect_rate"] == 5  # the vendor's, by default
+    assert result["watched"] == 2  # round(3 * 0.5): one subscriber each
+    assert result["first_frame_count"] == 2
     assert 0 < result["first_frame_p50_s"] <= result["first_frame_max_s"]
+    assert 0 < result["watched_live_p50_s"] <= result["watched_live_all_s"]
+    # The stall spans the kill: at least until the new owner's frames came.
+    assert 0 < result["stall_p50_s"] <= result["stall_max_s"]

@@ -41,7 +41,7 @@ from gateway.config import (
     UpstreamSection,
     structure_config,
 )
-from gateway.model import FixtureState
+from gateway.model import FixtureState, ResumePoint
 from gateway.upstream import (
     FASTPATH_ACCEPT,
     MAX_MALFORMED_RUN,
@@ -228,7 +228,10 @@ async def tracking_server(conn: FakeConn, attempt: Attempt, frames: int = 10) ->
 
 @asynccontextmanager
 async def running(
-    config: Config, script: Script, refuse: Callable[[Attempt], BaseException | None] | None = None
+    config: Config,
+    script: Script,
+    refuse: Callable[[Attempt], BaseException | None] | None = None,
+    **supervisor: Any,  # resume_for, watchers
 ) -> AsyncIterator[tuple[Supervisor, FakeConnector, dict[tuple[str, str], RecordingSink]]]:
     sinks: dict[tuple[str, str], RecordingSink] = {}
 
@@ -243,6 +246,7 @@ async def running(
             connect=connector,
             rng=random.Random(7),
             read_token=read_token_on_loop,
+            **supervisor,
         )
         await nursery.start(sup.run)
         # Virtual time: a hang fails fast with a traceback instead of burning pytest-timeout.
@@ -329,6 +333,36 @@ async def test_rate_limit_fairness_first_round(
             assert counts[a.url] <= 2
         seen.add(a.url)
     assert len(seen) == 50
+
+
+async def test_waiting_fixtures_connect_watched_then_most_recent_first(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A restart: the resume points (the recording's last frames) say which fixtures were active
+    most recently, the hub which have subscribers; the supervisor hands both to the limiter."""
+    fixtures = [{"feed": "fp", "id": f"fx{i}"} for i in range(6)]
+    up = {"connect_rate": 1.0, "backoff_initial": 20.0, "backoff_max": 20.0}
+    config = make_config(tmp_path, up, fixtures=fixtures)
+    recent = {"fx2": 100.0, "fx4": 200.0}
+    watchers = {"fx5": 1}
+
+    def resume_for(feed: Any, fixture: FixtureConfig) -> ResumePoint | None:
+        at = recent.get(fixture.id)
+        return None if at is None else ResumePoint(position=1, received_at=at)
+
+    async with running(
+        config,
+        tracking_server,
+        refuse=lambda a: UpstreamUnavailable("x"),
+        resume_for=resume_for,
+        watchers=lambda feed, fx: watchers.get(fx, 0),
+    ) as (_, c, _s):
+        await trio.sleep(5.5)
+    order = list(dict.fromkeys(a.url.split("/")[-2] for a in c.attempts))
+    # All reach the limiter before the first slot is granted (the first one's zero wait is a
+    # checkpoint): watched, then by the last frame before the restart, then in arrival order.
+    assert order[:3] == ["fx5", "fx4", "fx2"]
+    assert sorted(order[3:]) == ["fx0", "fx1", "fx3"]
 
 
 # -- backoff between attempts --------------------------------------------------------------------

@@ -7,6 +7,7 @@ No sockets. Time-dependent tests run under MockClock(autojump_threshold=0) via p
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -26,12 +27,14 @@ from gateway.upstream import (
     BACKFILL_WIDEN,
     FALLBACK_RATE,
     MAX_WIDENINGS,
+    PROMOTE_AFTER,
     AuthGate,
     Backoff,
     ConnectLimiter,
     FastpathResume,
     Kind,
     Message,
+    Priority,
     TrackingResume,
     Verdict,
     classify_fastpath,
@@ -202,6 +205,125 @@ async def test_limiter_cancelled_backlog_head_passes_the_turn_on(
     assert done == ["c"]
     assert trio.current_time() - t0 == pytest.approx(1.0)
     assert limiter.waiting == (0, 0)
+
+
+class _Queued:
+    """Named attempts at one limiter with priorities a test changes while they wait."""
+
+    def __init__(self, limiter: ConnectLimiter, nursery: trio.Nursery) -> None:
+        self.limiter = limiter
+        self.nursery = nursery
+        self.priority: dict[str, Priority] = {}
+        self.grants: list[tuple[str, float]] = []
+
+    @property
+    def order(self) -> list[str]:
+        return [name for name, _ in self.grants]
+
+    async def add(
+        self, name: str, priority: Priority | None = None, *, backlog: bool = False
+    ) -> None:
+        """Queue *name* and return once it waits (arrival order is the order of calls)."""
+        self.priority[name] = priority if priority is not None else Priority()
+
+        async def one() -> None:
+            await self.limiter.acquire(backlog=backlog, priority=lambda: self.priority[name])
+            self.grants.append((name, trio.current_time()))
+
+        self.nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_limiter_watched_then_recent_then_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A take-over queues many attempts at once: the ones people watch connect first."""
+    limiter = ConnectLimiter(5.0)
+    await limiter.acquire()  # the next slot is 0.2 s away: everything below waits
+    async with trio.open_nursery() as nursery:
+        q = _Queued(limiter, nursery)
+        await q.add("plain1")
+        await q.add("old", Priority(last_active=100.0))
+        await q.add("watched1", Priority(watched=True))
+        await q.add("recent", Priority(last_active=200.0))
+        await q.add("watched2", Priority(watched=True, last_active=50.0))
+        await q.add("plain2")
+        await q.add("urgent-less", Priority(watched=True), backlog=True)
+    # Watched in arrival order, then by recency, then the rest; the backlog stays last.
+    assert q.order == [
+        "watched1",
+        "watched2",
+        "recent",
+        "old",
+        "plain1",
+        "plain2",
+        "urgent-less",
+    ]
+    times = [t for _, t in q.grants]
+    assert all(b - a == pytest.approx(0.2) for a, b in itertools.pairwise(times))
+
+
+async def test_limiter_a_subscriber_moves_a_waiting_fixture_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The priority is read when the slot is granted: even the attempt already sleeping for
+    the next slot gives it up to a fixture that got a subscriber meanwhile."""
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        q = _Queued(limiter, nursery)
+        for i in range(5):
+            await q.add(f"f{i}")
+        await trio.sleep(0.5)  # f0 sleeps for the slot at t0 + 1
+        q.priority["f4"] = Priority(watched=True)
+    assert q.order == ["f4", "f0", "f1", "f2", "f3"]
+    assert [t - t0 for _, t in q.grants] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+async def test_limiter_cancelled_watched_waiter_passes_its_slot_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        q = _Queued(limiter, nursery)
+        await q.add("plain")
+        async with trio.open_nursery() as inner:
+            watched = functools.partial(limiter.acquire, priority=lambda: Priority(watched=True))
+            inner.start_soon(watched)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.5)  # the watched one sleeps for the slot, then leaves
+            inner.cancel_scope.cancel()
+    assert q.order == ["plain"]
+    assert q.grants[0][1] == pytest.approx(t0 + 1.0)
+    assert limiter.waiting == (0, 0)
+
+
+async def test_limiter_no_attempt_waits_forever_behind_watched_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Watched fixtures arriving faster than the rate would pass an unwatched one forever:
+    after PROMOTE_AFTER it joins the watched ones in its arrival order, so it goes next."""
+    limiter = ConnectLimiter(1.0)
+    await limiter.acquire()
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        q = _Queued(limiter, nursery)
+        await q.add("unwatched", Priority(last_active=1e12))
+        i = 0
+        while "unwatched" not in q.order:
+            await q.add(f"w{i}", Priority(watched=True))
+            i += 1
+            await trio.sleep(0.5)
+            assert trio.current_time() - t0 < 2 * PROMOTE_AFTER
+        nursery.cancel_scope.cancel()
+    granted = dict(q.grants)["unwatched"] - t0
+    assert PROMOTE_AFTER <= granted <= PROMOTE_AFTER + 1.0 + 1e-9
+    # Until then every slot (1 s, 2 s, ... after the first grant) went to a watched fixture.
+    before = q.order[: q.order.index("unwatched")]
+    assert before == [f"w{i}" for i in range(round(PROMOTE_AFTER) - 1)]
 
 
 # -- auth gate ---------------------------------------------------------------------------------

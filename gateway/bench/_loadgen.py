@@ -15,7 +15,10 @@ Targets: ``gateway`` (``/v1/stream``, one subscribe message per fixture) and ``p
 stdout carries one JSON object per line: ``connected`` once every subscriber is connected (or
 ``error`` and exit 1), then one answer per stdin command: ``ready`` (how many healthy subscribers
 have had a frame), ``mark`` (open the measured window), ``drop <t_ns>`` (time the first frame
-stamped after t_ns at every subscriber), ``report`` (the window's figures). EOF or ``quit`` ends.
+stamped after t_ns at every subscriber, and from then on each one's *stall*: the longest time
+between two fresh frames, a frame being fresh when its stamp is newer than every one that
+subscriber had before, so a backfill of frames made during an outage ends the stall but a
+replay of old ones does not), ``report`` (the window's figures). EOF or ``quit`` ends.
 """
 
 from __future__ import annotations
@@ -57,13 +60,27 @@ MAX_SAMPLES: Final = 20_000_000
 
 
 class _Sub:
-    __slots__ = ("buf", "close_code", "first_fresh", "frames", "sock")
+    __slots__ = (
+        "buf",
+        "close_code",
+        "first_fresh",
+        "frames",
+        "last_fresh",
+        "newest_bt",
+        "sock",
+        "stall",
+    )
 
     def __init__(self, sock: socket.socket, leftover: bytes) -> None:
         self.sock = sock
         self.buf = leftover
         self.frames = 0
         self.first_fresh = 0
+        #: The newest stamp seen, the arrival of the frame that carried it, and the longest
+        #: gap between such arrivals since ``drop`` (ns).
+        self.newest_bt = 0
+        self.last_fresh = 0
+        self.stall = 0
         self.close_code: int | None = None
 
 
@@ -145,9 +162,8 @@ class LoadGen:
         paths: list[str] = []
         subs: list[list[str]] = []
         for k in range(n):
-            mine = (
-                fixtures if self.args.fanout == "all" else [fixtures[(offset + k) % len(fixtures)]]
-            )
+            spread = fixtures[((offset + k) * self.args.stride) % len(fixtures)]
+            mine = fixtures if self.args.fanout == "all" else [spread]
             if self.args.kind == "gateway":
                 paths.append("/v1/stream")
             else:
@@ -214,6 +230,11 @@ class LoadGen:
                 nbytes += end - start
                 if recording:
                     samples.append(now - bt)
+                if bt > sub.newest_bt:
+                    if drop_ns and sub.last_fresh and now - sub.last_fresh > sub.stall:
+                        sub.stall = now - sub.last_fresh
+                    sub.newest_bt = bt
+                    sub.last_fresh = now
                 if drop_ns and bt > drop_ns and not sub.first_fresh:
                     sub.first_fresh = now
             elif op == OP_PING:
@@ -258,7 +279,7 @@ class LoadGen:
         elif cmd == "drop":
             self.drop_ns = int(arg)
             for sub in self.healthy:
-                sub.first_fresh = 0
+                sub.first_fresh = sub.stall = 0
             emit({"event": "drop", "t_ns": self.drop_ns})
         elif cmd == "progress":
             emit({"event": "progress", "deliveries": self.deliveries, "t_ns": time.monotonic_ns()})
@@ -274,6 +295,11 @@ class LoadGen:
         lat = sorted(self.samples)
         ms = 1e-6
         fresh = sorted(s.first_fresh - self.drop_ns for s in self.healthy if s.first_fresh)
+        # A subscriber still waiting for a fresh frame is stalled until now.
+        stalls = sorted(
+            max(s.stall, now - s.last_fresh if s.last_fresh else now - self.drop_ns)
+            for s in self.healthy
+        )
         return {
             "event": "report",
             "window_s": window,
@@ -299,6 +325,13 @@ class LoadGen:
                 "min": fresh[0] * ms if fresh else None,
                 "p50": percentile(fresh, 50) * ms if fresh else None,
                 "max": fresh[-1] * ms if fresh else None,
+            }
+            if self.drop_ns
+            else None,
+            "stall_ms": {
+                "count": len(stalls),
+                "p50": percentile(stalls, 50) * ms if stalls else None,
+                "max": stalls[-1] * ms if stalls else None,
             }
             if self.drop_ns
             else None,
@@ -343,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--fixtures", type=int, default=1)
     parser.add_argument("--fanout", choices=("all", "spread"), default="all")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="with --fanout spread, subscriber i takes fixture i * STRIDE mod F",
+    )
     parser.add_argument("--stuck", type=int, default=0)
     parser.add_argument("--idle", type=int, default=0)
     parser.add_argument("--feed", default="tracking")

@@ -71,6 +71,9 @@ PEER_SCRIPT: Final = Path(__file__).with_name("_peer.py")
 #: instance only once that one has been live for lease_ttl) and the others relay everything.
 #: Lease rounds still run every second (the tick is at most 1 s whatever the TTL).
 BENCH_LEASE_TTL: Final = 300.0
+#: ``[upstream] connect_rate``: high enough not to throttle hundreds of fixtures (the feeder
+#: has no limit); the take-over bench runs at the vendor's 5 per second instead.
+BENCH_CONNECT_RATE: Final = 1000.0
 #: ``[cluster] stream_maxlen``: a minute at 25 Hz (docs/cluster.md, "Redis sizing").
 BENCH_STREAM_MAXLEN: Final = 1500
 BENCH_KEY_PREFIX: Final = "bench"
@@ -173,6 +176,7 @@ def gateway_config_text(
     redis_url: str | None = None,
     instance: str = "bench-1",
     lease_ttl: float = BENCH_LEASE_TTL,
+    connect_rate: float = BENCH_CONNECT_RATE,
 ) -> str:
     """The TOML the gateway runs with: loopback listeners, the feeder as its tracking vendor,
     a connect rate that does not throttle hundreds of fixtures, and limits above the load.
@@ -191,7 +195,7 @@ def gateway_config_text(
         "",
         "[upstream]",
         f'token_env = "{TOKEN_ENV}"',
-        "connect_rate = 1000.0",
+        f"connect_rate = {connect_rate:g}",
         f"backoff_initial = {BENCH_BACKOFF_INITIAL}",
         "",
         "[feeds.tracking]",
@@ -346,6 +350,7 @@ def _gateway_process(
     stream: int = 0,
     redis_url: str | None = None,
     lease_ttl: float = BENCH_LEASE_TTL,
+    connect_rate: float = BENCH_CONNECT_RATE,
 ) -> Iterator[_Instance]:
     """One gateway as ``dde-gateway run`` starts it, on a generated config; stopped after."""
     log_path = tmp / f"{name}.log"
@@ -353,7 +358,14 @@ def _gateway_process(
         config = tmp / f"{name}.toml"
         config.write_text(
             gateway_config_text(
-                sc, feeder_port, stream, 0, redis_url=redis_url, instance=name, lease_ttl=lease_ttl
+                sc,
+                feeder_port,
+                stream,
+                0,
+                redis_url=redis_url,
+                instance=name,
+                lease_ttl=lease_ttl,
+                connect_rate=connect_rate,
             )
         )
         try:
@@ -439,7 +451,14 @@ def _feeder(sc: Scenario, env: dict[str, str], log: IO[bytes]) -> _Child:
 
 
 def _loadgen(
-    kind: str, sc: Scenario, port: int, env: dict[str, str], log: IO[bytes], *, name: str
+    kind: str,
+    sc: Scenario,
+    port: int,
+    env: dict[str, str],
+    log: IO[bytes],
+    *,
+    name: str,
+    stride: int = 1,
 ) -> _Child:
     return _Child(
         name,
@@ -457,6 +476,8 @@ def _loadgen(
             str(sc.fixtures),
             "--fanout",
             sc.fanout,
+            "--stride",
+            str(stride),
             "--stuck",
             str(sc.stuck),
             "--idle",

@@ -6,16 +6,22 @@ Run: ``python -m gateway.bench._takeover --fixtures 50,200 --lease-ttl 10,3 --ru
 One trial, all processes fresh, on loopback: the bench's feeder (F fixtures x 25 Hz), a
 redis-server of its own, gateway A (``[cluster]`` with the given ``lease_ttl``) started alone
 until it owns every fixture (all live), then gateway B, which relays them all, with one
-subscriber per fixture on B (the load generator, ``--fanout spread``). Then A gets SIGKILL (no
-chance to release anything), and from that instant:
+subscriber on each *watched* fixture on B (``--watched``, a share of F, spread evenly over the
+ids: fixtures 0, F/S, 2F/S, ...; the load generator, ``--fanout spread``). Both gateways run
+with ``[upstream] connect_rate`` = ``--connect-rate``, the vendor's 5 per second by default:
+B's connects queue there, and the order they go in is what the trial shows. Then A gets SIGKILL
+(no chance to release anything), and from that instant:
 
 - *lease*: when Redis names B as the holder of each fixture's lease (polled every 50 ms);
 - *owner live*: when B's ``GET /v1/fixtures`` shows the fixture ``live`` on B's own upstream
   (``role`` ``owner`` where the API has it; else an upstream with a connect, which a relay
   does not have), the same polls;
+  reported for the watched fixtures and for all;
 - *first frame*: for each of B's subscribers, the arrival of the first frame the feeder made
   after the kill (the new owner's upstream resumes from the stream's last vendor position, so
-  the frames made meanwhile come first, as a backfill).
+  the frames made meanwhile come first, as a backfill);
+- *stall*: for each of B's subscribers, the longest time between two fresh frames (a frame
+  stamped later than any before it; the gap spanning the kill is the one that matters).
 
 The trial fails (and says so) when B took any fixture before the kill: a configured fixture is
 handed to its first-ranked instance once that one has been live for ``lease_ttl``, so the kill
@@ -44,6 +50,7 @@ from typing import Any, Final
 from gateway.bench._feeder import fixture_id
 from gateway.bench._redis import BenchRedis, RedisStartError
 from gateway.bench._run import (
+    READY_TIMEOUT,
     TOKEN_ENV,
     BenchError,
     _feeder,
@@ -58,8 +65,13 @@ from gateway.bench._run import (
 from gateway.bench._scenario import Scenario
 
 POLL: Final = 0.05
-#: The trial gives up this long after the kill, beyond the lease's time to live.
+#: The trial gives up this long after the kill, beyond the lease's time to live and the time
+#: the connect rate needs for every fixture.
 GIVE_UP: Final = 60.0
+#: The vendor's connect rate per token (``[upstream] connect_rate``'s default).
+VENDOR_CONNECT_RATE: Final = 5.0
+#: Share of the fixtures with a subscriber on B.
+WATCHED_SHARE: Final = 0.1
 
 
 def _owner_live(fx: dict[str, Any]) -> bool:
@@ -72,12 +84,21 @@ def _owner_live(fx: dict[str, Any]) -> bool:
 
 
 def trial(
-    fixtures: int, lease_ttl: float, frame_bytes: int, *, say: Any, logs: Path | None = None
+    fixtures: int,
+    lease_ttl: float,
+    frame_bytes: int,
+    *,
+    say: Any,
+    logs: Path | None = None,
+    connect_rate: float = VENDOR_CONNECT_RATE,
+    watched_share: float = WATCHED_SHARE,
 ) -> dict[str, Any]:
     """One kill and takeover (see the module docstring); its figures in seconds."""
+    n_watched = max(1, min(fixtures, round(fixtures * watched_share)))
+    stride = fixtures // n_watched
     sc = Scenario(
         name="takeover",
-        subscribers=fixtures,
+        subscribers=n_watched,
         fixtures=fixtures,
         rate=25.0,
         frame_bytes=frame_bytes,
@@ -86,6 +107,7 @@ def trial(
     )
     env = dict(os.environ, **{TOKEN_ENV: secrets.token_urlsafe(24)})
     ids = [fixture_id(i) for i in range(fixtures)]
+    watched = [fixture_id(k * stride) for k in range(n_watched)]
     with tempfile.TemporaryDirectory(prefix="dde-takeover-") as name, contextlib.ExitStack() as st:
         tmp = Path(name)
         if logs is not None:  # copied when the trial ends, whatever happened
@@ -98,12 +120,16 @@ def trial(
             redis = st.enter_context(BenchRedis(tmp / "redis"))
         except (RedisStartError, OSError) as exc:
             raise BenchError(str(exc)) from None
-        kw: dict[str, Any] = {"redis_url": redis.url, "lease_ttl": lease_ttl}
+        kw: dict[str, Any] = {
+            "redis_url": redis.url,
+            "lease_ttl": lease_ttl,
+            "connect_rate": connect_rate,
+        }
         a = st.enter_context(_gateway_process(sc, "bench-a", port, env, tmp, **kw))
-        wait_owner(redis, "bench-a", fixtures)
+        wait_owner(redis, "bench-a", fixtures, READY_TIMEOUT + fixtures / connect_rate)
         b = st.enter_context(_gateway_process(sc, "bench-b", port, env, tmp, **kw))
         lg_log = st.enter_context(open(tmp / "loadgen.log", "wb"))
-        loadgen = _loadgen("gateway", sc, b.stream, env, lg_log, name="loadgen")
+        loadgen = _loadgen("gateway", sc, b.stream, env, lg_log, name="loadgen", stride=stride)
         st.callback(loadgen.stop)
         loadgen.expect("connected")
         _wait_receiving(loadgen, sc, lambda text: None)
@@ -119,7 +145,7 @@ def trial(
         live_at: dict[str, float] = {}
         while len(live_at) < fixtures:
             now = time.monotonic() - t0
-            if now > lease_ttl + GIVE_UP:
+            if now > lease_ttl + fixtures / connect_rate + GIVE_UP:
                 raise BenchError(
                     f"after {now:.0f} s bench-b owns {len(lease_at)} and has {len(live_at)} "
                     f"of {fixtures} live"
@@ -139,39 +165,52 @@ def trial(
         while True:  # every subscriber's first frame made after the kill
             report = loadgen.ask("report", "report")
             fresh = report["fresh_ms"] or {}
-            if fresh.get("count", 0) >= fixtures or time.monotonic() > deadline:
+            if fresh.get("count", 0) >= n_watched or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
 
     leases = sorted(lease_at[fx] for fx in ids if fx in lease_at)
     lives = sorted(live_at[fx] for fx in ids)
+    watched_lives = sorted(live_at[fx] for fx in watched)
+    stall = report["stall_ms"] or {}
     result = {
         "fixtures": fixtures,
         "lease_ttl": lease_ttl,
+        "connect_rate": connect_rate,
+        "watched": n_watched,
         "lease_first_s": leases[0],
         "lease_all_s": leases[-1],
+        "watched_live_p50_s": statistics.median(watched_lives),
+        "watched_live_all_s": watched_lives[-1],
         "owner_live_p50_s": statistics.median(lives),
         "owner_live_all_s": lives[-1],
         "first_frame_count": fresh.get("count", 0),
         "first_frame_p50_s": (fresh.get("p50") or 0) / 1000,
         "first_frame_max_s": (fresh.get("max") or 0) / 1000,
+        "stall_p50_s": (stall.get("p50") or 0) / 1000,
+        "stall_max_s": (stall.get("max") or 0) / 1000,
     }
     say(
-        f"{fixtures} fixtures, lease_ttl {lease_ttl:g}: leases {leases[0]:.2f}-{leases[-1]:.2f} s,"
-        f" all owner+live {lives[-1]:.2f} s (median {result['owner_live_p50_s']:.2f}), first "
-        f"frame median {result['first_frame_p50_s']:.2f} s, last {result['first_frame_max_s']:.2f}"
-        f" s ({result['first_frame_count']} of {fixtures} subscribers)"
+        f"{fixtures} fixtures ({n_watched} watched), lease_ttl {lease_ttl:g}, connect_rate "
+        f"{connect_rate:g}: leases {leases[0]:.2f}-{leases[-1]:.2f} s, watched owner+live median "
+        f"{result['watched_live_p50_s']:.2f} s, last {watched_lives[-1]:.2f} s; all owner+live "
+        f"median {result['owner_live_p50_s']:.2f} s, last {lives[-1]:.2f} s; first frame median "
+        f"{result['first_frame_p50_s']:.2f} s, last {result['first_frame_max_s']:.2f} s "
+        f"({result['first_frame_count']} of {n_watched} subscribers); stall median "
+        f"{result['stall_p50_s']:.2f} s, max {result['stall_max_s']:.2f} s"
     )
     return result
 
 
 _COLUMNS: Final = (
-    ("lease_first_s", "first lease"),
     ("lease_all_s", "all leases"),
-    ("owner_live_p50_s", "owner+live median"),
-    ("owner_live_all_s", "all owner+live"),
-    ("first_frame_p50_s", "first frame median"),
-    ("first_frame_max_s", "first frame, last fixture"),
+    ("watched_live_p50_s", "watched live, median"),
+    ("watched_live_all_s", "watched live, last"),
+    ("owner_live_p50_s", "all live, median"),
+    ("owner_live_all_s", "all live, last"),
+    ("first_frame_max_s", "first frame, last subscriber"),
+    ("stall_p50_s", "stall, median"),
+    ("stall_max_s", "stall, max"),
 )
 
 
@@ -198,11 +237,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-ttl", default="10,3", metavar="S[,S...]")
     parser.add_argument("--runs", type=int, default=3, help="trials per combination")
     parser.add_argument("--frame-bytes", type=int, default=3000)
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        default=VENDOR_CONNECT_RATE,
+        metavar="PER_S",
+        help="both gateways' [upstream] connect_rate (default: the vendor's %(default)g)",
+    )
+    parser.add_argument(
+        "--watched",
+        type=float,
+        default=WATCHED_SHARE,
+        metavar="SHARE",
+        help="share of the fixtures with a subscriber on B (default %(default)g)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument(
         "--logs", type=Path, default=None, metavar="DIR", help="keep each trial's logs in DIR"
     )
     args = parser.parse_args(argv)
+    if not args.connect_rate > 0:
+        parser.error("--connect-rate must be > 0")
+    if not 0 < args.watched <= 1:
+        parser.error("--watched must be in (0, 1]")
     counts = [int(x) for x in args.fixtures.split(",")]
     ttls = [float(x) for x in args.lease_ttl.split(",")]
     raise_nofile_limit()
@@ -216,7 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         for fixtures in counts:
             for ttl in ttls:
                 try:
-                    results.append(trial(fixtures, ttl, args.frame_bytes, say=say, logs=args.logs))
+                    results.append(
+                        trial(
+                            fixtures,
+                            ttl,
+                            args.frame_bytes,
+                            say=say,
+                            logs=args.logs,
+                            connect_rate=args.connect_rate,
+                            watched_share=args.watched,
+                        )
+                    )
                 except (BenchError, OSError) as exc:
                     errors.append(f"run {run + 1}, {fixtures} fixtures, ttl {ttl:g}: {exc}")
                     say(f"ERROR {errors[-1]}")

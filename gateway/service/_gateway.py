@@ -171,13 +171,21 @@ class Gateway:
         self._cluster_recording: ClusterRecording | None = None
         if config.cluster is None:
             # Last: it follows the configured fixtures at once, into the hub's topics.
-            self.supervisor = Supervisor(config, self._sink_for, resume_for=self._resume_for)
+            self.supervisor = Supervisor(
+                config,
+                self._sink_for,
+                resume_for=self._resume_for,
+                watchers=self._subscriber_count,
+            )
         else:
             # The node decides which fixtures this instance follows upstream (their owner).
             if recorder is not None:
                 self._cluster_recording = ClusterRecording(recorder)
             self.supervisor = Supervisor(
-                attrs.evolve(config, fixtures=()), self._sink_for, resume_for=self._resume_for
+                attrs.evolve(config, fixtures=()),
+                self._sink_for,
+                resume_for=self._resume_for,
+                watchers=self._subscriber_count,
             )
             self.cluster = ClusterNode(
                 config.cluster,

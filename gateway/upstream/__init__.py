@@ -31,7 +31,7 @@ from gateway.upstream._lean import (
     LeanConnector,
     open_websocket_connector,
 )
-from gateway.upstream._limiter import ConnectLimiter
+from gateway.upstream._limiter import PROMOTE_AFTER, ConnectLimiter, Priority
 from gateway.upstream._resume import (
     ALL_FRAMES,
     BACKFILL_MARGIN,
@@ -66,6 +66,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "MAX_WIDENINGS",
     "MESSAGE_QUEUE_SIZE",
+    "PROMOTE_AFTER",
     "TOKEN_POLL_INTERVAL",
     "AuthGate",
     "Backoff",
@@ -78,6 +79,7 @@ __all__ = [
     "LeanConnection",
     "LeanConnector",
     "Message",
+    "Priority",
     "SessionNext",
     "SessionState",
     "Supervisor",

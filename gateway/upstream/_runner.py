@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import time
 import urllib.parse
@@ -40,7 +41,7 @@ from gateway.upstream._connect import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from gateway.upstream._limiter import ConnectLimiter
+from gateway.upstream._limiter import ConnectLimiter, Priority
 from gateway.upstream._resume import FastpathResume, TrackingResume, Verdict
 from gateway.wire import CLOSE_POLICY_VIOLATION
 
@@ -144,6 +145,7 @@ class FixtureRunner:
         backlog: bool = False,
         read_token: TokenReader = read_token_off_loop,
         resume: ResumePoint | None = None,
+        watched: Callable[[], bool] | None = None,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -168,6 +170,19 @@ class FixtureRunner:
         # The token of the current attempt: vendor texts are scrubbed of it before being kept.
         self._token: Secret | None = None
         self._stopped = False
+        # Its rank at the connect limiter: subscribers now (*watched*), then recent activity
+        # (the last frame of this run, else the resume point's, from before a restart or of the
+        # cluster stream a take-over continues).
+        self._watched = watched
+        self._resumed_at = resume.received_at if resume is not None else -math.inf
+
+    def priority(self) -> Priority:
+        """How much this fixture's next attempt matters (read by the connect limiter)."""
+        last = self.status.last_message_at
+        return Priority(
+            watched=self._watched is not None and self._watched(),
+            last_active=last if last is not None else self._resumed_at,
+        )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -305,7 +320,9 @@ class FixtureRunner:
         except SecretError as exc:
             # SecretError names the token's source, never its value.
             return _Outcome(_End.RETRY, f"token unavailable: {exc}")
-        await self._limiter.acquire(backlog=self._backlog and not self.status.counters.frames)
+        await self._limiter.acquire(
+            backlog=self._backlog and not self.status.counters.frames, priority=self.priority
+        )
         url, headers = self._url()
         try:
             async with connect(url, headers=headers, connect_timeout=up.handshake_timeout) as conn:

@@ -57,6 +57,9 @@ class Supervisor:
     errors propagate to the caller of :meth:`add` (or of the constructor, for configured
     fixtures). ``resume_for``, called right after it, says where the fixture's upstream goes
     on (the recorder's last frame) instead of starting with the fixture's ``backfill``.
+    ``watchers(feed, fixture)``, the fixture's subscriber count, is read by the connect
+    limiter whenever it picks the next of several waiting attempts: watched fixtures connect
+    first (``gateway.upstream._limiter``).
     ``connect`` replaces the configured connector (tests); ``rng`` seeds the backoff jitter
     of every fixture; ``read_token`` replaces the token reader (tests under ``MockClock``,
     where the default's worker thread would let virtual time jump).
@@ -71,11 +74,13 @@ class Supervisor:
         rng: random.Random | None = None,
         read_token: TokenReader = read_token_off_loop,
         resume_for: Callable[[FeedConfig, FixtureConfig], ResumePoint | None] | None = None,
+        watchers: Callable[[str, str], int] | None = None,
     ) -> None:
         self._config = config
         self._read_token = read_token
         self._sink_for = sink_for
         self._resume_for = resume_for
+        self._watchers = watchers
         self._connect = connect
         self._rng = rng if rng is not None else random.Random()
         self._limiter = ConnectLimiter(config.upstream.connect_rate)
@@ -203,6 +208,7 @@ class Supervisor:
             backlog=backlog,
             read_token=self._read_token,
             resume=resume,
+            watched=self._watched(feed.name, fixture.id),
         )
         entry = _Entry(runner)
         self._entries[key] = entry
@@ -212,6 +218,12 @@ class Supervisor:
             self._pending.append(entry)
         logger.info("upstream %s/%s: following (%s)", feed.name, fixture.id, feed.kind)
         return True
+
+    def _watched(self, feed: str, fixture_id: str) -> Callable[[], bool] | None:
+        watchers = self._watchers
+        if watchers is None:
+            return None
+        return lambda: watchers(feed, fixture_id) > 0
 
     def remove(self, feed: str, fixture_id: str) -> bool:
         """Stop following; False if not followed. Its status becomes stopped and the sink is
