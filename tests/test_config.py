@@ -313,6 +313,12 @@ def test_cluster_section_defaults_and_rules() -> None:
     assert cfg.cluster is not None
     assert (cfg.cluster.lease_ttl, cfg.cluster.stream_maxlen) == (10.0, 20_000)
     assert (cfg.cluster.key_prefix, cfg.cluster.instance) == ("dde", None)
+    assert cfg.cluster.stream_retention == 600.0
+    # A long lease: the default retention outlives three of them (no error for a default).
+    long = structure_config(
+        minimal(cluster={"redis_url": "redis://127.0.0.1:6379/0", "lease_ttl": 300.0})
+    )
+    assert long.cluster is not None and long.cluster.stream_retention == 900.0
     for url in ("rediss://redis.internal:6380/2", "unix:///run/redis/redis.sock"):
         assert structure_config(minimal(cluster={"redis_url": url})).cluster is not None
     for url, word in (

@@ -400,8 +400,13 @@ class ClusterSection:
     instance: str | None = attrs.field(default=None)
     lease_ttl: float = attrs.field(default=DEFAULT_LEASE_TTL, validator=[v.ge(1.0), v.le(300.0)])
     stream_maxlen: int = attrs.field(default=DEFAULT_STREAM_MAXLEN, validator=v.ge(100))
+    #: Default: DEFAULT_STREAM_RETENTION, or 3 x lease_ttl where that is longer.
     stream_retention: float = attrs.field(
-        default=DEFAULT_STREAM_RETENTION, validator=[_positive_finite, v.le(30 * 86400.0)]
+        default=attrs.Factory(
+            lambda self: max(DEFAULT_STREAM_RETENTION, MIN_RETENTION_TTLS * self.lease_ttl),
+            takes_self=True,
+        ),
+        validator=[_positive_finite, v.le(30 * 86400.0)],
     )
     key_prefix: str = DEFAULT_KEY_PREFIX
     username: str | None = None
