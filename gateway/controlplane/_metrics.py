@@ -249,7 +249,7 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         "dde_cluster_view_age_seconds",
         "Seconds since this instance's last round reached Redis: how old the cluster view it "
         "shows is (grows while Redis is unreachable from it).",
-        value=0.0 if view.view_at is None else max(0.0, time.time() - view.view_at),
+        value=_view_age(view.view_at, view.unreachable_since),
     )
     yield GaugeMetricFamily(
         "dde_cluster_append_queued_bytes",
@@ -271,3 +271,10 @@ def make_registry(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(target, downloads))
     return registry
+
+
+def _view_age(view_at: float | None, unreachable_since: float | None) -> float:
+    """Seconds the cluster view is old: since the last round that reached Redis, or, when none
+    has yet, since Redis first failed to answer (0 before the first round)."""
+    since = view_at if view_at is not None else unreachable_since
+    return 0.0 if since is None else max(0.0, time.time() - since)
