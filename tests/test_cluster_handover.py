@@ -148,7 +148,7 @@ async def test_a_rebalance_hands_over_without_a_stall(
             assert a.node.handovers == a.node.desk.made == len(fixtures)
             assert b.node.desk.received == b.node.desk.warmed == len(fixtures)
             assert b.node.fenced == a.node.fenced == 0
-            c.check_healthy(connections=2)
+            c.check_healthy()
 
 
 async def test_a_graceful_stop_hands_over_without_a_stall(
@@ -195,4 +195,4 @@ async def test_a_graceful_stop_hands_over_without_a_stall(
             assert not on_b.gaps
             assert a.node.desk.made == b.node.desk.received == len(fixtures)
             assert b.node.fenced == 0
-            c.check_healthy(connections=2)
+            c.check_healthy()
