@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
-from gateway.cluster import WarmBuffer
+from gateway.cluster import WarmBuffer, WarmSink
+from gateway.model import FixtureState
 from tests.kit import wait_until
 from tests.redis_kit import RedisServer
 from tests.test_cluster_gateway import (
@@ -79,8 +80,10 @@ def test_take_after_gives_exactly_the_frames_after_the_stream() -> None:
     buf = _buffer([11, None, 12, None])
     assert buf.take_after(11) == [("f12", 12), ("fNone", None)]
     # The old owner got further than the warm connection: nothing yet (later frames at or
-    # below the stream are dropped by the sink's floor).
-    assert _buffer([11, 12]).take_after(15) == []
+    # below the stream are dropped by the sink's floor), and the buffer still continues it.
+    behind = _buffer([11, 12])
+    assert behind.continues(15) and not behind.continues(9) and behind.continues(None)
+    assert behind.take_after(15) == []
 
 
 def test_trim_keeps_only_what_the_stream_lacks_and_a_full_buffer_loses_step() -> None:
@@ -95,6 +98,36 @@ def test_trim_keeps_only_what_the_stream_lacks_and_a_full_buffer_loses_step() ->
     # A hole from the vendor starts coverage again from after it.
     holed = _buffer([1, 2, 5, 6])
     assert holed.covered_from == 5 and not holed.in_step(2) and holed.in_step(4)
+
+
+class _Target:
+    """Stands in for the owner's sink (an OwnedTopic) behind a promoted warm sink."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, int | None]] = []
+        self.states: list[FixtureState] = []
+
+    def publish(self, raw: str, position: int | None) -> None:
+        self.frames.append((raw, position))
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        self.states.append(state)
+
+
+def test_a_promoted_warm_sink_publishes_each_frame_after_the_stream_once() -> None:
+    relayed: list[int | None] = [10]
+    sink = WarmSink(lambda: relayed[0])
+    sink.set_status(FixtureState.LIVE, "")
+    for p in (9, 10, 11, 12):  # 9 and 10: the stream has them (trimmed)
+        sink.publish(f"f{p}", p)
+    assert len(sink.buffer) == 2 and sink.in_step()
+    target = _Target()
+    # The old owner appended up to 11 before it handed over: 12 and later are this one's.
+    assert sink.promote(cast(Any, target), 11) == 1
+    for p in (11, 12, 13):  # late duplicates are dropped, the next one goes through
+        sink.publish(f"f{p}", p)
+    assert target.frames == [("f12", 12), ("f13", 13)]
+    assert target.states == [FixtureState.LIVE]
 
 
 # -- with two gateways ----------------------------------------------------------------------

@@ -5,9 +5,10 @@ a stall: the successor first opens a *warm* vendor connection that publishes not
 appends nothing; it keeps what it receives in a :class:`WarmBuffer`, by vendor position
 (tracking ``ix``, fastpath position: both go up by one per numbered frame). Once the buffer
 reaches back to the frame after the stream's last one (:meth:`WarmBuffer.in_step`), the
-successor says so in Redis; the owner stops its upstream, lets its queued frames reach
-Redis and hands the lease over (fenced, as every lease change). The successor then appends
-and publishes exactly the buffered frames after the stream's last position
+successor says so in Redis (the connection's sink is a :class:`WarmSink`, which hands its
+frames to the owner's sink once promoted); the owner stops its upstream, lets its queued
+frames reach Redis and hands the lease over (fenced, as every lease change). The successor
+then appends and publishes exactly the buffered frames after the stream's last position
 (:meth:`WarmBuffer.take_after`) and goes on live on the same connection: no frame lost, none
 twice, no reconnect.
 
@@ -22,7 +23,10 @@ What the handover key holds (``<prefix>:handover:<feed>/<fixture>``, written by 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Final
+
+from gateway.model import FixtureState, FrameSink
 
 #: Frames a warm connection keeps beyond the stream's last position; past this many the
 #: oldest are dropped and the buffer no longer reaches back (not in step until it does).
@@ -124,6 +128,14 @@ class WarmBuffer:
             return False
         return self.covered_from <= stream + 1 and self.last >= stream
 
+    def continues(self, stream: int | None) -> bool:
+        """True when no frame after a stream ending at *stream* is missing here: the kept
+        frames reach back to the one after it (the connection may not have got as far as the
+        stream yet: those frames come, and the owner's sink drops them)."""
+        if stream is None:
+            return self.last is not None
+        return self.covered_from is not None and self.covered_from <= stream + 1
+
     def take_after(self, stream: int | None) -> list[tuple[str, int | None]]:
         """The frames to append after a stream whose last position is *stream*, in order:
         the numbered ones after it, and unnumbered ones that follow one of those; emptied."""
@@ -138,3 +150,56 @@ class WarmBuffer:
                 out.append((raw, position))
         self._frames.clear()
         return out
+
+
+class WarmSink:
+    """The sink of a warm connection: keeps its frames (:class:`WarmBuffer`) until
+    :meth:`promote` hands them and every later frame to the owner's sink.
+
+    *stream_position*: the last vendor position the local relay has seen of the stream (the
+    stream has everything up to it: the buffer forgets those frames)."""
+
+    __slots__ = ("buffer", "floor", "status", "stream_position", "target")
+
+    def __init__(self, stream_position: Callable[[], int | None]) -> None:
+        self.buffer = WarmBuffer()
+        self.stream_position = stream_position
+        self.target: FrameSink | None = None
+        #: After promotion: frames at or below this position came late (the stream has them).
+        self.floor: int | None = None
+        #: The upstream's last state while warm (shown once promoted).
+        self.status: tuple[FixtureState, str] | None = None
+
+    def in_step(self) -> bool:
+        return self.buffer.in_step(self.stream_position())
+
+    def publish(self, raw: str, position: int | None) -> None:
+        target = self.target
+        if target is None:
+            buffer = self.buffer
+            buffer.add(raw, position)
+            buffer.trim(self.stream_position())
+            return
+        if position is not None and self.floor is not None and position <= self.floor:
+            return
+        target.publish(raw, position)
+
+    def set_status(self, state: FixtureState, detail: str) -> None:
+        if self.target is None:
+            self.status = (state, detail)
+        else:
+            self.target.set_status(state, detail)
+
+    def promote(self, target: FrameSink, stream: int | None) -> int:
+        """This instance owns the fixture now and its stream ends at vendor position
+        *stream*: publish the frames kept after it, then every later one; how many."""
+        frames = self.buffer.take_after(stream)
+        self.floor = stream
+        self.target = target
+        if self.status is not None:
+            target.set_status(*self.status)
+        for raw, position in frames:
+            target.publish(raw, position)
+            if position is not None:
+                self.floor = position
+        return len(frames)

@@ -57,6 +57,7 @@ from gateway.cluster import (
     RedisUnavailable,
     Relay,
     StreamArchive,
+    WarmSink,
     holder_token,
     open_store,
     rank,
@@ -65,7 +66,7 @@ from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.service._clusterrec import TopicRecording
-from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk, WarmSink
+from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
 from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 

@@ -1,7 +1,8 @@
 """Planned handovers, make-before-break: the node's side (docs/cluster.md, "Planned handovers").
 
-The rules and the frame bookkeeping are in :mod:`gateway.cluster` (``WarmBuffer``, the
-handover values); this module runs them against Redis for one :class:`ClusterNode`:
+The rules and the frame bookkeeping are in :mod:`gateway.cluster` (``WarmBuffer``,
+``WarmSink``, the handover values); this module runs them against Redis for one
+:class:`ClusterNode`:
 
 - *owner*: a fixture to hand over (a rebalance, or this instance stopping) gets an *offer*
   naming its successor. When the successor answers that it is in step, the owner stops its
@@ -23,7 +24,6 @@ seconds instead of every round, so the lease changes hands within a few of those
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -31,7 +31,7 @@ import trio
 
 from gateway.cluster import (
     RedisStore,
-    WarmBuffer,
+    WarmSink,
     handover_timeout,
     offer_value,
     offered_to,
@@ -39,10 +39,9 @@ from gateway.cluster import (
     ready_value,
     token_instance,
 )
-from gateway.model import FixtureState
 
 if TYPE_CHECKING:
-    from gateway.service._cluster import ClusterNode, OwnedTopic
+    from gateway.service._cluster import ClusterNode
 
 log = logging.getLogger("gateway.cluster")
 
@@ -63,59 +62,6 @@ class Offer:
     @property
     def value(self) -> str:
         return offer_value(self.successor)
-
-
-class WarmSink:
-    """The sink of a warm connection: keeps its frames (:class:`WarmBuffer`) until
-    :meth:`promote` hands them and every later frame to the owner's sink.
-
-    *stream_position*: the last vendor position the local relay has seen of the stream (the
-    stream has everything up to it: the buffer forgets those frames)."""
-
-    __slots__ = ("buffer", "floor", "status", "stream_position", "target")
-
-    def __init__(self, stream_position: Callable[[], int | None]) -> None:
-        self.buffer = WarmBuffer()
-        self.stream_position = stream_position
-        self.target: OwnedTopic | None = None
-        #: After promotion: frames at or below this position came late (the stream has them).
-        self.floor: int | None = None
-        #: The upstream's last state while warm (shown once promoted).
-        self.status: tuple[FixtureState, str] | None = None
-
-    def in_step(self) -> bool:
-        return self.buffer.in_step(self.stream_position())
-
-    def publish(self, raw: str, position: int | None) -> None:
-        target = self.target
-        if target is None:
-            buffer = self.buffer
-            buffer.add(raw, position)
-            buffer.trim(self.stream_position())
-            return
-        if position is not None and self.floor is not None and position <= self.floor:
-            return
-        target.publish(raw, position)
-
-    def set_status(self, state: FixtureState, detail: str) -> None:
-        if self.target is None:
-            self.status = (state, detail)
-        else:
-            self.target.set_status(state, detail)
-
-    def promote(self, target: OwnedTopic, stream: int | None) -> int:
-        """This instance owns the fixture now and its stream ends at vendor position
-        *stream*: publish the frames kept after it, then every later one; how many."""
-        frames = self.buffer.take_after(stream)
-        self.floor = stream
-        self.target = target
-        if self.status is not None:
-            target.set_status(*self.status)
-        for raw, position in frames:
-            target.publish(raw, position)
-            if position is not None:
-                self.floor = position
-        return len(frames)
 
 
 class HandoverDesk:
@@ -172,7 +118,7 @@ class HandoverDesk:
         sink = self.warm.pop(key, None)
         if sink is None:
             return None
-        if sink.buffer.in_step(stream) or (stream is None and sink.buffer.last is not None):
+        if sink.buffer.continues(stream):
             return sink
         log.info("cluster: %s: warm connection not in step with the stream: reconnecting", key)
         self.node.stop_upstream(key)
