@@ -16,6 +16,7 @@ import itertools
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import trio
 
 from gateway.cluster import WarmBuffer, WarmSink
@@ -133,6 +134,19 @@ def test_a_promoted_warm_sink_publishes_each_frame_after_the_stream_once() -> No
 # -- with two gateways ----------------------------------------------------------------------
 
 
+async def _flowing(subs: list[Subscriber], fixtures: list[str], n: int = 25) -> None:
+    """Wait until every subscriber got *n* more frames of every fixture."""
+    counts = [{fx: sub.count(fx) for fx in fixtures} for sub in subs]
+    await wait_until(
+        lambda: all(
+            sub.count(fx) >= had[fx] + n
+            for sub, had in zip(subs, counts, strict=True)
+            for fx in fixtures
+        ),
+        15,
+    )
+
+
 def _worst(subs: list[Subscriber], fixtures: list[str], since: float) -> dict[str, float]:
     return {f"{fx}@{i}": s.worst_gap(fx, since) for i, s in enumerate(subs) for fx in fixtures}
 
@@ -160,15 +174,7 @@ async def test_a_rebalance_hands_over_without_a_stall(
                 await wait_until(
                     lambda: balanced([a, b], fixtures) and settled([a, b], fixtures, c.sim), 25
                 )
-                counts = {fx: (on_a.count(fx), on_b.count(fx)) for fx in fixtures}
-                await wait_until(
-                    lambda: all(
-                        on_a.count(fx) >= counts[fx][0] + 25
-                        and on_b.count(fx) >= counts[fx][1] + 25
-                        for fx in fixtures
-                    ),
-                    15,
-                )
+                await _flowing([on_a, on_b], fixtures)
                 worst = _worst([on_a, on_b], fixtures, since)
                 print("longest gaps:", {k: round(v, 2) for k, v in worst.items()})
                 await on_a.close()
@@ -210,10 +216,7 @@ async def test_a_graceful_stop_hands_over_without_a_stall(
                 await c.stop(a)
                 await on_a.closed.wait()
                 await wait_until(lambda: all(b.owns(fx) for fx in fixtures), 10)
-                counts = {fx: on_b.count(fx) for fx in fixtures}
-                await wait_until(
-                    lambda: all(on_b.count(fx) >= counts[fx] + 25 for fx in fixtures), 15
-                )
+                await _flowing([on_b], fixtures)
                 worst = _worst([on_b], fixtures, since)
                 print("longest gaps on gw-b:", {k: round(v, 2) for k, v in worst.items()})
                 await on_b.close()
@@ -228,4 +231,39 @@ async def test_a_graceful_stop_hands_over_without_a_stall(
             assert not on_b.gaps
             assert a.node.desk.made == b.node.desk.received == len(fixtures)
             assert b.node.fenced == 0
+            c.check_healthy()
+
+
+async def test_a_successor_never_in_step_falls_back_to_a_release(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gw-b never answers the offers (as an instance of an older version would): after the
+    offer's time gw-a releases the leases as before (break-before-make, counted), gw-b takes
+    them over from the stream; no frame lost or repeated on either instance."""
+    monkeypatch.setattr("gateway.cluster._handover.HANDOVER_TIMEOUT", 3.0)
+    fixtures = ranked(2, "gw-b")
+    with trio.fail_after(45):
+        async with _cluster(tmp_path, redis_server, fixtures) as c:
+            a = await c.start("gw-a")
+            await wait_until(lambda: settled([a], fixtures, c.sim), 20)
+            async with trio.open_nursery() as nursery:
+                on_a = await Subscriber.open(nursery, a)
+                for fx in fixtures:
+                    await on_a.subscribe("tracking", fx)
+                b = await c.start("gw-b")
+                monkeypatch.setattr(b.node.desk, "_warm_up", lambda key: None)
+                on_b = await Subscriber.open(nursery, b)
+                for fx in fixtures:
+                    await on_b.subscribe("tracking", fx)
+                await wait_until(
+                    lambda: balanced([a, b], fixtures) and settled([a, b], fixtures, c.sim), 30
+                )
+                await _flowing([on_a, on_b], fixtures)
+                await on_a.close()
+                await on_b.close()
+            for fx in fixtures:
+                assert_contiguous(on_a.frames[fx], f"{fx} on gw-a")
+                assert_contiguous(on_b.frames[fx], f"{fx} on gw-b")
+            assert a.node.desk.fallbacks == a.node.handovers == len(fixtures)
+            assert a.node.desk.made == b.node.desk.received == b.node.desk.warmed == 0
             c.check_healthy()
