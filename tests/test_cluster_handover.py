@@ -45,6 +45,8 @@ def _cluster(tmp_path: Path, redis: RedisServer, fixtures: list[str]) -> Any:
         rate_hz=25.0,
         cluster={"lease_ttl": 4.0},
         upstream={"connect_rate": 1.0},
+        # Half of it for a stop's handovers: room for three connects on a loaded machine.
+        gateway={"drain_timeout": 20.0},
     )
 
 
