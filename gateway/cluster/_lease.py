@@ -185,16 +185,15 @@ class LeaseTable:
                 # Handed over: the others wait RETAKE_ROUNDS more (its last holder, this one, is
                 # live); this one waits longer, so its target (first-ranked) goes first.
                 wait += HANDBACK_ROUNDS
-            elif last is not None and last != self.token:
-                if now - self._back_at < self.ttl:
-                    # Just after Redis came back (it may have lost every lease and heartbeat):
-                    # its last holder is assumed alive for a lease's time and takes it again
-                    # first, however late its first round after the outage comes (a round
-                    # stuck in a connect when Redis returned); only then may others take it.
-                    continue
-                if token_instance(last) in instances:
-                    # Its owner is alive and takes a vanished lease again in its next round.
-                    wait += RETAKE_ROUNDS
+            elif (
+                last is not None
+                and last != self.token
+                and (token_instance(last) in instances or now - self._back_at < self.ttl)
+            ):
+                # Its owner is alive and takes a vanished lease again in its next round. Just
+                # after Redis came back the live set may not list it yet (its heartbeat expired
+                # during the outage): assume it is alive for a lease's time.
+                wait += RETAKE_ROUNDS
             if now - since >= wait * self.tick:
                 acquire.add(key)
         budget = self.handovers
