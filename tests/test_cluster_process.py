@@ -175,7 +175,12 @@ class Node(GatewayProcess):
 
     def stepped_down(self) -> list[str]:
         """Its step-downs other than handovers (a lost lease, fencing)."""
-        return [m for m in self.lines("no longer owner (") if "(handed over)" not in m]
+        return [m for m in self.lines("no longer owner (") if "(handed over" not in m]
+
+    def handed_warm(self) -> set[str]:
+        """The fixtures it handed over make-before-break: the vendor saw a second session of
+        each while the successor's warm connection got in step (by design)."""
+        return {m.split()[1].split("/")[1] for m in self.lines(", make-before-break")}
 
     @property
     def running(self) -> bool:
@@ -548,9 +553,12 @@ async def test_two_processes_follow_each_fixture_once_and_survive_a_kill_9(
                 seen = {seq: ix for seq, ix, _ in wb.frames[fx]}
                 assert all(seen.get(seq, ix) == ix for seq, ix, _ in back.frames[fx]), fx
 
-            # At the vendor: never two sessions of a fixture; the cluster's connect rate.
+            # At the vendor: never two sessions of a fixture (but while a planned handover's
+            # successor warms up, make-before-break; none after the kill); the connect rate.
             assert c.sessions.samples > 100
-            assert not c.sessions.doubles, c.sessions.doubles[:10]
+            warm = a.handed_warm() | b.handed_warm()
+            doubles = [d for d in c.sessions.doubles if d[0] >= killed or d[1] not in warm]
+            assert not doubles, doubles[:10]
             check_connect_rate(c.sim)
             assert b.running
             took_over = b.lines("took over from gw-a")
@@ -600,9 +608,12 @@ async def test_a_paused_owner_is_fenced_and_redis_restarts_keep_the_epochs(
             assert not all_breaks([wa, wb])
             await check_streams(redis)
             # At the vendor: two sessions only of gw-a's fixtures, only while it was paused.
+            # (and of any fixture handed over make-before-break, while its successor warmed up)
+            warm = a.handed_warm() | b.handed_warm()
             outside = c.sessions.doubles_outside(stopped, resumed + single + 0.1)
+            outside = [d for d in outside if d[1] not in warm]
             assert not outside, outside[:10]
-            assert {fx for _, fx, _ in c.sessions.doubles} <= set(victims)
+            assert {fx for _, fx, _ in c.sessions.doubles if fx not in warm} <= set(victims)
             check_connect_rate(c.sim)
 
             # Redis down for longer than the leases live, back with its data, then the same

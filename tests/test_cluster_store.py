@@ -33,7 +33,9 @@ from gateway.cluster import (
     Meta,
     RedisStore,
     RedisUnavailable,
+    offer_value,
     open_store,
+    ready_value,
 )
 from gateway.config import ClusterSection, ListenAddress
 from tests.conftest import require_redis
@@ -126,6 +128,41 @@ async def test_a_lease_expires_after_its_ttl_in_redis(redis_server: RedisServer)
             assert trio.current_time() - sent >= 0.3 - 0.002
             # Free now: the other token may take it.
             assert await store.leases(TOK_B, 30.0, {K1: "a"}) == {K1: TOK_B}
+
+
+async def test_a_handover_moves_the_lease_only_to_a_successor_in_step(
+    redis_server: RedisServer,
+) -> None:
+    """Planned handovers (make-before-break): an offer only by the lease holder; the lease
+    goes to the successor only once it answered ready, and only from the holder; after the
+    transfer the old holder's appends are fenced and the successor's are taken."""
+    offer, ready = offer_value("gw-b"), ready_value(TOK_B)
+    with trio.fail_after(20):
+        async with store_of(redis_server, lease_ttl=5.0) as store:
+            await store.leases(TOK_A, 30.0, {K1: "a"})
+            assert await store.offer(TOK_B, {K1: offer}, 10.0) == {K1: None}  # not its lease
+            assert await store.offer(TOK_A, {K1: offer}, 10.0) == {K1: offer}
+            assert await store.handovers([K1, K2]) == {K1: offer, K2: None}
+            # Not answered yet: nothing moves.
+            assert not await store.transfer(TOK_A, K1, TOK_B)
+            assert await store.swap_handover([K1], offer_value("gw-c"), ready) == 0
+            assert await store.swap_handover([K1], offer, ready) == 1
+            # An offer renewed later keeps the answer; another token cannot hand it over.
+            assert await store.offer(TOK_A, {K1: offer}, 10.0) == {K1: ready}
+            assert not await store.transfer(TOK_B, K1, TOK_B)
+            assert await store.transfer(TOK_A, K1, TOK_B)
+            assert await store.handovers([K1]) == {K1: None}
+            assert await store.leases(TOK_A, 30.0, {K1: "a"}) == {K1: TOK_B}
+            pttl = redis_server.call("PTTL", f"dde:lease:{K1}")
+            assert isinstance(pttl, int) and 0 < pttl <= 5_000
+            group = AppendGroup(K1, EPOCH, frames(range(1, 3)), ("live", ""))
+            assert await store.append(TOK_A, "gw-a", [group]) == ["fenced"]
+            assert await store.append(TOK_B, "gw-b", [group]) == [2]
+            # A withdrawn offer is gone; one of another value is left alone.
+            await store.offer(TOK_B, {K1: offer_value("gw-a")}, 10.0)
+            assert await store.swap_handover([K1], offer, None) == 0
+            assert await store.swap_handover([K1], offer_value("gw-a"), None) == 1
+            assert await store.handovers([K1]) == {K1: None}
 
 
 # -- appends ---------------------------------------------------------------------------------

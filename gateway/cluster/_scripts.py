@@ -203,3 +203,60 @@ for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+#: Planned handovers (gateway/cluster/_handover.py). KEYS: per fixture its lease, its
+#: handover key. ARGV: token, offer time (ms), then per fixture the value to write
+#: (``offer:<successor>``). Writes each offer whose lease the token holds (replacing an older
+#: offer, kept while a ``ready:`` answers it); returns per fixture the handover value now.
+OFFER: Final = """
+local out = {}
+for g = 1, #KEYS / 2 do
+  local lease, handover = KEYS[2 * g - 1], KEYS[2 * g]
+  local cur = redis.call('GET', handover)
+  if redis.call('GET', lease) == ARGV[1] and not (cur and string.sub(cur, 1, 6) == 'ready:') then
+    redis.call('SET', handover, ARGV[g + 2], 'PX', ARGV[2])
+    cur = ARGV[g + 2]
+  end
+  out[g] = cur or false
+end
+return out
+"""
+
+#: KEYS: handover keys. ARGV: the expected value, the new value, then ``-`` (delete) or
+#: ``=`` (write, keeping the time to live). Changes each key that holds the expected value;
+#: returns how many.
+SWAP: Final = """
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    if ARGV[3] == '-' then
+      redis.call('DEL', k)
+    else
+      redis.call('SET', k, ARGV[2], 'KEEPTTL')
+    end
+    n = n + 1
+  end
+end
+return n
+"""
+
+#: KEYS: lease, handover key of one fixture. ARGV: the owner's token, the successor's token,
+#: ttl (ms). The lease goes to the successor if the owner holds it and the successor said it
+#: is in step (``ready:<successor token>``); the handover key is deleted. Returns 1 if handed
+#: over, else 0.
+TRANSFER: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[2]) ~= 'ready:' .. ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+#: KEYS: handover keys. Returns each one's value (nil: none).
+HANDOVERS: Final = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  out[i] = redis.call('GET', k)
+end
+return out
+"""

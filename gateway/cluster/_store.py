@@ -79,6 +79,10 @@ class Keys:
     def demand(self, feed: str) -> str:
         return f"{self.prefix}:demand:{feed}"
 
+    def handover(self, key: str) -> str:
+        """A planned handover of *key* under way (gateway/cluster/_handover.py)."""
+        return f"{self.prefix}:handover:{key}"
+
 
 @attrs.frozen
 class Takeover:
@@ -237,6 +241,10 @@ class RedisStore:
         self._leave = client.register_script(_scripts.LEAVE)
         self._connect = client.register_script(_scripts.CONNECT)
         self._demand = client.register_script(_scripts.DEMAND)
+        self._offer = client.register_script(_scripts.OFFER)
+        self._swap = client.register_script(_scripts.SWAP)
+        self._transfer = client.register_script(_scripts.TRANSFER)
+        self._handovers = client.register_script(_scripts.HANDOVERS)
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         with _boundary():
@@ -389,6 +397,44 @@ class RedisStore:
                 fixture = (_text(name) or "")[cut:]
             out.append((fixture, [_row_entry(row) for row in rows]))
         return out
+
+    async def offer(
+        self, token: str, offers: Mapping[str, str], seconds: float
+    ) -> dict[str, str | None]:
+        """Write each ``key -> offer value`` whose lease *token* holds, for *seconds* (an
+        answer already there is kept); each key's handover value now."""
+        if not offers:
+            return {}
+        keys = list(offers)
+        names: list[str] = []
+        for key in keys:
+            names += [self.keys.lease(key), self.keys.handover(key)]
+        out = await self._call(
+            self._offer, names, [token, int(seconds * 1000), *(offers[key] for key in keys)]
+        )
+        return {key: _text(value) for key, value in zip(keys, out, strict=True)}
+
+    async def swap_handover(self, keys: Iterable[str], old: str, new: str | None) -> int:
+        """Each handover key of *keys* holding *old* gets *new* (None: deleted); how many."""
+        names = [self.keys.handover(key) for key in keys]
+        if not names:
+            return 0
+        args = [old, new or "", "-" if new is None else "="]
+        return int(await self._call(self._swap, names, args))
+
+    async def transfer(self, token: str, key: str, successor: str) -> bool:
+        """Hand *key*'s lease from *token* to *successor* (a token), if the successor said it
+        is in step; True if it did."""
+        k = self.keys
+        args = [token, successor, self._ttl_ms]
+        return bool(await self._call(self._transfer, [k.lease(key), k.handover(key)], args))
+
+    async def handovers(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """The handover value of each key (None: no handover under way)."""
+        if not keys:
+            return {}
+        out = await self._call(self._handovers, [self.keys.handover(key) for key in keys], [])
+        return {key: _text(value) for key, value in zip(keys, out, strict=True)}
 
     async def tail(self, key: str, after: int, count: int) -> list[Entry]:
         """Up to *count* entries after seq *after* (no waiting)."""

@@ -111,7 +111,15 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "round_errors": "Cluster rounds that ended in an unexpected error (a bug; logged).",
     "leases_gained": "Fixture leases this instance took over (it became the owner).",
     "leases_lost": "Fixture leases this instance found held by another or expired (it relays).",
-    "handovers": "Owned fixtures handed over to the instance ranked first for them (balance).",
+    "handovers": "Owned fixtures handed over to another instance (balance, or this one "
+    "stopping), make-before-break or not.",
+    "handovers_warm": "Owned fixtures handed over make-before-break: the successor's vendor "
+    "connection was open and in step before this one's closed.",
+    "handovers_received": "Fixtures taken over from this instance's warm vendor connection (a "
+    "planned handover to it).",
+    "handover_fallbacks": "Handovers whose successor was not in step in time: released "
+    "(break-before-make).",
+    "warm_connections": "Warm vendor connections opened for a planned handover to this instance.",
     "fenced": "Owned fixtures fenced: the lease ran out locally or Redis refused an append.",
     "leases_confirmed": "Owned fixtures whose lease ran out locally (the process was paused) "
     "and that Redis confirmed as still held here: kept, not fenced.",

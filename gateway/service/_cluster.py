@@ -46,6 +46,8 @@ import trio
 
 from gateway.cluster import (
     BEAT_KEY,
+    HANDOVER_POLL,
+    LEAVING_KEY,
     Appender,
     Entry,
     LeaseTable,
@@ -55,13 +57,16 @@ from gateway.cluster import (
     RedisUnavailable,
     Relay,
     StreamArchive,
+    WarmSink,
     holder_token,
     open_store,
+    rank,
 )
 from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.service._clusterrec import TopicRecording
+from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
 from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 
@@ -288,6 +293,12 @@ class ClusterNode:
         self._left = False
         #: The first lease round (look, do not claim) is done.
         self._looked = False
+        #: Planned handovers under way, both sides (make-before-break).
+        self._desk = HandoverDesk(self)
+        #: Stopping: every owned fixture is offered to another instance, none is taken.
+        self._draining = False
+        #: When the last round started (trio time): polls run between rounds.
+        self._round_at = -float("inf")
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -305,6 +316,11 @@ class ClusterNode:
         if key in self._owned:
             return self.instance
         return self.table.holder(key)
+
+    @property
+    def desk(self) -> HandoverDesk:
+        """The planned handovers under way and their counters."""
+        return self._desk
 
     @property
     def appender(self) -> Appender | None:
@@ -368,6 +384,7 @@ class ClusterNode:
         archive = self._archives.pop(key, None)
         if archive is not None:
             archive.recording = False
+        self._desk.forget(key)
         self._step_down(key, "no longer followed")
         self._stop_relay(key)
         return True
@@ -375,7 +392,7 @@ class ClusterNode:
     def sink(self, feed: FeedConfig, fixture: FixtureConfig) -> FrameSink:
         """The supervisor's sink for a fixture this instance just took over."""
         key = fixture_key(feed.name, fixture.id)
-        sink = self._owned.get(key)
+        sink: FrameSink | None = self._owned.get(key) or self._desk.warm.get(key)
         if sink is None:
             raise RuntimeError(f"{key} is not owned by this instance")
         return sink
@@ -506,12 +523,16 @@ class ClusterNode:
                 )
                 task_status.started()
                 while True:
-                    with trio.move_on_after(self.table.tick):
+                    pending = self._desk.pending
+                    with trio.move_on_after(HANDOVER_POLL if pending else self.table.tick):
                         await self._wake.wait()
                     self._wake = trio.Event()
                     if self._left:
                         await trio.sleep_forever()
-                    await self._round()
+                    if pending and trio.current_time() - self._round_at < self.table.tick:
+                        await self._poll(store)
+                    else:
+                        await self._round()
             finally:
                 self._supervisor.limiter.reserve = None
                 if not self._left:
@@ -522,18 +543,47 @@ class ClusterNode:
                         await self._leave(store)
                 nursery.cancel_scope.cancel()
 
-    async def leave(self) -> None:
-        """A clean stop (drain): stop owning, let queued frames reach Redis, release every
-        lease and leave the live set, so other instances take over at once. Bounded by
+    async def leave(self, *, handover_within: float = 0.0) -> None:
+        """A clean stop (drain): first, for up to *handover_within* seconds, hand each owned
+        fixture over make-before-break (to the instance ranked first among the others); then
+        stop owning the rest, let queued frames reach Redis, release every lease and leave
+        the live set, so other instances take over at once. That part is bounded by
         ``redis_timeout``; what does not finish is left to the leases' expiry."""
         store = self._store
         if store is None or self._left:
             return
+        if handover_within > 0:
+            self._draining = True  # the next heartbeat says so: no fixture is offered to it
+            for key in sorted(self._owned):
+                successor = self._successor(key)
+                if successor is not None:
+                    self._desk.offer(key, successor, STOPPING)
+            self._wake.set()
+            with trio.move_on_after(handover_within):
+                await self._desk.idle.wait()
         with trio.move_on_after(self.config.redis_timeout):
             await self._leave(store)
 
+    def _successor(self, key: str) -> str | None:
+        """The instance a stopping one hands *key* to: the first-ranked other live one that
+        is heard (None: there is none)."""
+        others = [n for n in self._staying() if n != self.instance and self.silent_for(n) is None]
+        return rank(key, others)[0] if others else None
+
+    async def _poll(self, store: RedisStore) -> None:
+        """Between rounds while handovers are under way: one handover check."""
+        try:
+            await self._desk.step(store, full=False)
+        except RedisUnavailable:
+            pass  # the next round says so
+        except Exception:
+            self.round_errors += 1
+            self._errors.log(logging.ERROR, "cluster: handover check failed", exc_info=True)
+
     async def _leave(self, store: RedisStore) -> None:
         self._left = True
+        for key in list(self._desk.warm):
+            self._desk.cool(key)
         held = list(self.table.held)
         for key in list(self._owned):
             self._step_down(key, "instance stopping", discard=False)
@@ -556,12 +606,14 @@ class ClusterNode:
         store = self._store
         assert store is not None
         self.rounds += 1
+        self._round_at = trio.current_time()
         try:
             await self._heartbeat(store)
             await self._sync_shared(store)
             await self._sync_demand(store)
             await self._leases(store)
             await self._refresh(store)
+            await self._desk.step(store, full=True)
             # Owned streams live on while owned; a fixture nobody follows any more (deleted
             # everywhere) has no owner, and its stream and meta expire after stream_retention.
             await store.retain(sorted(self._owned), self.config.stream_retention)
@@ -603,10 +655,15 @@ class ClusterNode:
                 sink.release_held()
 
     async def _heartbeat(self, store: RedisStore) -> None:
-        info = orjson.dumps({**self._info(), BEAT_KEY: self.rounds}).decode()
+        beat = {**self._info(), BEAT_KEY: self.rounds, LEAVING_KEY: self._draining}
+        info = orjson.dumps(beat).decode()
         live = await store.heartbeat(self.instance, self.config.lease_ttl, info)
         self.live = {name: _info(text) for name, text in live.items()}
         self.liveness.observed(self.live, trio.current_time())
+
+    def _staying(self) -> set[str]:
+        """The live instances that are not stopping (a stopping one takes no fixture)."""
+        return {name for name, info in self.live.items() if info.get(LEAVING_KEY) is not True}
 
     def silent_for(self, name: str) -> float | None:
         """Seconds since live instance *name* was last heard, when it has gone silent (killed
@@ -631,22 +688,30 @@ class ClusterNode:
         # taken now is fenced (counted and logged as such), not merely lost.
         stale = set(self.table.expired(now))
         movable = {k for k in self._fixtures if self._movable(*split_key(k))}
-        plan = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
-        releasing = sorted(plan.release)
-        # Handovers stop publishing now, but release only after the renewal went out: their
-        # flushes must not delay the other leases' renewal past its local validity.
+        staying = self._staying()
+        plan = self.table.plan(now, followed=self._fixtures, live=staying, movable=movable)
+        # A fixture to move to the instance ranked first is offered to it (make-before-break:
+        # the lease goes once that one's warm connection is in step); one no longer followed
+        # is released. Those stop publishing now, but release only after the renewal went
+        # out: their flushes must not delay the other leases' renewal past its local validity.
+        releasing = sorted(k for k in plan.release if k not in self._fixtures)
         for key in releasing:
             self._hand_over(key)
-        modes = {key: "a" if key in plan.acquire else "-" for key in self._fixtures}
+        instances = staying | {self.instance}
+        for key in sorted(plan.release - set(releasing)):
+            if not self._draining:
+                self._desk.offer(key, rank(key, instances)[0], REBALANCING)
+        acquire = set() if self._draining else plan.acquire
+        modes = {key: "a" if key in acquire else "-" for key in self._fixtures}
         sent = trio.current_time()
         holders = await store.leases(self.token, self.table.expiry, modes)
         _, lost = self.table.observed(holders, sent=sent)
         # Leases this round found free that this instance may take now (their holder died):
         # asked for at once rather than next round (a failover a round sooner).
         now = trio.current_time()
-        again = self.table.plan(now, followed=self._fixtures, live=self.live, movable=movable)
+        again = self.table.plan(now, followed=self._fixtures, live=staying, movable=movable)
         fresh = again.acquire - self.table.held - set(releasing)
-        if fresh:
+        if fresh and not self._draining:
             sent = trio.current_time()
             holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(fresh, "a"))
             more_lost = self.table.observed(holders, sent=sent)[1]
@@ -701,6 +766,80 @@ class ClusterNode:
                 log.info("cluster: handing %s over (rebalancing)", key)
             self._step_down(key, "handed over", discard=False)
 
+    # -- the handover desk's hooks (gateway/service/_handover.py) -------------------------------
+
+    def owns(self, key: str) -> bool:
+        return key in self._owned
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def relayed_keys(self) -> list[str]:
+        """Followed fixtures relayed here (a successor's candidates)."""
+        return sorted(k for k in self._relayed if k in self._fixtures)
+
+    def relayed_position(self, key: str) -> int | None:
+        sink = self._relayed.get(key)
+        return None if sink is None else sink.position
+
+    def start_warm(self, key: str, sink: WarmSink) -> bool:
+        """Open a warm upstream connection of *key* into *sink* (the desk holds it), resuming
+        after the relay's last position; False when there is none to resume from."""
+        point = self._relayed_point(key)
+        fixture = self._fixtures.get(key)
+        if point is None or fixture is None or key in self._owned:
+            return False
+        if self._supervisor.get(*split_key(key)) is not None:
+            return False
+        self._resume[key] = point
+        return self._supervisor.add(fixture, backlog=False)
+
+    def stop_upstream(self, key: str) -> None:
+        """Close *key*'s upstream connection (a warm one that is not needed)."""
+        feed, fixture_id = split_key(key)
+        handle = self._supervisor.get(feed, fixture_id)
+        if handle is not None:
+            self._retire(handle)
+        self._supervisor.remove(feed, fixture_id)
+        self._resume.pop(key, None)
+
+    async def stop_owning(self, key: str, why: str) -> None:
+        """Hand-over, owner side: the upstream stops, the queued frames reach Redis (for at
+        most a round; the rest are dropped: the successor has them), the topic relays."""
+        self.handovers += 1
+        self._step_down(key, why, discard=False)
+        appender = self._appender
+        if appender is not None:
+            with trio.move_on_after(min(HANDOVER_FLUSH, self.table.tick)):
+                await appender.wait_written(key)
+            appender.discard(key)
+
+    async def release_now(self, store: RedisStore, key: str, why: str) -> None:
+        """Hand-over fallback: stop owning *key* and release its lease (break-before-make)."""
+        if key in self._owned:
+            self.handovers += 1
+            log.info("cluster: handing %s over (%s)", key, why)
+            self._step_down(key, "handed over", discard=False)
+            await self._release(store, [key])
+
+    async def check_leases(self, store: RedisStore, keys: list[str]) -> set[str]:
+        """Ask Redis who holds *keys* now (renewing those this instance holds); the ones
+        that are this instance's."""
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "-"))
+        self.table.observed(holders, sent=sent)
+        return {key for key, holder in holders.items() if holder == self.token}
+
+    async def take_over_now(self, store: RedisStore, key: str) -> None:
+        """The lease of *key* was handed to this instance: take over now, not next round."""
+        if key in self._fixtures and key not in self._owned:
+            try:
+                await self._take_over(store, key)
+            except RedisUnavailable:
+                self.table.released(key)
+                raise
+
     async def _release(self, store: RedisStore, keys: list[str]) -> None:
         """Let the frames of *keys* reach Redis (for at most a round), then release them.
 
@@ -738,16 +877,33 @@ class ClusterNode:
             relayed_from,
             self._local_point(key, topic),
         )
-        if resume is not None:
+        warm = self._desk.take_warm(key, info.position if info.epoch is not None else None)
+        if resume is not None and warm is None:
             self._resume[key] = resume
         appender = self._appender_or_fail()
         # The stream must hold what the topic holds (a relay may have had frames from a
         # primary that failed over before its replica got them): the first append finds
         # out and appends the missing ones again.
         appender.appended[key] = topic.seq
-        self._owned[key] = OwnedTopic(self, key, topic, appender)
+        owned = self._owned[key] = OwnedTopic(self, key, topic, appender)
         self._waiting.discard(key)
         self.leases_gained += 1
+        if warm is not None:
+            # Make-before-break: the warm connection goes on as the owner's, from the frame
+            # after the stream's last one.
+            at = topic.seq
+            sent = warm.promote(owned, info.position)
+            self._desk.received += 1
+            log.info(
+                "cluster: owner of %s now (handed over by %s, warm), at seq %d, %d warm frames "
+                "after vendor position %s",
+                key,
+                previous.owner if previous is not None and previous.owner else "?",
+                at,
+                sent,
+                info.position,
+            )
+            return
         was = previous.owner if previous is not None and previous.owner else None
         log.info(
             "cluster: owner of %s now%s, at seq %d%s",

@@ -265,7 +265,8 @@ class Gateway:
         with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
             if self.cluster is not None:
                 # First: the others take this instance's fixtures over while it drains.
-                await self.cluster.leave()
+                # Make-before-break for up to half the drain time, then release the rest.
+                await self.cluster.leave(handover_within=self.config.gateway.drain_timeout / 2)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.registry.drain)
                 self._supervisor_scope.cancel()
@@ -440,6 +441,10 @@ class Gateway:
             "leases_gained": node.leases_gained,
             "leases_lost": node.leases_lost,
             "handovers": node.handovers,
+            "handovers_warm": node.desk.made,
+            "handovers_received": node.desk.received,
+            "handover_fallbacks": node.desk.fallbacks,
+            "warm_connections": node.desk.warmed,
             "fenced": node.fenced,
             "leases_confirmed": node.leases_confirmed,
             "conflicts": node.conflicts,
