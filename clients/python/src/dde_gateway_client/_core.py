@@ -388,10 +388,10 @@ class Core:
         self._outgoing.clear()
         for topic in self._topics.values():
             topic.state = "subscribing"
+        self._broadcast(StateChanged("disconnected", self.url, reason))
         for key, rep in list(self._replays.items()):
             if rep.sent:
                 self._end_replay(key, "disconnected", send=False)
-        self._broadcast(StateChanged("disconnected", self.url, reason))
         return self.backoff.next_delay()
 
     def refused(self, status: int, now: float) -> float | None:
