@@ -328,7 +328,8 @@ async def test_kill_9_of_the_instance_in_use_resumes_on_the_other(
                 assert await w.stop() == 0 and await raw.stop() == 0
     for t in topics:
         fx = t.split("/")[1]
-        assert frame_problems(w.lines, fx) == [], fx
+        problems = frame_problems(w.lines, fx)
+        assert problems == [], (fx, problems, [e for e in w.lines if e.get("event") != "frame"])
         assert contiguous(seqs(w.lines, fx)) == [], fx
         assert contiguous(ixs(w.lines, fx)) == [], fx
         subscribed = w.events("subscribed", fx)
