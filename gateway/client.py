@@ -8,7 +8,8 @@ could not recover (a ``loss`` event) instead of skipping it. Output:
 - default: one line per frame summarised (seq, size and the vendor's ``ix`` or
   ``fixtureSeqNum``), every other event as its JSON line, connection states on stderr;
 - ``--events``: every event as one JSON object per line (docs/clients.md lists the keys);
-- ``--raw``: every message the gateway sent, verbatim, one per line.
+- ``--raw``: every message the gateway sent, verbatim, one per line (but frames the client
+  dropped as duplicates: each frame once).
 
 ``--token-file`` sends a subscriber token (``Authorization: Bearer``); ``--ca-file`` trusts a
 private CA for ``wss://``. Exit status: 0 at the end (SIGINT/SIGTERM, ``--count`` reached, or
