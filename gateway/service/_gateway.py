@@ -303,7 +303,7 @@ class Gateway:
         ]
         needs_restart = [
             section
-            for section in ("gateway", "feeds", "api", "recorder", "cluster")
+            for section in ("gateway", "feeds", "api", "recorder", "replay", "cluster")
             if getattr(old, section) != getattr(new, section)
         ]
         if attrs.evolve(old.subscribers, tokens_file=None) != attrs.evolve(
