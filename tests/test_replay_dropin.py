@@ -30,7 +30,14 @@ from gateway.config import FixtureConfig
 from gateway.hub import Topic
 from gateway.service import Gateway
 from gateway.simulator import Simulator
-from tests.kit import TRACKING_PATH, simulator_and_gateway, stream_url, wait_until
+from tests.kit import (
+    TRACKING_PATH,
+    http_get,
+    http_url,
+    simulator_and_gateway,
+    stream_url,
+    wait_until,
+)
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
 ACCEPTED = {"message": "Authorisation accepted", "level": "INFO"}
@@ -118,6 +125,12 @@ async def test_a_replay_is_served_from_the_recording_evenly_from_the_first_frame
             counters = gw.replays.counters
             assert counters.total["recording"] == 1 and counters.frames >= len(got)
             await wait_until(lambda: counters.active["recording"] == 0)  # gone with the client
+            status, body = await http_get(http_url(gw, "/metrics"))
+            assert status == 200
+            assert b'dde_replays_total{source="recording"} 1.0' in body
+            assert b'dde_replays_active{source="recording"} 0.0' in body
+            assert b'dde_replays_refused_total{reason="max_replays"} 0.0' in body
+            assert b"dde_replay_frames_total " in body
 
 
 async def test_looped_starts_again_and_not_looped_goes_live_without_a_gap(
