@@ -83,13 +83,13 @@ def _request(pps: Any = 40, looped: Any = False, **extra: Any) -> str:
 
 
 async def next_frame(ws: WebSocketConnection) -> tuple[int, str]:
-    """The next data frame's ix and text (vendor heartbeats are plain text, skipped)."""
+    """The next data frame's ix and text (the vendor's heartbeats are skipped)."""
     while True:
         msg = await ws.get_message()
         assert isinstance(msg, str)
-        if msg.startswith("Heartbeat"):
-            continue
         doc = orjson.loads(msg)
+        if str(doc.get("message", "")).startswith("Heartbeat sent at "):
+            continue
         assert "ix" in doc, doc
         return doc["ix"], msg
 
