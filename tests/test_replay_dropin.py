@@ -45,7 +45,7 @@ ACCEPTED = {"message": "Authorisation accepted", "level": "INFO"}
 
 @asynccontextmanager
 async def recorded_gateway(
-    tmp_path: Path, *, frames: int = 300
+    tmp_path: Path, *, frames: int = 300, replay: dict[str, Any] | None = None
 ) -> AsyncIterator[tuple[Simulator, Gateway, Topic]]:
     """Simulator (100 Hz) + gateway recording FX from ix 0 (``backfill: -1``), its memory
     history 50 frames; yields once *frames* are recorded (the start is on disk only)."""
@@ -54,6 +54,7 @@ async def recorded_gateway(
         [],
         feeds={"tracking": {"history": 50}},
         recorder={"dir": str(tmp_path / "rec")},
+        replay=replay or {},
     ) as (sim, gw):
         sim.add_fixture(FX)
         assert gw.fixtures.follow(FixtureConfig(feed="tracking", id=FX, backfill=-1))
@@ -245,3 +246,46 @@ async def test_a_replay_not_held_from_the_start_is_passed_through_and_capped(
             # The client went: its vendor connection closes; the live one stays.
             await wait_until(lambda: sim.sessions(FX) == 1)
             assert counters.active["vendor"] == 0 and counters.refused["max_replays"] == 1
+
+
+async def test_without_a_recorder_the_memory_history_serves_a_replay_from_its_start(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with simulator_and_gateway(tmp_path, []) as (sim, gw):  # history 1,500 frames
+            sim.add_fixture(FX)
+            assert gw.fixtures.follow(FixtureConfig(feed="tracking", id=FX, backfill=-1))
+            await wait_until(lambda: (t := gw.hub.get("tracking", FX)) is not None and t.seq > 100)
+            async with dropin(gw) as ws:
+                await ws.send_message(_request(pps=1000))
+                assert [(await next_frame(ws))[0] for _ in range(100)] == list(range(100))
+            assert gw.replays.counters.total["memory"] == 1
+            assert sim.replay_requests == []
+
+
+async def test_a_client_that_reads_nothing_is_closed_as_slow_and_live_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The replay waits on its budget, then ends the connection (4008) after ``stall_timeout``;
+    a live subscriber of the same fixture keeps receiving meanwhile."""
+    with trio.fail_after(90):
+        async with recorded_gateway(tmp_path, replay={"stall_timeout": 2.0}) as (_, gw, _):
+            gw_replay = gw.replays.counters
+            async with (
+                open_websocket_url(stream_url(gw, TRACKING_PATH), message_queue_size=1) as stuck,
+                dropin(gw) as live,
+            ):
+                await live.send_message(orjson.dumps({"fixtureId": FX, "backfill": 0}).decode())
+                await stuck.send_message(orjson.dumps({"authToken": "x"}).decode())
+                await stuck.send_message(_request(pps=1000, looped=True))
+                # The stuck client never reads again: its socket buffers fill, the replay waits
+                # on its budget, then gives up.
+                seen, _ = await next_frame(live)
+                await wait_until(lambda: gw_replay.slow_consumers == 1, 60)
+                assert gw.registry.slow_disconnects == 1
+                ix, _ = await next_frame(live)
+                while ix < seen + 50:  # the live subscriber went on all along
+                    nxt, _ = await next_frame(live)
+                    assert nxt == ix + 1
+                    ix = nxt
+            assert gw_replay.active["recording"] == 0
