@@ -43,6 +43,9 @@ from gateway.upstream import (
 
 log = logging.getLogger("gateway.replay")
 
+#: Vendor answers to a fixture request that mean it was not accepted.
+_REFUSALS = frozenset({Kind.NOT_FOUND, Kind.ERROR, Kind.AUTH_ERROR})
+
 
 class PassThroughError(Exception):
     """The vendor connection could not be set up; the message is for the client (it never
@@ -50,6 +53,9 @@ class PassThroughError(Exception):
 
 
 class PassThroughEnd(enum.StrEnum):
+    #: The vendor answered the request with an error or "not found" before any frame (relayed):
+    #: the request was not accepted, the client may send another on its connection.
+    REFUSED = "refused"
     VENDOR_CLOSED = "vendor_closed"
     SLOW_CONSUMER = "slow_consumer"
     STALLED = "stalled"  # the vendor sent nothing for ``stall_timeout``
@@ -174,6 +180,7 @@ async def _relay(
     counters: ReplayCounters | None,
 ) -> PassThroughEnd:
     budget = limits.budget_bytes
+    streaming = False
     while True:
         if backlog.unsent() >= budget:
             with trio.move_on_after(limits.stall_timeout):
@@ -194,5 +201,9 @@ async def _relay(
         if kind is not Kind.DATA:
             text = token.scrub(text)  # a vendor message may echo the token: never relayed
         await send(text)
+        if kind is Kind.DATA:
+            streaming = True
+        elif not streaming and kind in _REFUSALS:
+            return PassThroughEnd.REFUSED
         if counters is not None and kind is Kind.DATA:
             counters.frames += 1
