@@ -294,8 +294,8 @@ async def test_a_client_that_reads_nothing_is_closed_as_slow_and_live_goes_on(
                 # The stuck client never reads again: its socket buffers fill, the replay waits
                 # on its budget, then gives up.
                 seen, _ = await next_frame(live)
-                await wait_until(lambda: gw_replay.slow_consumers == 1, 60)
-                assert gw.registry.slow_disconnects == 1
+                await wait_until(lambda: gw.registry.slow_disconnects == 1, 60)  # 4008
+                assert gw_replay.slow_consumers == 1  # by the replay's rule, before the queue's
                 ix, _ = await next_frame(live)
                 while ix < seen + 50:  # the live subscriber went on all along
                     nxt, _ = await next_frame(live)

@@ -10,9 +10,11 @@ from typing import Final
 #: The vendor's range of ``packetsPerSecond`` (and of the ``/v1/stream`` op's ``rate``).
 MIN_RATE: Final = 1
 MAX_RATE: Final = 1000
-#: Frames a replay may send back to back to catch up after a scheduling delay (or a client
-#: that read nothing for a while): never the whole backlog at once.
+#: How far a replay may catch up after a scheduling delay (or a client that read nothing for a
+#: while): at most this many frames, or this many seconds' worth when that is more (at a high
+#: rate a disk read or a busy loop takes a few frame periods), never the whole backlog.
 CATCH_UP: Final = 2
+CATCH_UP_SECONDS: Final = 0.05
 
 
 def valid_rate(value: object) -> bool:
@@ -22,8 +24,9 @@ def valid_rate(value: object) -> bool:
 
 class Pacer:
     """Frame *k* of a replay is due ``k / rate`` seconds after :meth:`start`; a frame sent
-    late moves the schedule so that at most :data:`CATCH_UP` frames go back to back after a
-    delay (the schedule never falls further behind the clock than that)::
+    late moves the schedule so that it never falls further behind the clock than
+    :data:`CATCH_UP` periods or :data:`CATCH_UP_SECONDS`, whichever is longer: after a delay at
+    most that many frames go back to back (3 at 40/s, 51 at 1000/s)::
 
         pacer = Pacer(40)
         pacer.start(trio.current_time())
@@ -33,7 +36,7 @@ class Pacer:
             pacer.sent(trio.current_time())
     """
 
-    __slots__ = ("_due", "catch_up", "period", "rate")
+    __slots__ = ("_due", "catch_up", "max_lag", "period", "rate")
 
     def __init__(self, rate: int, *, catch_up: int = CATCH_UP) -> None:
         if not valid_rate(rate):
@@ -43,6 +46,8 @@ class Pacer:
         self.rate = rate
         self.period = 1.0 / rate
         self.catch_up = catch_up
+        #: The most the schedule may lag behind the clock (seconds).
+        self.max_lag = max(catch_up * self.period, CATCH_UP_SECONDS if catch_up else 0.0)
         self._due: float | None = None
 
     def start(self, now: float) -> None:
@@ -57,6 +62,6 @@ class Pacer:
 
     def sent(self, now: float) -> None:
         """A frame went out at *now*: the next is due a period after the one just due, but
-        no earlier than ``catch_up`` periods before *now* plus one."""
+        no earlier than :attr:`max_lag` before *now*."""
         due = now if self._due is None else self._due
-        self._due = max(due + self.period, now - self.catch_up * self.period)
+        self._due = max(due + self.period, now - self.max_lag)

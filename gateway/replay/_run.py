@@ -5,10 +5,12 @@
 module decides when. A replay never goes through a topic's fan-out nor a live subscription's
 queue; it has its own byte budget and slow-consumer rule:
 
+- the source is read one batch ahead of the pacing (so a disk read does not stall the pace),
+  never more: the reader waits until the pacing takes the batch in hand;
 - before each frame the replay looks at its :class:`ReplayBacklog`: the bytes it handed to
   ``send`` that the client has not taken yet. At or over the budget (``[replay] queue_bytes``)
-  it waits for the client (``wait_below``) and reads nothing more from its source meanwhile:
-  a client that does not read holds one source batch plus its budget, never more;
+  it waits for the client (``wait_below``), and so the reading stops too: a client that does
+  not read holds two source batches plus its budget, never more;
 - a client that takes nothing for ``stall_timeout`` seconds while the replay waits ends it
   with :attr:`EndReason.SLOW_CONSUMER` (counted); so does a ``send`` that does not return in
   that time;
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -105,48 +107,99 @@ async def run_replay(
     last_seq = 0
     passes = 1
     new_pass = False
-    pacer.start(trio.current_time())
-    try:
-        while True:
-            # Nothing is read while the client is behind: it holds the budget, not more.
+
+    def ended(reason: EndReason, detail: str = "") -> ReplayResult:
+        if reason is EndReason.SLOW_CONSUMER and counters is not None:
+            counters.slow_consumers += 1
+        return ReplayResult(reason, last_seq, frames_sent, passes, detail)
+
+    async def _pace(batch: list[ReplayFrame]) -> ReplayResult | None:
+        """Send *batch* paced; a result when the replay ends (slow consumer)."""
+        nonlocal frames_sent, last_seq, new_pass
+        for frame in batch:
             if not await _within_budget(backlog, limits):
-                if counters is not None:
-                    counters.slow_consumers += 1
-                return ReplayResult(EndReason.SLOW_CONSUMER, last_seq, frames_sent, passes)
+                return ended(EndReason.SLOW_CONSUMER)
+            await trio.sleep(pacer.delay(trio.current_time()))
+            if new_pass:
+                new_pass = False
+                if on_loop is not None:
+                    await on_loop(passes)
+            with trio.move_on_after(limits.stall_timeout) as scope:
+                await send(frame)
+            if scope.cancelled_caught:
+                return ended(EndReason.SLOW_CONSUMER)
+            pacer.sent(trio.current_time())
+            frames_sent += 1
+            last_seq = frame.seq
+            if counters is not None:
+                counters.frames += 1
+        return None
+
+    batches_in, batches = trio.open_memory_channel[_Item](0)
+    result: ReplayResult | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_ahead, source, batches_in, looped)
+            pacer.start(trio.current_time())
+            async for item in batches:
+                if item is _NEXT_PASS:
+                    passes += 1
+                    new_pass = True
+                    continue
+                if isinstance(item, _Ended):
+                    result = ended(item.reason, item.detail)
+                    break
+                assert isinstance(item, list)
+                result = await _pace(item)
+                if result is not None:
+                    break
+            # (Set before the cancel: a checkpoint after it raises Cancelled, which the
+            # nursery absorbs, and a return value would be lost with it.)
+            nursery.cancel_scope.cancel()
+    finally:
+        batches.close()
+        source.close()
+    assert result is not None, "the reader ends with an _Ended item"
+    return result
+
+
+@attrs.frozen
+class _Ended:
+    reason: EndReason
+    detail: str = ""
+
+
+class _NextPass:
+    """A looped replay went back to its first frame."""
+
+
+_NEXT_PASS: Final = _NextPass()
+_Item = list[ReplayFrame] | _Ended | _NextPass
+
+
+async def _read_ahead(
+    source: ReplaySource, out: trio.MemorySendChannel[_Item], looped: bool
+) -> None:
+    """Read the source one batch ahead of the pacing (the channel holds nothing: the batch
+    in hand is all that waits while the client is behind), so a disk read does not stall the
+    pace; then the end, or the next pass."""
+    held_any = False
+    async with out:
+        while True:
             try:
                 batch = await source.read()
             except SourceLost as exc:
-                return ReplayResult(EndReason.SOURCE_LOST, last_seq, frames_sent, passes, str(exc))
+                await out.send(_Ended(EndReason.SOURCE_LOST, str(exc)))
+                return
             if not batch:
-                if not looped or frames_sent == 0:
-                    return ReplayResult(EndReason.END, last_seq, frames_sent, passes)
+                if not looped or not held_any:
+                    await out.send(_Ended(EndReason.END))
+                    return
                 source.rewind()
-                passes += 1
-                new_pass = True
+                await out.send(_NEXT_PASS)
                 continue
-            for frame in batch:
-                if not await _within_budget(backlog, limits):
-                    if counters is not None:
-                        counters.slow_consumers += 1
-                    return ReplayResult(EndReason.SLOW_CONSUMER, last_seq, frames_sent, passes)
-                await trio.sleep(pacer.delay(trio.current_time()))
-                if new_pass:
-                    new_pass = False
-                    if on_loop is not None:
-                        await on_loop(passes)
-                with trio.move_on_after(limits.stall_timeout) as scope:
-                    await send(frame)
-                if scope.cancelled_caught:
-                    if counters is not None:
-                        counters.slow_consumers += 1
-                    return ReplayResult(EndReason.SLOW_CONSUMER, last_seq, frames_sent, passes)
-                pacer.sent(trio.current_time())
-                frames_sent += 1
-                last_seq = frame.seq
-                if counters is not None:
-                    counters.frames += 1
-    finally:
-        source.close()
+            held_any = True
+            await out.send(batch)
 
 
 async def _within_budget(backlog: ReplayBacklog, limits: ReplayLimits) -> bool:

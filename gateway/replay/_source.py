@@ -141,6 +141,7 @@ class HeldSource:
         self._cursor: ArchiveCursor | None = None
         self._cursor_archive: TopicArchive | None = None
         self._wait_since: float | None = None
+        self._reading = False
         self.stats = ReadStats()
 
     def __repr__(self) -> str:
@@ -173,7 +174,9 @@ class HeldSource:
 
     def _close_cursor(self) -> None:
         cursor, self._cursor, self._cursor_archive = self._cursor, None, None
-        if cursor is not None:
+        if cursor is not None and not self._reading:
+            # (A read abandoned by a cancellation may still use it in its thread: then it is
+            # left to that thread, and closed with its file objects when it is dropped.)
             cursor.close()
 
     async def read(self) -> list[ReplayFrame]:
@@ -230,12 +233,15 @@ class HeldSource:
             self._cursor = archive.open_cursor(nxt)
             self._cursor_archive = archive
         cursor = self._cursor
+        self._reading = True
         try:
             rows = await trio.to_thread.run_sync(
                 cursor.read, self.chunk_bytes, limiter=_readers(), abandon_on_cancel=True
             )
         except OSError:
             rows = []  # unreadable from here on: what is missing is skipped, as retention's
+        finally:
+            self._reading = False
         return [ReplayFrame(seq, raw, pos) for seq, pos, raw in rows if seq >= nxt]
 
     def _writer_behind(self, archive: TopicArchive) -> bool:
