@@ -4,13 +4,13 @@ When the gateway does not hold a fixture from its start (no recorder and the his
 or it joined late), the client's Replay Fixture Request goes to the vendor on a **dedicated**
 upstream connection, for that client only: through the global ``ConnectLimiter`` (it counts
 against the vendor connect rate like any attempt; in a cluster the limiter reserves its slot in
-Redis), with the gateway's own token, and capped by ``[replay] max_replays`` (the caller takes
-the slot). Everything the vendor then sends is relayed verbatim except its heartbeats (the
-drop-in sends its own; a vendor message other than a data frame is scrubbed of the gateway's
-token first); nothing of it reaches a topic, and nothing of a topic reaches it. The
-connection is closed when the client goes (the caller cancels), with the connector's bounded
-close. The client's request is rebuilt from the fields the gateway checked (fixture id,
-backfill, replay), never forwarded as sent.
+Redis), in its backlog queue, behind every configured fixture and reconnect; with the gateway's
+own token; capped by ``[replay] max_replays`` (the caller takes the slot). Everything the
+vendor then sends is relayed verbatim except its heartbeats (the drop-in sends its own; a
+vendor message other than a data frame is scrubbed of the gateway's token first); nothing of it
+reaches a topic, and nothing of a topic reaches it. The connection is closed when the client
+goes (the caller cancels), with the connector's bounded close. The client's request is rebuilt
+from the fields the gateway checked (fixture id, backfill, replay), never forwarded as sent.
 
 The budget and slow-consumer rule are those of :func:`~gateway.replay.run_replay`: the vendor
 connection is not read while the client is behind.
@@ -137,7 +137,8 @@ class VendorLink:
             token = await self._read_token(up)
         except SecretError:
             raise PassThroughError("the gateway's vendor token is unavailable") from None
-        await self.limiter.acquire()
+        # In the limiter's backlog: a replay never delays a followed fixture's (re)connect.
+        await self.limiter.acquire(backlog=True)
         self.connects += 1
         try:
             async with connect(feed.url, headers=[], connect_timeout=up.handshake_timeout) as vc:
