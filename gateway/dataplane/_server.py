@@ -51,6 +51,7 @@ from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
 from gateway.hub import Hub
 from gateway.listen import open_listen_sockets
+from gateway.replay import Replays
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -110,9 +111,10 @@ class _Router:
     depends on the fixture in a fastpath path (any id is upgraded alike).
     """
 
-    def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth) -> None:
+    def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth, replays: Replays) -> None:
         self.hub = hub
         self.auth = auth
+        self.replays = replays
         self.exact: dict[str, FeedConfig] = {}
         self.templates: list[tuple[re.Pattern[str], FeedConfig]] = []
         for feed in config.feeds.values():
@@ -163,13 +165,14 @@ class _Router:
                 401, b"a valid subscriber token is required\n", headers=_UNAUTHORIZED_HEADERS
             )
         hub = self.hub
+        replays = self.replays
         feeds = None if grant is None else grant.feeds
         # Answer dde.v1 when offered (browsers insist on an answer when they offered any);
         # never a dde.bearer.<token> protocol: the token must not travel back.
         subprotocol = STREAM_PROTOCOL if STREAM_PROTOCOL in request.subprotocols else None
         return _Route(
             STREAM_PATH,
-            lambda conn: MultiplexHandler(conn, hub, feeds),
+            lambda conn: MultiplexHandler(conn, hub, feeds, replays),
             subprotocol=subprotocol,
             grant_line=0 if grant is None else grant.line,
         )
@@ -321,13 +324,15 @@ class _Server:
         registry: SubscriberRegistry,
         auth: SubscriberAuth,
         tls: ssl.SSLContext | None,
+        *,
+        replays: Replays,
     ) -> None:
         self.config = config
         self.settings = config.subscribers
         self.hub = hub
         self.registry = registry
         self.tls = tls
-        self.router = _Router(config, hub, auth)
+        self.router = _Router(config, hub, auth, replays)
         #: One WriteTicker per write_delay in use (ms), running in ``nursery``.
         self.tickers: dict[int, WriteTicker] = {}
         self.nursery: trio.Nursery | None = None
@@ -442,6 +447,7 @@ async def run(
     *,
     auth: SubscriberAuth | None = None,
     tls: ssl.SSLContext | None = None,
+    replays: Replays | None = None,
     task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve subscribers on ``config.gateway.stream_listen`` until cancelled.
@@ -450,6 +456,8 @@ async def run(
     on reload); without it one is made from ``[subscribers] tokens_file``. *tls*: the server
     context; without it one is made from ``[gateway] tls_cert_file``/``tls_key_file`` when
     set. Either may raise :class:`~gateway.config.ConfigError` before anything is bound.
+    *replays*: the ``[replay]`` limits and counters (the service keeps one for its metrics);
+    without it one is made from ``config.replay``.
 
     The listening sockets come from :func:`gateway.listen.open_listen_sockets`
     (``SO_REUSEPORT`` with ``[gateway] reuse_port``); one that cannot be opened (address in
@@ -462,6 +470,8 @@ async def run(
         auth = SubscriberAuth(load_subscriber_tokens(config))
     if tls is None:
         tls = load_server_tls(config)
+    if replays is None:
+        replays = Replays(config.replay)
     addr = config.gateway.stream_listen
     reuse_port = config.gateway.reuse_port
     sockets = await open_listen_sockets(
@@ -470,7 +480,7 @@ async def run(
     try:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         bound = ListenAddress(addr.host, sockets[0].getsockname()[1])
-        server = _Server(config, hub, registry, auth, tls)
+        server = _Server(config, hub, registry, auth, tls, replays=replays)
         scheme = "ws" if tls is None else "wss"
         log.info(
             "data plane listening on %s://%s%s%s",

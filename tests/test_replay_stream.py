@@ -1,0 +1,194 @@
+"""The ``/v1/stream`` replay op against a real gateway, the simulator and real recorder files.
+
+- Pacing: 40 frames a second over 4 s arrive 160 +/- 10 %, never more than 50 in any second;
+  from the fixture's first frame, contiguous, as ``replay_frame`` (never ``frame``), the data
+  verbatim; ``stop_replay`` ends it with ``replay_end`` ``stopped`` and the last seq sent.
+- From a seq, a match time (phase + ``mt``) and a vendor time (``ut``), read from disk (the
+  memory history is short): the first frame at or after it, contiguous to ``replay_end``
+  ``end`` (a live fixture's replay ends where the gateway's frames end when it gets there).
+- Looped: ``replay_loop`` pass 2, then the first frame again.
+- A live subscription and a replay of the same fixture on one connection, both correct.
+- A client that does not read its replay: the replay waits, then ends with ``slow_consumer``;
+  the connection stays open and its live subscription is untouched.
+- Every bad request answered with an ``error`` (the protocol's texts), the connection usable;
+  the per-feed ACL; a start the gateway does not hold; the per-connection cap.
+- Live isolation: a 25 Hz live subscriber's worst gap between frames with and without 20
+  replays running beside it.
+
+Real sockets on 127.0.0.1 port 0, real time, one ``trio.fail_after`` each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from gateway.hub import Topic
+from gateway.recorder import read_recording
+from gateway.service import Gateway
+from gateway.simulator import Simulator
+from tests.conftest import TEST_TOKEN
+from tests.kit import gateway_config, running_gateway, stream_url, wait_until
+
+FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
+FX2 = "7a1c0d52-3e4f-4d6b-8c9a-0b1c2d3e4f50"
+RATE_HZ = 100.0
+DATA_KEY = b',"data":'
+
+
+def _data(message: bytes) -> bytes:
+    """The frame inside an envelope, byte for byte (the envelope inserts it verbatim)."""
+    return message[message.index(DATA_KEY) + len(DATA_KEY) : -1]
+
+
+@asynccontextmanager
+async def recorded_gateway(
+    tmp_path: Path,
+    *,
+    fixtures: tuple[str, ...] = (FX,),
+    history: int = 50,
+    recorder: bool = True,
+    **sections: dict[str, Any],
+) -> AsyncIterator[tuple[Simulator, Gateway]]:
+    """The simulator (tracking fixtures at 100 Hz) and a gateway following them from their
+    first frame (``backfill = -1``) and recording them, with a short memory history: a replay
+    from the start reads the recorder's files."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=RATE_HZ, heartbeat_interval=1.0)
+    for fx in fixtures:
+        sim.add_fixture(fx)
+    sections = {"feeds": {"tracking": {"history": history}}, **sections}
+    if recorder:
+        sections["recorder"] = {"dir": str(tmp_path / "rec")}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        config = gateway_config(port, token_file, [("tracking", fx) for fx in fixtures], **sections)
+        config = attrs.evolve(
+            config, fixtures=tuple(attrs.evolve(f, backfill=-1) for f in config.fixtures)
+        )
+        async with running_gateway(config) as gw:
+            yield sim, gw
+        nursery.cancel_scope.cancel()
+
+
+def topic_of(gw: Gateway, fixture: str = FX) -> Topic:
+    topic = gw.hub.get("tracking", fixture)
+    assert topic is not None
+    return topic
+
+
+async def frames_held(gw: Gateway, n: int, fixture: str = FX) -> Topic:
+    """Wait until the gateway has published *n* frames of *fixture*."""
+    await wait_until(lambda: (t := gw.hub.get("tracking", fixture)) is not None and t.seq >= n)
+    return topic_of(gw, fixture)
+
+
+async def send(ws: WebSocketConnection, **request: Any) -> None:
+    await ws.send_message(orjson.dumps(request).decode())
+
+
+async def replay(ws: WebSocketConnection, fixture: str = FX, **options: Any) -> None:
+    await send(ws, op="replay", feed="tracking", fixture=fixture, **options)
+
+
+async def message(ws: WebSocketConnection) -> tuple[dict[str, Any], bytes]:
+    """The next message but heartbeats: (decoded, the bytes as sent)."""
+    while True:
+        text = await ws.get_message()
+        assert isinstance(text, str)
+        msg: dict[str, Any] = orjson.loads(text)
+        if msg["type"] != "heartbeat":
+            return msg, text.encode()
+
+
+async def expect(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+    msg, _ = await message(ws)
+    assert msg["type"] == kind, msg
+    return msg
+
+
+async def replay_to_end(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every ``replay_frame`` until ``replay_end`` (nothing else may come between)."""
+    frames: list[dict[str, Any]] = []
+    while True:
+        msg, raw = await message(ws)
+        if msg["type"] == "replay_end":
+            return frames, msg
+        assert msg["type"] == "replay_frame", msg
+        msg["raw"] = _data(raw)
+        frames.append(msg)
+
+
+def recorded(gw: Gateway, fixture: str = FX) -> dict[int, bytes]:
+    """Every frame the recorder has written of *fixture*, by seq."""
+    assert gw.recorder is not None
+    lg = gw.recorder.get("tracking", fixture)
+    assert lg is not None
+    return {r.seq: r.raw for r in read_recording(lg.path)}
+
+
+def field(raw: bytes, name: str) -> int:
+    value = orjson.loads(raw)[name]
+    assert type(value) is int
+    return value
+
+
+async def test_paced_from_the_first_frame_contiguous_verbatim_and_stopped(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path) as (_, gw):
+            topic = await frames_held(gw, 200)
+            async with open_websocket_url(stream_url(gw)) as ws:
+                await replay(ws, rate=40)
+                started = await expect(ws, "replay_started")
+                assert started == {
+                    "type": "replay_started",
+                    "feed": "tracking",
+                    "fixture": FX,
+                    "epoch": topic.epoch,
+                    "from_seq": 1,
+                    "rate": 40,
+                    "looped": False,
+                }
+                frames: list[dict[str, Any]] = []
+                arrivals: list[float] = []
+                msg, raw = await message(ws)
+                first = trio.current_time()
+                with trio.move_on_at(first + 4.0):
+                    while True:
+                        # Never a live `frame`: only replayed frames on this connection.
+                        assert msg["type"] == "replay_frame", msg
+                        assert (msg["feed"], msg["fixture"]) == ("tracking", FX)
+                        msg["raw"] = _data(raw)
+                        frames.append(msg)
+                        arrivals.append(trio.current_time())
+                        msg, raw = await message(ws)
+                await send(ws, op="stop_replay", feed="tracking", fixture=FX)
+                rest, end = await replay_to_end(ws)
+                frames += rest
+            # 40/s for 4 s: 160 +/- 10 %, and never a burst.
+            assert 144 <= len(arrivals) <= 176, len(arrivals)
+            per_second = max(sum(1 for t in arrivals if a <= t < a + 1.0) for a in arrivals)
+            assert per_second <= 50, per_second
+            seqs = [f["seq"] for f in frames]
+            assert seqs == list(range(1, len(seqs) + 1))
+            assert [field(f["raw"], "ix") for f in frames] == [s - 1 for s in seqs]
+            assert end == {
+                "type": "replay_end",
+                "feed": "tracking",
+                "fixture": FX,
+                "reason": "stopped",
+                "last_seq": seqs[-1],
+            }
+            await wait_until(lambda: gw.recorder is not None and len(recorded(gw)) >= seqs[-1])
+            disk = recorded(gw)
+            assert all(f["raw"] == disk[f["seq"]] for f in frames)
