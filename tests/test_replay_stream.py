@@ -36,6 +36,7 @@ from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
 from tests.kit import gateway_config, running_gateway, stream_url, wait_until
+from tests.test_dataplane import RawClient
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
 FX2 = "7a1c0d52-3e4f-4d6b-8c9a-0b1c2d3e4f50"
@@ -192,3 +193,148 @@ async def test_paced_from_the_first_frame_contiguous_verbatim_and_stopped(
             await wait_until(lambda: gw.recorder is not None and len(recorded(gw)) >= seqs[-1])
             disk = recorded(gw)
             assert all(f["raw"] == disk[f["seq"]] for f in frames)
+
+
+async def test_from_seq_match_time_and_ut_read_from_disk_until_the_end(tmp_path: Path) -> None:
+    """The memory history holds 50 frames: these replays start on disk, go on through the
+    history, and end with the newest frame held when they get there (1000/s catches up
+    with the 100 Hz feed)."""
+    with trio.fail_after(90):
+        async with recorded_gateway(tmp_path) as (_, gw):
+            topic = await frames_held(gw, 400)
+            await wait_until(lambda: gw.recorder is not None and len(recorded(gw)) >= 400)
+            disk = recorded(gw)
+            ut0 = field(disk[1], "ut")
+            assert field(disk[1], "ix") == 0 and topic.first_held > 300
+            async with open_websocket_url(stream_url(gw)) as ws:
+                for start, first in (
+                    ({"seq": 120}, 120),
+                    # At 100 Hz in phase 1: mt 1500 is ix 150 (seq 151).
+                    ({"phase": 1, "mt": 1500}, 151),
+                    ({"ut": ut0 + 2345}, 1 + 235),
+                ):
+                    await replay(ws, rate=1000, **{"from": start})
+                    started = await expect(ws, "replay_started")
+                    assert (started["from_seq"], started["epoch"]) == (first, topic.epoch)
+                    frames, end = await replay_to_end(ws)
+                    seqs = [f["seq"] for f in frames]
+                    assert seqs == list(range(first, first + len(seqs))), start
+                    assert end["reason"] == "end" and end["last_seq"] == seqs[-1]
+                    assert seqs[-1] >= 400
+                    await wait_until(lambda s=seqs[-1]: len(recorded(gw)) >= s)
+                    disk = recorded(gw)
+                    assert all(f["raw"] == disk[f["seq"]] for f in frames)
+                    head = frames[0]["raw"]
+                    before = disk[first - 1]
+                    if "mt" in start:
+                        assert field(head, "ph") == 1 and field(head, "mt") >= 1500
+                        assert field(before, "mt") < 1500
+                    if "ut" in start:
+                        assert field(head, "ut") >= ut0 + 2345 > field(before, "ut")
+
+
+async def test_looped_starts_again_at_the_first_frame(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path) as (_, gw):
+            topic = await frames_held(gw, 200)
+            first = topic.seq - 30
+            async with open_websocket_url(stream_url(gw)) as ws:
+                await replay(ws, rate=1000, looped=True, **{"from": {"seq": first}})
+                started = await expect(ws, "replay_started")
+                assert (started["from_seq"], started["looped"]) == (first, True)
+                seqs: list[int] = []
+                while True:
+                    msg, _ = await message(ws)
+                    if msg["type"] == "replay_loop":
+                        break
+                    assert msg["type"] == "replay_frame", msg
+                    seqs.append(msg["seq"])
+                assert msg == {"type": "replay_loop", "feed": "tracking", "fixture": FX, "pass": 2}
+                assert seqs == list(range(first, first + len(seqs)))
+                again = await expect(ws, "replay_frame")
+                assert again["seq"] == first
+                await send(ws, op="stop_replay", feed="tracking", fixture=FX)
+                rest, end = await replay_to_end(ws)
+                assert (end["reason"], end["last_seq"]) == ("stopped", (rest or [again])[-1]["seq"])
+
+
+async def test_a_live_subscription_and_a_replay_of_the_same_fixture_on_one_connection(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path) as (_, gw):
+            await frames_held(gw, 100)
+            async with open_websocket_url(stream_url(gw)) as ws:
+                await send(ws, op="subscribe", feed="tracking", fixture=FX)
+                subscribed = await expect(ws, "subscribed")
+                await expect(ws, "status")
+                await replay(ws, rate=40)
+                live: list[int] = []
+                replayed: list[dict[str, Any]] = []
+                started = False
+                while len(replayed) < 80:
+                    msg, raw = await message(ws)
+                    if msg["type"] == "frame":
+                        live.append(msg["seq"])
+                    elif msg["type"] == "replay_started":
+                        started = True
+                    else:
+                        assert started and msg["type"] == "replay_frame", msg
+                        msg["raw"] = _data(raw)
+                        replayed.append(msg)
+            # Each stream whole and in order, neither mistaken for the other.
+            assert live == list(range(subscribed["seq"] + 1, subscribed["seq"] + 1 + len(live)))
+            assert len(live) >= 100  # 2 s of the 100 Hz feed beside 80 replayed frames
+            assert [f["seq"] for f in replayed] == list(range(1, 81))
+            disk = recorded(gw)
+            assert all(f["raw"] == disk[f["seq"]] for f in replayed)
+
+
+async def test_a_replay_its_client_does_not_read_waits_then_ends_slow_consumer(
+    tmp_path: Path,
+) -> None:
+    """The client reads nothing (a 4 KB receive buffer): the replay fills its budget, waits
+    ``stall_timeout``, and ends with ``slow_consumer``; the frames it left unread are dropped,
+    the connection stays open and serves the next request."""
+    with trio.fail_after(90):
+        async with recorded_gateway(
+            tmp_path, replay={"queue_bytes": 65536, "stall_timeout": 1.0}
+        ) as (_, gw):
+            await frames_held(gw, 100)
+            assert gw.bound is not None
+            raw = await RawClient.connect(gw.bound.stream, rcvbuf=4096)
+            try:
+                await raw.send_json(
+                    {
+                        "op": "replay",
+                        "feed": "tracking",
+                        "fixture": FX,
+                        "rate": 1000,
+                        "looped": True,
+                    }
+                )
+                # Reading nothing for far longer than the stall timeout once the buffers
+                # are full: the wait is on the gateway's side, the test just does not read.
+                await trio.sleep(8.0)
+                passes: list[list[int]] = [[]]
+                while True:
+                    frame = await raw.read_frame()
+                    assert frame is not None
+                    msg = orjson.loads(frame[1])
+                    if msg["type"] == "replay_frame":
+                        passes[-1].append(msg["seq"])
+                    elif msg["type"] == "replay_loop":
+                        passes.append([])
+                    elif msg["type"] == "replay_end":
+                        break
+                    else:
+                        assert msg["type"] in ("replay_started", "heartbeat"), msg
+                assert (msg["reason"], msg["last_seq"]) == ("slow_consumer", passes[-1][-1])
+                for seqs in passes:
+                    assert seqs == list(range(1, len(seqs) + 1))
+                await raw.send_json({"op": "stop_replay", "feed": "tracking", "fixture": FX})
+                frame = await raw.read_frame()
+                assert frame is not None
+                assert orjson.loads(frame[1])["message"] == f"not replaying tracking/{FX}"
+            finally:
+                raw.close()
