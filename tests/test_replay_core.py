@@ -32,6 +32,7 @@ from gateway.replay import (
     ReplayFrame,
     ReplayLimits,
     Replays,
+    SourceKind,
     SourceLost,
     Start,
     open_source,
@@ -97,7 +98,7 @@ async def test_forty_a_second_over_four_seconds_under_the_mock_clock(
 class ListSource:
     """An in-memory ReplaySource of frames 1..n (ix = seq - 1), in batches of *batch*."""
 
-    kind = "memory"
+    kind: SourceKind = "memory"
     epoch = "e1"
 
     def __init__(self, n: int, batch: int = 7, lose_at: int | None = None) -> None:

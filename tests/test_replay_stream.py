@@ -96,8 +96,20 @@ async def send(ws: WebSocketConnection, **request: Any) -> None:
     await ws.send_message(orjson.dumps(request).decode())
 
 
-async def replay(ws: WebSocketConnection, fixture: str = FX, **options: Any) -> None:
-    await send(ws, op="replay", feed="tracking", fixture=fixture, **options)
+async def replay(
+    ws: WebSocketConnection,
+    rate: int,
+    *,
+    fixture: str = FX,
+    looped: bool = False,
+    start: dict[str, int] | None = None,
+) -> None:
+    """Ask for a replay of *fixture*; *start*: the ``from`` object (None: left out)."""
+    request: dict[str, Any] = {"op": "replay", "feed": "tracking", "fixture": fixture}
+    request.update(rate=rate, looped=looped)
+    if start is not None:
+        request["from"] = start
+    await send(ws, **request)
 
 
 async def message(ws: WebSocketConnection) -> tuple[dict[str, Any], bytes]:
@@ -149,7 +161,7 @@ async def test_paced_from_the_first_frame_contiguous_verbatim_and_stopped(
         async with recorded_gateway(tmp_path) as (_, gw):
             topic = await frames_held(gw, 200)
             async with open_websocket_url(stream_url(gw)) as ws:
-                await replay(ws, rate=40)
+                await replay(ws, 40)
                 started = await expect(ws, "replay_started")
                 assert started == {
                     "type": "replay_started",
@@ -213,7 +225,7 @@ async def test_from_seq_match_time_and_ut_read_from_disk_until_the_end(tmp_path:
                     ({"phase": 1, "mt": 1500}, 151),
                     ({"ut": ut0 + 2345}, 1 + 235),
                 ):
-                    await replay(ws, rate=1000, **{"from": start})
+                    await replay(ws, 1000, start=start)
                     started = await expect(ws, "replay_started")
                     assert (started["from_seq"], started["epoch"]) == (first, topic.epoch)
                     frames, end = await replay_to_end(ws)
@@ -239,7 +251,7 @@ async def test_looped_starts_again_at_the_first_frame(tmp_path: Path) -> None:
             topic = await frames_held(gw, 200)
             first = topic.seq - 30
             async with open_websocket_url(stream_url(gw)) as ws:
-                await replay(ws, rate=1000, looped=True, **{"from": {"seq": first}})
+                await replay(ws, 1000, looped=True, start={"seq": first})
                 started = await expect(ws, "replay_started")
                 assert (started["from_seq"], started["looped"]) == (first, True)
                 seqs: list[int] = []
@@ -268,7 +280,7 @@ async def test_a_live_subscription_and_a_replay_of_the_same_fixture_on_one_conne
                 await send(ws, op="subscribe", feed="tracking", fixture=FX)
                 subscribed = await expect(ws, "subscribed")
                 await expect(ws, "status")
-                await replay(ws, rate=40)
+                await replay(ws, 40)
                 live: list[int] = []
                 replayed: list[dict[str, Any]] = []
                 started = False
@@ -313,9 +325,8 @@ async def test_a_replay_its_client_does_not_read_waits_then_ends_slow_consumer(
                         "looped": True,
                     }
                 )
-                # Reading nothing for far longer than the stall timeout once the buffers
-                # are full: the wait is on the gateway's side, the test just does not read.
-                await trio.sleep(8.0)
+                # Reading nothing until the gateway has ended the replay as too slow.
+                await wait_until(lambda: gw.replays.counters.slow_consumers == 1, 60)
                 passes: list[list[int]] = [[]]
                 while True:
                     frame = await raw.read_frame()

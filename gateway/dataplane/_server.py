@@ -111,10 +111,12 @@ class _Router:
     depends on the fixture in a fastpath path (any id is upgraded alike).
     """
 
-    def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth, replays: Replays) -> None:
+    def __init__(
+        self, config: Config, hub: Hub, auth: SubscriberAuth, replays: Replays | None = None
+    ) -> None:
         self.hub = hub
         self.auth = auth
-        self.replays = replays
+        self.replays = replays if replays is not None else Replays(config.replay)
         self.exact: dict[str, FeedConfig] = {}
         self.templates: list[tuple[re.Pattern[str], FeedConfig]] = []
         for feed in config.feeds.values():
@@ -130,6 +132,7 @@ class _Router:
         path = split.path
         hub = self.hub
         auth = self.auth
+        replays = self.replays
         if path == STREAM_PATH:
             route = self._stream(request, peer)
             route.write_delay = _write_delay(split.query)
@@ -137,7 +140,9 @@ class _Router:
         feed = self.exact.get(path)
         if feed is not None:
             return _Route(
-                path, lambda conn: DropinHandler(conn, hub, feed, auth=auth), "disconnect"
+                path,
+                lambda conn: DropinHandler(conn, hub, feed, auth=auth, replays=replays),
+                "disconnect",
             )
         for pattern, tfeed in self.templates:
             m = pattern.match(path)
@@ -152,7 +157,9 @@ class _Router:
             def factory(
                 conn: Connection, f: FeedConfig = tfeed, fx: str = fixture, sp: int = start
             ) -> Handler:
-                return DropinHandler(conn, hub, f, auth=auth, fixture=fx, start_position=sp)
+                return DropinHandler(
+                    conn, hub, f, auth=auth, fixture=fx, start_position=sp, replays=replays
+                )
 
             return _Route(tfeed.dropin_path, factory, "disconnect")
         raise _Reject(404, b"not found\n")
@@ -325,7 +332,7 @@ class _Server:
         auth: SubscriberAuth,
         tls: ssl.SSLContext | None,
         *,
-        replays: Replays,
+        replays: Replays | None = None,
     ) -> None:
         self.config = config
         self.settings = config.subscribers
@@ -455,9 +462,9 @@ async def run(
     *auth*: the subscriber tokens and failure counters (the service keeps one to swap tokens
     on reload); without it one is made from ``[subscribers] tokens_file``. *tls*: the server
     context; without it one is made from ``[gateway] tls_cert_file``/``tls_key_file`` when
-    set. Either may raise :class:`~gateway.config.ConfigError` before anything is bound.
-    *replays*: the ``[replay]`` limits and counters (the service keeps one for its metrics);
-    without it one is made from ``config.replay``.
+    set. *replays*: the gateway's replay limits, counters and vendor link (without it: the
+    ``[replay]`` limits, own counters, no pass-through). *auth* and *tls* may raise
+    :class:`~gateway.config.ConfigError` before anything is bound.
 
     The listening sockets come from :func:`gateway.listen.open_listen_sockets`
     (``SO_REUSEPORT`` with ``[gateway] reuse_port``); one that cannot be opened (address in
@@ -470,8 +477,6 @@ async def run(
         auth = SubscriberAuth(load_subscriber_tokens(config))
     if tls is None:
         tls = load_server_tls(config)
-    if replays is None:
-        replays = Replays(config.replay)
     addr = config.gateway.stream_listen
     reuse_port = config.gateway.reuse_port
     sockets = await open_listen_sockets(

@@ -12,7 +12,8 @@ Request and the ``/v1/stream`` ``replay`` op. One concept per private module:
 - :class:`Pacer` (``_pacer``, I/O-free): N frames a second, evenly;
 - :func:`run_replay` (``_run``): paces a source's frames into an async ``send`` with the
   replay's own byte budget and slow-consumer rule;
-- :class:`Replays` (``_counters``): the ``[replay]`` limits and the counters of one gateway;
+- :class:`Replays` (``_replays``): the ``[replay]`` limits, the counters (``_counters``) and
+  the vendor link of one gateway;
 - the vendor pass-through (``_passthrough``): a drop-in replay the gateway cannot serve, on a
   dedicated vendor connection.
 
@@ -27,11 +28,17 @@ from gateway.replay._counters import (
     LimitReached,
     RefusalReason,
     ReplayCounters,
-    Replays,
     ReplaySlot,
     ReplaySourceLabel,
 )
 from gateway.replay._pacer import CATCH_UP, MAX_RATE, MIN_RATE, Pacer, valid_rate
+from gateway.replay._passthrough import (
+    PassThroughEnd,
+    PassThroughError,
+    ReplayRequest,
+    VendorLink,
+)
+from gateway.replay._replays import Replays
 from gateway.replay._run import (
     EndReason,
     OnLoop,
@@ -76,12 +83,15 @@ __all__ = [
     "NotHeld",
     "OnLoop",
     "Pacer",
+    "PassThroughEnd",
+    "PassThroughError",
     "ReadStats",
     "RefusalReason",
     "ReplayBacklog",
     "ReplayCounters",
     "ReplayFrame",
     "ReplayLimits",
+    "ReplayRequest",
     "ReplayResult",
     "ReplaySlot",
     "ReplaySource",
@@ -91,6 +101,7 @@ __all__ = [
     "SourceKind",
     "SourceLost",
     "Start",
+    "VendorLink",
     "open_source",
     "run_replay",
     "valid_rate",

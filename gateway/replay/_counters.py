@@ -1,5 +1,5 @@
-"""The replay counters and limits of one gateway: how many run (by source), how many were
-refused and why, frames sent. Defined once here; the control plane reads them for the
+"""The replay counters of one gateway: how many run (by source), how many were refused and
+why, frames sent. Defined once here; the control plane reads them for the
 ``dde_replay*`` metrics (:data:`REPLAY_METRICS`).
 """
 
@@ -9,8 +9,6 @@ from collections import Counter
 from typing import Final, Literal
 
 import attrs
-
-from gateway.config import ReplaySection
 
 #: Where a running replay's frames come from: the gateway's own (see ``SourceKind``) or a
 #: dedicated vendor connection (``vendor``: a drop-in replay passed through).
@@ -83,46 +81,3 @@ class ReplaySlot:
         counters, self._counters = self._counters, None
         if counters is not None:
             counters.active[self.source] -= 1
-
-
-class Replays:
-    """The replay limits (``[replay]``) and counters of one gateway.
-
-    Local replays (served from what the gateway holds) take a slot with :meth:`local`, checked
-    against ``max_local`` and, per connection, ``max_per_connection`` (the caller counts its
-    own); vendor pass-through connections with :meth:`vendor`, checked against
-    ``max_replays``. A refusal raises :class:`LimitReached` and is counted.
-    """
-
-    def __init__(self, settings: ReplaySection | None = None) -> None:
-        self.settings = settings or ReplaySection()
-        self.counters = ReplayCounters()
-
-    def refuse(self, reason: RefusalReason) -> None:
-        """Count a refusal that was not a limit (``not_held``, ``vendor``)."""
-        self.counters.refused[reason] += 1
-
-    def local(self, source: ReplaySourceLabel, *, on_connection: int = 0) -> ReplaySlot:
-        """A slot for a local replay; *on_connection*: the replays its connection runs now."""
-        s = self.settings
-        if on_connection >= s.max_per_connection:
-            self.counters.refused["max_per_connection"] += 1
-            raise LimitReached(
-                "max_per_connection",
-                f"too many replays on this connection (max_per_connection {s.max_per_connection})",
-            )
-        if self.counters.local_active >= s.max_local:
-            self.counters.refused["max_local"] += 1
-            raise LimitReached("max_local", f"too many replays running (max_local {s.max_local})")
-        return ReplaySlot(self.counters, source)
-
-    def vendor(self) -> ReplaySlot:
-        """A slot for a replay passed through to the vendor on its own connection."""
-        s = self.settings
-        if self.counters.active["vendor"] >= s.max_replays:
-            self.counters.refused["max_replays"] += 1
-            raise LimitReached(
-                "max_replays",
-                f"too many replays passed through to the vendor (max_replays {s.max_replays})",
-            )
-        return ReplaySlot(self.counters, "vendor")
