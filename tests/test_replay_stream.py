@@ -37,10 +37,12 @@ from gateway.simulator import Simulator
 from tests.conftest import TEST_TOKEN
 from tests.kit import gateway_config, running_gateway, stream_url, wait_until
 from tests.test_dataplane import RawClient
+from tests.test_dataplane_access import bearer, write_tokens
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
 FX2 = "7a1c0d52-3e4f-4d6b-8c9a-0b1c2d3e4f50"
 RATE_HZ = 100.0
+ACTIONS_ONLY = "sub-act-5a4b3c2d1e0f9a8b"
 DATA_KEY = b',"data":'
 
 
@@ -349,3 +351,117 @@ async def test_a_replay_its_client_does_not_read_waits_then_ends_slow_consumer(
                 assert orjson.loads(frame[1])["message"] == f"not replaying tracking/{FX}"
             finally:
                 raw.close()
+
+
+async def error_beside_replay(ws: WebSocketConnection) -> str:
+    """The next ``error`` message, skipping the frames of a replay that runs meanwhile."""
+    while True:
+        msg, _ = await message(ws)
+        if msg["type"] != "replay_frame":
+            assert msg["type"] == "error", msg
+            text: str = msg["message"]
+            return text
+
+
+BAD_REPLAYS: list[tuple[dict[str, Any], str]] = [
+    ({"fixture": FX, "rate": 40}, "missing field 'feed'"),
+    ({"feed": "tracking", "rate": 40}, "missing field 'fixture'"),
+    ({"feed": "tracking", "fixture": FX}, "missing field 'rate'"),
+    ({"feed": "tracking", "fixture": FX, "rate": 40, "speed": 2}, "unknown field 'speed'"),
+    *(
+        ({"feed": "tracking", "fixture": FX, "rate": rate}, "rate must be an integer 1 to 1000")
+        for rate in (0, 1001, 40.0, True, "40", None, -5)
+    ),
+    ({"feed": "tracking", "fixture": FX, "rate": 40, "looped": 1}, "looped must be true or false"),
+    *(
+        (
+            {"feed": "tracking", "fixture": FX, "rate": 40, "from": start},
+            "from must have exactly one of seq, phase+mt, ut",
+        )
+        for start in ({}, {"seq": 1, "ut": 5}, {"phase": 1}, {"mt": 5}, 5, [1], {"ix": 3})
+    ),
+    (
+        {"feed": "tracking", "fixture": FX, "rate": 40, "from": {"seq": 0}},
+        "from.seq must be an integer >= 1",
+    ),
+    (
+        {"feed": "tracking", "fixture": FX, "rate": 40, "from": {"seq": True}},
+        "from.seq must be an integer >= 1",
+    ),
+    (
+        {"feed": "tracking", "fixture": FX, "rate": 40, "from": {"ut": -1}},
+        "from.ut must be an integer >= 0 (unix time in ms)",
+    ),
+    (
+        {"feed": "tracking", "fixture": FX, "rate": 40, "from": {"phase": 1, "mt": 1.5}},
+        "from.mt must be an integer >= 0 (match time in ms)",
+    ),
+    (
+        {"feed": "tracking", "fixture": FX, "rate": 40, "from": {"phase": "1", "mt": 0}},
+        "from.phase must be an integer >= 0",
+    ),
+    ({"feed": "nosuch", "fixture": FX, "rate": 40}, "unknown feed 'nosuch'"),
+    (
+        {"feed": "actions", "fixture": FX, "rate": 40, "from": {"phase": 1, "mt": 0}},
+        "from phase+mt needs a tracking feed; 'actions' is not",
+    ),
+]
+
+
+async def test_bad_requests_answered_and_starts_not_held_refused(tmp_path: Path) -> None:
+    """Without a recorder the memory history (50 frames) no longer reaches the first frame:
+    a replay from the start is refused, one from a seq still held runs. Every bad request gets
+    its ``error``, a replay never starts from one, and the connection stays usable."""
+    with trio.fail_after(60):
+        async with recorded_gateway(
+            tmp_path, fixtures=(FX, FX2), recorder=False, replay={"max_per_connection": 1}
+        ) as (_, gw):
+            topic = await frames_held(gw, 200)
+            await frames_held(gw, 200, FX2)
+            async with open_websocket_url(stream_url(gw)) as ws:
+                for request, error in BAD_REPLAYS:
+                    await send(ws, op="replay", **request)
+                    reply = await expect(ws, "error")
+                    assert reply["message"] == error, request
+                await send(ws, op="stop_replay", feed="tracking", fixture=FX)
+                assert (await expect(ws, "error"))["message"] == f"not replaying tracking/{FX}"
+                await send(ws, op="stop_replay", feed="tracking", fixture=FX, now=True)
+                assert (await expect(ws, "error"))["message"] == "unknown field 'now'"
+                await send(ws, op="replays")
+                assert (await expect(ws, "error"))["message"] == (
+                    "unknown op 'replays': expected subscribe, unsubscribe, replay or stop_replay"
+                )
+                await replay(ws, 40)
+                refused = await expect(ws, "error")
+                assert refused["message"] == f"no recording reaches the start of tracking/{FX}"
+                await replay(ws, 40, fixture="not-followed")
+                refused = await expect(ws, "error")
+                assert refused["message"] == (
+                    "no recording reaches the start of tracking/not-followed"
+                )
+                first = topic.seq - 10
+                await replay(ws, 1, start={"seq": first})
+                started = await expect(ws, "replay_started")
+                assert started["from_seq"] == first
+                await replay(ws, 1, start={"seq": first})
+                assert await error_beside_replay(ws) == f"already replaying tracking/{FX}"
+                await replay(ws, 1, fixture=FX2, start={"seq": first})
+                assert await error_beside_replay(ws) == (
+                    "too many replays on this connection (max_per_connection 1)"
+                )
+                counters = gw.replays.counters
+                assert counters.refused["not_held"] == 2
+                assert counters.refused["max_per_connection"] == 1
+                assert counters.active["memory"] == 1
+
+
+async def test_a_replay_needs_the_same_feed_access_as_a_subscription(tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path, f"{ACTIONS_ONLY} actions\n")
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path, subscribers={"tokens_file": str(tokens)}) as (_, gw):
+            await frames_held(gw, 10)
+            async with open_websocket_url(stream_url(gw), extra_headers=bearer(ACTIONS_ONLY)) as ws:
+                await replay(ws, 40)
+                refused = await expect(ws, "error")
+                assert refused["message"] == "feed 'tracking' is not allowed for this subscriber"
+                assert gw.replays.counters.total.total() == 0

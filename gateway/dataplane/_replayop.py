@@ -32,7 +32,7 @@ from gateway.dataplane._connection import Connection
 from gateway.dataplane._replayoutlet import ReplayOutlet
 from gateway.dataplane._replayreq import ReplayRequest, parse_replay, parse_stop
 from gateway.errors import BadRequest
-from gateway.hub import Hub
+from gateway.hub import Hub, HubError
 from gateway.replay import (
     EndReason,
     LimitReached,
@@ -116,7 +116,10 @@ class StreamReplays:
         request = parse_replay(req)
         feed, fixture = request.feed, request.fixture
         check_feed_allowed(self.feeds, feed)
-        cfg = self.hub.feed(feed)
+        try:
+            cfg = self.hub.feed(feed)
+        except HubError as exc:
+            raise BadRequest(str(exc)) from None
         if request.start.phase is not None and cfg.kind not in MATCH_TIME_KINDS:
             raise BadRequest(f"from phase+mt needs a tracking feed; {msg.clip(feed)!r} is not")
         key = (feed, fixture)
