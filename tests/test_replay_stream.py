@@ -20,6 +20,7 @@ Real sockets on 127.0.0.1 port 0, real time, one ``trio.fail_after`` each.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,14 +59,15 @@ async def recorded_gateway(
     fixtures: tuple[str, ...] = (FX,),
     history: int = 50,
     recorder: bool = True,
+    rate_hz: float = RATE_HZ,
     **sections: dict[str, Any],
 ) -> AsyncIterator[tuple[Simulator, Gateway]]:
-    """The simulator (tracking fixtures at 100 Hz) and a gateway following them from their
+    """The simulator (tracking fixtures at *rate_hz*) and a gateway following them from their
     first frame (``backfill = -1``) and recording them, with a short memory history: a replay
     from the start reads the recorder's files."""
     token_file = tmp_path / "token"
     token_file.write_text(TEST_TOKEN)
-    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=RATE_HZ, heartbeat_interval=1.0)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0)
     for fx in fixtures:
         sim.add_fixture(fx)
     sections = {"feeds": {"tracking": {"history": history}}, **sections}
@@ -465,3 +467,87 @@ async def test_a_replay_needs_the_same_feed_access_as_a_subscription(tmp_path: P
                 refused = await expect(ws, "error")
                 assert refused["message"] == "feed 'tracking' is not allowed for this subscriber"
                 assert gw.replays.counters.total.total() == 0
+
+
+ISOLATION_REPLAYS = 20
+ISOLATION_RATE = 100
+ISOLATION_WINDOW = 6.0
+
+
+async def _drain(client: RawClient, counted: list[int]) -> None:
+    """Read and drop what a replay's connection gets (bytes counted), as fast as it comes."""
+    while data := await client.sock.recv(65536):
+        counted[0] += len(data)
+
+
+async def _worst_gap(ws: WebSocketConnection, seconds: float, last_seq: int) -> tuple[float, int]:
+    """The longest time between two live frames over *seconds*, checking they are contiguous
+    from *last_seq* + 1; (worst gap, last seq)."""
+    worst = 0.0
+    last: float | None = None
+    with trio.move_on_after(seconds):
+        while True:
+            msg, _ = await message(ws)
+            now = trio.current_time()
+            if msg["type"] != "frame":
+                assert msg["type"] == "status", msg
+                continue
+            assert msg["seq"] == last_seq + 1
+            last_seq = msg["seq"]
+            if last is not None:
+                worst = max(worst, now - last)
+            last = now
+    return worst, last_seq
+
+
+async def test_live_subscribers_worst_gap_with_and_without_20_replays(tmp_path: Path) -> None:
+    """A live subscriber of a 25 Hz fixture, measured over 6 s alone and then beside 20 looped
+    replays of the same fixture from its first frame (from disk: the history holds 50 frames),
+    100 frames a second each (2,000 replayed frames a second, read by 20 raw sockets). Its
+    frames stay contiguous and its worst gap stays far below a broken value (a replay that
+    held the event loop while reading, or wrote through the live queue, would stretch it to
+    seconds): generous bound 1 s; healthy about 0.1 s (the numbers are printed)."""
+    with trio.fail_after(120):
+        async with recorded_gateway(tmp_path, rate_hz=25.0) as (_, gw):
+            assert gw.bound is not None
+            await frames_held(gw, 100)
+            # Both ends of every connection live in this process: frozen, the startup objects
+            # are not rescanned by full collections (which take a while here, whenever).
+            gc.collect()
+            gc.freeze()
+            try:
+                async with (
+                    open_websocket_url(stream_url(gw)) as ws,
+                    trio.open_nursery() as nursery,
+                ):
+                    await send(ws, op="subscribe", feed="tracking", fixture=FX)
+                    last = (await expect(ws, "subscribed"))["seq"]
+                    alone, last = await _worst_gap(ws, ISOLATION_WINDOW, last)
+                    counted = [0]
+                    for _ in range(ISOLATION_REPLAYS):
+                        client = await RawClient.connect(gw.bound.stream)
+                        await client.send_json(
+                            {
+                                "op": "replay",
+                                "feed": "tracking",
+                                "fixture": FX,
+                                "rate": ISOLATION_RATE,
+                                "looped": True,
+                            }
+                        )
+                        nursery.start_soon(_drain, client, counted)
+                    active = gw.replays.counters.active
+                    await wait_until(lambda: active["recording"] == ISOLATION_REPLAYS)
+                    before = counted[0]
+                    beside, last = await _worst_gap(ws, ISOLATION_WINDOW, last)
+                    replayed = counted[0] - before
+                    nursery.cancel_scope.cancel()
+            finally:
+                gc.unfreeze()
+            print(
+                f"live worst gap: alone {alone * 1000:.0f} ms, beside {ISOLATION_REPLAYS} "
+                f"replays at {ISOLATION_RATE}/s {beside * 1000:.0f} ms "
+                f"({replayed / ISOLATION_WINDOW / 1e6:.1f} MB/s replayed)"
+            )
+            assert replayed > 0
+            assert alone < 1.0 and beside < 1.0, (alone, beside)
