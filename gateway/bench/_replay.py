@@ -15,8 +15,9 @@ then ``--replays`` clients, each its own ``/v1/stream`` connection in this proce
 sockets; every message's seq checked, in order from 1), ask for a replay of the fixture from
 its first frame at ``--rate`` frames a second, not looped: each would read the whole match.
 Once every one has its ``replay_started``, the window opens: ``--duration`` seconds over which
-the gateway's CPU time (``/proc/<pid>/stat``) and its RSS (sampled every 0.25 s) are taken,
-and the frames received counted. Printed per run, then the medians; ``--json PATH`` writes
+the gateway's CPU time (``/proc/<pid>/stat``) and its RSS (sampled every 0.25 s: the peak, at
+a third of the window and at its end, to show it flat) are taken, and the frames received
+counted. Printed per run, then the medians; ``--json PATH`` writes
 every run.
 """
 
@@ -190,8 +191,12 @@ async def _measure(pid: int, port: int, replays: int, rate: int, duration: float
         cpu0 = cpu_seconds(pid)
         t0 = trio.current_time()
         peak = baseline
+        third: int | None = None
         while (now := trio.current_time()) < t0 + duration:
-            peak = max(peak, memory_kib(pid)["VmRSS"])
+            rss = memory_kib(pid)["VmRSS"]
+            peak = max(peak, rss)
+            if third is None and now >= t0 + duration / 3:
+                third = rss
             await trio.sleep(min(RSS_SAMPLE, t0 + duration - now))
         cpu = cpu_seconds(pid) - cpu0
         wall = trio.current_time() - t0
@@ -211,6 +216,7 @@ async def _measure(pid: int, port: int, replays: int, rate: int, duration: float
         "cpu_us_per_frame": round(1e6 * cpu / frames, 1) if frames else None,
         "rss_baseline_mib": round(baseline / 1024, 1),
         "rss_peak_mib": round(peak / 1024, 1),
+        "rss_third_mib": round((third or end_rss) / 1024, 1),
         "rss_end_mib": round(end_rss / 1024, 1),
         "rss_growth_mib": round((peak - baseline) / 1024, 1),
         "slowest_client_frames": min(c.frames for c in clients),
