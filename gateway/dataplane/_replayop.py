@@ -173,7 +173,9 @@ class StreamReplays:
                 replay, f"no recording reaches the start of {msg.clip(feed)}/{msg.clip(fixture)}"
             )
             return
-        source = await open_source(topic, request.start)
+        # Chunks no larger than what the connection queues of a backfill at a time.
+        chunk = min(self.conn.fill_target, self.replays.settings.queue_bytes)
+        source = await open_source(topic, request.start, chunk_bytes=chunk)
         if isinstance(source, NotHeld):
             replays.refuse("not_held")
             self._refuse(replay, source.reason)

@@ -26,7 +26,7 @@ REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
 )
 
 #: (metric name, kind, help): the replay metric families, named once.
-REPLAY_METRICS: Final = {
+REPLAY_METRICS: Final[dict[str, tuple[str, str, str]]] = {
     "active": (
         "dde_replays_active",
         "gauge",

@@ -54,7 +54,7 @@ from gateway.model import (
     sum_counters,
 )
 from gateway.recorder import FixtureLog, Recorder
-from gateway.replay import Replays, VendorLink
+from gateway.replay import ReplayCounters, Replays, VendorLink
 from gateway.service._cluster import ROLE_OWNER, ClusterNode
 from gateway.service._clusterrec import ClusterRecording
 from gateway.service._fixtures import FixtureBook
@@ -652,6 +652,9 @@ class Gateway:
         if self.recorder is None:
             return []
         return [recording_view(log) for log in self.recorder.recordings()]
+
+    def replay_counters(self) -> ReplayCounters:
+        return self.replays.counters
 
     def recorder_totals(self) -> RecorderTotals | None:
         recorder = self.recorder
