@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import orjson
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -35,6 +36,7 @@ from gateway.hub import Topic
 from gateway.recorder import read_recording
 from gateway.service import Gateway
 from gateway.simulator import Simulator
+from gateway.wire import mask_frame
 from tests.conftest import TEST_TOKEN
 from tests.kit import gateway_config, running_gateway, stream_url, wait_until
 from tests.test_dataplane import RawClient
@@ -274,13 +276,17 @@ async def test_looped_starts_again_at_the_first_frame(tmp_path: Path) -> None:
                 assert (end["reason"], end["last_seq"]) == ("stopped", (rest or [again])[-1]["seq"])
 
 
+@pytest.mark.parametrize("write_delay", [0, 5])
 async def test_a_live_subscription_and_a_replay_of_the_same_fixture_on_one_connection(
-    tmp_path: Path,
+    tmp_path: Path, write_delay: int
 ) -> None:
+    """Both whole and in order, on a plain connection and on one with ``write_delay`` (whose
+    live frames are written in batches, and in a batch group while it has no replay)."""
     with trio.fail_after(60):
         async with recorded_gateway(tmp_path) as (_, gw):
             await frames_held(gw, 100)
-            async with open_websocket_url(stream_url(gw)) as ws:
+            url = stream_url(gw, f"/v1/stream?write_delay={write_delay}")
+            async with open_websocket_url(url) as ws:
                 await send(ws, op="subscribe", feed="tracking", fixture=FX)
                 subscribed = await expect(ws, "subscribed")
                 await expect(ws, "status")
@@ -551,3 +557,46 @@ async def test_live_subscribers_worst_gap_with_and_without_20_replays(tmp_path: 
             )
             assert replayed > 0
             assert alone < 1.0 and beside < 1.0, (alone, beside)
+
+
+async def test_a_replay_stopped_before_it_began_ends_with_nothing_after(tmp_path: Path) -> None:
+    """``replay`` and ``stop_replay`` in one read: ``replay_end`` ``stopped`` (``last_seq``
+    0), and nothing of that replay after it, not even the refusal its start would have got."""
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path) as (_, gw):
+            await frames_held(gw, 10)
+            assert gw.bound is not None
+            raw = await RawClient.connect(gw.bound.stream)
+            try:
+                both = b"".join(
+                    mask_frame(orjson.dumps(request))
+                    for request in (
+                        {"op": "replay", "feed": "tracking", "fixture": "gone", "rate": 5},
+                        {"op": "stop_replay", "feed": "tracking", "fixture": "gone"},
+                        {"op": "stop_replay", "feed": "tracking", "fixture": "gone"},
+                    )
+                )
+                await raw.send_all(both)
+                replies = []
+                for _ in range(2):
+                    frame = await raw.read_frame()
+                    assert frame is not None
+                    replies.append(orjson.loads(frame[1]))
+                assert replies[0] == {
+                    "type": "replay_end",
+                    "feed": "tracking",
+                    "fixture": "gone",
+                    "reason": "stopped",
+                    "last_seq": 0,
+                }
+                # The second stop_replay found nothing to stop.
+                assert replies[1]["message"] == "not replaying tracking/gone"
+                # One more request, once the replay's task has had its turn: its answer is
+                # the next message (the refusal of the stopped replay never comes).
+                await raw.send_json({"op": "stop_replay", "feed": "tracking", "fixture": "x"})
+                frame = await raw.read_frame()
+                assert frame is not None
+                assert orjson.loads(frame[1])["message"] == "not replaying tracking/x"
+                assert gw.replays.counters.refused.total() == 0
+            finally:
+                raw.close()

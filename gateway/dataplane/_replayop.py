@@ -145,9 +145,15 @@ class StreamReplays:
         for replay in replays:
             replay.drop()
 
-    def _refuse(self, replay: StreamReplay, message: str) -> None:
+    def _refuse(self, replay: StreamReplay, message: str, *, not_held: bool = False) -> None:
+        """Answer the request with an ``error`` (*not_held*: counted as such), unless it was
+        stopped meanwhile: then its ``replay_end`` was all there is to say."""
         self._forget(replay)
+        if replay.ended:
+            return
         replay.ended = True
+        if not_held:
+            self.replays.refuse("not_held")
         self.conn.send_control(msg.error(message, replay.text))
 
     def _forget(self, replay: StreamReplay) -> None:
@@ -168,17 +174,14 @@ class StreamReplays:
         replays = self.replays
         topic = self.hub.get(feed, fixture)
         if topic is None:
-            replays.refuse("not_held")
-            self._refuse(
-                replay, f"no recording reaches the start of {msg.clip(feed)}/{msg.clip(fixture)}"
-            )
+            name = f"{msg.clip(feed)}/{msg.clip(fixture)}"
+            self._refuse(replay, f"no recording reaches the start of {name}", not_held=True)
             return
         # Chunks no larger than what the connection queues of a backfill at a time.
         chunk = min(self.conn.fill_target, self.replays.settings.queue_bytes)
         source = await open_source(topic, request.start, chunk_bytes=chunk)
         if isinstance(source, NotHeld):
-            replays.refuse("not_held")
-            self._refuse(replay, source.reason)
+            self._refuse(replay, source.reason, not_held=True)
             return
         try:
             slot = replays.local(source.kind, on_connection=replay.on_connection)
