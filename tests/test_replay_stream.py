@@ -600,3 +600,20 @@ async def test_a_replay_stopped_before_it_began_ends_with_nothing_after(tmp_path
                 assert gw.replays.counters.refused.total() == 0
             finally:
                 raw.close()
+
+
+async def test_a_replay_the_memory_history_outruns_ends_source_lost(tmp_path: Path) -> None:
+    """No recorder, a history of 200 frames of a 100 Hz feed: a replay at 20 a second from
+    the middle of it is overtaken (the history turns over five times as fast as it reads): it
+    ends with ``source_lost`` after the last frame it could send, every frame before in order."""
+    with trio.fail_after(60):
+        async with recorded_gateway(tmp_path, recorder=False, history=200) as (_, gw):
+            topic = await frames_held(gw, 300)
+            first = topic.first_held + 100  # still held a second from now
+            async with open_websocket_url(stream_url(gw)) as ws:
+                await replay(ws, 20, start={"seq": first})
+                assert (await expect(ws, "replay_started"))["from_seq"] == first
+                frames, end = await replay_to_end(ws)
+            seqs = [f["seq"] for f in frames]
+            assert seqs == list(range(first, first + len(seqs)))
+            assert (end["reason"], end["last_seq"]) == ("source_lost", seqs[-1])
