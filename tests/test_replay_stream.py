@@ -417,15 +417,19 @@ BAD_REPLAYS: list[tuple[dict[str, Any], str]] = [
 
 
 async def test_bad_requests_answered_and_starts_not_held_refused(tmp_path: Path) -> None:
-    """Without a recorder the memory history (50 frames) no longer reaches the first frame:
+    """Without a recorder the memory history (200 frames) no longer reaches the first frame:
     a replay from the start is refused, one from a seq still held runs. Every bad request gets
     its ``error``, a replay never starts from one, and the connection stays usable."""
     with trio.fail_after(60):
         async with recorded_gateway(
-            tmp_path, fixtures=(FX, FX2), recorder=False, replay={"max_per_connection": 1}
+            tmp_path,
+            fixtures=(FX, FX2),
+            recorder=False,
+            history=200,
+            replay={"max_per_connection": 1},
         ) as (_, gw):
-            topic = await frames_held(gw, 200)
-            await frames_held(gw, 200, FX2)
+            topic = await frames_held(gw, 400)
+            topic2 = await frames_held(gw, 400, FX2)
             async with open_websocket_url(stream_url(gw)) as ws:
                 for request, error in BAD_REPLAYS:
                     await send(ws, op="replay", **request)
@@ -447,13 +451,14 @@ async def test_bad_requests_answered_and_starts_not_held_refused(tmp_path: Path)
                 assert refused["message"] == (
                     "no recording reaches the start of tracking/not-followed"
                 )
-                first = topic.seq - 10
+                first = topic.seq - 100  # held for a second more; the replay's first
+                # batch then holds about 90 frames: at 1 a second it runs for the test's length
                 await replay(ws, 1, start={"seq": first})
                 started = await expect(ws, "replay_started")
                 assert started["from_seq"] == first
                 await replay(ws, 1, start={"seq": first})
                 assert await error_beside_replay(ws) == f"already replaying tracking/{FX}"
-                await replay(ws, 1, fixture=FX2, start={"seq": first})
+                await replay(ws, 1, fixture=FX2, start={"seq": topic2.seq - 100})
                 assert await error_beside_replay(ws) == (
                     "too many replays on this connection (max_per_connection 1)"
                 )
