@@ -11,15 +11,16 @@ memory; real files for the recorder, nothing sleeps a guessed time.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 import trio.testing
 
-from gateway.config import FeedConfig, RecorderSection, ReplaySection
+from gateway.config import FeedConfig, RecorderSection, ReplaySection, Secret, UpstreamSection
 from gateway.hub import Topic
 from gateway.recorder import FixtureLog, Recorder
 from gateway.replay import (
@@ -29,16 +30,21 @@ from gateway.replay import (
     LimitReached,
     NotHeld,
     Pacer,
+    PassThroughEnd,
+    PassThroughError,
     ReplayFrame,
     ReplayLimits,
+    ReplayRequest,
     Replays,
     SourceKind,
     SourceLost,
     Start,
+    VendorLink,
     open_source,
     run_replay,
     valid_rate,
 )
+from gateway.upstream import ConnectLimiter, UpstreamClosed
 from tests.kit import wait_until
 
 # -- the pacer ---------------------------------------------------------------------------------
@@ -417,3 +423,126 @@ async def test_without_an_archive_the_memory_history_must_reach_the_start() -> N
         source.rewind()
         with pytest.raises(SourceLost, match="frame 1 of tracking/m1 is no longer held"):
             await source.read()
+
+
+# -- the vendor pass-through with a scripted vendor (memory) -------------------------------------
+
+
+class ScriptedVendor:
+    """An UpstreamConnection that answers with *script*, then closes; keeps what it was sent."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+        self.sent: list[str] = []
+        self.closed = False
+
+    async def send_message(self, message: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent.append(message)
+
+    async def get_message(self) -> str | bytes:
+        await trio.lowlevel.checkpoint()
+        if not self.script:
+            raise UpstreamClosed(1000, "done")
+        return self.script.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_pass_through_relays_the_vendor_verbatim_but_never_its_token() -> None:
+    token = "tok-SECRET-5f0c2e9a-never-log-me"
+    frame = '{"id":"F1","ix":0,"mt":0, "ph":1}'
+    vendor = ScriptedVendor(
+        [
+            '{"message":"Heartbeat sent at 2026-01-01T00:00:00.000Z","level":"INFO"}',
+            '{"message":"Authorisation accepted","level":"INFO"}',
+            f'{{"message":"odd: {token}","level":"WARN"}}',
+            frame,
+            '{"message":"Heartbeat sent at 2026-01-01T00:00:10.000Z","level":"INFO"}',
+        ]
+    )
+    connected: list[str] = []
+
+    @asynccontextmanager
+    async def connect(
+        url: str, *, headers: Sequence[tuple[bytes, bytes]], connect_timeout: float
+    ) -> AsyncIterator[ScriptedVendor]:
+        connected.append(url)
+        try:
+            yield vendor
+        finally:
+            await vendor.aclose()
+
+    async def read_token(up: UpstreamSection) -> Secret:
+        await trio.lowlevel.checkpoint()
+        return Secret(token)
+
+    up = UpstreamSection(token_env="UNUSED")
+    limiter = ConnectLimiter(5.0)
+    link = VendorLink(
+        limiter=limiter, connector=lambda: connect, upstream=lambda: up, read_token=read_token
+    )
+    relayed: list[str] = []
+
+    async def send(text: str) -> None:
+        relayed.append(text)
+
+    replays = Replays()
+    with trio.fail_after(10):
+        end = await link.pass_through(
+            FEED,
+            ReplayRequest("F1", None, 25, True),
+            send,
+            backlog=MemoryBacklog(),
+            limits=ReplayLimits(1 << 20, 5.0),
+            counters=replays.counters,
+        )
+    assert end is PassThroughEnd.VENDOR_CLOSED and vendor.closed
+    assert connected == [FEED.url] and link.connects == 1
+    auth, request = vendor.sent
+    assert orjson.loads(auth) == {"authToken": token}
+    assert orjson.loads(request) == {
+        "fixtureId": "F1",
+        "backfill": -1,
+        "replay": {"enabled": True, "packetsPerSecond": 25, "looped": True},
+    }
+    assert relayed == ['{"message":"odd: <redacted>","level":"WARN"}', frame]
+    assert replays.counters.frames == 1
+
+
+async def test_a_vendor_that_refuses_the_token_is_a_clear_error() -> None:
+    vendor = ScriptedVendor(['{"errorMessage":"Supplied token could not be authenticated"}'])
+
+    @asynccontextmanager
+    async def connect(
+        url: str, *, headers: Sequence[tuple[bytes, bytes]], connect_timeout: float
+    ) -> AsyncIterator[ScriptedVendor]:
+        yield vendor
+
+    async def read_token(up: UpstreamSection) -> Secret:
+        await trio.lowlevel.checkpoint()
+        return Secret("tok-SECRET-5f0c2e9a-never-log-me")
+
+    link = VendorLink(
+        limiter=ConnectLimiter(5.0),
+        connector=lambda: connect,
+        upstream=lambda: UpstreamSection(token_env="UNUSED"),
+        read_token=read_token,
+    )
+
+    async def send(text: str) -> None:
+        raise AssertionError("nothing is relayed")
+
+    with trio.fail_after(10), pytest.raises(PassThroughError) as caught:
+        await link.pass_through(
+            FEED,
+            ReplayRequest("F1", 5, 25, False),
+            send,
+            backlog=MemoryBacklog(),
+            limits=ReplayLimits(1 << 20, 5.0),
+        )
+    assert str(caught.value) == "the vendor refused the gateway's token"
+    assert "SECRET" not in repr(caught.value)
+    assert len(vendor.sent) == 1  # the auth message only: no request after a refusal
+    assert orjson.loads(ReplayRequest("F1", 5, 25, False).text())["backfill"] == 5

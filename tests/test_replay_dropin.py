@@ -247,6 +247,19 @@ async def test_a_replay_not_held_from_the_start_is_passed_through_and_capped(
             await wait_until(lambda: sim.sessions(FX) == 1)
             assert counters.active["vendor"] == 0 and counters.refused["max_replays"] == 1
 
+            # A fixture the vendor does not know: its answer, relayed; the vendor connection
+            # closes and the client may ask again on its connection.
+            async with dropin(gw) as ws:
+                await ws.send_message(_request(pps=50).replace(FX, "nope-1"))
+                assert orjson.loads(await ws.get_message()) == {
+                    "message": "Could not find fixture topic soccer.tracking.enrichment.nope-1",
+                    "level": "WARN",
+                }
+                await wait_until(lambda: counters.active["vendor"] == 0)
+                await ws.send_message(_request(pps=50))
+                assert (await next_frame(ws))[0] == 0
+                assert [r.fixture_id for r in sim.replay_requests] == [FX, FX]
+
 
 async def test_without_a_recorder_the_memory_history_serves_a_replay_from_its_start(
     tmp_path: Path,

@@ -244,7 +244,9 @@ class DropinReplay:
             return
         finally:
             slot.release()
-        if end is PassThroughEnd.SLOW_CONSUMER:
+        if end is PassThroughEnd.REFUSED:
+            self._done()  # the vendor's answer was relayed; another request may follow
+        elif end is PassThroughEnd.SLOW_CONSUMER:
             conn.too_slow()
         else:
             conn.close(CLOSE_GOING_AWAY, f"vendor replay ended ({end})")

@@ -6,7 +6,8 @@ upstream connection, for that client only: through the global ``ConnectLimiter``
 against the vendor connect rate like any attempt; in a cluster the limiter reserves its slot in
 Redis), with the gateway's own token, and capped by ``[replay] max_replays`` (the caller takes
 the slot). Everything the vendor then sends is relayed verbatim except its heartbeats (the
-drop-in sends its own); nothing of it reaches a topic, and nothing of a topic reaches it. The
+drop-in sends its own; a vendor message other than a data frame is scrubbed of the gateway's
+token first); nothing of it reaches a topic, and nothing of a topic reaches it. The
 connection is closed when the client goes (the caller cancels), with the connector's bounded
 close. The client's request is rebuilt from the fields the gateway checked (fixture id,
 backfill, replay), never forwarded as sent.
@@ -18,13 +19,14 @@ connection is not read while the client is behind.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Awaitable, Callable
 
 import attrs
 import orjson
 import trio
 
-from gateway.config import FeedConfig, SecretError, UpstreamSection
+from gateway.config import FeedConfig, Secret, SecretError, UpstreamSection
 from gateway.replay._counters import ReplayCounters
 from gateway.replay._run import ReplayBacklog, ReplayLimits
 from gateway.upstream import (
@@ -39,6 +41,11 @@ from gateway.upstream import (
     read_token_off_loop,
 )
 
+log = logging.getLogger("gateway.replay")
+
+#: Vendor answers to a fixture request that mean it was not accepted.
+_REFUSALS = frozenset({Kind.NOT_FOUND, Kind.ERROR, Kind.AUTH_ERROR})
+
 
 class PassThroughError(Exception):
     """The vendor connection could not be set up; the message is for the client (it never
@@ -46,6 +53,9 @@ class PassThroughError(Exception):
 
 
 class PassThroughEnd(enum.StrEnum):
+    #: The vendor answered the request with an error or "not found" before any frame (relayed):
+    #: the request was not accepted, the client may send another on its connection.
+    REFUSED = "refused"
     VENDOR_CLOSED = "vendor_closed"
     SLOW_CONSUMER = "slow_consumer"
     STALLED = "stalled"  # the vendor sent nothing for ``stall_timeout``
@@ -146,6 +156,7 @@ class VendorLink:
                 return await _relay(
                     vc.get_message,
                     send,
+                    token=token,
                     backlog=backlog,
                     limits=limits,
                     up=up,
@@ -154,19 +165,22 @@ class VendorLink:
         except UpstreamClosed:
             return PassThroughEnd.VENDOR_CLOSED
         except (UpstreamRejected, UpstreamUnavailable) as exc:
-            raise PassThroughError(f"the vendor could not be reached ({exc})") from None
+            log.info("a replay's vendor connection failed: %s", exc)
+            raise PassThroughError("the vendor could not be reached") from None
 
 
 async def _relay(
     receive: Callable[[], Awaitable[str | bytes]],
     send: Callable[[str], Awaitable[None]],
     *,
+    token: Secret,
     backlog: ReplayBacklog,
     limits: ReplayLimits,
     up: UpstreamSection,
     counters: ReplayCounters | None,
 ) -> PassThroughEnd:
     budget = limits.budget_bytes
+    streaming = False
     while True:
         if backlog.unsent() >= budget:
             with trio.move_on_after(limits.stall_timeout):
@@ -184,6 +198,12 @@ async def _relay(
         if kind is Kind.HEARTBEAT:
             continue
         text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        if kind is not Kind.DATA:
+            text = token.scrub(text)  # a vendor message may echo the token: never relayed
         await send(text)
+        if kind is Kind.DATA:
+            streaming = True
+        elif not streaming and kind in _REFUSALS:
+            return PassThroughEnd.REFUSED
         if counters is not None and kind is Kind.DATA:
             counters.frames += 1
