@@ -95,6 +95,57 @@ def gap(feed: str, fixture: str, from_seq: int, to_seq: int) -> bytes:
     )
 
 
+def replay_started(
+    feed: str, fixture: str, *, epoch: str, from_seq: int, rate: int, looped: bool
+) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "replay_started",
+            "feed": feed,
+            "fixture": fixture,
+            "epoch": epoch,
+            "from_seq": from_seq,
+            "rate": rate,
+            "looped": looped,
+        }
+    )
+
+
+def replay_frame_prefix(feed: str, fixture: str) -> bytes:
+    """``{"type":"replay_frame","feed":F,"fixture":X,"seq":`` - built once per replay; never
+    the live ``frame`` type, so no consumer can take a replayed frame for a live one."""
+    return (
+        b'{"type":"replay_frame","feed":'
+        + orjson.dumps(feed)
+        + b',"fixture":'
+        + orjson.dumps(fixture)
+        + b',"seq":'
+    )
+
+
+def replay_frame(prefix: bytes, seq: int, raw: bytes) -> bytes:
+    """One replayed frame: the upstream text *raw* inserted verbatim, as in ``frame``."""
+    return b"".join((prefix, b"%d" % seq, b',"data":', raw, b"}"))
+
+
+def replay_loop(feed: str, fixture: str, pass_number: int) -> bytes:
+    return orjson.dumps(
+        {"type": "replay_loop", "feed": feed, "fixture": fixture, "pass": pass_number}
+    )
+
+
+def replay_end(feed: str, fixture: str, reason: str, last_seq: int) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "replay_end",
+            "feed": feed,
+            "fixture": fixture,
+            "reason": reason,
+            "last_seq": last_seq,
+        }
+    )
+
+
 def error(message: str, request: str) -> bytes:
     message = clip(message, ERROR_MESSAGE_MAX)
     request = clip(request, ERROR_REQUEST_MAX)

@@ -172,13 +172,14 @@ class _Router:
                 401, b"a valid subscriber token is required\n", headers=_UNAUTHORIZED_HEADERS
             )
         hub = self.hub
+        replays = self.replays
         feeds = None if grant is None else grant.feeds
         # Answer dde.v1 when offered (browsers insist on an answer when they offered any);
         # never a dde.bearer.<token> protocol: the token must not travel back.
         subprotocol = STREAM_PROTOCOL if STREAM_PROTOCOL in request.subprotocols else None
         return _Route(
             STREAM_PATH,
-            lambda conn: MultiplexHandler(conn, hub, feeds),
+            lambda conn: MultiplexHandler(conn, hub, feeds, replays),
             subprotocol=subprotocol,
             grant_line=0 if grant is None else grant.line,
         )
