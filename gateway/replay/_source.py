@@ -277,40 +277,42 @@ async def open_source(
     if first > topic.seq:
         return NotHeld(f"no recording reaches the start of {name}")
     probe = HeldSource(topic, first, "memory", chunk_bytes)
+    try:  # the probe's cursor is closed however this ends (a stop_replay cancels it too)
+        begin = await _begin(probe, topic, start, name)
+    finally:
+        probe.close()
+    if isinstance(begin, NotHeld):
+        return begin
+    kind = _kind(topic, begin)
+    return HeldSource(topic, begin, kind, chunk_bytes)
+
+
+async def _begin(probe: HeldSource, topic: Topic, start: Start, name: str) -> int | NotHeld:
+    """The seq a replay of *topic* from *start* begins at, read through *probe*."""
     try:
         head = await probe.read()
     except SourceLost:
         head = []
     if not head:
-        probe.close()
         return NotHeld(f"no recording reaches the start of {name}")
     oldest = head[0]
     from_start = _is_fixture_start(topic, oldest)
     if start.is_first:
         if not from_start:
-            probe.close()
             return NotHeld(f"no recording reaches the start of {name}")
-        begin = oldest.seq
-    elif start.seq is not None:
+        return oldest.seq
+    if start.seq is not None:
         if start.seq > topic.seq:
-            probe.close()
             return NotHeld(f"seq {start.seq} of {name} is not there yet (last {topic.seq})")
         if not (from_start or oldest.seq <= start.seq):
-            probe.close()
             return NotHeld(f"no recording reaches the start of {name}")
-        begin = max(start.seq, oldest.seq)
-    else:
-        if not (from_start or start.before(oldest.seq, oldest.raw)):
-            probe.close()
-            return NotHeld(f"no recording reaches the start of {name}")
-        found = await _find(probe, head, start)
-        probe.close()
-        if found is None:
-            return NotHeld(f"no frame of {name} at or after {start.describe()} yet")
-        begin = found
-    probe.close()
-    kind = _kind(topic, begin)
-    return HeldSource(topic, begin, kind, chunk_bytes)
+        return max(start.seq, oldest.seq)
+    if not (from_start or start.before(oldest.seq, oldest.raw)):
+        return NotHeld(f"no recording reaches the start of {name}")
+    found = await _find(probe, head, start)
+    if found is None:
+        return NotHeld(f"no frame of {name} at or after {start.describe()} yet")
+    return found
 
 
 async def _find(probe: HeldSource, batch: list[ReplayFrame], start: Start) -> int | None:
