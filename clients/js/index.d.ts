@@ -128,13 +128,17 @@ export type ClientEvent =
   | ReplayLoopEvent
   | ReplayEndEvent;
 
-/** What the client needs of a WebSocket (the browser's, Node's, NodeWebSocket, `ws`). */
+/**
+ * What the client needs of a WebSocket (the browser's, Node's, NodeWebSocket, `ws`). The client
+ * sets the four handlers; it reads `data` of a message, `code`, `reason` and `httpStatus` (when
+ * the socket knows the status of a refused upgrade) of a close.
+ */
 export interface WebSocketLike {
   readonly readyState: number;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
-  onclose: ((event: { code?: number; reason?: string; httpStatus?: number }) => void) | null;
+  onopen: ((event: never) => void) | null;
+  onmessage: ((event: never) => void) | null;
+  onerror: ((event: never) => void) | null;
+  onclose: ((event: never) => void) | null;
   send(text: string): void;
   close(code?: number, reason?: string): void;
   /** Optional: stop / restart reading (backpressure). */
