@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Callable
@@ -103,9 +104,7 @@ def test_the_declarations_compile_strictly() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_package_versions_with_the_gateway_and_packs_offline(
-    node: str, tmp_path: Path
-) -> None:
+def test_the_package_versions_with_the_gateway_and_packs_offline(node: str, tmp_path: Path) -> None:
     package = json.loads((JS / "package.json").read_text())
     assert package["version"] == gateway.__version__
     assert package["type"] == "module" and "dependencies" not in package
@@ -332,3 +331,183 @@ async def test_upstream_drops_then_a_restart_without_a_recorder(node: str, tmp_p
 def _reconnects(gw: Gateway) -> int:
     view = gw.fixture_view("tracking", FX)
     return 0 if view is None else int(view.upstream["reconnects"])
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released): a gateway that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_restart_with_a_recorder_is_recovered_across_two_urls(
+    node: str, tmp_path: Path
+) -> None:
+    sim = _simulator()
+    down = f"ws://127.0.0.1:{_closed_port()}/v1/stream"
+    recorder = {"dir": str(tmp_path / "rec")}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            sim_port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            first = Stoppable()
+            gw = await first.start(nursery, _config(tmp_path, sim_port, recorder=recorder))
+            url = stream_url(gw)
+            # The first URL is down: the client goes on to the second, and round again.
+            async with watching(node, "--url", down, "--url", url, f"tracking/{FX}") as watch:
+                await watch.until(lambda ev: len(watch.of("frame")) >= 20)
+                await first.stop()
+                await watch.until(lambda ev: watch.of("state")[-1]["state"] == "disconnected")
+                stopped_at = watch.seqs()[-1]
+                second = Stoppable()
+                await second.start(
+                    nursery, _config(tmp_path, sim_port, _port(gw), recorder=recorder)
+                )
+                await watch.until(lambda ev: len(watch.of("frame")) >= stopped_at + 40)
+            nursery.cancel_scope.cancel()
+    assert watch.process.returncode == 0
+    assert watch.of("loss") == []
+    first_sub, again = watch.of("subscribed")
+    assert again["epoch"] == first_sub["epoch"]
+    assert (again["resumed"], again["recovered"]) == (True, True)
+    seqs = watch.seqs()
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # every frame once, in order
+    tried = [e["url"] for e in watch.of("state") if e["state"] == "connecting"]
+    assert down in tried and tried.count(url) >= 2
+    assert all(e["url"] == url for e in watch.of("state") if e["state"] == "connected")
+
+
+async def test_a_refused_token_is_fatal(node: str, tmp_path: Path) -> None:
+    sim = _simulator()
+    tokens = tmp_path / "subscribers"
+    tokens.write_text("client-token-1\n")
+    (tmp_path / "client-token").write_text("client-token-1\n")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            sim_port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            config = _config(tmp_path, sim_port, subscribers={"tokens_file": str(tokens)})
+            first = Stoppable()
+            gw = await first.start(nursery, config)
+            args = ("--url", stream_url(gw), "--token-file", str(tmp_path / "client-token"))
+            async with watching(node, *args, f"tracking/{FX}") as watch:
+                await watch.until(lambda ev: len(watch.of("frame")) >= 5)
+                # The token is revoked (the file changes), and the connection drops.
+                tokens.write_text("another-token\n")
+                await first.stop()
+                await Stoppable().start(
+                    nursery,
+                    _config(
+                        tmp_path, sim_port, _port(gw), subscribers={"tokens_file": str(tokens)}
+                    ),
+                )
+                await watch.process.wait()
+            nursery.cancel_scope.cancel()
+    assert watch.process.returncode == 3
+    (error,) = watch.of("error")
+    assert error["fatal"] is True and "401" in error["message"]
+    assert watch.events[-2:] == [
+        {"event": "unsubscribed", "feed": "tracking", "fixture": FX, "reason": error["message"]},
+        {"event": "state", "state": "closed", "url": stream_url(gw), "reason": error["message"]},
+    ]
+    assert b"client-token-1" not in watch.stderr
+    assert not any("client-token-1" in json.dumps(e) for e in watch.events)
+
+
+async def test_a_bad_subscribe_gets_the_gateways_text(node: str, tmp_path: Path) -> None:
+    sim = _simulator()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            sim_port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            async with running_gateway(_config(tmp_path, sim_port)) as gw:
+                url = stream_url(gw)
+                async with watching(node, "--url", url, "tracking/nope", f"tracking/{FX}") as w:
+                    await w.until(lambda ev: len(w.of("frame")) >= 3)
+                # Alone, the bad one ends the command: every subscription ended.
+                async with watching(node, "--url", url, "tracking/nope") as alone:
+                    await alone.process.wait()
+            nursery.cancel_scope.cancel()
+    request = json.dumps({"op": "subscribe", "feed": "tracking", "fixture": "nope", "backfill": 0})
+    message = "unknown fixture 'nope' of feed 'tracking'"
+    for watch in (w, alone):
+        assert watch.of("error") == [
+            {
+                "event": "error",
+                "message": message,
+                "request": request.replace(" ", ""),
+                "feed": "tracking",
+                "fixture": "nope",
+                "fatal": False,
+            }
+        ]
+        assert {
+            "event": "unsubscribed",
+            "feed": "tracking",
+            "fixture": "nope",
+            "reason": message,
+        } in watch.events
+    assert [s["fixture"] for s in w.of("subscribed")] == [FX]
+    assert alone.process.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ([], "at least one FEED/FIXTURE"),
+        (["tracking"], "expected FEED/FIXTURE"),
+        (["--url", "http://x/v1/stream", "t/F"], "--url must be ws:// or wss://"),
+        (["--backfill", "-2", "t/F"], "--backfill must be -1 to"),
+        (["--max-queue", "x", "t/F"], "--max-queue must be an integer"),
+        (["--token-file", "/nonexistent/t", "t/F"], "--token-file /nonexistent/t: ENOENT"),
+        (["--events", "--raw", "t/F"], "either --events or --raw"),
+        (["--bogus", "t/F"], "Unknown option '--bogus'"),
+    ],
+)
+def test_bad_arguments_exit_2(node: str, args: list[str], says: str) -> None:
+    result = subprocess.run(
+        [node, str(WATCH), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert says in result.stderr and "usage: watch.mjs" in result.stderr
+
+
+def _stats(stderr: bytes) -> dict[str, int]:
+    (line,) = [ln for ln in stderr.decode().splitlines() if ln.startswith("watch.mjs: stats ")]
+    out: dict[str, int] = json.loads(line.removeprefix("watch.mjs: stats "))
+    return out
+
+
+async def test_a_slow_application_pushes_back_and_resumes(node: str, tmp_path: Path) -> None:
+    """The application reads 1 event every 10 ms from a 200 Hz feed: its queue (50 events)
+    fills, the client stops reading the socket, the gateway's queue passes its budget (4008),
+    and the client resumes from the last frame it queued: every seq once or an explicit loss."""
+    sim = _simulator(rate_hz=200.0)
+    subscribers = {"queue_bytes": 16 * 1024}
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            sim_port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            config = _config(
+                tmp_path, sim_port, subscribers=subscribers, feeds={"tracking": {"history": 20000}}
+            )
+            async with running_gateway(config) as gw:
+                args = ("--url", stream_url(gw), "--max-queue", "50", "--slow-ms", "10")
+                started = trio.current_time()
+                async with watching(node, *args, f"tracking/{FX}") as watch:
+                    await watch.until(
+                        lambda ev: (
+                            len(watch.of("subscribed")) >= 2
+                            and watch.frames_after(lambda e: e is watch.of("subscribed")[1]) >= 10
+                        )
+                    )
+                    print(f"resumed after {trio.current_time() - started:.1f} s")
+            nursery.cancel_scope.cancel()
+    stats = _stats(watch.stderr)
+    print(stats)
+    assert stats["pauses"] >= 1
+    reasons = [e["reason"] for e in watch.of("state") if e["state"] == "disconnected"]
+    assert reasons and reasons[0].startswith("closed 4008"), reasons
+    # The history (20,000 frames) still held what the client had not read: recovered.
+    assert [(s["resumed"], s["recovered"]) for s in watch.of("subscribed")[:2]] == [
+        (False, False),
+        (True, True),
+    ]
+    assert watch.of("loss") == [] and stats["duplicates"] == 0
+    _each_once_or_told(watch.events)

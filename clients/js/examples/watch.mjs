@@ -45,11 +45,19 @@ function readSecret(name, path) {
   return value;
 }
 
+const VALUED = new Set(["--url", "--token-file", "--ca-file", "--backfill", "--replay", "--max-queue", "--slow-ms", "--count"]);
+
 function parse(argv) {
+  // `--backfill -1` as argparse reads it (parseArgs takes "-1" for an option otherwise).
+  const args = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (VALUED.has(argv[i]) && /^-\d+$/.test(argv[i + 1] ?? "")) args.push(`${argv[i]}=${argv[++i]}`);
+    else args.push(argv[i]);
+  }
   let parsed;
   try {
     parsed = parseArgs({
-      args: argv,
+      args,
       allowPositionals: true,
       options: {
         url: { type: "string", multiple: true },
@@ -170,6 +178,7 @@ async function main() {
     if ((e.event === "unsubscribed" || e.event === "replay_end") && client.core.active === 0) client.close();
     if (args.slowMs) await sleep(args.slowMs);
   }
+  process.stderr.write(`watch.mjs: stats ${JSON.stringify(client.stats)}\n`);
   return fatal ? 3 : 0;
 }
 

@@ -190,7 +190,7 @@ export class Client {
       const leftForQueue = this.leftForQueue;
       this.leftForQueue = false;
       const outcome = this.core.closed(this.now(), {
-        code: event?.code,
+        code: leftForQueue ? undefined : event?.code,
         reason: leftForQueue ? "the application's queue is full" : event?.reason,
         httpStatus: event?.httpStatus ?? status,
       });

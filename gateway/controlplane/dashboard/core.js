@@ -213,7 +213,10 @@ export class ClientCore {
       return { fatal: true };
     }
     if (lived >= this.backoffResetAfter) this.backoff.reset();
-    const why = info.reason || (info.code ? `closed (${info.code})` : "connection failed");
+    const why =
+      info.code && info.code !== 1006
+        ? `closed ${info.code}${info.reason ? `: ${info.reason}` : ""}`
+        : info.reason || "connection failed";
     this.setState("disconnected", why);
     for (const sub of this.subs.values()) if (sub.state === "subscribed") sub.state = "subscribing";
     this.stats.reconnects += 1;
