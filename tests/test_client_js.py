@@ -7,9 +7,10 @@ gateway and ``npm pack`` builds it offline with exactly its files; the dashboard
 client byte for byte; and ``examples/watch.mjs --events`` against a real gateway following the
 simulator: upstream drops (every seq once, no event but frames), a gateway restart without a
 recorder (a ``loss`` event with the range, then the new epoch's frames) and with one across two
-URLs (``recovered``, no loss, every seq once), a token refused (fatal error, exit 3), a bad
-subscribe (the gateway's text, ``unsubscribed``, exit 0), a slow application (the socket paused,
-the gateway's 4008, a resume: every seq once or an explicit loss), bad arguments (exit 2).
+URLs (``recovered``, no loss, every seq once), a token refused (fatal error, exit 3), a slow
+application (the socket paused, the gateway's 4008, a resume: every seq once or an explicit
+loss), bad arguments (exit 2). The scenarios both clients share run for Node in
+tests/test_client_conformance.py (the ``node`` runner of tests/clients_kit.py).
 
 Node is Debian's ``nodejs`` (``.ci/test`` installs it as root when missing), ``tsc`` Debian's
 ``node-typescript``; without them these tests fail in CI (``CI=true``) and skip elsewhere.
@@ -410,42 +411,6 @@ async def test_a_refused_token_is_fatal(node: str, tmp_path: Path) -> None:
     ]
     assert b"client-token-1" not in watch.stderr
     assert not any("client-token-1" in json.dumps(e) for e in watch.events)
-
-
-async def test_a_bad_subscribe_gets_the_gateways_text(node: str, tmp_path: Path) -> None:
-    sim = _simulator()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            sim_port = await nursery.start(sim.serve, "127.0.0.1", 0)
-            async with running_gateway(_config(tmp_path, sim_port)) as gw:
-                url = stream_url(gw)
-                async with watching(node, "--url", url, "tracking/nope", f"tracking/{FX}") as w:
-                    await w.until(lambda ev: len(w.of("frame")) >= 3)
-                # Alone, the bad one ends the command: every subscription ended.
-                async with watching(node, "--url", url, "tracking/nope") as alone:
-                    await alone.process.wait()
-            nursery.cancel_scope.cancel()
-    request = json.dumps({"op": "subscribe", "feed": "tracking", "fixture": "nope", "backfill": 0})
-    message = "unknown fixture 'nope' of feed 'tracking'"
-    for watch in (w, alone):
-        assert watch.of("error") == [
-            {
-                "event": "error",
-                "message": message,
-                "request": request.replace(" ", ""),
-                "feed": "tracking",
-                "fixture": "nope",
-                "fatal": False,
-            }
-        ]
-        assert {
-            "event": "unsubscribed",
-            "feed": "tracking",
-            "fixture": "nope",
-            "reason": message,
-        } in watch.events
-    assert [s["fixture"] for s in w.of("subscribed")] == [FX]
-    assert alone.process.returncode == 0
 
 
 @pytest.mark.parametrize(

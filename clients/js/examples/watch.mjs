@@ -21,7 +21,8 @@ import { NodeWebSocket } from "../node.js";
 
 const DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream";
 const USAGE = `usage: watch.mjs [--url URL]... [--token-file PATH] [--ca-file PATH] [--backfill N]
-                 [--events | --raw] [--replay PPS] [--max-queue N] [--slow-ms MS] [--count N]
+                 [--events | --raw] [--replay PPS] [--max-queue N] [--heartbeat-interval S]
+                 [--slow-ms MS] [--count N]
                  FEED/FIXTURE...`;
 
 class Usage extends Error {}
@@ -29,6 +30,13 @@ class Usage extends Error {}
 function integer(name, text, min, max = Number.MAX_SAFE_INTEGER) {
   if (!/^-?\d+$/.test(text)) throw new Usage(`--${name} must be an integer, got ${JSON.stringify(text)}`);
   const n = Number(text);
+  if (n < min || n > max) throw new Usage(`--${name} must be ${min} to ${max}, got ${n}`);
+  return n;
+}
+
+function number(name, text, min, max = Number.MAX_VALUE) {
+  const n = Number(text);
+  if (text.trim() === "" || !Number.isFinite(n)) throw new Usage(`--${name} must be a number, got ${JSON.stringify(text)}`);
   if (n < min || n > max) throw new Usage(`--${name} must be ${min} to ${max}, got ${n}`);
   return n;
 }
@@ -45,7 +53,10 @@ function readSecret(name, path) {
   return value;
 }
 
-const VALUED = new Set(["--url", "--token-file", "--ca-file", "--backfill", "--replay", "--max-queue", "--slow-ms", "--count"]);
+const VALUED = new Set([
+  "--url", "--token-file", "--ca-file", "--backfill", "--replay", "--max-queue",
+  "--heartbeat-interval", "--slow-ms", "--count",
+]);
 
 function parse(argv) {
   // `--backfill -1` as argparse reads it (parseArgs takes "-1" for an option otherwise).
@@ -68,6 +79,7 @@ function parse(argv) {
         raw: { type: "boolean" },
         replay: { type: "string" },
         "max-queue": { type: "string" },
+        "heartbeat-interval": { type: "string" },
         "slow-ms": { type: "string" },
         count: { type: "string" },
         help: { type: "boolean", short: "h" },
@@ -101,7 +113,8 @@ function parse(argv) {
     mode: v.events ? "events" : v.raw ? "raw" : "human",
     replay: v.replay === undefined ? null : integer("replay", v.replay, 1, 1000),
     maxQueue: v["max-queue"] === undefined ? undefined : integer("max-queue", v["max-queue"], 1),
-    slowMs: v["slow-ms"] === undefined ? 0 : integer("slow-ms", v["slow-ms"], 0, 60_000),
+    heartbeatMs: v["heartbeat-interval"] === undefined ? undefined : number("heartbeat-interval", v["heartbeat-interval"], 0.001) * 1000,
+    slowMs: v["slow-ms"] === undefined ? 0 : number("slow-ms", v["slow-ms"], 0, 60_000),
     count: v.count === undefined ? 0 : integer("count", v.count, 1),
   };
 }
@@ -150,6 +163,7 @@ async function main() {
     tokenIn: "header",
     socketOptions: args.ca ? { ca: args.ca } : {},
     maxQueue: args.maxQueue,
+    heartbeatInterval: args.heartbeatMs,
     raw: args.mode === "raw",
   });
   for (const [feed, fixture] of args.topics) {
@@ -164,13 +178,16 @@ async function main() {
   for await (const e of client) {
     if (e.event === "error" && e.fatal) {
       fatal = true;
-      process.stderr.write(`watch.mjs: ${e.message}\n`);
+      process.stderr.write(`# ${e.message}\n`);
     }
     if (args.mode === "events") await write(eventLine(e));
-    else if (args.mode === "raw") {
-      if (e.event === "raw") await write(e.text);
+    else if (e.event === "state") {
+      process.stderr.write(`# ${e.state} ${e.url}${e.reason ? ` (${e.reason})` : ""}\n`);
+    } else if (e.event === "raw") await write(e.text);
+    else if (args.mode === "raw" || (e.event === "error" && e.fatal)) {
+      // --raw: the gateway's messages only (a fatal error went to stderr above)
     } else if (e.event === "frame") await write(summarise(e));
-    else if (e.event !== "raw") await write(`# ${JSON.stringify(e)}`);
+    else await write(JSON.stringify(e));
     if (e.event === "frame" || e.event === "replay_frame") {
       frames += 1;
       if (args.count && frames >= args.count) client.close();
