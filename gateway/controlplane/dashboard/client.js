@@ -29,7 +29,7 @@ export class Client {
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     if (typeof this.WebSocket !== "function") {
       throw new TypeError(
-        "no WebSocket here: pass options.WebSocket (NodeWebSocket from '@dde/gateway-client/node', or the ws package)",
+        "no WebSocket here: pass options.WebSocket (NodeWebSocket, exported by @dde/gateway-client/node, or the ws package)",
       );
     }
     this.tokenIn = options.tokenIn ?? (options.WebSocket ? "header" : "subprotocol");
