@@ -156,6 +156,34 @@ test("onEvent: events delivered as they come; iteration ends after close", async
   assert.deepEqual(iterated, ["state", "unsubscribed", "state"]);
 });
 
+test("a token a subprotocol cannot carry is refused without quoting it", () => {
+  const { Fake } = fakeSocket({ pausable: false });
+  const secret = "s3cret with space";
+  assert.throws(
+    () => new Client("ws://a/v1/stream", { WebSocket: Fake, token: secret, tokenIn: "subprotocol" }),
+    (err) => /cannot travel as a subprotocol/.test(err.message) && !err.message.includes(secret),
+  );
+  // A WebSocket that refuses the token itself: its message never reaches an event with it.
+  class Refusing {
+    constructor(url, protocols) {
+      throw new SyntaxError(`The subprotocol '${protocols[1]}' is invalid.`);
+    }
+  }
+  const events = [];
+  const client = new Client("ws://a/v1/stream", {
+    WebSocket: Refusing,
+    token: "tok3n",
+    tokenIn: "subprotocol",
+    onEvent: (e) => events.push(e),
+  });
+  client.subscribe(F, X);
+  const error = events.find((e) => e.event === "error");
+  assert.equal(error.fatal, true);
+  assert.equal(error.message, "cannot open ws://a/v1/stream: The subprotocol 'dde.bearer.<token>' is invalid.");
+  assert.equal(client.state, "closed");
+  assert.ok(!JSON.stringify(events).includes("tok3n"));
+});
+
 test("no WebSocket anywhere: a clear error", () => {
   const saved = globalThis.WebSocket;
   delete globalThis.WebSocket;

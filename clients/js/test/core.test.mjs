@@ -237,6 +237,38 @@ test("replay messages become replay events; a reconnect resumes from the next se
   assert.deepEqual(JSON.parse(c.takeOutgoing().at(-1)), { op: "stop_replay", feed: F, fixture: X });
 });
 
+test("a connection lost before the first frame resumes from the subscribe's seq", () => {
+  // Live only (backfill 0): the frames published while disconnected are not lost.
+  const c = core();
+  c.subscribe(F, X);
+  open(c);
+  c.received(subscribed(100, "e1"));
+  c.closed(1, {});
+  assert.deepEqual(open(c), [{ op: "subscribe", feed: F, fixture: X, after: 100, epoch: "e1" }]);
+  c.received(subscribed(150, "e1", true));
+  c.received(frame(101));
+  c.received(frame(103)); // a seq the gateway skipped without a gap message
+  assert.deepEqual(kinds(c.takeEvents()).filter((k) => k !== "state"), [
+    "subscribed", "subscribed", "frame 101", "loss 102-102 sequence_gap", "frame 103",
+  ]);
+  // backfill n: from n before the seq of the subscribe; not recovered: the loss from there.
+  const b = core();
+  b.subscribe(F, X, { backfill: 10 });
+  open(b);
+  b.received(subscribed(100, "e1"));
+  b.closed(1, {});
+  assert.deepEqual(open(b), [{ op: "subscribe", feed: F, fixture: X, after: 90, epoch: "e1" }]);
+  b.received(subscribed(500, "e1", false));
+  assert.deepEqual(kinds(b.takeEvents()).slice(-1), ["loss 91-500 not_recovered"]);
+  // backfill -1 (everything held) before any frame: asked again as it was.
+  const a = core();
+  a.subscribe(F, X, { backfill: -1 });
+  open(a);
+  a.received(subscribed(100, "e1"));
+  a.closed(1, {});
+  assert.deepEqual(open(a), [{ op: "subscribe", feed: F, fixture: X, backfill: -1 }]);
+});
+
 test("bad arguments are refused with the field named", () => {
   assert.throws(() => new ClientCore({ urls: [] }), /urls/);
   assert.throws(() => new ClientCore({ urls: ["http://x"] }), /ws:\/\//);

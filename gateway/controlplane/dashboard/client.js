@@ -12,6 +12,9 @@
 
 import { BEARER_PREFIX, ClientCore, DEFAULTS, PROTOCOLS } from "./core.js";
 
+// The characters of a subprotocol name (RFC 6455: an HTTP token).
+const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 /** The close code the client uses when it leaves on its own (queue full, watchdog). */
 export const CLIENT_CLOSE = 4000;
 
@@ -35,6 +38,12 @@ export class Client {
     this.tokenIn = options.tokenIn ?? (options.WebSocket ? "header" : "subprotocol");
     if (this.tokenIn !== "header" && this.tokenIn !== "subprotocol") {
       throw new TypeError('tokenIn must be "header" or "subprotocol"');
+    }
+    // Said here, without the token: a browser's own error would quote it.
+    if (this.token !== null && this.tokenIn === "subprotocol" && !SUBPROTOCOL_TOKEN.test(this.token)) {
+      throw new TypeError(
+        "the token cannot travel as a subprotocol: only letters, digits and !#$%&'*+-.^_`|~ can (use tokenIn: \"header\")",
+      );
     }
     this.socketOptions = options.socketOptions ?? {};
     this.maxQueue = options.maxQueue ?? DEFAULTS.maxQueue;
@@ -156,7 +165,8 @@ export class Client {
     } catch (err) {
       // A URL or a token a WebSocket refuses (a token with characters a subprotocol cannot
       // hold throws a SyntaxError): no connection can ever work.
-      this.core.fail(`cannot open ${url}: ${err.message}`);
+      const why = this.token === null ? err.message : err.message.split(this.token).join("<token>");
+      this.core.fail(`cannot open ${url}: ${why}`);
       this.flush();
       return;
     }

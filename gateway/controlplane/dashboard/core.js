@@ -80,6 +80,9 @@ class Subscription {
     this.epoch = null;
     // The last seq handed to the application (null: none yet in this epoch).
     this.lastSeq = null;
+    // Before the first frame: the seq the subscription's frames start after (backfill 0: the
+    // topic's seq when subscribed; n: n before it), so a resume before any frame loses none.
+    this.startAfter = null;
     this.resumed = false; // the subscribe in flight is a resume (after + epoch)
     this.sent = null; // the text of the subscribe in flight
     this.sequenceChecked = false; // a first frame arrived since the (re)subscribe
@@ -95,8 +98,8 @@ class Subscription {
     if (this.conflated) {
       req.max_rate = this.maxRate;
       this.resumed = this.epoch !== null;
-    } else if (this.epoch !== null && this.lastSeq !== null) {
-      req.after = this.lastSeq;
+    } else if (this.epoch !== null && (this.lastSeq ?? this.startAfter) !== null) {
+      req.after = this.lastSeq ?? this.startAfter;
       req.epoch = this.epoch;
       this.resumed = true;
     } else {
@@ -389,7 +392,7 @@ export class ClientCore {
     const sub = this.subs.get(key(msg.feed, msg.fixture));
     if (!sub || sub.state !== "subscribing") return;
     const epochBefore = sub.epoch;
-    const lastBefore = sub.lastSeq;
+    const lastBefore = sub.lastSeq ?? sub.startAfter;
     const resumed = sub.resumed;
     sub.state = "subscribed";
     sub.sequenceChecked = false;
@@ -410,8 +413,16 @@ export class ClientCore {
     }
     sub.epoch = msg.epoch;
     if (!resumed) {
-      // A first subscribe: whatever the backfill starts with is the first frame.
+      // A first subscribe: whatever the backfill starts with is the first frame (the history
+      // may hold fewer than asked). Live only: the next frame is seq + 1.
       sub.lastSeq = null;
+      sub.startAfter = null;
+      if (typeof msg.seq === "number" && sub.backfill === 0) {
+        sub.lastSeq = msg.seq;
+        sub.sequenceChecked = true;
+      } else if (typeof msg.seq === "number" && sub.backfill > 0) {
+        sub.startAfter = Math.max(0, msg.seq - sub.backfill);
+      }
       return;
     }
     if (msg.recovered) {
