@@ -34,12 +34,15 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.config import Config
+from gateway.config import Config, load_subscriber_tokens
 from gateway.service import Gateway
 from gateway.simulator import Simulator
 from tests.clients_kit import RUNNERS, contiguous, frame_problems, seqs, unavailable, watch
 from tests.conftest import TEST_TOKEN
 from tests.kit import gateway_config, running_gateway, stream_url, wait_until
+from tests.redis_kit import RedisServer
+from tests.test_cluster_process import HOME, cluster
+from tests.test_dataplane_access import ALL, TRACKING_ONLY, write_tokens
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
 
@@ -91,9 +94,11 @@ class Site:
 
 
 @asynccontextmanager
-async def site(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[Site]:
+async def site(
+    tmp_path: Path, *, rate_hz: float = 50.0, **sections: dict[str, Any]
+) -> AsyncIterator[Site]:
     (tmp_path / "token").write_text(TEST_TOKEN)
-    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=50.0, heartbeat_interval=1.0)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0)
     sim.add_fixture(FX)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(sim.serve, "127.0.0.1", 0)
@@ -158,7 +163,9 @@ async def test_a_bad_subscribe_is_an_error_event_with_the_gateways_text(
     assert w.events("unsubscribed")[0]["reason"] == errors[0]["message"]
 
 
-async def test_a_restart_keeps_the_program_running(tmp_path: Path, runner: str) -> None:
+async def test_a_restart_with_a_recorder_is_recovered_without_loss(
+    tmp_path: Path, runner: str
+) -> None:
     with trio.fail_after(90):
         async with site(tmp_path, recorder={"dir": str(tmp_path / "rec")}) as s:
             async with s.gateway():
@@ -173,3 +180,139 @@ async def test_a_restart_keeps_the_program_running(tmp_path: Path, runner: str) 
     assert w.events("loss") == []
     assert frame_problems(w.lines, FX) == []
     assert contiguous(seqs(w.lines, FX)) == []
+
+
+async def test_a_restart_without_a_recorder_is_an_explicit_loss(
+    tmp_path: Path, runner: str
+) -> None:
+    with trio.fail_after(90):
+        async with site(tmp_path) as s:
+            async with s.gateway():
+                url = s.url
+            async with watch(runner, ["--events", "--url", url, f"tracking/{FX}"]) as w:
+                async with s.gateway():
+                    await w.frames_after(30)
+                last = w.events("frame")[-1]
+                async with s.gateway():
+                    await w.frames_after(30)
+                assert await w.stop() == 0
+    events = w.lines
+    assert frame_problems(events, FX) == []
+    (loss,) = w.events("loss")
+    first, second = w.events("subscribed")
+    assert (first["resumed"], second["resumed"], second["recovered"]) == (False, True, False)
+    new_epoch = second["epoch"]
+    assert loss == {
+        "event": "loss",
+        "feed": "tracking",
+        "fixture": FX,
+        "from_seq": last["seq"] + 1,
+        "to_seq": second["seq"] or None,
+        "epoch_before": last["epoch"],
+        "epoch_after": new_epoch,
+        "reason": "epoch_changed",
+    }
+    # The loss comes before the first frame of the new numbering, which follows on from it.
+    at = events.index(loss)
+    after = [e for e in events[at:] if e["event"] == "frame"]
+    assert after and after[0]["epoch"] == new_epoch and after[0]["seq"] == second["seq"] + 1
+    assert [e for e in events[:at] if e["event"] == "frame"][-1] == last
+
+
+async def test_a_revoked_token_is_fatal(tmp_path: Path, runner: str) -> None:
+    tokens = write_tokens(tmp_path)
+    mine = tmp_path / "my-token"
+    mine.write_text(TRACKING_ONLY + "\n")
+    with trio.fail_after(90):
+        async with site(tmp_path, subscribers={"tokens_file": str(tokens)}) as s:
+            async with s.gateway():
+                url = s.url
+            args = ["--events", "--token-file", str(mine), "--url", url, f"tracking/{FX}"]
+            async with watch(runner, args) as w:
+                async with s.gateway() as gw:
+                    await w.frames_after(10)
+                    # Revoked: the file without it, reloaded (what SIGHUP does); the connection
+                    # keeps the access it was given until it drops (the restart below).
+                    tokens.write_text(f"{ALL}\n")
+                    config = s.config()
+                    gw.apply(config, tokens=load_subscriber_tokens(config))
+                    await w.frames_after(5)
+                async with s.gateway():
+                    assert await w.exit_code() == 3
+    errors = w.events("error")
+    assert [e["fatal"] for e in errors] == [True]
+    assert "401" in errors[0]["message"]
+    assert w.lines[-1]["event"] == "state" and w.lines[-1]["state"] == "closed"
+    assert not any(TRACKING_ONLY in line for line in [*map(str, w.lines), *w.err])
+    assert frame_problems(w.lines, FX) == []
+
+
+async def test_a_slow_application_gets_every_frame_once_or_an_explicit_loss(
+    tmp_path: Path, runner: str
+) -> None:
+    """The program reads slowly (``--slow-ms``) with a small ``--max-queue``: it must stop
+    reading (the gateway then closes it with 4008: a client that buffered everything would
+    never be seen as slow), resume with ``after``, and print each frame once or a loss."""
+    with trio.fail_after(90):
+        async with (
+            site(tmp_path, rate_hz=400.0, subscribers={"queue_bytes": 16384}) as s,
+            s.gateway(),
+        ):
+            args = ["--events", "--max-queue", "16", "--slow-ms", "10", "--url", s.url]
+            async with watch(runner, [*args, f"tracking/{FX}"]) as w:
+                await w.wait_for(
+                    lambda: any("4008" in e["reason"] for e in w.events("state")),
+                    "closed as a slow consumer (4008)",
+                    timeout=60,
+                )
+                await w.frames_after(20)
+                assert await w.stop() == 0
+    events = w.lines
+    assert frame_problems(events, FX) == []
+    resumed = [e for e in w.events("subscribed") if e["resumed"]]
+    assert resumed, "resumed after the 4008"
+    printed = seqs(events, FX)
+    assert len(printed) == len(set(printed))  # never twice
+
+
+async def test_kill_9_of_the_instance_in_use_resumes_on_the_other(
+    tmp_path: Path, runner: str, redis_server: RedisServer
+) -> None:
+    """Two instances on a real Redis; the programs (``--events`` and ``--raw``) are given
+    ``--url A --url B`` and so use A; kill -9 of A: they go on on B, every frame once, no
+    loss, for a fixture A owned and one B owned."""
+    topics = [f"tracking/{HOME['gw-a'][0]}", f"tracking/{HOME['gw-b'][0]}"]
+    with trio.fail_after(100):
+        async with cluster(tmp_path, redis_server) as c:
+            a, b = c.nodes["gw-a"], c.nodes["gw-b"]
+            await c.settle()
+            urls = ["--url", f"ws://{a.stream}/v1/stream", "--url", f"ws://{b.stream}/v1/stream"]
+            async with (
+                watch(runner, ["--events", *urls, *topics]) as w,
+                watch(runner, ["--raw", *urls, *topics]) as raw,
+            ):
+                for p in (w, raw):
+                    for t in topics:
+                        await p.frames_after(25, t.split("/")[1])
+                a.process.kill()
+                for p in (w, raw):
+                    for t in topics:
+                        await p.frames_after(50, t.split("/")[1], timeout=40)
+                assert await w.stop() == 0 and await raw.stop() == 0
+    for t in topics:
+        fx = t.split("/")[1]
+        assert frame_problems(w.lines, fx) == [], fx
+        assert contiguous(seqs(w.lines, fx)) == [], fx
+        assert contiguous(ixs(w.lines, fx)) == [], fx
+        subscribed = w.events("subscribed", fx)
+        assert [(e["resumed"], e["recovered"]) for e in subscribed] == [
+            (False, False),
+            (True, True),
+        ], subscribed
+        # --raw: what the gateways sent, verbatim: every frame once across the kill too.
+        assert contiguous(seqs(raw.lines, fx)) == [], fx
+        assert contiguous(ixs(raw.lines, fx)) == [], fx
+    assert w.events("loss") == []
+    states = [(e["state"], e["url"]) for e in w.events("state")]
+    assert ("connected", f"ws://{b.stream}/v1/stream") in states
+    assert raw.envelopes("gap") == [] and raw.envelopes("error") == []

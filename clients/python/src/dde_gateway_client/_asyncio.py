@@ -163,6 +163,17 @@ class AsyncioClient:
         self._notify()
         return AsyncioSubscription(self, stream)
 
+    def unsubscribe(self, feed: str, fixture: str) -> None:
+        """End one subscription: an ``unsubscribed`` event (reason ``unsubscribe``) ends its
+        part of the stream."""
+        self.core.unsubscribe(feed, fixture)
+        self._notify()
+
+    def stop_replay(self, feed: str, fixture: str) -> None:
+        """End a replay early: a ``replay_end`` event (reason ``stopped``)."""
+        self.core.stop_replay(feed, fixture)
+        self._notify()
+
     def close(self) -> None:
         self.core.close()
         self._notify()

@@ -503,8 +503,15 @@ class Core:
         if topic is None or topic.epoch is None:
             return
         first, last = int(msg["from_seq"]), int(msg["to_seq"])
+        if topic.last is not None:
+            if last <= topic.last:
+                self.counters.duplicates_dropped += 1
+                return  # nothing the application has not seen
+            if first > topic.last + 1 and topic.max_rate is None:
+                self._loss(topic, topic.last + 1, first - 1, topic.epoch, "sequence_gap")
+            first = max(first, topic.last + 1)
         self._loss(topic, first, last, topic.epoch, "slow_consumer")
-        topic.last = last if topic.last is None else max(topic.last, last)
+        topic.last = last
 
     def _status(self, msg: dict[str, Any]) -> None:
         topic = self._live(msg)

@@ -172,6 +172,17 @@ class Client:
         self._notify()
         return Subscription(self, stream)
 
+    def unsubscribe(self, feed: str, fixture: str) -> None:
+        """End one subscription: an ``unsubscribed`` event (reason ``unsubscribe``) ends its
+        part of the stream."""
+        self.core.unsubscribe(feed, fixture)
+        self._notify()
+
+    def stop_replay(self, feed: str, fixture: str) -> None:
+        """End a replay early: a ``replay_end`` event (reason ``stopped``)."""
+        self.core.stop_replay(feed, fixture)
+        self._notify()
+
     def close(self) -> None:
         """Terminal: stop connecting; every subscription's iteration ends after a ``closed``
         state event."""
