@@ -110,7 +110,8 @@ export interface ReplayEndEvent {
   event: "replay_end";
   feed: string;
   fixture: string;
-  reason: "end" | "stopped" | "slow_consumer" | "source_lost" | "refused" | string;
+  /** The gateway's reason, or "disconnected" (the connection was lost: not asked again). */
+  reason: "end" | "stopped" | "slow_consumer" | "source_lost" | "disconnected" | string;
   last_seq: number | null;
 }
 

@@ -25,7 +25,7 @@ export const DEFAULTS = Object.freeze({
   maxQueue: 10_000,
 });
 
-/** Full-jitter exponential backoff: a random delay in [0, min(max, min * 2^attempt)]. */
+/** Full-jitter exponential backoff: attempt n waits a random time in [0, min(max, min * 2^n)]. */
 export class Backoff {
   constructor({ min = DEFAULTS.backoffMin, max = DEFAULTS.backoffMax, random = Math.random } = {}) {
     if (!(min > 0) || !(max >= min)) throw new RangeError("backoff needs 0 < min <= max");
@@ -39,7 +39,7 @@ export class Backoff {
   next() {
     const ceiling = Math.min(this.max, this.min * 2 ** this.attempt);
     if (ceiling < this.max) this.attempt += 1;
-    return Math.max(this.min, this.random() * ceiling);
+    return this.random() * ceiling;
   }
 
   reset() {
@@ -112,7 +112,7 @@ class Subscription {
   }
 }
 
-/** A replay in progress (issue 23's `replay` op): resumed from the next seq on reconnect. */
+/** A replay asked for (issue 23's `replay` op): sent once; a lost connection ends it. */
 class Replay {
   constructor(feed, fixture, options) {
     this.feed = feed;
@@ -127,8 +127,7 @@ class Replay {
   request() {
     const req = { op: "replay", feed: this.feed, fixture: this.fixture, rate: this.rate };
     if (this.looped) req.looped = true;
-    if (this.lastSeq !== null && !this.looped) req.from = { seq: this.lastSeq + 1 };
-    else if (this.from !== null) req.from = this.from;
+    if (this.from !== null) req.from = this.from;
     this.sent = JSON.stringify(req);
     return this.sent;
   }
@@ -171,6 +170,9 @@ export class ClientCore {
     this.openedAt = null;
     this.subs = new Map();
     this.replays = new Map();
+    // The other requests sent on this connection (unsubscribe, stop_replay), to name the topic
+    // of an error answering one: {text, feed, fixture}, the latest few.
+    this.sentOther = [];
     this.outgoing = [];
     this.events = [];
     /** Counters an operator or a test may read. */
@@ -197,6 +199,7 @@ export class ClientCore {
   opened(now) {
     if (this.state === "closed") return;
     this.openedAt = now;
+    this.sentOther = [];
     this.stats.connects += 1;
     this.setState("connected", "");
     for (const sub of this.subs.values()) this.outgoing.push(sub.request());
@@ -209,17 +212,25 @@ export class ClientCore {
    */
   closed(now, info = {}) {
     if (this.state === "closed") return { fatal: true };
-    const lived = this.openedAt === null ? 0 : now - this.openedAt;
+    const opened = this.openedAt !== null;
+    const lived = opened ? now - this.openedAt : 0;
     this.openedAt = null;
     if (info.httpStatus === 401) {
       this.fail(`${this.url}: the gateway refused the token (HTTP 401)`);
       return { fatal: true };
     }
     if (lived >= this.backoffResetAfter) this.backoff.reset();
-    const why =
-      info.code && info.code !== 1006
-        ? `closed ${info.code}${info.reason ? `: ${info.reason}` : ""}`
-        : info.reason || "connection failed";
+    let why;
+    if (!opened) why = info.reason ? `cannot connect: ${info.reason}` : "cannot connect";
+    else if (info.code && info.code !== 1006) {
+      why = `closed ${info.code}${info.reason ? `: ${info.reason}` : ""}`;
+    } else why = info.reason || "connection lost";
+    // A replay the gateway was serving ends with the connection (the application may ask again).
+    for (const [k, replay] of this.replays) {
+      if (replay.sent === null) continue;
+      this.replays.delete(k);
+      this.emit({ event: "replay_end", feed: replay.feed, fixture: replay.fixture, reason: "disconnected", last_seq: replay.lastSeq });
+    }
     this.setState("disconnected", why);
     for (const sub of this.subs.values()) if (sub.state === "subscribed") sub.state = "subscribing";
     this.stats.reconnects += 1;
@@ -319,9 +330,7 @@ export class ClientCore {
   unsubscribe(feed, fixture) {
     const sub = this.subs.get(key(feed, fixture));
     if (!sub) return;
-    if (this.state === "connected") {
-      this.outgoing.push(JSON.stringify({ op: "unsubscribe", feed, fixture }));
-    }
+    if (this.state === "connected") this.sendOther({ op: "unsubscribe", feed, fixture });
     this.endSubscription(sub, "unsubscribed by the application");
   }
 
@@ -345,7 +354,7 @@ export class ClientCore {
     const k = key(feed, fixture);
     if (!this.replays.has(k)) return;
     if (this.state === "connected") {
-      this.outgoing.push(JSON.stringify({ op: "stop_replay", feed, fixture }));
+      this.sendOther({ op: "stop_replay", feed, fixture });
     } else {
       this.replays.delete(k);
       this.emit({ event: "replay_end", feed, fixture, reason: "stopped", last_seq: null });
@@ -358,6 +367,13 @@ export class ClientCore {
   }
 
   // -- the protocol ----------------------------------------------------------------------------
+
+  sendOther(req) {
+    const text = JSON.stringify(req);
+    this.sentOther.push({ text, feed: req.feed, fixture: req.fixture });
+    if (this.sentOther.length > 64) this.sentOther.shift();
+    this.outgoing.push(text);
+  }
 
   setState(state, reason) {
     this.state = state;
@@ -432,15 +448,17 @@ export class ClientCore {
       return;
     }
     const reason = msg.epoch === epochBefore ? "not_recovered" : "epoch_changed";
-    const toSeq = typeof msg.seq === "number" ? msg.seq : null;
+    // A new epoch without a frame yet (seq 0): how far the loss goes is not known.
+    const seq = typeof msg.seq === "number" ? msg.seq : null;
+    const toSeq = reason === "epoch_changed" && seq === 0 ? null : seq;
     if (reason === "not_recovered" && toSeq !== null && toSeq <= lastBefore) {
       // Nothing was published since `after`: nothing to report, frames continue.
       sub.sequenceChecked = true;
       return;
     }
     this.loss(sub, lastBefore + 1, toSeq, epochBefore, msg.epoch, reason);
-    sub.lastSeq = toSeq;
-    sub.sequenceChecked = toSeq !== null;
+    sub.lastSeq = seq;
+    sub.sequenceChecked = seq !== null;
   }
 
   onFrame(text, msg) {
@@ -498,22 +516,15 @@ export class ClientCore {
     }
     for (const replay of this.replays.values()) {
       if (sameRequest(replay.sent, request)) {
+        // A refused replay: the error says so, and it is over.
         this.replays.delete(key(replay.feed, replay.fixture));
         this.emit({ event: "error", message: msg.message, request, feed: replay.feed, fixture: replay.fixture, fatal: false });
-        this.emit({ event: "replay_end", feed: replay.feed, fixture: replay.fixture, reason: "refused", last_seq: replay.lastSeq });
         return;
       }
     }
-    let feed = null;
-    let fixture = null;
-    try {
-      const req = JSON.parse(request);
-      if (req && typeof req.feed === "string") feed = req.feed;
-      if (req && typeof req.fixture === "string") fixture = req.fixture;
-    } catch {
-      // a request the gateway truncated, or not JSON: no topic to name
-    }
-    this.emit({ event: "error", message: msg.message, request, feed, fixture, fatal: false });
+    // An unsubscribe or stop_replay the gateway refused names its topic; anything else none.
+    const other = this.sentOther.find((o) => sameRequest(o.text, request));
+    this.emit({ event: "error", message: msg.message, request, feed: other?.feed ?? null, fixture: other?.fixture ?? null, fatal: false });
   }
 
   onReplay(msg) {

@@ -97,6 +97,58 @@ test("not recovered: a loss event before the next frame, with the range", () => 
   assert.equal(events[1].epoch_after, "e1");
 });
 
+test("a new epoch with no frame yet: the loss says to_seq null", () => {
+  const c = core();
+  c.subscribe(F, X);
+  open(c);
+  c.received(subscribed(0, "e1"));
+  c.received(frame(1));
+  c.closed(1, {});
+  open(c);
+  c.takeEvents();
+  c.received(subscribed(0, "e2", false));
+  c.received(frame(1));
+  assert.deepEqual(kinds(c.takeEvents()), ["subscribed", "loss 2-null epoch_changed", "frame 1"]);
+});
+
+test("errors: a refused unsubscribe names its topic, a refused replay ends it, others name none", () => {
+  const c = core();
+  c.subscribe(F, X);
+  c.subscribe(F, "Y");
+  open(c);
+  c.received(subscribed(0, "e1"));
+  c.unsubscribe(F, X);
+  const request = c.takeOutgoing().at(-1);
+  assert.deepEqual(JSON.parse(request), { op: "unsubscribe", feed: F, fixture: X });
+  c.received(msg({ type: "error", message: `not subscribed to tracking/${X}`, request }));
+  c.replay(F, "Y", { rate: 5 });
+  const replayed = c.takeOutgoing().at(-1);
+  c.received(msg({ type: "error", message: "no recording reaches the start of tracking/Y", request: replayed }));
+  c.received(msg({ type: "error", message: "invalid JSON", request: "{" }));
+  const errors = c.takeEvents().filter((e) => e.event === "error" || e.event.startsWith("replay"));
+  assert.deepEqual(errors.map((e) => [e.event, e.feed, e.fixture]), [
+    ["error", F, X],
+    ["error", F, "Y"],
+    ["error", null, null],
+  ]);
+  assert.equal(c.active, 1); // the subscription to Y goes on
+});
+
+test("why a connection ended: never opened, closed with a code, lost", () => {
+  const c = core();
+  c.subscribe(F, X);
+  c.connecting();
+  c.closed(0, { reason: "connect ECONNREFUSED 127.0.0.1:9" });
+  c.connecting();
+  c.closed(0, { code: 1006 });
+  open(c);
+  c.closed(0, { code: 4008, reason: "slow consumer" });
+  open(c);
+  c.closed(0, { code: 1006, reason: "" });
+  const reasons = c.takeEvents().filter((e) => e.state === "disconnected").map((e) => e.reason);
+  assert.deepEqual(reasons, ["cannot connect: connect ECONNREFUSED 127.0.0.1:9", "cannot connect", "closed 4008: slow consumer", "connection lost"]);
+});
+
 test("a new epoch (gateway restarted without a recorder): loss epoch_changed", () => {
   const c = core();
   c.subscribe(F, X);
@@ -217,7 +269,7 @@ test("raw: every message as it came, before what it means", () => {
   assert.equal(events[0].text, hb);
 });
 
-test("replay messages become replay events; a reconnect resumes from the next seq", () => {
+test("replay messages become replay events; a lost connection ends the replay", () => {
   const c = core();
   c.replay(F, X, { rate: 40 });
   assert.deepEqual(open(c), [{ op: "replay", feed: F, fixture: X, rate: 40 }]);
@@ -225,11 +277,18 @@ test("replay messages become replay events; a reconnect resumes from the next se
   c.received(msg({ type: "replay_frame", feed: F, fixture: X, seq: 1, data: { ix: 1 } }));
   c.received(msg({ type: "replay_frame", feed: F, fixture: X, seq: 2, data: { ix: 2 } }));
   c.closed(1, {});
-  assert.deepEqual(open(c), [{ op: "replay", feed: F, fixture: X, rate: 40, from: { seq: 3 } }]);
-  c.received(msg({ type: "replay_end", feed: F, fixture: X, reason: "end", last_seq: 9 }));
+  assert.deepEqual(open(c), []); // not asked again: the application decides
   const events = c.takeEvents().filter((e) => e.event !== "state");
   assert.deepEqual(events.map((e) => e.event), ["replay_started", "replay_frame", "replay_frame", "replay_end"]);
   assert.deepEqual(events[1], { event: "replay_frame", feed: F, fixture: X, seq: 1, data: { ix: 1 } });
+  assert.deepEqual(events[3], { event: "replay_end", feed: F, fixture: X, reason: "disconnected", last_seq: 2 });
+  assert.equal(c.active, 0);
+  // Asked while disconnected: sent once connected; the gateway's own end ends it.
+  c.closed(2, {});
+  c.replay(F, X, { rate: 40, from: { seq: 5 } });
+  assert.deepEqual(open(c), [{ op: "replay", feed: F, fixture: X, rate: 40, from: { seq: 5 } }]);
+  c.received(msg({ type: "replay_end", feed: F, fixture: X, reason: "end", last_seq: 9 }));
+  assert.deepEqual(c.takeEvents().at(-1), { event: "replay_end", feed: F, fixture: X, reason: "end", last_seq: 9 });
   assert.equal(c.active, 0);
   assert.throws(() => c.replay(F, X, { rate: 0 }), /rate must be an integer 1 to 1000/);
   c.replay(F, X, { rate: 5, looped: true, from: { ut: 1000 } });
@@ -285,7 +344,7 @@ test("backoff: full jitter, capped, reset after a connection that lived long eno
   const b = new Backoff({ min: 100, max: 1000, random: () => 1 });
   assert.deepEqual([1, 2, 3, 4, 5, 6].map(() => b.next()), [100, 200, 400, 800, 1000, 1000]);
   const zero = new Backoff({ min: 100, max: 1000, random: () => 0 });
-  assert.equal(zero.next(), 100); // never below the floor
+  assert.equal(zero.next(), 0); // full jitter: anywhere in [0, ceiling]
   const c = core({ backoffMin: 100, backoffMax: 10_000 });
   c.subscribe(F, X);
   const delays = [];

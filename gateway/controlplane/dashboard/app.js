@@ -403,7 +403,7 @@ function onStreamEvent(v, e) {
       else if (e.state === "disconnected") {
         // A refused upgrade (no or wrong subscriber token: HTTP 401) looks like any failed
         // connection to a browser.
-        const why = e.reason === "connection failed" ? "connection failed (stream token?)" : e.reason;
+        const why = e.reason === "cannot connect" ? "connection failed (stream token?)" : e.reason;
         v.streamText = `stream ${why}; retrying`;
       } else if (v.streamText === "stream connected") v.streamText = "stream closed";
       showViewInfo(v);
