@@ -6,7 +6,9 @@ declarations compile with ``tsc --strict`` against a file that uses every one of
 package versions with the gateway and ``npm pack`` builds it offline with exactly its files;
 the dashboard ships the client byte for byte; ``examples/watch.mjs`` refuses bad arguments
 (exit 2) and, against a real gateway with a recorder restarting twice, goes through its URLs in
-turn (the first one dead) and resumes ``recovered`` with every frame once. The scenarios both
+turn (the first one dead) and resumes ``recovered`` with every frame once; Node's own
+WebSocket (``--experimental-websocket`` on Node 20) works without an injected constructor, the
+token offered as a subprotocol as a browser does. The scenarios both
 clients share run for Node in tests/test_client_conformance.py (runner ``node`` of
 tests/clients_kit.py); the client in Chromium in tests/test_client_js_browser.py.
 
@@ -196,3 +198,43 @@ def test_bad_arguments_exit_2(node: str, args: list[str], says: str) -> None:
     )
     assert (result.returncode, result.stdout) == (2, "")
     assert says in result.stderr and "usage: watch.mjs" in result.stderr
+
+
+#: Node's own WebSocket (undici; behind a flag on Node 20), the browser's way: the token as a
+#: subprotocol, no injected constructor.
+GLOBAL_WEBSOCKET = """
+import { Client } from "./index.js";
+const [url, fixture, token] = process.argv.slice(1);
+const client = new Client(url, { token });
+client.subscribe("tracking", fixture, { backfill: 3 });
+const seen = [];
+for await (const event of client) {
+  seen.push(event);
+  if (seen.filter((e) => e.event === "frame").length === 5) client.close();
+}
+console.log(JSON.stringify(seen));
+"""
+
+
+async def test_nodes_own_websocket_with_the_token_as_a_subprotocol(
+    node: str, tmp_path: Path
+) -> None:
+    (tmp_path / "subscribers").write_text("sub-token-5e1f tracking\n")
+    subscribers = {"tokens_file": str(tmp_path / "subscribers")}
+    with trio.fail_after(60):
+        async with site(tmp_path, subscribers=subscribers) as s, s.gateway() as gw:
+            argv = [node, "--experimental-websocket", "--no-warnings", "--input-type=module"]
+            result = await trio.run_process(
+                [*argv, "-e", GLOBAL_WEBSOCKET, s.url, FX, "sub-token-5e1f"],
+                cwd=JS,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert gw.auth.failures["stream"] == 0
+    assert result.returncode == 0, result.stderr.decode()
+    events = json.loads(result.stdout)
+    assert [e["event"] for e in events[:3]] == ["state", "state", "subscribed"]
+    frames = [e["seq"] for e in events if e["event"] == "frame"]
+    assert len(frames) == 5 and contiguous(frames) == []
+    assert frames[0] == events[2]["seq"] - 2  # the backfill of 3
