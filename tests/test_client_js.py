@@ -8,7 +8,8 @@ the dashboard ships the client byte for byte; ``examples/watch.mjs`` refuses bad
 (exit 2) and, against a real gateway with a recorder restarting twice, goes through its URLs in
 turn (the first one dead) and resumes ``recovered`` with every frame once; Node's own
 WebSocket (``--experimental-websocket`` on Node 20) works without an injected constructor, the
-token offered as a subprotocol as a browser does. The scenarios both
+token offered as a subprotocol as a browser does; ``watch.mjs`` over ``wss://`` with a
+private CA (``--ca-file``) and a header token (``--token-file``), the token in no output. The scenarios both
 clients share run for Node in tests/test_client_conformance.py (runner ``node`` of
 tests/clients_kit.py); the client in Chromium in tests/test_client_js_browser.py.
 
@@ -28,9 +29,11 @@ import socket
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trustme
 
 import gateway
 from tests.clients_kit import contiguous, frame_problems, seqs, watch
@@ -238,3 +241,37 @@ async def test_nodes_own_websocket_with_the_token_as_a_subprotocol(
     frames = [e["seq"] for e in events if e["event"] == "frame"]
     assert len(frames) == 5 and contiguous(frames) == []
     assert frames[0] == events[2]["seq"] - 2  # the backfill of 3
+
+
+async def test_watch_over_tls_with_a_private_ca_and_a_header_token(
+    node: str, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    (tmp_path / "subscribers").write_text("tls-token-77aa\n")
+    (tmp_path / "token-file").write_text("tls-token-77aa\n")
+    sections: dict[str, Any] = {
+        "gateway": {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)},
+        "subscribers": {"tokens_file": str(tmp_path / "subscribers")},
+    }
+    with trio.fail_after(60):
+        async with site(tmp_path, **sections) as s, s.gateway() as gw:
+            url = s.url.replace("ws://", "wss://", 1)
+            args = [
+                "--events",
+                "--ca-file",
+                str(ca_file),
+                "--token-file",
+                str(tmp_path / "token-file"),
+            ]
+            async with watch("node", [*args, "--url", url, f"tracking/{FX}"]) as w:
+                await w.frames_after(5)
+                assert await w.stop() == 0
+            assert gw.auth.failures["stream"] == 0
+    assert frame_problems(w.lines, FX) == []
+    assert {e["url"] for e in w.events("state")} == {url}
+    assert not any("tls-token-77aa" in line for line in w.err)

@@ -65,7 +65,6 @@ export class NodeWebSocket {
       path: target.pathname + target.search,
       headers,
       ca: init.ca,
-      servername: secure ? target.hostname : undefined,
       timeout: init.handshakeTimeout ?? 30_000,
     });
     request.on("upgrade", (res, socket, head) => this._upgraded(res, socket, head));
