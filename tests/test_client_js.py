@@ -9,9 +9,10 @@ the dashboard ships the client byte for byte; ``examples/watch.mjs`` refuses bad
 turn (the first one dead) and resumes ``recovered`` with every frame once; Node's own
 WebSocket (``--experimental-websocket`` on Node 20) works without an injected constructor, the
 token offered as a subprotocol as a browser does; ``watch.mjs`` over ``wss://`` with a
-private CA (``--ca-file``) and a header token (``--token-file``), the token in no output. The scenarios both
-clients share run for Node in tests/test_client_conformance.py (runner ``node`` of
-tests/clients_kit.py); the client in Chromium in tests/test_client_js_browser.py.
+private CA (``--ca-file``) and a header token (``--token-file``), the token in no output;
+its default output (one line per frame, states on stderr). The scenarios both clients share
+run for Node in tests/test_client_conformance.py (runner ``node`` of tests/clients_kit.py);
+the client in Chromium in tests/test_client_js_browser.py.
 
 Node is Debian's ``nodejs`` (``.ci/test`` installs it as root when missing), ``tsc`` Debian's
 ``node-typescript``; without them these tests fail in CI (``CI=true``) and skip elsewhere.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -275,3 +277,24 @@ async def test_watch_over_tls_with_a_private_ca_and_a_header_token(
     assert frame_problems(w.lines, FX) == []
     assert {e["url"] for e in w.events("state")} == {url}
     assert not any("tls-token-77aa" in line for line in w.err)
+
+
+async def test_watch_prints_one_line_per_frame_by_default(node: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with site(tmp_path) as s, s.gateway():
+            url = s.url
+            argv = [node, str(WATCH), "--url", url, "--backfill", "-1", "--count", "5"]
+            result = await trio.run_process(
+                [*argv, f"tracking/{FX}"], capture_stdout=True, capture_stderr=True, check=False
+            )
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    frames = [ln for ln in lines if ln.startswith("frame ")]
+    assert len(frames) == 5
+    for line in frames:
+        assert re.fullmatch(rf"frame tracking/{FX} seq=\d+ ix=\d+ \(\d+ bytes\)", line), line
+    others = [json.loads(ln) for ln in lines if not ln.startswith("frame ")]
+    assert [e["event"] for e in others] == ["subscribed", "status"]
+    err = result.stderr.decode().splitlines()
+    assert err[:2] == [f"# connecting {url}", f"# connected {url}"]
+    assert err[-1].startswith("watch.mjs: stats {")

@@ -190,7 +190,10 @@ async function main() {
     else await write(JSON.stringify(e));
     if (e.event === "frame" || e.event === "replay_frame") {
       frames += 1;
-      if (args.count && frames >= args.count) client.close();
+      if (args.count && frames >= args.count) {
+        client.close();
+        break; // what was queued after it stays unprinted, as with dde-gateway watch
+      }
     }
     if ((e.event === "unsubscribed" || e.event === "replay_end") && client.core.active === 0) client.close();
     if (args.slowMs) await sleep(args.slowMs);
