@@ -135,7 +135,7 @@ class Watcher:
         if self.backfill < -1:
             raise argparse.ArgumentTypeError("--backfill must be -1 or more")
         token_file: pathlib.Path | None = getattr(args, "token_file", None)
-        self.token = None if token_file is None else read_token_file(token_file).reveal()
+        token = None if token_file is None else read_token_file(token_file).reveal()
         ca_file: pathlib.Path | None = getattr(args, "ca_file", None)
         self.ssl_context = (
             None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
@@ -146,7 +146,7 @@ class Watcher:
         # Checked here, so that bad arguments exit 2 before any connection.
         self.client = Client(
             self.urls,
-            token=self.token,
+            token=token,
             ssl_context=self.ssl_context,
             max_queue=self.max_queue,
             heartbeat_interval=self.heartbeat_interval,

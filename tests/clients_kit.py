@@ -85,6 +85,8 @@ class Watch:
         self.process = process
         #: Every stdout line parsed (objects only; anything else is in :attr:`junk`).
         self.lines: list[dict[str, Any]] = []
+        #: When each of :attr:`lines` arrived (trio time).
+        self.arrived: list[float] = []
         self.junk: list[str] = []
         self.err: list[str] = []
         self.changed = trio.Event()
@@ -108,6 +110,7 @@ class Watch:
                     continue
                 if isinstance(obj, dict):
                     self.lines.append(obj)
+                    self.arrived.append(trio.current_time())
                 else:
                     self.junk.append(line.decode(errors="replace"))
             self._poke()
@@ -167,6 +170,14 @@ class Watch:
         await self.wait_for(
             lambda: self.frame_count(fixture) >= start + n, f"{n} more frames", timeout
         )
+
+    def first_frame_after(self, t: float, fixture: str) -> float | None:
+        """When the first frame of *fixture* printed after trio time *t* arrived."""
+        for line, at in zip(self.lines, self.arrived, strict=True):
+            is_frame = line.get("event") == "frame" or line.get("type") == "frame"
+            if at > t and is_frame and line.get("fixture") == fixture:
+                return at
+        return None
 
     def frame_count(self, fixture: str | None = None) -> int:
         return sum(

@@ -26,6 +26,7 @@ ports 0 (a restarted gateway binds the port its predecessor was given), hard tim
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -114,6 +115,14 @@ def ixs(events: list[dict[str, Any]], fixture: str = FX) -> list[int]:
         for e in events
         if e.get("fixture") == fixture and (e.get("event") == "frame" or e.get("type") == "frame")
     ]
+
+
+def _peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory (Linux: VmHWM), for the report."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return -1
 
 
 async def test_upstream_drops_every_frame_once(tmp_path: Path, runner: str) -> None:
@@ -266,8 +275,15 @@ async def test_a_slow_application_gets_every_frame_once_or_an_explicit_loss(
                     timeout=60,
                 )
                 await w.frames_after(20)
+                peak = _peak_rss_kib(w.process.pid)
                 assert await w.stop() == 0
     events = w.lines
+    slow = [e for e in w.events("state") if "4008" in e["reason"]]
+    print(
+        f"[client-conformance] {runner}: slow application: {len(w.events('frame'))} frames, "
+        f"{len(slow)} closes 4008, {len(w.events('loss'))} loss events, peak RSS {peak} KiB",
+        file=sys.stderr,
+    )
     assert frame_problems(events, FX) == []
     resumed = [e for e in w.events("subscribed") if e["resumed"]]
     assert resumed, "resumed after the 4008"
@@ -294,14 +310,26 @@ async def test_kill_9_of_the_instance_in_use_resumes_on_the_other(
                 for p in (w, raw):
                     for t in topics:
                         await p.frames_after(25, t.split("/")[1])
+                killed = trio.current_time()
                 a.process.kill()
                 for p in (w, raw):
                     for t in topics:
                         await p.frames_after(50, t.split("/")[1], timeout=40)
+                pauses = [
+                    (p.first_frame_after(killed, t.split("/")[1]) or killed) - killed
+                    for p in (w, raw)
+                    for t in topics
+                ]
+                print(
+                    f"[client-conformance] {runner}: kill -9 of the instance in use: frames "
+                    f"again after {min(pauses):.2f}-{max(pauses):.2f} s",
+                    file=sys.stderr,
+                )
                 assert await w.stop() == 0 and await raw.stop() == 0
     for t in topics:
         fx = t.split("/")[1]
-        assert frame_problems(w.lines, fx) == [], fx
+        problems = frame_problems(w.lines, fx)
+        assert problems == [], (fx, problems, [e for e in w.lines if e.get("event") != "frame"])
         assert contiguous(seqs(w.lines, fx)) == [], fx
         assert contiguous(ixs(w.lines, fx)) == [], fx
         subscribed = w.events("subscribed", fx)

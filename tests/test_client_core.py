@@ -516,7 +516,7 @@ def test_replay_requests_events_and_errors() -> None:
 Step = tuple[str, int]
 steps = st.lists(
     st.tuples(
-        st.sampled_from(["frames", "dup", "skip", "gap", "drop", "resume_lost", "epoch"]),
+        st.sampled_from(["frames", "dup", "skip", "gap", "drop", "resume_lost", "epoch", "behind"]),
         st.integers(1, 6),
     ),
     max_size=40,
@@ -581,6 +581,18 @@ def test_whatever_the_gateway_does_each_frame_once_or_a_loss(
             top += n
             connect(kind == "drop")
             sent = []
+        elif kind == "behind":
+            # Failover to an instance n frames behind (same epoch): it answers recovered
+            # false with its lower seq, then sends from there, repeating what was seen.
+            core.lost("closed 1006", 1.0)
+            core.connecting()
+            core.opened(0.0)
+            core.take_outgoing()
+            behind = max(0, top - n)
+            core.received(subscribed(behind, epoch(), False))
+            for seq in range(behind + 1, top + 1):
+                core.received(frame(seq))
+            sent = []
         elif kind == "epoch":
             core.lost("closed 1001", 1.0)
             epoch_n += 1
@@ -591,3 +603,25 @@ def test_whatever_the_gateway_does_each_frame_once_or_a_loss(
     assert frame_problems(lines, "F1") == []
     seen = [(line["epoch"], line["seq"]) for line in lines if line["event"] == "frame"]
     assert len(seen) == len(set(seen))
+
+
+def test_a_resume_ahead_of_the_new_instance_neither_repeats_nor_reports_a_loss() -> None:
+    """Failover in a cluster: the client got frames up to 550 from instance A, whose own topic
+    ran ahead of B's relay; B answers the resume ``recovered: false`` with seq 546 (same
+    epoch) and then sends 547, 548, ... live. Nothing was lost and nothing may be repeated:
+    frames up to 550 are dropped as duplicates, 551 follows 550."""
+    core, sid = new()
+    core.subscribe(sid, "tracking", "F1")
+    connected(core)
+    core.received(subscribed(540))
+    for seq in range(541, 551):
+        core.received(frame(seq))
+    core.lost("closed 1006", 1.0)
+    assert connected(core)[0]["after"] == 550
+    core.received(subscribed(546, recovered=False))
+    for seq in range(547, 553):
+        core.received(frame(seq))
+    events = drain(core, sid)
+    assert [e.seq for e in events if isinstance(e, Frame)] == list(range(541, 553))
+    assert not [e for e in events if isinstance(e, Loss)]
+    assert core.counters.duplicates_dropped == 4

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 import trio
 import trio_websocket
 import trustme
@@ -31,6 +32,7 @@ from dde_gateway_client import (
     Unsubscribed,
 )
 
+from gateway import cli
 from gateway.service import Gateway
 from tests.clients_kit import ROOT, contiguous
 from tests.kit import simulator_and_gateway, stream_url, wait_until
@@ -202,3 +204,19 @@ async def test_the_asyncio_consumer_runs(tmp_path: Path) -> None:
     assert code == 0
     seqs = [int(line.split()[0]) for line in lines]
     assert len(seqs) == 20 and contiguous(seqs) == []
+
+
+def test_watch_exits_2_on_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad arguments end ``dde-gateway watch`` with 2 before any connection, saying why."""
+    cases = [
+        (["--max-queue", "0", "tracking/F"], "--max-queue"),
+        (["--url", "http://x/v1/stream", "tracking/F"], "not a ws:// or wss:// URL"),
+        (["--token-file", str(tmp_path / "missing"), "tracking/F"], "missing"),
+        (["tracking"], "expected FEED/FIXTURE"),
+    ]
+    for args, says in cases:
+        assert cli.main(["watch", *args]) == 2, args
+        assert says in capsys.readouterr().err, args
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["watch", "--raw", "--events", "tracking/F"])
+    assert exc.value.code == 2

@@ -52,6 +52,7 @@ class AsyncioSubscription:
                 self._client._notify()
                 return event
             if core.stream_done(self.id):
+                core.close_stream(self.id)  # forget it (nothing is left to unsubscribe)
                 raise StopAsyncIteration
             await self._client._changed.wait()
 

@@ -388,10 +388,10 @@ class Core:
         self._outgoing.clear()
         for topic in self._topics.values():
             topic.state = "subscribing"
+        self._broadcast(StateChanged("disconnected", self.url, reason))
         for key, rep in list(self._replays.items()):
             if rep.sent:
                 self._end_replay(key, "disconnected", send=False)
-        self._broadcast(StateChanged("disconnected", self.url, reason))
         return self.backoff.next_delay()
 
     def refused(self, status: int, now: float) -> float | None:
@@ -477,9 +477,13 @@ class Core:
             return  # frames continue from after + 1 (a new epoch continues the numbering)
         if epoch != before:
             self._loss(topic, after + 1, seq if seq > 0 else None, before, "epoch_changed")
+            topic.last = seq
         elif seq > after:
             self._loss(topic, after + 1, seq, before, "not_recovered")
-        topic.last = seq
+            topic.last = seq
+        # else: the instance is behind what this client already has (a failover to an
+        # instance still catching up): the frames after `after` come live; the ones up to it
+        # are duplicates. Nothing lost, and `last` never moves back.
 
     def _frame(self, head: dict[str, Any], data: str) -> None:
         topic = self._live(head)
