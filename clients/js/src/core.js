@@ -225,13 +225,13 @@ export class ClientCore {
     else if (info.code && info.code !== 1006) {
       why = `closed ${info.code}${info.reason ? `: ${info.reason}` : ""}`;
     } else why = info.reason || "connection lost";
+    this.setState("disconnected", why);
     // A replay the gateway was serving ends with the connection (the application may ask again).
     for (const [k, replay] of this.replays) {
       if (replay.sent === null) continue;
       this.replays.delete(k);
       this.emit({ event: "replay_end", feed: replay.feed, fixture: replay.fixture, reason: "disconnected", last_seq: replay.lastSeq });
     }
-    this.setState("disconnected", why);
     for (const sub of this.subs.values()) if (sub.state === "subscribed") sub.state = "subscribing";
     this.stats.reconnects += 1;
     return { retryIn: this.backoff.next() };

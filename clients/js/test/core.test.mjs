@@ -97,6 +97,32 @@ test("not recovered: a loss event before the next frame, with the range", () => 
   assert.equal(events[1].epoch_after, "e1");
 });
 
+test("a resume answered by an instance behind the client (same epoch): no loss, nothing twice", () => {
+  // Failover in a cluster to an instance still catching up: recovered false, its seq below ours.
+  const c = core();
+  c.subscribe(F, X);
+  open(c);
+  c.received(subscribed(0, "e1"));
+  for (let s = 1; s <= 50; s++) c.received(frame(s));
+  c.closed(1, {});
+  open(c);
+  c.takeEvents();
+  c.received(subscribed(40, "e1", false));
+  for (let s = 41; s <= 52; s++) c.received(frame(s));
+  assert.deepEqual(kinds(c.takeEvents()), ["subscribed", "frame 51", "frame 52"]);
+  assert.equal(c.stats.duplicates, 10);
+  assert.equal(c.stats.losses, 0);
+});
+
+test("a lost connection: the state event first, then the replays it ended", () => {
+  const c = core();
+  c.replay(F, X, { rate: 10 });
+  open(c);
+  c.takeEvents();
+  c.closed(1, { code: 1001, reason: "going away" });
+  assert.deepEqual(c.takeEvents().map((e) => e.event), ["state", "replay_end"]);
+});
+
 test("a new epoch with no frame yet: the loss says to_seq null", () => {
   const c = core();
   c.subscribe(F, X);
