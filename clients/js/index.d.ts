@@ -181,6 +181,8 @@ export interface ClientOptions extends Timing {
   maxQueue?: number;
   /** Also queue every message as it came ({event: "raw", text}). */
   raw?: boolean;
+  /** The connection option ?write_delay=MS (0 to 1000), added to every URL; null: the gateway's. */
+  writeDelay?: number | null;
   /** Deliver events to this callback as they come instead of queueing them. */
   onEvent?: (event: ClientEvent) => void;
   /** For tests: the clock, ms. */
@@ -249,6 +251,7 @@ export class Backoff {
 export interface CoreOptions extends Timing {
   urls: string | string[];
   raw?: boolean;
+  writeDelay?: number | null;
 }
 
 /** The sans-I/O core: no socket, no timer, no clock. */

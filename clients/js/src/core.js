@@ -154,6 +154,11 @@ export class ClientCore {
       if (!/^wss?:\/\//i.test(url)) throw new TypeError(`not a ws:// or wss:// URL: ${url}`);
     }
     this.urls = [...urls];
+    // The connection option `?write_delay=MS` (docs/protocol.md): null = the gateway's default.
+    this.writeDelay = options.writeDelay ?? null;
+    if (this.writeDelay !== null && !(Number.isInteger(this.writeDelay) && this.writeDelay >= 0 && this.writeDelay <= 1000)) {
+      throw new RangeError("writeDelay must be null or a whole number of milliseconds, 0 to 1000");
+    }
     this.raw = Boolean(options.raw);
     this.heartbeatInterval = options.heartbeatInterval ?? DEFAULTS.heartbeatInterval;
     this.watchdogFactor = options.watchdogFactor ?? DEFAULTS.watchdogFactor;
@@ -192,7 +197,8 @@ export class ClientCore {
     this.url = this.urls[this.next % this.urls.length];
     this.next = (this.next + 1) % this.urls.length;
     this.setState("connecting", "");
-    return this.url;
+    if (this.writeDelay === null) return this.url;
+    return `${this.url}${this.url.includes("?") ? "&" : "?"}write_delay=${this.writeDelay}`;
   }
 
   /** The connection opened at time `now` (ms): every subscription is (re)sent. */

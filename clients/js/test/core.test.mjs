@@ -354,6 +354,14 @@ test("a connection lost before the first frame resumes from the subscribe's seq"
   assert.deepEqual(open(a), [{ op: "subscribe", feed: F, fixture: X, backfill: -1 }]);
 });
 
+test("writeDelay: the connection option in every URL opened", () => {
+  const c = core({ writeDelay: 5, urls: ["ws://a/v1/stream", "ws://b/v1/stream?x=1"] });
+  assert.deepEqual([c.connecting(), c.connecting()], ["ws://a/v1/stream?write_delay=5", "ws://b/v1/stream?x=1&write_delay=5"]);
+  assert.equal(c.url, "ws://b/v1/stream?x=1"); // what state events name
+  assert.throws(() => core({ writeDelay: 1001 }), /writeDelay/);
+  assert.throws(() => core({ writeDelay: 1.5 }), /writeDelay/);
+});
+
 test("bad arguments are refused with the field named", () => {
   assert.throws(() => new ClientCore({ urls: [] }), /urls/);
   assert.throws(() => new ClientCore({ urls: ["http://x"] }), /ws:\/\//);

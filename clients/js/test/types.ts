@@ -24,6 +24,7 @@ const options: ClientOptions = {
   backoffMin: 100,
   backoffMax: 10_000,
   heartbeatInterval: 10_000,
+  writeDelay: 5,
 };
 
 export async function consume(): Promise<number> {
