@@ -97,6 +97,8 @@ export interface ReplayFrameEvent {
   fixture: string;
   seq: number;
   data: unknown;
+  /** The frame's text, byte for byte (not enumerable). */
+  readonly dataText: string;
 }
 
 export interface ReplayLoopEvent {

@@ -21,7 +21,7 @@ import { NodeWebSocket } from "../node.js";
 
 const DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream";
 const USAGE = `usage: watch.mjs [--url URL]... [--token-file PATH] [--ca-file PATH] [--backfill N]
-                 [--events | --raw] [--replay PPS] [--max-queue N] [--heartbeat-interval S]
+                 [--events | --raw] [--max-queue N] [--heartbeat-interval S]
                  [--slow-ms MS] [--count N]
                  FEED/FIXTURE...`;
 
@@ -54,7 +54,7 @@ function readSecret(name, path) {
 }
 
 const VALUED = new Set([
-  "--url", "--token-file", "--ca-file", "--backfill", "--replay", "--max-queue",
+  "--url", "--token-file", "--ca-file", "--backfill", "--max-queue",
   "--heartbeat-interval", "--slow-ms", "--count",
 ]);
 
@@ -77,7 +77,6 @@ function parse(argv) {
         backfill: { type: "string" },
         events: { type: "boolean" },
         raw: { type: "boolean" },
-        replay: { type: "string" },
         "max-queue": { type: "string" },
         "heartbeat-interval": { type: "string" },
         "slow-ms": { type: "string" },
@@ -111,7 +110,6 @@ function parse(argv) {
     ca: v["ca-file"] ? readSecret("ca-file", v["ca-file"]) : null,
     backfill: v.backfill === undefined ? 0 : integer("backfill", v.backfill, -1),
     mode: v.events ? "events" : v.raw ? "raw" : "human",
-    replay: v.replay === undefined ? null : integer("replay", v.replay, 1, 1000),
     maxQueue: v["max-queue"] === undefined ? undefined : integer("max-queue", v["max-queue"], 1),
     heartbeatMs: v["heartbeat-interval"] === undefined ? undefined : number("heartbeat-interval", v["heartbeat-interval"], 0.001) * 1000,
     slowMs: v["slow-ms"] === undefined ? 0 : number("slow-ms", v["slow-ms"], 0, 60_000),
@@ -135,9 +133,9 @@ function summarise(e) {
 
 // The --events line: keys as docs/clients-js.md lists them; a frame's data verbatim.
 function eventLine(e) {
-  if (e.event === "frame") {
-    const head = JSON.stringify({ event: "frame", feed: e.feed, fixture: e.fixture, epoch: e.epoch, seq: e.seq });
-    return `${head.slice(0, -1)},"data":${e.dataText}}`;
+  if (e.event === "frame" || e.event === "replay_frame") {
+    const { data, ...head } = e;
+    return `${JSON.stringify(head).slice(0, -1)},"data":${e.dataText}}`;
   }
   return JSON.stringify(e);
 }
@@ -166,10 +164,7 @@ async function main() {
     heartbeatInterval: args.heartbeatMs,
     raw: args.mode === "raw",
   });
-  for (const [feed, fixture] of args.topics) {
-    if (args.replay !== null) client.replay(feed, fixture, { rate: args.replay });
-    else client.subscribe(feed, fixture, { backfill: args.backfill });
-  }
+  for (const [feed, fixture] of args.topics) client.subscribe(feed, fixture, { backfill: args.backfill });
   const stop = () => client.close();
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
@@ -188,14 +183,14 @@ async function main() {
       // --raw: the gateway's messages only (a fatal error went to stderr above)
     } else if (e.event === "frame") await write(summarise(e));
     else await write(JSON.stringify(e));
-    if (e.event === "frame" || e.event === "replay_frame") {
+    if (e.event === "frame") {
       frames += 1;
       if (args.count && frames >= args.count) {
         client.close();
         break; // what was queued after it stays unprinted, as with dde-gateway watch
       }
     }
-    if ((e.event === "unsubscribed" || e.event === "replay_end") && client.core.active === 0) client.close();
+    if (e.event === "unsubscribed" && client.core.active === 0) client.close();
     if (args.slowMs) await sleep(args.slowMs);
   }
   process.stderr.write(`watch.mjs: stats ${JSON.stringify(client.stats)}\n`);

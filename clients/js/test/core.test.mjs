@@ -307,6 +307,7 @@ test("replay messages become replay events; a lost connection ends the replay", 
   const events = c.takeEvents().filter((e) => e.event !== "state");
   assert.deepEqual(events.map((e) => e.event), ["replay_started", "replay_frame", "replay_frame", "replay_end"]);
   assert.deepEqual(events[1], { event: "replay_frame", feed: F, fixture: X, seq: 1, data: { ix: 1 } });
+  assert.equal(events[1].dataText, '{"ix":1}');
   assert.deepEqual(events[3], { event: "replay_end", feed: F, fixture: X, reason: "disconnected", last_seq: 2 });
   assert.equal(c.active, 0);
   // Asked while disconnected: sent once connected; the gateway's own end ends it.

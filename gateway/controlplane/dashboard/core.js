@@ -57,10 +57,11 @@ function checkTopic(feed, fixture) {
 }
 
 // The verbatim text of a frame's `data`: the gateway writes the envelope as
-// {"type":"frame","feed":F,"fixture":X,"seq":S,"data":RAW} with RAW the vendor's bytes.
+// {"type":"frame","feed":F,"fixture":X,"seq":S,"data":RAW} with RAW the vendor's bytes (and a
+// replayed frame the same way, type "replay_frame").
 function dataText(text, msg) {
   const prefix =
-    `{"type":"frame","feed":${JSON.stringify(msg.feed)},"fixture":${JSON.stringify(msg.fixture)},` +
+    `{"type":${JSON.stringify(msg.type)},"feed":${JSON.stringify(msg.feed)},"fixture":${JSON.stringify(msg.fixture)},` +
     `"seq":${msg.seq},"data":`;
   if (text.startsWith(prefix) && text.endsWith("}")) return text.slice(prefix.length, -1);
   return JSON.stringify(msg.data);
@@ -289,7 +290,7 @@ export class ClientCore {
       case "replay_frame":
       case "replay_loop":
       case "replay_end":
-        this.onReplay(msg);
+        this.onReplay(text, msg);
         break;
       default:
         break; // heartbeat, and anything a newer gateway adds
@@ -533,13 +534,17 @@ export class ClientCore {
     this.emit({ event: "error", message: msg.message, request, feed: other?.feed ?? null, fixture: other?.fixture ?? null, fatal: false });
   }
 
-  onReplay(msg) {
+  onReplay(text, msg) {
     const k = key(msg.feed, msg.fixture);
     const replay = this.replays.get(k);
     if (!replay) return;
     const { type, ...fields } = msg;
-    if (type === "replay_frame" && typeof msg.seq === "number") replay.lastSeq = msg.seq;
     if (type === "replay_end") this.replays.delete(k);
-    this.emit({ event: type, ...fields });
+    const event = { event: type, ...fields };
+    if (type === "replay_frame") {
+      if (typeof msg.seq === "number") replay.lastSeq = msg.seq;
+      Object.defineProperty(event, "dataText", { value: dataText(text, msg), enumerable: false });
+    }
+    this.emit(event);
   }
 }
