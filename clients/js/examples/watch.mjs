@@ -6,7 +6,7 @@
 // Subscribes to each FEED/FIXTURE and prints one line per frame (seq, the vendor's ix or
 // fixtureSeqNum, size); `--events` prints every client event as one JSON object per line,
 // `--raw` every message the gateway sent, verbatim. It moves to the next --url when one dies
-// and resumes without a gap (or says what was lost). Plain Node 20, no flag and no package:
+// and resumes without a gap (or says what was lost). Plain Node 18 or later, no flag, no package:
 // the WebSocket is the client's own NodeWebSocket (node:http/https).
 //
 // Exit status: 0 on a normal end (SIGINT/SIGTERM, or every subscription ended), 2 for bad
