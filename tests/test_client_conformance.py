@@ -332,11 +332,14 @@ async def test_kill_9_of_the_instance_in_use_resumes_on_the_other(
         assert problems == [], (fx, problems, [e for e in w.lines if e.get("event") != "frame"])
         assert contiguous(seqs(w.lines, fx)) == [], fx
         assert contiguous(ixs(w.lines, fx)) == [], fx
-        subscribed = w.events("subscribed", fx)
-        assert [(e["resumed"], e["recovered"]) for e in subscribed] == [
-            (False, False),
-            (True, True),
-        ], subscribed
+        first, again = w.events("subscribed", fx)
+        assert (first["resumed"], again["resumed"]) == (False, True)
+        # Recovered, unless the survivor was still behind what the program had printed (its
+        # topic catching up): the gateway then answers recovered: false with a lower seq and
+        # the frames follow live; the client repeats none and reports no loss (checked above).
+        before = [e for e in w.lines[: w.lines.index(again)] if e.get("event") == "frame"]
+        last_seq = [e["seq"] for e in before if e["fixture"] == fx][-1]
+        assert again["recovered"] or again["seq"] < last_seq, (again, last_seq)
         # --raw: what the gateways sent, verbatim: every frame once across the kill too.
         assert contiguous(seqs(raw.lines, fx)) == [], fx
         assert contiguous(ixs(raw.lines, fx)) == [], fx

@@ -270,8 +270,8 @@ def test_duplicates_are_dropped_and_counted() -> None:
     core.subscribe(sid, "tracking", "F1")
     connected(core)
     core.received(subscribed(0))
-    for seq in (1, 2, 2, 1, 3):
-        core.received(frame(seq))
+    used = [core.received(frame(seq)) for seq in (1, 2, 2, 1, 3)]
+    assert used == [True, True, False, False, True]  # what `watch --raw` prints
     assert [e.seq for e in drain(core, sid) if isinstance(e, Frame)] == [1, 2, 3]
     assert core.counters.duplicates_dropped == 2
 

@@ -248,12 +248,12 @@ class AsyncioClient:
                 return f"no message for {core.dead_after:g} s (heartbeat watchdog)"
             except ConnectionClosed as exc:
                 return _closed_reason(exc)
-            if self.on_message is not None and isinstance(text, str):
-                self.on_message(text)
             try:
-                core.received(text)
+                used = core.received(text)
             except ProtocolError as exc:
                 return f"protocol error: {exc}"
+            if used and self.on_message is not None and isinstance(text, str):
+                self.on_message(text)
             self._notify()
 
     async def _write(self, ws: ClientConnection) -> None:

@@ -409,24 +409,24 @@ class Core:
         self._broadcast(Error(message, fatal=True))
         self.close(message)
 
-    def received(self, text: str | bytes) -> None:
-        """One message from the gateway."""
+    def received(self, text: str | bytes) -> bool:
+        """One message from the gateway; False when it was a frame dropped as a duplicate
+        (the application saw it already), True otherwise."""
         if isinstance(text, bytes):
             raise ProtocolError("the gateway sent a binary message")
         if text.startswith('{"type":"frame"') or text.startswith('{"type":"replay_frame"'):
             head, data = split_frame(text)
             if head.get("type") == "frame":
-                self._frame(head, data)
-            else:
-                self._replay_frame(head, data)
-            return
+                return self._frame(head, data)
+            self._replay_frame(head, data)
+            return True
         msg = _loads(text)
         kind = msg.get("type")
         if kind == "heartbeat":
-            return
+            return True
         if kind == "frame":
-            self._frame(msg, json.dumps(msg.get("data"), separators=(",", ":")))
-        elif kind == "subscribed":
+            return self._frame(msg, json.dumps(msg.get("data"), separators=(",", ":")))
+        if kind == "subscribed":
             self._subscribed(msg)
         elif kind == "status":
             self._status(msg)
@@ -442,6 +442,7 @@ class Core:
             self._replay_end(msg)
         else:
             self.counters.stray_messages += 1
+        return True
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -485,22 +486,23 @@ class Core:
         # instance still catching up): the frames after `after` come live; the ones up to it
         # are duplicates. Nothing lost, and `last` never moves back.
 
-    def _frame(self, head: dict[str, Any], data: str) -> None:
+    def _frame(self, head: dict[str, Any], data: str) -> bool:
         topic = self._live(head)
         if topic is None or topic.state != "subscribed" or topic.epoch is None:
             if topic is not None:
                 self.counters.stray_messages += 1
-            return
+            return True
         seq = int(head["seq"])
         last = topic.last
         if last is not None and seq <= last:
             self.counters.duplicates_dropped += 1
-            return
+            return False
         if last is not None and seq != last + 1 and topic.max_rate is None:
             self._loss(topic, last + 1, seq - 1, topic.epoch, "sequence_gap")
         topic.last = seq
         self.counters.frames += 1
         self._emit(topic.stream, Frame(topic.feed, topic.fixture, topic.epoch, seq, data))
+        return True
 
     def _gap(self, msg: dict[str, Any]) -> None:
         topic = self._live(msg)

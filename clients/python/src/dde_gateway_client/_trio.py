@@ -94,7 +94,8 @@ class Client:
             ca_file=ca_file,
             connect_timeout=connect_timeout,
         )
-        #: Called with every message as it arrives, before the core reads it (``watch --raw``).
+        #: Called with every message as it arrives, after the core read it, except frames it
+        #: dropped as duplicates (``watch --raw``: what the gateway sent, each frame once).
         self.on_message = on_message
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -255,12 +256,12 @@ class Client:
                     return _closed_reason(exc)
             if text is None:
                 return f"no message for {core.dead_after:g} s (heartbeat watchdog)"
-            if self.on_message is not None and isinstance(text, str):
-                self.on_message(text)
             try:
-                core.received(text)
+                used = core.received(text)
             except ProtocolError as exc:
                 return f"protocol error: {exc}"
+            if used and self.on_message is not None and isinstance(text, str):
+                self.on_message(text)
             self._notify()
 
     async def _write(self, ws: trio_websocket.WebSocketConnection) -> None:
