@@ -77,7 +77,7 @@ export interface UnsubscribedEvent {
 
 export interface RawEvent {
   event: "raw";
-  /** A message exactly as the gateway sent it (options.raw). */
+  /** A message exactly as the gateway sent it (options.raw); never a frame dropped as a duplicate. */
   text: string;
 }
 

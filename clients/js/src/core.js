@@ -259,16 +259,20 @@ export class ClientCore {
     this.setState("closed", reason);
   }
 
-  /** One text message from the gateway. */
+  /**
+   * One text message from the gateway. With `raw`, a `raw` event first - except for a frame
+   * dropped as a duplicate (the application has it already): what it prints has each frame once.
+   */
   received(text) {
-    if (this.raw) this.emit({ event: "raw", text });
     let msg;
     try {
       msg = JSON.parse(text);
     } catch {
+      if (this.raw) this.emit({ event: "raw", text });
       this.emit({ event: "error", message: "the gateway sent invalid JSON", request: null, feed: null, fixture: null, fatal: false });
       return;
     }
+    if (this.raw && msg?.type !== "frame") this.emit({ event: "raw", text });
     if (msg === null || typeof msg !== "object") return;
     switch (msg.type) {
       case "frame":
@@ -470,12 +474,16 @@ export class ClientCore {
 
   onFrame(text, msg) {
     const sub = this.subs.get(key(msg.feed, msg.fixture));
-    if (!sub || sub.state !== "subscribed" || typeof msg.seq !== "number") return;
-    const last = sub.lastSeq;
-    if (last !== null && msg.seq <= last) {
-      this.stats.duplicates += 1; // never delivered twice
+    if (!sub || sub.state !== "subscribed" || typeof msg.seq !== "number") {
+      if (this.raw) this.emit({ event: "raw", text });
       return;
     }
+    const last = sub.lastSeq;
+    if (last !== null && msg.seq <= last) {
+      this.stats.duplicates += 1; // never delivered twice (nor printed twice by --raw)
+      return;
+    }
+    if (this.raw) this.emit({ event: "raw", text });
     if (!sub.conflated && last !== null && sub.sequenceChecked && msg.seq > last + 1) {
       // No gap message said so: defensive, it should never happen.
       this.loss(sub, last + 1, msg.seq - 1, sub.epoch, sub.epoch, "sequence_gap");

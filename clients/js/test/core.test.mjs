@@ -293,6 +293,13 @@ test("raw: every message as it came, before what it means", () => {
   const events = c.takeEvents();
   assert.deepEqual(events.map((e) => e.event), ["raw", "raw", "subscribed"]);
   assert.equal(events[0].text, hb);
+  // A frame dropped as a duplicate is not in the raw output either: each frame once.
+  c.received(frame(1));
+  c.received(frame(1));
+  c.received(frame(2));
+  assert.deepEqual(c.takeEvents().map((e) => (e.event === "raw" ? `raw ${JSON.parse(e.text).seq}` : e.event)), [
+    "raw 1", "frame", "raw 2", "frame",
+  ]);
 });
 
 test("replay messages become replay events; a lost connection ends the replay", () => {
