@@ -8,11 +8,14 @@ could not recover (a ``loss`` event) instead of skipping it. Output:
 - default: one line per frame summarised (seq, size and the vendor's ``ix`` or
   ``fixtureSeqNum``), every other event as its JSON line, connection states on stderr;
 - ``--events``: every event as one JSON object per line (docs/clients.md lists the keys);
-- ``--raw``: every message the gateway sent, verbatim, one per line.
+- ``--raw``: every message the gateway sent, verbatim, one per line (but frames the client
+  dropped as duplicates: each frame once).
 
 ``--token-file`` sends a subscriber token (``Authorization: Bearer``); ``--ca-file`` trusts a
 private CA for ``wss://``. Exit status: 0 at the end (SIGINT/SIGTERM, ``--count`` reached, or
 every subscription ended), 2 for bad arguments, 3 when the token is refused (HTTP 401).
+``--replay PPS`` replays the topics from their first frame instead (the ``replay`` op), and
+ends when every replay has.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dde_gateway_client import (
     Error,
     Event,
     Frame,
+    ReplayFrame,
     StateChanged,
 )
 
@@ -74,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's heartbeat_interval: 3 without any message = a dead connection",
     )
     parser.add_argument(
+        "--replay",
+        type=int,
+        default=None,
+        metavar="PPS",
+        help="replay the topics from their first frame at PPS frames a second (1-1000) "
+        "instead of following them live; ends when every replay has",
+    )
+    parser.add_argument(
         "--slow-ms",
         type=float,
         default=0.0,
@@ -100,8 +112,8 @@ def _topic(text: str) -> tuple[str, str]:
     return feed, fixture
 
 
-def summarise(event: Frame) -> str:
-    """One line for a frame."""
+def summarise(event: Frame | ReplayFrame) -> str:
+    """One line for a frame (``replay`` instead of ``frame`` for a replayed one)."""
     data = event.data
     mark = ""
     if isinstance(data, dict):
@@ -112,7 +124,8 @@ def summarise(event: Frame) -> str:
         elif "eventElementType" in data:
             mark = f" {data.get('eventElementType')}={data.get('state')}"
     size = len(event.text.encode())
-    return f"frame {event.feed}/{event.fixture} seq={event.seq}{mark} ({size} bytes)"
+    kind = "frame" if isinstance(event, Frame) else "replay"
+    return f"{kind} {event.feed}/{event.fixture} seq={event.seq}{mark} ({size} bytes)"
 
 
 class Watcher:
@@ -134,6 +147,9 @@ class Watcher:
             raise argparse.ArgumentTypeError("--count, --slow-ms >= 0 and --max-queue >= 1")
         if self.backfill < -1:
             raise argparse.ArgumentTypeError("--backfill must be -1 or more")
+        self.replay: int | None = getattr(args, "replay", None)
+        if self.replay is not None and not 1 <= self.replay <= 1000:
+            raise argparse.ArgumentTypeError("--replay must be 1 to 1000 frames a second")
         token_file: pathlib.Path | None = getattr(args, "token_file", None)
         token = None if token_file is None else read_token_file(token_file).reveal()
         ca_file: pathlib.Path | None = getattr(args, "ca_file", None)
@@ -166,7 +182,7 @@ class Watcher:
             print(f"# {event.message}", file=self.err, flush=True)
         elif self.raw:
             return
-        elif isinstance(event, Frame):
+        elif isinstance(event, Frame | ReplayFrame):
             print(summarise(event), file=self.out, flush=True)
         else:
             print(event.to_json(), file=self.out, flush=True)
@@ -176,12 +192,15 @@ class Watcher:
         fatal = False
         async with self.client as client, trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_on_signals, nursery.cancel_scope)
-            sub = client.subscribe_many(self.topics, backfill=self.backfill)
+            if self.replay is None:
+                sub = client.subscribe_many(self.topics, backfill=self.backfill)
+            else:
+                sub = client.replay_many(self.topics, rate=self.replay)
             async for event in sub:
                 self._show(event)
                 if isinstance(event, Error) and event.fatal:
                     fatal = True
-                if isinstance(event, Frame):
+                if isinstance(event, Frame | ReplayFrame):
                     self.frames += 1
                     if self.count and self.frames >= self.count:
                         break

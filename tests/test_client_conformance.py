@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -68,12 +69,19 @@ class Site:
         self.gw: Gateway | None = None
         self.stream = "127.0.0.1:0"
         self.sections: dict[str, dict[str, Any]] = {}
+        #: Follow the fixture from its first frame (``backfill = -1`` at the vendor): a replay
+        #: from the start needs it held.
+        self.from_start = False
 
     def config(self) -> Config:
         sections = {**self.sections}
         sections["gateway"] = {**sections.get("gateway", {}), "stream_listen": self.stream}
         token = self.tmp_path / "token"
-        return gateway_config(self.sim_port, token, [("tracking", FX)], **sections)
+        config = gateway_config(self.sim_port, token, [("tracking", FX)], **sections)
+        if self.from_start:
+            fixtures = tuple(attrs.evolve(f, backfill=-1) for f in config.fixtures)
+            config = attrs.evolve(config, fixtures=fixtures)
+        return config
 
     @property
     def url(self) -> str:
@@ -347,3 +355,31 @@ async def test_kill_9_of_the_instance_in_use_resumes_on_the_other(
     states = [(e["state"], e["url"]) for e in w.events("state")]
     assert ("connected", f"ws://{b.stream}/v1/stream") in states
     assert raw.envelopes("gap") == [] and raw.envelopes("error") == []
+
+
+async def test_replay_prints_the_match_again_at_its_pace(tmp_path: Path, runner: str) -> None:
+    """``--replay PPS``: the fixture's frames from its first, as ``replay_frame`` events (never
+    ``frame``), contiguous, then ``replay_end`` (``end``) and exit 0."""
+    with trio.fail_after(60):
+        async with site(tmp_path, recorder={"dir": str(tmp_path / "rec")}) as s:
+            s.from_start = True
+            async with s.gateway() as gw:
+                await wait_until(lambda: _topic_seq(gw) >= 60, 30)
+                args = ["--events", "--replay", "500", "--url", s.url, f"tracking/{FX}"]
+                async with watch(runner, args) as w:
+                    assert await w.exit_code(timeout=40) == 0
+    assert w.events("replay_started"), w.describe()
+    (started,) = w.events("replay_started")
+    assert (started["from_seq"], started["rate"], started["looped"]) == (1, 500, False)
+    replayed = [e["seq"] for e in w.events("replay_frame")]
+    assert replayed[0] == 1 and len(replayed) >= 60 and contiguous(replayed) == []
+    assert contiguous(ixs([{**e, "event": "frame"} for e in w.events("replay_frame")])) == []
+    (end,) = w.events("replay_end")
+    assert (end["reason"], end["last_seq"]) == ("end", replayed[-1])
+    assert w.events("frame") == [] and w.events("error") == []
+    assert [e["event"] for e in w.lines if e["event"] != "state"][-1] == "replay_end"
+
+
+def _topic_seq(gw: Gateway) -> int:
+    topic = gw.hub.get("tracking", FX)
+    return 0 if topic is None else topic.seq

@@ -25,6 +25,7 @@ import trustme
 from dde_gateway_client import (
     AsyncioClient,
     Client,
+    Error,
     Event,
     Frame,
     StateChanged,
@@ -91,6 +92,10 @@ async def test_asyncio_client_gets_frames_in_order_and_unsubscribes(tmp_path: Pa
                     client.unsubscribe("tracking", FX)
         return got
 
+    async def refused(url: str) -> list[Event]:
+        async with AsyncioClient(url) as client:  # no token: 401, fatal
+            return [event async for event in client.subscribe("tracking", FX)]
+
     with trio.fail_after(60):
         async with simulator_and_gateway(tmp_path, [("tracking", FX)], subscribers=subscribers) as (
             _,
@@ -98,6 +103,10 @@ async def test_asyncio_client_gets_frames_in_order_and_unsubscribes(tmp_path: Pa
         ):
             url = stream_url(gw)
             got = await trio.to_thread.run_sync(asyncio.run, consume(url))
+            fatal = await trio.to_thread.run_sync(asyncio.run, refused(url))
+    assert [type(e).__name__ for e in fatal] == ["StateChanged", "Error", "StateChanged"]
+    assert isinstance(fatal[1], Error) and fatal[1].fatal and "HTTP 401" in fatal[1].message
+    assert fatal[2] == StateChanged("closed", url, fatal[1].message)
     frames = [e.seq for e in got if isinstance(e, Frame)]
     assert len(frames) == 10 and contiguous(frames) == []
     (sub,) = [e for e in got if isinstance(e, Subscribed)]

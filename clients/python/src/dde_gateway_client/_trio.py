@@ -165,9 +165,21 @@ class Client:
     ) -> Subscription:
         """Replay what the gateway holds of a topic at *rate* frames a second (op ``replay``):
         ``replay_started``, ``replay_frame``..., ``replay_loop``, ``replay_end`` events."""
+        return self.replay_many([(feed, fixture)], rate=rate, looped=looped, start=start)
+
+    def replay_many(
+        self,
+        topics: Iterable[tuple[str, str]],
+        *,
+        rate: int,
+        looped: bool = False,
+        start: dict[str, Any] | None = None,
+    ) -> Subscription:
+        """Replay several topics: one merged stream of their replay events."""
         stream = self.core.open_stream()
         try:
-            self.core.replay(stream, feed, fixture, rate=rate, looped=looped, start=start)
+            for feed, fixture in topics:
+                self.core.replay(stream, feed, fixture, rate=rate, looped=looped, start=start)
         except BaseException:
             self.core.close_stream(stream)
             raise
