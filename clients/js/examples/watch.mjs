@@ -9,6 +9,7 @@
 // and resumes without a gap (or says what was lost). Plain Node 18 or later, no flag, no package:
 // the WebSocket is the client's own NodeWebSocket (node:http/https).
 //
+// `--replay PPS` replays the topics from their first frame instead (ends when every replay has).
 // Exit status: 0 on a normal end (SIGINT/SIGTERM, or every subscription ended), 2 for bad
 // arguments, 3 for a fatal error (the token refused).
 
@@ -21,7 +22,7 @@ import { NodeWebSocket } from "../node.js";
 
 const DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream";
 const USAGE = `usage: watch.mjs [--url URL]... [--token-file PATH] [--ca-file PATH] [--backfill N]
-                 [--events | --raw] [--max-queue N] [--heartbeat-interval S]
+                 [--events | --raw] [--replay PPS] [--max-queue N] [--heartbeat-interval S]
                  [--slow-ms MS] [--count N]
                  FEED/FIXTURE...`;
 
@@ -54,7 +55,7 @@ function readSecret(name, path) {
 }
 
 const VALUED = new Set([
-  "--url", "--token-file", "--ca-file", "--backfill", "--max-queue",
+  "--url", "--token-file", "--ca-file", "--backfill", "--replay", "--max-queue",
   "--heartbeat-interval", "--slow-ms", "--count",
 ]);
 
@@ -77,6 +78,7 @@ function parse(argv) {
         backfill: { type: "string" },
         events: { type: "boolean" },
         raw: { type: "boolean" },
+        replay: { type: "string" },
         "max-queue": { type: "string" },
         "heartbeat-interval": { type: "string" },
         "slow-ms": { type: "string" },
@@ -110,6 +112,7 @@ function parse(argv) {
     ca: v["ca-file"] ? readSecret("ca-file", v["ca-file"]) : null,
     backfill: v.backfill === undefined ? 0 : integer("backfill", v.backfill, -1),
     mode: v.events ? "events" : v.raw ? "raw" : "human",
+    replay: v.replay === undefined ? null : integer("replay", v.replay, 1, 1000),
     maxQueue: v["max-queue"] === undefined ? undefined : integer("max-queue", v["max-queue"], 1),
     heartbeatMs: v["heartbeat-interval"] === undefined ? undefined : number("heartbeat-interval", v["heartbeat-interval"], 0.001) * 1000,
     slowMs: v["slow-ms"] === undefined ? 0 : number("slow-ms", v["slow-ms"], 0, 60_000),
@@ -117,7 +120,7 @@ function parse(argv) {
   };
 }
 
-// One line for a frame, as `dde-gateway watch` prints it.
+// One line for a frame (`replay` for a replayed one), as `dde-gateway watch` prints it.
 function summarise(e) {
   const data = e.data;
   let mark = "";
@@ -128,7 +131,8 @@ function summarise(e) {
     } else if ("eventElementType" in data) mark = ` ${data.eventElementType}=${data.state}`;
   }
   const size = Buffer.byteLength(e.dataText ?? JSON.stringify(data));
-  return `frame ${e.feed}/${e.fixture} seq=${e.seq}${mark} (${size} bytes)`;
+  const kind = e.event === "frame" ? "frame" : "replay";
+  return `${kind} ${e.feed}/${e.fixture} seq=${e.seq}${mark} (${size} bytes)`;
 }
 
 // The --events line: keys as docs/clients-js.md lists them; a frame's data verbatim.
@@ -164,7 +168,11 @@ async function main() {
     heartbeatInterval: args.heartbeatMs,
     raw: args.mode === "raw",
   });
-  for (const [feed, fixture] of args.topics) client.subscribe(feed, fixture, { backfill: args.backfill });
+  for (const [feed, fixture] of args.topics) {
+    // --replay: from the fixture's first frame at PPS frames a second, instead of live.
+    if (args.replay !== null) client.replay(feed, fixture, { rate: args.replay });
+    else client.subscribe(feed, fixture, { backfill: args.backfill });
+  }
   const stop = () => client.close();
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
@@ -181,16 +189,16 @@ async function main() {
     } else if (e.event === "raw") await write(e.text);
     else if (args.mode === "raw" || (e.event === "error" && e.fatal)) {
       // --raw: the gateway's messages only (a fatal error went to stderr above)
-    } else if (e.event === "frame") await write(summarise(e));
+    } else if (e.event === "frame" || e.event === "replay_frame") await write(summarise(e));
     else await write(JSON.stringify(e));
-    if (e.event === "frame") {
+    if (e.event === "frame" || e.event === "replay_frame") {
       frames += 1;
       if (args.count && frames >= args.count) {
         client.close();
         break; // what was queued after it stays unprinted, as with dde-gateway watch
       }
     }
-    if (e.event === "unsubscribed" && client.core.active === 0) client.close();
+    if ((e.event === "unsubscribed" || e.event === "replay_end") && client.core.active === 0) client.close();
     if (args.slowMs) await sleep(args.slowMs);
   }
   process.stderr.write(`watch.mjs: stats ${JSON.stringify(client.stats)}\n`);
