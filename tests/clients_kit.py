@@ -7,7 +7,7 @@ client's program. The suite (tests/test_client_conformance.py) runs every scenar
 runner and asserts what the program printed, event by event.
 
 - ``python``: ``dde-gateway watch`` (``python -m gateway watch``), on clients/python.
-- (the JS client adds ``node``: ``node clients/js/examples/watch.mjs``.)
+- ``node``: ``node clients/js/examples/watch.mjs``, on clients/js (Debian's ``nodejs``).
 
 :class:`Watch` reads the program's stdout as JSON lines (``--events``: the events; ``--raw``:
 the gateway's envelopes) and keeps its stderr; :func:`frame_problems` says where what a program
@@ -39,11 +39,31 @@ def _python(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "gateway", "watch", *args]
 
 
+#: The JavaScript client's watch program (clients/js/examples/watch.mjs), run by Node.
+NODE_WATCH: Final = ROOT / "clients" / "js" / "examples" / "watch.mjs"
+
+
+def _node(args: Sequence[str]) -> list[str]:
+    return [shutil.which("node") or "node", str(NODE_WATCH), *args]
+
+
 #: Runner name -> argv builder. One entry per client program.
-RUNNERS: dict[str, Argv] = {"python": _python}
+RUNNERS: dict[str, Argv] = {"python": _python, "node": _node}
 
 #: Runner name -> why it cannot run here (None: it can). Checked before each scenario.
-REQUIREMENTS: dict[str, Callable[[], str | None]] = {"python": lambda: None}
+REQUIREMENTS: dict[str, Callable[[], str | None]] = {
+    "python": lambda: None,
+    "node": lambda: _required("node", "nodejs"),
+}
+
+
+def _required(program: str, package: str) -> str | None:
+    """Why *program* is missing (Debian's *package*: .ci/test installs it as root), or None.
+    In CI (``CI=true``) a missing program fails the suite instead of skipping it."""
+    why = which(program)
+    if why is not None and os.environ.get("CI") == "true":
+        raise AssertionError(f"{why} (apt-get install -y {package}); CI must run every runner")
+    return None if why is None else f"{why} (apt-get install -y {package})"
 
 
 def unavailable(runner: str) -> str | None:
