@@ -18,12 +18,8 @@ import orjson
 import pytest
 
 from gateway.config import Secret, SecretError
-from gateway.service import (
-    GatewayLogHandler,
-    SecretRedactor,
-    configure_logging,
-    fields,
-)
+from gateway.logs import fields
+from gateway.service import GatewayLogHandler, SecretRedactor, configure_logging
 from tests.conftest import TEST_TOKEN
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"

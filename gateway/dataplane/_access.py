@@ -26,7 +26,7 @@ from typing import Final
 
 from gateway.config import SubscriberTokens, TokenGrant
 from gateway.errors import BadRequest
-from gateway.throttle import DEFAULT_INTERVAL, LogThrottle
+from gateway.logs import DEFAULT_INTERVAL, LogThrottle
 
 log = logging.getLogger("gateway.dataplane")
 

@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from gateway.dataplane._connection import Connection
-from gateway.throttle import LogThrottle
+from gateway.logs import LogThrottle
 from gateway.wire import CLOSE_GOING_AWAY
 
 log = logging.getLogger("gateway.dataplane")

@@ -23,6 +23,7 @@ from typing import Final
 import trio
 
 from gateway.config import RecorderSection, expand_path
+from gateway.logs import LogThrottle
 from gateway.recorder._fs import NotOurFile, Tree, refusal
 from gateway.recorder._scan import SegmentInfo
 from gateway.recorder._store import (
@@ -42,7 +43,6 @@ from gateway.recorder._threads import (
     Writer,
     describe_error,
 )
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.recorder")
 

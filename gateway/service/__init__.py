@@ -10,7 +10,6 @@ from gateway.service._logging import (
     LogFormat,
     SecretRedactor,
     configure_logging,
-    fields,
 )
 from gateway.service._notify import Notifier, encode_fields
 from gateway.service._slowsteps import SlowStepLog, instruments_from_env
@@ -31,7 +30,6 @@ __all__ = [
     "configure_logging",
     "demo_config",
     "encode_fields",
-    "fields",
     "instruments_from_env",
     "run_demo",
     "run_from_config_path",

@@ -64,10 +64,10 @@ from gateway.cluster import (
 )
 from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
+from gateway.logs import LogThrottle
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.service._clusterrec import TopicRecording
 from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
-from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 
 log = logging.getLogger("gateway.cluster")

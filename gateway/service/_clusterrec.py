@@ -26,8 +26,8 @@ import logging
 from typing import Protocol
 
 from gateway.hub import ArchiveCursor, Topic, TopicArchive
+from gateway.logs import LogThrottle
 from gateway.recorder import FixtureLog, Recorder
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.recorder")
 

@@ -38,7 +38,7 @@ import trio
 from gateway.config import FeedConfig, FixtureConfig
 from gateway.controlplane import FollowLimitError
 from gateway.hub import OnDemandLimitError
-from gateway.throttle import LogThrottle
+from gateway.logs import LogThrottle
 
 log = logging.getLogger("gateway")
 

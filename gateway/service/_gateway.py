@@ -45,6 +45,7 @@ from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
+from gateway.logs import fields
 from gateway.model import (
     FixtureState,
     FixtureStatus,
@@ -58,7 +59,6 @@ from gateway.replay import ReplayCounters, Replays, VendorLink
 from gateway.service._cluster import ROLE_OWNER, ClusterNode
 from gateway.service._clusterrec import ClusterRecording
 from gateway.service._fixtures import FixtureBook
-from gateway.service._logging import fields
 from gateway.upstream import FixtureHandle, Supervisor
 
 log = logging.getLogger("gateway")
