@@ -3,7 +3,7 @@ task) and throttled repeats. A leaf: imports nothing of the gateway. The formatt
 them, with redaction and journald priorities, is ``gateway.service``'s (docs/operations.md,
 "Logs")."""
 
-from gateway.logs._fields import FIELDS_ATTR, bound_fields, fields, log_context
+from gateway.logs._fields import FIELDS_ATTR, bound_fields, fields, log_context, own_log_context
 from gateway.logs._throttle import DEFAULT_INTERVAL, LogThrottle
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "bound_fields",
     "fields",
     "log_context",
+    "own_log_context",
 ]

@@ -13,7 +13,7 @@ given at the call wins over a bound one of the same name):
   ``subscriber`` in each subscriber connection's task and ``instance`` in the cluster node's
   task, so a line need not repeat them::
 
-      with log_context(feed="tracking", fixture="5501b26a"):
+      with own_log_context(feed="tracking", fixture="5501b26a"):
           await runner.run_forever(connect)
 
 The binding is structlog's context-local context (:mod:`structlog.contextvars`, one
@@ -45,6 +45,31 @@ def log_context(**values: object) -> Iterator[None]:
     """
     with structlog.contextvars.bound_contextvars(**values):
         yield
+
+
+#: Bound fields that name where a line comes from (the cluster instance), not what it is
+#: about: :func:`own_log_context` keeps them.
+NODE_FIELDS: Final = frozenset({"instance"})
+
+
+@contextmanager
+def own_log_context(**values: object) -> Iterator[None]:
+    """Like :func:`log_context`, but the subject's fields bound before (all but
+    :data:`NODE_FIELDS`) are dropped in the block.
+
+    For a long-lived task started on behalf of another: trio copies the starting task's
+    context, so a fixture task started on demand by a subscriber's task would otherwise name
+    that subscriber on every line, long after it left.
+    """
+    before = structlog.contextvars.get_contextvars()
+    structlog.contextvars.clear_contextvars()
+    kept = {k: v for k, v in before.items() if k in NODE_FIELDS}
+    try:
+        with structlog.contextvars.bound_contextvars(**kept, **values):
+            yield
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**before)
 
 
 def bound_fields() -> dict[str, object]:
