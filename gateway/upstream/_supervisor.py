@@ -176,13 +176,14 @@ class Supervisor:
         assert self._active_connect is not None
         runner = entry.runner
         status = runner.status
-        try:
-            # Every line of this fixture's task (connect, session, sink, hub) names it, and
-            # only it: not the subscriber whose request may have started it (on demand).
-            with entry.scope, own_log_context(feed=status.feed, fixture=status.fixture):
-                await runner.run_forever(self._active_connect)
-        finally:
-            runner.stop("supervisor stopped")
+        # Every line of this fixture's task (connect, session, sink, hub) names it, and only
+        # it: not the subscriber whose request may have started it (on demand).
+        with own_log_context(feed=status.feed, fixture=status.fixture):
+            try:
+                with entry.scope:
+                    await runner.run_forever(self._active_connect)
+            finally:
+                runner.stop("supervisor stopped")
 
     def add(self, fixture: FixtureConfig, *, backlog: bool = False) -> bool:
         """Start following ``fixture``; False if it is already followed.
