@@ -80,9 +80,10 @@ async def test_a_fixture_started_on_demand_does_not_name_the_subscriber(tmp_path
     out = io.StringIO()
     configure_logging(fmt="json", level="debug", stream=out)
     with trio.fail_after(60):
-        async with simulator_and_gateway(
-            tmp_path, [], feeds={"tracking": {"on_demand": True}}
-        ) as (sim, gw):
+        async with simulator_and_gateway(tmp_path, [], feeds={"tracking": {"on_demand": True}}) as (
+            sim,
+            gw,
+        ):
             assert gw.bound is not None
             sim.add_fixture(A)
             client = await RawClient.connect(gw.bound.stream)
