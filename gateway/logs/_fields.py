@@ -72,6 +72,7 @@ def own_log_context(**values: object) -> Iterator[None]:
         structlog.contextvars.bind_contextvars(**before)
 
 
-def bound_fields() -> dict[str, object]:
-    """The fields bound to the current task (what :func:`log_context` set), for the formatter."""
-    return structlog.contextvars.get_contextvars()
+def bound_fields() -> list[tuple[str, object]]:
+    """The fields bound to the current task (what :func:`log_context` set), for the formatter:
+    sorted by name (a context's own order varies from run to run)."""
+    return sorted(structlog.contextvars.get_contextvars().items())

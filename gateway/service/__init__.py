@@ -4,6 +4,7 @@ from gateway.service._clusterrec import ClusterRecording, RecordingArchive
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway, RecordedTopic
+from gateway.service._journald import writes_to_journal
 from gateway.service._lifecycle import RELOAD_LOG_INTERVAL, run_from_config_path, serve
 from gateway.service._logging import (
     GatewayLogHandler,
@@ -34,4 +35,5 @@ __all__ = [
     "run_demo",
     "run_from_config_path",
     "serve",
+    "writes_to_journal",
 ]

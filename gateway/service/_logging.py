@@ -106,7 +106,7 @@ def _envelope(_logger: object, _method: str, ed: EventDict) -> EventDict:
             name = str(key)
             # A field may not overwrite the envelope: "msg" becomes "msg_".
             out[f"{name}_" if name in _RESERVED else name] = value
-    for name, value in bound_fields().items():
+    for name, value in bound_fields():
         out.setdefault(f"{name}_" if name in _RESERVED else name, value)
     exc_info = ed.get("exc_info")
     if exc_info and exc_info[0] is not None:
