@@ -2,9 +2,10 @@
 ``configure_logging`` (JSON) into memory.
 
 A line about a fixture carries ``feed`` and ``fixture``, a line about a subscriber its id
-(``subscriber``) - bound to the task that logs (``log_context``) or given at the call - and a
-fixture started on demand by a subscriber's request does not name that subscriber on its own
-lines. Real sockets on 127.0.0.1 port 0, real time, generous guards.
+(``subscriber``), a line of a cluster instance its name (``instance``) - bound to the task that
+logs (``log_context``) or given at the call - and a fixture started on demand by a subscriber's
+request does not name that subscriber on its own lines. Real sockets on 127.0.0.1 port 0, a
+real redis-server for the cluster (tests/redis_kit.py), real time, generous guards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import trio
 
 from gateway.service import configure_logging
 from tests.kit import simulator_and_gateway, wait_until
+from tests.redis_kit import RedisServer
+from tests.test_cluster_gateway import cluster_of
 from tests.test_dataplane import RawClient
 from tests.test_dataplane_slow import _subscribe_raw
 
@@ -98,3 +101,23 @@ async def test_a_fixture_started_on_demand_does_not_name_the_subscriber(tmp_path
     for rec in fixture_lines:
         assert (rec["feed"], rec["fixture"]) == ("tracking", A)
         assert "subscriber" not in rec and "peer" not in rec, rec
+
+
+async def test_cluster_lines_carry_the_instance_and_the_fixture(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    with trio.fail_after(45):
+        async with cluster_of(tmp_path, redis_server, [("tracking", A)]) as c:
+            await c.start("gw-a")
+            await wait_until(lambda: any(about(records(out), rf"tracking/{A}: .* -> live")))
+            await wait_until(lambda: any(about(records(out), rf"owner of tracking/{A} now")))
+    recs = records(out)
+    (owner,) = about(recs, rf"^cluster: owner of tracking/{A} now")
+    assert (owner["instance"], owner["feed"], owner["fixture"]) == ("gw-a", "tracking", A)
+    # The fixture's own task keeps the instance (own_log_context drops subject fields only).
+    live = about(recs, rf"^upstream tracking/{A}: \w+ -> live")[0]
+    assert (live["instance"], live["feed"], live["fixture"]) == ("gw-a", "tracking", A)
+    joined = about(recs, r"^cluster: instance gw-a joined")
+    assert joined and joined[0]["instance"] == "gw-a"
