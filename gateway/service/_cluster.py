@@ -58,15 +58,17 @@ from gateway.cluster import (
     Relay,
     StreamArchive,
     WarmSink,
+    fixture_key,
     holder_token,
+    key_fields,
     open_store,
     rank,
+    split_key,
 )
 from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
 from gateway.logs import LogThrottle
 from gateway.model import FixtureState, FrameSink, ResumePoint
-from gateway.service._clusterkeys import fixture_key, key_fields, split_key
 from gateway.service._clusterrec import TopicRecording
 from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
 from gateway.upstream import FixtureHandle, Supervisor

@@ -33,13 +33,13 @@ from gateway.cluster import (
     RedisStore,
     WarmSink,
     handover_timeout,
+    key_fields,
     offer_value,
     offered_to,
     ready_token,
     ready_value,
     token_instance,
 )
-from gateway.service._clusterkeys import key_fields
 
 if TYPE_CHECKING:
     from gateway.service._cluster import ClusterNode
