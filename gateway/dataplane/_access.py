@@ -13,7 +13,7 @@ Without a file access is open, as before the file existed.
   token must also allow the endpoint's feed.
 
 Every failure is counted per endpoint kind (:data:`AUTH_ENDPOINTS`, the metric's only label)
-and logged through a :class:`~gateway.throttle.LogThrottle` with the peer address and the
+and logged through a :class:`~gateway.logs.LogThrottle` with the peer address and the
 running count - never the token.
 """
 

@@ -74,7 +74,7 @@ class SubscriberRegistry:
 
     It is every connection's :class:`~gateway.dataplane._connection.ConnectionMonitor`. Any
     client can cause these events at any rate, so each kind is counted every time but logged
-    through a :class:`~gateway.throttle.LogThrottle` (at most one line per interval).
+    through a :class:`~gateway.logs.LogThrottle` (at most one line per interval).
     """
 
     def __init__(self) -> None:

@@ -1048,7 +1048,7 @@ class ClusterNode:
         if key not in self._owned:
             return
         self.fenced += 1
-        self._errors.warning("cluster: %s fenced: %s", key, why)
+        self._errors.warning("cluster: %s fenced: %s", key, why, extra=key_fields(key))
         self.table.released(key)
         self._step_down(key, why)
         self._wake.set()
