@@ -13,9 +13,17 @@ Text line::
 
     2026-11-22T01:02:03.456Z INFO gateway.upstream connected feed=soccer fixture=123
 
-Structured fields travel in ``extra`` under one key, built by :func:`fields`::
+The line is rendered by structlog's :class:`~structlog.stdlib.ProcessorFormatter`: code logs
+with :mod:`logging`; :func:`_envelope` turns the record into the event dict (ts, level, logger,
+msg, the call's fields, then the fields bound to the task), then the JSON or text renderer.
+Fields of a call travel in ``extra`` under one key (``gateway.logs.fields``), fields of a task
+are bound with ``gateway.logs.log_context``::
 
     log.info("connected", extra=fields(feed="soccer", fixture="123"))
+
+journald: when the stream is the one ``$JOURNAL_STREAM`` names (under systemd), each line
+starts with its syslog priority (``<4>`` for WARNING, :mod:`gateway.service._journald`), which
+journald strips and stores, so ``journalctl -p warning`` filters by level.
 
 Secrets: as defence in depth (the token is a :class:`~gateway.config.Secret` and should never
 reach a log call), every rendered line is searched for the current secret values, taken from the
