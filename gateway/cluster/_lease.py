@@ -151,6 +151,7 @@ class LeaseTable:
         followed: Iterable[str],
         live: Iterable[str],
         movable: Iterable[str] = (),
+        first: Iterable[str] = (),
     ) -> LeasePlan:
         """The next round's requests, from what Redis said last round (:meth:`observed`).
 
@@ -166,6 +167,7 @@ class LeaseTable:
                 del self._seen_live[name]
         followed = set(followed)
         movable = set(movable) & followed
+        first = set(first) if now - self._back_at >= self.ttl else set()
         acquire: set[str] = set()
         release: set[str] = set()
         for key in followed:
@@ -181,7 +183,9 @@ class LeaseTable:
             since = self._free_since.setdefault(key, now)
             wait = rank(key, instances).index(self.me)
             last = self._last_holder.get(key)
-            if key in self._handed:
+            if key in first:
+                wait = 0
+            elif key in self._handed:
                 # Handed over: the others wait RETAKE_ROUNDS more (its last holder, this one, is
                 # live); this one waits longer, so its target (first-ranked) goes first.
                 wait += HANDBACK_ROUNDS
