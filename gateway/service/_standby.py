@@ -121,6 +121,8 @@ class StandbyDesk:
             elif sink.standby and sink.target is None:
                 if want:
                     self.owners[key] = owner
+                    # Forget what the stream got since the last frame came (a quiet fixture).
+                    sink.buffer.trim(sink.stream_position())
                 elif key not in desk.ready:
                     now = standby_for(key, owner, candidates) or "nobody"
                     desk.cool(key, f"{now} stands by now")
