@@ -136,6 +136,11 @@ class LeaseTable:
         until = self._held.get(key)
         return until is not None and (now < until or self.degraded)
 
+    def may_jump(self, now: float) -> bool:
+        """Whether a standby may take a free lease without waiting (``first``): not for a
+        lease's time after Redis answered again (the owner may not be listed yet)."""
+        return now - self._back_at >= self.ttl
+
     def expired(self, now: float) -> list[str]:
         """Held leases past their local validity (none while degraded): stop their upstreams."""
         if self.degraded:
@@ -167,7 +172,7 @@ class LeaseTable:
                 del self._seen_live[name]
         followed = set(followed)
         movable = set(movable) & followed
-        first = set(first) if now - self._back_at >= self.ttl else set()
+        first = set(first) if self.may_jump(now) else set()
         acquire: set[str] = set()
         release: set[str] = set()
         for key in followed:

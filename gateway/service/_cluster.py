@@ -531,7 +531,9 @@ class ClusterNode:
                 )
                 task_status.started()
                 while True:
-                    pending = self._desk.pending
+                    # Handovers under way, or owners gone whose fixtures this one stands by for:
+                    # checked every HANDOVER_POLL between rounds.
+                    pending = self._desk.pending or bool(self._standby.urgent())
                     with trio.move_on_after(HANDOVER_POLL if pending else self.table.tick):
                         await self._wake.wait()
                     self._wake = trio.Event()
@@ -582,11 +584,25 @@ class ClusterNode:
         """Between rounds while handovers are under way: one handover check."""
         try:
             await self._desk.step(store, full=False)
+            await self._claim_standby(store)
         except RedisUnavailable:
             pass  # the next round says so
         except Exception:
             self.round_errors += 1
             self._errors.log(logging.ERROR, "cluster: handover check failed", exc_info=True)
+
+    async def _claim_standby(self, store: RedisStore) -> None:
+        """Between rounds: the leases of fixtures this instance stands by for whose owner is
+        gone, asked for (taken if free) now rather than at the next round, so the take-over
+        follows their expiry within a poll."""
+        keys = sorted(self._standby.urgent() - self.table.held)
+        if not keys or not self.table.may_jump(trio.current_time()):
+            return
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "a"))
+        gained, _ = self.table.observed(holders, sent=sent)
+        for key in sorted(gained):
+            await self.take_over_now(store, key)
 
     async def _leave(self, store: RedisStore) -> None:
         self._left = True

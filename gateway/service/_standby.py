@@ -101,6 +101,13 @@ class StandbyDesk:
             return set()
         return {key for key in self.standing_by() if self.owners.get(key) not in candidates}
 
+    def urgent(self) -> set[str]:
+        """Keys this instance stands by for whose owner is gone: their leases are asked for
+        every poll (taken the moment they run out)."""
+        if not self.enabled or not self.owners:
+            return set()
+        return self.first(self.candidates())
+
     def step(self) -> None:
         """One round: open the standby connections this instance should hold, close the
         ones it should not."""
