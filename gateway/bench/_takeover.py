@@ -75,6 +75,9 @@ POLL: Final = 0.05
 GIVE_UP: Final = 60.0
 #: The vendor's connect rate per token (``[upstream] connect_rate``'s default).
 VENDOR_CONNECT_RATE: Final = 5.0
+#: How many times the connect rate's own time a start may take (every fixture live on A, every
+#: standby connection on B) on a loaded machine before the trial gives up.
+START_SLACK: Final = 3.0
 #: Share of the fixtures with a subscriber on B.
 WATCHED_SHARE: Final = 0.1
 
@@ -134,10 +137,11 @@ def trial(
             "standby": standby,
         }
         a = st.enter_context(_gateway_process(sc, "bench-a", port, env, tmp, **kw))
-        wait_owner(redis, "bench-a", fixtures, READY_TIMEOUT + fixtures / connect_rate)
+        start_timeout = READY_TIMEOUT + START_SLACK * fixtures / connect_rate
+        wait_owner(redis, "bench-a", fixtures, start_timeout)
         b = st.enter_context(_gateway_process(sc, "bench-b", port, env, tmp, **kw))
         if standby:
-            _wait_standing_by(b.http, fixtures, READY_TIMEOUT + fixtures / connect_rate)
+            _wait_standing_by(b.http, fixtures, start_timeout)
         lg_log = st.enter_context(open(tmp / "loadgen.log", "wb"))
         loadgen = _loadgen("gateway", sc, b.stream, env, lg_log, name="loadgen", stride=stride)
         st.callback(loadgen.stop)
