@@ -325,20 +325,30 @@ def cluster_leases(redis: BenchRedis, fixtures: int) -> dict[str, tuple[str | No
 
 
 def wait_owner(
-    redis: BenchRedis, instance: str, fixtures: int, timeout: float = READY_TIMEOUT
+    redis: BenchRedis,
+    instance: str,
+    fixtures: int,
+    timeout: float = READY_TIMEOUT,
+    *,
+    state: str | None = "live",
 ) -> float:
-    """Wait until *instance* holds the lease of every fixture and each is ``live`` (the state
-    its owner wrote beside the stream); the seconds it took. :class:`BenchError` after
-    *timeout*."""
+    """Wait until *instance* holds the lease of every fixture and each is *state* (the state
+    its owner wrote beside the stream; None: any); the seconds it took. :class:`BenchError`
+    after *timeout*."""
     t0 = time.monotonic()
     done = 0
     while time.monotonic() - t0 < timeout:
         leases = cluster_leases(redis, fixtures)
-        done = sum(1 for who, state in leases.values() if who == instance and state == "live")
+        done = sum(
+            1
+            for who, written in leases.values()
+            if who == instance and (state is None or written == state)
+        )
         if done == fixtures:
             return time.monotonic() - t0
         time.sleep(0.1)
-    raise BenchError(f"{instance} owned {done} of {fixtures} fixtures (live) after {timeout:.0f} s")
+    what = state or "any state"
+    raise BenchError(f"{instance} owned {done} of {fixtures} ({what}) after {timeout:.0f} s")
 
 
 @contextlib.contextmanager

@@ -138,7 +138,10 @@ def trial(
         }
         a = st.enter_context(_gateway_process(sc, "bench-a", port, env, tmp, **kw))
         start_timeout = READY_TIMEOUT + START_SLACK * fixtures / connect_rate
-        wait_owner(redis, "bench-a", fixtures, start_timeout)
+        # Every lease A's (Redis), and every fixture live on A's own upstream (A's API: the
+        # state in the metas can lag a loaded Redis).
+        wait_owner(redis, "bench-a", fixtures, start_timeout, state=None)
+        _wait_live(a.http, fixtures, start_timeout)
         b = st.enter_context(_gateway_process(sc, "bench-b", port, env, tmp, **kw))
         if standby:
             _wait_standing_by(b.http, fixtures, start_timeout)
@@ -216,6 +219,22 @@ def trial(
         f"{result['stall_p50_s']:.2f} s, max {result['stall_max_s']:.2f} s"
     )
     return result
+
+
+def _wait_live(http: int, fixtures: int, timeout: float) -> None:
+    """Wait until the gateway on HTTP port *http* has *fixtures* fixtures live on its own
+    upstream (``GET /v1/fixtures``); :class:`BenchError` after *timeout*."""
+    t0 = time.monotonic()
+    live = 0
+    while time.monotonic() - t0 < timeout:
+        try:
+            live = sum(1 for fx in http_json(http, "/v1/fixtures") if _owner_live(fx))
+        except (OSError, ValueError):
+            live = 0
+        if live >= fixtures:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"bench-a has {live} of {fixtures} fixtures live after {timeout:.0f} s")
 
 
 def _wait_standing_by(http: int, fixtures: int, timeout: float) -> None:
