@@ -261,8 +261,9 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "dde_cluster_standby_connections",
-        "Standby vendor connections open here ([cluster] standby): warm connections for "
-        "fixtures another instance owns, ready to take over without a reconnect.",
+        "Standby vendor connections here in step with their streams ([cluster] standby): "
+        "warm connections for fixtures another instance owns, ready to take over without a "
+        "reconnect.",
         value=view.standing_by,
     )
     # One family per cluster counter, named and described where the counters are defined.

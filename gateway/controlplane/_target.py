@@ -213,7 +213,7 @@ class ClusterView:
     unreachable_since: float | None = None
     #: ``[cluster] standby``: a second instance per fixture keeps a warm vendor connection.
     standby: bool = False
-    #: Standby vendor connections open here (fixtures another instance owns).
+    #: Standby vendor connections here in step with their streams (ready to take over).
     standing_by: int = 0
 
 

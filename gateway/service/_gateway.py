@@ -500,7 +500,7 @@ class Gateway:
             view_at=node.view_at,
             unreachable_since=node.unreachable_since,
             standby=node.config.standby,
-            standing_by=len(node.standby.standing_by()),
+            standing_by=node.standby.in_step(),
         )
 
     def feeds(self) -> Mapping[str, FeedConfig]:

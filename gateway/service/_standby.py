@@ -59,6 +59,15 @@ class StandbyDesk:
             key for key, sink in self.node.desk.warm.items() if sink.standby and sink.target is None
         )
 
+    def in_step(self) -> int:
+        """Standby connections in step with the stream: ready to take over (a connection
+        still waiting for its connect slot, or behind the stream, is not)."""
+        return sum(
+            1
+            for sink in self.node.desk.warm.values()
+            if sink.standby and sink.target is None and sink.in_step()
+        )
+
     def candidates(self) -> set[str]:
         """The instances that may stand by: live, heard and not stopping (this one unless it
         is stopping)."""
