@@ -142,11 +142,23 @@ def test_generated_gateway_config_is_accepted_by_the_loader(tmp_path: Path) -> N
     assert config.upstream.connect_rate == 1000
     path.write_text(gateway_config_text(PRESETS["ingest"], 4000, 4001, 4002, connect_rate=5))
     assert load_config(path).upstream.connect_rate == 5
+    # The take-over bench's standby: [cluster] standby = true on each instance.
+    for standby in (False, True):
+        text = gateway_config_text(
+            PRESETS["ingest"], 4000, 4001, 4002, redis_url="redis://127.0.0.1:1/0", standby=standby
+        )
+        path.write_text(text)
+        cluster = load_config(path).cluster
+        assert cluster is not None and cluster.standby is standby
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(("--connect-rate=0",), "--connect-rate must be > 0"), (("--watched=0",), "--watched must")],
+    [
+        (("--connect-rate=0",), "--connect-rate must be > 0"),
+        (("--watched=0",), "--watched must"),
+        (("--standby=yes",), "--standby takes on, off or both"),
+    ],
 )
 def test_takeover_options_are_checked(argv: tuple[str, ...], message: str) -> None:
     out = subprocess.run(

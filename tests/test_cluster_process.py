@@ -38,7 +38,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -135,7 +135,16 @@ async def get_json(url: str) -> tuple[int, Any]:
 # -- the gateway processes -------------------------------------------------------------------
 
 
-def write_config(path: Path, *, sim_port: int, redis_url: str, instance: str) -> None:
+def write_config(
+    path: Path,
+    *,
+    sim_port: int,
+    redis_url: str,
+    instance: str,
+    fixtures: Sequence[str] = FIXTURES,
+    extra: Sequence[str] = (),
+) -> None:
+    """*fixtures*: the configured ones; *extra*: more ``[cluster]`` lines."""
     lines = [
         "[gateway]",
         'stream_listen = "127.0.0.1:0"',
@@ -156,8 +165,9 @@ def write_config(path: Path, *, sim_port: int, redis_url: str, instance: str) ->
         f'instance = "{instance}"',
         f"lease_ttl = {LEASE_TTL}",
         "redis_timeout = 1.0",  # below what a 3 s lease allows (check-config)
+        *extra,
     ]
-    for fx in FIXTURES:
+    for fx in fixtures:
         lines += ["[[fixtures]]", 'feed = "tracking"', f'id = "{fx}"']
     path.write_text("\n".join(lines) + "\n")
 
@@ -222,8 +232,9 @@ class Sessions:
     """Samples the simulator's sessions of each fixture every 10 ms; keeps every sample with
     more than one."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Simulator, fixtures: Sequence[str] = FIXTURES) -> None:
         self.sim = sim
+        self.fixtures = fixtures
         self.samples = 0
         #: (trio time, fixture, sessions) of each sample with more than one session.
         self.doubles: list[tuple[float, str, int]] = []
@@ -231,7 +242,7 @@ class Sessions:
     async def run(self) -> None:
         while True:
             now = trio.current_time()
-            for fx in FIXTURES:
+            for fx in self.fixtures:
                 n = self.sim.sessions(fx)
                 if n > 1:
                     self.doubles.append((now, fx, n))
@@ -239,7 +250,7 @@ class Sessions:
             await trio.sleep(0.01)
 
     def all_single(self) -> bool:
-        return all(self.sim.sessions(fx) == 1 for fx in FIXTURES)
+        return all(self.sim.sessions(fx) == 1 for fx in self.fixtures)
 
     def doubles_outside(self, start: float, end: float) -> list[tuple[float, str, int]]:
         return [d for d in self.doubles if not start <= d[0] <= end]
@@ -275,12 +286,18 @@ class Watcher:
     *resume* maps fixtures to ``(after, epoch)``; the others are subscribed live.
     """
 
-    def __init__(self, node: Node, resume: dict[str, tuple[int, str]] | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        resume: dict[str, tuple[int, str]] | None = None,
+        fixtures: Sequence[str] = FIXTURES,
+    ) -> None:
         self.node = node
         self.resume = resume or {}
-        self.frames: dict[str, list[Got]] = {fx: [] for fx in FIXTURES}
-        self.subscribed: dict[str, list[dict[str, Any]]] = {fx: [] for fx in FIXTURES}
-        self.states: dict[str, list[str]] = {fx: [] for fx in FIXTURES}
+        self.fixtures = fixtures
+        self.frames: dict[str, list[Got]] = {fx: [] for fx in fixtures}
+        self.subscribed: dict[str, list[dict[str, Any]]] = {fx: [] for fx in fixtures}
+        self.states: dict[str, list[str]] = {fx: [] for fx in fixtures}
         #: Messages other than frames, subscribed, status and heartbeats (gaps, errors).
         self.other: list[dict[str, Any]] = []
         self.closed: str | None = None
@@ -289,7 +306,7 @@ class Watcher:
         url = f"ws://{self.node.stream}/v1/stream"
         try:
             async with trio_websocket.open_websocket_url(url) as ws:
-                for fx in FIXTURES:
+                for fx in self.fixtures:
                     req: dict[str, Any] = {"op": "subscribe", "feed": "tracking", "fixture": fx}
                     if fx in self.resume:
                         req["after"], req["epoch"] = self.resume[fx]
@@ -420,8 +437,13 @@ class Cluster:
         self.nursery = nursery
         self.nodes: dict[str, Node] = {}
 
-    async def watch(self, node: Node, resume: dict[str, tuple[int, str]] | None = None) -> Watcher:
-        watcher = Watcher(node, resume)
+    async def watch(
+        self,
+        node: Node,
+        resume: dict[str, tuple[int, str]] | None = None,
+        fixtures: Sequence[str] = FIXTURES,
+    ) -> Watcher:
+        watcher = Watcher(node, resume, fixtures)
         await self.nursery.start(watcher.run)
         return watcher
 
@@ -442,15 +464,23 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Cluster]:
-    """A simulator with :data:`FIXTURES` and gw-a and gw-b started together and ready. Both
-    processes are SIGKILLed and reaped on the way out, whatever happened; on a failure their
-    last log lines are printed."""
+async def cluster(
+    tmp_path: Path,
+    redis: RedisServer,
+    *,
+    fixtures: Sequence[str] = FIXTURES,
+    extra: Sequence[str] = (),
+    instances: Sequence[str] = INSTANCES,
+) -> AsyncIterator[Cluster]:
+    """A simulator with *fixtures* (:data:`FIXTURES`) and *instances* (gw-a and gw-b, with
+    the ``[cluster]`` lines *extra*) started together and ready. The processes are SIGKILLed
+    and reaped on the way out, whatever happened; on a failure their last log lines are
+    printed."""
     (tmp_path / "token").write_text(TEST_TOKEN)
     sim = Simulator(tokens={TEST_TOKEN}, rate_hz=RATE_HZ, heartbeat_interval=1.0)
-    for fx in FIXTURES:
+    for fx in fixtures:
         sim.add_fixture(fx)
-    sessions = Sessions(sim)
+    sessions = Sessions(sim, fixtures)
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     async with trio.open_nursery() as nursery:
         port = await nursery.start(sim.serve, "127.0.0.1", 0)
@@ -458,9 +488,16 @@ async def cluster(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Cluster]:
         c = Cluster(sim, sessions, redis, nursery)
         try:
             started = trio.current_time()
-            for name in INSTANCES:
+            for name in instances:
                 config = tmp_path / f"{name}.toml"
-                write_config(config, sim_port=port, redis_url=redis.url, instance=name)
+                write_config(
+                    config,
+                    sim_port=port,
+                    redis_url=redis.url,
+                    instance=name,
+                    fixtures=fixtures,
+                    extra=extra,
+                )
                 cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
                 process = await trio.lowlevel.open_process(
                     [*cmd, "--log-format", "json"],

@@ -177,13 +177,14 @@ def gateway_config_text(
     instance: str = "bench-1",
     lease_ttl: float = BENCH_LEASE_TTL,
     connect_rate: float = BENCH_CONNECT_RATE,
+    standby: bool = False,
 ) -> str:
     """The TOML the gateway runs with: loopback listeners, the feeder as its tracking vendor,
     a connect rate that does not throttle hundreds of fixtures, and limits above the load.
 
     *redis_url*: a ``[cluster]`` section (member *instance*) on that Redis, with
-    :data:`BENCH_LEASE_TTL` and :data:`BENCH_STREAM_MAXLEN`; ``reuse_port`` when the scenario
-    runs several instances on one listener."""
+    :data:`BENCH_LEASE_TTL` and :data:`BENCH_STREAM_MAXLEN` (and ``standby = true`` with
+    *standby*); ``reuse_port`` when the scenario runs several instances on one listener."""
     connections = sc.subscribers + sc.stuck + sc.idle + 100
     lines = [
         "[gateway]",
@@ -226,6 +227,7 @@ def gateway_config_text(
             *([f"redis_timeout = {budget / 2:g}"] if budget <= DEFAULT_REDIS_TIMEOUT else []),
             f"stream_maxlen = {BENCH_STREAM_MAXLEN}",
             f'key_prefix = "{BENCH_KEY_PREFIX}"',
+            *(["standby = true"] if standby else []),
         ]
     for i in range(sc.fixtures):
         lines += ["", "[[fixtures]]", 'feed = "tracking"', f'id = "{fixture_id(i)}"']
@@ -323,20 +325,30 @@ def cluster_leases(redis: BenchRedis, fixtures: int) -> dict[str, tuple[str | No
 
 
 def wait_owner(
-    redis: BenchRedis, instance: str, fixtures: int, timeout: float = READY_TIMEOUT
+    redis: BenchRedis,
+    instance: str,
+    fixtures: int,
+    timeout: float = READY_TIMEOUT,
+    *,
+    state: str | None = "live",
 ) -> float:
-    """Wait until *instance* holds the lease of every fixture and each is ``live`` (the state
-    its owner wrote beside the stream); the seconds it took. :class:`BenchError` after
-    *timeout*."""
+    """Wait until *instance* holds the lease of every fixture and each is *state* (the state
+    its owner wrote beside the stream; None: any); the seconds it took. :class:`BenchError`
+    after *timeout*."""
     t0 = time.monotonic()
     done = 0
     while time.monotonic() - t0 < timeout:
         leases = cluster_leases(redis, fixtures)
-        done = sum(1 for who, state in leases.values() if who == instance and state == "live")
+        done = sum(
+            1
+            for who, written in leases.values()
+            if who == instance and (state is None or written == state)
+        )
         if done == fixtures:
             return time.monotonic() - t0
         time.sleep(0.1)
-    raise BenchError(f"{instance} owned {done} of {fixtures} fixtures (live) after {timeout:.0f} s")
+    what = state or "any state"
+    raise BenchError(f"{instance} owned {done} of {fixtures} ({what}) after {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -351,6 +363,7 @@ def _gateway_process(
     redis_url: str | None = None,
     lease_ttl: float = BENCH_LEASE_TTL,
     connect_rate: float = BENCH_CONNECT_RATE,
+    standby: bool = False,
 ) -> Iterator[_Instance]:
     """One gateway as ``dde-gateway run`` starts it, on a generated config; stopped after."""
     log_path = tmp / f"{name}.log"
@@ -366,6 +379,7 @@ def _gateway_process(
                 instance=name,
                 lease_ttl=lease_ttl,
                 connect_rate=connect_rate,
+                standby=standby,
             )
         )
         try:
