@@ -18,7 +18,8 @@ have had a frame), ``mark`` (open the measured window), ``drop <t_ns>`` (time th
 stamped after t_ns at every subscriber, and from then on each one's *stall*: the longest time
 between two fresh frames, a frame being fresh when its stamp is newer than every one that
 subscriber had before, so a backfill of frames made during an outage ends the stall but a
-replay of old ones does not), ``report`` (the window's figures). EOF or ``quit`` ends.
+replay of old ones does not), ``report`` (the window's figures; with ``--fanout spread`` also
+the frames lost and repeated, by the feeder's ``ix``). EOF or ``quit`` ends.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ STUCK_RCVBUF: Final = 16 * 1024
 #: The stamp is within this many bytes of the payload's start (after the gateway's envelope).
 STAMP_WINDOW: Final = 512
 STAMP: Final = b'"_bt":'
+#: The feeder's vendor position, within this many bytes after the stamp (``,"id":"...","ix":``).
+IX: Final = b'"ix":'
+IX_WINDOW: Final = 96
 #: A text message compressed with permessage-deflate (RSV1 set), as parse_frames reports it.
 OP_TEXT_DEFLATED: Final = 0x40 | OP_TEXT
 MAX_SAMPLES: Final = 20_000_000
@@ -63,9 +67,12 @@ class _Sub:
     __slots__ = (
         "buf",
         "close_code",
+        "dups",
         "first_fresh",
         "frames",
         "last_fresh",
+        "last_ix",
+        "lost",
         "newest_bt",
         "sock",
         "stall",
@@ -82,6 +89,11 @@ class _Sub:
         self.last_fresh = 0
         self.stall = 0
         self.close_code: int | None = None
+        #: With one fixture per subscriber: the highest vendor ix seen (-1: none yet), the
+        #: frames missing below it and the frames that came again (ix not above it).
+        self.last_ix = -1
+        self.lost = 0
+        self.dups = 0
 
 
 def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
@@ -155,6 +167,8 @@ class LoadGen:
         self.drop_ns = 0
         self.closed: collections.Counter[int] = collections.Counter()
         self.cpu_mark = 0.0
+        #: Count lost and repeated frames by the feeder's ``ix`` (one fixture a subscriber).
+        self.track_ix = args.fanout == "spread"
 
     def _paths(self, n: int, offset: int) -> tuple[list[str], list[list[str]]]:
         """Paths and the fixtures each connection subscribes to (gateway kind only)."""
@@ -210,6 +224,7 @@ class LoadGen:
         recording = self.recording
         drop_ns = self.drop_ns
         samples = self.samples
+        track_ix = self.track_ix
         got = 0
         nbytes = 0
         for op, start, end in frames:
@@ -226,6 +241,16 @@ class LoadGen:
                     continue
                 j = text.find(b",", i + 6, i + 40)
                 bt = int(text[i + 6 : j])
+                k = text.find(IX, j, j + IX_WINDOW) if track_ix else -1
+                if k >= 0:
+                    k += len(IX)
+                    ix = int(text[k : text.find(b",", k, k + 24)])
+                    if ix <= sub.last_ix:
+                        sub.dups += 1
+                    else:
+                        if sub.last_ix >= 0:
+                            sub.lost += ix - sub.last_ix - 1
+                        sub.last_ix = ix
                 got += 1
                 nbytes += end - start
                 if recording:
@@ -320,6 +345,10 @@ class LoadGen:
             "stuck": len(self.stuck),
             "stuck_closed": sum(1 for sub in self.stuck if _peer_closed(sub.sock)),
             "closed": {str(k): v for k, v in self.closed.items()},
+            # By vendor ix, per subscriber of one fixture (--fanout spread; else null): frames
+            # it never got between two it got, and frames it got again.
+            "lost": sum(s.lost for s in self.healthy) if self.track_ix else None,
+            "duplicates": sum(s.dups for s in self.healthy) if self.track_ix else None,
             "fresh_ms": {
                 "count": len(fresh),
                 "min": fresh[0] * ms if fresh else None,
