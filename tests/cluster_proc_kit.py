@@ -281,24 +281,34 @@ class Watcher:
         self.closed: str | None = None
         #: The close code the server sent (None: open, or no close frame).
         self.close_code: int | None = None
+        self._scope = trio.CancelScope()
+
+    def stop(self) -> None:
+        """Leave (the test has seen enough of this subscriber)."""
+        self.closed = self.closed or "left"
+        self._scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         url = f"ws://{self.node.stream}/v1/stream"
         try:
-            async with trio_websocket.open_websocket_url(url) as ws:
-                for fx in self.fixtures:
-                    req: dict[str, Any] = {"op": "subscribe", "feed": "tracking", "fixture": fx}
-                    if fx in self.resume:
-                        req["after"], req["epoch"] = self.resume[fx]
-                    await ws.send_message(orjson.dumps(req).decode())
-                task_status.started()
-                while True:
-                    self._take(orjson.loads(await ws.get_message()))
+            with self._scope:
+                await self._run(url, task_status)
         except trio_websocket.ConnectionClosed as exc:
             self.close_code = None if exc.reason is None else exc.reason.code
             self.closed = repr(exc)
         except OSError as exc:
             self.closed = repr(exc)
+
+    async def _run(self, url: str, task_status: trio.TaskStatus[None]) -> None:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            for fx in self.fixtures:
+                req: dict[str, Any] = {"op": "subscribe", "feed": "tracking", "fixture": fx}
+                if fx in self.resume:
+                    req["after"], req["epoch"] = self.resume[fx]
+                await ws.send_message(orjson.dumps(req).decode())
+            task_status.started()
+            while True:
+                self._take(orjson.loads(await ws.get_message()))
 
     def _take(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
@@ -514,12 +524,13 @@ async def cluster(
     instances: Sequence[str],
     fixtures: Sequence[str],
     settings: Settings,
+    rate_hz: float = RATE_HZ,
 ) -> AsyncIterator[Cluster]:
-    """A simulator with *fixtures* and *instances* started together and ready. Every process
-    is SIGKILLed and reaped on the way out, whatever happened; on a failure their last log
-    lines are printed."""
+    """A simulator with *fixtures* (*rate_hz* frames a second each) and *instances* started
+    together and ready. Every process is SIGKILLed and reaped on the way out, whatever
+    happened; on a failure their last log lines are printed."""
     (tmp_path / "token").write_text(TEST_TOKEN)
-    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=RATE_HZ, heartbeat_interval=1.0)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=rate_hz, heartbeat_interval=1.0)
     for fx in fixtures:
         sim.add_fixture(fx)
     sessions = Sessions(sim, fixtures)
