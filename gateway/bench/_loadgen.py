@@ -58,6 +58,7 @@ STAMP: Final = b'"_bt":'
 #: The feeder's vendor position, within this many bytes after the stamp (``,"id":"...","ix":``).
 IX: Final = b'"ix":'
 IX_WINDOW: Final = 96
+IX_EVENTS_KEPT: Final = 20
 #: A text message compressed with permessage-deflate (RSV1 set), as parse_frames reports it.
 OP_TEXT_DEFLATED: Final = 0x40 | OP_TEXT
 MAX_SAMPLES: Final = 20_000_000
@@ -169,6 +170,9 @@ class LoadGen:
         self.cpu_mark = 0.0
         #: Count lost and repeated frames by the feeder's ``ix`` (one fixture a subscriber).
         self.track_ix = args.fanout == "spread"
+        #: The first :data:`IX_EVENTS_KEPT` of them: [subscriber, "lost" | "repeated", the
+        #: last ix it had, the ix that came, monotonic ns].
+        self.ix_events: list[list[object]] = []
 
     def _paths(self, n: int, offset: int) -> tuple[list[str], list[list[str]]]:
         """Paths and the fixtures each connection subscribes to (gateway kind only)."""
@@ -245,12 +249,9 @@ class LoadGen:
                 if k >= 0:
                     k += len(IX)
                     ix = int(text[k : text.find(b",", k, k + 24)])
-                    if ix <= sub.last_ix:
-                        sub.dups += 1
-                    else:
-                        if sub.last_ix >= 0:
-                            sub.lost += ix - sub.last_ix - 1
-                        sub.last_ix = ix
+                    if ix <= sub.last_ix or (sub.last_ix >= 0 and ix > sub.last_ix + 1):
+                        self.ix_event(sub, ix)
+                    sub.last_ix = max(sub.last_ix, ix)
                 got += 1
                 nbytes += end - start
                 if recording:
@@ -278,6 +279,18 @@ class LoadGen:
             if len(samples) > MAX_SAMPLES:
                 del samples[: MAX_SAMPLES // 2]
         sub.buf = buf[pos:]
+
+    def ix_event(self, sub: _Sub, ix: int) -> None:
+        """*ix* does not follow the subscriber's last one: count it (and keep the first few)."""
+        if ix <= sub.last_ix:
+            sub.dups += 1
+            kind = "repeated"
+        else:
+            sub.lost += ix - sub.last_ix - 1
+            kind = "lost"
+        if len(self.ix_events) < IX_EVENTS_KEPT:
+            at = time.monotonic_ns()
+            self.ix_events.append([self.healthy.index(sub), kind, sub.last_ix, ix, at])
 
     def close(self, sub: _Sub, code: int) -> None:
         if sub.close_code is not None:
@@ -349,6 +362,7 @@ class LoadGen:
             # it never got between two it got, and frames it got again.
             "lost": sum(s.lost for s in self.healthy) if self.track_ix else None,
             "duplicates": sum(s.dups for s in self.healthy) if self.track_ix else None,
+            "ix_events": self.ix_events,
             "fresh_ms": {
                 "count": len(fresh),
                 "min": fresh[0] * ms if fresh else None,

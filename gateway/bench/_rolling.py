@@ -174,10 +174,16 @@ class _Trial:
         _wait_receiving(self.members[name].loadgen, self.sc, lambda text: None)
 
     def end_loadgen(self, member: _Member) -> dict[str, Any]:
-        """The load generator's last report; its losses counted."""
+        """The load generator's last report; its losses counted (and said, if any)."""
         report = member.loadgen.ask("report", "report")
-        self.lost += int(report["lost"] or 0)
-        self.duplicates += int(report["duplicates"] or 0)
+        lost, repeated = int(report["lost"] or 0), int(report["duplicates"] or 0)
+        self.lost += lost
+        self.duplicates += repeated
+        if lost or repeated:
+            self.say(
+                f"  {member.inst.name}'s subscribers: {lost} frames lost, {repeated} repeated "
+                f"(first: {report['ix_events']})"
+            )
         member.loadgen.stop()
         return report
 
