@@ -20,13 +20,13 @@ from gateway.bench._redis import (
     resp_pipeline,
 )
 from gateway.bench._report import CLUSTER_ROWS, ROWS, evaluate, format_table
-from gateway.bench._rolling import INSTANCES as ROLLING_INSTANCES
-from gateway.bench._rolling import ROOM as ROLLING_ROOM
-from gateway.bench._rolling import drain_timeout as rolling_drain_timeout
-from gateway.bench._rolling import owners as rolling_owners
-from gateway.bench._rolling import stall_figures as rolling_stalls
-from gateway.bench._rolling import table as rolling_table
-from gateway.bench._rolling import unsettled as rolling_unsettled
+from gateway.bench._rollfigures import INSTANCES as ROLLING_INSTANCES
+from gateway.bench._rollfigures import ROOM as ROLLING_ROOM
+from gateway.bench._rollfigures import drain_timeout as rolling_drain_timeout
+from gateway.bench._rollfigures import owners as rolling_owners
+from gateway.bench._rollfigures import stall_figures as rolling_stalls
+from gateway.bench._rollfigures import table as rolling_table
+from gateway.bench._rollfigures import unsettled as rolling_unsettled
 from gateway.bench._run import (
     PEER_MISSING,
     PEER_SCRIPT,

@@ -59,6 +59,7 @@ STAMP: Final = b'"_bt":'
 IX: Final = b'"ix":'
 IX_WINDOW: Final = 96
 IX_EVENTS_KEPT: Final = 20
+SEQ: Final = b'"seq":'
 #: A text message compressed with permessage-deflate (RSV1 set), as parse_frames reports it.
 OP_TEXT_DEFLATED: Final = 0x40 | OP_TEXT
 MAX_SAMPLES: Final = 20_000_000
@@ -104,6 +105,15 @@ def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
         return 0
     k = min(n - 1, max(0, int(q / 100.0 * n + 0.5) - 1))
     return int(sorted_values[k])
+
+
+def _envelope_seq(text: bytes, start: int, end: int) -> int | None:
+    """The gateway envelope's ``seq`` of the frame at *start* (None: not found before *end*)."""
+    k = text.find(SEQ, start, end)
+    if k < 0:
+        return None
+    k += len(SEQ)
+    return int(text[k : text.find(b",", k, end)])
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -171,7 +181,7 @@ class LoadGen:
         #: Count lost and repeated frames by the feeder's ``ix`` (one fixture a subscriber).
         self.track_ix = args.fanout == "spread"
         #: The first :data:`IX_EVENTS_KEPT` of them: [subscriber, "lost" | "repeated", the
-        #: last ix it had, the ix that came, monotonic ns].
+        #: last ix it had, the ix that came, the gateway's seq of it, monotonic ns].
         self.ix_events: list[list[object]] = []
 
     def _paths(self, n: int, offset: int) -> tuple[list[str], list[list[str]]]:
@@ -233,11 +243,14 @@ class LoadGen:
         nbytes = 0
         for op, start, end in frames:
             if op in {OP_TEXT, OP_TEXT_DEFLATED}:
-                text = buf
-                i = buf.find(STAMP, start, start + STAMP_WINDOW)
+                # Within this message only: a short one (a status, a heartbeat) must not
+                # lend it the next frame's stamp.
+                text, first, last = buf, start, end
+                i = buf.find(STAMP, start, min(end, start + STAMP_WINDOW))
                 if op == OP_TEXT_DEFLATED:
                     # Only the stamp is needed: inflate the first few hundred bytes.
                     text = zlib.decompressobj(-15).decompress(buf[start:end], STAMP_WINDOW)
+                    first, last = 0, len(text)
                     i = text.find(STAMP)
                     self.compressed += 1
                 if i < 0:
@@ -245,12 +258,12 @@ class LoadGen:
                     continue
                 j = text.find(b",", i + 6, i + 40)
                 bt = int(text[i + 6 : j])
-                k = text.find(IX, j, j + IX_WINDOW) if track_ix else -1
+                k = text.find(IX, j, min(last, j + IX_WINDOW)) if track_ix else -1
                 if k >= 0:
                     k += len(IX)
                     ix = int(text[k : text.find(b",", k, k + 24)])
                     if ix <= sub.last_ix or (sub.last_ix >= 0 and ix > sub.last_ix + 1):
-                        self.ix_event(sub, ix)
+                        self.ix_event(sub, ix, _envelope_seq(text, first, i))
                     sub.last_ix = max(sub.last_ix, ix)
                 got += 1
                 nbytes += end - start
@@ -280,7 +293,7 @@ class LoadGen:
                 del samples[: MAX_SAMPLES // 2]
         sub.buf = buf[pos:]
 
-    def ix_event(self, sub: _Sub, ix: int) -> None:
+    def ix_event(self, sub: _Sub, ix: int, seq: int | None) -> None:
         """*ix* does not follow the subscriber's last one: count it (and keep the first few)."""
         if ix <= sub.last_ix:
             sub.dups += 1
@@ -290,7 +303,7 @@ class LoadGen:
             kind = "lost"
         if len(self.ix_events) < IX_EVENTS_KEPT:
             at = time.monotonic_ns()
-            self.ix_events.append([self.healthy.index(sub), kind, sub.last_ix, ix, at])
+            self.ix_events.append([self.healthy.index(sub), kind, sub.last_ix, ix, seq, at])
 
     def close(self, sub: _Sub, code: int) -> None:
         if sub.close_code is not None:
