@@ -567,6 +567,7 @@ def test_rolling_bench_parts() -> None:
         "rebalance_max_s": 12.0,
         "total_s": 50.0,
         "vendor_connects": 100,
+        "load_max": 2.5,
     }
     text = rolling_table([trial, {**trial, "stall_max_s": 0.4, "vendor_connects": 102}])
     row = text.splitlines()[2]

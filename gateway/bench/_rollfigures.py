@@ -52,6 +52,7 @@ _COLUMNS: Final = (
     ("rebalance_max_s", "slowest rejoin (s)"),
     ("total_s", "whole restart (s)"),
     ("vendor_connects", "vendor connects"),
+    ("load_max", "load (1 min), max"),
 )
 
 

@@ -258,13 +258,17 @@ class _Trial:
                 "rebalance_s": time.monotonic() - t_start - TAIL,
                 "settle_after_ready_s": back_s,
                 "closed": closed["closed"],
+                # The machine's load when the phase ended: on a shared host, read it beside
+                # the stalls (a starved process stalls its fixtures whatever the cluster does).
+                "load": os.getloadavg()[0],
                 **stall_figures(self.reports([*others, name])),
             }
             phases.append(phase)
             self.say(
                 f"  {name}: stop {stop_s:.1f} s, share back {phase['rebalance_s']:.1f} s after "
                 f"its start; stall max {phase['stall_max_s']:.2f} s, median "
-                f"{phase['stall_p50_s']:.2f} s; its subscribers closed {closed['closed']}"
+                f"{phase['stall_p50_s']:.2f} s; its subscribers closed {closed['closed']}; "
+                f"load {phase['load']:.1f}"
             )
         total = time.monotonic() - began
         connects = int(feeder.ask("stats", "stats")["accepted"]) - accepted0
@@ -281,6 +285,7 @@ class _Trial:
             "rebalance_max_s": max(p["rebalance_s"] for p in phases),
             "total_s": total,
             "vendor_connects": connects,
+            "load_max": max(p["load"] for p in phases),
             "lost": self.lost,
             "duplicates": self.duplicates,
         }
@@ -374,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             except (BenchError, OSError) as exc:
                 errors.append(f"run {run + 1}, {fixtures} fixtures: {exc}")
                 say(f"ERROR {errors[-1]}")
+            if args.json is not None:  # after every trial: a long run interrupted keeps them
+                text = json.dumps({"trials": results, "errors": errors}, indent=2)
+                args.json.write_text(text + "\n")
     if results:
         print(table(results))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"trials": results, "errors": errors}, indent=2) + "\n")
     return 1 if errors else 0
 
 
