@@ -23,9 +23,11 @@ with ``after``, elsewhere: ``tests/test_cluster_rolling.py`` checks that).
 Per trial: the largest stall anywhere, the largest per-instance median, the frames lost and
 repeated over all subscribers (by the feeder's ``ix``, each subscriber's own, across its whole
 life), how long each stop took (SIGTERM to exit) and the rebalance after each restart, the
-whole rolling restart (first SIGTERM to the last phase settled), and the vendor connections
-opened meanwhile (ideally two per fixture: one handover out, one back). ``--standby`` adds
-``standby = true`` to ``[cluster]`` (hot standby, docs/cluster.md).
+whole rolling restart (first SIGTERM to the last phase settled), the vendor connections
+opened meanwhile (ideally two per fixture: one handover out, one back), the machine's load
+average, and the instances' cluster counters that say what went wrong (:data:`COUNTERS`:
+handover fallbacks, fencing, appends dropped, Redis failures; ``GET /v1/cluster``).
+``--standby`` adds ``standby = true`` to ``[cluster]`` (hot standby, docs/cluster.md).
 
 Prints one line per phase and trial and a table of medians per fixture count; ``--json PATH``
 writes every trial.
@@ -70,6 +72,7 @@ from gateway.bench._run import (
     _loadgen,
     _wait_receiving,
     cluster_leases,
+    http_json,
     raise_nofile_limit,
 )
 from gateway.bench._scenario import Scenario
@@ -80,6 +83,17 @@ VENDOR_CONNECT_RATE: Final = 5.0
 DEFAULT_LEASE_TTL: Final = 5.0
 #: Kept running after a phase settled, so a stall at its very end is seen.
 TAIL: Final = 1.0
+#: The cluster counters of each instance summed into a trial's result (docs/cluster.md).
+COUNTERS: Final = (
+    "handovers_warm",
+    "handover_fallbacks",
+    "fenced",
+    "leases_lost",
+    "append_dropped",
+    "append_lost",
+    "append_failures",
+    "relay_failures",
+)
 
 Say = Callable[[str], None]
 
@@ -91,6 +105,8 @@ class _Member:
     stack: contextlib.ExitStack
     inst: _Instance
     loadgen: _Child
+    #: Its cluster counters (:data:`COUNTERS`) as last read.
+    counters: dict[str, int] = attrs.field(factory=dict)
 
 
 class _Trial:
@@ -130,6 +146,8 @@ class _Trial:
         #: Lost and repeated frames of every load generator that has ended.
         self.lost = 0
         self.duplicates = 0
+        #: :data:`COUNTERS` summed over every instance's lives.
+        self.counters: dict[str, int] = {}
 
     # -- processes -------------------------------------------------------------------------
 
@@ -163,6 +181,19 @@ class _Trial:
         member.loadgen.stop()
         return report
 
+    def read_counters(self, member: _Member) -> None:
+        """Keep the instance's cluster counters (``GET /v1/cluster``) as of now, if it
+        answers: what went wrong where (fallbacks, drops) is counted there."""
+        try:
+            counters = http_json(member.inst.http, "/v1/cluster")["counters"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        member.counters = {k: int(counters.get(k) or 0) for k in COUNTERS}
+
+    def end_counters(self, member: _Member) -> None:
+        for key, value in member.counters.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+
     def stop(self, name: str) -> tuple[float, dict[str, Any]]:
         """SIGTERM instance *name*, wait for it to exit 0: (seconds, its subscribers' last
         report). :class:`BenchError` if it does not exit in time or exits otherwise."""
@@ -171,12 +202,19 @@ class _Trial:
         assert proc is not None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        try:
-            status = proc.wait(self.drain + ROOM)
-        except subprocess.TimeoutExpired:
-            member.stack.close()
-            raise BenchError(f"{name} did not exit within {self.drain + ROOM:.0f} s") from None
+        status: int | None = None
+        while status is None:  # its counters while it drains: the handovers of its stop
+            self.read_counters(member)
+            try:
+                status = proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - t0 > self.drain + ROOM:
+                    member.stack.close()
+                    raise BenchError(
+                        f"{name} did not exit within {self.drain + ROOM:.0f} s"
+                    ) from None
         took = time.monotonic() - t0
+        self.end_counters(member)
         report = self.end_loadgen(member)
         member.stack.close()
         if status != 0:
@@ -185,6 +223,8 @@ class _Trial:
 
     def close(self) -> None:
         for member in list(self.members.values()):
+            self.read_counters(member)
+            self.end_counters(member)
             with contextlib.suppress(BenchError, OSError):
                 self.end_loadgen(member)
             member.stack.close()
@@ -273,6 +313,7 @@ class _Trial:
         total = time.monotonic() - began
         connects = int(feeder.ask("stats", "stats")["accepted"]) - accepted0
         self.close()
+        noted = {k: v for k, v in self.counters.items() if v and k != "handovers_warm"}
         result = {
             "fixtures": self.fixtures,
             "lease_ttl": self.keys["lease_ttl"],
@@ -286,13 +327,16 @@ class _Trial:
             "total_s": total,
             "vendor_connects": connects,
             "load_max": max(p["load"] for p in phases),
+            "counters": self.counters,
             "lost": self.lost,
             "duplicates": self.duplicates,
         }
         self.say(
             f"{self.fixtures} fixtures: rolling restart {total:.1f} s; stall max "
             f"{result['stall_max_s']:.2f} s, median {result['stall_p50_s']:.2f} s; lost "
-            f"{self.lost}, repeated {self.duplicates}; {connects} vendor connects"
+            f"{self.lost}, repeated {self.duplicates}; {connects} vendor connects; "
+            f"{self.counters.get('handovers_warm', 0)} handovers make-before-break, "
+            f"what went wrong: {noted or 'nothing'}"
         )
         return result
 
