@@ -6,9 +6,10 @@ Run: ``python -m gateway.bench._rolling --fixtures 50,200 --runs 3`` (docs/perfo
 One trial, all processes fresh, on loopback: the bench's feeder (F fixtures x 25 Hz), a
 redis-server of its own and three gateways (``[cluster]`` with ``--lease-ttl``, ``[upstream]
 connect_rate`` = ``--connect-rate``, the vendor's 5 per second by default, ``drain_timeout``
-long enough for a stop to hand its share over at that rate), started one after the other and
-left to settle: every fixture's lease held by its rendezvous first choice, its state ``live``.
-Each gateway has a load generator with one subscriber per fixture (``--fanout spread``).
+long enough for a stop to hand its share over at that rate), started together and left to
+settle: every fixture's lease held by its rendezvous first choice, its state ``live``.
+Each gateway has a load generator with one subscriber per fixture (``--fanout spread``; a
+share of them, spread evenly over the ids, with ``--watched``).
 
 Then each instance in turn, a *phase*: SIGTERM; it hands its fixtures over make-before-break
 and exits (its status must be 0); the others own everything (settled as rendezvous over the
@@ -36,6 +37,7 @@ writes every trial.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -120,14 +122,18 @@ class _Trial:
         connect_rate: float,
         frame_bytes: int,
         standby: bool,
+        watched: float,
         say: Say,
     ) -> None:
         self.fixtures = fixtures
         self.connect_rate = connect_rate
         self.say = say
+        n_watched = max(1, min(fixtures, round(fixtures * watched)))
+        #: Subscriber k of each load generator takes fixture k * stride.
+        self.stride = fixtures // n_watched
         self.sc = Scenario(
             name="rolling",
-            subscribers=fixtures,
+            subscribers=n_watched,
             fixtures=fixtures,
             rate=25.0,
             frame_bytes=frame_bytes,
@@ -159,7 +165,9 @@ class _Trial:
                 _gateway_process(self.sc, name, port, self.env, tmp, life=life, **self.keys)
             )
             log = stack.enter_context(open(tmp / f"loadgen-{name}.{life}.log", "wb"))
-            loadgen = _loadgen("gateway", self.sc, inst.stream, self.env, log, name=name)
+            loadgen = _loadgen(
+                "gateway", self.sc, inst.stream, self.env, log, name=name, stride=self.stride
+            )
             stack.callback(loadgen.stop)
             loadgen.expect("connected")
             self.members[name] = _Member(stack.pop_all(), inst, loadgen)
@@ -271,12 +279,15 @@ class _Trial:
             raise BenchError(str(exc)) from None
         self.keys["redis_url"] = redis.url
         st.callback(self.close)
-        for name in INSTANCES:
-            self.start(name, tmp, port)
+        # All three at once: each claims its share from its second round (docs/cluster.md),
+        # nothing to rebalance before the trial.
+        with concurrent.futures.ThreadPoolExecutor(len(INSTANCES)) as pool:
+            for started in [pool.submit(self.start, name, tmp, port) for name in INSTANCES]:
+                started.result()
         took = self.settle(redis, INSTANCES, "start")
         for name in INSTANCES:
             self.receiving(name)
-        self.say(f"{self.fixtures} fixtures: 3 instances settled {took:.1f} s after the last start")
+        self.say(f"{self.fixtures} fixtures: 3 instances settled {took:.1f} s after they started")
 
         accepted0 = int(feeder.ask("stats", "stats")["accepted"])
         began = time.monotonic()
@@ -319,6 +330,7 @@ class _Trial:
             "lease_ttl": self.keys["lease_ttl"],
             "connect_rate": self.connect_rate,
             "standby": bool(self.keys["cluster_extra"]),
+            "watched": self.sc.subscribers,
             "phases": phases,
             "stall_max_s": max(p["stall_max_s"] for p in phases),
             "stall_p50_s": max(p["stall_p50_s"] for p in phases),
@@ -348,6 +360,7 @@ def trial(
     connect_rate: float = VENDOR_CONNECT_RATE,
     frame_bytes: int = 3000,
     standby: bool = False,
+    watched: float = 1.0,
     say: Say,
     logs: Path | None = None,
 ) -> dict[str, Any]:
@@ -358,6 +371,7 @@ def trial(
         connect_rate=connect_rate,
         frame_bytes=frame_bytes,
         standby=standby,
+        watched=watched,
         say=say,
     )
     with tempfile.TemporaryDirectory(prefix="dde-rolling-") as name, contextlib.ExitStack() as st:
@@ -384,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--standby", action="store_true", help="[cluster] standby = true (hot standby)"
     )
+    parser.add_argument(
+        "--watched",
+        type=float,
+        default=1.0,
+        metavar="SHARE",
+        help="share of the fixtures with a subscriber on each instance (default: every one; "
+        "fewer spare a small machine's CPU)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument(
         "--logs", type=Path, default=None, metavar="DIR", help="keep each trial's logs in DIR"
@@ -393,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--connect-rate must be > 0")
     if not args.lease_ttl > 0:
         parser.error("--lease-ttl must be > 0")
+    if not 0 < args.watched <= 1:
+        parser.error("--watched must be in (0, 1]")
     try:
         counts = [int(x) for x in args.fixtures.split(",")]
     except ValueError:
@@ -416,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         connect_rate=args.connect_rate,
                         frame_bytes=args.frame_bytes,
                         standby=args.standby,
+                        watched=args.watched,
                         say=say,
                         logs=args.logs,
                     )
