@@ -551,16 +551,25 @@ def test_rolling_bench_parts() -> None:
     assert rolling_unsettled(leases, want) == sorted([first, second])
     stalls = rolling_stalls(
         {
-            "bench-a": {"stall_ms": {"count": 3, "p50": 40.0, "max": 90.0}},
-            "bench-b": {"stall_ms": {"count": 3, "p50": 60.0, "max": 80.0}},
-        }
+            "bench-a": {"stall_ms": {"count": 3, "p50": 40.0, "max": 90.0, "each": [40, 90, 30]}},
+            "bench-b": {"stall_ms": {"count": 3, "p50": 60.0, "max": 80.0, "each": [80, 60, 50]}},
+        },
+        ["f0", "f1", "f2"],
+        {"f1"},
     )
-    assert stalls == {"stall_max_s": 0.09, "stall_p50_s": 0.06}
+    assert stalls == {
+        "stall_max_s": 0.09,
+        "stall_p50_s": 0.06,
+        "stall_moved_s": 0.09,  # f1: 90 ms on bench-a
+        "stall_still_s": 0.08,  # f0: 80 ms on bench-b
+    }
     trial = {
         "fixtures": 50,
         "standby": False,
         "stall_max_s": 0.2,
         "stall_p50_s": 0.05,
+        "stall_moved_s": 0.2,
+        "stall_still_s": 0.1,
         "lost": 0,
         "duplicates": 0,
         "stop_max_s": 4.0,
@@ -571,7 +580,8 @@ def test_rolling_bench_parts() -> None:
     }
     text = rolling_table([trial, {**trial, "stall_max_s": 0.4, "vendor_connects": 102}])
     row = text.splitlines()[2]
-    assert row.startswith("| 50 | 0.30 [0.20 0.40] | 0.05 [0.05 0.05] | 0 [0 0] |"), row
+    assert row.startswith("| 50 | 0.30 [0.20 0.40] | 0.05 [0.05 0.05] | 0.20 [0.20 0.20] |"), row
+    assert "| 0.10 [0.10 0.10] | 0 [0 0] | 0 [0 0] | 4.00 [4.00 4.00] |" in row
     assert "| 101 [100 102] |" in row
 
 

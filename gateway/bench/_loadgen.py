@@ -347,10 +347,11 @@ class LoadGen:
         ms = 1e-6
         fresh = sorted(s.first_fresh - self.drop_ns for s in self.healthy if s.first_fresh)
         # A subscriber still waiting for a fresh frame is stalled until now.
-        stalls = sorted(
+        each = [
             max(s.stall, now - s.last_fresh if s.last_fresh else now - self.drop_ns)
             for s in self.healthy
-        )
+        ]
+        stalls = sorted(each)
         return {
             "event": "report",
             "window_s": window,
@@ -388,6 +389,8 @@ class LoadGen:
                 "count": len(stalls),
                 "p50": percentile(stalls, 50) * ms if stalls else None,
                 "max": stalls[-1] * ms if stalls else None,
+                # Per subscriber, in the order they were opened.
+                "each": [round(v * ms, 1) for v in each],
             }
             if self.drop_ns
             else None,

@@ -5,7 +5,7 @@ stall figures of a phase and the table of medians."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from gateway.bench._feeder import fixture_id
@@ -33,19 +33,31 @@ def unsettled(leases: dict[str, tuple[str | None, str | None]], want: dict[str, 
     return [fx for fx, who in want.items() if leases.get(fx) != (who, "live")]
 
 
-def stall_figures(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """From the load generators' reports of one phase (instance -> report): the largest stall
-    and the largest per-instance median, seconds."""
+def stall_figures(
+    reports: dict[str, dict[str, Any]], watched: Sequence[str], moved: Collection[str]
+) -> dict[str, float]:
+    """From the load generators' reports of one phase (instance -> report; subscriber k on
+    fixture ``watched[k]``): the largest stall and the largest per-instance median, and the
+    largest stalls of the fixtures *moved* in the phase (handed over and back) and of the
+    others (what the machine adds whatever the cluster does), seconds."""
     stalls = [r["stall_ms"] or {} for r in reports.values()]
+    moved_s, still_s = [0.0], [0.0]
+    for s in stalls:
+        for fx, ms in zip(watched, s.get("each") or [], strict=False):
+            (moved_s if fx in moved else still_s).append(ms / 1000)
     return {
         "stall_max_s": max((s.get("max") or 0.0) for s in stalls) / 1000,
         "stall_p50_s": max((s.get("p50") or 0.0) for s in stalls) / 1000,
+        "stall_moved_s": max(moved_s),
+        "stall_still_s": max(still_s),
     }
 
 
 _COLUMNS: Final = (
     ("stall_max_s", "stall, max (s)"),
     ("stall_p50_s", "stall, median (s)"),
+    ("stall_moved_s", "stall, fixtures moved (s)"),
+    ("stall_still_s", "stall, the others (s)"),
     ("lost", "lost"),
     ("duplicates", "repeated"),
     ("stop_max_s", "slowest stop (s)"),

@@ -54,6 +54,7 @@ from typing import IO, Any, Final
 
 import attrs
 
+from gateway.bench._feeder import fixture_id
 from gateway.bench._redis import BenchRedis, RedisReplyError, RedisStartError
 from gateway.bench._rollfigures import (
     INSTANCES,
@@ -131,6 +132,7 @@ class _Trial:
         n_watched = max(1, min(fixtures, round(fixtures * watched)))
         #: Subscriber k of each load generator takes fixture k * stride.
         self.stride = fixtures // n_watched
+        self.watched = [fixture_id(k * self.stride % fixtures) for k in range(n_watched)]
         self.sc = Scenario(
             name="rolling",
             subscribers=n_watched,
@@ -312,13 +314,19 @@ class _Trial:
                 # The machine's load when the phase ended: on a shared host, read it beside
                 # the stalls (a starved process stalls its fixtures whatever the cluster does).
                 "load": os.getloadavg()[0],
-                **stall_figures(self.reports([*others, name])),
+                **stall_figures(
+                    self.reports([*others, name]),
+                    self.watched,
+                    [fx for fx, who in owners(self.fixtures, INSTANCES).items() if who == name],
+                ),
             }
             phases.append(phase)
             self.say(
                 f"  {name}: stop {stop_s:.1f} s, share back {phase['rebalance_s']:.1f} s after "
                 f"its start; stall max {phase['stall_max_s']:.2f} s, median "
-                f"{phase['stall_p50_s']:.2f} s; its subscribers closed {closed['closed']}; "
+                f"{phase['stall_p50_s']:.2f} s (fixtures moved {phase['stall_moved_s']:.2f} s, "
+                f"the others {phase['stall_still_s']:.2f} s); its subscribers closed "
+                f"{closed['closed']}; "
                 f"load {phase['load']:.1f}"
             )
         total = time.monotonic() - began
@@ -334,6 +342,8 @@ class _Trial:
             "phases": phases,
             "stall_max_s": max(p["stall_max_s"] for p in phases),
             "stall_p50_s": max(p["stall_p50_s"] for p in phases),
+            "stall_moved_s": max(p["stall_moved_s"] for p in phases),
+            "stall_still_s": max(p["stall_still_s"] for p in phases),
             "stop_max_s": max(p["stop_s"] for p in phases),
             "rebalance_max_s": max(p["rebalance_s"] for p in phases),
             "total_s": total,
