@@ -72,6 +72,11 @@ SETTINGS: Final = Settings(lease_ttl=LEASE_TTL, connect_rate=CONNECT_RATE, drain
 #: 10 Hz, the frames' own spacing included; break-before-make: a round plus a vendor connect,
 #: 2.5 s and more).
 MAX_GAP: Final = 1.5
+#: The longest pause a fixture that no handover touched may show before the machine is
+#: taken to be stalling everything (a loaded 2-core machine: other processes, steal); past
+#: it, the excess is allowed to the fixtures handed over too (the others' pause is the
+#: control: break-before-make shows as 3 s on the fixtures handed over against 0.1-0.2 s).
+NOISE: Final = 0.5
 #: A stop (handovers, then the drain) ends well within this on a loaded machine.
 EXIT_WAIT: Final = 40.0
 GUARD: Final = 240
@@ -158,6 +163,16 @@ def summary(found: dict[tuple[str, str], float], moved: list[str]) -> str:
         f"{worst:.2f} s ({who}, {fx}); fixtures handed over {handed:.2f} s, "
         f"the others {still:.2f} s"
     )
+
+
+def check_gaps(found: dict[tuple[str, str], float], moved: list[str]) -> None:
+    """The fixtures handed over paused at most :data:`MAX_GAP`, plus what the machine made
+    every fixture pause beyond :data:`NOISE` (the others', which no handover touched, in the
+    same subscribers and time): on a healthy machine exactly :data:`MAX_GAP`."""
+    handed = max(g for (_, f), g in found.items() if f in moved)
+    still = max((g for (_, f), g in found.items() if f not in moved), default=0.0)
+    worst = sorted(found.items(), key=lambda i: -i[1])[:5]
+    assert handed <= MAX_GAP + max(0.0, still - NOISE), (handed, still, worst)
 
 
 async def fresh_after(chains: list[Chain], t: float) -> None:
@@ -261,9 +276,7 @@ async def test_a_rolling_restart_is_a_non_event(tmp_path: Path, redis_server: Re
                     f"{summary(worst, HOME[name])}; its own subscribers, resumed "
                     f"elsewhere: {resumed:.2f} s"
                 )
-                assert max(worst.values()) <= MAX_GAP, sorted(worst.items(), key=lambda i: -i[1])[
-                    :5
-                ]
+                check_gaps(worst, HOME[name])
             report(f"rolling restart of 3 instances: {trio.current_time() - began:.1f} s")
             check_everything(c, chains, epochs)
             await kit.check_streams(c.redis, FIXTURES)
@@ -320,7 +333,7 @@ async def test_after_a_kill_9_the_comeback_takes_its_share_back_without_a_stall(
                 f"kill -9, then gw-a back: its share back {took:.2f} s after it was ready; "
                 f"longest gap in fresh frames {summary(worst, HOME['gw-a'])}"
             )
-            assert max(worst.values()) <= MAX_GAP, sorted(worst.items(), key=lambda i: -i[1])[:5]
+            check_gaps(worst, HOME["gw-a"])
             handed = set().union(*(warm_since(c.nodes[n], marks[n]) for n in ("gw-b", "gw-c")))
             assert handed == set(HOME["gw-a"]), handed
             check_everything(c, chains, epochs)
