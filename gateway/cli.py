@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway import client
 
-    watch = sub.add_parser("watch", help="subscribe to topics and print what arrives")
+    watch = sub.add_parser(
+        "watch", help="subscribe to topics and print what arrives (on the Python client)"
+    )
     client.add_arguments(watch)
 
     from gateway.bench import add_arguments as add_bench_arguments

@@ -1,44 +1,96 @@
-"""``dde-gateway watch``: a minimal subscriber of the multiplexed endpoint, for people.
+"""``dde-gateway watch``: subscribe to topics of ``/v1/stream`` and print what arrives.
 
-It subscribes to one or more ``feed/fixture`` topics on ``/v1/stream`` and prints one line per
-message: frames summarised (seq, size and the vendor's ``ix`` or ``fixtureSeqNum``), everything
-else (subscribed, status, gap, error) as the JSON the gateway sent. ``--raw`` prints every
-message verbatim. It resumes by itself after a lost connection, using the ``after``/``epoch``
-resume of the protocol, so a reconnect shows ``recovered: true`` when no frame was missed.
+Built on the Python client (``dde_gateway_client``, its trio adapter): it reconnects with
+full-jitter backoff across every ``--url`` (instances of one cluster, or one gateway), resumes
+each subscription with ``after`` + ``epoch``, prints each frame once, in order, and says what it
+could not recover (a ``loss`` event) instead of skipping it. Output:
 
-``--token-file`` sends a subscriber token (``Authorization: Bearer``) when the gateway has
-``[subscribers] tokens_file``; ``--ca-file`` trusts a private CA for a ``wss://`` URL. A 401
-(no or unknown token) ends the command instead of retrying.
+- default: one line per frame summarised (seq, size and the vendor's ``ix`` or
+  ``fixtureSeqNum``), every other event as its JSON line, connection states on stderr;
+- ``--events``: every event as one JSON object per line (docs/clients.md lists the keys);
+- ``--raw``: every message the gateway sent, verbatim, one per line (but frames the client
+  dropped as duplicates: each frame once).
+
+``--token-file`` sends a subscriber token (``Authorization: Bearer``); ``--ca-file`` trusts a
+private CA for ``wss://``. Exit status: 0 at the end (SIGINT/SIGTERM, ``--count`` reached, or
+every subscription ended), 2 for bad arguments, 3 when the token is refused (HTTP 401).
+``--replay PPS`` replays the topics from their first frame instead (the ``replay`` op), and
+ends when every replay has.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
 import ssl
 import sys
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
-import orjson
 import trio
-import trio_websocket
+from dde_gateway_client import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_QUEUE,
+    Client,
+    Error,
+    Event,
+    Frame,
+    ReplayFrame,
+    StateChanged,
+)
 
-from gateway.config import Secret, SecretError, read_token_file
+from gateway.config import SecretError, read_token_file
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/v1/stream"
-RECONNECT_DELAY: Final = 1.0
+#: Exit statuses (docs/clients.md).
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_FATAL: Final = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "topics", nargs="+", metavar="FEED/FIXTURE", help="what to subscribe to, e.g. tracking/ID"
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"default: {DEFAULT_URL}")
+    parser.add_argument(
+        "--url",
+        action="append",
+        default=None,
+        help=f"a /v1/stream URL; repeat for instances of one cluster (default: {DEFAULT_URL})",
+    )
     parser.add_argument(
         "--backfill", type=int, default=0, help="frames from history first (-1 = all held)"
     )
-    parser.add_argument("--raw", action="store_true", help="print every message verbatim")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--raw", action="store_true", help="print every message verbatim")
+    out.add_argument("--events", action="store_true", help="print every event as a JSON line")
     parser.add_argument("--count", type=int, default=0, help="stop after this many frames")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"events held for printing before reading stops (default {DEFAULT_MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        help="the gateway's heartbeat_interval: 3 without any message = a dead connection",
+    )
+    parser.add_argument(
+        "--replay",
+        type=int,
+        default=None,
+        metavar="PPS",
+        help="replay the topics from their first frame at PPS frames a second (1-1000) "
+        "instead of following them live; ends when every replay has",
+    )
+    parser.add_argument(
+        "--slow-ms",
+        type=float,
+        default=0.0,
+        help="test aid: wait this many ms after each event (a slow application)",
+    )
     parser.add_argument(
         "--token-file",
         type=pathlib.Path,
@@ -60,9 +112,9 @@ def _topic(text: str) -> tuple[str, str]:
     return feed, fixture
 
 
-def summarise(msg: dict[str, Any]) -> str:
-    """One line for a frame message; other messages are printed as they came."""
-    data = msg.get("data")
+def summarise(event: Frame | ReplayFrame) -> str:
+    """One line for a frame (``replay`` instead of ``frame`` for a replayed one)."""
+    data = event.data
     mark = ""
     if isinstance(data, dict):
         if "ix" in data:
@@ -71,92 +123,103 @@ def summarise(msg: dict[str, Any]) -> str:
             mark = f" fixtureSeqNum={data['fixtureAction'].get('fixtureSeqNum')}"
         elif "eventElementType" in data:
             mark = f" {data.get('eventElementType')}={data.get('state')}"
-    size = len(orjson.dumps(data))
-    return f"frame {msg['feed']}/{msg['fixture']} seq={msg['seq']}{mark} ({size} bytes)"
+    size = len(event.text.encode())
+    kind = "frame" if isinstance(event, Frame) else "replay"
+    return f"{kind} {event.feed}/{event.fixture} seq={event.seq}{mark} ({size} bytes)"
 
 
 class Watcher:
-    """Subscribes, prints, and on reconnect resumes after the last seq seen per topic."""
+    """What ``watch`` does with its arguments: a client, one merged stream, printing."""
 
-    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
-        self.url: str = args.url
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO = sys.stderr) -> None:
+        self.urls: list[str] = list(args.url or [DEFAULT_URL])
         self.topics = [_topic(t) for t in args.topics]
         self.backfill: int = args.backfill
         self.raw: bool = args.raw
+        self.events: bool = getattr(args, "events", False)
         self.count: int = args.count
+        self.max_queue: int = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
+        self.heartbeat_interval: float = getattr(
+            args, "heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL
+        )
+        self.slow: float = getattr(args, "slow_ms", 0.0) / 1000.0
+        if self.count < 0 or self.max_queue < 1 or self.slow < 0:
+            raise argparse.ArgumentTypeError("--count, --slow-ms >= 0 and --max-queue >= 1")
+        if self.backfill < -1:
+            raise argparse.ArgumentTypeError("--backfill must be -1 or more")
+        self.replay: int | None = getattr(args, "replay", None)
+        if self.replay is not None and not 1 <= self.replay <= 1000:
+            raise argparse.ArgumentTypeError("--replay must be 1 to 1000 frames a second")
         token_file: pathlib.Path | None = getattr(args, "token_file", None)
-        self.token: Secret | None = None if token_file is None else read_token_file(token_file)
+        token = None if token_file is None else read_token_file(token_file).reveal()
         ca_file: pathlib.Path | None = getattr(args, "ca_file", None)
         self.ssl_context = (
             None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
         )
         self.out = out
+        self.err = err
         self.frames = 0
-        self.resume: dict[tuple[str, str], tuple[int, str]] = {}
+        # Checked here, so that bad arguments exit 2 before any connection.
+        self.client = Client(
+            self.urls,
+            token=token,
+            ssl_context=self.ssl_context,
+            max_queue=self.max_queue,
+            heartbeat_interval=self.heartbeat_interval,
+            on_message=self._print_raw if self.raw else None,
+        )
 
-    def _subscribe_message(self, feed: str, fixture: str) -> str:
-        req: dict[str, Any] = {"op": "subscribe", "feed": feed, "fixture": fixture}
-        if (feed, fixture) in self.resume:
-            seq, epoch = self.resume[(feed, fixture)]
-            req.update(after=seq, epoch=epoch)
+    def _print_raw(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _show(self, event: Event) -> None:
+        if self.events:
+            print(event.to_json(), file=self.out, flush=True)
+        elif isinstance(event, StateChanged):
+            reason = f" ({event.reason})" if event.reason else ""
+            print(f"# {event.state} {event.url}{reason}", file=self.err, flush=True)
+        elif isinstance(event, Error) and event.fatal:
+            print(f"# {event.message}", file=self.err, flush=True)
+        elif self.raw:
+            return
+        elif isinstance(event, Frame | ReplayFrame):
+            print(summarise(event), file=self.out, flush=True)
         else:
-            req["backfill"] = self.backfill
-        return orjson.dumps(req).decode()
-
-    async def session(self) -> bool:
-        """One connection; True when done (``--count`` reached)."""
-        headers = []
-        if self.token is not None:
-            headers.append((b"authorization", b"Bearer " + self.token.reveal().encode()))
-        async with trio_websocket.open_websocket_url(
-            self.url, self.ssl_context, extra_headers=headers
-        ) as ws:
-            for feed, fixture in self.topics:
-                await ws.send_message(self._subscribe_message(feed, fixture))
-            while True:
-                text = await ws.get_message()
-                msg = orjson.loads(text)
-                kind = msg.get("type")
-                if kind in ("subscribed", "frame"):
-                    self.resume[(msg["feed"], msg["fixture"])] = (msg["seq"], self._epoch(msg))
-                if kind == "frame":
-                    self.frames += 1
-                    print(text if self.raw else summarise(msg), file=self.out, flush=True)
-                    if self.count and self.frames >= self.count:
-                        return True
-                else:
-                    print(text, file=self.out, flush=True)
-
-    def _epoch(self, msg: dict[str, Any]) -> str:
-        if "epoch" in msg:
-            return str(msg["epoch"])
-        return self.resume.get((msg["feed"], msg["fixture"]), (0, ""))[1]
+            print(event.to_json(), file=self.out, flush=True)
 
     async def run(self) -> int:
-        while True:
-            try:
-                if await self.session():
-                    return 0
-            except trio_websocket.ConnectionRejected as exc:
-                if exc.status_code == 401:
-                    print(
-                        f"# {self.url}: a valid subscriber token is required (--token-file)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-                print(f"# cannot connect to {self.url}: HTTP {exc.status_code}", file=sys.stderr)
-            except (OSError, trio_websocket.HandshakeError) as exc:
-                print(f"# cannot connect to {self.url}: {exc}", file=sys.stderr, flush=True)
-            except trio_websocket.ConnectionClosed as exc:
-                print(f"# connection closed: {exc.reason}", file=sys.stderr, flush=True)
-            await trio.sleep(RECONNECT_DELAY)
+        """Until the end; the exit status."""
+        fatal = False
+        async with self.client as client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_on_signals, nursery.cancel_scope)
+            if self.replay is None:
+                sub = client.subscribe_many(self.topics, backfill=self.backfill)
+            else:
+                sub = client.replay_many(self.topics, rate=self.replay)
+            async for event in sub:
+                self._show(event)
+                if isinstance(event, Error) and event.fatal:
+                    fatal = True
+                if isinstance(event, Frame | ReplayFrame):
+                    self.frames += 1
+                    if self.count and self.frames >= self.count:
+                        break
+                if self.slow:
+                    await trio.sleep(self.slow)
+            nursery.cancel_scope.cancel()
+        return EXIT_FATAL if fatal else EXIT_OK
+
+    async def _stop_on_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                scope.cancel()
+                return
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         watcher = Watcher(args, sys.stdout)
-    except (argparse.ArgumentTypeError, SecretError, OSError, ssl.SSLError) as exc:
+    except (argparse.ArgumentTypeError, SecretError, OSError, ssl.SSLError, ValueError) as exc:
         print(f"dde-gateway watch: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return trio.run(watcher.run)

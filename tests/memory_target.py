@@ -30,6 +30,7 @@ from gateway.controlplane import (
 from gateway.dataplane import STREAM_PATH, subscriber_order
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
+from gateway.replay import ReplayCounters
 
 DEFAULT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -112,6 +113,7 @@ class MemoryTarget:
         self._configured = {fx.key for fx in config.fixtures}
         #: Recorded lines per (feed, fixture), as the recorder would serve them.
         self._recorded: dict[tuple[str, str], list[bytes]] = {}
+        self.replays = ReplayCounters()
         for fx in config.fixtures:
             self.follow(fx.feed, fx.id, fx.backfill)
 
@@ -193,6 +195,9 @@ class MemoryTarget:
 
     def recordings(self) -> list[RecordingView]:
         return [self._recording_view(key) for key in self._recorded]
+
+    def replay_counters(self) -> ReplayCounters:
+        return self.replays
 
     def recorder_totals(self) -> RecorderTotals | None:
         frames: dict[str, int] = {}

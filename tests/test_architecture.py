@@ -33,14 +33,15 @@ LAYERS: dict[str, int] = {
     "recorder": 1,  # beside the hub and the upstream: the service wires it to both
     "cluster": 1,  # Redis: leases, appends, relay reads; the service wires it to hub and upstream
     "client": 1,
-    "dataplane": 2,
-    "simulator": 2,  # replays the recorder's files
-    "controlplane": 3,
-    "service": 4,
-    "bench": 5,
-    "soak": 5,
-    "cli": 6,
-    "__main__": 7,
+    "replay": 2,  # a fixture's frames again: reads topics' archives, paces, passes through
+    "dataplane": 3,
+    "simulator": 3,  # replays the recorder's files
+    "controlplane": 4,
+    "service": 5,
+    "bench": 6,
+    "soak": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 
 

@@ -164,3 +164,26 @@ def test_cluster_floor_and_takeover_scripts_run(tmp_path: Path) -> None:
     assert 0 < result["watched_live_p50_s"] <= result["watched_live_all_s"]
     # The stall spans the kill: at least until the new owner's frames came.
     assert 0 < result["stall_p50_s"] <= result["stall_max_s"]
+
+
+@pytest.mark.slow
+def test_replay_bench_runs(tmp_path: Path) -> None:
+    """``python -m gateway.bench._replay``, tiny (a 30 s match at 25 Hz written by the
+    recorder, 3 replays at 50/s for 1 s): every figure is there and sane (no speed asserted);
+    a second run reuses the recording."""
+    out = tmp_path / "replay.json"
+    argv = [
+        *(sys.executable, "-m", "gateway.bench._replay", "--replays=3", "--rate=50"),
+        *("--duration=1", "--runs=1", "--minutes=0.5", f"--recording={tmp_path / 'rec'}"),
+        f"--json={out}",
+    ]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert "writing 750 frames" in first.stderr
+    doc = json.loads(out.read_text())
+    assert doc["recording"]["frames"] == 750 and doc["recording"]["bytes_on_disk"] > 0
+    (run,) = doc["runs"]
+    assert run["replays"] == 3 and run["frames_per_s_asked"] == 150
+    assert run["frames_per_s"] > 0 and run["slowest_client_frames"] > 0
+    assert 0 < run["rss_baseline_mib"] <= run["rss_peak_mib"]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert "writing" not in again.stderr

@@ -11,6 +11,7 @@ rebalancing, a death and a paused owner, with the single-owner invariant checked
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -215,6 +216,40 @@ def test_after_an_outage_a_vanished_lease_waits_even_if_its_holder_is_not_listed
     for now in (6.0, 6.0 + RETAKE_ROUNDS - 0.001):
         assert not table.plan(now, followed={key}, live=[A]).acquire
     assert table.plan(6.0 + RETAKE_ROUNDS, followed={key}, live=[A]).acquire == {key}
+
+
+def test_a_lease_seen_free_just_before_an_outage_is_not_taken_when_redis_answers() -> None:
+    """Issue 22's lease defect, as tests/test_cluster_process.py met it: Redis restarts
+    with its data after the leases ran out; this instance's first round back sees the other
+    one's lease free (its holder has not taken it again yet) and Redis goes away again before
+    its next round. When Redis answers again (empty), the lease is *not* taken at once: the
+    outage is no time seen free (before the fix it counted, and the instance took the lease
+    the moment Redis answered, from a holder that kept following it: a vendor reconnect, the
+    holder's appends fenced). It waits RETAKE_ROUNDS rounds from the first answer, as after
+    any outage, and is taken only if its holder does not take it again meanwhile."""
+    (key,) = ranked(A, 0, [A, B])
+    table = LeaseTable(B, ttl=4.0, token=TOKEN_B)  # tick 1.0
+    assert not table.plan(0.0, followed={key}, live=[A, B]).acquire
+    table.observed({key: TOKEN_A}, sent=0.0)  # A holds it
+    table.unreachable()  # Redis stops; restarted with its data after the lease ran out
+    # The first round back: A's heartbeat not written yet, nor its lease taken again.
+    assert not table.plan(5.0, followed={key}, live=[B]).acquire
+    table.observed({key: None}, sent=5.0)
+    assert not table.plan(5.0, followed={key}, live=[B]).acquire
+    table.unreachable()  # Redis stops again before the next round (A took it meanwhile)
+    # Redis answers again, empty: the round's plan (sent before any reply) takes nothing ...
+    assert not table.plan(10.0, followed={key}, live=[B]).acquire
+    table.observed({key: None}, sent=10.0)
+    # ... nor the plan after its reply: free since 10.0, not since 5.0.
+    for now in (10.0, 11.0, 10.0 + RETAKE_ROUNDS - 0.001):
+        assert not table.plan(now, followed={key}, live=[B]).acquire
+        table.observed({key: None}, sent=now)
+    # Its holder takes it again in time: nothing to take.
+    held = copy.deepcopy(table)
+    held.observed({key: TOKEN_A}, sent=11.5)
+    assert not held.plan(10.0 + RETAKE_ROUNDS, followed={key}, live=[A, B]).acquire
+    # It does not (it died during the outage): taken after those rounds, as after a death.
+    assert table.plan(10.0 + RETAKE_ROUNDS, followed={key}, live=[B]).acquire == {key}
 
 
 def test_a_lease_of_a_previous_life_is_not_taken_while_it_lasts() -> None:

@@ -217,6 +217,8 @@ async def test_a_paused_owner_is_fenced_and_redis_restarts_keep_the_epochs(
             # Redis down for longer than the leases live, back with its data, then the same
             # without: nobody dies or steps down, frames flow again, the epochs stay.
             steps_after_restart: list[str] = []
+            counted = {name: await n.cluster() for name, n in c.nodes.items()}
+            first_down = trio.current_time()
             for keep in (True, False):
                 said = {name: len(n.lines("redis unreachable")) for name, n in c.nodes.items()}
                 stepped = {name: n.stepped_down() for name, n in c.nodes.items()}
@@ -279,9 +281,16 @@ async def test_a_paused_owner_is_fenced_and_redis_restarts_keep_the_epochs(
                 assert all(len(s) == 1 for s in w.subscribed.values()), w.subscribed
                 assert "stopped" not in {s for states in w.states.values() for s in states}
                 assert not w.other, w.other
-            if steps_after_restart:
-                # A known defect, not a loss (every check above held): at times (1 run in 3
-                # here) an owner loses its leases to the other instance the moment Redis comes
-                # back empty, a take-over where none was due (a vendor reconnect for those
-                # fixtures). Reported, not hidden; issue 22 carries it until it is fixed.
-                pytest.xfail(f"owners stepped down after Redis restarts: {steps_after_restart}")
+            # No owner stepped down or was fenced, no lease moved: each owner took its leases
+            # again when Redis answered (issue 22: a lease seen free just before the second
+            # outage was taken by the other instance the moment Redis answered again, about
+            # one run in three; docs/cluster.md, leases).
+            assert not steps_after_restart, steps_after_restart
+            for name, node in c.nodes.items():
+                before, after = counted[name]["counters"], (await node.cluster())["counters"]
+                for counter in ("leases_gained", "leases_lost", "fenced", "handovers"):
+                    assert after[counter] == before[counter], (name, counter, before, after)
+            assert await lease_holders(redis) == OWNER_OF
+            # At the vendor: one session per fixture throughout (no take-over reconnected one).
+            doubled = [d for d in c.sessions.doubles if d[0] >= first_down]
+            assert not doubled, doubled[:10]

@@ -869,9 +869,9 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
             (("limit", "client"),): 0,
             (("limit", "overall"),): 0,
         }
-        # Only feed, state, endpoint, limit and le labels: fixture ids, subscribers, peers and
-        # tokens would be unbounded.
-        allowed = {"feed", "state", "endpoint", "limit", "le"}
+        # Only feed, state, endpoint, limit, le and the replays' source and reason labels (each
+        # a fixed set): fixture ids, subscribers, peers and tokens would be unbounded.
+        allowed = {"feed", "state", "endpoint", "limit", "le", "source", "reason"}
         assert {k for _, labels in got for k, _ in labels} <= allowed
 
         # An unfollowed fixture's frames stay counted: counters never go down.

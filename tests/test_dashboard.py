@@ -40,7 +40,7 @@ from gateway.model import FixtureState
 from tests.test_controlplane import READ_TOKEN, make_config, serving
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = {"index.html", "app.js", "pitch.js", "stream.js", "style.css", "favicon.svg"}
+FILES = {"index.html", "app.js", "pitch.js", "client.js", "core.js", "style.css", "favicon.svg"}
 # What a page may load: src/href attributes, CSS url(), JS module imports.
 _REFERENCES = re.compile(
     r"""(?:\b(?:src|href)=["']([^"']+)["'])|(?:url\(([^)]+)\))|(?:\bfrom\s+["']([^"']+)["'])"""

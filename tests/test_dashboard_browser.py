@@ -11,7 +11,8 @@ configured: the page asks for a token, then reads the API with it (Bearer) and t
 the other one (``dde.bearer.<token>`` subprotocol), and no token ever appears in a URL. A
 cluster instance (the control plane over ``MemoryTarget`` with a degraded cluster view): the
 role and owner columns, a ``degraded`` fixture marked failing, the instance's name, state and
-reason in the instance panel.
+reason in the instance panel. Across a restart of the gateway (same addresses, a recorder) the
+fastpath view's stream (the JS client) resumes: no action listed twice.
 
 Chromium is never downloaded: ``executable_path`` is Debian's ``/usr/bin/chromium`` (``.ci/test``
 installs it when missing, as root). Without it these tests fail in CI (``CI=true``) and skip
@@ -43,7 +44,16 @@ import trio_websocket
 
 from gateway.model import FixtureState
 from gateway.service import Gateway
-from tests.kit import http_url, simulator_and_gateway, stream_url, wait_until
+from gateway.simulator import Simulator
+from tests.conftest import TEST_TOKEN
+from tests.kit import (
+    gateway_config,
+    http_url,
+    running_gateway,
+    simulator_and_gateway,
+    stream_url,
+    wait_until,
+)
 from tests.memory_target import MemoryTarget
 from tests.test_controlplane import make_config, sample_cluster, serving
 
@@ -396,3 +406,53 @@ async def test_dashboard_of_a_cluster_instance(tmp_path: Path, chromium: Browser
     assert shown["header"][0].startswith("v9.9.9 · gw-a · up ")
     assert session.errors == []
     assert session.off_host() == []
+
+
+def _actions_shown(page: Page) -> int:
+    return page.locator("#actions li").count()
+
+
+async def test_the_fastpath_view_resumes_across_a_restart_without_repeating_actions(
+    tmp_path: Path, chromium: BrowserThread
+) -> None:
+    """The view's stream (the JS client) resumes with after + epoch when the gateway restarts
+    (same addresses, a recorder): the actions already shown are not added again - a view that
+    subscribed with its backfill again listed them twice - and the new ones follow. The page
+    shows at most one line per frame the topic has (its seq), never more."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TEST_TOKEN)
+    sim = Simulator(tokens={TEST_TOKEN}, rate_hz=25.0, heartbeat_interval=1.0, action_interval=0.5)
+    sim.add_fixture(FXA, kind="fastpath")
+    sections: dict[str, Any] = {"recorder": {"dir": str(tmp_path / "rec")}}
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(sim.serve, "127.0.0.1", 0)
+            first = gateway_config(port, token_file, [FIXTURES[2]], **sections)
+            async with running_gateway(first) as gw:
+                assert gw.bound is not None
+                ports = {"stream_listen": str(gw.bound.stream), "http_listen": str(gw.bound.http)}
+                session = await chromium.run(lambda b: _open(b, http_url(gw, "/")))
+                page = session.page
+                await chromium.run(lambda b: _rows(page, 1))
+                row = page.locator(f'#fixtures tr[data-fixture="{FXA}"]')
+                await chromium.run(lambda b: row.click())
+                await chromium.run(lambda b: _fastpath_shown(page))
+                await chromium.run(lambda b: page.locator("#actions li").nth(2).wait_for())
+                await gw.drain()
+            before = await chromium.run(lambda b: _actions_shown(page))
+            again = gateway_config(port, token_file, [FIXTURES[2]], gateway=ports, **sections)
+            async with running_gateway(again) as gw:
+                more = page.locator("#actions li").nth(before + 3)
+                await chromium.run(lambda b: more.wait_for())
+                shown = await chromium.run(lambda b: _actions_shown(page))
+                topic = gw.hub.get("actions", FXA)
+                assert topic is not None
+                published = topic.seq  # read after the page: the page can only lag behind it
+                await chromium.run(lambda b: page.context.close())
+            nursery.cancel_scope.cancel()
+    # Under 30 frames in all, a second backfill of 30 would have listed every one of them
+    # again (the list keeps 30): the page would show more lines than there are frames.
+    assert before >= 3 and published < 30, (before, published)
+    assert before + 3 < shown <= published, (before, shown, published)
+    # Chromium's line for each connection refused while the gateway restarted; nothing else.
+    assert [e for e in session.errors if "ERR_CONNECTION_REFUSED" not in e] == []

@@ -348,7 +348,7 @@ async def test_process_reload_and_start_with_token_files(tmp_path: Path) -> None
 
 async def test_watch_sends_its_token_file(tmp_path: Path) -> None:
     """``dde-gateway watch --token-file``: subscribes with the token; without one a 401 ends
-    the command (exit 1) instead of retrying forever."""
+    the command (exit 3, a fatal error) instead of retrying forever."""
     fx = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
     token_file = tmp_path / "my-token"
     token_file.write_text(TRACKING_ONLY + "\n")
@@ -359,7 +359,7 @@ async def test_watch_sends_its_token_file(tmp_path: Path) -> None:
 
             def args(token: Path | None) -> argparse.Namespace:
                 return argparse.Namespace(
-                    url=stream_url(gw),
+                    url=[stream_url(gw)],
                     topics=[f"tracking/{fx}"],
                     backfill=0,
                     raw=False,
@@ -371,5 +371,7 @@ async def test_watch_sends_its_token_file(tmp_path: Path) -> None:
             out = io.StringIO()
             assert await Watcher(args(token_file), out).run() == 0
             assert out.getvalue().count("frame tracking/") == 3
-            assert await Watcher(args(None), io.StringIO()).run() == 1
+            err = io.StringIO()
+            assert await Watcher(args(None), io.StringIO(), err).run() == 3
+            assert "the subscriber token was refused (HTTP 401)" in err.getvalue()
             assert gw.auth.failures["stream"] == 1

@@ -270,25 +270,24 @@ async def test_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert TEST_TOKEN not in repr(gw.config) and TEST_TOKEN not in repr(handle.status)
 
 
-async def test_watch_client_prints_frames_and_resumes(tmp_path: Path) -> None:
-    """``dde-gateway watch`` against a running gateway: summaries, then a resume after a drop."""
-    out = io.StringIO()
+async def test_watch_client_prints_frames(tmp_path: Path) -> None:
+    """``dde-gateway watch`` against a running gateway: one summary line per frame, the other
+    events as JSON lines, connection states on stderr. (Resuming across drops, restarts and
+    failover: tests/test_client_conformance.py, against the real command.)"""
+    out, err = io.StringIO(), io.StringIO()
     with trio.fail_after(60):
         async with simulator_and_gateway(tmp_path, [("tracking", FX)]) as (_, gw):
             args = argparse.Namespace(
-                url=stream_url(gw), topics=[f"tracking/{FX}"], backfill=3, raw=False, count=5
+                url=[stream_url(gw)], topics=[f"tracking/{FX}"], backfill=3, raw=False, count=10
             )
-            watcher = Watcher(args, out)
-            assert await watcher.session() is True
-            # A second session resumes after the last seq seen: recovered, no frame missed.
-            watcher.count = 10
-            assert await watcher.session() is True
+            assert await Watcher(args, out, err).run() == 0
     lines = out.getvalue().splitlines()
-    subscribed = [orjson.loads(line) for line in lines if line.startswith('{"type":"subscribed"')]
-    assert [s["recovered"] for s in subscribed] == [False, True]
+    subscribed = [orjson.loads(line) for line in lines if line.startswith('{"event":"subscribed"')]
+    assert [(s["recovered"], s["resumed"]) for s in subscribed] == [(False, False)]
     seqs = [int(line.split("seq=")[1].split()[0]) for line in lines if line.startswith("frame ")]
     assert len(seqs) == 10 and seqs == list(range(seqs[0], seqs[0] + 10))
     assert all(" ix=" in line for line in lines if line.startswith("frame "))
+    assert f"# connected {stream_url(gw)}" in err.getvalue().splitlines()
 
 
 async def test_trio_websocket_client_stays_selectable(tmp_path: Path) -> None:

@@ -23,6 +23,12 @@ The rules (docs/cluster.md):
   holder is still live waits :data:`RETAKE_ROUNDS` ticks more: it vanished (Redis lost it) and
   its holder, which asks for its leases with "acquire if free", takes it again first. The
   extra wait is added to the rank's, not taken as a floor, so the ranks keep their order.
+- A lease is counted as free only for time in which Redis answered: when a round fails
+  (Redis unreachable) the times leases were seen free are forgotten, and until Redis answers
+  again nothing is taken (the first round back plans before its reply). Otherwise a lease
+  seen free just before an outage (its holder had not taken it again yet) would count the
+  whole outage as free time and be taken the moment Redis answers, from a holder that kept
+  following it all along.
 - A held, *movable* lease (a fixture every instance follows: the config's) whose first-ranked
   instance is another one, live for at least ``ttl``, is released so that one takes it: at most
   ``handovers`` per tick, so a joining instance takes its share gradually. The others see its
@@ -178,6 +184,11 @@ class LeaseTable:
                 self._last_holder[key] = holder
                 self._handed.discard(key)
                 continue
+            if self.degraded:
+                # Redis has not answered since it became unreachable (this is the plan of the
+                # first round back, before its reply): what it said before is no view of now.
+                # Nothing is taken and no free time counted until it answers.
+                continue
             since = self._free_since.setdefault(key, now)
             wait = rank(key, instances).index(self.me)
             last = self._last_holder.get(key)
@@ -249,8 +260,14 @@ class LeaseTable:
         self._free_since.pop(key, None)
 
     def unreachable(self) -> None:
-        """A round failed: Redis did not answer. Held leases stay held (degraded mode)."""
+        """A round failed: Redis did not answer. Held leases stay held (degraded mode).
+
+        How long a lease has been seen free is forgotten: nothing was seen while Redis was
+        away, and a lease seen free just before (its holder had not taken it again yet) may
+        be held again by now. Counted again from the first answer after Redis is back, so
+        its holder, which kept following it meanwhile, has its rounds to take it again."""
         self.degraded = True
+        self._free_since.clear()
 
     def forget(self, key: str) -> None:
         """*key* is not followed any more (its lease, if held, was released)."""

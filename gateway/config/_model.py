@@ -79,6 +79,15 @@ DEFAULT_RECORDER_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_RECORDER_QUEUE_BYTES: Final = 64 * 1024 * 1024
 
 #: The cluster's defaults (``[cluster]``, docs/cluster.md).
+#: [replay]: vendor pass-through replay connections open at once (the whole gateway).
+DEFAULT_MAX_REPLAYS: Final = 10
+#: [replay]: replays served from what the gateway holds, at once: the whole gateway, one connection.
+DEFAULT_MAX_LOCAL_REPLAYS: Final = 200
+DEFAULT_MAX_REPLAYS_PER_CONNECTION: Final = 4
+#: [replay]: bytes of one replay's frames its client may leave unread before the replay waits.
+DEFAULT_REPLAY_QUEUE_BYTES: Final = 1024 * 1024
+#: [replay]: seconds a replay waits on a client that reads nothing before it is ended.
+DEFAULT_REPLAY_STALL_TIMEOUT: Final = 30.0
 DEFAULT_LEASE_TTL: Final = 10.0
 #: Frames kept per fixture in its Redis stream (about 13 minutes at 25 Hz).
 DEFAULT_STREAM_MAXLEN: Final = 20_000
@@ -383,6 +392,28 @@ class RecorderSection:
 
 
 @attrs.frozen
+class ReplaySection:
+    """``[replay]``: the vendor's Replay Fixture Request and the ``/v1/stream`` replay op
+    (docs/protocol.md). ``max_replays`` caps the dedicated vendor connections of drop-in
+    replays the gateway cannot serve itself (0: never pass one through); ``max_local`` and
+    ``max_per_connection`` cap the replays served from the recording or the memory history;
+    ``queue_bytes`` is one replay's own byte budget and ``stall_timeout`` how long it waits on
+    a client that reads nothing before it is ended (slow consumer)."""
+
+    max_replays: int = attrs.field(default=DEFAULT_MAX_REPLAYS, validator=v.ge(0))
+    max_local: int = attrs.field(default=DEFAULT_MAX_LOCAL_REPLAYS, validator=v.ge(0))
+    max_per_connection: int = attrs.field(
+        default=DEFAULT_MAX_REPLAYS_PER_CONNECTION, validator=v.ge(1)
+    )
+    queue_bytes: int = attrs.field(
+        default=DEFAULT_REPLAY_QUEUE_BYTES, validator=[v.ge(64 * 1024), v.le(1 << 30)]
+    )
+    stall_timeout: float = attrs.field(
+        default=DEFAULT_REPLAY_STALL_TIMEOUT, validator=_positive_finite
+    )
+
+
+@attrs.frozen
 class ClusterSection:
     """``[cluster]``: several gateways as one, on Redis (docs/cluster.md). Absent: one node.
 
@@ -517,6 +548,7 @@ class Config:
     subscribers: SubscribersSection = SubscribersSection()
     api: ApiSection = ApiSection()
     recorder: RecorderSection = RecorderSection()
+    replay: ReplaySection = ReplaySection()
     #: None: a single node (no Redis).
     cluster: ClusterSection | None = None
 

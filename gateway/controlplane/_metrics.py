@@ -7,9 +7,10 @@ can live in one process, as they do in the tests.
 
 The ``dde_cluster_*`` families appear only in a cluster (``cluster_view()`` not None).
 
-Labels are ``feed``, ``state`` and ``endpoint`` (the two subscriber endpoint kinds) only:
-fixture ids, subscribers, peers and tokens are unbounded sets and would make the series count
-grow without limit (and a token must never be anywhere near a metric).
+Labels are ``feed``, ``state`` and ``endpoint`` (the two subscriber endpoint kinds), and the
+fixed sets of the replays' ``source`` and ``reason`` (``gateway.replay``) only: fixture ids,
+subscribers, peers and tokens are unbounded sets and would make the series count grow without
+limit (and a token must never be anywhere near a metric).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gateway.controlplane._target import (
 )
 from gateway.dataplane import AUTH_ENDPOINTS
 from gateway.model import FixtureState, counter_specs
+from gateway.replay import REFUSAL_REASONS, REPLAY_METRICS, REPLAY_SOURCES, ReplayCounters
 
 #: The states of a recording, as ``RecordingView.state`` says them.
 RECORDING_STATES: Final = ("recording", "stopped", "idle")
@@ -149,6 +151,8 @@ class GatewayCollector:
         if recorder is not None:
             yield from _recorder_families(feeds, recorder)
 
+        yield from _replay_families(target.replay_counters())
+
         cluster = target.cluster_view()
         if cluster is not None:
             yield from _cluster_families(cluster)
@@ -178,6 +182,27 @@ def _download_families(slots: DownloadSlots) -> Iterator[Metric]:
     for limit in DOWNLOAD_LIMITS:
         refused.add_metric([limit], float(slots.refused[limit]))
     yield refused
+
+
+def _replay_families(counters: ReplayCounters) -> Iterator[Metric]:
+    name, _, text = REPLAY_METRICS["active"]
+    active = GaugeMetricFamily(name, text, labels=["source"])
+    name, _, text = REPLAY_METRICS["total"]
+    total = CounterMetricFamily(name, text, labels=["source"])
+    for source in REPLAY_SOURCES:
+        active.add_metric([source], float(counters.active[source]))
+        total.add_metric([source], float(counters.total[source]))
+    yield active
+    yield total
+    name, _, text = REPLAY_METRICS["refused"]
+    refused = CounterMetricFamily(name, text, labels=["reason"])
+    for reason in REFUSAL_REASONS:
+        refused.add_metric([reason], float(counters.refused[reason]))
+    yield refused
+    name, _, text = REPLAY_METRICS["frames"]
+    yield CounterMetricFamily(name, text, value=float(counters.frames))
+    name, _, text = REPLAY_METRICS["slow"]
+    yield CounterMetricFamily(name, text, value=float(counters.slow_consumers))
 
 
 def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Metric]:

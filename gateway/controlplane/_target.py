@@ -20,6 +20,7 @@ import attrs
 from gateway.config import FeedConfig, ListenAddress
 from gateway.dataplane import SubscriberView
 from gateway.model import FixtureState, UpstreamCounters
+from gateway.replay import ReplayCounters
 
 #: Listen hosts meaning "every address": a browser reaches them by the host it already uses.
 WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
@@ -365,6 +366,10 @@ class ControlTarget(Protocol):
 
     def recorder_totals(self) -> RecorderTotals | None:
         """The recorder's counters, or None without a recorder."""
+        ...
+
+    def replay_counters(self) -> ReplayCounters:
+        """The replays' counters (running, started, refused, frames; gateway.replay)."""
         ...
 
     def recording_download(

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from gateway.config import SubscriberTokens, TokenGrant
+from gateway.errors import BadRequest
 from gateway.throttle import DEFAULT_INTERVAL, LogThrottle
 
 log = logging.getLogger("gateway.dataplane")
@@ -58,6 +59,13 @@ def offered_tokens(
         ):
             tokens.append(protocol[len(BEARER_PROTOCOL_PREFIX) :])
     return tokens
+
+
+def check_feed_allowed(feeds: frozenset[str] | None, feed: str) -> None:
+    """``/v1/stream``: refuse a request (subscribe, replay) for a *feed* outside the token's
+    *feeds* (None: every feed is allowed)."""
+    if feeds is not None and feed not in feeds:
+        raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
 
 
 class SubscriberAuth:

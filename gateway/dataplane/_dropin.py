@@ -4,7 +4,9 @@ It speaks the vendor protocol of the feed's kind (``docs/vendor-protocol.md``):
 
 - tracking: ``{"authToken":..}`` -> ``Authorisation accepted``; vendor heartbeats; then
   ``{"fixtureId":..,"backfill":..}`` -> the upstream frames verbatim. Unknown fixture -> the
-  vendor's WARN, connection stays open; requests after an accepted one are ignored.
+  vendor's WARN, connection stays open; requests after an accepted one are ignored. With
+  ``"replay": {"enabled": true, ..}`` the request is a replay
+  (:mod:`gateway.dataplane._dropinreplay`).
 - fastpath: the fixture is in the path, ``startPosition`` skips that many sequenced events of
   the history; after the auth message the frames flow. When the topic's upstream leaves
   ``live`` the client gets one ``ConnectionStateChanged``/``Disconnected`` packet, and
@@ -30,8 +32,10 @@ from gateway.dataplane._access import SubscriberAuth
 from gateway.dataplane._backfill import Backfill, leave
 from gateway.dataplane._batchgroup import can_join, join_group
 from gateway.dataplane._connection import Connection, DelayedConnection
+from gateway.dataplane._dropinreplay import DropinReplay, parse_replay
 from gateway.hub import Frame, Hub, HubError, Topic
 from gateway.model import FixtureState
+from gateway.replay import Replays
 from gateway.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION
 
 _CSC = b'"ConnectionStateChanged"'
@@ -90,7 +94,8 @@ class DropinHandler:
     """The vendor protocol on one connection of feed *feed*.
 
     *fixture* is given for fastpath (from the path) and None for tracking (it comes in the
-    fixture request). *auth* holds the tokens (None: any token is accepted).
+    fixture request). *auth* holds the tokens (None: any token is accepted); *replays* the
+    gateway's replay limits, counters and vendor link (None: a private set, no pass-through).
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class DropinHandler:
         auth: SubscriberAuth | None = None,
         fixture: str | None = None,
         start_position: int = 0,
+        replays: Replays | None = None,
     ) -> None:
         self.conn = conn
         self.hub = hub
@@ -111,6 +117,9 @@ class DropinHandler:
         self.start_position = start_position
         self.authenticated = False
         self.sub: DropinSubscription | None = None
+        self.replays = replays if replays is not None else Replays()
+        #: The replay asked for, while it runs (or is being set up).
+        self.replay: DropinReplay | None = None
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -147,7 +156,7 @@ class DropinHandler:
     def on_text(self, text: str) -> None:
         if not self.authenticated:
             self._authenticate(text)
-        elif self.sub is None and self.fixture is None:
+        elif self.sub is None and self.replay is None and self.fixture is None:
             self._fixture_request(text)
         # Anything else is ignored, as the vendor does.
 
@@ -195,12 +204,31 @@ class DropinHandler:
         ):
             self.conn.send_control(msg.VENDOR_REQUEST_BAD_FORMAT)
             return
+        replay = parse_replay(req, fixture, backfill)
+        if isinstance(replay, bytes):
+            self.conn.send_control(replay)
+            return
+        if replay is not None:
+            self.replay = DropinReplay(
+                self.conn,
+                self.hub,
+                self.feed,
+                self.replays,
+                replay,
+                attach_live=self._attach,
+                done=self._replay_refused,
+            )
+            self.conn.start_soon(self.replay.run)
+            return
         try:
             topic = self.hub.open(self.feed.name, fixture)
         except HubError:
             self.conn.send_control(msg.vendor_unknown_fixture(fixture))
             return
         self._attach(topic, topic.backfill_start(backfill))
+
+    def _replay_refused(self) -> None:
+        self.replay = None  # not accepted: a later request is still answered
 
     def _attach(self, topic: Topic, start: int) -> None:
         """Backfill from seq *start* (none if past the topic's seq), then live frames."""

@@ -11,6 +11,8 @@ from typing import Final
 
 import orjson
 
+from gateway.replay import MAX_RATE, MIN_RATE
+
 #: How much of a bad request is echoed back in an ``error`` message.
 ERROR_REQUEST_MAX: Final = 256
 #: Longest ``message`` of an ``error`` (the ids and values in it are cut much shorter).
@@ -27,6 +29,26 @@ VENDOR_REQUEST_BAD_FORMAT: Final = (
     b'{"message":"Fixture request message had incorrect format","level":"ERROR"}'
 )
 VENDOR_FIXTURE_NOT_FOUND: Final = b'{"error":"fixture not found","status":404}'
+
+
+def _vendor_error(message: str) -> bytes:
+    return orjson.dumps({"message": message, "level": "ERROR"})
+
+
+#: The drop-in's answers to a bad ``replay`` object, each naming the field (vendor style).
+VENDOR_REPLAY_BAD_SHAPE: Final = _vendor_error(
+    "Replay must be an object with only enabled, packetsPerSecond and looped"
+)
+VENDOR_REPLAY_BAD_ENABLED: Final = _vendor_error("Replay enabled must be a boolean")
+VENDOR_REPLAY_BAD_RATE: Final = _vendor_error(
+    f"Replay packetsPerSecond must be an integer from {MIN_RATE} to {MAX_RATE}"
+)
+VENDOR_REPLAY_BAD_LOOPED: Final = _vendor_error("Replay looped must be a boolean")
+
+
+def vendor_replay_unavailable(reason: str) -> bytes:
+    """A replay the gateway can neither serve nor pass through (*reason*: for the client)."""
+    return _vendor_error(f"Replay not available: {clip(reason, ERROR_MESSAGE_MAX)}")
 
 
 def clip(value: str, limit: int = VALUE_MAX) -> str:
@@ -69,6 +91,57 @@ def gap(feed: str, fixture: str, from_seq: int, to_seq: int) -> bytes:
             "from_seq": from_seq,
             "to_seq": to_seq,
             "reason": "slow_consumer",
+        }
+    )
+
+
+def replay_started(
+    feed: str, fixture: str, *, epoch: str, from_seq: int, rate: int, looped: bool
+) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "replay_started",
+            "feed": feed,
+            "fixture": fixture,
+            "epoch": epoch,
+            "from_seq": from_seq,
+            "rate": rate,
+            "looped": looped,
+        }
+    )
+
+
+def replay_frame_prefix(feed: str, fixture: str) -> bytes:
+    """``{"type":"replay_frame","feed":F,"fixture":X,"seq":`` - built once per replay; never
+    the live ``frame`` type, so no consumer can take a replayed frame for a live one."""
+    return (
+        b'{"type":"replay_frame","feed":'
+        + orjson.dumps(feed)
+        + b',"fixture":'
+        + orjson.dumps(fixture)
+        + b',"seq":'
+    )
+
+
+def replay_frame(prefix: bytes, seq: int, raw: bytes) -> bytes:
+    """One replayed frame: the upstream text *raw* inserted verbatim, as in ``frame``."""
+    return b"".join((prefix, b"%d" % seq, b',"data":', raw, b"}"))
+
+
+def replay_loop(feed: str, fixture: str, pass_number: int) -> bytes:
+    return orjson.dumps(
+        {"type": "replay_loop", "feed": feed, "fixture": fixture, "pass": pass_number}
+    )
+
+
+def replay_end(feed: str, fixture: str, reason: str, last_seq: int) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "replay_end",
+            "feed": feed,
+            "fixture": fixture,
+            "reason": reason,
+            "last_seq": last_seq,
         }
     )
 

@@ -18,12 +18,16 @@ import orjson
 import trio
 
 from gateway.dataplane import _messages as msg
+from gateway.dataplane._access import check_feed_allowed
 from gateway.dataplane._backfill import Backfill, leave
 from gateway.dataplane._batchgroup import can_join, join_group
 from gateway.dataplane._conflate import MAX_RATE, MIN_RATE, Conflator
 from gateway.dataplane._connection import Connection, DelayedConnection
+from gateway.dataplane._fields import check_keys, field_str
+from gateway.dataplane._replayop import StreamReplays
 from gateway.errors import BadRequest
 from gateway.hub import Frame, Hub, HubError, Topic
+from gateway.replay import Replays
 
 _SUBSCRIBE_KEYS: Final = frozenset(
     {"op", "feed", "fixture", "backfill", "after", "epoch", "max_rate"}
@@ -165,26 +169,26 @@ def _field_rate(req: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def _field_str(req: dict[str, Any], name: str) -> str:
-    value = req.get(name)
-    if value is None:
-        raise BadRequest(f"missing field {name!r}")
-    if type(value) is not str or not value:
-        raise BadRequest(f"{name} must be a non-empty string")
-    return value
-
-
 class MultiplexHandler:
     """The ``/v1/stream`` protocol on one connection.
 
     *feeds*: the feeds its subscriber token may read, fixed at the handshake (None: every feed).
+    *replays*: the gateway's ``[replay]`` limits and counters (the ``replay`` op,
+    :mod:`gateway.dataplane._replayop`); without it, the defaults for this connection alone.
     """
 
-    def __init__(self, conn: Connection, hub: Hub, feeds: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        hub: Hub,
+        feeds: frozenset[str] | None = None,
+        replays: Replays | None = None,
+    ) -> None:
         self.conn = conn
         self.hub = hub
         self.feeds = feeds
         self.subs: dict[tuple[str, str], MuxSubscription] = {}
+        self.replays = StreamReplays(conn, hub, replays or Replays(), feeds)
         #: The connection's nursery (from :meth:`start`): conflated subscriptions' timers.
         self._nursery: trio.Nursery | None = None
 
@@ -240,20 +244,22 @@ class MultiplexHandler:
             self._subscribe(req)
         elif op == "unsubscribe":
             self._unsubscribe(req)
+        elif op == "replay":
+            self.replays.replay(req, text)
+        elif op == "stop_replay":
+            self.replays.stop(req)
         elif op is None:
             raise BadRequest("missing field 'op'")
         else:
-            raise BadRequest(f"unknown op {str(op)[:40]!r}: expected subscribe or unsubscribe")
-
-    def _check_keys(self, req: dict[str, Any], allowed: frozenset[str]) -> None:
-        extra = sorted(k for k in req if k not in allowed)
-        if extra:
-            raise BadRequest(f"unknown field {extra[0][:40]!r}")
+            raise BadRequest(
+                f"unknown op {str(op)[:40]!r}: expected subscribe, unsubscribe, replay or "
+                "stop_replay"
+            )
 
     def _subscribe(self, req: dict[str, Any]) -> None:
-        self._check_keys(req, _SUBSCRIBE_KEYS)
-        feed = _field_str(req, "feed")
-        fixture = _field_str(req, "fixture")
+        check_keys(req, _SUBSCRIBE_KEYS)
+        feed = field_str(req, "feed")
+        fixture = field_str(req, "fixture")
         backfill = _field_int(req, "backfill", -1)
         after = _field_int(req, "after", 0)
         epoch = req.get("epoch")
@@ -272,9 +278,8 @@ class MultiplexHandler:
             raise BadRequest("max_rate cannot be combined with after or a backfill other than 0")
         if max_rate is not None and self._nursery is None:
             raise RuntimeError("MultiplexHandler.start() was not called")
-        if self.feeds is not None and feed not in self.feeds:
-            # Before hub.open: a refused subscription must not start an on-demand follow.
-            raise BadRequest(f"feed {feed[:40]!r} is not allowed for this subscriber")
+        # Before hub.open: a refused subscription must not start an on-demand follow.
+        check_feed_allowed(self.feeds, feed)
         key = (feed, fixture)
         if key in self.subs:
             raise BadRequest(f"already subscribed to {msg.clip(feed)}/{msg.clip(fixture)}")
@@ -302,17 +307,21 @@ class MultiplexHandler:
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
         conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
         self.subs[key] = sub
-        if start is None or start > topic.seq:
+        if start is None:
             topic.attach(sub)
+        elif start > topic.seq:
+            # Nothing to send yet; a resume ahead of this topic (a cluster relay behind)
+            # joins at the frame after the client's last.
+            topic.attach_after(sub, start - 1)
         else:
             # Nothing awaits from here: the backfill takes over the topic's frames up to its
             # last seq, then hands over to the subscription (no gap, no duplicate).
             Backfill(conn, topic, sub, start).start()
 
     def _unsubscribe(self, req: dict[str, Any]) -> None:
-        self._check_keys(req, _UNSUBSCRIBE_KEYS)
-        feed = _field_str(req, "feed")
-        fixture = _field_str(req, "fixture")
+        check_keys(req, _UNSUBSCRIBE_KEYS)
+        feed = field_str(req, "feed")
+        fixture = field_str(req, "fixture")
         sub = self.subs.pop((feed, fixture), None)
         if sub is None:
             raise BadRequest(f"not subscribed to {msg.clip(feed)}/{msg.clip(fixture)}")
@@ -332,6 +341,7 @@ class MultiplexHandler:
             del self.subs[key]
 
     def finish(self) -> None:
+        self.replays.finish()
         self.conn.leave_group()
         subs = list(self.subs.values())
         self.subs.clear()

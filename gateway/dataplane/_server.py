@@ -51,6 +51,7 @@ from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
 from gateway.hub import Hub
 from gateway.listen import open_listen_sockets
+from gateway.replay import Replays
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -110,9 +111,12 @@ class _Router:
     depends on the fixture in a fastpath path (any id is upgraded alike).
     """
 
-    def __init__(self, config: Config, hub: Hub, auth: SubscriberAuth) -> None:
+    def __init__(
+        self, config: Config, hub: Hub, auth: SubscriberAuth, replays: Replays | None = None
+    ) -> None:
         self.hub = hub
         self.auth = auth
+        self.replays = replays if replays is not None else Replays(config.replay)
         self.exact: dict[str, FeedConfig] = {}
         self.templates: list[tuple[re.Pattern[str], FeedConfig]] = []
         for feed in config.feeds.values():
@@ -128,6 +132,7 @@ class _Router:
         path = split.path
         hub = self.hub
         auth = self.auth
+        replays = self.replays
         if path == STREAM_PATH:
             route = self._stream(request, peer)
             route.write_delay = _write_delay(split.query)
@@ -135,7 +140,9 @@ class _Router:
         feed = self.exact.get(path)
         if feed is not None:
             return _Route(
-                path, lambda conn: DropinHandler(conn, hub, feed, auth=auth), "disconnect"
+                path,
+                lambda conn: DropinHandler(conn, hub, feed, auth=auth, replays=replays),
+                "disconnect",
             )
         for pattern, tfeed in self.templates:
             m = pattern.match(path)
@@ -150,7 +157,9 @@ class _Router:
             def factory(
                 conn: Connection, f: FeedConfig = tfeed, fx: str = fixture, sp: int = start
             ) -> Handler:
-                return DropinHandler(conn, hub, f, auth=auth, fixture=fx, start_position=sp)
+                return DropinHandler(
+                    conn, hub, f, auth=auth, fixture=fx, start_position=sp, replays=replays
+                )
 
             return _Route(tfeed.dropin_path, factory, "disconnect")
         raise _Reject(404, b"not found\n")
@@ -163,13 +172,14 @@ class _Router:
                 401, b"a valid subscriber token is required\n", headers=_UNAUTHORIZED_HEADERS
             )
         hub = self.hub
+        replays = self.replays
         feeds = None if grant is None else grant.feeds
         # Answer dde.v1 when offered (browsers insist on an answer when they offered any);
         # never a dde.bearer.<token> protocol: the token must not travel back.
         subprotocol = STREAM_PROTOCOL if STREAM_PROTOCOL in request.subprotocols else None
         return _Route(
             STREAM_PATH,
-            lambda conn: MultiplexHandler(conn, hub, feeds),
+            lambda conn: MultiplexHandler(conn, hub, feeds, replays),
             subprotocol=subprotocol,
             grant_line=0 if grant is None else grant.line,
         )
@@ -321,13 +331,15 @@ class _Server:
         registry: SubscriberRegistry,
         auth: SubscriberAuth,
         tls: ssl.SSLContext | None,
+        *,
+        replays: Replays | None = None,
     ) -> None:
         self.config = config
         self.settings = config.subscribers
         self.hub = hub
         self.registry = registry
         self.tls = tls
-        self.router = _Router(config, hub, auth)
+        self.router = _Router(config, hub, auth, replays)
         #: One WriteTicker per write_delay in use (ms), running in ``nursery``.
         self.tickers: dict[int, WriteTicker] = {}
         self.nursery: trio.Nursery | None = None
@@ -442,6 +454,7 @@ async def run(
     *,
     auth: SubscriberAuth | None = None,
     tls: ssl.SSLContext | None = None,
+    replays: Replays | None = None,
     task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve subscribers on ``config.gateway.stream_listen`` until cancelled.
@@ -449,7 +462,9 @@ async def run(
     *auth*: the subscriber tokens and failure counters (the service keeps one to swap tokens
     on reload); without it one is made from ``[subscribers] tokens_file``. *tls*: the server
     context; without it one is made from ``[gateway] tls_cert_file``/``tls_key_file`` when
-    set. Either may raise :class:`~gateway.config.ConfigError` before anything is bound.
+    set. *replays*: the gateway's replay limits, counters and vendor link (without it: the
+    ``[replay]`` limits, own counters, no pass-through). *auth* and *tls* may raise
+    :class:`~gateway.config.ConfigError` before anything is bound.
 
     The listening sockets come from :func:`gateway.listen.open_listen_sockets`
     (``SO_REUSEPORT`` with ``[gateway] reuse_port``); one that cannot be opened (address in
@@ -470,7 +485,7 @@ async def run(
     try:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         bound = ListenAddress(addr.host, sockets[0].getsockname()[1])
-        server = _Server(config, hub, registry, auth, tls)
+        server = _Server(config, hub, registry, auth, tls, replays=replays)
         scheme = "ws" if tls is None else "wss"
         log.info(
             "data plane listening on %s://%s%s%s",

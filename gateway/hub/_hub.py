@@ -78,6 +78,10 @@ class Hub:
         self.fanout_latency = LatencyHistogram()
         self._topics: dict[tuple[str, str], Topic] = {}
 
+    def feed(self, feed: str) -> FeedConfig:
+        """The configuration of *feed*; raises :class:`UnknownFeedError`."""
+        return self._feed(feed)
+
     def _feed(self, feed: str) -> FeedConfig:
         try:
             return self.feeds[feed]

@@ -54,6 +54,7 @@ from gateway.model import (
     sum_counters,
 )
 from gateway.recorder import FixtureLog, Recorder
+from gateway.replay import ReplayCounters, Replays, VendorLink
 from gateway.service._cluster import ROLE_OWNER, ClusterNode
 from gateway.service._clusterrec import ClusterRecording
 from gateway.service._fixtures import FixtureBook
@@ -200,6 +201,17 @@ class Gateway:
             )
             for fixture in config.fixtures:
                 self.cluster.follow(fixture, False)
+        supervisor = self.supervisor
+        #: Replays (issue 23): limits, counters, and dedicated vendor connections for drop-in
+        #: replays the gateway cannot serve, through the supervisor's connector and limiter.
+        self.replays = Replays(
+            config.replay,
+            vendor=VendorLink(
+                limiter=supervisor.limiter,
+                connector=lambda: supervisor.connector,
+                upstream=lambda: self.config.upstream,
+            ),
+        )
         self._supervisor_scope = trio.CancelScope()
         self._supervisor_done = trio.Event()
         self._ready = False
@@ -229,6 +241,7 @@ class Gateway:
                     self.registry,
                     auth=self.auth,
                     tls=self.tls,
+                    replays=self.replays,
                 )
             )
             self._stream_bound = stream
@@ -303,7 +316,7 @@ class Gateway:
         ]
         needs_restart = [
             section
-            for section in ("gateway", "feeds", "api", "recorder", "cluster")
+            for section in ("gateway", "feeds", "api", "recorder", "replay", "cluster")
             if getattr(old, section) != getattr(new, section)
         ]
         if attrs.evolve(old.subscribers, tokens_file=None) != attrs.evolve(
@@ -639,6 +652,9 @@ class Gateway:
         if self.recorder is None:
             return []
         return [recording_view(log) for log in self.recorder.recordings()]
+
+    def replay_counters(self) -> ReplayCounters:
+        return self.replays.counters
 
     def recorder_totals(self) -> RecorderTotals | None:
         recorder = self.recorder

@@ -28,6 +28,7 @@ from gateway.simulator._server import (
     DEFAULT_ACTION_INTERVAL,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_RATE_HZ,
+    ReplaySeen,
     Simulator,
 )
 from gateway.simulator._tracking import DEFAULT_KICKOFF_UT_MS, TrackingMatch
@@ -47,6 +48,7 @@ __all__ = [
     "Faults",
     "FixtureKind",
     "Outcome",
+    "ReplaySeen",
     "ScorerState",
     "SimFixture",
     "Simulator",

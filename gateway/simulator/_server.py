@@ -232,6 +232,8 @@ class _Session:
                 self.finish(fixture.faults.close_after_auth_code, "simulated restart")
                 return
             self.attempt.outcome = Outcome.STREAMING
+            if replay is not None:
+                self.sim.replay_requests.append(ReplaySeen(fixture_id, backfill, replay))
             logger.debug("tracking fixture %s requested (backfill %s)", fixture_id, backfill)
             nursery.start_soon(self.stream_tracking, fixture, backfill, replay)
 
@@ -304,6 +306,15 @@ class _Session:
 class _Replay:
     packets_per_second: int
     looped: bool
+
+
+@attrs.frozen
+class ReplaySeen:
+    """An accepted Replay Fixture Request, as the simulator saw it (tests look)."""
+
+    fixture_id: str
+    backfill: int | None
+    replay: _Replay
 
 
 def _auth_token(raw: str | bytes) -> str | None:
@@ -407,6 +418,8 @@ class Simulator:
         self.silence_timeout = silence_timeout
         self._fixtures: dict[str, SimFixture] = {}
         self.attempts: list[Attempt] = []
+        #: Every accepted tracking request with a replay, in order.
+        self.replay_requests: list[ReplaySeen] = []
         self.active_connections = 0
         self.connection_faults = Faults()
         """Faults for every connection, read before its fixture is known (see :class:`Faults`)."""

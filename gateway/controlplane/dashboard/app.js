@@ -1,10 +1,11 @@
 // The dashboard (docs/dashboard.md): polls the HTTP API every second for the fixtures, the
-// subscribers and the totals, and opens the subscriber stream for the fixture being viewed.
-// No framework and no build step; everything is written with textContent (vendor texts and
-// error messages are data, never HTML).
+// subscribers and the totals, and opens the subscriber stream for the fixture being viewed
+// with the gateway's JavaScript client (client.js and core.js: copies of clients/js/src,
+// docs/clients-js.md). No framework and no build step; everything is written with textContent
+// (vendor texts and error messages are data, never HTML).
 
+import { Client } from "./client.js";
 import { Pitch } from "./pitch.js";
-import { Subscription, streamUrl } from "./stream.js";
 
 const POLL_MS = 1000;
 const PITCH_MAX_RATE = 10; // frames a second the pitch asks for (max_rate, docs/protocol.md)
@@ -39,6 +40,13 @@ const app = {
 class AuthError extends Error {}
 
 // -- formatting ------------------------------------------------------------------------------
+
+// The stream's URL from /v1/status's `stream` object; null host = the host of this page.
+export function streamUrl(stream, pageHost = location.hostname) {
+  let host = stream.host ?? pageHost;
+  if (host.includes(":") && !host.startsWith("[")) host = `[${host}]`; // an IPv6 literal
+  return `${stream.scheme}://${host}:${stream.port}${stream.path}`;
+}
 
 function age(seconds) {
   const s = Math.max(0, Math.floor(seconds));
@@ -317,7 +325,7 @@ function openView(fx) {
     skipped: 0,
     streamText: "",
     pitch: null,
-    sub: null,
+    client: null,
   };
   app.view = v;
   document.querySelector("main").classList.remove("no-view");
@@ -340,22 +348,25 @@ function openView(fx) {
     setViewInfo("the stream address is not known yet");
     return;
   }
-  const request = tracking
-    ? { feed: fx.feed, fixture: fx.fixture, max_rate: PITCH_MAX_RATE }
-    : { feed: fx.feed, fixture: fx.fixture, backfill: ACTIONS_SHOWN };
+  // Browsers cannot set headers on a WebSocket: the client offers the token as the subprotocol
+  // "dde.bearer.<token>" next to "dde.v1". Events come as they arrive (onEvent): the page draws
+  // at most PITCH_MAX_RATE frames a second, so nothing queues.
   const token = app.streamToken || app.apiToken;
-  v.sub = new Subscription(streamUrl(app.status.stream), token, request, {
-    message: (msg) => onStreamMessage(v, msg),
-    state: (text) => {
-      v.streamText = text;
-      showViewInfo(v);
-    },
-  });
+  try {
+    v.client = new Client(streamUrl(app.status.stream), {
+      token: token || undefined,
+      onEvent: (event) => onStreamEvent(v, event),
+    });
+    v.client.subscribe(fx.feed, fx.fixture, tracking ? { maxRate: PITCH_MAX_RATE } : { backfill: ACTIONS_SHOWN });
+  } catch (err) {
+    v.streamText = `cannot open the stream: ${err.message}`;
+    showViewInfo(v);
+  }
 }
 
 function closeView() {
   const v = app.view;
-  if (v && v.sub) v.sub.close();
+  if (v && v.client) v.client.close();
   app.view = null;
   $("#fixture-view").hidden = true;
   document.querySelector("main").classList.add("no-view");
@@ -382,27 +393,41 @@ function showViewInfo(v, extra = "") {
   setViewInfo(parts.filter(Boolean).join(" · "));
 }
 
-function onStreamMessage(v, msg) {
+// The client's events (docs/clients-js.md): each frame once, in order, or a `loss` event.
+function onStreamEvent(v, e) {
   if (app.view !== v) return;
-  switch (msg.type) {
+  switch (e.event) {
+    case "state":
+      if (e.state === "connecting") v.streamText = "connecting to the stream";
+      else if (e.state === "connected") v.streamText = "stream connected";
+      else if (e.state === "disconnected") {
+        // A refused upgrade (no or wrong subscriber token: HTTP 401) looks like any failed
+        // connection to a browser.
+        const why = e.reason === "cannot connect" ? "connection failed (stream token?)" : e.reason;
+        v.streamText = `stream ${why}; retrying`;
+      } else if (v.streamText === "stream connected") v.streamText = "stream closed";
+      showViewInfo(v);
+      break;
     case "status":
-      setViewState(msg.state);
+      setViewState(e.state);
       break;
     case "frame":
-      if (v.lastSeq && msg.seq > v.lastSeq + 1) v.skipped += msg.seq - v.lastSeq - 1;
-      v.lastSeq = msg.seq;
+      // max_rate skips frames on purpose: seq jumps count what was skipped.
+      if (v.lastSeq && e.seq > v.lastSeq + 1) v.skipped += e.seq - v.lastSeq - 1;
+      v.lastSeq = e.seq;
       v.frames += 1;
-      if (v.kind === "tracking") drawTracking(v, msg.data);
-      else addAction(msg.data);
+      if (v.kind === "tracking") drawTracking(v, e.data);
+      else addAction(e.data);
       break;
-    case "gap":
-      showViewInfo(v, `gap ${msg.from_seq}-${msg.to_seq} (${msg.reason})`);
+    case "loss":
+      showViewInfo(v, `lost ${e.from_seq}-${e.to_seq ?? "?"} (${e.reason})`);
       break;
     case "error":
-      showViewInfo(v, `error: ${msg.message}`);
+      if (e.fatal) v.streamText = `cannot open the stream: ${e.message}`;
+      showViewInfo(v, e.fatal ? "" : `error: ${e.message}`);
       break;
     default:
-      break; // subscribed, heartbeat
+      break; // subscribed, unsubscribed
   }
 }
 
