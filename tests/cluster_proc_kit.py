@@ -444,6 +444,9 @@ class Cluster:
         self.sim_port = sim_port
         self.fixtures = list(fixtures)
         self.settings = settings
+        #: Fixture -> its owner as rendezvous hashing says over the instances started
+        #: together (what :meth:`settle` waits for when not told otherwise).
+        self.owner_of: dict[str, str] = {}
         #: The current process of each instance.
         self.nodes: dict[str, Node] = {}
         #: Every process started, restarted ones' earlier lives included.
@@ -495,10 +498,12 @@ class Cluster:
         await self.nursery.start(watcher.run)
         return watcher
 
-    async def settle(self, owner_of: dict[str, str]) -> float:
-        """Wait until every lease is held as *owner_of* says, every running instance says
-        so, and the simulator streams each fixture once; the seconds that took."""
-        return await wait_for(lambda: self._settled(owner_of), f"fixtures owned as {owner_of}")
+    async def settle(self, owner_of: dict[str, str] | None = None) -> float:
+        """Wait until every lease is held as *owner_of* (default :attr:`owner_of`) says, every
+        running instance says so, and the simulator streams each fixture once; the seconds
+        that took."""
+        want = owner_of or self.owner_of
+        return await wait_for(lambda: self._settled(want), f"fixtures owned as {want}")
 
     async def _settled(self, owner_of: dict[str, str]) -> bool:
         if await lease_holders(self.redis, self.fixtures) != owner_of:
@@ -547,6 +552,7 @@ async def cluster(
             fixtures=fixtures,
             settings=settings,
         )
+        c.owner_of = {fx: rank(f"tracking/{fx}", instances)[0] for fx in fixtures}
         try:
             started = trio.current_time()
             for name in instances:

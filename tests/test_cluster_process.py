@@ -83,6 +83,10 @@ async def stream_epochs(redis: RedisServer) -> dict[str, str | None]:
     return await kit.stream_epochs(redis, FIXTURES)
 
 
+async def lease_holders(redis: RedisServer) -> dict[str, str | None]:
+    return await kit.lease_holders(redis, FIXTURES)
+
+
 @asynccontextmanager
 async def cluster(tmp_path: Path, redis: RedisServer) -> AsyncIterator[Cluster]:
     """A simulator with :data:`FIXTURES` and gw-a and gw-b started together and ready
