@@ -26,11 +26,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from gateway.cluster import LeaseTable, WarmBuffer, rank, standby_for, tick_interval
 from gateway.simulator import Simulator
+from tests.cluster_proc_kit import breaks, longest_pause, report, wait_for
+from tests.cluster_proc_kit import cluster as process_cluster
 from tests.kit import wait_until
 from tests.redis_kit import RedisServer
 from tests.test_cluster_gateway import (
@@ -40,16 +43,7 @@ from tests.test_cluster_gateway import (
     cluster_of,
     tracking,
 )
-from tests.test_cluster_process import (
-    GUARD,
-    INSTANCES,
-    LEASE_TTL,
-    breaks,
-    longest_pause,
-    report,
-    wait_for,
-)
-from tests.test_cluster_process import cluster as process_cluster
+from tests.test_cluster_process import GUARD, INSTANCES, LEASE_TTL, SETTINGS
 
 TTL = 2.0
 #: The promise: the longest pause in fresh frames after the owner dies (healthy here: about
@@ -390,7 +384,11 @@ async def test_kill_9_of_the_owner_of_20_fixtures_with_standby_processes(
     assert len(fixtures) == 20
     with trio.fail_after(GUARD):
         async with process_cluster(
-            tmp_path, redis_server, fixtures=fixtures, extra=["standby = true"]
+            tmp_path,
+            redis_server,
+            instances=INSTANCES,
+            fixtures=fixtures,
+            settings=attrs.evolve(SETTINGS, extra=("standby = true",)),
         ) as c:
             a, b = c.nodes["gw-a"], c.nodes["gw-b"]
 
@@ -408,7 +406,7 @@ async def test_kill_9_of_the_owner_of_20_fixtures_with_standby_processes(
             report(f"standby: gw-b stands by for all {len(fixtures)} fixtures after {took:.2f} s")
             instances = {i["name"]: i["standbys"] for i in (await b.cluster())["instances"]}
             assert instances == {"gw-a": 0, "gw-b": len(fixtures)}, instances
-            wb = await c.watch(b, fixtures=fixtures)
+            wb = await c.watch(b)
             await wait_for(lambda: wb.got_since(0, 25, fixtures), "frames on gw-b")
             before = {fx: attempts(c.sim, fx) for fx in fixtures}
 

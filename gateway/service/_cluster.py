@@ -751,6 +751,8 @@ class ClusterNode:
         self._taken_while_paused(lost & stale)
         if releasing:
             await self._release(store, releasing)
+        if self._left:
+            return  # stopping: its leases are being released (a round woken by the stop)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
         # failed half-way last round (Redis went away in between).
         for key in sorted(self.table.held - self._owned.keys()):
