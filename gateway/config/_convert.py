@@ -15,10 +15,41 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import attrs
 import cattrs
+from cattrs.errors import AttributeValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
-from gateway.config._model import Config, FeedConfig, ListenAddress
+from gateway.config._model import (
+    ApiSection,
+    ClusterSection,
+    ConfigProblems,
+    Config,
+    FeedConfig,
+    FixtureConfig,
+    GatewaySection,
+    ListenAddress,
+    RecorderSection,
+    ReplaySection,
+    SubscribersSection,
+    UpstreamSection,
+)
+
+#: The model's tables: a value that fails several of a table's checks gets every failure
+#: reported (each with its field's path), not only the first (see :func:`_every_check`).
+#: Tables before the tables that hold them: cattrs looks a field's hook up when it generates.
+_TABLES: tuple[type, ...] = (
+    GatewaySection,
+    UpstreamSection,
+    FeedConfig,
+    FixtureConfig,
+    SubscribersSection,
+    ApiSection,
+    RecorderSection,
+    ReplaySection,
+    ClusterSection,
+    Config,
+)
 
 
 class ConfigError(Exception):
@@ -87,13 +118,88 @@ def make_converter() -> cattrs.Converter:
         ),
     )
     conv.register_unstructure_hook(Path, str)
-    conv.register_structure_hook(
-        FeedConfig,
-        make_dict_structure_fn(
-            FeedConfig, conv, _cattrs_forbid_extra_keys=True, name=override(omit=True)
-        ),
-    )
+    for table in _TABLES:
+        extra: dict[str, Any] = {"name": override(omit=True)} if table is FeedConfig else {}
+        generated = make_dict_structure_fn(table, conv, _cattrs_forbid_extra_keys=True, **extra)
+        conv.register_structure_hook(table, _every_check(conv, table, generated))
     return conv
+
+
+def _every_check(conv: cattrs.Converter, table: type, generated: Any) -> Any:
+    """Wrap cattrs' structure function of *table*: when building the instance fails (an attrs
+    validator or ``__attrs_post_init__``), every validator is run again on its own, so that
+    all of the table's bad values are reported at once, each at its field's path.
+
+    attrs stops at the first failing validator; a person fixing a config should not have to
+    run the checker once per mistake.
+    """
+
+    def structure(value: Any, type_: type) -> Any:
+        try:
+            return generated(value, type_)
+        except cattrs.ClassValidationError as group:
+            # Types and unknown keys: cattrs collected them all already (each carries its
+            # attribute's note). Without notes: building the instance failed (a validator).
+            if any(_is_field_error(e) for e in group.exceptions):
+                raise
+            exc: Exception = group.exceptions[0] if len(group.exceptions) == 1 else group
+            try:
+                diagnosed = _diagnose(conv, table, value, exc)
+            except Exception:  # the diagnosis is a courtesy: never worse than the first error
+                raise group from None
+            raise diagnosed from None
+
+    return structure
+
+
+def _is_field_error(exc: BaseException) -> bool:
+    notes = getattr(exc, "__notes__", ())
+    return isinstance(exc, (KeyError, cattrs.ForbiddenExtraKeysError)) or any(
+        isinstance(n, AttributeValidationNote) for n in notes
+    )
+
+
+def _diagnose(
+    conv: cattrs.Converter, table: type, value: Mapping[str, Any], first: Exception
+) -> Exception:
+    """The failures of every validator of *table* on the (well-typed) *value*, as a cattrs
+    exception group whose members carry their attribute's path; *first* when no validator
+    fails on its own (a cross-field check in ``__attrs_post_init__``)."""
+    fields = attrs.fields(attrs.resolve_types(table))
+    # An instance made without running __init__: validators may read other fields (a feed's
+    # url depends on its kind), so every field gets its structured value or its default.
+    inst = object.__new__(table)
+    for field in fields:
+        name = field.alias or field.name
+        if name in value:
+            got = conv.structure(value[name], field.type)
+        elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            factory = field.default
+            got = factory.factory(inst) if factory.takes_self else factory.factory()
+        else:
+            got = field.default
+        if field.converter is not None and callable(field.converter):
+            got = field.converter(got)
+        object.__setattr__(inst, field.name, got)
+    errors: list[Exception] = []
+    for field in fields:
+        if field.validator is None:
+            continue
+        try:
+            field.validator(inst, field, getattr(inst, field.name))
+        except (ValueError, TypeError) as exc:
+            exc.__notes__ = [
+                AttributeValidationNote(
+                    f"Structuring class {table.__qualname__} @ attribute {field.name}",
+                    field.name,
+                    field.type,
+                )
+            ]
+            errors.append(exc)
+    if not errors:
+        problems = first.problems if isinstance(first, ConfigProblems) else [str(first)]
+        errors = [ValueError(p) for p in problems]
+    return cattrs.ClassValidationError(f"While structuring {table.__name__}", errors, table)
 
 
 def _message(exc: BaseException, type_: type | None) -> str:
@@ -114,7 +220,9 @@ def structure_config(data: Mapping[str, Any]) -> Config:
         return make_converter().structure(data, Config)
     except cattrs.BaseValidationError as exc:
         raise ConfigError(cattrs.transform_error(exc, format_exception=_message)) from None
-    except (ValueError, TypeError) as exc:  # a cross-field check in Config itself
+    except ConfigProblems as exc:  # cross-field checks in Config itself
+        raise ConfigError([f"{p} @ $" for p in exc.problems]) from None
+    except (ValueError, TypeError) as exc:
         raise ConfigError([f"{exc} @ $"]) from None
 
 
