@@ -23,8 +23,8 @@ from cattrs.gen import make_dict_structure_fn, override
 from gateway.config._model import (
     ApiSection,
     ClusterSection,
-    ConfigProblems,
     Config,
+    ConfigProblems,
     FeedConfig,
     FixtureConfig,
     GatewaySection,
