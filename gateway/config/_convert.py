@@ -120,7 +120,9 @@ def make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(Path, str)
     for table in _TABLES:
         extra: dict[str, Any] = {"name": override(omit=True)} if table is FeedConfig else {}
-        generated = make_dict_structure_fn(table, conv, _cattrs_forbid_extra_keys=True, **extra)
+        generated: Any = make_dict_structure_fn(
+            table, conv, _cattrs_forbid_extra_keys=True, **extra
+        )
         conv.register_structure_hook(table, _every_check(conv, table, generated))
     return conv
 
@@ -168,7 +170,7 @@ def _diagnose(
     fields = attrs.fields(attrs.resolve_types(table))
     # An instance made without running __init__: validators may read other fields (a feed's
     # url depends on its kind), so every field gets its structured value or its default.
-    inst = object.__new__(table)
+    inst: Any = object.__new__(table)
     for field in fields:
         name = field.alias or field.name
         if name in value:
