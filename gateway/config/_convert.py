@@ -10,6 +10,7 @@ connect_rate``).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ import cattrs
 from cattrs.errors import AttributeValidationNote
 from cattrs.gen import make_dict_structure_fn, override
 
+from gateway.config._environ import apply_environ
 from gateway.config._model import (
     ApiSection,
     ClusterSection,
@@ -228,33 +230,60 @@ def structure_config(data: Mapping[str, Any]) -> Config:
         raise ConfigError([f"{exc} @ $"]) from None
 
 
-def load_config(path: Path) -> Config:
-    """Read, parse and check a TOML config file. Raises :class:`ConfigError`, and only that.
+def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and check a TOML config file, with the ``DDE_GATEWAY_*`` keys of *environ*
+    (default: the process's environment) over it (:mod:`gateway.config._environ`); *path*
+    None: the environment over an empty file. Raises :class:`ConfigError`, and only that; an
+    error about a value that came from the environment names its variable.
 
     Whatever the file holds - a nesting deep enough to exhaust the parser's recursion, a size
     that exhausts memory, bytes that are not UTF-8 - becomes a :class:`ConfigError` with a
     message, never another exception: a reload must be refused cleanly, never crash the service.
     """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_toml(path)
+    data, origins, env_errors = apply_environ(data, os.environ if environ is None else environ)
+    where = "the environment" if path is None else str(path)
+    try:
+        config = structure_config(data)
+    except ConfigError as exc:
+        raise ConfigError(env_errors + [_named(e, origins) for e in exc.errors]) from None
+    except RecursionError:
+        raise ConfigError([f"{where}: a value is nested too deeply @ $"]) from None
+    except Exception as exc:  # a converter bug must not take the service down on reload
+        raise ConfigError(
+            [f"{where}: cannot check the config ({type(exc).__name__}) @ $"]
+        ) from None
+    if env_errors:
+        raise ConfigError(env_errors)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read {str(path)!r}: {exc.strerror}"]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
     except MemoryError:
         raise ConfigError([f"{path}: too large to parse"]) from None
-    try:
-        return structure_config(data)
-    except ConfigError:
-        raise
-    except RecursionError:
-        raise ConfigError([f"{path}: a value is nested too deeply @ $"]) from None
-    except Exception as exc:  # a converter bug must not take the service down on reload
-        raise ConfigError([f"{path}: cannot check the config ({type(exc).__name__}) @ $"]) from None
+
+
+def _named(error: str, origins: Mapping[str, str]) -> str:
+    """*error* (``message @ $.path``) with the variable its value came from, if one did."""
+    _, sep, at = error.rpartition(" @ ")
+    if not sep:
+        return error
+    for path, variable in origins.items():
+        if at == path or at.startswith((path + ".", path + "[")):
+            return f"{error} (from {variable})"
+    return error
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
