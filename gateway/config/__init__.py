@@ -7,6 +7,7 @@ from gateway.config._convert import (
     ConfigError,
     config_to_dict,
     load_config,
+    load_partial,
     make_converter,
     structure_config,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "lease_validity",
     "load_cluster_password",
     "load_config",
+    "load_partial",
     "load_server_tls",
     "load_subscriber_tokens",
     "make_converter",

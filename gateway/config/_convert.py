@@ -260,6 +260,65 @@ def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None) 
     return config
 
 
+def load_partial(
+    path: Path | None, *, environ: Mapping[str, str] | None = None
+) -> tuple[Config, list[Any]] | None:
+    """For a config :func:`load_config` refused: its tables that are valid on their own in a
+    :class:`Config` (defaults for the others, no fixtures), and the raw ``[[fixtures]]`` list;
+    None when the file cannot be read or parsed.
+
+    So that one run of ``check-config`` also checks the files of the valid tables (token files,
+    TLS, the recorder's directory) while another table has a typo. Nothing here is reported:
+    :func:`load_config` reports the tables' errors.
+    """
+    try:
+        data = {} if path is None else _read_toml(path)
+    except ConfigError:
+        return None
+    data, _, _ = apply_environ(data, os.environ if environ is None else environ)
+    conv = make_converter()
+
+    def part(key: str, type_: Any) -> Any:
+        try:
+            return conv.structure(data[key], type_)
+        except Exception:
+            return None
+
+    sections: dict[str, Any] = {}
+    for key, type_ in (
+        ("upstream", UpstreamSection),
+        ("gateway", GatewaySection),
+        ("subscribers", SubscribersSection),
+        ("api", ApiSection),
+        ("recorder", RecorderSection),
+        ("replay", ReplaySection),
+        ("cluster", ClusterSection),
+    ):
+        if key in data and (value := part(key, type_)) is not None:
+            sections[key] = value
+    feeds = data.get("feeds")
+    if isinstance(feeds, dict):
+        good = {}
+        for name, table in feeds.items():
+            try:
+                good[name] = conv.structure(table, FeedConfig)
+            except Exception:
+                continue
+        sections["feeds"] = good
+        if len(good) < len(feeds) and "subscribers" in sections:
+            # Its feed lists are checked against the feeds: not against some of them.
+            sections["subscribers"] = attrs.evolve(sections["subscribers"], tokens_file=None)
+    # Only the tables' own files are checked: an upstream that failed names none.
+    sections.setdefault("upstream", UpstreamSection(token_env="DDE_GATEWAY_UNSET"))
+    fixtures = data.get("fixtures")
+    raw = fixtures if isinstance(fixtures, list) else []
+    try:
+        return Config(**sections), raw
+    except ValueError:  # the feeds' drop-in paths collide: leave the feeds out
+        sections.pop("feeds", None)
+        return Config(**sections), raw
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()

@@ -20,7 +20,7 @@ import os
 import re
 import ssl
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,6 +35,7 @@ from gateway.config import (
     expand_path,
     load_cluster_password,
     load_config,
+    load_partial,
     load_server_tls,
     load_subscriber_tokens,
 )
@@ -68,7 +69,16 @@ def preflight(path: Path | None, *, environ: Mapping[str, str] | None = None) ->
     try:
         config = load_config(path, environ=environ)
     except ConfigError as exc:
-        return Preflight(None, list(exc.errors), [])
+        errors = list(exc.errors)
+        partial = load_partial(path, environ=environ)
+        if partial is None:  # the file itself cannot be read or parsed
+            return Preflight(None, errors, [])
+        # Every problem in one run: the files of the tables that are valid are checked too.
+        valid, fixtures = partial
+        more = check_config(valid)
+        more.errors.extend(_fixture_id_problems(enumerate(fixtures)))
+        errors += [e for e in more.errors if e not in errors]
+        return Preflight(None, errors, more.warnings)
     return check_config(config)
 
 
@@ -140,6 +150,21 @@ def check_config(config: Config) -> Preflight:
         if problem is not None:
             fail(problem, "$.recorder.dir")
     return Preflight(config, errors, warnings, tokens=tokens, tls=tls)
+
+
+def _fixture_id_problems(fixtures: Iterable[tuple[int, Any]]) -> list[str]:
+    """The ids of ``[[fixtures]]`` (index, the fixture's table or id) that the API and the
+    subscribers would refuse (:data:`~gateway.hub.FIXTURE_ID_PATTERN`): ids end up in
+    upstream URLs, file names and log lines."""
+    problems = []
+    for i, item in fixtures:
+        fixture_id = item.get("id") if isinstance(item, dict) else item
+        if isinstance(fixture_id, str) and not valid_fixture_id(fixture_id):
+            shown = repr(fixture_id[:_SHOWN]) + ("..." if len(fixture_id) > _SHOWN else "")
+            problems.append(
+                f"invalid fixture id {shown}: must match {FIXTURE_ID_PATTERN} @ $.fixtures[{i}].id"
+            )
+    return problems
 
 
 def problem_line(path: Path | None, kind: str, problem: str) -> str:
