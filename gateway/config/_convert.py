@@ -336,12 +336,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _named(error: str, origins: Mapping[str, str]) -> str:
     """*error* (``message @ $.path``) with the variable its value came from, if one did."""
-    _, sep, at = error.rpartition(" @ ")
+    message, sep, at = error.rpartition(" @ ")
     if not sep:
         return error
     for path, variable in origins.items():
         if at == path or at.startswith((path + ".", path + "[")):
-            return f"{error} (from {variable})"
+            return f"{message} (from {variable}) @ {at}"
     return error
 
 

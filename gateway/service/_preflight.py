@@ -204,13 +204,13 @@ def recorder_dir_problem(path: Path) -> str | None:
     """
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         ancestor = path.parent
         while True:
             try:
                 st = os.stat(ancestor)
                 break
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if ancestor == ancestor.parent:
                     return f"cannot make {str(path)!r}: no part of it exists"
                 ancestor = ancestor.parent
