@@ -161,7 +161,7 @@ CASES: list[tuple[str, Setup, str, str]] = [
         _set("gateway", reuse_port=True, stream_listen="127.0.0.1:9", http_listen="127.0.0.1:9"),
         "must not share a port",
         "$.gateway",
-    ),  # noqa: E501
+    ),
     ("reserved path", _feed_path("/v1/stream"), "/v1/stream is reserved", "$"),
     ("fixture id space", _fixture("a b"), "invalid fixture id 'a b'", "$.fixtures[1].id"),
     ("fixture id path", _fixture("../admin?x=1"), "invalid fixture id", "$.fixtures[1].id"),
@@ -171,56 +171,56 @@ CASES: list[tuple[str, Setup, str, str]] = [
         _unset("STATE_DIRECTORY", "recorder", "dir", "${STATE_DIRECTORY}/rec"),
         "unset environment variable(s) STATE_DIRECTORY",
         "$.recorder.dir",
-    ),  # noqa: E501
+    ),
     (
         "unset token var",
         _unset("DDE_TEST_CREDS", "subscribers", "tokens_file", "$DDE_TEST_CREDS/t"),
         "DDE_TEST_CREDS",
         "$.subscribers.tokens_file",
-    ),  # noqa: E501
+    ),
     (
         "vendor token loose",
         _file("vt", "t" * 32, 0o660, upstream="token_file"),
         "writable by its group",
         "$.upstream.token_file",
-    ),  # noqa: E501
+    ),
     (
         "subscriber tokens missing",
         _missing("subscribers", "tokens_file"),
         "No such file",
         "$.subscribers.tokens_file",
-    ),  # noqa: E501
+    ),
     (
         "subscriber tokens bad",
         _file("st", "a" * 32 + " trackng\n", subscribers="tokens_file"),
         "unknown feed 'trackng'",
         "$.subscribers.tokens_file",
-    ),  # noqa: E501
+    ),
     (
         "admin tokens missing",
         _missing("api", "admin_tokens_file"),
         "No such file",
         "$.api.admin_tokens_file",
-    ),  # noqa: E501
+    ),
     ("admin tokens dangling link", _dangling, "No such file", "$.api.admin_tokens_file"),
     (
         "admin tokens loose",
         _file("at", "a" * 32, 0o620, api="admin_tokens_file"),
         "writable by its group",
         "$.api.admin_tokens_file",
-    ),  # noqa: E501
+    ),
     (
         "read tokens empty",
         _file("rt", "# none yet\n", api="read_tokens_file"),
         "holds no token",
         "$.api.read_tokens_file",
-    ),  # noqa: E501
+    ),
     (
         "tls cert missing",
         _set("gateway", tls_cert_file="/nonexistent/c.pem", tls_key_file="/nonexistent/k.pem"),
         "cannot read",
         "$.gateway.tls_cert_file",
-    ),  # noqa: E501
+    ),
     ("tls pair mismatch", _tls_mismatch, "cannot load the certificate", "$.gateway.tls_cert_file"),
     ("tls key loose", _tls_key_loose, "writable by its group", "$.gateway.tls_key_file"),
     (
@@ -228,13 +228,13 @@ CASES: list[tuple[str, Setup, str, str]] = [
         _cluster(password_file="/nonexistent/pw"),
         "No such file",
         "$.cluster.password_file",
-    ),  # noqa: E501
+    ),
     (
         "redis password env unset",
         _cluster(password_env="DDE_TEST_UNSET_PW"),
         "DDE_TEST_UNSET_PW is not set",
         "$.cluster.password_env",
-    ),  # noqa: E501
+    ),
     ("recorder dir link", _recorder_link, "is a symlink", "$.recorder.dir"),
     ("recorder dir file", _recorder_file, "is not a directory", "$.recorder.dir"),
     ("recorder dir under a file", _recorder_under_file, "is not a directory", "$.recorder.dir"),
@@ -243,19 +243,19 @@ CASES: list[tuple[str, Setup, str, str]] = [
         _env(DDE_GATEWAY_SUBSCRIBERS_QUEUEBYTES="1"),
         "DDE_GATEWAY_SUBSCRIBERS_QUEUEBYTES: [subscribers] has no key",
         "",
-    ),  # noqa: E501
+    ),
     (
         "env not toml",
         _env(DDE_GATEWAY_SUBSCRIBERS_QUEUE_BYTES="4MB"),
         "DDE_GATEWAY_SUBSCRIBERS_QUEUE_BYTES: not a TOML value",
         "",
-    ),  # noqa: E501
+    ),
     (
         "env range",
         _env(DDE_GATEWAY_SUBSCRIBERS_QUEUE_BYTES="1"),
         "(from DDE_GATEWAY_SUBSCRIBERS_QUEUE_BYTES)",
         "$.subscribers.queue_bytes",
-    ),  # noqa: E501
+    ),
 ]
 CASES.append(
     (

@@ -52,7 +52,7 @@ from gateway.config._model import (
     lease_round_interval,
     lease_validity,
 )
-from gateway.config._render import HELP, defaults_toml, effective_toml
+from gateway.config._render import HELP, config_keys, defaults_toml, effective_toml
 from gateway.config._secret import (
     MIN_SECRET_LENGTH,
     REDACTED,
@@ -112,6 +112,7 @@ __all__ = [
     "UpstreamSection",
     "any_matches",
     "check_secret_files",
+    "config_keys",
     "config_to_dict",
     "defaults_toml",
     "effective_toml",

@@ -122,7 +122,7 @@ _OPTIONAL_TABLES: Final = (
 )
 
 
-def keys(table: type) -> list[attrs.Attribute[Any]]:
+def config_keys(table: type) -> list[attrs.Attribute[Any]]:
     """The keys of a table as the file spells them (a feed's ``name`` is its table's key)."""
     return [
         f for f in attrs.fields(table) if f.init and not (table is FeedConfig and f.name == "name")
@@ -137,7 +137,7 @@ def _value(value: Any) -> str:
 
 
 def _table_lines(section: str, data: Mapping[str, Any], table: type) -> Iterator[str]:
-    for field in keys(table):
+    for field in config_keys(table):
         value = data.get(field.name)
         if value is None:
             yield f"# {field.name}: unset"
@@ -175,7 +175,7 @@ def _key(name: str) -> str:
 
 def _documented(section: str, table: type, example: Any, prefix: str = "") -> Iterator[str]:
     data = make_converter().unstructure(example)
-    for field in keys(table):
+    for field in config_keys(table):
         yield f"{prefix}# {HELP[f'{section}.{field.name}']}"
         if field.default is attrs.NOTHING:
             yield f"{prefix}# {field.name}: required"
