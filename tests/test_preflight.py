@@ -24,6 +24,7 @@ import trustme
 
 from gateway import service
 from gateway.cli import main
+from gateway.config import ConfigError
 from tests.conftest import TEST_TOKEN
 
 #: A case: its setup (given tmp_path, the config's data and monkeypatch; changes them, makes
@@ -402,3 +403,20 @@ def test_run_and_check_config_agree_as_processes(tmp_path: Path) -> None:
     missing = _cli("run", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "cannot read" in missing.stderr
+
+
+def test_a_reload_is_refused_by_the_same_checks(tmp_path: Path) -> None:
+    """SIGHUP's loader (``load_checked``) is the same preflight: a config that gained a fixture
+    id the API refuses and an API token file that is not there is refused with both lines."""
+    data = _base(tmp_path)
+    path = _write(tmp_path, data)
+    assert service.load_checked(path).fixtures[0].id == "f1"
+    data["fixtures"].append({"feed": "tracking", "id": "a b"})
+    data["api"] = {"admin_tokens_file": str(tmp_path / "admin-tokens")}
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        service.load_checked(path)
+    assert [e.rpartition(" @ ")[2] for e in info.value.errors] == [
+        "$.fixtures[1].id",
+        "$.api.admin_tokens_file",
+    ]
