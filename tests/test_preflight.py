@@ -339,10 +339,12 @@ def test_every_problem_in_one_run(
 ) -> None:
     """A config with a problem in each table and file - a typo, out-of-range values, bad
     fixture ids, an unset variable, a missing and a loose token file, a missing certificate -
-    gets every one reported by one check-config run (they used to come one per run)."""
+    gets every one reported by one check-config run (they used to come one per run), the
+    files of a table with a bad value too."""
     data = _base(tmp_path)
     chosen = [
         "type",
+        "range",
         "fixture id space",
         "unset recorder var",
         "subscriber tokens missing",

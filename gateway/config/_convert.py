@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Final, Literal, get_args, get_origin
 
 import attrs
 import cattrs
@@ -265,10 +265,11 @@ def load_partial(
 ) -> tuple[Config, list[Any]] | None:
     """For a config :func:`load_config` refused: its tables that are valid on their own in a
     :class:`Config` (defaults for the others, no fixtures), and the raw ``[[fixtures]]`` list;
-    None when the file cannot be read or parsed.
+    None when the file cannot be read or parsed. Of a table with an error, only the keys that
+    name files (and secrets' variables) are kept, when they are valid on their own.
 
-    So that one run of ``check-config`` also checks the files of the valid tables (token files,
-    TLS, the recorder's directory) while another table has a typo. Nothing here is reported:
+    So that one run of ``check-config`` also checks the files the config names (token files,
+    TLS, the recorder's directory) while a table has a typo. Nothing here is reported:
     :func:`load_config` reports the tables' errors.
     """
     try:
@@ -281,6 +282,16 @@ def load_partial(
     def part(key: str, type_: Any) -> Any:
         try:
             return conv.structure(data[key], type_)
+        except Exception:
+            pass
+        table = data[key]
+        if not isinstance(table, dict):
+            return None
+        files = {k: v for k, v in table.items() if k in _FILE_KEYS}
+        if type_ is ClusterSection:  # where Redis is does not matter to the file checks
+            files["redis_url"] = "redis://127.0.0.1:6379"
+        try:
+            return conv.structure(files, type_)
         except Exception:
             return None
 
@@ -317,6 +328,23 @@ def load_partial(
     except ValueError:  # the feeds' drop-in paths collide: leave the feeds out
         sections.pop("feeds", None)
         return Config(**sections), raw
+
+
+#: The keys that name a file or a secret's variable (checked by the preflight).
+_FILE_KEYS: Final = frozenset(
+    {
+        "token_file",
+        "token_env",
+        "tokens_file",
+        "admin_tokens_file",
+        "read_tokens_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "dir",
+        "password_file",
+        "password_env",
+    }
+)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
