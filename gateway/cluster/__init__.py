@@ -48,6 +48,7 @@ from gateway.cluster._relay import (
     RelaySink,
 )
 from gateway.cluster._rendezvous import rank, weight
+from gateway.cluster._standby import standby_for
 from gateway.cluster._store import (
     READ_COUNT,
     AppendGroup,
@@ -113,6 +114,7 @@ __all__ = [
     "ready_token",
     "ready_value",
     "split_key",
+    "standby_for",
     "tick_interval",
     "token_instance",
     "validity",
