@@ -54,6 +54,8 @@ class FixtureView:
     #: instance's role for it (``owner`` or ``relay``). Both None on a single node.
     owner: str | None = None
     role: str | None = None
+    #: Seconds since the fixture's last frame reached its subscribers (None: none yet).
+    frame_age: float | None = None
 
 
 @attrs.frozen
@@ -223,6 +225,8 @@ class Totals:
     """
 
     frames_out: int = 0
+    #: Bytes of those frames written to subscriber sockets.
+    bytes_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0
     #: Subscribers closed for sending frames too fast (1008) / for not answering a ping (1011).
@@ -358,6 +362,11 @@ class ControlTarget(Protocol):
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
         """Per-feed monotonic counters (an addition to the original brief, for the metrics)."""
+        ...
+
+    def data_age(self) -> Mapping[str, LatencyHistogram]:
+        """Per feed: seconds from the vendor's stamp on a frame to its receipt here (a feed is
+        present once one of its fixtures was followed)."""
         ...
 
     def recordings(self) -> list[RecordingView]:

@@ -204,6 +204,9 @@ class Connection:
         self.connected_at = time.time()
         self.settings = settings
         self.frames_sent = 0
+        #: Bytes of the frames counted in ``frames_sent`` (WebSocket framing included, before
+        #: TLS), counted when their write completes.
+        self.bytes_sent = 0
         #: Backfill frames that fell out of the history before they could be sent (gaps).
         self.frames_skipped = 0
         #: Frames of ``max_rate`` subscriptions replaced by a newer one before they went out.
@@ -316,6 +319,7 @@ class Connection:
                 return
             if n == len(data):
                 self.frames_sent += 1
+                self.bytes_sent += n
                 if published:
                     self._latency.sample(published)
                 return
@@ -460,6 +464,7 @@ class Connection:
             return False
         self._sq.batch_done()
         self.frames_sent += frames
+        self.bytes_sent += len(buf)
         if sampled:
             self._latency.sample(sampled)
         return True
@@ -861,6 +866,7 @@ class DelayedConnection(Connection):
         self.writer_writes += 1
         if n == len(data):
             self.frames_sent += frames
+            self.bytes_sent += n
             if sampled:
                 self._latency.sample(sampled)
             return True
@@ -914,6 +920,7 @@ class DelayedConnection(Connection):
             return
         q.batch_done()
         self.frames_sent += frames
+        self.bytes_sent += len(buf)
         if sampled:
             self._latency.sample(sampled)
         if self._backfills:

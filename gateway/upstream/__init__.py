@@ -25,6 +25,7 @@ from gateway.upstream._connect import (
     WebSocketConnector,
     open_trio_websocket_connector,
 )
+from gateway.upstream._dataage import DATA_AGE_BUCKETS, data_age_histogram
 from gateway.upstream._lean import (
     MAX_MESSAGE_SIZE,
     LeanConnection,
@@ -59,6 +60,7 @@ __all__ = [
     "BACKFILL_MARGIN",
     "BACKFILL_SAFETY",
     "BACKFILL_WIDEN",
+    "DATA_AGE_BUCKETS",
     "DISCONNECT_TIMEOUT",
     "FALLBACK_RATE",
     "FASTPATH_ACCEPT",
@@ -95,6 +97,7 @@ __all__ = [
     "classify_fastpath",
     "classify_reference",
     "classify_tracking",
+    "data_age_histogram",
     "open_trio_websocket_connector",
     "open_websocket_connector",
     "parser_reusable",
