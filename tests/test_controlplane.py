@@ -16,10 +16,10 @@ import functools
 import logging
 import platform
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import h11
@@ -804,6 +804,28 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+#: The label names of the ``dde_*`` families: feed, state, endpoint, limit, le and the replays'
+#: source and reason (each a fixed set); subscribers, peers and tokens would be unbounded.
+BOUNDED_LABELS: Final = frozenset({"feed", "state", "endpoint", "limit", "le", "source", "reason"})
+#: The two exceptions: a fixture id labels each followed fixture's frame age; the build info
+#: says versions.
+FRAME_AGE: Final = "dde_fixture_frame_age_seconds"
+BUILD_INFO: Final = "dde_build_info"
+
+
+def assert_bounded_labels(got: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+    """Every ``dde_*`` sample of *got* (:func:`samples`) is labelled by BOUNDED_LABELS only,
+    but for the frame age (feed and fixture) and the build info."""
+    for name, labels in got:
+        keys = {k for k, _ in labels}
+        if name == FRAME_AGE:
+            assert keys == {"feed", "fixture"}
+        elif name == BUILD_INFO:
+            assert keys == {"version", "python", "implementation"}
+        elif name.startswith("dde_"):
+            assert keys <= BOUNDED_LABELS, (name, keys)
+
+
 async def test_metrics_parse_back(tmp_path: Path) -> None:
     async with serving(make_config(tmp_path)) as (client, target):
         target.follow("hoops", "g1", 0)
@@ -875,18 +897,7 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
             (("limit", "client"),): 0,
             (("limit", "overall"),): 0,
         }
-        # Only feed, state, endpoint, limit, le and the replays' source and reason labels (each
-        # a fixed set): subscribers, peers and tokens would be unbounded. A fixture id labels
-        # the frame age only (one series per followed fixture); the build info says versions.
-        allowed = {"feed", "state", "endpoint", "limit", "le", "source", "reason"}
-        frame_age = "dde_fixture_frame_age_seconds"
-        info = "dde_build_info"
-        assert {
-            k
-            for name, labels in got
-            if name.startswith("dde_") and name not in (frame_age, info)
-            for k, _ in labels
-        } <= allowed
+        assert_bounded_labels(got)
         # Bytes delivered (the double counts each delivery's raw text), the data age per feed,
         # each fixture's last-frame age, the build, and prometheus_client's own collectors.
         assert got[("dde_subscriber_sent_bytes_total", ())] == 3 * 2 * len('{"ix":0}') + len(
@@ -896,19 +907,19 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[(f"{age}_count", (("feed", "soccer"),))] == 2
         assert got[(f"{age}_bucket", (("feed", "soccer"), ("le", "0.0025")))] == 1
         assert (f"{age}_count", (("feed", "hoops"),)) not in got  # none observed: no series
-        ages = {labels: value for (name, labels), value in got.items() if name == frame_age}
+        ages = {labels: value for (name, labels), value in got.items() if name == FRAME_AGE}
         assert set(ages) == {
             (("feed", "soccer"), ("fixture", "123")),
             (("feed", "hoops"), ("fixture", "g1")),
         }
         assert all(0 <= v < 3600 for v in ages.values())
-        (info_labels,) = [labels for name, labels in got if name == info]
+        (info_labels,) = [labels for name, labels in got if name == BUILD_INFO]
         assert dict(info_labels) == {
             "version": gateway.__version__,
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),
         }
-        assert got[(info, info_labels)] == 1
+        assert got[(BUILD_INFO, info_labels)] == 1
         assert got[("process_resident_memory_bytes", ())] > 0
         assert got[("process_open_fds", ())] > 0
         assert ("python_info", ()) not in got and any(n == "python_info" for n, _ in got)
