@@ -25,7 +25,7 @@ from gateway.upstream._connect import (
     WebSocketConnector,
     open_trio_websocket_connector,
 )
-from gateway.upstream._dataage import DATA_AGE_BUCKETS, data_age_histogram
+from gateway.upstream._dataage import DATA_AGE_BUCKETS, DATA_AGE_SAMPLE_EVERY, DataAge
 from gateway.upstream._lean import (
     MAX_MESSAGE_SIZE,
     LeanConnection,
@@ -61,6 +61,7 @@ __all__ = [
     "BACKFILL_SAFETY",
     "BACKFILL_WIDEN",
     "DATA_AGE_BUCKETS",
+    "DATA_AGE_SAMPLE_EVERY",
     "DISCONNECT_TIMEOUT",
     "FALLBACK_RATE",
     "FASTPATH_ACCEPT",
@@ -74,6 +75,7 @@ __all__ = [
     "Backoff",
     "ConnectLimiter",
     "Connector",
+    "DataAge",
     "FastpathResume",
     "FixtureHandle",
     "FixtureRunner",
@@ -97,7 +99,6 @@ __all__ = [
     "classify_fastpath",
     "classify_reference",
     "classify_tracking",
-    "data_age_histogram",
     "open_trio_websocket_connector",
     "open_websocket_connector",
     "parser_reusable",

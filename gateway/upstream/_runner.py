@@ -30,7 +30,6 @@ import orjson
 import trio
 
 from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
-from gateway.histogram import Histogram
 from gateway.model import FixtureState, FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._authgate import AuthGate
 from gateway.upstream._backoff import Backoff
@@ -42,6 +41,7 @@ from gateway.upstream._connect import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.upstream._dataage import DataAge
 from gateway.upstream._limiter import ConnectLimiter, Priority
 from gateway.upstream._resume import FastpathResume, TrackingResume, Verdict
 from gateway.wire import CLOSE_POLICY_VIOLATION
@@ -147,7 +147,7 @@ class FixtureRunner:
         read_token: TokenReader = read_token_off_loop,
         resume: ResumePoint | None = None,
         watched: Callable[[], bool] | None = None,
-        data_age: Histogram | None = None,
+        data_age: DataAge | None = None,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -498,7 +498,7 @@ class FixtureRunner:
         counters = self.status.counters
         sent_at = msg.sent_at
         if sent_at is not None and self._data_age is not None:
-            self._data_age.observe(max(0.0, time.time() - sent_at))
+            self._data_age.offer(sent_at)
         if msg.kind is Kind.UNSEQUENCED:
             self._publish(raw, None)
             return None

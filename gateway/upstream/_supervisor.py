@@ -26,7 +26,7 @@ from gateway.histogram import Histogram
 from gateway.model import FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._authgate import AuthGate
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
-from gateway.upstream._dataage import data_age_histogram
+from gateway.upstream._dataage import DataAge
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner, TokenReader, read_token_off_loop
@@ -89,7 +89,7 @@ class Supervisor:
         self._gate = AuthGate()
         self._entries: dict[tuple[str, str], _Entry] = {}
         # Per feed name, created with its first fixture; kept across reloads and stops.
-        self._data_age: dict[str, Histogram] = {}
+        self._data_age: dict[str, DataAge] = {}
         self._pending: list[_Entry] = []
         self._nursery: trio.Nursery | None = None
         self._active_connect: Connector | None = None
@@ -219,7 +219,7 @@ class Supervisor:
             read_token=self._read_token,
             resume=resume,
             watched=self._watched(feed.name, fixture.id),
-            data_age=self._data_age.setdefault(feed.name, data_age_histogram()),
+            data_age=self._data_age.setdefault(feed.name, DataAge()),
         )
         entry = _Entry(runner)
         self._entries[key] = entry
