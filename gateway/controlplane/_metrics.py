@@ -17,8 +17,9 @@ the fixture that went quiet.
 
 Every counter is named with its ``_total`` here, as it is exposed (``CounterMetricFamily``
 takes the name with or without it), and every quantity with a unit carries it (``_seconds``,
-``_bytes``). prometheus_client's own process and platform collectors (``process_*``,
-``python_info``) sit on the same registry, next to ``dde_build_info``.
+``_bytes``). prometheus_client's own process and platform collectors (``process_*``, read off
+the loop by :mod:`gateway.controlplane._process`; ``python_info``) sit on the same registry,
+next to ``dde_build_info``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, PlatformCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,6 +41,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
 from gateway.controlplane._downloads import DOWNLOAD_LIMITS, DownloadSlots
+from gateway.controlplane._process import ProcessMetrics
 from gateway.controlplane._target import (
     CLUSTER_COUNTERS,
     ClusterView,
@@ -345,15 +347,17 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
 
 
 def make_registry(
-    target: ControlTarget, downloads: DownloadSlots | None = None
+    target: ControlTarget,
+    downloads: DownloadSlots | None = None,
+    process: ProcessMetrics | None = None,
 ) -> CollectorRegistry:
-    """A fresh registry holding only the gateway collector for *target* (and the recording
-    downloads' *downloads*)."""
+    """A fresh registry holding the gateway collector for *target* (and the recording
+    downloads' *downloads*), prometheus_client's platform collector (``python_info``) and, when
+    given, *process* (``process_*``: memory, CPU, open fds, start time; read off the loop)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(target, downloads))
-    # prometheus_client's own collectors (``process_*``: memory, CPU, open fds, start time, from
-    # /proc; ``python_info``), registered on this registry rather than the process-global one.
-    ProcessCollector(registry=registry)
+    if process is not None:
+        registry.register(process)
     PlatformCollector(registry=registry)
     return registry
 
