@@ -111,8 +111,8 @@ class GatewayCollector:
         )
         yield CounterMetricFamily(
             "dde_subscriber_sent_bytes_total",
-            "Bytes of the frames delivered to subscribers (WebSocket framing included, before "
-            "TLS).",
+            "Bytes written to subscriber sockets: frames, replies, close frames (WebSocket "
+            "framing included, before TLS).",
             value=totals.bytes_out,
         )
         yield CounterMetricFamily(

@@ -225,7 +225,7 @@ class Totals:
     """
 
     frames_out: int = 0
-    #: Bytes of those frames written to subscriber sockets.
+    #: Bytes written to subscriber sockets (frames, replies, closes; before TLS).
     bytes_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0

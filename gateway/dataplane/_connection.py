@@ -204,8 +204,8 @@ class Connection:
         self.connected_at = time.time()
         self.settings = settings
         self.frames_sent = 0
-        #: Bytes of the frames counted in ``frames_sent`` (WebSocket framing included, before
-        #: TLS), counted when their write completes.
+        #: Bytes written to the socket: frames, replies, the close frame (WebSocket framing
+        #: included, before TLS); a queued batch counts when its write completes.
         self.bytes_sent = 0
         #: Backfill frames that fell out of the history before they could be sent (gaps).
         self.frames_skipped = 0
@@ -325,6 +325,7 @@ class Connection:
                 return
             if n:
                 # A started frame must be finished: its tail can never be dropped.
+                self.bytes_sent += n  # the head; the tail counts with its batch
                 item = SendItem(data[n:], seq, published, None, True)
             else:
                 item = SendItem(data, seq, published, sink)
@@ -349,6 +350,7 @@ class Connection:
             except OSError:
                 self._broken()
                 return
+            self.bytes_sent += n
             if n == len(data):
                 return
             item = SendItem(data[n:], None, 0.0, None, True) if n else SendItem(data, None)
@@ -536,6 +538,7 @@ class Connection:
             except OSError:
                 self._broken()
                 return
+            self.bytes_sent += n
             if n == len(frame):
                 return
             if n:

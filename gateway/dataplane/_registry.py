@@ -67,7 +67,7 @@ class RegistryStats:
 class SubscriberRegistry:
     """Connected subscribers plus monotonic totals that survive their disconnection.
 
-    Totals: ``frames_sent`` and ``bytes_sent``, ``drops`` (frames dropped under drop-oldest),
+    Totals: ``frames_sent``, ``bytes_sent`` (all bytes written), ``drops`` (dropped frames),
     ``slow_disconnects`` (see :meth:`count_slow_disconnect`), ``rate_limited`` (closed with
     1008 for sending frames too fast), ``ping_timeouts``, ``rejected`` (handshakes refused with
     503: connection limit or draining), ``accepted`` (connections accepted since start).
