@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
+import pytest
 import requests
 import trio
 import yaml
@@ -40,6 +41,7 @@ METRIC_NAME: Final = re.compile(r"\b(?:dde|process|python)_[a-z0-9_]+\b")
 SCRAPE_SERIES: Final = frozenset({"up"})
 
 
+@pytest.fixture
 def promtool() -> str:
     """promtool's path; fails (CI) or skips (elsewhere) the test without it."""
     found = shutil.which("promtool")
@@ -53,11 +55,11 @@ def promtool() -> str:
     return found
 
 
-async def run_promtool(*args: str, stdin: bytes = b"") -> tuple[int, str]:
+async def run_promtool(promtool: str, *args: str, stdin: bytes = b"") -> tuple[int, str]:
     """promtool's exit status and its stdout and stderr together."""
     with trio.fail_after(60):
         done = await trio.run_process(
-            [promtool(), *args], stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+            [promtool, *args], stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
         )
     return done.returncode, (done.stdout + done.stderr).decode()
 
@@ -91,9 +93,8 @@ def _data_aged(gw: Gateway, feed: str) -> bool:
 
 
 async def test_real_metrics_pass_promtool_and_hold_every_metric_monitoring_uses(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, promtool: str
 ) -> None:
-    promtool()  # before starting anything
     async with simulator_and_gateway(
         tmp_path,
         [("tracking", FX), ("actions", FX2)],
@@ -110,7 +111,7 @@ async def test_real_metrics_pass_promtool_and_hold_every_metric_monitoring_uses(
     assert reply.status_code == 200
     text = reply.text
 
-    status, said = await run_promtool("check", "metrics", stdin=reply.content)
+    status, said = await run_promtool(promtool, "check", "metrics", stdin=reply.content)
     assert (status, said.strip()) == (0, ""), said
 
     exposed = exposed_names(text)
@@ -122,10 +123,10 @@ async def test_real_metrics_pass_promtool_and_hold_every_metric_monitoring_uses(
         assert used - exposed == set(), f"the {what} use metrics a gateway does not expose"
 
 
-async def test_alert_rules_check_and_their_unit_tests_pass() -> None:
-    status, said = await run_promtool("check", "rules", str(ALERTS))
+async def test_alert_rules_check_and_their_unit_tests_pass(promtool: str) -> None:
+    status, said = await run_promtool(promtool, "check", "rules", str(ALERTS))
     assert status == 0, said
-    status, said = await run_promtool("test", "rules", str(ALERTS_TEST))
+    status, said = await run_promtool(promtool, "test", "rules", str(ALERTS_TEST))
     assert status == 0, said
     assert "SUCCESS" in said
     # Every alert has a unit test that makes it fire.
