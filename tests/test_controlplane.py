@@ -71,6 +71,7 @@ FIXTURE_KEYS = {
     "recording",
     "owner",
     "role",
+    "standby",
 }
 UPSTREAM_KEYS = {
     "connects",
@@ -606,6 +607,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     },
                     "leases": 2,
                     "silent": None,
+                    "standbys": 0,
                 },
                 # Only the documented keys, each of its type or null: nothing else another
                 # instance put into Redis reaches a response.
@@ -620,6 +622,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     },
                     "leases": 1,
                     "silent": None,
+                    "standbys": 0,
                 },
                 {
                     "name": "gw-c",
@@ -627,6 +630,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     "leases": 0,
                     # Not heard from for rounds: the seconds since, to a tenth.
                     "silent": 4.3,
+                    "standbys": 0,
                 },
             ],
             "owned": 2,
@@ -656,11 +660,16 @@ async def test_cluster_view(tmp_path: Path) -> None:
                 "frames_relayed": 450,
                 "relay_failures": 1,
                 "relay_holds": 0,
+                "standby_started": 0,
+                "standby_promoted": 0,
+                "standby_dropped": 0,
             },
             "relay_lag_max": 0.25,
             "append_queued_bytes": 4096,
             "view_at": 1795313190.5,
             "unreachable_since": None,
+            "standby": False,
+            "standing_by": 0,
         }
         assert list(reply.json()["counters"]) == list(CLUSTER_COUNTERS)
 
@@ -763,6 +772,7 @@ async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
             "dde_cluster_relay_lag_seconds",
             "dde_cluster_append_queued_bytes",
             "dde_cluster_degraded",
+            "dde_cluster_standby_connections",
         }
         assert {n for n, f in families.items() if n.startswith("dde_cluster_")} == gauges | {
             f"dde_cluster_{name}" for name in CLUSTER_COUNTERS
@@ -786,7 +796,7 @@ def test_the_docs_name_exactly_the_cluster_metrics(tmp_path: Path) -> None:
         for s in family.samples
         if s.name.startswith("dde_cluster_")
     }
-    assert len(emitted) == 8 + len(CLUSTER_COUNTERS)
+    assert len(emitted) == 9 + len(CLUSTER_COUNTERS)
     docs = Path(__file__).resolve().parent.parent / "docs"
     for name in ("cluster.md", "api.md"):
         named = set(re.findall(r"dde_cluster_\w+", (docs / name).read_text()))

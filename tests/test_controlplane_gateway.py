@@ -341,6 +341,7 @@ async def test_cluster_views_of_a_real_gateway(tmp_path: Path) -> None:
         "dde_cluster_view_age_seconds": 0,
         "dde_cluster_leases_owned": 0,
         "dde_cluster_fixtures_relayed": 2,
+        "dde_cluster_standby_connections": 0,
         **{f"dde_cluster_{name}_total": 0 for name in CLUSTER_COUNTERS},
         "dde_cluster_relay_lag_seconds": 0,
         "dde_cluster_append_queued_bytes": 0,

@@ -377,6 +377,26 @@ async def test_resume_after() -> None:
                 assert (await recv_type(ws, "frame"))["seq"] == 11
 
 
+async def test_a_resume_ahead_of_the_topic_is_recovered_and_repeats_nothing() -> None:
+    """A client that has frames this instance has not yet (a cluster relay behind the instance
+    it came from: same epoch, ``after`` above the topic's seq) is recovered: it gets the frame
+    after its last once the topic has it, never the ones it has. (Before: recovered false and
+    every frame from the topic's seq on again.)"""
+    with trio.fail_after(20):
+        async with serving(make_config(history=5)) as s:
+            topic = s.topic()
+            for i in range(3):
+                topic.publish(f'{{"ix":{i}}}', None)
+            async with open_websocket_url(s.url) as ws:
+                sub = await subscribe(ws, after=6, epoch=topic.epoch)
+                assert sub["recovered"] is True and sub["seq"] == 3
+                for i in range(3, 8):
+                    topic.publish(f'{{"ix":{i}}}', None)
+                assert [(await recv_type(ws, "frame"))["seq"] for _ in range(1)] == [7]
+                topic.publish('{"ix":8}', None)
+                assert (await recv_type(ws, "frame"))["seq"] == 8
+
+
 async def test_unsubscribe_stops_frames() -> None:
     with trio.fail_after(20):
         async with serving(make_config()) as s:

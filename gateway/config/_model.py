@@ -452,6 +452,9 @@ class ClusterSection:
     batch_interval: float = attrs.field(
         default=DEFAULT_BATCH_INTERVAL, validator=[_non_negative, v.le(0.1)]
     )
+    #: Hot standby: a second instance per fixture keeps a warm vendor connection and takes
+    #: over without a reconnect when the owner dies (two vendor connections per fixture).
+    standby: bool = False
 
     @redis_url.validator
     def _check_url(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:

@@ -229,6 +229,7 @@ def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
         "recording": None if recording is None else recording_json(recording),
         "owner": view.owner,
         "role": view.role,
+        "standby": view.standby,
     }
 
 
@@ -271,6 +272,7 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
                 },
                 "leases": instance.leases,
                 "silent": None if instance.silent is None else round(instance.silent, 1),
+                "standbys": instance.standbys,
             }
             for instance in view.instances
         ],
@@ -281,6 +283,8 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
         "append_queued_bytes": view.append_queued_bytes,
         "view_at": view.view_at,
         "unreachable_since": view.unreachable_since,
+        "standby": view.standby,
+        "standing_by": view.standing_by,
     }
 
 

@@ -317,6 +317,13 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         "Followed fixtures another instance owns, relayed here from their Redis streams.",
         value=view.relayed,
     )
+    yield GaugeMetricFamily(
+        "dde_cluster_standby_connections",
+        "Standby vendor connections here in step with their streams ([cluster] standby): "
+        "warm connections for fixtures another instance owns, ready to take over without a "
+        "reconnect.",
+        value=view.standing_by,
+    )
     # One family per cluster counter, named and described where the counters are defined.
     for name, help_text in CLUSTER_COUNTERS.items():
         yield CounterMetricFamily(

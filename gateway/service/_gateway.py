@@ -449,6 +449,7 @@ class Gateway:
         relay = node.relay
         owned = sum(1 for fx in node.followed() if node.role(fx.feed, fx.id) == ROLE_OWNER)
         reason = node.degraded_reason()
+        standbys = node.standby.by_instance()
         counters = {
             "rounds": node.rounds,
             "round_errors": node.round_errors,
@@ -459,6 +460,9 @@ class Gateway:
             "handovers_received": node.desk.received,
             "handover_fallbacks": node.desk.fallbacks,
             "warm_connections": node.desk.warmed,
+            "standby_started": node.standby.started,
+            "standby_promoted": node.standby.promoted,
+            "standby_dropped": node.standby.dropped,
             "fenced": node.fenced,
             "leases_confirmed": node.leases_confirmed,
             "conflicts": node.conflicts,
@@ -485,6 +489,7 @@ class Gateway:
                     info=info,
                     leases=leases.get(name, 0),
                     silent=node.silent_for(name),
+                    standbys=standbys.get(name, 0),
                 )
                 for name, info in sorted(node.live.items())
             ],
@@ -495,6 +500,8 @@ class Gateway:
             append_queued_bytes=0 if appender is None else appender.queued_bytes,
             view_at=node.view_at,
             unreachable_since=node.unreachable_since,
+            standby=node.config.standby,
+            standing_by=node.standby.in_step(),
         )
 
     def feeds(self) -> Mapping[str, FeedConfig]:
@@ -513,7 +520,7 @@ class Gateway:
         node = self.cluster
         topic: Topic | None = self.hub.get(feed, fixture)
         handle = self.supervisor.get(feed, fixture)
-        owner = role = None
+        owner = role = standby = None
         if node is None:
             if handle is None:
                 return None
@@ -522,11 +529,13 @@ class Gateway:
             if not node.is_followed(feed, fixture):
                 return None
             owner, role = node.owner(feed, fixture), node.role(feed, fixture)
+            standby = node.standby.of(f"{feed}/{fixture}")
             if handle is not None and role == ROLE_OWNER:
                 status = handle.status
             else:
                 # Another instance follows it upstream: the state its owner published (or
-                # degraded/connecting), as the topic shows it to subscribers; no counters here.
+                # degraded/connecting), as the topic shows it to subscribers. The counters are
+                # this instance's warm connection's (a standby, a handover), if it has one.
                 status = FixtureStatus(
                     feed,
                     fixture,
@@ -544,12 +553,13 @@ class Gateway:
             epoch=topic.epoch if topic else "",
             subscribers=topic.subscriber_count if topic else 0,
             frames_per_second=topic.frames_per_second() if topic else 0.0,
-            upstream=status.snapshot(),
+            upstream=(status if handle is None else handle.status).snapshot(),
             drops=topic.drops if topic else 0,
             slow_disconnects=topic.slow_disconnects if topic else 0,
             recording=self._recording_view(feed, fixture),
             owner=owner,
             role=role,
+            standby=standby,
             frame_age=topic.frame_age() if topic else None,
         )
 
