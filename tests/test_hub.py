@@ -260,6 +260,20 @@ def test_frames_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
     assert t.frames_per_second() == 0.0
 
 
+def test_frame_age_counts_from_the_last_published_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [500.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    t = Topic(FEED, "F1")
+    assert t.frame_age() is None  # no frame yet
+    t.keep_at(4, "kept", None)  # a relay's history: not delivered to anyone
+    assert t.frame_age() is None
+    t.publish("x", None)
+    now[0] += 7.5
+    assert t.frame_age() == 7.5
+    t.publish("y", None)
+    assert t.frame_age() == 0.0
+
+
 def test_latency_histogram() -> None:
     h = LatencyHistogram()
     assert h.buckets == LATENCY_BUCKETS and h.buckets[-1] == math.inf

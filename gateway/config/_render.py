@@ -98,6 +98,7 @@ HELP: Final[Mapping[str, str]] = {
     "cluster.lease_ttl": "seconds (1-300) a fixture's lease lives without renewal",
     "cluster.stream_maxlen": "frames kept per fixture in Redis",
     "cluster.stream_retention": "seconds a stream stays in Redis once no instance follows it",
+    "cluster.standby": "hot standby: a second instance keeps a warm vendor connection per fixture",
     "cluster.key_prefix": "prefix of every Redis key",
     "cluster.username": "Redis ACL user",
     "cluster.password_file": "file holding the Redis password",

@@ -34,6 +34,7 @@ from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._dashboard import INDEX, asset_headers, load_assets
 from gateway.controlplane._downloads import DownloadResponse, DownloadSlots
 from gateway.controlplane._metrics import make_registry
+from gateway.controlplane._process import ProcessMetrics
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import (
     CLUSTER_COUNTERS,
@@ -345,7 +346,8 @@ class _Handlers:
         self.target = target
         self.sampler = sampler
         self.downloads = downloads
-        self.registry = make_registry(target, downloads)
+        self.process = ProcessMetrics()
+        self.registry = make_registry(target, downloads, self.process)
         self.assets = load_assets()
         self.asset_headers = asset_headers()
 
@@ -542,6 +544,7 @@ class _Handlers:
         # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it,
         # else the classic text format.
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        await self.process.read()  # /proc, in a worker thread: then encoded without awaiting
         return Response(encoder(self.registry), headers={"content-type": content_type})
 
 

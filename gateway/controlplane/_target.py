@@ -58,6 +58,8 @@ class FixtureView:
     #: vendor connection, takes over without a reconnect), as this instance sees it; None
     #: without standby, on a single node, or while there is none.
     standby: str | None = None
+    #: Seconds since the fixture's last frame reached its subscribers (None: none yet).
+    frame_age: float | None = None
 
 
 @attrs.frozen
@@ -241,6 +243,8 @@ class Totals:
     """
 
     frames_out: int = 0
+    #: Bytes written to subscriber sockets (frames, replies, closes; before TLS).
+    bytes_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0
     #: Subscribers closed for sending frames too fast (1008) / for not answering a ping (1011).
@@ -376,6 +380,11 @@ class ControlTarget(Protocol):
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
         """Per-feed monotonic counters (an addition to the original brief, for the metrics)."""
+        ...
+
+    def data_age(self) -> Mapping[str, LatencyHistogram]:
+        """Per feed: seconds from the vendor's stamp on a frame to its receipt here (a feed is
+        present once one of its fixtures was followed)."""
         ...
 
     def recordings(self) -> list[RecordingView]:

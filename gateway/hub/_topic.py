@@ -284,6 +284,14 @@ class Topic:
     def history_len(self) -> int:
         return len(self._history)
 
+    def frame_age(self) -> float | None:
+        """Seconds since the last frame was published to subscribers; None before the first
+        (frames a relay only keeps for its history, :meth:`keep_at`, do not count)."""
+        latest = self._latest
+        if latest is None or not latest.published:
+            return None
+        return time.perf_counter() - latest.published
+
     def frames_per_second(self) -> float:
         """Published frames per second over the last :data:`RATE_WINDOW` whole seconds."""
         self._rotate(int(time.monotonic()))

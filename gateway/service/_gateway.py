@@ -44,6 +44,7 @@ from gateway.controlplane import (
 from gateway.controlplane import run as run_control_plane
 from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
+from gateway.histogram import Histogram
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.logs import fields, log_context
 from gateway.model import (
@@ -567,6 +568,7 @@ class Gateway:
             owner=owner,
             role=role,
             standby=standby,
+            frame_age=topic.frame_age() if topic else None,
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
@@ -632,6 +634,9 @@ class Gateway:
     def fanout_latency(self) -> LatencyHistogram:
         return self.hub.fanout_latency
 
+    def data_age(self) -> Mapping[str, Histogram]:
+        return self.supervisor.data_age
+
     def feed_totals(self) -> dict[str, FeedTotals]:
         refused = self.fixtures.refused()
         upstream = {name: self._retired.get(name, UpstreamCounters()) for name in self.config.feeds}
@@ -647,6 +652,7 @@ class Gateway:
         stats = self.registry.stats()
         return Totals(
             frames_out=stats.frames_sent,
+            bytes_out=stats.bytes_sent,
             drops=stats.frames_dropped,
             slow_disconnects=stats.slow_disconnects,
             rate_limited=stats.rate_limited,
