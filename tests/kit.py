@@ -6,6 +6,7 @@ Everything binds 127.0.0.1 port 0. The gateway runs exactly as ``dde-gateway run
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -198,14 +199,22 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
     return await trio.to_thread.run_sync(fetch)
 
 
+#: journald's priority prefix of a line (sd-daemon(3)): ``<4>`` for a warning.
+_PRIORITY = re.compile(rb"<([0-7])>")
+
+
 class GatewayProcess:
     """A ``dde-gateway run`` subprocess's JSON log lines (stderr), read by :meth:`read_logs`
     in a task of the test; its addresses once the "gateway ready" line came. ``changed`` is
     set (and replaced) after every chunk read, so a test can wait on what the lines say."""
 
-    def __init__(self, process: trio.Process) -> None:
+    def __init__(self, process: trio.Process, stderr: trio.abc.ReceiveStream | None = None) -> None:
         self.process = process
+        #: The process's stderr (default: its ``stderr`` pipe).
+        self.stderr = process.stderr if stderr is None else stderr
         self.logs: list[dict[str, Any]] = []
+        #: Per line of ``logs``: its journald priority prefix (``<4>``), None without one.
+        self.priorities: list[int | None] = []
         self.raw: list[str] = []
         self.changed = trio.Event()
         self.stream = ""
@@ -218,18 +227,21 @@ class GatewayProcess:
         self.changed = trio.Event()
 
     async def read_logs(self) -> None:
-        assert self.process.stderr is not None
+        assert self.stderr is not None
         buf = b""
-        async for chunk in self.process.stderr:
+        async for chunk in self.stderr:
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 self.raw.append(line.decode(errors="replace"))
+                prefix = _PRIORITY.match(line)
+                text = line if prefix is None else line[prefix.end() :]
                 try:
-                    rec = orjson.loads(line)
+                    rec = orjson.loads(text)
                 except orjson.JSONDecodeError:
                     continue
                 self.logs.append(rec)
+                self.priorities.append(None if prefix is None else int(prefix[1]))
                 if rec.get("msg", "").startswith("gateway ready"):
                     self.stream, self.http = rec["stream"], rec["http"]
             self._poke()

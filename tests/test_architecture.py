@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "wire": 0,
     "model": 0,
     "errors": 0,
-    "throttle": 0,
+    "logs": 0,  # log fields (call or task context) and throttled repeats
     "histogram": 0,  # fixed-bucket counts: the fan-out latency (hub), the data age (upstream)
     "config": 0,
     "listen": 0,  # the listeners' sockets (SO_REUSEPORT)

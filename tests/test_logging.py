@@ -1,29 +1,28 @@
 """Logging set-up: JSON and text line formats, level filtering, idempotence, secret redaction.
 
-Rules: no sockets and no time; every test writes into a StringIO and restores the root logger's
-handlers, level and warnings capture afterwards (the ``root_restored`` fixture), so nothing leaks
-into other tests. The token under test is ``TEST_TOKEN``; a test fails if it shows up anywhere in
-the output.
+Rules: no sockets and no time (a throttle's clock is a list); every test writes into a StringIO
+and restores the root logger's handlers, level and warnings capture afterwards (the
+``root_restored`` fixture), so nothing leaks into other tests. The token under test is
+``TEST_TOKEN``; a test fails if it shows up anywhere in the output.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import unicodedata
+from pathlib import Path
 from typing import Final
 
 import orjson
 import pytest
+import trio
 
 from gateway.config import Secret, SecretError
-from gateway.service import (
-    GatewayLogHandler,
-    SecretRedactor,
-    configure_logging,
-    fields,
-)
+from gateway.logs import LogThrottle, fields, log_context, own_log_context
+from gateway.service import GatewayLogHandler, SecretRedactor, configure_logging, writes_to_journal
 from tests.conftest import TEST_TOKEN
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -317,3 +316,73 @@ def test_nonprinting_characters_never_reach_the_line_raw(fmt: str) -> None:
         )
         assert f"upstream said: {escaped} " in line
         assert f'detail="{escaped}"' in line
+
+
+# -- fields bound to the task, journald priorities, suppressed counts ---------------------------
+
+
+async def test_bound_fields_reach_the_line_and_the_tasks_started_there() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+
+    async def child() -> None:
+        log.info("child")
+
+    with log_context(feed="tracking", fixture="fx-1"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+        log.info("call wins", extra=fields(fixture="fx-2", n=1))
+        with own_log_context(subscriber="7"):
+            log.info("own")
+    log.info("after")
+    recs = {str(r["msg"]): r for r in json_lines(out)}
+    assert (recs["child"]["feed"], recs["child"]["fixture"]) == ("tracking", "fx-1")
+    assert (recs["call wins"]["fixture"], recs["call wins"]["n"]) == ("fx-2", 1)
+    assert "feed" not in recs["own"] and recs["own"]["subscriber"] == "7"
+    assert set(recs["after"]) == {"ts", "level", "logger", "msg"}
+
+
+def test_own_log_context_keeps_the_instance() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="text", level="info", stream=out)
+    with log_context(instance="a", subscriber="3"), own_log_context(feed="tracking"):
+        log.info("x")
+    (line,) = lines(out)
+    assert line.endswith(" x feed=tracking instance=a"), line  # bound fields: by name
+
+
+def test_journal_priority_prefix() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="text", level="debug", stream=out, journal=True)
+    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+        log.log(level, "m")
+    log.log(logging.WARNING + 5, "between")  # a custom level: the standard one below it
+    assert [line[:3] for line in lines(out)] == ["<7>", "<6>", "<4>", "<3>", "<2>", "<4>"]
+    assert re.fullmatch("<4>" + TS + r" WARNING gateway\.upstream m", lines(out)[2])
+
+
+def test_journal_stream_is_detected_only_on_the_stream_it_names(tmp_path: Path) -> None:
+    named, other = tmp_path / "journal", tmp_path / "other"
+    with named.open("w") as journal, other.open("w") as elsewhere:
+        st = os.fstat(journal.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert writes_to_journal(journal, env)
+        # Inherited by a process whose stderr was redirected: not the journal.
+        assert not writes_to_journal(elsewhere, env)
+        assert not writes_to_journal(journal, {})
+        assert not writes_to_journal(journal, {"JOURNAL_STREAM": "junk"})
+        assert not writes_to_journal(io.StringIO(), env)
+
+
+def test_a_throttled_line_says_how_many_were_suppressed() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="info", stream=out)
+    now = [0.0]
+    throttle = LogThrottle(log, interval=10.0, clock=lambda: now[0])
+    for i in range(5):
+        throttle.warning("refused %d", i, extra=fields(peer="p"))
+    now[0] = 10.0
+    throttle.warning("refused %d", 5, extra=fields(peer="q"))
+    first, second = json_lines(out)
+    assert "suppressed" not in first
+    assert (second["msg"], second["peer"], second["suppressed"]) == ("refused 5", "q", 4)

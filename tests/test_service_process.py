@@ -62,8 +62,13 @@ def write_config(
 class Proc(GatewayProcess):
     """A gateway subprocess with its log lines and sd_notify datagrams collected."""
 
-    def __init__(self, process: trio.Process, notify: trio.socket.SocketType) -> None:
-        super().__init__(process)
+    def __init__(
+        self,
+        process: trio.Process,
+        notify: trio.socket.SocketType,
+        stderr: trio.abc.ReceiveStream | None = None,
+    ) -> None:
+        super().__init__(process, stderr)
         self.notify = notify
         self.notes: list[str] = []
 
@@ -79,15 +84,30 @@ class Proc(GatewayProcess):
 
 
 @asynccontextmanager
-async def gateway_process(tmp_path: Path, config: Path) -> AsyncIterator[Proc]:
+async def gateway_process(
+    tmp_path: Path, config: Path, *, journal: bool = False
+) -> AsyncIterator[Proc]:
+    """*journal*: stderr is a pipe that ``JOURNAL_STREAM`` names, as under systemd."""
     sock_path = str(tmp_path / "notify.sock")
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify.bind(sock_path)
     env = {**os.environ, "NOTIFY_SOCKET": sock_path}
+    env.pop("JOURNAL_STREAM", None)  # the test runner's own, if it runs under systemd
     cmd = [sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-format", "json"]
+    stderr: trio.lowlevel.FdStream | None = None
     async with trio.open_nursery() as nursery:
-        process = await trio.lowlevel.open_process(cmd, env=env, stderr=subprocess.PIPE)
-        proc = Proc(process, notify)
+        if journal:
+            read_end, write_end = os.pipe()
+            st = os.fstat(write_end)  # both ends of a pipe are one inode
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            try:
+                process = await trio.lowlevel.open_process(cmd, env=env, stderr=write_end)
+            finally:
+                os.close(write_end)
+            stderr = trio.lowlevel.FdStream(read_end)
+        else:
+            process = await trio.lowlevel.open_process(cmd, env=env, stderr=subprocess.PIPE)
+        proc = Proc(process, notify, stderr)
         nursery.start_soon(proc.read_logs)
         nursery.start_soon(proc.read_notify)
         try:
@@ -99,6 +119,8 @@ async def gateway_process(tmp_path: Path, config: Path) -> AsyncIterator[Proc]:
             # Stop the readers before closing the socket they wait on.
             nursery.cancel_scope.cancel()
     notify.close()
+    if stderr is not None:
+        await stderr.aclose()
 
 
 @asynccontextmanager
@@ -335,3 +357,29 @@ async def test_two_processes_share_the_ports_with_reuse_port(tmp_path: Path) -> 
                                 break
                     second.process.send_signal(signal.SIGTERM)
                     assert await second.process.wait() == 0
+
+
+async def test_under_journald_every_line_carries_its_priority(tmp_path: Path) -> None:
+    """Under systemd (``JOURNAL_STREAM`` names our stderr) each line starts with its syslog
+    priority, so ``journalctl -p warning`` shows the warnings; the JSON after it is whole."""
+    with trio.fail_after(60):
+        async with simulator(tmp_path, A) as (_, port):
+            config = tmp_path / "gateway.toml"
+            # B is unknown to the simulator: "not found", a warning.
+            write_config(config, port, [A, B])
+            async with gateway_process(tmp_path, config, journal=True) as proc:
+                await proc.wait_for(lambda: "READY=1" in proc.notes)
+                await proc.wait_for(
+                    lambda: any(r["level"] == "WARNING" and B in r["msg"] for r in proc.logs)
+                )
+                proc.process.send_signal(signal.SIGTERM)
+                assert await proc.process.wait() == 0
+                await proc.wait_for(lambda: proc.eof)
+    assert proc.logs and len(proc.logs) == len(proc.raw)  # each line whole JSON after the prefix
+    syslog = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+    assert [syslog[r["level"]] for r in proc.logs] == proc.priorities
+    assert proc.raw[0].startswith("<")
+    ready = next(i for i, r in enumerate(proc.logs) if r["msg"].startswith("gateway ready"))
+    assert proc.priorities[ready] == 6
+    warned = [r for r, p in zip(proc.logs, proc.priorities, strict=True) if p == 4]
+    assert any(r.get("feed") == "tracking" and r.get("fixture") == B for r in warned), warned

@@ -23,6 +23,7 @@ from gateway.cluster._handover import (
     ready_token,
     ready_value,
 )
+from gateway.cluster._keys import fixture_key, key_fields, split_key
 from gateway.cluster._lease import (
     DEFAULT_HANDOVERS,
     HANDBACK_ROUNDS,
@@ -102,14 +103,17 @@ __all__ = [
     "Takeover",
     "WarmBuffer",
     "WarmSink",
+    "fixture_key",
     "handover_timeout",
     "holder_token",
+    "key_fields",
     "offer_value",
     "offered_to",
     "open_store",
     "rank",
     "ready_token",
     "ready_value",
+    "split_key",
     "standby_for",
     "tick_interval",
     "token_instance",

@@ -38,6 +38,7 @@ from typing import Final, Protocol
 import trio
 import trio.lowlevel
 
+from gateway.cluster._keys import key_fields
 from gateway.cluster._retry import RedisRetry, RetryState
 from gateway.cluster._store import AppendGroup, Behind, RedisUnavailable
 
@@ -257,6 +258,7 @@ class Appender(RetryState):
             confirmed,
             len(found),
             f", {lost} no longer held (a gap)" if lost else "",
+            extra=key_fields(key),
         )
         items: list[_Item] = [
             (key, group.epoch, seq, position, received_at, data, None)

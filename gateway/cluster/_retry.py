@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from gateway.throttle import LogThrottle
+from gateway.logs import LogThrottle
 
 
 class RedisRetry:

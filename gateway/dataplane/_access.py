@@ -13,7 +13,7 @@ Without a file access is open, as before the file existed.
   token must also allow the endpoint's feed.
 
 Every failure is counted per endpoint kind (:data:`AUTH_ENDPOINTS`, the metric's only label)
-and logged through a :class:`~gateway.throttle.LogThrottle` with the peer address and the
+and logged through a :class:`~gateway.logs.LogThrottle` with the peer address and the
 running count - never the token.
 """
 
@@ -26,7 +26,7 @@ from typing import Final
 
 from gateway.config import SubscriberTokens, TokenGrant
 from gateway.errors import BadRequest
-from gateway.throttle import DEFAULT_INTERVAL, LogThrottle
+from gateway.logs import DEFAULT_INTERVAL, LogThrottle
 
 log = logging.getLogger("gateway.dataplane")
 

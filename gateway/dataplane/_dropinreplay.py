@@ -35,6 +35,7 @@ from gateway.dataplane import _messages as msg
 from gateway.dataplane._connection import Connection
 from gateway.dataplane._replaybacklog import ConnectionBacklog
 from gateway.hub import Hub, HubError, Topic
+from gateway.logs import fields
 from gateway.replay import (
     EndReason,
     HeldSource,
@@ -169,7 +170,13 @@ class DropinReplay:
         elif result.reason is EndReason.SLOW_CONSUMER:
             conn.too_slow()
         else:
-            log.info("replay of %s/%s ended: %s", self.feed.name, topic.fixture, result.detail)
+            log.info(
+                "replay of %s/%s ended: %s",
+                self.feed.name,
+                topic.fixture,
+                result.detail,
+                extra=fields(feed=self.feed.name, fixture=topic.fixture),
+            )
             conn.close(CLOSE_GOING_AWAY, "replay source lost")
 
     async def _pass_through(self, not_held: str) -> None:

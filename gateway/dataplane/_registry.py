@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from gateway.dataplane._connection import Connection
-from gateway.throttle import LogThrottle
+from gateway.logs import LogThrottle, fields
 from gateway.wire import CLOSE_GOING_AWAY
 
 log = logging.getLogger("gateway.dataplane")
@@ -75,7 +75,7 @@ class SubscriberRegistry:
 
     It is every connection's :class:`~gateway.dataplane._connection.ConnectionMonitor`. Any
     client can cause these events at any rate, so each kind is counted every time but logged
-    through a :class:`~gateway.throttle.LogThrottle` (at most one line per interval).
+    through a :class:`~gateway.logs.LogThrottle` (at most one line per interval).
     """
 
     def __init__(self) -> None:
@@ -124,7 +124,11 @@ class SubscriberRegistry:
         if conn.handler is not None:
             for topic in conn.handler.topics():
                 topic.slow_disconnects += 1
-        self._slow_log.info("subscriber %s (%s) too slow: disconnecting", conn.id, conn.peer)
+        # Explicit fields: this runs in the fan-out (the fixture's task, whose feed and fixture
+        # the line carries), not in the subscriber's task.
+        self._slow_log.info(
+            "subscriber %s (%s) too slow: disconnecting", conn.id, conn.peer, extra=_about(conn)
+        )
 
     def count_rate_limited(self, conn: Connection) -> None:
         """*conn* is being closed (1008) for sending frames too fast."""
@@ -134,6 +138,7 @@ class SubscriberRegistry:
             conn.id,
             conn.peer,
             conn.settings.max_client_frames_per_second,
+            extra=_about(conn),
         )
 
     def count_ping_timeout(self, conn: Connection) -> None:
@@ -144,13 +149,16 @@ class SubscriberRegistry:
             conn.id,
             conn.peer,
             conn.settings.ping_timeout,
+            extra=_about(conn),
         )
 
     def count_rejected(self, peer: str, reason: str) -> None:
         """A handshake from *peer* was refused with 503 (*reason*); expected while draining."""
         self.rejected += 1
         level = logging.INFO if self.draining else logging.WARNING
-        self._rejected_log.log(level, "subscriber from %s refused: %s", peer, reason)
+        self._rejected_log.log(
+            level, "subscriber from %s refused: %s", peer, reason, extra=fields(peer=peer)
+        )
 
     def connections_now(self) -> list[Connection]:
         return list(self._conns.values())
@@ -222,3 +230,8 @@ class SubscriberRegistry:
         for conn in list(self._conns.values()):
             conn.close(code, reason)
         await self._empty.wait()
+
+
+def _about(conn: Connection) -> dict[str, object]:
+    """The fields of a line about *conn*: its id and address."""
+    return fields(subscriber=conn.id, peer=conn.peer)

@@ -51,6 +51,7 @@ from gateway.dataplane._registry import SubscriberRegistry
 from gateway.dataplane._tlsconn import TlsConnection
 from gateway.hub import Hub
 from gateway.listen import open_listen_sockets
+from gateway.logs import log_context
 from gateway.replay import Replays
 
 log = logging.getLogger("gateway.dataplane")
@@ -357,15 +358,22 @@ class _Server:
 
         Every failure of this peer ends this connection only, quietly (logged at debug).
         """
-        try:
-            await self._handle(stream)
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
-            log.debug("subscriber connection failed", exc_info=True)
-        except* Exception:
-            # A bug must cost one connection, never the listener.
-            log.exception("subscriber connection failed unexpectedly")
-        finally:
-            stream.socket.close()
+        # Every line about this connection names its peer; once accepted, its id too.
+        with log_context(peer=_peer(stream)):
+            try:
+                await self._handle(stream)
+            except* (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                OSError,
+            ):
+                log.debug("subscriber connection failed", exc_info=True)
+            except* Exception:
+                # A bug must cost one connection, never the listener.
+                log.exception("subscriber connection failed unexpectedly")
+            finally:
+                stream.socket.close()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         ws = WSConnection(ConnectionType.SERVER)
@@ -432,19 +440,21 @@ class _Server:
             **extra,
         )
         self.registry.add(conn)
-        log.debug(
-            "subscriber %s connected from %s to %s%s%s",
-            conn.id,
-            conn.peer,
-            endpoint,
-            " over TLS" if tls is not None else "",
-            f" (token of line {route.grant_line})" if route.grant_line else "",
-        )
-        try:
-            await conn.serve(route.factory(conn))
-        finally:
-            self.registry.remove(conn)
-            log.debug("subscriber %s disconnected", conn.id)
+        # Every line of this connection's task (and the tasks it starts) names it.
+        with log_context(subscriber=conn.id):
+            log.debug(
+                "subscriber %s connected from %s to %s%s%s",
+                conn.id,
+                conn.peer,
+                endpoint,
+                " over TLS" if tls is not None else "",
+                f" (token of line {route.grant_line})" if route.grant_line else "",
+            )
+            try:
+                await conn.serve(route.factory(conn))
+            finally:
+                self.registry.remove(conn)
+                log.debug("subscriber %s disconnected", conn.id)
 
 
 async def run(

@@ -8,7 +8,7 @@ the service continues each topic's epoch and seq from it and resumes the upstrea
 recorded vendor position. Backfills older than the memory history and downloads read the
 files back in worker threads. Layout and guarantees: docs/recorder.md.
 
-Imports only the leaves (config, throttle): the service wires it beside the hub and the
+Imports only the leaves (config, logs): the service wires it beside the hub and the
 upstream, which do not know it.
 """
 

@@ -23,11 +23,13 @@ from typing import Final
 import trio
 
 from gateway.config import RecorderSection, expand_path
+from gateway.logs import LogThrottle, fields
 from gateway.recorder._fs import NotOurFile, Tree, refusal
 from gateway.recorder._scan import SegmentInfo
 from gateway.recorder._store import (
     META,
     FixtureLog,
+    about,
     dir_name,
     read_json,
     recover,
@@ -42,7 +44,6 @@ from gateway.recorder._threads import (
     Writer,
     describe_error,
 )
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.recorder")
 
@@ -153,7 +154,13 @@ class Recorder:
                     # opens them (the topic numbers afresh, under a new epoch).
                     lg = FixtureLog(feed, fixture, tree, names)
                     lg.broken = f"cannot open the recording: {describe_error(exc)}"
-                    self._stops.warning("recording %s/%s: %s", feed, fixture, lg.broken)
+                    self._stops.warning(
+                        "recording %s/%s: %s",
+                        feed,
+                        fixture,
+                        lg.broken,
+                        extra=fields(feed=feed, fixture=fixture),
+                    )
                 self._logs[key] = lg
                 count += 1
         log.info("recorder: %d recorded fixtures in %s", count, self.root)
@@ -212,7 +219,9 @@ class Recorder:
         lg.recording = True
         self.shared.queue.append((lg, 0, None, 0.0, OP_OPEN))
         self.shared.wake.set()
-        log.debug("recording %s/%s from seq %d", lg.feed, lg.fixture, lg.last_seq + 1)
+        log.debug(
+            "recording %s/%s from seq %d", lg.feed, lg.fixture, lg.last_seq + 1, extra=about(lg)
+        )
 
     def deactivate(self, lg: FixtureLog) -> None:
         """The fixture is no longer followed: its segment is closed and compressed."""
@@ -274,7 +283,11 @@ class Recorder:
         lg.lost = True
         lg.reason = reason
         self._stops.warning(
-            "recording of %s/%s stopped: %s (live fan-out goes on)", lg.feed, lg.fixture, reason
+            "recording of %s/%s stopped: %s (live fan-out goes on)",
+            lg.feed,
+            lg.fixture,
+            reason,
+            extra=about(lg),
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -302,7 +315,9 @@ class Recorder:
             if lg.recording:
                 self._stop(lg, reason)
             elif lg.broken == reason:
-                self._stops.warning("recording of %s/%s %s", lg.feed, lg.fixture, reason)
+                self._stops.warning(
+                    "recording of %s/%s %s", lg.feed, lg.fixture, reason, extra=about(lg)
+                )
 
     async def close(self) -> None:
         """Stop accepting frames, let the writer finish, join both threads."""
@@ -347,6 +362,7 @@ class Recorder:
                         lg.feed,
                         lg.fixture,
                         describe_error(exc),
+                        extra=about(lg),
                     )
                     raise
                 if not lines:

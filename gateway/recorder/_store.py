@@ -33,6 +33,7 @@ from typing import IO, Any, Final
 import orjson
 import zstandard
 
+from gateway.logs import fields, log_context
 from gateway.recorder._format import BadRecord, Record, decode, parse_segment_name, segment_name
 from gateway.recorder._fs import NotOurFile, Tree, check_file, open_file, read_file, write_atomic
 from gateway.recorder._scan import (
@@ -296,6 +297,11 @@ def _index_entries(dfd: int) -> dict[str, SegmentInfo]:
     return out
 
 
+def about(lg: FixtureLog) -> dict[str, object]:
+    """The fields of a log line about *lg*'s recording (``extra=about(lg)``)."""
+    return fields(feed=lg.feed, fixture=lg.fixture)
+
+
 def recover(
     feed: str,
     fixture: str,
@@ -323,7 +329,8 @@ def recover(
     the last seq on disk (a subscriber that saw no more than that resumes without a gap). The
     new epoch is written to ``meta.json`` when the fixture is followed again.
     """
-    with tree.directory(*names) as dfd:
+    # The recovery's lines (a cut, an unreadable segment) name the fixture.
+    with tree.directory(*names) as dfd, log_context(feed=feed, fixture=fixture):
         entries = os.listdir(dfd)
         for entry in entries:
             if entry in (META, INDEX) or parse_segment_name(entry) is not None:

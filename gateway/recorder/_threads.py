@@ -27,7 +27,7 @@ from gateway.recorder._format import encode, segment_name
 from gateway.recorder._fs import NotOurFile, Tree, create_file, open_dir, open_file
 from gateway.recorder._retention import FixtureUsage, SegmentUsage, choose_deletions
 from gateway.recorder._scan import SegmentInfo
-from gateway.recorder._store import INDEX, META, FixtureLog, write_json_atomic
+from gateway.recorder._store import INDEX, META, FixtureLog, about, write_json_atomic
 
 log = logging.getLogger("gateway.recorder")
 
@@ -468,7 +468,14 @@ class Janitor:
         if isinstance(exc, NotOurFile):
             refuse(self.s, lg, exc)
             return
-        log.warning("recorder: %s of %s/%s: %s", what, lg.feed, lg.fixture, describe_error(exc))
+        log.warning(
+            "recorder: %s of %s/%s: %s",
+            what,
+            lg.feed,
+            lg.fixture,
+            describe_error(exc),
+            extra=about(lg),
+        )
 
     def retention(self) -> None:
         s = self.s
@@ -510,7 +517,13 @@ class Janitor:
             except OSError as exc:
                 self._failed(lg, exc, "retention cannot remove a file")
                 return
-        log.info("recorder: retention removed %s/%s %s", lg.feed, lg.fixture, name)
+        log.info(
+            "recorder: retention removed %s/%s %s",
+            lg.feed,
+            lg.fixture,
+            name,
+            extra=about(lg),
+        )
 
     def remove_if_empty(self, lg: FixtureLog) -> None:
         with lg.lock:

@@ -4,13 +4,13 @@ from gateway.service._clusterrec import ClusterRecording, RecordingArchive
 from gateway.service._demo import demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway, RecordedTopic
+from gateway.service._journald import writes_to_journal
 from gateway.service._lifecycle import RELOAD_LOG_INTERVAL, run_from_config_path, serve
 from gateway.service._logging import (
     GatewayLogHandler,
     LogFormat,
     SecretRedactor,
     configure_logging,
-    fields,
 )
 from gateway.service._notify import Notifier, encode_fields
 from gateway.service._preflight import (
@@ -41,7 +41,6 @@ __all__ = [
     "configure_logging",
     "demo_config",
     "encode_fields",
-    "fields",
     "instruments_from_env",
     "load_checked",
     "preflight",
@@ -50,4 +49,5 @@ __all__ = [
     "run_demo",
     "run_from_config_path",
     "serve",
+    "writes_to_journal",
 ]

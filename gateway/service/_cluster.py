@@ -58,17 +58,20 @@ from gateway.cluster import (
     Relay,
     StreamArchive,
     WarmSink,
+    fixture_key,
     holder_token,
+    key_fields,
     open_store,
     rank,
+    split_key,
 )
 from gateway.config import ClusterSection, FeedConfig, FixtureConfig, Secret
 from gateway.hub import Hub, Topic
+from gateway.logs import LogThrottle
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.service._clusterrec import TopicRecording
 from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
 from gateway.service._standby import StandbyDesk
-from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 
 log = logging.getLogger("gateway.cluster")
@@ -96,15 +99,6 @@ def instance_name(config: ClusterSection) -> str:
     if env:
         return env
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def fixture_key(feed: str, fixture: str) -> str:
-    return f"{feed}/{fixture}"
-
-
-def split_key(key: str) -> tuple[str, str]:
-    feed, fixture = key.rsplit("/", 1)
-    return feed, fixture
 
 
 class OwnedTopic:
@@ -767,7 +761,12 @@ class ClusterNode:
         for key in sorted(keys):
             self.leases_lost += 1
             owner = self.table.holder(key)
-            log.warning("cluster: lost the lease of %s (now %s): relaying", key, owner or "free")
+            log.warning(
+                "cluster: lost the lease of %s (now %s): relaying",
+                key,
+                owner or "free",
+                extra=key_fields(key),
+            )
             self._step_down(key, "lease lost")
 
     async def _confirm(self, store: RedisStore, keys: list[str]) -> None:
@@ -783,6 +782,7 @@ class ClusterNode:
                 "cluster: %s: the lease ran out locally (this process was paused?) but redis "
                 "still holds it for this instance: kept",
                 key,
+                extra=key_fields(key),
             )
         self._taken_while_paused(lost)
 
@@ -796,7 +796,7 @@ class ClusterNode:
         if key in self._owned:
             self.handovers += 1
             if key in self._fixtures:
-                log.info("cluster: handing %s over (rebalancing)", key)
+                log.info("cluster: handing %s over (rebalancing)", key, extra=key_fields(key))
             self._step_down(key, "handed over", discard=False)
 
     # -- the handover desk's hooks (gateway/service/_handover.py) -------------------------------
@@ -860,7 +860,7 @@ class ClusterNode:
         """Hand-over fallback: stop owning *key* and release its lease (break-before-make)."""
         if key in self._owned:
             self.handovers += 1
-            log.info("cluster: handing %s over (%s)", key, why)
+            log.info("cluster: handing %s over (%s)", key, why, extra=key_fields(key))
             self._step_down(key, "handed over", discard=False)
             await self._release(store, [key])
 
@@ -944,6 +944,7 @@ class ClusterNode:
                 at,
                 sent,
                 info.position,
+                extra=key_fields(key),
             )
             return
         if warm is not None:
@@ -961,6 +962,7 @@ class ClusterNode:
                 at,
                 sent,
                 info.position,
+                extra=key_fields(key),
             )
             return
         was = previous.owner if previous is not None and previous.owner else None
@@ -970,6 +972,7 @@ class ClusterNode:
             f" (took over from {was})" if was and was != self.instance else "",
             topic.seq,
             "" if resume is None else f", vendor position {resume.position}",
+            extra=key_fields(key),
         )
         self._supervisor.add(fixture, backlog=self._backlog.get(key, False))
 
@@ -1038,7 +1041,11 @@ class ClusterNode:
         if topic.epoch == epoch:
             return topic
         if topic.seq or topic.history_len:
-            log.warning("cluster: %s: the stream has another epoch: topic replaced", key)
+            log.warning(
+                "cluster: %s: the stream has another epoch: topic replaced",
+                key,
+                extra=key_fields(key),
+            )
             return self._replace_topic(key, epoch=epoch, seq=start)
         topic.renumber(epoch, start)
         return topic
@@ -1085,7 +1092,7 @@ class ClusterNode:
             if discard:
                 appender.discard(key)
             confirmed = min(confirmed, appender.appended.get(key, confirmed))
-        log.info("cluster: %s: no longer owner (%s)", key, why)
+        log.info("cluster: %s: no longer owner (%s)", key, why, extra=key_fields(key))
         if key in self._fixtures:
             self._start_relay(key, sink.topic, after=confirmed)
 
@@ -1113,7 +1120,7 @@ class ClusterNode:
         if key not in self._owned:
             return
         self.fenced += 1
-        self._errors.warning("cluster: %s fenced: %s", key, why)
+        self._errors.warning("cluster: %s fenced: %s", key, why, extra=key_fields(key))
         self.table.released(key)
         self._step_down(key, why)
         self._wake.set()
@@ -1147,7 +1154,12 @@ class ClusterNode:
         """The stream's frame *seq* differs from the one the topic published under the same
         number (a paused owner's): the topic is replaced; its subscribers resubscribe."""
         self.conflicts += 1
-        log.warning("cluster: %s: frame %d differs from the stream's: topic replaced", key, seq)
+        log.warning(
+            "cluster: %s: frame %d differs from the stream's: topic replaced",
+            key,
+            seq,
+            extra=key_fields(key),
+        )
         self._stop_relay(key)
         if key in self._fixtures:
             self._replace_topic(key)

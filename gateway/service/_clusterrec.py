@@ -26,8 +26,8 @@ import logging
 from typing import Protocol
 
 from gateway.hub import ArchiveCursor, Topic, TopicArchive
+from gateway.logs import LogThrottle, fields
 from gateway.recorder import FixtureLog, Recorder
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway.recorder")
 
@@ -133,6 +133,7 @@ class _Tap:
                 lg.fixture,
                 last + 1,
                 seq - 1,
+                extra=fields(feed=lg.feed, fixture=lg.fixture),
             )
         self.owner.recorder.append(lg, seq, position, raw)
 

@@ -38,7 +38,7 @@ import trio
 from gateway.config import FeedConfig, FixtureConfig
 from gateway.controlplane import FollowLimitError
 from gateway.hub import OnDemandLimitError
-from gateway.throttle import LogThrottle
+from gateway.logs import LogThrottle, fields
 
 log = logging.getLogger("gateway")
 
@@ -177,6 +177,7 @@ class FixtureBook:
                 feed,
                 fixture,
                 cfg.max_on_demand,
+                extra=fields(feed=feed, fixture=fixture),
             )
             raise OnDemandLimitError(
                 f"fixture {fixture!r} of feed {feed!r} refused: the feed already follows "
@@ -185,7 +186,9 @@ class FixtureBook:
         self._cancel_linger(key)
         if self._follow(FixtureConfig(feed=feed, id=fixture, backfill=0), self._backlog(key)):
             self._on_demand.add(key)
-            log.info("following %s/%s on demand", feed, fixture)
+            log.info(
+                "following %s/%s on demand", feed, fixture, extra=fields(feed=feed, fixture=fixture)
+            )
         return True
 
     def release(self, feed: str, fixture: str) -> None:
@@ -203,7 +206,12 @@ class FixtureBook:
             await trio.sleep(linger)
             self._linger.pop(key, None)
             if key in self._on_demand and self._subscribers(*key) == 0:
-                log.info("stopping on-demand %s/%s: no subscriber for %.0f s", *key, linger)
+                log.info(
+                    "stopping on-demand %s/%s: no subscriber for %.0f s",
+                    *key,
+                    linger,
+                    extra=fields(feed=key[0], fixture=key[1]),
+                )
                 self.stop(*key)
 
     def _cancel_linger(self, key: Key) -> None:
@@ -229,6 +237,7 @@ class FixtureBook:
                     "refused to follow %s/%s through the API: max_fixtures (%d) reached",
                     *key,
                     max_api,
+                    extra=fields(feed=key[0], fixture=key[1]),
                 )
                 raise FollowLimitError(
                     f"fixture {fixture.id[:40]!r} of feed {fixture.feed!r} refused: the API "

@@ -46,6 +46,7 @@ from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
 from gateway.dataplane import run as run_data_plane
 from gateway.histogram import Histogram
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
+from gateway.logs import fields, log_context
 from gateway.model import (
     FixtureState,
     FixtureStatus,
@@ -59,7 +60,6 @@ from gateway.replay import ReplayCounters, Replays, VendorLink
 from gateway.service._cluster import ROLE_OWNER, ClusterNode
 from gateway.service._clusterrec import ClusterRecording
 from gateway.service._fixtures import FixtureBook
-from gateway.service._logging import fields
 from gateway.upstream import FixtureHandle, Supervisor
 
 log = logging.getLogger("gateway")
@@ -226,7 +226,15 @@ class Gateway:
     async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         """Start supervisor, data plane and control plane; ``started(Bound)`` once both
         listeners are bound. Runs until cancelled; cancellation closes every upstream and
-        subscriber connection (use :meth:`drain` first for a graceful stop)."""
+        subscriber connection (use :meth:`drain` first for a graceful stop).
+
+        In a cluster every line of every task started here names the instance (``instance``).
+        """
+        node = {} if self.cluster is None else {"instance": self.cluster.instance}
+        with log_context(**node):
+            await self._run(task_status=task_status)
+
+    async def _run(self, *, task_status: trio.TaskStatus[Bound]) -> None:
         async with trio.open_nursery() as nursery:
             if self.recorder is not None:
                 await nursery.start(self.recorder.run)

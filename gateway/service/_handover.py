@@ -37,6 +37,7 @@ from gateway.cluster import (
     RedisStore,
     WarmSink,
     handover_timeout,
+    key_fields,
     offer_value,
     offered_to,
     ready_token,
@@ -102,7 +103,7 @@ class HandoverDesk:
             self.offers[key] = Offer(successor, deadline, why)
             if self.idle.is_set():
                 self.idle = trio.Event()
-            log.info("cluster: offering %s to %s (%s)", key, successor, why)
+            log.info("cluster: offering %s to %s (%s)", key, successor, why, extra=key_fields(key))
 
     def forget(self, key: str) -> None:
         """*key* is not followed any more, or not owned: no handover of it."""
@@ -127,7 +128,11 @@ class HandoverDesk:
             return None
         if sink.buffer.continues(stream):
             return sink
-        log.info("cluster: %s: warm connection not in step with the stream: reconnecting", key)
+        log.info(
+            "cluster: %s: warm connection not in step with the stream: reconnecting",
+            key,
+            extra=key_fields(key),
+        )
         self.node.stop_upstream(key)
         if sink.standby:
             self.node.standby_closed(key, "not in step with the stream at the take-over")
@@ -170,6 +175,7 @@ class HandoverDesk:
                     key,
                     offer.successor,
                     timeout,
+                    extra=key_fields(key),
                 )
                 await store.swap_handover([key], offer.value, None)
                 await node.release_now(store, key, offer.why)
@@ -179,7 +185,12 @@ class HandoverDesk:
         await node.stop_owning(key, f"handed over to {offer.successor} ({offer.why})")
         if await store.transfer(node.token, key, successor):
             self.made += 1
-            log.info("cluster: %s handed over to %s, make-before-break", key, offer.successor)
+            log.info(
+                "cluster: %s handed over to %s, make-before-break",
+                key,
+                offer.successor,
+                extra=key_fields(key),
+            )
         else:
             # The lease is not ours any more, or the successor withdrew: released as before.
             await store.release(node.token, [key])
@@ -212,7 +223,11 @@ class HandoverDesk:
                     answer = ready_value(node.token)
                     if await store.swap_handover([key], value or "", answer):
                         self.ready.add(key)
-                        log.info("cluster: %s: warm connection in step: ready", key)
+                        log.info(
+                            "cluster: %s: warm connection in step: ready",
+                            key,
+                            extra=key_fields(key),
+                        )
             elif (
                 ready_token(value) != node.token
                 and sink is not None
@@ -229,10 +244,16 @@ class HandoverDesk:
                 if key in mine:
                     await node.take_over_now(store, key)
                 elif sink.standby:
-                    log.info("cluster: %s: offer withdrawn: standing by", key)
+                    log.info(
+                        "cluster: %s: offer withdrawn: standing by", key, extra=key_fields(key)
+                    )
                     self.ready.discard(key)
                 else:
-                    log.info("cluster: %s: offer withdrawn: warm connection closed", key)
+                    log.info(
+                        "cluster: %s: offer withdrawn: warm connection closed",
+                        key,
+                        extra=key_fields(key),
+                    )
                     self.cool(key)
 
     def _warm_up(self, key: str) -> None:
@@ -242,4 +263,8 @@ class HandoverDesk:
             del self.warm[key]
         else:
             self.warmed += 1
-            log.info("cluster: %s: offered to this instance: warm connection opening", key)
+            log.info(
+                "cluster: %s: offered to this instance: warm connection opening",
+                key,
+                extra=key_fields(key),
+            )

@@ -32,12 +32,12 @@ import trio
 
 from gateway.config import Config, ConfigError, SecretError, load_subscriber_tokens
 from gateway.listen import ListenError
+from gateway.logs import LogThrottle, fields
 from gateway.recorder import Recorder
 from gateway.service._gateway import Bound, Gateway
-from gateway.service._logging import LogFormat, configure_logging, fields
+from gateway.service._logging import LogFormat, configure_logging
 from gateway.service._notify import Notifier
 from gateway.service._preflight import load_checked, preflight, problem_line
-from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway")
 

@@ -13,9 +13,17 @@ Text line::
 
     2026-11-22T01:02:03.456Z INFO gateway.upstream connected feed=soccer fixture=123
 
-Structured fields travel in ``extra`` under one key, built by :func:`fields`::
+The line is rendered by structlog's :class:`~structlog.stdlib.ProcessorFormatter`: code logs
+with :mod:`logging`; :func:`_envelope` turns the record into the event dict (ts, level, logger,
+msg, the call's fields, then the fields bound to the task), then the JSON or text renderer.
+Fields of a call travel in ``extra`` under one key (``gateway.logs.fields``), fields of a task
+are bound with ``gateway.logs.log_context``::
 
     log.info("connected", extra=fields(feed="soccer", fixture="123"))
+
+journald: when the stream is the one ``$JOURNAL_STREAM`` names (under systemd), each line
+starts with its syslog priority (``<4>`` for WARNING, :mod:`gateway.service._journald`), which
+journald strips and stores, so ``journalctl -p warning`` filters by level.
 
 Secrets: as defence in depth (the token is a :class:`~gateway.config.Secret` and should never
 reach a log call), every rendered line is searched for the current secret values, taken from the
@@ -42,18 +50,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Final, Literal, TextIO
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Final, Literal, TextIO
 
 import orjson
+import structlog
 
 from gateway.config import MIN_SECRET_LENGTH, Secret, SecretMatcher
+from gateway.logs import FIELDS_ATTR, bound_fields
+from gateway.service._journald import journal_priority, writes_to_journal
 
 LogFormat = Literal["json", "text"]
 SecretsSource = Callable[[], Iterable[str | Secret]]
+EventDict = MutableMapping[str, Any]
 
-#: The attribute of a LogRecord that carries structured fields (``extra={FIELDS_ATTR: {...}}``).
-FIELDS_ATTR: Final = "fields"
 #: How many distinct secret values stay redacted (current one plus recently rotated ones).
 DEFAULT_REMEMBERED_SECRETS: Final = 8
 
@@ -65,11 +75,8 @@ _LEVELS: Final = {
     "critical": logging.CRITICAL,
 }
 _RESERVED: Final = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
-
-
-def fields(**values: object) -> dict[str, object]:
-    """Structured fields for one log call: ``log.info("msg", extra=fields(feed="x"))``."""
-    return {FIELDS_ATTR: values}
+#: The stdlib's own rendering of tracebacks and stacks (one string each; the line escapes it).
+_STDLIB: Final = logging.Formatter()
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -78,55 +85,56 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{secs}.{int(record.msecs):03d}Z"
 
 
-def _message(record: logging.LogRecord) -> str:
+def _message(msg: object, args: object) -> str:
+    # LogRecord.getMessage, except that bad %-arguments keep the template and drop the
+    # arguments (they may hold anything).
+    text = str(msg)
+    if not args:
+        return text
     try:
-        return record.getMessage()
+        return text % args
     except Exception as exc:
-        # Bad %-arguments: keep the template, drop the arguments (they may hold anything).
-        return f"{record.msg!s} <unformattable log arguments: {type(exc).__name__}>"
+        return f"{text} <unformattable log arguments: {type(exc).__name__}>"
 
 
-def _record_fields(record: logging.LogRecord) -> Mapping[str, object]:
-    value = getattr(record, FIELDS_ATTR, None)
-    return value if isinstance(value, Mapping) else {}
-
-
-class _Base(logging.Formatter):
-    def _exc_text(self, record: logging.LogRecord) -> str | None:
-        if record.exc_info and record.exc_info[0] is not None:
-            return self.formatException(record.exc_info)
-        if record.exc_text:
-            return record.exc_text
-        return None
-
-
-class JsonFormatter(_Base):
-    """One JSON object per line: ts, level, logger, msg, the fields, and exc/stack if present."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "ts": _timestamp(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": _message(record),
-        }
-        for key, value in _record_fields(record).items():
+def _envelope(_logger: object, _method: str, ed: EventDict) -> EventDict:
+    """structlog processor: the event dict of a stdlib record, in line order - ts, level,
+    logger, msg, then the call's fields (``extra=fields(...)``), then the task's bound ones
+    (``log_context``; a call's field of the same name wins), then exc and stack."""
+    record: logging.LogRecord = ed["_record"]
+    out: EventDict = {
+        "ts": _timestamp(record),
+        "level": record.levelname,
+        "logger": record.name,
+        "msg": _message(ed["event"], ed.get("positional_args")),
+    }
+    given = getattr(record, FIELDS_ATTR, None)
+    if isinstance(given, Mapping):
+        for key, value in given.items():
             name = str(key)
             # A field may not overwrite the envelope: "msg" becomes "msg_".
             out[f"{name}_" if name in _RESERVED else name] = value
-        exc = self._exc_text(record)
-        if exc is not None:
-            out["exc"] = exc
-        if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
-        try:
-            line = orjson.dumps(out, default=str).decode()
-        except (TypeError, orjson.JSONEncodeError):
-            # e.g. an int beyond 64 bits, which orjson refuses without consulting ``default``.
-            safe = {k: v if isinstance(v, str) else str(v) for k, v in out.items()}
-            line = orjson.dumps(safe).decode()
-        # JSON escapes C0 controls itself; DEL and C1 (U+009B is a terminal's CSI) it may leave.
-        return line.translate(_JSON_C1)
+    for name, value in bound_fields():
+        out.setdefault(f"{name}_" if name in _RESERVED else name, value)
+    exc_info = ed.get("exc_info")
+    if exc_info and exc_info[0] is not None:
+        out["exc"] = _STDLIB.formatException(exc_info)
+    elif record.exc_text:
+        out["exc"] = record.exc_text
+    if record.stack_info:
+        out["stack"] = _STDLIB.formatStack(record.stack_info)
+    return out
+
+
+def _json_dumps(ed: EventDict, **_kw: object) -> str:
+    try:
+        line = orjson.dumps(ed, default=str).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        # e.g. an int beyond 64 bits, which orjson refuses without consulting ``default``.
+        safe = {k: v if isinstance(v, str) else str(v) for k, v in ed.items()}
+        line = orjson.dumps(safe).decode()
+    # JSON escapes C0 controls itself; DEL and C1 (U+009B is a terminal's CSI) it may leave.
+    return line.translate(_JSON_C1)
 
 
 # Control characters (C0, DEL, C1) written as escapes: upstream texts and client input reach log
@@ -152,9 +160,37 @@ def _text_value(value: object) -> str:
     return '"' + text.translate(_CONTROLS).replace('"', '\\"') + '"'
 
 
-def _escape_newlines(text: str) -> str:
-    """The message: every control character (newlines included) escaped."""
-    return text.translate(_CONTROLS)
+def _render_text(_logger: object, _method: str, ed: EventDict) -> str:
+    """structlog renderer: ``TS LEVEL LOGGER msg key=value ...`` on one line (exc and stack
+    are fields like the others, quoted)."""
+    parts = [
+        str(ed.pop("ts")),
+        str(ed.pop("level")),
+        str(ed.pop("logger")),
+        # The message: every control character (newlines included) escaped.
+        str(ed.pop("msg")).translate(_CONTROLS),
+    ]
+    parts.extend(f"{k}={_text_value(v)}" for k, v in ed.items())
+    return " ".join(parts)
+
+
+def _formatter(fmt: LogFormat) -> logging.Formatter:
+    """The stdlib formatter of *fmt*: structlog's :class:`~structlog.stdlib.ProcessorFormatter`
+    running :func:`_envelope`, then the renderer."""
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
+    elif fmt == "text":
+        renderer = _render_text
+    else:
+        raise ValueError(f"unknown log format {fmt!r}; expected 'json' or 'text'")
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[_envelope],
+        processors=[renderer],
+        # The message is formatted by _envelope (bad %-arguments must not raise).
+        use_get_message=False,
+        pass_foreign_args=True,
+    )
 
 
 def _unicode_escape(ch: str) -> str:
@@ -176,25 +212,6 @@ def escape_nonprinting(line: str) -> str:
     if line.isascii() or line.isprintable():
         return line
     return "".join(ch if ch.isprintable() else _unicode_escape(ch) for ch in line)
-
-
-class TextFormatter(_Base):
-    """``TS LEVEL LOGGER msg key=value ...`` on one line; exc/stack as quoted fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        parts = [
-            _timestamp(record),
-            record.levelname,
-            record.name,
-            _escape_newlines(_message(record)),
-        ]
-        parts.extend(f"{k}={_text_value(v)}" for k, v in _record_fields(record).items())
-        exc = self._exc_text(record)
-        if exc is not None:
-            parts.append(f"exc={_text_value(exc)}")
-        if record.stack_info:
-            parts.append(f"stack={_text_value(self.formatStack(record.stack_info))}")
-        return " ".join(parts)
 
 
 class SecretRedactor:
@@ -250,11 +267,13 @@ class SecretRedactor:
 
 
 class GatewayLogHandler(logging.StreamHandler[TextIO]):
-    """The handler :func:`configure_logging` installs: one redacted line per record."""
+    """The handler :func:`configure_logging` installs: one redacted line per record, with its
+    syslog priority prefix (``<4>``) when *journal* is set."""
 
-    def __init__(self, stream: TextIO, redactor: SecretRedactor) -> None:
+    def __init__(self, stream: TextIO, redactor: SecretRedactor, *, journal: bool) -> None:
         super().__init__(stream)
         self.redactor = redactor
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         self.redactor.refresh()
@@ -265,7 +284,10 @@ class GatewayLogHandler(logging.StreamHandler[TextIO]):
                 f"{_timestamp(record)} ERROR gateway.logging cannot render a record from "
                 f"{record.name}: {type(exc).__name__}"
             )
-        return escape_nonprinting(self.redactor(line))
+        line = escape_nonprinting(self.redactor(line))
+        if self.journal:
+            return f"<{journal_priority(record.levelno)}>{line}"
+        return line
 
     def handleError(self, record: logging.LogRecord) -> None:
         # The stdlib version prints the record's message and arguments to stderr: a leak path.
@@ -273,6 +295,8 @@ class GatewayLogHandler(logging.StreamHandler[TextIO]):
             return
         exc = sys.exc_info()[1]
         note = f"logging error in {record.name}: {type(exc).__name__}: {exc}\n"
+        if self.journal:
+            note = f"<{journal_priority(logging.ERROR)}>{note}"
         try:
             if sys.__stderr__ is not None:
                 sys.__stderr__.write(escape_nonprinting(self.redactor(note)))
@@ -286,6 +310,7 @@ def configure_logging(
     level: str,
     stream: TextIO | None = None,
     secrets: SecretsSource | None = None,
+    journal: bool | None = None,
 ) -> None:
     """Send all logging to *stream* (default: ``sys.stderr`` at call time), one line per event.
 
@@ -293,7 +318,9 @@ def configure_logging(
     Calling again replaces the handler installed before (no duplicates) and keeps redacting the
     secrets it knew; handlers installed by others are left alone. *secrets* is called for every
     record, so it should be cheap (reading a small token file is). Captures ``warnings`` into
-    logging. Raises ValueError for an unknown *fmt* or *level*.
+    logging. *journal*: prefix each line with its syslog priority (``<4>``) for journald;
+    None (the default) does so when *stream* is the journal stream ``$JOURNAL_STREAM`` names.
+    Raises ValueError for an unknown *fmt* or *level*.
     """
     try:
         numeric = _LEVELS[level.lower()]
@@ -301,15 +328,12 @@ def configure_logging(
         raise ValueError(
             f"unknown log level {level!r}; expected one of {', '.join(_LEVELS)}"
         ) from None
-    formatter: logging.Formatter
-    if fmt == "json":
-        formatter = JsonFormatter()
-    elif fmt == "text":
-        formatter = TextFormatter()
-    else:
-        raise ValueError(f"unknown log format {fmt!r}; expected 'json' or 'text'")
+    formatter = _formatter(fmt)
     redactor = SecretRedactor(secrets)
-    handler = GatewayLogHandler(sys.stderr if stream is None else stream, redactor)
+    out = sys.stderr if stream is None else stream
+    if journal is None:
+        journal = writes_to_journal(out)
+    handler = GatewayLogHandler(out, redactor, journal=journal)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, GatewayLogHandler)]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from gateway.cluster import WarmSink, standby_for
+from gateway.cluster import WarmSink, key_fields, standby_for
 
 if TYPE_CHECKING:
     from gateway.service._cluster import ClusterNode
@@ -152,13 +152,23 @@ class StandbyDesk:
             return
         self.owners[key] = owner
         self.started += 1
-        log.info("cluster: %s: standing by for %s: warm connection opening", key, owner)
+        log.info(
+            "cluster: %s: standing by for %s: warm connection opening",
+            key,
+            owner,
+            extra=key_fields(key),
+        )
 
     def closed(self, key: str, why: str) -> None:
         """The handover desk closed *key*'s standby connection."""
         self.owners.pop(key, None)
         self.dropped += 1
-        log.info("cluster: %s: standby dropped (%s): warm connection closed", key, why)
+        log.info(
+            "cluster: %s: standby dropped (%s): warm connection closed",
+            key,
+            why,
+            extra=key_fields(key),
+        )
 
     def promoted_now(self, key: str) -> str | None:
         """*key*'s standby connection was promoted (a take-over without a reconnect); the

@@ -30,6 +30,7 @@ import orjson
 import trio
 
 from gateway.config import FeedConfig, FixtureConfig, Secret, SecretError, UpstreamSection
+from gateway.logs import fields
 from gateway.model import FixtureState, FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._authgate import AuthGate
 from gateway.upstream._backoff import Backoff
@@ -210,6 +211,8 @@ class FixtureRunner:
                 st.state,
                 state,
                 f" ({detail})" if detail else "",
+                # Explicit: stop() runs in the task that removes the fixture, not in its own.
+                extra=self._fields(),
             )
             st.state_since = time.time()
             if state is FixtureState.LIVE:
@@ -229,11 +232,16 @@ class FixtureRunner:
         try:
             self._set_state(FixtureState.STOPPED, detail)
         except Exception:
-            logger.exception("upstream %s/%s: sink.set_status failed", *self._key())
+            logger.exception(
+                "upstream %s/%s: sink.set_status failed", *self._key(), extra=self._fields()
+            )
         self._stopped = True
 
     def _key(self) -> tuple[str, str]:
         return (self.status.feed, self.status.fixture)
+
+    def _fields(self) -> dict[str, object]:
+        return fields(feed=self.status.feed, fixture=self.status.fixture)
 
     # -- the loop ----------------------------------------------------------------------------
 

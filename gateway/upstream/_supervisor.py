@@ -23,6 +23,7 @@ import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
 from gateway.histogram import Histogram
+from gateway.logs import fields, own_log_context
 from gateway.model import FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._authgate import AuthGate
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
@@ -184,11 +185,15 @@ class Supervisor:
     async def _follow(self, entry: _Entry) -> None:
         assert self._active_connect is not None
         runner = entry.runner
-        try:
-            with entry.scope:
-                await runner.run_forever(self._active_connect)
-        finally:
-            runner.stop("supervisor stopped")
+        status = runner.status
+        # Every line of this fixture's task (connect, session, sink, hub) names it, and only
+        # it: not the subscriber whose request may have started it (on demand).
+        with own_log_context(feed=status.feed, fixture=status.fixture):
+            try:
+                with entry.scope:
+                    await runner.run_forever(self._active_connect)
+            finally:
+                runner.stop("supervisor stopped")
 
     def add(self, fixture: FixtureConfig, *, backlog: bool = False) -> bool:
         """Start following ``fixture``; False if it is already followed.
@@ -227,7 +232,13 @@ class Supervisor:
             self._nursery.start_soon(self._follow, entry)
         else:
             self._pending.append(entry)
-        logger.info("upstream %s/%s: following (%s)", feed.name, fixture.id, feed.kind)
+        logger.info(
+            "upstream %s/%s: following (%s)",
+            feed.name,
+            fixture.id,
+            feed.kind,
+            extra=fields(feed=feed.name, fixture=fixture.id),
+        )
         return True
 
     def _watched(self, feed: str, fixture_id: str) -> Callable[[], bool] | None:
