@@ -363,3 +363,45 @@ def test_spec_is_closed() -> None:
     for node in _walk(spec()["components"]["schemas"]):
         if isinstance(node, dict) and node.get("type") == "object":
             assert node.get("additionalProperties") is False, node
+
+
+def _security(op: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = op.get("security", spec()["security"])
+    return found
+
+
+async def test_no_token_is_allowed_where_the_server_runs_without_token_files(
+    tmp_path: Path,
+) -> None:
+    # Token files are optional ([api]): every operation of the document accepts no token ({})
+    # beside the bearer token, and a gateway without token files answers each without one.
+    operations = [
+        (path, method.upper())
+        for path, item in spec()["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    ]
+    for path, method in operations:
+        security = _security(spec()["paths"][path][method.lower()])
+        assert security == [] or {} in security, (path, method, security)
+    config = make_config(tmp_path)  # no admin or read tokens file
+    target = MemoryTarget(config)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address: ListenAddress = await nursery.start(run, config, target)
+
+            def requests_without_a_token() -> list[tuple[str, str, int]]:
+                out = []
+                with requests.Session() as session:
+                    for path, method in operations:
+                        url = f"http://{address}" + path.replace("{feed}", "soccer").replace(
+                            "{fixture}", "123"
+                        ).replace("{name}", "app.js").replace("{id}", "1")
+                        out.append(
+                            (path, method, session.request(method, url, timeout=10).status_code)
+                        )
+                return out
+
+            answers = await trio.to_thread.run_sync(requests_without_a_token)
+            nursery.cancel_scope.cancel()
+    assert [a for a in answers if a[2] in (401, 403)] == []
