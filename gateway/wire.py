@@ -67,6 +67,12 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
 #: The gateway's own: a subscriber's queue passed its byte budget (too slow to keep up).
 CLOSE_TOO_SLOW: Final = 4008
+#: The gateway's own: an operator disconnected this subscriber (``DELETE /v1/subscribers/{id}``);
+#: the close reason is the operator's, after :data:`DISCONNECTED_REASON_PREFIX`.
+CLOSE_DISCONNECTED: Final = 4009
+DISCONNECTED_REASON_PREFIX: Final = "disconnected by an operator"
+#: The reason sent with :data:`CLOSE_GOING_AWAY` by a drain: resume on another instance.
+DRAIN_REASON: Final = "going away: draining, resume on another instance"
 
 _LEN16: Final = struct.Struct("!BBH")
 _LEN64: Final = struct.Struct("!BBQ")

@@ -11,8 +11,9 @@ import attrs
 import trio
 
 from gateway.dataplane._connection import Connection
+from gateway.dataplane._lameduck import close_spread
 from gateway.throttle import LogThrottle
-from gateway.wire import CLOSE_GOING_AWAY
+from gateway.wire import CLOSE_GOING_AWAY, DRAIN_REASON
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -204,13 +205,18 @@ class SubscriberRegistry:
             for c in chosen
         ]
 
-    async def drain(self, code: int = CLOSE_GOING_AWAY, reason: str = "going away") -> None:
+    async def drain(
+        self, code: int = CLOSE_GOING_AWAY, reason: str = DRAIN_REASON, *, period: float = 0.0
+    ) -> None:
         """Refuse new subscribers, close every connected one with *code*, wait until all left.
 
+        The closes are spread evenly over *period* seconds (lame duck, :func:`close_spread`).
         Each connection is bounded by its close timeout (then aborted), so this returns within
-        about that time; wrap it in ``trio.move_on_after`` for a harder limit.
+        about *period* plus that time; wrap it in ``trio.move_on_after`` for a harder limit.
         """
         self.draining = True
-        for conn in list(self._conns.values()):
-            conn.close(code, reason)
+        conns = list(self._conns.values())
+        if conns:
+            log.info("draining: closing %d subscriber(s) over %.1f s", len(conns), period)
+        await close_spread(conns, period, code, reason)
         await self._empty.wait()

@@ -270,9 +270,10 @@ class Gateway:
             self._supervisor_done.set()
 
     async def drain(self) -> None:
-        """Graceful stop, bounded by ``drain_timeout``: /readyz turns 503, every subscriber gets
-        close 1001 "going away", every upstream is closed. Never raises; what does not finish in
-        time is cut when the caller cancels the root nursery."""
+        """Graceful stop, bounded by ``drain_timeout``: /readyz turns 503 at once, subscribers
+        get close 1001 with :data:`~gateway.wire.DRAIN_REASON` spread over ``lame_duck_period``
+        (at most half the drain time left by then), every upstream is closed. Never raises; what
+        does not finish in time is cut when the caller cancels the root nursery."""
         self._draining = True
         self.fixtures.close()
         with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
@@ -280,8 +281,11 @@ class Gateway:
                 # First: the others take this instance's fixtures over while it drains.
                 # Make-before-break for up to half the drain time, then release the rest.
                 await self.cluster.leave(handover_within=self.config.gateway.drain_timeout / 2)
+            # Lame duck: closes spread, leaving half the time left for the last ones to finish.
+            left = scope.deadline - trio.current_time()
+            period = min(self.config.gateway.lame_duck_period, max(0.0, left / 2))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.registry.drain)
+                nursery.start_soon(partial(self.registry.drain, period=period))
                 self._supervisor_scope.cancel()
                 nursery.start_soon(self._supervisor_done.wait)
         if scope.cancelled_caught:
