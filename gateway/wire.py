@@ -47,6 +47,8 @@ RSV1: Final = 0x40
 MASK_BIT: Final = 0x80
 #: Longest payload of a control frame (close, ping, pong).
 MAX_CONTROL_PAYLOAD: Final = 125
+#: Longest close reason: the control payload less the 2-byte code.
+MAX_CLOSE_REASON_BYTES: Final = MAX_CONTROL_PAYLOAD - 2
 
 # -- close codes (RFC 6455 7.4.1, plus the gateway's own in the 4000 range) -----------------
 CLOSE_NORMAL: Final = 1000

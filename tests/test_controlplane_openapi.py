@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from gateway.config import ListenAddress
 from gateway.controlplane import MAX_BODY_BYTES, build_app, run
+from gateway.dataplane import SubscriberView
 from tests.conftest import TEST_TOKEN
 from tests.memory_target import MemoryTarget
 from tests.test_controlplane import (
@@ -59,6 +60,8 @@ def spec() -> dict[str, Any]:
 # tests/test_hostile_api.py) are driven over raw sockets instead.
 SOCKET_LEVEL_STATUSES = {
     ("/v1/fixtures/{feed}/{fixture}", "PUT", 408),
+    # The same body reader as PUT's (its 408 is tested there over a raw socket).
+    ("/v1/subscribers/{id}", "DELETE", 408),
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 429),
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 503),
 }
@@ -129,6 +132,12 @@ def _cluster(target: MemoryTarget) -> None:
     target.set_role("soccer", "9", owner=None, role="relay")
 
 
+def _subscriber(target: MemoryTarget) -> None:
+    target.add_subscriber(
+        SubscriberView("5", "10.0.0.5:4000", "/v1/stream", ("soccer/123",), 0, 1, 0, 4.0)
+    )
+
+
 def _single_node(target: MemoryTarget) -> None:
     target.cluster = None
     target.degraded = None
@@ -139,6 +148,7 @@ def _single_node(target: MemoryTarget) -> None:
 _PARAMS_123 = {"feed": "soccer", "fixture": "123"}
 _PARAMS_9 = {"feed": "soccer", "fixture": "9"}
 _PARAMS_10 = {"feed": "soccer", "fixture": "10"}
+_ID_5 = {"id": "5"}
 _Setup = Callable[[MemoryTarget], None] | None
 _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] = [
     # The dashboard is open even with read tokens configured (it holds no data).
@@ -221,6 +231,28 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
     ),
     ("/v1/subscribers", "GET", {}, ADMIN, None, 200, None),
     ("/v1/subscribers", "GET", {}, {}, None, 401, None),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, {"reason": "upgrade"}, 204, _subscriber),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, None, 404, None),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, {"reason": 5}, 400, _subscriber),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, {}, None, 401, None),
+    (
+        "/v1/subscribers/{id}",
+        "DELETE",
+        _ID_5,
+        {"Authorization": f"Bearer {READ_TOKEN}"},
+        None,
+        403,
+        None,
+    ),
+    (
+        "/v1/subscribers/{id}",
+        "DELETE",
+        _ID_5,
+        ADMIN,
+        {"reason": "x" * MAX_BODY_BYTES},
+        413,
+        None,
+    ),
     ("/metrics", "GET", {}, ADMIN, None, 200, None),
     ("/metrics", "GET", {}, {}, None, 401, None),
     ("/v1/fixtures/{feed}/{fixture}/latest", "GET", _PARAMS_123, ADMIN, None, 200, _publish),
@@ -250,6 +282,9 @@ _QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str
     ("/v1/fixtures", "GET", {}, {"limit": 0}, ADMIN, 400),
     ("/v1/recordings", "GET", {}, {"after": "no-slash"}, ADMIN, 400),
     ("/v1/subscribers", "GET", {}, {"limit": 1001}, ADMIN, 400),
+    ("/v1/subscribers", "GET", {}, {"sort": "-queued_bytes", "after_value": "x"}, ADMIN, 400),
+    ("/v1/subscribers", "GET", {}, {"sort": "-queued_bytes", "after": "gone"}, ADMIN, 404),
+    ("/v1/subscribers", "GET", {}, {"feed": "soccer", "slow": "false"}, ADMIN, 200),
 ]
 
 

@@ -12,7 +12,7 @@ import trio.testing
 import trio_websocket
 
 from gateway.config import ConfigError, structure_config
-from gateway.dataplane._lameduck import close_spread
+from gateway.dataplane import close_spread
 from gateway.wire import CLOSE_GOING_AWAY, DRAIN_REASON
 from tests.kit import http_get, http_url, simulator_and_gateway, stream_url, wait_until
 

@@ -111,6 +111,11 @@ class GatewayCollector:
             value=totals.rate_limited,
         )
         yield CounterMetricFamily(
+            "dde_subscribers_disconnected",
+            "Subscribers an operator disconnected (DELETE /v1/subscribers/{id}, close 4009).",
+            value=totals.disconnected,
+        )
+        yield CounterMetricFamily(
             "dde_subscriber_ping_timeouts",
             "Subscribers closed (1011) for not answering a ping within ping_timeout.",
             value=totals.ping_timeouts,

@@ -42,7 +42,13 @@ from gateway.controlplane import (
     Totals,
 )
 from gateway.controlplane import run as run_control_plane
-from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
+from gateway.dataplane import (
+    STREAM_PATH,
+    Page,
+    SubscriberAuth,
+    SubscriberQuery,
+    SubscriberRegistry,
+)
 from gateway.dataplane import run as run_data_plane
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.model import (
@@ -606,6 +612,12 @@ class Gateway:
     ) -> list[SubscriberView]:
         return self.registry.views(after, limit)
 
+    async def subscriber_query(self, query: SubscriberQuery) -> Page[SubscriberView]:
+        return await self.registry.query(query)
+
+    def disconnect_subscriber(self, ident: str, reason: str) -> bool:
+        return self.registry.disconnect(ident, reason)
+
     def stream_endpoint(self) -> StreamEndpoint | None:
         bound = self._stream_bound
         if bound is None:
@@ -637,6 +649,7 @@ class Gateway:
             slow_disconnects=stats.slow_disconnects,
             rate_limited=stats.rate_limited,
             ping_timeouts=stats.ping_timeouts,
+            disconnected=stats.disconnected,
             subscribers=stats.connections,
             batched=stats.batched,
             batch_groups=stats.batch_groups,
