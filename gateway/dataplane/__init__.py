@@ -38,6 +38,7 @@ from gateway.dataplane._registry import (
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
 from gateway.dataplane._subquery import (
+    QUERY_STEP,
     SLOW_QUEUE_SHARE,
     SORT_KEYS,
     CursorGone,
@@ -56,6 +57,7 @@ __all__ = [
     "EVENTS_PER_TURN",
     "MAX_RATE",
     "MIN_RATE",
+    "QUERY_STEP",
     "SLOW_QUEUE_SHARE",
     "SORT_KEYS",
     "STREAM_PATH",

@@ -1,8 +1,9 @@
 """``GET /v1/subscribers`` queries: filter (feed, fixture, endpoint, slow), sort, page.
 
 A query runs over every connected subscriber, so it yields to the event loop every
-:data:`STEP` subscribers (the fan-out keeps running while an operator lists 10 000), keeps only
-the page it needs (``heapq.nsmallest``: O(n log limit)) and builds views for that page only.
+:data:`QUERY_STEP` subscribers (the fan-out keeps running while an operator lists 10 000),
+keeps only the page it needs (``heapq.nsmallest``: O(n log limit)) and builds views for that
+page only.
 
 Paging: ``after`` is the id of the last item of the previous page; sorted by a number, the next
 page's link also gives ``after_value``, that item's value then (without it, the item's value
@@ -21,7 +22,7 @@ import attrs
 import trio
 
 #: Subscribers examined between two checkpoints.
-STEP: Final = 200
+QUERY_STEP: Final = 200
 #: ``sort=``: ``id`` and the numbers a subscriber can be ranked by; ``-`` before one = largest
 #: first.
 SORT_KEYS: Final = ("id", "queued_bytes", "frames_dropped", "frames_sent", "connected_at")
@@ -138,14 +139,14 @@ class Page(NamedTuple, Generic[_T]):
 async def run_query(
     items: Sequence[_T], facts_of: Callable[[_T], Facts], query: SubscriberQuery
 ) -> Page[_T]:
-    """The page of *items* that *query* selects, yielding every :data:`STEP` items. Raises
+    """The page of *items* that *query* selects, yielding every :data:`QUERY_STEP` items. Raises
     :class:`CursorGone` (see the module)."""
     matching: list[tuple[tuple[float, int, str], int, Facts]] = []
     located: Facts | None = None
-    for start in range(0, len(items), STEP):
+    for start in range(0, len(items), QUERY_STEP):
         if start:
             await trio.lowlevel.checkpoint()
-        for index in range(start, min(start + STEP, len(items))):
+        for index in range(start, min(start + QUERY_STEP, len(items))):
             facts = facts_of(items[index])
             if facts.id == query.after:
                 located = facts
