@@ -13,6 +13,7 @@ import trio
 from gateway.dataplane._connection import Connection
 from gateway.dataplane._lameduck import close_spread
 from gateway.dataplane._subquery import (
+    QUERY_STEP,
     Facts,
     Page,
     SubscriberQuery,
@@ -261,7 +262,11 @@ class SubscriberRegistry:
         """The page of subscribers *query* selects (:mod:`gateway.dataplane._subquery`),
         yielding to the event loop as it goes; views are built for the page only."""
         page = await run_query(list(self._conns.values()), _facts, query)
-        return Page([_view(c) for c in page.items], page.total, page.next_page)
+        views: list[SubscriberView] = []
+        for start in range(0, len(page.items), QUERY_STEP):
+            await trio.lowlevel.checkpoint()
+            views += [_view(c) for c in page.items[start : start + QUERY_STEP]]
+        return Page(views, page.total, page.next_page)
 
     def disconnect(self, ident: str, reason: str = "") -> bool:
         """Close subscriber *ident* with :data:`~gateway.wire.CLOSE_DISCONNECTED` and the
