@@ -1,10 +1,11 @@
 """The ``dde-gateway`` command (also ``python -m gateway``).
 
 Subcommands: ``run`` (the service), ``simulate`` (the vendor simulator), ``check-config``
-(validate a file, every error with its field path, exit 2), ``demo`` (simulator + gateway on an
-embedded config), ``watch`` (a subscriber that prints what arrives), ``bench`` (the fan-out
-benchmark) and ``soak`` (random vendor faults against a gateway, every frame checked). Heavy
-imports happen inside each subcommand so ``check-config`` stays instant.
+(every check ``run`` makes before it starts, every error with its place, exit 2), ``config``
+(the effective configuration, or every key with its default, as TOML), ``demo`` (simulator +
+gateway on an embedded config), ``watch`` (a subscriber that prints what arrives), ``bench``
+(the fan-out benchmark) and ``soak`` (random vendor faults against a gateway, every frame
+checked). Heavy imports happen inside each subcommand so ``check-config`` stays quick.
 """
 
 from __future__ import annotations
@@ -68,10 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check-config",
-        help="validate a config file (exit 2 on errors)",
+        help="make every check `run` makes before it starts: config, environment, files (exit 2 "
+        "on errors)",
         formatter_class=HelpFormatter,
     )
-    check.add_argument("path", type=Path, help="path to the TOML config to check")
+    check.add_argument("path", type=Path, help="path to the TOML config")
+
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration (file, DDE_GATEWAY_* variables, defaults) as TOML",
+        formatter_class=HelpFormatter,
+    )
+    config.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="path to the TOML config (default: none, the environment and defaults only)",
+    )
+    config.add_argument(
+        "--defaults",
+        action="store_true",
+        help="print every key with its default and meaning instead, as a commented TOML file",
+    )
 
     default_level = "info"
     sim = sub.add_parser(
@@ -142,37 +162,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_config(path: Path) -> int:
-    from gateway.config import (
-        ConfigError,
-        check_secret_files,
-        load_cluster_password,
-        load_config,
-        load_server_tls,
-        load_subscriber_tokens,
-    )
+    from gateway.service import preflight, problem_line
 
-    try:
-        config = load_config(path)
-        # Permissions only (the vendor token file is not read: it may come later).
-        warnings = check_secret_files(config)
-        # Read at start and on every reload: check them before `systemctl reload`.
-        tokens = load_subscriber_tokens(config)
-        tls = load_server_tls(config)
-        load_cluster_password(config)
-    except ConfigError as exc:
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
+    result = preflight(path)
+    for error in result.errors:
+        print(problem_line(path, "error", error), file=sys.stderr)
+    for warning in result.warnings:
+        print(problem_line(path, "warning", warning), file=sys.stderr)
+    config = result.config
+    if config is None or result.errors:
         return EXIT_CONFIG_ERROR
-    for warning in warnings:
-        print(f"{path}: warning: {warning}", file=sys.stderr)
-    access = "open" if tokens is None else f"{len(tokens)} token(s)"
+    access = "open" if result.tokens is None else f"{len(result.tokens)} token(s)"
     print(
         f"{path}: ok - {len(config.feeds)} feed(s), {len(config.fixtures)} fixture(s), "
         f"stream {config.gateway.stream_listen}, http {config.gateway.http_listen}, "
-        f"subscriber access {access}, TLS {'on' if tls is not None else 'off'}"
+        f"subscriber access {access}, TLS {'on' if result.tls is not None else 'off'}"
         + ("" if config.cluster is None else f", cluster via {config.cluster.redis_where}")
     )
+    return EXIT_OK
+
+
+def _print_config(path: Path | None, defaults: bool) -> int:
+    from gateway.config import ConfigError, defaults_toml, effective_toml, load_config
+    from gateway.service import problem_line
+
+    if defaults:
+        if path is not None:
+            print("dde-gateway config: --defaults takes no CONFIG", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        sys.stdout.write(defaults_toml())
+        return EXIT_OK
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(problem_line(path, "error", error), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    sys.stdout.write(effective_toml(config, "no file" if path is None else str(path)))
     return EXIT_OK
 
 
@@ -183,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"soak --max-silence: expected seconds > 0, got {args.max_silence!r}")
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "config":
+        return _print_config(args.path, args.defaults)
     if args.command == "watch":
         from gateway import client
 

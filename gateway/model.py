@@ -93,24 +93,30 @@ class UpstreamCounters:
         (5, 1)
     """
 
-    connects: int = _counter("dde_upstream_connects", "Upstream connections opened.")
-    reconnects: int = _counter("dde_upstream_reconnects", "Upstream reconnections.")
-    frames: int = _counter("dde_frames_received", "Upstream data frames accepted.")
-    heartbeats: int = _counter("dde_upstream_heartbeats", "Upstream heartbeats received.")
+    connects: int = _counter("dde_upstream_connects_total", "Upstream connections opened.")
+    reconnects: int = _counter("dde_upstream_reconnects_total", "Upstream reconnections.")
+    frames: int = _counter("dde_frames_received_total", "Upstream data frames accepted.")
+    heartbeats: int = _counter("dde_upstream_heartbeats_total", "Upstream heartbeats received.")
+    received_bytes: int = _counter(
+        "dde_upstream_received_bytes_total",
+        "Bytes of the upstream messages received (UTF-8 payloads: data, heartbeats, replies).",
+    )
     duplicates_dropped: int = _counter(
-        "dde_duplicates_dropped", "Duplicate upstream frames dropped."
+        "dde_upstream_duplicates_dropped_total", "Duplicate upstream frames dropped."
     )
-    gaps: int = _counter("dde_upstream_gaps", "Upstream sequence gaps detected.")
+    gaps: int = _counter("dde_upstream_gaps_total", "Upstream sequence gaps detected.")
     out_of_order: int = _counter(
-        "dde_upstream_out_of_order", "Fastpath events that arrived out of order."
+        "dde_upstream_out_of_order_total", "Fastpath events that arrived out of order."
     )
-    malformed: int = _counter("dde_malformed", "Malformed upstream frames counted and skipped.")
+    malformed: int = _counter(
+        "dde_upstream_malformed_total", "Malformed upstream frames counted and skipped."
+    )
     crashes: int = _counter(
-        "dde_upstream_crashes",
+        "dde_upstream_crashes_total",
         "Unexpected errors in a fixture's upstream task (each restarts it after a backoff).",
     )
     refused: int = _counter(
-        "dde_upstream_refused",
+        "dde_upstream_refused_total",
         "Upstream attempts the vendor refused the token for (while refused, one probe a "
         "unauthorized_probe_interval).",
     )

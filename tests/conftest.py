@@ -28,13 +28,18 @@ from tests.redis_kit import RedisServer, SentinelGroup, redis_unavailable
 TEST_TOKEN: Final = "tok-SECRET-5f0c2e9a-never-log-me"
 
 
-def require_redis() -> None:
-    """Fail (in CI) or skip (elsewhere) the calling test when no redis-server can run here."""
-    reason = redis_unavailable()
+def require_tool(what: str, reason: str | None) -> None:
+    """Fail (in CI: ``CI=true``) or skip (elsewhere) the calling test when *reason* says why
+    a tool it needs (*what*) cannot run here; nothing when *reason* is None."""
     if reason is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis tests cannot run in CI: {reason}")
+            pytest.fail(f"{what} tests cannot run in CI: {reason}")
         pytest.skip(reason)
+
+
+def require_redis() -> None:
+    """Fail (in CI) or skip (elsewhere) the calling test when no redis-server can run here."""
+    require_tool("Redis", redis_unavailable())
 
 
 @pytest.fixture

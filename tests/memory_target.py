@@ -73,6 +73,8 @@ class _Followed:
     slow_disconnects: int = 0
     owner: str | None = None
     role: str | None = None
+    #: ``time.perf_counter()`` of its last published frame (None: none yet).
+    published_at: float | None = None
 
 
 class MemoryTarget:
@@ -91,6 +93,9 @@ class MemoryTarget:
         self.version = version
         self.started_at = time.time() if started_at is None else started_at
         self.fanout_latency = MemoryHistogram()
+        #: Per feed, what ``data_age()`` answers (set by tests).
+        self.data_ages: dict[str, MemoryHistogram] = {}
+        self._bytes_out = 0
         self.ready = True
         self.draining = False
         #: What ``degraded_reason()`` and ``cluster_view()`` answer (None: not degraded; a
@@ -196,6 +201,7 @@ class MemoryTarget:
     def totals(self) -> Totals:
         return Totals(
             frames_out=self._frames_out,
+            bytes_out=self._bytes_out,
             drops=self._drops,
             slow_disconnects=self._slow_disconnects,
             rate_limited=self._rate_limited,
@@ -207,6 +213,9 @@ class MemoryTarget:
             upstream=sum_counters(self._feed_counters.values()),
             auth_failures=dict(self._auth_failures),
         )
+
+    def data_age(self) -> Mapping[str, MemoryHistogram]:
+        return self.data_ages
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
         return {
@@ -257,7 +266,9 @@ class MemoryTarget:
         followed.seq += 1
         followed.latest = raw
         followed.status.last_message_at = time.time()
+        followed.published_at = time.perf_counter()
         self._frames_out += deliveries
+        self._bytes_out += deliveries * len(raw.encode())
         self.count_upstream(feed, fixture, frames=1)
 
     def count_upstream(self, feed: str, fixture: str, **deltas: int) -> None:
@@ -374,4 +385,5 @@ class MemoryTarget:
             ),
             owner=f.owner,
             role=f.role,
+            frame_age=None if f.published_at is None else time.perf_counter() - f.published_at,
         )

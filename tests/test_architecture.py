@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "model": 0,
     "errors": 0,
     "throttle": 0,
+    "histogram": 0,  # fixed-bucket counts: the fan-out latency (hub), the data age (upstream)
     "config": 0,
     "listen": 0,  # the listeners' sockets (SO_REUSEPORT)
     # The two sides of the hub's FrameSink contract, and the tools that stand beside them.

@@ -32,6 +32,8 @@ import gateway.bench
 from gateway.bench import (
     PEER_MISSING,
     PRESETS,
+    ROLLING_INSTANCES,
+    ROLLING_ROOM,
     SCENARIO_NAMES,
     ProtocolError,
     accept_key,
@@ -46,13 +48,18 @@ from gateway.bench import (
     parse_frames,
     peer_available,
     percentile,
+    rolling_drain_timeout,
+    rolling_owners,
+    rolling_stalls,
+    rolling_table,
+    rolling_unsettled,
     run_from_args,
     scenarios_from_args,
     server_handshake,
     steal_percent,
     unmask,
 )
-from gateway.config import load_config
+from gateway.config import ConfigError, load_config
 from gateway.wire import OP_PING, OP_TEXT
 from tests.conftest import TEST_TOKEN
 
@@ -142,11 +149,23 @@ def test_generated_gateway_config_is_accepted_by_the_loader(tmp_path: Path) -> N
     assert config.upstream.connect_rate == 1000
     path.write_text(gateway_config_text(PRESETS["ingest"], 4000, 4001, 4002, connect_rate=5))
     assert load_config(path).upstream.connect_rate == 5
+    # The take-over bench's standby: [cluster] standby = true on each instance.
+    for standby in (False, True):
+        text = gateway_config_text(
+            PRESETS["ingest"], 4000, 4001, 4002, redis_url="redis://127.0.0.1:1/0", standby=standby
+        )
+        path.write_text(text)
+        cluster = load_config(path).cluster
+        assert cluster is not None and cluster.standby is standby
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(("--connect-rate=0",), "--connect-rate must be > 0"), (("--watched=0",), "--watched must")],
+    [
+        (("--connect-rate=0",), "--connect-rate must be > 0"),
+        (("--watched=0",), "--watched must"),
+        (("--standby=yes",), "--standby takes on, off or both"),
+    ],
 )
 def test_takeover_options_are_checked(argv: tuple[str, ...], message: str) -> None:
     out = subprocess.run(
@@ -524,3 +543,151 @@ def load_config_text(tmp_path: Path, text: str) -> Any:
     path = tmp_path / "x.toml"
     path.write_text(text)
     return load_config(path)
+
+
+# -- the rolling-restart bench (gateway/bench/_rolling.py) ------------------------------------
+
+
+def test_rolling_bench_parts() -> None:
+    # A stop hands a third of the fixtures over at the connect rate, with room to spare.
+    assert rolling_drain_timeout(150, 5.0) == 2 * (10 + ROLLING_ROOM)
+    want = rolling_owners(30, ROLLING_INSTANCES)
+    assert set(want.values()) == set(ROLLING_INSTANCES)  # 30 fixtures: each gets some
+    two = rolling_owners(30, ROLLING_INSTANCES[1:])
+    assert all(two[fx] == who for fx, who in want.items() if who != "bench-a")
+    leases: dict[str, tuple[str | None, str | None]] = {fx: (w, "live") for fx, w in want.items()}
+    assert rolling_unsettled(leases, want) == []
+    first, second = sorted(want)[:2]
+    leases[first] = (want[first], "connecting")
+    leases[second] = (None, None)
+    assert rolling_unsettled(leases, want) == sorted([first, second])
+    stalls = rolling_stalls(
+        {
+            "bench-a": {"stall_ms": {"count": 3, "p50": 40.0, "max": 90.0, "each": [40, 90, 30]}},
+            "bench-b": {"stall_ms": {"count": 3, "p50": 60.0, "max": 80.0, "each": [80, 60, 50]}},
+        },
+        ["f0", "f1", "f2"],
+        {"f1"},
+    )
+    assert stalls == {
+        "stall_max_s": 0.09,
+        "stall_p50_s": 0.06,
+        "stall_moved_s": 0.09,  # f1: 90 ms on bench-a
+        "stall_still_s": 0.08,  # f0: 80 ms on bench-b
+    }
+    trial = {
+        "fixtures": 50,
+        "standby": False,
+        "stall_max_s": 0.2,
+        "stall_p50_s": 0.05,
+        "stall_moved_s": 0.2,
+        "stall_still_s": 0.1,
+        "lost": 0,
+        "duplicates": 0,
+        "stop_max_s": 4.0,
+        "rebalance_max_s": 12.0,
+        "total_s": 50.0,
+        "vendor_connects": 100,
+        "load_max": 2.5,
+    }
+    text = rolling_table([trial, {**trial, "stall_max_s": 0.4, "vendor_connects": 102}])
+    row = text.splitlines()[2]
+    assert row.startswith("| 50 | 0.30 [0.20 0.40] | 0.05 [0.05 0.05] | 0.20 [0.20 0.20] |"), row
+    assert "| 0.10 [0.10 0.10] | 0 [0 0] | 0 [0 0] | 4.00 [4.00 4.00] |" in row
+    assert "| 101 [100 102] |" in row
+
+
+def test_rolling_bench_config_has_the_drain_time_and_the_extra_cluster_lines(
+    tmp_path: Path,
+) -> None:
+    sc = attrs.evolve(PRESETS["ingest"], cluster=True)
+    text = gateway_config_text(
+        sc,
+        1,
+        0,
+        0,
+        redis_url="redis://127.0.0.1:7/0",
+        lease_ttl=5,
+        drain_timeout=47.5,
+        cluster_extra=['key_prefix = "x"'],
+    )
+    with pytest.raises(
+        ConfigError, match="Cannot overwrite a value"
+    ):  # a duplicate key: the lines are there
+        load_config_text(tmp_path, text)
+    config = load_config_text(tmp_path, text.replace('key_prefix = "bench"\n', ""))
+    assert config.gateway.drain_timeout == 47.5
+    assert config.cluster is not None and config.cluster.key_prefix == "x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--connect-rate=0",), "--connect-rate must be > 0"),
+        (("--fixtures=2",), "at least 3"),
+        (("--fixtures=a",), "numbers separated by commas"),
+    ],
+)
+def test_rolling_options_are_checked(argv: tuple[str, ...], message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.bench._rolling", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_the_load_generator_counts_lost_and_repeated_frames_by_ix() -> None:
+    """With one fixture per subscriber (``--fanout spread``) the report says how many frames
+    a subscriber never got between two it got, and how many it got again (by the feeder's
+    ``ix``): the load generator against a gateway stand-in on a real socket."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        argv = [sys.executable, "-m", "gateway.bench._loadgen", "--port", str(port)]
+        proc = subprocess.Popen(
+            [*argv, "--fanout", "spread"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(30)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(4096)
+                _, response = server_handshake(head.partition(b"\r\n\r\n")[0])
+                conn.sendall(response)
+                assert conn.recv(4096)  # its subscribe message: it reads from now on
+
+                def frame(seq: int, ix: int) -> bytes:
+                    data = f'{{"_bt":{1000 + seq},"id":"bench-0000","ix":{ix},"mt":0}}'
+                    env = '{"type":"frame","feed":"tracking","fixture":"bench-0000",'
+                    return encode_frame(OP_TEXT, f'{env}"seq":{seq},"data":{data}}}'.encode())
+
+                for seq, ix in enumerate([5, 6, 8, 8, 9, 12, 7, 13], start=1):
+                    conn.sendall(frame(seq, ix))
+                # A short message and the next frame in one read: the short one is not a
+                # frame (it once borrowed the next one's stamp and ix: a repeat).
+                beat = encode_frame(OP_TEXT, b'{"type":"heartbeat"}')
+                conn.sendall(beat + frame(9, 14) + frame(10, 16))
+                deadline = time.monotonic() + 30
+                while True:  # until it read them all (it reads while it answers)
+                    proc.stdin.write(b"report\n")
+                    proc.stdin.flush()
+                    report = json.loads(proc.stdout.readline())
+                    while report.get("event") != "report":
+                        report = json.loads(proc.stdout.readline())
+                    if report["lost"] + report["duplicates"] >= 1 + 2 + 1 + 2:
+                        break
+                    assert time.monotonic() < deadline, report
+                    time.sleep(0.05)  # another process's progress: no event to wait on
+        finally:
+            proc.kill()
+            proc.wait()
+    assert (report["lost"], report["duplicates"]) == (1 + 2 + 1, 2)
+    first = report["ix_events"][0]
+    assert first[:5] == [0, "lost", 6, 8, 3]  # subscriber, what, last ix, ix, its seq

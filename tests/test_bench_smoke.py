@@ -145,19 +145,20 @@ def test_cluster_floor_and_takeover_scripts_run(tmp_path: Path) -> None:
     takeover = subprocess.run(
         [
             *(sys.executable, "-m", "gateway.bench._takeover", "--fixtures=3", "--lease-ttl=2"),
-            *("--runs=1", "--frame-bytes=600", "--watched=0.5", f"--json={out}"),
+            *("--runs=1", "--frame-bytes=600", "--watched=0.5", "--standby=on", f"--json={out}"),
         ],
         capture_output=True,
         text=True,
         timeout=90,
         check=True,
     )
-    assert "| 3, 2 s |" in takeover.stdout
+    assert "| 3, 2 s, on |" in takeover.stdout
     doc = json.loads(out.read_text())
     assert doc["errors"] == []
     (result,) = doc["trials"]
     assert 0 < result["lease_first_s"] <= result["lease_all_s"] <= result["owner_live_all_s"]
     assert result["connect_rate"] == 5  # the vendor's, by default
+    assert result["standby"] is True
     assert result["watched"] == 2  # round(3 * 0.5): one subscriber each
     assert result["first_frame_count"] == 2
     assert 0 < result["first_frame_p50_s"] <= result["first_frame_max_s"]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import h11
@@ -29,6 +30,7 @@ import trio.testing
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import gateway
 from gateway.config import Config, ListenAddress, SecretError, structure_config
 from gateway.controlplane import (
     CLUSTER_COUNTERS,
@@ -47,7 +49,7 @@ from gateway.dataplane import AUTH_ENDPOINTS, Page, SubscriberQuery
 from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
 from tests.kit import wait_until
-from tests.memory_target import MemoryTarget
+from tests.memory_target import MemoryHistogram, MemoryTarget
 
 TIMEOUT = 30  # generous: loaded 2-core CI machines
 ADMIN_TOKENS = ("admin-token-1", "admin-token-2")
@@ -69,12 +71,14 @@ FIXTURE_KEYS = {
     "recording",
     "owner",
     "role",
+    "standby",
 }
 UPSTREAM_KEYS = {
     "connects",
     "reconnects",
     "frames",
     "heartbeats",
+    "received_bytes",
     "duplicates_dropped",
     "gaps",
     "out_of_order",
@@ -603,6 +607,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     },
                     "leases": 2,
                     "silent": None,
+                    "standbys": 0,
                 },
                 # Only the documented keys, each of its type or null: nothing else another
                 # instance put into Redis reaches a response.
@@ -617,6 +622,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     },
                     "leases": 1,
                     "silent": None,
+                    "standbys": 0,
                 },
                 {
                     "name": "gw-c",
@@ -624,6 +630,7 @@ async def test_cluster_view(tmp_path: Path) -> None:
                     "leases": 0,
                     # Not heard from for rounds: the seconds since, to a tenth.
                     "silent": 4.3,
+                    "standbys": 0,
                 },
             ],
             "owned": 2,
@@ -653,11 +660,16 @@ async def test_cluster_view(tmp_path: Path) -> None:
                 "frames_relayed": 450,
                 "relay_failures": 1,
                 "relay_holds": 0,
+                "standby_started": 0,
+                "standby_promoted": 0,
+                "standby_dropped": 0,
             },
             "relay_lag_max": 0.25,
             "append_queued_bytes": 4096,
             "view_at": 1795313190.5,
             "unreachable_since": None,
+            "standby": False,
+            "standing_by": 0,
         }
         assert list(reply.json()["counters"]) == list(CLUSTER_COUNTERS)
 
@@ -760,6 +772,7 @@ async def test_cluster_metrics_only_in_a_cluster(tmp_path: Path) -> None:
             "dde_cluster_relay_lag_seconds",
             "dde_cluster_append_queued_bytes",
             "dde_cluster_degraded",
+            "dde_cluster_standby_connections",
         }
         assert {n for n, f in families.items() if n.startswith("dde_cluster_")} == gauges | {
             f"dde_cluster_{name}" for name in CLUSTER_COUNTERS
@@ -783,7 +796,7 @@ def test_the_docs_name_exactly_the_cluster_metrics(tmp_path: Path) -> None:
         for s in family.samples
         if s.name.startswith("dde_cluster_")
     }
-    assert len(emitted) == 8 + len(CLUSTER_COUNTERS)
+    assert len(emitted) == 9 + len(CLUSTER_COUNTERS)
     docs = Path(__file__).resolve().parent.parent / "docs"
     for name in ("cluster.md", "api.md"):
         named = set(re.findall(r"dde_cluster_\w+", (docs / name).read_text()))
@@ -799,6 +812,28 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+#: The label names of the ``dde_*`` families: feed, state, endpoint, limit, le and the replays'
+#: source and reason (each a fixed set); subscribers, peers and tokens would be unbounded.
+BOUNDED_LABELS: Final = frozenset({"feed", "state", "endpoint", "limit", "le", "source", "reason"})
+#: The two exceptions: a fixture id labels each followed fixture's frame age; the build info
+#: says versions.
+FRAME_AGE: Final = "dde_fixture_frame_age_seconds"
+BUILD_INFO: Final = "dde_build_info"
+
+
+def assert_bounded_labels(got: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+    """Every ``dde_*`` sample of *got* (:func:`samples`) is labelled by BOUNDED_LABELS only,
+    but for the frame age (feed and fixture) and the build info."""
+    for name, labels in got:
+        keys = {k for k, _ in labels}
+        if name == FRAME_AGE:
+            assert keys == {"feed", "fixture"}
+        elif name == BUILD_INFO:
+            assert keys == {"version", "python", "implementation"}
+        elif name.startswith("dde_"):
+            assert keys <= BOUNDED_LABELS, (name, keys)
 
 
 async def test_metrics_parse_back(tmp_path: Path) -> None:
@@ -819,6 +854,9 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         target.batch_groups = 1
         for seconds in (0.0003, 0.0007, 0.002, 7.0):
             target.fanout_latency.observe(seconds)
+        target.data_ages["soccer"] = MemoryHistogram()
+        for seconds in (0.002, 0.2):
+            target.data_ages["soccer"].observe(seconds)
 
         reply = await client.get("/metrics")
         assert reply.status == 200
@@ -829,9 +867,9 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         assert got[("dde_frames_received_total", (("feed", "hoops"),))] == 1
         assert got[("dde_upstream_reconnects_total", (("feed", "soccer"),))] == 2
         assert got[("dde_upstream_gaps_total", (("feed", "soccer"),))] == 1
-        assert got[("dde_duplicates_dropped_total", (("feed", "soccer"),))] == 4
-        assert got[("dde_malformed_total", (("feed", "hoops"),))] == 5
-        assert got[("dde_malformed_total", (("feed", "soccer"),))] == 0
+        assert got[("dde_upstream_duplicates_dropped_total", (("feed", "soccer"),))] == 4
+        assert got[("dde_upstream_malformed_total", (("feed", "hoops"),))] == 5
+        assert got[("dde_upstream_malformed_total", (("feed", "soccer"),))] == 0
         assert got[("dde_upstream_crashes_total", (("feed", "hoops"),))] == 1
         assert got[("dde_upstream_out_of_order_total", (("feed", "hoops"),))] == 2
         assert got[("dde_upstream_connects_total", (("feed", "soccer"),))] == 0
@@ -869,10 +907,32 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
             (("limit", "client"),): 0,
             (("limit", "overall"),): 0,
         }
-        # Only feed, state, endpoint, limit, le and the replays' source and reason labels (each
-        # a fixed set): fixture ids, subscribers, peers and tokens would be unbounded.
-        allowed = {"feed", "state", "endpoint", "limit", "le", "source", "reason"}
-        assert {k for _, labels in got for k, _ in labels} <= allowed
+        assert_bounded_labels(got)
+        # Bytes delivered (the double counts each delivery's raw text), the data age per feed,
+        # each fixture's last-frame age, the build, and prometheus_client's own collectors.
+        assert got[("dde_subscriber_sent_bytes_total", ())] == 3 * 2 * len('{"ix":0}') + len(
+            '{"fixtureSeqNum":1}'
+        )
+        age = "dde_upstream_data_age_seconds"
+        assert got[(f"{age}_count", (("feed", "soccer"),))] == 2
+        assert got[(f"{age}_bucket", (("feed", "soccer"), ("le", "0.0025")))] == 1
+        assert (f"{age}_count", (("feed", "hoops"),)) not in got  # none observed: no series
+        ages = {labels: value for (name, labels), value in got.items() if name == FRAME_AGE}
+        assert set(ages) == {
+            (("feed", "soccer"), ("fixture", "123")),
+            (("feed", "hoops"), ("fixture", "g1")),
+        }
+        assert all(0 <= v < 3600 for v in ages.values())
+        (info_labels,) = [labels for name, labels in got if name == BUILD_INFO]
+        assert dict(info_labels) == {
+            "version": gateway.__version__,
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+        }
+        assert got[(BUILD_INFO, info_labels)] == 1
+        assert got[("process_resident_memory_bytes", ())] > 0
+        assert got[("process_open_fds", ())] > 0
+        assert ("python_info", ()) not in got and any(n == "python_info" for n, _ in got)
 
         # An unfollowed fixture's frames stay counted: counters never go down.
         target.unfollow("soccer", "123")

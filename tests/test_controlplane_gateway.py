@@ -43,7 +43,12 @@ from tests.kit import (
     stream_url,
     wait_until,
 )
-from tests.test_controlplane import ADMIN_TOKENS, READ_TOKEN, REDIS_PASSWORD
+from tests.test_controlplane import (
+    ADMIN_TOKENS,
+    READ_TOKEN,
+    REDIS_PASSWORD,
+    assert_bounded_labels,
+)
 from tests.test_controlplane_openapi import documented_statuses, schema
 
 FX = "5501b26a-1c44-4c3b-9ff5-9322084d41f9"
@@ -270,15 +275,12 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
     inf = got[("dde_fanout_latency_seconds_bucket", (("le", "+Inf"),))]
     assert inf == got[("dde_fanout_latency_seconds_count", ())]
     assert got[("dde_subscriber_auth_failures_total", (("endpoint", "stream"),))] == 0
-    assert {k for _, labels in got for k, _ in labels} <= {
-        "feed",
-        "state",
-        "endpoint",
-        "limit",
-        "le",
-        "source",  # the replays' fixed sets (gateway.replay)
-        "reason",
-    }
+    assert_bounded_labels(got)
+    # Bytes in and out, the vendor's data age (the simulator stamps every frame), the frame age.
+    assert got[("dde_upstream_received_bytes_total", (("feed", "tracking"),))] > 0
+    assert got[("dde_subscriber_sent_bytes_total", ())] > 0
+    assert got[("dde_upstream_data_age_seconds_count", (("feed", "tracking"),))] > 0
+    assert got[("dde_fixture_frame_age_seconds", (("feed", "tracking"), ("fixture", FX)))] >= 0
 
 
 def _cluster_answers(base_url: str) -> dict[str, requests.Response]:
@@ -363,6 +365,7 @@ async def test_cluster_views_of_a_real_gateway(tmp_path: Path) -> None:
         "dde_cluster_view_age_seconds": 0,
         "dde_cluster_leases_owned": 0,
         "dde_cluster_fixtures_relayed": 2,
+        "dde_cluster_standby_connections": 0,
         **{f"dde_cluster_{name}_total": 0 for name in CLUSTER_COUNTERS},
         "dde_cluster_relay_lag_seconds": 0,
         "dde_cluster_append_queued_bytes": 0,

@@ -377,6 +377,26 @@ async def test_resume_after() -> None:
                 assert (await recv_type(ws, "frame"))["seq"] == 11
 
 
+async def test_a_resume_ahead_of_the_topic_is_recovered_and_repeats_nothing() -> None:
+    """A client that has frames this instance has not yet (a cluster relay behind the instance
+    it came from: same epoch, ``after`` above the topic's seq) is recovered: it gets the frame
+    after its last once the topic has it, never the ones it has. (Before: recovered false and
+    every frame from the topic's seq on again.)"""
+    with trio.fail_after(20):
+        async with serving(make_config(history=5)) as s:
+            topic = s.topic()
+            for i in range(3):
+                topic.publish(f'{{"ix":{i}}}', None)
+            async with open_websocket_url(s.url) as ws:
+                sub = await subscribe(ws, after=6, epoch=topic.epoch)
+                assert sub["recovered"] is True and sub["seq"] == 3
+                for i in range(3, 8):
+                    topic.publish(f'{{"ix":{i}}}', None)
+                assert [(await recv_type(ws, "frame"))["seq"] for _ in range(1)] == [7]
+                topic.publish('{"ix":8}', None)
+                assert (await recv_type(ws, "frame"))["seq"] == 8
+
+
 async def test_unsubscribe_stops_frames() -> None:
     with trio.fail_after(20):
         async with serving(make_config()) as s:
@@ -670,6 +690,40 @@ async def test_drain_closes_everyone_with_1001() -> None:
                     async with open_websocket_url(s.url):
                         pass
                 assert rej.value.status_code == 503
+
+
+def wire_size(payload: bytes) -> int:
+    """A server frame's size on the wire: the payload and its (unmasked) header."""
+    n = len(payload)
+    return n + (2 if n < 126 else 4 if n < 65536 else 10)
+
+
+async def test_bytes_sent_are_every_byte_on_the_wire() -> None:
+    with trio.fail_after(20):
+        async with serving(make_config()) as s:
+            topic = s.topic()
+            raw = await RawClient.connect(s.addr, rcvbuf=4096)  # a big frame is written in parts
+            assert raw.status == 101
+            await raw.send_json({"op": "subscribe", "feed": "tracking", "fixture": "F1"})
+            wire = 0
+            for _ in range(2):  # subscribed, then the fixture's status: replies
+                got = await raw.read_frame()
+                assert got is not None and got[0] == 1
+                wire += wire_size(got[1])
+            texts = ["{}", '{"pad":"' + "é" * 200 + '"}', '{"pad":"' + "x" * 300_000 + '"}']
+            for text in texts:
+                topic.publish(text, None)
+            for _ in texts:
+                got = await raw.read_frame()
+                assert got is not None and got[0] == 1
+                assert orjson.loads(got[1])["type"] == "frame"
+                wire += wire_size(got[1])
+            await wait_until(lambda: s.registry.stats().frames_sent == len(texts))
+            assert s.registry.stats().bytes_sent == wire
+            raw.close()
+            await wait_until(lambda: len(s.registry) == 0)
+            # A gone subscriber's bytes stay counted (its close frame too, if it was written).
+            assert s.registry.stats().bytes_sent >= wire
 
 
 async def test_registry_views() -> None:

@@ -414,6 +414,7 @@ class FakeMember:
         self.fd = self.sock.fileno()
         self.writer_writes = 0
         self.frames_sent = 0
+        self.bytes_sent = 0
         #: write_shared calls (a member that joined after the batch's first frame).
         self.writes: list[tuple[bytes, list[bytes], int, float]] = []
         self.pending: list[tuple[Frame, bytes, Any]] = []

@@ -25,6 +25,7 @@ from gateway.config import FeedConfig
 from gateway.hub import (
     LATENCY_BUCKETS,
     RATE_WINDOW,
+    RESUME_AHEAD_MAX,
     SAMPLE_EVERY,
     Frame,
     Hub,
@@ -96,8 +97,38 @@ def test_backfill_and_resume() -> None:
     assert t.resume(8, t.epoch) == []
     assert t.resume(2, t.epoch) is None  # frame 3 is gone
     assert t.resume(5, "other-epoch") is None
-    assert t.resume(9, t.epoch) is None  # from the future
+    # Ahead in the same numbering (a cluster relay behind): nothing yet, nothing missed.
+    assert t.resume(9, t.epoch) == [] and t.resume_start(12, t.epoch) == 13
+    assert t.resume(8 + RESUME_AHEAD_MAX + 1, t.epoch) is None  # another numbering
     assert Topic(FEED, "F1").epoch != t.epoch
+
+
+def test_a_resume_ahead_joins_at_the_frame_after_its_last() -> None:
+    """A subscriber attached after a seq the topic has not reached (it resumed ahead, from an
+    instance further on) hears status changes and the close meanwhile, and gets frames from
+    the one after its last: none twice, none missed."""
+    t = Topic(FEED, "F1")
+    t.publish("a", None)
+    ahead, other, gone = Recorder(), Recorder(), Recorder()
+    t.attach_after(ahead, 3)
+    t.attach_after(other, 1)  # not ahead: attached now
+    t.attach_after(gone, 5)
+    assert t.subscriber_count == 3
+    t.detach(gone)
+    t.set_status(FixtureState.LIVE, "")
+    for text in "bcde":
+        t.publish(text, None)
+    assert [f.seq for f in ahead.frames] == [4, 5] and ahead.statuses == [("live", "")]
+    assert [f.seq for f in other.frames] == [2, 3, 4, 5] and gone.frames == []
+    # A relayed numbering that jumps past the waiting one's next frame admits it at the jump.
+    jumper = Recorder()
+    t.attach_after(jumper, 7)
+    t.publish_at(10, "j", None)
+    assert [f.seq for f in jumper.frames] == [10]
+    waiting = Recorder()
+    t.attach_after(waiting, 20)
+    t.close()
+    assert waiting.closed == 1 and waiting.statuses[-1][0] == "stopped" and waiting.frames == []
 
 
 def test_history_zero_keeps_latest_and_resumes_only_when_current() -> None:
@@ -227,6 +258,20 @@ def test_frames_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
     assert t.frames_per_second() == 10.0
     now[0] += 2 * RATE_WINDOW
     assert t.frames_per_second() == 0.0
+
+
+def test_frame_age_counts_from_the_last_published_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [500.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    t = Topic(FEED, "F1")
+    assert t.frame_age() is None  # no frame yet
+    t.keep_at(4, "kept", None)  # a relay's history: not delivered to anyone
+    assert t.frame_age() is None
+    t.publish("x", None)
+    now[0] += 7.5
+    assert t.frame_age() == 7.5
+    t.publish("y", None)
+    assert t.frame_age() == 0.0
 
 
 def test_latency_histogram() -> None:

@@ -24,7 +24,7 @@ import trio
 import zstandard
 
 from gateway.config import FeedConfig, RecorderSection
-from gateway.hub import Topic
+from gateway.hub import RESUME_AHEAD_MAX, Topic
 from gateway.recorder import (
     RUN_STATE,
     BadRecord,
@@ -368,7 +368,8 @@ def test_a_recorded_topic_continues_its_numbering_and_honours_a_prior_epoch() ->
     assert topic.backfill_start(5) == 7  # counted back over the archive too
     assert topic.resume_start(8, "e1") == 9  # the old numbering, up to what it shares
     assert topic.resume_start(9, "e1") is None  # past it seq 9 may be another frame
-    assert topic.resume_start(3, "e2") == 4 and topic.resume_start(12, "e2") is None
+    assert topic.resume_start(3, "e2") == 4 and topic.resume_start(12, "e2") == 13  # ahead
+    assert topic.resume_start(11 + RESUME_AHEAD_MAX + 1, "e2") is None
     assert topic.backfill(-1)[0].seq == 11  # the list helpers read the history only
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.config import Config, ConfigError, load_config
-from gateway.service import Notifier, run_from_config_path, serve
+from gateway.config import Config, load_config
+from gateway.service import Notifier, Preflight, run_from_config_path, serve
 from tests.kit import gateway_config, wait_until
 
 GUARD = 30.0
@@ -106,11 +106,11 @@ async def test_config_file_read_at_start_in_a_worker_thread(
 ) -> None:
     readers: list[int] = []
 
-    def load_config(path: Path) -> Config:
+    def preflight(path: Path) -> Preflight:
         readers.append(threading.get_ident())
-        raise ConfigError([f"{path.name}: broken on purpose"])
+        return Preflight(None, [f"{path.name}: broken on purpose"], [])
 
-    monkeypatch.setattr("gateway.service._lifecycle.load_config", load_config)
+    monkeypatch.setattr("gateway.service._lifecycle.preflight", preflight)
     with trio.fail_after(GUARD):
         status = await run_from_config_path(tmp_path / "gateway.toml", "text", None)
     assert status == 2

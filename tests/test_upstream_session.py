@@ -12,6 +12,7 @@ the fixture request is sent once, and only then is the session subscribed.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +24,10 @@ import trio.testing
 from gateway.config import structure_config
 from gateway.model import FixtureState
 from gateway.upstream import (
+    DATA_AGE_SAMPLE_EVERY,
     AuthGate,
     ConnectLimiter,
+    DataAge,
     FixtureRunner,
     Kind,
     Message,
@@ -43,7 +46,7 @@ RAW = '{"ix":0}'  # the text published for DATA messages; the step never parses 
 
 
 def make_runner(
-    kind: str = "tracking", gate: AuthGate | None = None
+    kind: str = "tracking", gate: AuthGate | None = None, data_age: DataAge | None = None
 ) -> tuple[FixtureRunner, RecordingSink]:
     config = structure_config(
         {
@@ -65,6 +68,7 @@ def make_runner(
         gate=AuthGate() if gate is None else gate,
         upstream=lambda: config.upstream,
         rng=random.Random(0),
+        data_age=data_age,
     )
     return runner, sink
 
@@ -81,6 +85,34 @@ def ended(todo: Any) -> tuple[str, str, float]:
     """An outcome as (end, detail, live_for); fails when the session goes on instead."""
     assert not isinstance(todo, SessionNext), todo
     return (todo.end.name, todo.detail, todo.live_for)
+
+
+# -- bytes and data age -------------------------------------------------------------------------
+
+
+def test_every_message_counts_its_utf8_bytes_received() -> None:
+    runner, _ = make_runner()
+    s = tracking_session(subscribed=True)
+    texts = ['{"ix":0}', '{"ix":1,"name":"Müller ⚽"}', '{"message":"Heartbeat sent at t"}', "junk"]
+    msgs = [data(0), data(1), HEARTBEAT, Message(Kind.MALFORMED)]
+    for raw, msg in zip(texts, msgs, strict=True):
+        runner.step(s, raw, msg, 1.0)
+    assert runner.status.counters.received_bytes == sum(len(t.encode()) for t in texts)
+    assert runner.status.counters.received_bytes > sum(len(t) for t in texts)  # not characters
+
+
+def test_stamped_data_frames_feed_the_feeds_data_age() -> None:
+    age = DataAge()
+    runner, sink = make_runner(data_age=age)
+    s = tracking_session(subscribed=True)
+    sent = time.time() - 0.3
+    for seq in range(DATA_AGE_SAMPLE_EVERY):
+        runner.step(s, RAW, Message(Kind.DATA, seq=seq, sent_at=sent), 1.0)
+    runner.step(s, RAW, data(DATA_AGE_SAMPLE_EVERY), 1.0)  # no stamp: not offered
+    runner.step(s, RAW, Message(Kind.DATA, seq=3, sent_at=sent), 1.0)  # a duplicate: dropped
+    assert len(sink.frames) == DATA_AGE_SAMPLE_EVERY + 1
+    assert age.count == 1
+    assert 0.3 <= age.sum < 60
 
 
 # -- before the subscription ---------------------------------------------------------------------

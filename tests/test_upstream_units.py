@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import random
+import time
 
 import attrs
 import pytest
@@ -25,12 +26,15 @@ from gateway.upstream import (
     BACKFILL_MARGIN,
     BACKFILL_SAFETY,
     BACKFILL_WIDEN,
+    DATA_AGE_BUCKETS,
+    DATA_AGE_SAMPLE_EVERY,
     FALLBACK_RATE,
     MAX_WIDENINGS,
     PROMOTE_AFTER,
     AuthGate,
     Backoff,
     ConnectLimiter,
+    DataAge,
     FastpathResume,
     Kind,
     Message,
@@ -567,6 +571,57 @@ def test_classify_fastpath(raw: str, kind: Kind, seq: int | None) -> None:
     assert msg.seq == seq
 
 
+@pytest.mark.parametrize(
+    ("raw", "sent_at"),
+    [
+        ('{"ix":7,"ut":1682899391822}', 1682899391.822),
+        ('{"ix":7}', None),
+        ('{"ix":7,"ut":"1682899391822"}', None),  # quoted: not the vendor's shape, not guessed
+        ('{"ix":7,"ut":1682899391822.5}', None),
+    ],
+)
+def test_classify_tracking_reads_the_vendors_time(raw: str, sent_at: float | None) -> None:
+    msg = classify_tracking(raw)
+    assert (msg.kind, msg.seq) == (Kind.DATA, 7)
+    assert msg.sent_at == (None if sent_at is None else pytest.approx(sent_at))
+    assert msg == classify_reference(raw, fastpath=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "sent_at"),
+    [
+        (
+            '{"fixtureAction":{"fixtureSeqNum":9,"timestamp":"2026-05-06T19:05:08.376151Z"}}',
+            1778094308.376151,
+        ),
+        ('{"fixtureSeqNum":9,"timestamp":"2026-05-06T21:05:08.5+02:00"}', 1778094308.5),
+        ('{"fixtureSeqNum":9,"timestamp":"2026-05-06T19:05:08"}', None),  # no zone: not guessed
+        ('{"fixtureSeqNum":9,"timestamp":"yesterday"}', None),
+        ('{"fixtureSeqNum":9,"timestamp":1778094308}', None),
+        ('{"fixtureAction":{"fixtureSeqNum":9},"timestamp":"2026-05-06T19:05:08Z"}', None),
+    ],
+)
+def test_classify_fastpath_reads_the_actions_time(raw: str, sent_at: float | None) -> None:
+    msg = classify_fastpath(raw)
+    assert (msg.kind, msg.seq) == (Kind.DATA, 9)
+    assert msg.sent_at == (None if sent_at is None else pytest.approx(sent_at))
+    assert msg == classify_reference(raw, fastpath=True)
+
+
+def test_data_age_times_one_frame_in_sample_every() -> None:
+    age = DataAge()
+    sent = time.time() - 2.0  # two seconds old: the (1, 2.5] bucket
+    for _ in range(2 * DATA_AGE_SAMPLE_EVERY):
+        age.offer(sent)
+    assert age.count == 2
+    assert age.counts[DATA_AGE_BUCKETS.index(2.5)] == 2
+    assert 4.0 <= age.sum < 2 * 2.5
+    # A vendor clock ahead of ours: 0, never negative.
+    for _ in range(DATA_AGE_SAMPLE_EVERY):
+        age.offer(time.time() + 60)
+    assert (age.count, age.counts[0]) == (3, 1)
+
+
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
 def test_classify_never_raises(raw: str | bytes) -> None:
     classify_tracking(raw)
@@ -608,11 +663,23 @@ _keys = st.sampled_from(
         "errorMessage",
         "error",
         "status",
+        "ut",
+        "timestamp",
         "x",
     ]
 )
 _texts = st.sampled_from(
-    ["INFO", "ERROR", "WARN", "Authorisation accepted", "Heartbeat sent at t", "bad token"]
+    [
+        "INFO",
+        "ERROR",
+        "WARN",
+        "Authorisation accepted",
+        "Heartbeat sent at t",
+        "bad token",
+        "2026-05-06T19:05:08.376151Z",
+        "2026-05-06T19:05:08",
+        "9999-12-31T23:59:59-23:59",
+    ]
 )
 # Vendor-like objects, one level of nesting with the same keys (fastpath's fixtureAction.seq).
 _shaped = st.dictionaries(

@@ -20,6 +20,13 @@ from gateway.bench._redis import (
     resp_pipeline,
 )
 from gateway.bench._report import CLUSTER_ROWS, ROWS, evaluate, format_table
+from gateway.bench._rollfigures import INSTANCES as ROLLING_INSTANCES
+from gateway.bench._rollfigures import ROOM as ROLLING_ROOM
+from gateway.bench._rollfigures import drain_timeout as rolling_drain_timeout
+from gateway.bench._rollfigures import owners as rolling_owners
+from gateway.bench._rollfigures import stall_figures as rolling_stalls
+from gateway.bench._rollfigures import table as rolling_table
+from gateway.bench._rollfigures import unsettled as rolling_unsettled
 from gateway.bench._run import (
     PEER_MISSING,
     PEER_SCRIPT,
@@ -46,6 +53,8 @@ __all__ = [
     "PEER_SCRIPT",
     "PRESETS",
     "REDIS_ENV",
+    "ROLLING_INSTANCES",
+    "ROLLING_ROOM",
     "ROWS",
     "SCENARIO_NAMES",
     "BenchError",
@@ -68,6 +77,11 @@ __all__ = [
     "percentile",
     "redis_executable",
     "resp_pipeline",
+    "rolling_drain_timeout",
+    "rolling_owners",
+    "rolling_stalls",
+    "rolling_table",
+    "rolling_unsettled",
     "run_bench",
     "run_from_args",
     "scenarios_from_args",

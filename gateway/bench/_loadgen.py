@@ -18,7 +18,8 @@ have had a frame), ``mark`` (open the measured window), ``drop <t_ns>`` (time th
 stamped after t_ns at every subscriber, and from then on each one's *stall*: the longest time
 between two fresh frames, a frame being fresh when its stamp is newer than every one that
 subscriber had before, so a backfill of frames made during an outage ends the stall but a
-replay of old ones does not), ``report`` (the window's figures). EOF or ``quit`` ends.
+replay of old ones does not), ``report`` (the window's figures; with ``--fanout spread`` also
+the frames lost and repeated, by the feeder's ``ix``). EOF or ``quit`` ends.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ STUCK_RCVBUF: Final = 16 * 1024
 #: The stamp is within this many bytes of the payload's start (after the gateway's envelope).
 STAMP_WINDOW: Final = 512
 STAMP: Final = b'"_bt":'
+#: The feeder's vendor position, within this many bytes after the stamp (``,"id":"...","ix":``).
+IX: Final = b'"ix":'
+IX_WINDOW: Final = 96
+IX_EVENTS_KEPT: Final = 20
+SEQ: Final = b'"seq":'
 #: A text message compressed with permessage-deflate (RSV1 set), as parse_frames reports it.
 OP_TEXT_DEFLATED: Final = 0x40 | OP_TEXT
 MAX_SAMPLES: Final = 20_000_000
@@ -63,9 +69,12 @@ class _Sub:
     __slots__ = (
         "buf",
         "close_code",
+        "dups",
         "first_fresh",
         "frames",
         "last_fresh",
+        "last_ix",
+        "lost",
         "newest_bt",
         "sock",
         "stall",
@@ -82,6 +91,11 @@ class _Sub:
         self.last_fresh = 0
         self.stall = 0
         self.close_code: int | None = None
+        #: With one fixture per subscriber: the highest vendor ix seen (-1: none yet), the
+        #: frames missing below it and the frames that came again (ix not above it).
+        self.last_ix = -1
+        self.lost = 0
+        self.dups = 0
 
 
 def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
@@ -91,6 +105,15 @@ def percentile(sorted_values: list[int] | array.array[int], q: float) -> int:
         return 0
     k = min(n - 1, max(0, int(q / 100.0 * n + 0.5) - 1))
     return int(sorted_values[k])
+
+
+def _envelope_seq(text: bytes, start: int, end: int) -> int | None:
+    """The gateway envelope's ``seq`` of the frame at *start* (None: not found before *end*)."""
+    k = text.find(SEQ, start, end)
+    if k < 0:
+        return None
+    k += len(SEQ)
+    return int(text[k : text.find(b",", k, end)])
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -155,6 +178,11 @@ class LoadGen:
         self.drop_ns = 0
         self.closed: collections.Counter[int] = collections.Counter()
         self.cpu_mark = 0.0
+        #: Count lost and repeated frames by the feeder's ``ix`` (one fixture a subscriber).
+        self.track_ix = args.fanout == "spread"
+        #: The first :data:`IX_EVENTS_KEPT` of them: [subscriber, "lost" | "repeated", the
+        #: last ix it had, the ix that came, the gateway's seq of it, monotonic ns].
+        self.ix_events: list[list[object]] = []
 
     def _paths(self, n: int, offset: int) -> tuple[list[str], list[list[str]]]:
         """Paths and the fixtures each connection subscribes to (gateway kind only)."""
@@ -210,15 +238,19 @@ class LoadGen:
         recording = self.recording
         drop_ns = self.drop_ns
         samples = self.samples
+        track_ix = self.track_ix
         got = 0
         nbytes = 0
         for op, start, end in frames:
             if op in {OP_TEXT, OP_TEXT_DEFLATED}:
-                text = buf
-                i = buf.find(STAMP, start, start + STAMP_WINDOW)
+                # Within this message only: a short one (a status, a heartbeat) must not
+                # lend it the next frame's stamp.
+                text, first, last = buf, start, end
+                i = buf.find(STAMP, start, min(end, start + STAMP_WINDOW))
                 if op == OP_TEXT_DEFLATED:
                     # Only the stamp is needed: inflate the first few hundred bytes.
                     text = zlib.decompressobj(-15).decompress(buf[start:end], STAMP_WINDOW)
+                    first, last = 0, len(text)
                     i = text.find(STAMP)
                     self.compressed += 1
                 if i < 0:
@@ -226,6 +258,13 @@ class LoadGen:
                     continue
                 j = text.find(b",", i + 6, i + 40)
                 bt = int(text[i + 6 : j])
+                k = text.find(IX, j, min(last, j + IX_WINDOW)) if track_ix else -1
+                if k >= 0:
+                    k += len(IX)
+                    ix = int(text[k : text.find(b",", k, k + 24)])
+                    if ix <= sub.last_ix or (sub.last_ix >= 0 and ix > sub.last_ix + 1):
+                        self.ix_event(sub, ix, _envelope_seq(text, first, i))
+                    sub.last_ix = max(sub.last_ix, ix)
                 got += 1
                 nbytes += end - start
                 if recording:
@@ -253,6 +292,18 @@ class LoadGen:
             if len(samples) > MAX_SAMPLES:
                 del samples[: MAX_SAMPLES // 2]
         sub.buf = buf[pos:]
+
+    def ix_event(self, sub: _Sub, ix: int, seq: int | None) -> None:
+        """*ix* does not follow the subscriber's last one: count it (and keep the first few)."""
+        if ix <= sub.last_ix:
+            sub.dups += 1
+            kind = "repeated"
+        else:
+            sub.lost += ix - sub.last_ix - 1
+            kind = "lost"
+        if len(self.ix_events) < IX_EVENTS_KEPT:
+            at = time.monotonic_ns()
+            self.ix_events.append([self.healthy.index(sub), kind, sub.last_ix, ix, seq, at])
 
     def close(self, sub: _Sub, code: int) -> None:
         if sub.close_code is not None:
@@ -296,10 +347,11 @@ class LoadGen:
         ms = 1e-6
         fresh = sorted(s.first_fresh - self.drop_ns for s in self.healthy if s.first_fresh)
         # A subscriber still waiting for a fresh frame is stalled until now.
-        stalls = sorted(
+        each = [
             max(s.stall, now - s.last_fresh if s.last_fresh else now - self.drop_ns)
             for s in self.healthy
-        )
+        ]
+        stalls = sorted(each)
         return {
             "event": "report",
             "window_s": window,
@@ -320,6 +372,11 @@ class LoadGen:
             "stuck": len(self.stuck),
             "stuck_closed": sum(1 for sub in self.stuck if _peer_closed(sub.sock)),
             "closed": {str(k): v for k, v in self.closed.items()},
+            # By vendor ix, per subscriber of one fixture (--fanout spread; else null): frames
+            # it never got between two it got, and frames it got again.
+            "lost": sum(s.lost for s in self.healthy) if self.track_ix else None,
+            "duplicates": sum(s.dups for s in self.healthy) if self.track_ix else None,
+            "ix_events": self.ix_events,
             "fresh_ms": {
                 "count": len(fresh),
                 "min": fresh[0] * ms if fresh else None,
@@ -332,6 +389,8 @@ class LoadGen:
                 "count": len(stalls),
                 "p50": percentile(stalls, 50) * ms if stalls else None,
                 "max": stalls[-1] * ms if stalls else None,
+                # Per subscriber, in the order they were opened.
+                "each": [round(v * ms, 1) for v in each],
             }
             if self.drop_ns
             else None,

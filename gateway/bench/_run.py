@@ -57,7 +57,8 @@ from gateway.config import (
 )
 
 TOKEN_ENV: Final = "DDE_BENCH_TOKEN"
-START_TIMEOUT: Final = 30.0
+#: A process that has not started by then has failed (a busy shared machine takes its time).
+START_TIMEOUT: Final = 60.0
 READY_TIMEOUT: Final = 60.0
 STOP_TIMEOUT: Final = 10.0
 #: The drop happens this far into the measured window, leaving the rest for the recovery.
@@ -76,6 +77,8 @@ BENCH_LEASE_TTL: Final = 300.0
 BENCH_CONNECT_RATE: Final = 1000.0
 #: ``[cluster] stream_maxlen``: a minute at 25 Hz (docs/cluster.md, "Redis sizing").
 BENCH_STREAM_MAXLEN: Final = 1500
+#: The gateways' ``[gateway] drain_timeout``: a stop of the bench's processes is quick.
+BENCH_DRAIN_TIMEOUT: Final = 2.0
 BENCH_KEY_PREFIX: Final = "bench"
 #: What the peer needs and how to get it; said once when the comparison is skipped.
 PEER_MISSING: Final = (
@@ -177,19 +180,23 @@ def gateway_config_text(
     instance: str = "bench-1",
     lease_ttl: float = BENCH_LEASE_TTL,
     connect_rate: float = BENCH_CONNECT_RATE,
+    standby: bool = False,
+    drain_timeout: float = BENCH_DRAIN_TIMEOUT,
+    cluster_extra: Sequence[str] = (),
 ) -> str:
     """The TOML the gateway runs with: loopback listeners, the feeder as its tracking vendor,
     a connect rate that does not throttle hundreds of fixtures, and limits above the load.
 
     *redis_url*: a ``[cluster]`` section (member *instance*) on that Redis, with
-    :data:`BENCH_LEASE_TTL` and :data:`BENCH_STREAM_MAXLEN`; ``reuse_port`` when the scenario
-    runs several instances on one listener."""
+    :data:`BENCH_LEASE_TTL` and :data:`BENCH_STREAM_MAXLEN` (and ``standby = true`` with
+    *standby*); ``reuse_port`` when the scenario runs several instances on one listener;
+    *cluster_extra*: more lines for ``[cluster]``."""
     connections = sc.subscribers + sc.stuck + sc.idle + 100
     lines = [
         "[gateway]",
         f'stream_listen = "127.0.0.1:{stream}"',
         f'http_listen = "127.0.0.1:{http}"',
-        "drain_timeout = 2.0",
+        f"drain_timeout = {drain_timeout:g}",
         'log_level = "warning"',
         *(["reuse_port = true"] if sc.instances > 1 else []),
         "",
@@ -226,6 +233,8 @@ def gateway_config_text(
             *([f"redis_timeout = {budget / 2:g}"] if budget <= DEFAULT_REDIS_TIMEOUT else []),
             f"stream_maxlen = {BENCH_STREAM_MAXLEN}",
             f'key_prefix = "{BENCH_KEY_PREFIX}"',
+            *(["standby = true"] if standby else []),
+            *cluster_extra,
         ]
     for i in range(sc.fixtures):
         lines += ["", "[[fixtures]]", 'feed = "tracking"', f'id = "{fixture_id(i)}"']
@@ -293,6 +302,8 @@ class _Instance:
     pid: int
     stream: int
     http: int = 0
+    #: The gateway's process (None: not a gateway the bench started).
+    proc: subprocess.Popen[bytes] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def http_json(port: int, path: str, timeout: float = 2.0) -> Any:
@@ -323,20 +334,30 @@ def cluster_leases(redis: BenchRedis, fixtures: int) -> dict[str, tuple[str | No
 
 
 def wait_owner(
-    redis: BenchRedis, instance: str, fixtures: int, timeout: float = READY_TIMEOUT
+    redis: BenchRedis,
+    instance: str,
+    fixtures: int,
+    timeout: float = READY_TIMEOUT,
+    *,
+    state: str | None = "live",
 ) -> float:
-    """Wait until *instance* holds the lease of every fixture and each is ``live`` (the state
-    its owner wrote beside the stream); the seconds it took. :class:`BenchError` after
-    *timeout*."""
+    """Wait until *instance* holds the lease of every fixture and each is *state* (the state
+    its owner wrote beside the stream; None: any); the seconds it took. :class:`BenchError`
+    after *timeout*."""
     t0 = time.monotonic()
     done = 0
     while time.monotonic() - t0 < timeout:
         leases = cluster_leases(redis, fixtures)
-        done = sum(1 for who, state in leases.values() if who == instance and state == "live")
+        done = sum(
+            1
+            for who, written in leases.values()
+            if who == instance and (state is None or written == state)
+        )
         if done == fixtures:
             return time.monotonic() - t0
         time.sleep(0.1)
-    raise BenchError(f"{instance} owned {done} of {fixtures} fixtures (live) after {timeout:.0f} s")
+    what = state or "any state"
+    raise BenchError(f"{instance} owned {done} of {fixtures} ({what}) after {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -348,25 +369,18 @@ def _gateway_process(
     tmp: Path,
     *,
     stream: int = 0,
-    redis_url: str | None = None,
-    lease_ttl: float = BENCH_LEASE_TTL,
-    connect_rate: float = BENCH_CONNECT_RATE,
+    life: int = 0,
+    **config_keys: Any,
 ) -> Iterator[_Instance]:
-    """One gateway as ``dde-gateway run`` starts it, on a generated config; stopped after."""
-    log_path = tmp / f"{name}.log"
+    """One gateway as ``dde-gateway run`` starts it, on a generated config; stopped after
+    (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`; not if it has exited meanwhile).
+    *config_keys*: :func:`gateway_config_text`'s (``redis_url``, ``lease_ttl``, ...). *life*
+    above 0: the same instance started again (its own log file)."""
+    log_path = tmp / (f"{name}.log" if not life else f"{name}.{life}.log")
     with open(log_path, "wb") as log:
         config = tmp / f"{name}.toml"
         config.write_text(
-            gateway_config_text(
-                sc,
-                feeder_port,
-                stream,
-                0,
-                redis_url=redis_url,
-                instance=name,
-                lease_ttl=lease_ttl,
-                connect_rate=connect_rate,
-            )
+            gateway_config_text(sc, feeder_port, stream, 0, instance=name, **config_keys)
         )
         try:
             load_config(config)
@@ -384,7 +398,7 @@ def _gateway_process(
         try:
             bound_stream, http = _bound_ports(proc, log_path)
             _wait_http_ready(proc, http, log_path)
-            yield _Instance(name, proc.pid, bound_stream, http)
+            yield _Instance(name, proc.pid, bound_stream, http, proc)
         finally:
             _stop(proc)
 

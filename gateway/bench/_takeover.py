@@ -1,7 +1,8 @@
 """How long a cluster takes to take over an instance's fixtures after that instance is killed.
 
-Run: ``python -m gateway.bench._takeover --fixtures 50,200 --lease-ttl 10,3 --runs 3``
-(docs/performance.md, "Cluster"). Needs a redis-server (``$DDE_REDIS_SERVER`` or PATH).
+Run: ``python -m gateway.bench._takeover --fixtures 50,200 --lease-ttl 10,3 --standby off,on
+--runs 3`` (docs/performance.md, "Cluster"). Needs a redis-server (``$DDE_REDIS_SERVER`` or
+PATH).
 
 One trial, all processes fresh, on loopback: the bench's feeder (F fixtures x 25 Hz), a
 redis-server of its own, gateway A (``[cluster]`` with the given ``lease_ttl``) started alone
@@ -9,7 +10,10 @@ until it owns every fixture (all live), then gateway B, which relays them all, w
 subscriber on each *watched* fixture on B (``--watched``, a share of F, spread evenly over the
 ids: fixtures 0, F/S, 2F/S, ...; the load generator, ``--fanout spread``). Both gateways run
 with ``[upstream] connect_rate`` = ``--connect-rate``, the vendor's 5 per second by default:
-B's connects queue there, and the order they go in is what the trial shows. Then A gets SIGKILL
+B's connects queue there, and the order they go in is what the trial shows. With ``--standby
+on`` both run with ``[cluster] standby = true``, and the kill waits until B stands by for every
+fixture (``standing_by`` of its ``GET /v1/cluster``: a warm vendor connection each, opened at
+the same connect rate). Then A gets SIGKILL
 (no chance to release anything), and from that instant:
 
 - *lease*: when Redis names B as the holder of each fixture's lease (polled every 50 ms);
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -70,6 +75,9 @@ POLL: Final = 0.05
 GIVE_UP: Final = 60.0
 #: The vendor's connect rate per token (``[upstream] connect_rate``'s default).
 VENDOR_CONNECT_RATE: Final = 5.0
+#: How many times the connect rate's own time a start may take (every fixture live on A, every
+#: standby connection on B) on a loaded machine before the trial gives up.
+START_SLACK: Final = 3.0
 #: Share of the fixtures with a subscriber on B.
 WATCHED_SHARE: Final = 0.1
 
@@ -92,6 +100,7 @@ def trial(
     logs: Path | None = None,
     connect_rate: float = VENDOR_CONNECT_RATE,
     watched_share: float = WATCHED_SHARE,
+    standby: bool = False,
 ) -> dict[str, Any]:
     """One kill and takeover (see the module docstring); its figures in seconds."""
     n_watched = max(1, min(fixtures, round(fixtures * watched_share)))
@@ -111,7 +120,8 @@ def trial(
     with tempfile.TemporaryDirectory(prefix="dde-takeover-") as name, contextlib.ExitStack() as st:
         tmp = Path(name)
         if logs is not None:  # copied when the trial ends, whatever happened
-            dest = logs / f"{fixtures}-{lease_ttl:g}-{time.strftime('%H%M%S')}"
+            mode = "standby" if standby else "plain"
+            dest = logs / f"{fixtures}-{lease_ttl:g}-{mode}-{time.strftime('%H%M%S')}"
             st.callback(shutil.copytree, tmp, dest, ignore=shutil.ignore_patterns("redis*"))
         feeder = _feeder(sc, env, st.enter_context(open(tmp / "feeder.log", "wb")))
         st.callback(feeder.stop)
@@ -124,10 +134,17 @@ def trial(
             "redis_url": redis.url,
             "lease_ttl": lease_ttl,
             "connect_rate": connect_rate,
+            "standby": standby,
         }
         a = st.enter_context(_gateway_process(sc, "bench-a", port, env, tmp, **kw))
-        wait_owner(redis, "bench-a", fixtures, READY_TIMEOUT + fixtures / connect_rate)
+        start_timeout = READY_TIMEOUT + START_SLACK * fixtures / connect_rate
+        # Every lease A's (Redis), and every fixture live on A's own upstream (A's API: the
+        # state in the metas can lag a loaded Redis).
+        wait_owner(redis, "bench-a", fixtures, start_timeout, state=None)
+        _wait_live(a.http, fixtures, start_timeout)
         b = st.enter_context(_gateway_process(sc, "bench-b", port, env, tmp, **kw))
+        if standby:
+            _wait_standing_by(b.http, fixtures, start_timeout)
         lg_log = st.enter_context(open(tmp / "loadgen.log", "wb"))
         loadgen = _loadgen("gateway", sc, b.stream, env, lg_log, name="loadgen", stride=stride)
         st.callback(loadgen.stop)
@@ -176,6 +193,7 @@ def trial(
     result = {
         "fixtures": fixtures,
         "lease_ttl": lease_ttl,
+        "standby": standby,
         "connect_rate": connect_rate,
         "watched": n_watched,
         "lease_first_s": leases[0],
@@ -191,7 +209,8 @@ def trial(
         "stall_max_s": (stall.get("max") or 0) / 1000,
     }
     say(
-        f"{fixtures} fixtures ({n_watched} watched), lease_ttl {lease_ttl:g}, connect_rate "
+        f"{fixtures} fixtures ({n_watched} watched), lease_ttl {lease_ttl:g}, standby "
+        f"{'on' if standby else 'off'}, connect_rate "
         f"{connect_rate:g}: leases {leases[0]:.2f}-{leases[-1]:.2f} s, watched owner+live median "
         f"{result['watched_live_p50_s']:.2f} s, last {watched_lives[-1]:.2f} s; all owner+live "
         f"median {result['owner_live_p50_s']:.2f} s, last {lives[-1]:.2f} s; first frame median "
@@ -200,6 +219,38 @@ def trial(
         f"{result['stall_p50_s']:.2f} s, max {result['stall_max_s']:.2f} s"
     )
     return result
+
+
+def _wait_live(http: int, fixtures: int, timeout: float) -> None:
+    """Wait until the gateway on HTTP port *http* has *fixtures* fixtures live on its own
+    upstream (``GET /v1/fixtures``); :class:`BenchError` after *timeout*."""
+    t0 = time.monotonic()
+    live = 0
+    while time.monotonic() - t0 < timeout:
+        try:
+            live = sum(1 for fx in http_json(http, "/v1/fixtures") if _owner_live(fx))
+        except (OSError, ValueError):
+            live = 0
+        if live >= fixtures:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"bench-a has {live} of {fixtures} fixtures live after {timeout:.0f} s")
+
+
+def _wait_standing_by(http: int, fixtures: int, timeout: float) -> None:
+    """Wait until the gateway on HTTP port *http* stands by for *fixtures* fixtures (its
+    ``GET /v1/cluster`` ``standing_by``); :class:`BenchError` after *timeout*."""
+    t0 = time.monotonic()
+    had = 0
+    while time.monotonic() - t0 < timeout:
+        try:
+            had = int(http_json(http, "/v1/cluster")["standing_by"])
+        except (OSError, ValueError, KeyError, TypeError):
+            had = 0
+        if had >= fixtures:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"bench-b stands by for {had} of {fixtures} fixtures after {timeout:.0f} s")
 
 
 _COLUMNS: Final = (
@@ -215,19 +266,20 @@ _COLUMNS: Final = (
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Medians per (fixtures, lease_ttl), the trials' values in brackets, seconds."""
-    out = ["| fixtures, lease_ttl | " + " | ".join(label for _, label in _COLUMNS) + " |"]
+    """Medians per (fixtures, lease_ttl, standby), the trials' values in brackets, seconds."""
+    out = ["| fixtures, lease_ttl, standby | " + " | ".join(label for _, label in _COLUMNS) + " |"]
     out.append("|---" * (len(_COLUMNS) + 1) + "|")
-    groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, float, bool], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["fixtures"], r["lease_ttl"]), []).append(r)
-    for (fixtures, ttl), rs in sorted(groups.items()):
+        groups.setdefault((r["fixtures"], r["lease_ttl"], r.get("standby", False)), []).append(r)
+    for (fixtures, ttl, standby), rs in sorted(groups.items()):
         cells = []
         for key, _ in _COLUMNS:
             values = [r[key] for r in rs]
             each = " ".join(f"{v:.2f}" for v in values)
             cells.append(f"{statistics.median(values):.2f} [{each}]")
-        out.append(f"| {fixtures}, {ttl:g} s | " + " | ".join(cells) + " |")
+        mode = "on" if standby else "off"
+        out.append(f"| {fixtures}, {ttl:g} s, {mode} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -235,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.bench._takeover")
     parser.add_argument("--fixtures", default="50,200", metavar="N[,N...]")
     parser.add_argument("--lease-ttl", default="10,3", metavar="S[,S...]")
+    parser.add_argument(
+        "--standby",
+        default="off",
+        metavar="off|on[,...]",
+        help="[cluster] standby on both gateways (default %(default)s; off,on: both)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="trials per combination")
     parser.add_argument("--frame-bytes", type=int, default=3000)
     parser.add_argument(
@@ -262,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--watched must be in (0, 1]")
     counts = [int(x) for x in args.fixtures.split(",")]
     ttls = [float(x) for x in args.lease_ttl.split(",")]
+    modes = [x.strip() for x in args.standby.split(",")]
+    if not modes or any(m not in ("on", "off") for m in modes):
+        parser.error("--standby takes on, off or both (off,on)")
     raise_nofile_limit()
 
     def say(text: str) -> None:
@@ -270,23 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     for run in range(args.runs):  # interleaved: every combination once per round
-        for fixtures in counts:
-            for ttl in ttls:
-                try:
-                    results.append(
-                        trial(
-                            fixtures,
-                            ttl,
-                            args.frame_bytes,
-                            say=say,
-                            logs=args.logs,
-                            connect_rate=args.connect_rate,
-                            watched_share=args.watched,
-                        )
+        for fixtures, ttl, mode in itertools.product(counts, ttls, modes):
+            try:
+                results.append(
+                    trial(
+                        fixtures,
+                        ttl,
+                        args.frame_bytes,
+                        say=say,
+                        logs=args.logs,
+                        connect_rate=args.connect_rate,
+                        watched_share=args.watched,
+                        standby=mode == "on",
                     )
-                except (BenchError, OSError) as exc:
-                    errors.append(f"run {run + 1}, {fixtures} fixtures, ttl {ttl:g}: {exc}")
-                    say(f"ERROR {errors[-1]}")
+                )
+            except (BenchError, OSError) as exc:
+                errors.append(
+                    f"run {run + 1}, {fixtures} fixtures, ttl {ttl:g}, standby {mode}: {exc}"
+                )
+                say(f"ERROR {errors[-1]}")
     print(table(results))
     if args.json is not None:
         args.json.write_text(json.dumps({"trials": results, "errors": errors}, indent=2) + "\n")

@@ -47,6 +47,7 @@ from gateway.cluster._relay import (
     RelaySink,
 )
 from gateway.cluster._rendezvous import rank, weight
+from gateway.cluster._standby import standby_for
 from gateway.cluster._store import (
     READ_COUNT,
     AppendGroup,
@@ -109,6 +110,7 @@ __all__ = [
     "rank",
     "ready_token",
     "ready_value",
+    "standby_for",
     "tick_interval",
     "token_instance",
     "validity",

@@ -97,6 +97,15 @@ class WarmBuffer:
     def __len__(self) -> int:
         return len(self._frames)
 
+    def resume_after(self, position: int) -> None:
+        """The connection resumes after vendor position *position* (the stream has it): every
+        numbered frame after it is still to come, in order, so the buffer continues a stream
+        ending at *position* or later before any frame arrived (a quiet fixture). A frame
+        that does not follow (the vendor could not resume that far) starts coverage again."""
+        if self.last is None:
+            self.covered_from = position + 1
+            self.last = position
+
     def add(self, raw: str, position: int | None) -> None:
         if position is not None:
             if self.covered_from is None or (self.last is not None and position != self.last + 1):
@@ -159,10 +168,13 @@ class WarmSink:
     *stream_position*: the last vendor position the local relay has seen of the stream (the
     stream has everything up to it: the buffer forgets those frames)."""
 
-    __slots__ = ("buffer", "floor", "status", "stream_position", "target")
+    __slots__ = ("buffer", "floor", "standby", "status", "stream_position", "target")
 
-    def __init__(self, stream_position: Callable[[], int | None]) -> None:
+    def __init__(self, stream_position: Callable[[], int | None], *, standby: bool = False) -> None:
         self.buffer = WarmBuffer()
+        #: A hot standby's connection (``[cluster] standby``), kept while this instance stands
+        #: by rather than for one planned handover.
+        self.standby = standby
         self.stream_position = stream_position
         self.target: FrameSink | None = None
         #: After promotion: frames at or below this position came late (the stream has them).

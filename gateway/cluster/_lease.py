@@ -142,6 +142,11 @@ class LeaseTable:
         until = self._held.get(key)
         return until is not None and (now < until or self.degraded)
 
+    def may_jump(self, now: float) -> bool:
+        """Whether a standby may take a free lease without waiting (``first``): not for a
+        lease's time after Redis answered again (the owner may not be listed yet)."""
+        return now - self._back_at >= self.ttl
+
     def expired(self, now: float) -> list[str]:
         """Held leases past their local validity (none while degraded): stop their upstreams."""
         if self.degraded:
@@ -157,6 +162,7 @@ class LeaseTable:
         followed: Iterable[str],
         live: Iterable[str],
         movable: Iterable[str] = (),
+        first: Iterable[str] = (),
     ) -> LeasePlan:
         """The next round's requests, from what Redis said last round (:meth:`observed`).
 
@@ -172,6 +178,7 @@ class LeaseTable:
                 del self._seen_live[name]
         followed = set(followed)
         movable = set(movable) & followed
+        first = set(first) if self.may_jump(now) else set()
         acquire: set[str] = set()
         release: set[str] = set()
         for key in followed:
@@ -192,7 +199,9 @@ class LeaseTable:
             since = self._free_since.setdefault(key, now)
             wait = rank(key, instances).index(self.me)
             last = self._last_holder.get(key)
-            if key in self._handed:
+            if key in first:
+                wait = 0
+            elif key in self._handed:
                 # Handed over: the others wait RETAKE_ROUNDS more (its last holder, this one, is
                 # live); this one waits longer, so its target (first-ranked) goes first.
                 wait += HANDBACK_ROUNDS

@@ -7,9 +7,11 @@ from gateway.config._convert import (
     ConfigError,
     config_to_dict,
     load_config,
+    load_partial,
     make_converter,
     structure_config,
 )
+from gateway.config._environ import ENV_PREFIX, env_name
 from gateway.config._files import (
     check_secret_files,
     load_cluster_password,
@@ -50,6 +52,7 @@ from gateway.config._model import (
     lease_round_interval,
     lease_validity,
 )
+from gateway.config._render import HELP, config_keys, defaults_toml, effective_toml
 from gateway.config._secret import (
     MIN_SECRET_LENGTH,
     REDACTED,
@@ -81,6 +84,8 @@ __all__ = [
     "DEFAULT_REUSE_PORT",
     "DEFAULT_STREAM_LISTEN",
     "DEFAULT_STREAM_MAXLEN",
+    "ENV_PREFIX",
+    "HELP",
     "MAX_ROUND_INTERVAL",
     "MAX_WRITE_DELAY_MS",
     "MIN_SECRET_LENGTH",
@@ -107,13 +112,18 @@ __all__ = [
     "UpstreamSection",
     "any_matches",
     "check_secret_files",
+    "config_keys",
     "config_to_dict",
+    "defaults_toml",
+    "effective_toml",
+    "env_name",
     "expand_path",
     "lease_expiry",
     "lease_round_interval",
     "lease_validity",
     "load_cluster_password",
     "load_config",
+    "load_partial",
     "load_server_tls",
     "load_subscriber_tokens",
     "make_converter",

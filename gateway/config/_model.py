@@ -110,6 +110,14 @@ DEFAULT_BATCH_INTERVAL: Final = 0.005
 MAX_ROUND_INTERVAL: Final = 1.0
 
 
+class ConfigProblems(ValueError):
+    """Several cross-field problems of one table at once (each a message for one line)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def lease_round_interval(ttl: float) -> float:
     """Seconds between a cluster instance's lease rounds: a quarter of the lease's *ttl*, at
     most :data:`MAX_ROUND_INTERVAL`."""
@@ -462,6 +470,9 @@ class ClusterSection:
     batch_interval: float = attrs.field(
         default=DEFAULT_BATCH_INTERVAL, validator=[_non_negative, v.le(0.1)]
     )
+    #: Hot standby: a second instance per fixture keeps a warm vendor connection and takes
+    #: over without a reconnect when the owner dies (two vendor connections per fixture).
+    standby: bool = False
 
     @redis_url.validator
     def _check_url(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
@@ -563,15 +574,16 @@ class Config:
     cluster: ClusterSection | None = None
 
     def __attrs_post_init__(self) -> None:
+        problems: list[str] = []
         seen: set[tuple[str, str]] = set()
         for i, fx in enumerate(self.fixtures):
             if fx.feed not in self.feeds:
                 known = ", ".join(sorted(self.feeds)) or "none"
-                raise ValueError(
+                problems.append(
                     f"fixtures[{i}].feed: unknown feed {fx.feed!r} (configured feeds: {known})"
                 )
             if fx.key in seen:
-                raise ValueError(
+                problems.append(
                     f"fixtures[{i}]: fixture {fx.id!r} of feed {fx.feed!r} is listed twice"
                 )
             seen.add(fx.key)
@@ -579,11 +591,14 @@ class Config:
         for name, feed in self.feeds.items():
             p = feed.dropin_path
             if p == "/v1/stream":
-                raise ValueError(f"feeds.{name}: drop-in path /v1/stream is reserved; set path")
+                problems.append(f"feeds.{name}: drop-in path /v1/stream is reserved; set path")
+                continue
             # fastpath paths carry {fixture}; compare the template text.
             if p in paths:
-                raise ValueError(
+                problems.append(
                     f"feeds.{name}: drop-in path {p!r} collides with feed {paths[p]!r}; "
                     "set path on one of them"
                 )
             paths[p] = name
+        if problems:
+            raise ConfigProblems(problems)

@@ -35,6 +35,7 @@ from gateway.controlplane._auth import ApiTokens, BearerAuthMiddleware
 from gateway.controlplane._dashboard import INDEX, asset_headers, load_assets
 from gateway.controlplane._downloads import DownloadResponse, DownloadSlots
 from gateway.controlplane._metrics import make_registry
+from gateway.controlplane._process import ProcessMetrics
 from gateway.controlplane._rates import RateSampler
 from gateway.controlplane._target import (
     CLUSTER_COUNTERS,
@@ -308,6 +309,7 @@ def fixture_json(view: FixtureView, kind: str) -> dict[str, Any]:
         "recording": None if recording is None else recording_json(recording),
         "owner": view.owner,
         "role": view.role,
+        "standby": view.standby,
     }
 
 
@@ -350,6 +352,7 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
                 },
                 "leases": instance.leases,
                 "silent": None if instance.silent is None else round(instance.silent, 1),
+                "standbys": instance.standbys,
             }
             for instance in view.instances
         ],
@@ -360,6 +363,8 @@ def cluster_json(view: ClusterView) -> dict[str, Any]:
         "append_queued_bytes": view.append_queued_bytes,
         "view_at": view.view_at,
         "unreachable_since": view.unreachable_since,
+        "standby": view.standby,
+        "standing_by": view.standing_by,
     }
 
 
@@ -422,7 +427,8 @@ class _Handlers:
         self.target = target
         self.sampler = sampler
         self.downloads = downloads
-        self.registry = make_registry(target, downloads)
+        self.process = ProcessMetrics()
+        self.registry = make_registry(target, downloads, self.process)
         self.assets = load_assets()
         self.asset_headers = asset_headers()
 
@@ -628,6 +634,7 @@ class _Handlers:
         # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it,
         # else the classic text format.
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        await self.process.read()  # /proc, in a worker thread: then encoded without awaiting
         return Response(encoder(self.registry), headers={"content-type": content_type})
 
 

@@ -8,19 +8,29 @@ can live in one process, as they do in the tests.
 The ``dde_cluster_*`` families appear only in a cluster (``cluster_view()`` not None).
 
 Labels are ``feed``, ``state`` and ``endpoint`` (the two subscriber endpoint kinds), and the
-fixed sets of the replays' ``source`` and ``reason`` (``gateway.replay``) only: fixture ids,
-subscribers, peers and tokens are unbounded sets and would make the series count grow without
-limit (and a token must never be anywhere near a metric).
+fixed sets of the replays' ``source`` and ``reason`` (``gateway.replay``): subscribers, peers
+and tokens are unbounded sets and would make the series count grow without limit (and a token
+must never be anywhere near a metric). The one exception is ``fixture`` on
+``dde_fixture_frame_age_seconds``: one series per *followed* fixture (bounded by the configured
+fixtures and ``max_on_demand``), gone when it is no longer followed, so that an alert can name
+the fixture that went quiet.
+
+Every counter is named with its ``_total`` here, as it is exposed (``CounterMetricFamily``
+takes the name with or without it), and every quantity with a unit carries it (``_seconds``,
+``_bytes``). prometheus_client's own process and platform collectors (``process_*``, read off
+the loop by :mod:`gateway.controlplane._process`; ``python_info``) sit on the same registry,
+next to ``dde_build_info``.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -29,11 +39,14 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from gateway import __version__
 from gateway.controlplane._downloads import DOWNLOAD_LIMITS, DownloadSlots
+from gateway.controlplane._process import ProcessMetrics
 from gateway.controlplane._target import (
     CLUSTER_COUNTERS,
     ClusterView,
     ControlTarget,
+    FixtureView,
     LatencyHistogram,
     RecorderTotals,
 )
@@ -70,6 +83,7 @@ class GatewayCollector:
 
     def collect(self) -> Iterator[Metric]:
         target = self._target
+        yield _build_info()
         feeds = sorted(target.feeds())
         per_feed = target.feed_totals()
         totals = target.totals()
@@ -83,7 +97,7 @@ class GatewayCollector:
                 family.add_metric([feed], float(value))
             yield family
         refused = CounterMetricFamily(
-            "dde_on_demand_refused",
+            "dde_on_demand_refused_total",
             "Subscriptions refused: the feed already follows max_on_demand fixtures on demand.",
             labels=["feed"],
         )
@@ -93,30 +107,36 @@ class GatewayCollector:
         yield refused
 
         yield CounterMetricFamily(
-            "dde_frames_sent", "Frames delivered to subscribers.", value=totals.frames_out
+            "dde_frames_sent_total", "Frames delivered to subscribers.", value=totals.frames_out
         )
         yield CounterMetricFamily(
-            "dde_subscriber_drops",
+            "dde_subscriber_sent_bytes_total",
+            "Bytes written to subscriber sockets: frames, replies, close frames (WebSocket "
+            "framing included, before TLS).",
+            value=totals.bytes_out,
+        )
+        yield CounterMetricFamily(
+            "dde_subscriber_drops_total",
             "Frames dropped for slow subscribers (drop-oldest policy).",
             value=totals.drops,
         )
         yield CounterMetricFamily(
-            "dde_slow_disconnects",
+            "dde_slow_disconnects_total",
             "Subscribers disconnected for being too slow.",
             value=totals.slow_disconnects,
         )
         yield CounterMetricFamily(
-            "dde_subscriber_rate_limited",
+            "dde_subscriber_rate_limited_total",
             "Subscribers closed (1008) for sending frames faster than allowed.",
             value=totals.rate_limited,
         )
         yield CounterMetricFamily(
-            "dde_subscribers_disconnected",
+            "dde_subscribers_disconnected_total",
             "Subscribers an operator disconnected (DELETE /v1/subscribers/{id}, close 4009).",
             value=totals.disconnected,
         )
         yield CounterMetricFamily(
-            "dde_subscriber_ping_timeouts",
+            "dde_subscriber_ping_timeouts_total",
             "Subscribers closed (1011) for not answering a ping within ping_timeout.",
             value=totals.ping_timeouts,
         )
@@ -132,7 +152,7 @@ class GatewayCollector:
             "dde_batch_groups", "Batch groups with members now.", value=totals.batch_groups
         )
         auth = CounterMetricFamily(
-            "dde_subscriber_auth_failures",
+            "dde_subscriber_auth_failures_total",
             "Failed subscriber authentications (missing, unknown or not allowed tokens; "
             "drop-in: also bad or missing authentication messages).",
             labels=["endpoint"],
@@ -142,7 +162,8 @@ class GatewayCollector:
         yield auth
 
         by_feed_state = {(feed, state): 0 for feed in feeds for state in FixtureState}
-        for view in target.fixture_views():
+        views = target.fixture_views()
+        for view in views:
             key = (view.feed, FixtureState(view.state))
             by_feed_state[key] = by_feed_state.get(key, 0) + 1
         fixtures = GaugeMetricFamily(
@@ -151,6 +172,7 @@ class GatewayCollector:
         for (feed, state), n in sorted(by_feed_state.items()):
             fixtures.add_metric([feed, state.value], n)
         yield fixtures
+        yield _frame_ages(views)
 
         recorder = target.recorder_totals()
         if recorder is not None:
@@ -165,6 +187,19 @@ class GatewayCollector:
         if self._downloads is not None:
             yield from _download_families(self._downloads)
 
+        data_age = HistogramMetricFamily(
+            "dde_upstream_data_age_seconds",
+            "Receipt time here minus the vendor's time on the frame (tracking ut, fastpath "
+            "timestamp): how stale the vendor's data is when it arrives, per data frame.",
+            labels=["feed"],
+        )
+        ages = target.data_age()
+        for feed in feeds:
+            age = ages.get(feed)
+            if age is not None:
+                data_age.add_metric([feed], _histogram_buckets(age), float(age.sum))
+        yield data_age
+
         hist = target.fanout_latency
         yield HistogramMetricFamily(
             "dde_fanout_latency_seconds",
@@ -175,12 +210,35 @@ class GatewayCollector:
         )
 
 
+def _frame_ages(views: Iterable[FixtureView]) -> Metric:
+    ages = GaugeMetricFamily(
+        "dde_fixture_frame_age_seconds",
+        "Seconds since the fixture's last frame reached its subscribers (a followed fixture "
+        "with at least one frame; one series per followed fixture).",
+        labels=["feed", "fixture"],
+    )
+    for view in sorted(views, key=lambda v: (v.feed, v.fixture)):
+        if view.frame_age is not None:
+            ages.add_metric([view.feed, view.fixture], view.frame_age)
+    return ages
+
+
+def _build_info() -> Metric:
+    info = GaugeMetricFamily(
+        "dde_build_info",
+        "Always 1: the gateway's version and the Python it runs on, as labels.",
+        labels=["version", "python", "implementation"],
+    )
+    info.add_metric([__version__, platform.python_version(), platform.python_implementation()], 1.0)
+    return info
+
+
 def _download_families(slots: DownloadSlots) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "dde_api_downloads", "Recording downloads being streamed now.", value=slots.total
     )
     refused = CounterMetricFamily(
-        "dde_api_downloads_refused",
+        "dde_api_downloads_refused_total",
         "Recording downloads refused: the client's (429) or the overall (503) limit reached.",
         labels=["limit"],
     )
@@ -212,10 +270,10 @@ def _replay_families(counters: ReplayCounters) -> Iterator[Metric]:
 
 def _recorder_families(feeds: list[str], totals: RecorderTotals) -> Iterator[Metric]:
     written = CounterMetricFamily(
-        "dde_recorder_frames_written", "Frames written to recordings.", labels=["feed"]
+        "dde_recorder_frames_written_total", "Frames written to recordings.", labels=["feed"]
     )
     dropped = CounterMetricFamily(
-        "dde_recorder_frames_dropped",
+        "dde_recorder_frames_dropped_total",
         "Published frames not recorded (recorder queue full, write errors, recording stopped).",
         labels=["feed"],
     )
@@ -264,10 +322,17 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
         "Followed fixtures another instance owns, relayed here from their Redis streams.",
         value=view.relayed,
     )
+    yield GaugeMetricFamily(
+        "dde_cluster_standby_connections",
+        "Standby vendor connections here in step with their streams ([cluster] standby): "
+        "warm connections for fixtures another instance owns, ready to take over without a "
+        "reconnect.",
+        value=view.standing_by,
+    )
     # One family per cluster counter, named and described where the counters are defined.
     for name, help_text in CLUSTER_COUNTERS.items():
         yield CounterMetricFamily(
-            f"dde_cluster_{name}", help_text, value=view.counters.get(name, 0)
+            f"dde_cluster_{name}_total", help_text, value=view.counters.get(name, 0)
         )
     yield GaugeMetricFamily(
         "dde_cluster_relay_lag_seconds",
@@ -294,12 +359,18 @@ def _cluster_families(view: ClusterView) -> Iterator[Metric]:
 
 
 def make_registry(
-    target: ControlTarget, downloads: DownloadSlots | None = None
+    target: ControlTarget,
+    downloads: DownloadSlots | None = None,
+    process: ProcessMetrics | None = None,
 ) -> CollectorRegistry:
-    """A fresh registry holding only the gateway collector for *target* (and the recording
-    downloads' *downloads*)."""
+    """A fresh registry holding the gateway collector for *target* (and the recording
+    downloads' *downloads*), prometheus_client's platform collector (``python_info``) and, when
+    given, *process* (``process_*``: memory, CPU, open fds, start time; read off the loop)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(target, downloads))
+    if process is not None:
+        registry.register(process)
+    PlatformCollector(registry=registry)
     return registry
 
 

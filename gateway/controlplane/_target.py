@@ -54,6 +54,12 @@ class FixtureView:
     #: instance's role for it (``owner`` or ``relay``). Both None on a single node.
     owner: str | None = None
     role: str | None = None
+    #: In a cluster with ``standby``: the instance that stands by for the fixture (a warm
+    #: vendor connection, takes over without a reconnect), as this instance sees it; None
+    #: without standby, on a single node, or while there is none.
+    standby: str | None = None
+    #: Seconds since the fixture's last frame reached its subscribers (None: none yet).
+    frame_age: float | None = None
 
 
 @attrs.frozen
@@ -121,6 +127,13 @@ CLUSTER_COUNTERS: Final[Mapping[str, str]] = {
     "handover_fallbacks": "Handovers whose successor was not in step in time: released "
     "(break-before-make).",
     "warm_connections": "Warm vendor connections opened for a planned handover to this instance.",
+    "standby_started": "Standby vendor connections opened here ([cluster] standby): warm "
+    "connections for fixtures another instance owns.",
+    "standby_promoted": "Fixtures taken over from this instance's standby connection after "
+    "their owner died: no vendor reconnect.",
+    "standby_dropped": "Standby connections closed without a take-over (another instance "
+    "stands by now, the fixture is no longer followed, this instance is stopping, or not in "
+    "step with the stream at the take-over).",
     "fenced": "Owned fixtures fenced: the lease ran out locally or Redis refused an append.",
     "leases_confirmed": "Owned fixtures whose lease ran out locally (the process was paused) "
     "and that Redis confirmed as still held here: kept, not fenced.",
@@ -169,6 +182,9 @@ class ClusterInstanceView:
     #: Seconds since its heartbeat last moved, once it has gone silent (several rounds without
     #: one: killed without a goodbye, or hung); None while it is heard every round.
     silent: float | None = None
+    #: Followed fixtures this instance stands by for (``[cluster] standby``), as this
+    #: instance computes it from its view (rendezvous, the owner left out); 0 without standby.
+    standbys: int = 0
 
 
 @attrs.frozen
@@ -197,6 +213,10 @@ class ClusterView:
     view_at: float | None = None
     #: UNIX time since which Redis has not answered this instance's rounds (None: it does).
     unreachable_since: float | None = None
+    #: ``[cluster] standby``: a second instance per fixture keeps a warm vendor connection.
+    standby: bool = False
+    #: Standby vendor connections here in step with their streams (ready to take over).
+    standing_by: int = 0
 
 
 @attrs.frozen
@@ -223,6 +243,8 @@ class Totals:
     """
 
     frames_out: int = 0
+    #: Bytes written to subscriber sockets (frames, replies, closes; before TLS).
+    bytes_out: int = 0
     drops: int = 0
     slow_disconnects: int = 0
     #: Subscribers closed for sending frames too fast (1008) / for not answering a ping (1011).
@@ -370,6 +392,11 @@ class ControlTarget(Protocol):
 
     def feed_totals(self) -> Mapping[str, FeedTotals]:
         """Per-feed monotonic counters (an addition to the original brief, for the metrics)."""
+        ...
+
+    def data_age(self) -> Mapping[str, LatencyHistogram]:
+        """Per feed: seconds from the vendor's stamp on a frame to its receipt here (a feed is
+        present once one of its fixtures was followed)."""
         ...
 
     def recordings(self) -> list[RecordingView]:

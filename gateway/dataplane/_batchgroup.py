@@ -146,6 +146,7 @@ class BatchGroup:
                 conn.writer_writes += 1
                 if n == size:
                     conn.frames_sent += count
+                    conn.bytes_sent += size
                     whole += 1
                 else:
                     conn.shared_short(buf, parts, count, sampled, n)

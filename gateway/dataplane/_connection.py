@@ -204,6 +204,9 @@ class Connection:
         self.connected_at = time.time()
         self.settings = settings
         self.frames_sent = 0
+        #: Bytes written to the socket: frames, replies, the close frame (WebSocket framing
+        #: included, before TLS); a queued batch counts when its write completes.
+        self.bytes_sent = 0
         #: Backfill frames that fell out of the history before they could be sent (gaps).
         self.frames_skipped = 0
         #: Frames of ``max_rate`` subscriptions replaced by a newer one before they went out.
@@ -316,11 +319,13 @@ class Connection:
                 return
             if n == len(data):
                 self.frames_sent += 1
+                self.bytes_sent += n
                 if published:
                     self._latency.sample(published)
                 return
             if n:
                 # A started frame must be finished: its tail can never be dropped.
+                self.bytes_sent += n  # the head; the tail counts with its batch
                 item = SendItem(data[n:], seq, published, None, True)
             else:
                 item = SendItem(data, seq, published, sink)
@@ -345,6 +350,7 @@ class Connection:
             except OSError:
                 self._broken()
                 return
+            self.bytes_sent += n
             if n == len(data):
                 return
             item = SendItem(data[n:], None, 0.0, None, True) if n else SendItem(data, None)
@@ -460,6 +466,7 @@ class Connection:
             return False
         self._sq.batch_done()
         self.frames_sent += frames
+        self.bytes_sent += len(buf)
         if sampled:
             self._latency.sample(sampled)
         return True
@@ -531,6 +538,7 @@ class Connection:
             except OSError:
                 self._broken()
                 return
+            self.bytes_sent += n
             if n == len(frame):
                 return
             if n:
@@ -861,6 +869,7 @@ class DelayedConnection(Connection):
         self.writer_writes += 1
         if n == len(data):
             self.frames_sent += frames
+            self.bytes_sent += n
             if sampled:
                 self._latency.sample(sampled)
             return True
@@ -914,6 +923,7 @@ class DelayedConnection(Connection):
             return
         q.batch_done()
         self.frames_sent += frames
+        self.bytes_sent += len(buf)
         if sampled:
             self._latency.sample(sampled)
         if self._backfills:

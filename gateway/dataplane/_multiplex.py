@@ -307,8 +307,12 @@ class MultiplexHandler:
         conn.send_control(msg.subscribed(feed, fixture, topic.seq, topic.epoch, recovered))
         conn.send_control(msg.status(feed, fixture, topic.state.value, topic.detail))
         self.subs[key] = sub
-        if start is None or start > topic.seq:
+        if start is None:
             topic.attach(sub)
+        elif start > topic.seq:
+            # Nothing to send yet; a resume ahead of this topic (a cluster relay behind)
+            # joins at the frame after the client's last.
+            topic.attach_after(sub, start - 1)
         else:
             # Nothing awaits from here: the backfill takes over the topic's frames up to its
             # last seq, then hands over to the subscription (no gap, no duplicate).

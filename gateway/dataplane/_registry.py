@@ -75,6 +75,7 @@ class RegistryStats:
     disconnected: int = 0
     batched: int = 0
     batch_groups: int = 0
+    bytes_sent: int = 0
 
 
 def disconnect_reason(reason: str) -> str:
@@ -132,11 +133,11 @@ def _view(c: Connection) -> SubscriberView:
 class SubscriberRegistry:
     """Connected subscribers plus monotonic totals that survive their disconnection.
 
-    Totals: ``frames_sent``, ``drops`` (frames dropped under drop-oldest), ``slow_disconnects``
-    (see :meth:`count_slow_disconnect`), ``rate_limited`` (closed with 1008 for sending frames
-    too fast), ``ping_timeouts``, ``rejected`` (handshakes refused with 503: connection limit
-    or draining), ``accepted`` (connections accepted since start). :meth:`stats` returns them
-    all at once.
+    Totals: ``frames_sent``, ``bytes_sent`` (all bytes written), ``drops`` (dropped frames),
+    ``slow_disconnects`` (see :meth:`count_slow_disconnect`), ``rate_limited`` (closed with
+    1008 for sending frames too fast), ``ping_timeouts``, ``rejected`` (handshakes refused with
+    503: connection limit or draining), ``accepted`` (connections accepted since start).
+    :meth:`stats` returns them all at once.
 
     It is every connection's :class:`~gateway.dataplane._connection.ConnectionMonitor`. Any
     client can cause these events at any rate, so each kind is counted every time but logged
@@ -147,6 +148,7 @@ class SubscriberRegistry:
         self._conns: dict[str, Connection] = {}
         self._ids = itertools.count(1)
         self._retired_frames_sent = 0
+        self._retired_bytes_sent = 0
         self._retired_drops = 0
         self.slow_disconnects = 0
         self.rate_limited = 0
@@ -179,6 +181,7 @@ class SubscriberRegistry:
         if self._conns.pop(conn.id, None) is None:
             return
         self._retired_frames_sent += conn.frames_sent
+        self._retired_bytes_sent += conn.bytes_sent
         self._retired_drops += conn.frames_dropped
         if not self._conns:
             self._empty.set()
@@ -225,6 +228,10 @@ class SubscriberRegistry:
         return self._retired_frames_sent + sum(c.frames_sent for c in self._conns.values())
 
     @property
+    def bytes_sent(self) -> int:
+        return self._retired_bytes_sent + sum(c.bytes_sent for c in self._conns.values())
+
+    @property
     def drops(self) -> int:
         return self._retired_drops + sum(c.frames_dropped for c in self._conns.values())
 
@@ -242,6 +249,7 @@ class SubscriberRegistry:
             disconnected=self.disconnected,
             batched=len(groups),
             batch_groups=len(set(map(id, groups))),
+            bytes_sent=self.bytes_sent,
         )
 
     def views(self, after: str | None = None, limit: int | None = None) -> list[SubscriberView]:

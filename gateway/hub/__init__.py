@@ -19,6 +19,7 @@ from gateway.hub._hub import (
 from gateway.hub._latency import LATENCY_BUCKETS, SAMPLE_EVERY, LatencyHistogram
 from gateway.hub._topic import (
     RATE_WINDOW,
+    RESUME_AHEAD_MAX,
     ArchiveCursor,
     Topic,
     TopicArchive,
@@ -30,6 +31,7 @@ __all__ = [
     "FIXTURE_ID_PATTERN",
     "LATENCY_BUCKETS",
     "RATE_WINDOW",
+    "RESUME_AHEAD_MAX",
     "SAMPLE_EVERY",
     "ArchiveCursor",
     "FixtureDirectory",

@@ -7,10 +7,11 @@ distribution they describe is the same.
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 from typing import Final
+
+from gateway.histogram import Histogram
 
 #: Upper bounds in seconds; the last bucket (``inf``) catches everything slower.
 LATENCY_BUCKETS: Final = (
@@ -35,29 +36,15 @@ LATENCY_BUCKETS: Final = (
 SAMPLE_EVERY: Final = 8
 
 
-class LatencyHistogram:
-    """Counts of observed durations per bucket (per bucket, not cumulative), with sum and count.
+class LatencyHistogram(Histogram):
+    """Fan-out latencies in seconds (:data:`LATENCY_BUCKETS` unless told), sampled on the hot
+    path by :meth:`sample` and :meth:`sample_many`."""
 
-    ``buckets`` are upper bounds in seconds (the last is ``inf``); ``counts[i]`` is the number of
-    observations ``<= buckets[i]`` and ``> buckets[i-1]``.
-    """
-
-    __slots__ = ("_tick", "buckets", "count", "counts", "sum")
+    __slots__ = ("_tick",)
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        if not buckets or buckets[-1] != math.inf or list(buckets) != sorted(buckets):
-            raise ValueError("buckets must be sorted upper bounds ending with inf")
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
+        super().__init__(buckets)
         self._tick = 0
-
-    def observe(self, seconds: float, times: int = 1) -> None:
-        """Record *times* observations of *seconds*."""
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += times
-        self.sum += seconds * times
-        self.count += times
 
     def sample(self, published: float) -> None:
         """Maybe record ``now - published`` (``time.perf_counter`` times): one call in N does."""

@@ -62,6 +62,12 @@ class TopicArchive(Protocol):
         ...
 
 
+#: How far ahead of a topic a resume may be (frames) and still wait for it (a cluster relay
+#: behind the stream: seconds at most in practice; the stream keeps ``stream_maxlen``, 20,000
+#: by default). Further ahead is no lag but another numbering: not recovered.
+RESUME_AHEAD_MAX: Final = 20_000
+
+
 class TopicTap(Protocol):
     """Sees every frame a topic takes, published or only kept (a relay priming its history),
     in seq order: the service's recorder in a cluster. Called synchronously: it must not
@@ -141,7 +147,11 @@ class Topic:
         self.history_bytes = 0
         self._latest: Frame | None = None
         self._prefix = envelope_prefix(feed.name, fixture)
+        #: Every subscriber, those waiting to be :meth:`attach`-ed at a later seq included.
         self._subscribers: dict[TopicSubscriber, None] = {}
+        #: Subscribers that resumed *ahead* of this topic (a cluster relay still catching up):
+        #: the last seq each already has; they join the fan-out at the frame after it.
+        self._waiting: dict[TopicSubscriber, int] = {}
         # A tuple snapshot: iterating it is fast and survives subscribers leaving mid-fan-out.
         self._fanout: tuple[TopicSubscriber, ...] = ()
         self._rate_second = 0
@@ -169,6 +179,8 @@ class Topic:
         write them to its socket without blocking); none of them can delay the others.
         """
         self.seq += 1
+        if self._waiting:
+            self._admit(self.seq)
         frame = Frame(self.seq, raw, time.perf_counter(), self._prefix, position)
         self._keep(frame)
         self._latest = frame
@@ -244,7 +256,7 @@ class Topic:
             self.state_since = time.time()
         self.state = state
         self.detail = detail
-        for sub in self._fanout:
+        for sub in tuple(self._subscribers) if self._waiting else self._fanout:
             sub.on_status(self)
 
     # -- views -----------------------------------------------------------------------------
@@ -271,6 +283,14 @@ class Topic:
     @property
     def history_len(self) -> int:
         return len(self._history)
+
+    def frame_age(self) -> float | None:
+        """Seconds since the last frame was published to subscribers; None before the first
+        (frames a relay only keeps for its history, :meth:`keep_at`, do not count)."""
+        latest = self._latest
+        if latest is None or not latest.published:
+            return None
+        return time.perf_counter() - latest.published
 
     def frames_per_second(self) -> float:
         """Published frames per second over the last :data:`RATE_WINDOW` whole seconds."""
@@ -361,7 +381,13 @@ class Topic:
             if shared is None or after > shared:
                 return None
         if after > self.seq:
-            return None
+            # The client has frames this topic has not yet: a cluster relay behind the stream
+            # it reads (the client was on an instance further on). Same numbering, so nothing
+            # is missed: it goes on at the frame after *after* (:meth:`attach_after`). Not for
+            # a prior epoch (checked above), and not past what could be a relay's lag.
+            if epoch != self.epoch or after - self.seq > RESUME_AHEAD_MAX:
+                return None
+            return after + 1
         if after == self.seq:
             return after + 1
         if first is None:
@@ -420,15 +446,44 @@ class Topic:
         if self.closed:
             raise RuntimeError(f"topic {self.feed.name}/{self.fixture} is closed")
         self._subscribers[sub] = None
-        self._fanout = tuple(self._subscribers)
+        self._waiting.pop(sub, None)
+        self._refan()
+
+    def attach_after(self, sub: TopicSubscriber, seq: int) -> None:
+        """Fan out to *sub* from frame ``seq + 1`` on (*seq* may be ahead of :attr:`seq`: a
+        resume ahead, see :meth:`resume_start`). Until then it hears status changes and the
+        close, not frames; a jump in a relayed numbering past ``seq + 1`` admits it at the
+        frame after the jump (the jump is what every subscriber sees)."""
+        if seq <= self.seq:
+            self.attach(sub)
+            return
+        if self.closed:
+            raise RuntimeError(f"topic {self.feed.name}/{self.fixture} is closed")
+        self._subscribers[sub] = None
+        self._waiting[sub] = seq
+        self._refan()
 
     def detach(self, sub: TopicSubscriber) -> bool:
-        """Stop fanning out to *sub*; True if it was attached."""
+        """Stop fanning out to *sub*; True if it was attached (or waiting to be)."""
         if sub not in self._subscribers:
             return False
         del self._subscribers[sub]
-        self._fanout = tuple(self._subscribers)
+        self._waiting.pop(sub, None)
+        self._refan()
         return True
+
+    def _admit(self, seq: int) -> None:
+        """Frame *seq* is about to be fanned out: the waiting subscribers that have every
+        frame before it join."""
+        ready = [sub for sub, last in self._waiting.items() if last < seq]
+        if ready:
+            for sub in ready:
+                del self._waiting[sub]
+            self._refan()
+
+    def _refan(self) -> None:
+        waiting = self._waiting
+        self._fanout = tuple(sub for sub in self._subscribers if sub not in waiting)
 
     def close(self) -> None:
         """The fixture is no longer followed: subscribers get status ``stopped``, then leave."""
@@ -436,8 +491,9 @@ class Topic:
             return
         self.set_status(FixtureState.STOPPED, self.detail or "fixture stopped")
         self.closed = True
-        subs = self._fanout
+        subs = tuple(self._subscribers)
         self._subscribers.clear()
+        self._waiting.clear()
         self._fanout = ()
         for sub in subs:
             sub.on_closed(self)

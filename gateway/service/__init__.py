@@ -13,6 +13,14 @@ from gateway.service._logging import (
     fields,
 )
 from gateway.service._notify import Notifier, encode_fields
+from gateway.service._preflight import (
+    Preflight,
+    check_config,
+    load_checked,
+    preflight,
+    problem_line,
+    recorder_dir_problem,
+)
 from gateway.service._slowsteps import SlowStepLog, instruments_from_env
 
 __all__ = [
@@ -26,15 +34,21 @@ __all__ = [
     "GatewayLogHandler",
     "LogFormat",
     "Notifier",
+    "Preflight",
     "RecordedTopic",
     "RecordingArchive",
     "SecretRedactor",
     "SlowStepLog",
+    "check_config",
     "configure_logging",
     "demo_config",
     "encode_fields",
     "fields",
     "instruments_from_env",
+    "load_checked",
+    "preflight",
+    "problem_line",
+    "recorder_dir_problem",
     "run_demo",
     "run_from_config_path",
     "serve",

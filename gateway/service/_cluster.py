@@ -67,6 +67,7 @@ from gateway.hub import Hub, Topic
 from gateway.model import FixtureState, FrameSink, ResumePoint
 from gateway.service._clusterrec import TopicRecording
 from gateway.service._handover import REBALANCING, STOPPING, HandoverDesk
+from gateway.service._standby import StandbyDesk
 from gateway.throttle import LogThrottle
 from gateway.upstream import FixtureHandle, Supervisor
 
@@ -295,6 +296,8 @@ class ClusterNode:
         self._looked = False
         #: Planned handovers under way, both sides (make-before-break).
         self._desk = HandoverDesk(self)
+        #: Hot standby (``[cluster] standby``): warm connections kept for others' fixtures.
+        self._standby = StandbyDesk(self)
         #: Stopping: every owned fixture is offered to another instance, none is taken.
         self._draining = False
         #: When the last round started (trio time): polls run between rounds.
@@ -321,6 +324,11 @@ class ClusterNode:
     def desk(self) -> HandoverDesk:
         """The planned handovers under way and their counters."""
         return self._desk
+
+    @property
+    def standby(self) -> StandbyDesk:
+        """Hot standby: the connections this instance stands by with, and their counters."""
+        return self._standby
 
     @property
     def appender(self) -> Appender | None:
@@ -523,7 +531,9 @@ class ClusterNode:
                 )
                 task_status.started()
                 while True:
-                    pending = self._desk.pending
+                    # Handovers under way, or owners gone whose fixtures this one stands by for:
+                    # checked every HANDOVER_POLL between rounds.
+                    pending = self._desk.pending or bool(self._standby.urgent())
                     with trio.move_on_after(HANDOVER_POLL if pending else self.table.tick):
                         await self._wake.wait()
                     self._wake = trio.Event()
@@ -567,18 +577,32 @@ class ClusterNode:
     def _successor(self, key: str) -> str | None:
         """The instance a stopping one hands *key* to: the first-ranked other live one that
         is heard (None: there is none)."""
-        others = [n for n in self._staying() if n != self.instance and self.silent_for(n) is None]
+        others = [n for n in self.staying() if n != self.instance and self.silent_for(n) is None]
         return rank(key, others)[0] if others else None
 
     async def _poll(self, store: RedisStore) -> None:
         """Between rounds while handovers are under way: one handover check."""
         try:
             await self._desk.step(store, full=False)
+            await self._claim_standby(store)
         except RedisUnavailable:
             pass  # the next round says so
         except Exception:
             self.round_errors += 1
             self._errors.log(logging.ERROR, "cluster: handover check failed", exc_info=True)
+
+    async def _claim_standby(self, store: RedisStore) -> None:
+        """Between rounds: the leases of fixtures this instance stands by for whose owner is
+        gone, asked for (taken if free) now rather than at the next round, so the take-over
+        follows their expiry within a poll."""
+        keys = sorted(self._standby.urgent() - self.table.held)
+        if not keys or not self.table.may_jump(trio.current_time()):
+            return
+        sent = trio.current_time()
+        holders = await store.leases(self.token, self.table.expiry, dict.fromkeys(keys, "a"))
+        gained, _ = self.table.observed(holders, sent=sent)
+        for key in sorted(gained):
+            await self.take_over_now(store, key)
 
     async def _leave(self, store: RedisStore) -> None:
         self._left = True
@@ -614,6 +638,7 @@ class ClusterNode:
             await self._leases(store)
             await self._refresh(store)
             await self._desk.step(store, full=True)
+            self._standby.step()
             # Owned streams live on while owned; a fixture nobody follows any more (deleted
             # everywhere) has no owner, and its stream and meta expire after stream_retention.
             await store.retain(sorted(self._owned), self.config.stream_retention)
@@ -661,7 +686,7 @@ class ClusterNode:
         self.live = {name: _info(text) for name, text in live.items()}
         self.liveness.observed(self.live, trio.current_time())
 
-    def _staying(self) -> set[str]:
+    def staying(self) -> set[str]:
         """The live instances that are not stopping (a stopping one takes no fixture)."""
         return {name for name, info in self.live.items() if info.get(LEAVING_KEY) is not True}
 
@@ -688,8 +713,12 @@ class ClusterNode:
         # taken now is fenced (counted and logged as such), not merely lost.
         stale = set(self.table.expired(now))
         movable = {k for k in self._fixtures if self._movable(*split_key(k))}
-        staying = self._staying()
-        plan = self.table.plan(now, followed=self._fixtures, live=staying, movable=movable)
+        staying = self.staying()
+        # Free leases this instance stands by for, whose owner is gone: taken at once.
+        first = self._standby.first(self._standby.candidates())
+        plan = self.table.plan(
+            now, followed=self._fixtures, live=staying, movable=movable, first=first
+        )
         # A fixture to move to the instance ranked first is offered to it (make-before-break:
         # the lease goes once that one's warm connection is in step); one no longer followed
         # is released. Those stop publishing now, but release only after the renewal went
@@ -709,7 +738,9 @@ class ClusterNode:
         # Leases this round found free that this instance may take now (their holder died):
         # asked for at once rather than next round (a failover a round sooner).
         now = trio.current_time()
-        again = self.table.plan(now, followed=self._fixtures, live=staying, movable=movable)
+        again = self.table.plan(
+            now, followed=self._fixtures, live=staying, movable=movable, first=first
+        )
         fresh = again.acquire - self.table.held - set(releasing)
         if fresh and not self._draining:
             sent = trio.current_time()
@@ -720,6 +751,8 @@ class ClusterNode:
         self._taken_while_paused(lost & stale)
         if releasing:
             await self._release(store, releasing)
+        if self._left:
+            return  # stopping: its leases are being released (a round woken by the stop)
         # Every lease held but not yet owned: the ones gained now, and any whose take-over
         # failed half-way last round (Redis went away in between).
         for key in sorted(self.table.held - self._owned.keys()):
@@ -783,17 +816,25 @@ class ClusterNode:
         sink = self._relayed.get(key)
         return None if sink is None else sink.position
 
-    def start_warm(self, key: str, sink: WarmSink) -> bool:
+    def start_warm(self, key: str, sink: WarmSink, *, standby: bool = False) -> bool:
         """Open a warm upstream connection of *key* into *sink* (the desk holds it), resuming
-        after the relay's last position; False when there is none to resume from."""
+        after the relay's last position; False when there is none to resume from (a standby
+        without one connects live: the stream has no position yet). A standby's first
+        attempt queues behind the others at the connect limiter (its backlog)."""
         point = self._relayed_point(key)
         fixture = self._fixtures.get(key)
-        if point is None or fixture is None or key in self._owned:
+        if (point is None and not standby) or fixture is None or key in self._owned:
             return False
         if self._supervisor.get(*split_key(key)) is not None:
             return False
-        self._resume[key] = point
-        return self._supervisor.add(fixture, backlog=False)
+        if point is not None:
+            self._resume[key] = point
+            sink.buffer.resume_after(point.position)
+        return self._supervisor.add(fixture, backlog=standby)
+
+    def standby_closed(self, key: str, why: str) -> None:
+        """The handover desk closed *key*'s standby connection (not promoted)."""
+        self._standby.closed(key, why)
 
     def stop_upstream(self, key: str) -> None:
         """Close *key*'s upstream connection (a warm one that is not needed)."""
@@ -877,6 +918,8 @@ class ClusterNode:
             relayed_from,
             self._local_point(key, topic),
         )
+        # Answered an offer (a planned handover), rather than standing by for a dead owner.
+        handed = key in self._desk.ready
         warm = self._desk.take_warm(key, info.position if info.epoch is not None else None)
         if resume is not None and warm is None:
             self._resume[key] = resume
@@ -888,12 +931,28 @@ class ClusterNode:
         owned = self._owned[key] = OwnedTopic(self, key, topic, appender)
         self._waiting.discard(key)
         self.leases_gained += 1
+        if warm is not None and warm.standby and not handed:
+            # Hot standby: the owner died; the standby's connection goes on as the owner's,
+            # with the frames the stream lacks first. No reconnect.
+            at = topic.seq
+            sent = warm.promote(owned, info.position)
+            log.info(
+                "cluster: owner of %s now (standby promoted, took over from %s without a "
+                "reconnect), at seq %d, %d frames from the standby after vendor position %s",
+                key,
+                self._standby.promoted_now(key) or "?",
+                at,
+                sent,
+                info.position,
+            )
+            return
         if warm is not None:
             # Make-before-break: the warm connection goes on as the owner's, from the frame
             # after the stream's last one.
             at = topic.seq
             sent = warm.promote(owned, info.position)
             self._desk.received += 1
+            self._standby.owners.pop(key, None)
             log.info(
                 "cluster: owner of %s now (handed over by %s, warm), at seq %d, %d warm frames "
                 "after vendor position %s",
@@ -986,9 +1045,10 @@ class ClusterNode:
 
     async def _fill(
         self, store: RedisStore, key: str, topic: Topic, last: int, *, fan_out: bool, start: int = 0
-    ) -> None:
+    ) -> ResumePoint | None:
         """Bring *topic* up to seq *last* from the stream (from after seq *start* at the
-        earliest): fanned out to subscribers (*fan_out*), or only held in the history."""
+        earliest): fanned out to subscribers (*fan_out*), or only held in the history. The
+        last vendor position read, if any."""
         sink = RelayedTopic(self, key, topic)
         while topic.seq < last:
             entries = await store.tail(key, max(topic.seq, start), CATCH_UP_COUNT)
@@ -1000,6 +1060,11 @@ class ClusterNode:
                 for e in entries:
                     if e.seq > topic.seq:
                         topic.keep_at(e.seq, e.data, e.position)
+                        if e.position is not None:
+                            sink.position, sink.received_at = e.position, e.received_at
+        if sink.position is None or sink.received_at is None:
+            return None
+        return ResumePoint(sink.position, sink.received_at)
 
     def _step_down(self, key: str, why: str, *, discard: bool = True) -> None:
         """Stop owning *key* now (if owned): the upstream stops, the topic becomes a relay."""
@@ -1024,11 +1089,17 @@ class ClusterNode:
         if key in self._fixtures:
             self._start_relay(key, sink.topic, after=confirmed)
 
-    def _start_relay(self, key: str, topic: Topic, *, after: int) -> None:
+    def _start_relay(
+        self, key: str, topic: Topic, *, after: int, point: ResumePoint | None = None
+    ) -> None:
+        """Relay *key*'s stream into *topic* after seq *after*; *point*: the stream's last
+        vendor position up to there, where known (a warm connection resumes after it)."""
         relay = self._relay
         if relay is None:
             return
         sink = RelayedTopic(self, key, topic)
+        if point is not None:
+            sink.position, sink.received_at = point.position, point.received_at
         self._relayed[key] = sink
         relay.follow(key, after=after, sink=sink)
 
@@ -1133,9 +1204,9 @@ class ClusterNode:
         topic = self._numbered(key, topic, epoch, start)
         # Prime the history from the stream (no fan-out: live-only subscribers asked for
         # nothing older), then relay from where the priming ended.
-        await self._fill(store, key, topic, info.seq, fan_out=False, start=start)
+        primed = await self._fill(store, key, topic, info.seq, fan_out=False, start=start)
         self._waiting.discard(key)
-        self._start_relay(key, topic, after=max(topic.seq, start))
+        self._start_relay(key, topic, after=max(topic.seq, start), point=primed)
         return topic
 
     def _show(self, topic: Topic, key: str, meta: Meta) -> None:

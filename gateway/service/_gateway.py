@@ -50,6 +50,7 @@ from gateway.dataplane import (
     SubscriberRegistry,
 )
 from gateway.dataplane import run as run_data_plane
+from gateway.histogram import Histogram
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
 from gateway.model import (
     FixtureState,
@@ -458,6 +459,7 @@ class Gateway:
         relay = node.relay
         owned = sum(1 for fx in node.followed() if node.role(fx.feed, fx.id) == ROLE_OWNER)
         reason = node.degraded_reason()
+        standbys = node.standby.by_instance()
         counters = {
             "rounds": node.rounds,
             "round_errors": node.round_errors,
@@ -468,6 +470,9 @@ class Gateway:
             "handovers_received": node.desk.received,
             "handover_fallbacks": node.desk.fallbacks,
             "warm_connections": node.desk.warmed,
+            "standby_started": node.standby.started,
+            "standby_promoted": node.standby.promoted,
+            "standby_dropped": node.standby.dropped,
             "fenced": node.fenced,
             "leases_confirmed": node.leases_confirmed,
             "conflicts": node.conflicts,
@@ -494,6 +499,7 @@ class Gateway:
                     info=info,
                     leases=leases.get(name, 0),
                     silent=node.silent_for(name),
+                    standbys=standbys.get(name, 0),
                 )
                 for name, info in sorted(node.live.items())
             ],
@@ -504,6 +510,8 @@ class Gateway:
             append_queued_bytes=0 if appender is None else appender.queued_bytes,
             view_at=node.view_at,
             unreachable_since=node.unreachable_since,
+            standby=node.config.standby,
+            standing_by=node.standby.in_step(),
         )
 
     def feeds(self) -> Mapping[str, FeedConfig]:
@@ -522,7 +530,7 @@ class Gateway:
         node = self.cluster
         topic: Topic | None = self.hub.get(feed, fixture)
         handle = self.supervisor.get(feed, fixture)
-        owner = role = None
+        owner = role = standby = None
         if node is None:
             if handle is None:
                 return None
@@ -531,11 +539,13 @@ class Gateway:
             if not node.is_followed(feed, fixture):
                 return None
             owner, role = node.owner(feed, fixture), node.role(feed, fixture)
+            standby = node.standby.of(f"{feed}/{fixture}")
             if handle is not None and role == ROLE_OWNER:
                 status = handle.status
             else:
                 # Another instance follows it upstream: the state its owner published (or
-                # degraded/connecting), as the topic shows it to subscribers; no counters here.
+                # degraded/connecting), as the topic shows it to subscribers. The counters are
+                # this instance's warm connection's (a standby, a handover), if it has one.
                 status = FixtureStatus(
                     feed,
                     fixture,
@@ -553,12 +563,14 @@ class Gateway:
             epoch=topic.epoch if topic else "",
             subscribers=topic.subscriber_count if topic else 0,
             frames_per_second=topic.frames_per_second() if topic else 0.0,
-            upstream=status.snapshot(),
+            upstream=(status if handle is None else handle.status).snapshot(),
             drops=topic.drops if topic else 0,
             slow_disconnects=topic.slow_disconnects if topic else 0,
             recording=self._recording_view(feed, fixture),
             owner=owner,
             role=role,
+            standby=standby,
+            frame_age=topic.frame_age() if topic else None,
         )
 
     def is_followed(self, feed: str, fixture: str) -> bool:
@@ -630,6 +642,9 @@ class Gateway:
     def fanout_latency(self) -> LatencyHistogram:
         return self.hub.fanout_latency
 
+    def data_age(self) -> Mapping[str, Histogram]:
+        return self.supervisor.data_age
+
     def feed_totals(self) -> dict[str, FeedTotals]:
         refused = self.fixtures.refused()
         upstream = {name: self._retired.get(name, UpstreamCounters()) for name in self.config.feeds}
@@ -645,6 +660,7 @@ class Gateway:
         stats = self.registry.stats()
         return Totals(
             frames_out=stats.frames_sent,
+            bytes_out=stats.bytes_sent,
             drops=stats.frames_dropped,
             slow_disconnects=stats.slow_disconnects,
             rate_limited=stats.rate_limited,

@@ -17,6 +17,10 @@ The rules and the frame bookkeeping are in :mod:`gateway.cluster` (``WarmBuffer`
   position, and goes on live on the same connection. An offer withdrawn closes the warm
   connection.
 
+A hot standby's warm connection (``[cluster] standby``, :mod:`gateway.service._standby`) is
+one of :attr:`HandoverDesk.warm` too (``WarmSink.standby``): an offer to this instance uses
+it (no second connect), and it stays open when no offer names it.
+
 While a handover is under way the node checks every :data:`~gateway.cluster.HANDOVER_POLL`
 seconds instead of every round, so the lease changes hands within a few of those.
 """
@@ -89,7 +93,8 @@ class HandoverDesk:
 
     @property
     def pending(self) -> bool:
-        return bool(self.offers or self.warm)
+        """A handover is under way (a standby's warm connection alone is none)."""
+        return bool(self.offers or self.ready or any(not s.standby for s in self.warm.values()))
 
     def offer(self, key: str, successor: str, why: str) -> None:
         if key not in self.offers:
@@ -104,12 +109,14 @@ class HandoverDesk:
         self.offers.pop(key, None)
         self.cool(key)
 
-    def cool(self, key: str) -> None:
+    def cool(self, key: str, why: str = "no longer needed") -> None:
         """Close *key*'s warm connection (if any, and not promoted)."""
         self.ready.discard(key)
         sink = self.warm.pop(key, None)
         if sink is not None and sink.target is None:
             self.node.stop_upstream(key)
+            if sink.standby:
+                self.node.standby_closed(key, why)
 
     def take_warm(self, key: str, stream: int | None) -> WarmSink | None:
         """The warm connection of *key* if it continues a stream ending at *stream* (the
@@ -122,6 +129,8 @@ class HandoverDesk:
             return sink
         log.info("cluster: %s: warm connection not in step with the stream: reconnecting", key)
         self.node.stop_upstream(key)
+        if sink.standby:
+            self.node.standby_closed(key, "not in step with the stream at the take-over")
         return None
 
     async def step(self, store: RedisStore, *, full: bool) -> None:
@@ -182,9 +191,14 @@ class HandoverDesk:
         node = self.node
         if node.draining:
             for key in list(self.warm):
-                self.cool(key)
+                self.cool(key, "instance stopping")
             return
-        keys = node.relayed_keys() if full else sorted(self.warm)
+        # Between rounds only the handovers under way (a standby that answered an offer).
+        keys = (
+            node.relayed_keys()
+            if full
+            else sorted(k for k, s in self.warm.items() if not s.standby or k in self.ready)
+        )
         if not keys:
             return
         values = await store.handovers(keys)
@@ -199,14 +213,24 @@ class HandoverDesk:
                     if await store.swap_handover([key], value or "", answer):
                         self.ready.add(key)
                         log.info("cluster: %s: warm connection in step: ready", key)
-            elif ready_token(value) != node.token and sink is not None:
+            elif (
+                ready_token(value) != node.token
+                and sink is not None
+                and (not sink.standby or key in self.ready)
+            ):
                 check.append(key)
         if check:
             # Handed to this instance (the key is gone with the transfer), or withdrawn.
             mine = await node.check_leases(store, check)
             for key in check:
+                sink = self.warm.get(key)
+                if sink is None:
+                    continue  # closed meanwhile (no longer followed)
                 if key in mine:
                     await node.take_over_now(store, key)
+                elif sink.standby:
+                    log.info("cluster: %s: offer withdrawn: standing by", key)
+                    self.ready.discard(key)
                 else:
                     log.info("cluster: %s: offer withdrawn: warm connection closed", key)
                     self.cool(key)

@@ -30,19 +30,13 @@ from typing import Final, TypeVar
 
 import trio
 
-from gateway.config import (
-    Config,
-    ConfigError,
-    check_secret_files,
-    load_config,
-    load_server_tls,
-    load_subscriber_tokens,
-)
+from gateway.config import Config, ConfigError, SecretError, load_subscriber_tokens
 from gateway.listen import ListenError
 from gateway.recorder import Recorder
 from gateway.service._gateway import Bound, Gateway
 from gateway.service._logging import LogFormat, configure_logging, fields
 from gateway.service._notify import Notifier
+from gateway.service._preflight import load_checked, preflight, problem_line
 from gateway.throttle import LogThrottle
 
 log = logging.getLogger("gateway")
@@ -198,25 +192,22 @@ def _leaves(group: BaseExceptionGroup[_E]) -> list[_E]:
 
 async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str | None) -> int:
     """``dde-gateway run --config PATH``: exit status 0 after a clean stop, 2 on a bad config
-    (the config file, the subscriber token file, the TLS certificate and key, a secret file
-    its group or every user may write, a ``[recorder] dir`` that is a symlink), 1 with one
+    (whatever :func:`~gateway.service._preflight.preflight` finds, one line each: the lines of
+    ``check-config``), 1 with one
     error line when a listener cannot be opened (:class:`~gateway.listen.ListenError`: the
     address is in use, say).
 
     Logging is configured here, once the config is known: level from ``--log-level`` or the
     config (again on every reload), and the current upstream token as a redaction secret.
     """
-    try:
-        config = await trio.to_thread.run_sync(load_config, path)
-        # Every secret file that others may change is refused here, the vendor token's too
-        # (it is read later, on each connect attempt).
-        warnings = await trio.to_thread.run_sync(check_secret_files, config)
-        # Read here too so a broken one is a clean exit 2 (the Gateway reads them again).
-        await trio.to_thread.run_sync(load_subscriber_tokens, config)
-        await trio.to_thread.run_sync(load_server_tls, config)
-    except ConfigError as exc:
-        log.error("%s", exc)
+    # The same checks, and lines, as `dde-gateway check-config` (gateway.service._preflight).
+    checked = await trio.to_thread.run_sync(preflight, path)
+    if checked.config is None or checked.errors:
+        for line in checked.errors:
+            log.error("%s", problem_line(path, "error", line))
         return 2
+    config = checked.config
+    warnings = checked.warnings
     current = [config]
     known: list[str] = []
 
@@ -251,7 +242,7 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh_token)
             await serve(
-                config, reload=lambda: load_config(path), on_reload=configure, freeze_gc=True
+                config, reload=lambda: load_checked(path), on_reload=configure, freeze_gc=True
             )
             nursery.cancel_scope.cancel()
     except* ListenError as group:
@@ -260,9 +251,9 @@ async def run_from_config_path(path: Path, log_format: LogFormat, log_level: str
         for error in _leaves(group):
             log.error("%s", error)
         status = 1
-    except* ConfigError as group:
-        # Found on opening what the config names (the recorder's dir is a symlink): exit 2,
-        # as for a bad config file.
+    except* (ConfigError, SecretError) as group:
+        # Found on opening what the config names after the checks (the recorder's dir swapped
+        # for a symlink, a token file removed meanwhile): exit 2, as for a bad config file.
         for problem in _leaves(group):
             log.error("%s", problem)
         status = 2

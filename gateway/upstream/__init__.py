@@ -25,6 +25,7 @@ from gateway.upstream._connect import (
     WebSocketConnector,
     open_trio_websocket_connector,
 )
+from gateway.upstream._dataage import DATA_AGE_BUCKETS, DATA_AGE_SAMPLE_EVERY, DataAge
 from gateway.upstream._lean import (
     MAX_MESSAGE_SIZE,
     LeanConnection,
@@ -59,6 +60,8 @@ __all__ = [
     "BACKFILL_MARGIN",
     "BACKFILL_SAFETY",
     "BACKFILL_WIDEN",
+    "DATA_AGE_BUCKETS",
+    "DATA_AGE_SAMPLE_EVERY",
     "DISCONNECT_TIMEOUT",
     "FALLBACK_RATE",
     "FASTPATH_ACCEPT",
@@ -72,6 +75,7 @@ __all__ = [
     "Backoff",
     "ConnectLimiter",
     "Connector",
+    "DataAge",
     "FastpathResume",
     "FixtureHandle",
     "FixtureRunner",

@@ -23,6 +23,7 @@ synchronous, so two runners can never interleave on the parser.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import Mapping
 from typing import Any, Final
@@ -65,6 +66,9 @@ class Message:
     seq: int | None = None  # ix (tracking) or fixtureSeqNum (fastpath) for DATA
     text: str = ""  # vendor text for INFO/ERROR kinds, bounded; may echo our token: scrub it
     status: int | None = None  # HTTP-like status of ``{"error":..,"status":..}`` replies
+    # DATA: when the vendor says it sent the frame (UNIX seconds): tracking ``ut``, fastpath
+    # ``timestamp``; None when the frame carries none we can read.
+    sent_at: float | None = None
 
 
 _MALFORMED: Final = Message(Kind.MALFORMED)
@@ -152,7 +156,8 @@ def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _tracking(obj: Mapping[str, Any]) -> Message:
     ix = obj.get("ix")
     if type(ix) is int:
-        return Message(Kind.DATA, seq=ix)
+        ut = obj.get("ut")  # ms since the epoch; one more lookup in the parsed document
+        return Message(Kind.DATA, seq=ix, sent_at=ut / 1000 if type(ut) is int else None)
     common = _common(_plain(obj))
     return common if common is not None else _MALFORMED
 
@@ -163,22 +168,39 @@ def classify_tracking(raw: str | bytes) -> Message:
     return obj if isinstance(obj, Message) else _tracking(obj)
 
 
-def _fastpath_seq(obj: Mapping[str, Any]) -> object:
-    """``fixtureSeqNum`` at the top level or one level down (``fixtureAction`` and siblings)."""
+def _fastpath_action(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The object carrying ``fixtureSeqNum``: the message itself or one level down
+    (``fixtureAction`` and siblings); None when there is none."""
     if "fixtureSeqNum" in obj:
-        return obj["fixtureSeqNum"]
+        return obj
     # simdjson's values() yields plain dicts and lists (converted one value at a time, and the
     # vendor puts fixtureAction first), so one isinstance check covers both parsers.
     for value in obj.values():
         if isinstance(value, dict) and "fixtureSeqNum" in value:
-            return value["fixtureSeqNum"]
+            return value
     return None
 
 
+def _iso_time(value: object) -> float | None:
+    """An ISO 8601 time with its offset (``2026-05-06T19:05:08.376151Z``) as UNIX seconds;
+    None for anything else (no offset: the vendor's zone would be a guess)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return None if parsed.tzinfo is None else parsed.timestamp()
+
+
 def _fastpath(obj: Mapping[str, Any]) -> Message:
-    seq = _fastpath_seq(obj)
+    action = _fastpath_action(obj)
+    seq = action["fixtureSeqNum"] if action is not None else None
     if seq is not None:
-        return Message(Kind.DATA, seq=seq) if type(seq) is int else _MALFORMED
+        if type(seq) is not int:
+            return _MALFORMED
+        assert action is not None
+        return Message(Kind.DATA, seq=seq, sent_at=_iso_time(action.get("timestamp")))
     plain = _plain(obj)
     if isinstance(plain.get("eventElementType"), str):
         return Message(Kind.UNSEQUENCED, text=_short(plain.get("state", plain["eventElementType"])))

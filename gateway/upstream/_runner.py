@@ -41,6 +41,7 @@ from gateway.upstream._connect import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.upstream._dataage import DataAge
 from gateway.upstream._limiter import ConnectLimiter, Priority
 from gateway.upstream._resume import FastpathResume, TrackingResume, Verdict
 from gateway.wire import CLOSE_POLICY_VIOLATION
@@ -146,6 +147,7 @@ class FixtureRunner:
         read_token: TokenReader = read_token_off_loop,
         resume: ResumePoint | None = None,
         watched: Callable[[], bool] | None = None,
+        data_age: DataAge | None = None,
     ) -> None:
         self.feed = feed  # replaced on config reload; read at every attempt
         self.fixture = fixture
@@ -175,6 +177,8 @@ class FixtureRunner:
         # cluster stream a take-over continues).
         self._watched = watched
         self._resumed_at = resume.received_at if resume is not None else -math.inf
+        # The feed's data-age histogram (``gateway.upstream._dataage``), shared by its runners.
+        self._data_age = data_age
 
     def priority(self) -> Priority:
         """How much this fixture's next attempt matters (read by the connect limiter)."""
@@ -419,6 +423,9 @@ class FixtureRunner:
         sends the fixture request when told :attr:`SessionNext.SUBSCRIBE`, and only then marks
         the session subscribed). Data frames take the first branch and allocate nothing here.
         """
+        # The payload's UTF-8 size: an ASCII str (what the vendor sends; isascii() reads a flag
+        # CPython keeps, O(1)) is its own length; anything else is encoded to count it.
+        self.status.counters.received_bytes += len(raw) if raw.isascii() else len(raw.encode())
         kind = msg.kind
         if kind is Kind.DATA or kind is Kind.UNSEQUENCED:
             if not s.subscribed:
@@ -489,6 +496,9 @@ class FixtureRunner:
     def _data(self, raw: str, msg: Message, tracking: bool, now: float) -> _Outcome | None:
         """Deliver (or drop) one data message; an outcome means: end this connection."""
         counters = self.status.counters
+        sent_at = msg.sent_at
+        if sent_at is not None and self._data_age is not None:
+            self._data_age.offer(sent_at)
         if msg.kind is Kind.UNSEQUENCED:
             self._publish(raw, None)
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Final
@@ -22,9 +22,11 @@ import attrs
 import trio
 
 from gateway.config import Config, FeedConfig, FixtureConfig, UpstreamSection
+from gateway.histogram import Histogram
 from gateway.model import FixtureStatus, FrameSink, ResumePoint
 from gateway.upstream._authgate import AuthGate
 from gateway.upstream._connect import Connector, open_trio_websocket_connector
+from gateway.upstream._dataage import DataAge
 from gateway.upstream._lean import open_websocket_connector
 from gateway.upstream._limiter import ConnectLimiter
 from gateway.upstream._runner import FixtureRunner, TokenReader, read_token_off_loop
@@ -86,6 +88,8 @@ class Supervisor:
         self._limiter = ConnectLimiter(config.upstream.connect_rate)
         self._gate = AuthGate()
         self._entries: dict[tuple[str, str], _Entry] = {}
+        # Per feed name, created with its first fixture; kept across reloads and stops.
+        self._data_age: dict[str, DataAge] = {}
         self._pending: list[_Entry] = []
         self._nursery: trio.Nursery | None = None
         self._active_connect: Connector | None = None
@@ -95,6 +99,12 @@ class Supervisor:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def data_age(self) -> Mapping[str, Histogram]:
+        """Per feed: how stale the vendor's frames were on arrival (``gateway.upstream.
+        _dataage``); a feed appears with its first fixture."""
+        return self._data_age
 
     @property
     def limiter(self) -> ConnectLimiter:
@@ -209,6 +219,7 @@ class Supervisor:
             read_token=self._read_token,
             resume=resume,
             watched=self._watched(feed.name, fixture.id),
+            data_age=self._data_age.setdefault(feed.name, DataAge()),
         )
         entry = _Entry(runner)
         self._entries[key] = entry
