@@ -23,19 +23,31 @@ EXIT_RUNTIME_ERROR: Final = 1
 EXIT_CONFIG_ERROR: Final = 2
 
 
-def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+#: The levels ``--log-level`` accepts (every subcommand that logs).
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, unless the text already says it or there is no
+    value to show (None, False, an empty list: the help text says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text.lower() or action.default in (None, False, []):
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _add_logging_options(
+    parser: argparse.ArgumentParser, *, level: str | None, level_help: str
+) -> None:
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),
         default="text",
-        help="one line per event: human text or JSON (default: text)",
+        help="one line per event: human text or JSON",
     )
-    parser.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default=None,
-        help="overrides [gateway] log_level",
-    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=level, help=level_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,24 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dde-gateway",
         description="Fan-out gateway for IMG Arena DDE live WebSocket feeds.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dde-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway service")
+    run = sub.add_parser("run", help="run the gateway service", formatter_class=HelpFormatter)
     run.add_argument("--config", type=Path, required=True, help="path to the TOML config")
-    _add_logging_options(run)
+    _add_logging_options(
+        run, level=None, level_help="overrides [gateway] log_level (default: the config's)"
+    )
 
     check = sub.add_parser(
         "check-config",
         help="make every check `run` makes before it starts: config, environment, files (exit 2 "
         "on errors)",
+        formatter_class=HelpFormatter,
     )
     check.add_argument("path", type=Path, help="path to the TOML config")
 
     config = sub.add_parser(
         "config",
         help="print the effective configuration (file, DDE_GATEWAY_* variables, defaults) as TOML",
+        formatter_class=HelpFormatter,
     )
     config.add_argument(
         "path",
@@ -76,42 +93,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="print every key with its default and meaning instead, as a commented TOML file",
     )
 
-    sim = sub.add_parser("simulate", help="run the DDE vendor simulator")
+    default_level = "info"
+    sim = sub.add_parser(
+        "simulate", help="run the DDE vendor simulator", formatter_class=HelpFormatter
+    )
     simulator.add_arguments(sim)
-    _add_logging_options(sim)
+    _add_logging_options(sim, level=default_level, level_help="the lowest level logged")
 
-    demo = sub.add_parser("demo", help="simulator + gateway on an embedded config; Ctrl-C stops")
-    demo.add_argument("--stream-port", type=int, default=8765)
-    demo.add_argument("--http-port", type=int, default=8780)
-    demo.add_argument("--simulator-port", type=int, default=8799)
-    _add_logging_options(demo)
+    demo = sub.add_parser(
+        "demo",
+        help="simulator + gateway on an embedded config; Ctrl-C stops",
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument(
+        "--stream-port",
+        type=int,
+        default=8765,
+        help="subscriber WebSocket port; 0 picks a free one",
+    )
+    demo.add_argument(
+        "--http-port",
+        type=int,
+        default=8780,
+        help="HTTP API and dashboard port; 0 picks a free one",
+    )
+    demo.add_argument(
+        "--simulator-port", type=int, default=8799, help="the simulator's port; 0 picks a free one"
+    )
+    _add_logging_options(demo, level=default_level, level_help="the lowest level logged")
 
     from gateway import client
 
     watch = sub.add_parser(
-        "watch", help="subscribe to topics and print what arrives (on the Python client)"
+        "watch",
+        help="subscribe to topics and print what arrives (on the Python client)",
+        formatter_class=HelpFormatter,
     )
     client.add_arguments(watch)
 
     from gateway.bench import add_arguments as add_bench_arguments
 
-    bench = sub.add_parser("bench", help="fan-out benchmark against a websockets peer")
+    bench = sub.add_parser(
+        "bench", help="fan-out benchmark against a websockets peer", formatter_class=HelpFormatter
+    )
     add_bench_arguments(bench)
 
     soak = sub.add_parser(
-        "soak", help="random vendor faults against a gateway, every frame checked (release check)"
+        "soak",
+        help="random vendor faults against a gateway, every frame checked (release check)",
+        formatter_class=HelpFormatter,
     )
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of faults")
     soak.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
-    soak.add_argument("--workdir", type=Path, default=None, help="where the token file goes")
+    soak.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the token file goes (default: a temporary directory, removed at the end)",
+    )
     soak.add_argument(
         "--max-silence",
         type=float,
         default=None,
         help="fail when a fixture goes longer without a frame (seconds, default 10)",
     )
-    soak.add_argument("--log-format", choices=("text", "json"), default="text")
-    soak.add_argument("--log-level", default="warning")
+    _add_logging_options(soak, level="warning", level_help="the lowest level logged")
     return parser
 
 

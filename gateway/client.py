@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=pathlib.Path,
         default=None,
-        help="file holding a subscriber token (sent as Authorization: Bearer)",
+        help="file holding a subscriber token, sent as Authorization: Bearer (default: none sent)",
     )
     parser.add_argument(
         "--ca-file",

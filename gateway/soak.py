@@ -50,6 +50,8 @@ RECOVERY_LIMIT: Final = 20.0
 #: frames a subscriber got, fault time included. Healthy runs stay under 5 s (4.6 s in 600 s,
 #: seed 0); each fixture retrying a refused token with a doubling wait reached 15.4 s in 150 s.
 MAX_SILENCE: Final = 10.0
+#: Seconds between two progress lines while faults are injected.
+PROGRESS_INTERVAL: Final = 10.0
 
 
 @attrs.define
@@ -221,6 +223,27 @@ async def _inject(
         sim.connection_faults.handshake_delay = 0.0
 
 
+def progress_line(report: SoakReport, elapsed: float) -> str:
+    """One progress line: how far the run is, what it injected and checked so far."""
+    return (
+        f"soak: {elapsed:.0f}/{report.seconds:.0f} s, faults so far "
+        f"{sum(report.faults.values())}, frames checked {report.frames_checked:,}, "
+        f"lost {report.lost}, duplicated {report.duplicated}, out of order "
+        f"{report.out_of_order}, seq jumps {report.seq_jumps}"
+    )
+
+
+async def _report_progress(
+    report: SoakReport, progress: Callable[[str], None], interval: float, start: float
+) -> None:
+    """A progress line every *interval* seconds (cancelled with the run)."""
+    next_at = start + interval
+    while True:
+        await trio.sleep_until(next_at)
+        progress(progress_line(report, trio.current_time() - start))
+        next_at += interval
+
+
 async def _subscribe(
     url: str,
     feeds: list[tuple[str, str]],
@@ -251,10 +274,13 @@ async def run_soak(
     max_silence: float = MAX_SILENCE,
     workdir: Path,
     progress: Callable[[str], None] | None = None,
+    progress_interval: float = PROGRESS_INTERVAL,
 ) -> SoakReport:
     """Run the soak for *duration* seconds of faults, then check that everything recovered.
 
     Returns the report; never raises for a misbehaving gateway (that is what the report says).
+    *progress* gets a line at the start and then every *progress_interval* seconds while faults
+    are injected (faults so far, frames checked, problems).
     """
     rng = random.Random(seed)
     report = SoakReport(seconds=duration, seed=seed, faults={}, max_silence=max_silence)
@@ -285,6 +311,7 @@ async def run_soak(
             start = trio.current_time()
             if progress:
                 progress(f"soak: injecting faults for {duration:.0f} s (seed {seed})")
+                nursery.start_soon(_report_progress, report, progress, progress_interval, start)
             await _inject(sim, [f for _, f in ids], rng, report, start + duration)
             # Recovery: every fixture delivers to every subscriber again after the last fault.
             mark = trio.current_time()
@@ -318,7 +345,7 @@ def main(duration: float, seed: int, workdir: Path | None, max_silence: float = 
                 seed=seed,
                 workdir=where,
                 max_silence=max_silence,
-                progress=print,
+                progress=lambda line: print(line, flush=True),
             )
         )
     for line in report.lines():

@@ -47,6 +47,8 @@ RSV1: Final = 0x40
 MASK_BIT: Final = 0x80
 #: Longest payload of a control frame (close, ping, pong).
 MAX_CONTROL_PAYLOAD: Final = 125
+#: Longest close reason: the control payload less the 2-byte code.
+MAX_CLOSE_REASON_BYTES: Final = MAX_CONTROL_PAYLOAD - 2
 
 # -- close codes (RFC 6455 7.4.1, plus the gateway's own in the 4000 range) -----------------
 CLOSE_NORMAL: Final = 1000
@@ -67,6 +69,12 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
 #: The gateway's own: a subscriber's queue passed its byte budget (too slow to keep up).
 CLOSE_TOO_SLOW: Final = 4008
+#: The gateway's own: an operator disconnected this subscriber (``DELETE /v1/subscribers/{id}``);
+#: the close reason is the operator's, after :data:`DISCONNECTED_REASON_PREFIX`.
+CLOSE_DISCONNECTED: Final = 4009
+DISCONNECTED_REASON_PREFIX: Final = "disconnected by an operator"
+#: The reason sent with :data:`CLOSE_GOING_AWAY` by a drain: resume on another instance.
+DRAIN_REASON: Final = "going away: draining, resume on another instance"
 
 _LEN16: Final = struct.Struct("!BBH")
 _LEN64: Final = struct.Struct("!BBQ")

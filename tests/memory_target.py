@@ -27,7 +27,14 @@ from gateway.controlplane import (
     SubscriberView,
     Totals,
 )
-from gateway.dataplane import STREAM_PATH, subscriber_order
+from gateway.dataplane import (
+    STREAM_PATH,
+    Page,
+    SubscriberQuery,
+    run_query,
+    subscriber_order,
+    view_facts,
+)
 from gateway.hub import UnknownFeedError
 from gateway.model import FixtureState, FixtureStatus, UpstreamCounters, sum_counters
 from gateway.replay import ReplayCounters
@@ -104,6 +111,9 @@ class MemoryTarget:
         self._slow_disconnects = 0
         self._rate_limited = 0
         self._ping_timeouts = 0
+        #: Subscribers disconnected through the API, with the reason given.
+        self.disconnected = 0
+        self.disconnect_reasons: dict[str, str] = {}
         self._auth_failures: dict[str, int] = {}
         self._feed_counters = {name: UpstreamCounters() for name in config.feeds}
         self._refused: dict[str, int] = {}
@@ -175,6 +185,16 @@ class MemoryTarget:
             views = [v for v in views if subscriber_order(v.id) > subscriber_order(after)]
         return views if limit is None else views[:limit]
 
+    async def subscriber_query(self, query: SubscriberQuery) -> Page[SubscriberView]:
+        return await run_query(list(self._subscribers.values()), view_facts, query)
+
+    def disconnect_subscriber(self, ident: str, reason: str) -> bool:
+        if self._subscribers.pop(ident, None) is None:
+            return False
+        self.disconnected += 1
+        self.disconnect_reasons[ident] = reason
+        return True
+
     def stream_endpoint(self) -> StreamEndpoint | None:
         return self.stream
 
@@ -186,6 +206,7 @@ class MemoryTarget:
             slow_disconnects=self._slow_disconnects,
             rate_limited=self._rate_limited,
             ping_timeouts=self._ping_timeouts,
+            disconnected=self.disconnected,
             subscribers=len(self._subscribers),
             batched=sum(v.batched for v in self._subscribers.values()),
             batch_groups=self.batch_groups,

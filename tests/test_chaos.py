@@ -11,6 +11,7 @@ wait of its own). Longer runs: ``dde-gateway soak --duration 600`` before a rele
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,20 @@ from gateway.soak import FAULTS, MAX_SILENCE, run_soak
 # wait left one fixture 15 s without a frame (bound MAX_SILENCE, 10 s); with the probe, 2.1 s.
 @pytest.mark.parametrize("seed", [3, 4])
 async def test_random_upstream_faults_lose_and_repeat_nothing(tmp_path: Path, seed: int) -> None:
+    lines: list[str] = []
     with trio.fail_after(90):
-        report = await run_soak(duration=10.0, seed=seed, workdir=tmp_path)
+        report = await run_soak(
+            duration=10.0, seed=seed, workdir=tmp_path, progress=lines.append, progress_interval=2.0
+        )
     assert report.ok, "\n".join(report.lines())
+    # Progress while it runs (`soak --duration 600` prints every 10 s): faults and frames so far.
+    assert lines[0].startswith("soak: injecting faults for 10 s")
+    counts = [
+        [int(n.replace(",", "")) for n in re.findall(r"(?:so far|checked) ([\d,]+)", line)]
+        for line in lines[1:]
+    ]
+    assert len(counts) >= 3 and all(len(c) == 2 for c in counts), lines
+    assert counts == sorted(counts) and counts[-1][1] > 0, lines
     assert report.frames_checked > 1000
     assert sum(report.faults.values()) >= 5 and len(report.faults) >= 3
     assert report.faults.get("auth_flap", 0) >= 2

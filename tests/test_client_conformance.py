@@ -383,3 +383,44 @@ async def test_replay_prints_the_match_again_at_its_pace(tmp_path: Path, runner:
 def _topic_seq(gw: Gateway) -> int:
     topic = gw.hub.get("tracking", FX)
     return 0 if topic is None else topic.seq
+
+
+async def test_a_feed_the_token_does_not_allow_ends_with_the_gateways_error(
+    tmp_path: Path, runner: str
+) -> None:
+    # A token for the tracking feed only, asking for an actions fixture: refused by the gateway;
+    # the command ends (its only subscription ended) and shows the gateway's reason.
+    tokens = write_tokens(tmp_path)
+    mine = tmp_path / "my-token"
+    mine.write_text(TRACKING_ONLY + "\n")
+    with trio.fail_after(60):
+        async with site(tmp_path, subscribers={"tokens_file": str(tokens)}) as s, s.gateway():
+            args = ["--events", "--token-file", str(mine), "--url", s.url, "actions/any-fixture"]
+            async with watch(runner, args) as w:
+                assert await w.exit_code() == 0
+    (error,) = w.events("error")
+    assert error["fatal"] is False and error["feed"] == "actions"
+    assert "not allowed" in error["message"] or "token" in error["message"], error
+    (unsubscribed,) = w.events("unsubscribed")
+    assert unsubscribed["reason"] == error["message"]
+    assert not any(TRACKING_ONLY in line for line in [*map(str, w.lines), *w.err])
+
+
+async def test_without_events_a_loss_is_printed_as_such(tmp_path: Path) -> None:
+    # The default output (frames summarised): a restart without a recorder shows the resume
+    # with recovered: false and the loss, as JSON lines between the frame lines.
+    with trio.fail_after(90):
+        async with site(tmp_path) as s:
+            async with s.gateway():
+                url = s.url
+            async with watch("python", ["--url", url, f"tracking/{FX}"]) as w:
+                async with s.gateway():
+                    await w.wait_for(lambda: len(w.junk) >= 30, "30 frame lines")
+                async with s.gateway():
+                    await w.wait_for(lambda: bool(w.events("loss")), "the loss line")
+                assert await w.stop() == 0
+    first, second = w.events("subscribed")
+    assert (first["resumed"], second["resumed"], second["recovered"]) == (False, True, False)
+    (loss,) = w.events("loss")
+    assert loss["reason"] == "epoch_changed" and loss["from_seq"] >= 30
+    assert all(line.startswith(f"frame tracking/{FX} seq=") for line in w.junk)

@@ -45,7 +45,7 @@ from gateway.controlplane import (
     make_registry,
     run,
 )
-from gateway.dataplane import AUTH_ENDPOINTS
+from gateway.dataplane import AUTH_ENDPOINTS, Page, SubscriberQuery
 from gateway.model import FixtureState, UpstreamCounters
 from tests.conftest import TEST_TOKEN
 from tests.kit import wait_until
@@ -520,6 +520,7 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "conflated": 0,
                 "write_delay_ms": 0,
                 "batched": False,
+                "slow": False,
             },
             {
                 "id": "b",
@@ -533,6 +534,7 @@ async def test_subscribers(tmp_path: Path) -> None:
                 "conflated": 3,
                 "write_delay_ms": 5,
                 "batched": True,
+                "slow": False,
             },
         ]
 
@@ -554,9 +556,7 @@ async def test_unknown_route_and_wrong_method_are_json(tmp_path: Path) -> None:
 
 async def test_facade_error_is_a_json_500_and_the_server_survives(tmp_path: Path) -> None:
     class Broken(MemoryTarget):
-        def subscriber_views(
-            self, after: str | None = None, limit: int | None = None
-        ) -> list[SubscriberView]:
+        async def subscriber_query(self, query: SubscriberQuery) -> Page[SubscriberView]:
             raise RuntimeError("facade bug")
 
     config = make_config(tmp_path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import requests
 import trio
 import trio_websocket
@@ -33,6 +34,7 @@ from schemathesis.checks import not_a_server_error
 from gateway.config import ListenAddress
 from gateway.controlplane import CLUSTER_COUNTERS, MAX_BODY_BYTES, run
 from gateway.service import Gateway
+from gateway.wire import CLOSE_DISCONNECTED, DISCONNECTED_REASON_PREFIX
 from tests.conftest import TEST_TOKEN
 from tests.kit import (
     gateway_config,
@@ -59,6 +61,9 @@ WRONG = {"Authorization": "Bearer not-a-token"}
 ONE = "/v1/fixtures/{feed}/{fixture}"
 LATEST = "/v1/fixtures/{feed}/{fixture}/latest"
 RECORDING = "/v1/fixtures/{feed}/{fixture}/recording"
+SUBSCRIBER = "/v1/subscribers/{id}"
+#: The second subscriber of the test below: the one the API disconnects.
+SECOND = {"id": "2"}
 _Step = Callable[[Gateway], Awaitable[None]] | None
 #: What only a gateway with ``[cluster]`` answers.
 CLUSTER_ONLY = {
@@ -130,6 +135,12 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Step]] = 
     (RECORDING, "GET", _fx(NO_FRAMES, "actions"), READ, None, 404, None),  # never recorded
     ("/v1/recordings", "GET", {}, READ, None, 200, None),
     ("/v1/recordings", "GET", {}, {}, None, 401, None),
+    (SUBSCRIBER, "DELETE", SECOND, {}, None, 401, None),
+    (SUBSCRIBER, "DELETE", SECOND, READ, None, 403, None),
+    (SUBSCRIBER, "DELETE", SECOND, ADMIN, {"reason": "bad\u0007"}, 400, None),
+    (SUBSCRIBER, "DELETE", SECOND, ADMIN, {"reason": "x" * MAX_BODY_BYTES}, 413, None),
+    (SUBSCRIBER, "DELETE", SECOND, ADMIN, {"reason": "maintenance"}, 204, None),
+    (SUBSCRIBER, "DELETE", {"id": "999"}, ADMIN, None, 404, None),
     ("/readyz", "GET", {}, {}, None, 503, _drain),  # last: it stops the gateway's traffic
 ]
 # With a query string: (path, method, path params, query, headers, status).
@@ -140,6 +151,7 @@ QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str]
     ("/v1/fixtures", "GET", {}, {"after": "tracking"}, READ, 400),
     ("/v1/recordings", "GET", {}, {"limit": 1001}, READ, 400),
     ("/v1/subscribers", "GET", {}, {"limit": 0}, READ, 400),
+    ("/v1/subscribers", "GET", {}, {"sort": "-frames_sent", "after": "999"}, READ, 404),
 ]
 
 
@@ -220,15 +232,27 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
                         pass
 
                 nursery.start_soon(read_until_stopped)
-                seen, bodies = await trio.to_thread.run_sync(
-                    _run_cases, f"http://{gw.bound.http}", gw, abandon_on_cancel=True
-                )
+                async with trio_websocket.open_websocket_url(stream_url(gw)) as second:
+                    await wait_until(lambda: len(gw.registry) == 2)
+                    seen, bodies = await trio.to_thread.run_sync(
+                        _run_cases, f"http://{gw.bound.http}", gw, abandon_on_cancel=True
+                    )
+                    # The DELETE closed it with the operator's reason.
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        while True:
+                            await second.get_message()
+                    assert closed.value.reason is not None
+                    assert (closed.value.reason.code, closed.value.reason.reason) == (
+                        CLOSE_DISCONNECTED,
+                        f"{DISCONNECTED_REASON_PREFIX}: maintenance",
+                    )
     # A single node with a recorder (which [cluster] does not allow yet): /v1/cluster 200 is the
     # test below's.
     assert seen == documented_statuses() - CLUSTER_ONLY
     assert stopped == []  # the subscriber followed FX, never the deleted FX2
 
-    (sub,) = orjson.loads(bodies["/v1/subscribers"])
+    sub, second_view = orjson.loads(bodies["/v1/subscribers"])
+    assert (second_view["id"], second_view["subscriptions"]) == ("2", [])
     assert (sub["endpoint"], sub["subscriptions"]) == ("/v1/stream", [f"tracking/{FX}"])
     assert sub["peer"].startswith("127.0.0.1:")
     assert orjson.loads(bodies[LATEST])["id"] == FX
@@ -246,7 +270,7 @@ async def test_every_documented_status_from_a_real_gateway(tmp_path: Path) -> No
     assert got[("dde_frames_received_total", (("feed", "tracking"),))] > 0
     assert got[("dde_frames_received_total", (("feed", "actions"),))] == 0
     assert got[("dde_fixtures", (("feed", "tracking"), ("state", "live")))] >= 1
-    assert got[("dde_subscribers", ())] == 1
+    assert got[("dde_subscribers", ())] == 2  # the second one is disconnected after this
     assert got[("dde_frames_sent_total", ())] > 0
     inf = got[("dde_fanout_latency_seconds_bucket", (("le", "+Inf"),))]
     assert inf == got[("dde_fanout_latency_seconds_count", ())]

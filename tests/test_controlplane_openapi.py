@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from gateway.config import ListenAddress
 from gateway.controlplane import MAX_BODY_BYTES, build_app, run
+from gateway.dataplane import SubscriberView
 from tests.conftest import TEST_TOKEN
 from tests.memory_target import MemoryTarget
 from tests.test_controlplane import (
@@ -59,6 +60,8 @@ def spec() -> dict[str, Any]:
 # tests/test_hostile_api.py) are driven over raw sockets instead.
 SOCKET_LEVEL_STATUSES = {
     ("/v1/fixtures/{feed}/{fixture}", "PUT", 408),
+    # The same body reader as PUT's (its 408 is tested there over a raw socket).
+    ("/v1/subscribers/{id}", "DELETE", 408),
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 429),
     ("/v1/fixtures/{feed}/{fixture}/recording", "GET", 503),
 }
@@ -129,6 +132,12 @@ def _cluster(target: MemoryTarget) -> None:
     target.set_role("soccer", "9", owner=None, role="relay")
 
 
+def _subscriber(target: MemoryTarget) -> None:
+    target.add_subscriber(
+        SubscriberView("5", "10.0.0.5:4000", "/v1/stream", ("soccer/123",), 0, 1, 0, 4.0)
+    )
+
+
 def _single_node(target: MemoryTarget) -> None:
     target.cluster = None
     target.degraded = None
@@ -139,6 +148,7 @@ def _single_node(target: MemoryTarget) -> None:
 _PARAMS_123 = {"feed": "soccer", "fixture": "123"}
 _PARAMS_9 = {"feed": "soccer", "fixture": "9"}
 _PARAMS_10 = {"feed": "soccer", "fixture": "10"}
+_ID_5 = {"id": "5"}
 _Setup = Callable[[MemoryTarget], None] | None
 _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] = [
     # The dashboard is open even with read tokens configured (it holds no data).
@@ -221,6 +231,28 @@ _CASES: list[tuple[str, str, dict[str, str], dict[str, str], Any, int, _Setup]] 
     ),
     ("/v1/subscribers", "GET", {}, ADMIN, None, 200, None),
     ("/v1/subscribers", "GET", {}, {}, None, 401, None),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, {"reason": "upgrade"}, 204, _subscriber),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, None, 404, None),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, ADMIN, {"reason": 5}, 400, _subscriber),
+    ("/v1/subscribers/{id}", "DELETE", _ID_5, {}, None, 401, None),
+    (
+        "/v1/subscribers/{id}",
+        "DELETE",
+        _ID_5,
+        {"Authorization": f"Bearer {READ_TOKEN}"},
+        None,
+        403,
+        None,
+    ),
+    (
+        "/v1/subscribers/{id}",
+        "DELETE",
+        _ID_5,
+        ADMIN,
+        {"reason": "x" * MAX_BODY_BYTES},
+        413,
+        None,
+    ),
     ("/metrics", "GET", {}, ADMIN, None, 200, None),
     ("/metrics", "GET", {}, {}, None, 401, None),
     ("/v1/fixtures/{feed}/{fixture}/latest", "GET", _PARAMS_123, ADMIN, None, 200, _publish),
@@ -250,6 +282,9 @@ _QUERY_CASES: list[tuple[str, str, dict[str, str], dict[str, Any], dict[str, str
     ("/v1/fixtures", "GET", {}, {"limit": 0}, ADMIN, 400),
     ("/v1/recordings", "GET", {}, {"after": "no-slash"}, ADMIN, 400),
     ("/v1/subscribers", "GET", {}, {"limit": 1001}, ADMIN, 400),
+    ("/v1/subscribers", "GET", {}, {"sort": "-queued_bytes", "after_value": "x"}, ADMIN, 400),
+    ("/v1/subscribers", "GET", {}, {"sort": "-queued_bytes", "after": "gone"}, ADMIN, 404),
+    ("/v1/subscribers", "GET", {}, {"feed": "soccer", "slow": "false"}, ADMIN, 200),
 ]
 
 
@@ -363,3 +398,45 @@ def test_spec_is_closed() -> None:
     for node in _walk(spec()["components"]["schemas"]):
         if isinstance(node, dict) and node.get("type") == "object":
             assert node.get("additionalProperties") is False, node
+
+
+def _security(op: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = op.get("security", spec()["security"])
+    return found
+
+
+async def test_no_token_is_allowed_where_the_server_runs_without_token_files(
+    tmp_path: Path,
+) -> None:
+    # Token files are optional ([api]): every operation of the document accepts no token ({})
+    # beside the bearer token, and a gateway without token files answers each without one.
+    operations = [
+        (path, method.upper())
+        for path, item in spec()["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    ]
+    for path, method in operations:
+        security = _security(spec()["paths"][path][method.lower()])
+        assert security == [] or {} in security, (path, method, security)
+    config = make_config(tmp_path)  # no admin or read tokens file
+    target = MemoryTarget(config)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            address: ListenAddress = await nursery.start(run, config, target)
+
+            def requests_without_a_token() -> list[tuple[str, str, int]]:
+                out = []
+                with requests.Session() as session:
+                    for path, method in operations:
+                        url = f"http://{address}" + path.replace("{feed}", "soccer").replace(
+                            "{fixture}", "123"
+                        ).replace("{name}", "app.js").replace("{id}", "1")
+                        out.append(
+                            (path, method, session.request(method, url, timeout=10).status_code)
+                        )
+                return out
+
+            answers = await trio.to_thread.run_sync(requests_without_a_token)
+            nursery.cancel_scope.cancel()
+    assert [a for a in answers if a[2] in (401, 403)] == []

@@ -42,6 +42,7 @@ import pytest
 import trio
 import trio_websocket
 
+from gateway.dataplane import SubscriberView
 from gateway.model import FixtureState
 from gateway.service import Gateway
 from gateway.simulator import Simulator
@@ -456,3 +457,82 @@ async def test_the_fastpath_view_resumes_across_a_restart_without_repeating_acti
     assert before + 3 < shown <= published, (before, shown, published)
     # Chromium's line for each connection refused while the gateway restarted; nothing else.
     assert [e for e in session.errors if "ERR_CONNECTION_REFUSED" not in e] == []
+
+
+def _subscriber_rows(page: Page, count_text: str) -> list[str]:
+    """The subscriber ids shown once the panel's count reads *count_text*."""
+    page.wait_for_function(
+        "t => document.querySelector('#subscribers-count').textContent === t",
+        arg=count_text,
+        timeout=WAIT_MS,
+    )
+    return [
+        str(page.locator("#subscribers tbody tr").nth(i).get_attribute("data-subscriber"))
+        for i in range(page.locator("#subscribers tbody tr").count())
+    ]
+
+
+async def test_dashboard_pages_and_filters_the_subscribers(
+    tmp_path: Path, chromium: BrowserThread
+) -> None:
+    # 130 subscribers: more than a page (100). Every third on fixture 1; every fifth slow.
+    config = make_config(tmp_path)
+    target = MemoryTarget(config, version="9.9.9")
+    views = [
+        SubscriberView(
+            id=str(i),
+            peer=f"10.0.0.{i % 250}:4000",
+            endpoint="/v1/stream",
+            subscriptions=(f"soccer/{i % 3}",),
+            queued_bytes=(i * 37) % 1009,
+            frames_sent=i,
+            frames_dropped=0,
+            connected_at=1000.0 + i,
+            slow=i % 5 == 0,
+        )
+        for i in range(1, 131)
+    ]
+    for view in views:
+        target.add_subscriber(view)
+    by_queued = [v.id for v in sorted(views, key=lambda v: (-v.queued_bytes, int(v.id)))]
+    with trio.fail_after(90):
+        async with serving(config, target) as (client, _):
+            assert (await client.get("/v1/subscribers?limit=1")).status == 200
+            session = await chromium.run(lambda b: _open(b, f"http://{client.address}/"))
+            page = session.page
+            first = await chromium.run(lambda b: _subscriber_rows(page, "(130, 1-100 shown)"))
+            await chromium.run(lambda b: page.locator("#sf-next").click())
+            second = await chromium.run(lambda b: _subscriber_rows(page, "(130, 101-130 shown)"))
+            await chromium.run(lambda b: page.locator("#sf-prev").click())
+            again = await chromium.run(lambda b: _subscriber_rows(page, "(130, 1-100 shown)"))
+
+            def filter_fixture_1(b: Browser) -> list[str]:
+                page.locator("#sf-fixture").fill("1")
+                page.locator("#sf-fixture").press("Tab")  # change: back to the first page
+                return _subscriber_rows(page, "(44, 1-44 shown)")
+
+            fixture_1 = await chromium.run(filter_fixture_1)
+
+            def slow_only(b: Browser) -> list[str]:
+                page.locator("#sf-slow").check()
+                return _subscriber_rows(page, "(9, 1-9 shown)")
+
+            slow_1 = await chromium.run(slow_only)
+            slow_marked = await chromium.run(
+                lambda b: page.locator("#subscribers tbody tr.slow").count()
+            )
+            _save("dashboard-subscribers.png", await chromium.run(lambda b: page.screenshot()))
+            await chromium.run(lambda b: page.context.close())
+    # Pages in the gateway's order (most queued first), each subscriber once.
+    assert first + second == by_queued and again == first
+    assert fixture_1 == [
+        v.id
+        for v in sorted(views, key=lambda v: (-v.queued_bytes, int(v.id)))
+        if v.subscriptions == ("soccer/1",)
+    ]
+    assert sorted(slow_1, key=int) == [
+        v.id for v in views if v.subscriptions == ("soccer/1",) and v.slow
+    ]
+    assert slow_marked == len(slow_1)
+    assert session.errors == []
+    assert session.off_host() == []

@@ -23,6 +23,7 @@ import trio
 import trio_websocket
 
 from gateway.simulator import Simulator
+from gateway.wire import CLOSE_GOING_AWAY, DRAIN_REASON
 from tests.conftest import TEST_TOKEN
 from tests.kit import TRACKING_PATH, GatewayProcess, http_get, wait_until
 
@@ -184,7 +185,7 @@ async def test_ready_then_sigterm_drains_50_subscribers(tmp_path: Path) -> None:
                 # Generous: drain_timeout (5 s) plus interpreter exit on a loaded machine.
                 assert elapsed < 5.0 + 10.0
                 assert len(closes) == 50
-                assert all(c == (1001, "going away") for c in closes), set(closes)
+                assert all(c == (CLOSE_GOING_AWAY, DRAIN_REASON) for c in closes), set(closes)
                 await proc.wait_for(lambda: "STOPPING=1" in proc.notes)
 
 

@@ -1048,3 +1048,21 @@ async def test_one_info_line_per_connection_without_the_token(
     assert len(lines) == 1
     assert "tracking fx: dropped" in lines[0] and "3 data frames (close 4000)" in lines[0]
     assert TEST_TOKEN not in caplog.text
+
+
+async def test_client_close_is_logged_with_its_code_not_as_no_close_frame(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.simulator")
+    sim = make_sim()
+    sim.add_fixture("fx")
+    with trio.fail_after(TIMEOUT):
+        async with serving(sim) as port:
+            async with tracking(port) as ws:
+                await send(ws, {"fixtureId": "fx", "backfill": -1})
+                await next_data(ws)
+                await ws.aclose(1000)
+            await wait_until(lambda: sim.active_connections == 0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conn ")]
+    assert len(lines) == 1
+    assert lines[0].endswith("(client closed 1000)"), lines[0]

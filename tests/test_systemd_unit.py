@@ -252,3 +252,37 @@ def test_verify_check_catches_a_broken_unit(tmp_path: Path, path: Path) -> None:
     _, complaints = verify(broken, tmp_path, path.name)
     assert any("ProtectEverything" in line for line in complaints)
     assert any("stricter" in line for line in complaints)
+
+
+INSTALL_DOCS = [SYSTEMD_DIR.parent / "README.md", SYSTEMD_DIR.parent / "docs" / "operations.md"]
+
+
+def _install_block(path: Path) -> str:
+    """The first ``sh`` block after the install heading of *path*."""
+    text = path.read_text()
+    heading = re.search(r"^## Install.*$", text, re.M)
+    assert heading is not None, path
+    block = re.search(r"^```sh\n(.*?)^```", text[heading.end() :], re.M | re.S)
+    assert block is not None, path
+    return block.group(1)
+
+
+@pytest.mark.parametrize("doc", INSTALL_DOCS, ids=lambda p: p.name)
+def test_install_steps_put_the_command_on_path_and_the_docs_where_the_unit_says(
+    unit: Unit, doc: Path
+) -> None:
+    steps = _install_block(doc)
+    binary = the_value(unit, "Service", "ExecStart").split()[0]
+    # The unit's binary is what the install steps create, and it is linked onto PATH.
+    assert (
+        binary.startswith("/opt/dde-gateway/.venv/bin/")
+        and "python3 -m venv /opt/dde-gateway/.venv" in steps
+    )
+    assert f"ln -sf {binary} /usr/local/bin/dde-gateway" in steps
+    # Documentation= names a page the steps copy, and the page exists in the repository.
+    doc_url = the_value(unit, "Unit", "Documentation")
+    assert doc_url.startswith("file:///opt/dde-gateway/docs/"), doc_url
+    page = doc_url.removeprefix("file:///opt/dde-gateway/docs/")
+    assert (SYSTEMD_DIR.parent / "docs" / page).is_file()
+    assert "cp -rT /path/to/this/checkout/docs /opt/dde-gateway/docs" in steps
+    assert "<<<" not in steps  # not POSIX sh

@@ -28,6 +28,8 @@ from gateway.config._tokens import SubscriberTokens, read_subscriber_tokens
 DEFAULT_STREAM_LISTEN: Final = "127.0.0.1:8765"
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8780"
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+#: Seconds a drain spreads its subscriber closes over (lame duck), within drain_timeout.
+DEFAULT_LAME_DUCK_PERIOD: Final = 3.0
 #: ``SO_REUSEPORT`` on both listeners: several gateway processes on one host share the
 #: addresses and the kernel spreads new connections over them (docs/operations.md).
 DEFAULT_REUSE_PORT: Final = False
@@ -203,6 +205,9 @@ class GatewaySection:
     stream_listen: ListenAddress = _STREAM_LISTEN
     http_listen: ListenAddress = _HTTP_LISTEN
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_positive)
+    #: A drain closes its subscribers spread evenly over this many seconds (0: all at once),
+    #: so they do not all reconnect elsewhere in the same instant. Under drain_timeout.
+    lame_duck_period: float = attrs.field(default=DEFAULT_LAME_DUCK_PERIOD, validator=_non_negative)
     log_level: LogLevel = "info"
     #: PEM certificate (chain) and key: both set = wss:// on stream_listen, https:// on
     #: http_listen. Read at start (see gateway.config.load_server_tls).
@@ -215,6 +220,11 @@ class GatewaySection:
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.lame_duck_period >= self.drain_timeout:
+            raise ValueError(
+                f"lame_duck_period ({self.lame_duck_period:g}) must be under drain_timeout "
+                f"({self.drain_timeout:g}): the closes must finish within the drain"
+            )
         if self.reuse_port:
             if not hasattr(socket, "SO_REUSEPORT"):
                 raise ValueError(

@@ -34,6 +34,7 @@ HELP: Final[Mapping[str, str]] = {
     "gateway.stream_listen": "subscribers' WebSocket listener, HOST:PORT or [V6]:PORT",
     "gateway.http_listen": "the HTTP control plane's listener",
     "gateway.drain_timeout": "seconds a SIGTERM drain may take before everything is cut",
+    "gateway.lame_duck_period": "seconds a drain spreads its subscriber closes over (0: at once)",
     "gateway.log_level": "debug, info, warning or error (--log-level overrides)",
     "gateway.tls_cert_file": "PEM certificate chain: with tls_key_file, both listeners use TLS",
     "gateway.tls_key_file": "PEM key of the certificate (not encrypted); set both or neither",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeVar
@@ -46,7 +47,7 @@ from gateway.controlplane._target import (
     RecordingView,
     StreamEndpoint,
 )
-from gateway.dataplane import SubscriberView
+from gateway.dataplane import CursorGone, SubscriberQuery, SubscriberView
 from gateway.errors import BadRequest
 from gateway.hub import FIXTURE_ID_PATTERN, UnknownFeedError, valid_fixture_id
 from gateway.model import FixtureState, snapshot_keys
@@ -55,6 +56,9 @@ logger = logging.getLogger("gateway.http")
 
 DEFAULT_FOLLOW_BACKFILL: Final = 0  # live only, as for a configured fixture without backfill
 MAX_BODY_BYTES: Final = 4096
+#: Longest ``reason`` of ``DELETE /v1/subscribers/{id}`` (the close frame takes the first bytes).
+MAX_DISCONNECT_REASON: Final = 200
+_CONTROL_CHAR: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: Seconds a client has to send a whole request body; a slower one is answered 408.
 BODY_TIMEOUT: Final = 10.0
 #: The keys of a fixture's ``upstream`` object: every upstream counter, defined once.
@@ -123,6 +127,74 @@ def parse_follow_body(body: bytes) -> int:
     if backfill < -1:
         raise BadRequest("$.backfill: must be >= -1 (-1 = all, 0 = live only, n = last n)")
     return backfill
+
+
+def parse_disconnect_body(body: bytes) -> str:
+    """The ``reason`` of a ``DELETE /v1/subscribers/{id}`` body; empty means none.
+
+    Strict: an object with at most the key ``reason``, a string of at most
+    :data:`MAX_DISCONNECT_REASON` characters and no control character (it goes into a close
+    frame and a log line). Raises :class:`BadRequest`.
+    """
+    if not body.strip():
+        return ""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("$: body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"$: expected an object, got {_describe(data)}")
+    for key in sorted(data):
+        if key != "reason":
+            raise BadRequest(f"$.{key}: unknown key (allowed: reason)")
+    reason = data.get("reason", "")
+    if not isinstance(reason, str):
+        raise BadRequest(f"$.reason: expected a string, got {_describe(reason)}")
+    if len(reason) > MAX_DISCONNECT_REASON or _CONTROL_CHAR.search(reason):
+        raise BadRequest(f"$.reason: at most {MAX_DISCONNECT_REASON} characters, no control ones")
+    return reason
+
+
+def _subscriber_query(request: Request, limit: int) -> tuple[SubscriberQuery, dict[str, str]]:
+    """The filters and order of ``GET /v1/subscribers``, and the query parameters a next
+    page's link repeats."""
+    params = request.query_params
+    kept: dict[str, str] = {}
+
+    def text(name: str) -> str | None:
+        values = params.getlist(name)
+        if not values:
+            return None
+        kept[name] = values[-1]
+        return values[-1]
+
+    after_value: float | None = None
+    value_text = params.getlist("after_value")
+    if value_text:
+        try:
+            after_value = float(value_text[-1])
+        except ValueError:
+            raise BadRequest("query.after_value: must be a number") from None
+    slow_text = text("slow")
+    if slow_text not in (None, "true", "false"):
+        raise BadRequest("query.slow: must be true or false")
+    sort = text("sort") or "id"
+    query = SubscriberQuery(
+        feed=text("feed"),
+        fixture=text("fixture"),
+        endpoint=text("endpoint"),
+        slow=None if slow_text is None else slow_text == "true",
+        sort=sort.removeprefix("-"),
+        descending=sort.startswith("-"),
+        after=_query_after(request),
+        after_value=after_value,
+        limit=limit,
+    )
+    try:
+        query.check()
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return query, kept
 
 
 def recording_json(view: RecordingView) -> dict[str, Any]:
@@ -196,14 +268,22 @@ async def render_list(items: Sequence[_T], render: Callable[[_T], dict[str, Any]
 
 
 def page_response(
-    body: bytes, total: int, next_after: str | None, route: str, limit: int
+    body: bytes,
+    total: int,
+    next_after: str | None,
+    route: str,
+    limit: int,
+    *,
+    keep: Mapping[str, str] | None = None,
 ) -> Response:
     """A page of a list route: the JSON array, ``X-Total-Count`` (every item, all pages) and,
     when there are more, a ``Link`` with ``rel="next"`` relative to the route (so it also
-    resolves behind a proxy that serves the API under a sub-path)."""
+    resolves behind a proxy that serves the API under a sub-path), repeating the query
+    parameters in *keep* (filters, order)."""
     headers = {"x-total-count": str(total)}
     if next_after is not None:
-        query = f"after={quote(next_after, safe='')}&limit={limit}"
+        query = "".join(f"{k}={quote(v, safe='')}&" for k, v in (keep or {}).items())
+        query += f"after={quote(next_after, safe='')}&limit={limit}"
         headers["link"] = f'<{route}?{query}>; rel="next"'
     return Response(body, media_type="application/json", headers=headers)
 
@@ -312,6 +392,7 @@ def subscriber_json(view: SubscriberView) -> dict[str, Any]:
         "conflated": view.conflated,
         "write_delay_ms": view.write_delay_ms,
         "batched": view.batched,
+        "slow": view.slow,
     }
 
 
@@ -528,17 +609,26 @@ class _Handlers:
 
     async def subscribers(self, request: Request) -> Response:
         limit = _page_limit(request)
-        after = _query_after(request)
-        # One more than the page: whether there is a next one. Each facade call is O(all
-        # subscribers): a checkpoint after each lets other tasks run in between.
-        views = self.target.subscriber_views(after, limit + 1)
-        await trio.lowlevel.checkpoint()
-        total = self.target.totals().subscribers
-        await trio.lowlevel.checkpoint()
-        page = views[:limit]
-        next_after = page[-1].id if len(views) > limit else None
-        body = await render_list(page, subscriber_json)
-        return page_response(body, total, next_after, "subscribers", limit)
+        query, keep = _subscriber_query(request, limit)
+        # The facade yields to the event loop while it filters every subscriber.
+        try:
+            page = await self.target.subscriber_query(query)
+        except CursorGone as exc:
+            raise HTTPException(404, str(exc)) from None
+        body = await render_list(page.items, subscriber_json)
+        next_after = None
+        if page.next_page is not None:
+            next_after = page.next_page["after"]
+            keep |= {k: v for k, v in page.next_page.items() if k != "after"}
+        return page_response(body, page.total, next_after, "subscribers", limit, keep=keep)
+
+    async def subscriber(self, request: Request) -> Response:
+        """``DELETE /v1/subscribers/{id}``: disconnect one (admin token), with a reason."""
+        ident = request.path_params["id"]
+        reason = parse_disconnect_body(await _read_body(request, self.body_timeout))
+        if not self.target.disconnect_subscriber(ident, reason):
+            raise HTTPException(404, f"no subscriber {ident[:40]!r}")
+        return Response(status_code=204)
 
     async def metrics(self, request: Request) -> Response:
         # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it,
@@ -608,6 +698,7 @@ def build_app(
         Route("/v1/fixtures/{feed}/{fixture}/recording", h.recording, methods=["GET"]),
         Route("/v1/recordings", h.recordings, methods=["GET"]),
         Route("/v1/subscribers", h.subscribers, methods=["GET"]),
+        Route("/v1/subscribers/{id}", h.subscriber, methods=["DELETE"]),
     ]
     app = Starlette(
         routes=routes,

@@ -131,6 +131,11 @@ class GatewayCollector:
             value=totals.rate_limited,
         )
         yield CounterMetricFamily(
+            "dde_subscribers_disconnected_total",
+            "Subscribers an operator disconnected (DELETE /v1/subscribers/{id}, close 4009).",
+            value=totals.disconnected,
+        )
+        yield CounterMetricFamily(
             "dde_subscriber_ping_timeouts_total",
             "Subscribers closed (1011) for not answering a ping within ping_timeout.",
             value=totals.ping_timeouts,

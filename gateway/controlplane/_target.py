@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 import attrs
 
 from gateway.config import FeedConfig, ListenAddress
-from gateway.dataplane import SubscriberView
+from gateway.dataplane import Page, SubscriberQuery, SubscriberView
 from gateway.model import FixtureState, UpstreamCounters
 from gateway.replay import ReplayCounters
 
@@ -250,6 +250,8 @@ class Totals:
     #: Subscribers closed for sending frames too fast (1008) / for not answering a ping (1011).
     rate_limited: int = 0
     ping_timeouts: int = 0
+    #: Subscribers an operator disconnected (``DELETE /v1/subscribers/{id}``).
+    disconnected: int = 0
     subscribers: int = 0
     #: Subscribers written as part of a batch group now, and those groups (gauges).
     batched: int = 0
@@ -370,6 +372,16 @@ class ControlTarget(Protocol):
         """The connected subscribers in id order (:func:`gateway.dataplane.subscriber_order`):
         those after the id *after* (None: from the first), at most *limit* (None: all). Builds
         views for the returned subscribers only."""
+        ...
+
+    async def subscriber_query(self, query: SubscriberQuery) -> Page[SubscriberView]:
+        """The page of connected subscribers *query* selects (filters, order, cursor, limit:
+        :mod:`gateway.dataplane`), yielding to the event loop while it examines them."""
+        ...
+
+    def disconnect_subscriber(self, ident: str, reason: str) -> bool:
+        """Close subscriber *ident* as an operator asked (close code and reason:
+        :data:`gateway.wire.CLOSE_DISCONNECTED`). False when there is no such subscriber."""
         ...
 
     def stream_endpoint(self) -> StreamEndpoint | None:

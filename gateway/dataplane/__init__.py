@@ -27,14 +27,27 @@ from gateway.dataplane._connection import (
     DelayedConnection,
     WriteTicker,
 )
+from gateway.dataplane._lameduck import close_spread
 from gateway.dataplane._registry import (
     RegistryStats,
     SubscriberRegistry,
     SubscriberView,
-    subscriber_order,
+    disconnect_reason,
+    view_facts,
 )
 from gateway.dataplane._sendqueue import DeliverySink, SendItem, SendQueue
 from gateway.dataplane._server import STREAM_PATH, run
+from gateway.dataplane._subquery import (
+    QUERY_STEP,
+    SLOW_QUEUE_SHARE,
+    SORT_KEYS,
+    CursorGone,
+    Facts,
+    Page,
+    SubscriberQuery,
+    run_query,
+    subscriber_order,
+)
 
 __all__ = [
     "AUTH_ENDPOINTS",
@@ -44,23 +57,34 @@ __all__ = [
     "EVENTS_PER_TURN",
     "MAX_RATE",
     "MIN_RATE",
+    "QUERY_STEP",
+    "SLOW_QUEUE_SHARE",
+    "SORT_KEYS",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "BatchGroup",
     "Conflator",
     "Connection",
     "ConnectionMonitor",
+    "CursorGone",
     "DelayedConnection",
     "DeliverySink",
+    "Facts",
+    "Page",
     "RegistryStats",
     "SendItem",
     "SendQueue",
     "SubscriberAuth",
+    "SubscriberQuery",
     "SubscriberRegistry",
     "SubscriberView",
     "WriteTicker",
+    "close_spread",
+    "disconnect_reason",
     "join_group",
     "offered_tokens",
     "run",
+    "run_query",
     "subscriber_order",
+    "view_facts",
 ]

@@ -11,8 +11,24 @@ import attrs
 import trio
 
 from gateway.dataplane._connection import Connection
+from gateway.dataplane._lameduck import close_spread
+from gateway.dataplane._subquery import (
+    QUERY_STEP,
+    Facts,
+    Page,
+    SubscriberQuery,
+    is_slow,
+    run_query,
+    subscriber_order,
+)
 from gateway.logs import LogThrottle, fields
-from gateway.wire import CLOSE_GOING_AWAY
+from gateway.wire import (
+    CLOSE_DISCONNECTED,
+    CLOSE_GOING_AWAY,
+    DISCONNECTED_REASON_PREFIX,
+    DRAIN_REASON,
+    MAX_CLOSE_REASON_BYTES,
+)
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -38,12 +54,9 @@ class SubscriberView:
     conflated: int = 0
     write_delay_ms: int = 0
     batched: bool = False
-
-
-def subscriber_order(ident: str) -> tuple[int, str]:
-    """The order of subscriber ids in ``GET /v1/subscribers`` and its ``after`` cursor: shorter
-    first, then by text, so the registry's decimal ids sort as numbers."""
-    return len(ident), ident
+    #: Falling behind now: a quarter or more of its queue budget unsent
+    #: (:func:`gateway.dataplane._subquery.is_slow`).
+    slow: bool = False
 
 
 @attrs.frozen
@@ -59,9 +72,62 @@ class RegistryStats:
     slow_disconnects: int
     rate_limited: int = 0
     ping_timeouts: int = 0
+    disconnected: int = 0
     batched: int = 0
     batch_groups: int = 0
     bytes_sent: int = 0
+
+
+def disconnect_reason(reason: str) -> str:
+    """The close reason of an operator's disconnect: the fixed prefix, then *reason*, cut to
+    what a close frame holds (whole characters)."""
+    text = f"{DISCONNECTED_REASON_PREFIX}: {reason}" if reason else DISCONNECTED_REASON_PREFIX
+    data = text.encode()[:MAX_CLOSE_REASON_BYTES]
+    return data.decode(errors="ignore")
+
+
+def view_facts(v: SubscriberView) -> Facts:
+    """What a query filters and sorts a view by (for a list of views, as a test facade has)."""
+    return Facts(
+        id=v.id,
+        endpoint=v.endpoint,
+        subscriptions=v.subscriptions,
+        queued_bytes=v.queued_bytes,
+        frames_dropped=v.frames_dropped,
+        frames_sent=v.frames_sent,
+        connected_at=v.connected_at,
+        slow=v.slow,
+    )
+
+
+def _facts(c: Connection) -> Facts:
+    return Facts(
+        id=c.id,
+        endpoint=c.endpoint,
+        subscriptions=() if c.handler is None else c.handler.subscription_names(),
+        queued_bytes=c.queued_bytes,
+        frames_dropped=c.frames_dropped,
+        frames_sent=c.frames_sent,
+        connected_at=c.connected_at,
+        slow=is_slow(c.queued_bytes, c.budget),
+    )
+
+
+def _view(c: Connection) -> SubscriberView:
+    return SubscriberView(
+        id=c.id,
+        peer=c.peer,
+        endpoint=c.endpoint,
+        subscriptions=() if c.handler is None else tuple(c.handler.subscription_names()),
+        queued_bytes=c.queued_bytes,
+        frames_sent=c.frames_sent,
+        frames_dropped=c.frames_dropped,
+        connected_at=c.connected_at,
+        conflated=c.frames_conflated,
+        write_delay_ms=round(c.write_delay * 1000),
+        batched=c.group is not None,
+        slow=is_slow(c.queued_bytes, c.budget),
+    )
 
 
 class SubscriberRegistry:
@@ -89,6 +155,8 @@ class SubscriberRegistry:
         self.ping_timeouts = 0
         self.rejected = 0
         self.accepted = 0
+        #: Subscribers closed by an operator (``DELETE /v1/subscribers/{id}``).
+        self.disconnected = 0
         self.draining = False
         self._empty = trio.Event()
         self._empty.set()
@@ -186,6 +254,7 @@ class SubscriberRegistry:
             slow_disconnects=self.slow_disconnects,
             rate_limited=self.rate_limited,
             ping_timeouts=self.ping_timeouts,
+            disconnected=self.disconnected,
             batched=len(groups),
             batch_groups=len(set(map(id, groups))),
             bytes_sent=self.bytes_sent,
@@ -203,32 +272,45 @@ class SubscriberRegistry:
             if limit is None
             else heapq.nsmallest(limit, conns, key=lambda c: subscriber_order(c.id))
         )
-        return [
-            SubscriberView(
-                id=c.id,
-                peer=c.peer,
-                endpoint=c.endpoint,
-                subscriptions=() if c.handler is None else tuple(c.handler.subscription_names()),
-                queued_bytes=c.queued_bytes,
-                frames_sent=c.frames_sent,
-                frames_dropped=c.frames_dropped,
-                connected_at=c.connected_at,
-                conflated=c.frames_conflated,
-                write_delay_ms=round(c.write_delay * 1000),
-                batched=c.group is not None,
-            )
-            for c in chosen
-        ]
+        return [_view(c) for c in chosen]
 
-    async def drain(self, code: int = CLOSE_GOING_AWAY, reason: str = "going away") -> None:
+    async def query(self, query: SubscriberQuery) -> Page[SubscriberView]:
+        """The page of subscribers *query* selects (:mod:`gateway.dataplane._subquery`),
+        yielding to the event loop as it goes; views are built for the page only."""
+        page = await run_query(list(self._conns.values()), _facts, query)
+        views: list[SubscriberView] = []
+        for start in range(0, len(page.items), QUERY_STEP):
+            await trio.lowlevel.checkpoint()
+            views += [_view(c) for c in page.items[start : start + QUERY_STEP]]
+        return Page(views, page.total, page.next_page)
+
+    def disconnect(self, ident: str, reason: str = "") -> bool:
+        """Close subscriber *ident* with :data:`~gateway.wire.CLOSE_DISCONNECTED` and the
+        operator's *reason* (counted in ``disconnected``). False: no such subscriber."""
+        conn = self._conns.get(ident)
+        if conn is None:
+            return False
+        self.disconnected += 1
+        log.info(
+            "subscriber %s (%s) disconnected by an operator: %s", conn.id, conn.peer, reason or "-"
+        )
+        conn.close(CLOSE_DISCONNECTED, disconnect_reason(reason))
+        return True
+
+    async def drain(
+        self, code: int = CLOSE_GOING_AWAY, reason: str = DRAIN_REASON, *, period: float = 0.0
+    ) -> None:
         """Refuse new subscribers, close every connected one with *code*, wait until all left.
 
+        The closes are spread evenly over *period* seconds (lame duck, :func:`close_spread`).
         Each connection is bounded by its close timeout (then aborted), so this returns within
-        about that time; wrap it in ``trio.move_on_after`` for a harder limit.
+        about *period* plus that time; wrap it in ``trio.move_on_after`` for a harder limit.
         """
         self.draining = True
-        for conn in list(self._conns.values()):
-            conn.close(code, reason)
+        conns = list(self._conns.values())
+        if conns:
+            log.info("draining: closing %d subscriber(s) over %.1f s", len(conns), period)
+        await close_spread(conns, period, code, reason)
         await self._empty.wait()
 
 

@@ -1,7 +1,7 @@
 """Running the gateway: the root nursery, signals, sd_notify, reload, drain, logging, demo."""
 
 from gateway.service._clusterrec import ClusterRecording, RecordingArchive
-from gateway.service._demo import demo_config, run_demo
+from gateway.service._demo import DEMO_ACTIONS, DEMO_TRACKING, demo_config, run_demo
 from gateway.service._fixtures import FixtureBook
 from gateway.service._gateway import Bound, Gateway, RecordedTopic
 from gateway.service._journald import writes_to_journal
@@ -24,6 +24,8 @@ from gateway.service._preflight import (
 from gateway.service._slowsteps import SlowStepLog, instruments_from_env
 
 __all__ = [
+    "DEMO_ACTIONS",
+    "DEMO_TRACKING",
     "RELOAD_LOG_INTERVAL",
     "Bound",
     "ClusterRecording",

@@ -42,7 +42,13 @@ from gateway.controlplane import (
     Totals,
 )
 from gateway.controlplane import run as run_control_plane
-from gateway.dataplane import STREAM_PATH, SubscriberAuth, SubscriberRegistry
+from gateway.dataplane import (
+    STREAM_PATH,
+    Page,
+    SubscriberAuth,
+    SubscriberQuery,
+    SubscriberRegistry,
+)
 from gateway.dataplane import run as run_data_plane
 from gateway.histogram import Histogram
 from gateway.hub import Hub, LatencyHistogram, Topic, UnknownFeedError
@@ -279,9 +285,10 @@ class Gateway:
             self._supervisor_done.set()
 
     async def drain(self) -> None:
-        """Graceful stop, bounded by ``drain_timeout``: /readyz turns 503, every subscriber gets
-        close 1001 "going away", every upstream is closed. Never raises; what does not finish in
-        time is cut when the caller cancels the root nursery."""
+        """Graceful stop, bounded by ``drain_timeout``: /readyz turns 503 at once, subscribers
+        get close 1001 with :data:`~gateway.wire.DRAIN_REASON` spread over ``lame_duck_period``
+        (at most half the drain time left by then), every upstream is closed. Never raises; what
+        does not finish in time is cut when the caller cancels the root nursery."""
         self._draining = True
         self.fixtures.close()
         with trio.move_on_after(self.config.gateway.drain_timeout) as scope:
@@ -289,8 +296,11 @@ class Gateway:
                 # First: the others take this instance's fixtures over while it drains.
                 # Make-before-break for up to half the drain time, then release the rest.
                 await self.cluster.leave(handover_within=self.config.gateway.drain_timeout / 2)
+            # Lame duck: closes spread, leaving half the time left for the last ones to finish.
+            left = scope.deadline - trio.current_time()
+            period = min(self.config.gateway.lame_duck_period, max(0.0, left / 2))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.registry.drain)
+                nursery.start_soon(partial(self.registry.drain, period=period))
                 self._supervisor_scope.cancel()
                 nursery.start_soon(self._supervisor_done.wait)
         if scope.cancelled_caught:
@@ -622,6 +632,12 @@ class Gateway:
     ) -> list[SubscriberView]:
         return self.registry.views(after, limit)
 
+    async def subscriber_query(self, query: SubscriberQuery) -> Page[SubscriberView]:
+        return await self.registry.query(query)
+
+    def disconnect_subscriber(self, ident: str, reason: str) -> bool:
+        return self.registry.disconnect(ident, reason)
+
     def stream_endpoint(self) -> StreamEndpoint | None:
         bound = self._stream_bound
         if bound is None:
@@ -657,6 +673,7 @@ class Gateway:
             slow_disconnects=stats.slow_disconnects,
             rate_limited=stats.rate_limited,
             ping_timeouts=stats.ping_timeouts,
+            disconnected=stats.disconnected,
             subscribers=stats.connections,
             batched=stats.batched,
             batch_groups=stats.batch_groups,

@@ -123,7 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fastpath fixtures (default: one fixed id)",
     )
     tokens = parser.add_mutually_exclusive_group()
-    tokens.add_argument("--token", action="append", default=None, help="an accepted token")
+    tokens.add_argument(
+        "--token",
+        action="append",
+        default=None,
+        help="an accepted token, repeatable (default: any non-empty token)",
+    )
     tokens.add_argument(
         "--token-file",
         type=pathlib.Path,

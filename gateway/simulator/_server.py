@@ -39,7 +39,7 @@ from gateway.simulator._fixture import (
     ScorerState,
     SimFixture,
 )
-from gateway.wire import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
+from gateway.wire import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
 
 logger = logging.getLogger("gateway.simulator")
 
@@ -70,6 +70,19 @@ class _Ending:
     reason: str = ""
 
 
+def _how_it_ended(session: _Session) -> str:
+    """The end of the per-connection log line: who closed, and with which code."""
+    if session.peer_close is not None:
+        if session.peer_close == CLOSE_ABNORMAL:
+            return "client left, no close frame"
+        return f"client closed {session.peer_close}"
+    if session.ending is None:
+        return "server stopping"
+    if session.ending.code is None:
+        return "no close frame"
+    return f"close {session.ending.code}"
+
+
 class _Session:
     """One accepted WebSocket connection and its protocol state."""
 
@@ -87,6 +100,8 @@ class _Session:
         self.fixture: SimFixture | None = None
         self.frames_sent = 0
         self.ending: _Ending | None = None
+        # The client's close code when it closed first (1006: it sent no close frame).
+        self.peer_close: int | None = None
         self.scope = trio.CancelScope()
 
     def finish(self, code: int | None, reason: str = "") -> None:
@@ -94,6 +109,12 @@ class _Session:
         if self.ending is None:
             self.ending = _Ending(code, reason)
         self.scope.cancel()
+
+    def peer_closed(self, exc: ConnectionClosed) -> None:
+        """The client closed (or dropped) the connection: remember its code, end the session."""
+        if self.ending is None and self.peer_close is None:
+            self.peer_close = CLOSE_ABNORMAL if exc.reason is None else exc.reason.code
+        self.finish(None)
 
     def _stalled(self) -> bool:
         if self.sim.connection_faults.stall:
@@ -107,8 +128,8 @@ class _Session:
             await trio.sleep(STALL_POLL)
         try:
             await self.ws.send_message(text)
-        except ConnectionClosed:
-            self.finish(None)
+        except ConnectionClosed as exc:
+            self.peer_closed(exc)
             await trio.lowlevel.checkpoint()
 
     async def send_data(self, text: str) -> None:
@@ -143,8 +164,8 @@ class _Session:
         """The next client message; a closed peer ends the session."""
         try:
             return await self.ws.get_message()
-        except ConnectionClosed:
-            self.finish(None)
+        except ConnectionClosed as exc:
+            self.peer_closed(exc)
             await trio.sleep_forever()  # cancelled by finish() at once
             raise AssertionError("unreachable") from None
 
@@ -629,10 +650,7 @@ class Simulator:
             for sessions in self._sessions.values():
                 sessions.discard(session)
             # The one INFO line per connection (also when the server is being stopped).
-            how = "server stopping"
-            if session.ending is not None:
-                code = session.ending.code
-                how = "no close frame" if code is None else f"close {code}"
+            how = _how_it_ended(session)
             logger.info(
                 "conn %d %s %s: %s after %.1f s, %d data frames (%s)",
                 conn_no,

@@ -10,7 +10,7 @@ import { Pitch } from "./pitch.js";
 const POLL_MS = 1000;
 const PITCH_MAX_RATE = 10; // frames a second the pitch asks for (max_rate, docs/protocol.md)
 const ACTIONS_SHOWN = 30;
-const SUBSCRIBERS_SHOWN = 100;
+const SUBSCRIBERS_SHOWN = 100; // one page of GET /v1/subscribers
 const SLOW_QUEUED_BYTES = 256 * 1024;
 // degraded: a cluster relay that cannot read the fixture's stream (Redis unreachable).
 const FAILING = new Set(["unauthorized", "not_found", "backoff", "degraded"]);
@@ -34,6 +34,10 @@ const app = {
   clockOffset: 0, // server UNIX time minus this browser's
   timer: null,
   lastDropped: new Map(), // subscriber id -> frames_dropped at the previous poll
+  // The subscribers panel: its filters and order (query parameters of GET /v1/subscribers),
+  // the page shown (pages[i]: the query string of page i, from the previous page's Link).
+  subscriberPages: [""],
+  subscriberPage: 0,
   view: null,
 };
 
@@ -101,6 +105,39 @@ async function api(path) {
   return (await fetchApi(path)).json();
 }
 
+// The subscribers panel's query: the filters and order from its form.
+function subscriberQuery() {
+  const query = new URLSearchParams({ limit: String(SUBSCRIBERS_SHOWN), sort: $("#sf-sort").value });
+  for (const name of ["feed", "fixture"]) {
+    const value = $(`#sf-${name}`).value.trim();
+    if (value) query.set(name, value);
+  }
+  if ($("#sf-slow").checked) query.set("slow", "true");
+  return query.toString();
+}
+
+// One page of subscribers: the items, how many match the filters, the next page's query.
+async function subscriberPage() {
+  const query = app.subscriberPages[app.subscriberPage] || subscriberQuery();
+  const resp = await fetchApi(`v1/subscribers?${query}`);
+  const items = await resp.json();
+  const next = /<[^>?]*\?([^>]*)>;\s*rel="next"/.exec(resp.headers.get("link") || "");
+  return { items, total: Number(resp.headers.get("x-total-count") || items.length), next: next ? next[1] : null };
+}
+
+function onSubscriberFilter() {
+  app.subscriberPages = [""];
+  app.subscriberPage = 0;
+  poll();
+}
+
+function onSubscriberPage(step) {
+  const target = app.subscriberPage + step;
+  if (target < 0 || target >= app.subscriberPages.length) return;
+  app.subscriberPage = target;
+  poll();
+}
+
 // Every item of a paged list route (docs/api.md#paged-lists): each page's `Link: <...>;
 // rel="next"` is relative to the page's own URL.
 async function apiAll(path) {
@@ -126,13 +163,13 @@ async function poll() {
   try {
     // /v1/status first: without a valid token it is the only request refused (one 401).
     const status = await api("v1/status");
-    const [fixtures, subscribers] = await Promise.all([apiAll("v1/fixtures"), apiAll("v1/subscribers")]);
+    const [fixtures, subscribers] = await Promise.all([apiAll("v1/fixtures"), subscriberPage()]);
     app.clockOffset = status.started_at + status.uptime_s - Date.now() / 1000;
     app.status = status;
     app.fixtures = fixtures;
     $("#token-form").classList.remove("needed");
     setApiState("live", true);
-    renderTotals(status, subscribers);
+    renderTotals(status, subscribers.items);
     renderFixtures(fixtures);
     renderSubscribers(subscribers);
     renderInstance(status);
@@ -171,7 +208,7 @@ function renderTotals(status, subscribers) {
     card("frames in/s", dec.format(status.frames_in_per_second), false, "upstream frames accepted, last ~10 s"),
     card("drops", num.format(status.drops), status.drops > 0, "since start"),
     card("slow disconnects", num.format(status.slow_disconnects), status.slow_disconnects > 0, "since start"),
-    card("conflated", num.format(conflated), false, "frames skipped by max_rate, connected subscribers"),
+    card("conflated", num.format(conflated), false, "frames skipped by max_rate, the subscribers of the page shown"),
   );
   const name = status.cluster ? ` · ${status.cluster.instance}` : "";
   $("#instance").textContent = `v${status.version}${name} · up ${age(status.uptime_s)}`;
@@ -231,15 +268,18 @@ function renderFixtures(fixtures) {
   $("#fixtures-empty").hidden = fixtures.length > 0;
 }
 
-function renderSubscribers(subscribers) {
+function renderSubscribers({ items: subscribers, total, next }) {
   const now = serverNow();
   const slow = (s) =>
-    s.queued_bytes >= SLOW_QUEUED_BYTES || s.frames_dropped > (app.lastDropped.get(s.id) ?? s.frames_dropped);
+    s.slow ||
+    s.queued_bytes >= SLOW_QUEUED_BYTES ||
+    s.frames_dropped > (app.lastDropped.get(s.id) ?? s.frames_dropped);
+  // In the gateway's order (the form's sort; ties by id).
   const marked = subscribers.map((s) => ({ s, slow: slow(s) }));
   app.lastDropped = new Map(subscribers.map((s) => [s.id, s.frames_dropped]));
-  // The slow ones first (most queued first), then by id.
-  marked.sort((a, b) => b.slow - a.slow || b.s.queued_bytes - a.s.queued_bytes || a.s.id.localeCompare(b.s.id, "en", { numeric: true }));
-  const rows = marked.slice(0, SUBSCRIBERS_SHOWN).map(({ s, slow: isSlow }) => {
+  app.subscriberPages.length = app.subscriberPage + 1;
+  if (next) app.subscriberPages.push(next);
+  const rows = marked.map(({ s, slow: isSlow }) => {
     const tr = el("tr", null, isSlow ? "slow" : "");
     tr.dataset.subscriber = s.id;
     tr.dataset.batched = String(Boolean(s.batched));
@@ -260,8 +300,11 @@ function renderSubscribers(subscribers) {
     return tr;
   });
   $("#subscribers tbody").replaceChildren(...rows);
-  const more = subscribers.length > SUBSCRIBERS_SHOWN ? `, the first ${SUBSCRIBERS_SHOWN} shown` : "";
-  $("#subscribers-count").textContent = `(${subscribers.length}${more})`;
+  const first = app.subscriberPage * SUBSCRIBERS_SHOWN;
+  const shown = subscribers.length ? `, ${num.format(first + 1)}-${num.format(first + subscribers.length)} shown` : "";
+  $("#subscribers-count").textContent = `(${num.format(total)}${shown})`;
+  $("#sf-prev").disabled = app.subscriberPage === 0;
+  $("#sf-next").disabled = !next;
 }
 
 function renderInstance(status) {
@@ -506,6 +549,10 @@ function start() {
   $("#token-form").addEventListener("submit", useTokens);
   $("#token-forget").addEventListener("click", forgetTokens);
   $("#fixtures tbody").addEventListener("click", onRowActivate);
+  $("#subscribers-filter").addEventListener("submit", (event) => event.preventDefault());
+  $("#subscribers-filter").addEventListener("change", onSubscriberFilter);
+  $("#sf-prev").addEventListener("click", () => onSubscriberPage(-1));
+  $("#sf-next").addEventListener("click", () => onSubscriberPage(1));
   $("#fixtures tbody").addEventListener("keydown", onRowActivate);
   $("#fv-close").addEventListener("click", () => {
     history.replaceState(null, "", location.pathname + location.search);
