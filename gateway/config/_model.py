@@ -220,11 +220,6 @@ class GatewaySection:
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
-        if self.lame_duck_period >= self.drain_timeout:
-            raise ValueError(
-                f"lame_duck_period ({self.lame_duck_period:g}) must be under drain_timeout "
-                f"({self.drain_timeout:g}): the closes must finish within the drain"
-            )
         if self.reuse_port:
             if not hasattr(socket, "SO_REUSEPORT"):
                 raise ValueError(
