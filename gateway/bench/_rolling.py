@@ -79,10 +79,11 @@ from gateway.bench._run import (
     raise_nofile_limit,
 )
 from gateway.bench._scenario import Scenario
+from gateway.config import DEFAULT_CONNECT_RATE
 
 POLL: Final = 0.1
 #: The vendor's connect rate per token (``[upstream] connect_rate``'s default).
-VENDOR_CONNECT_RATE: Final = 5.0
+VENDOR_CONNECT_RATE: Final = DEFAULT_CONNECT_RATE
 DEFAULT_LEASE_TTL: Final = 5.0
 #: Kept running after a phase settled, so a stall at its very end is seen.
 TAIL: Final = 1.0

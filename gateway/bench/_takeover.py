@@ -68,13 +68,14 @@ from gateway.bench._run import (
     wait_owner,
 )
 from gateway.bench._scenario import Scenario
+from gateway.config import DEFAULT_CONNECT_RATE
 
 POLL: Final = 0.05
 #: The trial gives up this long after the kill, beyond the lease's time to live and the time
 #: the connect rate needs for every fixture.
 GIVE_UP: Final = 60.0
 #: The vendor's connect rate per token (``[upstream] connect_rate``'s default).
-VENDOR_CONNECT_RATE: Final = 5.0
+VENDOR_CONNECT_RATE: Final = DEFAULT_CONNECT_RATE
 #: How many times the connect rate's own time a start may take (every fixture live on A, every
 #: standby connection on B) on a loaded machine before the trial gives up.
 START_SLACK: Final = 3.0

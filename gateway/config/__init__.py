@@ -21,6 +21,7 @@ from gateway.config._files import (
 from gateway.config._model import (
     DEFAULT_APPEND_QUEUE_BYTES,
     DEFAULT_BATCH_INTERVAL,
+    DEFAULT_CONNECT_RATE,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_KEY_PREFIX,
@@ -73,6 +74,7 @@ from gateway.config._tokens import (
 __all__ = [
     "DEFAULT_APPEND_QUEUE_BYTES",
     "DEFAULT_BATCH_INTERVAL",
+    "DEFAULT_CONNECT_RATE",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_HTTP_LISTEN",
     "DEFAULT_KEY_PREFIX",
